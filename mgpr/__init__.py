@@ -1,0 +1,1 @@
+"""mgpr: multi-GPU raster inference."""

@@ -1,0 +1,41 @@
+"""The one error hierarchy of mgpr.
+
+Every error a user can fix derives from :class:`MgprError`. Its message is one sentence that names
+the problem, the value seen and the fix (a config key, an sbatch flag or a command). The CLI catches
+``MgprError`` alone, prints that one line to stderr and exits with :data:`EXIT_USAGE`; anything else
+is a bug and keeps its traceback. Subclasses also inherit the matching builtin so callers can catch
+either (as rasterio's ``RasterioIOError(RasterioError, OSError)`` does).
+"""
+
+from __future__ import annotations
+
+#: Exit code for a user mistake caught before or during the run (bad config, bad input).
+EXIT_USAGE = 2
+#: Exit code for a run that finished but recorded failed tiles (see ``failed_tiles`` in the summary).
+EXIT_TILES_FAILED = 3
+#: Exit code for a run stopped by SIGTERM/SIGINT/SIGUSR1; everything written so far is kept.
+EXIT_INTERRUPTED = 130
+
+
+class MgprError(Exception):
+    """Root of every error a user can fix; its message is a single line."""
+
+
+class ConfigError(MgprError, ValueError):
+    """Raised when a config key is unknown or a value is out of range or of the wrong type."""
+
+
+class InputError(MgprError, FileNotFoundError):
+    """Raised when an input path is missing, empty, or not a readable raster."""
+
+
+class ModelError(MgprError, ValueError):
+    """Raised when a model name, import path, checkpoint or weights cannot be used."""
+
+
+class OutputError(MgprError, OSError):
+    """Raised when the output exists from another run, or cannot be written."""
+
+
+class SlurmMismatchError(MgprError, RuntimeError):
+    """Raised when the mgpr config disagrees with the SLURM allocation (tasks, GPUs, CPUs)."""
