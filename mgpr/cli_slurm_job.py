@@ -1,0 +1,115 @@
+"""``mgpr-slurm-job``: write an sbatch script for mgpr with the resources filled in.
+
+::
+
+    mgpr-slurm-job --gpus-per-node 4 --nodes 2 --cpus-per-task 8 --time 04:00:00 \\
+        --partition gpu --account X -- input_path=/data/ortho.tif model=fasterrcnn > job.sh
+    sbatch job.sh
+
+The script is ``jobs/job.slurm`` with ``--ntasks-per-node`` = ``--gpus-per-node`` (one rank per GPU)
+and the Hydra overrides baked in. It goes to stdout, or to ``--output FILE`` (refused when FILE exists,
+unless ``--force``). A bad value is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from mgpr.errors import EXIT_USAGE, ConfigError, MgprError, OutputError
+from mgpr.slurm import render_job_script
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Print an sbatch script that runs mgpr with one rank per GPU.",
+)
+
+_OVERRIDE_KEY_RE = re.compile(r"^[+~]{0,2}([A-Za-z_][A-Za-z0-9_.]*)(=|$)")
+
+
+def _check_keys(overrides: list[str]) -> None:
+    """Refuse unknown mgpr keys now, not hours later when the job starts."""
+    from mgpr.config import closest_key, config_keys
+
+    keys = set(config_keys())
+    for item in overrides:
+        match = _OVERRIDE_KEY_RE.match(item)
+        key = match.group(1) if match else item
+        if key.split(".")[0] == "hydra" or key in keys:
+            continue
+        hint = closest_key(key)
+        suggestion = f"did you mean {hint}=?" if hint else "run `mgpr --help` for the keys."
+        raise ConfigError(f"unknown mgpr config key {key!r} in override {item!r}: {suggestion}")
+
+
+@app.command()
+def render(
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Hydra overrides for mgpr, after '--', e.g. input_path=/data/ortho.tif model=fasterrcnn."
+        ),
+    ] = None,
+    gpus_per_node: Annotated[
+        int, typer.Option(min=1, help="GPUs per node; also the ranks (tasks) per node.")
+    ] = 1,
+    nodes: Annotated[int, typer.Option(min=1, help="Number of nodes.")] = 1,
+    cpus_per_task: Annotated[
+        int, typer.Option(min=1, help="CPUs per rank; DataLoader workers default to one less.")
+    ] = 4,
+    time: Annotated[
+        str, typer.Option(help="Time limit: HH:MM:SS, minutes, or D-HH:MM:SS.")
+    ] = "04:00:00",
+    partition: Annotated[
+        str | None, typer.Option(help="SLURM partition (default: the cluster's).")
+    ] = None,
+    account: Annotated[str | None, typer.Option(help="SLURM account to charge.")] = None,
+    job_name: Annotated[
+        str, typer.Option(help="Job name (not 'bash' or 'interactive': Lightning ignores SLURM then).")
+    ] = "mgpr",
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output", "-o", dir_okay=False, help="Write the script here instead of stdout."
+        ),
+    ] = None,
+    force: Annotated[bool, typer.Option(help="Overwrite --output if it exists.")] = False,
+) -> None:
+    """Render the sbatch script for GPUS_PER_NODE x NODES ranks and print it (or write --output)."""
+    items = list(overrides or [])
+    try:
+        _check_keys(items)
+        text = render_job_script(
+            gpus_per_node=gpus_per_node,
+            nodes=nodes,
+            cpus_per_task=cpus_per_task,
+            time=time,
+            partition=partition,
+            account=account,
+            job_name=job_name,
+            overrides=items,
+        )
+        if output is None:
+            typer.echo(text, nl=False)
+            return
+        if output.exists() and not force:
+            raise OutputError(f"--output {output} exists: pass --force to overwrite it.")
+        try:
+            output.parent.mkdir(parents=True, exist_ok=True)
+            output.write_text(text)
+            output.chmod(0o755)
+        except OSError as err:
+            raise OutputError(f"cannot write --output {output}: {err.strerror or err}.") from None
+        typer.echo(str(output))
+    except MgprError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

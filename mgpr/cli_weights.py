@@ -1,0 +1,64 @@
+"""``mgpr-fetch-weights``: download torchvision weights into the torch hub cache ahead of a run.
+
+Compute nodes often have no internet. Run this on a login node (same ``TORCH_HOME`` as the
+job, e.g. a shared file system) before submitting::
+
+    TORCH_HOME=/shared/torch mgpr-fetch-weights resnet50 fasterrcnn
+
+Prints one line per file on stdout: ``<path>\\t<bytes> bytes``; diagnostics go to stderr. A failure
+(offline, unknown model) is one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from mgpr.errors import EXIT_USAGE, MgprError, ModelError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_show_locals=False,
+    help="Download model weights into the torch hub cache (TORCH_HOME) for offline runs.",
+)
+
+
+@app.command()
+def fetch(
+    models: Annotated[
+        list[str],
+        typer.Argument(help="Model names with downloadable weights: resnet50, fasterrcnn."),
+    ],
+    weights: Annotated[
+        str,
+        typer.Option(help="DEFAULT or a torchvision enum member name, e.g. IMAGENET1K_V1."),
+    ] = "DEFAULT",
+    progress: Annotated[bool, typer.Option(help="Show a download progress bar on stderr.")] = True,
+) -> None:
+    """Download the weights of each MODEL (skipped when already cached) and print path and size."""
+    # Imported here so `--help` stays fast (torchvision is heavy).
+    from mgpr.models.weights import fetch_weights, weights_enum_class
+
+    try:
+        for name in models:
+            if weights_enum_class(name) is None:
+                raise ModelError(
+                    f"model={name} has no downloadable weights; mgpr-fetch-weights knows "
+                    "resnet50 and fasterrcnn."
+                )
+            path = fetch_weights(name, weights, progress=progress)
+            if path is None:
+                raise ModelError(
+                    f"weights={weights} for {name} is not a torchvision weights name, so there is "
+                    "nothing to download; use --weights DEFAULT or an enum member name."
+                )
+            typer.echo(f"{path}\t{path.stat().st_size} bytes")
+    except MgprError as err:
+        typer.echo(str(err), err=True)
+        raise typer.Exit(EXIT_USAGE) from None
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

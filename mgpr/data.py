@@ -1,0 +1,124 @@
+"""Datasets and the static split of tiles across ranks.
+
+The tile plan and :func:`shard_tiles` act as the sampler (pure lists of tiles per rank, resume
+already subtracted); the datasets only map a position in that list to a sample. A sample is a
+dict:
+
+* ``image``: ``(C, tile_size, tile_size)`` uint8 tensor, CPU (pinned by the DataLoader on GPU
+  runs); never converted to float on the CPU.
+* ``index``: int64, the tile's position in the rank's tile list: the tile id travels inside the
+  batch, so nothing relies on Lightning's ``batch_indices`` (wrong under DDP).
+* ``status``: int64, :data:`STATUS_OK`, :data:`STATUS_EMPTY` (all nodata: the model is not run)
+  or :data:`STATUS_FAILED` (the read raised; ``reason`` says why and the run goes on).
+* ``reason``: str, empty unless failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from mgpr.raster import TileReader
+from mgpr.tiling import Tile
+
+log = logging.getLogger(__name__)
+
+STATUS_OK = 0
+STATUS_EMPTY = 1
+STATUS_FAILED = 2
+
+
+def shard_tiles(tiles: Sequence[Tile], rank: int, world_size: int) -> list[Tile]:
+    """The tiles one rank predicts: a contiguous, balanced, deterministic slice.
+
+    Every tile goes to exactly one rank and no tile is repeated (unlike ``DistributedSampler``,
+    which pads with duplicates). Slice sizes differ by at most one; a rank may get none when
+    there are fewer tiles than ranks. Contiguous slices keep one rank on neighbouring tiles of the
+    same raster, which shares GDAL's block cache between overlapping tiles.
+
+    Args:
+        tiles: the whole job's tiles, in plan order (every rank computes the same list).
+        rank: global rank, 0-based.
+        world_size: number of ranks.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+    n = len(tiles)
+    base, extra = divmod(n, world_size)
+    start = rank * base + min(rank, extra)
+    stop = start + base + (1 if rank < extra else 0)
+    return list(tiles[start:stop])
+
+
+class TileDataset(Dataset[dict[str, Any]]):
+    """Tiles of one rank, read through a per-worker :class:`TileReader`.
+
+    Args:
+        tiles: this rank's tiles (after sharding and resume).
+        reader: reads windows; opens rasters lazily in each worker.
+        check_mask_paths: rasters whose tiles may be all nodata (checked from the mask first).
+    """
+
+    def __init__(self, tiles: Sequence[Tile], reader: TileReader, check_mask_paths: set[str]) -> None:
+        self.tiles = list(tiles)
+        self.reader = reader
+        self.check_mask_paths = set(check_mask_paths)
+        self.bands = {p: len(b) for p, b in reader.bands_by_path.items()}
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        tile = self.tiles[index]
+        size = self.reader.tile_size
+        try:
+            if self.reader.is_empty(tile, tile.id.path in self.check_mask_paths):
+                image = torch.zeros((self.bands[tile.id.path], size, size), dtype=torch.uint8)
+                return _sample(image, index, STATUS_EMPTY, "")
+            image = torch.from_numpy(self.reader.read(tile))
+            return _sample(image, index, STATUS_OK, "")
+        except Exception as exc:  # a corrupt block costs this tile only; recorded as failed
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            log.warning("tile %s failed to read: %s", tile.id.key(), reason)
+            image = torch.zeros((self.bands[tile.id.path], size, size), dtype=torch.uint8)
+            return _sample(image, index, STATUS_FAILED, reason[:500])
+
+
+class FakeTileDataset(Dataset[dict[str, Any]]):
+    """Random uint8 tiles that take ``delay_s`` each: tests the environment, not a raster.
+
+    The original demo's ``use_fake_data``: with the delay dominant, throughput scales with the
+    number of ranks, which checks that every rank really works on its own share.
+    """
+
+    def __init__(self, count: int, tile_size: int, bands: int, delay_s: float, seed: int) -> None:
+        self.count = count
+        self.tile_size = tile_size
+        self.bands = bands
+        self.delay_s = delay_s
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if self.delay_s > 0:
+            time.sleep(self.delay_s)
+        rng = np.random.default_rng((self.seed, index))
+        image = rng.integers(0, 256, (self.bands, self.tile_size, self.tile_size), dtype=np.uint8)
+        return _sample(torch.from_numpy(image), index, STATUS_OK, "")
+
+
+def _sample(image: torch.Tensor, index: int, status: int, reason: str) -> dict[str, Any]:
+    return {
+        "image": image,
+        "index": torch.tensor(index, dtype=torch.int64),
+        "status": torch.tensor(status, dtype=torch.int64),
+        "reason": reason,
+    }

@@ -1,0 +1,236 @@
+"""The model adapter interface and the per-tile result records.
+
+A :class:`ModelAdapter` splits inference into three steps so the pipeline can place each one:
+
+1. :meth:`ModelAdapter.prepare`: ``(B, C, H, W)`` uint8 tiles already ON THE DEVICE -> model input
+   (float, normalised on the device; nothing is converted on the CPU).
+2. :meth:`ModelAdapter.forward`: the network itself (run under ``inference_mode``/autocast by the
+   caller).
+3. :meth:`ModelAdapter.postprocess`: raw output -> one plain record per tile on the CPU, in TILE
+   pixel coordinates (the georeferencing happens later, in ``mgpr.georef``).
+
+This module imports no Lightning: the pipeline's LightningModule wraps an adapter and registers
+:attr:`ModelAdapter.module` as a submodule so Lightning moves it to the device.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import numpy as np
+import torch
+
+from mgpr.errors import ModelError
+
+#: What a model produces per tile.
+Task = Literal["classification", "detection"]
+TASKS: tuple[str, ...] = get_args(Task)
+
+
+@dataclass(frozen=True, slots=True)
+class Detections:
+    """Objects found in one tile.
+
+    Attributes:
+        boxes: (N, 4) float32 ``xyxy`` = ``(col_min, row_min, col_max, row_max)`` in TILE pixel
+            CORNER coordinates (x = column, y = row, origin at the tile's top-left corner), in
+            ``0..tile_size``; half-open, so a box covering pixel column 0 only is ``0..1``.
+        scores: (N,) float32 confidence in [0, 1].
+        labels: (N,) int64 class ids, indices into :attr:`ModelAdapter.categories`.
+    """
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = self.scores.shape[0] if self.scores.ndim == 1 else -1
+        if (
+            self.boxes.ndim != 2
+            or self.boxes.shape != (n, 4)
+            or self.labels.shape != (n,)
+            or self.boxes.dtype != np.float32
+            or self.scores.dtype != np.float32
+            or self.labels.dtype != np.int64
+        ):
+            raise ValueError(
+                "Detections needs boxes (N, 4) float32, scores (N,) float32, labels (N,) int64; "
+                f"got {self.boxes.shape} {self.boxes.dtype}, {self.scores.shape} "
+                f"{self.scores.dtype}, {self.labels.shape} {self.labels.dtype}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+    @classmethod
+    def empty(cls) -> Detections:
+        """Return a tile result with no objects (same type and dtypes as a full one)."""
+        return cls(
+            boxes=np.zeros((0, 4), np.float32),
+            scores=np.zeros((0,), np.float32),
+            labels=np.zeros((0,), np.int64),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """The top-k classes of one tile.
+
+    Attributes:
+        class_ids: (k,) int64 class ids, best first; indices into :attr:`ModelAdapter.categories`.
+        scores: (k,) float32 softmax probabilities (or, for the ``null`` model, the mean
+            brightness in [0, 1]), in the same order.
+    """
+
+    class_ids: np.ndarray
+    scores: np.ndarray
+
+    def __post_init__(self) -> None:
+        if (
+            self.class_ids.ndim != 1
+            or self.class_ids.shape != self.scores.shape
+            or self.class_ids.dtype != np.int64
+            or self.scores.dtype != np.float32
+        ):
+            raise ValueError(
+                "Classification needs class_ids (k,) int64 and scores (k,) float32; got "
+                f"{self.class_ids.shape} {self.class_ids.dtype}, "
+                f"{self.scores.shape} {self.scores.dtype}"
+            )
+
+
+class ModelAdapter(abc.ABC):
+    """A network plus the glue that feeds it uint8 tiles and turns its output into records.
+
+    Attributes:
+        name: ``"resnet50"``, ``"fasterrcnn"``, ``"reference"``, ``"null"``, or the import path
+            of a user model.
+        task: ``"classification"`` (one :class:`Classification` per tile) or ``"detection"``
+            (one :class:`Detections` per tile).
+        categories: label names by class id (ImageNet / COCO names from the torchvision weights'
+            meta where known), or None when unknown.
+        in_bands: number of raster bands the model needs (3 for the torchvision models); 0 means
+            any band count works.
+        random_weights: True when the network runs with random weights (``weights=none``), so
+            its predictions are meaningless; the pipeline says so plainly.
+        weights_id: what was loaded: ``"none"``, a torchvision enum name such as
+            ``"ResNet50_Weights.IMAGENET1K_V2"``, ``"file:<abs path>#sha256:<first 16 hex>"``,
+            or for a user model the weights string it was given.
+        module: the network, in eval mode with gradients off; the caller moves it to the device.
+    """
+
+    name: str
+    task: Task
+    categories: tuple[str, ...] | None
+    in_bands: int
+    random_weights: bool
+    weights_id: str
+    module: torch.nn.Module
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        task: Task,
+        categories: Sequence[str] | None,
+        in_bands: int,
+        random_weights: bool,
+        weights_id: str,
+        module: torch.nn.Module,
+    ) -> None:
+        if task not in TASKS:
+            raise ModelError(
+                f"model={name} declares task={task!r}, which is not one of {TASKS}; "
+                "set the adapter's task to 'classification' or 'detection'."
+            )
+        self.name = name
+        self.task = task
+        self.categories = tuple(categories) if categories is not None else None
+        self.in_bands = int(in_bands)
+        self.random_weights = bool(random_weights)
+        self.weights_id = weights_id
+        self.module = module.eval().requires_grad_(False)
+
+    @abc.abstractmethod
+    def prepare(self, images: torch.Tensor) -> Any:
+        """Turn a batch of uint8 tiles into the network's input, on the device.
+
+        Args:
+            images: (B, C, H, W) uint8, already on the device the module lives on.
+
+        Returns:
+            The network's input (float32 for the torchvision models; autocast casts it further).
+        """
+
+    def forward(self, inputs: Any) -> Any:
+        """Run the network on the output of :meth:`prepare`; returns its raw output."""
+        return self.module(inputs)
+
+    @abc.abstractmethod
+    def postprocess(self, raw: Any, tile_size: int) -> list[Detections] | list[Classification]:
+        """Turn the raw output of :meth:`forward` into one CPU record per tile.
+
+        Args:
+            raw: what :meth:`forward` returned for a batch of B tiles.
+            tile_size: tile edge in pixels (boxes lie in ``0..tile_size``).
+
+        Returns:
+            B records, in batch order: :class:`Detections` for detection, :class:`Classification`
+            for classification; numpy arrays on the CPU (float32 / int64).
+        """
+
+    def predict(self, images: torch.Tensor, tile_size: int) -> list[Detections] | list[Classification]:
+        """Run prepare, forward and postprocess in one call (tests, notebooks; no autocast).
+
+        Args:
+            images: (B, C, H, W) uint8 on the module's device.
+            tile_size: tile edge in pixels.
+        """
+        return self.postprocess(self.forward(self.prepare(images)), tile_size)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(name={self.name!r}, task={self.task!r}, "
+            f"categories={'None' if self.categories is None else len(self.categories)}, "
+            f"in_bands={self.in_bands}, random_weights={self.random_weights}, "
+            f"weights_id={self.weights_id!r})"
+        )
+
+
+def classifications_from_logits(logits: torch.Tensor, topk: int) -> list[Classification]:
+    """Softmax then top-k, per row, moved to the CPU.
+
+    Args:
+        logits: (B, K) raw class scores, any float dtype, any device.
+        topk: classes to keep per tile; clipped to K.
+
+    Returns:
+        B :class:`Classification` records, best class first.
+    """
+    probs = torch.softmax(logits.float(), dim=1)
+    k = min(topk, probs.shape[1])
+    scores, ids = probs.topk(k, dim=1, largest=True, sorted=True)
+    scores_np = scores.cpu().numpy().astype(np.float32, copy=False)
+    ids_np = ids.cpu().numpy().astype(np.int64, copy=False)
+    return [Classification(class_ids=ids_np[i], scores=scores_np[i]) for i in range(len(ids_np))]
+
+
+def detections_from_dicts(raw: Sequence[dict[str, torch.Tensor]], score_threshold: float) -> list[Detections]:
+    """Convert torchvision-style detection output to :class:`Detections`, dropping low scores.
+
+    Args:
+        raw: one dict per tile with ``boxes`` (N, 4) xyxy in tile pixels, ``scores`` (N,) and
+            ``labels`` (N,), any device.
+        score_threshold: keep boxes with ``score >= score_threshold``.
+    """
+    out: list[Detections] = []
+    for det in raw:
+        keep = det["scores"] >= score_threshold
+        boxes = det["boxes"][keep].float().cpu().numpy().reshape(-1, 4)
+        scores = det["scores"][keep].float().cpu().numpy()
+        labels = det["labels"][keep].cpu().numpy().astype(np.int64, copy=False)
+        out.append(Detections(boxes=boxes, scores=scores, labels=labels))
+    return out

@@ -1,0 +1,133 @@
+"""ResNet-50 tile classifier (torchvision), fed uint8 tiles normalised on the device."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torchvision.models import ResNet50_Weights, resnet50
+
+from mgpr.models.base import Classification, ModelAdapter, classifications_from_logits
+from mgpr.models.weights import (
+    align_keys,
+    load_state_dict_checked,
+    load_torchvision,
+    read_checkpoint,
+    resolve_weights,
+)
+
+logger = logging.getLogger(__name__)
+
+#: ImageNet channel statistics (RGB) of the torchvision classification weights, in [0, 1] units.
+IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+class ImageNetClassifierAdapter(ModelAdapter):
+    """A torchvision ImageNet-style CNN classifier: (B, 3, H, W) -> (B, K) logits.
+
+    ``prepare`` converts uint8 to float32 on the device as ``(x / 255 - mean) / std`` per band,
+    in channels_last layout (the memory format cuDNN's convolutions prefer; the module is
+    converted too). Tiles are not resized: a 512 px tile is classified at 512 px, which keeps the
+    ground sample distance; ImageNet models were trained at 224 px, so objects look smaller
+    to them than in their training data.
+    """
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        name: str,
+        weights_id: str,
+        random_weights: bool,
+        categories: tuple[str, ...] | None,
+        topk: int,
+        mean: tuple[float, ...] = IMAGENET_MEAN,
+        std: tuple[float, ...] = IMAGENET_STD,
+    ) -> None:
+        super().__init__(
+            name=name,
+            task="classification",
+            categories=categories,
+            in_bands=len(mean),
+            random_weights=random_weights,
+            weights_id=weights_id,
+            module=module.to(memory_format=torch.channels_last),
+        )
+        self.topk = topk
+        # (x/255 - mean)/std == x * scale - shift; two in-place ops on the device.
+        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1)
+        self._shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
+        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        pair = self._constants.get(device)
+        if pair is None:  # once per device, not per batch
+            pair = (self._scale.to(device), self._shift.to(device))
+            self._constants[device] = pair
+        return pair
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise uint8 tiles on their device.
+
+        Args:
+            images: (B, 3, H, W) uint8 on the device.
+
+        Returns:
+            (B, 3, H, W) float32, channels_last, ``(x / 255 - mean) / std``.
+        """
+        scale, shift = self._on(images.device)
+        x = images.contiguous(memory_format=torch.channels_last).to(torch.float32)
+        return x.mul_(scale).sub_(shift)
+
+    def postprocess(self, raw: Any, tile_size: int) -> list[Classification]:
+        """Softmax over (B, K) logits, keep the ``topk`` best classes per tile (best first)."""
+        return classifications_from_logits(raw, self.topk)
+
+
+def build_resnet50(weights: str = "DEFAULT", *, topk: int = 5) -> ImageNetClassifierAdapter:
+    """Build the torchvision ResNet-50 classifier adapter.
+
+    Args:
+        weights: ``DEFAULT`` (= ``IMAGENET1K_V2``), ``IMAGENET1K_V1``/``IMAGENET1K_V2`` (bare or
+            as ``ResNet50_Weights.<name>``), ``none`` (random), or a local checkpoint path. A
+            checkpoint's class count is read from its ``fc.weight``, so fine-tuned heads load.
+        topk: classes kept per tile.
+
+    Categories: the ImageNet names from the weights' meta. With ``none`` or a checkpoint with
+    1000 classes the ``DEFAULT`` enum's ImageNet names are used (the output schema stays that of
+    a real run; ``random_weights`` says the scores mean nothing); with another class count None.
+
+    Raises:
+        ModelError: bad weights name, missing/unfit checkpoint, or weights not downloadable.
+    """
+    spec = resolve_weights("resnet50", weights)
+    imagenet = tuple(ResNet50_Weights.DEFAULT.meta["categories"])
+    if spec.kind == "torchvision":
+        assert spec.enum is not None
+        module = load_torchvision(resnet50, "resnet50", weights)
+        categories: tuple[str, ...] | None = tuple(spec.enum.meta["categories"])
+    elif spec.kind == "none":
+        module = resnet50(weights=None)
+        categories = imagenet
+    else:
+        assert spec.path is not None
+        state = read_checkpoint(spec.path)
+        module = resnet50(weights=None)
+        head = align_keys(state, set(module.state_dict())).get("fc.weight")
+        num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
+        if num_classes != 1000:
+            module = resnet50(weights=None, num_classes=num_classes)
+        load_state_dict_checked(module, state, str(weights), "resnet50")
+        categories = imagenet if num_classes == len(imagenet) else None
+    if spec.kind == "none":
+        logger.warning("resnet50 runs with random weights (weights=none): predictions are meaningless")
+    return ImageNetClassifierAdapter(
+        module,
+        name="resnet50",
+        weights_id=spec.weights_id,
+        random_weights=spec.kind == "none",
+        categories=categories,
+        topk=topk,
+    )

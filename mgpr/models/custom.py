@@ -1,0 +1,232 @@
+"""User models given by import path: ``model=my_pkg.my_module:build``.
+
+The import path names a callable ``build(weights: str) -> ModelAdapter | torch.nn.Module`` that
+receives the ``weights=`` string unchanged (it decides what it means: a path, a name, ignored).
+Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at code you trust.
+
+* A returned :class:`~mgpr.models.base.ModelAdapter` is used as is.
+* A returned ``torch.nn.Module`` is wrapped (:class:`ModuleAdapter`): it gets (B, C, H, W)
+  float32 tiles in [0, 1] on the device and must return either a (B, K) tensor of class logits
+  (-> classification: softmax, top-k) or a list of B dicts with ``boxes`` (N, 4) xyxy in tile
+  pixels, ``scores`` (N,) and ``labels`` (N,) (-> detection, torchvision style).
+  Optional attributes on the module steer the wrapper: ``task`` (``"classification"`` or
+  ``"detection"``; without it one probe forward on a zero tile on the CPU decides),
+  ``categories`` (names by class id), ``in_bands`` (else the first Conv2d's ``in_channels``, else
+  0 = any).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from typing import Any
+
+import torch
+
+from mgpr.errors import ModelError
+from mgpr.models.base import (
+    TASKS,
+    Classification,
+    Detections,
+    ModelAdapter,
+    Task,
+    classifications_from_logits,
+    detections_from_dicts,
+)
+
+logger = logging.getLogger(__name__)
+
+_DET_KEYS = ("boxes", "scores", "labels")
+
+
+def split_import_path(path: str) -> tuple[str, str]:
+    """Split ``pkg.mod:attr.sub`` (or ``pkg.mod.attr``) into module and attribute path.
+
+    Raises:
+        ModelError: no module or no attribute part.
+    """
+    if ":" in path:
+        module_name, _, attr = path.partition(":")
+    else:
+        module_name, _, attr = path.rpartition(".")
+    if not module_name or not attr:
+        raise ModelError(
+            f"model={path} is not an import path; write it as package.module:function, "
+            "e.g. model=my_pkg.my_module:build."
+        )
+    return module_name, attr
+
+
+def load_builder(path: str) -> Any:
+    """Import ``path`` and return the object it names (runs the module's code).
+
+    Raises:
+        ModelError: the module does not import, or the attribute is missing.
+    """
+    module_name, attr = split_import_path(path)
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelError(
+            f"model={path}: module '{module_name}' does not import ({type(err).__name__}: "
+            f"{' '.join(str(err).split())}); check the name and that it is on PYTHONPATH."
+        ) from err
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ModelError(
+                f"model={path}: module '{module_name}' has no attribute '{attr}'; "
+                "name an existing function, e.g. model=my_pkg.my_module:build."
+            )
+        obj = getattr(obj, part)
+    return obj
+
+
+def _first_conv_in_channels(module: torch.nn.Module) -> int:
+    for sub in module.modules():
+        if isinstance(sub, torch.nn.Conv2d):
+            return int(sub.in_channels)
+    return 0
+
+
+def _kind_of_output(out: Any, batch: int) -> Task | None:
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == batch:
+        return "classification"
+    if (
+        isinstance(out, (list, tuple))
+        and len(out) == batch
+        and all(isinstance(d, dict) and all(k in d for k in _DET_KEYS) for d in out)
+    ):
+        return "detection"
+    return None
+
+
+def _describe(out: Any) -> str:
+    if isinstance(out, torch.Tensor):
+        return f"a tensor of shape {tuple(out.shape)}"
+    if isinstance(out, (list, tuple)) and out:
+        return f"a {type(out).__name__} of {type(out[0]).__name__}"
+    return f"a {type(out).__name__}"
+
+
+class ModuleAdapter(ModelAdapter):
+    """Wraps a plain ``torch.nn.Module`` returned by a user's ``build`` (see module docstring)."""
+
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        *,
+        name: str,
+        weights: str,
+        topk: int,
+        score_threshold: float,
+        tile_size: int,
+    ) -> None:
+        in_bands = getattr(module, "in_bands", None)
+        in_bands = int(in_bands) if in_bands is not None else _first_conv_in_channels(module)
+        task = getattr(module, "task", None)
+        if task is None:
+            task = self._probe(module, name, in_bands or 3, tile_size)
+        categories = getattr(module, "categories", None)
+        super().__init__(
+            name=name,
+            task=task,
+            categories=tuple(categories) if categories is not None else None,
+            in_bands=in_bands,
+            random_weights=bool(getattr(module, "random_weights", False)),
+            weights_id=weights,
+            module=module,
+        )
+        self.topk = topk
+        self.score_threshold = score_threshold
+
+    @staticmethod
+    def _probe(module: torch.nn.Module, name: str, bands: int, tile_size: int) -> Task:
+        """Run one zero tile (1, bands, tile_size, tile_size) on the CPU to see the output kind."""
+        module.eval()
+        try:
+            with torch.inference_mode():
+                out = module(torch.zeros(1, bands, tile_size, tile_size))
+        except Exception as err:  # noqa: BLE001 - reported with the fix, chained for the traceback
+            raise ModelError(
+                f"model={name}: the module fails on a (1, {bands}, {tile_size}, {tile_size}) "
+                f"float tile ({type(err).__name__}: {' '.join(str(err).split())[:150]}); fix it, "
+                "or set a `task` attribute on the module to skip this probe."
+            ) from err
+        kind = _kind_of_output(out, 1)
+        if kind is None:
+            raise ModelError(
+                f"model={name}: the module returns {_describe(out)}; return (B, K) class logits "
+                "or a list of B dicts with boxes/scores/labels."
+            )
+        logger.info("model=%s: probe output is %s", name, kind)
+        return kind
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) uint8 on the device -> (B, C, H, W) float32 in [0, 1], same device."""
+        return images.to(torch.float32).div_(255.0)
+
+    def postprocess(self, raw: Any, tile_size: int) -> list[Detections] | list[Classification]:
+        """Softmax/top-k for (B, K) logits, or dicts -> :class:`Detections` (score threshold)."""
+        batch = raw.shape[0] if isinstance(raw, torch.Tensor) else len(raw)
+        kind = _kind_of_output(raw, batch)
+        if kind != self.task:
+            raise ModelError(
+                f"model={self.name} returned {_describe(raw)} where its task '{self.task}' "
+                "needs " + ("(B, K) logits" if self.task == "classification" else
+                            "a list of dicts with boxes/scores/labels") + "; fix its forward."
+            )
+        if kind == "classification":
+            return classifications_from_logits(raw, self.topk)
+        return detections_from_dicts(raw, self.score_threshold)
+
+
+def build_custom(
+    path: str,
+    weights: str = "DEFAULT",
+    *,
+    topk: int = 5,
+    score_threshold: float = 0.05,
+    tile_size: int = 512,
+) -> ModelAdapter:
+    """Import ``path``, call it with ``weights``, and return an adapter.
+
+    Args:
+        path: ``package.module:function`` (or ``package.module.function``).
+        weights: passed unchanged to the function.
+        topk: classes kept per tile when a wrapped module classifies.
+        score_threshold: boxes kept when a wrapped module detects.
+        tile_size: tile edge in pixels (size of the probe tile).
+
+    Raises:
+        ModelError: does not import, attribute missing, not callable, or returns something that
+            is neither a ModelAdapter nor a torch.nn.Module. Errors raised inside the user's
+            function propagate unchanged (they are bugs in that code, with their traceback).
+    """
+    builder = load_builder(path)
+    if not callable(builder):
+        raise ModelError(
+            f"model={path} is a {type(builder).__name__}, not callable; point it at a function "
+            "build(weights: str) returning a ModelAdapter or torch.nn.Module."
+        )
+    logger.info("model=%s: calling %s(%r) (user code)", path, path, weights)
+    built = builder(weights)
+    if isinstance(built, ModelAdapter):
+        return built
+    if isinstance(built, torch.nn.Module):
+        task = getattr(built, "task", None)
+        if task is not None and task not in TASKS:
+            raise ModelError(
+                f"model={path} has task={task!r}; set it to 'classification' or 'detection'."
+            )
+        return ModuleAdapter(
+            built,
+            name=path,
+            weights=weights,
+            topk=topk,
+            score_threshold=score_threshold,
+            tile_size=tile_size,
+        )
+    raise ModelError(
+        f"model={path} returned {_describe(built)}; build(weights) must return a ModelAdapter "
+        "or a torch.nn.Module."
+    )

@@ -1,0 +1,57 @@
+"""The null model: near-zero compute, for measuring the pipeline's own overhead.
+
+Each tile is "classified" into one class, ``mean_brightness``, with score = mean pixel value / 255
+over all bands, computed on the device. A run with ``model=null`` shows how fast reading,
+transfer, writing and the report go when the network costs nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from mgpr.models.base import Classification, ModelAdapter
+from mgpr.models.weights import require_no_weights
+
+
+class MeanBrightness(torch.nn.Module):
+    """(B, C, H, W) uint8 -> (B,) float32 mean value / 255, in [0, 1]."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the per-tile mean over bands, rows and columns, divided by 255."""
+        return images.mean(dim=(1, 2, 3), dtype=torch.float32) / 255.0
+
+
+class NullAdapter(ModelAdapter):
+    """Near-zero-cost classifier (one class, mean brightness); ``in_bands = 0`` (any)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            name="null",
+            task="classification",
+            categories=("mean_brightness",),
+            in_bands=0,
+            random_weights=False,
+            weights_id="none",
+            module=MeanBrightness(),
+        )
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Pass the (B, C, H, W) uint8 tiles through unchanged."""
+        return images
+
+    def postprocess(self, raw: Any, tile_size: int) -> list[Classification]:
+        """One :class:`Classification` per tile: class 0 with score = mean / 255."""
+        scores = raw.float().cpu().numpy().astype(np.float32, copy=False)
+        return [
+            Classification(class_ids=np.zeros(1, np.int64), scores=scores[i : i + 1])
+            for i in range(scores.shape[0])
+        ]
+
+
+def build_null(weights: str = "none") -> NullAdapter:
+    """Build the null model; it has no weights (``weights`` must be none or DEFAULT)."""
+    require_no_weights("null", weights)
+    return NullAdapter()

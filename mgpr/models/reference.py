@@ -1,0 +1,103 @@
+"""The reference detector: finds bright rectangles, for checking the pipeline end to end.
+
+This is NOT a trained model and knows nothing about plants. It exists so a run over the
+project's synthetic test images (``mgpr-test-image``: background <= 200, planted objects >= 240
+in every band) has an exactly known answer, which lets tests check tiling, sharding,
+georeferencing and seam de-duplication without any weights.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from mgpr.models.base import Detections, ModelAdapter
+from mgpr.models.weights import require_no_weights
+
+#: A pixel is "bright" when every band is >= this value (uint8).
+BRIGHT_THRESHOLD = 230
+#: Components with fewer pixels than this are dropped (noise).
+MIN_AREA_PX = 4
+
+
+class BrightMask(torch.nn.Module):
+    """(B, C, H, W) uint8 -> (B, H, W) bool, True where ALL bands >= ``threshold``.
+
+    A real (if tiny) module so the pipeline can move it to the device like any network; the
+    threshold is a buffer.
+    """
+
+    threshold: torch.Tensor
+
+    def __init__(self, threshold: int = BRIGHT_THRESHOLD) -> None:
+        super().__init__()
+        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.uint8))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Return the (B, H, W) bool mask of bright pixels (computed on the images' device)."""
+        return (images >= self.threshold).all(dim=1)
+
+
+class ReferenceDetectorAdapter(ModelAdapter):
+    """Bright-rectangle detector (rule based, not trained); see the module docstring.
+
+    Boxes are the bounding boxes of 4-connected components of the bright mask, as half-open
+    pixel-corner ``xyxy`` = ``(col_min, row_min, col_max, row_max)`` in the tile, score 1.0,
+    label 1 (``"bright_rectangle"``). ``in_bands = 0``: any band count works (all bands must be
+    bright).
+    """
+
+    def __init__(self, *, min_area_px: int = MIN_AREA_PX, threshold: int = BRIGHT_THRESHOLD) -> None:
+        super().__init__(
+            name="reference",
+            task="detection",
+            categories=("background", "bright_rectangle"),
+            in_bands=0,
+            random_weights=False,
+            weights_id="none",
+            module=BrightMask(threshold),
+        )
+        self.min_area_px = min_area_px
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """Pass the (B, C, H, W) uint8 tiles through unchanged (the mask is the forward pass)."""
+        return images
+
+    def postprocess(self, raw: Any, tile_size: int) -> list[Detections]:
+        """Label connected components of each (H, W) mask on the CPU (scipy), one box each.
+
+        Args:
+            raw: (B, H, W) bool mask from the module (any device; 1 byte per pixel crosses).
+            tile_size: tile edge in pixels (boxes lie in ``0..tile_size``).
+        """
+        masks = raw.cpu().numpy()
+        out: list[Detections] = []
+        for mask in masks:
+            labelled, n = ndimage.label(mask)  # default structure: 4-connectivity in 2-D
+            if n == 0:
+                out.append(Detections.empty())
+                continue
+            areas = np.bincount(labelled.ravel(), minlength=n + 1)
+            boxes = [
+                (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+                for i, sl in enumerate(ndimage.find_objects(labelled), start=1)
+                if sl is not None and areas[i] >= self.min_area_px
+            ]
+            k = len(boxes)
+            out.append(
+                Detections(
+                    boxes=np.asarray(boxes, np.float32).reshape(k, 4),
+                    scores=np.ones(k, np.float32),
+                    labels=np.ones(k, np.int64),
+                )
+            )
+        return out
+
+
+def build_reference(weights: str = "none") -> ReferenceDetectorAdapter:
+    """Build the reference detector; it has no weights (``weights`` must be none or DEFAULT)."""
+    require_no_weights("reference", weights)
+    return ReferenceDetectorAdapter()

@@ -1,0 +1,399 @@
+"""Weights: torchvision names, ``none``, local checkpoints, the download cache.
+
+A ``weights`` string is one of:
+
+* ``"none"`` (any case): random initialisation; adapters set ``random_weights=True``.
+* ``"DEFAULT"`` or a member name of the model's torchvision weights enum, bare
+  (``"IMAGENET1K_V2"``) or qualified (``"ResNet50_Weights.IMAGENET1K_V2"``): downloaded once into
+  the torch hub cache, ``<TORCH_HOME>/hub/checkpoints`` (``TORCH_HOME`` defaults to
+  ``~/.cache/torch``), and read from there afterwards.
+* a path to a local checkpoint, read with ``torch.load(weights_only=True)`` (no code runs).
+
+Nothing ever falls back to random weights silently: a missing file, a checkpoint that does not
+fit, or a download that fails raises :class:`~mgpr.errors.ModelError` with the fix.
+
+Multi-rank runs: let rank 0 call :func:`fetch_weights` first and the other ranks wait until
+:func:`weights_cached` is True; the file appears atomically (torch.hub downloads to a temporary
+name and renames it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import urllib.error
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+import torch
+from torchvision.models import ResNet50_Weights, WeightsEnum
+from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+from mgpr.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+#: torch.hub's convention: a cached file ``name-<hash prefix>.ext`` carries its sha256 prefix.
+_HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
+
+#: Digits of the sha256 kept in a ``file:`` weights id.
+HASH_PREFIX_LEN = 16
+
+
+def weights_enum_class(name: str) -> type[WeightsEnum] | None:
+    """Return the torchvision weights enum of a built-in model, or None if it has none.
+
+    Args:
+        name: model name, e.g. ``"resnet50"`` or ``"fasterrcnn"``.
+    """
+    if name == "resnet50":
+        return ResNet50_Weights
+    if name == "fasterrcnn":
+        return FasterRCNN_ResNet50_FPN_Weights
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class WeightsSpec:
+    """A ``weights`` string resolved for one model.
+
+    Attributes:
+        kind: ``"none"`` (random), ``"torchvision"`` (an enum member) or ``"file"`` (a checkpoint).
+        weights_id: ``"none"``, the enum member's name (``"ResNet50_Weights.IMAGENET1K_V2"``) or
+            ``"file:<abs path>#sha256:<first 16 hex>"``.
+        enum: the torchvision enum member when ``kind == "torchvision"``.
+        path: the absolute checkpoint path when ``kind == "file"``.
+    """
+
+    kind: Literal["none", "torchvision", "file"]
+    weights_id: str
+    enum: WeightsEnum | None = None
+    path: Path | None = None
+
+
+def file_sha256(path: str | os.PathLike[str], n: int = HASH_PREFIX_LEN) -> str:
+    """Return the first ``n`` hex digits of the file's sha256 (reads the file in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:n]
+
+
+def file_weights_id(path: str | os.PathLike[str]) -> str:
+    """Return ``"file:<abs path>#sha256:<first 16 hex>"`` for a local checkpoint."""
+    resolved = Path(path).resolve()
+    return f"file:{resolved}#sha256:{file_sha256(resolved)}"
+
+
+def _enum_member(enum_cls: type[WeightsEnum], weights: str) -> WeightsEnum | None:
+    """Match ``DEFAULT``, ``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2`` (any case)."""
+    text = weights.strip()
+    prefix = enum_cls.__name__ + "."
+    if text.lower().startswith(prefix.lower()):
+        text = text[len(prefix) :]
+    if text.upper() == "DEFAULT":
+        return enum_cls.DEFAULT  # type: ignore[attr-defined,no-any-return]
+    for member in enum_cls:
+        if member.name.upper() == text.upper():
+            return member
+    return None
+
+
+def _looks_like_path(weights: str) -> bool:
+    return (
+        os.sep in weights
+        or "/" in weights
+        or weights.startswith("~")
+        or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".tar"))
+    )
+
+
+def resolve_weights(name: str, weights: str) -> WeightsSpec:
+    """Resolve a ``weights`` string for a built-in model.
+
+    Order: ``none``; a torchvision enum name (``DEFAULT`` included); an existing file; anything
+    else is an error (a path that does not exist, or an unknown name).
+
+    Args:
+        name: built-in model name (``"resnet50"``, ``"fasterrcnn"``, ...).
+        weights: the ``weights=`` value.
+
+    Raises:
+        ModelError: the path does not exist, or the name is not a known weights name.
+    """
+    if weights.strip().lower() == "none":
+        return WeightsSpec(kind="none", weights_id="none")
+    enum_cls = weights_enum_class(name)
+    if enum_cls is not None:
+        member = _enum_member(enum_cls, weights)
+        if member is not None:
+            return WeightsSpec(kind="torchvision", weights_id=str(member), enum=member)
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return WeightsSpec(kind="file", weights_id=file_weights_id(path), path=path.resolve())
+    if _looks_like_path(weights) or path.exists():
+        raise ModelError(
+            f"weights={weights} for model={name}: no such checkpoint file ({path.resolve()}); "
+            "fix the path, or pass weights=DEFAULT or weights=none."
+        )
+    names = ["DEFAULT", "none", "<local checkpoint path>"]
+    if enum_cls is not None:
+        names[1:1] = [m.name for m in enum_cls]
+    raise ModelError(
+        f"weights={weights} is not a weights name for model={name} nor an existing file; "
+        f"use one of {', '.join(names)}."
+    )
+
+
+def require_no_weights(name: str, weights: str) -> None:
+    """Accept only ``none``/``DEFAULT`` for a model without weights (``reference``, ``null``).
+
+    Raises:
+        ModelError: any other value (it would be silently ignored otherwise).
+    """
+    if weights.strip().lower() not in ("none", "default"):
+        raise ModelError(
+            f"weights={weights} given for model={name}, which has no weights; use weights=none."
+        )
+
+
+def checkpoint_dir() -> Path:
+    """Return the torch hub checkpoint cache, ``torch.hub.get_dir()/checkpoints``."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _torch_home_hint() -> str:
+    hub = Path(torch.hub.get_dir())
+    return f"TORCH_HOME={hub.parent}" if hub.name == "hub" else f"torch.hub dir {hub}"
+
+
+def weights_cache_file(name: str, weights: str) -> Path | None:
+    """Return where torch.hub keeps the file for these weights, or None if none is downloaded.
+
+    The file name is the basename of the enum's URL (it carries a sha256 prefix), under
+    :func:`checkpoint_dir`. None for ``none``, a local path, and models without a weights enum.
+    Does not touch the network or check that the file exists; an invalid weights string also
+    gives None (building the model reports it).
+    """
+    enum_cls = weights_enum_class(name)
+    member = None if enum_cls is None else _enum_member(enum_cls, weights)
+    if member is None:
+        return None
+    return checkpoint_dir() / os.path.basename(urlparse(member.url).path)
+
+
+def weights_cached(name: str, weights: str) -> bool:
+    """Return True when building ``name`` with ``weights`` needs no download.
+
+    True for ``none``, local files and models without a weights enum (nothing to download),
+    and for torchvision weights whose file is already in :func:`checkpoint_dir`. Non-zero ranks
+    can poll this while rank 0 runs :func:`fetch_weights`.
+    """
+    if weights_enum_class(name) is None:
+        return True
+    target = weights_cache_file(name, weights)
+    return target is None or target.is_file()
+
+
+def _download(url: str, dst: Path, hash_prefix: str | None, progress: bool) -> None:
+    """Download ``url`` to ``dst`` (temporary name, then rename); the seam tests patch."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(url, str(dst), hash_prefix, progress=progress)
+
+
+def fetch_weights(name: str, weights: str = "DEFAULT", *, progress: bool = False) -> Path | None:
+    """Make sure the torchvision weights file is in the cache, downloading it if needed.
+
+    Args:
+        name: built-in model name.
+        weights: ``DEFAULT`` or an enum member name.
+        progress: show torch.hub's progress bar (on stderr).
+
+    Returns:
+        The cached file, or None when these weights need no download (``none``, a local file).
+
+    Raises:
+        ModelError: the download failed (offline, proxy, hash mismatch); the message names the
+            cache directory and how to pre-fetch.
+    """
+    target = weights_cache_file(name, weights)
+    if target is None or target.is_file():
+        return target
+    spec = resolve_weights(name, weights)
+    assert spec.enum is not None
+    match = _HASH_REGEX.search(target.name)
+    logger.info("downloading %s weights %s to %s", name, spec.weights_id, target)
+    try:
+        _download(spec.enum.url, target, match.group(1) if match else None, progress)
+    except (urllib.error.URLError, OSError, ConnectionError, RuntimeError) as err:
+        reason = getattr(err, "reason", None) or err
+        fetch = f"mgpr-fetch-weights {name}" + (
+            "" if weights.strip().upper() == "DEFAULT" else f" --weights {weights}"
+        )
+        raise ModelError(
+            f"weights={weights} for {name} are not in the cache ({target.parent}) and cannot be "
+            f"downloaded ({_one_line(reason)}); on a machine with internet run `{fetch}` "
+            f"({_torch_home_hint()}) or pass weights=<local .pth>."
+        ) from err
+    return target
+
+
+def _one_line(obj: object, limit: int = 200) -> str:
+    text = " ".join(str(obj).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors with ``torch.load(map_location="cpu", weights_only=True)``.
+
+    Accepts a raw ``state_dict`` or a dict holding it under ``"state_dict"`` (Lightning) or
+    ``"model"``. Key prefixes are left alone (see :func:`load_state_dict_checked`).
+
+    Raises:
+        ModelError: the file does not exist, cannot be unpickled safely, or holds no tensors.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(
+            f"weights={path}: no such checkpoint file ({p.resolve()}); fix the path, or pass "
+            "weights=DEFAULT or weights=none."
+        )
+    try:
+        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise ModelError(
+            f"weights={path} cannot be read with torch.load(weights_only=True) "
+            f"({type(err).__name__}: {_one_line(err, 120)}); save it with "
+            "torch.save(model.state_dict(), path)."
+        ) from err
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ModelError(
+            f"weights={path} holds {type(obj).__name__}, not a state_dict; save it with "
+            "torch.save(model.state_dict(), path)."
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ModelError(
+            f"weights={path} holds a dict without tensors (keys {list(obj)[:3]}); save it with "
+            "torch.save(model.state_dict(), path)."
+        )
+    return tensors
+
+
+def align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Strip a common leading prefix (``module.``, ``model.``, ``net.`` ...) if that fits better.
+
+    Tries removing 0 to 3 leading dotted components shared by every key and keeps the variant
+    with the most keys in ``expected`` (ties keep the shorter strip).
+    """
+    best, best_hits = state, len(expected.intersection(state))
+    current = state
+    for _ in range(3):
+        heads = {k.split(".", 1)[0] for k in current}
+        if len(heads) != 1 or not all("." in k for k in current):
+            break
+        current = {k.split(".", 1)[1]: v for k, v in current.items()}
+        hits = len(expected.intersection(current))
+        if hits > best_hits:
+            best, best_hits = current, hits
+    return best
+
+
+def _ignorable(key: str) -> bool:
+    # BatchNorm2d has num_batches_tracked, FrozenBatchNorm2d does not; neither affects inference.
+    return key.endswith("num_batches_tracked")
+
+
+def load_state_dict_checked(
+    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str = ""
+) -> None:
+    """Load ``state`` into ``module`` after checking every key and shape.
+
+    Args:
+        module: the network to fill (its parameters are overwritten in place).
+        state: tensors by key, e.g. from :func:`read_checkpoint`.
+        source: the ``weights=`` value, for the message.
+        model_name: the model name, for the message.
+
+    Raises:
+        ModelError: naming up to 3 missing, unexpected and shape-mismatched keys each.
+    """
+    expected = module.state_dict()
+    state = align_keys(state, set(expected))
+    missing = [k for k in expected if k not in state and not _ignorable(k)]
+    unexpected = [k for k in state if k not in expected and not _ignorable(k)]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch (checkpoint vs model)", mismatched),
+        ):
+            if keys:
+                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+                parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+        what = f"model={model_name}" if model_name else "the model"
+        raise ModelError(
+            f"weights={source} does not fit {what}: {'; '.join(parts)}; pass a checkpoint saved "
+            "from this model's state_dict() or use weights=DEFAULT."
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def load_checkpoint(path: str | os.PathLike[str], module: torch.nn.Module, model_name: str = "") -> str:
+    """Load a local checkpoint into ``module`` (CPU, ``weights_only=True``).
+
+    Args:
+        path: checkpoint file: a raw state_dict, or a dict with ``"state_dict"``/``"model"``;
+            a ``module.``/``model.`` prefix is stripped when needed.
+        module: the network to fill.
+        model_name: for messages.
+
+    Returns:
+        The weights id, ``"file:<abs path>#sha256:<first 16 hex>"``.
+
+    Raises:
+        ModelError: missing file, unreadable file, or keys/shapes that do not fit.
+    """
+    load_state_dict_checked(module, read_checkpoint(path), str(path), model_name)
+    return file_weights_id(path)
+
+
+def load_torchvision(builder: Any, model_name: str, weights: str, **kwargs: Any) -> torch.nn.Module:
+    """Build a torchvision model with pretrained weights, fetching them into the cache first.
+
+    Args:
+        builder: the torchvision builder, e.g. ``torchvision.models.resnet50``.
+        model_name: built-in model name.
+        weights: ``DEFAULT`` or an enum member name (as the user wrote it, for messages).
+        **kwargs: passed to the builder.
+
+    Raises:
+        ModelError: offline and not cached, or the cached file cannot be read.
+    """
+    spec = resolve_weights(model_name, weights)
+    assert spec.enum is not None
+    cached = fetch_weights(model_name, weights)
+    try:
+        return builder(weights=spec.enum, progress=False, **kwargs)  # type: ignore[no-any-return]
+    except (RuntimeError, OSError, EOFError, ValueError) as err:
+        raise ModelError(
+            f"weights={weights} for {model_name}: the cached file {cached} cannot be loaded "
+            f"({type(err).__name__}: {_one_line(err, 120)}); delete it and run "
+            f"`mgpr-fetch-weights {model_name} --weights {spec.enum.name}`."
+        ) from err

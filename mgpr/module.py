@@ -1,0 +1,82 @@
+"""The LightningModule that runs a model adapter over batches of uint8 tiles.
+
+Per batch (``predict_step``): tiles flagged empty or failed by the dataset skip the model; the
+rest go through ``adapter.prepare`` (uint8 -> normalised float ON THE DEVICE), the network under
+Lightning's ``inference_mode`` and precision plugin (autocast), and ``adapter.postprocess`` into
+plain per-tile records in TILE pixel coordinates. The records are returned to the
+:class:`~mgpr.predict_writer.PredictionShardWriter` callback, which writes them to the rank's
+shard; nothing is kept (``trainer.predict(..., return_predictions=False)``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from mgpr.data import STATUS_OK
+from mgpr.models.base import Classification, Detections, ModelAdapter
+from mgpr.tiling import Tile
+from mgpr.writers import TileOutcome
+
+
+class InferenceModule(pl.LightningModule):
+    """Wraps a :class:`ModelAdapter` for ``Trainer.predict``.
+
+    Args:
+        adapter: the model adapter; its ``module`` becomes a submodule, so Lightning moves it to
+            the rank's device.
+        tiles: this rank's tiles; ``batch["index"]`` indexes this list. None for fake data.
+        tile_size: pixels.
+        on_stage: optional callback ``(stage_name, seconds)`` for the run report.
+    """
+
+    def __init__(self, adapter: ModelAdapter, tiles: Sequence[Tile] | None, tile_size: int,
+                 on_stage: Callable[[str, float], None] | None = None) -> None:
+        super().__init__()
+        self.adapter = adapter
+        self.net = adapter.module
+        self.tiles = list(tiles) if tiles is not None else None
+        self.tile_size = tile_size
+        self.on_stage = on_stage
+        # A rank with no tile left (few tiles, or all done before a resume) returns at once.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
+
+    def on_predict_start(self) -> None:
+        """Put the network in eval mode (the adapter chose its memory format when built)."""
+        self.net.eval()
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[TileOutcome] | int:
+        """Predict one batch; returns one :class:`TileOutcome` per tile (or a count for fake data)."""
+        images: torch.Tensor = batch["image"]
+        status = batch["status"].cpu().numpy()
+        ok = np.flatnonzero(status == STATUS_OK)
+        results: list[Detections] | list[Classification] = []
+        if len(ok):
+            x = images if len(ok) == len(status) else images[torch.as_tensor(ok, device=images.device)]
+            inputs = self.adapter.prepare(x)
+            raw = self.adapter.forward(inputs)
+            start = time.perf_counter()
+            results = self.adapter.postprocess(raw, self.tile_size)
+            if self.on_stage is not None:
+                self.on_stage("postprocess", time.perf_counter() - start)
+        if self.tiles is None:
+            return len(status)
+        indexes = batch["index"].cpu().numpy()
+        reasons = batch["reason"]
+        by_position = dict(zip(ok.tolist(), results, strict=True))
+        outcomes: list[TileOutcome] = []
+        for pos, (idx, st) in enumerate(zip(indexes.tolist(), status.tolist(), strict=True)):
+            tile = self.tiles[idx]
+            res = by_position.get(pos)
+            if isinstance(res, Detections):
+                outcomes.append(TileOutcome(tile, st, "", res.boxes, res.scores, res.labels))
+            elif isinstance(res, Classification):
+                outcomes.append(TileOutcome(tile, st, "", None, res.scores, res.class_ids))
+            else:
+                outcomes.append(TileOutcome(tile, st, reasons[pos]))
+        return outcomes

@@ -1,0 +1,325 @@
+"""The run: config in, tiles through ``Trainer.predict`` on every rank, one merged output out.
+
+Order of events on every rank (each step fails fast, before any GPU time is spent):
+
+1. run directory (identical on all ranks), logging, SLURM checks, accelerator and devices;
+2. inputs -> raster headers -> band choice -> tile plan (pure, the same on every rank);
+3. model built (rank 0 first when weights must be downloaded; the others load from the cache);
+4. ``run.json`` fingerprint checked (resume, or refuse to mix runs without ``overwrite=true``);
+5. ``Trainer`` (DDP when more than one rank, never a single-device strategy under ``srun``);
+   inside ``predict`` each rank takes its static slice of the tile plan minus tiles already done;
+6. every rank meets at a barrier, so the launching process exits non-zero when any rank failed;
+7. rank 0 merges the shards into ``predictions.gpkg``, writes ``summary.json`` and the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mgpr.conf.schema import PredictConfig
+from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, MgprError, ModelError
+from mgpr.rundir import (
+    RUN_DIR_ENV,
+    check_writable,
+    prepare_run_dir,
+    resolve_run_dir,
+    write_json_atomic,
+)
+
+log = logging.getLogger("mgpr")
+
+DEMO_TILE_SIZE = 512
+DEMO_OVERLAP = 64
+
+
+class RunInterrupted(BaseException):
+    """Raised in the main thread by SIGTERM / SIGUSR1 / SIGINT: stop, keep what is written."""
+
+
+def env_rank(env: dict[str, str] | os._Environ[str]) -> int:
+    """This process's global rank before the Trainer exists (RANK, SLURM_PROCID, LOCAL_RANK)."""
+    for key in ("RANK", "SLURM_PROCID"):
+        if key in env and (key != "SLURM_PROCID" or "SLURM_STEP_ID" in env):
+            return int(env[key])
+    node = int(env.get("NODE_RANK", env.get("GROUP_RANK", "0")))
+    local = int(env.get("LOCAL_RANK", "0"))
+    world_local = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    return node * world_local + local
+
+
+def _setup_logging(run_dir: Path, rank: int) -> None:
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.setFormatter(fmt)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    stream.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.addHandler(file_handler)
+    root.addHandler(stream)
+    root.setLevel(logging.INFO)
+    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "rasterio",
+                  "fiona", "pyogrio", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def resolve_accelerator(requested: str) -> str:
+    """``gpu`` or ``cpu``: auto picks the GPU when torch sees one, else CPU ranks (gloo)."""
+    import torch
+
+    has_gpu = torch.cuda.is_available()
+    if requested in ("gpu", "cuda"):
+        if not has_gpu:
+            from mgpr.errors import ConfigError
+
+            raise ConfigError(
+                "accelerator=gpu but torch sees no CUDA GPU on this machine; use accelerator=auto "
+                "or cpu, or check the node's driver with `mgpr-doctor`"
+            )
+        return "gpu"
+    if requested == "cpu":
+        return "cpu"
+    if not has_gpu and os.environ.get("CUDA_VISIBLE_DEVICES"):
+        log.warning(
+            "CUDA_VISIBLE_DEVICES=%s is set but torch sees no GPU: running on CPU ranks (gloo)",
+            os.environ["CUDA_VISIBLE_DEVICES"],
+        )
+    return "gpu" if has_gpu else "cpu"
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, accelerator: str) -> str:
+    """Lightning precision string; ``auto`` = bf16 where the device runs it fast.
+
+    Ampere and newer GPUs (compute capability >= 8) and CPUs with AVX-512 BF16/AMX get
+    ``bf16-mixed``; older GPUs ``16-mixed``; other CPUs ``32-true``.
+    """
+    if requested != "auto":
+        return "32-true" if requested == "32" else requested
+    if accelerator == "gpu":
+        import torch
+
+        major, _ = torch.cuda.get_device_capability(0)
+        return "bf16-mixed" if major >= 8 else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
+
+
+def _resolve_devices(cfg: PredictConfig, accelerator: str) -> tuple[int, int, Any]:
+    """(devices per node, num_nodes, SLURM task or None) after the SLURM checks."""
+    import torch
+
+    from mgpr import slurm
+
+    task = slurm.read_slurm_task(os.environ)
+    if task is not None:
+        for line in slurm.check_slurm_task(task, cfg.gpus, cfg.num_nodes, cfg.workers,
+                                           accelerator, torch.cuda.device_count()):
+            log.warning("%s", line)
+        devices, nodes = slurm.resolve_devices(task, cfg.gpus, cfg.num_nodes)
+        return devices, nodes, task
+    if cfg.gpus is not None:
+        devices = cfg.gpus
+    else:
+        devices = max(1, torch.cuda.device_count()) if accelerator == "gpu" else 1
+    if accelerator == "gpu" and devices > torch.cuda.device_count():
+        from mgpr.errors import ConfigError
+
+        raise ConfigError(
+            f"gpus={devices} but this machine has {torch.cuda.device_count()} GPU(s); "
+            f"use gpus={torch.cuda.device_count()} or fewer"
+        )
+    return devices, cfg.num_nodes or 1, None
+
+
+def _demo_image(run_dir: Path, cfg: PredictConfig, rank: int, tile_size: int,
+                overlap: int) -> tuple[Path, Path | None]:
+    """The quick start's synthetic orthomosaic (with planted objects), made once per run dir.
+
+    Every rank can call this: the image is written to a temporary name and renamed, and its
+    content is a pure function of the seed, so concurrent writers produce the same file.
+    """
+    from mgpr.testimage import TestImageSpec, write_test_image
+
+    path = run_dir / "demo" / "demo_ortho.tif"
+    truth = path.with_name(f"{path.stem}_truth.gpkg")
+    if path.exists() and (cfg.objects == 0 or truth.exists()):
+        return path, truth if truth.exists() else None
+    if rank == 0:
+        log.info("no input_path: making a synthetic %dx%d orthomosaic with %d planted objects "
+                 "in %s (the quick start's pipeline check)", cfg.image_size, cfg.image_size,
+                 cfg.objects, path)
+    spec = TestImageSpec(width=cfg.image_size, height=cfg.image_size, objects=cfg.objects,
+                         tile_size=tile_size, overlap=overlap, seed=cfg.seed,
+                         object_max_px=min(40, overlap) if overlap else 40,
+                         object_min_px=min(12, overlap) if overlap else 12)
+    result = write_test_image(path, spec)
+    return result.path, result.truth_path
+
+
+def _fingerprint(cfg: PredictConfig, model_name: str, weights_id: str, rasters: Sequence[Any],
+                 bands: dict[str, list[int]]) -> dict[str, Any]:
+    return {
+        "model": model_name,
+        "weights": weights_id,
+        "tile_size": cfg.tile_size,
+        "overlap": cfg.overlap,
+        "topk": cfg.topk,
+        "score_threshold": cfg.score_threshold,
+        "native_resolution": cfg.native_resolution,
+        "inputs": [{"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime,
+                    "bands": bands[r.path]} for r in rasters],
+    }
+
+
+def _build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
+    """Build the model; with downloads, rank 0 fetches and the other ranks wait for the file."""
+    from mgpr.models import build_model
+    from mgpr.models.weights import weights_cache_file, weights_cached
+
+    kwargs = dict(topk=cfg.topk, score_threshold=cfg.score_threshold,
+                  native_resolution=cfg.native_resolution, tile_size=cfg.tile_size)
+    if rank != 0 and model_name in ("resnet50", "fasterrcnn"):
+        try:
+            target = weights_cache_file(model_name, cfg.weights)
+        except MgprError:
+            target = None
+        if target is not None:
+            deadline = time.monotonic() + cfg.join_timeout_s
+            while not weights_cached(model_name, cfg.weights):
+                if time.monotonic() > deadline:
+                    raise ModelError(
+                        f"rank {rank} waited {cfg.join_timeout_s} s for rank 0 to download "
+                        f"weights={cfg.weights} for {model_name} into {target.parent}; "
+                        f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
+                    )
+                time.sleep(1.0)
+    return build_model(model_name, cfg.weights, **kwargs)
+
+
+def _install_signal_handlers() -> None:
+    def handler(signum: int, frame: Any) -> None:
+        raise RunInterrupted(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        try:
+            signal.signal(sig, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
+def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
+    """Run one prediction job on this process's rank; returns the process exit code."""
+    explicit = explicit_keys or set()
+    t_start = time.time()
+    rank = env_rank(os.environ)
+    run_dir = resolve_run_dir(cfg.output_dir, os.environ)
+    check_writable(run_dir)
+    os.environ[RUN_DIR_ENV] = str(run_dir)  # processes Lightning launches inherit it
+    _setup_logging(run_dir, rank)
+    _install_signal_handlers()
+
+    demo = cfg.input_path is None and not cfg.use_fake_data
+    if demo:
+        if "tile_size" not in explicit:
+            cfg.tile_size = DEMO_TILE_SIZE
+        if "overlap" not in explicit:
+            cfg.overlap = DEMO_OVERLAP
+    model_name = cfg.model or ("reference" if demo else "resnet50")
+    if demo and cfg.model is None and "weights" not in explicit:
+        cfg.weights = "none"
+
+    accelerator = resolve_accelerator(cfg.accelerator)
+    devices, num_nodes, slurm_task = _resolve_devices(cfg, accelerator)
+
+    adapter = _build_adapter(cfg, model_name, rank)
+    if adapter.random_weights and rank == 0 and model_name not in ("reference", "null"):
+        log.warning("weights=none: %s runs with RANDOM weights; its predictions are meaningless",
+                    model_name)
+
+    truth_path: Path | None = None
+    rasters: list[Any] = []
+    tiles: list[Any] = []
+    bands: dict[str, list[int]] = {}
+    if not cfg.use_fake_data:
+        from mgpr.raster import check_bands, describe_raster, resolve_inputs
+        from mgpr.tiling import plan_tiles
+
+        if demo:
+            image, truth_path = _demo_image(run_dir, cfg, rank, cfg.tile_size, cfg.overlap)
+            input_path = str(image)
+        else:
+            assert cfg.input_path is not None
+            input_path = cfg.input_path
+        for path in resolve_inputs(input_path):
+            info = describe_raster(path)
+            if info.crs_wkt is None and rank == 0:
+                log.warning("%s has no CRS: its results are in pixel coordinates "
+                            "(x = column, y = row)", path)
+            bands[path] = check_bands(info, cfg.bands, adapter.in_bands)
+            rasters.append(info)
+            tiles.extend(plan_tiles(path, info.height, info.width, cfg.tile_size, cfg.overlap))
+        if adapter.task == "detection" and cfg.overlap == 0 and rank == 0:
+            log.warning("overlap=0 with a detector: objects cut by a tile seam are found as "
+                        "two halves; set overlap to at least the largest object's size in pixels")
+        fingerprint = _fingerprint(cfg, model_name, adapter.weights_id, rasters, bands)
+        job_id = os.environ.get("SLURM_JOB_ID")
+        resumed = prepare_run_dir(run_dir, fingerprint, cfg.overwrite, rank, job_id)
+        if resumed and rank == 0:
+            log.info("resuming the run in %s: finished tiles are skipped", run_dir)
+    precision = resolve_precision(cfg.precision, accelerator)
+
+    from mgpr.trainer_setup import run_predict
+
+    try:
+        stats = run_predict(cfg, run_dir=run_dir, adapter=adapter, rasters=rasters, tiles=tiles,
+                            bands=bands, accelerator=accelerator, devices=devices,
+                            num_nodes=num_nodes, precision=precision, slurm_task=slurm_task)
+    except RunInterrupted as exc:
+        if rank == 0:
+            print(f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/shards; "
+                  "re-run the same command to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if stats["global_rank"] != 0:
+        return 0
+    from mgpr.summary import finish_run
+
+    summary = finish_run(cfg, run_dir=run_dir, adapter=adapter, model_name=model_name,
+                         rasters=rasters, stats=stats, precision=precision, t_start=t_start,
+                         truth_path=truth_path, demo=demo)
+    return EXIT_TILES_FAILED if summary.get("tiles_failed", 0) else 0
+
+
+def now_iso() -> str:
+    """Local time with its offset, for summaries."""
+    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def host() -> str:
+    """Short host name."""
+    return socket.gethostname().split(".")[0]
+
+
+__all__ = ["run", "RunInterrupted", "env_rank", "resolve_precision", "resolve_accelerator",
+           "dataclasses", "write_json_atomic"]

@@ -1,0 +1,303 @@
+"""Where rasters are opened and tiles are read.
+
+Two jobs, no Lightning and no torch:
+
+* :func:`resolve_inputs` turns ``input_path`` (a file, a folder, a glob or a ``.txt`` list) into
+  raster paths and :func:`describe_raster` reads each one's header once into a picklable
+  :class:`RasterInfo` (size, bands, CRS, transform, nodata handling).
+* :class:`TileReader` is what a DataLoader worker holds: it opens each raster lazily, once per
+  process, and reads a tile's window as a uint8 ``(C, H, W)`` numpy array, padded with zeros past
+  the raster's edge. Handles never cross a pickle boundary (``spawn`` workers re-open them).
+
+GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio untouched.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.enums import ColorInterp, MaskFlags
+
+from mgpr.errors import ConfigError, InputError
+from mgpr.tiling import Tile, tile_window, valid_window
+
+log = logging.getLogger(__name__)
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True, slots=True)
+class RasterInfo:
+    """A raster's header, read once on the launching rank and passed to workers by value.
+
+    Attributes:
+        path: the path as the user gave it (also part of every tile id).
+        height: rows in pixels.
+        width: columns in pixels.
+        count: number of bands.
+        dtype: numpy dtype name of band 1 (mgpr reads ``uint8``).
+        crs_wkt: the CRS as WKT, or None when the raster has no CRS (pixel coordinates then).
+        transform: pixel-corner affine transform, raster pixels -> map coordinates (x, y).
+        nodata: the nodata value, or None.
+        has_mask: True when some pixels may be invalid (nodata value, internal mask or alpha),
+            i.e. empty tiles must be checked; False when every pixel is valid.
+        block_shape: internal block (rows, cols) of band 1.
+        file_bytes: size on disk (None for non-local GDAL paths).
+        mtime: modification time, seconds since the epoch (None for non-local paths).
+    """
+
+    path: str
+    height: int
+    width: int
+    count: int
+    dtype: str
+    crs_wkt: str | None
+    transform: Affine
+    nodata: float | None
+    has_mask: bool
+    block_shape: tuple[int, int]
+    file_bytes: int | None
+    mtime: float | None
+
+    @property
+    def crs_label(self) -> str:
+        """A short CRS name (``EPSG:32633``) or ``pixel`` for rasters without CRS."""
+        if self.crs_wkt is None:
+            return "pixel"
+        from pyproj import CRS
+
+        crs = CRS.from_wkt(self.crs_wkt)
+        epsg = crs.to_epsg()
+        return f"EPSG:{epsg}" if epsg else crs.name
+
+
+def _is_gdal_virtual(path: str) -> bool:
+    return path.startswith("/vsi") or "://" in path
+
+
+def resolve_inputs(input_path: str) -> list[str]:
+    """Expand ``input_path`` into a sorted list of raster paths.
+
+    Args:
+        input_path: a raster file, a folder (its ``*.tif``/``*.tiff``/... files, not recursive),
+            a glob pattern, or a ``.txt`` file listing one path per line (``#`` comments and
+            blank lines ignored; relative paths are relative to the list file).
+
+    Raises:
+        InputError: when the path is missing, the folder is empty, the glob matches nothing, or
+            a listed file is missing (naming the file and its line).
+    """
+    if _is_gdal_virtual(input_path):
+        return [input_path]
+    path = Path(input_path)
+    if any(ch in input_path for ch in _GLOB_CHARS) and not path.exists():
+        matches = sorted(glob.glob(input_path, recursive=True))
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise InputError(f"input_path={input_path!r}: the glob matches no file; check the pattern")
+        return matches
+    if not path.exists():
+        raise InputError(f"input_path={input_path!r} does not exist; pass a GeoTIFF, a folder, a glob or a .txt list")
+    if path.is_dir():
+        found = sorted(
+            str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
+        )
+        if not found:
+            raise InputError(
+                f"input_path={input_path!r} is a folder without rasters ({'/'.join(RASTER_SUFFIXES)}); "
+                "point it at a folder of GeoTIFFs"
+            )
+        return found
+    if path.suffix.lower() == ".txt":
+        return _read_list_file(path)
+    return [input_path]
+
+
+def _read_list_file(path: Path) -> list[str]:
+    out: list[str] = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if _is_gdal_virtual(line):
+            out.append(line)
+            continue
+        item = Path(line)
+        if not item.is_absolute():
+            item = path.parent / item
+        if not item.is_file():
+            raise InputError(
+                f"{path}:{lineno} names {line!r}, which does not exist; fix or remove that line"
+            )
+        out.append(str(item))
+    if not out:
+        raise InputError(f"input_path={str(path)!r} lists no raster; add one path per line")
+    return out
+
+
+def describe_raster(path: str) -> RasterInfo:
+    """Read one raster's header (no pixels) into a :class:`RasterInfo`.
+
+    Raises:
+        InputError: when the file cannot be opened as a raster.
+    """
+    try:
+        with rasterio.Env(), rasterio.open(path) as src:
+            has_mask = _may_have_invalid_pixels(src)
+            info = RasterInfo(
+                path=path,
+                height=int(src.height),
+                width=int(src.width),
+                count=int(src.count),
+                dtype=str(src.dtypes[0]),
+                crs_wkt=src.crs.to_wkt() if src.crs else None,
+                transform=src.transform,
+                nodata=src.nodata,
+                has_mask=has_mask,
+                block_shape=tuple(src.block_shapes[0]),  # type: ignore[arg-type]
+                file_bytes=os.path.getsize(path) if os.path.exists(path) else None,
+                mtime=os.path.getmtime(path) if os.path.exists(path) else None,
+            )
+    except rasterio.errors.RasterioIOError as exc:
+        reason = str(exc).split("\n")[0]
+        raise InputError(f"{path!r} is not a readable raster ({reason}); check the file or remove it from input_path") from None
+    if info.dtype != "uint8":
+        log.warning(
+            "%s has dtype %s; mgpr reads uint8 orthomosaics, values are cast (clipped to 0..255)",
+            path,
+            info.dtype,
+        )
+    return info
+
+
+def _may_have_invalid_pixels(src: Any) -> bool:
+    """True when a nodata value, an internal/external mask or an alpha band exists."""
+    if src.nodata is not None:
+        return True
+    if ColorInterp.alpha in src.colorinterp:
+        return True
+    flags = src.mask_flag_enums[0]
+    return MaskFlags.all_valid not in flags
+
+
+def check_bands(info: RasterInfo, bands: list[int] | None, needed: int) -> list[int]:
+    """Pick the 1-based band indexes to read and check them against the raster and model.
+
+    Args:
+        info: the raster.
+        bands: the user's ``bands`` key or None.
+        needed: bands the model needs, 0 when it takes any count.
+
+    Returns:
+        The band indexes (1-based). By default the first ``needed`` bands (so RGBA rasters feed
+        RGB models), or all bands when the model takes any count.
+
+    Raises:
+        ConfigError: a band the raster lacks, or a count the model cannot take.
+    """
+    if bands is not None:
+        missing = [b for b in bands if b > info.count]
+        if missing:
+            raise ConfigError(
+                f"bands={bands} names band {missing[0]}, but {info.path!r} has {info.count} band(s); "
+                f"use indexes 1..{info.count}"
+            )
+        if needed and len(bands) != needed:
+            raise ConfigError(
+                f"bands={bands} selects {len(bands)} band(s), but the model needs {needed}; "
+                f"pass e.g. bands=[{','.join(str(i) for i in range(1, needed + 1))}]"
+            )
+        return list(bands)
+    if needed == 0:
+        return list(range(1, info.count + 1))
+    if info.count < needed:
+        raise ConfigError(
+            f"{info.path!r} has {info.count} band(s), but the model needs {needed}; "
+            "pick bands with e.g. bands=[1,1,1] or use a model for that band count"
+        )
+    if info.count > needed:
+        log.info("%s has %d bands; reading bands 1..%d", info.path, info.count, needed)
+    return list(range(1, needed + 1))
+
+
+class TileReader:
+    """Reads tiles as uint8 arrays, opening each raster once per process, lazily.
+
+    The handle cache is keyed by path and by process id: a reader copied into a forked worker
+    re-opens its files instead of sharing the parent's GDAL handles, and pickling (``spawn``
+    workers) drops the handles entirely.
+    """
+
+    def __init__(self, bands_by_path: dict[str, list[int]], tile_size: int) -> None:
+        self.bands_by_path = dict(bands_by_path)
+        self.tile_size = tile_size
+        self._handles: dict[str, Any] = {}
+        self._pid = os.getpid()
+        self._env: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_handles"] = {}
+        state["_env"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._pid = os.getpid()
+
+    def _open(self, path: str) -> Any:
+        if self._pid != os.getpid():
+            self._handles = {}
+            self._env = None
+            self._pid = os.getpid()
+        handle = self._handles.get(path)
+        if handle is None:
+            if self._env is None:
+                # One GDAL environment per process; a larger block cache avoids re-decoding
+                # blocks shared by overlapping tiles.
+                self._env = rasterio.Env(GDAL_CACHEMAX=256 * 1024 * 1024)
+                self._env.__enter__()
+            handle = rasterio.open(path)
+            self._handles[path] = handle
+        return handle
+
+    def close(self) -> None:
+        """Close every handle this process opened."""
+        for handle in self._handles.values():
+            handle.close()
+        self._handles = {}
+
+    def is_empty(self, tile: Tile, check_mask: bool) -> bool:
+        """True when every pixel of the tile's valid window is invalid (nodata/mask/alpha).
+
+        Reads only the mask of the window (an internal mask band is far cheaper to decode than
+        the image; for a nodata value GDAL derives it from blocks that then stay in its cache for
+        the image read).
+        """
+        if not check_mask:
+            return False
+        src = self._open(tile.id.path)
+        mask = src.dataset_mask(window=valid_window(tile))
+        return not bool(mask.any())
+
+    def read(self, tile: Tile) -> np.ndarray:
+        """Read a tile as ``(C, tile_size, tile_size)`` uint8, zero-padded past the raster edge."""
+        src = self._open(tile.id.path)
+        bands = self.bands_by_path[tile.id.path]
+        size = self.tile_size
+        if tile.valid_height == size and tile.valid_width == size:
+            data = src.read(indexes=bands, window=tile_window(tile), out_dtype="uint8")
+            return np.ascontiguousarray(data)
+        out = np.zeros((len(bands), size, size), dtype=np.uint8)
+        part = src.read(indexes=bands, window=valid_window(tile), out_dtype="uint8")
+        out[:, : tile.valid_height, : tile.valid_width] = part
+        return out

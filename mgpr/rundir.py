@@ -1,0 +1,117 @@
+"""The run directory: where it is, what run it belongs to, and refusing to mix runs.
+
+Every rank must agree on the directory without talking to each other (under ``srun`` they start
+together; under Lightning's own launcher rank 0 starts the others), so it is derived, in order,
+from ``output_dir=``, from ``MGPR_RUN_DIR`` (set by rank 0 for the processes it launches), from
+``SLURM_JOB_ID`` (``runs/slurm-<id>``: a requeued job keeps its id, hence its directory, and
+resumes), and only then from a timestamp.
+
+``run.json`` holds the run's fingerprint (model, weights, tiling, bands, inputs with size and
+mtime). A new run in a directory with another fingerprint is refused unless ``overwrite=true``;
+the same fingerprint resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mgpr.errors import OutputError
+
+log = logging.getLogger(__name__)
+
+RUN_DIR_ENV = "MGPR_RUN_DIR"
+FINGERPRINT_FILE = "run.json"
+_RESULT_ENTRIES = ("shards", "report_parts", "predictions.gpkg", "summary.json", "report.json",
+                   "report.png", "failed_tiles.csv", FINGERPRINT_FILE)
+
+
+def resolve_run_dir(output_dir: str | None, env: Mapping[str, str]) -> Path:
+    """The run directory, identical on every rank of one job (see the module docstring)."""
+    if output_dir:
+        return Path(output_dir).absolute()
+    if env.get(RUN_DIR_ENV):
+        return Path(env[RUN_DIR_ENV])
+    job = env.get("SLURM_JOB_ID")
+    if job:
+        return Path("runs", f"slurm-{job}").absolute()
+    return Path("runs", time.strftime("%Y%m%d-%H%M%S")).absolute()
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same folder, then ``os.replace`` it into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create the run directory and prove it is writable, or raise OutputError."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"output_dir={str(run_dir)!r} is not writable ({exc.strerror or exc}); "
+            "choose another output_dir"
+        ) from None
+
+
+def prepare_run_dir(run_dir: Path, fingerprint: dict[str, Any], overwrite: bool, rank: int,
+                    job_id: str | None) -> bool:
+    """Check the run directory against this run's fingerprint; returns True when resuming.
+
+    Rank 0 writes ``run.json`` (and, with ``overwrite=true``, first removes the previous run's
+    results); other ranks only read. A SLURM requeue of the same job (same ``SLURM_JOB_ID`` in the
+    stored fingerprint) resumes even with ``overwrite=true``, so a preempted job never throws away
+    its own finished tiles.
+
+    Raises:
+        OutputError: the directory holds results of a different run and overwrite is false.
+    """
+    path = run_dir / FINGERPRINT_FILE
+    previous: dict[str, Any] | None = None
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            previous = {}
+    has_results = any((run_dir / name).exists() for name in _RESULT_ENTRIES)
+    same = previous is not None and previous.get("fingerprint") == fingerprint
+    own_requeue = bool(job_id) and previous is not None and previous.get("slurm_job_id") == job_id
+    if has_results and not same and not overwrite and not own_requeue:
+        differs = _first_difference(previous.get("fingerprint") if previous else None, fingerprint)
+        raise OutputError(
+            f"output_dir={str(run_dir)!r} holds results of another run ({differs}); "
+            "pass overwrite=true to start afresh, or choose another output_dir"
+        )
+    resume = has_results and ((same and not overwrite) or own_requeue)
+    if rank == 0:
+        if has_results and not resume:
+            for name in _RESULT_ENTRIES:
+                target = run_dir / name
+                if target.is_dir():
+                    shutil.rmtree(target)
+                elif target.exists():
+                    target.unlink()
+            log.info("overwrite=true: removed the previous run's results in %s", run_dir)
+        write_json_atomic(path, {"fingerprint": fingerprint, "slurm_job_id": job_id,
+                                 "written_at": time.time()})
+    return resume
+
+
+def _first_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
+    if not old:
+        return "no run.json fingerprint"
+    for key in new:
+        if old.get(key) != new.get(key):
+            return f"{key} differs: was {str(old.get(key))[:80]}, now {str(new.get(key))[:80]}"
+    return "fingerprint differs"

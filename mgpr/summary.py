@@ -1,0 +1,220 @@
+"""The end of a run on rank 0: merge the shards, save ``summary.json`` and print the summary.
+
+``summary.json`` (in the run directory) holds: ``mgpr_version``, ``finished_at``, ``run_dir``,
+``output`` (path of ``predictions.gpkg`` or null), ``layers`` (layer -> features), ``records``,
+``task``, ``model``, ``weights`` (what was loaded), ``random_weights``, ``precision``,
+``world_size``, ``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted``
+(model run), ``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100
+``{tile, reason}``; all of them are in ``failed_tiles.csv``), ``duplicates_removed`` (seam
+de-duplication), ``wall_s`` (whole command on rank 0), ``predict_wall_s``, ``tiles_per_s``,
+``tiles_per_s_per_rank``, ``pixel_coordinates`` (inputs without CRS), ``provenance``
+(mgpr/torch/lightning/rasterio versions, host, inputs with size and mtime, tiling) and, in the
+quick start, ``demo_check`` (planted objects found against the ground truth).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import socket
+import time
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgpr.conf.schema import PredictConfig
+from mgpr.raster import RasterInfo
+from mgpr.rundir import write_json_atomic
+from mgpr.writers import merge_run
+
+log = logging.getLogger(__name__)
+
+
+def _version(pkg: str) -> str | None:
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def demo_check(output: Path, truth_path: Path, layer: str = "detections") -> dict[str, Any]:
+    """Compare detections with the planted objects: each found exactly once, footprint error.
+
+    A truth object is *found* by a detection whose pixel box has IoU >= 0.5 with it; more than
+    one such detection is a duplicate. ``max_footprint_error_px`` is the largest difference of
+    any box edge, in raster pixels, between a matched detection and its object.
+    """
+    import pyogrio
+
+    from mgpr.testimage import read_truth
+
+    truth = read_truth(truth_path)
+    _meta, _fids, _geom, data = pyogrio.raw.read(
+        output, layer=layer, columns=["px_xmin", "px_ymin", "px_xmax", "px_ymax"],
+        read_geometry=False)
+    det = np.stack([np.asarray(c, dtype=np.float64) for c in data], axis=1).reshape(-1, 4)
+    found = missed = duplicates = 0
+    max_err = 0.0
+    used = np.zeros(len(det), dtype=bool)
+    for obj in truth:
+        gt = np.array([obj.col_min, obj.row_min, obj.col_max, obj.row_max], dtype=np.float64)
+        if len(det):
+            ix = np.clip(np.minimum(det[:, 2], gt[2]) - np.maximum(det[:, 0], gt[0]), 0, None)
+            iy = np.clip(np.minimum(det[:, 3], gt[3]) - np.maximum(det[:, 1], gt[1]), 0, None)
+            inter = ix * iy
+            union = ((det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
+                     + (gt[2] - gt[0]) * (gt[3] - gt[1]) - inter)
+            match = np.flatnonzero(inter / np.maximum(union, 1e-9) >= 0.5)
+        else:
+            match = np.empty(0, dtype=np.int64)
+        if len(match) == 0:
+            missed += 1
+            continue
+        found += 1
+        duplicates += len(match) - 1
+        used[match] = True
+        max_err = max(max_err, float(np.abs(det[match[0]] - gt).max()))
+    return {
+        "planted": len(truth),
+        "found": found,
+        "missed": missed,
+        "duplicates": duplicates,
+        "unmatched_detections": int((~used).sum()),
+        "on_seam": sum(1 for o in truth if o.on_seam),
+        "max_footprint_error_px": max_err,
+        "truth": str(truth_path),
+    }
+
+
+def finish_run(cfg: PredictConfig, *, run_dir: Path, adapter: Any, model_name: str,
+               rasters: Sequence[RasterInfo], stats: dict[str, Any], precision: str,
+               t_start: float, truth_path: Path | None, demo: bool) -> dict[str, Any]:
+    """Merge, report and summarise (rank 0 only); returns the summary dict."""
+    world = stats["world_size"]
+    summary: dict[str, Any] = {
+        "mgpr_version": _version("mgpr"),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "run_dir": str(run_dir),
+        "task": adapter.task,
+        "model": model_name,
+        "weights": adapter.weights_id,
+        "random_weights": bool(adapter.random_weights),
+        "precision": precision,
+        "world_size": world,
+        "num_nodes": stats["num_nodes"],
+        "strategy": stats["strategy"],
+    }
+    if cfg.use_fake_data:
+        tiles_total = cfg.dummy_dataset_count
+        summary.update(output=None, layers={}, records=0, tiles_total=tiles_total,
+                       tiles_predicted=tiles_total, tiles_skipped_nodata=0, tiles_failed=0,
+                       failed_tiles=[], duplicates_removed=0, fake_data=True)
+    else:
+        merged = merge_run(run_dir, rasters, adapter.task, cfg.tile_size, cfg.overlap,
+                           adapter.categories, cfg.nms_iou, cfg.seam_ios, topk=cfg.topk)
+        tiles_total = sum(_n_tiles(r, cfg) for r in rasters)
+        summary.update(
+            output=str(merged.output_path) if merged.output_path else None,
+            layers=merged.layers, records=merged.records, tiles_total=tiles_total,
+            tiles_predicted=merged.tiles_done, tiles_skipped_nodata=merged.tiles_empty,
+            tiles_failed=merged.tiles_failed,
+            failed_tiles=[{"tile": k, "reason": r} for k, r in merged.failed[:100]],
+            duplicates_removed=merged.duplicates_removed,
+            pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
+        )
+        if merged.failed:
+            with open(run_dir / "failed_tiles.csv", "w", newline="") as fh:
+                out = csv.writer(fh)
+                out.writerow(["tile_key", "reason"])
+                out.writerows(merged.failed)
+    wall = time.time() - t_start
+    predict_wall = stats["predict_wall_s"]
+    done_now = summary["tiles_predicted"] + summary["tiles_skipped_nodata"]
+    summary.update(
+        wall_s=round(wall, 3),
+        predict_wall_s=round(predict_wall, 3),
+        tiles_per_s=round(done_now / predict_wall, 3) if predict_wall > 0 else None,
+        tiles_per_s_per_rank=round(done_now / predict_wall / world, 3) if predict_wall > 0 else None,
+        provenance={
+            "host": socket.gethostname(),
+            "versions": {p: _version(p) for p in ("mgpr", "torch", "torchvision", "lightning",
+                                                  "rasterio", "hydra-core")},
+            "inputs": [{"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime,
+                        "height": r.height, "width": r.width, "bands": r.count,
+                        "crs": r.crs_label} for r in rasters],
+            "tiling": {"tile_size": cfg.tile_size, "overlap": cfg.overlap},
+        },
+    )
+    if demo and truth_path is not None and summary.get("output"):
+        summary["demo_check"] = demo_check(Path(summary["output"]), truth_path)
+    report_text = _report(run_dir, world, cfg, precision, summary)
+    write_json_atomic(run_dir / "summary.json", summary)
+    _print_summary(summary, report_text)
+    return summary
+
+
+def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
+    from mgpr.tiling import tile_grid
+
+    return tile_grid(info.height, info.width, cfg.tile_size, cfg.overlap).n_tiles
+
+
+def _report(run_dir: Path, world: int, cfg: PredictConfig, precision: str,
+            summary: dict[str, Any]) -> str:
+    """Build report.json/report.png from every rank's part; returns the text block."""
+    import os
+
+    from mgpr.report import build_report, format_report
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    context = {"workers": cfg.workers, "batch_size": cfg.batch_size, "precision": precision,
+               "cpus_per_task": int(cpus) if cpus else os.cpu_count()}
+    try:
+        report = build_report(run_dir, world, context)
+    except Exception as exc:  # the report must never cost the results
+        log.warning("could not build the run report: %s", exc)
+        return ""
+    summary["hint"] = report.get("hint")
+    return format_report(report)
+
+
+def _print_summary(s: dict[str, Any], report_text: str) -> None:
+    lines = ["", "mgpr summary"]
+    if s.get("random_weights") and s["model"] not in ("reference", "null"):
+        lines.append(f"  WARNING: {s['model']} ran with RANDOM weights (weights=none): "
+                     "predictions are meaningless")
+    lines.append(f"  model        {s['model']} ({s['task']}), weights {s['weights']}, "
+                 f"precision {s['precision']}")
+    lines.append(f"  ranks        {s['world_size']} on {s['num_nodes']} node(s), {s['strategy']}")
+    lines.append(f"  tiles        {s['tiles_total']} planned: {s['tiles_predicted']} predicted, "
+                 f"{s['tiles_skipped_nodata']} skipped (nodata), {s['tiles_failed']} failed")
+    if s.get("tiles_per_s") is not None:
+        lines.append(f"  throughput   {s['tiles_per_s']} tiles/s total, "
+                     f"{s['tiles_per_s_per_rank']} tiles/s per rank, predict {s['predict_wall_s']} s, "
+                     f"wall {s['wall_s']} s")
+    if s.get("output"):
+        lines.append(f"  output       {s['output']} ({s['records']} records; "
+                     + ", ".join(f"layer {k}: {v}" for k, v in s["layers"].items()) + ")")
+    if s.get("duplicates_removed"):
+        lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
+    if s.get("pixel_coordinates"):
+        lines.append(f"  no CRS       {len(s['pixel_coordinates'])} input(s) in pixel coordinates")
+    if s.get("failed_tiles"):
+        lines.append(f"  failed       see {s['run_dir']}/failed_tiles.csv; first: "
+                     f"{s['failed_tiles'][0]['tile']}: {s['failed_tiles'][0]['reason']}")
+    check = s.get("demo_check")
+    if check:
+        ok = check["found"] == check["planted"] and check["duplicates"] == 0
+        lines.append(
+            f"  demo check   {'OK' if ok else 'MISMATCH'}: found {check['found']}/{check['planted']} "
+            f"planted objects ({check['on_seam']} on tile seams), {check['duplicates']} duplicates, "
+            f"{check['unmatched_detections']} false detections, max footprint error "
+            f"{check['max_footprint_error_px']:.2f} px"
+        )
+    lines.append(f"  summary      {s['run_dir']}/summary.json")
+    print("\n".join(lines))
+    if report_text:
+        print(report_text)

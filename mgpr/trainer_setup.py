@@ -1,0 +1,183 @@
+"""Lightning wiring: DataModule, Trainer and the end-of-predict barrier, on one rank.
+
+Distribution is Lightning's (DDP, SLURMEnvironment, ``num_nodes``); sharding is ours
+(``use_distributed_sampler=False``): each rank predicts a static, contiguous slice of the tile
+plan (:func:`mgpr.data.shard_tiles`) minus the tiles an earlier run of the same job already
+finished. The subtraction happens in :meth:`TileDataModule.setup`, i.e. after the process group
+exists, so a rank never reads the shards while rank 0 is still clearing them (``overwrite``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from mgpr.conf.schema import PredictConfig
+from mgpr.data import FakeTileDataset, TileDataset, shard_tiles
+from mgpr.module import InferenceModule
+from mgpr.predict_writer import PredictionShardWriter
+from mgpr.profiling import RunMonitor, make_profiler
+from mgpr.raster import RasterInfo, TileReader
+from mgpr.tiling import Tile
+from mgpr.writers import count_written_tiles, finished_tile_keys
+
+log = logging.getLogger(__name__)
+
+
+def quiet_lightning() -> None:
+    """Keep Lightning's start-up chatter (TPU, tips, srun hints) out of the user's log.
+
+    Lightning configures its loggers when it is imported, so this runs after that import.
+    """
+    import warnings
+
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logger = logging.getLogger(name)
+        logger.setLevel(logging.WARNING)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate = True
+    warnings.filterwarnings("ignore", message=".*srun. command is available.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+class TileDataModule(pl.LightningDataModule):
+    """Builds this rank's DataLoader once the global rank and world size are known."""
+
+    def __init__(self, cfg: PredictConfig, tiles: Sequence[Tile], rasters: Sequence[RasterInfo],
+                 bands: dict[str, list[int]], run_dir: Path, pin_memory: bool,
+                 fake_bands: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.all_tiles = list(tiles)
+        self.rasters = list(rasters)
+        self.bands = bands
+        self.run_dir = run_dir
+        self.pin_memory = pin_memory
+        self.fake_bands = fake_bands
+        self.rank_tiles: list[Tile] = []
+        self.skipped_done = 0
+
+    def setup(self, stage: str) -> None:
+        """Take this rank's slice of the plan, minus finished tiles (read after DDP init)."""
+        if self.cfg.use_fake_data:
+            return
+        mine = shard_tiles(self.all_tiles, self.trainer.global_rank, self.trainer.world_size)
+        done = finished_tile_keys(self.run_dir)
+        self.rank_tiles = [t for t in mine if t.id.key() not in done]
+        self.skipped_done = len(mine) - len(self.rank_tiles)
+        if self.skipped_done:
+            log.info("rank %d: %d of its %d tiles were finished by an earlier run",
+                     self.trainer.global_rank, self.skipped_done, len(mine))
+        module = self.trainer.lightning_module
+        assert isinstance(module, InferenceModule)
+        module.tiles = self.rank_tiles
+
+    def predict_dataloader(self) -> DataLoader[Any]:
+        """One DataLoader per rank; workers fork (Linux) and open rasters lazily."""
+        cfg = self.cfg
+        dataset: Any
+        if cfg.use_fake_data:
+            count = len(shard_tiles(range(cfg.dummy_dataset_count), self.trainer.global_rank,  # type: ignore[arg-type]
+                                    self.trainer.world_size))
+            dataset = FakeTileDataset(count, cfg.tile_size, self.fake_bands,
+                                      cfg.dummy_dataset_delay, cfg.seed + self.trainer.global_rank)
+        else:
+            reader = TileReader(self.bands, cfg.tile_size)
+            masked = {r.path for r in self.rasters if r.has_mask}
+            dataset = TileDataset(self.rank_tiles, reader, masked)
+        kwargs: dict[str, Any] = {}
+        if cfg.workers > 0:
+            kwargs["prefetch_factor"] = 4
+            kwargs["persistent_workers"] = False
+            if sys.platform.startswith("linux"):
+                kwargs["multiprocessing_context"] = "fork"
+        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
+                          num_workers=cfg.workers, pin_memory=self.pin_memory, **kwargs)
+
+
+def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool, accelerator: str) -> Any:
+    """DDP whenever more than one rank exists or ``srun`` started us; never single-device there."""
+    if cfg.strategy not in ("auto", "ddp"):
+        return cfg.strategy
+    if world_size > 1 or under_srun or cfg.strategy == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(
+            timeout=dt.timedelta(seconds=cfg.join_timeout_s),
+            process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+        )
+    return "auto"
+
+
+def run_predict(cfg: PredictConfig, *, run_dir: Path, adapter: Any, rasters: Sequence[RasterInfo],
+                tiles: Sequence[Tile], bands: dict[str, list[int]], accelerator: str,
+                devices: int, num_nodes: int, precision: str, slurm_task: Any) -> dict[str, Any]:
+    """Predict this rank's tiles; returns per-rank figures (and ``global_rank``)."""
+    quiet_lightning()
+    world_guess = devices * num_nodes
+    under_srun = slurm_task is not None
+    total = cfg.dummy_dataset_count if cfg.use_fake_data else len(tiles)
+    monitor = RunMonitor(run_dir, interval_s=0.5, total_tiles=total, progress=cfg.progress,
+                         progress_source=None if cfg.use_fake_data else
+                         (lambda: count_written_tiles(run_dir)))
+    callbacks: list[Any] = [monitor]
+    writer: PredictionShardWriter | None = None
+    if not cfg.use_fake_data:
+        writer = PredictionShardWriter(run_dir, {r.path: r for r in rasters}, cfg.overlap,
+                                       adapter.task,
+                                       on_write=lambda s, n: monitor.record_stage("write", s))
+        callbacks.append(writer)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        strategy=_strategy(cfg, world_guess, under_srun, accelerator),
+        precision=precision,  # type: ignore[arg-type]
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        use_distributed_sampler=False,
+        inference_mode=True,
+        profiler=make_profiler(cfg.profiler, run_dir),
+        default_root_dir=str(run_dir),
+    )
+    module = InferenceModule(adapter, None if cfg.use_fake_data else [], cfg.tile_size,
+                             on_stage=monitor.record_stage)
+    fake_bands = adapter.in_bands or 3
+    datamodule = TileDataModule(cfg, tiles, rasters, bands, run_dir,
+                                pin_memory=accelerator == "gpu", fake_bands=fake_bands)
+    t0 = time.time()
+    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    wall = time.time() - t0
+    strategy = trainer.strategy
+    # Every rank meets here: the launcher exits non-zero when any rank failed (a dead peer
+    # breaks the barrier), and rank 0 merges only after every shard is complete.
+    if trainer.world_size > 1:
+        strategy.barrier("mgpr-predict-done")
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return {
+        "global_rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "tiles_this_rank": len(datamodule.rank_tiles),
+        "skipped_done_this_rank": datamodule.skipped_done,
+        "predict_wall_s": wall,
+        "strategy": type(strategy).__name__,
+        "pid": os.getpid(),
+    }
