@@ -1,4 +1,4 @@
-"""Time and peak memory of writing one synthetic test image with :func:`mgpr.testimage.write_test_image`.
+"""Time and peak memory of writing one synthetic test image (mgpr.testimage.write_test_image).
 
 Run in a fresh process (peak RSS is the whole process's ``ru_maxrss``), e.g.::
 

@@ -125,7 +125,9 @@ def check_backends(n_gpus: int) -> list[Finding]:
     else:
         status = Status.FAIL if n_gpus > 0 else Status.WARN
         out.append(
-            Finding(status, "nccl", "not available; multi-GPU ranks need it", "use a CUDA torch wheel")
+            Finding(
+                status, "nccl", "not available; multi-GPU ranks need it", "use a CUDA torch wheel"
+            )
         )
     if dist.is_gloo_available():
         out.append(Finding(Status.OK, "gloo", "available"))
@@ -136,15 +138,13 @@ def check_backends(n_gpus: int) -> list[Finding]:
 
 
 def check_rasterio() -> list[Finding]:
-    """rasterio and its GDAL."""
+    """Rasterio and its GDAL."""
     try:
         import rasterio
     except ImportError as err:
         return [Finding(Status.FAIL, "rasterio", f"cannot import: {err}", "uv sync --frozen")]
     return [
-        Finding(
-            Status.OK, "rasterio", f"{rasterio.__version__}, GDAL {rasterio.__gdal_version__}"
-        )
+        Finding(Status.OK, "rasterio", f"{rasterio.__version__}, GDAL {rasterio.__gdal_version__}")
     ]
 
 
@@ -229,7 +229,9 @@ def check_weights(models: tuple[str, ...]) -> list[Finding]:
             out.append(Finding(Status.WARN, f"weights {name}", f"cannot resolve: {err}"))
             continue
         if path is None:
-            out.append(Finding(Status.OK, f"weights {name}", "no downloadable weights (nothing to fetch)"))
+            out.append(
+                Finding(Status.OK, f"weights {name}", "no downloadable weights (nothing to fetch)")
+            )
         elif path.is_file():
             size = path.stat().st_size / 2**20
             out.append(Finding(Status.OK, f"weights {name}", f"{path} ({size:.0f} MiB)"))
@@ -253,7 +255,9 @@ def check_disk(output_dir: Path) -> list[Finding]:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     free = shutil.disk_usage(probe).free
-    desc = f"{free / 2**30:.1f} GiB free at {probe}" + ("" if probe == target else f" (for {target})")
+    desc = f"{free / 2**30:.1f} GiB free at {probe}" + (
+        "" if probe == target else f" (for {target})"
+    )
     if not os.access(probe, os.W_OK):
         return [Finding(Status.FAIL, "disk", f"{desc}, not writable", "choose another output_dir=")]
     if free < FAIL_FREE_BYTES:
@@ -271,7 +275,9 @@ def run_checks(opts: DoctorOptions, env: Mapping[str, str]) -> list[Finding]:
         try:
             findings.extend(fn())
         except Exception as err:  # the doctor reports, it does not crash
-            findings.append(Finding(Status.FAIL, name, f"check crashed: {type(err).__name__}: {err}"))
+            findings.append(
+                Finding(Status.FAIL, name, f"check crashed: {type(err).__name__}: {err}")
+            )
 
     n_gpus = 0
     guarded("torch", check_torch)
@@ -303,7 +309,9 @@ def doctor(
     ] = Accelerator.AUTO,
     model: Annotated[
         list[str] | None,
-        typer.Option(help="Model whose weights must be cached (repeatable; default: resnet50, fasterrcnn)."),
+        typer.Option(
+            help="Model whose weights must be cached (repeatable; default: resnet50, fasterrcnn)."
+        ),
     ] = None,
     output_dir: Annotated[
         Path, typer.Option(file_okay=False, help="Where the run will write (disk space check).")

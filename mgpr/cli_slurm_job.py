@@ -1,4 +1,4 @@
-"""``mgpr-slurm-job``: write an sbatch script for mgpr with the resources filled in.
+r"""``mgpr-slurm-job``: write an sbatch script for mgpr with the resources filled in.
 
 ::
 
@@ -6,9 +6,9 @@
         --partition gpu --account X -- input_path=/data/ortho.tif model=fasterrcnn > job.sh
     sbatch job.sh
 
-The script is ``jobs/job.slurm`` with ``--ntasks-per-node`` = ``--gpus-per-node`` (one rank per GPU)
-and the Hydra overrides baked in. It goes to stdout, or to ``--output FILE`` (refused when FILE exists,
-unless ``--force``). A bad value is one line on stderr and exit code 2.
+The script is ``jobs/job.slurm`` with ``--ntasks-per-node`` = ``--gpus-per-node`` (one rank per
+GPU) and the Hydra overrides baked in. It goes to stdout, or to ``--output FILE`` (refused when
+FILE exists, unless ``--force``). A bad value is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def render(
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Hydra overrides for mgpr, after '--', e.g. input_path=/data/ortho.tif model=fasterrcnn."
+            help="Hydra overrides for mgpr, after '--', e.g. input_path=/d/o.tif model=fasterrcnn."
         ),
     ] = None,
     gpus_per_node: Annotated[
@@ -69,7 +69,8 @@ def render(
     ] = None,
     account: Annotated[str | None, typer.Option(help="SLURM account to charge.")] = None,
     job_name: Annotated[
-        str, typer.Option(help="Job name (not 'bash' or 'interactive': Lightning ignores SLURM then).")
+        str,
+        typer.Option(help="Job name (not 'bash' or 'interactive': Lightning ignores SLURM then)."),
     ] = "mgpr",
     output: Annotated[
         Path | None,

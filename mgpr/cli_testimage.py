@@ -1,4 +1,4 @@
-"""``mgpr-test-image``: write a synthetic georeferenced GeoTIFF from Hydra-style ``key=value`` overrides.
+"""``mgpr-test-image``: write a synthetic georeferenced GeoTIFF from ``key=value`` overrides.
 
 Example::
 
@@ -142,9 +142,7 @@ def _help_text() -> str:
         "",
         "\b",
     ]
-    for key, (type_name, help_) in {
-        k: (v[0], v[2]) for k, v in _EXTRA_KEYS.items()
-    }.items():
+    for key, (type_name, help_) in {k: (v[0], v[2]) for k, v in _EXTRA_KEYS.items()}.items():
         default = _EXTRA_KEYS[key][1]
         lines.append(f"  {key}: {type_name} ({'none' if default is None else default}) {help_}")
     for key, (type_name, default) in _spec_types().items():
@@ -189,7 +187,9 @@ def run(
 
 def main() -> None:
     """Console-script entry point (``mgpr-test-image``)."""
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s"
+    )
     app()
 
 

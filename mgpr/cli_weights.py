@@ -5,8 +5,8 @@ job, e.g. a shared file system) before submitting::
 
     TORCH_HOME=/shared/torch mgpr-fetch-weights resnet50 fasterrcnn
 
-Prints one line per file on stdout: ``<path>\\t<bytes> bytes``; diagnostics go to stderr. A failure
-(offline, unknown model) is one line on stderr and exit code 2.
+Prints one line per file on stdout, ``<path><TAB><bytes> bytes``; diagnostics go to stderr.
+A failure (offline, unknown model) is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def fetch(
 ) -> None:
     """Download the weights of each MODEL (skipped when already cached) and print path and size."""
     # Imported here so `--help` stays fast (torchvision is heavy).
-    from mgpr.models.weights import fetch_weights, weights_enum_class
+    from mgpr.models.weights import fetch_weights, resolve_weights, weights_enum_class
 
     try:
         for name in models:
@@ -47,12 +47,13 @@ def fetch(
                     f"model={name} has no downloadable weights; mgpr-fetch-weights knows "
                     "resnet50 and fasterrcnn."
                 )
-            path = fetch_weights(name, weights, progress=progress)
-            if path is None:
+            if resolve_weights(name, weights).kind != "torchvision":  # raises for bad names
                 raise ModelError(
                     f"weights={weights} for {name} is not a torchvision weights name, so there is "
                     "nothing to download; use --weights DEFAULT or an enum member name."
                 )
+            path = fetch_weights(name, weights, progress=progress)
+            assert path is not None
             typer.echo(f"{path}\t{path.stat().st_size} bytes")
     except MgprError as err:
         typer.echo(str(err), err=True)

@@ -14,7 +14,6 @@ Order of events on every rank (each step fails fast, before any GPU time is spen
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
 import os
@@ -33,7 +32,6 @@ from mgpr.rundir import (
     check_writable,
     prepare_run_dir,
     resolve_run_dir,
-    write_json_atomic,
 )
 
 log = logging.getLogger("mgpr")
@@ -170,10 +168,13 @@ def _demo_image(run_dir: Path, cfg: PredictConfig, rank: int, tile_size: int,
         log.info("no input_path: making a synthetic %dx%d orthomosaic with %d planted objects "
                  "in %s (the quick start's pipeline check)", cfg.image_size, cfg.image_size,
                  cfg.objects, path)
+    # Objects on seams must fit inside the overlap to be seen whole by one tile; with a small
+    # overlap the demo plants objects away from seams only.
+    on_seams = overlap >= 12
     spec = TestImageSpec(width=cfg.image_size, height=cfg.image_size, objects=cfg.objects,
                          tile_size=tile_size, overlap=overlap, seed=cfg.seed,
-                         object_max_px=min(40, overlap) if overlap else 40,
-                         object_min_px=min(12, overlap) if overlap else 12)
+                         object_max_px=min(40, overlap) if on_seams else 40,
+                         seam_share=0.5 if on_seams else 0.0)
     result = write_test_image(path, spec)
     return result.path, result.truth_path
 
@@ -218,27 +219,41 @@ def _build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
     return build_model(model_name, cfg.weights, **kwargs)
 
 
-def _install_signal_handlers() -> None:
+def _install_signal_handlers() -> dict[int, Any]:
+    """SIGTERM/SIGUSR1 (SLURM preemption, ``scancel``) and Ctrl-C stop the run cleanly.
+
+    Returns the previous handlers so :func:`run` can restore them (tests run in-process).
+    """
+
     def handler(signum: int, frame: Any) -> None:
         raise RunInterrupted(signal.Signals(signum).name)
 
+    previous: dict[int, Any] = {}
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         try:
-            signal.signal(sig, handler)
+            previous[sig] = signal.signal(sig, handler)
         except (ValueError, OSError):  # not the main thread
             pass
+    return previous
 
 
 def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
     """Run one prediction job on this process's rank; returns the process exit code."""
-    explicit = explicit_keys or set()
+    previous = _install_signal_handlers()
+    try:
+        return _run(cfg, explicit_keys or set())
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     t_start = time.time()
     rank = env_rank(os.environ)
     run_dir = resolve_run_dir(cfg.output_dir, os.environ)
     check_writable(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # processes Lightning launches inherit it
     _setup_logging(run_dir, rank)
-    _install_signal_handlers()
 
     demo = cfg.input_path is None and not cfg.use_fake_data
     if demo:
@@ -321,5 +336,4 @@ def host() -> str:
     return socket.gethostname().split(".")[0]
 
 
-__all__ = ["run", "RunInterrupted", "env_rank", "resolve_precision", "resolve_accelerator",
-           "dataclasses", "write_json_atomic"]
+__all__ = ["run", "RunInterrupted", "env_rank", "resolve_precision", "resolve_accelerator"]

@@ -97,6 +97,7 @@ from mgpr.gpu_monitor import (
     GpuBackend,
     GpuInfo,
     GpuSelector,
+    NvmlBackend,
     open_nvml_backend,
     physical_gpu_for_local_device,
     resolve_gpu,
@@ -322,6 +323,28 @@ class RunMonitor(Callback):
         self._own_backend: Any = None
         self._finalised = False
         self._wall_s: float | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle settings only (``ddp_spawn`` sends callbacks to each rank); runtime state drops.
+
+        An NVML backend and a non-default stream are dropped too (each rank opens its own);
+        ``progress_source`` must then be picklable (a module-level function or a partial).
+        """
+        keep = (
+            "run_dir", "interval_s", "total_tiles", "progress", "log_every_s",
+            "progress_source", "sync_cuda", "max_samples", "env", "_clock",
+        )  # fmt: skip
+        state = {k: self.__dict__[k] for k in keep}
+        state["env"] = None if self.env is None else dict(self.env)
+        state["backend"] = None if isinstance(self.backend, NvmlBackend) else self.backend
+        state["stream"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._ranks = {}
+        self._reset()
 
     @property
     def part_path(self) -> Path:

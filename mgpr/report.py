@@ -459,7 +459,7 @@ def plot_report(
             bottom = [b + p for b, p in zip(bottom, pct, strict=True)]
         ax_bar.set_xticks(xs, names)
         ax_bar.set_ylabel("% of wall time")
-        ax_bar.set_ylim(0, 105)
+        ax_bar.set_ylim(0, 118)
         ax_bar.set_title("time split per rank (data wait = waiting for tiles)")
         ax_bar.legend(fontsize=7, loc="upper right", ncol=len(series))
         fig.tight_layout()

@@ -1,10 +1,11 @@
-"""SLURM environment checks and job-script rendering, as pure functions over an environment mapping.
+"""SLURM environment checks and job-script rendering: pure functions over an environment mapping.
 
-mgpr runs one rank per ``srun`` task and one task per GPU; Lightning's ``SLURMEnvironment`` joins the
-tasks into one DDP run. Lightning itself compares ``devices`` with ``SLURM_NTASKS_PER_NODE`` only when
-a DDP strategy is chosen, and says nothing when tasks, GPUs or CPUs disagree in other ways (two tasks
-each predicting everything as rank 0, a task per GPU that sees one GPU, more DataLoader workers than
-CPUs). :func:`check_slurm_task` refuses these before any work, naming the sbatch flag to change.
+mgpr runs one rank per ``srun`` task and one task per GPU; Lightning's ``SLURMEnvironment`` joins
+the tasks into one DDP run. Lightning itself compares ``devices`` with ``SLURM_NTASKS_PER_NODE``
+only when a DDP strategy is chosen, and says nothing when tasks, GPUs or CPUs disagree in other
+ways (two tasks each predicting everything as rank 0, a task per GPU that sees one GPU, more
+DataLoader workers than CPUs). :func:`check_slurm_task` refuses these before any work, naming the
+sbatch flag to change.
 
 Nothing here imports torch, Lightning or typer: callers pass ``os.environ`` and
 ``torch.cuda.device_count()`` in, so every case is testable without a cluster.
@@ -77,7 +78,9 @@ def _int(env: Mapping[str, str], *names: str) -> int | None:
             continue
         match = re.match(r"\s*(\d+)", raw)
         if match is None:
-            raise SlurmMismatchError(f"{name}={raw!r} is not a number; SLURM's environment is damaged.")
+            raise SlurmMismatchError(
+                f"{name}={raw!r} is not a number; SLURM's environment is damaged."
+            )
         return int(match.group(1))
     return None
 
@@ -320,7 +323,8 @@ elif command -v uv >/dev/null 2>&1; then
     uv sync --frozen --quiet
     mgpr=(.venv/bin/mgpr)
 else
-    echo "job.slurm: no .venv/bin/mgpr in $PWD and no uv on PATH: run 'uv sync --frozen' on the login node, or set MGPR_BIN" >&2
+    echo "job.slurm: no .venv/bin/mgpr in $PWD and no uv on PATH:" \
+        "run 'uv sync --frozen' on the login node, or set MGPR_BIN" >&2
     exit 2
 fi
 
@@ -328,7 +332,8 @@ cmd=(srun --kill-on-bad-exit=1 "${mgpr[@]}" "${args[@]}")
 echo "=== mgpr job ${SLURM_JOB_ID} ($(date -Is)) restart ${SLURM_RESTART_COUNT:-0} ==="
 echo "nodes:          ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-?}} (${SLURM_JOB_NODELIST:-?})"
 echo "tasks:          ${SLURM_NTASKS:-?} (${SLURM_NTASKS_PER_NODE:-unset} per node)"
-echo "GPUs:           ${SLURM_GPUS_ON_NODE:-none} per node (CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})"
+echo "GPUs:           ${SLURM_GPUS_ON_NODE:-none} per node" \
+    "(CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})"
 echo "CPUs per task:  ${SLURM_CPUS_PER_TASK:-unset}"
 echo "partition:      ${SLURM_JOB_PARTITION:-?}"
 echo "command:        ${cmd[*]}"
@@ -352,9 +357,9 @@ def render_job_script(
 ) -> str:
     """An sbatch script equivalent to ``jobs/job.slurm`` with the resources filled in.
 
-    The script asks for ``--ntasks-per-node`` = ``--gpus-per-node`` = ``gpus_per_node`` (one rank per
-    GPU) and bakes ``overrides`` in; Hydra overrides given to ``sbatch script.sh ...`` come after
-    them (so they win).
+    The script asks for ``--ntasks-per-node`` = ``--gpus-per-node`` = ``gpus_per_node`` (one rank
+    per GPU) and bakes ``overrides`` in; Hydra overrides given to ``sbatch script.sh ...`` come
+    after them (so they win).
 
     Args:
         gpus_per_node: GPUs and ranks per node, >= 1.
@@ -384,10 +389,15 @@ def render_job_script(
         raise ConfigError(
             f"--time={time!r} is not a SLURM time: use HH:MM:SS, MM, or D-HH:MM:SS (e.g. 04:00:00)."
         )
-    for flag, value in (("--partition", partition), ("--account", account), ("--job-name", job_name)):
-        if value is not None and not _NAME_RE.match(value):
+    names: tuple[tuple[str, str | None], ...] = (
+        ("--partition", partition),
+        ("--account", account),
+        ("--job-name", job_name),
+    )
+    for flag, name in names:
+        if name is not None and not _NAME_RE.match(name):
             raise ConfigError(
-                f"{flag}={value!r} has characters SLURM names do not use: use letters, digits, "
+                f"{flag}={name!r} has characters SLURM names do not use: use letters, digits, "
                 f"'_', '.', '+' or '-'."
             )
     if job_name in LIGHTNING_NON_SLURM_JOB_NAMES:

@@ -18,8 +18,9 @@ Planted objects (``objects=N``) are bright rectangles, every band in ``[245, 255
 ``object_min_px..object_max_px`` pixels per side. A share ``seam_share`` of them straddles a tile
 seam of the tile grid ``tile_size``/``overlap`` (tile ``k`` starts at ``k * stride`` with
 ``stride = tile_size - overlap``; an object straddles the seam at ``s = k * stride`` when
-``row_min < s < row_max`` or ``col_min < s < col_max``). Object sides are clipped to ``overlap``
-(with a warning) so every object lies whole inside at least one tile: an object of side
+``row_min < s < row_max`` or ``col_min < s < col_max``); the others straddle none, so each lies
+inside one tile. When any object is on a seam, object sides are clipped to ``overlap`` (with a
+warning) so every object lies whole inside at least one tile: an object of side
 ``L <= overlap`` crossing ``k * stride`` lies inside ``[(k-1) * stride, k * stride + overlap)``,
 tile ``k-1``. Objects keep a gap of at least :data:`OBJECT_GAP_PX` pixels from each other, from the
 raster edge and from the nodata region. The ground truth is written beside the image as
@@ -43,6 +44,7 @@ import math
 import os
 import secrets
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,6 +52,7 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from affine import Affine
 
 from mgpr.errors import ConfigError, InputError, OutputError
 
@@ -125,7 +128,8 @@ class TestImageSpec:
         nodata_mode: ``value`` (nodata value 0 in the file) or ``mask`` (internal mask band).
         objects: number of planted bright rectangles, >= 0.
         object_min_px: smallest object side, pixels (>= 2).
-        object_max_px: largest object side, pixels; clipped to ``overlap`` with a warning.
+        object_max_px: largest object side, pixels; clipped to ``overlap`` (with a warning)
+            when any object is on a seam.
         seam_share: share of objects that straddle a tile seam, 0..1 (rounded half up).
         tile_size: tile side of the inference tile grid the seams refer to, pixels.
         overlap: overlap between neighbouring tiles of that grid, pixels (< tile_size).
@@ -216,12 +220,14 @@ class TestImageSpec:
         if not _is_int(self.tile_size) or self.tile_size < 1:
             raise _fail("tile_size", self.tile_size, "an integer number of pixels >= 1")
         if not _is_int(self.overlap) or not 0 <= self.overlap < self.tile_size:
-            raise _fail("overlap", self.overlap, f"an integer in 0..tile_size-1={self.tile_size - 1}")
-        if self.objects > 0 and self.overlap < self.object_min_px:
+            raise _fail(
+                "overlap", self.overlap, f"an integer in 0..tile_size-1={self.tile_size - 1}"
+            )
+        if self.seam_objects > 0 and self.overlap < self.object_min_px:
             raise ConfigError(
                 f"overlap={self.overlap} is smaller than object_min_px={self.object_min_px}, so "
-                "an object could lie whole inside no tile; set overlap >= object_min_px or "
-                "lower object_min_px."
+                "a seam object could lie whole inside no tile; set overlap >= object_min_px, "
+                "lower object_min_px or set seam_share=0."
             )
         if not _is_int(self.seed) or self.seed < 0:
             raise _fail("seed", self.seed, "an integer >= 0")
@@ -234,9 +240,19 @@ class TestImageSpec:
         return self.tile_size - self.overlap
 
     @property
+    def seam_objects(self) -> int:
+        """Number of objects placed on a seam: ``floor(objects * seam_share + 0.5)``."""
+        return int(math.floor(self.objects * self.seam_share + 0.5))
+
+    @property
     def object_max_effective_px(self) -> int:
-        """Largest object side actually used, pixels: ``min(object_max_px, overlap)``."""
-        return min(self.object_max_px, self.overlap)
+        """Largest object side used, pixels.
+
+        ``min(object_max_px, overlap)`` when any object is on a seam, else ``object_max_px``.
+        """
+        if self.seam_objects > 0:
+            return min(self.object_max_px, self.overlap)
+        return self.object_max_px
 
 
 @dataclass(frozen=True, slots=True)
@@ -376,7 +392,7 @@ def place_objects(spec: TestImageSpec) -> tuple[PlantedObject, ...]:
     """Choose the planted objects' boxes; deterministic from ``spec`` (and its ``seed``).
 
     ``round_half_up(objects * seam_share)`` objects straddle a seam (rows, columns or both), the
-    others straddle none. Sides are uniform in ``object_min_px..min(object_max_px, overlap)``.
+    others straddle none. Sides are uniform in ``object_min_px..object_max_effective_px``.
     Each box keeps :data:`OBJECT_GAP_PX` pixels from every other box, the raster edge and the
     nodata region (rejection sampling, 500 tries per object).
 
@@ -392,7 +408,7 @@ def place_objects(spec: TestImageSpec) -> tuple[PlantedObject, ...]:
     n = spec.objects
     if n == 0:
         return ()
-    if spec.object_max_px > spec.overlap:
+    if spec.object_max_effective_px < spec.object_max_px:
         log.warning(
             "object_max_px=%d is larger than overlap=%d; clipping object sides to %d pixels so "
             "every object lies whole inside a tile.",
@@ -401,7 +417,7 @@ def place_objects(spec: TestImageSpec) -> tuple[PlantedObject, ...]:
             spec.overlap,
         )
     lo_px, hi_px = spec.object_min_px, spec.object_max_effective_px
-    n_seam = int(math.floor(n * spec.seam_share + 0.5))
+    n_seam = spec.seam_objects
     seams_r = seam_positions(spec.height, spec)
     seams_c = seam_positions(spec.width, spec)
     gap = OBJECT_GAP_PX
@@ -458,7 +474,9 @@ def place_objects(spec: TestImageSpec) -> tuple[PlantedObject, ...]:
             if (on_r or on_c) != on_seam:
                 continue
             b = boxes[:n_boxes]
-            hit = (b[:, 0] < r + oh + gap) & (b[:, 2] > r) & (b[:, 1] < c + ow + gap) & (b[:, 3] > c)
+            hit = (
+                (b[:, 0] < r + oh + gap) & (b[:, 2] > r) & (b[:, 1] < c + ow + gap) & (b[:, 3] > c)
+            )
             if n_boxes and bool(hit.any()):
                 continue
             boxes[n_boxes] = (r, c, r + oh + gap, c + ow + gap)
@@ -516,9 +534,7 @@ def _mix64(h: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     return h
 
 
-def _hash2(
-    i: npt.NDArray[np.int64], j: npt.NDArray[np.int64], key: int
-) -> npt.NDArray[np.uint64]:
+def _hash2(i: npt.NDArray[np.int64], j: npt.NDArray[np.int64], key: int) -> npt.NDArray[np.uint64]:
     """Hash of integer lattice points (``i`` broadcast against ``j``) and a key, uint64.
 
     Used on small arrays only (lattices, per-field tables); per-pixel noise uses :func:`_hash_px`.
@@ -580,7 +596,7 @@ def _value_noise(
     lj, cj, tj = _lattice_1d(col_off, w, scale)
     grid = _unit(_hash2(li[:, None], lj[None, :], key))
     along_c = grid[:, cj] * (np.float32(1.0) - tj) + grid[:, cj + 1] * tj
-    out = along_c[ci] * (np.float32(1.0) - ti)[:, None]
+    out: npt.NDArray[np.float32] = along_c[ci] * (np.float32(1.0) - ti)[:, None]
     out += along_c[ci + 1] * ti[:, None]
     return out
 
@@ -772,6 +788,18 @@ def truth_path_for(path: str | Path) -> Path:
     return p.with_name(f"{p.stem}_truth.gpkg")
 
 
+def _transform(spec: TestImageSpec) -> Affine:
+    """Pixel-corner -> map transform: north-up, upper-left corner at the origin; identity if no CRS.
+
+    Same as ``rasterio.transform.from_origin(origin_x, origin_y, pixel_size, pixel_size)``.
+    """
+    if spec.crs is None:
+        return Affine.identity()
+    return Affine.translation(spec.origin_x, spec.origin_y) @ Affine.scale(
+        spec.pixel_size, -spec.pixel_size
+    )
+
+
 def _overview_factors(spec: TestImageSpec) -> list[int]:
     factors = []
     f = 2
@@ -807,7 +835,7 @@ def _blocks(spec: TestImageSpec) -> Iterator[tuple[int, int, int, int]]:
 def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ...]) -> None:
     import rasterio
     from rasterio.enums import Resampling
-    from rasterio.transform import from_origin
+    from rasterio.errors import NotGeoreferencedWarning
     from rasterio.windows import Window
 
     profile: dict[str, Any] = {
@@ -829,14 +857,13 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
         profile["photometric"] = "RGB"
     if spec.crs is not None:
         profile["crs"] = spec.crs
-        profile["transform"] = from_origin(
-            spec.origin_x, spec.origin_y, spec.pixel_size, spec.pixel_size
-        )
+        profile["transform"] = _transform(spec)
     use_mask = spec.nodata != "none" and spec.nodata_mode == "mask"
     if spec.nodata != "none" and spec.nodata_mode == "value":
         profile["nodata"] = 0
     env = {"GDAL_CACHEMAX": GDAL_CACHE_BYTES // (1024 * 1024), "GDAL_TIFF_INTERNAL_MASK": True}
-    with rasterio.Env(**env):
+    with rasterio.Env(**env), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # crs=none is deliberate
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.update_tags(MGPR_TESTIMAGE=json.dumps(dataclasses.asdict(spec), sort_keys=True))
             for r, c, h, w in _blocks(spec):
@@ -857,38 +884,33 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
                     dst.update_tags(ns="rio_overview", resampling="average")
 
 
-def _write_truth(
-    tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ...]
-) -> None:
+def _write_truth(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ...]) -> None:
     import shapely
-    from affine import Affine
     from pyogrio.raw import write as ogr_write
-    from rasterio.transform import from_origin
 
-    transform = (
-        from_origin(spec.origin_x, spec.origin_y, spec.pixel_size, spec.pixel_size)
-        if spec.crs is not None
-        else Affine.identity()
-    )
+    transform = _transform(spec)
     polys = []
     for o in objects:
-        x0, y0 = transform * (o.col_min, o.row_min)
-        x1, y1 = transform * (o.col_max, o.row_max)
+        x0, y0 = transform @ (o.col_min, o.row_min)  # pixel corners -> map
+        x1, y1 = transform @ (o.col_max, o.row_max)
         polys.append(shapely.box(min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)))
     geometry = shapely.to_wkb(np.array(polys, dtype=object))
     fields = ["id", "row_min", "col_min", "row_max", "col_max", "on_seam"]
     data = [np.array([getattr(o, f) for o in objects], dtype=np.int64) for f in fields[:-1]]
     data.append(np.array([o.on_seam for o in objects], dtype=bool))
-    ogr_write(
-        str(tmp),
-        geometry,
-        data,
-        fields,
-        layer=TRUTH_LAYER,
-        driver="GPKG",
-        geometry_type="Polygon",
-        crs=spec.crs,
-    )
+    with warnings.catch_warnings():
+        # crs=None is deliberate (pixel-only image); pyogrio warns about it.
+        warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
+        ogr_write(
+            str(tmp),
+            geometry,
+            data,
+            fields,
+            layer=TRUTH_LAYER,
+            driver="GPKG",
+            geometry_type="Polygon",
+            crs=spec.crs,
+        )
 
 
 def write_test_image(path: str | Path, spec: TestImageSpec) -> TestImageResult:
@@ -909,6 +931,9 @@ def write_test_image(path: str | Path, spec: TestImageSpec) -> TestImageResult:
         ConfigError: when the objects do not fit the raster.
         OutputError: when the files cannot be written.
     """
+    from pyogrio.errors import DataLayerError, DataSourceError
+    from rasterio.errors import RasterioError
+
     if not isinstance(spec, TestImageSpec):
         raise ConfigError(f"spec={spec!r} is not a TestImageSpec; build one with TestImageSpec().")
     path = Path(path)
@@ -927,18 +952,11 @@ def write_test_image(path: str | Path, spec: TestImageSpec) -> TestImageResult:
             elif truth_path.exists():
                 log.info("Removing stale truth file %s (objects=0).", truth_path)
                 truth_path.unlink()
-    except OSError as exc:
+    except (OSError, RasterioError, DataSourceError, DataLayerError) as exc:
+        detail = " ".join(str(exc).split())  # GDAL messages can span lines
         raise OutputError(
-            f"cannot write test image to {str(path)!r}: {exc}; choose a writable image_path."
+            f"cannot write test image to {str(path)!r} ({detail}); choose a writable image_path."
         ) from exc
-    except Exception as exc:
-        from rasterio.errors import RasterioError
-
-        if isinstance(exc, RasterioError):
-            raise OutputError(
-                f"cannot write test image to {str(path)!r}: {exc}; choose a writable image_path."
-            ) from exc
-        raise
     file_bytes = path.stat().st_size
     raw_bytes = spec.width * spec.height * spec.bands
     result = TestImageResult(

@@ -252,12 +252,27 @@ def tile_statuses(run_dir: Path) -> dict[str, tuple[str, str]]:
     """
     best: dict[str, tuple[str, str]] = {}
     for path in _shard_files(run_dir):
-        with _connect_ro(path) as conn:
-            for key, status, reason in conn.execute("SELECT tile_key, status, reason FROM tiles"):
-                old = best.get(key)
-                if old is None or _STATUS_RANK[status] > _STATUS_RANK[old[0]]:
-                    best[key] = (status, reason or "")
+        for key, status, reason in _query(path, "SELECT tile_key, status, reason FROM tiles"):
+            old = best.get(key)
+            if old is None or _STATUS_RANK[status] > _STATUS_RANK[old[0]]:
+                best[key] = (status, reason or "")
     return best
+
+
+def _query(path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Rows of a read-only query; a shard another rank is just creating reads as empty."""
+    try:
+        conn = _connect_ro(path)
+    except sqlite3.Error:
+        return []
+    try:
+        return list(conn.execute(sql, params))
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            return []
+        raise
+    finally:
+        conn.close()
 
 
 def finished_tile_keys(run_dir: Path) -> set[str]:
@@ -270,10 +285,10 @@ def count_written_tiles(run_dir: Path) -> int:
     total = 0
     for path in _shard_files(run_dir):
         try:
-            with _connect_ro(path) as conn:
-                total += int(conn.execute("SELECT COUNT(*) FROM tiles").fetchone()[0])
+            rows = _query(path, "SELECT COUNT(*) FROM tiles")
         except sqlite3.Error:
             continue
+        total += int(rows[0][0]) if rows else 0
     return total
 
 
@@ -455,10 +470,8 @@ def merge_run(run_dir: Path, rasters: Sequence[RasterInfo], task: str, tile_size
 def _read_detections(run_dir: Path, path: str, done_keys: set[str]) -> dict[str, np.ndarray]:
     rows: list[tuple[Any, ...]] = []
     for shard in _shard_files(run_dir):
-        with _connect_ro(shard) as conn:
-            rows.extend(conn.execute(
-                "SELECT tile_key, x0, y0, x1, y1, score, label, seam, cut FROM detections "
-                "WHERE path = ?", (path,)))
+        rows.extend(_query(shard, "SELECT tile_key, x0, y0, x1, y1, score, label, seam, cut "
+                                  "FROM detections WHERE path = ?", (path,)))
     rows = [r for r in rows if r[0] in done_keys]
     # Deterministic order whatever the number of ranks that wrote them.
     rows.sort(key=lambda r: (r[0], r[6], -r[5], r[1], r[2], r[3], r[4]))
@@ -509,13 +522,12 @@ def _classifications_for_raster(run_dir: Path, info: RasterInfo, done_keys: set[
                                 topk: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     rows: dict[str, list[tuple[int, int, float]]] = {}
     for shard in _shard_files(run_dir):
-        with _connect_ro(shard) as conn:
-            for key, k, cid, score in conn.execute(
-                "SELECT tile_key, k, class_id, score FROM classifications WHERE path = ?",
-                (info.path,),
-            ):
-                if key in done_keys:
-                    rows.setdefault(key, []).append((k, cid, score))
+        for key, k, cid, score in _query(
+            shard, "SELECT tile_key, k, class_id, score FROM classifications WHERE path = ?",
+            (info.path,),
+        ):
+            if key in done_keys:
+                rows.setdefault(key, []).append((k, cid, score))
     tiles = {t.id.key(): t for t in plan_tiles(info.path, info.height, info.width, tile_size, overlap)}
     keys = sorted(rows)
     k_max = min(topk, max((len(v) for v in rows.values()), default=topk))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import os
 import textwrap
 import urllib.error
 from pathlib import Path
@@ -50,6 +51,20 @@ def fasterrcnn_native() -> ModelAdapter:
     return build_model("fasterrcnn", "none", tile_size=128, native_resolution=True)
 
 
+@pytest.fixture(scope="module")
+def resnet_none() -> ModelAdapter:
+    """A weights=none resnet50, shared (read-only) by the checkpoint tests."""
+    return build_model("resnet50", "none")
+
+
+@pytest.fixture(scope="module")
+def resnet_ckpt(tmp_path_factory: pytest.TempPathFactory, resnet_none: ModelAdapter) -> Path:
+    """The state_dict of ``resnet_none``, saved once (about 100 MB)."""
+    path = tmp_path_factory.mktemp("ckpt") / "r50.pth"
+    torch.save(resnet_none.module.state_dict(), path)
+    return path
+
+
 def _tiles(b: int = 2, c: int = 3, size: int = 64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (b, c, size, size), dtype=torch.uint8, generator=g)
@@ -90,7 +105,9 @@ def test_models_package_does_not_import_lightning() -> None:
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module]
-            assert not any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names), path
+            assert not any(n.split(".")[0] in ("lightning", "pytorch_lightning") for n in names), (
+                path
+            )
 
 
 # ---------------------------------------------------------------- resnet50
@@ -132,10 +149,8 @@ def test_resnet50_weights_names_resolve_without_download() -> None:
         build_model("resnet50", "IMAGENET1K_V9")
 
 
-def test_checkpoint_round_trip(tmp_path: Path) -> None:
-    src = build_model("resnet50", "none")
-    ckpt = tmp_path / "r50.pth"
-    torch.save(src.module.state_dict(), ckpt)
+def test_checkpoint_round_trip(resnet_none: ModelAdapter, resnet_ckpt: Path) -> None:
+    src, ckpt = resnet_none, resnet_ckpt
     loaded = build_model("resnet50", str(ckpt))
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     assert loaded.weights_id == f"file:{ckpt.resolve()}#sha256:{digest}"
@@ -149,12 +164,13 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
         np.testing.assert_array_equal(ra.scores, rb.scores)
 
 
-def test_lightning_style_checkpoint_with_prefix_and_other_head(tmp_path: Path) -> None:
-    from torchvision.models import resnet50
-
-    net = resnet50(weights=None, num_classes=10)
+def test_lightning_style_checkpoint_with_prefix_and_other_head(
+    tmp_path: Path, resnet_none: ModelAdapter
+) -> None:
+    state = dict(resnet_none.module.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.randn(10, 2048), torch.randn(10)  # 10 classes
     ckpt = tmp_path / "finetuned.ckpt"
-    torch.save({"epoch": 3, "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}}, ckpt)
+    torch.save({"epoch": 3, "state_dict": {f"net.{k}": v for k, v in state.items()}}, ckpt)
     adapter = build_model("resnet50", str(ckpt), topk=3)
     assert adapter.categories is None  # 10 classes: not ImageNet
     with torch.inference_mode():
@@ -162,7 +178,7 @@ def test_lightning_style_checkpoint_with_prefix_and_other_head(tmp_path: Path) -
     assert rec.class_ids.shape == (3,) and rec.class_ids.max() < 10
 
 
-def test_mismatched_checkpoint_names_keys(tmp_path: Path) -> None:
+def test_mismatched_checkpoint_names_keys(tmp_path: Path, resnet_none: ModelAdapter) -> None:
     ckpt = tmp_path / "r18.pth"
     torch.save(resnet18(weights=None).state_dict(), ckpt)
     with pytest.raises(ModelError) as info:
@@ -173,7 +189,7 @@ def test_mismatched_checkpoint_names_keys(tmp_path: Path) -> None:
     assert "shape mismatch" in msg and "layer1.0.conv1.weight" in msg
 
     truncated = tmp_path / "truncated.pth"
-    sd = build_model("resnet50", "none").module.state_dict()
+    sd = resnet_none.module.state_dict()
     torch.save({k: v for k, v in sd.items() if not k.startswith("layer4")}, truncated)
     with pytest.raises(ModelError, match=r"missing: layer4\.0\.conv1\.weight"):
         build_model("resnet50", str(truncated))
@@ -186,13 +202,15 @@ def test_missing_checkpoint_path(tmp_path: Path) -> None:
     assert f"weights={missing}" in str(info.value) and "no such checkpoint" in str(info.value)
 
 
-def test_default_weights_read_from_cache(torch_home: Path) -> None:
+def test_default_weights_read_from_cache(
+    torch_home: Path, resnet_none: ModelAdapter, resnet_ckpt: Path
+) -> None:
     """A file in the torch hub cache is used as is: no download, the enum name as weights_id."""
-    src = build_model("resnet50", "none")
+    src = resnet_none
     cached = weights_cache_file("resnet50", "DEFAULT")
     assert cached == torch_home / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
     cached.parent.mkdir(parents=True)
-    torch.save(src.module.state_dict(), cached)
+    os.symlink(resnet_ckpt, cached)
     adapter = build_model("resnet50", "DEFAULT")  # the fixture makes any download fail
     assert adapter.weights_id == "ResNet50_Weights.IMAGENET1K_V2" and not adapter.random_weights
     images = _tiles(seed=2)
@@ -200,6 +218,18 @@ def test_default_weights_read_from_cache(torch_home: Path) -> None:
         np.testing.assert_array_equal(
             src.predict(images, 64)[0].scores, adapter.predict(images, 64)[0].scores
         )
+
+
+def test_corrupt_cached_file_is_reported() -> None:
+    cached = weights_cache_file("resnet50", "IMAGENET1K_V1")
+    assert cached is not None
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"truncated download")
+    with pytest.raises(ModelError) as info:
+        build_model("resnet50", "IMAGENET1K_V1")
+    msg = str(info.value)
+    assert f"the cached file {cached} cannot be loaded" in msg
+    assert "delete it and run `mgpr-fetch-weights resnet50 --weights IMAGENET1K_V1`" in msg
 
 
 @pytest.mark.parametrize("name", ["resnet50", "fasterrcnn"])

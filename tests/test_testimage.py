@@ -26,7 +26,7 @@ from rasterio.transform import from_origin
 from typer.testing import CliRunner
 
 from mgpr.cli_testimage import app, parse_overrides
-from mgpr.errors import EXIT_USAGE, ConfigError, InputError
+from mgpr.errors import EXIT_USAGE, ConfigError, InputError, OutputError
 from mgpr.testimage import (
     BACKGROUND_MAX,
     OBJECT_GAP_PX,
@@ -41,6 +41,9 @@ from mgpr.testimage import (
     truth_path_for,
     write_test_image,
 )
+
+# rasterio's own from_origin (used here as the independent reference) still uses Affine's `*`.
+pytestmark = pytest.mark.filterwarnings("ignore:Use `@` matmul:PendingDeprecationWarning")
 
 # A size that does not divide by the block size nor by the tile stride.
 H, W = 700, 900
@@ -73,7 +76,9 @@ def test_content_is_seamless_and_independent_of_block_size(tmp_path: Path) -> No
     spec = TestImageSpec(height=H, width=W, block_size=256, objects=6, nodata="rect")
     res = write_test_image(tmp_path / "b256.tif", spec)
     small = _read(res.path)
-    big = _read(write_test_image(tmp_path / "b512.tif", dataclasses.replace(spec, block_size=512)).path)
+    big = _read(
+        write_test_image(tmp_path / "b512.tif", dataclasses.replace(spec, block_size=512)).path
+    )
     assert small.tobytes() == big.tobytes()
     # One render of the whole raster equals the block-by-block file.
     whole = render_block(spec, 0, 0, H, W, res.objects)
@@ -121,8 +126,14 @@ def test_crs_transform_tiling_compression(tmp_path: Path) -> None:
 
 def test_custom_georeference_zstd_and_overviews(tmp_path: Path) -> None:
     spec = TestImageSpec(
-        width=1024, height=600, crs="EPSG:25832", pixel_size=0.25, origin_x=4e5, origin_y=5.6e6,
-        compress="zstd", overviews=True,
+        width=1024,
+        height=600,
+        crs="EPSG:25832",
+        pixel_size=0.25,
+        origin_x=4e5,
+        origin_y=5.6e6,
+        compress="zstd",
+        overviews=True,
     )
     res = write_test_image(tmp_path / "z.tif", spec)
     with rasterio.open(res.path) as src:
@@ -253,7 +264,9 @@ def _assert_layout(spec: TestImageSpec, objs: tuple[PlantedObject, ...]) -> None
         assert OBJECT_GAP_PX <= o.row_min and o.row_max <= spec.height - OBJECT_GAP_PX
         assert OBJECT_GAP_PX <= o.col_min and o.col_max <= spec.width - OBJECT_GAP_PX
         assert spec.object_min_px <= min(o.height, o.width)
-        assert max(o.height, o.width) <= min(spec.object_max_px, spec.overlap)
+        assert max(o.height, o.width) <= spec.object_max_effective_px
+        if o.on_seam:
+            assert max(o.height, o.width) <= spec.overlap
         straddles = any(o.row_min < k < o.row_max for k in seams_r) or any(
             o.col_min < k < o.col_max for k in seams_c
         )
@@ -266,8 +279,12 @@ def _assert_layout(spec: TestImageSpec, objs: tuple[PlantedObject, ...]) -> None
     assert n_seam == math.floor(spec.objects * spec.seam_share + 0.5)
     for i, a in enumerate(objs):
         for b in objs[i + 1 :]:
-            apart_r = a.row_max + OBJECT_GAP_PX <= b.row_min or b.row_max + OBJECT_GAP_PX <= a.row_min
-            apart_c = a.col_max + OBJECT_GAP_PX <= b.col_min or b.col_max + OBJECT_GAP_PX <= a.col_min
+            apart_r = (
+                a.row_max + OBJECT_GAP_PX <= b.row_min or b.row_max + OBJECT_GAP_PX <= a.row_min
+            )
+            apart_c = (
+                a.col_max + OBJECT_GAP_PX <= b.col_min or b.col_max + OBJECT_GAP_PX <= a.col_min
+            )
             assert apart_r or apart_c
 
 
@@ -286,11 +303,25 @@ def test_seam_objects_straddle_seams(tmp_path: Path) -> None:
     tile=st.sampled_from([(256, 64), (128, 32), (512, 128)]),
     seed=st.integers(0, 2**32),
 )
-def test_placement_properties(size: int, n: int, share: float, tile: tuple[int, int], seed: int) -> None:
+def test_placement_properties(
+    size: int, n: int, share: float, tile: tuple[int, int], seed: int
+) -> None:
     spec = TestImageSpec(
-        height=size, width=size + 37, objects=n, seam_share=share, tile_size=tile[0],
-        overlap=tile[1], object_min_px=8, object_max_px=60, seed=seed,
+        height=size,
+        width=size + 37,
+        objects=n,
+        seam_share=share,
+        tile_size=tile[0],
+        overlap=tile[1],
+        object_min_px=8,
+        object_max_px=60,
+        seed=seed,
     )
+    no_seam = not (len(seam_positions(spec.height, spec)) or len(seam_positions(spec.width, spec)))
+    if no_seam and math.floor(n * share + 0.5) > 0:
+        with pytest.raises(ConfigError, match="seam_share"):
+            place_objects(spec)
+        return
     objs = place_objects(spec)
     _assert_layout(spec, objs)
     assert place_objects(spec) == objs  # deterministic
@@ -304,6 +335,13 @@ def test_object_max_clipped_to_overlap(caplog: pytest.LogCaptureFixture) -> None
     assert "overlap=20" in caplog.text
 
 
+def test_no_seam_objects_need_no_overlap() -> None:
+    spec = TestImageSpec(height=600, width=600, objects=6, seam_share=0.0, overlap=0)
+    objs = place_objects(spec)
+    _assert_layout(spec, objs)
+    assert not any(o.on_seam for o in objs)
+
+
 def test_too_many_objects_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="objects=500"):
         place_objects(TestImageSpec(height=200, width=200, objects=500, seam_share=0.0))
@@ -315,10 +353,22 @@ def test_too_many_objects_is_a_config_error() -> None:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("width", 0), ("height", -3), ("bands", 5), ("bands", 0), ("crs", "EPSG:99999"),
-        ("pixel_size", 0.0), ("pixel_size", float("nan")), ("block_size", 500),
-        ("compress", "jpeg"), ("nodata", "edge"), ("nodata_mode", "alpha"), ("objects", -1),
-        ("seam_share", 1.5), ("overlap", 256), ("seed", -1), ("overviews", "yes"),
+        ("width", 0),
+        ("height", -3),
+        ("bands", 5),
+        ("bands", 0),
+        ("crs", "EPSG:99999"),
+        ("pixel_size", 0.0),
+        ("pixel_size", float("nan")),
+        ("block_size", 500),
+        ("compress", "jpeg"),
+        ("nodata", "edge"),
+        ("nodata_mode", "alpha"),
+        ("objects", -1),
+        ("seam_share", 1.5),
+        ("overlap", 256),
+        ("seed", -1),
+        ("overviews", "yes"),
         ("object_max_px", 5),
     ],
 )
@@ -331,6 +381,13 @@ def test_bad_spec_values_name_the_key(key: str, value: object) -> None:
 def test_overlap_below_object_min_is_refused() -> None:
     with pytest.raises(ConfigError, match="overlap=8"):
         TestImageSpec(objects=1, overlap=8)
+
+
+def test_unwritable_output_is_an_output_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a directory")
+    with pytest.raises(OutputError, match="image_path"):
+        write_test_image(blocker / "x.tif", TestImageSpec(width=64, height=64))
 
 
 def test_read_truth_missing_file(tmp_path: Path) -> None:
@@ -364,12 +421,25 @@ def test_cli_legacy_keys(tmp_path: Path) -> None:
 
 def test_cli_output_alias_and_typed_values(tmp_path: Path) -> None:
     path, spec = parse_overrides(
-        ["output=" + str(tmp_path / "o.tif"), "width=300", "height=200", "crs=none",
-         "overviews=true", "pixel_size=0.5", "compress=ZSTD", "++seed=7"]
+        [
+            "output=" + str(tmp_path / "o.tif"),
+            "width=300",
+            "height=200",
+            "crs=none",
+            "overviews=true",
+            "pixel_size=0.5",
+            "compress=ZSTD",
+            "++seed=7",
+        ]
     )
     assert path == tmp_path / "o.tif"
     assert (spec.width, spec.height, spec.crs, spec.overviews, spec.pixel_size, spec.seed) == (
-        300, 200, None, True, 0.5, 7
+        300,
+        200,
+        None,
+        True,
+        0.5,
+        7,
     )
     assert spec.compress == "zstd"
 

@@ -182,7 +182,9 @@ class ModelAdapter(abc.ABC):
             for classification; numpy arrays on the CPU (float32 / int64).
         """
 
-    def predict(self, images: torch.Tensor, tile_size: int) -> list[Detections] | list[Classification]:
+    def predict(
+        self, images: torch.Tensor, tile_size: int
+    ) -> list[Detections] | list[Classification]:
         """Run prepare, forward and postprocess in one call (tests, notebooks; no autocast).
 
         Args:
@@ -218,7 +220,9 @@ def classifications_from_logits(logits: torch.Tensor, topk: int) -> list[Classif
     return [Classification(class_ids=ids_np[i], scores=scores_np[i]) for i in range(len(ids_np))]
 
 
-def detections_from_dicts(raw: Sequence[dict[str, torch.Tensor]], score_threshold: float) -> list[Detections]:
+def detections_from_dicts(
+    raw: Sequence[dict[str, torch.Tensor]], score_threshold: float
+) -> list[Detections]:
     """Convert torchvision-style detection output to :class:`Detections`, dropping low scores.
 
     Args:

@@ -58,7 +58,9 @@ class ImageNetClassifierAdapter(ModelAdapter):
         self.topk = topk
         # (x/255 - mean)/std == x * scale - shift; two in-place ops on the device.
         self._scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1)
-        self._shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)]).view(1, -1, 1, 1)
+        self._shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)]).view(
+            1, -1, 1, 1
+        )
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,7 +124,9 @@ def build_resnet50(weights: str = "DEFAULT", *, topk: int = 5) -> ImageNetClassi
         load_state_dict_checked(module, state, str(weights), "resnet50")
         categories = imagenet if num_classes == len(imagenet) else None
     if spec.kind == "none":
-        logger.warning("resnet50 runs with random weights (weights=none): predictions are meaningless")
+        logger.warning(
+            "resnet50 runs with random weights (weights=none): predictions are meaningless"
+        )
     return ImageNetClassifierAdapter(
         module,
         name="resnet50",

@@ -172,8 +172,13 @@ class ModuleAdapter(ModelAdapter):
         if kind != self.task:
             raise ModelError(
                 f"model={self.name} returned {_describe(raw)} where its task '{self.task}' "
-                "needs " + ("(B, K) logits" if self.task == "classification" else
-                            "a list of dicts with boxes/scores/labels") + "; fix its forward."
+                "needs "
+                + (
+                    "(B, K) logits"
+                    if self.task == "classification"
+                    else "a list of dicts with boxes/scores/labels"
+                )
+                + "; fix its forward."
             )
         if kind == "classification":
             return classifications_from_logits(raw, self.topk)

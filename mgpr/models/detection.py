@@ -131,7 +131,9 @@ def build_fasterrcnn(
         load_state_dict_checked(module, state, str(weights), "fasterrcnn")
         categories = coco if num_classes == len(coco) else None
     if spec.kind == "none":
-        logger.warning("fasterrcnn runs with random weights (weights=none): detections are meaningless")
+        logger.warning(
+            "fasterrcnn runs with random weights (weights=none): detections are meaningless"
+        )
     return TorchvisionDetectorAdapter(
         module,
         name="fasterrcnn",

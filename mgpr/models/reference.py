@@ -50,7 +50,9 @@ class ReferenceDetectorAdapter(ModelAdapter):
     bright).
     """
 
-    def __init__(self, *, min_area_px: int = MIN_AREA_PX, threshold: int = BRIGHT_THRESHOLD) -> None:
+    def __init__(
+        self, *, min_area_px: int = MIN_AREA_PX, threshold: int = BRIGHT_THRESHOLD
+    ) -> None:
         super().__init__(
             name="reference",
             task="detection",

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import re
 import urllib.error
 from dataclasses import dataclass
@@ -50,11 +51,12 @@ def weights_enum_class(name: str) -> type[WeightsEnum] | None:
     Args:
         name: model name, e.g. ``"resnet50"`` or ``"fasterrcnn"``.
     """
+    enum_cls: type[WeightsEnum] | None = None
     if name == "resnet50":
-        return ResNet50_Weights
-    if name == "fasterrcnn":
-        return FasterRCNN_ResNet50_FPN_Weights
-    return None
+        enum_cls = ResNet50_Weights
+    elif name == "fasterrcnn":
+        enum_cls = FasterRCNN_ResNet50_FPN_Weights
+    return enum_cls
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +99,7 @@ def _enum_member(enum_cls: type[WeightsEnum], weights: str) -> WeightsEnum | Non
     if text.lower().startswith(prefix.lower()):
         text = text[len(prefix) :]
     if text.upper() == "DEFAULT":
-        return enum_cls.DEFAULT  # type: ignore[attr-defined,no-any-return]
+        return enum_cls.DEFAULT
     for member in enum_cls:
         if member.name.upper() == text.upper():
             return member
@@ -184,7 +186,7 @@ def weights_cache_file(name: str, weights: str) -> Path | None:
     member = None if enum_cls is None else _enum_member(enum_cls, weights)
     if member is None:
         return None
-    return checkpoint_dir() / os.path.basename(urlparse(member.url).path)
+    return checkpoint_dir() / Path(urlparse(str(member.url)).path).name
 
 
 def weights_cached(name: str, weights: str) -> bool:
@@ -355,7 +357,9 @@ def load_state_dict_checked(
     module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
-def load_checkpoint(path: str | os.PathLike[str], module: torch.nn.Module, model_name: str = "") -> str:
+def load_checkpoint(
+    path: str | os.PathLike[str], module: torch.nn.Module, model_name: str = ""
+) -> str:
     """Load a local checkpoint into ``module`` (CPU, ``weights_only=True``).
 
     Args:
@@ -391,7 +395,7 @@ def load_torchvision(builder: Any, model_name: str, weights: str, **kwargs: Any)
     cached = fetch_weights(model_name, weights)
     try:
         return builder(weights=spec.enum, progress=False, **kwargs)  # type: ignore[no-any-return]
-    except (RuntimeError, OSError, EOFError, ValueError) as err:
+    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
         raise ModelError(
             f"weights={weights} for {model_name}: the cached file {cached} cannot be loaded "
             f"({type(err).__name__}: {_one_line(err, 120)}); delete it and run "

@@ -84,6 +84,16 @@ else
     for i in $(seq 1 "$NODES"); do names+=("n$i"); done
 fi
 
+# Lightning uses the first node name of SLURM_NODELIST as MASTER_ADDR, so virtual nodes must resolve.
+if [[ "$NODES" -gt 1 ]]; then
+    for n in "${names[@]}"; do
+        if ! getent hosts "$n" >/dev/null; then
+            log "node name $n does not resolve; adding '127.0.0.1 $n' to /etc/hosts"
+            echo "127.0.0.1 $n" >>/etc/hosts
+        fi
+    done
+fi
+
 # ---- config --------------------------------------------------------------------------------
 mkdir -p "$DIR"/{state,spool,log,dev}
 new="$(mktemp "$DIR/slurm.conf.XXXXXX")"

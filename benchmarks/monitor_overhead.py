@@ -1,0 +1,105 @@
+"""Cost of the run monitor's sampling thread on a CPU-bound loop.
+
+Runs a fixed amount of single-threaded work (small matmuls) with no sampler, and with the
+sampler at 0.5 s and 0.05 s, alternating the configurations over several rounds, and prints the
+median time of each and the slowdown against no sampler. It also times ``sample_once`` directly:
+cost per sample / interval is the share of one core the thread takes, a figure that the
+noise of a shared machine does not blur.
+
+On a CUDA machine with NVML the sampler reads NVML memory + utilisation and torch.cuda memory
+(what a GPU rank pays); elsewhere it reads the host RSS only (what a CPU rank pays).
+
+    uv run python benchmarks/monitor_overhead.py [--seconds 3] [--rounds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from mgpr.gpu_monitor import (
+    DeviceSampler,
+    open_nvml_backend,
+    physical_gpu_for_local_device,
+    resolve_gpu,
+)
+
+
+def make_sampler(interval_s: float) -> DeviceSampler:
+    """A sampler like a rank's: NVML + torch.cuda on a GPU machine, host RSS otherwise."""
+    if torch.cuda.is_available():
+        backend, _ = open_nvml_backend()
+        gpu = None
+        if backend is not None:
+            import os
+
+            gpu = resolve_gpu(physical_gpu_for_local_device(0, os.environ), backend)
+        return DeviceSampler(gpu=gpu, backend=backend, torch_device_index=0, interval_s=interval_s)
+    return DeviceSampler(gpu=None, backend=None, torch_device_index=None, interval_s=interval_s)
+
+
+def work(iterations: int) -> float:
+    """Run ``iterations`` 128x128 float32 matmuls; return the wall time in seconds."""
+    a = torch.randn(128, 128)
+    b = torch.randn(128, 128)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        a = torch.mm(a, b)
+        a = a / (a.abs().max() + 1.0)
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    """Print the timings and the overhead ratios."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="work per timed run (s)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    per_iter = work(2000) / 2000
+    iterations = max(1000, int(args.seconds / per_iter))
+    configs: list[float | None] = [None, 0.5, 0.05]
+    times: dict[float | None, list[float]] = {c: [] for c in configs}
+    for _ in range(args.rounds):
+        for interval in configs:
+            sampler = None if interval is None else make_sampler(interval)
+            if sampler is not None:
+                sampler.start()
+            times[interval].append(work(iterations))
+            if sampler is not None:
+                sampler.stop()
+
+    probe = make_sampler(0.5)
+    n = 2000
+    start = time.perf_counter()
+    for _ in range(n):
+        probe.sample_once()
+    per_sample_s = (time.perf_counter() - start) / n
+
+    kind = "NVML + torch.cuda + RSS" if probe.gpu is not None else "host RSS only"
+    if probe.gpu is None and torch.cuda.is_available():
+        kind = "torch.cuda + RSS (no NVML)"
+    print(f"sampler reads: {kind}; work: {iterations} matmuls, {args.rounds} rounds, 1 thread")
+    base = statistics.median(times[None])
+    print(f"no sampler      : median {base:.3f} s  (min {min(times[None]):.3f} s)")
+    for interval in configs[1:]:
+        assert interval is not None
+        med = statistics.median(times[interval])
+        print(
+            f"sampler {interval:>5.2f} s : median {med:.3f} s  (min {min(times[interval]):.3f} s)"
+            f"  ratio {med / base:.4f}  ({100 * (med / base - 1):+.2f}%)"
+        )
+    print(f"sample_once     : {1e6 * per_sample_s:.1f} us per sample")
+    for interval in configs[1:]:
+        assert interval is not None
+        print(
+            f"  implied thread cost at {interval:.2f} s: {100 * per_sample_s / interval:.4f}% of a core"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""Shared fixtures: real GeoTIFFs from the project's generator, no network, clean env."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
+
+
+@pytest.fixture(autouse=True)
+def _offline_torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Point torch.hub at an empty temp dir so no test reads a user's cache or downloads."""
+    home = tmp_path_factory.mktemp("torch_home")
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.delenv("MGPR_RUN_DIR", raising=False)
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key, raising=False)
+
+
+@pytest.fixture
+def make_image(tmp_path: Path) -> Callable[..., TestImageResult]:
+    """Factory: ``make_image(name="a.tif", width=..., height=..., **spec)`` in tmp_path."""
+
+    def factory(name: str = "ortho.tif", **spec: object) -> TestImageResult:
+        return write_test_image(tmp_path / name, TestImageSpec(**spec))  # type: ignore[arg-type]
+
+    return factory
+
+
+def run_mgpr_inprocess(*args: str) -> int:
+    """Run ``mgpr`` in this process (1 rank); returns its exit code."""
+    from mgpr.cli import main
+
+    try:
+        main(list(args))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def mgpr_cmd(*args: str) -> list[str]:
+    """Command line running mgpr in a fresh interpreter (needed for several ranks)."""
+    return [sys.executable, "-m", "mgpr.cli", *args]

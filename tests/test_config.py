@@ -1,0 +1,87 @@
+"""Config: legacy keys, typed schema, one-line errors (Hydra compose, no subprocess)."""
+
+from __future__ import annotations
+
+import pytest
+
+from mgpr.config import closest_key, describe_keys, load_config
+from mgpr.errors import ConfigError
+
+
+def test_defaults_and_types() -> None:
+    cfg = load_config([])
+    assert cfg.tile_size == 512 and cfg.batch_size == 8 and cfg.precision == "auto"
+    cfg = load_config(["tile_size=256", "overlap=32", "batch_size=4", "bands=[1,2,3]"])
+    assert (cfg.tile_size, cfg.overlap, cfg.batch_size, cfg.bands) == (256, 32, 4, [1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    ("args", "attr", "value"),
+    [
+        (["image_path=a.tif"], "input_path", "a.tif"),
+        (["input_path=a.tif"], "input_path", "a.tif"),
+        (["devices=3"], "gpus", 3),
+        (["gpus=2"], "gpus", 2),
+        (["workers=0"], "workers", 0),
+        (["precision=bf16-mixed"], "precision", "bf16-mixed"),
+        (["accelerator=cpu"], "accelerator", "cpu"),
+        (["use_fake_data=true", "dummy_dataset_delay=0.5", "dummy_dataset_count=7"], "dummy_dataset_count", 7),
+        (["image_size=1024"], "image_size", 1024),
+        (["weights=None"], "weights", "none"),
+    ],
+)
+def test_legacy_keys_keep_their_meaning(args: list[str], attr: str, value: object) -> None:
+    assert getattr(load_config(args), attr) == value
+
+
+def test_aliases_that_disagree_are_refused() -> None:
+    with pytest.raises(ConfigError, match="image_path"):
+        load_config(["image_path=a.tif", "input_path=b.tif"])
+
+
+def test_misspelt_key_names_the_closest() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(["bach_size=4"])
+    msg = str(err.value)
+    assert "bach_size" in msg and "batch_size" in msg and "\n" not in msg
+    assert closest_key("tilesize") == "tile_size"
+
+
+@pytest.mark.parametrize(
+    ("arg", "needle"),
+    [
+        ("batch_size=abc", "batch_size"),
+        ("tile_size=1.5", "tile_size"),
+        ("overwrite=maybe", "overwrite"),
+    ],
+)
+def test_wrong_type_is_one_line(arg: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config([arg])
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["tile_size=0"], "tile_size"),
+        (["tile_size=64", "overlap=64"], "overlap"),
+        (["overlap=-1"], "overlap"),
+        (["batch_size=0"], "batch_size"),
+        (["workers=-1"], "workers"),
+        (["precision=fp8"], "precision"),
+        (["nms_iou=1.5"], "nms_iou"),
+        (["bands=[0,1]"], "bands"),
+        (["not-an-override"], "key=value"),
+    ],
+)
+def test_ranges(args: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle):
+        load_config(args)
+
+
+def test_help_lists_every_key() -> None:
+    text = describe_keys()
+    for key in ("input_path", "image_path", "gpus", "tile_size", "overlap", "model", "weights",
+                "use_fake_data", "dummy_dataset_delay", "output_dir", "overwrite"):
+        assert f"{key}=" in text

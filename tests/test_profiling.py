@@ -1,0 +1,666 @@
+"""Tests of the run monitor, GPU mapping, report and hint (CPU only, fake NVML backend)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from torch.utils.data import DataLoader, Dataset
+
+from mgpr.errors import ConfigError
+from mgpr.gpu_monitor import (
+    DeviceSampler,
+    GpuBackend,
+    GpuSelector,
+    SampleBuffer,
+    physical_gpu_for_local_device,
+    resolve_gpu,
+)
+from mgpr.profiling import (
+    NO_GPU_MESSAGE,
+    RunMonitor,
+    _Progress,
+    find_run_monitor,
+    make_profiler,
+    progress_line,
+)
+from mgpr.report import bottleneck_hint, build_report, format_report
+
+GIB = 2**30
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+class FakeGpuBackend:
+    """A GpuBackend with known devices and scripted readings (cycled)."""
+
+    def __init__(self, devices: list[dict[str, Any]], mig: dict[str, dict[str, Any]] | None = None):
+        self.devices = devices
+        self.mig = mig or {}
+        self.calls: dict[str, int] = {}
+
+    def _next(self, dev: dict[str, Any], key: str) -> Any:
+        values = dev[key]
+        i = self.calls.get(dev["uuid"] + key, 0)
+        self.calls[dev["uuid"] + key] = i + 1
+        value = values[i % len(values)]
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    def device_count(self) -> int:
+        return len(self.devices)
+
+    def handle_for(self, physical_index: int | None, uuid: str | None) -> Any:
+        if physical_index is not None:
+            return self.devices[physical_index]
+        for dev in [*self.devices, *self.mig.values()]:
+            if dev["uuid"] == uuid:
+                return dev
+        raise KeyError(uuid)
+
+    def name(self, h: Any) -> str:
+        return str(h["name"])
+
+    def uuid(self, h: Any) -> str:
+        return str(h["uuid"])
+
+    def memory(self, h: Any) -> tuple[int, int]:
+        return int(self._next(h, "used")), int(h["total"])
+
+    def utilization(self, h: Any) -> int:
+        if h.get("is_mig"):
+            raise AssertionError("utilisation must not be read for a MIG instance")
+        return int(self._next(h, "util"))
+
+
+def _uuid(i: int) -> str:
+    return f"GPU-{i:x}{i:x}{i:x}{i:x}beef-0000-1111-2222-{i:012x}"
+
+
+def _fake(n: int = 8, **per_device: Any) -> FakeGpuBackend:
+    devices = [
+        {
+            "uuid": _uuid(i),
+            "name": f"Fake GPU {i}",
+            "total": 80 * GIB,
+            "used": per_device.get("used", [GIB]),
+            "util": per_device.get("util", [50]),
+        }
+        for i in range(n)
+    ]
+    return FakeGpuBackend(devices)
+
+
+def test_fake_backend_satisfies_protocol() -> None:
+    assert isinstance(_fake(), GpuBackend)
+
+
+# ------------------------------------------------------------------------------------ mapping
+def test_mapping_unset_is_identity() -> None:
+    sel = physical_gpu_for_local_device(3, {})
+    assert sel == GpuSelector(local_index=3, physical_index=3, source="identity")
+    assert resolve_gpu(sel, _fake()).uuid == _uuid(3)
+
+
+@pytest.mark.parametrize(("local", "physical"), [(0, 3), (1, 5)])
+def test_mapping_index_list(local: int, physical: int) -> None:
+    env = {"CUDA_VISIBLE_DEVICES": "3,5"}
+    sel = physical_gpu_for_local_device(local, env)
+    assert sel.physical_index == physical and sel.source == "CUDA_VISIBLE_DEVICES"
+    gpu = resolve_gpu(sel, _fake())
+    assert (gpu.physical_index, gpu.uuid, gpu.name) == (
+        physical,
+        _uuid(physical),
+        f"Fake GPU {physical}",
+    )
+
+
+def test_mapping_local_device_not_visible() -> None:
+    with pytest.raises(ConfigError, match="local CUDA device 2 is not visible"):
+        physical_gpu_for_local_device(2, {"CUDA_VISIBLE_DEVICES": "3,5"})
+    with pytest.raises(ConfigError):
+        physical_gpu_for_local_device(-1, {})
+
+
+@pytest.mark.parametrize(
+    ("value", "visible"),
+    [("0, 1,-1,3", 2), ("1gpu2,2", 2), ("1,1", 0), ("", 0), ("7", 1)],
+)
+def test_mapping_follows_cuda_parsing(value: str, visible: int) -> None:
+    env = {"CUDA_VISIBLE_DEVICES": value}
+    for i in range(visible):
+        physical_gpu_for_local_device(i, env)
+    with pytest.raises(ConfigError):
+        physical_gpu_for_local_device(visible, env)
+
+
+def test_mapping_physical_index_beyond_nvml() -> None:
+    sel = physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": "9"})
+    with pytest.raises(ConfigError, match="NVML sees 8"):
+        resolve_gpu(sel, _fake())
+
+
+def test_mapping_uuids_full_and_prefix() -> None:
+    backend = _fake()
+    full, prefix = _uuid(6), _uuid(2)[:10].upper()  # "GPU-2222BE": abbreviated, other case
+    env = {"CUDA_VISIBLE_DEVICES": f"{full},{prefix}"}
+    first = physical_gpu_for_local_device(0, env)
+    second = physical_gpu_for_local_device(1, env)
+    assert first.uuid == full and first.physical_index is None
+    assert resolve_gpu(first, backend).physical_index == 6
+    assert second.uuid == prefix
+    gpu = resolve_gpu(second, backend)
+    assert (gpu.physical_index, gpu.uuid) == (2, _uuid(2))
+
+
+def test_mapping_uuid_ambiguous_or_unknown() -> None:
+    backend = _fake()
+    backend.devices[1]["uuid"] = "GPU-abcd-1"
+    backend.devices[2]["uuid"] = "GPU-abcd-2"
+    with pytest.raises(ConfigError, match="2 GPUs match"):
+        resolve_gpu(physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": "GPU-abcd"}), backend)
+    with pytest.raises(ConfigError, match="no GPU match"):
+        resolve_gpu(physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": "GPU-ffff"}), backend)
+
+
+def test_mapping_mig_reports_memory_only() -> None:
+    mig_uuid = "MIG-0d4c-1111"
+    backend = _fake()
+    backend.mig[mig_uuid] = {
+        "uuid": mig_uuid,
+        "name": "Fake GPU MIG 1g.10gb",
+        "total": 10 * GIB,
+        "used": [2 * GIB],
+        "is_mig": True,
+    }
+    sel = physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": mig_uuid})
+    assert sel.mig
+    gpu = resolve_gpu(sel, backend)
+    assert gpu.mig and gpu.physical_index is None and gpu.memory_total_bytes == 10 * GIB
+    sampler = DeviceSampler(gpu=gpu, backend=backend, torch_device_index=None, interval_s=0.5)
+    sample = sampler.sample_once()  # would raise from FakeGpuBackend.utilization
+    assert sample.mem_used_bytes == 2 * GIB and sample.util_pct is None
+
+
+# ------------------------------------------------------------------------------------ sampler
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sampler_exact_average_and_peak() -> None:
+    backend = _fake(used=[1 * GIB, 2 * GIB, 3 * GIB, 4 * GIB], util=[10, 20, 90, 40])
+    gpu = resolve_gpu(physical_gpu_for_local_device(1, {"CUDA_VISIBLE_DEVICES": "3,5"}), backend)
+    backend.calls.clear()  # resolving read the memory total once; start the script afresh
+    clock = FakeClock()
+    sampler = DeviceSampler(
+        gpu=gpu, backend=backend, torch_device_index=None, interval_s=0.5, clock=clock, t0=100.0
+    )
+    for _ in range(4):
+        sampler.sample_once()
+        clock.now += 0.5
+    stats = sampler.buffer.stats()
+    assert stats["samples"] == 4
+    assert stats["mem_used_bytes_avg"] == 2.5 * GIB and stats["mem_used_bytes_peak"] == 4 * GIB
+    assert stats["util_pct_avg"] == 40.0 and stats["util_pct_peak"] == 90.0
+    assert stats["rss_bytes_avg"] is not None and stats["rss_bytes_avg"] > 0
+    assert stats["torch_allocated_bytes_avg"] is None  # no CUDA device given
+    cols = sampler.buffer.columns()
+    assert cols["t_s"] == [0.0, 0.5, 1.0, 1.5]
+    assert cols["util_pct"] == [10.0, 20.0, 90.0, 40.0]
+    assert cols["mem_used_bytes"] == [GIB, 2 * GIB, 3 * GIB, 4 * GIB]
+    assert backend.calls[_uuid(5) + "used"] == 4  # physical 5 was sampled, not 1
+
+
+def test_sampler_nvml_error_warns_once_and_continues(caplog: pytest.LogCaptureFixture) -> None:
+    backend = _fake(util=[RuntimeError("NVML_ERROR_GPU_IS_LOST")])
+    gpu = resolve_gpu(physical_gpu_for_local_device(0, {}), backend)
+    sampler = DeviceSampler(
+        gpu=gpu, backend=backend, torch_device_index=None, interval_s=0.5, log_prefix="[rank: 0] "
+    )
+    with caplog.at_level(logging.WARNING, logger="mgpr.gpu_monitor"):
+        samples = [sampler.sample_once() for _ in range(3)]
+    assert all(s.util_pct is None and s.mem_used_bytes == GIB for s in samples)
+    warnings = [r for r in caplog.records if "NVML utilisation" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].getMessage().startswith("[rank: 0] ")
+
+
+def test_sampler_thread_starts_and_stops() -> None:
+    sampler = DeviceSampler(gpu=None, backend=None, torch_device_index=None, interval_s=0.01)
+    sampler.start()
+    import time
+
+    deadline = time.monotonic() + 20.0
+    while sampler.buffer.seen < 5 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    sampler.stop()
+    assert not sampler.running
+    assert sampler.buffer.seen >= 5
+    seen = sampler.buffer.seen
+    time.sleep(0.05)
+    assert sampler.buffer.seen == seen  # really stopped
+
+
+def test_sample_buffer_is_bounded_and_even() -> None:
+    from mgpr.gpu_monitor import Sample
+
+    buf = SampleBuffer(max_samples=10)
+    for i in range(1000):
+        buf.add(Sample(t_s=float(i), rss_bytes=i))
+    assert len(buf) <= 10
+    t = buf.columns()["t_s"]
+    steps = {b - a for a, b in zip(t, t[1:], strict=False)}
+    assert len(steps) == 1 and t[0] == 0.0  # evenly thinned from the start
+    stats = buf.stats()
+    assert stats["samples"] == 1000
+    assert stats["rss_bytes_avg"] == 499.5 and stats["rss_bytes_peak"] == 999
+
+
+def test_sampler_rejects_bad_interval() -> None:
+    with pytest.raises(ConfigError):
+        DeviceSampler(gpu=None, backend=None, torch_device_index=None, interval_s=0)
+    with pytest.raises(ConfigError):
+        RunMonitor(Path("x"), interval_s=-1)
+
+
+# ------------------------------------------------------------------------------------ hint
+HINT_ARGS = {"workers": 2, "cpus": 16, "batch_size": 16, "precision": "32-true"}
+
+
+def test_hint_data_bound() -> None:
+    hint = bottleneck_hint(0.62, 35.0, {"write": 0.05}, **HINT_ARGS)
+    assert hint.startswith("data-bound: ranks waited 62% of the time for tiles; raise workers")
+    assert "now 2" in hint and "16 CPUs" in hint
+
+
+def test_hint_data_bound_without_spare_cpus() -> None:
+    hint = bottleneck_hint(0.5, 35.0, {}, workers=7, cpus=8, batch_size=16, precision="32-true")
+    assert hint.startswith("data-bound") and "--cpus-per-task" in hint
+
+
+def test_hint_compute_bound() -> None:
+    hint = bottleneck_hint(0.03, 97.0, {"write": 0.02}, **HINT_ARGS)
+    assert hint.startswith("compute-bound: GPUs 97% busy") and "bf16" in hint
+    bf16 = bottleneck_hint(0.03, 97.0, {}, **{**HINT_ARGS, "precision": "bf16-mixed"})
+    assert "already bf16-mixed" in bf16
+
+
+def test_hint_write_bound_beats_smaller_data_wait() -> None:
+    hint = bottleneck_hint(0.26, 40.0, {"write": 0.45, "postprocess": 0.1}, **HINT_ARGS)
+    assert hint.startswith("write-bound: writing results took 45% of the time")
+    post = bottleneck_hint(0.1, 40.0, {"postprocess": 0.3}, **HINT_ARGS)
+    assert post.startswith("postprocess-bound")
+
+
+def test_hint_cpu_underused_balanced_unknown() -> None:
+    cpu = bottleneck_hint(0.05, None, {"compute": 0.9}, **HINT_ARGS, cpu_run=True)
+    assert cpu.startswith("cpu run:") and "compute 90%" in cpu
+    assert bottleneck_hint(0.05, 30.0, {}, **HINT_ARGS).startswith("underused:")
+    assert bottleneck_hint(0.05, 70.0, {}, **HINT_ARGS).startswith("balanced:")
+    assert bottleneck_hint(0.05, None, {}, **HINT_ARGS).startswith("no GPU utilisation measured")
+
+
+# ------------------------------------------------------------------------------------ report
+def _part(rank: int, *, util: list[float], used_gib: list[float], wait: float) -> dict[str, Any]:
+    n = len(used_gib)
+    return {
+        "schema": "mgpr.report_part/1",
+        "status": "finished",
+        "error": None,
+        "hostname": f"node{rank // 2:02d}",
+        "global_rank": rank,
+        "local_rank": rank % 2,
+        "node_rank": rank // 2,
+        "world_size": 3,
+        "device": f"cuda:{rank % 2}",
+        "monitor_source": "nvml",
+        "gpu": {
+            "name": "NVIDIA H100 80GB HBM3",
+            "uuid": _uuid(rank),
+            "physical_index": rank % 2,
+            "memory_total_bytes": 80 * GIB,
+            "mig": False,
+            "selector_source": "torch",
+        },
+        "host_memory_total_bytes": 512 * GIB,
+        "interval_s": 0.5,
+        "wall_s": 100.0,
+        "data_wait_s": wait,
+        "compute_s": 100.0 - wait - 10.0,
+        "stages_s": {"write": 6.0, "postprocess": 2.0},
+        "stages_background_s": {},
+        "batches": 50,
+        "tiles": 800,
+        "tiles_per_s": 8.0,
+        "cuda_synchronized": True,
+        "stats": {
+            "samples": n,
+            "mem_used_bytes_avg": sum(used_gib) / n * GIB,
+            "mem_used_bytes_peak": max(used_gib) * GIB,
+            "util_pct_avg": sum(util) / n,
+            "util_pct_peak": max(util),
+            "torch_max_allocated_bytes_peak": 5 * GIB,
+            "rss_bytes_avg": 3 * GIB,
+            "rss_bytes_peak": 4 * GIB,
+        },
+        "samples": {
+            "t_s": [0.5 * i for i in range(n)],
+            "mem_used_bytes": [g * GIB for g in used_gib],
+            "util_pct": util,
+            "torch_allocated_bytes": [GIB] * n,
+            "torch_reserved_bytes": [2 * GIB] * n,
+            "torch_max_allocated_bytes": [5 * GIB] * n,
+            "rss_bytes": [3 * GIB] * n,
+        },
+    }
+
+
+def _write_parts(run_dir: Path, parts: list[dict[str, Any]]) -> None:
+    (run_dir / "report_parts").mkdir(parents=True)
+    for part in parts:
+        path = run_dir / "report_parts" / f"rank{part['global_rank']}.json"
+        path.write_text(json.dumps(part))
+
+
+@pytest.fixture
+def two_of_three(tmp_path: Path) -> Path:
+    import math
+
+    n = 200
+    used0 = [8 + 4 * math.sin(i / 15) for i in range(n)]
+    used1 = [10 + 0.01 * i for i in range(n)]
+    util0 = [95.0 if i % 10 else 40.0 for i in range(n)]
+    util1 = [60 + 30 * math.sin(i / 7) for i in range(n)]
+    _write_parts(
+        tmp_path,
+        [
+            _part(0, util=util0, used_gib=used0, wait=5.0),
+            _part(1, util=util1, used_gib=used1, wait=30.0),
+        ],
+    )
+    return tmp_path
+
+
+def test_report_schema_and_missing_rank(two_of_three: Path) -> None:
+    context = {"workers": 2, "batch_size": 16, "precision": "32-true", "cpus_per_task": 16}
+    report = build_report(two_of_three, 3, context)
+    on_disk = json.loads((two_of_three / "report.json").read_text())
+    assert on_disk == json.loads(json.dumps(report))
+    expected_top = {
+        "schema": str,
+        "created_unix_s": float,
+        "world_size": int,
+        "ranks_reported": list,
+        "missing_ranks": list,
+        "failed_ranks": list,
+        "unreadable_parts": list,
+        "context": dict,
+        "ranks": list,
+        "totals": dict,
+        "hint": str,
+        "plot": str,
+    }
+    assert set(report) == set(expected_top)
+    for key, typ in expected_top.items():
+        assert isinstance(report[key], typ), key
+    assert report["missing_ranks"] == [2] and report["ranks_reported"] == [0, 1]
+    row_types = {
+        "global_rank": int,
+        "hostname": str,
+        "device": str,
+        "gpu_name": str,
+        "memory_kind": str,
+        "mem_total_gib": float,
+        "mem_avg_gib": float,
+        "mem_peak_gib": float,
+        "mem_avg_pct": float,
+        "mem_peak_pct": float,
+        "util_avg_pct": float,
+        "batches": int,
+        "tiles": int,
+        "wall_s": float,
+        "tiles_per_s": float,
+        "data_wait_share": float,
+        "compute_share": float,
+        "stage_shares": dict,
+    }
+    for row in report["ranks"]:
+        for key, typ in row_types.items():
+            assert isinstance(row[key], typ), key
+    r1 = report["ranks"][1]
+    assert r1["mem_total_gib"] == 80.0 and r1["memory_kind"] == "gpu"
+    assert r1["mem_peak_gib"] == pytest.approx(11.99, abs=1e-3)
+    assert r1["mem_peak_pct"] == pytest.approx(15.0, abs=0.1)
+    assert r1["data_wait_share"] == 0.3 and r1["stage_shares"]["write"] == 0.06
+    totals = report["totals"]
+    assert totals["tiles"] == 1600 and totals["wall_s"] == 100.0 and totals["tiles_per_s"] == 16.0
+    assert totals["data_wait_share"] == 0.175 and totals["nodes"] == 1
+    text = format_report(report)
+    assert "MISSING: no report part from rank(s) 2" in text
+    assert text.count("NVIDIA H100") == 2 and "hint: " in text
+    assert "1600 tiles in 100.0 s = 16.0 tiles/s" in text
+
+
+def test_report_plot_is_png(two_of_three: Path) -> None:
+    report = build_report(two_of_three, 3, {"workers": 2, "batch_size": 16, "precision": "32"})
+    png = two_of_three / report["plot"]
+    data = png.read_bytes()
+    assert data[:8] == PNG_SIGNATURE and len(data) > 20_000
+    shutil.copy(png, "/tmp/mgpr_report_example.png")
+
+
+def test_report_unreadable_and_failed_parts(tmp_path: Path) -> None:
+    part = _part(0, util=[50.0], used_gib=[1.0], wait=1.0)
+    part["status"], part["error"] = "failed", "RuntimeError: CUDA out of memory"
+    _write_parts(tmp_path, [part])
+    (tmp_path / "report_parts" / "rank1.json").write_text("{truncated")
+    report = build_report(tmp_path, 2, {})
+    assert report["missing_ranks"] == [1] and report["unreadable_parts"] == ["rank1.json"]
+    assert report["failed_ranks"] == [0]
+    assert "FAILED: RuntimeError" in format_report(report)
+
+
+def test_report_without_any_part(tmp_path: Path) -> None:
+    report = build_report(tmp_path, 2, {})
+    assert report["missing_ranks"] == [0, 1] and report["plot"] is None
+    assert "no rank wrote a report part" in report["hint"]
+
+
+# ------------------------------------------------------------------------------------ progress
+def test_progress_line_format() -> None:
+    elapsed = 1234 / 41.2
+    assert progress_line(1234, 5000, elapsed) == (
+        "progress: 1234/5000 tiles (24.7%), 41.2 tiles/s, ETA 00:01:31"
+    )
+    assert progress_line(10, None, 2.0) == "progress: 10 tiles, 5.0 tiles/s"
+    assert progress_line(0, 10, 0.0).endswith("ETA --:--:--")
+
+
+class _Tty(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_tty_and_log(caplog: pytest.LogCaptureFixture) -> None:
+    stream = _Tty()
+    bar = _Progress(t0=0.0, total=100, source=lambda: 50, tty=True, log_every_s=30, stream=stream)
+    bar.tick(10.0)
+    bar.close(20.0)
+    out = stream.getvalue()
+    assert out.startswith("\r[##########..........] 50/100 tiles (50.0%), 5.0 tiles/s")
+    assert out.endswith("\n") and out.count("\r") == 2
+    log = _Progress(t0=0.0, total=100, source=lambda: 25, tty=False, log_every_s=30, stream=stream)
+    with caplog.at_level(logging.INFO, logger="mgpr.profiling"):
+        log.tick(10.0)  # not due yet
+        log.tick(30.0)
+        log.tick(31.0)  # throttled
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["progress: 25/100 tiles (25.0%), 0.8 tiles/s, ETA 00:01:30"]
+
+
+# ------------------------------------------------------------------------------------ profiler
+def test_make_profiler(tmp_path: Path) -> None:
+    from lightning.pytorch.profilers import PyTorchProfiler
+
+    assert make_profiler(None, tmp_path) is None and make_profiler("none", tmp_path) is None
+    assert make_profiler("simple", tmp_path) == "simple"
+    assert make_profiler("Advanced", tmp_path) == "advanced"
+    prof = make_profiler("pytorch", tmp_path)
+    assert isinstance(prof, PyTorchProfiler) and Path(prof.dirpath) == tmp_path
+    with pytest.raises(ConfigError, match="simple, advanced, pytorch"):
+        make_profiler("nvprof", tmp_path)
+
+
+# ------------------------------------------------------------------------------------ lightning
+class TileDataset(Dataset[dict[str, torch.Tensor]]):
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        image = torch.full((3, 8, 8), i % 256, dtype=torch.uint8)
+        return {"image": image, "index": torch.tensor(i, dtype=torch.int64)}
+
+
+class TinyModel(LightningModule):
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fail_at = fail_at
+
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if batch_idx == self.fail_at:
+            raise RuntimeError("boom")
+        out = self.conv(batch["image"].float() / 255.0).mean(dim=(1, 2, 3))
+        monitor = find_run_monitor(self.trainer)
+        assert monitor is not None
+        with monitor.stage("postprocess"):
+            out = out.cpu()
+        return out
+
+
+def _trainer(monitor: RunMonitor, tmp_path: Path, **kw: Any) -> Trainer:
+    return Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor],
+        **kw,
+    )
+
+
+def test_lightning_cpu_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    monitor = RunMonitor(
+        tmp_path, interval_s=0.02, total_tiles=10, progress=False, progress_source=lambda: 10
+    )
+    loader = DataLoader(TileDataset(10), batch_size=4)
+    with caplog.at_level(logging.INFO, logger="mgpr"):
+        _trainer(monitor, tmp_path).predict(TinyModel(), loader, return_predictions=False)
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages.count(NO_GPU_MESSAGE) == 1
+    assert any(m.startswith("progress: 10/10 tiles (100.0%)") for m in messages)
+    part = json.loads((tmp_path / "report_parts" / "rank0.json").read_text())
+    assert (part["batches"], part["tiles"], part["status"]) == (3, 10, "finished")
+    assert (part["device"], part["monitor_source"], part["gpu"]) == ("cpu", "host", None)
+    assert (part["global_rank"], part["local_rank"], part["world_size"]) == (0, 0, 1)
+    assert part["stats"]["samples"] >= 1 and part["stats"]["rss_bytes_peak"] > 0
+    assert part["stages_s"]["postprocess"] > 0
+    spent = part["data_wait_s"] + part["compute_s"] + sum(part["stages_s"].values())
+    assert 0 < spent <= part["wall_s"] + 1e-6
+    assert not monitor._sampler.running  # type: ignore[union-attr]
+    report = build_report(
+        tmp_path, 1, {"workers": 0, "batch_size": 4, "precision": "32-true", "cpus_per_task": 2}
+    )
+    assert report["hint"].startswith("cpu run:")
+    assert report["ranks"][0]["memory_kind"] == "host_rss" and report["totals"]["tiles"] == 10
+
+
+def test_lightning_failure_writes_failed_part(tmp_path: Path) -> None:
+    monitor = RunMonitor(tmp_path, interval_s=0.05, progress=False)
+    loader = DataLoader(TileDataset(10), batch_size=4)
+    with pytest.raises(RuntimeError, match="boom"):
+        _trainer(monitor, tmp_path).predict(TinyModel(fail_at=1), loader)
+    part = json.loads((tmp_path / "report_parts" / "rank0.json").read_text())
+    assert part["status"] == "failed" and part["error"] == "RuntimeError: boom"
+    assert (part["batches"], part["tiles"]) == (1, 4)
+
+
+def test_report_modules_import_light() -> None:
+    code = (
+        "import sys, mgpr.report, mgpr.gpu_monitor; "
+        "bad = [m for m in ('lightning', 'torch', 'matplotlib', 'pynvml') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.slow
+def test_lightning_two_rank_gloo(tmp_path: Path) -> None:
+    monitor = RunMonitor(tmp_path, interval_s=0.05, progress=False)
+    loader = DataLoader(TileDataset(12), batch_size=2)
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[monitor],
+    )
+    trainer.predict(TinyModel(), loader, return_predictions=False)
+    report = build_report(tmp_path, 2, {"workers": 0, "batch_size": 2, "precision": "32-true"})
+    assert report["missing_ranks"] == []
+    assert [r["global_rank"] for r in report["ranks"]] == [0, 1]
+    # Lightning's DistributedSampler splits 12 tiles over 2 ranks
+    assert report["totals"]["tiles"] == 12
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lightning_gpu_run(tmp_path: Path) -> None:
+    monitor = RunMonitor(tmp_path, interval_s=0.05, progress=False)
+    trainer = Trainer(
+        accelerator="gpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        callbacks=[monitor],
+    )
+    trainer.predict(TinyModel(), DataLoader(TileDataset(64), batch_size=8))
+    part = json.loads((tmp_path / "report_parts" / "rank0.json").read_text())
+    assert part["device"].startswith("cuda:") and part["tiles"] == 64
+    assert part["gpu"] is not None and part["gpu"]["memory_total_bytes"] > 0
+    assert part["stats"]["torch_max_allocated_bytes_peak"] > 0
+    if part["monitor_source"] == "nvml":
+        assert part["gpu"]["uuid"].startswith("GPU-") and part["stats"]["util_pct_avg"] is not None
+
+
+def test_run_monitor_pickles_settings_only(tmp_path: Path) -> None:
+    import pickle
+
+    monitor = RunMonitor(tmp_path, interval_s=0.2, total_tiles=5, backend=_fake())
+    monitor.record_stage("write", 1.0)
+    clone = pickle.loads(pickle.dumps(monitor))
+    assert (clone.run_dir, clone.interval_s, clone.total_tiles) == (tmp_path, 0.2, 5)
+    assert clone.stages_s == {} and clone.backend is not None

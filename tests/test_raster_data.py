@@ -1,0 +1,138 @@
+"""Inputs, windowed reads, nodata skipping, sharding and worker pickling (real GeoTIFFs)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader
+
+from mgpr.data import STATUS_EMPTY, STATUS_FAILED, STATUS_OK, TileDataset, shard_tiles
+from mgpr.errors import ConfigError, InputError
+from mgpr.raster import TileReader, check_bands, describe_raster, resolve_inputs
+from mgpr.tiling import plan_tiles
+
+
+def test_resolve_inputs_file_folder_glob_list(make_image, tmp_path: Path) -> None:
+    a = make_image("a.tif", width=300, height=200)
+    b = make_image("b.tif", width=300, height=200)
+    assert resolve_inputs(str(a.path)) == [str(a.path)]
+    assert resolve_inputs(str(tmp_path)) == sorted([str(a.path), str(b.path)])
+    assert resolve_inputs(str(tmp_path / "*.tif")) == sorted([str(a.path), str(b.path)])
+    listing = tmp_path / "list.txt"
+    listing.write_text("# my rasters\nb.tif\n\n" + str(a.path) + "\n")
+    assert resolve_inputs(str(listing)) == [str(b.path), str(a.path)]
+    assert resolve_inputs("/vsicurl/https://example.org/x.tif") == ["/vsicurl/https://example.org/x.tif"]
+
+
+def test_resolve_inputs_errors(tmp_path: Path) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        resolve_inputs(str(tmp_path / "missing.tif"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="folder without rasters"):
+        resolve_inputs(str(tmp_path / "empty"))
+    with pytest.raises(InputError, match="glob matches no file"):
+        resolve_inputs(str(tmp_path / "*.nothing"))
+    listing = tmp_path / "list.txt"
+    listing.write_text("ok.tif\n")
+    with pytest.raises(InputError, match=r"list.txt:1 names 'ok.tif'"):
+        resolve_inputs(str(listing))
+
+
+def test_not_a_raster(tmp_path: Path) -> None:
+    bad = tmp_path / "notes.tif"
+    bad.write_text("hello")
+    with pytest.raises(InputError, match="not a readable raster"):
+        describe_raster(str(bad))
+
+
+def test_band_checks(make_image) -> None:
+    info = describe_raster(str(make_image(width=64, height=64, bands=4).path))
+    assert check_bands(info, None, 3) == [1, 2, 3]
+    assert check_bands(info, [3, 2, 1], 3) == [3, 2, 1]
+    assert check_bands(info, None, 0) == [1, 2, 3, 4]
+    with pytest.raises(ConfigError, match="band 5"):
+        check_bands(info, [1, 2, 5], 3)
+    one = describe_raster(str(make_image("one.tif", width=64, height=64, bands=1).path))
+    with pytest.raises(ConfigError, match="needs 3"):
+        check_bands(one, None, 3)
+
+
+def test_tile_reads_match_rasterio_and_pad_edges(make_image) -> None:
+    img = make_image(width=300, height=200, bands=3)
+    info = describe_raster(str(img.path))
+    tiles = plan_tiles(info.path, info.height, info.width, 128, 16)
+    reader = TileReader({info.path: [1, 2, 3]}, 128)
+    with rasterio.open(img.path) as src:
+        full = src.read()
+    for tile in tiles:
+        arr = reader.read(tile)
+        assert arr.shape == (3, 128, 128) and arr.dtype == np.uint8
+        part = full[:, tile.row_off:tile.row_off + tile.valid_height,
+                    tile.col_off:tile.col_off + tile.valid_width]
+        np.testing.assert_array_equal(arr[:, :tile.valid_height, :tile.valid_width], part)
+        assert not arr[:, tile.valid_height:, :].any() and not arr[:, :, tile.valid_width:].any()
+
+
+@pytest.mark.parametrize("mode", ["value", "mask"])
+def test_nodata_tiles_are_skipped(make_image, mode: str) -> None:
+    img = make_image(width=512, height=512, nodata="border", nodata_mode=mode)
+    info = describe_raster(str(img.path))
+    assert info.has_mask
+    tiles = plan_tiles(info.path, info.height, info.width, 32, 0)
+    ds = TileDataset(tiles, TileReader({info.path: [1, 2, 3]}, 32), {info.path})
+    statuses = [int(ds[i]["status"]) for i in range(len(ds))]
+    assert STATUS_EMPTY in statuses and STATUS_OK in statuses
+    with rasterio.open(img.path) as src:
+        mask = src.dataset_mask()
+    for tile, status in zip(tiles, statuses, strict=True):
+        window_mask = mask[tile.row_off:tile.row_off + tile.valid_height,
+                           tile.col_off:tile.col_off + tile.valid_width]
+        assert (status == STATUS_EMPTY) == (not window_mask.any())
+
+
+def test_failed_read_is_recorded_not_raised(make_image, tmp_path: Path) -> None:
+    img = make_image(width=256, height=256)
+    info = describe_raster(str(img.path))
+    tiles = plan_tiles(info.path, info.height, info.width, 128, 0)
+    ds = TileDataset(tiles, TileReader({info.path: [1, 2, 3]}, 128), set())
+    img.path.unlink()  # the file vanishes after planning: every read fails
+    sample = ds[0]
+    assert int(sample["status"]) == STATUS_FAILED and sample["reason"]
+
+
+def test_dataset_pickles_and_runs_under_spawn(make_image) -> None:
+    img = make_image(width=256, height=256)
+    info = describe_raster(str(img.path))
+    tiles = plan_tiles(info.path, info.height, info.width, 128, 0)
+    ds = TileDataset(tiles, TileReader({info.path: [1, 2, 3]}, 128), set())
+    _ = ds[0]  # opens a handle in this process; pickling must drop it
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone.reader._handles == {}
+    loader = DataLoader(ds, batch_size=2, num_workers=1, multiprocessing_context="spawn")
+    indexes = torch.cat([b["index"] for b in loader]).tolist()
+    assert indexes == list(range(len(tiles)))
+
+
+@settings(max_examples=200, deadline=None)
+@given(n=st.integers(0, 60), world=st.integers(1, 9))
+def test_shards_cover_every_tile_exactly_once(n: int, world: int) -> None:
+    items = list(range(n))
+    shards = [shard_tiles(items, r, world) for r in range(world)]  # type: ignore[arg-type]
+    flat = [x for s in shards for x in s]
+    assert sorted(flat) == items
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_seven_tiles_on_two_ranks() -> None:
+    items = list(range(7))
+    assert shard_tiles(items, 0, 2) == [0, 1, 2, 3]  # type: ignore[arg-type]
+    assert shard_tiles(items, 1, 2) == [4, 5, 6]  # type: ignore[arg-type]
+    assert shard_tiles([0], 1, 2) == []  # type: ignore[arg-type]

@@ -1,0 +1,498 @@
+"""SLURM checks, job script and the two small CLIs, without a cluster (env dicts as srun sets)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from mgpr.errors import ConfigError, MgprError, SlurmMismatchError
+from mgpr.slurm import (
+    JOB_BODY,
+    SlurmTask,
+    check_slurm_task,
+    read_slurm_task,
+    render_job_script,
+    resolve_devices,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+JOB = REPO / "jobs" / "job.slurm"
+
+# What a task of `sbatch --ntasks-per-node=2 --gpus=2 --cpus-per-task=2` saw on the local cluster
+# (SLURM 22.05, see notes/slurm-local.md), trimmed to the variables that matter.
+STEP_ENV = {
+    "CUDA_VISIBLE_DEVICES": "0,1",
+    "SLURM_CPUS_PER_TASK": "2",
+    "SLURM_GPUS": "2",
+    "SLURM_GPUS_ON_NODE": "2",
+    "SLURM_JOB_GPUS": "0,1",
+    "SLURM_JOB_ID": "16",
+    "SLURM_JOBID": "16",
+    "SLURM_JOB_NAME": "mgpr",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_LOCALID": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_NODEID": "0",
+    "SLURM_NPROCS": "2",
+    "SLURM_NTASKS": "2",
+    "SLURM_NTASKS_PER_NODE": "2",
+    "SLURM_PROCID": "1",
+    "SLURM_STEPID": "0",
+    "SLURM_STEP_GPUS": "0,1",
+    "SLURM_STEP_ID": "0",
+    "SLURM_TASKS_PER_NODE": "2",
+}
+# The batch shell of the same job: SLURM_PROCID=0 but no step id.
+BATCH_ENV = {k: v for k, v in STEP_ENV.items() if "STEP" not in k} | {"SLURM_PROCID": "0"}
+
+
+def task(**changes: object) -> SlurmTask:
+    """The task of STEP_ENV with some fields changed."""
+    base = read_slurm_task(STEP_ENV)
+    assert base is not None
+    fields = {f: getattr(base, f) for f in SlurmTask.__slots__} | changes
+    return SlurmTask(**fields)  # type: ignore[arg-type]
+
+
+# ---- read_slurm_task ---------------------------------------------------------------------------
+
+
+def test_read_step_env() -> None:
+    assert read_slurm_task(STEP_ENV) == SlurmTask(
+        job_id="16",
+        ntasks=2,
+        ntasks_per_node=2,
+        nnodes=1,
+        procid=1,
+        localid=1,
+        nodeid=0,
+        cpus_per_task=2,
+        gpus_on_node=2,
+        cuda_visible_devices="0,1",
+        job_name="mgpr",
+    )
+
+
+@pytest.mark.parametrize(
+    "env", [{}, {"PATH": "/bin"}, BATCH_ENV, {"SLURM_JOB_ID": "3", "SLURM_NTASKS": "2"}]
+)
+def test_read_outside_a_step_is_none(env: dict[str, str]) -> None:
+    assert read_slurm_task(env) is None
+
+
+def test_read_plain_srun_without_optional_vars() -> None:
+    # `srun -n 2 ...` outside sbatch: no SLURM_NTASKS_PER_NODE, no CPUs/GPUs variables.
+    env = {
+        "SLURM_PROCID": "0",
+        "SLURM_STEP_ID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_JOB_NUM_NODES": "1",
+        "SLURM_JOB_ID": "7",
+        "SLURM_JOB_NAME": "bash",
+    }
+    t = read_slurm_task(env)
+    assert t is not None
+    assert (t.ntasks, t.ntasks_per_node, t.nnodes, t.cpus_per_task, t.gpus_on_node) == (
+        2,
+        None,
+        1,
+        None,
+        None,
+    )
+    assert t.cuda_visible_devices is None and t.job_name == "bash"
+
+
+def test_read_multi_node_and_repeat_counts() -> None:
+    env = STEP_ENV | {
+        "SLURM_NNODES": "2",
+        "SLURM_NTASKS": "4",
+        "SLURM_PROCID": "3",
+        "SLURM_NODEID": "1",
+        "SLURM_NTASKS_PER_NODE": "2(x2)",
+    }
+    t = read_slurm_task(env)
+    assert t is not None and (t.nnodes, t.ntasks, t.ntasks_per_node, t.nodeid) == (2, 4, 2, 1)
+
+
+def test_read_garbage_is_an_error() -> None:
+    with pytest.raises(SlurmMismatchError, match="SLURM_NTASKS='x'"):
+        read_slurm_task(STEP_ENV | {"SLURM_NTASKS": "x"})
+
+
+# ---- resolve_devices ---------------------------------------------------------------------------
+
+
+def test_resolve_outside_slurm() -> None:
+    assert resolve_devices(None, None, None) == (1, 1)
+    assert resolve_devices(None, None, None, default_devices=4) == (4, 1)
+    assert resolve_devices(None, 2, 3) == (2, 3)
+
+
+def test_resolve_under_srun_defaults_to_slurm() -> None:
+    assert resolve_devices(task(), None, None) == (2, 1)
+    assert resolve_devices(task(ntasks=8, ntasks_per_node=4, nnodes=2), None, None) == (4, 2)
+    assert resolve_devices(task(ntasks=4, ntasks_per_node=None, nnodes=2), None, None) == (2, 2)
+    # explicit values are kept (check_slurm_task refuses them if they disagree)
+    assert resolve_devices(task(), 1, 1) == (1, 1)
+
+
+@pytest.mark.parametrize(
+    ("devices", "nodes", "key"), [(0, None, "gpus=0"), (None, 0, "num_nodes=0")]
+)
+def test_resolve_rejects_below_one(devices: int | None, nodes: int | None, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        resolve_devices(task(), devices, nodes)
+
+
+# ---- check_slurm_task: refusals ----------------------------------------------------------------
+
+
+def check(t: SlurmTask, **kw: object) -> list[str]:
+    args: dict[str, object] = {
+        "devices": None,
+        "num_nodes": None,
+        "workers": 1,
+        "accelerator": "auto",
+        "cuda_device_count": 2,
+    }
+    return check_slurm_task(t, **(args | kw))  # type: ignore[arg-type]
+
+
+def test_consistent_job_has_no_warnings() -> None:
+    assert check(task()) == []
+    assert check(task(), devices=2, num_nodes=1, workers=1, accelerator="gpu") == []
+
+
+def test_gpus_disagrees_with_ntasks_per_node() -> None:
+    with pytest.raises(SlurmMismatchError) as err:
+        check(task(ntasks=1, ntasks_per_node=1), devices=2)
+    assert str(err.value) == (
+        "gpus=2 but sbatch --ntasks-per-node=1: submit with --ntasks-per-node=2 "
+        "--gpus-per-node=2, or drop gpus=."
+    )
+    assert isinstance(err.value, RuntimeError) and isinstance(err.value, MgprError)
+
+
+def test_ntasks_without_ntasks_per_node() -> None:
+    with pytest.raises(SlurmMismatchError) as err:
+        check(task(ntasks_per_node=None))
+    msg = str(err.value)
+    assert "SLURM_NTASKS=2" in msg
+    assert "submit with --ntasks-per-node=N instead of --ntasks" in msg
+
+
+def test_step_tasks_disagree_with_ntasks_per_node_times_nodes() -> None:
+    with pytest.raises(SlurmMismatchError, match=r"--ntasks-per-node=2 x --nodes=1 is 2"):
+        check(task(ntasks=3))
+
+
+def test_num_nodes_disagrees_with_nodes() -> None:
+    with pytest.raises(SlurmMismatchError) as err:
+        check(task(), num_nodes=2)
+    assert str(err.value) == (
+        "num_nodes=2 but sbatch --nodes=1: submit with --nodes=2, or drop num_nodes=."
+    )
+
+
+def test_more_ranks_than_gpus() -> None:
+    t = task(ntasks=4, ntasks_per_node=4, gpus_on_node=2)
+    with pytest.raises(SlurmMismatchError) as err:
+        check(t, accelerator="gpu", cuda_device_count=2)
+    msg = str(err.value)
+    assert "sbatch --ntasks-per-node=4" in msg and "only 2 GPU(s)" in msg
+    assert "--gpus-per-node=4" in msg and "--ntasks-per-node=2" in msg
+    # auto with a GPU present is GPU mode too
+    with pytest.raises(SlurmMismatchError):
+        check(t, accelerator="auto", cuda_device_count=2)
+    # CPU ranks may outnumber GPUs
+    assert check(t, accelerator="cpu", cuda_device_count=2, workers=0) == []
+
+
+def test_gpus_per_task_is_refused_with_its_flag() -> None:
+    # --gpus-per-task=1: the node has 2 GPUs but each task sees only its own.
+    t = task(cuda_visible_devices="1", gpus_on_node=2)
+    with pytest.raises(SlurmMismatchError) as err:
+        check(t, accelerator="gpu", cuda_device_count=1)
+    msg = str(err.value)
+    assert "instead of --gpus-per-task" in msg and "--gpus-per-node=2" in msg
+
+
+def test_gpu_accelerator_without_gpu() -> None:
+    with pytest.raises(SlurmMismatchError, match="accelerator=gpu but no GPU is visible"):
+        check(task(), accelerator="gpu", cuda_device_count=0)
+
+
+def test_workers_above_cpus_per_task() -> None:
+    with pytest.raises(SlurmMismatchError) as err:
+        check(task(cpus_per_task=4), workers=8)
+    assert str(err.value) == (
+        "workers=8 but sbatch --cpus-per-task=4: submit with --cpus-per-task=9, or set workers=3."
+    )
+
+
+# ---- check_slurm_task: warnings ----------------------------------------------------------------
+
+
+def test_warns_cpu_fallback_when_slurm_gave_gpus_torch_cannot_see() -> None:
+    warnings = check(task(), cuda_device_count=0)
+    assert any(
+        "CUDA_VISIBLE_DEVICES=0,1" in w and "falling back to CPU ranks (gloo)" in w
+        for w in warnings
+    )
+
+
+@pytest.mark.parametrize("name", ["bash", "interactive"])
+def test_warns_job_name_disabling_lightning_slurm(name: str) -> None:
+    warnings = check(task(job_name=name))
+    assert any(f"'{name}'" in w and "--job-name=mgpr" in w for w in warnings)
+
+
+def test_warns_workers_without_cpus_per_task_and_workers_equal_cpus() -> None:
+    assert any("--cpus-per-task=4" in w for w in check(task(cpus_per_task=None), workers=3))
+    assert any("set workers=1" in w for w in check(task(cpus_per_task=2), workers=2))
+
+
+def test_warns_idle_gpus() -> None:
+    t = task(ntasks=1, ntasks_per_node=1)
+    assert any("1 GPU(s) stay idle" in w for w in check(t, cuda_device_count=2))
+
+
+# ---- job script --------------------------------------------------------------------------------
+
+
+def test_job_template_flags() -> None:
+    text = JOB.read_text()
+    for line in (
+        "#SBATCH --job-name=mgpr",
+        "#SBATCH --ntasks-per-node=1",
+        "#SBATCH --gpus=1",
+        "#SBATCH --cpus-per-task=4",
+        "#SBATCH --output=slurm_logs/%j.out",
+        "#SBATCH --error=slurm_logs/%j.err",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --signal=USR1@120",
+        "#SBATCH --requeue",
+    ):
+        assert line in text.splitlines(), line
+    assert (REPO / "slurm_logs").is_dir()
+
+
+def test_job_template_body_is_the_rendered_body() -> None:
+    assert JOB.read_text().split("set -euo pipefail\n", 1)[1] == JOB_BODY
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
+def test_job_template_and_rendered_script_parse() -> None:
+    subprocess.run(["bash", "-n", str(JOB)], check=True)
+    text = render_job_script(2, 2, 4, "1-00:00:00", "gpu", "acc", "mgpr", ["a=b c", "x='y'"])
+    subprocess.run(["bash", "-n"], input=text, text=True, check=True)
+
+
+def _run_job_locally(tmp_path: Path, script: Path, args: list[str], cpus: str | None) -> list[str]:
+    """Run a job script outside SLURM with a fake srun; return the argv srun received."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir(exist_ok=True)
+    fake_srun = bindir / "srun"
+    fake_srun.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS_FILE"\n')
+    fake_srun.chmod(0o755)
+    env = {
+        "PATH": f"{bindir}:/usr/bin:/bin",
+        "SLURM_SUBMIT_DIR": str(tmp_path),
+        "SLURM_JOB_ID": "42",
+        "MGPR_BIN": "/fake/mgpr",
+        "SRUN_ARGS_FILE": str(tmp_path / "srun.args"),
+    } | ({"SLURM_CPUS_PER_TASK": cpus} if cpus else {})
+    proc = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "=== mgpr job 42" in proc.stdout
+    return (tmp_path / "srun.args").read_text().splitlines()
+
+
+def test_job_template_adds_defaults_unless_given(tmp_path: Path) -> None:
+    argv = _run_job_locally(tmp_path, JOB, ["input_path=/d/o.tif", "model=fasterrcnn"], "4")
+    assert argv == [
+        "--kill-on-bad-exit=1",
+        "/fake/mgpr",
+        "input_path=/d/o.tif",
+        "model=fasterrcnn",
+        "output_dir=runs/slurm-42",
+        "workers=3",
+        "progress=false",
+    ]
+    argv = _run_job_locally(tmp_path, JOB, ["output_dir=x", "workers=0", "progress=true"], "4")
+    assert argv[2:] == ["output_dir=x", "workers=0", "progress=true"]
+    argv = _run_job_locally(tmp_path, JOB, [], None)  # no --cpus-per-task: leave workers alone
+    assert argv[2:] == ["output_dir=runs/slurm-42", "progress=false"]
+
+
+def test_rendered_script(tmp_path: Path) -> None:
+    text = render_job_script(
+        gpus_per_node=4,
+        nodes=2,
+        cpus_per_task=8,
+        time="04:00:00",
+        partition="gpu",
+        account="X",
+        job_name="mgpr",
+        overrides=["input_path=/data/my ortho.tif", "model=fasterrcnn"],
+    )
+    lines = text.splitlines()
+    for opt in (
+        "--job-name=mgpr",
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--cpus-per-task=8",
+        "--time=04:00:00",
+        "--partition=gpu",
+        "--account=X",
+        "--output=slurm_logs/%j.out",
+        "--signal=USR1@120",
+        "--requeue",
+        "--open-mode=append",
+    ):
+        assert f"#SBATCH {opt}" in lines, opt
+    assert text.endswith(JOB_BODY)
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    argv = _run_job_locally(tmp_path, script, ["tile_size=256"], "8")
+    assert argv[2:5] == ["input_path=/data/my ortho.tif", "model=fasterrcnn", "tile_size=256"]
+    assert "workers=7" in argv
+    no_extras = render_job_script(1, 1, 1, "10", None, None, "x", [])
+    assert (
+        "--partition" not in no_extras
+        and "--account" not in no_extras
+        and "set --" not in no_extras
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"job_name": "bash"}, "--job-name=bash"),
+        ({"time": "4h"}, "--time='4h'"),
+        ({"nodes": 0}, "--nodes=0"),
+        ({"gpus_per_node": 0}, "--gpus-per-node=0"),
+        ({"partition": "gpu\n#SBATCH --x"}, "--partition="),
+        ({"overrides": ["--gpus"]}, "'--gpus' is not a Hydra override"),
+    ],
+)
+def test_render_rejects(kwargs: dict[str, object], needle: str) -> None:
+    args: dict[str, object] = {
+        "gpus_per_node": 1,
+        "nodes": 1,
+        "cpus_per_task": 1,
+        "time": "01:00:00",
+        "partition": None,
+        "account": None,
+        "job_name": "mgpr",
+        "overrides": [],
+    } | kwargs
+    with pytest.raises(ConfigError) as err:
+        render_job_script(**args)  # type: ignore[arg-type]
+    assert needle in str(err.value)
+
+
+# ---- mgpr-slurm-job ----------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_cli_slurm_job_prints_script() -> None:
+    from mgpr.cli_slurm_job import app
+
+    args = ["--gpus-per-node", "4", "--nodes", "2", "--cpus-per-task", "8", "--time", "04:00:00"]
+    args += [
+        "--partition",
+        "gpu",
+        "--account",
+        "X",
+        "--",
+        "input_path=/data/ortho.tif",
+        "model=fasterrcnn",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "#SBATCH --ntasks-per-node=4" in result.stdout
+    assert "set -- input_path=/data/ortho.tif model=fasterrcnn" in result.stdout
+
+
+def test_cli_slurm_job_output_file_and_force(tmp_path: Path) -> None:
+    from mgpr.cli_slurm_job import app
+
+    out = tmp_path / "job.sh"
+    assert runner.invoke(app, ["--output", str(out)]).exit_code == 0
+    assert out.read_text().startswith("#!/bin/bash") and os.access(out, os.X_OK)
+    again = runner.invoke(app, ["--output", str(out)])
+    assert again.exit_code == 2 and "pass --force" in again.stderr
+    assert runner.invoke(app, ["--output", str(out), "--force", "--nodes", "3"]).exit_code == 0
+    assert "#SBATCH --nodes=3" in out.read_text()
+
+
+def test_cli_slurm_job_errors_are_one_line() -> None:
+    from mgpr.cli_slurm_job import app
+
+    bad_key = runner.invoke(app, ["--", "tile_sise=512"])
+    assert bad_key.exit_code == 2
+    assert bad_key.stderr.strip().splitlines() == [
+        "unknown mgpr config key 'tile_sise' in override 'tile_sise=512': did you mean tile_size=?"
+    ]
+    bad_name = runner.invoke(app, ["--job-name", "interactive"])
+    assert bad_name.exit_code == 2 and "--job-name=interactive" in bad_name.stderr
+    assert runner.invoke(app, ["--nodes", "0"]).exit_code == 2  # typer's own range check
+
+
+# ---- mgpr-doctor -------------------------------------------------------------------------------
+
+LINE = re.compile(r"^(OK  |WARN|FAIL)  [\w ]+: .+")
+
+
+def test_doctor_runs_here(tmp_path: Path) -> None:
+    from mgpr.cli_doctor import app
+
+    result = runner.invoke(app, ["--model", "resnet50", "--output-dir", str(tmp_path / "runs")])
+    assert result.exit_code in (0, 1), result.output
+    lines = result.stdout.splitlines()
+    assert lines and all(LINE.match(line) for line in lines), lines
+    checks = {line[6:].split(":", 1)[0] for line in lines}
+    assert {
+        "torch",
+        "gpus",
+        "nccl",
+        "gloo",
+        "rasterio",
+        "slurm",
+        "cpus",
+        "weights resnet50",
+        "disk",
+    } <= checks
+    assert (result.exit_code == 1) == any(line.startswith("FAIL") for line in lines)
+
+
+def test_doctor_slurm_check_in_and_out_of_a_task(tmp_path: Path) -> None:
+    from mgpr.cli_doctor import Accelerator, DoctorOptions, Status, check_slurm
+
+    opts = DoctorOptions(4, None, Accelerator.AUTO, ("resnet50",), tmp_path)
+    assert [f.line() for f in check_slurm({}, opts, 0)] == ["OK    slurm: not in a SLURM task"]
+    assert "batch shell" in check_slurm(BATCH_ENV, opts, 0)[0].finding
+    bad = check_slurm(STEP_ENV, opts, 0)  # workers=4 > --cpus-per-task=2
+    assert bad[0].status is Status.FAIL and "--cpus-per-task=5" in bad[0].line()
+    ok = check_slurm(STEP_ENV, DoctorOptions(1, None, Accelerator.AUTO, (), tmp_path), 0)
+    assert [f.status for f in ok] == [Status.OK, Status.WARN]  # WARN: CPU fallback
+    assert "falling back to CPU ranks" in ok[1].line()
+
+
+def test_slurm_module_imports_no_torch_lightning_or_typer() -> None:
+    code = (
+        "import sys, mgpr.slurm; "
+        "bad = [m for m in ('torch', 'lightning', 'typer') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,0 +1,193 @@
+"""Tests of mgpr.models.weights and the mgpr-fetch-weights CLI (no network, temp TORCH_HOME)."""
+
+from __future__ import annotations
+
+import hashlib
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import mgpr.models.weights as weights_mod
+from mgpr.cli_weights import app
+from mgpr.errors import EXIT_USAGE, ModelError
+from mgpr.models.weights import (
+    fetch_weights,
+    file_sha256,
+    file_weights_id,
+    load_checkpoint,
+    weights_cache_file,
+    weights_cached,
+)
+
+
+@pytest.fixture(autouse=True)
+def torch_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Point torch.hub at an empty temp dir."""
+    home = tmp_path / "torch"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None, raising=False)
+    return home
+
+
+@pytest.fixture
+def offline(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Make every download raise URLError; records the URLs tried."""
+    tried: list[str] = []
+
+    def fail(url: str, dst: Path, hash_prefix: str | None, progress: bool) -> None:
+        tried.append(url)
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(weights_mod, "_download", fail)
+    return tried
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self, out: int = 2) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, out)
+
+
+def test_cache_file_names(torch_home: Path) -> None:
+    ckpts = torch_home / "hub" / "checkpoints"
+    assert weights_cache_file("resnet50", "DEFAULT") == ckpts / "resnet50-11ad3fa6.pth"
+    assert weights_cache_file("resnet50", "IMAGENET1K_V1") == ckpts / "resnet50-0676ba61.pth"
+    assert weights_cache_file("fasterrcnn", "COCO_V1") == (
+        ckpts / "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    )
+    for name, weights in [("resnet50", "none"), ("reference", "DEFAULT"), ("x.y:z", "DEFAULT")]:
+        assert weights_cache_file(name, weights) is None
+        assert weights_cached(name, weights)
+    assert not weights_cached("fasterrcnn", "DEFAULT")
+    target = weights_cache_file("fasterrcnn", "DEFAULT")
+    assert target is not None
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"x")
+    assert weights_cached("fasterrcnn", "DEFAULT")
+
+
+def test_fetch_downloads_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str | None]] = []
+
+    def fake(url: str, dst: Path, hash_prefix: str | None, progress: bool) -> None:
+        calls.append((url, hash_prefix))
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(b"weights")
+
+    monkeypatch.setattr(weights_mod, "_download", fake)
+    path = fetch_weights("resnet50", "DEFAULT")
+    assert path == weights_cache_file("resnet50", "DEFAULT") and path is not None and path.is_file()
+    assert fetch_weights("resnet50", "IMAGENET1K_V2") == path
+    assert calls == [("https://download.pytorch.org/models/resnet50-11ad3fa6.pth", "11ad3fa6")]
+    assert fetch_weights("resnet50", "none") is None
+
+
+def test_fetch_offline_message(offline: list[str], torch_home: Path) -> None:
+    with pytest.raises(ModelError) as info:
+        fetch_weights("fasterrcnn", "DEFAULT")
+    msg = str(info.value)
+    ckpts = torch_home / "hub" / "checkpoints"
+    assert msg == (
+        f"weights=DEFAULT for fasterrcnn are not in the cache ({ckpts}) and cannot be downloaded "
+        "([Errno -3] Temporary failure in name resolution); on a machine with internet run "
+        f"`mgpr-fetch-weights fasterrcnn` (TORCH_HOME={torch_home}) or pass weights=<local .pth>."
+    )
+    assert len(offline) == 1
+    with pytest.raises(ModelError, match="`mgpr-fetch-weights resnet50 --weights IMAGENET1K_V1`"):
+        fetch_weights("resnet50", "IMAGENET1K_V1")
+
+
+def test_load_checkpoint_forms(tmp_path: Path) -> None:
+    src = Tiny()
+    sd = src.state_dict()
+    forms = {
+        "raw.pth": sd,
+        "wrapped.ckpt": {"state_dict": {f"model.{k}": v for k, v in sd.items()}, "epoch": 1},
+        "ddp.pth": {"model": {f"module.{k}": v for k, v in sd.items()}},
+    }
+    for name, obj in forms.items():
+        path = tmp_path / name
+        torch.save(obj, path)
+        dst = Tiny()
+        weights_id = load_checkpoint(path, dst)
+        assert weights_id == f"file:{path.resolve()}#sha256:{file_sha256(path)}"
+        for key, value in sd.items():
+            torch.testing.assert_close(dst.state_dict()[key], value)
+
+
+def test_load_checkpoint_mismatch_names_keys(tmp_path: Path) -> None:
+    path = tmp_path / "other.pth"
+    state = Tiny(out=5).state_dict()
+    del state["conv.bias"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(path, Tiny(), model_name="tiny")
+    msg = str(info.value)
+    assert msg.startswith(f"weights={path} does not fit model=tiny:")
+    assert "1 missing: conv.bias" in msg and "1 unexpected: extra.weight" in msg
+    assert "fc.weight (5, 4) vs (2, 4)" in msg and "\n" not in msg
+
+
+def test_load_checkpoint_bad_files(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="no such checkpoint file"):
+        load_checkpoint(tmp_path / "absent.pth", Tiny())
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError, match=r"cannot be read with torch.load\(weights_only=True\)"):
+        load_checkpoint(garbage, Tiny())
+    a_list = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], a_list)
+    with pytest.raises(ModelError, match="holds list, not a state_dict"):
+        load_checkpoint(a_list, Tiny())
+
+
+def test_file_hash_helpers(tmp_path: Path) -> None:
+    path = tmp_path / "w.bin"
+    path.write_bytes(b"abc" * 1000)
+    digest = hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert file_sha256(path) == digest[:16]
+    assert file_weights_id(path) == f"file:{path.resolve()}#sha256:{digest[:16]}"
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_cli_offline_is_one_line_exit_2(offline: list[str]) -> None:
+    result = CliRunner().invoke(app, ["fasterrcnn", "--no-progress"])
+    assert result.exit_code == EXIT_USAGE
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot be downloaded" in lines[0]
+    assert "mgpr-fetch-weights fasterrcnn" in lines[0]
+
+
+def test_cli_cached_file_prints_path_and_size(offline: list[str]) -> None:
+    target = weights_cache_file("resnet50", "IMAGENET1K_V1")
+    assert target is not None
+    target.parent.mkdir(parents=True)
+    target.write_bytes(b"0" * 1234)  # never loaded: the CLI only checks the cache
+    result = CliRunner().invoke(app, ["resnet50", "--weights", "IMAGENET1K_V1"])
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout == f"{target}\t1234 bytes\n"
+    assert offline == []
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["reference"], "model=reference has no downloadable weights"),
+        (["resnet5"], "model=resnet5 has no downloadable weights"),
+        (["resnet50", "--weights", "none"], "nothing to download"),
+        (["resnet50", "--weights", "V9"], "weights=V9 is not a weights name for model=resnet50"),
+    ],
+)
+def test_cli_usage_errors(args: list[str], needle: str, offline: list[str]) -> None:
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == EXIT_USAGE
+    assert needle in result.stderr and len(result.stderr.strip().splitlines()) == 1
