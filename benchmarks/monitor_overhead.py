@@ -41,15 +41,22 @@ def make_sampler(interval_s: float) -> DeviceSampler:
     return DeviceSampler(gpu=None, backend=None, torch_device_index=None, interval_s=interval_s)
 
 
-def work(iterations: int) -> float:
-    """Run ``iterations`` 128x128 float32 matmuls; return the wall time in seconds."""
+def work(iterations: int) -> tuple[float, float]:
+    """Run ``iterations`` 128x128 float32 matmuls.
+
+    Returns:
+        (wall seconds, CPU seconds of the OTHER threads of this process meanwhile, i.e. the
+        sampler thread's own cost; immune to other users of a shared machine).
+    """
     a = torch.randn(128, 128)
     b = torch.randn(128, 128)
-    start = time.perf_counter()
+    start, cpu0, mine0 = time.perf_counter(), time.process_time(), time.thread_time()
     for _ in range(iterations):
         a = torch.mm(a, b)
         a = a / (a.abs().max() + 1.0)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    others = (time.process_time() - cpu0) - (time.thread_time() - mine0)
+    return wall, max(0.0, others)
 
 
 def main() -> None:
@@ -60,16 +67,19 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    per_iter = work(2000) / 2000
+    per_iter = work(2000)[0] / 2000
     iterations = max(1000, int(args.seconds / per_iter))
     configs: list[float | None] = [None, 0.5, 0.05]
     times: dict[float | None, list[float]] = {c: [] for c in configs}
+    other_cpu: dict[float | None, list[float]] = {c: [] for c in configs}
     for _ in range(args.rounds):
         for interval in configs:
             sampler = None if interval is None else make_sampler(interval)
             if sampler is not None:
                 sampler.start()
-            times[interval].append(work(iterations))
+            wall, others = work(iterations)
+            times[interval].append(wall)
+            other_cpu[interval].append(others / wall)
             if sampler is not None:
                 sampler.stop()
 
@@ -84,21 +94,22 @@ def main() -> None:
     if probe.gpu is None and torch.cuda.is_available():
         kind = "torch.cuda + RSS (no NVML)"
     print(f"sampler reads: {kind}; work: {iterations} matmuls, {args.rounds} rounds, 1 thread")
-    base = statistics.median(times[None])
-    print(f"no sampler      : median {base:.3f} s  (min {min(times[None]):.3f} s)")
+    base, base_min = statistics.median(times[None]), min(times[None])
+    print(f"no sampler      : wall median {base:.3f} s, min {base_min:.3f} s")
     for interval in configs[1:]:
         assert interval is not None
-        med = statistics.median(times[interval])
+        med, low = statistics.median(times[interval]), min(times[interval])
+        thread = statistics.median(other_cpu[interval]) - statistics.median(other_cpu[None])
         print(
-            f"sampler {interval:>5.2f} s : median {med:.3f} s  (min {min(times[interval]):.3f} s)"
-            f"  ratio {med / base:.4f}  ({100 * (med / base - 1):+.2f}%)"
+            f"sampler {interval:>5.2f} s : wall median {med:.3f} s, min {low:.3f} s; "
+            f"min-ratio {low / base_min:.4f} ({100 * (low / base_min - 1):+.2f}%); "
+            f"sampler thread CPU {100 * thread:.3f}% of the run"
         )
     print(f"sample_once     : {1e6 * per_sample_s:.1f} us per sample")
     for interval in configs[1:]:
         assert interval is not None
-        print(
-            f"  implied thread cost at {interval:.2f} s: {100 * per_sample_s / interval:.4f}% of a core"
-        )
+        share = 100 * per_sample_s / interval
+        print(f"  implied thread cost at {interval:.2f} s: {share:.4f}% of a core")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,9 @@ app = typer.Typer(
 def fetch(
     models: Annotated[
         list[str],
-        typer.Argument(help="Model names with downloadable weights: resnet50, fasterrcnn."),
+        typer.Argument(
+            metavar="MODEL...", help="Model names with downloadable weights: resnet50, fasterrcnn."
+        ),
     ],
     weights: Annotated[
         str,

@@ -108,6 +108,9 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     cfg.devices = None
     if isinstance(cfg.weights, str) and cfg.weights.lower() in {"none", "null", ""}:
         cfg.weights = "none"
+    if cfg.model is not None and cfg.model.lower() == "none":
+        raise ConfigError("model=none is not a model; use model=null for the near-zero-cost "
+                          "model, or one of resnet50, fasterrcnn, reference")
     _check_ranges(cfg)
     return cfg
 
@@ -150,10 +153,24 @@ def _check_ranges(cfg: PredictConfig) -> None:
             )
 
 
+def _quote_name_values(overrides: Sequence[str]) -> list[str]:
+    """Keep ``model=null`` (the built-in null model) and ``weights=null`` as strings.
+
+    Hydra reads a bare ``null`` as None; for these two keys the word is a name.
+    """
+    out = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.lstrip("+~") in ("model", "weights") and value.lower() in ("null", "none"):
+            item = f"{key}='{value.lower()}'"
+        out.append(item)
+    return out
+
+
 def load_config(overrides: Sequence[str]) -> PredictConfig:
     """Parse, type-check and normalise ``key=value`` overrides into a PredictConfig."""
     _check_override_keys(overrides)
-    return normalise(_compose(overrides))
+    return normalise(_compose(_quote_name_values(overrides)))
 
 
 def describe_keys() -> str:

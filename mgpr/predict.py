@@ -237,6 +237,31 @@ def _install_signal_handlers() -> dict[int, Any]:
     return previous
 
 
+def _requeue_on_usr1(signal_name: str, rank: int) -> bool:
+    """On SIGUSR1 (``sbatch --signal=USR1@N``: time limit near), rank 0 requeues the job.
+
+    Preemption needs nothing from us: SLURM requeues a preempted job itself and sends SIGTERM.
+    """
+    job = os.environ.get("SLURM_JOB_ID")
+    if signal_name != "SIGUSR1" or not job:
+        return False
+    if rank != 0:
+        return True
+    import subprocess
+
+    try:
+        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.warning("could not requeue job %s: %s", job, exc)
+        return False
+    if proc.returncode != 0:
+        log.warning("scontrol requeue %s failed: %s", job, proc.stderr.strip())
+        return False
+    log.info("requeued SLURM job %s; it resumes from the finished tiles", job)
+    return True
+
+
 def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
     """Run one prediction job on this process's rank; returns the process exit code."""
     previous = _install_signal_handlers()
@@ -268,18 +293,12 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     accelerator = resolve_accelerator(cfg.accelerator)
     devices, num_nodes, slurm_task = _resolve_devices(cfg, accelerator)
 
-    adapter = _build_adapter(cfg, model_name, rank)
-    if adapter.random_weights and rank == 0 and model_name not in ("reference", "null"):
-        log.warning("weights=none: %s runs with RANDOM weights; its predictions are meaningless",
-                    model_name)
-
     truth_path: Path | None = None
     rasters: list[Any] = []
     tiles: list[Any] = []
     bands: dict[str, list[int]] = {}
     if not cfg.use_fake_data:
-        from mgpr.raster import check_bands, describe_raster, resolve_inputs
-        from mgpr.tiling import plan_tiles
+        from mgpr.raster import describe_raster, resolve_inputs
 
         if demo:
             image, truth_path = _demo_image(run_dir, cfg, rank, cfg.tile_size, cfg.overlap)
@@ -287,14 +306,24 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
         else:
             assert cfg.input_path is not None
             input_path = cfg.input_path
-        for path in resolve_inputs(input_path):
-            info = describe_raster(path)
+        # Inputs are checked before the model is built: a typo in a path must not wait for
+        # (or fail on) a weights download.
+        rasters = [describe_raster(path) for path in resolve_inputs(input_path)]
+    adapter = _build_adapter(cfg, model_name, rank)
+    if adapter.random_weights and rank == 0 and model_name not in ("reference", "null"):
+        log.warning("weights=none: %s runs with RANDOM weights; its predictions are meaningless",
+                    model_name)
+    if not cfg.use_fake_data:
+        from mgpr.raster import check_bands
+        from mgpr.tiling import plan_tiles
+
+        for info in rasters:
             if info.crs_wkt is None and rank == 0:
                 log.warning("%s has no CRS: its results are in pixel coordinates "
-                            "(x = column, y = row)", path)
-            bands[path] = check_bands(info, cfg.bands, adapter.in_bands)
-            rasters.append(info)
-            tiles.extend(plan_tiles(path, info.height, info.width, cfg.tile_size, cfg.overlap))
+                            "(x = column, y = row)", info.path)
+            bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands)
+            tiles.extend(plan_tiles(info.path, info.height, info.width, cfg.tile_size,
+                                    cfg.overlap))
         if adapter.task == "detection" and cfg.overlap == 0 and rank == 0:
             log.warning("overlap=0 with a detector: objects cut by a tile seam are found as "
                         "two halves; set overlap to at least the largest object's size in pixels")
@@ -312,9 +341,12 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
                             bands=bands, accelerator=accelerator, devices=devices,
                             num_nodes=num_nodes, precision=precision, slurm_task=slurm_task)
     except RunInterrupted as exc:
+        requeued = _requeue_on_usr1(str(exc), rank)
         if rank == 0:
+            then = ("SLURM requeues the job and it resumes" if requeued
+                    else "re-run the same command to resume")
             print(f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/shards; "
-                  "re-run the same command to resume", file=sys.stderr)
+                  f"{then}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if stats["global_rank"] != 0:
         return 0

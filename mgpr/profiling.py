@@ -87,8 +87,9 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities.rank_zero import rank_prefixed_message, rank_zero_only
+from lightning_utilities.core.rank_zero import rank_prefixed_message
 
 from mgpr.errors import ConfigError
 from mgpr.gpu_monitor import (
@@ -488,7 +489,13 @@ class RunMonitor(Callback):
             self._finish("failed", f"{type(exception).__name__}: {exception}")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Make sure the sampling thread and NVML are released."""
+        """Release the thread and NVML; write an empty part for a rank that predicted nothing.
+
+        Lightning skips on_predict_start/on_predict_end when a rank's DataLoader is empty (a
+        rank with no tiles is allowed); its part then says 0 batches instead of "missing".
+        """
+        if stage == "predict" and self._ranks and not self._finalised:
+            self._finish("finished", None)
         self._stop_sampler()
 
     # -------------------------------------------------------------- helpers

@@ -447,7 +447,9 @@ def plot_report(
         xs = list(range(len(rows)))
         bottom = [0.0] * len(rows)
         stage_names = sorted({k for r in rows for k in r["stage_shares"]})
-        series = [("data wait", [r["data_wait_share"] for r in rows], "tab:red")]
+        series: list[tuple[str, list[float], str | None]] = [
+            ("data wait", [r["data_wait_share"] for r in rows], "tab:red")
+        ]
         series.append(("compute", [r["compute_share"] for r in rows], "tab:green"))
         for name in stage_names:
             series.append((name, [r["stage_shares"].get(name, 0.0) for r in rows], None))

@@ -53,6 +53,18 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT to the rank's main process.
+
+    ``srun --signal=USR1`` and ``scancel`` signal every process of the step, workers included;
+    a forked worker would otherwise run the main process's handler and die mid-batch.
+    """
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class TileDataModule(pl.LightningDataModule):
     """Builds this rank's DataLoader once the global rank and world size are known."""
 
@@ -100,6 +112,7 @@ class TileDataModule(pl.LightningDataModule):
             dataset = TileDataset(self.rank_tiles, reader, masked)
         kwargs: dict[str, Any] = {}
         if cfg.workers > 0:
+            kwargs["worker_init_fn"] = ignore_stop_signals
             kwargs["prefetch_factor"] = 4
             kwargs["persistent_workers"] = False
             if sys.platform.startswith("linux"):
@@ -140,7 +153,15 @@ def run_predict(cfg: PredictConfig, *, run_dir: Path, adapter: Any, rasters: Seq
                                        adapter.task,
                                        on_write=lambda s, n: monitor.record_stage("write", s))
         callbacks.append(writer)
+    plugins: list[Any] = []
+    if under_srun:
+        from lightning.pytorch.plugins.environments import SLURMEnvironment
+
+        # Explicit, so a job named "bash" still counts as SLURM; mgpr handles USR1 itself
+        # (requeue + clean stop), so Lightning's own requeue handler stays off.
+        plugins.append(SLURMEnvironment(auto_requeue=False))
     trainer = pl.Trainer(
+        plugins=plugins or None,
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,

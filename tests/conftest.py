@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import shapely
 
 from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
 
@@ -46,3 +48,22 @@ def run_mgpr_inprocess(*args: str) -> int:
 def mgpr_cmd(*args: str) -> list[str]:
     """Command line running mgpr in a fresh interpreter (needed for several ranks)."""
     return [sys.executable, "-m", "mgpr.cli", *args]
+
+
+def read_gpkg_layer(path: Path, layer: str) -> tuple[list[shapely.Geometry], list[dict], int]:
+    """Read a GeoPackage with sqlite3 + shapely (not the writer's GDAL): geoms, rows, srs_id."""
+    conn = sqlite3.connect(path)
+    srs = conn.execute("SELECT srs_id FROM gpkg_contents WHERE table_name=?", (layer,)).fetchone()[0]
+    cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{layer}")')]
+    geoms, rows = [], []
+    for row in conn.execute(f'SELECT * FROM "{layer}"'):
+        rec = dict(zip(cols, row, strict=True))
+        blob = rec.pop("geom")
+        flags = blob[3]
+        envelope = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}[(flags >> 1) & 0b111]
+        geoms.append(shapely.from_wkb(bytes(blob[8 + envelope:])))
+        rows.append(rec)
+    organisation = conn.execute("SELECT organization_coordsys_id FROM gpkg_spatial_ref_sys "
+                                "WHERE srs_id=?", (srs,)).fetchone()
+    conn.close()
+    return geoms, rows, organisation[0] if organisation else srs

@@ -85,3 +85,8 @@ def test_help_lists_every_key() -> None:
     for key in ("input_path", "image_path", "gpus", "tile_size", "overlap", "model", "weights",
                 "use_fake_data", "dummy_dataset_delay", "output_dir", "overwrite"):
         assert f"{key}=" in text
+
+
+def test_null_model_name_is_not_yaml_null() -> None:
+    assert load_config(["model=null"]).model == "null"
+    assert load_config(["weights=null"]).weights == "none"

@@ -664,3 +664,87 @@ def test_run_monitor_pickles_settings_only(tmp_path: Path) -> None:
     clone = pickle.loads(pickle.dumps(monitor))
     assert (clone.run_dir, clone.interval_s, clone.total_tiles) == (tmp_path, 0.2, 5)
     assert clone.stages_s == {} and clone.backend is not None
+
+
+def _fake_cuda_trainer(global_rank: int, local_rank: int) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        global_rank=global_rank,
+        local_rank=local_rank,
+        node_rank=1,
+        world_size=8,
+        is_global_zero=global_rank == 0,
+        strategy=SimpleNamespace(root_device=torch.device("cuda", local_rank)),
+    )
+
+
+def test_monitor_uses_local_device_not_global_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Global rank 6 on a second node is local cuda:1 -> physical 5 under CUDA_VISIBLE_DEVICES."""
+    import mgpr.profiling as profiling
+
+    monkeypatch.setattr(profiling, "_cuda_props", lambda index: None)  # no CUDA here
+    backend = _fake(used=[3 * GIB], util=[80])
+    monitor = RunMonitor(
+        tmp_path,
+        interval_s=0.01,
+        backend=backend,
+        progress=False,
+        sync_cuda=False,
+        env={"CUDA_VISIBLE_DEVICES": "3,5"},
+    )
+    trainer = _fake_cuda_trainer(global_rank=6, local_rank=1)
+    monitor.setup(trainer, None, "predict")  # type: ignore[arg-type]
+    monitor.on_predict_start(trainer, None)  # type: ignore[arg-type]
+    batch = {"image": torch.zeros(4, 3, 8, 8, dtype=torch.uint8), "index": torch.arange(4)}
+    for i in range(2):
+        monitor.on_predict_batch_start(trainer, None, batch, i)  # type: ignore[arg-type]
+        monitor.on_predict_batch_end(trainer, None, None, batch, i)  # type: ignore[arg-type]
+    monitor.on_predict_end(trainer, None)  # type: ignore[arg-type]
+    part = json.loads((tmp_path / "report_parts" / "rank6.json").read_text())
+    assert part["device"] == "cuda:1" and part["monitor_source"] == "nvml"
+    assert part["gpu"]["physical_index"] == 5 and part["gpu"]["uuid"] == _uuid(5)
+    assert part["gpu"]["selector_source"] == "CUDA_VISIBLE_DEVICES"
+    assert (part["batches"], part["tiles"], part["node_rank"]) == (2, 8, 1)
+    assert part["stats"]["util_pct_avg"] == 80.0
+    assert part["stats"]["mem_used_bytes_peak"] == 3 * GIB
+
+
+def test_monitor_prefers_torch_uuid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torch's uuid for cuda:1 wins over the index list (CUDA vs NVML ordering may differ)."""
+    import mgpr.profiling as profiling
+
+    monkeypatch.setattr(profiling, "_cuda_props", lambda index: ("Fake GPU 7", _uuid(7), GIB))
+    monitor = RunMonitor(tmp_path, backend=_fake(), env={"CUDA_VISIBLE_DEVICES": "3,5"})
+    trainer = _fake_cuda_trainer(global_rank=1, local_rank=1)
+    monitor.setup(trainer, None, "predict")  # type: ignore[arg-type]
+    monitor._open_device(trainer)  # type: ignore[arg-type]
+    assert monitor._gpu is not None and monitor._gpu.physical_index == 7
+
+
+def test_monitor_without_nvml_on_cuda_never_crashes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import mgpr.profiling as profiling
+
+    monkeypatch.setattr(profiling, "_cuda_props", lambda index: None)
+    monkeypatch.setattr(profiling, "open_nvml_backend", lambda: (None, "NVMLError: not found"))
+    monitor = RunMonitor(tmp_path, interval_s=0.01, progress=False, sync_cuda=False)
+    trainer = _fake_cuda_trainer(global_rank=0, local_rank=0)
+    monitor.setup(trainer, None, "predict")  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="mgpr"):
+        monitor.on_predict_start(trainer, None)  # type: ignore[arg-type]
+        monitor.on_predict_end(trainer, None)  # type: ignore[arg-type]
+    part = json.loads((tmp_path / "report_parts" / "rank0.json").read_text())
+    assert part["monitor_source"] == "torch" and part["status"] == "finished"
+    assert any("NVML unavailable" in r.getMessage() for r in caplog.records)
+
+
+def test_lightning_rank_without_tiles_writes_empty_part(tmp_path: Path) -> None:
+    monitor = RunMonitor(tmp_path, interval_s=0.05, progress=False)
+    loader = DataLoader(TileDataset(0), batch_size=4)
+    _trainer(monitor, tmp_path).predict(TinyModel(), loader, return_predictions=False)
+    part = json.loads((tmp_path / "report_parts" / "rank0.json").read_text())
+    assert (part["status"], part["batches"], part["tiles"]) == ("finished", 0, 0)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
-import struct
 from pathlib import Path
 
 import numpy as np
 import pytest
-import shapely
+
+from conftest import read_gpkg_layer
 
 from mgpr.raster import describe_raster
 from mgpr.tiling import plan_tiles
@@ -21,26 +20,6 @@ from mgpr.writers import (
     shard_path,
     tile_statuses,
 )
-
-
-def read_gpkg_layer(path: Path, layer: str) -> tuple[list[shapely.Geometry], list[dict], int]:
-    """Read a GeoPackage with sqlite3 + shapely (not the writer's GDAL): geoms, rows, srs_id."""
-    conn = sqlite3.connect(path)
-    srs = conn.execute("SELECT srs_id FROM gpkg_contents WHERE table_name=?", (layer,)).fetchone()[0]
-    cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{layer}")')]
-    geoms, rows = [], []
-    for row in conn.execute(f'SELECT * FROM "{layer}"'):
-        rec = dict(zip(cols, row, strict=True))
-        blob = rec.pop("geom")
-        flags = blob[3]
-        envelope = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}[(flags >> 1) & 0b111]
-        geoms.append(shapely.from_wkb(bytes(blob[8 + envelope:])))
-        rows.append(rec)
-    organisation = conn.execute("SELECT organization_coordsys_id FROM gpkg_spatial_ref_sys "
-                                "WHERE srs_id=?", (srs,)).fetchone()
-    conn.close()
-    assert struct  # header parsed by hand above
-    return geoms, rows, organisation[0] if organisation else srs
 
 
 def _write(run_dir: Path, rank: int, outcomes: list[TileOutcome], rasters, task: str,

@@ -67,6 +67,7 @@ else
     mkdir -p /run/munge /var/log/munge /var/lib/munge
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     runuser -u munge -- munged
+    mkdir -p "$DIR" && touch "$DIR/munged.started-here"   # stop.sh stops munged only then
     for _ in $(seq 50); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && break
         sleep 0.1
@@ -75,7 +76,11 @@ else
 fi
 
 # ---- node list -----------------------------------------------------------------------------
-read -r REAL_CPUS REAL_MEM < <(slurmd -C | head -1 | sed -E 's/.*CPUs=([0-9]+).*RealMemory=([0-9]+).*/\1 \2/')
+read -r REAL_CPUS REAL_MEM < <(slurmd -C | sed -nE '1s/.*CPUs=([0-9]+).*RealMemory=([0-9]+).*/\1 \2/p')
+if ! [[ "${REAL_CPUS:-}" =~ ^[0-9]+$ && "${REAL_MEM:-}" =~ ^[0-9]+$ ]]; then
+    log "cannot read CPUs/RealMemory from 'slurmd -C': $(slurmd -C 2>&1 | head -c 300)"
+    exit 1
+fi
 CPUS="${MGPR_SLURM_CPUS:-$(( REAL_CPUS > 8 ? REAL_CPUS : 8 ))}"
 names=()
 if [[ "$NODES" -eq 1 ]]; then

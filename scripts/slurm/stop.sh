@@ -50,8 +50,10 @@ for f in "$DIR"/slurmd.*.pid "$DIR"/slurmd.pid; do
     stop_pidfile "$f" "$n"
 done
 stop_pidfile "$DIR/slurmctld.pid" slurmctld
-if [[ $KEEP_MUNGE -eq 0 ]]; then
+# munged only when start.sh started it (a system munged serving other things is left alone).
+if [[ $KEEP_MUNGE -eq 0 && -e "$DIR/munged.started-here" ]]; then
     stop_pidfile /run/munge/munged.pid munged
+    rm -f "$DIR/munged.started-here"
 fi
 if [[ $CLEAN -eq 1 && -d "$DIR" ]]; then
     rm -rf -- "$DIR"

@@ -1,0 +1,181 @@
+"""The ``mgpr`` command end to end on real GeoTIFFs (CPU; several ranks use gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio.windows
+from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
+
+from mgpr.tiling import plan_tiles, valid_window
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def test_quickstart_finds_every_planted_object_once(tmp_path: Path, capsys) -> None:
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(f"output_dir={run}", "image_size=1024", "objects=16", "workers=0")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    check = _summary(run)["demo_check"]
+    assert check["planted"] == 16 and check["found"] == 16
+    assert check["duplicates"] == 0 and check["unmatched_detections"] == 0
+    assert check["on_seam"] > 0 and check["max_footprint_error_px"] <= 1.0
+    assert "demo check   OK" in out
+    geoms, rows, epsg = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    assert len(geoms) == 16 and epsg == 32633
+    assert {"score", "class_id", "label", "source", "tile_row", "tile_col"} <= set(rows[0])
+
+
+def test_resnet50_random_weights_classifies_every_tile(make_image, tmp_path: Path, capsys) -> None:
+    img = make_image(width=300, height=200)
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(f"input_path={img.path}", "model=resnet50", "weights=none",
+                            "tile_size=128", "batch_size=4", "workers=0", "topk=3",
+                            f"output_dir={run}", "progress=false")
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "RANDOM weights" in out
+    summary = _summary(run)
+    assert summary["random_weights"] is True and summary["tiles_predicted"] == 6
+    geoms, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "classifications")
+    tiles = {t.id.key(): t for t in plan_tiles(str(img.path), 200, 300, 128, 0)}
+    with rasterio.open(img.path) as src:
+        transform = src.transform
+    for geom, row in zip(geoms, rows, strict=True):
+        window = valid_window(tiles[row["tile_key"]])
+        left, bottom, right, top = rasterio.windows.bounds(window, transform)
+        np.testing.assert_allclose(geom.bounds, (left, bottom, right, top), atol=1e-6)
+        assert 0 <= row["score_1"] <= 1 and row["class_id_1"] >= 0
+    assert (run / "report.json").exists() and (run / "run.json").exists()
+
+
+def test_fake_data_environment_test(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess("use_fake_data=true", "dummy_dataset_count=10", "model=null",
+                            "tile_size=64", "batch_size=4", "workers=0", f"output_dir={run}")
+    assert rc == 0
+    summary = _summary(run)
+    assert summary["tiles_predicted"] == 10 and summary["output"] is None
+
+
+def test_nodata_tiles_are_skipped_and_counted(make_image, tmp_path: Path) -> None:
+    img = make_image(width=1024, height=1024, nodata="rect", nodata_mode="mask")
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(f"input_path={img.path}", "model=null", "tile_size=128",
+                            "workers=0", f"output_dir={run}")
+    assert rc == 0
+    s = _summary(run)
+    assert s["tiles_skipped_nodata"] > 0
+    assert s["tiles_predicted"] + s["tiles_skipped_nodata"] == s["tiles_total"] == 64
+    assert s["records"] == s["tiles_predicted"]
+
+
+def test_existing_output_of_another_run_is_not_overwritten(make_image, tmp_path: Path, capsys) -> None:
+    img = make_image(width=256, height=256)
+    run = tmp_path / "run"
+    base = [f"input_path={img.path}", "tile_size=128", "workers=0", f"output_dir={run}"]
+    assert run_mgpr_inprocess(*base, "model=null") == 0
+    before = (run / "predictions.gpkg").read_bytes()
+    capsys.readouterr()
+    rc = run_mgpr_inprocess(*base, "model=reference")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("mgpr: error:") and "overwrite=true" in err[-1]
+    assert (run / "predictions.gpkg").read_bytes() == before
+    assert run_mgpr_inprocess(*base, "model=reference", "overwrite=true") == 0
+    assert _summary(run)["model"] == "reference"
+
+
+def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path) -> None:
+    img = make_image(width=512, height=512, objects=6, tile_size=128, overlap=32)
+    run = tmp_path / "run"
+    args = [f"input_path={img.path}", "model=reference", "tile_size=128", "overlap=32",
+            "workers=0", f"output_dir={run}"]
+    assert run_mgpr_inprocess(*args) == 0
+    full = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    # Simulate a run killed half way: forget half the tiles and the final file.
+    shard = run / "shards" / "rank0.sqlite"
+    with sqlite3.connect(shard) as conn:
+        keys = [k for (k,) in conn.execute("SELECT tile_key FROM tiles ORDER BY tile_key")]
+        lost = keys[: len(keys) // 2]
+        conn.executemany("DELETE FROM tiles WHERE tile_key=?", [(k,) for k in lost])
+        conn.executemany("DELETE FROM detections WHERE tile_key=?", [(k,) for k in lost])
+    (run / "predictions.gpkg").unlink()
+    assert run_mgpr_inprocess(*args) == 0
+    log = (run / "logs" / "rank0.log").read_text()
+    assert f"{len(keys) - len(lost)} of its {len(keys)} tiles were finished" in log
+    again = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    assert sorted(g.wkt for g in again[0]) == sorted(g.wkt for g in full[0])
+    with sqlite3.connect(shard) as conn:
+        n = conn.execute("SELECT COUNT(*), COUNT(DISTINCT tile_key) FROM tiles").fetchone()
+    assert n[0] == n[1] == len(keys)
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["input_path=/nonexistent/ortho.tif"], "input_path='/nonexistent/ortho.tif' does not exist"),
+        (["bach_size=4"], "batch_size"),
+        (["model=resnet5"], "resnet50"),
+        (["tile_size=64", "overlap=64"], "overlap"),
+    ],
+)
+def test_user_mistakes_are_one_line_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
+    rc = run_mgpr_inprocess(*args, f"output_dir={tmp_path / 'run'}")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2
+    assert err[-1].startswith("mgpr: error:") and needle in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+@pytest.mark.slow
+def test_two_ranks_give_the_same_output_as_one(make_image, tmp_path: Path) -> None:
+    # 7 columns x 1 row of 128 px tiles: 4 tiles on rank 0, 3 on rank 1.
+    img = make_image(width=7 * 96 + 32, height=128, objects=5, tile_size=128, overlap=32,
+                     object_max_px=24, seam_share=0.6)
+    outs = {}
+    for gpus in (1, 2):
+        run = tmp_path / f"run{gpus}"
+        cmd = mgpr_cmd(f"input_path={img.path}", "model=reference", "tile_size=128", "overlap=32",
+                       "workers=0", f"gpus={gpus}", "accelerator=cpu", f"output_dir={run}",
+                       "progress=false")
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        s = _summary(run)
+        assert s["world_size"] == gpus and s["tiles_predicted"] == 7
+        geoms, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
+        outs[gpus] = sorted((g.wkt, r["score"], r["tile_key"]) for g, r in zip(geoms, rows, strict=True))
+        shard_keys = []
+        for shard in sorted((run / "shards").glob("rank*.sqlite")):
+            with sqlite3.connect(shard) as conn:
+                shard_keys.append([k for (k,) in conn.execute("SELECT tile_key FROM tiles")])
+        assert [len(k) for k in shard_keys] == ([7] if gpus == 1 else [4, 3])
+        assert len({k for keys in shard_keys for k in keys}) == 7
+    assert outs[1] == outs[2] and len(outs[1]) == 5
+
+
+@pytest.mark.slow
+def test_fewer_tiles_than_ranks(make_image, tmp_path: Path) -> None:
+    img = make_image(width=100, height=80)
+    run = tmp_path / "run"
+    cmd = mgpr_cmd(f"input_path={img.path}", "model=null", "tile_size=128", "workers=0",
+                   "gpus=2", "accelerator=cpu", f"output_dir={run}", "progress=false")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s = _summary(run)
+    assert s["world_size"] == 2 and s["tiles_predicted"] == 1 and s["records"] == 1
