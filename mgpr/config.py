@@ -190,5 +190,5 @@ def describe_keys() -> str:
         match = re.match(r"(\w+): [^=]+= (.+?)\s+#\s*(.*)$", stripped)
         if match:
             name, default, text = match.groups()
-            lines.append(f"  {name}={default:<10} {text}")
+            lines.append(f"  {name + '=' + default:<28} {text}")
     return "\n".join(lines)

@@ -6,8 +6,11 @@
 ``world_size``, ``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted``
 (model run), ``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100
 ``{tile, reason}``; all of them are in ``failed_tiles.csv``), ``duplicates_removed`` (seam
-de-duplication), ``wall_s`` (whole command on rank 0), ``predict_wall_s``, ``tiles_per_s``,
-``tiles_per_s_per_rank``, ``pixel_coordinates`` (inputs without CRS), ``provenance``
+de-duplication), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
+(``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
+last batch, slowest rank), ``tiles_per_s`` (tiles predicted or skipped in this run /
+``predict_loop_s``), ``tiles_per_s_per_rank`` (by global rank), ``hint`` (the report's
+bottleneck hint), ``pixel_coordinates`` (inputs without CRS), ``provenance``
 (mgpr/torch/lightning/rasterio versions, host, inputs with size and mtime, tiling) and, in the
 quick start, ``demo_check`` (planted objects found against the ground truth).
 """
@@ -131,13 +134,9 @@ def finish_run(cfg: PredictConfig, *, run_dir: Path, adapter: Any, model_name: s
                 out.writerow(["tile_key", "reason"])
                 out.writerows(merged.failed)
     wall = time.time() - t_start
-    predict_wall = stats["predict_wall_s"]
-    done_now = summary["tiles_predicted"] + summary["tiles_skipped_nodata"]
     summary.update(
         wall_s=round(wall, 3),
-        predict_wall_s=round(predict_wall, 3),
-        tiles_per_s=round(done_now / predict_wall, 3) if predict_wall > 0 else None,
-        tiles_per_s_per_rank=round(done_now / predict_wall / world, 3) if predict_wall > 0 else None,
+        predict_call_s=round(stats["predict_wall_s"], 3),
         provenance={
             "host": socket.gethostname(),
             "versions": {p: _version(p) for p in ("mgpr", "torch", "torchvision", "lightning",
@@ -150,7 +149,13 @@ def finish_run(cfg: PredictConfig, *, run_dir: Path, adapter: Any, model_name: s
     )
     if demo and truth_path is not None and summary.get("output"):
         summary["demo_check"] = demo_check(Path(summary["output"]), truth_path)
-    report_text = _report(run_dir, world, cfg, precision, summary)
+    report_text, report = _report(run_dir, world, cfg, precision, summary)
+    totals = report.get("totals", {}) if report else {}
+    summary["tiles_per_s"] = totals.get("tiles_per_s")
+    summary["predict_loop_s"] = totals.get("wall_s")
+    summary["tiles_per_s_per_rank"] = {
+        str(r["global_rank"]): r.get("tiles_per_s") for r in (report or {}).get("ranks", [])
+    }
     write_json_atomic(run_dir / "summary.json", summary)
     _print_summary(summary, report_text)
     return summary
@@ -163,7 +168,7 @@ def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
 
 
 def _report(run_dir: Path, world: int, cfg: PredictConfig, precision: str,
-            summary: dict[str, Any]) -> str:
+            summary: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
     """Build report.json/report.png from every rank's part; returns the text block."""
     import os
 
@@ -176,9 +181,9 @@ def _report(run_dir: Path, world: int, cfg: PredictConfig, precision: str,
         report = build_report(run_dir, world, context)
     except Exception as exc:  # the report must never cost the results
         log.warning("could not build the run report: %s", exc)
-        return ""
+        return "", None
     summary["hint"] = report.get("hint")
-    return format_report(report)
+    return format_report(report), report
 
 
 def _print_summary(s: dict[str, Any], report_text: str) -> None:
@@ -192,9 +197,8 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
     lines.append(f"  tiles        {s['tiles_total']} planned: {s['tiles_predicted']} predicted, "
                  f"{s['tiles_skipped_nodata']} skipped (nodata), {s['tiles_failed']} failed")
     if s.get("tiles_per_s") is not None:
-        lines.append(f"  throughput   {s['tiles_per_s']} tiles/s total, "
-                     f"{s['tiles_per_s_per_rank']} tiles/s per rank, predict {s['predict_wall_s']} s, "
-                     f"wall {s['wall_s']} s")
+        lines.append(f"  throughput   {s['tiles_per_s']:.1f} tiles/s over {s['predict_loop_s']:.1f} s "
+                     f"of prediction on {s['world_size']} rank(s); whole command {s['wall_s']:.0f} s")
     if s.get("output"):
         lines.append(f"  output       {s['output']} ({s['records']} records; "
                      + ", ".join(f"layer {k}: {v}" for k, v in s["layers"].items()) + ")")
