@@ -84,7 +84,7 @@ class TileDataset(Dataset[dict[str, Any]]):
             image = torch.from_numpy(self.reader.read(tile))
             return _sample(image, index, STATUS_OK, "")
         except Exception as exc:  # a corrupt block costs this tile only; recorded as failed
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            reason = _read_failure_reason(exc)
             log.warning("tile %s failed to read: %s", tile.id.key(), reason)
             image = torch.zeros((self.bands[tile.id.path], size, size), dtype=torch.uint8)
             return _sample(image, index, STATUS_FAILED, reason[:500])
@@ -113,6 +113,25 @@ class FakeTileDataset(Dataset[dict[str, Any]]):
         rng = np.random.default_rng((self.seed, index))
         image = rng.integers(0, 256, (self.bands, self.tile_size, self.tile_size), dtype=np.uint8)
         return _sample(torch.from_numpy(image), index, STATUS_OK, "")
+
+
+def _read_failure_reason(exc: BaseException) -> str:
+    """One line for a failed read: rasterio's own message plus GDAL's cause, when chained.
+
+    rasterio raises ``RasterioIOError("Read failed. See previous exception for details.")``
+    from GDAL's error (``IReadBlock failed at X offset 2, Y offset 1: ...``); the cause is the
+    useful part, so it is appended.
+    """
+
+    def first_line(err: BaseException) -> str:
+        text = str(err).strip()
+        return text.splitlines()[0] if text else ""
+
+    reason = f"{type(exc).__name__}: {first_line(exc)}"
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and first_line(cause) and first_line(cause) not in reason:
+        reason += f" ({first_line(cause)})"
+    return reason
 
 
 def _sample(image: torch.Tensor, index: int, status: int, reason: str) -> dict[str, Any]:

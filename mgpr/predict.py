@@ -265,11 +265,22 @@ def _requeue_on_usr1(signal_name: str, rank: int) -> bool:
 def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
     """Run one prediction job on this process's rank; returns the process exit code."""
     previous = _install_signal_handlers()
+    root = logging.getLogger()
+    saved_handlers, saved_level = list(root.handlers), root.level
     try:
         return _run(cfg, explicit_keys or set())
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+        # Leave logging as found (matters when run() is called in-process, e.g. by tests).
+        for handler in list(root.handlers):
+            if handler not in saved_handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in saved_handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(saved_level)
 
 
 def _run(cfg: PredictConfig, explicit: set[str]) -> int:
@@ -355,7 +366,12 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     summary = finish_run(cfg, run_dir=run_dir, adapter=adapter, model_name=model_name,
                          rasters=rasters, stats=stats, precision=precision, t_start=t_start,
                          truth_path=truth_path, demo=demo)
-    return EXIT_TILES_FAILED if summary.get("tiles_failed", 0) else 0
+    failed = summary.get("tiles_failed", 0)
+    if failed:
+        print(f"mgpr: {failed} of {summary['tiles_total']} tile(s) failed and are not in the "
+              f"output; reasons in {run_dir / 'failed_tiles.csv'}; re-run the same command to "
+              f"retry only them (exit code {EXIT_TILES_FAILED})", file=sys.stderr)
+    return EXIT_TILES_FAILED if failed else 0
 
 
 def now_iso() -> str:

@@ -60,6 +60,8 @@ Report part ``run_dir/report_parts/rank{global_rank}.json`` (schema ``mgpr.repor
     stages_background_s           obj      stage name -> seconds recorded from other threads (s)
     batches, tiles                int      batches and tiles this rank predicted
     tiles_per_s                   float    tiles / wall_s (tiles/s)
+    predict_start_unix_s,         float|null wall-clock time (s since the epoch) of predict start
+    first_batch_unix_s                     and of the first batch's arrival (start-up figures)
     cuda_synchronized             bool     compute_s measured with a sync at batch end
     stats                         obj      exact over ALL samples: samples (count) and
                                            <field>_avg / <field>_peak for every sample field
@@ -324,6 +326,8 @@ class RunMonitor(Callback):
         self._own_backend: Any = None
         self._finalised = False
         self._wall_s: float | None = None
+        self.predict_start_unix_s: float | None = None
+        self.first_batch_unix_s: float | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle settings only (``ddp_spawn`` sends callbacks to each rank); runtime state drops.
@@ -408,6 +412,7 @@ class RunMonitor(Callback):
         if not self._ranks:
             self.setup(trainer, pl_module, "predict")
         self.t0 = self._clock()
+        self.predict_start_unix_s = time.time()
         self._last_end = self.t0
         self._open_device(trainer)
         on_tick = None
@@ -448,6 +453,8 @@ class RunMonitor(Callback):
     ) -> None:
         """Close the data-wait interval of this batch and open its compute interval."""
         now = self._clock()
+        if self.first_batch_unix_s is None:
+            self.first_batch_unix_s = time.time()
         with self._lock:
             gap = now - self._last_end - self._stage_in_window
             self.data_wait_s += max(0.0, gap)
@@ -651,6 +658,8 @@ class RunMonitor(Callback):
             "batches": batches,
             "tiles": tiles,
             "tiles_per_s": tiles / wall if wall > 0 else 0.0,
+            "predict_start_unix_s": self.predict_start_unix_s,
+            "first_batch_unix_s": self.first_batch_unix_s,
             "cuda_synchronized": self._cuda_index is not None and self.sync_cuda,
             "stats": sampler.buffer.stats() if sampler is not None else {"samples": 0},
             "samples": sampler.buffer.columns() if sampler is not None else {},

@@ -151,7 +151,7 @@ def describe_raster(path: str) -> RasterInfo:
         InputError: when the file cannot be opened as a raster.
     """
     try:
-        with rasterio.Env(), rasterio.open(path) as src:
+        with rasterio.Env(), _no_georef_warning(), rasterio.open(path) as src:
             has_mask = _may_have_invalid_pixels(src)
             info = RasterInfo(
                 path=path,
@@ -177,6 +177,23 @@ def describe_raster(path: str) -> RasterInfo:
             info.dtype,
         )
     return info
+
+
+def _no_georef_warning() -> Any:
+    """Silence rasterio's NotGeoreferencedWarning: mgpr logs its own line once per raster.
+
+    A raster without CRS is allowed (results in pixel coordinates, listed in summary.json
+    ``pixel_coordinates``); without this, every open (header, each worker) would repeat it.
+    """
+    import contextlib
+    import warnings
+
+    from rasterio.errors import NotGeoreferencedWarning
+
+    stack = contextlib.ExitStack()
+    stack.enter_context(warnings.catch_warnings())
+    warnings.simplefilter("ignore", NotGeoreferencedWarning)
+    return stack
 
 
 def _may_have_invalid_pixels(src: Any) -> bool:
@@ -266,7 +283,8 @@ class TileReader:
                 # blocks shared by overlapping tiles.
                 self._env = rasterio.Env(GDAL_CACHEMAX=256 * 1024 * 1024)
                 self._env.__enter__()
-            handle = rasterio.open(path)
+            with _no_georef_warning():
+                handle = rasterio.open(path)
             self._handles[path] = handle
         return handle
 

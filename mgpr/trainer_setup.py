@@ -110,15 +110,25 @@ class TileDataModule(pl.LightningDataModule):
             reader = TileReader(self.bands, cfg.tile_size)
             masked = {r.path for r in self.rasters if r.has_mask}
             dataset = TileDataset(self.rank_tiles, reader, masked)
-        kwargs: dict[str, Any] = {}
-        if cfg.workers > 0:
-            kwargs["worker_init_fn"] = ignore_stop_signals
-            kwargs["prefetch_factor"] = 4
-            kwargs["persistent_workers"] = False
-            if sys.platform.startswith("linux"):
-                kwargs["multiprocessing_context"] = "fork"
-        return DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False,
-                          num_workers=cfg.workers, pin_memory=self.pin_memory, **kwargs)
+        return make_dataloader(dataset, cfg.batch_size, cfg.workers, self.pin_memory)
+
+
+def make_dataloader(dataset: Any, batch_size: int, workers: int,
+                    pin_memory: bool) -> DataLoader[Any]:
+    """The DataLoader every rank uses (also what ``benchmarks/pipeline.py`` times).
+
+    Workers fork on Linux (spawn re-imports torch + Lightning, seconds per worker) and open
+    rasters lazily; each keeps ``prefetch_factor`` batches ready.
+    """
+    kwargs: dict[str, Any] = {}
+    if workers > 0:
+        kwargs["worker_init_fn"] = ignore_stop_signals
+        kwargs["prefetch_factor"] = 4
+        kwargs["persistent_workers"] = False
+        if sys.platform.startswith("linux"):
+            kwargs["multiprocessing_context"] = "fork"
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+                      num_workers=workers, pin_memory=pin_memory, **kwargs)
 
 
 def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool, accelerator: str) -> Any:
