@@ -109,8 +109,10 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     if isinstance(cfg.weights, str) and cfg.weights.lower() in {"none", "null", ""}:
         cfg.weights = "none"
     if cfg.model is not None and cfg.model.lower() == "none":
-        raise ConfigError("model=none is not a model; use model=null for the near-zero-cost "
-                          "model, or one of resnet50, fasterrcnn, reference")
+        raise ConfigError(
+            "model=none is not a model; use model=null for the near-zero-cost "
+            "model, or one of resnet50, fasterrcnn, reference"
+        )
     _check_ranges(cfg)
     return cfg
 
@@ -144,7 +146,8 @@ def _check_ranges(cfg: PredictConfig) -> None:
         )
     if cfg.accelerator not in ACCELERATORS:
         raise ConfigError(
-            f"accelerator={cfg.accelerator!r} is not supported; use one of {', '.join(ACCELERATORS)}"
+            f"accelerator={cfg.accelerator!r} is not supported; "
+            f"use one of {', '.join(ACCELERATORS)}"
         )
     if cfg.bands is not None:
         if len(cfg.bands) == 0 or any(b < 1 for b in cfg.bands):

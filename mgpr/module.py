@@ -35,8 +35,13 @@ class InferenceModule(pl.LightningModule):
         on_stage: optional callback ``(stage_name, seconds)`` for the run report.
     """
 
-    def __init__(self, adapter: ModelAdapter, tiles: Sequence[Tile] | None, tile_size: int,
-                 on_stage: Callable[[str, float], None] | None = None) -> None:
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        tiles: Sequence[Tile] | None,
+        tile_size: int,
+        on_stage: Callable[[str, float], None] | None = None,
+    ) -> None:
         super().__init__()
         self.adapter = adapter
         self.net = adapter.module
@@ -51,13 +56,17 @@ class InferenceModule(pl.LightningModule):
         self.net.eval()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[TileOutcome] | int:
-        """Predict one batch; returns one :class:`TileOutcome` per tile (or a count for fake data)."""
+        """Predict one batch: one :class:`TileOutcome` per tile (a tile count for fake data)."""
         images: torch.Tensor = batch["image"]
         status = batch["status"].cpu().numpy()
         ok = np.flatnonzero(status == STATUS_OK)
         results: list[Detections] | list[Classification] = []
         if len(ok):
-            x = images if len(ok) == len(status) else images[torch.as_tensor(ok, device=images.device)]
+            x = (
+                images
+                if len(ok) == len(status)
+                else images[torch.as_tensor(ok, device=images.device)]
+            )
             inputs = self.adapter.prepare(x)
             raw = self.adapter.forward(inputs)
             start = time.perf_counter()

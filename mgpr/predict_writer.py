@@ -34,8 +34,14 @@ class PredictionShardWriter(BasePredictionWriter):
         on_write: optional ``(seconds, tiles)`` callback per written batch (run report).
     """
 
-    def __init__(self, run_dir: Path, rasters: dict[str, RasterInfo], overlap: int, task: str,
-                 on_write: Callable[[float, int], None] | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        rasters: dict[str, RasterInfo],
+        overlap: int,
+        task: str,
+        on_write: Callable[[float, int], None] | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.run_dir = run_dir
         self.rasters = rasters
@@ -53,12 +59,20 @@ class PredictionShardWriter(BasePredictionWriter):
         """Open this rank's shard (the global rank is known once the Trainer is set up)."""
         if self._writer is None:
             store = ShardStore(shard_path(self.run_dir, trainer.global_rank), trainer.global_rank)
-            self._writer = BackgroundShardWriter(store, self.rasters, self.overlap, self.task,
-                                                 self.on_write)
+            self._writer = BackgroundShardWriter(
+                store, self.rasters, self.overlap, self.task, self.on_write
+            )
 
-    def write_on_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                           prediction: Any, batch_indices: Any, batch: Any, batch_idx: int,
-                           dataloader_idx: int = 0) -> None:
+    def write_on_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
         """Queue one batch's outcomes for the writer thread (blocks only if it falls behind)."""
         assert self._writer is not None
         self._writer.put(prediction)
@@ -67,8 +81,9 @@ class PredictionShardWriter(BasePredictionWriter):
         """Flush every queued batch and close the shard."""
         self.close()
 
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
-                     exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
         """Keep what is queued: write it, then let the exception propagate."""
         self.close(raise_errors=False)
 

@@ -14,9 +14,12 @@ GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio u
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,21 +182,16 @@ def describe_raster(path: str) -> RasterInfo:
     return info
 
 
-def _no_georef_warning() -> Any:
+@contextlib.contextmanager
+def _no_georef_warning() -> Iterator[None]:
     """Silence rasterio's NotGeoreferencedWarning: mgpr logs its own line once per raster.
 
     A raster without CRS is allowed (results in pixel coordinates, listed in summary.json
     ``pixel_coordinates``); without this, every open (header, each worker) would repeat it.
     """
-    import contextlib
-    import warnings
-
-    from rasterio.errors import NotGeoreferencedWarning
-
-    stack = contextlib.ExitStack()
-    stack.enter_context(warnings.catch_warnings())
-    warnings.simplefilter("ignore", NotGeoreferencedWarning)
-    return stack
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
+        yield
 
 
 def _may_have_invalid_pixels(src: Any) -> bool:

@@ -28,8 +28,16 @@ log = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "MGPR_RUN_DIR"
 FINGERPRINT_FILE = "run.json"
-_RESULT_ENTRIES = ("shards", "report_parts", "predictions.gpkg", "summary.json", "report.json",
-                   "report.png", "failed_tiles.csv", FINGERPRINT_FILE)
+_RESULT_ENTRIES = (
+    "shards",
+    "report_parts",
+    "predictions.gpkg",
+    "summary.json",
+    "report.json",
+    "report.png",
+    "failed_tiles.csv",
+    FINGERPRINT_FILE,
+)
 
 
 def resolve_run_dir(output_dir: str | None, env: Mapping[str, str]) -> Path:
@@ -65,8 +73,9 @@ def check_writable(run_dir: Path) -> None:
         ) from None
 
 
-def prepare_run_dir(run_dir: Path, fingerprint: dict[str, Any], overwrite: bool, rank: int,
-                    job_id: str | None) -> bool:
+def prepare_run_dir(
+    run_dir: Path, fingerprint: dict[str, Any], overwrite: bool, rank: int, job_id: str | None
+) -> bool:
     """Check the run directory against this run's fingerprint; returns True when resuming.
 
     Rank 0 writes ``run.json`` (and, with ``overwrite=true``, first removes the previous run's
@@ -103,8 +112,9 @@ def prepare_run_dir(run_dir: Path, fingerprint: dict[str, Any], overwrite: bool,
                 elif target.exists():
                     target.unlink()
             log.info("overwrite=true: removed the previous run's results in %s", run_dir)
-        write_json_atomic(path, {"fingerprint": fingerprint, "slurm_job_id": job_id,
-                                 "written_at": time.time()})
+        write_json_atomic(
+            path, {"fingerprint": fingerprint, "slurm_job_id": job_id, "written_at": time.time()}
+        )
     return resume
 
 

@@ -56,8 +56,11 @@ def demo_check(output: Path, truth_path: Path, layer: str = "detections") -> dic
 
     truth = read_truth(truth_path)
     _meta, _fids, _geom, data = pyogrio.raw.read(
-        output, layer=layer, columns=["px_xmin", "px_ymin", "px_xmax", "px_ymax"],
-        read_geometry=False)
+        output,
+        layer=layer,
+        columns=["px_xmin", "px_ymin", "px_xmax", "px_ymax"],
+        read_geometry=False,
+    )
     det = np.stack([np.asarray(c, dtype=np.float64) for c in data], axis=1).reshape(-1, 4)
     found = missed = duplicates = 0
     max_err = 0.0
@@ -68,8 +71,11 @@ def demo_check(output: Path, truth_path: Path, layer: str = "detections") -> dic
             ix = np.clip(np.minimum(det[:, 2], gt[2]) - np.maximum(det[:, 0], gt[0]), 0, None)
             iy = np.clip(np.minimum(det[:, 3], gt[3]) - np.maximum(det[:, 1], gt[1]), 0, None)
             inter = ix * iy
-            union = ((det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
-                     + (gt[2] - gt[0]) * (gt[3] - gt[1]) - inter)
+            union = (
+                (det[:, 2] - det[:, 0]) * (det[:, 3] - det[:, 1])
+                + (gt[2] - gt[0]) * (gt[3] - gt[1])
+                - inter
+            )
             match = np.flatnonzero(inter / np.maximum(union, 1e-9) >= 0.5)
         else:
             match = np.empty(0, dtype=np.int64)
@@ -92,9 +98,19 @@ def demo_check(output: Path, truth_path: Path, layer: str = "detections") -> dic
     }
 
 
-def finish_run(cfg: PredictConfig, *, run_dir: Path, adapter: Any, model_name: str,
-               rasters: Sequence[RasterInfo], stats: dict[str, Any], precision: str,
-               t_start: float, truth_path: Path | None, demo: bool) -> dict[str, Any]:
+def finish_run(
+    cfg: PredictConfig,
+    *,
+    run_dir: Path,
+    adapter: Any,
+    model_name: str,
+    rasters: Sequence[RasterInfo],
+    stats: dict[str, Any],
+    precision: str,
+    t_start: float,
+    truth_path: Path | None,
+    demo: bool,
+) -> dict[str, Any]:
     """Merge, report and summarise (rank 0 only); returns the summary dict."""
     world = stats["world_size"]
     summary: dict[str, Any] = {
@@ -112,17 +128,38 @@ def finish_run(cfg: PredictConfig, *, run_dir: Path, adapter: Any, model_name: s
     }
     if cfg.use_fake_data:
         tiles_total = cfg.dummy_dataset_count
-        summary.update(output=None, layers={}, records=0, tiles_total=tiles_total,
-                       tiles_predicted=tiles_total, tiles_skipped_nodata=0, tiles_failed=0,
-                       failed_tiles=[], duplicates_removed=0, fake_data=True)
+        summary.update(
+            output=None,
+            layers={},
+            records=0,
+            tiles_total=tiles_total,
+            tiles_predicted=tiles_total,
+            tiles_skipped_nodata=0,
+            tiles_failed=0,
+            failed_tiles=[],
+            duplicates_removed=0,
+            fake_data=True,
+        )
     else:
-        merged = merge_run(run_dir, rasters, adapter.task, cfg.tile_size, cfg.overlap,
-                           adapter.categories, cfg.nms_iou, cfg.seam_ios, topk=cfg.topk)
+        merged = merge_run(
+            run_dir,
+            rasters,
+            adapter.task,
+            cfg.tile_size,
+            cfg.overlap,
+            adapter.categories,
+            cfg.nms_iou,
+            cfg.seam_ios,
+            topk=cfg.topk,
+        )
         tiles_total = sum(_n_tiles(r, cfg) for r in rasters)
         summary.update(
             output=str(merged.output_path) if merged.output_path else None,
-            layers=merged.layers, records=merged.records, tiles_total=tiles_total,
-            tiles_predicted=merged.tiles_done, tiles_skipped_nodata=merged.tiles_empty,
+            layers=merged.layers,
+            records=merged.records,
+            tiles_total=tiles_total,
+            tiles_predicted=merged.tiles_done,
+            tiles_skipped_nodata=merged.tiles_empty,
             tiles_failed=merged.tiles_failed,
             failed_tiles=[{"tile": k, "reason": r} for k, r in merged.failed[:100]],
             duplicates_removed=merged.duplicates_removed,
@@ -139,11 +176,22 @@ def finish_run(cfg: PredictConfig, *, run_dir: Path, adapter: Any, model_name: s
         predict_call_s=round(stats["predict_wall_s"], 3),
         provenance={
             "host": socket.gethostname(),
-            "versions": {p: _version(p) for p in ("mgpr", "torch", "torchvision", "lightning",
-                                                  "rasterio", "hydra-core")},
-            "inputs": [{"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime,
-                        "height": r.height, "width": r.width, "bands": r.count,
-                        "crs": r.crs_label} for r in rasters],
+            "versions": {
+                p: _version(p)
+                for p in ("mgpr", "torch", "torchvision", "lightning", "rasterio", "hydra-core")
+            },
+            "inputs": [
+                {
+                    "path": r.path,
+                    "bytes": r.file_bytes,
+                    "mtime": r.mtime,
+                    "height": r.height,
+                    "width": r.width,
+                    "bands": r.count,
+                    "crs": r.crs_label,
+                }
+                for r in rasters
+            ],
             "tiling": {"tile_size": cfg.tile_size, "overlap": cfg.overlap},
         },
     )
@@ -167,16 +215,21 @@ def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
     return tile_grid(info.height, info.width, cfg.tile_size, cfg.overlap).n_tiles
 
 
-def _report(run_dir: Path, world: int, cfg: PredictConfig, precision: str,
-            summary: dict[str, Any]) -> tuple[str, dict[str, Any] | None]:
+def _report(
+    run_dir: Path, world: int, cfg: PredictConfig, precision: str, summary: dict[str, Any]
+) -> tuple[str, dict[str, Any] | None]:
     """Build report.json/report.png from every rank's part; returns the text block."""
     import os
 
     from mgpr.report import build_report, format_report
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    context = {"workers": cfg.workers, "batch_size": cfg.batch_size, "precision": precision,
-               "cpus_per_task": int(cpus) if cpus else os.cpu_count()}
+    context = {
+        "workers": cfg.workers,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+        "cpus_per_task": int(cpus) if cpus else os.cpu_count(),
+    }
     try:
         report = build_report(run_dir, world, context)
     except Exception as exc:  # the report must never cost the results
@@ -189,32 +242,46 @@ def _report(run_dir: Path, world: int, cfg: PredictConfig, precision: str,
 def _print_summary(s: dict[str, Any], report_text: str) -> None:
     lines = ["", "mgpr summary"]
     if s.get("random_weights") and s["model"] not in ("reference", "null"):
-        lines.append(f"  WARNING: {s['model']} ran with RANDOM weights (weights=none): "
-                     "predictions are meaningless")
-    lines.append(f"  model        {s['model']} ({s['task']}), weights {s['weights']}, "
-                 f"precision {s['precision']}")
+        lines.append(
+            f"  WARNING: {s['model']} ran with RANDOM weights (weights=none): "
+            "predictions are meaningless"
+        )
+    lines.append(
+        f"  model        {s['model']} ({s['task']}), weights {s['weights']}, "
+        f"precision {s['precision']}"
+    )
     lines.append(f"  ranks        {s['world_size']} on {s['num_nodes']} node(s), {s['strategy']}")
-    lines.append(f"  tiles        {s['tiles_total']} planned: {s['tiles_predicted']} predicted, "
-                 f"{s['tiles_skipped_nodata']} skipped (nodata), {s['tiles_failed']} failed")
+    lines.append(
+        f"  tiles        {s['tiles_total']} planned: {s['tiles_predicted']} predicted, "
+        f"{s['tiles_skipped_nodata']} skipped (nodata), {s['tiles_failed']} failed"
+    )
     if s.get("tiles_per_s") is not None:
-        lines.append(f"  throughput   {s['tiles_per_s']:.1f} tiles/s over {s['predict_loop_s']:.1f} s "
-                     f"of prediction on {s['world_size']} rank(s); whole command {s['wall_s']:.0f} s")
+        lines.append(
+            f"  throughput   {s['tiles_per_s']:.1f} tiles/s over {s['predict_loop_s']:.1f} s "
+            f"of prediction on {s['world_size']} rank(s); whole command {s['wall_s']:.0f} s"
+        )
     if s.get("output"):
-        lines.append(f"  output       {s['output']} ({s['records']} records; "
-                     + ", ".join(f"layer {k}: {v}" for k, v in s["layers"].items()) + ")")
+        lines.append(
+            f"  output       {s['output']} ({s['records']} records; "
+            + ", ".join(f"layer {k}: {v}" for k, v in s["layers"].items())
+            + ")"
+        )
     if s.get("duplicates_removed"):
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
     if s.get("pixel_coordinates"):
         lines.append(f"  no CRS       {len(s['pixel_coordinates'])} input(s) in pixel coordinates")
     if s.get("failed_tiles"):
-        lines.append(f"  failed       see {s['run_dir']}/failed_tiles.csv; first: "
-                     f"{s['failed_tiles'][0]['tile']}: {s['failed_tiles'][0]['reason']}")
+        lines.append(
+            f"  failed       see {s['run_dir']}/failed_tiles.csv; first: "
+            f"{s['failed_tiles'][0]['tile']}: {s['failed_tiles'][0]['reason']}"
+        )
     check = s.get("demo_check")
     if check:
         ok = check["found"] == check["planted"] and check["duplicates"] == 0
         lines.append(
-            f"  demo check   {'OK' if ok else 'MISMATCH'}: found {check['found']}/{check['planted']} "
-            f"planted objects ({check['on_seam']} on tile seams), {check['duplicates']} duplicates, "
+            f"  demo check   {'OK' if ok else 'MISMATCH'}: found {check['found']}/"
+            f"{check['planted']} planted objects ({check['on_seam']} on tile seams), "
+            f"{check['duplicates']} duplicates, "
             f"{check['unmatched_detections']} false detections, max footprint error "
             f"{check['max_footprint_error_px']:.2f} px"
         )

@@ -32,6 +32,7 @@ import re
 import sqlite3
 import threading
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -404,11 +405,14 @@ def _write_layer(path: Path, layer: str, rings: npt.NDArray[np.float64], fields:
     wkb = shapely.to_wkb(geoms) if len(rings) else np.empty(0, dtype=object)
     names = list(fields)
     arrays = [np.asarray(fields[k]) for k in names]
-    pyogrio.raw.write(
-        str(path), geometry=wkb, field_data=arrays, fields=names, crs=crs_wkt,
-        geometry_type="Polygon", layer=layer, driver="GPKG", append=not first,
-        promote_to_multi=False,
-    )
+    with warnings.catch_warnings():
+        # crs_wkt=None: a raster without CRS, already reported once (pixel coordinates).
+        warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
+        pyogrio.raw.write(
+            str(path), geometry=wkb, field_data=arrays, fields=names, crs=crs_wkt,
+            geometry_type="Polygon", layer=layer, driver="GPKG", append=not first,
+            promote_to_multi=False,
+        )
 
 
 def merge_run(run_dir: Path, rasters: Sequence[RasterInfo], task: str, tile_size: int,

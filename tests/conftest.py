@@ -15,7 +15,9 @@ from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
 
 
 @pytest.fixture(autouse=True)
-def _offline_torch_home(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+def _offline_torch_home(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Point torch.hub at an empty temp dir so no test reads a user's cache or downloads."""
     home = tmp_path_factory.mktemp("torch_home")
     monkeypatch.setenv("TORCH_HOME", str(home))
@@ -53,7 +55,9 @@ def mgpr_cmd(*args: str) -> list[str]:
 def read_gpkg_layer(path: Path, layer: str) -> tuple[list[shapely.Geometry], list[dict], int]:
     """Read a GeoPackage with sqlite3 + shapely (not the writer's GDAL): geoms, rows, srs_id."""
     conn = sqlite3.connect(path)
-    srs = conn.execute("SELECT srs_id FROM gpkg_contents WHERE table_name=?", (layer,)).fetchone()[0]
+    srs = conn.execute("SELECT srs_id FROM gpkg_contents WHERE table_name=?", (layer,)).fetchone()[
+        0
+    ]
     cols = [r[1] for r in conn.execute(f'PRAGMA table_info("{layer}")')]
     geoms, rows = [], []
     for row in conn.execute(f'SELECT * FROM "{layer}"'):
@@ -61,9 +65,10 @@ def read_gpkg_layer(path: Path, layer: str) -> tuple[list[shapely.Geometry], lis
         blob = rec.pop("geom")
         flags = blob[3]
         envelope = {0: 0, 1: 32, 2: 48, 3: 48, 4: 64}[(flags >> 1) & 0b111]
-        geoms.append(shapely.from_wkb(bytes(blob[8 + envelope:])))
+        geoms.append(shapely.from_wkb(bytes(blob[8 + envelope :])))
         rows.append(rec)
-    organisation = conn.execute("SELECT organization_coordsys_id FROM gpkg_spatial_ref_sys "
-                                "WHERE srs_id=?", (srs,)).fetchone()
+    organisation = conn.execute(
+        "SELECT organization_coordsys_id FROM gpkg_spatial_ref_sys WHERE srs_id=?", (srs,)
+    ).fetchone()
     conn.close()
     return geoms, rows, organisation[0] if organisation else srs

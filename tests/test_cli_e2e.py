@@ -38,9 +38,17 @@ def test_quickstart_finds_every_planted_object_once(tmp_path: Path, capsys) -> N
 def test_resnet50_random_weights_classifies_every_tile(make_image, tmp_path: Path, capsys) -> None:
     img = make_image(width=300, height=200)
     run = tmp_path / "run"
-    rc = run_mgpr_inprocess(f"input_path={img.path}", "model=resnet50", "weights=none",
-                            "tile_size=128", "batch_size=4", "workers=0", "topk=3",
-                            f"output_dir={run}", "progress=false")
+    rc = run_mgpr_inprocess(
+        f"input_path={img.path}",
+        "model=resnet50",
+        "weights=none",
+        "tile_size=128",
+        "batch_size=4",
+        "workers=0",
+        "topk=3",
+        f"output_dir={run}",
+        "progress=false",
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "RANDOM weights" in out
@@ -60,8 +68,15 @@ def test_resnet50_random_weights_classifies_every_tile(make_image, tmp_path: Pat
 
 def test_fake_data_environment_test(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    rc = run_mgpr_inprocess("use_fake_data=true", "dummy_dataset_count=10", "model=null",
-                            "tile_size=64", "batch_size=4", "workers=0", f"output_dir={run}")
+    rc = run_mgpr_inprocess(
+        "use_fake_data=true",
+        "dummy_dataset_count=10",
+        "model=null",
+        "tile_size=64",
+        "batch_size=4",
+        "workers=0",
+        f"output_dir={run}",
+    )
     assert rc == 0
     summary = _summary(run)
     assert summary["tiles_predicted"] == 10 and summary["output"] is None
@@ -70,8 +85,9 @@ def test_fake_data_environment_test(tmp_path: Path) -> None:
 def test_nodata_tiles_are_skipped_and_counted(make_image, tmp_path: Path) -> None:
     img = make_image(width=1024, height=1024, nodata="rect", nodata_mode="mask")
     run = tmp_path / "run"
-    rc = run_mgpr_inprocess(f"input_path={img.path}", "model=null", "tile_size=128",
-                            "workers=0", f"output_dir={run}")
+    rc = run_mgpr_inprocess(
+        f"input_path={img.path}", "model=null", "tile_size=128", "workers=0", f"output_dir={run}"
+    )
     assert rc == 0
     s = _summary(run)
     assert s["tiles_skipped_nodata"] > 0
@@ -79,7 +95,9 @@ def test_nodata_tiles_are_skipped_and_counted(make_image, tmp_path: Path) -> Non
     assert s["records"] == s["tiles_predicted"]
 
 
-def test_existing_output_of_another_run_is_not_overwritten(make_image, tmp_path: Path, capsys) -> None:
+def test_existing_output_of_another_run_is_not_overwritten(
+    make_image, tmp_path: Path, capsys
+) -> None:
     img = make_image(width=256, height=256)
     run = tmp_path / "run"
     base = [f"input_path={img.path}", "tile_size=128", "workers=0", f"output_dir={run}"]
@@ -98,8 +116,14 @@ def test_existing_output_of_another_run_is_not_overwritten(make_image, tmp_path:
 def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path) -> None:
     img = make_image(width=512, height=512, objects=6, tile_size=128, overlap=32)
     run = tmp_path / "run"
-    args = [f"input_path={img.path}", "model=reference", "tile_size=128", "overlap=32",
-            "workers=0", f"output_dir={run}"]
+    args = [
+        f"input_path={img.path}",
+        "model=reference",
+        "tile_size=128",
+        "overlap=32",
+        "workers=0",
+        f"output_dir={run}",
+    ]
     assert run_mgpr_inprocess(*args) == 0
     full = read_gpkg_layer(run / "predictions.gpkg", "detections")
     # Simulate a run killed half way: forget half the tiles and the final file.
@@ -123,13 +147,18 @@ def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path) -> No
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["input_path=/nonexistent/ortho.tif"], "input_path='/nonexistent/ortho.tif' does not exist"),
+        (
+            ["input_path=/nonexistent/ortho.tif"],
+            "input_path='/nonexistent/ortho.tif' does not exist",
+        ),
         (["bach_size=4"], "batch_size"),
         (["model=resnet5"], "resnet50"),
         (["tile_size=64", "overlap=64"], "overlap"),
     ],
 )
-def test_user_mistakes_are_one_line_exit_2(args: list[str], needle: str, tmp_path: Path, capsys) -> None:
+def test_user_mistakes_are_one_line_exit_2(
+    args: list[str], needle: str, tmp_path: Path, capsys
+) -> None:
     rc = run_mgpr_inprocess(*args, f"output_dir={tmp_path / 'run'}")
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2
@@ -146,20 +175,37 @@ def _env() -> dict[str, str]:
 @pytest.mark.slow
 def test_two_ranks_give_the_same_output_as_one(make_image, tmp_path: Path) -> None:
     # 7 columns x 1 row of 128 px tiles: 4 tiles on rank 0, 3 on rank 1.
-    img = make_image(width=7 * 96 + 32, height=128, objects=5, tile_size=128, overlap=32,
-                     object_max_px=24, seam_share=0.6)
+    img = make_image(
+        width=7 * 96 + 32,
+        height=128,
+        objects=5,
+        tile_size=128,
+        overlap=32,
+        object_max_px=24,
+        seam_share=0.6,
+    )
     outs = {}
     for gpus in (1, 2):
         run = tmp_path / f"run{gpus}"
-        cmd = mgpr_cmd(f"input_path={img.path}", "model=reference", "tile_size=128", "overlap=32",
-                       "workers=0", f"gpus={gpus}", "accelerator=cpu", f"output_dir={run}",
-                       "progress=false")
+        cmd = mgpr_cmd(
+            f"input_path={img.path}",
+            "model=reference",
+            "tile_size=128",
+            "overlap=32",
+            "workers=0",
+            f"gpus={gpus}",
+            "accelerator=cpu",
+            f"output_dir={run}",
+            "progress=false",
+        )
         proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         s = _summary(run)
         assert s["world_size"] == gpus and s["tiles_predicted"] == 7
         geoms, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
-        outs[gpus] = sorted((g.wkt, r["score"], r["tile_key"]) for g, r in zip(geoms, rows, strict=True))
+        outs[gpus] = sorted(
+            (g.wkt, r["score"], r["tile_key"]) for g, r in zip(geoms, rows, strict=True)
+        )
         shard_keys = []
         for shard in sorted((run / "shards").glob("rank*.sqlite")):
             with sqlite3.connect(shard) as conn:
@@ -173,8 +219,16 @@ def test_two_ranks_give_the_same_output_as_one(make_image, tmp_path: Path) -> No
 def test_fewer_tiles_than_ranks(make_image, tmp_path: Path) -> None:
     img = make_image(width=100, height=80)
     run = tmp_path / "run"
-    cmd = mgpr_cmd(f"input_path={img.path}", "model=null", "tile_size=128", "workers=0",
-                   "gpus=2", "accelerator=cpu", f"output_dir={run}", "progress=false")
+    cmd = mgpr_cmd(
+        f"input_path={img.path}",
+        "model=null",
+        "tile_size=128",
+        "workers=0",
+        "gpus=2",
+        "accelerator=cpu",
+        f"output_dir={run}",
+        "progress=false",
+    )
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = _summary(run)

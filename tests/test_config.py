@@ -25,7 +25,11 @@ def test_defaults_and_types() -> None:
         (["workers=0"], "workers", 0),
         (["precision=bf16-mixed"], "precision", "bf16-mixed"),
         (["accelerator=cpu"], "accelerator", "cpu"),
-        (["use_fake_data=true", "dummy_dataset_delay=0.5", "dummy_dataset_count=7"], "dummy_dataset_count", 7),
+        (
+            ["use_fake_data=true", "dummy_dataset_delay=0.5", "dummy_dataset_count=7"],
+            "dummy_dataset_count",
+            7,
+        ),
         (["image_size=1024"], "image_size", 1024),
         (["weights=None"], "weights", "none"),
     ],
@@ -82,8 +86,19 @@ def test_ranges(args: list[str], needle: str) -> None:
 
 def test_help_lists_every_key() -> None:
     text = describe_keys()
-    for key in ("input_path", "image_path", "gpus", "tile_size", "overlap", "model", "weights",
-                "use_fake_data", "dummy_dataset_delay", "output_dir", "overwrite"):
+    for key in (
+        "input_path",
+        "image_path",
+        "gpus",
+        "tile_size",
+        "overlap",
+        "model",
+        "weights",
+        "use_fake_data",
+        "dummy_dataset_delay",
+        "output_dir",
+        "overwrite",
+    ):
         assert f"{key}=" in text
 
 

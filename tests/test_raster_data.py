@@ -28,7 +28,9 @@ def test_resolve_inputs_file_folder_glob_list(make_image, tmp_path: Path) -> Non
     listing = tmp_path / "list.txt"
     listing.write_text("# my rasters\nb.tif\n\n" + str(a.path) + "\n")
     assert resolve_inputs(str(listing)) == [str(b.path), str(a.path)]
-    assert resolve_inputs("/vsicurl/https://example.org/x.tif") == ["/vsicurl/https://example.org/x.tif"]
+    assert resolve_inputs("/vsicurl/https://example.org/x.tif") == [
+        "/vsicurl/https://example.org/x.tif"
+    ]
 
 
 def test_resolve_inputs_errors(tmp_path: Path) -> None:
@@ -74,10 +76,13 @@ def test_tile_reads_match_rasterio_and_pad_edges(make_image) -> None:
     for tile in tiles:
         arr = reader.read(tile)
         assert arr.shape == (3, 128, 128) and arr.dtype == np.uint8
-        part = full[:, tile.row_off:tile.row_off + tile.valid_height,
-                    tile.col_off:tile.col_off + tile.valid_width]
-        np.testing.assert_array_equal(arr[:, :tile.valid_height, :tile.valid_width], part)
-        assert not arr[:, tile.valid_height:, :].any() and not arr[:, :, tile.valid_width:].any()
+        part = full[
+            :,
+            tile.row_off : tile.row_off + tile.valid_height,
+            tile.col_off : tile.col_off + tile.valid_width,
+        ]
+        np.testing.assert_array_equal(arr[:, : tile.valid_height, : tile.valid_width], part)
+        assert not arr[:, tile.valid_height :, :].any() and not arr[:, :, tile.valid_width :].any()
 
 
 @pytest.mark.parametrize("mode", ["value", "mask"])
@@ -92,8 +97,10 @@ def test_nodata_tiles_are_skipped(make_image, mode: str) -> None:
     with rasterio.open(img.path) as src:
         mask = src.dataset_mask()
     for tile, status in zip(tiles, statuses, strict=True):
-        window_mask = mask[tile.row_off:tile.row_off + tile.valid_height,
-                           tile.col_off:tile.col_off + tile.valid_width]
+        window_mask = mask[
+            tile.row_off : tile.row_off + tile.valid_height,
+            tile.col_off : tile.col_off + tile.valid_width,
+        ]
         assert (status == STATUS_EMPTY) == (not window_mask.any())
 
 

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import read_gpkg_layer
 
 from mgpr.raster import describe_raster
@@ -22,27 +21,46 @@ from mgpr.writers import (
 )
 
 
-def _write(run_dir: Path, rank: int, outcomes: list[TileOutcome], rasters, task: str,
-           overlap: int) -> None:
+def _write(
+    run_dir: Path, rank: int, outcomes: list[TileOutcome], rasters, task: str, overlap: int
+) -> None:
     store = ShardStore(shard_path(run_dir, rank), rank)
     store.write(outcomes, rasters, overlap, task)
     store.close()
 
 
 def test_dedupe_prefers_the_whole_box_over_its_cut_copy() -> None:
-    boxes = np.array([[100, 10, 140, 30],   # whole object seen by tile 1
-                      [100, 10, 128, 30],   # the same object cut by tile 0's right edge
-                      [300, 10, 320, 30]],  # another object
-                     dtype=np.float64)
-    keep = dedupe_seam_boxes(boxes, np.array([0.9, 0.95, 0.8]), np.array([1, 1, 1]),
-                             np.array([1, 0, 0]), np.array([False, True, False]), 0.5, 0.5)
+    boxes = np.array(
+        [
+            [100, 10, 140, 30],  # whole object seen by tile 1
+            [100, 10, 128, 30],  # the same object cut by tile 0's right edge
+            [300, 10, 320, 30],
+        ],  # another object
+        dtype=np.float64,
+    )
+    keep = dedupe_seam_boxes(
+        boxes,
+        np.array([0.9, 0.95, 0.8]),
+        np.array([1, 1, 1]),
+        np.array([1, 0, 0]),
+        np.array([False, True, False]),
+        0.5,
+        0.5,
+    )
     assert keep.tolist() == [True, False, True]
 
 
 def test_dedupe_keeps_overlapping_boxes_of_other_classes_and_same_tile() -> None:
     boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 10], [1, 1, 9, 9]], dtype=np.float64)
-    keep = dedupe_seam_boxes(boxes, np.array([0.9, 0.8, 0.7]), np.array([1, 2, 1]),
-                             np.array([0, 1, 0]), np.zeros(3, bool), 0.99, 0.5)
+    keep = dedupe_seam_boxes(
+        boxes,
+        np.array([0.9, 0.8, 0.7]),
+        np.array([1, 2, 1]),
+        np.array([0, 1, 0]),
+        np.zeros(3, bool),
+        0.99,
+        0.5,
+    )
     assert keep.tolist() == [True, True, True]
 
 
@@ -51,7 +69,14 @@ def test_shard_marks_tiles_done_with_their_records(make_image, tmp_path: Path) -
     tiles = plan_tiles(info.path, 256, 256, 128, 0)
     run = tmp_path / "run"
     outcomes = [
-        TileOutcome(tiles[0], 0, "", np.array([[1, 2, 11, 12]], np.float32), np.array([0.9], np.float32), np.array([1])),
+        TileOutcome(
+            tiles[0],
+            0,
+            "",
+            np.array([[1, 2, 11, 12]], np.float32),
+            np.array([0.9], np.float32),
+            np.array([1]),
+        ),
         TileOutcome(tiles[1], 1),
         TileOutcome(tiles[2], 2, "IOError: bad block"),
     ]
@@ -61,20 +86,52 @@ def test_shard_marks_tiles_done_with_their_records(make_image, tmp_path: Path) -
     assert statuses[tiles[2].id.key()] == ("failed", "IOError: bad block")
     assert finished_tile_keys(run) == {tiles[0].id.key(), tiles[1].id.key()}
     # A later success of the failed tile wins.
-    _write(run, 1, [TileOutcome(tiles[2], 0, "", np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64))],
-           {info.path: info}, "detection", 0)
+    _write(
+        run,
+        1,
+        [
+            TileOutcome(
+                tiles[2],
+                0,
+                "",
+                np.zeros((0, 4), np.float32),
+                np.zeros(0, np.float32),
+                np.zeros(0, np.int64),
+            )
+        ],
+        {info.path: info},
+        "detection",
+        0,
+    )
     assert tile_statuses(run)[tiles[2].id.key()][0] == "done"
 
 
-def test_merge_detections_georeferenced_and_readable_without_gdal(make_image, tmp_path: Path) -> None:
+def test_merge_detections_georeferenced_and_readable_without_gdal(
+    make_image, tmp_path: Path
+) -> None:
     info = describe_raster(str(make_image(width=256, height=200).path))
     tiles = plan_tiles(info.path, info.height, info.width, 128, 32)  # stride 96
     run = tmp_path / "run"
-    # Object at raster px x 100..130, y 10..30: whole in tile (0,1) [96..224), cut in tile (0,0) [0..128).
+    # Object at raster px x 100..130, y 10..30: whole in tile (0,1) [96..224),
+    # cut in tile (0,0) [0..128).
     t00, t01 = tiles[0], tiles[1]
     outcomes = [
-        TileOutcome(t00, 0, "", np.array([[100, 10, 128, 30]], np.float32), np.array([0.99], np.float32), np.array([1])),
-        TileOutcome(t01, 0, "", np.array([[4, 10, 34, 30]], np.float32), np.array([0.9], np.float32), np.array([1])),
+        TileOutcome(
+            t00,
+            0,
+            "",
+            np.array([[100, 10, 128, 30]], np.float32),
+            np.array([0.99], np.float32),
+            np.array([1]),
+        ),
+        TileOutcome(
+            t01,
+            0,
+            "",
+            np.array([[4, 10, 34, 30]], np.float32),
+            np.array([0.9], np.float32),
+            np.array([1]),
+        ),
     ]
     _write(run, 0, outcomes[:1], {info.path: info}, "detection", 32)
     _write(run, 1, outcomes[1:], {info.path: info}, "detection", 32)
@@ -92,7 +149,10 @@ def test_merge_classification_footprints_equal_tile_windows(make_image, tmp_path
     info = describe_raster(str(make_image(width=300, height=200).path))
     tiles = plan_tiles(info.path, info.height, info.width, 128, 0)
     run = tmp_path / "run"
-    outs = [TileOutcome(t, 0, "", None, np.array([0.7, 0.2], np.float32), np.array([3, 1])) for t in tiles]
+    outs = [
+        TileOutcome(t, 0, "", None, np.array([0.7, 0.2], np.float32), np.array([3, 1]))
+        for t in tiles
+    ]
     _write(run, 0, outs, {info.path: info}, "classification", 0)
     result = merge_run(run, [info], "classification", 128, 0, None, 0.5, 0.5, topk=2)
     geoms, rows, _ = read_gpkg_layer(result.output_path, "classifications")
@@ -104,7 +164,9 @@ def test_merge_classification_footprints_equal_tile_windows(make_image, tmp_path
 
     for tile in tiles:
         left, bottom, right, top = rasterio.windows.bounds(valid_window(tile), info.transform)
-        np.testing.assert_allclose(by_key[tile.id.key()].bounds, (left, bottom, right, top), atol=1e-6)
+        np.testing.assert_allclose(
+            by_key[tile.id.key()].bounds, (left, bottom, right, top), atol=1e-6
+        )
     assert rows[0]["class_id_1"] == 3 and rows[0]["class_id_2"] == 1
 
 
@@ -112,8 +174,14 @@ def test_merge_replaces_output_atomically(make_image, tmp_path: Path) -> None:
     info = describe_raster(str(make_image(width=128, height=128).path))
     tiles = plan_tiles(info.path, 128, 128, 128, 0)
     run = tmp_path / "run"
-    _write(run, 0, [TileOutcome(tiles[0], 0, "", None, np.array([1.0], np.float32), np.array([0]))],
-           {info.path: info}, "classification", 0)
+    _write(
+        run,
+        0,
+        [TileOutcome(tiles[0], 0, "", None, np.array([1.0], np.float32), np.array([0]))],
+        {info.path: info},
+        "classification",
+        0,
+    )
     merge_run(run, [info], "classification", 128, 0, None, 0.5, 0.5, topk=1)
     leftovers = [p.name for p in run.iterdir() if p.name.startswith(".tmp")]
     assert leftovers == [] and (run / "predictions.gpkg").exists()
@@ -126,8 +194,12 @@ def test_shard_size_grows_linearly_not_memory(make_image, tmp_path: Path, n_tile
     tiles = plan_tiles(info.path, info.height, info.width, 64, 0)[:n_tiles]
     store = ShardStore(shard_path(tmp_path, 0), 0)
     for t in tiles:
-        store.write([TileOutcome(t, 0, "", None, np.array([1.0], np.float32), np.array([0]))],
-                    {info.path: info}, 0, "classification")
+        store.write(
+            [TileOutcome(t, 0, "", None, np.array([1.0], np.float32), np.array([0]))],
+            {info.path: info},
+            0,
+            "classification",
+        )
     assert not hasattr(store, "_pending")
     store.close()
     assert len(finished_tile_keys(tmp_path)) == n_tiles
