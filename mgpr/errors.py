@@ -37,5 +37,9 @@ class OutputError(MgprError, OSError):
     """Raised when the output exists from another run, or cannot be written."""
 
 
+class ResourceError(MgprError, RuntimeError):
+    """Raised when a rank runs out of (GPU or host) memory; names the key to lower."""
+
+
 class SlurmMismatchError(MgprError, RuntimeError):
     """Raised when the mgpr config disagrees with the SLURM allocation (tasks, GPUs, CPUs)."""

@@ -24,7 +24,7 @@ import numpy.typing as npt
 import rasterio.windows
 from affine import Affine
 
-from mgpr.tiling import Tile, tile_window, valid_window
+from mgpr.tiling import Tile, as_boxes, tile_window, valid_window
 
 __all__ = [
     "boxes_to_rings",
@@ -53,15 +53,6 @@ def tile_transform(tile: Tile, raster_transform: Affine) -> Affine:
     return transform
 
 
-def _as_boxes(boxes_px: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    boxes = np.asarray(boxes_px, dtype=np.float64)
-    if boxes.size == 0:
-        return boxes.reshape(0, 4)
-    if boxes.ndim != 2 or boxes.shape[1] != 4:
-        raise ValueError(f"Boxes must have shape (N, 4) xyxy, got shape {boxes.shape}.")
-    return boxes
-
-
 def boxes_to_rings(boxes_px: npt.ArrayLike, transform: Affine) -> npt.NDArray[np.float64]:
     """Turn pixel boxes into closed polygon rings in map coordinates.
 
@@ -81,7 +72,7 @@ def boxes_to_rings(boxes_px: npt.ArrayLike, transform: Affine) -> npt.NDArray[np
         (N, 5, 2) float64 closed rings of map ``(x, y)``; ring[0] == ring[4]. N = 0 gives
         shape (0, 5, 2).
     """
-    boxes = _as_boxes(boxes_px)
+    boxes = as_boxes(boxes_px)
     x_lo = np.minimum(boxes[:, 0], boxes[:, 2])
     x_hi = np.maximum(boxes[:, 0], boxes[:, 2])
     y_lo = np.minimum(boxes[:, 1], boxes[:, 3])
@@ -147,7 +138,7 @@ def tile_boxes_to_raster_px(boxes_px: npt.ArrayLike, tile: Tile) -> npt.NDArray[
     Returns:
         (N, 4) float64 xyxy, RASTER pixel coordinates.
     """
-    boxes = _as_boxes(boxes_px)
+    boxes = as_boxes(boxes_px)
     offset = np.array([tile.col_off, tile.row_off, tile.col_off, tile.row_off], dtype=np.float64)
     shifted: npt.NDArray[np.float64] = boxes + offset
     return shifted

@@ -320,10 +320,7 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
         # Inputs are checked before the model is built: a typo in a path must not wait for
         # (or fail on) a weights download.
         rasters = [describe_raster(path) for path in resolve_inputs(input_path)]
-    adapter = _build_adapter(cfg, model_name, rank)
-    if adapter.random_weights and rank == 0 and model_name not in ("reference", "null"):
-        log.warning("weights=none: %s runs with RANDOM weights; its predictions are meaningless",
-                    model_name)
+    adapter = _build_adapter(cfg, model_name, rank)  # warns itself about random weights
     if not cfg.use_fake_data:
         from mgpr.raster import check_bands
         from mgpr.tiling import plan_tiles

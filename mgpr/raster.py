@@ -166,7 +166,7 @@ def describe_raster(path: str) -> RasterInfo:
                 transform=src.transform,
                 nodata=src.nodata,
                 has_mask=has_mask,
-                block_shape=tuple(src.block_shapes[0]),  # type: ignore[arg-type]
+                block_shape=tuple(src.block_shapes[0]),
                 file_bytes=os.path.getsize(path) if os.path.exists(path) else None,
                 mtime=os.path.getmtime(path) if os.path.exists(path) else None,
             )

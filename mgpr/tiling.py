@@ -361,7 +361,8 @@ def owner_region(tile: Tile, grid: TileGrid, height: int, width: int) -> tuple[i
     return row_min, col_min, row_max, col_max
 
 
-def _as_boxes(boxes_px: npt.ArrayLike) -> npt.NDArray[np.float64]:
+def as_boxes(boxes_px: npt.ArrayLike) -> npt.NDArray[np.float64]:
+    """Boxes as a float64 ``(N, 4)`` xyxy array; raises ValueError for another shape."""
     boxes = np.asarray(boxes_px, dtype=np.float64)
     if boxes.size == 0:
         return boxes.reshape(0, 4)
@@ -390,7 +391,7 @@ def boxes_owned_by_tile(
     Returns:
         (N,) bool, True where the tile owns the box's centre.
     """
-    boxes = _as_boxes(boxes_px)
+    boxes = as_boxes(boxes_px)
     row_min, col_min, row_max, col_max = owner_region(tile, grid, height, width)
     cx = (boxes[:, 0] + boxes[:, 2]) / 2.0 + tile.col_off
     cy = (boxes[:, 1] + boxes[:, 3]) / 2.0 + tile.row_off
@@ -430,7 +431,7 @@ def box_touches_tile_edge(
     Returns:
         (N,) bool, True where the box is within the margin of an inner edge.
     """
-    boxes = _as_boxes(boxes_px)
+    boxes = as_boxes(boxes_px)
     touches = np.zeros(boxes.shape[0], dtype=np.bool_)
     if tile.col_off > 0:
         touches |= boxes[:, 0] <= margin_px
