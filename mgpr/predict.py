@@ -194,6 +194,19 @@ def _fingerprint(cfg: PredictConfig, model_name: str, weights_id: str, rasters: 
     }
 
 
+def _save_resolved_config(run_dir: Path, cfg: PredictConfig, model_name: str) -> None:
+    """``config.yaml``: every key as this run used it (aliases resolved, model chosen)."""
+    import dataclasses
+
+    from omegaconf import OmegaConf
+
+    resolved = dataclasses.replace(cfg, model=model_name)
+    text = OmegaConf.to_yaml(OmegaConf.structured(resolved))
+    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "config.yaml")
+
+
 def _build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
     """Build the model; with downloads, rank 0 fetches and the other ranks wait for the file."""
     from mgpr.models import build_model
@@ -260,6 +273,35 @@ def _requeue_on_usr1(signal_name: str, rank: int) -> bool:
         return False
     log.info("requeued SLURM job %s; it resumes from the finished tiles", job)
     return True
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    """True for CUDA's ``torch.OutOfMemoryError`` and the allocators' plain RuntimeErrors."""
+    import torch
+
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("out of memory" in text
+                                              or "can't allocate memory" in text)
+
+
+def _out_of_memory_error(exc: BaseException, cfg: PredictConfig, run_dir: Path,
+                         accelerator: str, rank: int) -> MgprError:
+    """One line naming ``batch_size`` and a smaller value; the shards written so far are kept."""
+    from mgpr.errors import ResourceError
+
+    first = " ".join(str(exc).split()).split(". ")[0][:160]
+    where = "the GPU" if accelerator == "gpu" else "the host"
+    if cfg.batch_size > 1:
+        fix = f"re-run with batch_size={cfg.batch_size // 2} to resume"
+    else:
+        fix = (f"batch_size is already 1: re-run with a smaller tile_size (now {cfg.tile_size}) "
+               "and overwrite=true, or precision=16-mixed")
+    return ResourceError(
+        f"out of memory on {where} (rank {rank}) with batch_size={cfg.batch_size} ({first}); "
+        f"every finished tile is kept in {run_dir / 'shards'}; {fix}"
+    )
 
 
 def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
@@ -338,6 +380,8 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
         fingerprint = _fingerprint(cfg, model_name, adapter.weights_id, rasters, bands)
         job_id = os.environ.get("SLURM_JOB_ID")
         resumed = prepare_run_dir(run_dir, fingerprint, cfg.overwrite, rank, job_id)
+        if rank == 0:
+            _save_resolved_config(run_dir, cfg, model_name)
         if resumed and rank == 0:
             log.info("resuming the run in %s: finished tiles are skipped", run_dir)
     precision = resolve_precision(cfg.precision, accelerator)
@@ -348,6 +392,10 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
         stats = run_predict(cfg, run_dir=run_dir, adapter=adapter, rasters=rasters, tiles=tiles,
                             bands=bands, accelerator=accelerator, devices=devices,
                             num_nodes=num_nodes, precision=precision, slurm_task=slurm_task)
+    except Exception as exc:
+        if _is_out_of_memory(exc):
+            raise _out_of_memory_error(exc, cfg, run_dir, accelerator, rank) from None
+        raise
     except RunInterrupted as exc:
         requeued = _requeue_on_usr1(str(exc), rank)
         if rank == 0:

@@ -36,6 +36,7 @@ _RESULT_ENTRIES = (
     "report.json",
     "report.png",
     "failed_tiles.csv",
+    "config.yaml",
     FINGERPRINT_FILE,
 )
 

@@ -412,6 +412,8 @@ def _write_layer(path: Path, layer: str, rings: npt.NDArray[np.float64], fields:
             str(path), geometry=wkb, field_data=arrays, fields=names, crs=crs_wkt,
             geometry_type="Polygon", layer=layer, driver="GPKG", append=not first,
             promote_to_multi=False,
+            # GeoPackage 1.2 opens without warnings in older GDAL/QGIS releases too.
+            dataset_options={"VERSION": "1.2"} if first else None,
         )
 
 
