@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from mgpr.errors import EXIT_USAGE, MgprError
+from mgpr.errors import EXIT_INTERRUPTED, EXIT_USAGE, MgprError
 
 USAGE = """usage: mgpr [key=value ...]
 
@@ -36,10 +36,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(USAGE)
         print(describe_keys())
         return
+    # jobs/job.slurm: check the config against the allocation in the batch shell (no torch).
+    preflight = args[:1] == ["--slurm-preflight"]
+    if preflight:
+        args = args[1:]
     try:
         from mgpr.config import load_config
 
         cfg = load_config(args)
+        if preflight:
+            import os
+
+            from mgpr.slurm import preflight as slurm_preflight
+
+            slurm_preflight(os.environ, cfg.gpus, cfg.num_nodes, cfg.workers)
+            return
         explicit = {a.split("=", 1)[0].lstrip("+~") for a in args}
         from mgpr.predict import run
 
@@ -50,6 +61,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print("mgpr: interrupted; re-run the same command to resume", file=sys.stderr)
         sys.exit(130)
+    if code == EXIT_INTERRUPTED:
+        # A second stop signal while the interpreter shuts down (srun --kill-on-bad-exit TERMs
+        # the ranks still alive once one rank exits 130) must not turn 130 into death by signal.
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
     sys.exit(code)
 
 

@@ -156,16 +156,27 @@ def _check_ranges(cfg: PredictConfig) -> None:
             )
 
 
-def _quote_name_values(overrides: Sequence[str]) -> list[str]:
-    """Keep ``model=null`` (the built-in null model) and ``weights=null`` as strings.
+#: String keys holding paths: their values are quoted for Hydra when they contain its syntax.
+_PATH_KEYS = ("input_path", "image_path", "output_dir", "weights")
+_HYDRA_SYNTAX = re.compile(r"[\s()\[\]{}=,:]")
 
-    Hydra reads a bare ``null`` as None; for these two keys the word is a name.
+
+def _quote_name_values(overrides: Sequence[str]) -> list[str]:
+    """Keep ``model=null``/``weights=null`` and paths with Hydra syntax characters as strings.
+
+    Hydra reads a bare ``null`` as None; for these two keys the word is a name. A path key whose
+    value holds ``( ) [ ] { } = , :`` or spaces is single-quoted, so ``output_dir=runs/a(1)``
+    and ``input_path=tiles/[ab]*.tif`` mean those paths.
     """
     out = []
     for item in overrides:
         key, _, value = item.partition("=")
         if key.lstrip("+~") in ("model", "weights") and value.lower() in ("null", "none"):
             item = f"{key}='{value.lower()}'"
+        elif (key.lstrip("+~") in _PATH_KEYS and _HYDRA_SYNTAX.search(value)
+              and value[:1] not in ("'", '"') and "'" not in value and "\\" not in value):
+            # A path such as ortho(1).tif, a,b/ or tiles/[ab]*.tif is a path, not Hydra syntax.
+            item = f"{key}='{value}'"
         out.append(item)
     return out
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from mgpr.raster import TileReader
 from mgpr.tiling import Tile
@@ -77,17 +77,54 @@ class TileDataset(Dataset[dict[str, Any]]):
     def __getitem__(self, index: int) -> dict[str, Any]:
         tile = self.tiles[index]
         size = self.reader.tile_size
+        image = torch.empty((self.bands[tile.id.path], size, size), dtype=torch.uint8)
+        status, reason = self._fill(index, image.numpy())
+        return _sample(image, index, status, reason)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any] | list[dict[str, Any]]:
+        """A whole batch, each tile decoded straight into one ``(B, C, H, W)`` uint8 tensor.
+
+        The DataLoader's fetcher calls this instead of ``__getitem__`` per index. Inside a
+        worker the batch lives in shared memory from the start, so neither ``torch.stack`` in
+        the collate nor the hand-over to the main process copies the pixels (they are decoded
+        once, into their final place). :func:`collate_tiles` passes the dict through. Tiles
+        with differing band counts fall back to a list of samples (default collate).
+        """
+        size = self.reader.tile_size
+        counts = {self.bands[self.tiles[i].id.path] for i in indices}
+        if len(counts) != 1:
+            return [self[i] for i in indices]
+        shape = (len(indices), counts.pop(), size, size)
+        if torch.utils.data.get_worker_info() is not None:
+            numel = shape[0] * shape[1] * shape[2] * shape[3]
+            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)
+            images = torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
+        else:
+            images = torch.empty(shape, dtype=torch.uint8)
+        array = images.numpy()
+        status = torch.empty(len(indices), dtype=torch.int64)
+        reasons = []
+        for pos, index in enumerate(indices):
+            st, reason = self._fill(index, array[pos])
+            status[pos] = st
+            reasons.append(reason)
+        return {"image": images, "index": torch.as_tensor(indices, dtype=torch.int64),
+                "status": status, "reason": reasons}
+
+    def _fill(self, index: int, out: np.ndarray) -> tuple[int, str]:
+        """Decode tile ``index`` into ``out`` (zeros when empty or failed); (status, reason)."""
+        tile = self.tiles[index]
         try:
             if self.reader.is_empty(tile, tile.id.path in self.check_mask_paths):
-                image = torch.zeros((self.bands[tile.id.path], size, size), dtype=torch.uint8)
-                return _sample(image, index, STATUS_EMPTY, "")
-            image = torch.from_numpy(self.reader.read(tile))
-            return _sample(image, index, STATUS_OK, "")
+                out[...] = 0
+                return STATUS_EMPTY, ""
+            self.reader.read(tile, out=out)
+            return STATUS_OK, ""
         except Exception as exc:  # a corrupt block costs this tile only; recorded as failed
             reason = _read_failure_reason(exc)
             log.warning("tile %s failed to read: %s", tile.id.key(), reason)
-            image = torch.zeros((self.bands[tile.id.path], size, size), dtype=torch.uint8)
-            return _sample(image, index, STATUS_FAILED, reason[:500])
+            out[...] = 0
+            return STATUS_FAILED, reason[:500]
 
 
 class FakeTileDataset(Dataset[dict[str, Any]]):
@@ -132,6 +169,14 @@ def _read_failure_reason(exc: BaseException) -> str:
     if cause is not None and first_line(cause) and first_line(cause) not in reason:
         reason += f" ({first_line(cause)})"
     return reason
+
+
+def collate_tiles(data: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
+    """The DataLoader's ``collate_fn``: a batch :meth:`TileDataset.__getitems__` already built
+    passes through untouched; a list of samples (fake data, mixed band counts) is stacked."""
+    if isinstance(data, dict):
+        return data
+    return default_collate(data)  # type: ignore[no-any-return]
 
 
 def _sample(image: torch.Tensor, index: int, status: int, reason: str) -> dict[str, Any]:

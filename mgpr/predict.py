@@ -238,7 +238,15 @@ def _install_signal_handlers() -> dict[int, Any]:
     Returns the previous handlers so :func:`run` can restore them (tests run in-process).
     """
 
+    stopping: list[int] = []
+
     def handler(signum: int, frame: Any) -> None:
+        # SLURM signals every process of the step, sometimes twice (USR1 then TERM on preemption,
+        # srun --kill-on-bad-exit): once stopping, a repeated TERM/USR1 must not interrupt the
+        # clean-up (flushing the shard, scontrol requeue). Ctrl-C twice still forces its way.
+        if stopping and signum != signal.SIGINT:
+            return
+        stopping.append(signum)
         raise RunInterrupted(signal.Signals(signum).name)
 
     previous: dict[int, Any] = {}
@@ -345,6 +353,11 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
 
     accelerator = resolve_accelerator(cfg.accelerator)
     devices, num_nodes, slurm_task = _resolve_devices(cfg, accelerator)
+    if slurm_task is not None:
+        log.info("SLURM job %s: rank %d of %d on node %s (node rank %d of %d, local rank %d)",
+                 slurm_task.job_id, slurm_task.procid, slurm_task.ntasks,
+                 os.environ.get("SLURMD_NODENAME", host()), slurm_task.nodeid, num_nodes,
+                 slurm_task.localid)
 
     truth_path: Path | None = None
     rasters: list[Any] = []

@@ -305,15 +305,23 @@ class TileReader:
         mask = src.dataset_mask(window=valid_window(tile))
         return not bool(mask.any())
 
-    def read(self, tile: Tile) -> np.ndarray:
-        """Read a tile as ``(C, tile_size, tile_size)`` uint8, zero-padded past the raster edge."""
+    def read(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
+        """Read a tile as ``(C, tile_size, tile_size)`` uint8, zero-padded past the raster edge.
+
+        Args:
+            tile: the tile.
+            out: optional C-contiguous ``(C, tile_size, tile_size)`` uint8 array to decode into
+                (e.g. one slot of a batch in shared memory: no copy afterwards); returned.
+        """
         src = self._open(tile.id.path)
         bands = self.bands_by_path[tile.id.path]
         size = self.tile_size
+        if out is None:
+            out = np.empty((len(bands), size, size), dtype=np.uint8)
         if tile.valid_height == size and tile.valid_width == size:
-            data = src.read(indexes=bands, window=tile_window(tile), out_dtype="uint8")
-            return np.ascontiguousarray(data)
-        out = np.zeros((len(bands), size, size), dtype=np.uint8)
+            src.read(indexes=bands, window=tile_window(tile), out=out)
+            return out
+        out[...] = 0
         part = src.read(indexes=bands, window=valid_window(tile), out_dtype="uint8")
         out[:, : tile.valid_height, : tile.valid_width] = part
         return out

@@ -25,6 +25,8 @@ __all__ = [
     "LIGHTNING_NON_SLURM_JOB_NAMES",
     "SlurmTask",
     "check_slurm_task",
+    "preflight",
+    "read_batch_allocation",
     "read_slurm_task",
     "render_job_script",
     "resolve_devices",
@@ -115,6 +117,44 @@ def read_slurm_task(env: Mapping[str, str]) -> SlurmTask | None:
         cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
         job_name=env.get("SLURM_JOB_NAME", ""),
     )
+
+
+def read_batch_allocation(env: Mapping[str, str]) -> SlurmTask | None:
+    """The allocation as the batch shell of an ``sbatch`` job sees it, as ``srun``'s rank 0.
+
+    The batch shell has no ``SLURM_STEP_ID``, and no ``SLURM_NTASKS`` unless ``--ntasks`` or
+    ``--ntasks-per-node`` was given (``srun`` then starts one task per node).
+
+    Args:
+        env: usually ``os.environ`` of the batch shell.
+
+    Returns:
+        The task ``srun`` will start as rank 0, or None outside a SLURM job.
+    """
+    if not env.get("SLURM_JOB_ID", env.get("SLURM_JOBID")):
+        return None
+    step_env = dict(env)
+    step_env.setdefault("SLURM_PROCID", "0")
+    step_env.setdefault("SLURM_STEP_ID", "batch")
+    if not any(env.get(k) for k in ("SLURM_NTASKS", "SLURM_NPROCS")):
+        step_env["SLURM_NTASKS"] = str(_int(env, "SLURM_NNODES", "SLURM_JOB_NUM_NODES") or 1)
+    return read_slurm_task(step_env)
+
+
+def preflight(env: Mapping[str, str], devices: int | None, num_nodes: int | None,
+              workers: int) -> None:
+    """The checks of :func:`check_slurm_task` that need no torch, run in the batch shell.
+
+    ``jobs/job.slurm`` runs ``mgpr --slurm-preflight <overrides>`` before ``srun``, so a config
+    that disagrees with the allocation fails once, in about a second, with one line and exit
+    code 2. GPU visibility needs torch and is checked by every rank later.
+
+    Raises:
+        SlurmMismatchError: as :func:`check_slurm_task`.
+    """
+    task = read_batch_allocation(env)
+    if task is not None:
+        check_slurm_task(task, devices, num_nodes, workers, "cpu", 0)
 
 
 def _tasks_per_node(task: SlurmTask) -> int:
@@ -314,17 +354,23 @@ if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
 fi
 export PYTHONUNBUFFERED=1
 
-# The uv environment, never re-resolved on compute nodes: sync once here, not in every task.
+# Which mgpr: sbatch runs a copy of this script from its spool dir, so the script's own location
+# says nothing. Never re-resolve the uv environment on compute nodes: sync once, not per task.
 if [[ -n "${MGPR_BIN:-}" ]]; then
     mgpr=("$MGPR_BIN")
 elif [[ -x .venv/bin/mgpr ]]; then
-    mgpr=(.venv/bin/mgpr)
-elif command -v uv >/dev/null 2>&1; then
+    mgpr=("$PWD/.venv/bin/mgpr")
+elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/mgpr" ]]; then
+    mgpr=("$VIRTUAL_ENV/bin/mgpr")
+elif command -v mgpr >/dev/null 2>&1; then
+    mgpr=("$(command -v mgpr)")
+elif [[ -f pyproject.toml ]] && command -v uv >/dev/null 2>&1; then
     uv sync --frozen --quiet
-    mgpr=(.venv/bin/mgpr)
+    mgpr=("$PWD/.venv/bin/mgpr")
 else
-    echo "job.slurm: no .venv/bin/mgpr in $PWD and no uv on PATH:" \
-        "run 'uv sync --frozen' on the login node, or set MGPR_BIN" >&2
+    echo "job.slurm: mgpr not found (no MGPR_BIN, no .venv/bin/mgpr in $PWD, no virtualenv" \
+        "with mgpr active at submit time, no mgpr on PATH): submit with" \
+        "MGPR_BIN=/path/to/mgpr/.venv/bin/mgpr sbatch ..., or from the repository root" >&2
     exit 2
 fi
 
@@ -337,6 +383,10 @@ echo "GPUs:           ${SLURM_GPUS_ON_NODE:-none} per node" \
 echo "CPUs per task:  ${SLURM_CPUS_PER_TASK:-unset}"
 echo "partition:      ${SLURM_JOB_PARTITION:-?}"
 echo "command:        ${cmd[*]}"
+# The allocation checks of every rank (gpus vs --ntasks-per-node, --ntasks, workers vs
+# --cpus-per-task, num_nodes vs --nodes), once, here, in about a second: a mistake gives one
+# line in the .err log and exit code 2 instead of N ranks failing after their torch imports.
+"${mgpr[@]}" --slurm-preflight "${args[@]}"
 exec "${cmd[@]}"
 """
 
@@ -435,7 +485,7 @@ def render_job_script(
         "#!/bin/bash",
         f"# mgpr on SLURM: {nodes} node(s) x {gpus_per_node} GPU(s), one rank per GPU "
         f"({nodes * gpus_per_node} ranks).",
-        "# Rendered by mgpr-slurm-job. Submit from the repository root (slurm_logs/ must exist):",
+        "# Rendered by mgpr-slurm-job. Submit from any directory (its slurm_logs/ must exist):",
         "#   sbatch THIS_FILE [more Hydra overrides]",
         *(f"#SBATCH {opt}" for opt in sbatch),
         "set -euo pipefail",

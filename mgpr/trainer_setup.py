@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mgpr.conf.schema import PredictConfig
-from mgpr.data import FakeTileDataset, TileDataset, shard_tiles
+from mgpr.data import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
 from mgpr.module import InferenceModule
 from mgpr.predict_writer import PredictionShardWriter
 from mgpr.profiling import RunMonitor, make_profiler
@@ -118,7 +118,8 @@ def make_dataloader(dataset: Any, batch_size: int, workers: int,
     """The DataLoader every rank uses (also what ``benchmarks/pipeline.py`` times).
 
     Workers fork on Linux (spawn re-imports torch + Lightning, seconds per worker) and open
-    rasters lazily; each keeps ``prefetch_factor`` batches ready.
+    rasters lazily; each keeps ``prefetch_factor`` batches ready. :func:`collate_tiles` passes
+    the batches :class:`TileDataset` decodes straight into shared memory through uncopied.
     """
     kwargs: dict[str, Any] = {}
     if workers > 0:
@@ -127,7 +128,7 @@ def make_dataloader(dataset: Any, batch_size: int, workers: int,
         kwargs["persistent_workers"] = False
         if sys.platform.startswith("linux"):
             kwargs["multiprocessing_context"] = "fork"
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_tiles,
                       num_workers=workers, pin_memory=pin_memory, **kwargs)
 
 

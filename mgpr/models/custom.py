@@ -71,6 +71,13 @@ def load_builder(path: str) -> Any:
             f"model={path}: module '{module_name}' does not import ({type(err).__name__}: "
             f"{' '.join(str(err).split())}); check the name and that it is on PYTHONPATH."
         ) from err
+    except Exception as err:  # noqa: BLE001 - the module is found but its own code fails
+        raise ModelError(
+            f"model={path}: module '{module_name}' was found but raised while importing "
+            f"({type(err).__name__}: {' '.join(str(err).split())[:150]}{_where(err)}); "
+            "fix that module (run `python -c 'import "
+            f"{module_name}'` to see the traceback)."
+        ) from err
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelError(
@@ -79,6 +86,16 @@ def load_builder(path: str) -> Any:
             )
         obj = getattr(obj, part)
     return obj
+
+
+def _where(err: BaseException) -> str:
+    """`` at file:line`` of the innermost frame of ``err`` (SyntaxError: the bad line)."""
+    import traceback
+
+    if isinstance(err, SyntaxError) and err.filename:
+        return f" at {err.filename}:{err.lineno}"
+    frames = traceback.extract_tb(err.__traceback__)
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _first_conv_in_channels(module: torch.nn.Module) -> int:

@@ -202,10 +202,23 @@ def weights_cached(name: str, weights: str) -> bool:
     return target is None or target.is_file()
 
 
+#: Seconds any one network operation of a download (connect, one read) may block. torch.hub
+#: sets no timeout, so on a node whose firewall drops packets a download would hang instead of
+#: failing with the "run mgpr-fetch-weights" message.
+DOWNLOAD_SOCKET_TIMEOUT_S = 30.0
+
+
 def _download(url: str, dst: Path, hash_prefix: str | None, progress: bool) -> None:
     """Download ``url`` to ``dst`` (temporary name, then rename); the seam tests patch."""
+    import socket
+
     dst.parent.mkdir(parents=True, exist_ok=True)
-    torch.hub.download_url_to_file(url, str(dst), hash_prefix, progress=progress)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_SOCKET_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(url, str(dst), hash_prefix, progress=progress)
+    finally:
+        socket.setdefaulttimeout(previous)
 
 
 def fetch_weights(name: str, weights: str = "DEFAULT", *, progress: bool = False) -> Path | None:

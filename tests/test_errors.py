@@ -1,0 +1,463 @@
+"""Bad input and faults through the real ``mgpr`` CLI: one clear line, an exit code, nothing lost.
+
+Every case asserts the exit code, that stderr's last line is one ``mgpr: ...`` line naming the
+value (no traceback anywhere), and that files written before the error are untouched. Runs are
+in-process (Lightning is imported once per pytest process) except the SIGTERM test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import textwrap
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
+
+from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, EXIT_USAGE
+from mgpr.testimage import TestImageSpec, corrupt_block, write_test_image
+
+
+def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    rc = run_mgpr_inprocess(*args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _last_line(err: str, rc: int, code: int, *needles: str) -> str:
+    """The one line the user reads; asserts exit code, no traceback, every needle in it."""
+    assert rc == code, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert lines, "nothing on stderr"
+    last = lines[-1]
+    assert last.startswith("mgpr: "), last
+    for needle in needles:
+        assert needle in last, (needle, last)
+    return last
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under root with its bytes (run logs excluded: they are appended to)."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
+            if p.is_file() and "logs" not in p.relative_to(root).parts}
+
+
+def _assert_untouched(before: dict[str, bytes], root: Path) -> None:
+    after = _snapshot(root)
+    for name, data in before.items():
+        assert after.get(name) == data, f"{name} changed or vanished"
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _shard_tiles(run: Path) -> tuple[int, int, int]:
+    """(rows, distinct tiles, tiles done) in the rank-0 shard."""
+    with sqlite3.connect(run / "shards" / "rank0.sqlite") as conn:
+        return conn.execute("SELECT COUNT(*), COUNT(DISTINCT tile_key), "
+                            "SUM(status = 'done') FROM tiles").fetchone()
+
+
+# ----------------------------------------------------------------- checked before any work, exit 2
+
+Case = Callable[[Path], tuple[list[str], list[str]]]
+
+
+def _rgb(tmp: Path) -> Path:
+    return write_test_image(tmp / "in" / "rgb.tif", TestImageSpec(width=128, height=128)).path
+
+
+def _missing_path(tmp: Path) -> tuple[list[str], list[str]]:
+    return [f"input_path={tmp}/nope.tif"], [f"input_path='{tmp}/nope.tif' does not exist"]
+
+
+def _missing_path_with_hydra_syntax(tmp: Path) -> tuple[list[str], list[str]]:
+    # ( ) , = and spaces are Hydra grammar; in a path key they are just characters.
+    return [f"input_path={tmp}/ortho (1),v=2.tif"], [f"'{tmp}/ortho (1),v=2.tif' does not exist"]
+
+
+def _not_a_raster(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "notes.tif").write_text("not a raster")
+    return [f"input_path={tmp}/notes.tif"], [f"'{tmp}/notes.tif' is not a readable raster"]
+
+
+def _empty_folder(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "empty").mkdir()
+    return [f"input_path={tmp}/empty"], [f"input_path='{tmp}/empty' is a folder without rasters"]
+
+
+def _glob_matches_nothing(tmp: Path) -> tuple[list[str], list[str]]:
+    return [f"input_path={tmp}/*.tiff"], [f"input_path='{tmp}/*.tiff': the glob matches no file"]
+
+
+def _list_names_missing_file(tmp: Path) -> tuple[list[str], list[str]]:
+    listing = tmp / "inputs.txt"
+    listing.write_text(f"# tiles\n{_rgb(tmp)}\nmissing.tif\n")
+    return ([f"input_path={listing}"],
+            [f"{listing}:3 names 'missing.tif'", "fix or remove that line"])
+
+
+def _wrong_band_count(tmp: Path) -> tuple[list[str], list[str]]:
+    gray = write_test_image(tmp / "gray.tif", TestImageSpec(width=128, height=128, bands=1)).path
+    return ([f"input_path={gray}", "model=resnet50", "weights=none"],
+            ["has 1 band(s), but the model needs 3", "bands=[1,1,1]"])
+
+
+def _band_the_raster_lacks(tmp: Path) -> tuple[list[str], list[str]]:
+    return ([f"input_path={_rgb(tmp)}", "model=null", "bands=[1,4]"],
+            ["bands=[1, 4] names band 4", "has 3 band(s)", "use indexes 1..3"])
+
+
+def _tile_not_above_overlap(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["tile_size=64", "overlap=64"], ["overlap=64", "tile_size=64"]
+
+
+def _tile_below_one(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["tile_size=0"], ["tile_size=0"]
+
+
+def _negative_overlap(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["overlap=-1"], ["overlap=-1"]
+
+
+def _batch_below_one(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["batch_size=0"], ["batch_size=0 is out of range", "batch_size=8"]
+
+
+def _negative_workers(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["workers=-1"], ["workers=-1 is out of range", "workers=0"]
+
+
+def _unknown_model(tmp: Path) -> tuple[list[str], list[str]]:
+    return ([f"input_path={_rgb(tmp)}", "model=resnet5"],
+            ["model=resnet5 is not a known model", "resnet50, fasterrcnn, reference, null"])
+
+
+def _import_path_missing_module(tmp: Path) -> tuple[list[str], list[str]]:
+    return ([f"input_path={_rgb(tmp)}", "model=mgpr_no_such_pkg.models:build"],
+            ["module 'mgpr_no_such_pkg.models' does not import",
+             "No module named 'mgpr_no_such_pkg'"])
+
+
+def _import_path_module_raises(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "mgpr_broken_model.py").write_text("import torch\nNET = undefined_name\n")
+    return ([f"input_path={_rgb(tmp)}", "model=mgpr_broken_model:build"],
+            ["module 'mgpr_broken_model' was found but raised while importing",
+             "NameError", "mgpr_broken_model.py:2"])
+
+
+def _checkpoint_does_not_fit(tmp: Path) -> tuple[list[str], list[str]]:
+    import torch
+    import torchvision
+
+    ckpt = tmp / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
+    return ([f"input_path={_rgb(tmp)}", "model=resnet50", f"weights={ckpt}"],
+            [f"weights={ckpt} does not fit model=resnet50", "missing", "shape mismatch"])
+
+
+def _not_writable_under_file(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "a_file").write_text("x")
+    return ([f"input_path={_rgb(tmp)}", "model=null", f"output_dir={tmp}/a_file/sub"],
+            [f"output_dir='{tmp}/a_file/sub' is not writable", "choose another output_dir"])
+
+
+def _not_writable_proc(tmp: Path) -> tuple[list[str], list[str]]:
+    return ([f"input_path={_rgb(tmp)}", "model=null", "output_dir=/proc/mgpr-run"],
+            ["output_dir='/proc/mgpr-run' is not writable"])
+
+
+def _misspelt_key(tmp: Path) -> tuple[list[str], list[str]]:
+    return ["tile_sise=256"], ["unknown config key `tile_sise`", "did you mean `tile_size`?"]
+
+
+@pytest.mark.parametrize("case", [
+    _missing_path, _missing_path_with_hydra_syntax, _not_a_raster, _empty_folder,
+    _glob_matches_nothing, _list_names_missing_file,
+    _wrong_band_count, _band_the_raster_lacks, _tile_not_above_overlap, _tile_below_one,
+    _negative_overlap, _batch_below_one, _negative_workers, _unknown_model,
+    _import_path_missing_module, _import_path_module_raises, _checkpoint_does_not_fit,
+    _not_writable_under_file, _not_writable_proc, _misspelt_key,
+], ids=lambda c: c.__name__.strip("_"))
+def test_checked_before_any_work(case: Case, tmp_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(tmp_path))  # for the custom model cases
+    args, needles = case(tmp_path)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("a user's file in the output folder")
+    before = _snapshot(tmp_path)
+    for key, value in (("output_dir", str(run)), ("workers", "0"), ("progress", "false")):
+        if not any(a.startswith(f"{key}=") for a in args):
+            args.append(f"{key}={value}")
+    rc, _, err = _run(capsys, *args)
+    _last_line(err, rc, EXIT_USAGE, "mgpr: error: ", *needles)
+    _assert_untouched(before, tmp_path)
+    assert not (run / "run.json").exists() and not (run / "shards").exists()
+
+
+def test_weights_not_cached_offline_fail_fast(make_image, tmp_path: Path, capsys,
+                                              monkeypatch) -> None:
+    # TORCH_HOME is an empty temp dir (conftest). A proxy on a closed local port makes the
+    # download fail at once whatever this machine's network, like an offline compute node.
+    for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    img = make_image(width=128, height=128)
+    rc, _, err = _run(capsys, f"input_path={img.path}", "model=resnet50", "weights=DEFAULT",
+                      f"output_dir={tmp_path / 'run'}", "workers=0")
+    _last_line(err, rc, EXIT_USAGE, "weights=DEFAULT for resnet50 are not in the cache",
+               "`mgpr-fetch-weights resnet50`", "TORCH_HOME=")
+    assert not (tmp_path / "run" / "run.json").exists()
+
+
+def test_output_of_another_run_is_kept(make_image, tmp_path: Path, capsys) -> None:
+    img = make_image(width=128, height=128)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({"fingerprint": {"model": "fasterrcnn"}}))
+    (run / "predictions.gpkg").write_bytes(b"results of another run")
+    before = _snapshot(tmp_path)
+    rc, _, err = _run(capsys, f"input_path={img.path}", "model=null", f"output_dir={run}",
+                      "workers=0")
+    _last_line(err, rc, EXIT_USAGE, f"output_dir='{run}' holds results of another run",
+               "model differs: was fasterrcnn, now null", "overwrite=true")
+    _assert_untouched(before, tmp_path)
+
+
+def test_malicious_checkpoint_is_refused_and_never_runs(make_image, tmp_path: Path,
+                                                        capsys) -> None:
+    import torch
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):  # unpickling would call os.system("touch <marker>")
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = tmp_path / "evil.pth"
+    torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "payload": Evil()}, ckpt)
+    img = make_image(width=128, height=128)
+    rc, _, err = _run(capsys, f"input_path={img.path}", "model=resnet50", f"weights={ckpt}",
+                      f"output_dir={tmp_path / 'run'}", "workers=0")
+    _last_line(err, rc, EXIT_USAGE,
+               f"weights={ckpt} cannot be read with torch.load(weights_only=True)")
+    assert not marker.exists()
+
+
+# ------------------------------------------------------------------------------ allowed inputs
+
+
+def test_raster_without_crs_runs_in_pixel_coordinates(make_image, tmp_path: Path,
+                                                      capsys) -> None:
+    img = make_image(width=256, height=256, crs="none")
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc, _, err = _run(capsys, f"input_path={img.path}", "model=null", "tile_size=128",
+                          "workers=0", f"output_dir={run}", "progress=false")
+    assert rc == 0 and "Traceback" not in err
+    assert err.count("has no CRS") == 1 and "pixel coordinates" in err
+    noisy = [w for w in caught if "NotGeoreferenced" in w.category.__name__
+             or "'crs' was not provided" in str(w.message)]
+    assert not noisy, [str(w.message) for w in noisy]
+    assert _summary(run)["pixel_coordinates"] == [str(img.path)]
+    geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "classifications")
+    assert max(g.bounds[2] for g in geoms) == 256  # x = column
+
+
+def test_raster_smaller_than_one_tile_is_one_padded_tile(make_image, tmp_path: Path,
+                                                         capsys) -> None:
+    img = make_image(width=50, height=40)
+    run = tmp_path / "run"
+    rc, _, err = _run(capsys, f"input_path={img.path}", "model=null", "tile_size=128",
+                      "workers=0", f"output_dir={run}", "progress=false")
+    assert rc == 0 and "Traceback" not in err
+    s = _summary(run)
+    assert s["tiles_total"] == s["tiles_predicted"] == 1
+    geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "classifications")
+    # The footprint is the raster's (50 x 40 px at 0.1 m), not the padded 128 px tile.
+    assert len(geoms) == 1
+    x0, y0, x1, y1 = geoms[0].bounds
+    assert (round(x1 - x0, 6), round(y1 - y0, 6)) == (5.0, 4.0)
+
+
+def test_rasters_in_different_crss_get_one_layer_each(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "in"
+    for name, crs in (("east.tif", "EPSG:32633"), ("west.tif", "EPSG:32632")):
+        write_test_image(folder / name, TestImageSpec(width=256, height=256, crs=crs))
+    run = tmp_path / "run"
+    rc, _, err = _run(capsys, f"input_path={folder}", "model=null", "tile_size=128",
+                      "workers=0", f"output_dir={run}", "progress=false")
+    assert rc == 0 and "Traceback" not in err
+    assert _summary(run)["layers"] == {"classifications_epsg_32633": 4,
+                                       "classifications_epsg_32632": 4}
+    for layer, epsg, source in (("classifications_epsg_32633", 32633, "east.tif"),
+                                ("classifications_epsg_32632", 32632, "west.tif")):
+        geoms, rows, srs = read_gpkg_layer(run / "predictions.gpkg", layer)
+        assert srs == epsg and len(geoms) == 4
+        assert {Path(r["source"]).name for r in rows} == {source}
+
+
+# ------------------------------------------------------------------------- faults during the run
+
+
+def test_corrupt_block_fails_one_tile_and_the_run_goes_on(tmp_path: Path, capsys) -> None:
+    img = write_test_image(tmp_path / "ortho.tif",
+                           TestImageSpec(width=512, height=512, block_size=128)).path
+    corrupt_block(img, block_row=1, block_col=2)
+    run = tmp_path / "run"
+    rc, out, err = _run(capsys, f"input_path={img}", "model=null", "tile_size=128", "workers=0",
+                        f"output_dir={run}", "progress=false")
+    _last_line(err, rc, EXIT_TILES_FAILED, "1 of 16 tile(s) failed",
+               str(run / "failed_tiles.csv"), f"exit code {EXIT_TILES_FAILED}")
+    assert sum("ERROR" in line for line in err.splitlines()) <= 3  # GDAL does not spam
+    s = _summary(run)
+    assert s["tiles_failed"] == 1 and s["tiles_predicted"] == 15
+    key = f"{img}::r1c2"
+    assert s["failed_tiles"][0]["tile"] == key
+    assert "IReadBlock failed at X offset 2, Y offset 1" in s["failed_tiles"][0]["reason"]
+    assert key in (run / "failed_tiles.csv").read_text()
+    assert "failed_tiles.csv" in out
+    geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "classifications")
+    assert len(geoms) == 15
+
+
+def _write_module(folder: Path, name: str, body: str) -> str:
+    (folder / f"{name}.py").write_text(textwrap.dedent(body))
+    return f"{name}:build"
+
+
+def test_out_of_memory_names_batch_size_and_keeps_shards(make_image, tmp_path: Path, capsys,
+                                                          monkeypatch) -> None:
+    model = _write_module(tmp_path, "mgpr_oom_model", """
+        import torch
+
+        class OomOnSecondBatch(torch.nn.Module):
+            task = "classification"
+            in_bands = 3
+
+            def __init__(self):
+                super().__init__()
+                self.calls = 0
+
+            def forward(self, x):
+                self.calls += 1
+                if self.calls == 2:
+                    raise torch.OutOfMemoryError(
+                        "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total "
+                        "capacity of 79.1 GiB of which 1.2 GiB is free.")
+                return torch.zeros(x.shape[0], 2)
+
+        def build(weights):
+            return OomOnSecondBatch()
+    """)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    img = make_image(width=256, height=256)
+    run = tmp_path / "run"
+    rc, _, err = _run(capsys, f"input_path={img.path}", f"model={model}", "tile_size=64",
+                      "batch_size=4", "workers=0", f"output_dir={run}", "progress=false")
+    _last_line(err, rc, EXIT_USAGE, "out of memory", "batch_size=4", "batch_size=2",
+               "CUDA out of memory", str(run / "shards"))
+    assert _shard_tiles(run) == (4, 4, 4)  # the first batch is kept for the resume
+
+
+def test_writer_failure_stops_and_keeps_the_good_output(make_image, tmp_path: Path, capsys,
+                                                        monkeypatch) -> None:
+    import shutil
+
+    from mgpr.writers import ShardStore
+
+    img = make_image(width=256, height=256)
+    run = tmp_path / "run"
+    args = [f"input_path={img.path}", "model=null", "tile_size=128", "batch_size=1",
+            "workers=0", f"output_dir={run}", "progress=false"]
+    assert _run(capsys, *args)[0] == 0
+    shutil.rmtree(run / "shards")  # the same run again, from scratch (a resume with no tiles)
+    before = _snapshot(tmp_path)
+    real_write = ShardStore.write
+    calls = []
+
+    def disk_full(self, *a, **k):
+        calls.append(1)
+        if len(calls) > 1:
+            raise OSError(28, "No space left on device")
+        return real_write(self, *a, **k)
+
+    monkeypatch.setattr(ShardStore, "write", disk_full)
+    rc, _, err = _run(capsys, *args)
+    _last_line(err, rc, EXIT_USAGE, "mgpr: error: writing results to", "No space left on device",
+               "choose another output_dir")
+    # The good results stay byte-identical (run.json and report_parts/ are the resumed run's
+    # working state and are rewritten).
+    final = {k: v for k, v in before.items() if k.startswith("run/")
+             and k.split("/")[1] in ("predictions.gpkg", "summary.json", "report.json")}
+    assert len(final) == 3
+    _assert_untouched(final, tmp_path)
+    assert not list(run.glob(".tmp-*"))  # no partial GeoPackage left behind
+
+
+@pytest.mark.slow
+def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(make_image, tmp_path: Path,
+                                                              capsys, monkeypatch) -> None:
+    model = _write_module(tmp_path, "mgpr_slow_model", """
+        import os
+        import time
+
+        import torch
+
+        class Slow(torch.nn.Module):
+            task = "classification"
+            in_bands = 3
+
+            def forward(self, x):
+                time.sleep(float(os.environ.get("MGPR_TEST_DELAY_S", "0")))
+                return torch.zeros(x.shape[0], 2)
+
+        def build(weights):
+            return Slow()
+    """)
+    img = make_image(width=256, height=256)  # 16 tiles of 64 px, one per batch
+    run = tmp_path / "run"
+    args = [f"input_path={img.path}", f"model={model}", "tile_size=64", "batch_size=1",
+            "workers=0", f"output_dir={run}", "progress=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
+    env.update(PYTHONPATH=str(tmp_path), PYTHONWARNINGS="ignore", MGPR_TEST_DELAY_S="0.5")
+    proc = subprocess.Popen(mgpr_cmd(*args), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    shard = run / "shards" / "rank0.sqlite"
+    deadline = time.monotonic() + 240  # a guard against hanging, not a timing assertion
+    done = 0
+    while done < 2 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        if shard.exists():
+            try:
+                with sqlite3.connect(f"file:{shard}?mode=ro", uri=True) as conn:
+                    done = conn.execute("SELECT COUNT(*) FROM tiles").fetchone()[0]
+            except sqlite3.Error:
+                pass
+    assert done >= 2 and proc.poll() is None, "the run did not get going"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    last = _last_line(err, proc.returncode, EXIT_INTERRUPTED, "interrupted by SIGTERM",
+                      str(run / "shards"), "re-run the same command to resume")
+    assert last.startswith("mgpr: interrupted")
+    kept, distinct, _ = _shard_tiles(run)
+    assert 2 <= kept == distinct < 16
+    # The re-run (in-process, no delay) predicts only the other tiles.
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("MGPR_TEST_DELAY_S", "0")
+    rc, _, err = _run(capsys, *args)
+    assert rc == 0, err
+    assert f"{kept} of its 16 tiles were finished" in (run / "logs" / "rank0.log").read_text()
+    assert _shard_tiles(run) == (16, 16, 16)
+    assert _summary(run)["tiles_predicted"] == 16
