@@ -439,7 +439,6 @@ def merge_run(run_dir: Path, rasters: Sequence[RasterInfo], task: str, tile_size
             result.tiles_failed += 1
             result.failed.append((key, reason))
     done_keys = {k for k, (s, _) in statuses.items() if s == "done"}
-    by_path = {info.path: info for info in rasters}
     layer_names = _layer_names(rasters, "detections" if task == "detection" else "classifications")
     final = run_dir / output_name
     tmp = run_dir / f".tmp-{os.getpid()}-{output_name}"
