@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -35,7 +36,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import rasterio
 import torch
 from rasterio.windows import Window
@@ -142,14 +142,17 @@ def torchgeo_loader(path: str, tile: int, workers: int, batch: int) -> DataLoade
                       collate_fn=stack_samples)
 
 
-def best_of(fn: Callable[[], int], repeat: int) -> tuple[float, int]:
-    """Best wall time over ``repeat`` runs of ``fn`` (which returns the tiles it produced)."""
-    best, n = float("inf"), 0
-    for _ in range(repeat):
-        t = time.perf_counter()
-        n = fn()
-        best = min(best, time.perf_counter() - t)
-    return best, n
+def cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children (DataLoader workers once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn: Callable[[], int]) -> tuple[float, float, int]:
+    """(wall s, CPU s of every process involved, tiles) of one run of ``fn``."""
+    c, t = cpu_seconds(), time.perf_counter()
+    n = fn()
+    return time.perf_counter() - t, cpu_seconds() - c, n
 
 
 def loader_rows(path: str, tile: int, workers: int, batch: int, repeat: int,
@@ -173,20 +176,26 @@ def loader_rows(path: str, tile: int, workers: int, batch: int, repeat: int,
             skip(f"torchgeo@{tile}", f"torchgeo is not installed ({exc}); "
                  "run with `uv run --extra bench ...`")
     best: dict[str, float] = {k: float("inf") for k in runs}
+    cpu: dict[str, float] = {k: float("inf") for k in runs}
     count: dict[str, int] = {}
     for _ in range(repeat):  # interleaved, so a noisy neighbour hits every row alike
         for name, fn in runs.items():
-            seconds, count[name] = best_of(fn, 1)
+            seconds, cpu_s, count[name] = timed(fn)
             best[name] = min(best[name], seconds)
+            cpu[name] = min(cpu[name], cpu_s)
     labels = {"read_limit": "1 read limit (1 process)", "mgpr_data": f"2 mgpr data path (w={workers})",
               "naive": f"3 naive loader (w={workers})", "torchgeo": f"4 torchgeo (w={workers})"}
     out: dict[str, float] = {}
     for name, seconds in best.items():
         tps = count[name] / seconds
         out[name] = tps
+        ms = 1000 * cpu[name] / count[name]
+        out[f"{name}_cpu_ms"] = ms
         line(f"{labels[name]} @{tile}px", f"{tps:8.1f} tiles/s  {tps * mb_per_tile:8.1f} MB/s "
-             f"decoded  ({count[name]} tiles, best of {repeat}: {seconds:.2f} s)",
-             tiles_per_s=tps, mb_per_s=tps * mb_per_tile, tiles=count[name], seconds=seconds)
+             f"decoded  {ms:6.2f} CPU-ms/tile  ({count[name]} tiles, best of {repeat}: "
+             f"{seconds:.2f} s)",
+             tiles_per_s=tps, mb_per_s=tps * mb_per_tile, cpu_ms_per_tile=ms, tiles=count[name],
+             seconds=seconds)
     return out
 
 
@@ -265,7 +274,8 @@ def ratio(key: str, a: float | None, b: float | None, target: float | None = Non
         print(f"  {key:<44} n/a")
         return
     r = a / b
-    verdict = "" if target is None else ("  (target >= %.2f: %s)" % (target, "met" if r >= target else "MISSED"))
+    verdict = "" if target is None else (
+        f"  (target >= {target:.2f}: {'met' if r >= target else 'MISSED'})")
     print(f"  {key:<44} {r:6.2f}x{verdict}")
     RESULTS["ratios"][key] = {"value": r, "target": target}
 
@@ -354,6 +364,8 @@ def main() -> None:
     for tile in tiles_at:
         lt = loaders[tile]
         ratio(f"data path / read limit @{tile}px", lt["mgpr_data"], lt["read_limit"], 1.0)
+        ratio(f"CPU per tile, read limit / data path @{tile}px", lt["read_limit_cpu_ms"],
+              lt["mgpr_data_cpu_ms"])
         ratio(f"data path / naive @{tile}px", lt["mgpr_data"], lt["naive"], 3.0)
         ratio(f"data path / torchgeo @{tile}px", lt["mgpr_data"], lt.get("torchgeo"), 4.0)
     for m in models:

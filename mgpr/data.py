@@ -81,14 +81,15 @@ class TileDataset(Dataset[dict[str, Any]]):
         status, reason = self._fill(index, image.numpy())
         return _sample(image, index, status, reason)
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Any] | list[dict[str, Any]]:
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A whole batch, each tile decoded straight into one ``(B, C, H, W)`` uint8 tensor.
 
         The DataLoader's fetcher calls this instead of ``__getitem__`` per index. Inside a
         worker the batch lives in shared memory from the start, so neither ``torch.stack`` in
         the collate nor the hand-over to the main process copies the pixels (they are decoded
-        once, into their final place). :func:`collate_tiles` passes the dict through. Tiles
-        with differing band counts fall back to a list of samples (default collate).
+        once, into their final place). Returns a :class:`TileBatch`: a list of samples (views
+        into the batch, so any collate works) carrying the batch, which :func:`collate_tiles`
+        passes through uncopied. Tiles with differing band counts give a plain list.
         """
         size = self.reader.tile_size
         counts = {self.bands[self.tiles[i].id.path] for i in indices}
@@ -108,8 +109,9 @@ class TileDataset(Dataset[dict[str, Any]]):
             st, reason = self._fill(index, array[pos])
             status[pos] = st
             reasons.append(reason)
-        return {"image": images, "index": torch.as_tensor(indices, dtype=torch.int64),
-                "status": status, "reason": reasons}
+        batch = {"image": images, "index": torch.as_tensor(indices, dtype=torch.int64),
+                 "status": status, "reason": reasons}
+        return TileBatch(batch)
 
     def _fill(self, index: int, out: np.ndarray) -> tuple[int, str]:
         """Decode tile ``index`` into ``out`` (zeros when empty or failed); (status, reason)."""
@@ -171,11 +173,24 @@ def _read_failure_reason(exc: BaseException) -> str:
     return reason
 
 
-def collate_tiles(data: dict[str, Any] | list[dict[str, Any]]) -> dict[str, Any]:
-    """The DataLoader's ``collate_fn``: a batch :meth:`TileDataset.__getitems__` already built
-    passes through untouched; a list of samples (fake data, mixed band counts) is stacked."""
-    if isinstance(data, dict):
-        return data
+class TileBatch(list[dict[str, Any]]):
+    """The samples of one batch as views into ``batch`` (the collated dict, already built)."""
+
+    def __init__(self, batch: dict[str, Any]) -> None:
+        super().__init__(
+            _sample(image, int(index), int(status), reason)
+            for image, index, status, reason in zip(
+                batch["image"], batch["index"], batch["status"], batch["reason"], strict=True))
+        self.batch = batch
+
+
+def collate_tiles(data: list[dict[str, Any]]) -> dict[str, Any]:
+    """The DataLoader's ``collate_fn``: a :class:`TileBatch`'s batch passes through uncopied.
+
+    Any other list of samples (fake data, mixed band counts) is stacked by default_collate.
+    """
+    if isinstance(data, TileBatch):
+        return data.batch
     return default_collate(data)  # type: ignore[no-any-return]
 
 

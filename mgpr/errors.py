@@ -43,3 +43,7 @@ class ResourceError(MgprError, RuntimeError):
 
 class SlurmMismatchError(MgprError, RuntimeError):
     """Raised when the mgpr config disagrees with the SLURM allocation (tasks, GPUs, CPUs)."""
+
+
+class RankJoinError(MgprError, RuntimeError):
+    """Raised when not every rank joins the process group within ``join_timeout_s``."""

@@ -237,7 +237,6 @@ def _install_signal_handlers() -> dict[int, Any]:
 
     Returns the previous handlers so :func:`run` can restore them (tests run in-process).
     """
-
     stopping: list[int] = []
 
     def handler(signum: int, frame: Any) -> None:

@@ -65,6 +65,29 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
+class KeepStopHandler(pl.Callback):
+    """Put the caller's SIGTERM handler (mgpr's clean stop) back over Lightning's own.
+
+    Lightning registers a SIGTERM handler just before predict that broadcasts a flag to every
+    rank from inside the handler: a rank signalled alone (``kill`` of one task) would block in
+    that collective for ``join_timeout_s``. SLURM signals every task of the step, and mgpr's
+    handler stops each rank on its own, keeping the shards written so far.
+    """
+
+    def __init__(self) -> None:
+        import signal
+
+        self.handler = signal.getsignal(signal.SIGTERM)
+
+    def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Reinstall the handler that was active when the Trainer was built (if any)."""
+        import signal
+        import threading
+
+        if callable(self.handler) and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self.handler)
+
+
 class TileDataModule(pl.LightningDataModule):
     """Builds this rank's DataLoader once the global rank and world size are known."""
 
@@ -157,7 +180,7 @@ def run_predict(cfg: PredictConfig, *, run_dir: Path, adapter: Any, rasters: Seq
     monitor = RunMonitor(run_dir, interval_s=0.5, total_tiles=total, progress=cfg.progress,
                          progress_source=None if cfg.use_fake_data else
                          (lambda: count_written_tiles(run_dir)))
-    callbacks: list[Any] = [monitor]
+    callbacks: list[Any] = [monitor, KeepStopHandler()]
     writer: PredictionShardWriter | None = None
     if not cfg.use_fake_data:
         writer = PredictionShardWriter(run_dir, {r.path: r for r in rasters}, cfg.overlap,
@@ -194,7 +217,21 @@ def run_predict(cfg: PredictConfig, *, run_dir: Path, adapter: Any, rasters: Seq
     datamodule = TileDataModule(cfg, tiles, rasters, bands, run_dir,
                                 pin_memory=accelerator == "gpu", fake_bands=fake_bands)
     t0 = time.time()
-    trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    try:
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+    except torch.distributed.DistError as exc:
+        if torch.distributed.is_initialized():
+            raise
+        # init_process_group timed out: some rank never came (TCPStore "1/2 clients joined").
+        from mgpr.errors import RankJoinError
+
+        raise RankJoinError(
+            f"rank {trainer.global_rank}: not every one of the {trainer.world_size} ranks joined "
+            f"within join_timeout_s={cfg.join_timeout_s} ({' '.join(str(exc).split())[:160]}); "
+            f"a rank failed or never started: read every rank's error (slurm_logs/<jobid>.err, "
+            f"{run_dir}/logs/rank*.log); under srun start mgpr in every task (--ntasks-per-node "
+            f"= GPUs per node), or raise join_timeout_s if ranks start far apart"
+        ) from None
     wall = time.time() - t0
     strategy = trainer.strategy
     # Every rank meets here: the launcher exits non-zero when any rank failed (a dead peer

@@ -143,3 +143,26 @@ def test_seven_tiles_on_two_ranks() -> None:
     assert shard_tiles(items, 0, 2) == [0, 1, 2, 3]  # type: ignore[arg-type]
     assert shard_tiles(items, 1, 2) == [4, 5, 6]  # type: ignore[arg-type]
     assert shard_tiles([0], 1, 2) == []  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rank_dataloader_batches_equal_single_reads(make_image, workers: int) -> None:
+    """Batches decoded straight into shared memory (no collate copy) hold the same pixels,
+    indexes and statuses as per-tile reads, edge padding included."""
+    from mgpr.trainer_setup import make_dataloader
+
+    img = make_image(width=300, height=200)
+    info = describe_raster(str(img.path))
+    tiles = plan_tiles(info.path, info.height, info.width, 128, 0)
+    ds = TileDataset(tiles, TileReader({info.path: [1, 2, 3]}, 128), set())
+    batches = list(make_dataloader(ds, 4, workers, pin_memory=False))
+    images = torch.cat([b["image"] for b in batches])
+    assert images.dtype == torch.uint8 and images.shape == (len(tiles), 3, 128, 128)
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(len(tiles)))
+    assert torch.cat([b["status"] for b in batches]).tolist() == [STATUS_OK] * len(tiles)
+    assert [r for b in batches for r in b["reason"]] == [""] * len(tiles)
+    for i in range(len(tiles)):
+        assert torch.equal(images[i], ds[i]["image"])
+    # default collate still works on TileDataset (users' own DataLoaders)
+    plain = next(iter(DataLoader(ds, batch_size=3)))
+    assert torch.equal(plain["image"], images[:3])

@@ -271,7 +271,6 @@ def test_job_template_flags() -> None:
     text = JOB.read_text()
     for line in (
         "#SBATCH --job-name=mgpr",
-        "#SBATCH --ntasks-per-node=1",
         "#SBATCH --gpus=1",
         "#SBATCH --cpus-per-task=4",
         "#SBATCH --output=slurm_logs/%j.out",
@@ -281,6 +280,9 @@ def test_job_template_flags() -> None:
         "#SBATCH --requeue",
     ):
         assert line in text.splitlines(), line
+    # No --ntasks-per-node default: with one, `sbatch --ntasks=2` is refused by sbatch with no
+    # hint; without, mgpr's preflight refuses it naming --ntasks-per-node.
+    assert not any(ln.startswith("#SBATCH --ntasks") for ln in text.splitlines())
     assert (REPO / "slurm_logs").is_dir()
 
 
@@ -302,11 +304,14 @@ def _run_job_locally(tmp_path: Path, script: Path, args: list[str], cpus: str | 
     fake_srun = bindir / "srun"
     fake_srun.write_text('#!/bin/bash\nprintf "%s\\n" "$@" > "$SRUN_ARGS_FILE"\n')
     fake_srun.chmod(0o755)
+    fake_mgpr = bindir / "mgpr"  # the batch shell's `mgpr --slurm-preflight ...` passes
+    fake_mgpr.write_text("#!/bin/bash\nexit 0\n")
+    fake_mgpr.chmod(0o755)
     env = {
         "PATH": f"{bindir}:/usr/bin:/bin",
         "SLURM_SUBMIT_DIR": str(tmp_path),
         "SLURM_JOB_ID": "42",
-        "MGPR_BIN": "/fake/mgpr",
+        "MGPR_BIN": str(fake_mgpr),
         "SRUN_ARGS_FILE": str(tmp_path / "srun.args"),
     } | ({"SLURM_CPUS_PER_TASK": cpus} if cpus else {})
     proc = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True)
@@ -319,7 +324,7 @@ def test_job_template_adds_defaults_unless_given(tmp_path: Path) -> None:
     argv = _run_job_locally(tmp_path, JOB, ["input_path=/d/o.tif", "model=fasterrcnn"], "4")
     assert argv == [
         "--kill-on-bad-exit=1",
-        "/fake/mgpr",
+        str(tmp_path / "bin" / "mgpr"),
         "input_path=/d/o.tif",
         "model=fasterrcnn",
         "output_dir=runs/slurm-42",
@@ -496,3 +501,39 @@ def test_slurm_module_imports_no_torch_lightning_or_typer() -> None:
         "assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+
+
+# ---- batch-shell preflight (jobs/job.slurm runs `mgpr --slurm-preflight` before srun) -------
+
+BATCH = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
+         "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_LOCALID": "0"}
+
+
+@pytest.mark.parametrize(
+    ("env", "gpus", "workers", "flag"),
+    [
+        ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}, 1, 0, "--ntasks-per-node=1"),
+        ({"SLURM_NTASKS": "2"}, None, 0, "--ntasks-per-node=N instead of --ntasks"),
+        ({"SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2"}, None, 0, "--ntasks-per-node=N"),
+        ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"},
+         None, 3, "--cpus-per-task=4"),
+    ],
+)
+def test_preflight_refuses_in_the_batch_shell(env: dict[str, str], gpus: int | None,
+                                              workers: int, flag: str) -> None:
+    from mgpr.slurm import preflight
+
+    with pytest.raises(SlurmMismatchError, match=re.escape(flag)):
+        preflight(BATCH | env, gpus, None, workers)
+
+
+def test_preflight_passes_a_consistent_job_and_outside_slurm() -> None:
+    from mgpr.slurm import preflight, read_batch_allocation
+
+    env = BATCH | {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2",
+                   "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "4"}
+    preflight(env, 2, 2, 3)
+    task = read_batch_allocation(env)
+    assert task is not None and (task.ntasks, task.nnodes, task.procid) == (4, 2, 0)
+    preflight({}, 8, 3, 99)  # not in a job: nothing to check
+    assert read_batch_allocation({}) is None

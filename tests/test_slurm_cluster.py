@@ -109,8 +109,8 @@ def test_job_template_under_sbatch(tmp_path: Path) -> None:
     # defaults added, one srun task per GPU, logs in slurm_logs/ of the submit dir.
     fake = tmp_path / "fake-mgpr"
     fake.write_text(
-        '#!/bin/bash\necho "rank=$SLURM_PROCID cvd=$CUDA_VISIBLE_DEVICES '
-        'cpt=$SLURM_CPUS_PER_TASK args=$*"\n'
+        '#!/bin/bash\n[[ $1 == --slurm-preflight ]] && { echo "preflight $*"; exit 0; }\n'
+        'echo "rank=$SLURM_PROCID cvd=$CUDA_VISIBLE_DEVICES cpt=$SLURM_CPUS_PER_TASK args=$*"\n'
     )
     fake.chmod(0o755)
     job = sbatch_wait(
@@ -134,3 +134,5 @@ def test_job_template_under_sbatch(tmp_path: Path) -> None:
         f"rank=0 cvd=0,1 cpt=4 args={expected_args}",
         f"rank=1 cvd=0,1 cpt=4 args={expected_args}",
     ], job.describe()
+    # The batch shell checked the config against the allocation once, before srun.
+    assert f"preflight --slurm-preflight {expected_args}" in job.out.splitlines(), job.describe()
