@@ -371,16 +371,21 @@ def nodata_mask(
 
 
 def seam_positions(length: int, spec: TestImageSpec) -> npt.NDArray[np.int64]:
-    """Seam positions along one axis, pixels: ``k * stride`` for ``k >= 1`` and ``< length``.
+    """Seam positions along one axis where an object can straddle, pixels.
+
+    Seams are ``k * stride`` for ``k >= 1``; only those strictly inside the band that keeps
+    :data:`OBJECT_GAP_PX` from the raster edge count (a seam within the edge gap cannot carry an
+    object).
 
     Args:
         length: raster height (rows) or width (columns), pixels.
-        spec: the image spec (``tile_size``, ``overlap``).
+        spec: the image spec (``tile_size``, ``overlap``, ``object_min_px``).
 
     Returns:
         (K,) int64, ascending.
     """
-    return np.arange(spec.stride, length, spec.stride, dtype=np.int64)
+    seams = np.arange(spec.stride, length, spec.stride, dtype=np.int64)
+    return seams[(seams > OBJECT_GAP_PX) & (seams < length - OBJECT_GAP_PX)]
 
 
 def _straddles(lo: int, hi: int, seams: npt.NDArray[np.int64]) -> bool:
