@@ -1,7 +1,7 @@
 """The null model: near-zero compute, for measuring the pipeline's own overhead.
 
 Each tile is "classified" into one class, ``mean_brightness``, with score = mean pixel value / 255
-over all bands, computed on the device. A run with ``model=null`` shows how fast reading,
+over all bands (on a 1-in-64 pixel grid), computed on the device. A run with ``model=null`` shows how fast reading,
 transfer, writing and the report go when the network costs nothing.
 """
 
@@ -17,11 +17,19 @@ from mgpr.models.weights import require_no_weights
 
 
 class MeanBrightness(torch.nn.Module):
-    """(B, C, H, W) uint8 -> (B,) float32 mean value / 255, in [0, 1]."""
+    """(B, C, H, W) uint8 -> (B,) float32 mean value / 255, in [0, 1].
+
+    The mean is taken over every 8th row and column (1 pixel in 64): a full-resolution
+    uint8 -> float reduction costs ~7 ms per batch of eight 512 px tiles on a CPU core, which
+    is not "near zero" next to the pipeline being measured; the subsample costs ~0.15 ms.
+    """
+
+    stride_px = 8
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Return the per-tile mean over bands, rows and columns, divided by 255."""
-        return images.mean(dim=(1, 2, 3), dtype=torch.float32) / 255.0
+        """Return the per-tile mean over bands and a 1-in-64 pixel grid, divided by 255."""
+        sub = images[:, :, :: self.stride_px, :: self.stride_px]
+        return sub.mean(dim=(1, 2, 3), dtype=torch.float32) / 255.0
 
 
 class NullAdapter(ModelAdapter):
