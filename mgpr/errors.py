@@ -47,3 +47,7 @@ class SlurmMismatchError(MgprError, RuntimeError):
 
 class RankJoinError(MgprError, RuntimeError):
     """Raised when not every rank joins the process group within ``join_timeout_s``."""
+
+
+class RankFailedError(MgprError, RuntimeError):
+    """Raised on a surviving rank when another rank died before the end-of-predict barrier."""

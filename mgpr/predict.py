@@ -14,7 +14,6 @@ Order of events on every rank (each step fails fast, before any GPU time is spen
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 import os
 import signal
@@ -429,11 +428,6 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
               f"output; reasons in {run_dir / 'failed_tiles.csv'}; re-run the same command to "
               f"retry only them (exit code {EXIT_TILES_FAILED})", file=sys.stderr)
     return EXIT_TILES_FAILED if failed else 0
-
-
-def now_iso() -> str:
-    """Local time with its offset, for summaries."""
-    return dt.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def host() -> str:

@@ -237,7 +237,19 @@ def run_predict(cfg: PredictConfig, *, run_dir: Path, adapter: Any, rasters: Seq
     # Every rank meets here: the launcher exits non-zero when any rank failed (a dead peer
     # breaks the barrier), and rank 0 merges only after every shard is complete.
     if trainer.world_size > 1:
-        strategy.barrier("mgpr-predict-done")
+        try:
+            strategy.barrier("mgpr-predict-done")
+        except (RuntimeError, torch.distributed.DistError) as exc:
+            # A peer died (killed, OOM, node lost): its connection closed under the barrier.
+            from mgpr.errors import RankFailedError
+
+            raise RankFailedError(
+                f"rank {trainer.global_rank} finished its tiles but another of the "
+                f"{trainer.world_size} ranks failed or was killed "
+                f"({' '.join(str(exc).split())[:120]}); every finished tile is kept in "
+                f"{run_dir}/shards: read {run_dir}/logs/rank*.log, then re-run the same "
+                "command to resume"
+            ) from None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
     return {
