@@ -21,10 +21,21 @@ from pathlib import Path
 
 def run(ranks: int, a: argparse.Namespace, out: Path) -> tuple[float, float]:
     exe = Path(sys.executable).with_name("mgpr")
-    cmd = [str(exe), "use_fake_data=true", f"dummy_dataset_delay={a.delay}",
-           f"dummy_dataset_count={a.count}", f"gpus={ranks}", "accelerator=cpu", "model=null",
-           "weights=none", f"tile_size={a.tile}", f"workers={a.workers}",
-           f"batch_size={a.batch_size}", f"output_dir={out}", "progress=false"]
+    cmd = [
+        str(exe),
+        "use_fake_data=true",
+        f"dummy_dataset_delay={a.delay}",
+        f"dummy_dataset_count={a.count}",
+        f"gpus={ranks}",
+        "accelerator=cpu",
+        "model=null",
+        "weights=none",
+        f"tile_size={a.tile}",
+        f"workers={a.workers}",
+        f"batch_size={a.batch_size}",
+        f"output_dir={out}",
+        "progress=false",
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -45,9 +56,14 @@ def main() -> None:
     ideal = a.workers / a.delay
     with tempfile.TemporaryDirectory(prefix="mgpr-fake-") as tmp:
         one, wall1 = run(1, a, Path(tmp) / "r1")
-        print(f"1 rank : {one:6.2f} tiles/s predict loop (ideal {ideal:.1f}); command {wall1:.1f} s")
+        print(
+            f"1 rank : {one:6.2f} tiles/s predict loop (ideal {ideal:.1f}); command {wall1:.1f} s"
+        )
         two, wall2 = run(2, a, Path(tmp) / "r2")
-        print(f"2 ranks: {two:6.2f} tiles/s predict loop (ideal {2 * ideal:.1f}); command {wall2:.1f} s")
+        print(
+            f"2 ranks: {two:6.2f} tiles/s predict loop (ideal {2 * ideal:.1f}); "
+            f"command {wall2:.1f} s"
+        )
     r = two / one
     print(f"2 ranks / 1 rank = {r:.2f}x (target >= 1.8: {'met' if r >= 1.8 else 'MISSED'})")
 

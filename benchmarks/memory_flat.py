@@ -26,8 +26,17 @@ from mgpr.testimage import TestImageSpec, write_test_image
 def run(path: Path, a: argparse.Namespace, out: Path) -> tuple[float, float, int, float]:
     """(rank peak RSS GiB, largest process peak RSS GiB, tiles, predict tiles/s)."""
     exe = Path(sys.executable).with_name("mgpr")
-    cmd = [str(exe), f"input_path={path}", "model=null", "weights=none", f"tile_size={a.tile}",
-           "overlap=0", f"workers={a.workers}", f"output_dir={out}", "progress=false"]
+    cmd = [
+        str(exe),
+        f"input_path={path}",
+        "model=null",
+        "weights=none",
+        f"tile_size={a.tile}",
+        "overlap=0",
+        f"workers={a.workers}",
+        f"output_dir={out}",
+        "progress=false",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -35,7 +44,12 @@ def run(path: Path, a: argparse.Namespace, out: Path) -> tuple[float, float, int
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over children
     totals = json.loads((out / "report.json").read_text())["totals"]
     biggest = after / 2**20 if after > before else float("nan")  # only a new maximum shows
-    return float(totals["mem_peak_gib"]), biggest, int(totals["tiles"]), float(totals["tiles_per_s"])
+    return (
+        float(totals["mem_peak_gib"]),
+        biggest,
+        int(totals["tiles"]),
+        float(totals["tiles_per_s"]),
+    )
 
 
 def main() -> None:
@@ -51,17 +65,25 @@ def main() -> None:
         # small first: ru_maxrss is a running maximum, so the big run can only raise it
         for size in (a.small, a.big):
             t = time.perf_counter()
-            img = write_test_image(tmp / f"ortho_{size}.tif", TestImageSpec(
-                width=size, height=size, block_size=512, compress="deflate"))
+            img = write_test_image(
+                tmp / f"ortho_{size}.tif",
+                TestImageSpec(width=size, height=size, block_size=512, compress="deflate"),
+            )
             made = time.perf_counter() - t
             rows[size] = run(img.path, a, tmp / f"run_{size}")
             img.path.unlink()
             rank, biggest, tiles, tps = rows[size]
-            print(f"{size:>6} px ({tiles:5d} tiles, {tps:6.1f} tiles/s; raster made in {made:.0f} s): "
-                  f"rank peak RSS {rank:.3f} GiB; largest process peak {biggest:.3f} GiB", flush=True)
+            print(
+                f"{size:>6} px ({tiles:5d} tiles, {tps:6.1f} tiles/s; "
+                f"raster made in {made:.0f} s): "
+                f"rank peak RSS {rank:.3f} GiB; largest process peak {biggest:.3f} GiB",
+                flush=True,
+            )
     r = rows[a.big][0] / rows[a.small][0]
-    print(f"rank peak RSS {a.big} / {a.small} = {r:.3f} (target within 20%: "
-          f"{'met' if abs(r - 1) <= 0.20 else 'MISSED'})")
+    print(
+        f"rank peak RSS {a.big} / {a.small} = {r:.3f} (target within 20%: "
+        f"{'met' if abs(r - 1) <= 0.20 else 'MISSED'})"
+    )
 
 
 if __name__ == "__main__":

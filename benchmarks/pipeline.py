@@ -138,13 +138,17 @@ def torchgeo_loader(path: str, tile: int, workers: int, batch: int) -> DataLoade
 
     dataset = Ortho(paths=[path])
     sampler = GridGeoSampler(dataset, size=tile, stride=tile, units=Units.PIXELS)
-    return DataLoader(dataset, sampler=sampler, batch_size=batch, num_workers=workers,
-                      collate_fn=stack_samples)
+    return DataLoader(
+        dataset, sampler=sampler, batch_size=batch, num_workers=workers, collate_fn=stack_samples
+    )
 
 
 def cpu_seconds() -> float:
     """CPU time of this process plus its reaped children (DataLoader workers once joined)."""
-    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    own, kids = (
+        resource.getrusage(resource.RUSAGE_SELF),
+        resource.getrusage(resource.RUSAGE_CHILDREN),
+    )
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
@@ -155,8 +159,9 @@ def timed(fn: Callable[[], int]) -> tuple[float, float, int]:
     return time.perf_counter() - t, cpu_seconds() - c, n
 
 
-def loader_rows(path: str, tile: int, workers: int, batch: int, repeat: int,
-                skip_torchgeo: bool) -> dict[str, float]:
+def loader_rows(
+    path: str, tile: int, workers: int, batch: int, repeat: int, skip_torchgeo: bool
+) -> dict[str, float]:
     """Rows 1-4 at one tile size; returns tiles/s by row name."""
     mb_per_tile = 3 * tile * tile / 1e6  # decoded uint8 bytes
     runs: dict[str, Callable[[], int]] = {
@@ -173,8 +178,10 @@ def loader_rows(path: str, tile: int, workers: int, batch: int, repeat: int,
 
             runs["torchgeo"] = lambda: drain(torchgeo_loader(path, tile, workers, batch))
         except ImportError as exc:
-            skip(f"torchgeo@{tile}", f"torchgeo is not installed ({exc}); "
-                 "run with `uv run --extra bench ...`")
+            skip(
+                f"torchgeo@{tile}",
+                f"torchgeo is not installed ({exc}); run with `uv run --extra bench ...`",
+            )
     best: dict[str, float] = {k: float("inf") for k in runs}
     cpu: dict[str, float] = {k: float("inf") for k in runs}
     count: dict[str, int] = {}
@@ -183,19 +190,29 @@ def loader_rows(path: str, tile: int, workers: int, batch: int, repeat: int,
             seconds, cpu_s, count[name] = timed(fn)
             best[name] = min(best[name], seconds)
             cpu[name] = min(cpu[name], cpu_s)
-    labels = {"read_limit": "1 read limit (1 process)", "mgpr_data": f"2 mgpr data path (w={workers})",
-              "naive": f"3 naive loader (w={workers})", "torchgeo": f"4 torchgeo (w={workers})"}
+    labels = {
+        "read_limit": "1 read limit (1 process)",
+        "mgpr_data": f"2 mgpr data path (w={workers})",
+        "naive": f"3 naive loader (w={workers})",
+        "torchgeo": f"4 torchgeo (w={workers})",
+    }
     out: dict[str, float] = {}
     for name, seconds in best.items():
         tps = count[name] / seconds
         out[name] = tps
         ms = 1000 * cpu[name] / count[name]
         out[f"{name}_cpu_ms"] = ms
-        line(f"{labels[name]} @{tile}px", f"{tps:8.1f} tiles/s  {tps * mb_per_tile:8.1f} MB/s "
-             f"decoded  {ms:6.2f} CPU-ms/tile  ({count[name]} tiles, best of {repeat}: "
-             f"{seconds:.2f} s)",
-             tiles_per_s=tps, mb_per_s=tps * mb_per_tile, cpu_ms_per_tile=ms, tiles=count[name],
-             seconds=seconds)
+        line(
+            f"{labels[name]} @{tile}px",
+            f"{tps:8.1f} tiles/s  {tps * mb_per_tile:8.1f} MB/s "
+            f"decoded  {ms:6.2f} CPU-ms/tile  ({count[name]} tiles, best of {repeat}: "
+            f"{seconds:.2f} s)",
+            tiles_per_s=tps,
+            mb_per_s=tps * mb_per_tile,
+            cpu_ms_per_tile=ms,
+            tiles=count[name],
+            seconds=seconds,
+        )
     return out
 
 
@@ -208,8 +225,11 @@ def compute_alone(name: str, tile: int, batch: int, seconds: float, bf16: bool) 
     if bf16:
         adapter.module.to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (batch, 3, tile, tile), dtype=torch.uint8, device=device)
-    ctx = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else (
-        lambda: torch.autocast(device.type, enabled=False))
+    ctx = (
+        (lambda: torch.autocast(device.type, dtype=torch.bfloat16))
+        if bf16
+        else (lambda: torch.autocast(device.type, enabled=False))
+    )
 
     def step() -> None:
         with torch.inference_mode(), ctx():
@@ -232,11 +252,21 @@ def mgpr_cli() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mgpr.cli"]
 
 
-def whole_run(path: str, model: str, tile: int, workers: int, batch: int, out: Path) -> dict[str, Any]:
+def whole_run(
+    path: str, model: str, tile: int, workers: int, batch: int, out: Path
+) -> dict[str, Any]:
     """Run the real CLI; returns predict-loop and end-to-end figures."""
-    cmd = mgpr_cli() + [f"input_path={path}", f"model={model}", "weights=none",
-                        f"tile_size={tile}", "overlap=0", f"workers={workers}",
-                        f"batch_size={batch}", f"output_dir={out}", "progress=false"]
+    cmd = mgpr_cli() + [
+        f"input_path={path}",
+        f"model={model}",
+        "weights=none",
+        f"tile_size={tile}",
+        "overlap=0",
+        f"workers={workers}",
+        f"batch_size={batch}",
+        f"output_dir={out}",
+        "progress=false",
+    ]
     t0 = time.time()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.time() - t0
@@ -255,17 +285,20 @@ def whole_run(path: str, model: str, tile: int, workers: int, batch: int, out: P
         "end_to_end_tiles_per_s": totals["tiles"] / wall,
         "startup_to_first_batch_s": (first - t0) if first else None,
         "startup_to_predict_s": (part["predict_start_unix_s"] - t0)
-        if part.get("predict_start_unix_s") else None,
+        if part.get("predict_start_unix_s")
+        else None,
         "rss_peak_gib": totals.get("mem_peak_gib"),
     }
 
 
 def fmt_run(r: dict[str, Any]) -> str:
     first = r["startup_to_first_batch_s"]
-    return (f"{r['predict_tiles_per_s']:8.2f} tiles/s predict loop ({r['tiles']} tiles, data wait "
-            f"{r['data_wait_share']:.0%}); end to end {r['end_to_end_s']:.1f} s = "
-            f"{r['end_to_end_tiles_per_s']:.2f} tiles/s; command -> first batch "
-            + (f"{first:.1f} s" if first is not None else "n/a"))
+    return (
+        f"{r['predict_tiles_per_s']:8.2f} tiles/s predict loop ({r['tiles']} tiles, data wait "
+        f"{r['data_wait_share']:.0%}); end to end {r['end_to_end_s']:.1f} s = "
+        f"{r['end_to_end_tiles_per_s']:.2f} tiles/s; command -> first batch "
+        + (f"{first:.1f} s" if first is not None else "n/a")
+    )
 
 
 # ------------------------------------------------------------------ main
@@ -274,8 +307,11 @@ def ratio(key: str, a: float | None, b: float | None, target: float | None = Non
         print(f"  {key:<44} n/a")
         return
     r = a / b
-    verdict = "" if target is None else (
-        f"  (target >= {target:.2f}: {'met' if r >= target else 'MISSED'})")
+    verdict = (
+        ""
+        if target is None
+        else (f"  (target >= {target:.2f}: {'met' if r >= target else 'MISSED'})")
+    )
     print(f"  {key:<44} {r:6.2f}x{verdict}")
     RESULTS["ratios"][key] = {"value": r, "target": target}
 
@@ -304,48 +340,80 @@ def main() -> None:
     tiles_at = sorted({a.tile, 512}, reverse=True)
     cores = os.cpu_count()
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu_name()}"
-    print(f"machine: {device}; {cores} cores; load {os.getloadavg()[0]:.1f}; torch "
-          f"{torch.__version__}, threads {torch.get_num_threads()}")
-    RESULTS["machine"] = {"device": device, "cores": cores, "cpu": cpu_name(),
-                          "load_before": os.getloadavg()}
+    print(
+        f"machine: {device}; {cores} cores; load {os.getloadavg()[0]:.1f}; torch "
+        f"{torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    RESULTS["machine"] = {
+        "device": device,
+        "cores": cores,
+        "cpu": cpu_name(),
+        "load_before": os.getloadavg(),
+    }
     RESULTS["args"] = {k: str(v) for k, v in vars(a).items()}
 
     with tempfile.TemporaryDirectory(prefix="mgpr-bench-") as tmp_s:
         tmp = Path(tmp_s)
         t = time.perf_counter()
-        img = write_test_image(tmp / "ortho.tif", TestImageSpec(
-            width=a.size, height=a.size, block_size=512, compress="deflate",
-            pixel_size=a.pixel_size))
-        print(f"raster: {a.size}x{a.size}x3 uint8, DEFLATE, 512-px blocks, "
-              f"{img.file_bytes / 1e6:.0f} MB on disk, made in {time.perf_counter() - t:.0f} s")
+        img = write_test_image(
+            tmp / "ortho.tif",
+            TestImageSpec(
+                width=a.size,
+                height=a.size,
+                block_size=512,
+                compress="deflate",
+                pixel_size=a.pixel_size,
+            ),
+        )
+        print(
+            f"raster: {a.size}x{a.size}x3 uint8, DEFLATE, 512-px blocks, "
+            f"{img.file_bytes / 1e6:.0f} MB on disk, made in {time.perf_counter() - t:.0f} s"
+        )
         path = str(img.path)
         read_limit(path, a.tile)  # page cache warm for every row
 
         loaders: dict[int, dict[str, float]] = {}
         for tile in tiles_at:
-            loaders[tile] = loader_rows(path, tile, a.workers, a.batch_size, a.repeat,
-                                        a.skip_torchgeo)
+            loaders[tile] = loader_rows(
+                path, tile, a.workers, a.batch_size, a.repeat, a.skip_torchgeo
+            )
 
         # model rows on a smaller raster (CPU models take seconds per tile)
         mt = a.model_tile
-        mimg = write_test_image(tmp / "ortho_model.tif", TestImageSpec(
-            width=a.model_size, height=a.model_size, block_size=512, compress="deflate",
-            pixel_size=a.pixel_size))
+        mimg = write_test_image(
+            tmp / "ortho_model.tif",
+            TestImageSpec(
+                width=a.model_size,
+                height=a.model_size,
+                block_size=512,
+                compress="deflate",
+                pixel_size=a.pixel_size,
+            ),
+        )
         mpath = str(mimg.path)
-        fast_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported() or (
-            not torch.cuda.is_available() and cpu_has_fast_bf16())
+        fast_bf16 = (
+            torch.cuda.is_available()
+            and torch.cuda.is_bf16_supported()
+            or (not torch.cuda.is_available() and cpu_has_fast_bf16())
+        )
         compute: dict[str, float] = {}
         runs: dict[str, dict[str, Any]] = {}
         for m in models:
             compute[m] = compute_alone(m, mt, a.batch_size, a.compute_seconds, bf16=False)
-            line(f"5 compute {m} fp32 @{mt}px", f"{compute[m]:8.2f} tiles/s (batch {a.batch_size})",
-                 tiles_per_s=compute[m])
+            line(
+                f"5 compute {m} fp32 @{mt}px",
+                f"{compute[m]:8.2f} tiles/s (batch {a.batch_size})",
+                tiles_per_s=compute[m],
+            )
             if fast_bf16:
                 v = compute_alone(m, mt, a.batch_size, a.compute_seconds, bf16=True)
                 line(f"5 compute {m} bf16+cl @{mt}px", f"{v:8.2f} tiles/s", tiles_per_s=v)
             else:
-                skip(f"5 compute {m} bf16+cl @{mt}px",
-                     "no fast bf16 here (CPU lacks avx512_bf16/amx_bf16); precision=auto runs 32-true")
+                skip(
+                    f"5 compute {m} bf16+cl @{mt}px",
+                    "no fast bf16 here (CPU lacks avx512_bf16/amx_bf16); "
+                    "precision=auto runs 32-true",
+                )
             runs[m] = whole_run(mpath, m, mt, a.workers, a.batch_size, tmp / f"run_{m}")
             line(f"6 whole run {m} @{mt}px", fmt_run(runs[m]), **runs[m])
         null = whole_run(mpath, "null", mt, a.workers, a.batch_size, tmp / "run_null")
@@ -354,38 +422,64 @@ def main() -> None:
         line(f"7 whole run null @{mt}px {a.size}px", fmt_run(null_big), **null_big)
 
         demo_t = time.time()
-        demo = subprocess.run(mgpr_cli() + [f"output_dir={tmp / 'demo'}", "progress=false"],
-                              capture_output=True, text=True)
+        demo = subprocess.run(
+            mgpr_cli() + [f"output_dir={tmp / 'demo'}", "progress=false"],
+            capture_output=True,
+            text=True,
+        )
         demo_s = time.time() - demo_t
-        line("quick start (`mgpr` demo)", f"{demo_s:8.1f} s end to end (exit {demo.returncode})",
-             seconds=demo_s, rc=demo.returncode)
+        line(
+            "quick start (`mgpr` demo)",
+            f"{demo_s:8.1f} s end to end (exit {demo.returncode})",
+            seconds=demo_s,
+            rc=demo.returncode,
+        )
 
     print("\nratios")
     for tile in tiles_at:
         lt = loaders[tile]
         ratio(f"data path / read limit @{tile}px", lt["mgpr_data"], lt["read_limit"], 1.0)
-        ratio(f"CPU per tile, read limit / data path @{tile}px", lt["read_limit_cpu_ms"],
-              lt["mgpr_data_cpu_ms"])
+        ratio(
+            f"CPU per tile, read limit / data path @{tile}px",
+            lt["read_limit_cpu_ms"],
+            lt["mgpr_data_cpu_ms"],
+        )
         ratio(f"data path / naive @{tile}px", lt["mgpr_data"], lt["naive"], 3.0)
         ratio(f"data path / torchgeo @{tile}px", lt["mgpr_data"], lt.get("torchgeo"), 4.0)
     for m in models:
-        ratio(f"whole run / compute alone {m} @{mt}px", runs[m]["predict_tiles_per_s"],
-              compute[m], 0.90)
+        ratio(
+            f"whole run / compute alone {m} @{mt}px",
+            runs[m]["predict_tiles_per_s"],
+            compute[m],
+            0.90,
+        )
     if mt in loaders:
-        ratio(f"null-model run / data path @{mt}px", null_big["predict_tiles_per_s"],
-              loaders[mt]["mgpr_data"], 0.8)
+        ratio(
+            f"null-model run / data path @{mt}px",
+            null_big["predict_tiles_per_s"],
+            loaders[mt]["mgpr_data"],
+            0.8,
+        )
 
-    print("\nplanning figures (one rank = one "
-          + ("GPU" if torch.cuda.is_available() else f"CPU process with {cores} cores") + ")")
+    print(
+        "\nplanning figures (one rank = one "
+        + ("GPU" if torch.cuda.is_available() else f"CPU process with {cores} cores")
+        + ")"
+    )
     km2_per_tile = (mt * a.pixel_size) ** 2 / 1e6
     plan = {}
     for m in models:
         tps = runs[m]["predict_tiles_per_s"]
-        plan[m] = {"tiles_per_s": tps, "megapixels_per_s": tps * mt * mt / 1e6,
-                   "km2_per_rank_hour": tps * 3600 * km2_per_tile}
-        print(f"  {m:<10} {tps:8.2f} tiles/s  {tps * mt * mt / 1e6:8.2f} MP/s  "
-              f"{plan[m]['km2_per_rank_hour']:8.2f} km2/rank-hour at {a.pixel_size} m/px "
-              f"({mt}px tiles, no overlap)")
+        plan[m] = {
+            "tiles_per_s": tps,
+            "megapixels_per_s": tps * mt * mt / 1e6,
+            "km2_per_rank_hour": tps * 3600 * km2_per_tile,
+        }
+        print(
+            f"  {m:<10} {tps:8.2f} tiles/s  {tps * mt * mt / 1e6:8.2f} MP/s  "
+            f"{plan[m]['km2_per_rank_hour']:8.2f} km2/rank-hour at {a.pixel_size} m/px "
+            f"({mt}px tiles, no overlap)"
+        )
     RESULTS["planning"] = plan
     RESULTS["machine"]["load_after"] = os.getloadavg()
     if a.out:

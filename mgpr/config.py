@@ -173,8 +173,13 @@ def _quote_name_values(overrides: Sequence[str]) -> list[str]:
         key, _, value = item.partition("=")
         if key.lstrip("+~") in ("model", "weights") and value.lower() in ("null", "none"):
             item = f"{key}='{value.lower()}'"
-        elif (key.lstrip("+~") in _PATH_KEYS and _HYDRA_SYNTAX.search(value)
-              and value[:1] not in ("'", '"') and "'" not in value and "\\" not in value):
+        elif (
+            key.lstrip("+~") in _PATH_KEYS
+            and _HYDRA_SYNTAX.search(value)
+            and value[:1] not in ("'", '"')
+            and "'" not in value
+            and "\\" not in value
+        ):
             # A path such as ortho(1).tif, a,b/ or tiles/[ab]*.tif is a path, not Hydra syntax.
             item = f"{key}='{value}'"
         out.append(item)

@@ -65,7 +65,9 @@ class TileDataset(Dataset[dict[str, Any]]):
         check_mask_paths: rasters whose tiles may be all nodata (checked from the mask first).
     """
 
-    def __init__(self, tiles: Sequence[Tile], reader: TileReader, check_mask_paths: set[str]) -> None:
+    def __init__(
+        self, tiles: Sequence[Tile], reader: TileReader, check_mask_paths: set[str]
+    ) -> None:
         self.tiles = list(tiles)
         self.reader = reader
         self.check_mask_paths = set(check_mask_paths)
@@ -109,8 +111,12 @@ class TileDataset(Dataset[dict[str, Any]]):
             st, reason = self._fill(index, array[pos])
             status[pos] = st
             reasons.append(reason)
-        batch = {"image": images, "index": torch.as_tensor(indices, dtype=torch.int64),
-                 "status": status, "reason": reasons}
+        batch = {
+            "image": images,
+            "index": torch.as_tensor(indices, dtype=torch.int64),
+            "status": status,
+            "reason": reasons,
+        }
         return TileBatch(batch)
 
     def _fill(self, index: int, out: np.ndarray) -> tuple[int, str]:
@@ -180,7 +186,9 @@ class TileBatch(list[dict[str, Any]]):
         super().__init__(
             _sample(image, int(index), int(status), reason)
             for image, index, status, reason in zip(
-                batch["image"], batch["index"], batch["status"], batch["reason"], strict=True))
+                batch["image"], batch["index"], batch["status"], batch["reason"], strict=True
+            )
+        )
         self.batch = batch
 
 

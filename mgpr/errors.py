@@ -11,7 +11,7 @@ from __future__ import annotations
 
 #: Exit code for a user mistake caught before or during the run (bad config, bad input).
 EXIT_USAGE = 2
-#: Exit code for a run that finished but recorded failed tiles (see ``failed_tiles`` in the summary).
+#: Exit code for a run that finished but recorded failed tiles (``failed_tiles`` in the summary).
 EXIT_TILES_FAILED = 3
 #: Exit code for a run stopped by SIGTERM/SIGINT/SIGUSR1; everything written so far is kept.
 EXIT_INTERRUPTED = 130

@@ -69,8 +69,17 @@ def _setup_logging(run_dir: Path, rank: int) -> None:
     root.addHandler(file_handler)
     root.addHandler(stream)
     root.setLevel(logging.INFO)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "torch", "rasterio",
-                  "fiona", "pyogrio", "matplotlib", "PIL"):
+    for noisy in (
+        "lightning",
+        "lightning.pytorch",
+        "lightning.fabric",
+        "torch",
+        "rasterio",
+        "fiona",
+        "pyogrio",
+        "matplotlib",
+        "PIL",
+    ):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
@@ -131,8 +140,9 @@ def _resolve_devices(cfg: PredictConfig, accelerator: str) -> tuple[int, int, An
 
     task = slurm.read_slurm_task(os.environ)
     if task is not None:
-        for line in slurm.check_slurm_task(task, cfg.gpus, cfg.num_nodes, cfg.workers,
-                                           accelerator, torch.cuda.device_count()):
+        for line in slurm.check_slurm_task(
+            task, cfg.gpus, cfg.num_nodes, cfg.workers, accelerator, torch.cuda.device_count()
+        ):
             log.warning("%s", line)
         devices, nodes = slurm.resolve_devices(task, cfg.gpus, cfg.num_nodes)
         return devices, nodes, task
@@ -150,8 +160,9 @@ def _resolve_devices(cfg: PredictConfig, accelerator: str) -> tuple[int, int, An
     return devices, cfg.num_nodes or 1, None
 
 
-def _demo_image(run_dir: Path, cfg: PredictConfig, rank: int, tile_size: int,
-                overlap: int) -> tuple[Path, Path | None]:
+def _demo_image(
+    run_dir: Path, cfg: PredictConfig, rank: int, tile_size: int, overlap: int
+) -> tuple[Path, Path | None]:
     """The quick start's synthetic orthomosaic (with planted objects), made once per run dir.
 
     Every rank can call this: the image is written to a temporary name and renamed, and its
@@ -164,22 +175,38 @@ def _demo_image(run_dir: Path, cfg: PredictConfig, rank: int, tile_size: int,
     if path.exists() and (cfg.objects == 0 or truth.exists()):
         return path, truth if truth.exists() else None
     if rank == 0:
-        log.info("no input_path: making a synthetic %dx%d orthomosaic with %d planted objects "
-                 "in %s (the quick start's pipeline check)", cfg.image_size, cfg.image_size,
-                 cfg.objects, path)
+        log.info(
+            "no input_path: making a synthetic %dx%d orthomosaic with %d planted objects "
+            "in %s (the quick start's pipeline check)",
+            cfg.image_size,
+            cfg.image_size,
+            cfg.objects,
+            path,
+        )
     # Objects on seams must fit inside the overlap to be seen whole by one tile; with a small
     # overlap the demo plants objects away from seams only.
     on_seams = overlap >= 12
-    spec = TestImageSpec(width=cfg.image_size, height=cfg.image_size, objects=cfg.objects,
-                         tile_size=tile_size, overlap=overlap, seed=cfg.seed,
-                         object_max_px=min(40, overlap) if on_seams else 40,
-                         seam_share=0.5 if on_seams else 0.0)
+    spec = TestImageSpec(
+        width=cfg.image_size,
+        height=cfg.image_size,
+        objects=cfg.objects,
+        tile_size=tile_size,
+        overlap=overlap,
+        seed=cfg.seed,
+        object_max_px=min(40, overlap) if on_seams else 40,
+        seam_share=0.5 if on_seams else 0.0,
+    )
     result = write_test_image(path, spec)
     return result.path, result.truth_path
 
 
-def _fingerprint(cfg: PredictConfig, model_name: str, weights_id: str, rasters: Sequence[Any],
-                 bands: dict[str, list[int]]) -> dict[str, Any]:
+def _fingerprint(
+    cfg: PredictConfig,
+    model_name: str,
+    weights_id: str,
+    rasters: Sequence[Any],
+    bands: dict[str, list[int]],
+) -> dict[str, Any]:
     return {
         "model": model_name,
         "weights": weights_id,
@@ -188,8 +215,10 @@ def _fingerprint(cfg: PredictConfig, model_name: str, weights_id: str, rasters: 
         "topk": cfg.topk,
         "score_threshold": cfg.score_threshold,
         "native_resolution": cfg.native_resolution,
-        "inputs": [{"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime,
-                    "bands": bands[r.path]} for r in rasters],
+        "inputs": [
+            {"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime, "bands": bands[r.path]}
+            for r in rasters
+        ],
     }
 
 
@@ -211,8 +240,12 @@ def _build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
     from mgpr.models import build_model
     from mgpr.models.weights import weights_cache_file, weights_cached
 
-    kwargs = dict(topk=cfg.topk, score_threshold=cfg.score_threshold,
-                  native_resolution=cfg.native_resolution, tile_size=cfg.tile_size)
+    kwargs = dict(
+        topk=cfg.topk,
+        score_threshold=cfg.score_threshold,
+        native_resolution=cfg.native_resolution,
+        tile_size=cfg.tile_size,
+    )
     if rank != 0 and model_name in ("resnet50", "fasterrcnn"):
         try:
             target = weights_cache_file(model_name, cfg.weights)
@@ -269,8 +302,9 @@ def _requeue_on_usr1(signal_name: str, rank: int) -> bool:
     import subprocess
 
     try:
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True,
-                              timeout=30)
+        proc = subprocess.run(
+            ["scontrol", "requeue", job], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.warning("could not requeue job %s: %s", job, exc)
         return False
@@ -288,12 +322,14 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc)
-    return isinstance(exc, RuntimeError) and ("out of memory" in text
-                                              or "can't allocate memory" in text)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
 
 
-def _out_of_memory_error(exc: BaseException, cfg: PredictConfig, run_dir: Path,
-                         accelerator: str, rank: int) -> MgprError:
+def _out_of_memory_error(
+    exc: BaseException, cfg: PredictConfig, run_dir: Path, accelerator: str, rank: int
+) -> MgprError:
     """One line naming ``batch_size`` and a smaller value; the shards written so far are kept."""
     from mgpr.errors import ResourceError
 
@@ -302,8 +338,10 @@ def _out_of_memory_error(exc: BaseException, cfg: PredictConfig, run_dir: Path,
     if cfg.batch_size > 1:
         fix = f"re-run with batch_size={cfg.batch_size // 2} to resume"
     else:
-        fix = (f"batch_size is already 1: re-run with a smaller tile_size (now {cfg.tile_size}) "
-               "and overwrite=true, or precision=16-mixed")
+        fix = (
+            f"batch_size is already 1: re-run with a smaller tile_size (now {cfg.tile_size}) "
+            "and overwrite=true, or precision=16-mixed"
+        )
     return ResourceError(
         f"out of memory on {where} (rank {rank}) with batch_size={cfg.batch_size} ({first}); "
         f"every finished tile is kept in {run_dir / 'shards'}; {fix}"
@@ -352,10 +390,16 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     accelerator = resolve_accelerator(cfg.accelerator)
     devices, num_nodes, slurm_task = _resolve_devices(cfg, accelerator)
     if slurm_task is not None:
-        log.info("SLURM job %s: rank %d of %d on node %s (node rank %d of %d, local rank %d)",
-                 slurm_task.job_id, slurm_task.procid, slurm_task.ntasks,
-                 os.environ.get("SLURMD_NODENAME", host()), slurm_task.nodeid, num_nodes,
-                 slurm_task.localid)
+        log.info(
+            "SLURM job %s: rank %d of %d on node %s (node rank %d of %d, local rank %d)",
+            slurm_task.job_id,
+            slurm_task.procid,
+            slurm_task.ntasks,
+            os.environ.get("SLURMD_NODENAME", host()),
+            slurm_task.nodeid,
+            num_nodes,
+            slurm_task.localid,
+        )
 
     truth_path: Path | None = None
     rasters: list[Any] = []
@@ -380,14 +424,17 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
 
         for info in rasters:
             if info.crs_wkt is None and rank == 0:
-                log.warning("%s has no CRS: its results are in pixel coordinates "
-                            "(x = column, y = row)", info.path)
+                log.warning(
+                    "%s has no CRS: its results are in pixel coordinates (x = column, y = row)",
+                    info.path,
+                )
             bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands)
-            tiles.extend(plan_tiles(info.path, info.height, info.width, cfg.tile_size,
-                                    cfg.overlap))
+            tiles.extend(plan_tiles(info.path, info.height, info.width, cfg.tile_size, cfg.overlap))
         if adapter.task == "detection" and cfg.overlap == 0 and rank == 0:
-            log.warning("overlap=0 with a detector: objects cut by a tile seam are found as "
-                        "two halves; set overlap to at least the largest object's size in pixels")
+            log.warning(
+                "overlap=0 with a detector: objects cut by a tile seam are found as "
+                "two halves; set overlap to at least the largest object's size in pixels"
+            )
         fingerprint = _fingerprint(cfg, model_name, adapter.weights_id, rasters, bands)
         job_id = os.environ.get("SLURM_JOB_ID")
         resumed = prepare_run_dir(run_dir, fingerprint, cfg.overwrite, rank, job_id)
@@ -400,9 +447,19 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     from mgpr.trainer_setup import run_predict
 
     try:
-        stats = run_predict(cfg, run_dir=run_dir, adapter=adapter, rasters=rasters, tiles=tiles,
-                            bands=bands, accelerator=accelerator, devices=devices,
-                            num_nodes=num_nodes, precision=precision, slurm_task=slurm_task)
+        stats = run_predict(
+            cfg,
+            run_dir=run_dir,
+            adapter=adapter,
+            rasters=rasters,
+            tiles=tiles,
+            bands=bands,
+            accelerator=accelerator,
+            devices=devices,
+            num_nodes=num_nodes,
+            precision=precision,
+            slurm_task=slurm_task,
+        )
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise _out_of_memory_error(exc, cfg, run_dir, accelerator, rank) from None
@@ -410,23 +467,41 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     except RunInterrupted as exc:
         requeued = _requeue_on_usr1(str(exc), rank)
         if rank == 0:
-            then = ("SLURM requeues the job and it resumes" if requeued
-                    else "re-run the same command to resume")
-            print(f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/shards; "
-                  f"{then}", file=sys.stderr)
+            then = (
+                "SLURM requeues the job and it resumes"
+                if requeued
+                else "re-run the same command to resume"
+            )
+            print(
+                f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/shards; "
+                f"{then}",
+                file=sys.stderr,
+            )
         return EXIT_INTERRUPTED
     if stats["global_rank"] != 0:
         return 0
     from mgpr.summary import finish_run
 
-    summary = finish_run(cfg, run_dir=run_dir, adapter=adapter, model_name=model_name,
-                         rasters=rasters, stats=stats, precision=precision, t_start=t_start,
-                         truth_path=truth_path, demo=demo)
+    summary = finish_run(
+        cfg,
+        run_dir=run_dir,
+        adapter=adapter,
+        model_name=model_name,
+        rasters=rasters,
+        stats=stats,
+        precision=precision,
+        t_start=t_start,
+        truth_path=truth_path,
+        demo=demo,
+    )
     failed = summary.get("tiles_failed", 0)
     if failed:
-        print(f"mgpr: {failed} of {summary['tiles_total']} tile(s) failed and are not in the "
-              f"output; reasons in {run_dir / 'failed_tiles.csv'}; re-run the same command to "
-              f"retry only them (exit code {EXIT_TILES_FAILED})", file=sys.stderr)
+        print(
+            f"mgpr: {failed} of {summary['tiles_total']} tile(s) failed and are not in the "
+            f"output; reasons in {run_dir / 'failed_tiles.csv'}; re-run the same command to "
+            f"retry only them (exit code {EXIT_TILES_FAILED})",
+            file=sys.stderr,
+        )
     return EXIT_TILES_FAILED if failed else 0
 
 

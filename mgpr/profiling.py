@@ -44,7 +44,7 @@ Report part ``run_dir/report_parts/rank{global_rank}.json`` (schema ``mgpr.repor
     schema                        str      ``"mgpr.report_part/1"``
     status                        str      ``"finished"``, or ``"failed"`` (from on_exception)
     error                         str|null exception type and message when failed
-    hostname                      str      node name (SLURMD_NODENAME under SLURM, else the host name)
+    hostname                      str      node name (SLURMD_NODENAME under SLURM, else host)
     global_rank, local_rank,      int      Lightning ranks; world_size = number of ranks
     node_rank, world_size
     device                        str      ``"cuda:0"`` (local ordinal) or ``"cpu"``

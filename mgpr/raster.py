@@ -106,17 +106,23 @@ def resolve_inputs(input_path: str) -> list[str]:
         matches = sorted(glob.glob(input_path, recursive=True))
         matches = [m for m in matches if Path(m).is_file()]
         if not matches:
-            raise InputError(f"input_path={input_path!r}: the glob matches no file; check the pattern")
+            raise InputError(
+                f"input_path={input_path!r}: the glob matches no file; check the pattern"
+            )
         return matches
     if not path.exists():
-        raise InputError(f"input_path={input_path!r} does not exist; pass a GeoTIFF, a folder, a glob or a .txt list")
+        raise InputError(
+            f"input_path={input_path!r} does not exist; "
+            "pass a GeoTIFF, a folder, a glob or a .txt list"
+        )
     if path.is_dir():
         found = sorted(
             str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
         )
         if not found:
             raise InputError(
-                f"input_path={input_path!r} is a folder without rasters ({'/'.join(RASTER_SUFFIXES)}); "
+                f"input_path={input_path!r} is a folder without rasters "
+                f"({'/'.join(RASTER_SUFFIXES)}); "
                 "point it at a folder of GeoTIFFs"
             )
         return found
@@ -172,7 +178,10 @@ def describe_raster(path: str) -> RasterInfo:
             )
     except rasterio.errors.RasterioIOError as exc:
         reason = str(exc).split("\n")[0]
-        raise InputError(f"{path!r} is not a readable raster ({reason}); check the file or remove it from input_path") from None
+        raise InputError(
+            f"{path!r} is not a readable raster ({reason}); "
+            "check the file or remove it from input_path"
+        ) from None
     if info.dtype != "uint8":
         log.warning(
             "%s has dtype %s; mgpr reads uint8 orthomosaics, values are cast (clipped to 0..255)",
@@ -223,7 +232,8 @@ def check_bands(info: RasterInfo, bands: list[int] | None, needed: int) -> list[
         missing = [b for b in bands if b > info.count]
         if missing:
             raise ConfigError(
-                f"bands={bands} names band {missing[0]}, but {info.path!r} has {info.count} band(s); "
+                f"bands={bands} names band {missing[0]}, "
+                f"but {info.path!r} has {info.count} band(s); "
                 f"use indexes 1..{info.count}"
             )
         if needed and len(bands) != needed:

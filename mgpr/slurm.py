@@ -141,8 +141,9 @@ def read_batch_allocation(env: Mapping[str, str]) -> SlurmTask | None:
     return read_slurm_task(step_env)
 
 
-def preflight(env: Mapping[str, str], devices: int | None, num_nodes: int | None,
-              workers: int) -> None:
+def preflight(
+    env: Mapping[str, str], devices: int | None, num_nodes: int | None, workers: int
+) -> None:
     """The checks of :func:`check_slurm_task` that need no torch, run in the batch shell.
 
     ``jobs/job.slurm`` runs ``mgpr --slurm-preflight <overrides>`` before ``srun``, so a config

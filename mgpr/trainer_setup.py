@@ -91,9 +91,16 @@ class KeepStopHandler(pl.Callback):
 class TileDataModule(pl.LightningDataModule):
     """Builds this rank's DataLoader once the global rank and world size are known."""
 
-    def __init__(self, cfg: PredictConfig, tiles: Sequence[Tile], rasters: Sequence[RasterInfo],
-                 bands: dict[str, list[int]], run_dir: Path, pin_memory: bool,
-                 fake_bands: int) -> None:
+    def __init__(
+        self,
+        cfg: PredictConfig,
+        tiles: Sequence[Tile],
+        rasters: Sequence[RasterInfo],
+        bands: dict[str, list[int]],
+        run_dir: Path,
+        pin_memory: bool,
+        fake_bands: int,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.all_tiles = list(tiles)
@@ -114,8 +121,12 @@ class TileDataModule(pl.LightningDataModule):
         self.rank_tiles = [t for t in mine if t.id.key() not in done]
         self.skipped_done = len(mine) - len(self.rank_tiles)
         if self.skipped_done:
-            log.info("rank %d: %d of its %d tiles were finished by an earlier run",
-                     self.trainer.global_rank, self.skipped_done, len(mine))
+            log.info(
+                "rank %d: %d of its %d tiles were finished by an earlier run",
+                self.trainer.global_rank,
+                self.skipped_done,
+                len(mine),
+            )
         module = self.trainer.lightning_module
         assert isinstance(module, InferenceModule)
         module.tiles = self.rank_tiles
@@ -125,10 +136,20 @@ class TileDataModule(pl.LightningDataModule):
         cfg = self.cfg
         dataset: Any
         if cfg.use_fake_data:
-            count = len(shard_tiles(range(cfg.dummy_dataset_count), self.trainer.global_rank,  # type: ignore[arg-type]
-                                    self.trainer.world_size))
-            dataset = FakeTileDataset(count, cfg.tile_size, self.fake_bands,
-                                      cfg.dummy_dataset_delay, cfg.seed + self.trainer.global_rank)
+            count = len(
+                shard_tiles(
+                    range(cfg.dummy_dataset_count),
+                    self.trainer.global_rank,  # type: ignore[arg-type]
+                    self.trainer.world_size,
+                )
+            )
+            dataset = FakeTileDataset(
+                count,
+                cfg.tile_size,
+                self.fake_bands,
+                cfg.dummy_dataset_delay,
+                cfg.seed + self.trainer.global_rank,
+            )
         else:
             reader = TileReader(self.bands, cfg.tile_size)
             masked = {r.path for r in self.rasters if r.has_mask}
@@ -136,8 +157,9 @@ class TileDataModule(pl.LightningDataModule):
         return make_dataloader(dataset, cfg.batch_size, cfg.workers, self.pin_memory)
 
 
-def make_dataloader(dataset: Any, batch_size: int, workers: int,
-                    pin_memory: bool) -> DataLoader[Any]:
+def make_dataloader(
+    dataset: Any, batch_size: int, workers: int, pin_memory: bool
+) -> DataLoader[Any]:
     """The DataLoader every rank uses (also what ``benchmarks/pipeline.py`` times).
 
     Workers fork on Linux (spawn re-imports torch + Lightning, seconds per worker) and open
@@ -151,8 +173,15 @@ def make_dataloader(dataset: Any, batch_size: int, workers: int,
         kwargs["persistent_workers"] = False
         if sys.platform.startswith("linux"):
             kwargs["multiprocessing_context"] = "fork"
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_tiles,
-                      num_workers=workers, pin_memory=pin_memory, **kwargs)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_tiles,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        **kwargs,
+    )
 
 
 def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool, accelerator: str) -> Any:
@@ -169,23 +198,42 @@ def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool, accelerator
     return "auto"
 
 
-def run_predict(cfg: PredictConfig, *, run_dir: Path, adapter: Any, rasters: Sequence[RasterInfo],
-                tiles: Sequence[Tile], bands: dict[str, list[int]], accelerator: str,
-                devices: int, num_nodes: int, precision: str, slurm_task: Any) -> dict[str, Any]:
+def run_predict(
+    cfg: PredictConfig,
+    *,
+    run_dir: Path,
+    adapter: Any,
+    rasters: Sequence[RasterInfo],
+    tiles: Sequence[Tile],
+    bands: dict[str, list[int]],
+    accelerator: str,
+    devices: int,
+    num_nodes: int,
+    precision: str,
+    slurm_task: Any,
+) -> dict[str, Any]:
     """Predict this rank's tiles; returns per-rank figures (and ``global_rank``)."""
     quiet_lightning()
     world_guess = devices * num_nodes
     under_srun = slurm_task is not None
     total = cfg.dummy_dataset_count if cfg.use_fake_data else len(tiles)
-    monitor = RunMonitor(run_dir, interval_s=0.5, total_tiles=total, progress=cfg.progress,
-                         progress_source=None if cfg.use_fake_data else
-                         (lambda: count_written_tiles(run_dir)))
+    monitor = RunMonitor(
+        run_dir,
+        interval_s=0.5,
+        total_tiles=total,
+        progress=cfg.progress,
+        progress_source=None if cfg.use_fake_data else (lambda: count_written_tiles(run_dir)),
+    )
     callbacks: list[Any] = [monitor, KeepStopHandler()]
     writer: PredictionShardWriter | None = None
     if not cfg.use_fake_data:
-        writer = PredictionShardWriter(run_dir, {r.path: r for r in rasters}, cfg.overlap,
-                                       adapter.task,
-                                       on_write=lambda s, n: monitor.record_stage("write", s))
+        writer = PredictionShardWriter(
+            run_dir,
+            {r.path: r for r in rasters},
+            cfg.overlap,
+            adapter.task,
+            on_write=lambda s, n: monitor.record_stage("write", s),
+        )
         callbacks.append(writer)
     plugins: list[Any] = []
     if under_srun:
@@ -211,11 +259,13 @@ def run_predict(cfg: PredictConfig, *, run_dir: Path, adapter: Any, rasters: Seq
         profiler=make_profiler(cfg.profiler, run_dir),
         default_root_dir=str(run_dir),
     )
-    module = InferenceModule(adapter, None if cfg.use_fake_data else [], cfg.tile_size,
-                             on_stage=monitor.record_stage)
+    module = InferenceModule(
+        adapter, None if cfg.use_fake_data else [], cfg.tile_size, on_stage=monitor.record_stage
+    )
     fake_bands = adapter.in_bands or 3
-    datamodule = TileDataModule(cfg, tiles, rasters, bands, run_dir,
-                                pin_memory=accelerator == "gpu", fake_bands=fake_bands)
+    datamodule = TileDataModule(
+        cfg, tiles, rasters, bands, run_dir, pin_memory=accelerator == "gpu", fake_bands=fake_bands
+    )
     t0 = time.time()
     try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)

@@ -101,14 +101,20 @@ class ShardStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.rank = rank
-        self.conn = sqlite3.connect(str(path), timeout=60.0, isolation_level=None,
-                                    check_same_thread=False)  # used by the writer thread only
+        self.conn = sqlite3.connect(
+            str(path), timeout=60.0, isolation_level=None, check_same_thread=False
+        )  # used by the writer thread only
         self.conn.execute("PRAGMA journal_mode=WAL")
         self.conn.execute("PRAGMA synchronous=FULL")
         self.conn.executescript(_SCHEMA)
 
-    def write(self, outcomes: Sequence[TileOutcome], rasters: dict[str, RasterInfo],
-              overlap: int, task: str) -> int:
+    def write(
+        self,
+        outcomes: Sequence[TileOutcome],
+        rasters: dict[str, RasterInfo],
+        overlap: int,
+        task: str,
+    ) -> int:
         """Append a batch of outcomes and mark their tiles; returns records written."""
         tile_rows: list[tuple[Any, ...]] = []
         det_rows: list[tuple[Any, ...]] = []
@@ -127,8 +133,19 @@ class ShardStore:
                     for k, (cid, score) in enumerate(zip(out.labels, out.scores, strict=True), 1):
                         cls_rows.append((key, path, k, int(cid), float(score)))
                     n = 1
-            tile_rows.append((key, path, out.tile.id.row, out.tile.id.col,
-                              STATUS_NAMES[out.status], n, out.reason, self.rank, now))
+            tile_rows.append(
+                (
+                    key,
+                    path,
+                    out.tile.id.row,
+                    out.tile.id.col,
+                    STATUS_NAMES[out.status],
+                    n,
+                    out.reason,
+                    self.rank,
+                    now,
+                )
+            )
         cur = self.conn.cursor()
         cur.execute("BEGIN IMMEDIATE")
         try:
@@ -158,7 +175,9 @@ def _detection_rows(out: TileOutcome, info: RasterInfo, overlap: int) -> list[tu
     boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, tile.valid_width)
     boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, tile.valid_height)
     keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    cut = box_touches_tile_edge(boxes, tile, 1.0, raster_height=info.height, raster_width=info.width)
+    cut = box_touches_tile_edge(
+        boxes, tile, 1.0, raster_height=info.height, raster_width=info.width
+    )
     # A box reaches a seam when it enters an overlap strip along an inner edge.
     margin = max(float(overlap), 1.0)
     seam = box_touches_tile_edge(
@@ -168,9 +187,20 @@ def _detection_rows(out: TileOutcome, info: RasterInfo, overlap: int) -> list[tu
     rows = []
     for i in np.flatnonzero(keep):
         x0, y0, x1, y1 = boxes[i]
-        rows.append((key, tile.id.path, x0 + tile.col_off, y0 + tile.row_off, x1 + tile.col_off,
-                     y1 + tile.row_off, float(out.scores[i]), int(out.labels[i]),
-                     int(seam[i]), int(cut[i])))
+        rows.append(
+            (
+                key,
+                tile.id.path,
+                x0 + tile.col_off,
+                y0 + tile.row_off,
+                x1 + tile.col_off,
+                y1 + tile.row_off,
+                float(out.scores[i]),
+                int(out.labels[i]),
+                int(seam[i]),
+                int(cut[i]),
+            )
+        )
     return rows
 
 
@@ -182,9 +212,15 @@ class BackgroundShardWriter:
     thread is re-raised in the caller at the next :meth:`put` or at :meth:`close`.
     """
 
-    def __init__(self, store: ShardStore, rasters: dict[str, RasterInfo], overlap: int,
-                 task: str, on_write: Callable[[float, int], None] | None = None,
-                 max_pending: int = 8) -> None:
+    def __init__(
+        self,
+        store: ShardStore,
+        rasters: dict[str, RasterInfo],
+        overlap: int,
+        task: str,
+        on_write: Callable[[float, int], None] | None = None,
+        max_pending: int = 8,
+    ) -> None:
         self.store = store
         self.rasters = rasters
         self.overlap = overlap
@@ -217,7 +253,8 @@ class BackgroundShardWriter:
         if self._error is not None:
             raise OutputError(
                 f"writing results to {self.store.path} failed ({type(self._error).__name__}: "
-                f"{self._error}); free disk space or choose another output_dir, then re-run to resume"
+                f"{self._error}); free disk space or choose another output_dir, "
+                "then re-run to resume"
             ) from self._error
 
     def put(self, outcomes: list[TileOutcome]) -> None:
@@ -326,10 +363,15 @@ def _layer_names(rasters: Sequence[RasterInfo], base: str) -> dict[str | None, s
     return names
 
 
-def dedupe_seam_boxes(boxes: npt.NDArray[np.float64], scores: npt.NDArray[np.float64],
-                      labels: npt.NDArray[np.int64], tiles: npt.NDArray[np.int64],
-                      cut: npt.NDArray[np.bool_], nms_iou: float, seam_ios: float
-                      ) -> npt.NDArray[np.bool_]:
+def dedupe_seam_boxes(
+    boxes: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.int64],
+    tiles: npt.NDArray[np.int64],
+    cut: npt.NDArray[np.bool_],
+    nms_iou: float,
+    seam_ios: float,
+) -> npt.NDArray[np.bool_]:
     """Which seam boxes survive cross-tile de-duplication (one raster, raster pixels).
 
     Two boxes of the same class from *different* tiles are the same object when their
@@ -364,8 +406,9 @@ def dedupe_seam_boxes(boxes: npt.NDArray[np.float64], scores: npt.NDArray[np.flo
     order = np.lexsort((np.arange(n), -area, -scores, cut.astype(np.int64)))
     priority = np.empty(n, dtype=np.float64)
     priority[order] = np.arange(n, 0, -1, dtype=np.float64)
-    survivors = batched_nms(torch.as_tensor(boxes), torch.as_tensor(priority),
-                            torch.as_tensor(labels), nms_iou).numpy()
+    survivors = batched_nms(
+        torch.as_tensor(boxes), torch.as_tensor(priority), torch.as_tensor(labels), nms_iou
+    ).numpy()
     cand = np.zeros(n, dtype=bool)
     cand[survivors] = True
     # Greedy IoS suppression over survivors in priority order, comparing only boxes that can
@@ -396,8 +439,14 @@ def dedupe_seam_boxes(boxes: npt.NDArray[np.float64], scores: npt.NDArray[np.flo
     return keep
 
 
-def _write_layer(path: Path, layer: str, rings: npt.NDArray[np.float64], fields: dict[str, Any],
-                 crs_wkt: str | None, first: bool) -> None:
+def _write_layer(
+    path: Path,
+    layer: str,
+    rings: npt.NDArray[np.float64],
+    fields: dict[str, Any],
+    crs_wkt: str | None,
+    first: bool,
+) -> None:
     import pyogrio.raw
     import shapely
 
@@ -409,17 +458,33 @@ def _write_layer(path: Path, layer: str, rings: npt.NDArray[np.float64], fields:
         # crs_wkt=None: a raster without CRS, already reported once (pixel coordinates).
         warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
         pyogrio.raw.write(
-            str(path), geometry=wkb, field_data=arrays, fields=names, crs=crs_wkt,
-            geometry_type="Polygon", layer=layer, driver="GPKG", append=not first,
+            str(path),
+            geometry=wkb,
+            field_data=arrays,
+            fields=names,
+            crs=crs_wkt,
+            geometry_type="Polygon",
+            layer=layer,
+            driver="GPKG",
+            append=not first,
             promote_to_multi=False,
             # GeoPackage 1.2 opens without warnings in older GDAL/QGIS releases too.
             dataset_options={"VERSION": "1.2"} if first else None,
         )
 
 
-def merge_run(run_dir: Path, rasters: Sequence[RasterInfo], task: str, tile_size: int,
-              overlap: int, categories: Sequence[str] | None, nms_iou: float, seam_ios: float,
-              output_name: str = "predictions.gpkg", topk: int = 5) -> MergeResult:
+def merge_run(
+    run_dir: Path,
+    rasters: Sequence[RasterInfo],
+    task: str,
+    tile_size: int,
+    overlap: int,
+    categories: Sequence[str] | None,
+    nms_iou: float,
+    seam_ios: float,
+    output_name: str = "predictions.gpkg",
+    topk: int = 5,
+) -> MergeResult:
     """Merge every rank's shard into one GeoPackage (rank 0, after all ranks finished).
 
     Detections become one polygon per box in the raster's CRS, de-duplicated across seams
@@ -449,12 +514,14 @@ def merge_run(run_dir: Path, rasters: Sequence[RasterInfo], task: str, tile_size
     for info in rasters:
         layer = layer_names[info.crs_wkt]
         if task == "detection":
-            rings, fields, removed = _detections_for_raster(run_dir, info, done_keys, categories,
-                                                             nms_iou, seam_ios)
+            rings, fields, removed = _detections_for_raster(
+                run_dir, info, done_keys, categories, nms_iou, seam_ios
+            )
             result.duplicates_removed += removed
         else:
-            rings, fields = _classifications_for_raster(run_dir, info, done_keys, categories,
-                                                       tile_size, overlap, topk)
+            rings, fields = _classifications_for_raster(
+                run_dir, info, done_keys, categories, tile_size, overlap, topk
+            )
         acc = per_layer.setdefault(layer, {"rings": [], "fields": [], "crs": info.crs_wkt})
         acc["rings"].append(rings)
         acc["fields"].append(fields)
@@ -475,29 +542,52 @@ def merge_run(run_dir: Path, rasters: Sequence[RasterInfo], task: str, tile_size
 def _read_detections(run_dir: Path, path: str, done_keys: set[str]) -> dict[str, np.ndarray]:
     rows: list[tuple[Any, ...]] = []
     for shard in _shard_files(run_dir):
-        rows.extend(_query(shard, "SELECT tile_key, x0, y0, x1, y1, score, label, seam, cut "
-                                  "FROM detections WHERE path = ?", (path,)))
+        rows.extend(
+            _query(
+                shard,
+                "SELECT tile_key, x0, y0, x1, y1, score, label, seam, cut "
+                "FROM detections WHERE path = ?",
+                (path,),
+            )
+        )
     rows = [r for r in rows if r[0] in done_keys]
     # Deterministic order whatever the number of ranks that wrote them.
     rows.sort(key=lambda r: (r[0], r[6], -r[5], r[1], r[2], r[3], r[4]))
     keys = np.array([r[0] for r in rows], dtype=object)
     arr = np.array([r[1:] for r in rows], dtype=np.float64).reshape(-1, 8)
-    return {"tile_key": keys, "boxes": arr[:, 0:4], "score": arr[:, 4],
-            "label": arr[:, 5].astype(np.int64), "seam": arr[:, 6] > 0, "cut": arr[:, 7] > 0}
+    return {
+        "tile_key": keys,
+        "boxes": arr[:, 0:4],
+        "score": arr[:, 4],
+        "label": arr[:, 5].astype(np.int64),
+        "seam": arr[:, 6] > 0,
+        "cut": arr[:, 7] > 0,
+    }
 
 
-def _detections_for_raster(run_dir: Path, info: RasterInfo, done_keys: set[str],
-                           categories: Sequence[str] | None, nms_iou: float, seam_ios: float
-                           ) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
+def _detections_for_raster(
+    run_dir: Path,
+    info: RasterInfo,
+    done_keys: set[str],
+    categories: Sequence[str] | None,
+    nms_iou: float,
+    seam_ios: float,
+) -> tuple[np.ndarray, dict[str, np.ndarray], int]:
     det = _read_detections(run_dir, info.path, done_keys)
     n = len(det["score"])
     keep = np.ones(n, dtype=bool)
     seam_idx = np.flatnonzero(det["seam"])
     if len(seam_idx):
         _, tile_ids = np.unique(det["tile_key"][seam_idx], return_inverse=True)
-        keep_seam = dedupe_seam_boxes(det["boxes"][seam_idx], det["score"][seam_idx],
-                                      det["label"][seam_idx], tile_ids.astype(np.int64),
-                                      det["cut"][seam_idx], nms_iou, seam_ios)
+        keep_seam = dedupe_seam_boxes(
+            det["boxes"][seam_idx],
+            det["score"][seam_idx],
+            det["label"][seam_idx],
+            tile_ids.astype(np.int64),
+            det["cut"][seam_idx],
+            nms_iou,
+            seam_ios,
+        )
         keep[seam_idx] = keep_seam
     removed = int(n - keep.sum())
     boxes = det["boxes"][keep]
@@ -522,21 +612,32 @@ def _detections_for_raster(run_dir: Path, info: RasterInfo, done_keys: set[str],
     return rings, fields, removed
 
 
-def _classifications_for_raster(run_dir: Path, info: RasterInfo, done_keys: set[str],
-                                categories: Sequence[str] | None, tile_size: int, overlap: int,
-                                topk: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+def _classifications_for_raster(
+    run_dir: Path,
+    info: RasterInfo,
+    done_keys: set[str],
+    categories: Sequence[str] | None,
+    tile_size: int,
+    overlap: int,
+    topk: int,
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     rows: dict[str, list[tuple[int, int, float]]] = {}
     for shard in _shard_files(run_dir):
         for key, k, cid, score in _query(
-            shard, "SELECT tile_key, k, class_id, score FROM classifications WHERE path = ?",
+            shard,
+            "SELECT tile_key, k, class_id, score FROM classifications WHERE path = ?",
             (info.path,),
         ):
             if key in done_keys:
                 rows.setdefault(key, []).append((k, cid, score))
-    tiles = {t.id.key(): t for t in plan_tiles(info.path, info.height, info.width, tile_size, overlap)}
+    tiles = {
+        t.id.key(): t for t in plan_tiles(info.path, info.height, info.width, tile_size, overlap)
+    }
     keys = sorted(rows)
     k_max = min(topk, max((len(v) for v in rows.values()), default=topk))
-    rings = np.array([tile_footprint_ring(tiles[k], info.transform) for k in keys]).reshape(-1, 5, 2)
+    rings = np.array([tile_footprint_ring(tiles[k], info.transform) for k in keys]).reshape(
+        -1, 5, 2
+    )
     fields: dict[str, np.ndarray] = {
         "source": np.array([info.path] * len(keys), dtype=object),
         "tile_row": np.array([tiles[k].id.row for k in keys], dtype=np.int64),
@@ -549,10 +650,12 @@ def _classifications_for_raster(run_dir: Path, info: RasterInfo, done_keys: set[
             entry = {k: (c, s) for k, c, s in rows[key]}.get(j, (-1, float("nan")))
             cids.append(entry[0])
             scores.append(entry[1])
-            names.append(categories[entry[0]] if categories and 0 <= entry[0] < len(categories) else str(entry[0]))
+            names.append(
+                categories[entry[0]]
+                if categories and 0 <= entry[0] < len(categories)
+                else str(entry[0])
+            )
         fields[f"class_id_{j}"] = np.array(cids, dtype=np.int64)
         fields[f"label_{j}"] = np.array(names, dtype=object)
         fields[f"score_{j}"] = np.array(scores, dtype=np.float64)
     return rings, fields
-
-

@@ -46,8 +46,11 @@ def _last_line(err: str, rc: int, code: int, *needles: str) -> str:
 
 def _snapshot(root: Path) -> dict[str, bytes]:
     """Every file under root with its bytes (run logs excluded: they are appended to)."""
-    return {str(p.relative_to(root)): p.read_bytes() for p in root.rglob("*")
-            if p.is_file() and "logs" not in p.relative_to(root).parts}
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in root.rglob("*")
+        if p.is_file() and "logs" not in p.relative_to(root).parts
+    }
 
 
 def _assert_untouched(before: dict[str, bytes], root: Path) -> None:
@@ -63,8 +66,9 @@ def _summary(run: Path) -> dict:
 def _shard_tiles(run: Path) -> tuple[int, int, int]:
     """(rows, distinct tiles, tiles done) in the rank-0 shard."""
     with sqlite3.connect(run / "shards" / "rank0.sqlite") as conn:
-        return conn.execute("SELECT COUNT(*), COUNT(DISTINCT tile_key), "
-                            "SUM(status = 'done') FROM tiles").fetchone()
+        return conn.execute(
+            "SELECT COUNT(*), COUNT(DISTINCT tile_key), SUM(status = 'done') FROM tiles"
+        ).fetchone()
 
 
 # ----------------------------------------------------------------- checked before any work, exit 2
@@ -102,19 +106,25 @@ def _glob_matches_nothing(tmp: Path) -> tuple[list[str], list[str]]:
 def _list_names_missing_file(tmp: Path) -> tuple[list[str], list[str]]:
     listing = tmp / "inputs.txt"
     listing.write_text(f"# tiles\n{_rgb(tmp)}\nmissing.tif\n")
-    return ([f"input_path={listing}"],
-            [f"{listing}:3 names 'missing.tif'", "fix or remove that line"])
+    return (
+        [f"input_path={listing}"],
+        [f"{listing}:3 names 'missing.tif'", "fix or remove that line"],
+    )
 
 
 def _wrong_band_count(tmp: Path) -> tuple[list[str], list[str]]:
     gray = write_test_image(tmp / "gray.tif", TestImageSpec(width=128, height=128, bands=1)).path
-    return ([f"input_path={gray}", "model=resnet50", "weights=none"],
-            ["has 1 band(s), but the model needs 3", "bands=[1,1,1]"])
+    return (
+        [f"input_path={gray}", "model=resnet50", "weights=none"],
+        ["has 1 band(s), but the model needs 3", "bands=[1,1,1]"],
+    )
 
 
 def _band_the_raster_lacks(tmp: Path) -> tuple[list[str], list[str]]:
-    return ([f"input_path={_rgb(tmp)}", "model=null", "bands=[1,4]"],
-            ["bands=[1, 4] names band 4", "has 3 band(s)", "use indexes 1..3"])
+    return (
+        [f"input_path={_rgb(tmp)}", "model=null", "bands=[1,4]"],
+        ["bands=[1, 4] names band 4", "has 3 band(s)", "use indexes 1..3"],
+    )
 
 
 def _tile_not_above_overlap(tmp: Path) -> tuple[list[str], list[str]]:
@@ -138,21 +148,29 @@ def _negative_workers(tmp: Path) -> tuple[list[str], list[str]]:
 
 
 def _unknown_model(tmp: Path) -> tuple[list[str], list[str]]:
-    return ([f"input_path={_rgb(tmp)}", "model=resnet5"],
-            ["model=resnet5 is not a known model", "resnet50, fasterrcnn, reference, null"])
+    return (
+        [f"input_path={_rgb(tmp)}", "model=resnet5"],
+        ["model=resnet5 is not a known model", "resnet50, fasterrcnn, reference, null"],
+    )
 
 
 def _import_path_missing_module(tmp: Path) -> tuple[list[str], list[str]]:
-    return ([f"input_path={_rgb(tmp)}", "model=mgpr_no_such_pkg.models:build"],
-            ["module 'mgpr_no_such_pkg.models' does not import",
-             "No module named 'mgpr_no_such_pkg'"])
+    return (
+        [f"input_path={_rgb(tmp)}", "model=mgpr_no_such_pkg.models:build"],
+        ["module 'mgpr_no_such_pkg.models' does not import", "No module named 'mgpr_no_such_pkg'"],
+    )
 
 
 def _import_path_module_raises(tmp: Path) -> tuple[list[str], list[str]]:
     (tmp / "mgpr_broken_model.py").write_text("import torch\nNET = undefined_name\n")
-    return ([f"input_path={_rgb(tmp)}", "model=mgpr_broken_model:build"],
-            ["module 'mgpr_broken_model' was found but raised while importing",
-             "NameError", "mgpr_broken_model.py:2"])
+    return (
+        [f"input_path={_rgb(tmp)}", "model=mgpr_broken_model:build"],
+        [
+            "module 'mgpr_broken_model' was found but raised while importing",
+            "NameError",
+            "mgpr_broken_model.py:2",
+        ],
+    )
 
 
 def _checkpoint_does_not_fit(tmp: Path) -> tuple[list[str], list[str]]:
@@ -161,33 +179,57 @@ def _checkpoint_does_not_fit(tmp: Path) -> tuple[list[str], list[str]]:
 
     ckpt = tmp / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), ckpt)
-    return ([f"input_path={_rgb(tmp)}", "model=resnet50", f"weights={ckpt}"],
-            [f"weights={ckpt} does not fit model=resnet50", "missing", "shape mismatch"])
+    return (
+        [f"input_path={_rgb(tmp)}", "model=resnet50", f"weights={ckpt}"],
+        [f"weights={ckpt} does not fit model=resnet50", "missing", "shape mismatch"],
+    )
 
 
 def _not_writable_under_file(tmp: Path) -> tuple[list[str], list[str]]:
     (tmp / "a_file").write_text("x")
-    return ([f"input_path={_rgb(tmp)}", "model=null", f"output_dir={tmp}/a_file/sub"],
-            [f"output_dir='{tmp}/a_file/sub' is not writable", "choose another output_dir"])
+    return (
+        [f"input_path={_rgb(tmp)}", "model=null", f"output_dir={tmp}/a_file/sub"],
+        [f"output_dir='{tmp}/a_file/sub' is not writable", "choose another output_dir"],
+    )
 
 
 def _not_writable_proc(tmp: Path) -> tuple[list[str], list[str]]:
-    return ([f"input_path={_rgb(tmp)}", "model=null", "output_dir=/proc/mgpr-run"],
-            ["output_dir='/proc/mgpr-run' is not writable"])
+    return (
+        [f"input_path={_rgb(tmp)}", "model=null", "output_dir=/proc/mgpr-run"],
+        ["output_dir='/proc/mgpr-run' is not writable"],
+    )
 
 
 def _misspelt_key(tmp: Path) -> tuple[list[str], list[str]]:
     return ["tile_sise=256"], ["unknown config key `tile_sise`", "did you mean `tile_size`?"]
 
 
-@pytest.mark.parametrize("case", [
-    _missing_path, _missing_path_with_hydra_syntax, _not_a_raster, _empty_folder,
-    _glob_matches_nothing, _list_names_missing_file,
-    _wrong_band_count, _band_the_raster_lacks, _tile_not_above_overlap, _tile_below_one,
-    _negative_overlap, _batch_below_one, _negative_workers, _unknown_model,
-    _import_path_missing_module, _import_path_module_raises, _checkpoint_does_not_fit,
-    _not_writable_under_file, _not_writable_proc, _misspelt_key,
-], ids=lambda c: c.__name__.strip("_"))
+@pytest.mark.parametrize(
+    "case",
+    [
+        _missing_path,
+        _missing_path_with_hydra_syntax,
+        _not_a_raster,
+        _empty_folder,
+        _glob_matches_nothing,
+        _list_names_missing_file,
+        _wrong_band_count,
+        _band_the_raster_lacks,
+        _tile_not_above_overlap,
+        _tile_below_one,
+        _negative_overlap,
+        _batch_below_one,
+        _negative_workers,
+        _unknown_model,
+        _import_path_missing_module,
+        _import_path_module_raises,
+        _checkpoint_does_not_fit,
+        _not_writable_under_file,
+        _not_writable_proc,
+        _misspelt_key,
+    ],
+    ids=lambda c: c.__name__.strip("_"),
+)
 def test_checked_before_any_work(case: Case, tmp_path: Path, capsys, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(tmp_path))  # for the custom model cases
     args, needles = case(tmp_path)
@@ -204,8 +246,9 @@ def test_checked_before_any_work(case: Case, tmp_path: Path, capsys, monkeypatch
     assert not (run / "run.json").exists() and not (run / "shards").exists()
 
 
-def test_weights_not_cached_offline_fail_fast(make_image, tmp_path: Path, capsys,
-                                              monkeypatch) -> None:
+def test_weights_not_cached_offline_fail_fast(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
     # TORCH_HOME is an empty temp dir (conftest). A proxy on a closed local port makes the
     # download fail at once whatever this machine's network, like an offline compute node.
     for var in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
@@ -213,10 +256,22 @@ def test_weights_not_cached_offline_fail_fast(make_image, tmp_path: Path, capsys
     monkeypatch.delenv("no_proxy", raising=False)
     monkeypatch.delenv("NO_PROXY", raising=False)
     img = make_image(width=128, height=128)
-    rc, _, err = _run(capsys, f"input_path={img.path}", "model=resnet50", "weights=DEFAULT",
-                      f"output_dir={tmp_path / 'run'}", "workers=0")
-    _last_line(err, rc, EXIT_USAGE, "weights=DEFAULT for resnet50 are not in the cache",
-               "`mgpr-fetch-weights resnet50`", "TORCH_HOME=")
+    rc, _, err = _run(
+        capsys,
+        f"input_path={img.path}",
+        "model=resnet50",
+        "weights=DEFAULT",
+        f"output_dir={tmp_path / 'run'}",
+        "workers=0",
+    )
+    _last_line(
+        err,
+        rc,
+        EXIT_USAGE,
+        "weights=DEFAULT for resnet50 are not in the cache",
+        "`mgpr-fetch-weights resnet50`",
+        "TORCH_HOME=",
+    )
     assert not (tmp_path / "run" / "run.json").exists()
 
 
@@ -227,15 +282,21 @@ def test_output_of_another_run_is_kept(make_image, tmp_path: Path, capsys) -> No
     (run / "run.json").write_text(json.dumps({"fingerprint": {"model": "fasterrcnn"}}))
     (run / "predictions.gpkg").write_bytes(b"results of another run")
     before = _snapshot(tmp_path)
-    rc, _, err = _run(capsys, f"input_path={img.path}", "model=null", f"output_dir={run}",
-                      "workers=0")
-    _last_line(err, rc, EXIT_USAGE, f"output_dir='{run}' holds results of another run",
-               "model differs: was fasterrcnn, now null", "overwrite=true")
+    rc, _, err = _run(
+        capsys, f"input_path={img.path}", "model=null", f"output_dir={run}", "workers=0"
+    )
+    _last_line(
+        err,
+        rc,
+        EXIT_USAGE,
+        f"output_dir='{run}' holds results of another run",
+        "model differs: was fasterrcnn, now null",
+        "overwrite=true",
+    )
     _assert_untouched(before, tmp_path)
 
 
-def test_malicious_checkpoint_is_refused_and_never_runs(make_image, tmp_path: Path,
-                                                        capsys) -> None:
+def test_malicious_checkpoint_is_refused_and_never_runs(make_image, tmp_path: Path, capsys) -> None:
     import torch
 
     marker = tmp_path / "pwned"
@@ -247,40 +308,64 @@ def test_malicious_checkpoint_is_refused_and_never_runs(make_image, tmp_path: Pa
     ckpt = tmp_path / "evil.pth"
     torch.save({"state_dict": {"fc.weight": torch.zeros(1)}, "payload": Evil()}, ckpt)
     img = make_image(width=128, height=128)
-    rc, _, err = _run(capsys, f"input_path={img.path}", "model=resnet50", f"weights={ckpt}",
-                      f"output_dir={tmp_path / 'run'}", "workers=0")
-    _last_line(err, rc, EXIT_USAGE,
-               f"weights={ckpt} cannot be read with torch.load(weights_only=True)")
+    rc, _, err = _run(
+        capsys,
+        f"input_path={img.path}",
+        "model=resnet50",
+        f"weights={ckpt}",
+        f"output_dir={tmp_path / 'run'}",
+        "workers=0",
+    )
+    _last_line(
+        err, rc, EXIT_USAGE, f"weights={ckpt} cannot be read with torch.load(weights_only=True)"
+    )
     assert not marker.exists()
 
 
 # ------------------------------------------------------------------------------ allowed inputs
 
 
-def test_raster_without_crs_runs_in_pixel_coordinates(make_image, tmp_path: Path,
-                                                      capsys) -> None:
+def test_raster_without_crs_runs_in_pixel_coordinates(make_image, tmp_path: Path, capsys) -> None:
     img = make_image(width=256, height=256, crs="none")
     run = tmp_path / "run"
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        rc, _, err = _run(capsys, f"input_path={img.path}", "model=null", "tile_size=128",
-                          "workers=0", f"output_dir={run}", "progress=false")
+        rc, _, err = _run(
+            capsys,
+            f"input_path={img.path}",
+            "model=null",
+            "tile_size=128",
+            "workers=0",
+            f"output_dir={run}",
+            "progress=false",
+        )
     assert rc == 0 and "Traceback" not in err
     assert err.count("has no CRS") == 1 and "pixel coordinates" in err
-    noisy = [w for w in caught if "NotGeoreferenced" in w.category.__name__
-             or "'crs' was not provided" in str(w.message)]
+    noisy = [
+        w
+        for w in caught
+        if "NotGeoreferenced" in w.category.__name__ or "'crs' was not provided" in str(w.message)
+    ]
     assert not noisy, [str(w.message) for w in noisy]
     assert _summary(run)["pixel_coordinates"] == [str(img.path)]
     geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "classifications")
     assert max(g.bounds[2] for g in geoms) == 256  # x = column
 
 
-def test_raster_smaller_than_one_tile_is_one_padded_tile(make_image, tmp_path: Path,
-                                                         capsys) -> None:
+def test_raster_smaller_than_one_tile_is_one_padded_tile(
+    make_image, tmp_path: Path, capsys
+) -> None:
     img = make_image(width=50, height=40)
     run = tmp_path / "run"
-    rc, _, err = _run(capsys, f"input_path={img.path}", "model=null", "tile_size=128",
-                      "workers=0", f"output_dir={run}", "progress=false")
+    rc, _, err = _run(
+        capsys,
+        f"input_path={img.path}",
+        "model=null",
+        "tile_size=128",
+        "workers=0",
+        f"output_dir={run}",
+        "progress=false",
+    )
     assert rc == 0 and "Traceback" not in err
     s = _summary(run)
     assert s["tiles_total"] == s["tiles_predicted"] == 1
@@ -296,13 +381,24 @@ def test_rasters_in_different_crss_get_one_layer_each(tmp_path: Path, capsys) ->
     for name, crs in (("east.tif", "EPSG:32633"), ("west.tif", "EPSG:32632")):
         write_test_image(folder / name, TestImageSpec(width=256, height=256, crs=crs))
     run = tmp_path / "run"
-    rc, _, err = _run(capsys, f"input_path={folder}", "model=null", "tile_size=128",
-                      "workers=0", f"output_dir={run}", "progress=false")
+    rc, _, err = _run(
+        capsys,
+        f"input_path={folder}",
+        "model=null",
+        "tile_size=128",
+        "workers=0",
+        f"output_dir={run}",
+        "progress=false",
+    )
     assert rc == 0 and "Traceback" not in err
-    assert _summary(run)["layers"] == {"classifications_epsg_32633": 4,
-                                       "classifications_epsg_32632": 4}
-    for layer, epsg, source in (("classifications_epsg_32633", 32633, "east.tif"),
-                                ("classifications_epsg_32632", 32632, "west.tif")):
+    assert _summary(run)["layers"] == {
+        "classifications_epsg_32633": 4,
+        "classifications_epsg_32632": 4,
+    }
+    for layer, epsg, source in (
+        ("classifications_epsg_32633", 32633, "east.tif"),
+        ("classifications_epsg_32632", 32632, "west.tif"),
+    ):
         geoms, rows, srs = read_gpkg_layer(run / "predictions.gpkg", layer)
         assert srs == epsg and len(geoms) == 4
         assert {Path(r["source"]).name for r in rows} == {source}
@@ -312,14 +408,28 @@ def test_rasters_in_different_crss_get_one_layer_each(tmp_path: Path, capsys) ->
 
 
 def test_corrupt_block_fails_one_tile_and_the_run_goes_on(tmp_path: Path, capsys) -> None:
-    img = write_test_image(tmp_path / "ortho.tif",
-                           TestImageSpec(width=512, height=512, block_size=128)).path
+    img = write_test_image(
+        tmp_path / "ortho.tif", TestImageSpec(width=512, height=512, block_size=128)
+    ).path
     corrupt_block(img, block_row=1, block_col=2)
     run = tmp_path / "run"
-    rc, out, err = _run(capsys, f"input_path={img}", "model=null", "tile_size=128", "workers=0",
-                        f"output_dir={run}", "progress=false")
-    _last_line(err, rc, EXIT_TILES_FAILED, "1 of 16 tile(s) failed",
-               str(run / "failed_tiles.csv"), f"exit code {EXIT_TILES_FAILED}")
+    rc, out, err = _run(
+        capsys,
+        f"input_path={img}",
+        "model=null",
+        "tile_size=128",
+        "workers=0",
+        f"output_dir={run}",
+        "progress=false",
+    )
+    _last_line(
+        err,
+        rc,
+        EXIT_TILES_FAILED,
+        "1 of 16 tile(s) failed",
+        str(run / "failed_tiles.csv"),
+        f"exit code {EXIT_TILES_FAILED}",
+    )
     assert sum("ERROR" in line for line in err.splitlines()) <= 3  # GDAL does not spam
     s = _summary(run)
     assert s["tiles_failed"] == 1 and s["tiles_predicted"] == 15
@@ -337,9 +447,13 @@ def _write_module(folder: Path, name: str, body: str) -> str:
     return f"{name}:build"
 
 
-def test_out_of_memory_names_batch_size_and_keeps_shards(make_image, tmp_path: Path, capsys,
-                                                          monkeypatch) -> None:
-    model = _write_module(tmp_path, "mgpr_oom_model", """
+def test_out_of_memory_names_batch_size_and_keeps_shards(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    model = _write_module(
+        tmp_path,
+        "mgpr_oom_model",
+        """
         import torch
 
         class OomOnSecondBatch(torch.nn.Module):
@@ -360,27 +474,52 @@ def test_out_of_memory_names_batch_size_and_keeps_shards(make_image, tmp_path: P
 
         def build(weights):
             return OomOnSecondBatch()
-    """)
+    """,
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     img = make_image(width=256, height=256)
     run = tmp_path / "run"
-    rc, _, err = _run(capsys, f"input_path={img.path}", f"model={model}", "tile_size=64",
-                      "batch_size=4", "workers=0", f"output_dir={run}", "progress=false")
-    _last_line(err, rc, EXIT_USAGE, "out of memory", "batch_size=4", "batch_size=2",
-               "CUDA out of memory", str(run / "shards"))
+    rc, _, err = _run(
+        capsys,
+        f"input_path={img.path}",
+        f"model={model}",
+        "tile_size=64",
+        "batch_size=4",
+        "workers=0",
+        f"output_dir={run}",
+        "progress=false",
+    )
+    _last_line(
+        err,
+        rc,
+        EXIT_USAGE,
+        "out of memory",
+        "batch_size=4",
+        "batch_size=2",
+        "CUDA out of memory",
+        str(run / "shards"),
+    )
     assert _shard_tiles(run) == (4, 4, 4)  # the first batch is kept for the resume
 
 
-def test_writer_failure_stops_and_keeps_the_good_output(make_image, tmp_path: Path, capsys,
-                                                        monkeypatch) -> None:
+def test_writer_failure_stops_and_keeps_the_good_output(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
     import shutil
 
     from mgpr.writers import ShardStore
 
     img = make_image(width=256, height=256)
     run = tmp_path / "run"
-    args = [f"input_path={img.path}", "model=null", "tile_size=128", "batch_size=1",
-            "workers=0", f"output_dir={run}", "progress=false"]
+    args = [
+        f"input_path={img.path}",
+        "model=null",
+        "tile_size=128",
+        "batch_size=1",
+        "workers=0",
+        f"output_dir={run}",
+        "progress=false",
+    ]
     assert _run(capsys, *args)[0] == 0
     shutil.rmtree(run / "shards")  # the same run again, from scratch (a resume with no tiles)
     before = _snapshot(tmp_path)
@@ -395,21 +534,35 @@ def test_writer_failure_stops_and_keeps_the_good_output(make_image, tmp_path: Pa
 
     monkeypatch.setattr(ShardStore, "write", disk_full)
     rc, _, err = _run(capsys, *args)
-    _last_line(err, rc, EXIT_USAGE, "mgpr: error: writing results to", "No space left on device",
-               "choose another output_dir")
+    _last_line(
+        err,
+        rc,
+        EXIT_USAGE,
+        "mgpr: error: writing results to",
+        "No space left on device",
+        "choose another output_dir",
+    )
     # The good results stay byte-identical (run.json and report_parts/ are the resumed run's
     # working state and are rewritten).
-    final = {k: v for k, v in before.items() if k.startswith("run/")
-             and k.split("/")[1] in ("predictions.gpkg", "summary.json", "report.json")}
+    final = {
+        k: v
+        for k, v in before.items()
+        if k.startswith("run/")
+        and k.split("/")[1] in ("predictions.gpkg", "summary.json", "report.json")
+    }
     assert len(final) == 3
     _assert_untouched(final, tmp_path)
     assert not list(run.glob(".tmp-*"))  # no partial GeoPackage left behind
 
 
 @pytest.mark.slow
-def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(make_image, tmp_path: Path,
-                                                              capsys, monkeypatch) -> None:
-    model = _write_module(tmp_path, "mgpr_slow_model", """
+def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    model = _write_module(
+        tmp_path,
+        "mgpr_slow_model",
+        """
         import os
         import time
 
@@ -425,15 +578,24 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(make_image, tmp_pa
 
         def build(weights):
             return Slow()
-    """)
+    """,
+    )
     img = make_image(width=256, height=256)  # 16 tiles of 64 px, one per batch
     run = tmp_path / "run"
-    args = [f"input_path={img.path}", f"model={model}", "tile_size=64", "batch_size=1",
-            "workers=0", f"output_dir={run}", "progress=false"]
+    args = [
+        f"input_path={img.path}",
+        f"model={model}",
+        "tile_size=64",
+        "batch_size=1",
+        "workers=0",
+        f"output_dir={run}",
+        "progress=false",
+    ]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
     env.update(PYTHONPATH=str(tmp_path), PYTHONWARNINGS="ignore", MGPR_TEST_DELAY_S="0.5")
-    proc = subprocess.Popen(mgpr_cmd(*args), env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        mgpr_cmd(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     shard = run / "shards" / "rank0.sqlite"
     deadline = time.monotonic() + 240  # a guard against hanging, not a timing assertion
     done = 0
@@ -448,8 +610,14 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(make_image, tmp_pa
     assert done >= 2 and proc.poll() is None, "the run did not get going"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    last = _last_line(err, proc.returncode, EXIT_INTERRUPTED, "interrupted by SIGTERM",
-                      str(run / "shards"), "re-run the same command to resume")
+    last = _last_line(
+        err,
+        proc.returncode,
+        EXIT_INTERRUPTED,
+        "interrupted by SIGTERM",
+        str(run / "shards"),
+        "re-run the same command to resume",
+    )
     assert last.startswith("mgpr: interrupted")
     kept, distinct, _ = _shard_tiles(run)
     assert 2 <= kept == distinct < 16

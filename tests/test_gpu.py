@@ -24,8 +24,13 @@ pytestmark = [
 def _run(tmp_path: Path, *args: str) -> tuple[dict, dict, str]:
     run = tmp_path / "run"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    proc = subprocess.run(mgpr_cmd(*args, f"output_dir={run}", "progress=false"),
-                          capture_output=True, text=True, env=env, timeout=900)
+    proc = subprocess.run(
+        mgpr_cmd(*args, f"output_dir={run}", "progress=false"),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+    )
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())
@@ -36,9 +41,18 @@ def _run(tmp_path: Path, *args: str) -> tuple[dict, dict, str]:
 @pytest.mark.parametrize("model", ["resnet50", "fasterrcnn"])
 def test_gpu_run_reports_real_gpu_figures(make_image, tmp_path: Path, model: str) -> None:
     img = make_image(width=4096, height=4096, objects=20, tile_size=512, overlap=64)
-    summary, report, out = _run(tmp_path, f"input_path={img.path}", f"model={model}",
-                                "weights=none", "tile_size=512", "overlap=64", "batch_size=16",
-                                "workers=4", "accelerator=gpu", "gpus=1")
+    summary, report, out = _run(
+        tmp_path,
+        f"input_path={img.path}",
+        f"model={model}",
+        "weights=none",
+        "tile_size=512",
+        "overlap=64",
+        "batch_size=16",
+        "workers=4",
+        "accelerator=gpu",
+        "gpus=1",
+    )
     major, _ = torch.cuda.get_device_capability(0)
     assert summary["precision"] == ("bf16-mixed" if major >= 8 else "16-mixed")
     assert summary["tiles_predicted"] == summary["tiles_total"]

@@ -33,7 +33,9 @@ def test_bf16_autocast_agrees_with_fp32_resnet50() -> None:
     torch.manual_seed(0)
     adapter = build_model("resnet50", "none", topk=1)
     spec = TestImageSpec(width=1024, height=1024, seed=3)
-    tiles = np.stack([render_block(spec, r * 64, c * 64, 64, 64) for r in range(2) for c in range(4)])
+    tiles = np.stack(
+        [render_block(spec, r * 64, c * 64, 64, 64) for r in range(2) for c in range(4)]
+    )
     x = torch.from_numpy(tiles)
     with torch.inference_mode():
         inputs = adapter.prepare(x)

@@ -505,8 +505,14 @@ def test_slurm_module_imports_no_torch_lightning_or_typer() -> None:
 
 # ---- batch-shell preflight (jobs/job.slurm runs `mgpr --slurm-preflight` before srun) -------
 
-BATCH = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
-         "SLURM_PROCID": "0", "SLURM_NODEID": "0", "SLURM_LOCALID": "0"}
+BATCH = {
+    "SLURM_JOB_ID": "7",
+    "SLURM_JOB_NUM_NODES": "1",
+    "SLURM_NNODES": "1",
+    "SLURM_PROCID": "0",
+    "SLURM_NODEID": "0",
+    "SLURM_LOCALID": "0",
+}
 
 
 @pytest.mark.parametrize(
@@ -515,12 +521,17 @@ BATCH = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "1", "SLURM_NNODES": "1",
         ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2"}, 1, 0, "--ntasks-per-node=1"),
         ({"SLURM_NTASKS": "2"}, None, 0, "--ntasks-per-node=N instead of --ntasks"),
         ({"SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2"}, None, 0, "--ntasks-per-node=N"),
-        ({"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"},
-         None, 3, "--cpus-per-task=4"),
+        (
+            {"SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2", "SLURM_CPUS_PER_TASK": "2"},
+            None,
+            3,
+            "--cpus-per-task=4",
+        ),
     ],
 )
-def test_preflight_refuses_in_the_batch_shell(env: dict[str, str], gpus: int | None,
-                                              workers: int, flag: str) -> None:
+def test_preflight_refuses_in_the_batch_shell(
+    env: dict[str, str], gpus: int | None, workers: int, flag: str
+) -> None:
     from mgpr.slurm import preflight
 
     with pytest.raises(SlurmMismatchError, match=re.escape(flag)):
@@ -530,8 +541,13 @@ def test_preflight_refuses_in_the_batch_shell(env: dict[str, str], gpus: int | N
 def test_preflight_passes_a_consistent_job_and_outside_slurm() -> None:
     from mgpr.slurm import preflight, read_batch_allocation
 
-    env = BATCH | {"SLURM_NTASKS": "4", "SLURM_NTASKS_PER_NODE": "2", "SLURM_NNODES": "2",
-                   "SLURM_JOB_NUM_NODES": "2", "SLURM_CPUS_PER_TASK": "4"}
+    env = BATCH | {
+        "SLURM_NTASKS": "4",
+        "SLURM_NTASKS_PER_NODE": "2",
+        "SLURM_NNODES": "2",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_CPUS_PER_TASK": "4",
+    }
     preflight(env, 2, 2, 3)
     task = read_batch_allocation(env)
     assert task is not None and (task.ntasks, task.nnodes, task.procid) == (4, 2, 0)

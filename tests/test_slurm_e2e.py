@@ -80,8 +80,15 @@ def submit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("submit")
     (root / "slurm_logs").mkdir()
-    spec = TestImageSpec(width=SIZE, height=SIZE, objects=6, tile_size=TILE, overlap=OVERLAP,
-                         object_max_px=OVERLAP, seed=3)
+    spec = TestImageSpec(
+        width=SIZE,
+        height=SIZE,
+        objects=6,
+        tile_size=TILE,
+        overlap=OVERLAP,
+        object_max_px=OVERLAP,
+        seed=3,
+    )
     write_test_image(root / "ortho.tif", spec)
     (root / "gate_model.py").write_text(GATE_MODEL)
     return root
@@ -110,7 +117,8 @@ def _shard_rows(run_dir: Path) -> tuple[list[str], list[tuple[Any, ...]], dict[i
             records += [
                 (k, *(round(v, 6) for v in box), label)
                 for k, *box, label in conn.execute(
-                    "SELECT tile_key, x0, y0, x1, y1, score, label FROM detections")
+                    "SELECT tile_key, x0, y0, x1, y1, score, label FROM detections"
+                )
             ]
         finally:
             conn.close()
@@ -129,16 +137,34 @@ def _submit(submit: Path, *args: str, env: dict[str, str], script: Path = JOB) -
     """sbatch without waiting; ``args`` starting with ``-`` are sbatch flags, the rest overrides."""
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
-    proc = subprocess.run(["sbatch", "--parsable", "--output=slurm_logs/%j.out",
-                           "--error=slurm_logs/%j.err", *flags, str(script), *overrides],
-                          cwd=submit, env=env, capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--output=slurm_logs/%j.out",
+            "--error=slurm_logs/%j.err",
+            *flags,
+            str(script),
+            *overrides,
+        ],
+        cwd=submit,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 0, f"sbatch refused: {proc.stderr.strip()}"
     return proc.stdout.strip().split(";")[0]
 
 
 def _show(job_id: str) -> str:
-    return subprocess.run(["scontrol", "show", "job", "-o", job_id], env=slurm_env(),
-                          capture_output=True, text=True, timeout=10).stdout
+    return subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id],
+        env=slurm_env(),
+        capture_output=True,
+        text=True,
+        timeout=10,
+    ).stdout
 
 
 def _wait(what: str, done: Callable[[], bool], job_id: str, timeout: float = JOB_TIMEOUT) -> None:
@@ -147,8 +173,9 @@ def _wait(what: str, done: Callable[[], bool], job_id: str, timeout: float = JOB
     while not done():
         if time.monotonic() > deadline:
             subprocess.run(["scancel", job_id], env=slurm_env(), timeout=10)
-            pytest.fail(f"{what}: not within {timeout:.0f} s (job {job_id} cancelled)\n"
-                        f"{_show(job_id)}")
+            pytest.fail(
+                f"{what}: not within {timeout:.0f} s (job {job_id} cancelled)\n{_show(job_id)}"
+            )
         time.sleep(0.2)
 
 
@@ -162,12 +189,18 @@ def _finished(submit: Path, job_id: str) -> SlurmJob:
     _wait(f"job {job_id} to end", terminal, job_id)
     logs = submit / "slurm_logs"
     rc = state[0][1]
-    return SlurmJob(job_id, -1 if rc is None else rc, state[0][0], logs / f"{job_id}.out",
-                    logs / f"{job_id}.err")
+    return SlurmJob(
+        job_id,
+        -1 if rc is None else rc,
+        state[0][0],
+        logs / f"{job_id}.out",
+        logs / f"{job_id}.err",
+    )
 
 
 def _wait_gated(run_dir: Path, job_id: str, ranks: int) -> None:
     """Until every rank has written its GATE_AFTER tiles and waits at the gate."""
+
     def gated() -> bool:
         state, _ = job_state(job_id, slurm_env())
         if state in TERMINAL_STATES:
@@ -187,14 +220,18 @@ def baseline(submit_dir: Path) -> dict[str, Any]:
     """
     env = slurm_env({"VIRTUAL_ENV": str(Path(sys.executable).parent.parent)})
     env.pop("MGPR_BIN", None)
-    job = sbatch_wait(JOB, "--ntasks-per-node=2", "--gpus=2", cwd=submit_dir, env=env,
-                      script_args=("input_path=ortho.tif", "model=reference", "workers=0",
-                                   *COMMON),
-                      timeout=JOB_TIMEOUT)
+    job = sbatch_wait(
+        JOB,
+        "--ntasks-per-node=2",
+        "--gpus=2",
+        cwd=submit_dir,
+        env=env,
+        script_args=("input_path=ortho.tif", "model=reference", "workers=0", *COMMON),
+        timeout=JOB_TIMEOUT,
+    )
     run_dir = submit_dir / "runs" / f"slurm-{job.job_id}"
     keys, records, per_rank = _shard_rows(run_dir)
-    return {"job": job, "run_dir": run_dir, "keys": keys, "records": records,
-            "per_rank": per_rank}
+    return {"job": job, "run_dir": run_dir, "keys": keys, "records": records, "per_rank": per_rank}
 
 
 def test_demo_line_two_cpu_ranks_on_fake_gpus(submit_dir: Path, baseline: dict[str, Any]) -> None:
@@ -203,8 +240,10 @@ def test_demo_line_two_cpu_ranks_on_fake_gpus(submit_dir: Path, baseline: dict[s
     assert f"{Path(sys.executable).parent}/mgpr" in job.out, job.describe()
     assert "GPUs:           2 per node (CUDA_VISIBLE_DEVICES=0,1)" in job.out
     for rank in (0, 1):  # SLURM set CUDA_VISIBLE_DEVICES; torch sees no GPU: a clear line each
-        assert (f"[rank {rank}] CUDA_VISIBLE_DEVICES=0,1 is set but torch sees no GPU: running "
-                "on CPU ranks (gloo)") in job.err, job.describe()
+        assert (
+            f"[rank {rank}] CUDA_VISIBLE_DEVICES=0,1 is set but torch sees no GPU: running "
+            "on CPU ranks (gloo)"
+        ) in job.err, job.describe()
     keys = baseline["keys"]
     assert len(keys) == len(set(keys)) == 25, job.describe()
     assert set(keys) == _planned_keys("ortho.tif")
@@ -217,23 +256,38 @@ def test_demo_line_two_cpu_ranks_on_fake_gpus(submit_dir: Path, baseline: dict[s
 
 MISCONFIGURED = {
     "gpus=1 with 2 tasks per node": (
-        ("--ntasks-per-node=2", "--gpus=2"), ("gpus=1", "workers=0"),
-        "gpus=1 but sbatch --ntasks-per-node=2: submit with --ntasks-per-node=1"),
+        ("--ntasks-per-node=2", "--gpus=2"),
+        ("gpus=1", "workers=0"),
+        "gpus=1 but sbatch --ntasks-per-node=2: submit with --ntasks-per-node=1",
+    ),
     "--ntasks without --ntasks-per-node": (
-        ("--ntasks=2", "--gpus=2"), ("workers=0",),
+        ("--ntasks=2", "--gpus=2"),
+        ("workers=0",),
         "without --ntasks-per-node, so ranks per node are unknown: submit with "
-        "--ntasks-per-node=N instead of --ntasks"),
+        "--ntasks-per-node=N instead of --ntasks",
+    ),
     "workers above --cpus-per-task": (
-        ("--ntasks-per-node=2", "--gpus=2", "--cpus-per-task=2"), ("workers=3",),
-        "workers=3 but sbatch --cpus-per-task=2: submit with --cpus-per-task=4, or set workers=1"),
+        ("--ntasks-per-node=2", "--gpus=2", "--cpus-per-task=2"),
+        ("workers=3",),
+        "workers=3 but sbatch --cpus-per-task=2: submit with --cpus-per-task=4, or set workers=1",
+    ),
 }
 
 
 def test_misconfigurations_fail_before_any_rank_starts(submit_dir: Path) -> None:
     env = _env(submit_dir)
-    jobs = {name: _submit(submit_dir, *flags, "input_path=ortho.tif", "model=reference",
-                          *overrides, *COMMON, env=env)
-            for name, (flags, overrides, _) in MISCONFIGURED.items()}
+    jobs = {
+        name: _submit(
+            submit_dir,
+            *flags,
+            "input_path=ortho.tif",
+            "model=reference",
+            *overrides,
+            *COMMON,
+            env=env,
+        )
+        for name, (flags, overrides, _) in MISCONFIGURED.items()
+    }
     for name, job_id in jobs.items():
         job = _finished(submit_dir, job_id)
         expected = MISCONFIGURED[name][2]
@@ -248,8 +302,16 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     run_dir = submit_dir / "interrupted"
     gate = submit_dir / "term.gate"
     env = _env(submit_dir, GATE_AFTER=str(GATE_AFTER), GATE_FILE=str(gate))
-    args = ("--ntasks-per-node=2", "--gpus=2", "input_path=ortho.tif", "model=gate_model:build",
-            "workers=1", "batch_size=1", f"output_dir={run_dir}", *COMMON)
+    args = (
+        "--ntasks-per-node=2",
+        "--gpus=2",
+        "input_path=ortho.tif",
+        "model=gate_model:build",
+        "workers=1",
+        "batch_size=1",
+        f"output_dir={run_dir}",
+        *COMMON,
+    )
     first = _submit(submit_dir, *args, env=env)
     _wait_gated(run_dir, first, ranks=2)
     subprocess.run(["scancel", "--signal=TERM", first], env=env, check=True, timeout=10)
@@ -262,8 +324,9 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     assert per_rank == {0: GATE_AFTER, 1: GATE_AFTER} and len(set(keys)) == 2 * GATE_AFTER
 
     gate.touch()
-    again = sbatch_wait(JOB, *args[:2], cwd=submit_dir, env=env, script_args=args[2:],
-                        timeout=JOB_TIMEOUT)
+    again = sbatch_wait(
+        JOB, *args[:2], cwd=submit_dir, env=env, script_args=args[2:], timeout=JOB_TIMEOUT
+    )
     assert (again.returncode, again.state) == (0, "COMPLETED"), again.describe()
     assert "resuming the run" in again.err, again.describe()
     keys, records, _ = _shard_rows(run_dir)
@@ -273,16 +336,26 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     assert (summary["tiles_predicted"], summary["world_size"]) == (25, 2)
 
 
-def test_preemption_requeues_and_the_job_finishes(submit_dir: Path,
-                                                  baseline: dict[str, Any]) -> None:
+def test_preemption_requeues_and_the_job_finishes(
+    submit_dir: Path, baseline: dict[str, Any]
+) -> None:
     nodes = cluster_nodes("high")
     if not nodes:
         pytest.skip("no 'high' partition: start the cluster with scripts/slurm/start.sh")
     gate = submit_dir / "preempt.gate"
     env = _env(submit_dir, GATE_AFTER=str(GATE_AFTER), GATE_FILE=str(gate))
-    low = _submit(submit_dir, "--partition=debug", "--ntasks-per-node=2", "--gpus=2",
-                  "input_path=ortho.tif", "model=gate_model:build", "workers=0", "batch_size=1",
-                  *COMMON, env=env)
+    low = _submit(
+        submit_dir,
+        "--partition=debug",
+        "--ntasks-per-node=2",
+        "--gpus=2",
+        "input_path=ortho.tif",
+        "model=gate_model:build",
+        "workers=0",
+        "batch_size=1",
+        *COMMON,
+        env=env,
+    )
     run_dir = submit_dir / "runs" / f"slurm-{low}"
     _wait_gated(run_dir, low, ranks=2)
     node = re.search(r"\bNodeList=(\S+)", _show(low))
@@ -290,8 +363,15 @@ def test_preemption_requeues_and_the_job_finishes(submit_dir: Path,
     high_script = submit_dir / "high.sh"
     high_script.write_text("#!/bin/bash\necho high ran on $SLURMD_NODENAME\n")
     # Needs the whole node our job holds: partition_prio preempts it (PreemptMode=REQUEUE).
-    high = _submit(submit_dir, "--partition=high", f"--nodelist={node.group(1)}", "--exclusive",
-                   "--time=1", env=slurm_env(), script=high_script)
+    high = _submit(
+        submit_dir,
+        "--partition=high",
+        f"--nodelist={node.group(1)}",
+        "--exclusive",
+        "--time=1",
+        env=slurm_env(),
+        script=high_script,
+    )
 
     def requeued() -> bool:
         restarts = re.search(r"\bRestarts=(\d+)", _show(low))
@@ -315,10 +395,16 @@ def test_two_nodes_one_rank_each(submit_dir: Path, baseline: dict[str, Any]) -> 
     if len(cluster_nodes()) < 2:
         pytest.skip("the cluster has 1 node; start it with scripts/slurm/start.sh --nodes 2")
     # job.slurm asks for --gpus=1 by default: on N nodes give --gpus (or --gpus-per-node) too.
-    job = sbatch_wait(JOB, "-N2", "--ntasks-per-node=1", "--gpus=2", cwd=submit_dir,
-                      env=_env(submit_dir), timeout=JOB_TIMEOUT,
-                      script_args=("input_path=ortho.tif", "model=reference", "workers=0",
-                                   *COMMON))
+    job = sbatch_wait(
+        JOB,
+        "-N2",
+        "--ntasks-per-node=1",
+        "--gpus=2",
+        cwd=submit_dir,
+        env=_env(submit_dir),
+        timeout=JOB_TIMEOUT,
+        script_args=("input_path=ortho.tif", "model=reference", "workers=0", *COMMON),
+    )
     assert (job.returncode, job.state) == (0, "COMPLETED"), job.describe()
     run_dir = submit_dir / "runs" / f"slurm-{job.job_id}"
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -1,7 +1,8 @@
 """The null model: near-zero compute, for measuring the pipeline's own overhead.
 
 Each tile is "classified" into one class, ``mean_brightness``, with score = mean pixel value / 255
-over all bands (on a 1-in-64 pixel grid), computed on the device. A run with ``model=null`` shows how fast reading,
+over all bands (on a 1-in-64 pixel grid), computed on the device. A run with ``model=null`` shows
+how fast reading,
 transfer, writing and the report go when the network costs nothing.
 """
 

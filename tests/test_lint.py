@@ -1,0 +1,30 @@
+"""Lint and types are part of the suite: ruff on everything, mypy strict on the core modules."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_ruff_clean() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ruff", "check", "mgpr", "tests", "benchmarks"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_mypy_strict_core_modules() -> None:
+    modules = ["mgpr/tiling.py", "mgpr/georef.py", "mgpr/raster.py", "mgpr/writers.py"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", *modules],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
