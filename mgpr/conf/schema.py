@@ -18,35 +18,23 @@ class PredictConfig:
     """Everything one ``mgpr`` run needs; units are pixels unless said otherwise."""
 
     # --- inputs
-    input_path: str | None = (
-        None  # GeoTIFF, folder, glob or .txt list of paths; unset = built-in demo
-    )
+    input_path: str | None = None  # GeoTIFF, folder, glob or .txt list of paths; unset = built-in demo
     image_path: str | None = None  # alias of input_path (the original demo's key)
-    bands: list[int] | None = (
-        None  # 1-based band indexes to read, e.g. [1,2,3]; default: all / model's
-    )
+    bands: list[int] | None = None  # 1-based band indexes to read, e.g. [1,2,3]; default: all / model's
     # --- tiling (pixels)
     tile_size: int = 512  # tile edge in pixels; edge tiles are padded to this size
     overlap: int = 0  # pixels shared by neighbouring tiles; detection needs >= the largest object
     # --- model
-    model: str | None = (
-        None  # resnet50 | fasterrcnn | reference | null | pkg.module:build; unset = resnet50 (demo: reference)
-    )
+    model: str | None = None  # resnet50 | fasterrcnn | reference | null | pkg.module:build; unset = resnet50 (demo: reference)
     weights: str = "DEFAULT"  # DEFAULT | torchvision enum name | none | path to a local checkpoint
     topk: int = 5  # classification: classes kept per tile
     score_threshold: float = 0.05  # detection: boxes below this score are dropped
     nms_iou: float = 0.5  # detection: per-class IoU above which overlapping boxes are merged
-    seam_ios: float = (
-        0.5  # detection: intersection-over-smaller-box above which seam duplicates merge
-    )
-    native_resolution: bool = (
-        True  # fasterrcnn: run at tile resolution (false = torchvision resize to 800 px)
-    )
+    seam_ios: float = 0.5  # detection: intersection-over-smaller-box above which seam duplicates merge
+    native_resolution: bool = True  # fasterrcnn: run at tile resolution (false = torchvision resize to 800 px)
     # --- run
     accelerator: str = "auto"  # auto | gpu | cpu
-    gpus: int | None = (
-        None  # ranks (devices) per node; unset = all GPUs, or SLURM --ntasks-per-node
-    )
+    gpus: int | None = None  # ranks (devices) per node; unset = all GPUs, or SLURM --ntasks-per-node
     devices: int | None = None  # alias of gpus
     num_nodes: int | None = None  # nodes; unset = 1, or SLURM --nodes
     strategy: str = "auto"  # auto (DDP when more than one rank) | ddp | any Lightning strategy name
