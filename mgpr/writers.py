@@ -374,13 +374,18 @@ def dedupe_seam_boxes(
 ) -> npt.NDArray[np.bool_]:
     """Which seam boxes survive cross-tile de-duplication (one raster, raster pixels).
 
-    Two boxes of the same class from *different* tiles are the same object when their
-    IoU >= ``nms_iou`` (torchvision's ``batched_nms``), or when their intersection over the
-    smaller box's area (IoS) >= ``seam_ios``: a box cut by a tile edge lies inside the whole box
-    that the neighbouring tile saw, so its IoU can be low while its IoS is ~1 (the case SAHI and
-    GeoDeep handle the same way). Boxes are ranked by (not cut first, score, area), so the whole
-    box wins over its truncated copy. Pixel frame and map frame give the same answer: an affine
-    map scales every area by the same factor, so IoU and IoS are unchanged.
+    Two boxes of the same class are the same object when their IoU >= ``nms_iou``
+    (torchvision's ``batched_nms``), or, coming from *different* tiles, when their intersection
+    over the smaller box's area (IoS) >= ``seam_ios``: a box cut by a tile edge lies inside the
+    whole box that the neighbouring tile saw, so its IoU can be low while its IoS is ~1 (the case
+    SAHI and GeoDeep handle the same way). Boxes are ranked by (not cut first, score, area), so
+    the whole box wins over its truncated copy. Pixel frame and map frame give the same answer:
+    an affine map scales every area by the same factor, so IoU and IoS are unchanged.
+
+    A box can only suppress a box it intersects, so the greedy suppression runs independently on
+    each connected group of intersecting same-class boxes (found with a shapely STRtree): the
+    result equals one global greedy pass, at a cost near-linear in the number of boxes rather
+    than quadratic (a 40,000 px orthomosaic can hold 10^5 seam boxes).
 
     Args:
         boxes: (N, 4) xyxy, raster pixel corner coordinates.
@@ -394,13 +399,51 @@ def dedupe_seam_boxes(
     Returns:
         (N,) bool keep mask.
     """
+    import shapely
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(boxes)
+    keep = np.ones(n, dtype=bool)
+    if n < 2:
+        return keep
+    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    pair = (left < right) & (labels[left] == labels[right])
+    left, right = left[pair], right[pair]
+    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
+    _, group = connected_components(graph, directed=False)
+    order = np.argsort(group, kind="stable")
+    bounds = np.flatnonzero(np.diff(group[order])) + 1
+    for members in np.split(order, bounds):
+        if len(members) > 1:
+            keep[members] = _dedupe_group(
+                boxes[members],
+                scores[members],
+                labels[members],
+                tiles[members],
+                cut[members],
+                nms_iou,
+                seam_ios,
+            )
+    return keep
+
+
+def _dedupe_group(
+    boxes: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.int64],
+    tiles: npt.NDArray[np.int64],
+    cut: npt.NDArray[np.bool_],
+    nms_iou: float,
+    seam_ios: float,
+) -> npt.NDArray[np.bool_]:
+    """Greedy IoU (torchvision) then IoS suppression over one group; see dedupe_seam_boxes."""
     import torch
     from torchvision.ops import batched_nms
 
     n = len(boxes)
     keep = np.zeros(n, dtype=bool)
-    if n == 0:
-        return keep
     area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
     # Priority: whole boxes first, then score, then area; ties broken by input order.
     order = np.lexsort((np.arange(n), -area, -scores, cut.astype(np.int64)))
@@ -411,30 +454,19 @@ def dedupe_seam_boxes(
     ).numpy()
     cand = np.zeros(n, dtype=bool)
     cand[survivors] = True
-    # Greedy IoS suppression over survivors in priority order, comparing only boxes that can
-    # intersect (a sweep over x keeps this near-linear for boxes spread over a raster).
-    idx = order[cand[order]]
     kept: list[int] = []
-    kept_boxes = np.empty((0, 4))
-    kept_labels = np.empty(0, dtype=np.int64)
-    kept_tiles = np.empty(0, dtype=np.int64)
-    kept_area = np.empty(0)
-    for i in idx:
-        b = boxes[i]
-        if len(kept):
-            ix = np.minimum(kept_boxes[:, 2], b[2]) - np.maximum(kept_boxes[:, 0], b[0])
-            iy = np.minimum(kept_boxes[:, 3], b[3]) - np.maximum(kept_boxes[:, 1], b[1])
+    for i in order[cand[order]]:
+        if kept:
+            k = np.asarray(kept)
+            ix = np.minimum(boxes[k, 2], boxes[i, 2]) - np.maximum(boxes[k, 0], boxes[i, 0])
+            iy = np.minimum(boxes[k, 3], boxes[i, 3]) - np.maximum(boxes[k, 1], boxes[i, 1])
             inter = np.clip(ix, 0, None) * np.clip(iy, 0, None)
-            smaller = np.minimum(kept_area, area[i])
+            smaller = np.minimum(area[k], area[i])
             ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
-            clash = (ios >= seam_ios) & (kept_labels == labels[i]) & (kept_tiles != tiles[i])
+            clash = (ios >= seam_ios) & (labels[k] == labels[i]) & (tiles[k] != tiles[i])
             if clash.any():
                 continue
         kept.append(int(i))
-        kept_boxes = np.vstack([kept_boxes, b[None]])
-        kept_labels = np.append(kept_labels, labels[i])
-        kept_tiles = np.append(kept_tiles, tiles[i])
-        kept_area = np.append(kept_area, area[i])
     keep[kept] = True
     return keep
 

@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import read_gpkg_layer
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mgpr.raster import describe_raster
 from mgpr.tiling import plan_tiles
@@ -203,3 +205,24 @@ def test_shard_size_grows_linearly_not_memory(make_image, tmp_path: Path, n_tile
     assert not hasattr(store, "_pending")
     store.close()
     assert len(finished_tile_keys(tmp_path)) == n_tiles
+
+
+@settings(max_examples=40)
+@given(seed=st.integers(0, 10_000), n=st.integers(0, 60))
+def test_grouped_dedupe_equals_one_global_pass(seed: int, n: int) -> None:
+    """Splitting into groups of intersecting boxes changes nothing (a box only suppresses
+    boxes it intersects)."""
+    from mgpr.writers import _dedupe_group
+
+    rng = np.random.default_rng(seed)
+    xy = rng.uniform(0, 300, (n, 2))
+    wh = rng.uniform(5, 60, (n, 2))
+    boxes = np.concatenate([xy, xy + wh], axis=1)
+    scores = rng.uniform(0, 1, n).round(2)
+    labels = rng.integers(0, 2, n)
+    tiles = rng.integers(0, 4, n)
+    cut = rng.uniform(0, 1, n) < 0.3
+    grouped = dedupe_seam_boxes(boxes, scores, labels, tiles, cut, 0.5, 0.5)
+    if n:
+        whole = _dedupe_group(boxes, scores, labels, tiles, cut, 0.5, 0.5)
+        assert grouped.tolist() == whole.tolist()
