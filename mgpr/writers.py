@@ -60,6 +60,8 @@ CREATE TABLE IF NOT EXISTS detections(
     seam INTEGER, cut INTEGER);
 CREATE TABLE IF NOT EXISTS classifications(
     tile_key TEXT, path TEXT, k INTEGER, class_id INTEGER, score REAL);
+CREATE INDEX IF NOT EXISTS detections_path ON detections(path);
+CREATE INDEX IF NOT EXISTS classifications_path ON classifications(path);
 """
 
 
