@@ -115,6 +115,7 @@ def bottleneck_hint(
     precision: str,
     *,
     cpu_run: bool = False,
+    untiled_inputs: int | None = None,
 ) -> str:
     """One plain sentence naming the bottleneck and the knob to turn.
 
@@ -143,6 +144,9 @@ def bottleneck_hint(
         batch_size: tiles per batch.
         precision: Lightning precision string, e.g. ``"32-true"``, ``"bf16-mixed"``.
         cpu_run: True when no rank used a GPU.
+        untiled_inputs: how many inputs are stored in strips rather than tiles (windowed reads
+            then decode whole rows); None when unknown. The data-bound advice suggests
+            ``gdal_translate -co TILED=YES`` only when this is not 0.
 
     Returns:
         The hint, starting with its category and a colon.
@@ -154,9 +158,17 @@ def bottleneck_hint(
     else:
         data_fix = (
             f"workers ({workers}) already use the task's {cpus} CPUs: ask for more CPUs "
-            "(sbatch --cpus-per-task) or use tiled/COG input (gdal_translate -co TILED=YES) "
-            "so windowed reads are cheap"
+            "(sbatch --cpus-per-task)"
         )
+        if untiled_inputs is None:
+            data_fix += (
+                " or use tiled/COG input (gdal_translate -co TILED=YES) so windowed reads are cheap"
+            )
+        elif untiled_inputs:
+            data_fix += (
+                f"; {untiled_inputs} input(s) are stored in strips: convert them with "
+                "gdal_translate -co TILED=YES so windowed reads decode only their tiles"
+            )
     waited = f"ranks waited {_pct(data_wait_share)} of the time for tiles"
     if cpu_run:
         compute = stage_shares.get("compute")
@@ -364,6 +376,7 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
             batch_size=int(context.get("batch_size") or 0),
             precision=str(context.get("precision") or "32-true"),
             cpu_run=cpu_run,
+            untiled_inputs=context.get("untiled_inputs"),
         )
     else:
         hint = "no rank wrote a report part: every rank failed before predict ended"

@@ -197,7 +197,7 @@ def finish_run(
     )
     if demo and truth_path is not None and summary.get("output"):
         summary["demo_check"] = demo_check(Path(summary["output"]), truth_path)
-    report_text, report = _report(run_dir, world, cfg, precision, summary)
+    report_text, report = _report(run_dir, world, cfg, precision, summary, rasters)
     totals = report.get("totals", {}) if report else {}
     summary["tiles_per_s"] = totals.get("tiles_per_s")
     summary["predict_loop_s"] = totals.get("wall_s")
@@ -216,15 +216,25 @@ def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
 
 
 def _report(
-    run_dir: Path, world: int, cfg: PredictConfig, precision: str, summary: dict[str, Any]
+    run_dir: Path,
+    world: int,
+    cfg: PredictConfig,
+    precision: str,
+    summary: dict[str, Any],
+    rasters: Sequence[RasterInfo],
 ) -> tuple[str, dict[str, Any] | None]:
-    """Build report.json/report.png from every rank's part; returns the text block."""
+    """Build report.json/report.png from every rank's part; returns the text block.
+
+    An input counts as untiled (strips) when its block is as wide as the raster.
+    """
     import os
 
     from mgpr.report import build_report, format_report
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    untiled = [r for r in rasters if r.block_shape[1] >= r.width and r.width > 512]
     context = {
+        "untiled_inputs": len(untiled) if rasters else None,
         "workers": cfg.workers,
         "batch_size": cfg.batch_size,
         "precision": precision,

@@ -748,3 +748,14 @@ def test_lightning_rank_without_tiles_writes_empty_part(tmp_path: Path) -> None:
     _trainer(monitor, tmp_path).predict(TinyModel(), loader, return_predictions=False)
     part = json.loads((tmp_path / "report_parts" / "rank0.json").read_text())
     assert (part["status"], part["batches"], part["tiles"]) == ("finished", 0, 0)
+
+
+def test_hint_suggests_tiling_only_for_striped_inputs() -> None:
+    from mgpr.report import bottleneck_hint
+
+    args = dict(
+        gpu_util_avg=40.0, stage_shares={}, workers=3, cpus=4, batch_size=8, precision="bf16-mixed"
+    )
+    assert "TILED=YES" in bottleneck_hint(0.7, untiled_inputs=2, **args)
+    assert "TILED=YES" not in bottleneck_hint(0.7, untiled_inputs=0, **args)
+    assert "TILED=YES" in bottleneck_hint(0.7, untiled_inputs=None, **args)
