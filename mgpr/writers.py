@@ -417,8 +417,11 @@ def dedupe_seam_boxes(
     _, group = connected_components(graph, directed=False)
     order = np.argsort(group, kind="stable")
     bounds = np.flatnonzero(np.diff(group[order])) + 1
-    for members in np.split(order, bounds):
-        if len(members) > 1:
+    groups = np.split(order, bounds)
+    pairs = np.array([g for g in groups if len(g) == 2], dtype=np.int64).reshape(-1, 2)
+    keep[_dedupe_pairs(pairs, boxes, scores, tiles, cut, nms_iou, seam_ios)] = False
+    for members in groups:
+        if len(members) > 2:
             keep[members] = _dedupe_group(
                 boxes[members],
                 scores[members],
@@ -429,6 +432,44 @@ def dedupe_seam_boxes(
                 seam_ios,
             )
     return keep
+
+
+def _dedupe_pairs(
+    pairs: npt.NDArray[np.int64],
+    boxes: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+    tiles: npt.NDArray[np.int64],
+    cut: npt.NDArray[np.bool_],
+    nms_iou: float,
+    seam_ios: float,
+) -> npt.NDArray[np.int64]:
+    """Indexes suppressed in groups of exactly two boxes, vectorised (the common case).
+
+    Same rule as :func:`_dedupe_group` for two boxes: the one ranked first by (not cut, score,
+    area, index) stays; the other goes when IoU > ``nms_iou`` (torchvision's strict rule) or,
+    from another tile, when IoS >= ``seam_ios``.
+    """
+    if len(pairs) == 0:
+        return np.empty(0, dtype=np.int64)
+    a, b = pairs[:, 0], pairs[:, 1]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    # a is ranked first unless b beats it on (cut asc, score desc, area desc); a < b on ties.
+    key_a = np.stack([cut[a].astype(np.float64), -scores[a], -area[a]], axis=1)
+    key_b = np.stack([cut[b].astype(np.float64), -scores[b], -area[b]], axis=1)
+    differs = key_a != key_b
+    first_diff = np.argmax(differs, axis=1)
+    rows = np.arange(len(pairs))
+    b_first = differs.any(axis=1) & (key_b[rows, first_diff] < key_a[rows, first_diff])
+    loser = np.where(b_first, a, b)
+    ix = np.minimum(boxes[a, 2], boxes[b, 2]) - np.maximum(boxes[a, 0], boxes[b, 0])
+    iy = np.minimum(boxes[a, 3], boxes[b, 3]) - np.maximum(boxes[a, 1], boxes[b, 1])
+    inter = np.clip(ix, 0, None) * np.clip(iy, 0, None)
+    union = area[a] + area[b] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    smaller = np.minimum(area[a], area[b])
+    ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+    gone = (iou > nms_iou) | ((ios >= seam_ios) & (tiles[a] != tiles[b]))
+    return loser[gone]
 
 
 def _dedupe_group(

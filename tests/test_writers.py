@@ -207,7 +207,7 @@ def test_shard_size_grows_linearly_not_memory(make_image, tmp_path: Path, n_tile
     assert len(finished_tile_keys(tmp_path)) == n_tiles
 
 
-@settings(max_examples=40)
+@settings(max_examples=60)
 @given(seed=st.integers(0, 10_000), n=st.integers(0, 60))
 def test_grouped_dedupe_equals_one_global_pass(seed: int, n: int) -> None:
     """Splitting into groups of intersecting boxes changes nothing (a box only suppresses
