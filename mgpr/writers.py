@@ -469,7 +469,8 @@ def _dedupe_pairs(
     smaller = np.minimum(area[a], area[b])
     ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
     gone = (iou > nms_iou) | ((ios >= seam_ios) & (tiles[a] != tiles[b]))
-    return loser[gone]
+    suppressed: npt.NDArray[np.int64] = loser[gone].astype(np.int64)
+    return suppressed
 
 
 def _dedupe_group(
