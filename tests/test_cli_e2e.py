@@ -233,3 +233,24 @@ def test_fewer_tiles_than_ranks(make_image, tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     s = _summary(run)
     assert s["world_size"] == 2 and s["tiles_predicted"] == 1 and s["records"] == 1
+
+
+def test_empty_result_has_the_same_schema_as_a_full_one(make_image, tmp_path: Path) -> None:
+    """Nothing found is an empty layer with every field, not a missing file (unlike DeepForest)."""
+    img = make_image(width=512, height=512)  # no planted objects
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(
+        f"input_path={img.path}",
+        "model=reference",
+        "tile_size=256",
+        "overlap=32",
+        "workers=0",
+        f"output_dir={run}",
+    )
+    assert rc == 0
+    conn = sqlite3.connect(run / "predictions.gpkg")
+    cols = {r[1] for r in conn.execute('PRAGMA table_info("detections")')}
+    count = conn.execute('SELECT COUNT(*) FROM "detections"').fetchone()[0]
+    conn.close()
+    assert count == 0
+    assert {"score", "class_id", "label", "source", "tile_row", "tile_col", "px_xmin"} <= cols
