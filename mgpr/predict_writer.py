@@ -50,11 +50,6 @@ class PredictionShardWriter(BasePredictionWriter):
         self.on_write = on_write
         self._writer: BackgroundShardWriter | None = None
 
-    @property
-    def records(self) -> int:
-        """Records written by this rank so far."""
-        return self._writer.records if self._writer else 0
-
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Open this rank's shard (the global rank is known once the Trainer is set up)."""
         if self._writer is None:
@@ -91,5 +86,4 @@ class PredictionShardWriter(BasePredictionWriter):
         """Stop the writer thread (idempotent)."""
         if self._writer is not None:
             writer, self._writer = self._writer, None
-            self._final_records = writer.records
             writer.close(raise_errors=raise_errors)

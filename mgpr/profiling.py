@@ -105,7 +105,8 @@ from mgpr.gpu_monitor import (
     physical_gpu_for_local_device,
     resolve_gpu,
 )
-from mgpr.report import build_report, format_report, write_json_atomic  # re-exported
+from mgpr.report import build_report, format_report  # re-exported
+from mgpr.rundir import write_json_atomic
 
 __all__ = [
     "PROFILERS",

@@ -66,11 +66,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from mgpr.rundir import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -85,20 +86,6 @@ STAGE_BOUND_SHARE = 0.25
 COMPUTE_BOUND_UTIL_PCT = 85.0
 #: Mean NVML utilisation below this (%) without another bottleneck -> "underused".
 LOW_UTIL_PCT = 50.0
-
-
-def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
-    """Write JSON to a temp file in the same directory, fsync it, then ``os.replace`` it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(payload, fh, indent=1, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _pct(share: float) -> str:

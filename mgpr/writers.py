@@ -671,11 +671,10 @@ def _detections_for_raster(
     keys = det["tile_key"][keep]
     ids = [TileId.from_key(k) for k in keys]
     labels = det["label"][keep]
-    names = [categories[i] if categories and 0 <= i < len(categories) else str(i) for i in labels]
     fields = {
         "score": det["score"][keep].astype(np.float64),
         "class_id": labels.astype(np.int64),
-        "label": np.array(names, dtype=object),
+        "label": _label_names(labels, categories),
         "source": np.array([info.path] * len(keys), dtype=object),
         "tile_row": np.array([t.row for t in ids], dtype=np.int64),
         "tile_col": np.array([t.col for t in ids], dtype=np.int64),
@@ -720,18 +719,22 @@ def _classifications_for_raster(
         "tile_col": np.array([tiles[k].id.col for k in keys], dtype=np.int64),
         "tile_key": np.array(keys, dtype=object),
     }
+    by_rank = [{k: (c, s) for k, c, s in rows[key]} for key in keys]
     for j in range(1, k_max + 1):
-        cids, names, scores = [], [], []
-        for key in keys:
-            entry = {k: (c, s) for k, c, s in rows[key]}.get(j, (-1, float("nan")))
-            cids.append(entry[0])
-            scores.append(entry[1])
-            names.append(
-                categories[entry[0]]
-                if categories and 0 <= entry[0] < len(categories)
-                else str(entry[0])
-            )
-        fields[f"class_id_{j}"] = np.array(cids, dtype=np.int64)
-        fields[f"label_{j}"] = np.array(names, dtype=object)
-        fields[f"score_{j}"] = np.array(scores, dtype=np.float64)
+        entries = [ranked.get(j, (-1, float("nan"))) for ranked in by_rank]
+        cids = np.array([c for c, _ in entries], dtype=np.int64)
+        fields[f"class_id_{j}"] = cids
+        fields[f"label_{j}"] = _label_names(cids, categories)
+        fields[f"score_{j}"] = np.array([s for _, s in entries], dtype=np.float64)
     return rings, fields
+
+
+def _label_names(class_ids: npt.NDArray[np.int64], categories: Sequence[str] | None) -> np.ndarray:
+    """Label name of each class id; the id as text when the model has no name for it."""
+    return np.array(
+        [
+            categories[i] if categories and 0 <= i < len(categories) else str(i)
+            for i in class_ids.tolist()
+        ],
+        dtype=object,
+    )

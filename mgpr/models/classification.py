@@ -9,13 +9,7 @@ import torch
 from torchvision.models import ResNet50_Weights, resnet50
 
 from mgpr.models.base import Classification, ModelAdapter, classifications_from_logits
-from mgpr.models.weights import (
-    align_keys,
-    load_state_dict_checked,
-    load_torchvision,
-    read_checkpoint,
-    resolve_weights,
-)
+from mgpr.models.weights import load_checkpoint_sized, load_torchvision, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -115,13 +109,14 @@ def build_resnet50(weights: str = "DEFAULT", *, topk: int = 5) -> ImageNetClassi
         categories = imagenet
     else:
         assert spec.path is not None
-        state = read_checkpoint(spec.path)
-        module = resnet50(weights=None)
-        head = align_keys(state, set(module.state_dict())).get("fc.weight")
-        num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else 1000
-        if num_classes != 1000:
-            module = resnet50(weights=None, num_classes=num_classes)
-        load_state_dict_checked(module, state, str(weights), "resnet50")
+        module, num_classes = load_checkpoint_sized(
+            spec.path,
+            lambda n: resnet50(weights=None, num_classes=n or 1000),
+            "fc.weight",
+            1000,
+            str(weights),
+            "resnet50",
+        )
         categories = imagenet if num_classes == len(imagenet) else None
     if spec.kind == "none":
         logger.warning(

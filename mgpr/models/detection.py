@@ -12,13 +12,7 @@ from torchvision.models.detection import (
 )
 
 from mgpr.models.base import Detections, ModelAdapter, detections_from_dicts
-from mgpr.models.weights import (
-    align_keys,
-    load_state_dict_checked,
-    load_torchvision,
-    read_checkpoint,
-    resolve_weights,
-)
+from mgpr.models.weights import load_checkpoint_sized, load_torchvision, resolve_weights
 
 logger = logging.getLogger(__name__)
 
@@ -122,13 +116,14 @@ def build_fasterrcnn(
         categories = coco
     else:
         assert spec.path is not None
-        state = read_checkpoint(spec.path)
-        module = fasterrcnn_resnet50_fpn(weights=None, **kwargs)
-        head = align_keys(state, set(module.state_dict())).get(_CLS_HEAD)
-        num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else len(coco)
-        if num_classes != len(coco):
-            module = fasterrcnn_resnet50_fpn(weights=None, num_classes=num_classes, **kwargs)
-        load_state_dict_checked(module, state, str(weights), "fasterrcnn")
+        module, num_classes = load_checkpoint_sized(
+            spec.path,
+            lambda n: fasterrcnn_resnet50_fpn(weights=None, num_classes=n or len(coco), **kwargs),
+            _CLS_HEAD,
+            len(coco),
+            str(weights),
+            "fasterrcnn",
+        )
         categories = coco if num_classes == len(coco) else None
     if spec.kind == "none":
         logger.warning(

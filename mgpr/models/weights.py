@@ -25,6 +25,7 @@ import os
 import pickle
 import re
 import urllib.error
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -368,6 +369,33 @@ def load_state_dict_checked(
             "from this model's state_dict() or use weights=DEFAULT."
         )
     module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def load_checkpoint_sized(
+    path: str | os.PathLike[str],
+    build: Callable[[int | None], torch.nn.Module],
+    head_key: str,
+    default_classes: int,
+    source: str,
+    model_name: str,
+) -> tuple[torch.nn.Module, int]:
+    """Build a torchvision model with the checkpoint's own class count and load the checkpoint.
+
+    The class count is read from the head weight ``head_key`` (its first dimension), so
+    fine-tuned heads load; ``build(None)`` makes the default head, ``build(n)`` one with ``n``
+    classes.
+
+    Returns:
+        The loaded module and its number of classes.
+    """
+    state = read_checkpoint(path)
+    module = build(None)
+    head = align_keys(state, set(module.state_dict())).get(head_key)
+    num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else default_classes
+    if num_classes != default_classes:
+        module = build(num_classes)
+    load_state_dict_checked(module, state, source, model_name)
+    return module, num_classes
 
 
 def load_checkpoint(
