@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from mgpr.batch_pool import NO_SLOT, SharedBatchPool, new_shared_uint8
 from mgpr.raster import TileReader
 from mgpr.tiling import Tile
 
@@ -72,6 +73,8 @@ class TileDataset(Dataset[dict[str, Any]]):
         self.reader = reader
         self.check_mask_paths = set(check_mask_paths)
         self.bands = {p: len(b) for p, b in reader.bands_by_path.items()}
+        #: set by :class:`mgpr.batch_pool.TileLoader` before its workers fork
+        self.batch_pool: SharedBatchPool | None = None
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -89,19 +92,23 @@ class TileDataset(Dataset[dict[str, Any]]):
         The DataLoader's fetcher calls this instead of ``__getitem__`` per index. Inside a
         worker the batch lives in shared memory from the start, so neither ``torch.stack`` in
         the collate nor the hand-over to the main process copies the pixels (they are decoded
-        once, into their final place). Returns a :class:`TileBatch`: a list of samples (views
-        into the batch, so any collate works) carrying the batch, which :func:`collate_tiles`
-        passes through uncopied. Tiles with differing band counts give a plain list.
+        once, into their final place); with a :class:`~mgpr.batch_pool.SharedBatchPool` the
+        shared buffer is one the main process has finished with, pages already mapped. Returns a
+        :class:`TileBatch`: a list of samples (views into the batch, so any collate works)
+        carrying the batch, which :func:`collate_tiles` passes through uncopied. Tiles with
+        differing band counts give a plain list.
         """
         size = self.reader.tile_size
         counts = {self.bands[self.tiles[i].id.path] for i in indices}
         if len(counts) != 1:
             return [self[i] for i in indices]
         shape = (len(indices), counts.pop(), size, size)
-        if torch.utils.data.get_worker_info() is not None:
-            numel = shape[0] * shape[1] * shape[2] * shape[3]
-            storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)
-            images = torch.empty(0, dtype=torch.uint8).new(storage).view(shape)
+        worker = torch.utils.data.get_worker_info()
+        slot = NO_SLOT
+        if worker is not None and self.batch_pool is not None:
+            images, slot = self.batch_pool.acquire(worker.id, shape)
+        elif worker is not None:
+            images = new_shared_uint8(shape[0] * shape[1] * shape[2] * shape[3]).view(shape)
         else:
             images = torch.empty(shape, dtype=torch.uint8)
         array = images.numpy()
@@ -116,6 +123,7 @@ class TileDataset(Dataset[dict[str, Any]]):
             "index": torch.as_tensor(indices, dtype=torch.int64),
             "status": status,
             "reason": reasons,
+            "pool_slot": slot,
         }
         return TileBatch(batch)
 

@@ -22,6 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from mgpr.batch_pool import TileLoader
 from mgpr.conf.schema import PredictConfig
 from mgpr.data import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
 from mgpr.module import InferenceModule
@@ -164,7 +165,9 @@ def make_dataloader(
 
     Workers fork on Linux (spawn re-imports torch + Lightning, seconds per worker) and open
     rasters lazily; each keeps ``prefetch_factor`` batches ready. :func:`collate_tiles` passes
-    the batches :class:`TileDataset` decodes straight into shared memory through uncopied.
+    the batches :class:`TileDataset` decodes straight into shared memory through uncopied;
+    :class:`~mgpr.batch_pool.TileLoader` lets the workers reuse those shared buffers once the
+    main process is done with them.
     """
     kwargs: dict[str, Any] = {}
     if workers > 0:
@@ -173,7 +176,7 @@ def make_dataloader(
         kwargs["persistent_workers"] = False
         if sys.platform.startswith("linux"):
             kwargs["multiprocessing_context"] = "fork"
-    return DataLoader(
+    return TileLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
