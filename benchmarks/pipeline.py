@@ -14,11 +14,15 @@ then measures, back to back on the same file and settings:
 7. the whole run with ``model=null``: mgpr's own cost per tile.
 
 Loader rows (1-4) run at ``--tile`` and at 512 px; model rows (5-7) at ``--model-tile`` on a
-``--model-size`` raster (CPU models take seconds per tile). Each loader row is run ``--repeat``
+``--model-size`` raster (CPU models take seconds per tile), rows 5-6 for each of
+``--batch-sizes``. The whole run uses ``precision=auto``, so "whole run / compute alone" divides
+by the compute row at the precision auto picks (bf16 + channels_last where the device runs it
+fast, else fp32). Each loader row is run ``--repeat``
 times, interleaved, and the best is kept (the machine may be shared).
 
     uv run --extra bench python benchmarks/pipeline.py --size 8192 --tile 1024 --workers 2
     uv run python benchmarks/pipeline.py --quick        # small smoke run (about a minute)
+    uv run --extra bench python benchmarks/pipeline.py --gpu   # on a GPU machine (sweeps batch)
 """
 
 from __future__ import annotations
@@ -321,7 +325,12 @@ def main() -> None:
     p.add_argument("--size", type=int, default=8192, help="loader raster edge (px)")
     p.add_argument("--tile", type=int, default=1024, help="loader tile edge (px); 512 runs too")
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="loader rows and null runs")
+    p.add_argument(
+        "--batch-sizes",
+        default=None,
+        help="model rows: comma list to sweep (default: --batch-size)",
+    )
     p.add_argument("--models", default="resnet50,fasterrcnn")
     p.add_argument("--model-size", type=int, default=2048, help="raster edge for model rows (px)")
     p.add_argument("--model-tile", type=int, default=512)
@@ -330,12 +339,23 @@ def main() -> None:
     p.add_argument("--pixel-size", type=float, default=0.1, help="metres per pixel")
     p.add_argument("--skip-torchgeo", action="store_true")
     p.add_argument("--quick", action="store_true", help="small smoke run")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="GPU settings: 1024 px model tiles on a 16384 px raster, batch 8,16,32, "
+        "workers = cores - 2",
+    )
     p.add_argument("--out", type=Path, default=None, help="write results as JSON here")
     a = p.parse_args()
     if a.quick:
         a.size, a.tile, a.model_size, a.compute_seconds, a.repeat = 2048, 512, 1024, 2.0, 1
         a.models = "resnet50"
         a.batch_size = min(a.batch_size, 4)
+    if a.gpu:
+        a.model_tile, a.model_size = 1024, 16384
+        a.batch_sizes = a.batch_sizes or "8,16,32"
+        a.workers = max(2, (os.cpu_count() or 4) - 2)  # leave the rank's main process a core
+    batch_sizes = [int(b) for b in (a.batch_sizes or str(a.batch_size)).split(",") if b]
     models = [m for m in a.models.split(",") if m]
     tiles_at = sorted({a.tile, 512}, reverse=True)
     cores = os.cpu_count()
@@ -396,26 +416,37 @@ def main() -> None:
             and torch.cuda.is_bf16_supported()
             or (not torch.cuda.is_available() and cpu_has_fast_bf16())
         )
-        compute: dict[str, float] = {}
-        runs: dict[str, dict[str, Any]] = {}
+        # compute (fp32, and bf16 + channels_last where fast) and the whole run, per model and
+        # batch size; the whole run uses precision=auto, so its ratio is taken against the
+        # compute row at the precision auto picks (bf16 where fast, else fp32)
+        auto = "bf16" if fast_bf16 else "fp32"
+        compute: dict[tuple[str, int], float] = {}
+        runs: dict[tuple[str, int], dict[str, Any]] = {}
         for m in models:
-            compute[m] = compute_alone(m, mt, a.batch_size, a.compute_seconds, bf16=False)
-            line(
-                f"5 compute {m} fp32 @{mt}px",
-                f"{compute[m]:8.2f} tiles/s (batch {a.batch_size})",
-                tiles_per_s=compute[m],
-            )
-            if fast_bf16:
-                v = compute_alone(m, mt, a.batch_size, a.compute_seconds, bf16=True)
-                line(f"5 compute {m} bf16+cl @{mt}px", f"{v:8.2f} tiles/s", tiles_per_s=v)
-            else:
-                skip(
-                    f"5 compute {m} bf16+cl @{mt}px",
-                    "no fast bf16 here (CPU lacks avx512_bf16/amx_bf16); "
-                    "precision=auto runs 32-true",
+            for bs in batch_sizes:
+                fp32 = compute_alone(m, mt, bs, a.compute_seconds, bf16=False)
+                line(
+                    f"5 compute {m} fp32 @{mt}px b{bs}",
+                    f"{fp32:8.2f} tiles/s",
+                    tiles_per_s=fp32,
                 )
-            runs[m] = whole_run(mpath, m, mt, a.workers, a.batch_size, tmp / f"run_{m}")
-            line(f"6 whole run {m} @{mt}px", fmt_run(runs[m]), **runs[m])
+                compute[(m, bs)] = fp32
+                if fast_bf16:
+                    bf16 = compute_alone(m, mt, bs, a.compute_seconds, bf16=True)
+                    line(
+                        f"5 compute {m} bf16+cl @{mt}px b{bs}",
+                        f"{bf16:8.2f} tiles/s ({bf16 / fp32:.2f}x fp32)",
+                        tiles_per_s=bf16,
+                    )
+                    compute[(m, bs)] = bf16
+                else:
+                    skip(
+                        f"5 compute {m} bf16+cl @{mt}px b{bs}",
+                        "no fast bf16 here (CPU lacks avx512_bf16/amx_bf16); "
+                        "precision=auto runs 32-true",
+                    )
+                runs[(m, bs)] = whole_run(mpath, m, mt, a.workers, bs, tmp / f"run_{m}_{bs}")
+                line(f"6 whole run {m} @{mt}px b{bs}", fmt_run(runs[(m, bs)]), **runs[(m, bs)])
         null = whole_run(mpath, "null", mt, a.workers, a.batch_size, tmp / "run_null")
         line(f"7 whole run null @{mt}px", fmt_run(null), **null)
         null_big = whole_run(path, "null", mt, a.workers, a.batch_size, tmp / "run_null_big")
@@ -446,12 +477,12 @@ def main() -> None:
         )
         ratio(f"data path / naive @{tile}px", lt["mgpr_data"], lt["naive"], 3.0)
         ratio(f"data path / torchgeo @{tile}px", lt["mgpr_data"], lt.get("torchgeo"), 4.0)
-    for m in models:
+    for m, bs in runs:
         ratio(
-            f"whole run / compute alone {m} @{mt}px",
-            runs[m]["predict_tiles_per_s"],
-            compute[m],
-            0.90,
+            f"whole run / compute alone ({auto}) {m} @{mt}px b{bs}",
+            runs[(m, bs)]["predict_tiles_per_s"],
+            compute[(m, bs)],
+            0.85 if torch.cuda.is_available() else 0.90,
         )
     if mt in loaders:
         ratio(
@@ -469,8 +500,10 @@ def main() -> None:
     km2_per_tile = (mt * a.pixel_size) ** 2 / 1e6
     plan = {}
     for m in models:
-        tps = runs[m]["predict_tiles_per_s"]
+        best = max(batch_sizes, key=lambda b: runs[(m, b)]["predict_tiles_per_s"])
+        tps = runs[(m, best)]["predict_tiles_per_s"]
         plan[m] = {
+            "batch_size": best,
             "tiles_per_s": tps,
             "megapixels_per_s": tps * mt * mt / 1e6,
             "km2_per_rank_hour": tps * 3600 * km2_per_tile,
@@ -478,7 +511,7 @@ def main() -> None:
         print(
             f"  {m:<10} {tps:8.2f} tiles/s  {tps * mt * mt / 1e6:8.2f} MP/s  "
             f"{plan[m]['km2_per_rank_hour']:8.2f} km2/rank-hour at {a.pixel_size} m/px "
-            f"({mt}px tiles, no overlap)"
+            f"({mt}px tiles, no overlap, batch {best})"
         )
     RESULTS["planning"] = plan
     RESULTS["machine"]["load_after"] = os.getloadavg()
