@@ -49,15 +49,19 @@ def test_dropped_batches_are_reused(make_image) -> None:
     expected = _reference(ds)
     loader = make_dataloader(ds, 2, 2, pin_memory=False)
     seen = 0
+    mapped_at: dict[int, set[int]] = {}
     for batch in loader:
         assert torch.equal(batch["image"], expected[batch["index"]])
         seen += len(batch["index"])
+        mapped_at.setdefault(batch["pool_slot"], set()).add(batch["image"].data_ptr())
         del batch
     assert seen == len(ds)
     pooled, fresh = loader.batch_pool.reuse_counts()
     assert fresh == 0 and pooled == -(-len(ds) // 2)
     # more batches than slots: buffers really were reused
     assert pooled > 2 * loader.batch_pool.slots_per_worker
+    # and this process mapped each slot once: a reused slot arrives at the same address
+    assert all(len(ptrs) == 1 for ptrs in mapped_at.values()), mapped_at
 
 
 def test_slot_is_freed_only_when_no_tensor_refers_to_it() -> None:
