@@ -11,6 +11,12 @@ dict:
 * ``status``: int64, :data:`STATUS_OK`, :data:`STATUS_EMPTY` (all nodata: the model is not run)
   or :data:`STATUS_FAILED` (the read raised; ``reason`` says why and the run goes on).
 * ``reason``: str, empty unless failed.
+
+A batch from :meth:`TileDataset.__getitems__` holds ``image`` (B, C, H, W), ``index`` and
+``status`` as int64 numpy arrays (B,) (each tensor would cost the main process a file-descriptor
+hand-over per batch), ``reason`` (list of B str) and ``pool_slot`` (int, see
+:mod:`mgpr.batch_pool`). Samples stacked by ``default_collate`` give tensors instead; consumers
+read both through ``np.asarray``.
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ class TileDataset(Dataset[dict[str, Any]]):
         else:
             images = torch.empty(shape, dtype=torch.uint8)
         array = images.numpy()
-        status = torch.empty(len(indices), dtype=torch.int64)
+        status = np.empty(len(indices), dtype=np.int64)
         reasons = []
         for pos, index in enumerate(indices):
             st, reason = self._fill(index, array[pos])
@@ -120,7 +126,7 @@ class TileDataset(Dataset[dict[str, Any]]):
             reasons.append(reason)
         batch = {
             "image": images,
-            "index": torch.as_tensor(indices, dtype=torch.int64),
+            "index": np.asarray(indices, dtype=np.int64),
             "status": status,
             "reason": reasons,
             "pool_slot": slot,

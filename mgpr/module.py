@@ -70,7 +70,9 @@ class InferenceModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[TileOutcome] | int:
         """Predict one batch: one :class:`TileOutcome` per tile (a tile count for fake data)."""
         images: torch.Tensor = batch["image"]
-        status = batch["status"].numpy()
+        status = np.asarray(
+            batch["status"]
+        )  # numpy from TileDataset, a tensor from default_collate
         ok = np.flatnonzero(status == STATUS_OK)
         results: list[Detections] | list[Classification] = []
         if len(ok):
@@ -87,7 +89,7 @@ class InferenceModule(pl.LightningModule):
                 self.on_stage("postprocess", time.perf_counter() - start)
         if self.tiles is None:
             return len(status)
-        indexes = batch["index"].numpy()
+        indexes = np.asarray(batch["index"])
         reasons = batch["reason"]
         by_position = dict(zip(ok.tolist(), results, strict=True))
         outcomes: list[TileOutcome] = []

@@ -123,7 +123,7 @@ def test_dataset_pickles_and_runs_under_spawn(make_image) -> None:
     clone = pickle.loads(pickle.dumps(ds))
     assert clone.reader._handles == {}
     loader = DataLoader(ds, batch_size=2, num_workers=1, multiprocessing_context="spawn")
-    indexes = torch.cat([b["index"] for b in loader]).tolist()
+    indexes = np.concatenate([np.asarray(b["index"]) for b in loader]).tolist()
     assert indexes == list(range(len(tiles)))
 
 
@@ -158,8 +158,8 @@ def test_rank_dataloader_batches_equal_single_reads(make_image, workers: int) ->
     batches = list(make_dataloader(ds, 4, workers, pin_memory=False))
     images = torch.cat([b["image"] for b in batches])
     assert images.dtype == torch.uint8 and images.shape == (len(tiles), 3, 128, 128)
-    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(len(tiles)))
-    assert torch.cat([b["status"] for b in batches]).tolist() == [STATUS_OK] * len(tiles)
+    assert np.concatenate([b["index"] for b in batches]).tolist() == list(range(len(tiles)))
+    assert np.concatenate([b["status"] for b in batches]).tolist() == [STATUS_OK] * len(tiles)
     assert [r for b in batches for r in b["reason"]] == [""] * len(tiles)
     for i in range(len(tiles)):
         assert torch.equal(images[i], ds[i]["image"])
