@@ -60,6 +60,9 @@ Report part ``run_dir/report_parts/rank{global_rank}.json`` (schema ``mgpr.repor
     stages_background_s           obj      stage name -> seconds recorded from other threads (s)
     batches, tiles                int      batches and tiles this rank predicted
     tiles_per_s                   float    tiles / wall_s (tiles/s)
+    steady_tiles_per_s            float|null tiles after the first batch / time after it (tiles/s):
+                                           the rate without start-up (workers starting, kernel
+                                           choice); null with fewer than two batches
     predict_start_unix_s,         float|null wall-clock time (s since the epoch) of predict start
     first_batch_unix_s                     and of the first batch's arrival (start-up figures)
     cuda_synchronized             bool     compute_s measured with a sync at batch end
@@ -314,6 +317,8 @@ class RunMonitor(Callback):
         self.stages_s: dict[str, float] = defaultdict(float)
         self.stages_background_s: dict[str, float] = defaultdict(float)
         self._last_end = 0.0
+        self._first_batch_end: float | None = None  # clock time the first batch finished
+        self._first_batch_tiles = 0
         self._batch_start: float | None = None
         self._stage_in_window = 0.0  # blocking stage time since the last batch start / end
         self._main_thread = threading.get_ident()
@@ -482,6 +487,8 @@ class RunMonitor(Callback):
             self._stage_in_window = 0.0
             self._batch_start = None
             self._last_end = now
+            if self._first_batch_end is None:
+                self._first_batch_end, self._first_batch_tiles = now, n
             self.batches += 1
             self.tiles += n
 
@@ -640,6 +647,12 @@ class RunMonitor(Callback):
             background = {k: float(v) for k, v in self.stages_background_s.items()}
             batches, tiles = self.batches, self.tiles
             data_wait, compute = self.data_wait_s, self.compute_s
+            first_end, first_tiles = self._first_batch_end, self._first_batch_tiles
+        steady = None
+        if first_end is not None and self.t0 is not None:
+            span = self.t0 + wall - first_end
+            if tiles > first_tiles and span > 0:
+                steady = (tiles - first_tiles) / span
         return {
             "schema": PART_SCHEMA,
             "status": status,
@@ -659,6 +672,7 @@ class RunMonitor(Callback):
             "batches": batches,
             "tiles": tiles,
             "tiles_per_s": tiles / wall if wall > 0 else 0.0,
+            "steady_tiles_per_s": steady,
             "predict_start_unix_s": self.predict_start_unix_s,
             "first_batch_unix_s": self.first_batch_unix_s,
             "cuda_synchronized": self._cuda_index is not None and self.sync_cuda,

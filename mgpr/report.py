@@ -42,6 +42,7 @@ ranks[]                          list      one row per reported rank (= per GPU)
   compute_s
   stages_s                       obj       stage -> blocking seconds (``write``, ``postprocess``)
   tiles_per_s                    float     tiles / wall_s
+  steady_tiles_per_s             float|null the rate after the first batch (no start-up)
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
   stage_shares                   obj       stage -> stages_s / wall_s
@@ -247,6 +248,10 @@ def _gib(value: float | None) -> float | None:
     return None if value is None else round(value / GIB, 3)
 
 
+def _round_or_none(value: Any, digits: int) -> float | None:
+    return None if value is None else round(float(value), digits)
+
+
 def _share(num: float, den: float) -> float:
     return round(num / den, 4) if den > 0 else 0.0
 
@@ -299,6 +304,7 @@ def _rank_row(part: Mapping[str, Any]) -> dict[str, Any]:
         "compute_s": round(float(part.get("compute_s") or 0.0), 3),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
         "tiles_per_s": round(int(part.get("tiles") or 0) / wall, 3) if wall > 0 else 0.0,
+        "steady_tiles_per_s": _round_or_none(part.get("steady_tiles_per_s"), 3),
         "data_wait_share": _share(float(part.get("data_wait_s") or 0.0), wall),
         "compute_share": _share(float(part.get("compute_s") or 0.0), wall),
         "stage_shares": {k: _share(v, wall) for k, v in stages.items()},

@@ -33,6 +33,7 @@ from mgpr.profiling import (
     make_profiler,
     progress_line,
 )
+from mgpr.report import _rank_row as build_report_row
 from mgpr.report import bottleneck_hint, build_report, format_report
 
 GIB = 2**30
@@ -583,6 +584,7 @@ def test_lightning_cpu_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     assert (part["global_rank"], part["local_rank"], part["world_size"]) == (0, 0, 1)
     assert part["stats"]["samples"] >= 1 and part["stats"]["rss_bytes_peak"] > 0
     assert part["stages_s"]["postprocess"] > 0
+    assert part["steady_tiles_per_s"] > 0  # 6 tiles after the first batch of 4
     spent = part["data_wait_s"] + part["compute_s"] + sum(part["stages_s"].values())
     assert 0 < spent <= part["wall_s"] + 1e-6
     assert not monitor._sampler.running  # type: ignore[union-attr]
@@ -591,6 +593,23 @@ def test_lightning_cpu_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     )
     assert report["hint"].startswith("cpu run:")
     assert report["ranks"][0]["memory_kind"] == "host_rss" and report["totals"]["tiles"] == 10
+
+
+def test_steady_rate_leaves_out_the_first_batch(tmp_path: Path) -> None:
+    """First batch 4 tiles in 10 s (start-up), then 2 batches of 4 tiles in 1 s each."""
+    now = [0.0]
+    monitor = RunMonitor(tmp_path, interval_s=1.0, progress=False)
+    monitor._clock = lambda: now[0]
+    monitor.t0 = 0.0
+    for end in (10.0, 11.0, 12.0):
+        monitor.on_predict_batch_start(None, None, {"index": [0] * 4}, 0)  # type: ignore[arg-type]
+        now[0] = end
+        monitor.on_predict_batch_end(None, None, None, {"index": [0] * 4}, 0)  # type: ignore[arg-type]
+    part = monitor.part()
+    assert part["tiles_per_s"] == pytest.approx(12 / 12.0)
+    assert part["steady_tiles_per_s"] == pytest.approx(8 / 2.0)
+    row = build_report_row(part)
+    assert row["steady_tiles_per_s"] == 4.0
 
 
 def test_lightning_failure_writes_failed_part(tmp_path: Path) -> None:
