@@ -28,12 +28,19 @@ left over from an earlier one can never release a slot of the new workers).
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader
+
+log = logging.getLogger(__name__)
+
+SHM_PATH = "/dev/shm"
+"""Where Linux keeps shared memory (a tmpfs; Docker's default is only 64 MiB)."""
 
 _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 """References to a storage (tensors, views, storage objects); None where torch lacks it (the main
@@ -155,6 +162,27 @@ class SharedBatchPool:
         return int(pooled), int(fresh)
 
 
+def shared_memory_shortfall(need_bytes: int, path: str = SHM_PATH) -> str | None:
+    """One line when ``need_bytes`` of batches may not fit in the free shared memory, else None.
+
+    A worker that runs out of shared memory dies of SIGBUS mid-batch ("DataLoader worker ...
+    killed by signal: Bus error"); saying so before the run starts names the fix instead.
+    """
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None  # no /dev/shm (not Linux): nothing to check
+    free = stats.f_bavail * stats.f_frsize
+    if need_bytes <= free:
+        return None
+    gib = 2**30
+    return (
+        f"DataLoader batches may need up to {need_bytes / gib:.2f} GiB of shared memory but "
+        f"{path} has {free / gib:.2f} GiB free; lower batch_size or workers, or give the "
+        "job/container more (e.g. docker run --shm-size=8g)"
+    )
+
+
 class _TrackingIterator:
     """Passes batches through, letting the pool see each one (holds no batch itself)."""
 
@@ -200,4 +228,10 @@ class TileLoader(DataLoader[Any]):
             pool = SharedBatchPool(self.num_workers, prefetch + self.EXTRA_SLOTS)
             dataset.batch_pool = pool  # set before the workers fork (in super().__iter__())
             self.batch_pool = pool
+            sample_bytes = getattr(dataset, "sample_bytes", None)
+            if callable(sample_bytes) and self.batch_size:
+                need = self.num_workers * pool.slots_per_worker * self.batch_size * sample_bytes()
+                warning = shared_memory_shortfall(need)
+                if warning:
+                    log.warning(warning)
         return _TrackingIterator(super().__iter__(), pool)

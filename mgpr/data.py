@@ -85,6 +85,10 @@ class TileDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.tiles)
 
+    def sample_bytes(self) -> int:
+        """Bytes of the largest tile (uint8, most bands): sizes shared-memory needs."""
+        return max(self.bands.values(), default=0) * self.reader.tile_size**2
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         tile = self.tiles[index]
         size = self.reader.tile_size

@@ -142,3 +142,26 @@ def test_lightning_run_reuses_slots_and_finds_every_object(tmp_path, monkeypatch
     pooled = {slot: n for slot, n in seen.items() if slot != NO_SLOT}
     assert sum(seen.values()) > 2 * (4 + TileLoader.EXTRA_SLOTS)  # more batches than slots
     assert max(pooled.values()) >= 2  # a buffer went round more than once
+
+
+def test_shared_memory_shortfall_names_the_fix(make_image, monkeypatch, caplog) -> None:
+    import logging
+    import os
+
+    from mgpr.batch_pool import shared_memory_shortfall
+
+    assert shared_memory_shortfall(1) is None  # /dev/shm has a byte to spare
+    ds = _dataset(make_image)
+    assert ds.sample_bytes() == 3 * 64 * 64
+
+    class Tiny:
+        f_bavail, f_frsize = 16, 4096  # 64 KiB free, like a cramped container
+
+    monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
+    loader = make_dataloader(ds, 4, 2, pin_memory=False)
+    with caplog.at_level(logging.WARNING, logger="mgpr.batch_pool"):
+        assert sum(len(b["index"]) for b in loader) == len(ds)  # still runs: a warning only
+    (message,) = [r.getMessage() for r in caplog.records]
+    need = 2 * (4 + TileLoader.EXTRA_SLOTS) * 4 * 3 * 64 * 64
+    assert f"up to {need / 2**30:.2f} GiB" in message and "0.00 GiB free" in message
+    assert "lower batch_size or workers" in message
