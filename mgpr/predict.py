@@ -348,6 +348,36 @@ def _out_of_memory_error(
     )
 
 
+def _is_worker_death(exc: BaseException) -> bool:
+    """True for the DataLoader's error when one of its worker processes died (signal, exit)."""
+    text = str(exc)
+    return (
+        isinstance(exc, RuntimeError)
+        and "DataLoader worker" in text
+        and ("exited unexpectedly" in text or "killed by signal" in text)
+    )
+
+
+def _worker_death_error(
+    exc: BaseException, cfg: PredictConfig, run_dir: Path, rank: int
+) -> MgprError:
+    """One line: which worker died, the usual causes and how to resume with less memory."""
+    from mgpr.errors import ResourceError
+
+    first = " ".join(str(exc).split()).split(". ")[0][:200]
+    smaller = (
+        f"workers={max(1, cfg.workers // 2)}"
+        if cfg.workers > 1
+        else f"batch_size={max(1, cfg.batch_size // 2)}"
+    )
+    return ResourceError(
+        f"a DataLoader worker of rank {rank} died ({first}); the usual causes are too little "
+        f"shared memory (/dev/shm) or host memory for workers={cfg.workers} x "
+        f"batch_size={cfg.batch_size}; every finished tile is kept in {run_dir / 'shards'}; "
+        f"re-run with {smaller} (or more memory) to resume"
+    )
+
+
 def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
     """Run one prediction job on this process's rank; returns the process exit code."""
     previous = _install_signal_handlers()
@@ -463,6 +493,8 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     except Exception as exc:
         if _is_out_of_memory(exc):
             raise _out_of_memory_error(exc, cfg, run_dir, accelerator, rank) from None
+        if _is_worker_death(exc):
+            raise _worker_death_error(exc, cfg, run_dir, rank) from None
         raise
     except RunInterrupted as exc:
         requeued = _requeue_on_usr1(str(exc), rank)

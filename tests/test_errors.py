@@ -629,3 +629,38 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
     assert f"{kept} of its 16 tiles were finished" in (run / "logs" / "rank0.log").read_text()
     assert _shard_tiles(run) == (16, 16, 16)
     assert _summary(run)["tiles_predicted"] == 16
+
+
+def test_dead_dataloader_worker_is_one_line_and_the_rerun_resumes(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A worker killed by SIGBUS (what running out of /dev/shm looks like) mid-run."""
+    from mgpr.raster import TileReader
+
+    parent = os.getpid()
+    original = TileReader.read
+
+    def read_then_die(self, tile, out=None):  # type: ignore[no-untyped-def]
+        if os.getpid() != parent and tile.row_off >= 128:  # the worker, half-way through
+            os.kill(os.getpid(), signal.SIGBUS)
+        return original(self, tile, out)
+
+    monkeypatch.setattr(TileReader, "read", read_then_die)
+    img = make_image(width=256, height=256)
+    run = tmp_path / "run"
+    args = [
+        f"input_path={img.path}",
+        "model=null",
+        "tile_size=64",
+        "batch_size=4",
+        f"output_dir={run}",
+        "progress=false",
+    ]
+    rc, _, err = _run(capsys, *args, "workers=2")
+    _last_line(
+        err, rc, EXIT_USAGE, "DataLoader worker", "/dev/shm", str(run / "shards"), "workers=1"
+    )
+    monkeypatch.setattr(TileReader, "read", original)
+    rc, out, err = _run(capsys, *args, "workers=2")
+    assert rc == 0, err
+    assert json.loads((run / "summary.json").read_text())["tiles_predicted"] == 16
