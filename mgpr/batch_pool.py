@@ -156,6 +156,13 @@ class SharedBatchPool:
                     busy.append(slot)
             self._pending_mapped = busy
 
+    def forget_mappings(self) -> None:
+        """Drop this process's references to the slots (after the last batch): the shared memory
+        is returned once the batches still held elsewhere are gone too."""
+        self._mapped = {}
+        self._pending_mapped = []
+        self._pending = []
+
     def reuse_counts(self) -> tuple[int, int]:
         """(batches decoded into a reused-or-pooled slot, batches in a fresh segment)."""
         pooled, fresh = self.counts.sum(dim=0).tolist()
@@ -195,7 +202,11 @@ class _TrackingIterator:
 
     def __next__(self) -> Any:
         self.pool.release_expired()  # the previous batch may be gone by now
-        batch = next(self.inner)
+        try:
+            batch = next(self.inner)
+        except StopIteration:
+            self.pool.forget_mappings()  # the workers are gone: unmap the slots
+            raise
         self.pool.track(batch)
         return batch
 

@@ -62,6 +62,7 @@ def test_dropped_batches_are_reused(make_image) -> None:
     assert pooled > 2 * loader.batch_pool.slots_per_worker
     # and this process mapped each slot once: a reused slot arrives at the same address
     assert all(len(ptrs) == 1 for ptrs in mapped_at.values()), mapped_at
+    assert loader.batch_pool._mapped == {}  # unmapped once the last batch was delivered
 
 
 def test_slot_is_freed_only_when_no_tensor_refers_to_it() -> None:
