@@ -157,8 +157,10 @@ class SharedBatchPool:
             self._pending_mapped = busy
 
     def forget_mappings(self) -> None:
-        """Drop this process's references to the slots (after the last batch): the shared memory
-        is returned once the batches still held elsewhere are gone too."""
+        """Drop this process's references to the slots (after the last batch).
+
+        The shared memory is returned once the batches still held elsewhere are gone too.
+        """
         self._mapped = {}
         self._pending_mapped = []
         self._pending = []
