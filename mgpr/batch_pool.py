@@ -46,6 +46,13 @@ _storage_use_count = getattr(torch._C, "_storage_Use_Count", None)
 """References to a storage (tensors, views, storage objects); None where torch lacks it (the main
 process then maps each batch anew, as without the pool)."""
 
+PREFETCH_FACTOR = 4
+"""Batches each DataLoader worker keeps ready (``DataLoader(prefetch_factor=...)`` of mgpr's)."""
+
+EXTRA_SLOTS = 3
+"""Buffers per worker beyond ``prefetch_factor``: the batch being filled, the one the main process
+works on and the one Lightning fetches ahead."""
+
 NO_SLOT = -1
 """``batch["pool_slot"]`` of a batch in a fresh (unpooled) segment or made without workers."""
 
@@ -171,6 +178,13 @@ class SharedBatchPool:
         return int(pooled), int(fresh)
 
 
+def shared_memory_need(
+    workers: int, batch_size: int, sample_bytes: int, prefetch_factor: int = PREFETCH_FACTOR
+) -> int:
+    """Bytes of shared memory a rank's pool may hold at most: every slot of every worker full."""
+    return workers * (prefetch_factor + EXTRA_SLOTS) * batch_size * sample_bytes
+
+
 def shared_memory_shortfall(need_bytes: int, path: str = SHM_PATH) -> str | None:
     """One line when ``need_bytes`` of batches may not fit in the free shared memory, else None.
 
@@ -227,10 +241,6 @@ class TileLoader(DataLoader[Any]):
     :class:`mgpr.data.TileDataset`) and there are workers; otherwise it is a plain DataLoader.
     """
 
-    #: buffers per worker beyond ``prefetch_factor``: the batch being filled, the one the main
-    #: process works on and the one Lightning fetches ahead.
-    EXTRA_SLOTS = 3
-
     def __iter__(self) -> Any:
         dataset = self.dataset
         if self.num_workers == 0 or not hasattr(dataset, "batch_pool"):
@@ -238,12 +248,14 @@ class TileLoader(DataLoader[Any]):
         pool = getattr(self, "batch_pool", None)
         if pool is None or not self.persistent_workers:  # persistent workers keep their pool
             prefetch = self.prefetch_factor or 2
-            pool = SharedBatchPool(self.num_workers, prefetch + self.EXTRA_SLOTS)
+            pool = SharedBatchPool(self.num_workers, prefetch + EXTRA_SLOTS)
             dataset.batch_pool = pool  # set before the workers fork (in super().__iter__())
             self.batch_pool = pool
             sample_bytes = getattr(dataset, "sample_bytes", None)
             if callable(sample_bytes) and self.batch_size:
-                need = self.num_workers * pool.slots_per_worker * self.batch_size * sample_bytes()
+                need = shared_memory_need(
+                    self.num_workers, self.batch_size, sample_bytes(), prefetch
+                )
                 warning = shared_memory_shortfall(need)
                 if warning:
                     log.warning(warning)

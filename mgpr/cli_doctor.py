@@ -2,7 +2,8 @@
 
 ::
 
-    mgpr-doctor [--workers 7] [--model resnet50 --model fasterrcnn] [--output-dir runs]
+    mgpr-doctor [--workers 7] [--batch-size 16 --tile-size 1024] [--model resnet50]
+                [--output-dir runs]
     srun --ntasks-per-node=2 --gpus-per-node=2 mgpr-doctor     # check what each rank will see
 
 Each line is ``OK|WARN|FAIL  <check>: <finding> [-> fix]`` on stdout. The exit code is 1 when any
@@ -76,6 +77,8 @@ class DoctorOptions:
     accelerator: Accelerator
     models: tuple[str, ...]
     output_dir: Path
+    batch_size: int | None = None
+    tile_size: int | None = None
 
 
 def check_torch() -> list[Finding]:
@@ -214,6 +217,51 @@ def check_cpus(env: Mapping[str, str], workers: int | None) -> list[Finding]:
     return [Finding(Status.OK, "cpus", f"{source}, workers={workers}")]
 
 
+def check_shared_memory(
+    workers: int | None, batch_size: int | None, tile_size: int | None, path: str | None = None
+) -> list[Finding]:
+    """Free /dev/shm against what the rank's DataLoader batch buffers may hold (RGB tiles).
+
+    Workers hand batches to their rank through shared memory; when it runs out a worker dies of
+    SIGBUS mid-run. Unset options take the run's defaults.
+    """
+    from mgpr.batch_pool import SHM_PATH, shared_memory_need, shared_memory_shortfall
+    from mgpr.conf.schema import PredictConfig
+
+    defaults = PredictConfig()
+    workers = defaults.workers if workers is None else workers
+    batch_size = batch_size or defaults.batch_size
+    tile_size = tile_size or defaults.tile_size
+    where = path or SHM_PATH
+    if workers == 0:
+        return [Finding(Status.OK, "shared memory", "workers=0: batches stay in the rank")]
+    try:
+        stats = os.statvfs(where)
+        free = stats.f_bavail * stats.f_frsize
+    except OSError:
+        return [Finding(Status.OK, "shared memory", f"no {where} here (not Linux): not checked")]
+    need = shared_memory_need(workers, batch_size, 3 * tile_size * tile_size)
+    setting = f"workers={workers}, batch_size={batch_size}, tile_size={tile_size}"
+    shortfall = shared_memory_shortfall(need, where)
+    if shortfall:
+        return [
+            Finding(
+                Status.WARN,
+                "shared memory",
+                f"{where} has {free / 2**30:.2f} GiB free; {setting} may need up to "
+                f"{need / 2**30:.2f} GiB",
+                "lower batch_size or workers, or ask for more (docker run --shm-size=8g)",
+            )
+        ]
+    return [
+        Finding(
+            Status.OK,
+            "shared memory",
+            f"{where} has {free / 2**30:.1f} GiB free; {setting} need up to {need / 2**30:.2f} GiB",
+        )
+    ]
+
+
 def check_weights(models: tuple[str, ...]) -> list[Finding]:
     """Torchvision DEFAULT weights of each model present in the torch hub cache."""
     import torch
@@ -291,6 +339,10 @@ def run_checks(opts: DoctorOptions, env: Mapping[str, str]) -> list[Finding]:
     guarded("rasterio", check_rasterio)
     guarded("slurm", lambda: check_slurm(env, opts, n_gpus))
     guarded("cpus", lambda: check_cpus(env, opts.workers))
+    guarded(
+        "shared memory",
+        lambda: check_shared_memory(opts.workers, opts.batch_size, opts.tile_size),
+    )
     guarded("weights", lambda: check_weights(opts.models))
     guarded("disk", lambda: check_disk(opts.output_dir))
     return findings
@@ -303,6 +355,12 @@ def doctor(
     ] = None,
     gpus: Annotated[
         int | None, typer.Option(min=1, help="gpus= the run will pass (default: auto).")
+    ] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(min=1, help="batch_size= the run will use (shared memory check).")
+    ] = None,
+    tile_size: Annotated[
+        int | None, typer.Option(min=1, help="tile_size= the run will use (shared memory check).")
     ] = None,
     accelerator: Annotated[
         Accelerator, typer.Option(help="Accelerator the run will use.")
@@ -321,6 +379,8 @@ def doctor(
     opts = DoctorOptions(
         workers=workers,
         gpus=gpus,
+        batch_size=batch_size,
+        tile_size=tile_size,
         accelerator=accelerator,
         models=tuple(model) if model else DEFAULT_MODELS,
         output_dir=output_dir,

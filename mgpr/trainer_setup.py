@@ -22,7 +22,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from mgpr.batch_pool import TileLoader
+from mgpr.batch_pool import PREFETCH_FACTOR, TileLoader
 from mgpr.conf.schema import PredictConfig
 from mgpr.data import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
 from mgpr.module import InferenceModule
@@ -172,7 +172,7 @@ def make_dataloader(
     kwargs: dict[str, Any] = {}
     if workers > 0:
         kwargs["worker_init_fn"] = ignore_stop_signals
-        kwargs["prefetch_factor"] = 4
+        kwargs["prefetch_factor"] = PREFETCH_FACTOR
         kwargs["persistent_workers"] = False
         if sys.platform.startswith("linux"):
             kwargs["multiprocessing_context"] = "fork"

@@ -8,7 +8,7 @@ from multiprocessing.reduction import ForkingPickler
 import pytest
 import torch
 
-from mgpr.batch_pool import NO_SLOT, SharedBatchPool, TileLoader
+from mgpr.batch_pool import EXTRA_SLOTS, NO_SLOT, SharedBatchPool, TileLoader
 from mgpr.data import TileDataset
 from mgpr.raster import TileReader, describe_raster
 from mgpr.tiling import plan_tiles
@@ -141,7 +141,7 @@ def test_lightning_run_reuses_slots_and_finds_every_object(tmp_path, monkeypatch
     assert rc == 0, out
     assert "demo check   OK" in out
     pooled = {slot: n for slot, n in seen.items() if slot != NO_SLOT}
-    assert sum(seen.values()) > 2 * (4 + TileLoader.EXTRA_SLOTS)  # more batches than slots
+    assert sum(seen.values()) > 2 * (4 + EXTRA_SLOTS)  # more batches than slots
     assert max(pooled.values()) >= 2  # a buffer went round more than once
 
 
@@ -163,6 +163,6 @@ def test_shared_memory_shortfall_names_the_fix(make_image, monkeypatch, caplog) 
     with caplog.at_level(logging.WARNING, logger="mgpr.batch_pool"):
         assert sum(len(b["index"]) for b in loader) == len(ds)  # still runs: a warning only
     (message,) = [r.getMessage() for r in caplog.records]
-    need = 2 * (4 + TileLoader.EXTRA_SLOTS) * 4 * 3 * 64 * 64
+    need = 2 * (4 + EXTRA_SLOTS) * 4 * 3 * 64 * 64
     assert f"up to {need / 2**30:.2f} GiB" in message and "0.00 GiB free" in message
     assert "lower batch_size or workers" in message

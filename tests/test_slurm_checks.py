@@ -475,10 +475,26 @@ def test_doctor_runs_here(tmp_path: Path) -> None:
         "rasterio",
         "slurm",
         "cpus",
+        "shared memory",
         "weights resnet50",
         "disk",
     } <= checks
     assert (result.exit_code == 1) == any(line.startswith("FAIL") for line in lines)
+
+
+def test_doctor_shared_memory_check(tmp_path: Path) -> None:
+    from mgpr.cli_doctor import Status, check_shared_memory
+
+    (ok,) = check_shared_memory(2, 8, 512)
+    assert (
+        ok.status is Status.OK and "need up to 0.08 GiB" in ok.line()
+    )  # 2 x 7 x 8 x 3 x 512^2 bytes
+    assert check_shared_memory(0, None, None)[0].finding.startswith("workers=0")
+    (warn,) = check_shared_memory(64, 64, 4096)  # 64 x 7 x 64 x 48 MiB = 1.3 TiB: never fits
+    assert warn.status is Status.WARN and "workers=64, batch_size=64, tile_size=4096" in warn.line()
+    assert "--shm-size" in warn.line()
+    (gone,) = check_shared_memory(2, 8, 512, path=str(tmp_path / "no-shm"))
+    assert gone.status is Status.OK and "not checked" in gone.finding
 
 
 def test_doctor_slurm_check_in_and_out_of_a_task(tmp_path: Path) -> None:
