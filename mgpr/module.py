@@ -70,9 +70,8 @@ class InferenceModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[TileOutcome] | int:
         """Predict one batch: one :class:`TileOutcome` per tile (a tile count for fake data)."""
         images: torch.Tensor = batch["image"]
-        status = np.asarray(
-            batch["status"]
-        )  # numpy from TileDataset, a tensor from default_collate
+        # numpy arrays from TileDataset's batched read, tensors from default_collate
+        status = np.asarray(batch["status"])
         ok = np.flatnonzero(status == STATUS_OK)
         results: list[Detections] | list[Classification] = []
         if len(ok):
