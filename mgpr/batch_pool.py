@@ -185,18 +185,23 @@ def shared_memory_need(
     return workers * (prefetch_factor + EXTRA_SLOTS) * batch_size * sample_bytes
 
 
+def shared_memory_free(path: str = SHM_PATH) -> int | None:
+    """Free bytes in the shared-memory filesystem; None where there is none (not Linux)."""
+    try:
+        stats = os.statvfs(path)
+    except OSError:
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
 def shared_memory_shortfall(need_bytes: int, path: str = SHM_PATH) -> str | None:
     """One line when ``need_bytes`` of batches may not fit in the free shared memory, else None.
 
     A worker that runs out of shared memory dies of SIGBUS mid-batch ("DataLoader worker ...
     killed by signal: Bus error"); saying so before the run starts names the fix instead.
     """
-    try:
-        stats = os.statvfs(path)
-    except OSError:
-        return None  # no /dev/shm (not Linux): nothing to check
-    free = stats.f_bavail * stats.f_frsize
-    if need_bytes <= free:
+    free = shared_memory_free(path)
+    if free is None or need_bytes <= free:
         return None
     gib = 2**30
     return (

@@ -225,7 +225,7 @@ def check_shared_memory(
     Workers hand batches to their rank through shared memory; when it runs out a worker dies of
     SIGBUS mid-run. Unset options take the run's defaults.
     """
-    from mgpr.batch_pool import SHM_PATH, shared_memory_need, shared_memory_shortfall
+    from mgpr.batch_pool import SHM_PATH, shared_memory_free, shared_memory_need
     from mgpr.conf.schema import PredictConfig
 
     defaults = PredictConfig()
@@ -235,31 +235,18 @@ def check_shared_memory(
     where = path or SHM_PATH
     if workers == 0:
         return [Finding(Status.OK, "shared memory", "workers=0: batches stay in the rank")]
-    try:
-        stats = os.statvfs(where)
-        free = stats.f_bavail * stats.f_frsize
-    except OSError:
+    free = shared_memory_free(where)
+    if free is None:
         return [Finding(Status.OK, "shared memory", f"no {where} here (not Linux): not checked")]
     need = shared_memory_need(workers, batch_size, 3 * tile_size * tile_size)
     setting = f"workers={workers}, batch_size={batch_size}, tile_size={tile_size}"
-    shortfall = shared_memory_shortfall(need, where)
-    if shortfall:
-        return [
-            Finding(
-                Status.WARN,
-                "shared memory",
-                f"{where} has {free / 2**30:.2f} GiB free; {setting} may need up to "
-                f"{need / 2**30:.2f} GiB",
-                "lower batch_size or workers, or ask for more (docker run --shm-size=8g)",
-            )
-        ]
-    return [
-        Finding(
-            Status.OK,
-            "shared memory",
-            f"{where} has {free / 2**30:.1f} GiB free; {setting} need up to {need / 2**30:.2f} GiB",
-        )
-    ]
+    found = (
+        f"{where} has {free / 2**30:.2f} GiB free; {setting} may need up to {need / 2**30:.2f} GiB"
+    )
+    if need > free:
+        fix = "lower batch_size or workers, or ask for more (docker run --shm-size=8g)"
+        return [Finding(Status.WARN, "shared memory", found, fix)]
+    return [Finding(Status.OK, "shared memory", found)]
 
 
 def check_weights(models: tuple[str, ...]) -> list[Finding]:

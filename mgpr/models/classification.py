@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
 
 from mgpr.models.base import Classification, ModelAdapter, classifications_from_logits
-from mgpr.models.weights import load_checkpoint_sized, load_torchvision, resolve_weights
-
-logger = logging.getLogger(__name__)
+from mgpr.models.weights import build_torchvision_model
 
 #: ImageNet channel statistics (RGB) of the torchvision classification weights, in [0, 1] units.
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -98,30 +95,14 @@ def build_resnet50(weights: str = "DEFAULT", *, topk: int = 5) -> ImageNetClassi
     Raises:
         ModelError: bad weights name, missing/unfit checkpoint, or weights not downloadable.
     """
-    spec = resolve_weights("resnet50", weights)
-    imagenet = tuple(ResNet50_Weights.DEFAULT.meta["categories"])
-    if spec.kind == "torchvision":
-        assert spec.enum is not None
-        module = load_torchvision(resnet50, "resnet50", weights)
-        categories: tuple[str, ...] | None = tuple(spec.enum.meta["categories"])
-    elif spec.kind == "none":
-        module = resnet50(weights=None)
-        categories = imagenet
-    else:
-        assert spec.path is not None
-        module, num_classes = load_checkpoint_sized(
-            spec.path,
-            lambda n: resnet50(weights=None, num_classes=n or 1000),
-            "fc.weight",
-            1000,
-            str(weights),
-            "resnet50",
-        )
-        categories = imagenet if num_classes == len(imagenet) else None
-    if spec.kind == "none":
-        logger.warning(
-            "resnet50 runs with random weights (weights=none): predictions are meaningless"
-        )
+    spec, module, categories = build_torchvision_model(
+        "resnet50",
+        weights,
+        resnet50,
+        "fc.weight",
+        tuple(ResNet50_Weights.DEFAULT.meta["categories"]),
+        "predictions",
+    )
     return ImageNetClassifierAdapter(
         module,
         name="resnet50",

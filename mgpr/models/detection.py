@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -12,9 +11,7 @@ from torchvision.models.detection import (
 )
 
 from mgpr.models.base import Detections, ModelAdapter, detections_from_dicts
-from mgpr.models.weights import load_checkpoint_sized, load_torchvision, resolve_weights
-
-logger = logging.getLogger(__name__)
+from mgpr.models.weights import build_torchvision_model
 
 #: Key of the Faster R-CNN class head; its first dimension is the class count (background incl.).
 _CLS_HEAD = "roi_heads.box_predictor.cls_score.weight"
@@ -102,33 +99,18 @@ def build_fasterrcnn(
     Raises:
         ModelError: bad weights name, missing/unfit checkpoint, or weights not downloadable.
     """
-    spec = resolve_weights("fasterrcnn", weights)
-    coco = tuple(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"])
     kwargs: dict[str, Any] = {"weights_backbone": None, "box_score_thresh": score_threshold}
     if native_resolution:
         kwargs.update(min_size=tile_size, max_size=tile_size)
-    if spec.kind == "torchvision":
-        assert spec.enum is not None
-        module = load_torchvision(fasterrcnn_resnet50_fpn, "fasterrcnn", weights, **kwargs)
-        categories: tuple[str, ...] | None = tuple(spec.enum.meta["categories"])
-    elif spec.kind == "none":
-        module = fasterrcnn_resnet50_fpn(weights=None, **kwargs)
-        categories = coco
-    else:
-        assert spec.path is not None
-        module, num_classes = load_checkpoint_sized(
-            spec.path,
-            lambda n: fasterrcnn_resnet50_fpn(weights=None, num_classes=n or len(coco), **kwargs),
-            _CLS_HEAD,
-            len(coco),
-            str(weights),
-            "fasterrcnn",
-        )
-        categories = coco if num_classes == len(coco) else None
-    if spec.kind == "none":
-        logger.warning(
-            "fasterrcnn runs with random weights (weights=none): detections are meaningless"
-        )
+    spec, module, categories = build_torchvision_model(
+        "fasterrcnn",
+        weights,
+        fasterrcnn_resnet50_fpn,
+        _CLS_HEAD,
+        tuple(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]),
+        "detections",
+        **kwargs,
+    )
     return TorchvisionDetectorAdapter(
         module,
         name="fasterrcnn",

@@ -442,3 +442,60 @@ def load_torchvision(builder: Any, model_name: str, weights: str, **kwargs: Any)
             f"({type(err).__name__}: {_one_line(err, 120)}); delete it and run "
             f"`mgpr-fetch-weights {model_name} --weights {spec.enum.name}`."
         ) from err
+
+
+def build_torchvision_model(
+    model_name: str,
+    weights: str,
+    builder: Any,
+    head_key: str,
+    default_categories: tuple[str, ...],
+    output_noun: str,
+    **kwargs: Any,
+) -> tuple[WeightsSpec, torch.nn.Module, tuple[str, ...] | None]:
+    """A torchvision model for any ``weights`` value, and the category names of its outputs.
+
+    ``DEFAULT``/an enum member: pretrained (fetched into the cache first), the enum's categories.
+    ``none``: random weights (warned), ``default_categories`` so the output schema stays that of
+    a real run. A checkpoint path: the class count read from ``head_key`` (fine-tuned heads
+    load); ``default_categories`` when the count matches them, else None.
+
+    Args:
+        model_name: built-in model name (messages, registry).
+        weights: the user's ``weights`` value.
+        builder: the torchvision builder, e.g. ``torchvision.models.resnet50``.
+        head_key: state-dict key of the classification head's weight.
+        default_categories: the ``DEFAULT`` weights' category names.
+        output_noun: what the outputs are, for the random-weights warning ("predictions").
+        **kwargs: passed to the builder.
+
+    Raises:
+        ModelError: bad weights name, missing/unfit checkpoint, or weights not downloadable.
+    """
+    spec = resolve_weights(model_name, weights)
+    categories: tuple[str, ...] | None = default_categories
+    if spec.kind == "torchvision":
+        assert spec.enum is not None
+        module = load_torchvision(builder, model_name, weights, **kwargs)
+        categories = tuple(spec.enum.meta["categories"])
+    elif spec.kind == "none":
+        module = builder(weights=None, **kwargs)
+        logger.warning(
+            "%s runs with random weights (weights=none): %s are meaningless",
+            model_name,
+            output_noun,
+        )
+    else:
+        assert spec.path is not None
+        default_classes = len(default_categories)
+        module, num_classes = load_checkpoint_sized(
+            spec.path,
+            lambda n: builder(weights=None, num_classes=n or default_classes, **kwargs),
+            head_key,
+            default_classes,
+            str(weights),
+            model_name,
+        )
+        if num_classes != default_classes:
+            categories = None
+    return spec, module, categories
