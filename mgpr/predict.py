@@ -406,7 +406,30 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     check_writable(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # processes Lightning launches inherit it
     _setup_logging(run_dir, rank)
+    try:
+        return _predict_and_finish(cfg, explicit, run_dir, rank, t_start)
+    except RunInterrupted as exc:
+        # SIGTERM/USR1 may come at any point: during imports, while the model loads, in predict
+        # or in rank 0's merge (srun --kill-on-bad-exit TERMs every rank when one fails).
+        requeued = _requeue_on_usr1(str(exc), rank)
+        if rank == 0:
+            then = (
+                "SLURM requeues the job and it resumes"
+                if requeued
+                else "re-run the same command to resume"
+            )
+            print(
+                f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/shards; "
+                f"{then}",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
 
+
+def _predict_and_finish(
+    cfg: PredictConfig, explicit: set[str], run_dir: Path, rank: int, t_start: float
+) -> int:
+    """Everything after the run directory is known: inputs, model, predict, rank 0's merge."""
     demo = cfg.input_path is None and not cfg.use_fake_data
     if demo:
         if "tile_size" not in explicit:
@@ -496,20 +519,6 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
         if _is_worker_death(exc):
             raise _worker_death_error(exc, cfg, run_dir, rank) from None
         raise
-    except RunInterrupted as exc:
-        requeued = _requeue_on_usr1(str(exc), rank)
-        if rank == 0:
-            then = (
-                "SLURM requeues the job and it resumes"
-                if requeued
-                else "re-run the same command to resume"
-            )
-            print(
-                f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/shards; "
-                f"{then}",
-                file=sys.stderr,
-            )
-        return EXIT_INTERRUPTED
     if stats["global_rank"] != 0:
         return 0
     from mgpr.summary import finish_run

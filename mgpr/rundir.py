@@ -99,13 +99,17 @@ def prepare_run_dir(
         OutputError: the directory holds results of a different run and overwrite is false.
     """
     path = run_dir / FINGERPRINT_FILE
+    # Results first, fingerprint second: ranks start together and rank 0 may write run.json
+    # (itself a result entry) at any moment. Read the other way round, a rank could find no
+    # run.json, then rank 0's fresh one among the results, and refuse its own run. In this
+    # order, results seen imply run.json was already there (or the directory is foreign).
+    has_results = any((run_dir / name).exists() for name in _RESULT_ENTRIES)
     previous: dict[str, Any] | None = None
     if path.exists():
         try:
             previous = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             previous = {}
-    has_results = any((run_dir / name).exists() for name in _RESULT_ENTRIES)
     same = previous is not None and previous.get("fingerprint") == fingerprint
     own_requeue = bool(job_id) and previous is not None and previous.get("slurm_job_id") == job_id
     if has_results and not same and not overwrite and not own_requeue:

@@ -555,6 +555,36 @@ def test_writer_failure_stops_and_keeps_the_good_output(
     assert not list(run.glob(".tmp-*"))  # no partial GeoPackage left behind
 
 
+def test_sigterm_before_predict_is_one_line_not_a_traceback(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """srun --kill-on-bad-exit TERMs every rank when one fails, often while it still imports
+    or builds its model: that rank must stop with the same one line as mid-run (CI once showed
+    a traceback from inside an import)."""
+    model = _write_module(
+        tmp_path,
+        "mgpr_term_model",
+        """
+        import os
+        import signal
+
+        def build(weights):
+            os.kill(os.getpid(), signal.SIGTERM)  # arrives while the model is being built
+            raise AssertionError("SIGTERM did not stop the run")
+    """,
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    img = make_image(width=128, height=128)
+    run = tmp_path / "run"
+    rc, _, err = _run(
+        capsys, f"input_path={img.path}", f"model={model}", f"output_dir={run}", "workers=0"
+    )
+    _last_line(
+        err, rc, EXIT_INTERRUPTED, "interrupted by SIGTERM", "re-run the same command to resume"
+    )
+    assert not (run / "shards").exists()
+
+
 @pytest.mark.slow
 def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
     make_image, tmp_path: Path, capsys, monkeypatch

@@ -198,13 +198,25 @@ def _finished(submit: Path, job_id: str) -> SlurmJob:
     )
 
 
-def _wait_gated(run_dir: Path, job_id: str, ranks: int) -> None:
+def _logs(submit: Path, job_id: str, run_dir: Path) -> str:
+    """The job's .out/.err and every rank log of ``run_dir``, for a failure message."""
+    paths = [submit / "slurm_logs" / f"{job_id}.{ext}" for ext in ("out", "err")]
+    paths += sorted((run_dir / "logs").glob("rank*.log"))
+    return "\n".join(
+        f"--- {p} ---\n{p.read_text(errors='replace')[-4000:]}" for p in paths if p.is_file()
+    )
+
+
+def _wait_gated(run_dir: Path, job_id: str, ranks: int, submit: Path) -> None:
     """Until every rank has written its GATE_AFTER tiles and waits at the gate."""
 
     def gated() -> bool:
         state, _ = job_state(job_id, slurm_env())
         if state in TERMINAL_STATES:
-            pytest.fail(f"job {job_id} ended ({state}) before reaching the gate\n{_show(job_id)}")
+            pytest.fail(
+                f"job {job_id} ended ({state}) before reaching the gate\n{_show(job_id)}\n"
+                f"{_logs(submit, job_id, run_dir)}"
+            )
         return _written(run_dir) == ranks * GATE_AFTER
 
     _wait(f"{ranks} ranks to write {GATE_AFTER} tiles each", gated, job_id)
@@ -313,7 +325,7 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
         *COMMON,
     )
     first = _submit(submit_dir, *args, env=env)
-    _wait_gated(run_dir, first, ranks=2)
+    _wait_gated(run_dir, first, ranks=2, submit=submit_dir)
     subprocess.run(["scancel", "--signal=TERM", first], env=env, check=True, timeout=10)
     job = _finished(submit_dir, first)
     # Every task (and its DataLoader worker) got TERM: both ranks stop cleanly with 130.
@@ -357,7 +369,7 @@ def test_preemption_requeues_and_the_job_finishes(
         env=env,
     )
     run_dir = submit_dir / "runs" / f"slurm-{low}"
-    _wait_gated(run_dir, low, ranks=2)
+    _wait_gated(run_dir, low, ranks=2, submit=submit_dir)
     node = re.search(r"\bNodeList=(\S+)", _show(low))
     assert node is not None
     high_script = submit_dir / "high.sh"

@@ -1,0 +1,84 @@
+"""The run directory check every rank makes at start (``mgpr.rundir.prepare_run_dir``).
+
+Ranks start together under ``srun`` and only rank 0 writes ``run.json``; the other ranks read
+the directory while rank 0 may be writing it. These tests put rank 0's write at every point
+between a later rank's file-system checks: that rank must never take rank 0's fresh files for a
+foreign run (CI once saw ``holds results of another run (no run.json fingerprint)`` from rank 1
+of a new run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mgpr.errors import OutputError
+from mgpr.rundir import FINGERPRINT_FILE, prepare_run_dir
+
+FINGERPRINT = {"model": "reference", "inputs": ["ortho.tif"], "tile_size": 128}
+FOREIGN = {"model": "fasterrcnn", "inputs": ["ortho.tif"], "tile_size": 128}
+JOB = "217"
+
+
+def _rank0_lands_after(
+    monkeypatch: pytest.MonkeyPatch, run_dir: Path, checks: int, fingerprint: dict[str, object]
+) -> None:
+    """Make rank 0's ``prepare_run_dir`` run right after the ``checks``-th ``Path.exists``.
+
+    With fewer checks than that, rank 0 runs once the later rank is done (``monkeypatch.undo``
+    is then followed by :func:`_rank0_done`).
+    """
+    original = Path.exists
+    seen = [0]
+
+    def exists(self: Path, *args: object, **kwargs: object) -> bool:
+        result = original(self, *args, **kwargs)  # type: ignore[arg-type]
+        seen[0] += 1
+        if seen[0] == checks:
+            prepare_run_dir(run_dir, fingerprint, overwrite=False, rank=0, job_id=JOB)
+        return result
+
+    monkeypatch.setattr(Path, "exists", exists)
+
+
+def _rank0_done(run_dir: Path, fingerprint: dict[str, object]) -> None:
+    if not (run_dir / FINGERPRINT_FILE).exists():
+        prepare_run_dir(run_dir, fingerprint, overwrite=False, rank=0, job_id=JOB)
+
+
+@pytest.mark.parametrize("checks", range(1, 12))
+def test_rank_reading_while_rank0_writes_run_json_accepts_the_new_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checks: int
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    _rank0_lands_after(monkeypatch, run_dir, checks, FINGERPRINT)
+    prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=1, job_id=JOB)
+    monkeypatch.undo()
+    _rank0_done(run_dir, FINGERPRINT)
+    stored = json.loads((run_dir / FINGERPRINT_FILE).read_text())
+    assert stored["fingerprint"] == FINGERPRINT
+
+
+@pytest.mark.parametrize("checks", range(1, 12))
+def test_rank_reading_a_resumed_run_while_rank0_rewrites_run_json(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, checks: int
+) -> None:
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id="100")
+    (run_dir / "shards").mkdir()  # an earlier job of the same run wrote tiles
+    _rank0_lands_after(monkeypatch, run_dir, checks, FINGERPRINT)
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=1, job_id=JOB) is True
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_refuses_results_of_another_run(tmp_path: Path, rank: int) -> None:
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, FOREIGN, overwrite=False, rank=0, job_id="100")
+    (run_dir / "predictions.gpkg").write_bytes(b"results of another run")
+    with pytest.raises(OutputError, match="model differs: was fasterrcnn, now reference"):
+        prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=rank, job_id=JOB)
+    assert (run_dir / "predictions.gpkg").read_bytes() == b"results of another run"
+    assert json.loads((run_dir / FINGERPRINT_FILE).read_text())["fingerprint"] == FOREIGN
