@@ -165,24 +165,44 @@ def _demo_image(
 ) -> tuple[Path, Path | None]:
     """The quick start's synthetic orthomosaic (with planted objects), made once per run dir.
 
-    Every rank can call this: the image is written to a temporary name and renamed, and its
-    content is a pure function of the seed, so concurrent writers produce the same file.
+    Rank 0 writes it (to a temporary name, then renamed: image first, truth second); the other
+    ranks wait for both files. Each rank writing its own copy would give each file its own
+    modification time, which is part of the run's fingerprint: under ``srun`` ranks start
+    together, and a rank reading rank 0's ``run.json`` would take the run for another one.
+
+    Raises:
+        RankJoinError: rank 0 did not write the image within ``join_timeout_s``.
     """
     from mgpr.testimage import TestImageSpec, write_test_image
 
     path = run_dir / "demo" / "demo_ortho.tif"
     truth = path.with_name(f"{path.stem}_truth.gpkg")
-    if path.exists() and (cfg.objects == 0 or truth.exists()):
+
+    def ready() -> bool:
+        return path.exists() and (cfg.objects == 0 or truth.exists())
+
+    if rank != 0:
+        deadline = time.monotonic() + cfg.join_timeout_s
+        while not ready():
+            if time.monotonic() > deadline:
+                from mgpr.errors import RankJoinError
+
+                raise RankJoinError(
+                    f"rank {rank} waited join_timeout_s={cfg.join_timeout_s} s for rank 0 to "
+                    f"write the demo image {path}; rank 0 failed or never started: read "
+                    f"{run_dir}/logs/rank0.log (or pass input_path=)"
+                )
+            time.sleep(0.2)
+    if ready():
         return path, truth if truth.exists() else None
-    if rank == 0:
-        log.info(
-            "no input_path: making a synthetic %dx%d orthomosaic with %d planted objects "
-            "in %s (the quick start's pipeline check)",
-            cfg.image_size,
-            cfg.image_size,
-            cfg.objects,
-            path,
-        )
+    log.info(
+        "no input_path: making a synthetic %dx%d orthomosaic with %d planted objects "
+        "in %s (the quick start's pipeline check)",
+        cfg.image_size,
+        cfg.image_size,
+        cfg.objects,
+        path,
+    )
     # Objects on seams must fit inside the overlap to be seen whole by one tile; with a small
     # overlap the demo plants objects away from seams only.
     on_seams = overlap >= 12

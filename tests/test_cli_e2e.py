@@ -35,6 +35,37 @@ def test_quickstart_finds_every_planted_object_once(tmp_path: Path, capsys) -> N
     assert {"score", "class_id", "label", "source", "tile_row", "tile_col"} <= set(rows[0])
 
 
+def test_demo_image_is_written_by_rank_0_only_and_awaited_by_the_others(tmp_path: Path) -> None:
+    """Under srun every rank starts together: a rank that wrote its own copy of the demo image
+    would give it another mtime, so another run fingerprint than rank 0's run.json."""
+    import threading
+
+    from mgpr.config import load_config
+    from mgpr.errors import RankJoinError
+    from mgpr.predict import _demo_image
+
+    cfg = load_config(["image_size=256", "objects=4", "join_timeout_s=60"])
+    run = tmp_path / "run"
+    seen: dict[int, tuple[Path, Path | None, float]] = {}
+
+    def rank(r: int) -> None:
+        image, truth = _demo_image(run, cfg, r, 128, 32)
+        seen[r] = (image, truth, image.stat().st_mtime)
+
+    later = threading.Thread(target=rank, args=(1,))
+    later.start()  # rank 1 first: it must wait, not write
+    later.join(0.5)
+    assert later.is_alive() and not (run / "demo").exists()
+    rank(0)
+    later.join(30)
+    assert not later.is_alive()
+    assert seen[1] == seen[0] and seen[0][1] is not None and seen[0][1].exists()
+
+    cfg.join_timeout_s = 1
+    with pytest.raises(RankJoinError, match="for rank 0 to write the demo image"):
+        _demo_image(tmp_path / "other", cfg, 1, 128, 32)
+
+
 def test_resnet50_random_weights_classifies_every_tile(make_image, tmp_path: Path, capsys) -> None:
     img = make_image(width=300, height=200)
     run = tmp_path / "run"
