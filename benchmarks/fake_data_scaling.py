@@ -11,37 +11,29 @@ report) and the ratio. Target: 2 ranks >= 1.8x 1 rank.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
+
+from mgpr_run import run_mgpr
 
 
 def run(ranks: int, a: argparse.Namespace, out: Path) -> tuple[float, float]:
-    exe = Path(sys.executable).with_name("mgpr")
-    cmd = [
-        str(exe),
-        "use_fake_data=true",
-        f"dummy_dataset_delay={a.delay}",
-        f"dummy_dataset_count={a.count}",
-        f"gpus={ranks}",
-        "accelerator=cpu",
-        "model=null",
-        "weights=none",
-        f"tile_size={a.tile}",
-        f"workers={a.workers}",
-        f"batch_size={a.batch_size}",
-        f"output_dir={out}",
-        "progress=false",
-    ]
-    t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    totals = json.loads((out / "report.json").read_text())["totals"]
+    report, wall = run_mgpr(
+        [
+            "use_fake_data=true",
+            f"dummy_dataset_delay={a.delay}",
+            f"dummy_dataset_count={a.count}",
+            f"gpus={ranks}",
+            "accelerator=cpu",
+            "model=null",
+            "weights=none",
+            f"tile_size={a.tile}",
+            f"workers={a.workers}",
+            f"batch_size={a.batch_size}",
+        ],
+        out,
+    )
+    totals = report["totals"]
     return float(totals["tiles_per_s"]), wall
 
 

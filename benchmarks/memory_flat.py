@@ -12,37 +12,32 @@ worker; ``ru_maxrss`` of the children), then the ratio. Target: within 20 %.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mgpr_run import run_mgpr
 
 from mgpr.testimage import TestImageSpec, write_test_image
 
 
 def run(path: Path, a: argparse.Namespace, out: Path) -> tuple[float, float, int, float]:
     """(rank peak RSS GiB, largest process peak RSS GiB, tiles, predict tiles/s)."""
-    exe = Path(sys.executable).with_name("mgpr")
-    cmd = [
-        str(exe),
-        f"input_path={path}",
-        "model=null",
-        "weights=none",
-        f"tile_size={a.tile}",
-        "overlap=0",
-        f"workers={a.workers}",
-        f"output_dir={out}",
-        "progress=false",
-    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    report, _ = run_mgpr(
+        [
+            f"input_path={path}",
+            "model=null",
+            "weights=none",
+            f"tile_size={a.tile}",
+            "overlap=0",
+            f"workers={a.workers}",
+        ],
+        out,
+    )
     after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # KiB, max over children
-    totals = json.loads((out / "report.json").read_text())["totals"]
+    totals = report["totals"]
     biggest = after / 2**20 if after > before else float("nan")  # only a new maximum shows
     return (
         float(totals["mem_peak_gib"]),

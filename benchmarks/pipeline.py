@@ -34,7 +34,6 @@ import os
 import platform
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from typing import Any
 
 import rasterio
 import torch
+from mgpr_run import mgpr_command, run_mgpr
 from rasterio.windows import Window
 from torch.utils.data import DataLoader, Dataset
 
@@ -270,32 +270,23 @@ def compute_alone(name: str, tile: int, batch: int, seconds: float, bf16: bool, 
     return n / (time.perf_counter() - start)
 
 
-def mgpr_cli() -> list[str]:
-    exe = Path(sys.executable).with_name("mgpr")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mgpr.cli"]
-
-
 def whole_run(
     path: str, model: str, tile: int, workers: int, batch: int, out: Path
 ) -> dict[str, Any]:
     """Run the real CLI; returns predict-loop and end-to-end figures."""
-    cmd = mgpr_cli() + [
-        f"input_path={path}",
-        f"model={model}",
-        "weights=none",
-        f"tile_size={tile}",
-        "overlap=0",
-        f"workers={workers}",
-        f"batch_size={batch}",
-        f"output_dir={out}",
-        "progress=false",
-    ]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.time() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    report = json.loads((out / "report.json").read_text())
+    report, wall = run_mgpr(
+        [
+            f"input_path={path}",
+            f"model={model}",
+            "weights=none",
+            f"tile_size={tile}",
+            "overlap=0",
+            f"workers={workers}",
+            f"batch_size={batch}",
+        ],
+        out,
+    )
     part = json.loads((out / "report_parts" / "rank0.json").read_text())
     totals = report["totals"]
     first = part.get("first_batch_unix_s")
@@ -478,7 +469,7 @@ def main() -> None:
 
         demo_t = time.time()
         demo = subprocess.run(
-            mgpr_cli() + [f"output_dir={tmp / 'demo'}", "progress=false"],
+            [*mgpr_command(), f"output_dir={tmp / 'demo'}", "progress=false"],
             capture_output=True,
             text=True,
         )
