@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -160,6 +160,20 @@ def _resolve_devices(cfg: PredictConfig, accelerator: str) -> tuple[int, int, An
     return devices, cfg.num_nodes or 1, None
 
 
+def _wait_for_rank0(ready: Callable[[], bool], timeout_s: float, poll_s: float) -> bool:
+    """Poll ``ready`` until it holds (True) or ``timeout_s`` seconds pass (False).
+
+    For the files only rank 0 makes before the ranks join (demo image, downloaded weights):
+    the other ranks cannot use a collective yet, so they watch the shared file system.
+    """
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(poll_s)
+    return True
+
+
 def _demo_image(
     run_dir: Path, cfg: PredictConfig, rank: int, tile_size: int, overlap: int
 ) -> tuple[Path, Path | None]:
@@ -181,18 +195,14 @@ def _demo_image(
     def ready() -> bool:
         return path.exists() and (cfg.objects == 0 or truth.exists())
 
-    if rank != 0:
-        deadline = time.monotonic() + cfg.join_timeout_s
-        while not ready():
-            if time.monotonic() > deadline:
-                from mgpr.errors import RankJoinError
+    if rank != 0 and not _wait_for_rank0(ready, cfg.join_timeout_s, poll_s=0.2):
+        from mgpr.errors import RankJoinError
 
-                raise RankJoinError(
-                    f"rank {rank} waited join_timeout_s={cfg.join_timeout_s} s for rank 0 to "
-                    f"write the demo image {path}; rank 0 failed or never started: read "
-                    f"{run_dir}/logs/rank0.log (or pass input_path=)"
-                )
-            time.sleep(0.2)
+        raise RankJoinError(
+            f"rank {rank} waited join_timeout_s={cfg.join_timeout_s} s for rank 0 to "
+            f"write the demo image {path}; rank 0 failed or never started: read "
+            f"{run_dir}/logs/rank0.log (or pass input_path=)"
+        )
     if ready():
         return path, truth if truth.exists() else None
     log.info(
@@ -271,16 +281,14 @@ def _build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
             target = weights_cache_file(model_name, cfg.weights)
         except MgprError:
             target = None
-        if target is not None:
-            deadline = time.monotonic() + cfg.join_timeout_s
-            while not weights_cached(model_name, cfg.weights):
-                if time.monotonic() > deadline:
-                    raise ModelError(
-                        f"rank {rank} waited {cfg.join_timeout_s} s for rank 0 to download "
-                        f"weights={cfg.weights} for {model_name} into {target.parent}; "
-                        f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
-                    )
-                time.sleep(1.0)
+        if target is not None and not _wait_for_rank0(
+            lambda: weights_cached(model_name, cfg.weights), cfg.join_timeout_s, poll_s=1.0
+        ):
+            raise ModelError(
+                f"rank {rank} waited {cfg.join_timeout_s} s for rank 0 to download "
+                f"weights={cfg.weights} for {model_name} into {target.parent}; "
+                f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
+            )
     return build_model(model_name, cfg.weights, **kwargs)
 
 
