@@ -50,7 +50,7 @@ from mgpr.data import TileDataset
 from mgpr.models import build_model
 from mgpr.predict import cpu_has_fast_bf16
 from mgpr.raster import TileReader, check_bands, describe_raster
-from mgpr.testimage import TestImageSpec, write_test_image
+from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
 from mgpr.tiling import plan_tiles
 from mgpr.trainer_setup import make_dataloader
 
@@ -270,6 +270,14 @@ def compute_alone(name: str, tile: int, batch: int, seconds: float, bf16: bool, 
     return n / (time.perf_counter() - start)
 
 
+def benchmark_raster(path: Path, size: int, pixel_size: float) -> TestImageResult:
+    """A ``size`` x ``size`` RGB orthomosaic as drones deliver them: DEFLATE, 512 px blocks."""
+    spec = TestImageSpec(
+        width=size, height=size, block_size=512, compress="deflate", pixel_size=pixel_size
+    )
+    return write_test_image(path, spec)
+
+
 def whole_run(
     path: str, model: str, tile: int, workers: int, batch: int, out: Path
 ) -> dict[str, Any]:
@@ -390,16 +398,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="mgpr-bench-") as tmp_s:
         tmp = Path(tmp_s)
         t = time.perf_counter()
-        img = write_test_image(
-            tmp / "ortho.tif",
-            TestImageSpec(
-                width=a.size,
-                height=a.size,
-                block_size=512,
-                compress="deflate",
-                pixel_size=a.pixel_size,
-            ),
-        )
+        img = benchmark_raster(tmp / "ortho.tif", a.size, a.pixel_size)
         print(
             f"raster: {a.size}x{a.size}x3 uint8, DEFLATE, 512-px blocks, "
             f"{img.file_bytes / 1e6:.0f} MB on disk, made in {time.perf_counter() - t:.0f} s"
@@ -415,16 +414,7 @@ def main() -> None:
 
         # model rows on a smaller raster (CPU models take seconds per tile)
         mt = a.model_tile
-        mimg = write_test_image(
-            tmp / "ortho_model.tif",
-            TestImageSpec(
-                width=a.model_size,
-                height=a.model_size,
-                block_size=512,
-                compress="deflate",
-                pixel_size=a.pixel_size,
-            ),
-        )
+        mimg = benchmark_raster(tmp / "ortho_model.tif", a.model_size, a.pixel_size)
         mpath = str(mimg.path)
         fast_bf16 = (
             torch.cuda.is_available()
