@@ -15,9 +15,9 @@ from typing import Any
 
 
 def mgpr_command() -> list[str]:
-    """The ``mgpr`` console script of this interpreter's environment (else ``-m mgpr.cli``)."""
+    """The ``mgpr`` console script of this interpreter's environment (else ``-m mgpr.cli.main``)."""
     exe = Path(sys.executable).with_name("mgpr")
-    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mgpr.cli"]
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "mgpr.cli.main"]
 
 
 def run_mgpr(overrides: list[str], out: Path) -> tuple[dict[str, Any], float]:

@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from mgpr.gpu_monitor import (
+from mgpr.monitor.gpu import (
     DeviceSampler,
     open_nvml_backend,
     physical_gpu_for_local_device,

@@ -5,7 +5,7 @@ then measures, back to back on the same file and settings:
 
 1. read limit: block-aligned rasterio windowed reads in ONE process, uint8, no torch;
 2. mgpr's data path alone: its TileDataset + the DataLoader every rank builds
-   (:func:`mgpr.trainer_setup.make_dataloader`), ``workers`` processes, no model;
+   (:func:`mgpr.run.trainer.make_dataloader`), ``workers`` processes, no model;
 3. a naive loader as users write it: open the file in every ``__getitem__``, float32 / 255;
 4. TorchGeo's RasterDataset + GridGeoSampler (optional: ``uv sync --extra bench``);
 5. model compute alone (resnet50, fasterrcnn; weights=none) on device-resident input, fp32,
@@ -46,13 +46,13 @@ from mgpr_run import mgpr_command, run_mgpr
 from rasterio.windows import Window
 from torch.utils.data import DataLoader, Dataset
 
-from mgpr.data import TileDataset
+from mgpr.data.dataset import TileDataset
+from mgpr.geo.raster import TileReader, check_bands, describe_raster
+from mgpr.geo.tiling import plan_tiles
 from mgpr.models import build_model
-from mgpr.predict import cpu_has_fast_bf16
-from mgpr.raster import TileReader, check_bands, describe_raster
-from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
-from mgpr.tiling import plan_tiles
-from mgpr.trainer_setup import make_dataloader
+from mgpr.run.predict import cpu_has_fast_bf16
+from mgpr.run.trainer import make_dataloader
+from mgpr.testimage.generator import TestImageResult, TestImageSpec, write_test_image
 
 RESULTS: dict[str, Any] = {"rows": {}, "ratios": {}, "skipped": {}}
 

@@ -12,7 +12,7 @@ import pytest
 import shapely
 from hypothesis import settings
 
-from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
+from mgpr.testimage.generator import TestImageResult, TestImageSpec, write_test_image
 
 # Property tests are deterministic: the same examples on every run and machine (CI included).
 settings.register_profile("mgpr", derandomize=True, deadline=None, print_blob=True)
@@ -43,7 +43,7 @@ def make_image(tmp_path: Path) -> Callable[..., TestImageResult]:
 
 def run_mgpr_inprocess(*args: str) -> int:
     """Run ``mgpr`` in this process (1 rank); returns its exit code."""
-    from mgpr.cli import main
+    from mgpr.cli.main import main
 
     try:
         main(list(args))
@@ -54,7 +54,7 @@ def run_mgpr_inprocess(*args: str) -> int:
 
 def mgpr_cmd(*args: str) -> list[str]:
     """Command line running mgpr in a fresh interpreter (needed for several ranks)."""
-    return [sys.executable, "-m", "mgpr.cli", *args]
+    return [sys.executable, "-m", "mgpr.cli.main", *args]
 
 
 def read_gpkg_layer(path: Path, layer: str) -> tuple[list[shapely.Geometry], list[dict], int]:

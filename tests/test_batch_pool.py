@@ -8,11 +8,11 @@ from multiprocessing.reduction import ForkingPickler
 import pytest
 import torch
 
-from mgpr.batch_pool import EXTRA_SLOTS, NO_SLOT, SharedBatchPool, TileLoader
-from mgpr.data import TileDataset
-from mgpr.raster import TileReader, describe_raster
-from mgpr.tiling import plan_tiles
-from mgpr.trainer_setup import make_dataloader
+from mgpr.data.batch_pool import EXTRA_SLOTS, NO_SLOT, SharedBatchPool, TileLoader
+from mgpr.data.dataset import TileDataset
+from mgpr.geo.raster import TileReader, describe_raster
+from mgpr.geo.tiling import plan_tiles
+from mgpr.run.trainer import make_dataloader
 
 
 def _dataset(make_image, tile: int = 64) -> TileDataset:
@@ -149,7 +149,7 @@ def test_shared_memory_shortfall_names_the_fix(make_image, monkeypatch, caplog) 
     import logging
     import os
 
-    from mgpr.batch_pool import shared_memory_shortfall
+    from mgpr.data.batch_pool import shared_memory_shortfall
 
     assert shared_memory_shortfall(1) is None  # /dev/shm has a byte to spare
     ds = _dataset(make_image)
@@ -160,7 +160,7 @@ def test_shared_memory_shortfall_names_the_fix(make_image, monkeypatch, caplog) 
 
     monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
     loader = make_dataloader(ds, 4, 2, pin_memory=False)
-    with caplog.at_level(logging.WARNING, logger="mgpr.batch_pool"):
+    with caplog.at_level(logging.WARNING, logger="mgpr.data.batch_pool"):
         assert sum(len(b["index"]) for b in loader) == len(ds)  # still runs: a warning only
     (message,) = [r.getMessage() for r in caplog.records]
     need = 2 * (4 + EXTRA_SLOTS) * 4 * 3 * 64 * 64

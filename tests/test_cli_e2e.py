@@ -13,7 +13,7 @@ import pytest
 import rasterio.windows
 from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
 
-from mgpr.tiling import plan_tiles, valid_window
+from mgpr.geo.tiling import plan_tiles, valid_window
 
 
 def _summary(run: Path) -> dict:
@@ -40,9 +40,9 @@ def test_demo_image_is_written_by_rank_0_only_and_awaited_by_the_others(tmp_path
     would give it another mtime, so another run fingerprint than rank 0's run.json."""
     import threading
 
-    from mgpr.config import load_config
+    from mgpr.conf.load import load_config
     from mgpr.errors import RankJoinError
-    from mgpr.predict import _demo_image
+    from mgpr.run.predict import _demo_image
 
     cfg = load_config(["image_size=256", "objects=4", "join_timeout_s=60"])
     run = tmp_path / "run"

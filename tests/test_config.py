@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mgpr.config import closest_key, describe_keys, load_config
+from mgpr.conf.load import closest_key, describe_keys, load_config
 from mgpr.errors import ConfigError
 
 

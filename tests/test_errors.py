@@ -22,7 +22,7 @@ import pytest
 from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
 
 from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, EXIT_USAGE
-from mgpr.testimage import TestImageSpec, corrupt_block, write_test_image
+from mgpr.testimage.generator import TestImageSpec, corrupt_block, write_test_image
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -507,7 +507,7 @@ def test_writer_failure_stops_and_keeps_the_good_output(
 ) -> None:
     import shutil
 
-    from mgpr.writers import ShardStore
+    from mgpr.outputs.shards import ShardStore
 
     img = make_image(width=256, height=256)
     run = tmp_path / "run"
@@ -665,7 +665,7 @@ def test_dead_dataloader_worker_is_one_line_and_the_rerun_resumes(
     make_image, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     """A worker killed by SIGBUS (what running out of /dev/shm looks like) mid-run."""
-    from mgpr.raster import TileReader
+    from mgpr.geo.raster import TileReader
 
     parent = os.getpid()
     original = TileReader.read

@@ -1,4 +1,4 @@
-"""mgpr.georef checked against rasterio's own transform helpers."""
+"""mgpr.geo.georef checked against rasterio's own transform helpers."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from affine import Affine
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgpr.georef import (
+from mgpr.geo.georef import (
     boxes_to_rings,
     pixel_size,
     tile_boxes_to_raster_px,
     tile_footprint_ring,
     tile_transform,
 )
-from mgpr.tiling import Tile, plan_tiles, valid_window
+from mgpr.geo.tiling import Tile, plan_tiles, valid_window
 
 PROPS = settings(max_examples=150, deadline=None)
 
@@ -161,7 +161,7 @@ def test_footprint_bounds_equal_rasterio_window_bounds(name: str, valid_only: bo
 
 
 def tile_window_of(tile: Tile) -> rasterio.windows.Window:
-    """Full padded window built independently of mgpr.tiling.tile_window."""
+    """Full padded window built independently of mgpr.geo.tiling.tile_window."""
     return rasterio.windows.Window(tile.col_off, tile.row_off, tile.width, tile.height)
 
 

@@ -20,7 +20,12 @@ def test_ruff_clean() -> None:
 
 
 def test_mypy_strict_core_modules() -> None:
-    modules = ["mgpr/tiling.py", "mgpr/georef.py", "mgpr/raster.py", "mgpr/writers.py"]
+    modules = [
+        "mgpr/geo/tiling.py",
+        "mgpr/geo/georef.py",
+        "mgpr/geo/raster.py",
+        "mgpr/outputs/shards.py",
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", *modules],
         cwd=REPO,

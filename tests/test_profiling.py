@@ -17,15 +17,7 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from mgpr.errors import ConfigError
-from mgpr.gpu_monitor import (
-    DeviceSampler,
-    GpuBackend,
-    GpuSelector,
-    SampleBuffer,
-    physical_gpu_for_local_device,
-    resolve_gpu,
-)
-from mgpr.profiling import (
+from mgpr.monitor.callback import (
     NO_GPU_MESSAGE,
     RunMonitor,
     _Progress,
@@ -33,8 +25,16 @@ from mgpr.profiling import (
     make_profiler,
     progress_line,
 )
-from mgpr.report import _rank_row as build_report_row
-from mgpr.report import bottleneck_hint, build_report, format_report
+from mgpr.monitor.gpu import (
+    DeviceSampler,
+    GpuBackend,
+    GpuSelector,
+    SampleBuffer,
+    physical_gpu_for_local_device,
+    resolve_gpu,
+)
+from mgpr.monitor.report import _rank_row as build_report_row
+from mgpr.monitor.report import bottleneck_hint, build_report, format_report
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -231,7 +231,7 @@ def test_sampler_nvml_error_warns_once_and_continues(caplog: pytest.LogCaptureFi
     sampler = DeviceSampler(
         gpu=gpu, backend=backend, torch_device_index=None, interval_s=0.5, log_prefix="[rank: 0] "
     )
-    with caplog.at_level(logging.WARNING, logger="mgpr.gpu_monitor"):
+    with caplog.at_level(logging.WARNING, logger="mgpr.monitor.gpu"):
         samples = [sampler.sample_once() for _ in range(3)]
     assert all(s.util_pct is None and s.mem_used_bytes == GIB for s in samples)
     warnings = [r for r in caplog.records if "NVML utilisation" in r.getMessage()]
@@ -255,7 +255,7 @@ def test_sampler_thread_starts_and_stops() -> None:
 
 
 def test_sample_buffer_is_bounded_and_even() -> None:
-    from mgpr.gpu_monitor import Sample
+    from mgpr.monitor.gpu import Sample
 
     buf = SampleBuffer(max_samples=10)
     for i in range(1000):
@@ -503,7 +503,7 @@ def test_progress_tty_and_log(caplog: pytest.LogCaptureFixture) -> None:
     assert out.startswith("\r[##########..........] 50/100 tiles (50.0%), 5.0 tiles/s")
     assert out.endswith("\n") and out.count("\r") == 2
     log = _Progress(t0=0.0, total=100, source=lambda: 25, tty=False, log_every_s=30, stream=stream)
-    with caplog.at_level(logging.INFO, logger="mgpr.profiling"):
+    with caplog.at_level(logging.INFO, logger="mgpr.monitor.callback"):
         log.tick(10.0)  # not due yet
         log.tick(30.0)
         log.tick(31.0)  # throttled
@@ -624,7 +624,7 @@ def test_lightning_failure_writes_failed_part(tmp_path: Path) -> None:
 
 def test_report_modules_import_light() -> None:
     code = (
-        "import sys, mgpr.report, mgpr.gpu_monitor; "
+        "import sys, mgpr.monitor.report, mgpr.monitor.gpu; "
         "bad = [m for m in ('lightning', 'torch', 'matplotlib', 'pynvml') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -702,7 +702,7 @@ def test_monitor_uses_local_device_not_global_rank(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Global rank 6 on a second node is local cuda:1 -> physical 5 under CUDA_VISIBLE_DEVICES."""
-    import mgpr.profiling as profiling
+    import mgpr.monitor.callback as profiling
 
     monkeypatch.setattr(profiling, "_cuda_props", lambda index: None)  # no CUDA here
     backend = _fake(used=[3 * GIB], util=[80])
@@ -733,7 +733,7 @@ def test_monitor_uses_local_device_not_global_rank(
 
 def test_monitor_prefers_torch_uuid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """torch's uuid for cuda:1 wins over the index list (CUDA vs NVML ordering may differ)."""
-    import mgpr.profiling as profiling
+    import mgpr.monitor.callback as profiling
 
     monkeypatch.setattr(profiling, "_cuda_props", lambda index: ("Fake GPU 7", _uuid(7), GIB))
     monitor = RunMonitor(tmp_path, backend=_fake(), env={"CUDA_VISIBLE_DEVICES": "3,5"})
@@ -746,7 +746,7 @@ def test_monitor_prefers_torch_uuid(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_monitor_without_nvml_on_cuda_never_crashes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import mgpr.profiling as profiling
+    import mgpr.monitor.callback as profiling
 
     monkeypatch.setattr(profiling, "_cuda_props", lambda index: None)
     monkeypatch.setattr(profiling, "open_nvml_backend", lambda: (None, "NVMLError: not found"))
@@ -770,7 +770,7 @@ def test_lightning_rank_without_tiles_writes_empty_part(tmp_path: Path) -> None:
 
 
 def test_hint_suggests_tiling_only_for_striped_inputs() -> None:
-    from mgpr.report import bottleneck_hint
+    from mgpr.monitor.report import bottleneck_hint
 
     args = dict(
         gpu_util_avg=40.0, stage_shares={}, workers=3, cpus=4, batch_size=8, precision="bf16-mixed"

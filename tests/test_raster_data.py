@@ -13,10 +13,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from mgpr.data import STATUS_EMPTY, STATUS_FAILED, STATUS_OK, TileDataset, shard_tiles
+from mgpr.data.dataset import STATUS_EMPTY, STATUS_FAILED, STATUS_OK, TileDataset, shard_tiles
 from mgpr.errors import ConfigError, InputError
-from mgpr.raster import TileReader, check_bands, describe_raster, resolve_inputs
-from mgpr.tiling import plan_tiles
+from mgpr.geo.raster import TileReader, check_bands, describe_raster, resolve_inputs
+from mgpr.geo.tiling import plan_tiles
 
 
 def test_resolve_inputs_file_folder_glob_list(make_image, tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_seven_tiles_on_two_ranks() -> None:
 def test_rank_dataloader_batches_equal_single_reads(make_image, workers: int) -> None:
     """Batches decoded straight into shared memory (no collate copy) hold the same pixels,
     indexes and statuses as per-tile reads, edge padding included."""
-    from mgpr.trainer_setup import make_dataloader
+    from mgpr.run.trainer import make_dataloader
 
     img = make_image(width=300, height=200)
     info = describe_raster(str(img.path))

@@ -1,4 +1,4 @@
-"""The run directory check every rank makes at start (``mgpr.rundir.prepare_run_dir``).
+"""The run directory check every rank makes at start (``mgpr.outputs.rundir.prepare_run_dir``).
 
 Ranks start together under ``srun`` and only rank 0 writes ``run.json``; the other ranks read
 the directory while rank 0 may be writing it. These tests put rank 0's write at every point
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mgpr.errors import OutputError
-from mgpr.rundir import FINGERPRINT_FILE, prepare_run_dir
+from mgpr.outputs.rundir import FINGERPRINT_FILE, prepare_run_dir
 
 FINGERPRINT = {"model": "reference", "inputs": ["ortho.tif"], "tile_size": 128}
 FOREIGN = {"model": "fasterrcnn", "inputs": ["ortho.tif"], "tile_size": 128}

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from mgpr.errors import ConfigError, MgprError, SlurmMismatchError
-from mgpr.slurm import (
+from mgpr.run.slurm import (
     JOB_BODY,
     SlurmTask,
     check_slurm_task,
@@ -411,7 +411,7 @@ runner = CliRunner()
 
 
 def test_cli_slurm_job_prints_script() -> None:
-    from mgpr.cli_slurm_job import app
+    from mgpr.cli.slurm_job import app
 
     args = ["--gpus-per-node", "4", "--nodes", "2", "--cpus-per-task", "8", "--time", "04:00:00"]
     args += [
@@ -430,7 +430,7 @@ def test_cli_slurm_job_prints_script() -> None:
 
 
 def test_cli_slurm_job_output_file_and_force(tmp_path: Path) -> None:
-    from mgpr.cli_slurm_job import app
+    from mgpr.cli.slurm_job import app
 
     out = tmp_path / "job.sh"
     assert runner.invoke(app, ["--output", str(out)]).exit_code == 0
@@ -442,7 +442,7 @@ def test_cli_slurm_job_output_file_and_force(tmp_path: Path) -> None:
 
 
 def test_cli_slurm_job_errors_are_one_line() -> None:
-    from mgpr.cli_slurm_job import app
+    from mgpr.cli.slurm_job import app
 
     bad_key = runner.invoke(app, ["--", "tile_sise=512"])
     assert bad_key.exit_code == 2
@@ -460,7 +460,7 @@ LINE = re.compile(r"^(OK  |WARN|FAIL)  [\w ]+: .+")
 
 
 def test_doctor_runs_here(tmp_path: Path) -> None:
-    from mgpr.cli_doctor import app
+    from mgpr.cli.doctor import app
 
     result = runner.invoke(app, ["--model", "resnet50", "--output-dir", str(tmp_path / "runs")])
     assert result.exit_code in (0, 1), result.output
@@ -483,7 +483,7 @@ def test_doctor_runs_here(tmp_path: Path) -> None:
 
 
 def test_doctor_shared_memory_check(tmp_path: Path) -> None:
-    from mgpr.cli_doctor import Status, check_shared_memory
+    from mgpr.cli.doctor import Status, check_shared_memory
 
     (ok,) = check_shared_memory(2, 8, 512)
     assert (
@@ -498,7 +498,7 @@ def test_doctor_shared_memory_check(tmp_path: Path) -> None:
 
 
 def test_doctor_slurm_check_in_and_out_of_a_task(tmp_path: Path) -> None:
-    from mgpr.cli_doctor import Accelerator, DoctorOptions, Status, check_slurm
+    from mgpr.cli.doctor import Accelerator, DoctorOptions, Status, check_slurm
 
     opts = DoctorOptions(4, None, Accelerator.AUTO, ("resnet50",), tmp_path)
     assert [f.line() for f in check_slurm({}, opts, 0)] == ["OK    slurm: not in a SLURM task"]
@@ -512,7 +512,7 @@ def test_doctor_slurm_check_in_and_out_of_a_task(tmp_path: Path) -> None:
 
 def test_slurm_module_imports_no_torch_lightning_or_typer() -> None:
     code = (
-        "import sys, mgpr.slurm; "
+        "import sys, mgpr.run.slurm; "
         "bad = [m for m in ('torch', 'lightning', 'typer') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -548,14 +548,14 @@ BATCH = {
 def test_preflight_refuses_in_the_batch_shell(
     env: dict[str, str], gpus: int | None, workers: int, flag: str
 ) -> None:
-    from mgpr.slurm import preflight
+    from mgpr.run.slurm import preflight
 
     with pytest.raises(SlurmMismatchError, match=re.escape(flag)):
         preflight(BATCH | env, gpus, None, workers)
 
 
 def test_preflight_passes_a_consistent_job_and_outside_slurm() -> None:
-    from mgpr.slurm import preflight, read_batch_allocation
+    from mgpr.run.slurm import preflight, read_batch_allocation
 
     env = BATCH | {
         "SLURM_NTASKS": "4",

@@ -71,7 +71,7 @@ def test_exit_code_comes_back(tmp_path: Path) -> None:
 
 def test_read_slurm_task_in_a_real_step(tmp_path: Path) -> None:
     code = (
-        "import dataclasses, json, os; from mgpr.slurm import read_slurm_task; "
+        "import dataclasses, json, os; from mgpr.run.slurm import read_slurm_task; "
         "t = read_slurm_task(os.environ); print('TASK', json.dumps(t and dataclasses.asdict(t)))"
     )
     script = tmp_path / "py.sh"

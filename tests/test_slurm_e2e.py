@@ -76,7 +76,7 @@ def build(weights="none"):
 def submit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A submit dir outside the repository: a 25-tile image, gate_model.py, slurm_logs/."""
     require_slurm()
-    from mgpr.testimage import TestImageSpec, write_test_image
+    from mgpr.testimage.generator import TestImageSpec, write_test_image
 
     root = tmp_path_factory.mktemp("submit")
     (root / "slurm_logs").mkdir()
@@ -100,7 +100,7 @@ def _env(submit: Path, **extra: str) -> dict[str, str]:
 
 def _planned_keys(input_path: str) -> set[str]:
     """Tile keys of the plan; keys hold ``input_path`` as given (relative to the submit dir)."""
-    from mgpr.tiling import plan_tiles
+    from mgpr.geo.tiling import plan_tiles
 
     return {t.id.key() for t in plan_tiles(input_path, SIZE, SIZE, TILE, OVERLAP)}
 
@@ -128,7 +128,7 @@ def _shard_rows(run_dir: Path) -> tuple[list[str], list[tuple[Any, ...]], dict[i
 
 
 def _written(run_dir: Path) -> int:
-    from mgpr.writers import count_written_tiles
+    from mgpr.outputs.shards import count_written_tiles
 
     return count_written_tiles(run_dir) if (run_dir / "shards").is_dir() else 0
 

@@ -1,4 +1,4 @@
-"""Properties of the pure tile geometry in mgpr.tiling."""
+"""Properties of the pure tile geometry in mgpr.geo.tiling."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from rasterio.windows import Window
 
 from mgpr.errors import ConfigError
-from mgpr.tiling import (
+from mgpr.geo.tiling import (
     Tile,
     TileGrid,
     TileId,
@@ -338,7 +338,7 @@ def test_box_functions_accept_empty_input() -> None:
 
 def test_geometry_modules_import_no_heavy_stack() -> None:
     code = (
-        "import sys, mgpr.tiling, mgpr.georef\n"
+        "import sys, mgpr.geo.tiling, mgpr.geo.georef\n"
         "bad = [m for m in ('torch', 'lightning', 'typer', 'shapely') if m in sys.modules]\n"
         "print(','.join(bad))\n"
     )

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 import mgpr.models.weights as weights_mod
-from mgpr.cli_weights import app
+from mgpr.cli.weights import app
 from mgpr.errors import EXIT_USAGE, ModelError
 from mgpr.models.weights import (
     fetch_weights,
@@ -196,8 +196,8 @@ def test_cli_usage_errors(args: list[str], needle: str, offline: list[str]) -> N
 def test_other_ranks_wait_for_rank0_download_then_name_the_prefetch(offline: list[str]) -> None:
     """Rank 1 never downloads itself: it waits join_timeout_s for rank 0's file, then says how
     to pre-fetch (and never falls back to random weights)."""
-    from mgpr.config import load_config
-    from mgpr.predict import _build_adapter
+    from mgpr.conf.load import load_config
+    from mgpr.run.predict import _build_adapter
 
     cfg = load_config(["model=resnet50", "join_timeout_s=1"])
     target = weights_cache_file("resnet50", "DEFAULT")

@@ -10,9 +10,9 @@ from conftest import read_gpkg_layer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mgpr.raster import describe_raster
-from mgpr.tiling import plan_tiles
-from mgpr.writers import (
+from mgpr.geo.raster import describe_raster
+from mgpr.geo.tiling import plan_tiles
+from mgpr.outputs.shards import (
     ShardStore,
     TileOutcome,
     dedupe_seam_boxes,
@@ -162,7 +162,7 @@ def test_merge_classification_footprints_equal_tile_windows(make_image, tmp_path
     by_key = {r["tile_key"]: g for r, g in zip(rows, geoms, strict=True)}
     import rasterio.windows
 
-    from mgpr.tiling import valid_window
+    from mgpr.geo.tiling import valid_window
 
     for tile in tiles:
         left, bottom, right, top = rasterio.windows.bounds(valid_window(tile), info.transform)
@@ -212,7 +212,7 @@ def test_shard_size_grows_linearly_not_memory(make_image, tmp_path: Path, n_tile
 def test_grouped_dedupe_equals_one_global_pass(seed: int, n: int) -> None:
     """Splitting into groups of intersecting boxes changes nothing (a box only suppresses
     boxes it intersects)."""
-    from mgpr.writers import _dedupe_group
+    from mgpr.outputs.shards import _dedupe_group
 
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 300, (n, 2))

@@ -3,7 +3,7 @@
 Keys are flat (``gpus=2 batch_size=16``) because the original demo's keys are flat and users'
 job scripts already pass them that way. Each field's comment is its help text (``mgpr --help``
 prints them). Legacy names (``image_path``, ``devices``) are aliases resolved once, in
-:func:`mgpr.config.normalise`.
+:func:`mgpr.conf.load.normalise`.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ A :class:`ModelAdapter` splits inference into three steps so the pipeline can pl
 2. :meth:`ModelAdapter.forward`: the network itself (run under ``inference_mode``/autocast by the
    caller).
 3. :meth:`ModelAdapter.postprocess`: raw output -> one plain record per tile on the CPU, in TILE
-   pixel coordinates (the georeferencing happens later, in ``mgpr.georef``).
+   pixel coordinates (the georeferencing happens later, in ``mgpr.geo.georef``).
 
 This module imports no Lightning: the pipeline's LightningModule wraps an adapter and registers
 :attr:`ModelAdapter.module` as a submodule so Lightning moves it to the device.

@@ -31,7 +31,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``mgpr``."""
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-h", "--help", "help") for a in args):
-        from mgpr.config import describe_keys
+        from mgpr.conf.load import describe_keys
 
         print(USAGE)
         print(describe_keys())
@@ -41,18 +41,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     if preflight:
         args = args[1:]
     try:
-        from mgpr.config import load_config
+        from mgpr.conf.load import load_config
 
         cfg = load_config(args)
         if preflight:
             import os
 
-            from mgpr.slurm import preflight as slurm_preflight
+            from mgpr.run.slurm import preflight as slurm_preflight
 
             slurm_preflight(os.environ, cfg.gpus, cfg.num_nodes, cfg.workers)
             return
         explicit = {a.split("=", 1)[0].lstrip("+~") for a in args}
-        from mgpr.predict import run
+        from mgpr.run.predict import run
 
         code = run(cfg, explicit_keys=explicit)
     except MgprError as exc:

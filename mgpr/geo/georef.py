@@ -24,7 +24,7 @@ import numpy.typing as npt
 import rasterio.windows
 from affine import Affine
 
-from mgpr.tiling import Tile, as_boxes, tile_window, valid_window
+from mgpr.geo.tiling import Tile, as_boxes, tile_window, valid_window
 
 __all__ = [
     "boxes_to_rings",
@@ -38,7 +38,8 @@ __all__ = [
 def tile_transform(tile: Tile, raster_transform: Affine) -> Affine:
     """Return the affine transform of a tile's (padded) window.
 
-    Derived with :func:`rasterio.windows.transform` from :func:`mgpr.tiling.tile_window`: it maps
+    Derived with :func:`rasterio.windows.transform` from :func:`mgpr.geo.tiling.tile_window`: it
+    maps
     TILE pixel corner coordinates ``(col, row)`` to map ``(x, y)``; the padded part extends the
     same grid past the raster.
 

@@ -20,7 +20,7 @@ from typing import Annotated
 import typer
 
 from mgpr.errors import EXIT_USAGE, ConfigError, MgprError, OutputError
-from mgpr.slurm import render_job_script
+from mgpr.run.slurm import render_job_script
 
 app = typer.Typer(
     add_completion=False,
@@ -33,7 +33,7 @@ _OVERRIDE_KEY_RE = re.compile(r"^[+~]{0,2}([A-Za-z_][A-Za-z0-9_.]*)(=|$)")
 
 def _check_keys(overrides: list[str]) -> None:
     """Refuse unknown mgpr keys now, not hours later when the job starts."""
-    from mgpr.config import closest_key, config_keys
+    from mgpr.conf.load import closest_key, config_keys
 
     keys = set(config_keys())
     for item in overrides:

@@ -243,7 +243,8 @@ class TileLoader(DataLoader[Any]):
 
     Same constructor as ``DataLoader`` (so Lightning can re-create it with its own batch
     sampler). The pool is used when the dataset has a ``batch_pool`` attribute (e.g.
-    :class:`mgpr.data.TileDataset`) and there are workers; otherwise it is a plain DataLoader.
+    :class:`mgpr.data.dataset.TileDataset`) and there are workers; otherwise it is a plain
+    DataLoader.
     """
 
     def __iter__(self) -> Any:

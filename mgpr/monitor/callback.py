@@ -1,10 +1,11 @@
 """Run monitor: is the multi-GPU job using its GPUs, and is data loading holding it back?
 
 :class:`RunMonitor` is a Lightning callback. On every rank it samples the rank's OWN GPU (found
-from the local CUDA device, never the global rank; see :mod:`mgpr.gpu_monitor`) on a daemon
+from the local CUDA device, never the global rank; see :mod:`mgpr.monitor.gpu`) on a daemon
 thread, times every predict batch (data wait vs compute), takes stage times the lead's code
 reports (:meth:`RunMonitor.record_stage`), shows whole-job progress on rank 0, and at the end
-writes one report part per rank. :func:`mgpr.report.build_report` (rank 0, after the barrier)
+writes one report part per rank. :func:`mgpr.monitor.report.build_report` (rank 0, after the
+barrier)
 merges the parts into ``report.json`` + ``report.png``.
 
 Wiring (lead)::
@@ -97,7 +98,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_utilities.core.rank_zero import rank_prefixed_message
 
 from mgpr.errors import ConfigError
-from mgpr.gpu_monitor import (
+from mgpr.monitor.gpu import (
     MAX_SAMPLES,
     DeviceSampler,
     GpuBackend,
@@ -108,8 +109,8 @@ from mgpr.gpu_monitor import (
     physical_gpu_for_local_device,
     resolve_gpu,
 )
-from mgpr.report import build_report, format_report  # re-exported
-from mgpr.rundir import write_json_atomic
+from mgpr.monitor.report import build_report, format_report  # re-exported
+from mgpr.outputs.rundir import write_json_atomic
 
 __all__ = [
     "PROFILERS",

@@ -15,7 +15,7 @@ dict:
 A batch from :meth:`TileDataset.__getitems__` holds ``image`` (B, C, H, W), ``index`` and
 ``status`` as int64 numpy arrays (B,) (each tensor would cost the main process a file-descriptor
 hand-over per batch), ``reason`` (list of B str) and ``pool_slot`` (int, see
-:mod:`mgpr.batch_pool`). Samples stacked by ``default_collate`` give tensors instead; consumers
+:mod:`mgpr.data.batch_pool`). Samples stacked by ``default_collate`` give tensors instead; consumers
 read both through ``np.asarray``.
 """
 
@@ -30,9 +30,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from mgpr.batch_pool import NO_SLOT, SharedBatchPool, new_shared_uint8
-from mgpr.raster import TileReader
-from mgpr.tiling import Tile
+from mgpr.data.batch_pool import NO_SLOT, SharedBatchPool, new_shared_uint8
+from mgpr.geo.raster import TileReader
+from mgpr.geo.tiling import Tile
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class TileDataset(Dataset[dict[str, Any]]):
         self.reader = reader
         self.check_mask_paths = set(check_mask_paths)
         self.bands = {p: len(b) for p, b in reader.bands_by_path.items()}
-        #: set by :class:`mgpr.batch_pool.TileLoader` before its workers fork
+        #: set by :class:`mgpr.data.batch_pool.TileLoader` before its workers fork
         self.batch_pool: SharedBatchPool | None = None
 
     def __len__(self) -> int:
@@ -102,7 +102,7 @@ class TileDataset(Dataset[dict[str, Any]]):
         The DataLoader's fetcher calls this instead of ``__getitem__`` per index. Inside a
         worker the batch lives in shared memory from the start, so neither ``torch.stack`` in
         the collate nor the hand-over to the main process copies the pixels (they are decoded
-        once, into their final place); with a :class:`~mgpr.batch_pool.SharedBatchPool` the
+        once, into their final place); with a :class:`~mgpr.data.batch_pool.SharedBatchPool` the
         shared buffer is one the main process has finished with, pages already mapped. Returns a
         :class:`TileBatch`: a list of samples (views into the batch, so any collate works)
         carrying the batch, which :func:`collate_tiles` passes through uncopied. Tiles with

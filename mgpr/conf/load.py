@@ -123,7 +123,7 @@ def _at_least(name: str, value: float | int | None, minimum: float, fix: str) ->
 
 
 def _check_ranges(cfg: PredictConfig) -> None:
-    from mgpr.tiling import validate_tiling
+    from mgpr.geo.tiling import validate_tiling
 
     validate_tiling(cfg.tile_size, cfg.overlap)
     _at_least("batch_size", cfg.batch_size, 1, "try batch_size=8")

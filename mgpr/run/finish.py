@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 
 from mgpr.conf.schema import PredictConfig
-from mgpr.raster import RasterInfo
-from mgpr.rundir import write_json_atomic
-from mgpr.writers import merge_run
+from mgpr.geo.raster import RasterInfo
+from mgpr.outputs.rundir import write_json_atomic
+from mgpr.outputs.shards import merge_run
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +52,7 @@ def demo_check(output: Path, truth_path: Path, layer: str = "detections") -> dic
     """
     import pyogrio
 
-    from mgpr.testimage import read_truth
+    from mgpr.testimage.generator import read_truth
 
     truth = read_truth(truth_path)
     _meta, _fids, _geom, data = pyogrio.raw.read(
@@ -210,7 +210,7 @@ def finish_run(
 
 
 def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
-    from mgpr.tiling import tile_grid
+    from mgpr.geo.tiling import tile_grid
 
     return tile_grid(info.height, info.width, cfg.tile_size, cfg.overlap).n_tiles
 
@@ -229,7 +229,7 @@ def _report(
     """
     import os
 
-    from mgpr.report import build_report, format_report
+    from mgpr.monitor.report import build_report, format_report
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     untiled = [r for r in rasters if r.block_shape[1] >= r.width and r.width > 512]

@@ -26,7 +26,7 @@ from typing import Any
 
 from mgpr.conf.schema import PredictConfig
 from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, MgprError, ModelError
-from mgpr.rundir import (
+from mgpr.outputs.rundir import (
     RUN_DIR_ENV,
     check_writable,
     prepare_run_dir,
@@ -136,7 +136,7 @@ def _resolve_devices(cfg: PredictConfig, accelerator: str) -> tuple[int, int, An
     """(devices per node, num_nodes, SLURM task or None) after the SLURM checks."""
     import torch
 
-    from mgpr import slurm
+    from mgpr.run import slurm
 
     task = slurm.read_slurm_task(os.environ)
     if task is not None:
@@ -187,7 +187,7 @@ def _demo_image(
     Raises:
         RankJoinError: rank 0 did not write the image within ``join_timeout_s``.
     """
-    from mgpr.testimage import TestImageSpec, write_test_image
+    from mgpr.testimage.generator import TestImageSpec, write_test_image
 
     path = run_dir / "demo" / "demo_ortho.tif"
     truth = path.with_name(f"{path.stem}_truth.gpkg")
@@ -487,7 +487,7 @@ def _predict_and_finish(
     tiles: list[Any] = []
     bands: dict[str, list[int]] = {}
     if not cfg.use_fake_data:
-        from mgpr.raster import describe_raster, resolve_inputs
+        from mgpr.geo.raster import describe_raster, resolve_inputs
 
         if demo:
             image, truth_path = _demo_image(run_dir, cfg, rank, cfg.tile_size, cfg.overlap)
@@ -500,8 +500,8 @@ def _predict_and_finish(
         rasters = [describe_raster(path) for path in resolve_inputs(input_path)]
     adapter = _build_adapter(cfg, model_name, rank)  # warns itself about random weights
     if not cfg.use_fake_data:
-        from mgpr.raster import check_bands
-        from mgpr.tiling import plan_tiles
+        from mgpr.geo.raster import check_bands
+        from mgpr.geo.tiling import plan_tiles
 
         for info in rasters:
             if info.crs_wkt is None and rank == 0:
@@ -525,7 +525,7 @@ def _predict_and_finish(
             log.info("resuming the run in %s: finished tiles are skipped", run_dir)
     precision = resolve_precision(cfg.precision, accelerator)
 
-    from mgpr.trainer_setup import run_predict
+    from mgpr.run.trainer import run_predict
 
     try:
         stats = run_predict(
@@ -549,7 +549,7 @@ def _predict_and_finish(
         raise
     if stats["global_rank"] != 0:
         return 0
-    from mgpr.summary import finish_run
+    from mgpr.run.finish import finish_run
 
     summary = finish_run(
         cfg,

@@ -30,7 +30,7 @@ from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags
 
 from mgpr.errors import ConfigError, InputError
-from mgpr.tiling import Tile, tile_window, valid_window
+from mgpr.geo.tiling import Tile, tile_window, valid_window
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,8 @@
 """The Lightning callback that streams each rank's predictions into its shard.
 
 It subclasses Lightning's ``BasePredictionWriter`` (``write_interval="batch"``) and hands each
-batch's :class:`~mgpr.writers.TileOutcome` list to a :class:`~mgpr.writers.BackgroundShardWriter`
+batch's :class:`~mgpr.outputs.shards.TileOutcome` list to a
+:class:`~mgpr.outputs.shards.BackgroundShardWriter`
 thread, so disk IO overlaps with the next batch's compute. On an exception (Ctrl-C, SIGTERM,
 out of memory) every batch already queued is still written before the error propagates: the
 tiles finished so far are kept for a resume.
@@ -17,8 +18,8 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mgpr.raster import RasterInfo
-from mgpr.writers import BackgroundShardWriter, ShardStore, shard_path
+from mgpr.geo.raster import RasterInfo
+from mgpr.outputs.shards import BackgroundShardWriter, ShardStore, shard_path
 
 log = logging.getLogger(__name__)
 

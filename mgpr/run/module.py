@@ -4,7 +4,7 @@ Per batch (``predict_step``): tiles flagged empty or failed by the dataset skip 
 rest go through ``adapter.prepare`` (uint8 -> normalised float ON THE DEVICE), the network under
 Lightning's ``inference_mode`` and precision plugin (autocast), and ``adapter.postprocess`` into
 plain per-tile records in TILE pixel coordinates. The records are returned to the
-:class:`~mgpr.predict_writer.PredictionShardWriter` callback, which writes them to the rank's
+:class:`~mgpr.run.writer_callback.PredictionShardWriter` callback, which writes them to the rank's
 shard; nothing is kept (``trainer.predict(..., return_predictions=False)``).
 """
 
@@ -18,10 +18,10 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from mgpr.data import STATUS_OK
+from mgpr.data.dataset import STATUS_OK
+from mgpr.geo.tiling import Tile
 from mgpr.models.base import Classification, Detections, ModelAdapter
-from mgpr.tiling import Tile
-from mgpr.writers import TileOutcome
+from mgpr.outputs.shards import TileOutcome
 
 
 class InferenceModule(pl.LightningModule):

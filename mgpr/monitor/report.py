@@ -3,13 +3,13 @@
 Runs on rank 0 after all ranks finished (the lead's barrier). Imports no Lightning; matplotlib
 is imported (Agg backend) only inside :func:`plot_report`.
 
-``run_dir/report.json`` (schema ``mgpr.report/1``). GiB = 2**30 bytes; a share is a fraction
+``run_dir/report.json`` (schema ``mgpr.monitor.report/1``). GiB = 2**30 bytes; a share is a fraction
 0-1 of the rank's wall time; null = not measured (no NVML, MIG, CPU run):
 
 ===============================  ========  ==================================================
 key                              type      meaning (unit)
 ===============================  ========  ==================================================
-schema                           str       ``"mgpr.report/1"``
+schema                           str       ``"mgpr.monitor.report/1"``
 created_unix_s                   float     when the report was built (s since epoch)
 world_size                       int       ranks the job started
 ranks_reported                   list[int] ranks whose part was read
@@ -38,7 +38,7 @@ ranks[]                          list      one row per reported rank (= per GPU)
   util_avg_pct, util_peak_pct    float|null NVML utilisation: % of time a kernel ran
   samples                        int       monitor samples taken
   batches, tiles                 int
-  wall_s, data_wait_s,           float     seconds (see mgpr.profiling timing model)
+  wall_s, data_wait_s,           float     seconds (see mgpr.monitor.callback timing model)
   compute_s
   stages_s                       obj       stage -> blocking seconds (``write``, ``postprocess``)
   tiles_per_s                    float     tiles / wall_s
@@ -72,11 +72,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mgpr.rundir import write_json_atomic
+from mgpr.outputs.rundir import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
-REPORT_SCHEMA = "mgpr.report/1"
+REPORT_SCHEMA = "mgpr.monitor.report/1"
 GIB = float(2**30)
 
 #: Ranks waiting for tiles at least this share of the wall time -> "data-bound".

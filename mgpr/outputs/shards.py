@@ -18,7 +18,7 @@ Shards
 
 Merge (rank 0, after every rank finished)
     :func:`merge_run` reads every shard, de-duplicates detections across tile seams, turns
-    pixels into map coordinates (:mod:`mgpr.georef`) and writes ``predictions.gpkg`` to a
+    pixels into map coordinates (:mod:`mgpr.geo.georef`) and writes ``predictions.gpkg`` to a
     temporary name in the run directory before ``os.replace``: the final file appears whole or
     not at all.
 """
@@ -42,9 +42,9 @@ import numpy as np
 import numpy.typing as npt
 
 from mgpr.errors import OutputError
-from mgpr.georef import boxes_to_rings, tile_footprint_ring
-from mgpr.raster import RasterInfo
-from mgpr.tiling import Tile, TileId, box_touches_tile_edge, plan_tiles
+from mgpr.geo.georef import boxes_to_rings, tile_footprint_ring
+from mgpr.geo.raster import RasterInfo
+from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge, plan_tiles
 
 log = logging.getLogger(__name__)
 

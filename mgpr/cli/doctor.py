@@ -23,7 +23,7 @@ from typing import Annotated
 import typer
 
 from mgpr.errors import SlurmMismatchError
-from mgpr.slurm import check_slurm_task, read_slurm_task
+from mgpr.run.slurm import check_slurm_task, read_slurm_task
 
 app = typer.Typer(
     add_completion=False,
@@ -225,8 +225,8 @@ def check_shared_memory(
     Workers hand batches to their rank through shared memory; when it runs out a worker dies of
     SIGBUS mid-run. Unset options take the run's defaults.
     """
-    from mgpr.batch_pool import SHM_PATH, shared_memory_free, shared_memory_need
     from mgpr.conf.schema import PredictConfig
+    from mgpr.data.batch_pool import SHM_PATH, shared_memory_free, shared_memory_need
 
     defaults = PredictConfig()
     workers = defaults.workers if workers is None else workers

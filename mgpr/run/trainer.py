@@ -2,7 +2,7 @@
 
 Distribution is Lightning's (DDP, SLURMEnvironment, ``num_nodes``); sharding is ours
 (``use_distributed_sampler=False``): each rank predicts a static, contiguous slice of the tile
-plan (:func:`mgpr.data.shard_tiles`) minus the tiles an earlier run of the same job already
+plan (:func:`mgpr.data.dataset.shard_tiles`) minus the tiles an earlier run of the same job already
 finished. The subtraction happens in :meth:`TileDataModule.setup`, i.e. after the process group
 exists, so a rank never reads the shards while rank 0 is still clearing them (``overwrite``).
 """
@@ -22,15 +22,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from mgpr.batch_pool import PREFETCH_FACTOR, TileLoader
 from mgpr.conf.schema import PredictConfig
-from mgpr.data import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
-from mgpr.module import InferenceModule
-from mgpr.predict_writer import PredictionShardWriter
-from mgpr.profiling import RunMonitor, make_profiler
-from mgpr.raster import RasterInfo, TileReader
-from mgpr.tiling import Tile
-from mgpr.writers import count_written_tiles, finished_tile_keys
+from mgpr.data.batch_pool import PREFETCH_FACTOR, TileLoader
+from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
+from mgpr.geo.raster import RasterInfo, TileReader
+from mgpr.geo.tiling import Tile
+from mgpr.monitor.callback import RunMonitor, make_profiler
+from mgpr.outputs.shards import count_written_tiles, finished_tile_keys
+from mgpr.run.module import InferenceModule
+from mgpr.run.writer_callback import PredictionShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def make_dataloader(
     Workers fork on Linux (spawn re-imports torch + Lightning, seconds per worker) and open
     rasters lazily; each keeps ``prefetch_factor`` batches ready. :func:`collate_tiles` passes
     the batches :class:`TileDataset` decodes straight into shared memory through uncopied;
-    :class:`~mgpr.batch_pool.TileLoader` lets the workers reuse those shared buffers once the
+    :class:`~mgpr.data.batch_pool.TileLoader` lets the workers reuse those shared buffers once the
     main process is done with them.
     """
     kwargs: dict[str, Any] = {}

@@ -1,0 +1,1 @@
+"""Entry points: mgpr, mgpr-test-image, mgpr-fetch-weights, mgpr-doctor, mgpr-slurm-job."""

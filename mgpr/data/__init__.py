@@ -1,0 +1,1 @@
+"""Datasets, sample schema, shared-memory batch pool and loader (CPU side, no Lightning)."""

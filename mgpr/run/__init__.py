@@ -1,0 +1,1 @@
+"""Orchestration: Lightning wiring (Trainer, DataModule, LightningModule), signals, SLURM."""
