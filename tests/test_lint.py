@@ -33,3 +33,11 @@ def test_mypy_strict_core_modules() -> None:
         text=True,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
+
+
+def test_import_layers_contract() -> None:
+    """A wrong-way import (geo importing torch, data importing run/, ...) fails the suite."""
+    exe = Path(sys.executable).with_name("lint-imports")
+    proc = subprocess.run([str(exe)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "broken" in proc.stdout and " 0 broken" in proc.stdout

@@ -1,0 +1,1 @@
+"""One module per task (classification, detection): output type, per-tile records, merge."""
