@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mgpr_run import run_mgpr
 
-from mgpr.testimage.generator import TestImageSpec, write_test_image
+from mgpr.testimage import TestImageSpec, write_test_image
 
 
 def run(path: Path, a: argparse.Namespace, out: Path) -> tuple[float, float, int, float]:

@@ -52,7 +52,7 @@ from mgpr.geo.tiling import plan_tiles
 from mgpr.models import build_model
 from mgpr.run.predict import cpu_has_fast_bf16
 from mgpr.run.trainer import make_dataloader
-from mgpr.testimage.generator import TestImageResult, TestImageSpec, write_test_image
+from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
 
 RESULTS: dict[str, Any] = {"rows": {}, "ratios": {}, "skipped": {}}
 

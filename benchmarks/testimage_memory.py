@@ -1,5 +1,5 @@
 """Time and peak memory of writing one synthetic test image
-(mgpr.testimage.generator.write_test_image).
+(mgpr.testimage.write_test_image).
 
 Run in a fresh process (peak RSS is the whole process's ``ru_maxrss``), e.g.::
 
@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mgpr.testimage.generator import TestImageSpec, write_test_image
+from mgpr.testimage import TestImageSpec, write_test_image
 
 
 def _rss_mib() -> float:

@@ -12,7 +12,7 @@ import pytest
 import shapely
 from hypothesis import settings
 
-from mgpr.testimage.generator import TestImageResult, TestImageSpec, write_test_image
+from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
 
 # Property tests are deterministic: the same examples on every run and machine (CI included).
 settings.register_profile("mgpr", derandomize=True, deadline=None, print_blob=True)

@@ -22,7 +22,7 @@ import pytest
 from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
 
 from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, EXIT_USAGE
-from mgpr.testimage.generator import TestImageSpec, corrupt_block, write_test_image
+from mgpr.testimage import TestImageSpec, corrupt_block, write_test_image
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

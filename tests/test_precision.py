@@ -8,7 +8,7 @@ import torch
 
 import mgpr.run.predict as predict
 from mgpr.models import build_model
-from mgpr.testimage.generator import TestImageSpec, render_block
+from mgpr.testimage import TestImageSpec, render_block
 
 # Stated tolerance (README): top-1 class agreement >= 90 % of tiles and softmax probabilities
 # within 0.05 of fp32, for resnet50 under bf16 autocast + channels_last.

@@ -76,7 +76,7 @@ def build(weights="none"):
 def submit_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A submit dir outside the repository: a 25-tile image, gate_model.py, slurm_logs/."""
     require_slurm()
-    from mgpr.testimage.generator import TestImageSpec, write_test_image
+    from mgpr.testimage import TestImageSpec, write_test_image
 
     root = tmp_path_factory.mktemp("submit")
     (root / "slurm_logs").mkdir()

@@ -27,7 +27,7 @@ from typer.testing import CliRunner
 
 from mgpr.cli.testimage import app, parse_overrides
 from mgpr.errors import EXIT_USAGE, ConfigError, InputError, OutputError
-from mgpr.testimage.generator import (
+from mgpr.testimage import (
     BACKGROUND_MAX,
     OBJECT_GAP_PX,
     PlantedObject,
@@ -329,7 +329,7 @@ def test_placement_properties(
 
 def test_object_max_clipped_to_overlap(caplog: pytest.LogCaptureFixture) -> None:
     spec = TestImageSpec(height=800, width=800, objects=10, object_max_px=60, overlap=20)
-    with caplog.at_level(logging.WARNING, logger="mgpr.testimage.generator"):
+    with caplog.at_level(logging.WARNING, logger="mgpr.testimage"):
         objs = place_objects(spec)
     assert max(max(o.height, o.width) for o in objs) <= 20
     assert "overlap=20" in caplog.text
@@ -397,7 +397,7 @@ def test_read_truth_missing_file(tmp_path: Path) -> None:
 
 def test_library_imports_no_cli_or_torch() -> None:
     code = (
-        "import sys, mgpr.testimage.generator; "
+        "import sys, mgpr.testimage; "
         "print([m for m in ('typer', 'torch', 'lightning') if m in sys.modules])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

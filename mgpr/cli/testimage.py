@@ -4,7 +4,7 @@ Example::
 
     mgpr-test-image image_size=10000 image_path=test_image.tif objects=50 nodata=border
 
-Keys are the fields of :class:`mgpr.testimage.generator.TestImageSpec` plus the original demo's
+Keys are the fields of :class:`mgpr.testimage.TestImageSpec` plus the original demo's
 ``image_size`` (square side, pixels) and ``image_path`` (output GeoTIFF, alias ``output``).
 A bad key or value prints one line on stderr and exits with :data:`mgpr.errors.EXIT_USAGE`.
 The result (path, size, file size, compression ratio, objects, truth path) is one line on stdout.
@@ -22,7 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from mgpr.errors import EXIT_USAGE, ConfigError, MgprError
-from mgpr.testimage.generator import TestImageSpec, write_test_image
+from mgpr.testimage import TestImageSpec, write_test_image
 
 __all__ = ["app", "main", "parse_overrides"]
 

@@ -52,7 +52,7 @@ def demo_check(output: Path, truth_path: Path, layer: str = "detections") -> dic
     """
     import pyogrio
 
-    from mgpr.testimage.generator import read_truth
+    from mgpr.testimage import read_truth
 
     truth = read_truth(truth_path)
     _meta, _fids, _geom, data = pyogrio.raw.read(

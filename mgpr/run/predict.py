@@ -187,7 +187,7 @@ def _demo_image(
     Raises:
         RankJoinError: rank 0 did not write the image within ``join_timeout_s``.
     """
-    from mgpr.testimage.generator import TestImageSpec, write_test_image
+    from mgpr.testimage import TestImageSpec, write_test_image
 
     path = run_dir / "demo" / "demo_ortho.tif"
     truth = path.with_name(f"{path.stem}_truth.gpkg")

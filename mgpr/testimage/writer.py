@@ -1,0 +1,187 @@
+"""Write a test image: a tiled, compressed GeoTIFF streamed block by block, plus its truth.
+
+:func:`write_test_image` writes a uint8 GeoTIFF of ``height x width`` pixels and 1..4 bands, tiled
+in ``block_size`` blocks, DEFLATE/ZSTD compressed with ``PREDICTOR=2``, BigTIFF when needed. It
+streams block by block, so a 40000 x 40000 x 3 image needs little memory (the GDAL block cache is
+capped at :data:`GDAL_CACHE_BYTES` during the write). With ``nodata_mode="value"`` the file's
+nodata value is 0 (valid pixels are never 0); with ``nodata_mode="mask"`` the file carries a GDAL
+internal mask band (``GDAL_TIFF_INTERNAL_MASK``) that is 0 in the nodata region and 255
+elsewhere, and no nodata value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mgpr.errors import ConfigError, OutputError
+from mgpr.testimage.layout import nodata_mask, place_objects
+from mgpr.testimage.render import render_block
+from mgpr.testimage.spec import PlantedObject, TestImageResult, TestImageSpec, map_transform
+from mgpr.testimage.truth import truth_path_for, write_truth
+
+log = logging.getLogger(__name__)
+
+#: GDAL block cache during the write, bytes; bounds memory for huge images.
+GDAL_CACHE_BYTES = 64 * 1024 * 1024
+
+
+def _overview_factors(spec: TestImageSpec) -> list[int]:
+    factors = []
+    f = 2
+    while max(spec.height, spec.width) / (f // 2) > 256:
+        factors.append(f)
+        f *= 2
+    return factors
+
+
+@contextlib.contextmanager
+def _temp_beside(path: Path, suffix: str) -> Iterator[Path]:
+    """A fresh temp name in ``path``'s directory (hidden, ending in ``.tmp<suffix>``).
+
+    The file is created by whoever writes it (so it gets the umask's usual mode, unlike
+    ``mkstemp``'s 0600) and removed here if it is still there on exit: the caller
+    ``os.replace``s it onto the final name on success.
+    """
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _blocks(spec: TestImageSpec) -> Iterator[tuple[int, int, int, int]]:
+    bs = spec.block_size
+    for r in range(0, spec.height, bs):
+        for c in range(0, spec.width, bs):
+            yield r, c, min(bs, spec.height - r), min(bs, spec.width - c)
+
+
+def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ...]) -> None:
+    import rasterio
+    from rasterio.enums import Resampling
+    from rasterio.errors import NotGeoreferencedWarning
+    from rasterio.windows import Window
+
+    profile: dict[str, Any] = {
+        "driver": "GTiff",
+        "width": spec.width,
+        "height": spec.height,
+        "count": spec.bands,
+        "dtype": "uint8",
+        "tiled": True,
+        "blockxsize": spec.block_size,
+        "blockysize": spec.block_size,
+        "interleave": "pixel",
+        "bigtiff": "IF_SAFER",
+        "num_threads": "ALL_CPUS" if spec.num_threads == 0 else str(spec.num_threads),
+    }
+    if spec.compress != "none":
+        profile.update(compress=spec.compress.upper(), predictor=2)
+    if spec.bands >= 3:
+        profile["photometric"] = "RGB"
+    if spec.crs is not None:
+        profile["crs"] = spec.crs
+        profile["transform"] = map_transform(spec)
+    use_mask = spec.nodata != "none" and spec.nodata_mode == "mask"
+    if spec.nodata != "none" and spec.nodata_mode == "value":
+        profile["nodata"] = 0
+    env = {"GDAL_CACHEMAX": GDAL_CACHE_BYTES // (1024 * 1024), "GDAL_TIFF_INTERNAL_MASK": True}
+    with rasterio.Env(**env), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # crs=none is deliberate
+        with rasterio.open(tmp, "w", **profile) as dst:
+            dst.update_tags(MGPR_TESTIMAGE=json.dumps(dataclasses.asdict(spec), sort_keys=True))
+            for r, c, h, w in _blocks(spec):
+                window = Window(c, r, w, h)  # rasterio: columns first
+                block = render_block(spec, r, c, h, w, objects)
+                dst.write(block, window=window)
+                if use_mask:
+                    valid = ~nodata_mask(spec, r, c, h, w)
+                    dst.write_mask(valid.astype(np.uint8) * np.uint8(255), window=window)
+        if spec.overviews:
+            factors = _overview_factors(spec)
+            if factors:
+                ov_env: dict[str, Any] = {"COMPRESS_OVERVIEW": spec.compress.upper()}
+                if spec.compress != "none":
+                    ov_env["PREDICTOR_OVERVIEW"] = 2
+                with rasterio.Env(**ov_env), rasterio.open(tmp, "r+") as dst:
+                    dst.build_overviews(factors, Resampling.average)
+                    dst.update_tags(ns="rio_overview", resampling="average")
+
+
+def write_test_image(path: str | Path, spec: TestImageSpec) -> TestImageResult:
+    """Write a synthetic GeoTIFF (and its truth GeoPackage when ``spec.objects > 0``).
+
+    Both files are written to temp names in the target directory and then ``os.replace``d, so a
+    reader never sees a half-written file; an existing file is overwritten. A stale
+    ``<stem>_truth.gpkg`` from an earlier run with objects is removed when ``objects=0``.
+
+    Args:
+        path: output GeoTIFF; parent directories are created.
+        spec: what to write (validated on construction).
+
+    Returns:
+        Paths, sizes (bytes) and the planted objects.
+
+    Raises:
+        ConfigError: when the objects do not fit the raster.
+        OutputError: when the files cannot be written.
+    """
+    from pyogrio.errors import DataLayerError, DataSourceError
+    from rasterio.errors import RasterioError
+
+    if not isinstance(spec, TestImageSpec):
+        raise ConfigError(f"spec={spec!r} is not a TestImageSpec; build one with TestImageSpec().")
+    path = Path(path)
+    truth_path = truth_path_for(path)
+    objects = place_objects(spec)
+    t0 = time.perf_counter()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _temp_beside(path, ".tif") as tmp_img, _temp_beside(path, ".gpkg") as tmp_truth:
+            _write_tiff(tmp_img, spec, objects)
+            if objects:
+                write_truth(tmp_truth, spec, objects)
+            os.replace(tmp_img, path)
+            if objects:
+                os.replace(tmp_truth, truth_path)
+            elif truth_path.exists():
+                log.info("Removing stale truth file %s (objects=0).", truth_path)
+                truth_path.unlink()
+    except (OSError, RasterioError, DataSourceError, DataLayerError) as exc:
+        detail = " ".join(str(exc).split())  # GDAL messages can span lines
+        raise OutputError(
+            f"cannot write test image to {str(path)!r} ({detail}); choose a writable image_path."
+        ) from exc
+    file_bytes = path.stat().st_size
+    raw_bytes = spec.width * spec.height * spec.bands
+    result = TestImageResult(
+        path=path,
+        truth_path=truth_path if objects else None,
+        file_bytes=file_bytes,
+        raw_bytes=raw_bytes,
+        objects=objects,
+    )
+    log.info(
+        "Wrote %s (%dx%dx%d, %.1f MB, ratio %.2f) in %.1f s.",
+        path,
+        spec.width,
+        spec.height,
+        spec.bands,
+        file_bytes / 1e6,
+        result.compression_ratio,
+        time.perf_counter() - t0,
+    )
+    return result
