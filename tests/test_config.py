@@ -105,3 +105,16 @@ def test_help_lists_every_key() -> None:
 def test_null_model_name_is_not_yaml_null() -> None:
     assert load_config(["model=null"]).model == "null"
     assert load_config(["weights=null"]).weights == "none"
+
+
+def test_every_key_has_help_metadata() -> None:
+    import dataclasses
+
+    from mgpr.conf.schema import PredictConfig
+
+    text = describe_keys()
+    for field in dataclasses.fields(PredictConfig):
+        help_text = field.metadata.get("help", "")
+        assert help_text.strip(), f"{field.name} has no help"
+        assert help_text in text
+    assert "overlap=0 " in text and "overwrite=false " in text and "input_path=null " in text

@@ -193,21 +193,15 @@ def load_config(overrides: Sequence[str]) -> PredictConfig:
 
 
 def describe_keys() -> str:
-    """Help text: every key with its default and the comment from the schema source."""
-    import inspect
+    """Help text: every key with its default and its help, from the schema's field metadata."""
+    from mgpr.conf.schema import SECTIONS
 
-    import mgpr.conf.schema as schema
-
-    source = inspect.getsource(schema.PredictConfig)
     lines = []
-    for line in source.splitlines():
-        stripped = line.strip()
-        if stripped.startswith("# ---"):
-            lines.append("")
-            lines.append(stripped[2:].strip("- ").upper())
-            continue
-        match = re.match(r"(\w+): [^=]+= (.+?)\s+#\s*(.*)$", stripped)
-        if match:
-            name, default, text = match.groups()
-            lines.append(f"  {name + '=' + default:<28} {text}")
+    for field in dataclasses.fields(PredictConfig):
+        if field.name in SECTIONS:
+            lines += ["", SECTIONS[field.name].upper()]
+        default = field.default_factory() if callable(field.default_factory) else field.default
+        text = "null" if default is None else str(default)
+        shown = f"{field.name}={text.lower() if isinstance(default, bool) else text}"
+        lines.append(f"  {shown:<28} {field.metadata['help']}")
     return "\n".join(lines)
