@@ -20,25 +20,19 @@ import time
 
 import torch
 
-from mgpr.monitor.gpu import (
-    DeviceSampler,
-    open_nvml_backend,
-    physical_gpu_for_local_device,
-    resolve_gpu,
-)
+from mgpr.monitor.nvml import open_nvml
+from mgpr.monitor.sampler import DeviceSampler
 
 
 def make_sampler(interval_s: float) -> DeviceSampler:
     """A sampler like a rank's: NVML + torch.cuda on a GPU machine, host RSS otherwise."""
     if torch.cuda.is_available():
-        backend, _ = open_nvml_backend()
+        nvml, _ = open_nvml()
         gpu = None
-        if backend is not None:
-            import os
-
-            gpu = resolve_gpu(physical_gpu_for_local_device(0, os.environ), backend)
-        return DeviceSampler(gpu=gpu, backend=backend, torch_device_index=0, interval_s=interval_s)
-    return DeviceSampler(gpu=None, backend=None, torch_device_index=None, interval_s=interval_s)
+        if nvml is not None:
+            gpu = nvml.gpu(str(torch.cuda.get_device_properties(0).uuid))
+        return DeviceSampler(gpu=gpu, nvml=nvml, torch_device_index=0, interval_s=interval_s)
+    return DeviceSampler(gpu=None, nvml=None, torch_device_index=None, interval_s=interval_s)
 
 
 def work(iterations: int) -> tuple[float, float]:

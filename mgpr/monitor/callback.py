@@ -1,27 +1,12 @@
 """Run monitor: is the multi-GPU job using its GPUs, and is data loading holding it back?
 
-:class:`RunMonitor` is a Lightning callback. On every rank it samples the rank's OWN GPU (found
-from the local CUDA device, never the global rank; see :mod:`mgpr.monitor.gpu`) on a daemon
-thread, times every predict batch (data wait vs compute), takes stage times the lead's code
-reports (:meth:`RunMonitor.record_stage`), shows whole-job progress on rank 0, and at the end
-writes one report part per rank. :func:`mgpr.monitor.report.build_report` (rank 0, after the
-barrier)
-merges the parts into ``report.json`` + ``report.png``.
-
-Wiring (lead)::
-
-    monitor = RunMonitor(run_dir, total_tiles=n_tiles_all_ranks, progress=sys.stderr.isatty(),
-                         progress_source=lambda: count_done_rows(run_dir))
-    trainer = Trainer(..., callbacks=[writer, monitor], enable_progress_bar=False,
-                      profiler=make_profiler(cfg.profiler, run_dir))
-    # in the module / writer (main thread, blocking time only):
-    with monitor.stage("postprocess"): records = adapter.postprocess(out)
-    monitor.record_stage("write", seconds)
-    trainer.predict(..., return_predictions=False)
-    # all ranks: barrier; then rank 0:
-    report = build_report(run_dir, world_size, {"workers": 2, "batch_size": 16,
-                          "precision": "bf16-mixed", "cpus_per_task": 16})
-    print(format_report(report))
+:class:`RunMonitor` is a Lightning callback. On every rank it samples the rank's OWN GPU on a
+daemon thread (found by the uuid of its local CUDA device, never by the global rank; see
+:mod:`mgpr.monitor.nvml`), times every predict batch (data wait vs compute), takes the stage
+times the module and the writer report (:meth:`RunMonitor.record_stage`), shows whole-job
+progress on rank 0 (:mod:`mgpr.monitor.progress`), and at the end writes one report part per
+rank. :func:`mgpr.monitor.report.build_report` (rank 0, once every rank is done) merges the
+parts into ``report.json`` + ``report.png``.
 
 Timing model, per rank (all seconds, monotonic clock)::
 
@@ -37,58 +22,17 @@ Timing model, per rank (all seconds, monotonic clock)::
                   threads goes to stages_background_s (overlapped, not part of the partition).
     other       = wall_s - data_wait_s - compute_s - sum(stages_s) (hooks, epoch end, tail).
 
-Report part ``run_dir/report_parts/rank{global_rank}.json`` (schema ``mgpr.report_part/1``):
-
-    ============================  =======  =========================================================
-    key                           type     meaning (unit)
-    ============================  =======  =========================================================
-    schema                        str      ``"mgpr.report_part/1"``
-    status                        str      ``"finished"``, or ``"failed"`` (from on_exception)
-    error                         str|null exception type and message when failed
-    hostname                      str      node name (SLURMD_NODENAME under SLURM, else host)
-    global_rank, local_rank,      int      Lightning ranks; world_size = number of ranks
-    node_rank, world_size
-    device                        str      ``"cuda:0"`` (local ordinal) or ``"cpu"``
-    monitor_source                str      ``"nvml"``, ``"nvml-mig"`` (memory only), ``"torch"``
-                                           (CUDA without NVML) or ``"host"`` (CPU: RSS only)
-    gpu                           obj|null name, uuid, physical_index (NVML index, null for MIG),
-                                           memory_total_bytes (bytes), mig (bool), selector_source
-    host_memory_total_bytes       int      physical memory of the node (bytes)
-    interval_s                    float    sampling interval (s)
-    wall_s, data_wait_s,          float    see timing model (s)
-    compute_s
-    stages_s                      obj      stage name -> blocking seconds (s)
-    stages_background_s           obj      stage name -> seconds recorded from other threads (s)
-    batches, tiles                int      batches and tiles this rank predicted
-    tiles_per_s                   float    tiles / wall_s (tiles/s)
-    steady_tiles_per_s            float|null tiles after the first batch / time after it (tiles/s):
-                                           the rate without start-up (workers starting, kernel
-                                           choice); null with fewer than two batches
-    predict_start_unix_s,         float|null wall-clock time (s since the epoch) of predict start
-    first_batch_unix_s                     and of the first batch's arrival (start-up figures)
-    cuda_synchronized             bool     compute_s measured with a sync at batch end
-    stats                         obj      exact over ALL samples: samples (count) and
-                                           <field>_avg / <field>_peak for every sample field
-    samples                       obj      columns, evenly thinned to <= 10 000 rows: t_s (s since
-                                           predict start), mem_used_bytes (NVML, all processes,
-                                           bytes), util_pct (NVML busy share, %),
-                                           torch_allocated_bytes, torch_reserved_bytes,
-                                           torch_max_allocated_bytes, rss_bytes (bytes); null
-                                           where a source is unavailable
-    ============================  =======  =========================================================
+The part each rank writes, and its schema, are in :mod:`mgpr.monitor.part`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
-import socket
 import sys
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -97,65 +41,24 @@ from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning_utilities.core.rank_zero import rank_prefixed_message
 
-from mgpr.errors import ConfigError
-from mgpr.monitor.gpu import (
-    MAX_SAMPLES,
-    DeviceSampler,
-    GpuBackend,
-    GpuInfo,
-    GpuSelector,
-    NvmlBackend,
-    open_nvml_backend,
-    physical_gpu_for_local_device,
-    resolve_gpu,
+from mgpr.errors import ConfigError, OutputError
+from mgpr.monitor.nvml import GpuInfo, Nvml, open_nvml
+from mgpr.monitor.part import (
+    PART_SCHEMA,
+    CudaProps,
+    cuda_props,
+    gpu_fields,
+    host_memory_total,
+    hostname,
 )
-from mgpr.monitor.report import build_report, format_report  # re-exported
+from mgpr.monitor.progress import Progress, isatty
+from mgpr.monitor.sampler import MAX_SAMPLES, DeviceSampler
 from mgpr.outputs.rundir import write_json_atomic
-
-__all__ = [
-    "PROFILERS",
-    "RunMonitor",
-    "build_report",
-    "find_run_monitor",
-    "format_report",
-    "make_profiler",
-    "write_json_atomic",
-]
 
 logger = logging.getLogger(__name__)
 
 #: The message logged once when a run has no GPU (or no NVML) to watch.
 NO_GPU_MESSAGE = "no GPU/NVML: reporting host RSS and CPU timing"
-PART_SCHEMA = "mgpr.report_part/1"
-#: Valid values of the ``profiler`` config key.
-PROFILERS = ("simple", "advanced", "pytorch")
-
-
-def make_profiler(name: str | None, run_dir: Path) -> Any:
-    """Translate the ``profiler`` config key into what ``Trainer(profiler=...)`` accepts.
-
-    Args:
-        name: None / ``""`` / ``"none"`` (no profiler), ``"simple"`` (per-hook wall times),
-            ``"advanced"`` (cProfile per hook) or ``"pytorch"`` (torch.profiler, CPU and CUDA ops,
-            Chrome traces written to ``run_dir``).
-        run_dir: run directory; the PyTorch profiler writes its files there.
-
-    Returns:
-        None, ``"simple"``, ``"advanced"`` or a ``PyTorchProfiler``.
-
-    Raises:
-        ConfigError: any other value.
-    """
-    key = "none" if name is None else str(name).strip().lower()
-    if key in ("", "none", "null"):
-        return None
-    if key in ("simple", "advanced"):
-        return key
-    if key == "pytorch":
-        from lightning.pytorch.profilers import PyTorchProfiler
-
-        return PyTorchProfiler(dirpath=run_dir, filename="pytorch-profile")
-    raise ConfigError(f"profiler={name!r} is not known; use one of: none, {', '.join(PROFILERS)}")
 
 
 def _batch_len(batch: Any) -> int:
@@ -169,71 +72,6 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, list | tuple) and batch:
         return _batch_len(batch[0])
     return 1
-
-
-def _hms(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0 or seconds > 360_000_000:
-        return "--:--:--"
-    s = int(round(seconds))
-    return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def progress_line(done: int, total: int | None, elapsed_s: float) -> str:
-    """``"progress: 1234/5000 tiles (24.7%), 41.2 tiles/s, ETA 00:01:31"`` (whole job)."""
-    rate = done / elapsed_s if elapsed_s > 0 else 0.0
-    if total:
-        eta = (total - done) / rate if rate > 0 else None
-        pct = 100.0 * done / total
-        return f"progress: {done}/{total} tiles ({pct:.1f}%), {rate:.1f} tiles/s, ETA {_hms(eta)}"
-    return f"progress: {done} tiles, {rate:.1f} tiles/s"
-
-
-class _Progress:
-    r"""Whole-job progress on rank 0: a one-line ``\r`` bar on a TTY, else a log line every N s."""
-
-    def __init__(
-        self,
-        *,
-        t0: float,
-        total: int | None,
-        source: Callable[[], int],
-        tty: bool,
-        log_every_s: float,
-        stream: IO[str],
-    ) -> None:
-        self.t0 = t0
-        self.total = total
-        self.source = source
-        self.tty = tty
-        self.every_s = 1.0 if tty else log_every_s
-        self.stream = stream
-        self.next_s = t0 + (0.0 if tty else log_every_s)
-        self.width = 0
-
-    def tick(self, now: float, force: bool = False) -> None:
-        if not force and now < self.next_s:
-            return
-        self.next_s = now + self.every_s
-        done = self.source()
-        line = progress_line(done, self.total, now - self.t0)
-        if self.tty:
-            bar = ""
-            if self.total:
-                filled = int(min(1.0, max(0.0, done / self.total)) * 20)
-                bar = "[" + "#" * filled + "." * (20 - filled) + "] "
-            text = bar + line.removeprefix("progress: ")
-            pad = " " * max(0, self.width - len(text))
-            self.width = len(text)
-            self.stream.write("\r" + text + pad)
-            self.stream.flush()
-        else:
-            logger.info(line)
-
-    def close(self, now: float) -> None:
-        self.tick(now, force=True)
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
 
 
 @rank_zero_only
@@ -255,7 +93,8 @@ class RunMonitor(Callback):
     Args:
         run_dir: run directory (identical on all ranks); parts go to ``run_dir/report_parts``.
         interval_s: sampling interval, seconds (> 0). 0.5 s costs well under 1 % of a core.
-        backend: NVML backend to use (tests pass a fake); None opens NVML on CUDA ranks.
+        nvml: an open NVML session to use (tests pass one over a fake module); None opens
+            NVML on CUDA ranks (and closes it at the end).
         total_tiles: tiles of the WHOLE job (all ranks) for progress %/ETA; None = unknown.
         progress: True: a single ``\r`` line on rank 0 when stderr is a TTY (plain log lines
             otherwise); False: a log line every ``log_every_s`` (batch jobs).
@@ -267,7 +106,6 @@ class RunMonitor(Callback):
         sync_cuda: synchronise the device at each batch end so compute_s includes queued
             kernels (CUDA is asynchronous). Costs a little overlap; False measures host time only.
         max_samples: cap of the kept sample series per rank.
-        env: environment for ``CUDA_VISIBLE_DEVICES`` (default ``os.environ``).
         stream: where the TTY bar goes (default ``sys.stderr``).
     """
 
@@ -275,7 +113,7 @@ class RunMonitor(Callback):
         self,
         run_dir: Path,
         interval_s: float = 0.5,
-        backend: GpuBackend | None = None,
+        nvml: Nvml | None = None,
         total_tiles: int | None = None,
         progress: bool = True,
         log_every_s: float = 30.0,
@@ -283,7 +121,6 @@ class RunMonitor(Callback):
         *,
         sync_cuda: bool = True,
         max_samples: int = MAX_SAMPLES,
-        env: Mapping[str, str] | None = None,
         stream: IO[str] | None = None,
     ) -> None:
         if not interval_s > 0:
@@ -294,14 +131,13 @@ class RunMonitor(Callback):
             raise ConfigError(f"total_tiles must be >= 0 or None, got {total_tiles}")
         self.run_dir = Path(run_dir)
         self.interval_s = float(interval_s)
-        self.backend = backend
+        self.nvml = nvml
         self.total_tiles = total_tiles
         self.progress = progress
         self.log_every_s = float(log_every_s)
         self.progress_source = progress_source
         self.sync_cuda = sync_cuda
         self.max_samples = max_samples
-        self.env = env
         self.stream = stream
         self._clock = time.monotonic
         self._lock = threading.Lock()
@@ -324,13 +160,13 @@ class RunMonitor(Callback):
         self._stage_in_window = 0.0  # blocking stage time since the last batch start / end
         self._main_thread = threading.get_ident()
         self._sampler: DeviceSampler | None = None
-        self._progress: _Progress | None = None
+        self._progress: Progress | None = None
         self._gpu: GpuInfo | None = None
-        self._selector: GpuSelector | None = None
+        self._cuda_props: CudaProps | None = None
         self._device = "cpu"
         self._cuda_index: int | None = None
         self._source = "host"
-        self._own_backend: Any = None
+        self._own_nvml: Nvml | None = None
         self._finalised = False
         self._wall_s: float | None = None
         self.predict_start_unix_s: float | None = None
@@ -339,16 +175,15 @@ class RunMonitor(Callback):
     def __getstate__(self) -> dict[str, Any]:
         """Pickle settings only (``ddp_spawn`` sends callbacks to each rank); runtime state drops.
 
-        An NVML backend and a non-default stream are dropped too (each rank opens its own);
+        An NVML session and a non-default stream are dropped too (each rank opens its own);
         ``progress_source`` must then be picklable (a module-level function or a partial).
         """
         keep = (
             "run_dir", "interval_s", "total_tiles", "progress", "log_every_s",
-            "progress_source", "sync_cuda", "max_samples", "env", "_clock",
+            "progress_source", "sync_cuda", "max_samples", "_clock",
         )  # fmt: skip
         state = {k: self.__dict__[k] for k in keep}
-        state["env"] = None if self.env is None else dict(self.env)
-        state["backend"] = None if isinstance(self.backend, NvmlBackend) else self.backend
+        state["nvml"] = None
         state["stream"] = None
         return state
 
@@ -385,15 +220,6 @@ class RunMonitor(Callback):
             else:
                 self.stages_background_s[name] += seconds
 
-    @contextlib.contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the ``with`` body and :meth:`record_stage` it under ``name``."""
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.record_stage(name, time.perf_counter() - start)
-
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Record the rank layout and create ``run_dir/report_parts``."""
@@ -406,8 +232,6 @@ class RunMonitor(Callback):
         try:
             (self.run_dir / "report_parts").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            from mgpr.errors import OutputError
-
             raise OutputError(
                 f"cannot create {self.run_dir / 'report_parts'} for the run report: {exc}; "
                 "set output_dir to a writable shared directory"
@@ -425,10 +249,10 @@ class RunMonitor(Callback):
         on_tick = None
         if trainer.is_global_zero:
             stream = self.stream if self.stream is not None else sys.stderr
-            tty = bool(self.progress) and _isatty(stream)
+            tty = bool(self.progress) and isatty(stream)
             world = max(1, self._ranks["world_size"])
             source = self.progress_source or (lambda: self.tiles * world)
-            self._progress = _Progress(
+            self._progress = Progress(
                 t0=self.t0,
                 total=self.total_tiles,
                 source=self._safe_source(source),
@@ -439,7 +263,7 @@ class RunMonitor(Callback):
             on_tick = self._progress.tick
         self._sampler = DeviceSampler(
             gpu=self._gpu,
-            backend=self.backend or self._own_backend,
+            nvml=self.nvml or self._own_nvml,
             torch_device_index=self._cuda_index,
             interval_s=self.interval_s,
             t0=self.t0,
@@ -536,6 +360,7 @@ class RunMonitor(Callback):
         return call
 
     def _open_device(self, trainer: Trainer) -> None:
+        """Find this rank's device: NVML by the uuid torch reports for its local CUDA ordinal."""
         rank = self._ranks["global_rank"]
         device = trainer.strategy.root_device
         if device.type != "cuda":
@@ -545,11 +370,12 @@ class RunMonitor(Callback):
             return
         index = device.index if device.index is not None else torch.cuda.current_device()
         self._device, self._cuda_index, self._source = f"cuda:{index}", index, "torch"
-        backend = self.backend
-        if backend is None:
-            backend, reason = open_nvml_backend()
-            self._own_backend = backend
-            if backend is None:
+        self._cuda_props = cuda_props(index)
+        nvml = self.nvml
+        if nvml is None:
+            nvml, reason = open_nvml()
+            self._own_nvml = nvml
+            if nvml is None:
                 logger.warning(
                     rank_prefixed_message(
                         f"NVML unavailable ({reason}): reporting torch.cuda memory, host RSS and "
@@ -559,8 +385,9 @@ class RunMonitor(Callback):
                 )
                 return
         try:
-            self._selector = _selector_for(index, self.env if self.env is not None else os.environ)
-            self._gpu = resolve_gpu(self._selector, backend)
+            if self._cuda_props is None:
+                raise RuntimeError("torch reports no uuid for it")
+            self._gpu = nvml.gpu(self._cuda_props.uuid)
         except Exception as exc:  # noqa: BLE001 - never crash the run over monitoring
             logger.warning(
                 rank_prefixed_message(
@@ -583,9 +410,9 @@ class RunMonitor(Callback):
     def _stop_sampler(self) -> None:
         if self._sampler is not None:
             self._sampler.stop()
-        if self._own_backend is not None:
-            self._own_backend.close()
-            self._own_backend = None
+        if self._own_nvml is not None:
+            self._own_nvml.close()
+            self._own_nvml = None
 
     def _finish(self, status: str, error: str | None) -> None:
         if self._finalised:
@@ -615,33 +442,13 @@ class RunMonitor(Callback):
             )
 
     def part(self, status: str = "running", error: str | None = None) -> dict[str, Any]:
-        """This rank's report part as a dict (schema in the module docstring)."""
+        """This rank's report part as a dict (schema in :mod:`mgpr.monitor.part`)."""
         wall = (
             self._wall_s
             if self._wall_s is not None
             else (0.0 if self.t0 is None else self._clock() - self.t0)
         )
-        gpu = None
-        if self._gpu is not None:
-            gpu = {
-                "name": self._gpu.name,
-                "uuid": self._gpu.uuid,
-                "physical_index": self._gpu.physical_index,
-                "memory_total_bytes": int(self._gpu.memory_total_bytes),
-                "mig": self._gpu.mig,
-                "selector_source": self._selector.source if self._selector else None,
-            }
-        elif self._cuda_index is not None:
-            props = _cuda_props(self._cuda_index)
-            if props is not None:
-                gpu = {
-                    "name": props[0],
-                    "uuid": props[1],
-                    "physical_index": None,
-                    "memory_total_bytes": props[2],
-                    "mig": False,
-                    "selector_source": "torch",
-                }
+        gpu = gpu_fields(self._gpu, self._cuda_props)
         sampler = self._sampler
         with self._lock:
             stages = {k: float(v) for k, v in self.stages_s.items()}
@@ -658,12 +465,12 @@ class RunMonitor(Callback):
             "schema": PART_SCHEMA,
             "status": status,
             "error": error,
-            "hostname": os.environ.get("SLURMD_NODENAME") or socket.gethostname(),
+            "hostname": hostname(),
             **self._ranks,
             "device": self._device,
             "monitor_source": self._source,
             "gpu": gpu,
-            "host_memory_total_bytes": _host_memory_total(),
+            "host_memory_total_bytes": host_memory_total(),
             "interval_s": self.interval_s,
             "wall_s": float(wall),
             "data_wait_s": float(data_wait),
@@ -680,50 +487,3 @@ class RunMonitor(Callback):
             "stats": sampler.buffer.stats() if sampler is not None else {"samples": 0},
             "samples": sampler.buffer.columns() if sampler is not None else {},
         }
-
-
-def _selector_for(index: int, env: Mapping[str, str]) -> GpuSelector:
-    """Prefer the uuid torch reports for ``cuda:index`` (exact); else map CUDA_VISIBLE_DEVICES."""
-    env_selector = physical_gpu_for_local_device(index, env)
-    if env_selector.mig:
-        return env_selector
-    props = _cuda_props(index)
-    if props is not None and props[1].startswith("GPU-"):
-        return GpuSelector(index, None, uuid=props[1], source="torch")
-    return env_selector
-
-
-def _cuda_props(index: int) -> tuple[str, str, int] | None:
-    """(name, uuid with ``GPU-`` prefix, total memory bytes) from torch, or None."""
-    try:
-        props = torch.cuda.get_device_properties(index)
-        uuid = str(props.uuid)
-        if uuid and not uuid.startswith(("GPU-", "MIG-")):
-            uuid = "GPU-" + uuid
-        return str(props.name), uuid, int(props.total_memory)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _host_memory_total() -> int | None:
-    try:
-        import psutil
-
-        return int(psutil.virtual_memory().total)
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def _isatty(stream: IO[str]) -> bool:
-    try:
-        return bool(stream.isatty())
-    except Exception:  # noqa: BLE001
-        return False
-
-
-def find_run_monitor(trainer: Trainer) -> RunMonitor | None:
-    """Return the trainer's :class:`RunMonitor` (for ``record_stage`` from a module), or None."""
-    for callback in trainer.callbacks:  # type: ignore[attr-defined]
-        if isinstance(callback, RunMonitor):
-            return callback
-    return None

@@ -1,7 +1,7 @@
 """Run report: merge every rank's part into ``report.json``, ``report.png`` and a text summary.
 
-Runs on rank 0 after all ranks finished (the lead's barrier). Imports no Lightning; matplotlib
-is imported (Agg backend) only inside :func:`plot_report`.
+Runs on rank 0 once every rank has finished. Imports no Lightning; the hint's rules are in
+:mod:`mgpr.monitor.hint`, the picture in :mod:`mgpr.monitor.plot`.
 
 ``run_dir/report.json`` (schema ``mgpr.monitor.report/1``). GiB = 2**30 bytes; a share is a fraction
 0-1 of the rank's wall time; null = not measured (no NVML, MIG, CPU run):
@@ -26,7 +26,7 @@ ranks[]                          list      one row per reported rank (= per GPU)
   status                         str       ``"finished"`` / ``"failed"``
   error                          str|null  exception of a failed rank
   gpu_name, gpu_uuid             str|null  NVML (or torch) name and uuid
-  physical_index                 int|null  NVML index of the GPU (null for MIG / no NVML)
+  physical_index                 int|null  NVML index of the physical GPU (null without NVML)
   memory_kind                    str       what mem_* measure: ``"gpu"`` (NVML device memory
                                            used, all processes), ``"torch_reserved"`` (CUDA
                                            without NVML) or ``"host_rss"`` (CPU run: RSS of the
@@ -46,6 +46,13 @@ ranks[]                          list      one row per reported rank (= per GPU)
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
   stage_shares                   obj       stage -> stages_s / wall_s
+gpus[]                           list      one row per GPU device (NVML or torch uuid) per
+                                           node; ranks sharing a device are counted once:
+  hostname, gpu_uuid, gpu_name   str
+  physical_index                 int|null  NVML index of the physical GPU
+  ranks                          list[int] global ranks that used this device
+  mem_total_gib, mem_peak_gib    float|null device memory, highest use seen by any of its ranks
+  util_avg_pct                   float|null mean of its ranks' NVML utilisation averages (%)
 totals                           obj
   ranks                          int       ranks reported
   nodes                          int       distinct hostnames
@@ -55,7 +62,9 @@ totals                           obj
   data_wait_share,               float     summed over ranks, divided by summed wall time
   compute_share
   stage_shares                   obj       the same per stage
-  gpu_util_avg_pct               float|null mean of the ranks' util_avg_pct
+  gpus                           int       distinct GPU devices (rows of ``gpus``)
+  gpu_util_avg_pct               float|null mean over GPU devices of util_avg_pct (a device
+                                           shared by two ranks counts once)
   mem_peak_gib                   float|null highest mem_peak_gib of any rank
 hint                             str       one line: the bottleneck and what to change
 plot                             str|null  ``"report.png"`` (relative to run_dir) or null
@@ -72,151 +81,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from mgpr.monitor.hint import bottleneck_hint
+from mgpr.monitor.plot import plot_report
 from mgpr.outputs.rundir import write_json_atomic
 
 logger = logging.getLogger(__name__)
 
 REPORT_SCHEMA = "mgpr.monitor.report/1"
 GIB = float(2**30)
-
-#: Ranks waiting for tiles at least this share of the wall time -> "data-bound".
-DATA_BOUND_SHARE = 0.25
-#: A blocking ``write`` or ``postprocess`` stage taking at least this share -> "<stage>-bound".
-STAGE_BOUND_SHARE = 0.25
-#: Mean NVML utilisation at or above this (%) -> "compute-bound".
-COMPUTE_BOUND_UTIL_PCT = 85.0
-#: Mean NVML utilisation below this (%) without another bottleneck -> "underused".
-LOW_UTIL_PCT = 50.0
-
-
-def _pct(share: float) -> str:
-    return f"{100.0 * share:.0f}%"
-
-
-def bottleneck_hint(
-    data_wait_share: float,
-    gpu_util_avg: float | None,
-    stage_shares: Mapping[str, float],
-    workers: int,
-    cpus: int,
-    batch_size: int,
-    precision: str,
-    *,
-    cpu_run: bool = False,
-    untiled_inputs: int | None = None,
-) -> str:
-    """One plain sentence naming the bottleneck and the knob to turn.
-
-    Rules, first match wins (thresholds are the module constants):
-
-    1. ``cpu_run``: ``"cpu run: ..."`` with the data-wait and compute shares (CPU figures say
-       nothing about GPU throughput), plus the data-bound advice when data wait >= 25 %.
-    2. The largest of data wait, ``write`` and ``postprocess`` shares that is >= 25 % of wall
-       time (:data:`DATA_BOUND_SHARE`, :data:`STAGE_BOUND_SHARE`): ``"data-bound: ..."`` (raise
-       ``workers`` while it is below ``cpus - 1``, else more CPUs or tiled input),
-       ``"write-bound: ..."`` or ``"postprocess-bound: ..."``.
-    3. ``gpu_util_avg`` None (no NVML, MIG): ``"no GPU utilisation measured: ..."``.
-    4. ``gpu_util_avg`` >= 85 % (:data:`COMPUTE_BOUND_UTIL_PCT`): ``"compute-bound: ..."``
-       (larger ``batch_size``; bf16 unless precision is already 16-bit).
-    5. ``gpu_util_avg`` < 50 % (:data:`LOW_UTIL_PCT`): ``"underused: ..."`` (per-step host
-       overhead; larger ``batch_size``).
-    6. Otherwise ``"balanced: ..."``.
-
-    Args:
-        data_wait_share: time ranks waited for batches / wall time, 0-1.
-        gpu_util_avg: mean NVML utilisation over GPUs, %, or None when not measured.
-        stage_shares: stage name -> share of wall time, 0-1 (``write``, ``postprocess``; a
-            ``compute`` entry is used for the CPU message).
-        workers: DataLoader workers per rank.
-        cpus: CPUs available to each rank (SLURM ``--cpus-per-task``).
-        batch_size: tiles per batch.
-        precision: Lightning precision string, e.g. ``"32-true"``, ``"bf16-mixed"``.
-        cpu_run: True when no rank used a GPU.
-        untiled_inputs: how many inputs are stored in strips rather than tiles (windowed reads
-            then decode whole rows); None when unknown. The data-bound advice suggests
-            ``gdal_translate -co TILED=YES`` only when this is not 0.
-
-    Returns:
-        The hint, starting with its category and a colon.
-    """
-    workers, cpus = int(workers), int(cpus)
-    if workers < cpus - 1:
-        more = min(cpus - 1, max(workers * 2, workers + 2))
-        data_fix = f"raise workers (now {workers}; this task has {cpus} CPUs, try {more})"
-    else:
-        data_fix = (
-            f"workers ({workers}) already use the task's {cpus} CPUs: ask for more CPUs "
-            "(sbatch --cpus-per-task)"
-        )
-        if untiled_inputs is None:
-            data_fix += (
-                " or use tiled/COG input (gdal_translate -co TILED=YES) so windowed reads are cheap"
-            )
-        elif untiled_inputs:
-            data_fix += (
-                f"; {untiled_inputs} input(s) are stored in strips: convert them with "
-                "gdal_translate -co TILED=YES so windowed reads decode only their tiles"
-            )
-    waited = f"ranks waited {_pct(data_wait_share)} of the time for tiles"
-    if cpu_run:
-        compute = stage_shares.get("compute")
-        what = f"data wait {_pct(data_wait_share)}"
-        if compute is not None:
-            what = f"compute {_pct(compute)}, " + what
-        text = f"cpu run: no GPU used ({what}); these figures measure the CPU, not GPUs"
-        if data_wait_share >= DATA_BOUND_SHARE:
-            text += f"; data loading is slow too: {data_fix}"
-        return text
-    candidates: list[tuple[float, str]] = []
-    if data_wait_share >= DATA_BOUND_SHARE:
-        candidates.append((data_wait_share, f"data-bound: {waited}; {data_fix}"))
-    write = stage_shares.get("write", 0.0)
-    if write >= STAGE_BOUND_SHARE:
-        candidates.append(
-            (
-                write,
-                f"write-bound: writing results took {_pct(write)} of the time; write to "
-                "node-local or faster storage, write fewer fields, or write off the main thread",
-            )
-        )
-    post = stage_shares.get("postprocess", 0.0)
-    if post >= STAGE_BOUND_SHARE:
-        candidates.append(
-            (
-                post,
-                f"postprocess-bound: postprocessing took {_pct(post)} of the time; keep it on "
-                "the GPU (batched NMS, thresholds before .cpu()) or raise the score threshold",
-            )
-        )
-    if candidates:
-        return max(candidates, key=lambda c: c[0])[1]
-    low_precision = any(tag in precision.lower() for tag in ("bf16", "16-", "fp16", "half"))
-    if gpu_util_avg is None:
-        return (
-            f"no GPU utilisation measured (NVML missing or MIG): data wait only "
-            f"{_pct(data_wait_share)}, so probably compute-bound; a larger batch_size "
-            f"(now {batch_size})"
-            + ("" if low_precision else " or precision=bf16-mixed")
-            + " may help"
-        )
-    if gpu_util_avg >= COMPUTE_BOUND_UTIL_PCT:
-        if low_precision:
-            fix = (
-                f"a larger batch_size (now {batch_size}) may help; precision is already {precision}"
-            )
-        else:
-            fix = f"a larger batch_size (now {batch_size}) or precision=bf16-mixed may help"
-        return f"compute-bound: GPUs {gpu_util_avg:.0f}% busy; {fix}"
-    if gpu_util_avg < LOW_UTIL_PCT:
-        return (
-            f"underused: GPUs only {gpu_util_avg:.0f}% busy although ranks waited just "
-            f"{_pct(data_wait_share)} for tiles; per-step host work (kernel launches, CPU "
-            f"postprocess, syncs) limits it: raise batch_size (now {batch_size})"
-        )
-    return (
-        f"balanced: GPUs {gpu_util_avg:.0f}% busy, data wait {_pct(data_wait_share)}; "
-        "no single bottleneck"
-    )
 
 
 def read_parts(
@@ -311,12 +183,41 @@ def _rank_row(part: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
+def _gpu_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per GPU device per node, from the rank rows.
+
+    NVML readings are per device (all processes), so two ranks on one device report the same
+    memory and utilisation and must count once.
+    """
+    by_device: dict[tuple[Any, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        if r["gpu_uuid"] and str(r["device"]).startswith("cuda"):
+            by_device.setdefault((r["hostname"], r["gpu_uuid"]), []).append(r)
+    out = []
+    for (host, uuid), members in sorted(by_device.items(), key=lambda kv: str(kv[0])):
+        utils = [m["util_avg_pct"] for m in members if m["util_avg_pct"] is not None]
+        peaks = [m["mem_peak_gib"] for m in members if m["mem_peak_gib"] is not None]
+        out.append(
+            {
+                "hostname": host,
+                "gpu_uuid": uuid,
+                "gpu_name": members[0]["gpu_name"],
+                "physical_index": members[0]["physical_index"],
+                "ranks": sorted(m["global_rank"] for m in members),
+                "mem_total_gib": members[0]["mem_total_gib"],
+                "mem_peak_gib": max(peaks) if peaks else None,
+                "util_avg_pct": round(sum(utils) / len(utils), 1) if utils else None,
+            }
+        )
+    return out
+
+
+def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str, Any]:
     wall_sum = sum(r["wall_s"] for r in rows)
     wall = max((r["wall_s"] for r in rows), default=0.0)
     tiles = sum(r["tiles"] for r in rows)
     stage_names = sorted({k for r in rows for k in r["stages_s"]})
-    utils = [r["util_avg_pct"] for r in rows if r["util_avg_pct"] is not None]
+    utils = [g["util_avg_pct"] for g in gpus if g["util_avg_pct"] is not None]
     peaks = [r["mem_peak_gib"] for r in rows if r["mem_peak_gib"] is not None]
     return {
         "ranks": len(rows),
@@ -330,6 +231,7 @@ def _totals(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "stage_shares": {
             k: _share(sum(r["stages_s"].get(k, 0.0) for r in rows), wall_sum) for k in stage_names
         },
+        "gpus": len(gpus),
         "gpu_util_avg_pct": round(sum(utils) / len(utils), 1) if utils else None,
         "mem_peak_gib": max(peaks) if peaks else None,
     }
@@ -354,7 +256,8 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
     run_dir = Path(run_dir)
     parts, missing, unreadable = read_parts(run_dir, world_size)
     rows = [_rank_row(parts[r]) for r in sorted(parts)]
-    totals = _totals(rows)
+    gpus = _gpu_rows(rows)
+    totals = _totals(rows, gpus)
     cpus = context.get("cpus_per_task") or os.cpu_count() or 1
     cpu_run = bool(rows) and all(not str(r["device"]).startswith("cuda") for r in rows)
     stage_shares = dict(totals["stage_shares"])
@@ -383,6 +286,7 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
         "unreadable_parts": unreadable,
         "context": dict(context),
         "ranks": rows,
+        "gpus": gpus,
         "totals": totals,
         "hint": hint,
         "plot": None,
@@ -395,90 +299,6 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
             logger.warning("cannot draw %s: %s", run_dir / "report.png", exc)
     write_json_atomic(run_dir / "report.json", report)
     return report
-
-
-def plot_report(
-    parts: Mapping[int, Mapping[str, Any]], rows: list[dict[str, Any]], path: Path
-) -> None:
-    """Draw memory (and utilisation) over time per rank and the time split per rank to ``path``.
-
-    GPU runs: NVML memory used (GiB) and utilisation (%) per GPU over time. CPU runs: host RSS
-    per rank. Bottom panel: share of wall time per rank spent on data wait, compute, stages and
-    the rest. Written via a temp file and ``os.replace``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    by_rank = {r["global_rank"]: r for r in rows}
-    has_util = any(r["util_avg_pct"] is not None for r in rows)
-    n_axes = 3 if has_util else 2
-    fig, axes = plt.subplots(n_axes, 1, figsize=(10, 3.2 * n_axes), dpi=100)
-    try:
-        ax_mem = axes[0]
-        ax_util = axes[1] if has_util else None
-        ax_bar = axes[-1]
-        field = {"gpu": "mem_used_bytes", "torch_reserved": "torch_reserved_bytes"}
-        kinds = set()
-        for rank in sorted(parts):
-            samples = parts[rank].get("samples") or {}
-            row = by_rank[rank]
-            kinds.add(row["memory_kind"])
-            label = f"rank {rank} {row['device']} @ {row['hostname']}"
-            t = samples.get("t_s") or []
-            mem = samples.get(field.get(row["memory_kind"], "rss_bytes")) or []
-            pts = [(a, b / GIB) for a, b in zip(t, mem, strict=False) if b is not None]
-            if pts:
-                ax_mem.plot([p[0] for p in pts], [p[1] for p in pts], label=label, lw=1.2)
-            if ax_util is not None:
-                util = samples.get("util_pct") or []
-                upts = [(a, b) for a, b in zip(t, util, strict=False) if b is not None]
-                if upts:
-                    ax_util.plot([p[0] for p in upts], [p[1] for p in upts], label=label, lw=1.2)
-        what = "host RSS per rank" if kinds == {"host_rss"} else "GPU memory used per GPU"
-        ax_mem.set_title(what)
-        ax_mem.set_ylabel("GiB")
-        ax_mem.set_xlabel("time since predict start (s)")
-        ax_mem.grid(alpha=0.3)
-        if len(parts) <= 16:
-            ax_mem.legend(fontsize=7, loc="best")
-        if ax_util is not None:
-            ax_util.set_title("GPU utilisation (NVML: share of time a kernel ran)")
-            ax_util.set_ylabel("%")
-            ax_util.set_ylim(0, 105)
-            ax_util.set_xlabel("time since predict start (s)")
-            ax_util.grid(alpha=0.3)
-        names = [f"r{r['global_rank']}" for r in rows]
-        xs = list(range(len(rows)))
-        bottom = [0.0] * len(rows)
-        stage_names = sorted({k for r in rows for k in r["stage_shares"]})
-        series: list[tuple[str, list[float], str | None]] = [
-            ("data wait", [r["data_wait_share"] for r in rows], "tab:red")
-        ]
-        series.append(("compute", [r["compute_share"] for r in rows], "tab:green"))
-        for name in stage_names:
-            series.append((name, [r["stage_shares"].get(name, 0.0) for r in rows], None))
-        used = [sum(s[1][i] for s in series) for i in xs]
-        series.append(("other", [max(0.0, 1.0 - u) for u in used], "lightgrey"))
-        for label, values, color in series:
-            pct = [100.0 * v for v in values]
-            ax_bar.bar(xs, pct, bottom=bottom, label=label, color=color)
-            bottom = [b + p for b, p in zip(bottom, pct, strict=True)]
-        ax_bar.set_xticks(xs, names)
-        ax_bar.set_ylabel("% of wall time")
-        ax_bar.set_ylim(0, 118)
-        ax_bar.set_title("time split per rank (data wait = waiting for tiles)")
-        ax_bar.legend(fontsize=7, loc="upper right", ncol=len(series))
-        fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-        try:
-            fig.savefig(tmp, format="png")
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    finally:
-        plt.close(fig)
 
 
 def _fmt(value: float | None, spec: str = ".1f") -> str:

@@ -27,7 +27,8 @@ from mgpr.data.batch_pool import PREFETCH_FACTOR, TileLoader
 from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
 from mgpr.geo.raster import RasterInfo, TileReader
 from mgpr.geo.tiling import Tile
-from mgpr.monitor.callback import RunMonitor, make_profiler
+from mgpr.monitor.callback import RunMonitor
+from mgpr.monitor.profiler import make_profiler
 from mgpr.outputs.shards import count_written_tiles, finished_tile_keys
 from mgpr.run.module import InferenceModule
 from mgpr.run.writer_callback import PredictionShardWriter

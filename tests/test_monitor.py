@@ -8,7 +8,9 @@ import logging
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -17,36 +19,40 @@ from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
 from mgpr.errors import ConfigError
-from mgpr.monitor.callback import (
-    NO_GPU_MESSAGE,
-    RunMonitor,
-    _Progress,
-    find_run_monitor,
-    make_profiler,
-    progress_line,
-)
-from mgpr.monitor.gpu import (
-    DeviceSampler,
-    GpuBackend,
-    GpuSelector,
-    SampleBuffer,
-    physical_gpu_for_local_device,
-    resolve_gpu,
-)
+from mgpr.monitor import callback
+from mgpr.monitor.callback import NO_GPU_MESSAGE, RunMonitor
+from mgpr.monitor.hint import bottleneck_hint
+from mgpr.monitor.nvml import Nvml, open_nvml
+from mgpr.monitor.part import CudaProps
+from mgpr.monitor.profiler import make_profiler
+from mgpr.monitor.progress import Progress, progress_line
 from mgpr.monitor.report import _rank_row as build_report_row
-from mgpr.monitor.report import bottleneck_hint, build_report, format_report
+from mgpr.monitor.report import build_report, format_report
+from mgpr.monitor.sampler import DeviceSampler, Sample, SampleBuffer
 
 GIB = 2**30
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-class FakeGpuBackend:
-    """A GpuBackend with known devices and scripted readings (cycled)."""
+class FakeNvmlError(Exception):
+    """What the fake raises, as pynvml raises ``NVMLError`` subclasses."""
+
+
+class FakeNvmlModule:
+    """A pynvml-like module: devices found by uuid, scripted readings (cycled).
+
+    ``devices[i]`` is physical GPU ``i``; ``mig`` maps MIG uuids to instances whose ``parent``
+    is the index of their physical GPU. Names come back as bytes, as older pynvml returns them.
+    """
+
+    NVMLError = FakeNvmlError
 
     def __init__(self, devices: list[dict[str, Any]], mig: dict[str, dict[str, Any]] | None = None):
         self.devices = devices
         self.mig = mig or {}
         self.calls: dict[str, int] = {}
+        self.state = "new"
+        self.init_error: Exception | None = None
 
     def _next(self, dev: dict[str, Any], key: str) -> Any:
         values = dev[key]
@@ -57,37 +63,54 @@ class FakeGpuBackend:
             raise value
         return value
 
-    def device_count(self) -> int:
-        return len(self.devices)
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise self.init_error
+        self.state = "open"
 
-    def handle_for(self, physical_index: int | None, uuid: str | None) -> Any:
-        if physical_index is not None:
-            return self.devices[physical_index]
+    def nvmlShutdown(self) -> None:
+        self.state = "closed"
+
+    def nvmlDeviceGetHandleByUUID(self, uuid: str) -> dict[str, Any]:
         for dev in [*self.devices, *self.mig.values()]:
             if dev["uuid"] == uuid:
                 return dev
-        raise KeyError(uuid)
+        raise FakeNvmlError("NVML_ERROR_NOT_FOUND")
 
-    def name(self, h: Any) -> str:
-        return str(h["name"])
+    def nvmlDeviceIsMigDeviceHandle(self, h: dict[str, Any]) -> bool:
+        return bool(h.get("is_mig"))
 
-    def uuid(self, h: Any) -> str:
+    def nvmlDeviceGetDeviceHandleFromMigDeviceHandle(self, h: dict[str, Any]) -> dict[str, Any]:
+        return self.devices[h["parent"]]
+
+    def nvmlDeviceGetIndex(self, h: dict[str, Any]) -> int:
+        return next(i for i, dev in enumerate(self.devices) if dev is h)
+
+    def nvmlDeviceGetName(self, h: dict[str, Any]) -> bytes:
+        return str(h["name"]).encode()
+
+    def nvmlDeviceGetUUID(self, h: dict[str, Any]) -> str:
         return str(h["uuid"])
 
-    def memory(self, h: Any) -> tuple[int, int]:
-        return int(self._next(h, "used")), int(h["total"])
+    def nvmlDeviceGetMemoryInfo(self, h: dict[str, Any]) -> SimpleNamespace:
+        return SimpleNamespace(used=int(self._next(h, "used")), total=int(h["total"]))
 
-    def utilization(self, h: Any) -> int:
+    def nvmlDeviceGetUtilizationRates(self, h: dict[str, Any]) -> SimpleNamespace:
         if h.get("is_mig"):
             raise AssertionError("utilisation must not be read for a MIG instance")
-        return int(self._next(h, "util"))
+        return SimpleNamespace(gpu=int(self._next(h, "util")))
 
 
 def _uuid(i: int) -> str:
     return f"GPU-{i:x}{i:x}{i:x}{i:x}beef-0000-1111-2222-{i:012x}"
 
 
-def _fake(n: int = 8, **per_device: Any) -> FakeGpuBackend:
+def _torch_uuid(i: int) -> str:
+    """The uuid of physical GPU ``i`` as torch prints it: no ``GPU-`` prefix."""
+    return _uuid(i).removeprefix("GPU-")
+
+
+def _fake(n: int = 8, **per_device: Any) -> FakeNvmlModule:
     devices = [
         {
             "uuid": _uuid(i),
@@ -98,97 +121,54 @@ def _fake(n: int = 8, **per_device: Any) -> FakeGpuBackend:
         }
         for i in range(n)
     ]
-    return FakeGpuBackend(devices)
+    return FakeNvmlModule(devices)
 
 
-def test_fake_backend_satisfies_protocol() -> None:
-    assert isinstance(_fake(), GpuBackend)
-
-
-# ------------------------------------------------------------------------------------ mapping
-def test_mapping_unset_is_identity() -> None:
-    sel = physical_gpu_for_local_device(3, {})
-    assert sel == GpuSelector(local_index=3, physical_index=3, source="identity")
-    assert resolve_gpu(sel, _fake()).uuid == _uuid(3)
-
-
-@pytest.mark.parametrize(("local", "physical"), [(0, 3), (1, 5)])
-def test_mapping_index_list(local: int, physical: int) -> None:
-    env = {"CUDA_VISIBLE_DEVICES": "3,5"}
-    sel = physical_gpu_for_local_device(local, env)
-    assert sel.physical_index == physical and sel.source == "CUDA_VISIBLE_DEVICES"
-    gpu = resolve_gpu(sel, _fake())
-    assert (gpu.physical_index, gpu.uuid, gpu.name) == (
-        physical,
-        _uuid(physical),
-        f"Fake GPU {physical}",
-    )
-
-
-def test_mapping_local_device_not_visible() -> None:
-    with pytest.raises(ConfigError, match="local CUDA device 2 is not visible"):
-        physical_gpu_for_local_device(2, {"CUDA_VISIBLE_DEVICES": "3,5"})
-    with pytest.raises(ConfigError):
-        physical_gpu_for_local_device(-1, {})
-
-
-@pytest.mark.parametrize(
-    ("value", "visible"),
-    [("0, 1,-1,3", 2), ("1gpu2,2", 2), ("1,1", 0), ("", 0), ("7", 1)],
-)
-def test_mapping_follows_cuda_parsing(value: str, visible: int) -> None:
-    env = {"CUDA_VISIBLE_DEVICES": value}
-    for i in range(visible):
-        physical_gpu_for_local_device(i, env)
-    with pytest.raises(ConfigError):
-        physical_gpu_for_local_device(visible, env)
-
-
-def test_mapping_physical_index_beyond_nvml() -> None:
-    sel = physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": "9"})
-    with pytest.raises(ConfigError, match="NVML sees 8"):
-        resolve_gpu(sel, _fake())
-
-
-def test_mapping_uuids_full_and_prefix() -> None:
-    backend = _fake()
-    full, prefix = _uuid(6), _uuid(2)[:10].upper()  # "GPU-2222BE": abbreviated, other case
-    env = {"CUDA_VISIBLE_DEVICES": f"{full},{prefix}"}
-    first = physical_gpu_for_local_device(0, env)
-    second = physical_gpu_for_local_device(1, env)
-    assert first.uuid == full and first.physical_index is None
-    assert resolve_gpu(first, backend).physical_index == 6
-    assert second.uuid == prefix
-    gpu = resolve_gpu(second, backend)
-    assert (gpu.physical_index, gpu.uuid) == (2, _uuid(2))
-
-
-def test_mapping_uuid_ambiguous_or_unknown() -> None:
-    backend = _fake()
-    backend.devices[1]["uuid"] = "GPU-abcd-1"
-    backend.devices[2]["uuid"] = "GPU-abcd-2"
-    with pytest.raises(ConfigError, match="2 GPUs match"):
-        resolve_gpu(physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": "GPU-abcd"}), backend)
-    with pytest.raises(ConfigError, match="no GPU match"):
-        resolve_gpu(physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": "GPU-ffff"}), backend)
-
-
-def test_mapping_mig_reports_memory_only() -> None:
-    mig_uuid = "MIG-0d4c-1111"
-    backend = _fake()
-    backend.mig[mig_uuid] = {
-        "uuid": mig_uuid,
+def _fake_mig(module: FakeNvmlModule, parent: int) -> str:
+    """Add a MIG instance on physical GPU ``parent``; returns its uuid as torch prints it."""
+    torch_uuid = "0d4c1111-2222-3333-4444-555566667777"
+    module.mig["MIG-" + torch_uuid] = {
+        "uuid": "MIG-" + torch_uuid,
         "name": "Fake GPU MIG 1g.10gb",
         "total": 10 * GIB,
         "used": [2 * GIB],
         "is_mig": True,
+        "parent": parent,
     }
-    sel = physical_gpu_for_local_device(0, {"CUDA_VISIBLE_DEVICES": mig_uuid})
-    assert sel.mig
-    gpu = resolve_gpu(sel, backend)
-    assert gpu.mig and gpu.physical_index is None and gpu.memory_total_bytes == 10 * GIB
-    sampler = DeviceSampler(gpu=gpu, backend=backend, torch_device_index=None, interval_s=0.5)
-    sample = sampler.sample_once()  # would raise from FakeGpuBackend.utilization
+    return torch_uuid
+
+
+# ------------------------------------------------------------------------------------ NVML
+def test_nvml_opens_the_device_torch_names() -> None:
+    """torch's uuid (no prefix) finds physical GPU 5, whatever CUDA's ordinal for it."""
+    gpu = Nvml(_fake()).gpu(_torch_uuid(5))
+    assert (gpu.physical_index, gpu.uuid, gpu.name, gpu.mig) == (5, _uuid(5), "Fake GPU 5", False)
+    assert gpu.memory_total_bytes == 80 * GIB
+    assert Nvml(_fake()).gpu(_uuid(3)).physical_index == 3  # a prefixed uuid is kept as is
+
+
+def test_nvml_unknown_uuid_raises_the_nvml_error() -> None:
+    with pytest.raises(FakeNvmlError, match="NOT_FOUND"):
+        Nvml(_fake()).gpu("ffffffff-0000-0000-0000-000000000000")
+
+
+def test_nvml_open_and_close() -> None:
+    module = _fake()
+    nvml, reason = open_nvml(module)
+    assert nvml is not None and reason == "" and module.state == "open"
+    nvml.close()
+    assert module.state == "closed"
+    module.init_error = FakeNvmlError("NVML_ERROR_LIBRARY_NOT_FOUND")
+    assert open_nvml(module) == (None, "FakeNvmlError: NVML_ERROR_LIBRARY_NOT_FOUND")
+
+
+def test_nvml_mig_reports_memory_only() -> None:
+    module = _fake()
+    gpu = Nvml(module).gpu(_fake_mig(module, parent=2))
+    assert gpu.mig and gpu.physical_index == 2 and gpu.memory_total_bytes == 10 * GIB
+    assert gpu.uuid.startswith("MIG-")
+    sampler = DeviceSampler(gpu=gpu, nvml=Nvml(module), torch_device_index=None, interval_s=0.5)
+    sample = sampler.sample_once()  # would raise from FakeNvmlModule.nvmlDeviceGetUtilizationRates
     assert sample.mem_used_bytes == 2 * GIB and sample.util_pct is None
 
 
@@ -202,12 +182,13 @@ class FakeClock:
 
 
 def test_sampler_exact_average_and_peak() -> None:
-    backend = _fake(used=[1 * GIB, 2 * GIB, 3 * GIB, 4 * GIB], util=[10, 20, 90, 40])
-    gpu = resolve_gpu(physical_gpu_for_local_device(1, {"CUDA_VISIBLE_DEVICES": "3,5"}), backend)
-    backend.calls.clear()  # resolving read the memory total once; start the script afresh
+    module = _fake(used=[1 * GIB, 2 * GIB, 3 * GIB, 4 * GIB], util=[10, 20, 90, 40])
+    nvml = Nvml(module)
+    gpu = nvml.gpu(_torch_uuid(5))
+    module.calls.clear()  # opening read the memory total once; start the script afresh
     clock = FakeClock()
     sampler = DeviceSampler(
-        gpu=gpu, backend=backend, torch_device_index=None, interval_s=0.5, clock=clock, t0=100.0
+        gpu=gpu, nvml=nvml, torch_device_index=None, interval_s=0.5, clock=clock, t0=100.0
     )
     for _ in range(4):
         sampler.sample_once()
@@ -222,16 +203,16 @@ def test_sampler_exact_average_and_peak() -> None:
     assert cols["t_s"] == [0.0, 0.5, 1.0, 1.5]
     assert cols["util_pct"] == [10.0, 20.0, 90.0, 40.0]
     assert cols["mem_used_bytes"] == [GIB, 2 * GIB, 3 * GIB, 4 * GIB]
-    assert backend.calls[_uuid(5) + "used"] == 4  # physical 5 was sampled, not 1
+    assert module.calls == {_uuid(5) + "used": 4, _uuid(5) + "util": 4}  # physical 5 only
 
 
 def test_sampler_nvml_error_warns_once_and_continues(caplog: pytest.LogCaptureFixture) -> None:
-    backend = _fake(util=[RuntimeError("NVML_ERROR_GPU_IS_LOST")])
-    gpu = resolve_gpu(physical_gpu_for_local_device(0, {}), backend)
+    nvml = Nvml(_fake(util=[RuntimeError("NVML_ERROR_GPU_IS_LOST")]))
+    gpu = nvml.gpu(_torch_uuid(0))
     sampler = DeviceSampler(
-        gpu=gpu, backend=backend, torch_device_index=None, interval_s=0.5, log_prefix="[rank: 0] "
+        gpu=gpu, nvml=nvml, torch_device_index=None, interval_s=0.5, log_prefix="[rank: 0] "
     )
-    with caplog.at_level(logging.WARNING, logger="mgpr.monitor.gpu"):
+    with caplog.at_level(logging.WARNING, logger="mgpr.monitor.sampler"):
         samples = [sampler.sample_once() for _ in range(3)]
     assert all(s.util_pct is None and s.mem_used_bytes == GIB for s in samples)
     warnings = [r for r in caplog.records if "NVML utilisation" in r.getMessage()]
@@ -239,7 +220,7 @@ def test_sampler_nvml_error_warns_once_and_continues(caplog: pytest.LogCaptureFi
 
 
 def test_sampler_thread_starts_and_stops() -> None:
-    sampler = DeviceSampler(gpu=None, backend=None, torch_device_index=None, interval_s=0.01)
+    sampler = DeviceSampler(gpu=None, nvml=None, torch_device_index=None, interval_s=0.01)
     sampler.start()
     import time
 
@@ -255,8 +236,6 @@ def test_sampler_thread_starts_and_stops() -> None:
 
 
 def test_sample_buffer_is_bounded_and_even() -> None:
-    from mgpr.monitor.gpu import Sample
-
     buf = SampleBuffer(max_samples=10)
     for i in range(1000):
         buf.add(Sample(t_s=float(i), rss_bytes=i))
@@ -271,7 +250,7 @@ def test_sample_buffer_is_bounded_and_even() -> None:
 
 def test_sampler_rejects_bad_interval() -> None:
     with pytest.raises(ConfigError):
-        DeviceSampler(gpu=None, backend=None, torch_device_index=None, interval_s=0)
+        DeviceSampler(gpu=None, nvml=None, torch_device_index=None, interval_s=0)
     with pytest.raises(ConfigError):
         RunMonitor(Path("x"), interval_s=-1)
 
@@ -333,7 +312,6 @@ def _part(rank: int, *, util: list[float], used_gib: list[float], wait: float) -
             "physical_index": rank % 2,
             "memory_total_bytes": 80 * GIB,
             "mig": False,
-            "selector_source": "torch",
         },
         "host_memory_total_bytes": 512 * GIB,
         "interval_s": 0.5,
@@ -409,6 +387,7 @@ def test_report_schema_and_missing_rank(two_of_three: Path) -> None:
         "unreadable_parts": list,
         "context": dict,
         "ranks": list,
+        "gpus": list,
         "totals": dict,
         "hint": str,
         "plot": str,
@@ -454,6 +433,24 @@ def test_report_schema_and_missing_rank(two_of_three: Path) -> None:
     assert "1600 tiles in 100.0 s = 16.0 tiles/s" in text
 
 
+def test_report_two_ranks_on_one_gpu_count_once(tmp_path: Path) -> None:
+    """NVML readings are per device: ranks 0 and 1 share GPU 0, rank 2 has GPU 1 to itself."""
+    shared = [_part(r, util=[90.0], used_gib=[20.0], wait=1.0) for r in (0, 1)]
+    alone = _part(2, util=[30.0], used_gib=[5.0], wait=1.0)
+    for part in shared:
+        part["hostname"], part["gpu"]["uuid"], part["gpu"]["physical_index"] = "n1", _uuid(0), 0
+    alone["hostname"], alone["gpu"]["uuid"], alone["gpu"]["physical_index"] = "n1", _uuid(1), 1
+    _write_parts(tmp_path, [*shared, alone])
+    report = build_report(tmp_path, 3, {})
+    assert [(g["gpu_uuid"], g["ranks"]) for g in report["gpus"]] == [
+        (_uuid(0), [0, 1]),
+        (_uuid(1), [2]),
+    ]
+    assert report["gpus"][0]["mem_peak_gib"] == 20.0 and report["gpus"][0]["util_avg_pct"] == 90.0
+    assert report["totals"]["gpus"] == 2
+    assert report["totals"]["gpu_util_avg_pct"] == 60.0  # (90 + 30) / 2, not (90 + 90 + 30) / 3
+
+
 def test_report_plot_is_png(two_of_three: Path) -> None:
     report = build_report(two_of_three, 3, {"workers": 2, "batch_size": 16, "precision": "32"})
     png = two_of_three / report["plot"]
@@ -496,14 +493,14 @@ class _Tty(io.StringIO):
 
 def test_progress_tty_and_log(caplog: pytest.LogCaptureFixture) -> None:
     stream = _Tty()
-    bar = _Progress(t0=0.0, total=100, source=lambda: 50, tty=True, log_every_s=30, stream=stream)
+    bar = Progress(t0=0.0, total=100, source=lambda: 50, tty=True, log_every_s=30, stream=stream)
     bar.tick(10.0)
     bar.close(20.0)
     out = stream.getvalue()
     assert out.startswith("\r[##########..........] 50/100 tiles (50.0%), 5.0 tiles/s")
     assert out.endswith("\n") and out.count("\r") == 2
-    log = _Progress(t0=0.0, total=100, source=lambda: 25, tty=False, log_every_s=30, stream=stream)
-    with caplog.at_level(logging.INFO, logger="mgpr.monitor.callback"):
+    log = Progress(t0=0.0, total=100, source=lambda: 25, tty=False, log_every_s=30, stream=stream)
+    with caplog.at_level(logging.INFO, logger="mgpr.monitor.progress"):
         log.tick(10.0)  # not due yet
         log.tick(30.0)
         log.tick(31.0)  # throttled
@@ -547,10 +544,10 @@ class TinyModel(LightningModule):
         if batch_idx == self.fail_at:
             raise RuntimeError("boom")
         out = self.conv(batch["image"].float() / 255.0).mean(dim=(1, 2, 3))
-        monitor = find_run_monitor(self.trainer)
-        assert monitor is not None
-        with monitor.stage("postprocess"):
-            out = out.cpu()
+        monitor = next(c for c in self.trainer.callbacks if isinstance(c, RunMonitor))
+        start = time.perf_counter()
+        out = out.cpu()
+        monitor.record_stage("postprocess", time.perf_counter() - start)
         return out
 
 
@@ -624,7 +621,7 @@ def test_lightning_failure_writes_failed_part(tmp_path: Path) -> None:
 
 def test_report_modules_import_light() -> None:
     code = (
-        "import sys, mgpr.monitor.report, mgpr.monitor.gpu; "
+        "import sys, mgpr.monitor.report, mgpr.monitor.sampler, mgpr.monitor.nvml; "
         "bad = [m for m in ('lightning', 'torch', 'matplotlib', 'pynvml') if m in sys.modules]; "
         "assert not bad, bad"
     )
@@ -678,11 +675,11 @@ def test_lightning_gpu_run(tmp_path: Path) -> None:
 def test_run_monitor_pickles_settings_only(tmp_path: Path) -> None:
     import pickle
 
-    monitor = RunMonitor(tmp_path, interval_s=0.2, total_tiles=5, backend=_fake())
+    monitor = RunMonitor(tmp_path, interval_s=0.2, total_tiles=5, nvml=Nvml(_fake()))
     monitor.record_stage("write", 1.0)
     clone = pickle.loads(pickle.dumps(monitor))
     assert (clone.run_dir, clone.interval_s, clone.total_tiles) == (tmp_path, 0.2, 5)
-    assert clone.stages_s == {} and clone.backend is not None
+    assert clone.stages_s == {} and clone.nvml is None  # each rank opens its own
 
 
 def _fake_cuda_trainer(global_rank: int, local_rank: int) -> Any:
@@ -701,18 +698,20 @@ def _fake_cuda_trainer(global_rank: int, local_rank: int) -> Any:
 def test_monitor_uses_local_device_not_global_rank(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Global rank 6 on a second node is local cuda:1 -> physical 5 under CUDA_VISIBLE_DEVICES."""
-    import mgpr.monitor.callback as profiling
+    """Global rank 6 on a second node is local cuda:1; NVML opens the GPU torch names for it."""
+    asked: list[int] = []
 
-    monkeypatch.setattr(profiling, "_cuda_props", lambda index: None)  # no CUDA here
-    backend = _fake(used=[3 * GIB], util=[80])
+    def props(index: int) -> CudaProps:
+        asked.append(index)
+        return CudaProps("Fake GPU 5", _torch_uuid(5), 80 * GIB)  # cuda:1 is physical GPU 5
+
+    monkeypatch.setattr(callback, "cuda_props", props)
     monitor = RunMonitor(
         tmp_path,
         interval_s=0.01,
-        backend=backend,
+        nvml=Nvml(_fake(used=[3 * GIB], util=[80])),
         progress=False,
         sync_cuda=False,
-        env={"CUDA_VISIBLE_DEVICES": "3,5"},
     )
     trainer = _fake_cuda_trainer(global_rank=6, local_rank=1)
     monitor.setup(trainer, None, "predict")  # type: ignore[arg-type]
@@ -722,34 +721,56 @@ def test_monitor_uses_local_device_not_global_rank(
         monitor.on_predict_batch_start(trainer, None, batch, i)  # type: ignore[arg-type]
         monitor.on_predict_batch_end(trainer, None, None, batch, i)  # type: ignore[arg-type]
     monitor.on_predict_end(trainer, None)  # type: ignore[arg-type]
+    assert asked == [1]
     part = json.loads((tmp_path / "report_parts" / "rank6.json").read_text())
     assert part["device"] == "cuda:1" and part["monitor_source"] == "nvml"
     assert part["gpu"]["physical_index"] == 5 and part["gpu"]["uuid"] == _uuid(5)
-    assert part["gpu"]["selector_source"] == "CUDA_VISIBLE_DEVICES"
     assert (part["batches"], part["tiles"], part["node_rank"]) == (2, 8, 1)
     assert part["stats"]["util_pct_avg"] == 80.0
     assert part["stats"]["mem_used_bytes_peak"] == 3 * GIB
 
 
-def test_monitor_prefers_torch_uuid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """torch's uuid for cuda:1 wins over the index list (CUDA vs NVML ordering may differ)."""
-    import mgpr.monitor.callback as profiling
-
-    monkeypatch.setattr(profiling, "_cuda_props", lambda index: ("Fake GPU 7", _uuid(7), GIB))
-    monitor = RunMonitor(tmp_path, backend=_fake(), env={"CUDA_VISIBLE_DEVICES": "3,5"})
+def test_monitor_device_unknown_to_nvml_reports_torch_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A uuid NVML does not know degrades to torch's figures, with one warning, never a crash."""
+    uuid = "ffffffff-0000-0000-0000-000000000000"
+    monkeypatch.setattr(callback, "cuda_props", lambda index: CudaProps("Fake GPU", uuid, GIB))
+    monitor = RunMonitor(tmp_path, nvml=Nvml(_fake()))
     trainer = _fake_cuda_trainer(global_rank=1, local_rank=1)
     monitor.setup(trainer, None, "predict")  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING, logger="mgpr"):
+        monitor._open_device(trainer)  # type: ignore[arg-type]
+    assert monitor._gpu is None and monitor._source == "torch"
+    assert any("cannot find cuda:1 in NVML" in r.getMessage() for r in caplog.records)
+    gpu = monitor.part()["gpu"]
+    assert (gpu["uuid"], gpu["physical_index"], gpu["memory_total_bytes"]) == (
+        "GPU-" + uuid,
+        None,
+        GIB,
+    )
+
+
+def test_monitor_mig_instance_is_memory_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    module = _fake()
+    mig_uuid = _fake_mig(module, parent=4)
+    monkeypatch.setattr(callback, "cuda_props", lambda index: CudaProps("MIG", mig_uuid, GIB))
+    monitor = RunMonitor(tmp_path, nvml=Nvml(module))
+    trainer = _fake_cuda_trainer(global_rank=0, local_rank=0)
+    monitor.setup(trainer, None, "predict")  # type: ignore[arg-type]
     monitor._open_device(trainer)  # type: ignore[arg-type]
-    assert monitor._gpu is not None and monitor._gpu.physical_index == 7
+    assert monitor._source == "nvml-mig"
+    gpu = monitor.part()["gpu"]
+    assert gpu["mig"] and gpu["physical_index"] == 4 and gpu["uuid"] == "MIG-" + mig_uuid
 
 
 def test_monitor_without_nvml_on_cuda_never_crashes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import mgpr.monitor.callback as profiling
-
-    monkeypatch.setattr(profiling, "_cuda_props", lambda index: None)
-    monkeypatch.setattr(profiling, "open_nvml_backend", lambda: (None, "NVMLError: not found"))
+    monkeypatch.setattr(callback, "cuda_props", lambda index: None)
+    monkeypatch.setattr(callback, "open_nvml", lambda: (None, "NVMLError: not found"))
     monitor = RunMonitor(tmp_path, interval_s=0.01, progress=False, sync_cuda=False)
     trainer = _fake_cuda_trainer(global_rank=0, local_rank=0)
     monitor.setup(trainer, None, "predict")  # type: ignore[arg-type]
@@ -770,8 +791,6 @@ def test_lightning_rank_without_tiles_writes_empty_part(tmp_path: Path) -> None:
 
 
 def test_hint_suggests_tiling_only_for_striped_inputs() -> None:
-    from mgpr.monitor.report import bottleneck_hint
-
     args = dict(
         gpu_util_avg=40.0, stage_shares={}, workers=3, cpus=4, batch_size=8, precision="bf16-mixed"
     )

@@ -1,0 +1,147 @@
+"""The report's one-line hint: which part of the pipeline holds the run back, and what to change.
+
+Pure rules over the shares the report measured (no IO), so each rule is tested on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+#: Ranks waiting for tiles at least this share of the wall time -> "data-bound".
+DATA_BOUND_SHARE = 0.25
+#: A blocking ``write`` or ``postprocess`` stage taking at least this share -> "<stage>-bound".
+STAGE_BOUND_SHARE = 0.25
+#: Mean NVML utilisation at or above this (%) -> "compute-bound".
+COMPUTE_BOUND_UTIL_PCT = 85.0
+#: Mean NVML utilisation below this (%) without another bottleneck -> "underused".
+LOW_UTIL_PCT = 50.0
+
+
+def _pct(share: float) -> str:
+    return f"{100.0 * share:.0f}%"
+
+
+def bottleneck_hint(
+    data_wait_share: float,
+    gpu_util_avg: float | None,
+    stage_shares: Mapping[str, float],
+    workers: int,
+    cpus: int,
+    batch_size: int,
+    precision: str,
+    *,
+    cpu_run: bool = False,
+    untiled_inputs: int | None = None,
+) -> str:
+    """One plain sentence naming the bottleneck and the knob to turn.
+
+    Rules, first match wins (thresholds are the module constants):
+
+    1. ``cpu_run``: ``"cpu run: ..."`` with the data-wait and compute shares (CPU figures say
+       nothing about GPU throughput), plus the data-bound advice when data wait >= 25 %.
+    2. The largest of data wait, ``write`` and ``postprocess`` shares that is >= 25 % of wall
+       time (:data:`DATA_BOUND_SHARE`, :data:`STAGE_BOUND_SHARE`): ``"data-bound: ..."`` (raise
+       ``workers`` while it is below ``cpus - 1``, else more CPUs or tiled input),
+       ``"write-bound: ..."`` or ``"postprocess-bound: ..."``.
+    3. ``gpu_util_avg`` None (no NVML, MIG): ``"no GPU utilisation measured: ..."``.
+    4. ``gpu_util_avg`` >= 85 % (:data:`COMPUTE_BOUND_UTIL_PCT`): ``"compute-bound: ..."``
+       (larger ``batch_size``; bf16 unless precision is already 16-bit).
+    5. ``gpu_util_avg`` < 50 % (:data:`LOW_UTIL_PCT`): ``"underused: ..."`` (per-step host
+       overhead; larger ``batch_size``).
+    6. Otherwise ``"balanced: ..."``.
+
+    Args:
+        data_wait_share: time ranks waited for batches / wall time, 0-1.
+        gpu_util_avg: mean NVML utilisation over GPUs, %, or None when not measured.
+        stage_shares: stage name -> share of wall time, 0-1 (``write``, ``postprocess``; a
+            ``compute`` entry is used for the CPU message).
+        workers: DataLoader workers per rank.
+        cpus: CPUs available to each rank (SLURM ``--cpus-per-task``).
+        batch_size: tiles per batch.
+        precision: Lightning precision string, e.g. ``"32-true"``, ``"bf16-mixed"``.
+        cpu_run: True when no rank used a GPU.
+        untiled_inputs: how many inputs are stored in strips rather than tiles (windowed reads
+            then decode whole rows); None when unknown. The data-bound advice suggests
+            ``gdal_translate -co TILED=YES`` only when this is not 0.
+
+    Returns:
+        The hint, starting with its category and a colon.
+    """
+    workers, cpus = int(workers), int(cpus)
+    if workers < cpus - 1:
+        more = min(cpus - 1, max(workers * 2, workers + 2))
+        data_fix = f"raise workers (now {workers}; this task has {cpus} CPUs, try {more})"
+    else:
+        data_fix = (
+            f"workers ({workers}) already use the task's {cpus} CPUs: ask for more CPUs "
+            "(sbatch --cpus-per-task)"
+        )
+        if untiled_inputs is None:
+            data_fix += (
+                " or use tiled/COG input (gdal_translate -co TILED=YES) so windowed reads are cheap"
+            )
+        elif untiled_inputs:
+            data_fix += (
+                f"; {untiled_inputs} input(s) are stored in strips: convert them with "
+                "gdal_translate -co TILED=YES so windowed reads decode only their tiles"
+            )
+    waited = f"ranks waited {_pct(data_wait_share)} of the time for tiles"
+    if cpu_run:
+        compute = stage_shares.get("compute")
+        what = f"data wait {_pct(data_wait_share)}"
+        if compute is not None:
+            what = f"compute {_pct(compute)}, " + what
+        text = f"cpu run: no GPU used ({what}); these figures measure the CPU, not GPUs"
+        if data_wait_share >= DATA_BOUND_SHARE:
+            text += f"; data loading is slow too: {data_fix}"
+        return text
+    candidates: list[tuple[float, str]] = []
+    if data_wait_share >= DATA_BOUND_SHARE:
+        candidates.append((data_wait_share, f"data-bound: {waited}; {data_fix}"))
+    write = stage_shares.get("write", 0.0)
+    if write >= STAGE_BOUND_SHARE:
+        candidates.append(
+            (
+                write,
+                f"write-bound: writing results took {_pct(write)} of the time; write to "
+                "node-local or faster storage, write fewer fields, or write off the main thread",
+            )
+        )
+    post = stage_shares.get("postprocess", 0.0)
+    if post >= STAGE_BOUND_SHARE:
+        candidates.append(
+            (
+                post,
+                f"postprocess-bound: postprocessing took {_pct(post)} of the time; keep it on "
+                "the GPU (batched NMS, thresholds before .cpu()) or raise the score threshold",
+            )
+        )
+    if candidates:
+        return max(candidates, key=lambda c: c[0])[1]
+    low_precision = any(tag in precision.lower() for tag in ("bf16", "16-", "fp16", "half"))
+    if gpu_util_avg is None:
+        return (
+            f"no GPU utilisation measured (NVML missing or MIG): data wait only "
+            f"{_pct(data_wait_share)}, so probably compute-bound; a larger batch_size "
+            f"(now {batch_size})"
+            + ("" if low_precision else " or precision=bf16-mixed")
+            + " may help"
+        )
+    if gpu_util_avg >= COMPUTE_BOUND_UTIL_PCT:
+        if low_precision:
+            fix = (
+                f"a larger batch_size (now {batch_size}) may help; precision is already {precision}"
+            )
+        else:
+            fix = f"a larger batch_size (now {batch_size}) or precision=bf16-mixed may help"
+        return f"compute-bound: GPUs {gpu_util_avg:.0f}% busy; {fix}"
+    if gpu_util_avg < LOW_UTIL_PCT:
+        return (
+            f"underused: GPUs only {gpu_util_avg:.0f}% busy although ranks waited just "
+            f"{_pct(data_wait_share)} for tiles; per-step host work (kernel launches, CPU "
+            f"postprocess, syncs) limits it: raise batch_size (now {batch_size})"
+        )
+    return (
+        f"balanced: GPUs {gpu_util_avg:.0f}% busy, data wait {_pct(data_wait_share)}; "
+        "no single bottleneck"
+    )

@@ -1,0 +1,38 @@
+"""The ``profiler`` config key, translated into what ``Trainer(profiler=...)`` accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mgpr.errors import ConfigError
+
+#: Valid values of the ``profiler`` config key.
+PROFILERS = ("simple", "advanced", "pytorch")
+
+
+def make_profiler(name: str | None, run_dir: Path) -> Any:
+    """Translate the ``profiler`` config key into what ``Trainer(profiler=...)`` accepts.
+
+    Args:
+        name: None / ``""`` / ``"none"`` (no profiler), ``"simple"`` (per-hook wall times),
+            ``"advanced"`` (cProfile per hook) or ``"pytorch"`` (torch.profiler, CPU and CUDA ops,
+            Chrome traces written to ``run_dir``).
+        run_dir: run directory; the PyTorch profiler writes its files there.
+
+    Returns:
+        None, ``"simple"``, ``"advanced"`` or a ``PyTorchProfiler``.
+
+    Raises:
+        ConfigError: any other value.
+    """
+    key = "none" if name is None else str(name).strip().lower()
+    if key in ("", "none", "null"):
+        return None
+    if key in ("simple", "advanced"):
+        return key
+    if key == "pytorch":
+        from lightning.pytorch.profilers import PyTorchProfiler
+
+        return PyTorchProfiler(dirpath=run_dir, filename="pytorch-profile")
+    raise ConfigError(f"profiler={name!r} is not known; use one of: none, {', '.join(PROFILERS)}")
