@@ -50,7 +50,7 @@ from mgpr.data.dataset import TileDataset
 from mgpr.geo.raster import TileReader, check_bands, describe_raster
 from mgpr.geo.tiling import plan_tiles
 from mgpr.models import build_model
-from mgpr.run.predict import cpu_has_fast_bf16
+from mgpr.run.precision import cpu_has_fast_bf16
 from mgpr.run.trainer import make_dataloader
 from mgpr.testimage import TestImageResult, TestImageSpec, write_test_image
 

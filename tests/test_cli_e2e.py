@@ -42,14 +42,14 @@ def test_demo_image_is_written_by_rank_0_only_and_awaited_by_the_others(tmp_path
 
     from mgpr.conf.load import load_config
     from mgpr.errors import RankJoinError
-    from mgpr.run.predict import _demo_image
+    from mgpr.run.demo import demo_image
 
     cfg = load_config(["image_size=256", "objects=4", "join_timeout_s=60"])
     run = tmp_path / "run"
     seen: dict[int, tuple[Path, Path | None, float]] = {}
 
     def rank(r: int) -> None:
-        image, truth = _demo_image(run, cfg, r, 128, 32)
+        image, truth = demo_image(run, cfg, r, 128, 32)
         seen[r] = (image, truth, image.stat().st_mtime)
 
     later = threading.Thread(target=rank, args=(1,))
@@ -63,7 +63,7 @@ def test_demo_image_is_written_by_rank_0_only_and_awaited_by_the_others(tmp_path
 
     cfg.join_timeout_s = 1
     with pytest.raises(RankJoinError, match="for rank 0 to write the demo image"):
-        _demo_image(tmp_path / "other", cfg, 1, 128, 32)
+        demo_image(tmp_path / "other", cfg, 1, 128, 32)
 
 
 def test_resnet50_random_weights_classifies_every_tile(make_image, tmp_path: Path, capsys) -> None:

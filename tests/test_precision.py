@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import mgpr.run.predict as predict
+import mgpr.run.precision as predict
 from mgpr.models import build_model
 from mgpr.testimage import TestImageSpec, render_block
 

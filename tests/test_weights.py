@@ -197,12 +197,12 @@ def test_other_ranks_wait_for_rank0_download_then_name_the_prefetch(offline: lis
     """Rank 1 never downloads itself: it waits join_timeout_s for rank 0's file, then says how
     to pre-fetch (and never falls back to random weights)."""
     from mgpr.conf.load import load_config
-    from mgpr.run.predict import _build_adapter
+    from mgpr.run.adapter import build_adapter
 
     cfg = load_config(["model=resnet50", "join_timeout_s=1"])
     target = weights_cache_file("resnet50", "DEFAULT")
     with pytest.raises(ModelError, match="rank 1 waited 1 s for rank 0 to download") as err:
-        _build_adapter(cfg, "resnet50", rank=1)
+        build_adapter(cfg, "resnet50", rank=1)
     message = str(err.value)
     assert "`mgpr-fetch-weights resnet50`" in message and str(target.parent) in message
     assert offline == []  # no download tried by rank 1

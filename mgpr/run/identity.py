@@ -1,0 +1,45 @@
+"""What makes a run *this* run: its fingerprint (``run.json``) and its resolved ``config.yaml``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mgpr.conf.schema import PredictConfig
+
+
+def fingerprint(
+    cfg: PredictConfig,
+    model_name: str,
+    weights_id: str,
+    rasters: Sequence[Any],
+    bands: dict[str, list[int]],
+) -> dict[str, Any]:
+    """Everything that changes a tile's result: model, weights, tiling, inputs and bands."""
+    return {
+        "model": model_name,
+        "weights": weights_id,
+        "tile_size": cfg.tile_size,
+        "overlap": cfg.overlap,
+        "topk": cfg.topk,
+        "score_threshold": cfg.score_threshold,
+        "native_resolution": cfg.native_resolution,
+        "inputs": [
+            {"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime, "bands": bands[r.path]}
+            for r in rasters
+        ],
+    }
+
+
+def save_resolved_config(run_dir: Path, cfg: PredictConfig, model_name: str) -> None:
+    """``config.yaml``: every key as this run used it (aliases resolved, model chosen)."""
+    from omegaconf import OmegaConf
+
+    resolved = dataclasses.replace(cfg, model=model_name)
+    text = OmegaConf.to_yaml(OmegaConf.structured(resolved))
+    tmp = run_dir / f".config.yaml.tmp-{os.getpid()}"
+    tmp.write_text(text)
+    os.replace(tmp, run_dir / "config.yaml")

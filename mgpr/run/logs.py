@@ -1,0 +1,64 @@
+"""Per-rank logging: one file per rank in ``<run>/logs/``, rank 0 alone talks on stderr.
+
+Every rank logs INFO to ``logs/rank<R>.log`` (the first place to read when a rank fails); on
+stderr rank 0 shows INFO and the others only warnings, so a 32-rank job's terminal stays
+readable.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+_NOISY = (
+    "lightning",
+    "lightning.pytorch",
+    "lightning.fabric",
+    "torch",
+    "rasterio",
+    "fiona",
+    "pyogrio",
+    "matplotlib",
+    "PIL",
+)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    """Replace the root logger's handlers with this rank's file and stderr handlers."""
+    logs = run_dir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.setFormatter(fmt)
+    stream = logging.StreamHandler(sys.stderr)
+    stream.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
+    stream.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.addHandler(file_handler)
+    root.addHandler(stream)
+    root.setLevel(logging.INFO)
+    for noisy in _NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RestoreLogging:
+    """Context manager: leave the root logger as found (``run()`` is called in-process by tests)."""
+
+    def __enter__(self) -> RestoreLogging:
+        root = logging.getLogger()
+        self._handlers, self._level = list(root.handlers), root.level
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if handler not in self._handlers:
+                root.removeHandler(handler)
+                handler.close()
+        for handler in self._handlers:
+            if handler not in root.handlers:
+                root.addHandler(handler)
+        root.setLevel(self._level)

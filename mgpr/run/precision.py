@@ -1,0 +1,30 @@
+"""Which Lightning precision a run uses: ``auto`` means bf16 where the device runs it fast."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU runs bf16 matmuls natively (AVX-512 BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(requested: str, accelerator: str) -> str:
+    """Lightning precision string; ``auto`` = bf16 where the device runs it fast.
+
+    Ampere and newer GPUs (compute capability >= 8) and CPUs with AVX-512 BF16/AMX get
+    ``bf16-mixed``; older GPUs ``16-mixed``; other CPUs ``32-true``.
+    """
+    if requested != "auto":
+        return "32-true" if requested == "32" else requested
+    if accelerator == "gpu":
+        import torch
+
+        major, _ = torch.cuda.get_device_capability(0)
+        return "bf16-mixed" if major >= 8 else "16-mixed"
+    return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"
