@@ -1,0 +1,212 @@
+"""``preview.png``: a quicklook of one input raster with the run's results drawn on it.
+
+The raster is read decimated (GDAL picks its overviews when it has some), at most
+:data:`MAX_PREVIEW_PX` pixels on the longer side, bands 1-3 (or band 1 as grey; values other
+than uint8 are stretched between their 2nd and 98th percentile). On it:
+
+* detections: each box outlined, coloured by its label;
+* classification: each tile footprint filled (translucent) with the colour of its top-1 class;
+* segmentation: the class map (its own colour table), translucent, nodata left clear;
+
+plus a legend (the most frequent classes, at most :data:`MAX_LEGEND`) and a scale bar in the
+CRS's linear unit (pixels for rasters without CRS). Features arrive in map coordinates (WKB, the
+merge's output) and are drawn in raster pixel coordinates through the inverse transform.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import rasterio
+import shapely
+from rasterio.enums import Resampling
+
+from mgpr.outputs.cog import class_colours
+
+#: Longer side of the preview image, pixels (the PNG is this size, give or take the margins).
+MAX_PREVIEW_PX = 1600
+#: Classes shown in the legend (the most frequent ones).
+MAX_LEGEND = 12
+
+
+def preview_name(stem: str | None) -> str:
+    """``preview.png`` for a run with one input, ``preview_<stem>.png`` for each of several."""
+    return "preview.png" if stem is None else f"preview_{stem}.png"
+
+
+def _decimated_shape(height: int, width: int, max_px: int) -> tuple[int, int, float]:
+    scale = min(1.0, max_px / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale)), scale
+
+
+def _read_rgb(src: Any, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
+    bands = [1, 2, 3] if src.count >= 3 else [1]
+    data = src.read(bands, out_shape=(len(bands), *shape), resampling=Resampling.average)
+    valid = src.dataset_mask(out_shape=shape, resampling=Resampling.nearest) > 0
+    if data.dtype != np.uint8:
+        vals = data[:, valid].astype(np.float64)
+        lo, hi = np.percentile(vals, (2, 98)) if vals.size else (0.0, 1.0)
+        data = np.clip((data - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+    rgb = np.repeat(data, 3, axis=0) if len(bands) == 1 else data
+    rgba = np.concatenate([rgb, (valid * 255).astype(np.uint8)[None]], axis=0)
+    return np.moveaxis(rgba, 0, -1)
+
+
+def _nice_length(extent: float) -> float:
+    """A 1/2/5 x 10^k length close to a fifth of ``extent``."""
+    target = extent / 5
+    power = 10 ** math.floor(math.log10(target))
+    return min((m * power for m in (1, 2, 5, 10)), key=lambda v: abs(v - target))
+
+
+def write_preview(
+    out: Path,
+    raster_path: str,
+    *,
+    kind: str,
+    features: Any = None,
+    label_column: str = "label",
+    class_map: Path | None = None,
+    title: str = "",
+    max_px: int = MAX_PREVIEW_PX,
+) -> Path:
+    """Draw one raster and its results into ``out`` (PNG, at most ``max_px`` on its longer side).
+
+    Args:
+        out: the PNG to write (written to a temp name, then renamed).
+        raster_path: the input raster.
+        kind: ``detection`` (outlined boxes), ``classification`` (filled footprints) or
+            ``segmentation`` (the class map).
+        features: a pyarrow table with ``geometry`` (WKB, map coordinates) and
+            ``label_column`` (detection/classification), or None.
+        label_column: the column that colours the features (the top-1 label).
+        class_map: the segmentation COG (its colour table and ``class_names`` tag are used).
+        title: text above the image.
+        max_px: longer side of the image, pixels.
+
+    Returns:
+        ``out``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+    from matplotlib.collections import PolyCollection
+    from matplotlib.patches import Patch
+
+    with rasterio.open(raster_path) as src:
+        h, w, scale = _decimated_shape(src.height, src.width, max_px)
+        image = _read_rgb(src, (h, w))
+        inverse = ~src.transform
+        unit = (src.crs.linear_units if src.crs is not None else "pixel") or "unit"
+        pixel_size = abs(src.transform.a) if src.crs is not None else 1.0
+        full_width = src.width
+    dpi = 100
+    fig = plt.figure(figsize=(w / dpi, h / dpi + 0.6), dpi=dpi)
+    ax = fig.add_axes((0.0, 0.0, 1.0, h / (h + 60)))
+    ax.imshow(image, interpolation="nearest")
+    ax.set_axis_off()
+    handles: list[Any] = []
+    cmap = plt.get_cmap("tab20")
+    if kind == "segmentation" and class_map is not None:
+        handles = _draw_class_map(ax, class_map, (h, w))
+    elif features is not None and features.num_rows:
+        geoms = shapely.from_wkb(features.column("geometry").to_numpy(zero_copy_only=False))
+        labels = (
+            [str(v) for v in features.column(label_column).to_pylist()]
+            if label_column in features.column_names
+            else ["result"] * features.num_rows
+        )
+        counts = Counter(labels)
+        colour_of = {name: cmap(i % 20) for i, (name, _) in enumerate(counts.most_common())}
+        polys = []
+        colours = []
+        for geom, label in zip(geoms, labels, strict=True):
+            for part in shapely.get_parts(geom):
+                ring = np.asarray(part.exterior.coords)
+                cols, rows = inverse * (ring[:, 0], ring[:, 1])
+                polys.append(np.column_stack([np.asarray(cols) * scale, np.asarray(rows) * scale]))
+                colours.append(colour_of[label])
+        if kind == "classification":
+            coll = PolyCollection(polys, facecolors=colours, edgecolors="none", alpha=0.45)
+        else:
+            coll = PolyCollection(polys, facecolors="none", edgecolors=colours, linewidths=1.2)
+        ax.add_collection(coll)
+        handles = [
+            Patch(color=colour_of[n], label=f"{n} ({c})") for n, c in counts.most_common(MAX_LEGEND)
+        ]
+    if handles:
+        ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
+    _scale_bar(ax, w, h, full_width * pixel_size, unit)
+    fig.text(
+        0.01, 1 - 0.25 / (h / dpi + 0.6), title or Path(raster_path).name, fontsize=9, va="center"
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+        tmp.replace(out)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+def _draw_class_map(ax: Any, class_map: Path, shape: tuple[int, int]) -> list[Any]:
+    import json
+
+    from matplotlib.patches import Patch
+
+    with rasterio.open(class_map) as src:
+        ids = src.read(1, out_shape=shape, resampling=Resampling.nearest)
+        nodata = src.nodata
+        names: Sequence[str] = json.loads(src.tags().get("class_names", "[]"))
+        try:
+            table = src.colormap(1)
+        except ValueError:  # no colour table: the colours mgpr's class maps use
+            table = class_colours(max(len(names), int(ids.max()) + 1 if ids.size else 1))
+    top = int(ids.max()) + 1 if ids.size else 1
+    lut = np.zeros((max(top, 256 if ids.dtype == np.uint8 else top), 4), np.uint8)
+    for i, rgba in table.items():
+        if i < len(lut):
+            lut[i] = rgba
+    if nodata is not None and int(nodata) < len(lut):
+        lut[int(nodata)] = 0
+    rgba = lut[ids]
+    rgba[..., 3] = np.where(rgba[..., 3] > 0, 150, 0)
+    ax.imshow(rgba, interpolation="nearest")
+    present = Counter(
+        ids[ids != nodata].ravel().tolist() if nodata is not None else ids.ravel().tolist()
+    )
+    handles = []
+    for cid, n in present.most_common(MAX_LEGEND):
+        name = names[cid] if cid < len(names) else str(cid)
+        colour = tuple(v / 255 for v in table.get(cid, (0, 0, 0, 255)))
+        handles.append(Patch(color=colour, label=f"{name} ({100 * n / max(ids.size, 1):.1f}%)"))
+    return handles
+
+
+def _scale_bar(ax: Any, w: int, h: int, extent: float, unit: str) -> None:
+    """A bar of a round length at the lower left, in the CRS's linear unit."""
+    length = _nice_length(extent)
+    px = length / extent * w
+    x0, y0 = 0.04 * w, 0.95 * h
+    ax.plot([x0, x0 + px], [y0, y0], color="white", linewidth=5, solid_capstyle="butt")
+    ax.plot([x0, x0 + px], [y0, y0], color="black", linewidth=2.5, solid_capstyle="butt")
+    text = f"{length:g} {unit if unit != 'metre' else 'm'}"
+    ax.text(
+        x0 + px / 2,
+        y0 - 0.015 * h,
+        text,
+        ha="center",
+        va="bottom",
+        fontsize=8,
+        color="black",
+        bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"},
+    )
