@@ -16,7 +16,7 @@ This module imports no Lightning: the pipeline's LightningModule wraps an adapte
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -153,6 +153,8 @@ class ModelAdapter(abc.ABC):
         self.random_weights = bool(random_weights)
         self.weights_id = weights_id
         self.module = module.eval().requires_grad_(False)
+        # What forward calls: the module, or what compile() made of it.
+        self._network: Callable[..., Any] = self.module
 
     @abc.abstractmethod
     def prepare(self, images: torch.Tensor) -> Any:
@@ -167,7 +169,20 @@ class ModelAdapter(abc.ABC):
 
     def forward(self, inputs: Any) -> Any:
         """Run the network on the output of :meth:`prepare`; returns its raw output."""
-        return self.module(inputs)
+        return self._network(inputs)
+
+    def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
+        """Let :meth:`forward` call ``compiler(part)`` for the compute-heavy part of the network.
+
+        The default compiles the whole module (classifiers: fixed-shape tensor in, tensor out).
+        Detectors override it to compile only the backbone: their proposal and box stages have
+        data-dependent shapes and run in float32 anyway (:mod:`mgpr.models.amp`). The parameters
+        stay those of :attr:`module` (a compiled callable shares them; nothing is copied).
+
+        Args:
+            compiler: e.g. ``lambda m: torch.compile(m, dynamic=False)``; called once, here.
+        """
+        self._network = compiler(self.module)
 
     @abc.abstractmethod
     def postprocess(self, raw: Any, tile_size: int) -> list[Detections] | list[Classification]:

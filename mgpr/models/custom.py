@@ -12,13 +12,17 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
   Optional attributes on the module steer the wrapper: ``task`` (``"classification"`` or
   ``"detection"``; without it one probe forward on a zero tile on the CPU decides),
   ``categories`` (names by class id), ``in_bands`` (else the first Conv2d's ``in_channels``, else
-  0 = any).
+  0 = any). A torchvision ``GeneralizedRCNN`` (Faster R-CNN, ...) computes its boxes in float32
+  under mixed precision, like the built-in detector
+  (:func:`~mgpr.models.detection.exact_box_forward`); any other detector's coordinates are in
+  whatever dtype its forward produces under autocast.
 """
 
 from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -155,6 +159,26 @@ class ModuleAdapter(ModelAdapter):
         )
         self.topk = topk
         self.score_threshold = score_threshold
+        self._backbone: Callable[[torch.Tensor], Any] | None = None
+
+    def forward(self, inputs: torch.Tensor) -> Any:
+        """The module's output; a torchvision R-CNN with float32 boxes under autocast."""
+        from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+        if isinstance(self.module, GeneralizedRCNN):
+            from mgpr.models.detection import exact_box_forward
+
+            return exact_box_forward(self.module, list(inputs.unbind(0)), self._backbone)
+        return self._network(inputs)
+
+    def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
+        """Compile the module (a torchvision R-CNN: its backbone only, as the built-in one)."""
+        from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+
+        if isinstance(self.module, GeneralizedRCNN):
+            self._backbone = compiler(self.module.backbone)
+        else:
+            super().compile(compiler)
 
     @staticmethod
     def _probe(module: torch.nn.Module, name: str, bands: int, tile_size: int) -> Task:

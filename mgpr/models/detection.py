@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -9,12 +11,57 @@ from torchvision.models.detection import (
     FasterRCNN_ResNet50_FPN_Weights,
     fasterrcnn_resnet50_fpn,
 )
+from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
 
+from mgpr.models.amp import autocast_state, fp32
 from mgpr.models.base import Detections, ModelAdapter, detections_from_dicts
 from mgpr.models.weights import build_torchvision_model
 
 #: Key of the Faster R-CNN class head; its first dimension is the class count (background incl.).
 _CLS_HEAD = "roi_heads.box_predictor.cls_score.weight"
+
+#: Boxes kept per tile by default (torchvision's ``box_detections_per_img``).
+MAX_DETECTIONS = 100
+
+
+def exact_box_forward(
+    model: GeneralizedRCNN,
+    images: list[torch.Tensor],
+    backbone: Callable[[torch.Tensor], Any] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """``model(images)`` in eval mode, with every box coordinate computed in float32.
+
+    torchvision builds anchors, proposals and decoded boxes in the dtype of the feature maps, so
+    under bf16 autocast every box edge between 512 and 1024 px is a multiple of 4 px (2 px
+    between 256 and 512, 8 px above 1024) and scores are rounded too. Here only the backbone
+    (+ FPN, ~all of the compute) runs under the caller's autocast; its feature maps are cast to
+    float32 and the RPN (anchors, objectness, decoding, NMS), the ROI heads (RoIAlign, box
+    head, class scores, box regression, per-class NMS) and the map back to input pixels run with
+    autocast off. Without autocast this is exactly ``model(images)``.
+
+    Args:
+        model: a torchvision ``GeneralizedRCNN`` (Faster R-CNN, ...) in eval mode.
+        images: C x H x W float tensors in [0, 1], all on the model's device.
+        backbone: what to call instead of ``model.backbone`` (a compiled version of it).
+
+    Returns:
+        One dict per image: ``boxes`` (N, 4) float32 xyxy in the input image's pixels,
+        ``scores`` (N,) float32, ``labels`` (N,) int64.
+    """
+    device_type = images[0].device.type if images else "cpu"
+    enabled, dtype = autocast_state(device_type)
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    with fp32(device_type):
+        batch, _ = model.transform([img.float() for img in images])
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        features = (backbone or model.backbone)(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    features = OrderedDict((name, f.float()) for name, f in features.items())
+    with fp32(device_type):
+        proposals, _ = model.rpn(batch, features)
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        return model.transform.postprocess(detections, batch.image_sizes, sizes)
 
 
 class TorchvisionDetectorAdapter(ModelAdapter):
@@ -23,7 +70,8 @@ class TorchvisionDetectorAdapter(ModelAdapter):
     The model normalises (ImageNet mean/std) and resizes inside its own
     ``GeneralizedRCNNTransform``, on whatever device it runs on, so ``prepare`` only divides by
     255 on the device. Boxes come back in the input tile's pixel coordinates whatever the
-    internal resize was.
+    internal resize was, computed in float32 whatever the precision of the backbone
+    (:func:`exact_box_forward`).
     """
 
     def __init__(
@@ -47,6 +95,21 @@ class TorchvisionDetectorAdapter(ModelAdapter):
             module=module,
         )
         self.score_threshold = score_threshold
+        self._backbone: Callable[[torch.Tensor], Any] | None = None
+
+    def forward(self, inputs: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Detect with float32 box coordinates; the backbone under the caller's autocast."""
+        assert isinstance(self.module, GeneralizedRCNN)
+        return exact_box_forward(self.module, inputs, self._backbone)
+
+    def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
+        """Compile the backbone + FPN only: fixed (B, 3, H, W) in, feature maps out.
+
+        The RPN and ROI heads have data-dependent shapes (proposals kept, boxes after NMS) and
+        run in float32; compiling them would recompile for every new count.
+        """
+        assert isinstance(self.module, GeneralizedRCNN)
+        self._backbone = compiler(self.module.backbone)
 
     def prepare(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Scale uint8 tiles to [0, 1] on their device.
@@ -74,6 +137,7 @@ def build_fasterrcnn(
     score_threshold: float = 0.05,
     native_resolution: bool = True,
     tile_size: int = 512,
+    max_detections: int = MAX_DETECTIONS,
 ) -> TorchvisionDetectorAdapter:
     """Build the torchvision Faster R-CNN ResNet-50 FPN detector adapter.
 
@@ -91,6 +155,8 @@ def build_fasterrcnn(
             256 px tile (800 / 256)^2 = 9.8x; it helps recall of objects that are small
             compared with the COCO scale the weights were trained at.
         tile_size: tile edge in pixels (used when ``native_resolution``).
+        max_detections: boxes kept per tile at most, best scores first (torchvision's
+            ``box_detections_per_img``; raise it for tiles with many small objects).
 
     Categories: the COCO names of the weights' meta (91 entries with ``__background__`` and
     ``N/A`` gaps, indexed by label id); with ``none`` or a 91-class checkpoint the ``DEFAULT``
@@ -99,7 +165,11 @@ def build_fasterrcnn(
     Raises:
         ModelError: bad weights name, missing/unfit checkpoint, or weights not downloadable.
     """
-    kwargs: dict[str, Any] = {"weights_backbone": None, "box_score_thresh": score_threshold}
+    kwargs: dict[str, Any] = {
+        "weights_backbone": None,
+        "box_score_thresh": score_threshold,
+        "box_detections_per_img": max_detections,
+    }
     if native_resolution:
         kwargs.update(min_size=tile_size, max_size=tile_size)
     spec, module, categories = build_torchvision_model(

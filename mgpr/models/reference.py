@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from mgpr.models.amp import fp32
 from mgpr.models.base import Detections, ModelAdapter
 from mgpr.models.weights import require_no_weights
 
@@ -21,6 +22,8 @@ from mgpr.models.weights import require_no_weights
 BRIGHT_THRESHOLD = 230
 #: Components with fewer pixels than this are dropped (noise).
 MIN_AREA_PX = 4
+#: Boxes kept per tile by default (the same default as Faster R-CNN's).
+MAX_DETECTIONS = 100
 
 
 class BrightMask(torch.nn.Module):
@@ -47,11 +50,17 @@ class ReferenceDetectorAdapter(ModelAdapter):
     Boxes are the bounding boxes of 4-connected components of the bright mask, as half-open
     pixel-corner ``xyxy`` = ``(col_min, row_min, col_max, row_max)`` in the tile, score 1.0,
     label 1 (``"bright_rectangle"``). ``in_bands = 0``: any band count works (all bands must be
-    bright).
+    bright). At most ``max_detections`` boxes per tile: the largest components (pixel count),
+    ties in raster order. The mask is computed with autocast off and boxes are integer pixel
+    corners from the CPU, so they are exact whatever the run's precision.
     """
 
     def __init__(
-        self, *, min_area_px: int = MIN_AREA_PX, threshold: int = BRIGHT_THRESHOLD
+        self,
+        *,
+        min_area_px: int = MIN_AREA_PX,
+        threshold: int = BRIGHT_THRESHOLD,
+        max_detections: int = MAX_DETECTIONS,
     ) -> None:
         super().__init__(
             name="reference",
@@ -63,6 +72,12 @@ class ReferenceDetectorAdapter(ModelAdapter):
             module=BrightMask(threshold),
         )
         self.min_area_px = min_area_px
+        self.max_detections = max_detections
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The bright mask, with autocast off (the same rule as every detector's boxes)."""
+        with fp32(inputs.device.type):
+            return self._network(inputs)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Pass the (B, C, H, W) uint8 tiles through unchanged (the mask is the forward pass)."""
@@ -83,11 +98,14 @@ class ReferenceDetectorAdapter(ModelAdapter):
                 out.append(Detections.empty())
                 continue
             areas = np.bincount(labelled.ravel(), minlength=n + 1)
-            boxes = [
-                (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop)
+            found = [
+                (int(areas[i]), (sl[1].start, sl[0].start, sl[1].stop, sl[0].stop))
                 for i, sl in enumerate(ndimage.find_objects(labelled), start=1)
                 if sl is not None and areas[i] >= self.min_area_px
             ]
+            if len(found) > self.max_detections:  # the largest; a stable sort keeps ties ordered
+                found = sorted(found, key=lambda f: -f[0])[: self.max_detections]
+            boxes = [box for _, box in found]
             k = len(boxes)
             out.append(
                 Detections(
@@ -99,7 +117,14 @@ class ReferenceDetectorAdapter(ModelAdapter):
         return out
 
 
-def build_reference(weights: str = "none") -> ReferenceDetectorAdapter:
-    """Build the reference detector; it has no weights (``weights`` must be none or DEFAULT)."""
+def build_reference(
+    weights: str = "none", *, max_detections: int = MAX_DETECTIONS
+) -> ReferenceDetectorAdapter:
+    """Build the reference detector; it has no weights (``weights`` must be none or DEFAULT).
+
+    Args:
+        weights: ``none`` or ``DEFAULT`` (both mean: no weights).
+        max_detections: boxes kept per tile at most (the largest components).
+    """
     require_no_weights("reference", weights)
-    return ReferenceDetectorAdapter()
+    return ReferenceDetectorAdapter(max_detections=max_detections)

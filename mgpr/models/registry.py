@@ -24,6 +24,7 @@ def build_model(
     score_threshold: float = 0.05,
     native_resolution: bool = True,
     tile_size: int = 512,
+    max_detections: int = 100,
 ) -> ModelAdapter:
     """Build the adapter for ``model=name`` on the CPU, in eval mode, gradients off.
 
@@ -37,9 +38,11 @@ def build_model(
         native_resolution: fasterrcnn only: run tiles at their size instead of resizing to
             800 px (see :func:`mgpr.models.detection.build_fasterrcnn`).
         tile_size: tile edge in pixels, >= 1.
+        max_detections: detection: boxes kept per tile at most (fasterrcnn: best scores,
+            reference: largest objects), >= 1. A user's model is not limited.
 
     Raises:
-        ConfigError: topk, score_threshold or tile_size out of range.
+        ConfigError: topk, score_threshold, tile_size or max_detections out of range.
         ModelError: unknown name (with the closest known one), bad import path or weights,
             weights not downloadable.
     """
@@ -52,6 +55,11 @@ def build_model(
         )
     if not isinstance(tile_size, int) or tile_size < 1:
         raise ConfigError(f"tile_size={tile_size} must be an integer >= 1; set tile_size=512.")
+    if not isinstance(max_detections, int) or max_detections < 1:
+        raise ConfigError(
+            f"max_detections={max_detections} must be an integer >= 1; set max_detections=100, "
+            "for example."
+        )
     name = name.strip()
     # Imports are local: each builder pulls in only what it needs.
     if name == "resnet50":
@@ -66,11 +74,12 @@ def build_model(
             score_threshold=score_threshold,
             native_resolution=native_resolution,
             tile_size=tile_size,
+            max_detections=max_detections,
         )
     if name == "reference":
         from mgpr.models.reference import build_reference
 
-        return build_reference(weights)
+        return build_reference(weights, max_detections=max_detections)
     if name == "null":
         from mgpr.models.null import build_null
 

@@ -1,0 +1,179 @@
+"""Detection boxes under mixed precision: the backbone in bf16, every coordinate in fp32.
+
+CPU autocast with ``precision=bf16-mixed`` explicitly (what ``precision=auto`` picks is the
+device's business and never asserted here). torchvision's own forward builds anchors and decodes
+boxes in the feature maps' dtype, so under bf16 an edge between 512 and 1024 px sits on a 4 px
+step; mgpr's detectors must not.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import read_gpkg_layer, run_mgpr_inprocess
+from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.models.resnet import Bottleneck
+from torchvision.ops import box_iou
+
+from mgpr.models import Detections, build_model
+from mgpr.testimage.generator import TestImageSpec, render_block
+
+#: Planted objects (>= 240 in every band) on a textured background: what the detectors see.
+SPEC = TestImageSpec(width=1024, height=1024, objects=40, seed=3)
+#: Matched boxes (same label, one-to-one, IoU >= MATCH_IOU) agree with fp32 within this.
+MAX_EDGE_ERROR_PX = 0.5
+MATCH_IOU = 0.9
+#: Share of fp32 boxes that must find a bf16 partner (random weights: scores are near-ties, so
+#: a few boxes at the score/NMS margins are kept by one precision only).
+MIN_MATCHED = 0.8
+
+
+def _bf16() -> torch.autocast:
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _on_step(values: torch.Tensor, step: float) -> float:
+    """Share of ``values`` that are exact multiples of ``step``."""
+    return float((torch.remainder(values, step) == 0).float().mean())
+
+
+def seeded_fasterrcnn_state(size: int) -> dict[str, torch.Tensor]:
+    """A seeded Faster R-CNN state_dict that is well conditioned, as trained weights are.
+
+    Plain random weights make a chaotic ResNet-50 (bf16 rounding changes its feature maps by
+    ~30 %, so fp32 and bf16 find unrelated boxes and no tolerance is testable). Zero-initialised
+    residual branches (torchvision's ``zero_init_residual``) and batch-norm statistics measured
+    on the planted-object tiles give a network whose bf16 features are within ~2 % of fp32.
+    """
+    torch.manual_seed(0)
+    model = fasterrcnn_resnet50_fpn(
+        weights=None, weights_backbone=None, min_size=size, max_size=size
+    ).eval()
+    for mod in model.backbone.body.modules():
+        if isinstance(mod, Bottleneck):
+            torch.nn.init.zeros_(mod.bn3.weight)
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.momentum = None  # cumulative average over the calibration batch
+            mod.reset_running_stats()
+    tiles = [
+        torch.from_numpy(render_block(SPEC, r, c, size, size)).float().div(255)
+        for r in (0, size)
+        for c in (0, size)
+    ]
+    model.backbone.train()
+    with torch.no_grad():
+        batch, _ = model.transform(tiles)
+        model.backbone(batch.tensors)
+    return model.eval().state_dict()
+
+
+def match_boxes(a: Detections, b: Detections, min_iou: float) -> list[tuple[int, int]]:
+    """One-to-one pairs (i in a, j in b) of the same label, greedily by IoU, IoU >= min_iou."""
+    if not len(a) or not len(b):
+        return []
+    iou = box_iou(torch.from_numpy(a.boxes), torch.from_numpy(b.boxes)).numpy()
+    iou[a.labels[:, None] != b.labels[None, :]] = 0.0
+    pairs = []
+    while True:
+        i, j = np.unravel_index(int(np.argmax(iou)), iou.shape)
+        if iou[i, j] < min_iou:
+            return pairs
+        pairs.append((int(i), int(j)))
+        iou[i, :] = 0.0
+        iou[:, j] = 0.0
+
+
+@pytest.fixture(scope="module")
+def seeded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("frcnn") / "seeded_fasterrcnn.pth"
+    torch.save(seeded_fasterrcnn_state(128), path)
+    return path
+
+
+def test_fasterrcnn_bf16_boxes_are_not_quantised_at_1024_px() -> None:
+    """Edges between 512 and 1024 px: on a 4 px step with torchvision's forward, not with ours.
+
+    A 1024 px wide strip (the step depends on the coordinate's magnitude, and the strip costs
+    1/16 of a 1024 px square); ``min_size = max_size = 1024`` so nothing is resized.
+    """
+    torch.manual_seed(0)
+    adapter = build_model("fasterrcnn", "none", tile_size=1024, score_threshold=0.0)
+    strip = torch.from_numpy(render_block(SPEC, 0, 0, 64, 1024))[None]
+    with torch.inference_mode(), _bf16():
+        inputs = adapter.prepare(strip)
+        ours = adapter.forward(inputs)[0]["boxes"]
+        theirs = adapter.module(inputs)[0]["boxes"]  # torchvision's own forward
+    assert ours.dtype == torch.float32
+    far = ours[:, 0::2][(ours[:, 0::2] > 512) & (ours[:, 0::2] < 1024)]
+    far_theirs = theirs[:, 0::2][(theirs[:, 0::2] > 512) & (theirs[:, 0::2] < 1024)]
+    assert far.numel() >= 20 and far_theirs.numel() >= 20
+    assert _on_step(far_theirs.float(), 4.0) == 1.0  # the bug this guards against
+    assert _on_step(far, 4.0) < 0.05
+    assert _on_step(far, 0.5) < 0.1  # not on any coarse grid either
+
+
+def test_fasterrcnn_bf16_agrees_with_fp32_seeded_checkpoint(seeded_checkpoint: Path) -> None:
+    adapter = build_model(
+        "fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0
+    )
+    tiles = torch.from_numpy(np.stack([render_block(SPEC, 0, c, 128, 128) for c in (0, 128)]))
+    with torch.inference_mode():
+        inputs = adapter.prepare(tiles)
+        fp32 = adapter.postprocess(adapter.forward(inputs), 128)
+        with _bf16():
+            bf16 = adapter.postprocess(adapter.forward(inputs), 128)
+    for ref, got in zip(fp32, bf16, strict=True):
+        assert len(ref) >= 50
+        assert got.boxes.dtype == np.float32 and got.scores.dtype == np.float32
+        pairs = match_boxes(got, ref, MATCH_IOU)
+        assert len(pairs) >= MIN_MATCHED * len(ref)
+        errors = [np.abs(got.boxes[i] - ref.boxes[j]).max() for i, j in pairs]
+        assert max(errors) <= MAX_EDGE_ERROR_PX, sorted(errors)[-5:]
+
+
+def test_max_detections_limits_boxes_per_tile(seeded_checkpoint: Path) -> None:
+    adapter = build_model(
+        "fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0, max_detections=7
+    )
+    tiles = torch.from_numpy(render_block(SPEC, 0, 0, 128, 128))[None]
+    with torch.inference_mode():
+        (det,) = adapter.predict(tiles, 128)
+    assert len(det) == 7 and np.all(np.diff(det.scores) <= 0)  # the best 7
+
+    reference = build_model("reference", max_detections=2)
+    tile = torch.full((1, 3, 64, 64), 200, dtype=torch.uint8)
+    tile[:, :, 0:3, 0:3] = 250  # 9 px
+    tile[:, :, 10:20, 10:20] = 250  # 100 px
+    tile[:, :, 40:44, 40:44] = 250  # 16 px
+    tile[:, :, 50:54, 0:4] = 250  # 16 px, later in raster order
+    with torch.inference_mode():
+        (kept,) = reference.predict(tile, 64)
+    np.testing.assert_array_equal(kept.boxes, [[10, 10, 20, 20], [40, 40, 44, 44]])
+
+
+def test_reference_detector_bf16_run_equals_fp32_run(tmp_path: Path) -> None:
+    """The quick start under Lightning's bf16-mixed plugin: the same boxes, to the bit."""
+    outputs = {}
+    for precision in ("32", "bf16-mixed"):
+        run = tmp_path / precision
+        rc = run_mgpr_inprocess(
+            f"output_dir={run}",
+            "image_size=1024",
+            "objects=16",
+            "workers=0",
+            f"precision={precision}",
+            "progress=false",
+        )
+        assert rc == 0
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["precision"] == ("32-true" if precision == "32" else "bf16-mixed")
+        check = summary["demo_check"]
+        assert check["found"] == check["planted"] == 16
+        assert check["max_footprint_error_px"] < 0.5
+        geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
+        outputs[precision] = sorted(g.bounds for g in geoms)
+    assert outputs["bf16-mixed"] == outputs["32"]
