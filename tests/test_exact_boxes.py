@@ -20,7 +20,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import box_iou
 
 from mgpr.models import Detections, build_model
-from mgpr.testimage.generator import TestImageSpec, render_block
+from mgpr.testimage import TestImageSpec, render_block
 
 #: Planted objects (>= 240 in every band) on a textured background: what the detectors see.
 SPEC = TestImageSpec(width=1024, height=1024, objects=40, seed=3)
@@ -117,9 +117,7 @@ def test_fasterrcnn_bf16_boxes_are_not_quantised_at_1024_px() -> None:
 
 
 def test_fasterrcnn_bf16_agrees_with_fp32_seeded_checkpoint(seeded_checkpoint: Path) -> None:
-    adapter = build_model(
-        "fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0
-    )
+    adapter = build_model("fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0)
     tiles = torch.from_numpy(np.stack([render_block(SPEC, 0, c, 128, 128) for c in (0, 128)]))
     with torch.inference_mode():
         inputs = adapter.prepare(tiles)

@@ -131,6 +131,7 @@ def _check_ranges(cfg: PredictConfig) -> None:
     _at_least("gpus", cfg.gpus, 1, "leave gpus unset to use every GPU")
     _at_least("num_nodes", cfg.num_nodes, 1, "leave num_nodes unset to take it from SLURM")
     _at_least("topk", cfg.topk, 1, "try topk=5")
+    _at_least("max_detections", cfg.max_detections, 1, "try max_detections=100")
     _at_least("image_size", cfg.image_size, 1, "try image_size=2048")
     _at_least("objects", cfg.objects, 0, "try objects=40")
     _at_least("dummy_dataset_delay", cfg.dummy_dataset_delay, 0, "try dummy_dataset_delay=0.1")

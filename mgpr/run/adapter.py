@@ -19,6 +19,7 @@ def build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
         score_threshold=cfg.score_threshold,
         native_resolution=cfg.native_resolution,
         tile_size=cfg.tile_size,
+        max_detections=cfg.max_detections,
     )
     if rank != 0 and model_name in ("resnet50", "fasterrcnn"):
         try:

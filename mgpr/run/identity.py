@@ -26,6 +26,7 @@ def fingerprint(
         "overlap": cfg.overlap,
         "topk": cfg.topk,
         "score_threshold": cfg.score_threshold,
+        "max_detections": cfg.max_detections,
         "native_resolution": cfg.native_resolution,
         "inputs": [
             {"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime, "bands": bands[r.path]}
