@@ -26,13 +26,11 @@ Merge (rank 0, after every rank finished)
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import re
 import sqlite3
 import threading
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +43,8 @@ from mgpr.errors import OutputError
 from mgpr.geo.georef import boxes_to_rings, tile_footprint_ring
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge, plan_tiles
+from mgpr.outputs.formats import vector_writers
+from mgpr.outputs.vector import FeatureBatch
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +340,7 @@ class MergeResult:
     """What :func:`merge_run` wrote."""
 
     output_path: Path | None
+    output_paths: list[Path] = field(default_factory=list)
     layers: dict[str, int] = field(default_factory=dict)  # layer name -> features
     records: int = 0
     tiles_done: int = 0
@@ -515,40 +516,6 @@ def _dedupe_group(
     return keep
 
 
-def _write_layer(
-    path: Path,
-    layer: str,
-    rings: npt.NDArray[np.float64],
-    fields: dict[str, Any],
-    crs_wkt: str | None,
-    first: bool,
-) -> None:
-    import pyogrio.raw
-    import shapely
-
-    geoms = shapely.polygons(rings) if len(rings) else np.empty(0, dtype=object)
-    wkb = shapely.to_wkb(geoms) if len(rings) else np.empty(0, dtype=object)
-    names = list(fields)
-    arrays = [np.asarray(fields[k]) for k in names]
-    with warnings.catch_warnings():
-        # crs_wkt=None: a raster without CRS, already reported once (pixel coordinates).
-        warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
-        pyogrio.raw.write(
-            str(path),
-            geometry=wkb,
-            field_data=arrays,
-            fields=names,
-            crs=crs_wkt,
-            geometry_type="Polygon",
-            layer=layer,
-            driver="GPKG",
-            append=not first,
-            promote_to_multi=False,
-            # GeoPackage 1.2 opens without warnings in older GDAL/QGIS releases too.
-            dataset_options={"VERSION": "1.2"} if first else None,
-        )
-
-
 def merge_run(
     run_dir: Path,
     rasters: Sequence[RasterInfo],
@@ -558,16 +525,17 @@ def merge_run(
     categories: Sequence[str] | None,
     nms_iou: float,
     seam_ios: float,
-    output_name: str = "predictions.gpkg",
+    output_name: str = "predictions",
     topk: int = 5,
+    output_format: str = "gpkg",
 ) -> MergeResult:
-    """Merge every rank's shard into one GeoPackage (rank 0, after all ranks finished).
+    """Merge every rank's shard into the run's vector outputs (rank 0, after all ranks finished).
 
     Detections become one polygon per box in the raster's CRS, de-duplicated across seams
     (:func:`dedupe_seam_boxes`); classifications become one polygon per tile (its valid
     footprint) with the top-k classes. Rasters in different CRSs go to one layer per CRS (no
-    reprojection: every feature stays in its own raster's CRS). The result is written to a
-    temporary file and moved into place with ``os.replace``.
+    reprojection: every feature stays in its own raster's CRS). Each layer goes to every writer
+    that ``output_format`` selects (:mod:`mgpr.outputs.formats`); writers publish whole files only.
     """
     statuses = tile_statuses(run_dir)
     result = MergeResult(output_path=None)
@@ -581,11 +549,6 @@ def merge_run(
             result.failed.append((key, reason))
     done_keys = {k for k, (s, _) in statuses.items() if s == "done"}
     layer_names = _layer_names(rasters, "detections" if task == "detection" else "classifications")
-    final = run_dir / output_name
-    tmp = run_dir / f".tmp-{os.getpid()}-{output_name}"
-    if tmp.exists():
-        tmp.unlink()
-    first = True
     per_layer: dict[str, dict[str, Any]] = {}
     for info in rasters:
         layer = layer_names[info.crs_wkt]
@@ -601,17 +564,23 @@ def merge_run(
         acc = per_layer.setdefault(layer, {"rings": [], "fields": [], "crs": info.crs_wkt})
         acc["rings"].append(rings)
         acc["fields"].append(fields)
-    for layer, acc in per_layer.items():
-        rings = np.concatenate(acc["rings"]) if acc["rings"] else np.empty((0, 5, 2))
-        keys = list(acc["fields"][0]) if acc["fields"] else []
-        fields = {k: np.concatenate([f[k] for f in acc["fields"]]) for k in keys}
-        _write_layer(tmp, layer, rings, fields, acc["crs"], first)
-        first = False
-        result.layers[layer] = len(rings)
-        result.records += len(rings)
-    if per_layer:
-        os.replace(tmp, final)
-        result.output_path = final
+    writers = vector_writers(output_format, run_dir, output_name)
+    try:
+        for layer, acc in per_layer.items():
+            batch = FeatureBatch.concat(
+                [FeatureBatch(r, f) for r, f in zip(acc["rings"], acc["fields"], strict=True)]
+            )
+            for writer in writers:
+                writer.write(layer, acc["crs"], batch)
+            result.layers[layer] = len(batch)
+            result.records += len(batch)
+        if per_layer:
+            for writer in writers:
+                result.output_paths += writer.commit()
+    finally:
+        for writer in writers:
+            writer.abort()
+    result.output_path = result.output_paths[0] if result.output_paths else None
     return result
 
 

@@ -1,0 +1,94 @@
+"""GeoPackage output (QGIS's default vector format), built on node-local disk and moved into place.
+
+A GeoPackage is an SQLite database: writing it takes file locks, which fail or corrupt on
+parallel filesystems (Lustre without ``flock``, NFS). So the file is built in a private folder
+under the node's temporary directory (``$TMPDIR``, which SLURM sites usually point at local disk)
+and only copied to the run directory once complete: first to a hidden temporary name there, then
+``os.replace`` onto the final name, so readers see the whole file or none.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from mgpr.outputs.vector import FeatureBatch, VectorWriter
+
+
+class GpkgWriter(VectorWriter):
+    """Every layer in one ``<stem>.gpkg`` (GeoPackage 1.2, polygons)."""
+
+    format_name = "gpkg"
+
+    def __init__(self, run_dir: Path, stem: str) -> None:
+        super().__init__(run_dir, stem)
+        self._workdir: Path | None = None
+        self._layers: set[str] = set()
+
+    @property
+    def final_path(self) -> Path:
+        """Where the file appears after :meth:`commit`."""
+        return self.run_dir / f"{self.stem}.gpkg"
+
+    def _local_path(self) -> Path:
+        if self._workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="mgpr-gpkg-"))
+        return self._workdir / f"{self.stem}.gpkg"
+
+    def write(self, layer: str, crs_wkt: str | None, batch: FeatureBatch) -> None:
+        """Append ``batch`` to ``layer`` in the node-local file."""
+        import pyogrio.raw
+        import shapely
+
+        path = self._local_path()
+        creating_file = not path.exists()
+        n = len(batch)
+        wkb = shapely.to_wkb(shapely.polygons(batch.rings)) if n else np.empty(0, dtype=object)
+        names = list(batch.fields)
+        with warnings.catch_warnings():
+            # crs_wkt=None: a raster without CRS, already reported once (pixel coordinates).
+            warnings.filterwarnings(
+                "ignore", message="'crs' was not provided", category=UserWarning
+            )
+            pyogrio.raw.write(
+                str(path),
+                geometry=wkb,
+                field_data=[np.asarray(batch.fields[k]) for k in names],
+                fields=names,
+                crs=crs_wkt,
+                geometry_type="Polygon",
+                layer=layer,
+                driver="GPKG",
+                append=not creating_file,
+                promote_to_multi=False,
+                # GeoPackage 1.2 opens without warnings in older GDAL/QGIS releases too.
+                dataset_options={"VERSION": "1.2"} if creating_file else None,
+            )
+        self._layers.add(layer)
+
+    def commit(self) -> list[Path]:
+        """Copy the finished file next to its final name, then rename it onto it."""
+        if self._workdir is None:
+            return []
+        local = self._local_path()
+        hidden = self.run_dir / f".tmp-{os.getpid()}-{self.stem}.gpkg"
+        try:
+            shutil.copyfile(local, hidden)
+            with open(hidden, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(hidden, self.final_path)
+        finally:
+            hidden.unlink(missing_ok=True)
+            self.abort()
+        return [self.final_path]
+
+    def abort(self) -> None:
+        """Remove the node-local folder."""
+        if self._workdir is not None:
+            shutil.rmtree(self._workdir, ignore_errors=True)
+            self._workdir = None
