@@ -1,10 +1,7 @@
 """Is a rank's memory flat in the raster's size? Peak RSS, 40,000 px vs 8,192 px, model=null.
 
-Writes both ortho-like rasters with mgpr's generator (DEFLATE, 512-px blocks; the 40k one
-streams in about 4 minutes on 2 cores), runs the real ``mgpr`` CLI on each (``model=null``,
-``tile_size=1024``: 64 and 1,600 tiles) and prints the rank's peak RSS (the run report's
-host-RSS sampler) and the largest peak RSS of any process of the run (rank or DataLoader
-worker; ``ru_maxrss`` of the children), then the ratio. Target: within 20 %.
+Runs the real ``mgpr`` CLI on both generated rasters and prints the rank's and the largest
+process's peak RSS and their ratio (target within 20 %; see benchmarks/README.md).
 
     uv run python benchmarks/memory_flat.py [--big 40000] [--small 8192] [--tile 1024]
 """

@@ -1,13 +1,7 @@
-"""Cost of the run monitor's sampling thread on a CPU-bound loop.
+"""Cost of the run monitor's sampling thread on a CPU-bound loop (see benchmarks/README.md).
 
-Runs a fixed amount of single-threaded work (small matmuls) with no sampler, and with the
-sampler at 0.5 s and 0.05 s, alternating the configurations over several rounds, and prints the
-median time of each and the slowdown against no sampler. It also times ``sample_once`` directly:
-cost per sample / interval is the share of one core the thread takes, a figure that the
-noise of a shared machine does not blur.
-
-On a CUDA machine with NVML the sampler reads NVML memory + utilisation and torch.cuda memory
-(what a GPU rank pays); elsewhere it reads the host RSS only (what a CPU rank pays).
+Prints the median time of a fixed workload with no sampler and with the sampler at 0.5 s and
+0.05 s, and the cost of one ``sample_once`` call (cost / interval = share of a core).
 
     uv run python benchmarks/monitor_overhead.py [--seconds 3] [--rounds 5]
 """

@@ -1,25 +1,8 @@
 """Where does a tile's time go? mgpr's data path, model and whole run against their limits.
 
-Makes its own ortho-like GeoTIFF with mgpr's generator (DEFLATE, 512-px blocks) in a temp dir,
-then measures, back to back on the same file and settings:
-
-1. read limit: block-aligned rasterio windowed reads in ONE process, uint8, no torch;
-2. mgpr's data path alone: its TileDataset + the DataLoader every rank builds
-   (:func:`mgpr.run.trainer.make_dataloader`), ``workers`` processes, no model;
-3. a naive loader as users write it: open the file in every ``__getitem__``, float32 / 255;
-4. TorchGeo's RasterDataset + GridGeoSampler (optional: ``uv sync --extra bench``);
-5. model compute alone (resnet50, fasterrcnn; weights=none) on device-resident input, fp32,
-   and bf16 autocast + channels_last where the device runs bf16 fast;
-6. the whole ``mgpr`` run (the real CLI in a subprocess, writing included) for the same model;
-7. the whole run with ``model=null``: mgpr's own cost per tile.
-
-Loader rows (1-4) run at ``--tile`` and at 512 px; model rows (5-7) at ``--model-tile`` on a
-``--model-size`` raster (CPU models take seconds per tile), rows 5-6 for each of
-``--batch-sizes``. The whole run uses ``precision=auto``, so "whole run / compute alone" divides
-the whole run's rate after its first batch (compute alone is timed after a warm-up step too) by
-the compute row at the precision auto picks (bf16 + channels_last where the device runs it fast,
-else fp32). Each loader row is run ``--repeat``
-times, interleaved, and the best is kept (the machine may be shared).
+Seven rows on one generated raster (read limit, mgpr's loader, a naive loader, TorchGeo, model
+compute alone, the whole run, the whole run with model=null); benchmarks/README.md explains each
+row and how "whole run / compute alone" is computed.
 
     uv run --extra bench python benchmarks/pipeline.py --size 8192 --tile 1024 --workers 2
     uv run python benchmarks/pipeline.py --quick        # small smoke run (about a minute)

@@ -16,9 +16,8 @@ from mgpr.geo.georef import (
     pixel_size,
     tile_boxes_to_raster_px,
     tile_footprint_ring,
-    tile_transform,
 )
-from mgpr.geo.tiling import Tile, plan_tiles, valid_window
+from mgpr.geo.tiling import Tile, plan_tiles, tile_window, valid_window
 
 PROPS = settings(max_examples=150, deadline=None)
 
@@ -211,3 +210,22 @@ def test_identity_transform_map_equals_pixel_corners() -> None:
     x1, y1, x2, y2 = tile_boxes_to_raster_px(box, tile)[0]
     assert {tuple(p) for p in ring[:4]} == {(x1, y1), (x1, y2), (x2, y2), (x2, y1)}
     assert _shoelace(ring) > 0
+
+
+def tile_transform(tile: Tile, raster_transform: Affine) -> Affine:
+    """Return the affine transform of a tile's (padded) window.
+
+    Derived with :func:`rasterio.windows.transform` from :func:`mgpr.geo.tiling.tile_window`: it
+    maps
+    TILE pixel corner coordinates ``(col, row)`` to map ``(x, y)``; the padded part extends the
+    same grid past the raster.
+
+    Args:
+        tile: the tile.
+        raster_transform: the raster's transform (raster pixel corners -> map coordinates).
+
+    Returns:
+        The tile's transform, same CRS as the raster.
+    """
+    transform: Affine = rasterio.windows.transform(tile_window(tile), raster_transform)
+    return transform

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,8 +19,8 @@ from mgpr.geo.tiling import (
     Tile,
     TileGrid,
     TileId,
+    as_boxes,
     box_touches_tile_edge,
-    boxes_owned_by_tile,
     owner_region,
     plan_tiles,
     tile_grid,
@@ -346,3 +347,33 @@ def test_geometry_modules_import_no_heavy_stack() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == ""
+
+
+def boxes_owned_by_tile(
+    boxes_px: npt.ArrayLike, tile: Tile, grid: TileGrid, height: int, width: int
+) -> npt.NDArray[np.bool_]:
+    """Say which boxes this tile owns, by the centre point of each box (seam de-duplication).
+
+    A box's centre ``((x1 + x2) / 2, (y1 + y2) / 2)`` is shifted to raster pixels (plus
+    ``col_off`` / ``row_off``) and tested against :func:`owner_region`, half-open: a centre exactly
+    on a boundary belongs to the later tile (no rounding). Across all tiles every point of the
+    raster has exactly one owner, so each object seen whole by two overlapping tiles is kept once.
+
+    Args:
+        boxes_px: (N, 4) xyxy, TILE pixel corner coordinates (x = column, y = row).
+        tile: the tile the boxes were predicted on.
+        grid: the raster's grid.
+        height: pixels, raster rows.
+        width: pixels, raster columns.
+
+    Returns:
+        (N,) bool, True where the tile owns the box's centre.
+    """
+    boxes = as_boxes(boxes_px)
+    row_min, col_min, row_max, col_max = owner_region(tile, grid, height, width)
+    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0 + tile.col_off
+    cy = (boxes[:, 1] + boxes[:, 3]) / 2.0 + tile.row_off
+    owned: npt.NDArray[np.bool_] = (
+        (cx >= col_min) & (cx < col_max) & (cy >= row_min) & (cy < row_max)
+    )
+    return owned

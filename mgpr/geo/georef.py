@@ -21,7 +21,6 @@ import math
 
 import numpy as np
 import numpy.typing as npt
-import rasterio.windows
 from affine import Affine
 
 from mgpr.geo.tiling import Tile, as_boxes, tile_window, valid_window
@@ -31,27 +30,7 @@ __all__ = [
     "pixel_size",
     "tile_boxes_to_raster_px",
     "tile_footprint_ring",
-    "tile_transform",
 ]
-
-
-def tile_transform(tile: Tile, raster_transform: Affine) -> Affine:
-    """Return the affine transform of a tile's (padded) window.
-
-    Derived with :func:`rasterio.windows.transform` from :func:`mgpr.geo.tiling.tile_window`: it
-    maps
-    TILE pixel corner coordinates ``(col, row)`` to map ``(x, y)``; the padded part extends the
-    same grid past the raster.
-
-    Args:
-        tile: the tile.
-        raster_transform: the raster's transform (raster pixel corners -> map coordinates).
-
-    Returns:
-        The tile's transform, same CRS as the raster.
-    """
-    transform: Affine = rasterio.windows.transform(tile_window(tile), raster_transform)
-    return transform
 
 
 def boxes_to_rings(boxes_px: npt.ArrayLike, transform: Affine) -> npt.NDArray[np.float64]:
@@ -66,7 +45,7 @@ def boxes_to_rings(boxes_px: npt.ArrayLike, transform: Affine) -> npt.NDArray[np
 
     Args:
         boxes_px: (N, 4) float xyxy, pixel corner coordinates (x = col, y = row) in the frame
-            ``transform`` maps from (e.g. tile pixels with :func:`tile_transform`).
+            ``transform`` maps from (raster pixels with the raster's own transform).
         transform: pixel corner ``(col, row)`` -> map ``(x, y)``.
 
     Returns:

@@ -34,7 +34,6 @@ __all__ = [
     "TileGrid",
     "TileId",
     "box_touches_tile_edge",
-    "boxes_owned_by_tile",
     "owner_region",
     "plan_tiles",
     "tile_grid",
@@ -335,8 +334,8 @@ def owner_region(tile: Tile, grid: TileGrid, height: int, width: int) -> tuple[i
     ``b_i = i * stride + overlap // 2`` (``b_0 = 0``, ``b_n = size``), and tile ``i`` owns the
     half-open span ``[b_i, b_{i+1})``. The first tile owns from 0 and the last to the raster edge,
     so the owner regions of all tiles partition the raster exactly, and each lies inside its
-    tile's valid window. A detection is kept by the tile that owns its centre point (see
-    :func:`boxes_owned_by_tile`).
+    tile's valid window. Segmentation's ``seam=crop`` writes each pixel from the tile that owns it
+    (:mod:`mgpr.geo.seams`).
 
     Args:
         tile: a tile planned with the same grid and raster shape.
@@ -369,36 +368,6 @@ def as_boxes(boxes_px: npt.ArrayLike) -> npt.NDArray[np.float64]:
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"Boxes must have shape (N, 4) xyxy, got shape {boxes.shape}.")
     return boxes
-
-
-def boxes_owned_by_tile(
-    boxes_px: npt.ArrayLike, tile: Tile, grid: TileGrid, height: int, width: int
-) -> npt.NDArray[np.bool_]:
-    """Say which boxes this tile owns, by the centre point of each box (seam de-duplication).
-
-    A box's centre ``((x1 + x2) / 2, (y1 + y2) / 2)`` is shifted to raster pixels (plus
-    ``col_off`` / ``row_off``) and tested against :func:`owner_region`, half-open: a centre exactly
-    on a boundary belongs to the later tile (no rounding). Across all tiles every point of the
-    raster has exactly one owner, so each object seen whole by two overlapping tiles is kept once.
-
-    Args:
-        boxes_px: (N, 4) xyxy, TILE pixel corner coordinates (x = column, y = row).
-        tile: the tile the boxes were predicted on.
-        grid: the raster's grid.
-        height: pixels, raster rows.
-        width: pixels, raster columns.
-
-    Returns:
-        (N,) bool, True where the tile owns the box's centre.
-    """
-    boxes = as_boxes(boxes_px)
-    row_min, col_min, row_max, col_max = owner_region(tile, grid, height, width)
-    cx = (boxes[:, 0] + boxes[:, 2]) / 2.0 + tile.col_off
-    cy = (boxes[:, 1] + boxes[:, 3]) / 2.0 + tile.row_off
-    owned: npt.NDArray[np.bool_] = (
-        (cx >= col_min) & (cx < col_max) & (cy >= row_min) & (cy < row_max)
-    )
-    return owned
 
 
 def box_touches_tile_edge(
