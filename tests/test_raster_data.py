@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader
 
 from mgpr.data.dataset import STATUS_EMPTY, STATUS_FAILED, STATUS_OK, TileDataset, shard_tiles
 from mgpr.errors import ConfigError, InputError
-from mgpr.geo.raster import TileReader, check_bands, describe_raster, resolve_inputs
+from mgpr.geo.inputs import resolve_inputs
+from mgpr.geo.raster import TileReader, check_bands, describe_raster
 from mgpr.geo.tiling import plan_tiles
 
 

@@ -1,10 +1,10 @@
 """Where rasters are opened and tiles are read.
 
-Two jobs, no Lightning and no torch:
+Two jobs, no Lightning and no torch (``input_path`` becomes raster paths in
+:mod:`mgpr.geo.inputs`):
 
-* :func:`resolve_inputs` turns ``input_path`` (a file, a folder, a glob or a ``.txt`` list) into
-  raster paths and :func:`describe_raster` reads each one's header once into a picklable
-  :class:`RasterInfo` (size, bands, CRS, transform, nodata handling).
+* :func:`describe_raster` reads each raster's header once into a picklable :class:`RasterInfo`
+  (size, bands, CRS, transform, nodata handling).
 * :class:`TileReader` is what a DataLoader worker holds: it opens each raster lazily, once per
   process, and reads a tile's window as a uint8 ``(C, H, W)`` numpy array, padded with zeros past
   the raster's edge. Handles never cross a pickle boundary (``spawn`` workers re-open them).
@@ -15,13 +15,11 @@ GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio u
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,9 +31,6 @@ from mgpr.errors import ConfigError, InputError
 from mgpr.geo.tiling import Tile, tile_window, valid_window
 
 log = logging.getLogger(__name__)
-
-RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
-_GLOB_CHARS = set("*?[")
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,76 +76,6 @@ class RasterInfo:
         crs = CRS.from_wkt(self.crs_wkt)
         epsg = crs.to_epsg()
         return f"EPSG:{epsg}" if epsg else crs.name
-
-
-def _is_gdal_virtual(path: str) -> bool:
-    return path.startswith("/vsi") or "://" in path
-
-
-def resolve_inputs(input_path: str) -> list[str]:
-    """Expand ``input_path`` into a sorted list of raster paths.
-
-    Args:
-        input_path: a raster file, a folder (its ``*.tif``/``*.tiff``/... files, not recursive),
-            a glob pattern, or a ``.txt`` file listing one path per line (``#`` comments and
-            blank lines ignored; relative paths are relative to the list file).
-
-    Raises:
-        InputError: when the path is missing, the folder is empty, the glob matches nothing, or
-            a listed file is missing (naming the file and its line).
-    """
-    if _is_gdal_virtual(input_path):
-        return [input_path]
-    path = Path(input_path)
-    if any(ch in input_path for ch in _GLOB_CHARS) and not path.exists():
-        matches = sorted(glob.glob(input_path, recursive=True))
-        matches = [m for m in matches if Path(m).is_file()]
-        if not matches:
-            raise InputError(
-                f"input_path={input_path!r}: the glob matches no file; check the pattern"
-            )
-        return matches
-    if not path.exists():
-        raise InputError(
-            f"input_path={input_path!r} does not exist; "
-            "pass a GeoTIFF, a folder, a glob or a .txt list"
-        )
-    if path.is_dir():
-        found = sorted(
-            str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
-        )
-        if not found:
-            raise InputError(
-                f"input_path={input_path!r} is a folder without rasters "
-                f"({'/'.join(RASTER_SUFFIXES)}); "
-                "point it at a folder of GeoTIFFs"
-            )
-        return found
-    if path.suffix.lower() == ".txt":
-        return _read_list_file(path)
-    return [input_path]
-
-
-def _read_list_file(path: Path) -> list[str]:
-    out: list[str] = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if _is_gdal_virtual(line):
-            out.append(line)
-            continue
-        item = Path(line)
-        if not item.is_absolute():
-            item = path.parent / item
-        if not item.is_file():
-            raise InputError(
-                f"{path}:{lineno} names {line!r}, which does not exist; fix or remove that line"
-            )
-        out.append(str(item))
-    if not out:
-        raise InputError(f"input_path={str(path)!r} lists no raster; add one path per line")
-    return out
 
 
 def describe_raster(path: str) -> RasterInfo:

@@ -120,7 +120,8 @@ def _predict_and_finish(
     tiles: list[Any] = []
     bands: dict[str, list[int]] = {}
     if not cfg.use_fake_data:
-        from mgpr.geo.raster import describe_raster, resolve_inputs
+        from mgpr.geo.inputs import resolve_inputs
+        from mgpr.geo.raster import describe_raster
 
         if demo:
             image, truth_path = demo_image(run_dir, cfg, rank, cfg.tile_size, cfg.overlap)

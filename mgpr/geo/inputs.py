@@ -1,0 +1,130 @@
+"""Where ``input_path`` becomes the list of rasters to predict, each file once.
+
+``input_path`` is a raster file, a folder, a glob or a ``.txt`` list; GDAL paths such as
+``/vsicurl/...`` or ``/vsis3/...`` pass through untouched. The same file named twice (the same
+path twice, another path to it, or a symlink) is predicted once: without this, its tiles would
+be planned twice and every object written twice.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from pathlib import Path
+
+from mgpr.errors import InputError
+
+log = logging.getLogger(__name__)
+
+RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+_GLOB_CHARS = set("*?[")
+
+
+def _is_gdal_virtual(path: str) -> bool:
+    return path.startswith("/vsi") or "://" in path
+
+
+def _expand(input_path: str) -> list[str]:
+    """``input_path`` as paths: folders and globs sorted, lists in their order (resolve_inputs)."""
+    if _is_gdal_virtual(input_path):
+        return [input_path]
+    path = Path(input_path)
+    if any(ch in input_path for ch in _GLOB_CHARS) and not path.exists():
+        matches = sorted(glob.glob(input_path, recursive=True))
+        matches = [m for m in matches if Path(m).is_file()]
+        if not matches:
+            raise InputError(
+                f"input_path={input_path!r}: the glob matches no file; check the pattern"
+            )
+        return matches
+    if not path.exists():
+        raise InputError(
+            f"input_path={input_path!r} does not exist; "
+            "pass a GeoTIFF, a folder, a glob or a .txt list"
+        )
+    if path.is_dir():
+        found = sorted(
+            str(p) for p in path.iterdir() if p.is_file() and p.suffix.lower() in RASTER_SUFFIXES
+        )
+        if not found:
+            raise InputError(
+                f"input_path={input_path!r} is a folder without rasters "
+                f"({'/'.join(RASTER_SUFFIXES)}); "
+                "point it at a folder of GeoTIFFs"
+            )
+        return found
+    if path.suffix.lower() == ".txt":
+        return _read_list_file(path)
+    return [input_path]
+
+
+def _read_list_file(path: Path) -> list[str]:
+    out: list[str] = []
+    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if _is_gdal_virtual(line):
+            out.append(line)
+            continue
+        item = Path(line)
+        if not item.is_absolute():
+            item = path.parent / item
+        if not item.is_file():
+            raise InputError(
+                f"{path}:{lineno} names {line!r}, which does not exist; fix or remove that line"
+            )
+        out.append(str(item))
+    if not out:
+        raise InputError(f"input_path={str(path)!r} lists no raster; add one path per line")
+    return out
+
+
+def resolve_inputs(input_path: str) -> list[str]:
+    """Expand ``input_path`` into raster paths, each file once, in a stable order.
+
+    Args:
+        input_path: a raster file, a folder (its ``*.tif``/``*.tiff``/... files, not recursive),
+            a glob pattern, or a ``.txt`` file listing one path per line (``#`` comments and
+            blank lines ignored; relative paths are relative to the list file).
+
+    Returns:
+        The paths as given or found; a later name of a file already listed is dropped with one
+        warning line naming both.
+
+    Raises:
+        InputError: when the path is missing, the folder is empty, the glob matches nothing, or
+            a listed file is missing (naming the file and its line).
+    """
+    return drop_duplicate_files(_expand(input_path))
+
+
+def file_identity(path: str) -> tuple[str, ...]:
+    """What makes two names the same file.
+
+    Device and inode for local files (symlinks and other paths to one file agree), the path
+    string for GDAL virtual paths (their server is not asked).
+    """
+    if _is_gdal_virtual(path):
+        return ("vsi", path.rstrip("/"))
+    st = os.stat(path)  # follows symlinks
+    return ("file", str(st.st_dev), str(st.st_ino))
+
+
+def drop_duplicate_files(paths: list[str]) -> list[str]:
+    """Keep the first name of each file; warn once for each later name of the same file."""
+    seen: dict[tuple[str, ...], str] = {}
+    kept: list[str] = []
+    for path in paths:
+        ident = file_identity(path)
+        if ident in seen:
+            log.warning(
+                "input %s is the same file as %s (listed twice); predicting it once",
+                path,
+                seen[ident],
+            )
+            continue
+        seen[ident] = path
+        kept.append(path)
+    return kept
