@@ -23,6 +23,7 @@ from typing import Annotated
 import typer
 
 from mgpr.errors import SlurmMismatchError
+from mgpr.models.registry import downloadable_models
 from mgpr.run.slurm import check_slurm_task, read_slurm_task
 
 app = typer.Typer(
@@ -31,7 +32,7 @@ app = typer.Typer(
     help="Check torch, GPUs, NCCL/gloo, rasterio/GDAL, SLURM variables, weights and disk for mgpr.",
 )
 
-DEFAULT_MODELS = ("resnet50", "fasterrcnn")
+DEFAULT_MODELS = downloadable_models()
 #: Free space below which the output disk check warns / fails, in bytes.
 WARN_FREE_BYTES = 5 * 2**30
 FAIL_FREE_BYTES = 200 * 2**20
@@ -355,7 +356,8 @@ def doctor(
     model: Annotated[
         list[str] | None,
         typer.Option(
-            help="Model whose weights must be cached (repeatable; default: resnet50, fasterrcnn)."
+            help="Model whose weights must be cached (repeatable; default: "
+            f"{', '.join(DEFAULT_MODELS)})."
         ),
     ] = None,
     output_dir: Annotated[

@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from mgpr.errors import EXIT_USAGE, MgprError, ModelError
+from mgpr.models.registry import downloadable_models
 
 app = typer.Typer(
     add_completion=False,
@@ -29,7 +30,8 @@ def fetch(
     models: Annotated[
         list[str],
         typer.Argument(
-            metavar="MODEL...", help="Model names with downloadable weights: resnet50, fasterrcnn."
+            metavar="MODEL...",
+            help=f"Model names with downloadable weights: {', '.join(downloadable_models())}.",
         ),
     ],
     weights: Annotated[
@@ -47,7 +49,7 @@ def fetch(
             if weights_enum_class(name) is None:
                 raise ModelError(
                     f"model={name} has no downloadable weights; mgpr-fetch-weights knows "
-                    "resnet50 and fasterrcnn."
+                    f"{', '.join(downloadable_models())}."
                 )
             if resolve_weights(name, weights).kind != "torchvision":  # raises for bad names
                 raise ModelError(

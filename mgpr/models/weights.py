@@ -4,7 +4,8 @@ A ``weights`` string is one of:
 
 * ``"none"`` (any case): random initialisation; adapters set ``random_weights=True``.
 * ``"DEFAULT"`` or a member name of the model's torchvision weights enum, bare
-  (``"IMAGENET1K_V2"``) or qualified (``"ResNet50_Weights.IMAGENET1K_V2"``): downloaded once into
+  (``"IMAGENET1K_V2"``) or qualified (``"ResNet50_Weights.IMAGENET1K_V2"``), looked up with
+  torchvision's ``get_model_weights`` / ``get_weight``: downloaded once into
   the torch hub cache, ``<TORCH_HOME>/hub/checkpoints`` (``TORCH_HOME`` defaults to
   ``~/.cache/torch``), and read from there afterwards.
 * a path to a local checkpoint, read with ``torch.load(weights_only=True)`` (no code runs).
@@ -32,10 +33,10 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 import torch
-from torchvision.models import ResNet50_Weights, WeightsEnum
-from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+from torchvision.models import WeightsEnum, get_model_weights, get_weight
 
 from mgpr.errors import ModelError
+from mgpr.models.registry import model_entry
 
 logger = logging.getLogger(__name__)
 
@@ -47,17 +48,14 @@ HASH_PREFIX_LEN = 16
 
 
 def weights_enum_class(name: str) -> type[WeightsEnum] | None:
-    """Return the torchvision weights enum of a built-in model, or None if it has none.
+    """The torchvision weights enum of built-in model ``name`` (None: nothing to download).
 
-    Args:
-        name: model name, e.g. ``"resnet50"`` or ``"fasterrcnn"``.
+    It is ``get_model_weights(<the registry entry's torchvision_builder>)``.
     """
-    enum_cls: type[WeightsEnum] | None = None
-    if name == "resnet50":
-        enum_cls = ResNet50_Weights
-    elif name == "fasterrcnn":
-        enum_cls = FasterRCNN_ResNet50_FPN_Weights
-    return enum_cls
+    entry = model_entry(name)
+    if entry is None or entry.torchvision_builder is None:
+        return None
+    return get_model_weights(entry.torchvision_builder)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,26 +92,26 @@ def file_weights_id(path: str | os.PathLike[str]) -> str:
 
 
 def _enum_member(enum_cls: type[WeightsEnum], weights: str) -> WeightsEnum | None:
-    """Match ``DEFAULT``, ``IMAGENET1K_V2`` or ``ResNet50_Weights.IMAGENET1K_V2`` (any case)."""
+    """The member named ``DEFAULT``, ``IMAGENET1K_V2`` or a full enum name (``get_weight``).
+
+    Any case; a qualified name must name the model's own enum (else None, as for no member).
+    """
     text = weights.strip()
-    prefix = enum_cls.__name__ + "."
-    if text.lower().startswith(prefix.lower()):
-        text = text[len(prefix) :]
-    if text.upper() == "DEFAULT":
-        return enum_cls.DEFAULT
-    for member in enum_cls:
-        if member.name.upper() == text.upper():
-            return member
-    return None
+    enum_name, dot, member = text.rpartition(".")
+    if dot and enum_name.lower() != enum_cls.__name__.lower():
+        return None
+    if not member.replace("_", "").isalnum():
+        return None
+    try:
+        found = get_weight(f"{enum_cls.__name__}.{member.upper()}")
+    except (KeyError, ValueError):
+        return None
+    return found if isinstance(found, enum_cls) else None
 
 
 def _looks_like_path(weights: str) -> bool:
-    return (
-        os.sep in weights
-        or "/" in weights
-        or weights.startswith("~")
-        or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".tar"))
-    )
+    path_like = os.sep in weights or "/" in weights or weights.startswith("~")
+    return path_like or weights.endswith((".pth", ".pt", ".ckpt", ".bin", ".tar"))
 
 
 def resolve_weights(name: str, weights: str) -> WeightsSpec:
@@ -197,8 +195,6 @@ def weights_cached(name: str, weights: str) -> bool:
     and for torchvision weights whose file is already in :func:`checkpoint_dir`. Non-zero ranks
     can poll this while rank 0 runs :func:`fetch_weights`.
     """
-    if weights_enum_class(name) is None:
-        return True
     target = weights_cache_file(name, weights)
     return target is None or target.is_file()
 

@@ -12,6 +12,7 @@ from mgpr.run.coordination import wait_for_rank0
 def build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
     """Build the model; with downloads, rank 0 fetches and the other ranks wait for the file."""
     from mgpr.models import build_model
+    from mgpr.models.registry import model_entry
     from mgpr.models.weights import weights_cache_file, weights_cached
 
     kwargs = dict(
@@ -21,7 +22,8 @@ def build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
         tile_size=cfg.tile_size,
         max_detections=cfg.max_detections,
     )
-    if rank != 0 and model_name in ("resnet50", "fasterrcnn"):
+    entry = model_entry(model_name)
+    if rank != 0 and entry is not None and entry.downloadable:
         try:
             target = weights_cache_file(model_name, cfg.weights)
         except MgprError:

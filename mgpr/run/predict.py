@@ -26,6 +26,7 @@ from typing import Any
 
 from mgpr.conf.schema import PredictConfig
 from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED
+from mgpr.models.registry import DEFAULT_MODEL, DEMO_MODEL
 from mgpr.outputs.rundir import (
     RUN_DIR_ENV,
     check_writable,
@@ -97,7 +98,7 @@ def _predict_and_finish(
             cfg.tile_size = DEMO_TILE_SIZE
         if "overlap" not in explicit:
             cfg.overlap = DEMO_OVERLAP
-    model_name = cfg.model or ("reference" if demo else "resnet50")
+    model_name = cfg.model or (DEMO_MODEL if demo else DEFAULT_MODEL)
     if demo and cfg.model is None and "weights" not in explicit:
         cfg.weights = "none"
 
