@@ -1,8 +1,12 @@
-"""Entry point of ``mgpr``: ``key=value`` overrides in, exit code out.
+"""Entry point of ``mgpr``: a config file and ``key=value`` overrides in, exit code out.
 
-Expected mistakes (:class:`~mgpr.errors.MgprError`) become one line on stderr and exit code 2;
-anything else is a bug and keeps its traceback. Heavy imports (torch, Lightning) happen only
-after the config is valid, so a typo fails in well under a second.
+The command line is a Hydra app's (:mod:`mgpr.conf.command`): ``-cp DIR -cn NAME`` reads
+``DIR/NAME.yaml`` with the overrides on top, ``--cfg job`` prints the resolved config and runs
+nothing, ``-m/--multirun`` is refused. Lightning's subprocess launcher (``gpus=2`` without srun)
+re-runs this same command line for the other ranks, in the same working directory, so a relative
+``-cp`` names the same file there. Expected mistakes (:class:`~mgpr.errors.MgprError`) become
+one line on stderr and exit code 2; anything else is a bug and keeps its traceback. Heavy imports
+(torch, Lightning) happen only after the config is valid, so a typo fails in well under a second.
 """
 
 from __future__ import annotations
@@ -10,9 +14,9 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from mgpr.errors import EXIT_INTERRUPTED, EXIT_USAGE, MgprError
+from mgpr.errors import EXIT_INTERRUPTED, EXIT_USAGE, ConfigError, MgprError
 
-USAGE = """usage: mgpr [key=value ...]
+USAGE = """usage: mgpr [-cp DIR -cn NAME] [--cfg job] [key=value ...]
 
 Runs a model over every tile of one or more GeoTIFFs on every rank (GPU or CPU) and writes
 georeferenced results (GeoPackage) to the run directory. With no input_path it makes a synthetic
@@ -23,8 +27,29 @@ examples:
   mgpr input_path=ortho.tif model=fasterrcnn overlap=128 gpus=2
   mgpr input_path=tiles/ model=resnet50 batch_size=32 output_dir=runs/ortho1
   mgpr use_fake_data=true dummy_dataset_delay=0.05 gpus=2   # environment test
+  mgpr -cp conf -cn ortho gpus=2                 # conf/ortho.yaml, then gpus=2 on top
+  mgpr --cfg job -cp conf -cn ortho tile_size=1024   # print the resolved config, run nothing
+
+flags (Hydra's):
+  -cp, --config-path DIR   directory of the config file (default: the current directory)
+  -cn, --config-name NAME  read DIR/NAME.yaml (keys as below, `key: value`); key=value wins
+  -c, --cfg job            print the resolved config as YAML and exit
+  -m, --multirun           refused: one run per command (one SLURM job per run)
 
 keys (key=default  meaning):"""
+
+
+def _models_help() -> str:
+    """The MODELS section of ``mgpr --help``, from the registry (no torch import)."""
+    from mgpr.models.registry import DEFAULT_MODEL, DEMO_MODEL, MODELS
+
+    lines = ["", "MODELS (model=NAME, or an import path pkg.module:build)"]
+    marks = {DEFAULT_MODEL: "; the default", DEMO_MODEL: "; the quick start's default"}
+    for entry in MODELS.values():
+        weights = "downloadable weights" if entry.downloadable else "no weights"
+        more = f" ({weights}{marks.get(entry.name, '')})"
+        lines.append(f"  {entry.name:<12} {entry.task:<15} {entry.summary}{more}")
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -35,23 +60,34 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         print(USAGE)
         print(describe_keys())
+        print(_models_help())
         return
-    # jobs/job.slurm: check the config against the allocation in the batch shell (no torch).
-    preflight = args[:1] == ["--slurm-preflight"]
-    if preflight:
-        args = args[1:]
     try:
-        from mgpr.conf.load import load_config
+        from mgpr.conf.command import MULTIRUN_REFUSED, parse_command
+        from mgpr.conf.load import config_yaml, explicit_keys, load_config
+        from mgpr.models.registry import check_model_name
 
-        cfg = load_config(args)
-        if preflight:
+        inv = parse_command(args)
+        if inv.multirun:
+            raise ConfigError(MULTIRUN_REFUSED)
+        cfg = load_config(inv.overrides, inv.config_path, inv.config_name)
+        check_model_name(cfg.model)
+        explicit = explicit_keys(inv.overrides, inv.config_path, inv.config_name)
+        if inv.cfg == "job":
+            print(config_yaml(cfg), end="")
+            return
+        if inv.config_file_keys:
+            # jobs/job.slurm: its defaults (output_dir, workers, progress) only where unset.
+            print("\n".join(sorted(explicit_keys([], inv.config_path, inv.config_name))))
+            return
+        if inv.slurm_preflight:
+            # jobs/job.slurm: check the config against the allocation in the batch shell.
             import os
 
             from mgpr.run.slurm import preflight as slurm_preflight
 
             slurm_preflight(os.environ, cfg.gpus, cfg.num_nodes, cfg.workers)
             return
-        explicit = {a.split("=", 1)[0].lstrip("+~") for a in args}
         from mgpr.run.predict import run
 
         code = run(cfg, explicit_keys=explicit)

@@ -1,7 +1,8 @@
 """Typed configuration of the ``mgpr`` command (Hydra structured config).
 
 The schema is the :class:`~mgpr.conf.schema.PredictConfig` dataclass, registered in Hydra's
-ConfigStore under the name ``mgpr``; registering it is the only import-time side effect allowed.
+ConfigStore as :data:`~mgpr.conf.schema.SCHEMA_NAME`; registering it is the only import-time
+side effect allowed.
 """
 
 from mgpr.conf.schema import PredictConfig, register_configs

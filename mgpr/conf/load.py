@@ -1,9 +1,12 @@
-"""Turn ``key=value`` overrides into one validated :class:`PredictConfig`.
+"""Turn a YAML config file plus ``key=value`` overrides into one validated :class:`PredictConfig`.
 
-This is the only place where Hydra's ``DictConfig`` exists: it is converted to the dataclass once,
-legacy keys are mapped to their new names, and every value is range-checked, so every function
-below the CLI receives typed values. Errors are :class:`ConfigError` with one line naming the key,
-the value seen and a valid alternative (the closest key, for a misspelling).
+This is the only place where Hydra's ``DictConfig`` exists. Hydra's compose API builds it: the
+schema (stored in the ConfigStore), then the file (``-cp DIR -cn NAME`` reads ``DIR/NAME.yaml``),
+then the overrides, each merge checked against the schema's types. It is converted to the
+dataclass once, legacy keys are mapped to their new names, and every value is range-checked, so
+every function below the CLI receives typed values. Errors are :class:`ConfigError` with one line
+naming the key, the value seen (and the file) and a valid alternative (the closest key, for a
+misspelling).
 """
 
 from __future__ import annotations
@@ -12,8 +15,10 @@ import dataclasses
 import difflib
 import re
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from mgpr.conf.schema import PredictConfig
+from mgpr.conf.schema import SCHEMA_NAME, PredictConfig
 from mgpr.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64")
@@ -32,6 +37,12 @@ def closest_key(key: str) -> str | None:
     return matches[0] if matches else None
 
 
+def _unknown_key(key: str, where: str) -> ConfigError:
+    hint = closest_key(key)
+    suggestion = f"did you mean `{hint}`?" if hint else "run `mgpr --help` for the keys"
+    return ConfigError(f"unknown config key `{key}` in {where}; {suggestion}")
+
+
 def _check_override_keys(overrides: Sequence[str]) -> None:
     """Reject malformed overrides and unknown keys before Hydra sees them (clearer messages)."""
     keys = set(config_keys())
@@ -44,14 +55,79 @@ def _check_override_keys(overrides: Sequence[str]) -> None:
             )
         key = match.group(1)
         if key not in keys:
-            hint = closest_key(key)
-            suggestion = f"did you mean `{hint}`?" if hint else "run `mgpr --help` for the keys"
-            raise ConfigError(f"unknown config key `{key}` in {item!r}; {suggestion}")
+            raise _unknown_key(key, repr(item))
 
 
-def _compose(overrides: Sequence[str]) -> PredictConfig:
-    """Build the dataclass through Hydra so types are checked against the schema."""
-    from hydra import compose, initialize
+#: ConfigStore name of the primary config composed for a file: schema, then the file.
+_WITH_FILE = "mgpr_with_file"
+
+
+def config_file(config_path: str | None, config_name: str | None) -> Path | None:
+    """The YAML file ``-cp DIR -cn NAME`` names: ``DIR/NAME.yaml``, DIR relative to the cwd.
+
+    ``-cn`` alone reads ``./NAME.yaml``; NAME may end in ``.yaml``.
+
+    Raises:
+        ConfigError: ``-cp`` without ``-cn``, or no such file (naming the path).
+    """
+    if config_name is None:
+        if config_path is not None:
+            raise ConfigError(
+                f"-cp {config_path} needs -cn NAME too: mgpr reads DIR/NAME.yaml "
+                "(e.g. mgpr -cp conf -cn ortho)"
+            )
+        return None
+    name = config_name if config_name.endswith(".yaml") else f"{config_name}.yaml"
+    path = (Path(config_path or ".").expanduser() / name).absolute()
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} does not exist (-cp {config_path or '.'} -cn {config_name}); "
+            "fix -cp DIR / -cn NAME (the file is DIR/NAME.yaml)"
+        )
+    return path
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The file's top-level ``key: value`` pairs, every key checked against the schema.
+
+    A ``defaults`` list (Hydra's) is allowed and left to Hydra.
+
+    Raises:
+        ConfigError: not YAML, not a mapping, or an unknown key (with the closest one).
+    """
+    import yaml
+    from omegaconf import OmegaConf
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path} holds a {type(data).__name__}, not `key: value` lines "
+            "(e.g. `tile_size: 512`)"
+        )
+    keys = set(config_keys()) | {"defaults"}
+    for key in data:
+        if key not in keys:
+            raise _unknown_key(str(key), f"config file {path}")
+    return {str(k): v for k, v in data.items()}
+
+
+def _compose(overrides: Sequence[str], file: Path | None = None) -> PredictConfig:
+    """Build the dataclass through Hydra so types are checked against the schema.
+
+    Without a file the primary config is the schema itself; with one, a stored config whose
+    defaults list is ``[schema, file, _self_]``, so the file's values are merged onto the schema
+    (and type-checked by it) and the overrides come last.
+    """
+    from hydra import compose, initialize, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
 
@@ -59,21 +135,38 @@ def _compose(overrides: Sequence[str]) -> PredictConfig:
 
     GlobalHydra.instance().clear()
     try:
-        with initialize(version_base=None, config_path=None):
-            cfg = compose(config_name="mgpr", overrides=list(overrides))
+        if file is None:
+            with initialize(version_base=None, config_path=None):
+                cfg = compose(config_name=SCHEMA_NAME, overrides=list(overrides))
+        else:
+            node = {"defaults": [SCHEMA_NAME, file.stem, "_self_"]}
+            ConfigStore.instance().store(name=_WITH_FILE, node=node)
+            with initialize_config_dir(config_dir=str(file.parent), version_base=None):
+                cfg = compose(config_name=_WITH_FILE, overrides=list(overrides))
         obj = OmegaConf.to_object(cfg)
     except Exception as exc:  # Hydra/OmegaConf wrap type errors in several exception types
-        raise ConfigError(_explain_compose_error(exc, overrides)) from None
+        raise ConfigError(_explain_compose_error(exc, overrides, file)) from None
     finally:
         GlobalHydra.instance().clear()
     assert isinstance(obj, PredictConfig)
     return obj
 
 
-def _explain_compose_error(exc: Exception, overrides: Sequence[str]) -> str:
-    """One line naming the override Hydra rejected and the type the key expects."""
+def _explain_compose_error(exc: Exception, overrides: Sequence[str], file: Path | None) -> str:
+    """One line naming the override (or file key) Hydra rejected and the type it expects."""
     text = str(exc)
     types = {f.name: str(f.type) for f in dataclasses.fields(PredictConfig)}
+    in_file = re.match(r"In '([^']*)'", text)
+    if file is not None and in_file and in_file.group(1) == file.stem:
+        full_key = re.search(r"full_key: (\S+)", text)
+        key = full_key.group(1).split(".")[0] if full_key else "?"
+        value = read_config_file(file).get(key)
+        expected = types.get(key, "?").replace(" | None", " or null")
+        fix = " (`weights: none` for random weights)" if key == "weights" else ""
+        return (
+            f"config file {file}: `{key}: {'null' if value is None else value}` does not fit "
+            f"key `{key}`, which expects {expected}{fix}"
+        )
     for item in overrides:
         match = _KEY_RE.match(item)
         if match and f"'{match.group(1)}'" in text or (match and match.group(1) in text):
@@ -108,11 +201,6 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     cfg.devices = None
     if isinstance(cfg.weights, str) and cfg.weights.lower() in {"none", "null", ""}:
         cfg.weights = "none"
-    if cfg.model is not None and cfg.model.lower() == "none":
-        raise ConfigError(
-            "model=none is not a model; use model=null for the near-zero-cost "
-            "model, or one of resnet50, fasterrcnn, reference"
-        )
     _check_ranges(cfg)
     return cfg
 
@@ -187,10 +275,41 @@ def _quote_name_values(overrides: Sequence[str]) -> list[str]:
     return out
 
 
-def load_config(overrides: Sequence[str]) -> PredictConfig:
-    """Parse, type-check and normalise ``key=value`` overrides into a PredictConfig."""
+def load_config(
+    overrides: Sequence[str], config_path: str | None = None, config_name: str | None = None
+) -> PredictConfig:
+    """Parse, type-check and normalise a config file and ``key=value`` overrides.
+
+    Args:
+        overrides: ``key=value`` arguments; they win over the file.
+        config_path: ``-cp``: the file's directory (relative to the cwd); None = the cwd.
+        config_name: ``-cn``: the file's name (``.yaml`` optional); None = no file.
+
+    Raises:
+        ConfigError: one line: an unknown key (naming the file, for a file's), a value of the
+            wrong type, a value out of range, or a missing file.
+    """
     _check_override_keys(overrides)
-    return normalise(_compose(_quote_name_values(overrides)))
+    file = config_file(config_path, config_name)
+    return normalise(_compose(_quote_name_values(overrides), file))
+
+
+def explicit_keys(
+    overrides: Sequence[str], config_path: str | None = None, config_name: str | None = None
+) -> set[str]:
+    """Keys the user set, in the config file or as overrides (legacy spellings included)."""
+    keys = {item.split("=", 1)[0].lstrip("+~") for item in overrides}
+    file = config_file(config_path, config_name)
+    if file is not None:
+        keys |= set(read_config_file(file)) - {"defaults"}
+    return keys
+
+
+def config_yaml(cfg: PredictConfig) -> str:
+    """``--cfg job``: every key of the resolved config as YAML (readable again with -cn)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
 def describe_keys() -> str:

@@ -44,8 +44,8 @@ class PredictConfig:
     # model
     model: str | None = key(
         None,
-        "resnet50 | fasterrcnn | reference | null | pkg.module:build; "
-        "unset = resnet50 (demo: reference)",
+        "a built-in model (MODELS below) or an import path pkg.module:build; "
+        "unset = the default model (quick start: the reference detector)",
     )
     weights: str = key(
         "DEFAULT", "DEFAULT | torchvision weights name | none | path to a local checkpoint"
@@ -107,6 +107,12 @@ SECTIONS: dict[str, str] = {
 }
 
 
+#: The schema's name in Hydra's ConfigStore: the first entry of every composed defaults list. Not
+#: ``mgpr``, so that a user's ``mgpr.yaml`` is not mistaken for it (Hydra's deprecated automatic
+#: schema matching of same-named configs).
+SCHEMA_NAME = "mgpr_schema"
+
+
 def register_configs() -> None:
-    """Store the schema under the name ``mgpr`` so Hydra checks every override against it."""
-    ConfigStore.instance().store(name="mgpr", node=PredictConfig)
+    """Store the schema in the ConfigStore so Hydra checks every file key and override."""
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=PredictConfig)

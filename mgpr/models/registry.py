@@ -75,13 +75,13 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         "detection",
         "mgpr.models.reference:build_reference",
         ("max_detections",),
-        summary="exact detector of the demo image's bright rectangles (no weights)",
+        summary="exact detector of the demo image's bright rectangles",
     ),
     ModelEntry(
         "null",
         "classification",
         "mgpr.models.null:build_null",
-        summary="near-zero-cost model: mean brightness per tile (data-path tests)",
+        summary="mean brightness per tile at near-zero cost (data-path tests)",
     ),
 )
 
