@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from mgpr.errors import ConfigError, MgprError, SlurmMismatchError
 from mgpr.run.slurm import (
-    JOB_BODY,
     SlurmTask,
     check_slurm_task,
+    job_body,
+    job_template,
     read_slurm_task,
     render_job_script,
     resolve_devices,
@@ -286,8 +287,12 @@ def test_job_template_flags() -> None:
     assert (REPO / "slurm_logs").is_dir()
 
 
-def test_job_template_body_is_the_rendered_body() -> None:
-    assert JOB.read_text().split("set -euo pipefail\n", 1)[1] == JOB_BODY
+def test_the_template_exists_once_and_ships_in_the_package() -> None:
+    """jobs/job.slurm is a link to the package's template, which importlib.resources reads."""
+    assert JOB.is_symlink()
+    assert JOB.resolve() == REPO / "mgpr" / "run" / "templates" / "job.slurm"
+    assert job_template() == JOB.read_text()
+    assert job_body() == JOB.read_text().split("set -euo pipefail\n", 1)[1]
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")
@@ -297,8 +302,13 @@ def test_job_template_and_rendered_script_parse() -> None:
     subprocess.run(["bash", "-n"], input=text, text=True, check=True)
 
 
-def _run_job_locally(tmp_path: Path, script: Path, args: list[str], cpus: str | None) -> list[str]:
-    """Run a job script outside SLURM with a fake srun; return the argv srun received."""
+def _run_job_locally(
+    tmp_path: Path, script: Path, args: list[str], cpus: str | None, mgpr: str | None = None
+) -> list[str]:
+    """Run a job script outside SLURM with a fake srun; return the argv srun received.
+
+    ``mgpr``: the mgpr the script runs in the batch shell; default a stand-in that exits 0.
+    """
     bindir = tmp_path / "bin"
     bindir.mkdir(exist_ok=True)
     fake_srun = bindir / "srun"
@@ -311,7 +321,7 @@ def _run_job_locally(tmp_path: Path, script: Path, args: list[str], cpus: str | 
         "PATH": f"{bindir}:/usr/bin:/bin",
         "SLURM_SUBMIT_DIR": str(tmp_path),
         "SLURM_JOB_ID": "42",
-        "MGPR_BIN": str(fake_mgpr),
+        "MGPR_BIN": mgpr or str(fake_mgpr),
         "SRUN_ARGS_FILE": str(tmp_path / "srun.args"),
     } | ({"SLURM_CPUS_PER_TASK": cpus} if cpus else {})
     proc = subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True)
@@ -335,6 +345,39 @@ def test_job_template_adds_defaults_unless_given(tmp_path: Path) -> None:
     assert argv[2:] == ["output_dir=x", "workers=0", "progress=true"]
     argv = _run_job_locally(tmp_path, JOB, [], None)  # no --cpus-per-task: leave workers alone
     assert argv[2:] == ["output_dir=runs/slurm-42", "progress=false"]
+
+
+MGPR_BIN = str(Path(sys.executable).parent / "mgpr")
+
+
+def test_job_template_passes_config_file_flags_and_keeps_the_files_keys(tmp_path: Path) -> None:
+    """-cp/-cn go through to srun; job.slurm's defaults do not override keys the file sets."""
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    (conf / "ortho.yaml").write_text("output_dir: runs/ortho\nworkers: 1\ntile_size: 256\n")
+    args = ["-cp", "conf", "--config-name=ortho", "model=null"]
+    argv = _run_job_locally(tmp_path, JOB, args, "4", mgpr=MGPR_BIN)
+    assert argv[1:] == [MGPR_BIN, *args, "progress=false"]
+    argv = _run_job_locally(
+        tmp_path, JOB, ["-cn", "ortho", "-cp", "conf", "workers=0"], "4", MGPR_BIN
+    )
+    assert argv[2:] == ["-cn", "ortho", "-cp", "conf", "workers=0", "progress=false"]
+
+
+def test_rendered_script_with_a_config_file(tmp_path: Path) -> None:
+    text = render_job_script(2, 1, 4, "01:00:00", None, None, "mgpr", ["-cp", "conf", "-cn", "o"])
+    assert 'set -- -cp conf -cn o "$@"' in text.splitlines()
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "o.yaml").write_text("progress: true\n")
+    script = tmp_path / "job.sh"
+    script.write_text(text)
+    argv = _run_job_locally(tmp_path, script, ["tile_size=256"], "4", mgpr=MGPR_BIN)
+    # progress is the file's; output_dir and workers are job.slurm's defaults
+    assert argv[2:] == [
+        "-cp", "conf", "-cn", "o", "tile_size=256", "output_dir=runs/slurm-42", "workers=3"
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="-cn needs a value"):
+        render_job_script(1, 1, 1, "10", None, None, "x", ["-cn"])
 
 
 def test_rendered_script(tmp_path: Path) -> None:
@@ -364,7 +407,7 @@ def test_rendered_script(tmp_path: Path) -> None:
         "--open-mode=append",
     ):
         assert f"#SBATCH {opt}" in lines, opt
-    assert text.endswith(JOB_BODY)
+    assert text.endswith(job_body())
     script = tmp_path / "job.sh"
     script.write_text(text)
     argv = _run_job_locally(tmp_path, script, ["tile_size=256"], "8")

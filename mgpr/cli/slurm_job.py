@@ -6,9 +6,12 @@ r"""``mgpr-slurm-job``: write an sbatch script for mgpr with the resources fille
         --partition gpu --account X -- input_path=/data/ortho.tif model=fasterrcnn > job.sh
     sbatch job.sh
 
-The script is ``jobs/job.slurm`` with ``--ntasks-per-node`` = ``--gpus-per-node`` (one rank per
-GPU) and the Hydra overrides baked in. It goes to stdout, or to ``--output FILE`` (refused when
-FILE exists, unless ``--force``). A bad value is one line on stderr and exit code 2.
+The script is ``jobs/job.slurm`` (the template shipped in the package, read with
+importlib.resources) with ``--ntasks-per-node`` = ``--gpus-per-node`` (one rank per GPU) and the
+Hydra overrides baked in; ``-- -cp conf -cn ortho key=value`` bakes in a config file too (checked
+now, from the current directory: submit from the same one). It goes to stdout, or to
+``--output FILE`` (refused when FILE exists, unless ``--force``). A bad value is one line on
+stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -31,10 +34,23 @@ app = typer.Typer(
 _OVERRIDE_KEY_RE = re.compile(r"^[+~]{0,2}([A-Za-z_][A-Za-z0-9_.]*)(=|$)")
 
 
-def _check_keys(overrides: list[str]) -> None:
-    """Refuse unknown mgpr keys now, not hours later when the job starts."""
-    from mgpr.conf.load import closest_key, config_keys
+def _check_keys(arguments: list[str]) -> None:
+    """Refuse unknown mgpr keys (and a config file's) now, not hours later when the job starts."""
+    from mgpr.conf.command import MULTIRUN_REFUSED, parse_command
+    from mgpr.conf.load import closest_key, config_keys, load_config
 
+    inv = parse_command(arguments)
+    if inv.multirun:
+        raise ConfigError(MULTIRUN_REFUSED)
+    if inv.cfg or inv.help or inv.slurm_preflight or inv.config_file_keys:
+        raise ConfigError(
+            "mgpr-slurm-job bakes in overrides and -cp DIR -cn NAME only; "
+            "run `mgpr --cfg job ...` here to see the config"
+        )
+    overrides = list(inv.overrides)
+    if inv.config_name is not None or inv.config_path is not None:
+        plain = [o for o in overrides if o.split(".")[0] != "hydra"]
+        load_config(plain, inv.config_path, inv.config_name)
     keys = set(config_keys())
     for item in overrides:
         match = _OVERRIDE_KEY_RE.match(item)

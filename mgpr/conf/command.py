@@ -61,15 +61,6 @@ class Invocation:
     slurm_preflight: bool = False
     config_file_keys: bool = False
 
-    def flags(self) -> list[str]:
-        """The config file flags as a command line (``-cp DIR -cn NAME``), for job scripts."""
-        out = []
-        if self.config_path is not None:
-            out += ["-cp", self.config_path]
-        if self.config_name is not None:
-            out += ["-cn", self.config_name]
-        return out
-
 
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line :class:`ConfigError` instead of usage text and ``exit(2)``."""

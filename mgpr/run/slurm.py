@@ -17,14 +17,17 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from importlib import resources
 
 from mgpr.errors import ConfigError, SlurmMismatchError
 
 __all__ = [
-    "JOB_BODY",
+    "JOB_TEMPLATE",
     "LIGHTNING_NON_SLURM_JOB_NAMES",
     "SlurmTask",
     "check_slurm_task",
+    "job_body",
+    "job_template",
     "preflight",
     "read_batch_allocation",
     "read_slurm_task",
@@ -329,67 +332,21 @@ def check_slurm_task(
 # Job script
 # --------------------------------------------------------------------------------------------
 
-#: Everything of ``jobs/job.slurm`` after ``set -euo pipefail``; :func:`render_job_script` reuses
-#: it verbatim and a test keeps the two identical.
-JOB_BODY = r"""
-cd "${SLURM_SUBMIT_DIR:?run this script with sbatch}"
+#: Where the one sbatch template lives inside the package (``jobs/job.slurm`` links here), so a
+#: wheel install and an editable one both find it with importlib.resources.
+JOB_TEMPLATE = ("mgpr.run", "templates/job.slurm")
 
-args=("$@")
-has_key() { # has_key KEY: true when the user passed KEY=..., +KEY=... or ++KEY=...
-    local a
-    for a in "${args[@]}"; do
-        case "$a" in "$1="* | "+$1="* | "++$1="*) return 0 ;; esac
-    done
-    return 1
-}
-run_id="${SLURM_ARRAY_JOB_ID:+${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}}"
-has_key output_dir || args+=("output_dir=runs/slurm-${run_id:-$SLURM_JOB_ID}")
-if ! has_key workers && [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
-    args+=("workers=$(( SLURM_CPUS_PER_TASK > 1 ? SLURM_CPUS_PER_TASK - 1 : 0 ))")
-fi
-has_key progress || args+=("progress=false")
 
-# SLURM 22.05 stopped passing --cpus-per-task from sbatch to srun; say it explicitly.
-if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
-    export SRUN_CPUS_PER_TASK="$SLURM_CPUS_PER_TASK"
-fi
-export PYTHONUNBUFFERED=1
+def job_template() -> str:
+    """The text of the sbatch template (``jobs/job.slurm``), read from the installed package."""
+    package, name = JOB_TEMPLATE
+    return resources.files(package).joinpath(name).read_text(encoding="utf-8")
 
-# Which mgpr: sbatch runs a copy of this script from its spool dir, so the script's own location
-# says nothing. Never re-resolve the uv environment on compute nodes: sync once, not per task.
-if [[ -n "${MGPR_BIN:-}" ]]; then
-    mgpr=("$MGPR_BIN")
-elif [[ -x .venv/bin/mgpr ]]; then
-    mgpr=("$PWD/.venv/bin/mgpr")
-elif [[ -n "${VIRTUAL_ENV:-}" && -x "$VIRTUAL_ENV/bin/mgpr" ]]; then
-    mgpr=("$VIRTUAL_ENV/bin/mgpr")
-elif command -v mgpr >/dev/null 2>&1; then
-    mgpr=("$(command -v mgpr)")
-elif [[ -f pyproject.toml ]] && command -v uv >/dev/null 2>&1; then
-    uv sync --frozen --quiet
-    mgpr=("$PWD/.venv/bin/mgpr")
-else
-    echo "job.slurm: mgpr not found (no MGPR_BIN, no .venv/bin/mgpr in $PWD, no virtualenv" \
-        "with mgpr active at submit time, no mgpr on PATH): submit with" \
-        "MGPR_BIN=/path/to/mgpr/.venv/bin/mgpr sbatch ..., or from the repository root" >&2
-    exit 2
-fi
 
-cmd=(srun --kill-on-bad-exit=1 "${mgpr[@]}" "${args[@]}")
-echo "=== mgpr job ${SLURM_JOB_ID} ($(date -Is)) restart ${SLURM_RESTART_COUNT:-0} ==="
-echo "nodes:          ${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-?}} (${SLURM_JOB_NODELIST:-?})"
-echo "tasks:          ${SLURM_NTASKS:-?} (${SLURM_NTASKS_PER_NODE:-unset} per node)"
-echo "GPUs:           ${SLURM_GPUS_ON_NODE:-none} per node" \
-    "(CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-unset})"
-echo "CPUs per task:  ${SLURM_CPUS_PER_TASK:-unset}"
-echo "partition:      ${SLURM_JOB_PARTITION:-?}"
-echo "command:        ${cmd[*]}"
-# The allocation checks of every rank (gpus vs --ntasks-per-node, --ntasks, workers vs
-# --cpus-per-task, num_nodes vs --nodes), once, here, in about a second: a mistake gives one
-# line in the .err log and exit code 2 instead of N ranks failing after their torch imports.
-"${mgpr[@]}" --slurm-preflight "${args[@]}"
-exec "${cmd[@]}"
-"""
+def job_body() -> str:
+    """Everything of the template after ``set -euo pipefail``: what a rendered script runs."""
+    return job_template().split("set -euo pipefail\n", 1)[1]
+
 
 # SLURM time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 _TIME_RE = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
@@ -410,7 +367,7 @@ def render_job_script(
 
     The script asks for ``--ntasks-per-node`` = ``--gpus-per-node`` = ``gpus_per_node`` (one rank
     per GPU) and bakes ``overrides`` in; Hydra overrides given to ``sbatch script.sh ...`` come
-    after them (so they win).
+    after them (so they win). Its body is the template's (:func:`job_body`).
 
     Args:
         gpus_per_node: GPUs and ranks per node, >= 1.
@@ -420,7 +377,8 @@ def render_job_script(
         partition: ``--partition``, or None for the cluster default.
         account: ``--account``, or None.
         job_name: ``--job-name``; not ``bash``/``interactive`` (Lightning ignores SLURM for those).
-        overrides: Hydra overrides such as ``input_path=/data/ortho.tif``.
+        overrides: Hydra overrides such as ``input_path=/data/ortho.tif``, and the config file
+            flags ``-cp DIR`` / ``-cn NAME`` (``--config-path``/``--config-name``, also ``=``).
 
     Returns:
         The script text (bash), ending with a newline.
@@ -456,12 +414,7 @@ def render_job_script(
             f"--job-name={job_name} makes Lightning ignore SLURM (it assumes an interactive "
             f"session): use another name, e.g. --job-name=mgpr."
         )
-    for item in overrides:
-        if "\n" in item or not ("=" in item or item.startswith("~")):
-            raise ConfigError(
-                f"override {item!r} is not a Hydra override: write key=value (e.g. "
-                f"input_path=/data/ortho.tif), after '--'."
-            )
+    _check_job_arguments(overrides)
 
     sbatch = [
         f"--job-name={job_name}",
@@ -493,4 +446,30 @@ def render_job_script(
     ]
     if overrides:
         lines.append("set -- " + " ".join(shlex.quote(o) for o in overrides) + ' "$@"')
-    return "\n".join(lines) + "\n" + JOB_BODY
+    return "\n".join(lines) + "\n" + job_body()
+
+
+#: The config file flags a job script may pass to mgpr, each followed by its value.
+_FILE_FLAGS = ("-cp", "-cn", "--config-path", "--config-name")
+
+
+def _check_job_arguments(overrides: Sequence[str]) -> None:
+    """Only ``key=value`` / ``~key`` overrides and the config file flags, one line each."""
+    expect_value = None
+    for item in overrides:
+        if "\n" in item:
+            raise ConfigError(f"override {item!r} holds a newline; pass one line per argument.")
+        if expect_value is not None:
+            expect_value = None
+            continue
+        if item in _FILE_FLAGS:
+            expect_value = item
+        elif item.split("=", 1)[0] in _FILE_FLAGS and "=" in item:
+            continue
+        elif not ("=" in item or item.startswith("~")) or item.startswith("-"):
+            raise ConfigError(
+                f"override {item!r} is not a Hydra override: write key=value (e.g. "
+                f"input_path=/data/ortho.tif), or -cp DIR -cn NAME for a config file, after '--'."
+            )
+    if expect_value is not None:
+        raise ConfigError(f"{expect_value} needs a value, e.g. {expect_value} conf, after '--'.")
