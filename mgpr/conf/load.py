@@ -291,6 +291,8 @@ def load_config(
     """
     _check_override_keys(overrides)
     file = config_file(config_path, config_name)
+    if file is not None:
+        read_config_file(file)  # our one-line errors for YAML syntax and unknown keys first
     return normalise(_compose(_quote_name_values(overrides), file))
 
 
