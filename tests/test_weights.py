@@ -206,3 +206,48 @@ def test_other_ranks_wait_for_rank0_download_then_name_the_prefetch(offline: lis
     message = str(err.value)
     assert "`mgpr-fetch-weights resnet50`" in message and str(target.parent) in message
     assert offline == []  # no download tried by rank 1
+
+
+# ---------------------------------------------------------------- torchvision's own lookup
+
+
+@pytest.mark.parametrize("name", ["resnet50", "fasterrcnn"])
+def test_cache_file_is_torchvisions_name_for_every_weight(name: str, torch_home: Path) -> None:
+    """The hub file of each member is the basename of torchvision's own URL for it."""
+    from torchvision.models import get_weight
+
+    enum_cls = weights_mod.weights_enum_class(name)
+    assert enum_cls is not None
+    for member in enum_cls:
+        full = f"{enum_cls.__name__}.{member.name}"
+        expected = torch_home / "hub" / "checkpoints" / get_weight(full).url.rsplit("/", 1)[1]
+        for spelling in (member.name, full, member.name.lower()):
+            assert weights_cache_file(name, spelling) == expected
+            assert weights_mod.resolve_weights(name, spelling).weights_id == full
+
+
+def test_another_models_weights_are_refused_listing_the_valid_names() -> None:
+    with pytest.raises(ModelError) as info:
+        weights_mod.resolve_weights("resnet50", "FasterRCNN_ResNet50_FPN_Weights.COCO_V1")
+    msg = str(info.value)
+    assert "use one of DEFAULT, IMAGENET1K_V1, IMAGENET1K_V2, none, <local checkpoint path>" in msg
+    assert "\n" not in msg
+
+
+def test_prefilled_torch_home_is_loaded_without_download(
+    torch_home: Path, offline: list[str]
+) -> None:
+    """A state_dict saved under the hub file name torchvision expects is what DEFAULT loads."""
+    from mgpr.models import build_model
+
+    random = build_model("fasterrcnn", "none", tile_size=64)
+    target = weights_cache_file("fasterrcnn", "DEFAULT")
+    assert target is not None and target.name == "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth"
+    target.parent.mkdir(parents=True)
+    state = {k: v for k, v in random.module.state_dict().items() if "num_batches" not in k}
+    torch.save(state, target)
+    loaded = build_model("fasterrcnn", "DEFAULT", tile_size=64)
+    assert loaded.weights_id == "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
+    assert not loaded.random_weights and offline == []
+    head = "roi_heads.box_predictor.cls_score.weight"
+    torch.testing.assert_close(loaded.module.state_dict()[head], state[head])
