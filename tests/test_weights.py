@@ -251,3 +251,34 @@ def test_prefilled_torch_home_is_loaded_without_download(
     assert not loaded.random_weights and offline == []
     head = "roi_heads.box_predictor.cls_score.weight"
     torch.testing.assert_close(loaded.module.state_dict()[head], state[head])
+
+
+class _RunsCode:
+    """Unpickling this calls os.system: what a poisoned file in a shared TORCH_HOME could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_cached_hub_file_holding_code_is_refused_not_run(
+    tmp_path: Path, offline: list[str]
+) -> None:
+    """torchvision loads hub files with weights_only=False; mgpr forces weights_only=True."""
+    import os
+
+    from mgpr.models import build_model
+
+    marker = tmp_path / "code-ran"
+    target = weights_cache_file("resnet50", "IMAGENET1K_V1")
+    assert target is not None
+    target.parent.mkdir(parents=True)
+    torch.save({"fc.weight": _RunsCode(marker)}, target)
+    with pytest.raises(ModelError, match="the cached file .* cannot be loaded") as info:
+        build_model("resnet50", "IMAGENET1K_V1")
+    assert not marker.exists() and "\n" not in str(info.value)
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ  # restored after the build

@@ -23,7 +23,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 import re
 import urllib.error
 from collections.abc import Callable
@@ -174,12 +173,10 @@ def _torch_home_hint() -> str:
 
 
 def weights_cache_file(name: str, weights: str) -> Path | None:
-    """Return where torch.hub keeps the file for these weights, or None if none is downloaded.
+    """Where torch.hub keeps the file for these weights: the basename of the enum's URL.
 
-    The file name is the basename of the enum's URL (it carries a sha256 prefix), under
-    :func:`checkpoint_dir`. None for ``none``, a local path, and models without a weights enum.
-    Does not touch the network or check that the file exists; an invalid weights string also
-    gives None (building the model reports it).
+    None for ``none``, a local path, a model without a weights enum and an invalid weights
+    string (building the model reports it). No network, no check that the file exists.
     """
     enum_cls = weights_enum_class(name)
     member = None if enum_cls is None else _enum_member(enum_cls, weights)
@@ -189,11 +186,10 @@ def weights_cache_file(name: str, weights: str) -> Path | None:
 
 
 def weights_cached(name: str, weights: str) -> bool:
-    """Return True when building ``name`` with ``weights`` needs no download.
+    """True when building ``name`` with ``weights`` needs no download (ranks > 0 poll this).
 
-    True for ``none``, local files and models without a weights enum (nothing to download),
-    and for torchvision weights whose file is already in :func:`checkpoint_dir`. Non-zero ranks
-    can poll this while rank 0 runs :func:`fetch_weights`.
+    True for ``none``, local files, models without a weights enum, and torchvision weights whose
+    file is already in :func:`checkpoint_dir`.
     """
     target = weights_cache_file(name, weights)
     return target is None or target.is_file()
@@ -397,16 +393,7 @@ def load_checkpoint_sized(
 def load_checkpoint(
     path: str | os.PathLike[str], module: torch.nn.Module, model_name: str = ""
 ) -> str:
-    """Load a local checkpoint into ``module`` (CPU, ``weights_only=True``).
-
-    Args:
-        path: checkpoint file: a raw state_dict, or a dict with ``"state_dict"``/``"model"``;
-            a ``module.``/``model.`` prefix is stripped when needed.
-        module: the network to fill.
-        model_name: for messages.
-
-    Returns:
-        The weights id, ``"file:<abs path>#sha256:<first 16 hex>"``.
+    """Load a local checkpoint (see :func:`read_checkpoint`) into ``module``; its weights id.
 
     Raises:
         ModelError: missing file, unreadable file, or keys/shapes that do not fit.
@@ -417,6 +404,10 @@ def load_checkpoint(
 
 def load_torchvision(builder: Any, model_name: str, weights: str, **kwargs: Any) -> torch.nn.Module:
     """Build a torchvision model with pretrained weights, fetching them into the cache first.
+
+    torchvision reads the hub file with ``torch.load(weights_only=False)``; the build runs with
+    ``TORCH_FORCE_WEIGHTS_ONLY_LOAD=1`` (torch's switch), so a cached file that holds code (a
+    shared ``TORCH_HOME``) is refused like a local checkpoint, never run.
 
     Args:
         builder: the torchvision builder, e.g. ``torchvision.models.resnet50``.
@@ -430,14 +421,24 @@ def load_torchvision(builder: Any, model_name: str, weights: str, **kwargs: Any)
     spec = resolve_weights(model_name, weights)
     assert spec.enum is not None
     cached = fetch_weights(model_name, weights)
+    previous = os.environ.get(_FORCE_WEIGHTS_ONLY)
+    os.environ[_FORCE_WEIGHTS_ONLY] = "1"
     try:
         return builder(weights=spec.enum, progress=False, **kwargs)  # type: ignore[no-any-return]
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError) as err:
+    except Exception as err:  # noqa: BLE001 - the weights_only unpickler raises many types
         raise ModelError(
             f"weights={weights} for {model_name}: the cached file {cached} cannot be loaded "
             f"({type(err).__name__}: {_one_line(err, 120)}); delete it and run "
             f"`mgpr-fetch-weights {model_name} --weights {spec.enum.name}`."
         ) from err
+    finally:
+        os.environ.pop(_FORCE_WEIGHTS_ONLY)
+        if previous is not None:
+            os.environ[_FORCE_WEIGHTS_ONLY] = previous
+
+
+#: torch.load reads it at every call; "1" means weights_only=True whatever the caller passes.
+_FORCE_WEIGHTS_ONLY = "TORCH_FORCE_WEIGHTS_ONLY_LOAD"
 
 
 def build_torchvision_model(
