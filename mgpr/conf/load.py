@@ -79,6 +79,8 @@ def config_file(config_path: str | None, config_name: str | None) -> Path | None
         return None
     name = config_name if config_name.endswith(".yaml") else f"{config_name}.yaml"
     path = (Path(config_path or ".").expanduser() / name).absolute()
+    if "@" in path.stem:  # Hydra's defaults-list syntax (config@package)
+        raise ConfigError(f"config file {path}: rename it without '@' (Hydra's package syntax)")
     if not path.is_file():
         raise ConfigError(
             f"config file {path} does not exist (-cp {config_path or '.'} -cn {config_name}); "
