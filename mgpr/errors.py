@@ -51,3 +51,7 @@ class RankJoinError(MgprError, RuntimeError):
 
 class RankFailedError(MgprError, RuntimeError):
     """Raised on a surviving rank when another rank died before the end-of-predict barrier."""
+
+
+class WorkerFailedError(MgprError, RuntimeError):
+    """Raised when a DataLoader worker raised outside a tile read (reads fail per tile)."""

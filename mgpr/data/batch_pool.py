@@ -258,10 +258,10 @@ class TileLoader(DataLoader[Any]):
             dataset.batch_pool = pool  # set before the workers fork (in super().__iter__())
             self.batch_pool = pool
             sample_bytes = getattr(dataset, "sample_bytes", None)
-            if callable(sample_bytes) and self.batch_size:
-                need = shared_memory_need(
-                    self.num_workers, self.batch_size, sample_bytes(), prefetch
-                )
+            # With a batch sampler (uniform-shape batches) the DataLoader's batch_size is None.
+            batch_size = self.batch_size or getattr(self.batch_sampler, "batch_size", None)
+            if callable(sample_bytes) and batch_size:
+                need = shared_memory_need(self.num_workers, batch_size, sample_bytes(), prefetch)
                 warning = shared_memory_shortfall(need)
                 if warning:
                     log.warning(warning)

@@ -85,6 +85,10 @@ class TileDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.tiles)
 
+    def shape_keys(self) -> list[int]:
+        """Per index, what a batch must share: the tile's band count (see data/batching.py)."""
+        return [self.bands[t.id.path] for t in self.tiles]
+
     def sample_bytes(self) -> int:
         """Bytes of the largest tile (uint8, most bands): sizes shared-memory needs."""
         return max(self.bands.values(), default=0) * self.reader.tile_size**2
@@ -105,13 +109,17 @@ class TileDataset(Dataset[dict[str, Any]]):
         once, into their final place); with a :class:`~mgpr.data.batch_pool.SharedBatchPool` the
         shared buffer is one the main process has finished with, pages already mapped. Returns a
         :class:`TileBatch`: a list of samples (views into the batch, so any collate works)
-        carrying the batch, which :func:`collate_tiles` passes through uncopied. Tiles with
-        differing band counts give a plain list.
+        carrying the batch, which :func:`collate_tiles` passes through uncopied. Batches of
+        tiles with differing band counts cannot be one tensor: the loader never makes them
+        (:class:`~mgpr.data.batching.UniformShapeBatchSampler`); given one, this raises.
         """
         size = self.reader.tile_size
         counts = {self.bands[self.tiles[i].id.path] for i in indices}
         if len(counts) != 1:
-            return [self[i] for i in indices]
+            raise ValueError(
+                f"a batch mixes tiles with {sorted(counts)} bands; batch them with "
+                "UniformShapeBatchSampler (mgpr.data.batching)"
+            )
         shape = (len(indices), counts.pop(), size, size)
         worker = torch.utils.data.get_worker_info()
         slot = NO_SLOT

@@ -1,4 +1,4 @@
-"""Rank failures a user can fix, as one line: out of memory and a dead DataLoader worker.
+"""Rank failures as one line: out of memory, a dead DataLoader worker, a worker that raised.
 
 Both keep every finished tile (a re-run resumes) and name the config key to lower.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mgpr.conf.schema import PredictConfig
-from mgpr.errors import MgprError, ResourceError
+from mgpr.errors import MgprError, ResourceError, WorkerFailedError
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -70,6 +70,24 @@ def worker_death_error(
     )
 
 
+def is_worker_exception(exc: BaseException) -> bool:
+    """True for an exception a DataLoader worker raised, re-raised by torch in the rank."""
+    return "in DataLoader worker process" in str(exc).split("\n", 1)[0]
+
+
+def worker_exception_error(
+    exc: BaseException, cfg: PredictConfig, run_dir: Path, rank: int
+) -> MgprError:
+    """One line: the worker's own exception (its last line), what is kept, how to see more."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    cause = " ".join(lines[-1].split())[:300] if lines else type(exc).__name__
+    return WorkerFailedError(
+        f"a DataLoader worker of rank {rank} failed: {cause}; every finished tile is kept in "
+        f"{run_dir}; re-run with workers=0 to see the whole traceback (it resumes), and report "
+        "it if it is not about your input"
+    )
+
+
 def translate_failure(
     exc: BaseException, cfg: PredictConfig, run_dir: Path, accelerator: str, rank: int
 ) -> MgprError | None:
@@ -78,4 +96,6 @@ def translate_failure(
         return out_of_memory_error(exc, cfg, run_dir, accelerator, rank)
     if is_worker_death(exc):
         return worker_death_error(exc, cfg, run_dir, rank)
+    if is_worker_exception(exc):
+        return worker_exception_error(exc, cfg, run_dir, rank)
     return None

@@ -34,6 +34,7 @@ from mgpr.outputs.rundir import (
     resolve_run_dir,
 )
 from mgpr.run.adapter import build_adapter
+from mgpr.run.children import reap_children
 from mgpr.run.coordination import env_rank, host
 from mgpr.run.demo import DEMO_OVERLAP, DEMO_TILE_SIZE, demo_image
 from mgpr.run.devices import resolve_accelerator, resolve_devices
@@ -58,6 +59,7 @@ def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
         with RestoreLogging():
             return _run(cfg, explicit_keys or set())
     finally:
+        reap_children()  # a worker left behind by an exception must not hang the exit
         restore_signal_handlers(previous)
 
 

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 
 from mgpr.conf.schema import PredictConfig
 from mgpr.data.batch_pool import PREFETCH_FACTOR, TileLoader
+from mgpr.data.batching import UniformShapeBatchSampler
 from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
 from mgpr.geo.raster import RasterInfo, TileReader
 from mgpr.geo.tiling import Tile
@@ -171,6 +172,13 @@ def make_dataloader(
     main process is done with them.
     """
     kwargs: dict[str, Any] = {}
+    shape_keys = getattr(dataset, "shape_keys", None)
+    if callable(shape_keys):
+        # Batches never mix band counts (several rasters, band-agnostic model).
+        kwargs["batch_sampler"] = UniformShapeBatchSampler(shape_keys(), batch_size)
+    else:
+        kwargs["batch_size"] = batch_size
+        kwargs["shuffle"] = False
     if workers > 0:
         kwargs["worker_init_fn"] = ignore_stop_signals
         kwargs["prefetch_factor"] = PREFETCH_FACTOR
@@ -179,8 +187,6 @@ def make_dataloader(
             kwargs["multiprocessing_context"] = "fork"
     return TileLoader(
         dataset,
-        batch_size=batch_size,
-        shuffle=False,
         collate_fn=collate_tiles,
         num_workers=workers,
         pin_memory=pin_memory,
