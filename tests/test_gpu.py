@@ -63,3 +63,120 @@ def test_gpu_run_reports_real_gpu_figures(make_image, tmp_path: Path, model: str
     if rank["memory_kind"] == "gpu":
         assert rank["util_avg_pct"] is not None
     assert "cuda" in out or rank["gpu_name"] in out
+
+
+def test_pool_buffer_registered_as_pinned_memory() -> None:
+    """cudaHostRegister on a shared-memory slot: pinned in place, copied by DMA, unpinned."""
+    from mgpr.data.batch_pool import new_shared_uint8
+    from mgpr.data.pinned import CudaHostRegistrar, PinnedSlots
+
+    torch.cuda.set_device(0)
+    buffer = new_shared_uint8(3 * 256 * 256 * 4)
+    buffer.copy_(torch.arange(buffer.numel(), dtype=torch.int64).remainder(251).to(torch.uint8))
+    storage = buffer.untyped_storage()
+    assert not buffer.is_pinned()
+    slots = PinnedSlots(CudaHostRegistrar())
+    assert slots.ensure(0, storage.data_ptr(), storage.nbytes()), slots.failed
+    assert buffer.is_pinned()  # the same memory, now page-locked: no copy was made
+    on_gpu = buffer.view(4, 3, 256, 256).to("cuda:0", non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(on_gpu.cpu().flatten(), buffer)
+    slots.release_all()
+    assert not buffer.is_pinned()
+
+
+def test_gpu_run_with_pinned_pool_and_compile(make_image, tmp_path: Path) -> None:
+    """Workers + a GPU: the pinned pool (pin_memory=False), cuDNN autotuning, compile=true."""
+    img = make_image(width=2048, height=2048, objects=10, tile_size=512, overlap=0)
+    summary, report, _ = _run(
+        tmp_path,
+        f"input_path={img.path}",
+        "model=resnet50",
+        "weights=none",
+        "tile_size=512",
+        "batch_size=5",  # 16 tiles: the last batch is short and padded
+        "workers=2",
+        "accelerator=gpu",
+        "gpus=1",
+        "compile=true",
+    )
+    assert summary["tiles_predicted"] == summary["tiles_total"] == 16
+    assert summary["compile"]["used"] == "compiled", summary["compile"]
+    assert summary["compile"]["mode"] == "max-autotune-no-cudagraphs"
+
+
+def test_reference_detector_bf16_demo_on_gpu(tmp_path: Path) -> None:
+    """The quick start on a GPU in bf16: 40 of 40 planted objects, footprint error < 0.5 px."""
+    summary, _, _ = _run(tmp_path, "precision=bf16-mixed", "accelerator=gpu", "gpus=1")
+    assert summary["precision"] == "bf16-mixed"
+    check = summary["demo_check"]
+    assert check["planted"] == 40 and check["found"] == 40 and check["duplicates"] == 0
+    assert check["max_footprint_error_px"] < 0.5
+
+
+_CONTEXT_PROBE = """
+import json, os, torch, pynvml
+from mgpr.monitor.nvml import nvml_uuid_candidates
+from mgpr.run.accel import rank_device_index
+from mgpr.run.precision import resolve_precision
+precision = resolve_precision("auto", "gpu")  # before any device is set, as in a rank
+index = rank_device_index()
+torch.cuda.set_device(index)
+x = torch.ones(256, 256, device=f"cuda:{index}")
+(x @ x).sum().item()
+own = set(nvml_uuid_candidates(str(torch.cuda.get_device_properties(index).uuid)))
+pynvml.nvmlInit()
+seen = {}
+for i in range(pynvml.nvmlDeviceGetCount()):
+    h = pynvml.nvmlDeviceGetHandleByIndex(i)
+    uuid = pynvml.nvmlDeviceGetUUID(h)
+    uuid = uuid.decode() if isinstance(uuid, bytes) else uuid
+    pids = [p.pid for p in pynvml.nvmlDeviceGetComputeRunningProcesses(h)]
+    seen[uuid] = {"own": uuid in own, "here": os.getpid() in pids}
+print(json.dumps({"index": index, "precision": precision, "gpus": seen}))
+"""
+
+
+def test_cuda_context_only_on_the_ranks_own_gpu() -> None:
+    """A rank of the LAST GPU (LOCAL_RANK) resolves precision=auto and computes: NVML's process
+    list must show this process on that GPU only (no context on GPU 0 for another rank)."""
+    import sys
+
+    local = torch.cuda.device_count() - 1
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
+    env["LOCAL_RANK"] = str(local)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CONTEXT_PROBE], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(probe)
+    assert probe["index"] == local
+    gpus = probe["gpus"].values()
+    own = [g for g in gpus if g["own"]]
+    assert len(own) == 1
+    if not own[0]["here"]:
+        pytest.skip("NVML lists no process of this PID namespace (container): cannot check")
+    assert [g for g in gpus if g["here"]] == own
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_two_rank_nccl_run(make_image, tmp_path: Path) -> None:
+    """Two ranks on two GPUs (DDP, NCCL): every tile exactly once, both GPUs reported."""
+    img = make_image(width=2048, height=2048, objects=20, tile_size=512, overlap=64)
+    summary, report, _ = _run(
+        tmp_path,
+        f"input_path={img.path}",
+        "model=reference",
+        "tile_size=512",
+        "overlap=64",
+        "batch_size=4",
+        "workers=2",
+        "accelerator=gpu",
+        "gpus=2",
+    )
+    assert summary["world_size"] == 2 and summary["strategy"] == "DDPStrategy"
+    assert summary["tiles_predicted"] + summary["tiles_skipped_nodata"] == summary["tiles_total"]
+    assert summary["tiles_failed"] == 0
+    devices = sorted(r["device"] for r in report["ranks"])
+    assert devices == ["cuda:0", "cuda:1"]

@@ -23,6 +23,7 @@ from mgpr.errors import ConfigError
 
 PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
+COMPILE_CHOICES = ("auto", "true", "false")
 _KEY_RE = re.compile(r"^[+~]{0,2}([A-Za-z_][A-Za-z0-9_.]*)=(.*)$", re.S)
 
 
@@ -203,6 +204,7 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     cfg.devices = None
     if isinstance(cfg.weights, str) and cfg.weights.lower() in {"none", "null", ""}:
         cfg.weights = "none"
+    cfg.compile = str(cfg.compile).lower()  # `compile=true` arrives as the bool True
     _check_ranges(cfg)
     return cfg
 
@@ -234,6 +236,10 @@ def _check_ranges(cfg: PredictConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError(
             f"precision={cfg.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"
+        )
+    if cfg.compile not in COMPILE_CHOICES:
+        raise ConfigError(
+            f"compile={cfg.compile!r} is not supported; use one of {', '.join(COMPILE_CHOICES)}"
         )
     if cfg.accelerator not in ACCELERATORS:
         raise ConfigError(

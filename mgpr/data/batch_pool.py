@@ -20,7 +20,8 @@ already mapped storage instead of mapping it anew and faulting every page in on 
 (for a batch of eight 512 px RGB tiles ~1,500 page faults). A slot is then free when that
 reference is the storage's only one (``use_count == 1``: no tensor, view or queued batch uses
 it). Batches that arrive pinned (``pin_memory``) are copies: their slot is freed when the copy's
-storage is gone.
+storage is gone. GPU runs instead register each slot's mapping as pinned memory once
+(:mod:`mgpr.data.pinned`) and load with ``pin_memory=False``: the batch itself is pinned.
 
 One pool per iteration of :class:`TileLoader` (workers are forked for each iteration, so flags
 left over from an earlier one can never release a slot of the new workers).
@@ -36,6 +37,8 @@ from typing import Any
 import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils.data import DataLoader
+
+from mgpr.data.pinned import HostRegistrar, PinnedSlots
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +76,12 @@ class SharedBatchPool:
         workers: DataLoader worker processes.
         slots_per_worker: buffers each worker may keep; the worker's ``prefetch_factor`` batches
             in flight plus those the main process still holds (Lightning keeps one batch ahead).
+        registrar: pins each slot's mapping in the main process once (GPU runs); None = not.
     """
 
-    def __init__(self, workers: int, slots_per_worker: int) -> None:
+    def __init__(
+        self, workers: int, slots_per_worker: int, registrar: HostRegistrar | None = None
+    ) -> None:
         if workers < 1 or slots_per_worker < 1:
             raise ValueError(f"need workers >= 1 and slots >= 1, got {workers}, {slots_per_worker}")
         self.workers = workers
@@ -88,6 +94,7 @@ class SharedBatchPool:
         self._pending: list[tuple[int, StorageWeakRef]] = []  # main side: slots handed out
         self._mapped: dict[int, torch.UntypedStorage] = {}  # main side: slot -> its mapping
         self._pending_mapped: list[int] = []  # main side: mapped slots handed out
+        self.pinned = PinnedSlots(registrar) if registrar is not None else None  # main side
 
     def __getstate__(self) -> dict[str, Any]:
         """Spawned workers get the shared flags and counters, not buffers or main-side state."""
@@ -96,6 +103,7 @@ class SharedBatchPool:
         state["_pending"] = []
         state["_mapped"] = {}
         state["_pending_mapped"] = []
+        state["pinned"] = None
         return state
 
     # ---------------------------------------------------------------- worker side
@@ -138,6 +146,8 @@ class SharedBatchPool:
                     known = self._mapped.get(slot)
                     if known is None or known.data_ptr() != storage.data_ptr():
                         self._mapped[slot] = storage  # a new or regrown segment for this slot
+                    if self.pinned is not None:
+                        self.pinned.ensure(slot, storage.data_ptr(), storage.nbytes())
                     self._pending_mapped.append(slot)
                 else:
                     self._pending.append((slot, StorageWeakRef(storage)))
@@ -166,8 +176,11 @@ class SharedBatchPool:
     def forget_mappings(self) -> None:
         """Drop this process's references to the slots (after the last batch).
 
-        The shared memory is returned once the batches still held elsewhere are gone too.
+        The shared memory is returned once the batches still held elsewhere are gone too; pinned
+        ranges are unregistered first (the caller has read every batch's results back).
         """
+        if self.pinned is not None:
+            self.pinned.release_all()
         self._mapped = {}
         self._pending_mapped = []
         self._pending = []
@@ -245,7 +258,15 @@ class TileLoader(DataLoader[Any]):
     sampler). The pool is used when the dataset has a ``batch_pool`` attribute (e.g.
     :class:`mgpr.data.dataset.TileDataset`) and there are workers; otherwise it is a plain
     DataLoader.
+
+    Args:
+        host_registrar: pins the pool's buffers (GPU runs, with ``pin_memory=False``); a
+            constructor argument and attribute so Lightning's re-instantiation keeps it.
     """
+
+    def __init__(self, *args: Any, host_registrar: HostRegistrar | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.host_registrar = host_registrar
 
     def __iter__(self) -> Any:
         dataset = self.dataset
@@ -254,7 +275,7 @@ class TileLoader(DataLoader[Any]):
         pool = getattr(self, "batch_pool", None)
         if pool is None or not self.persistent_workers:  # persistent workers keep their pool
             prefetch = self.prefetch_factor or 2
-            pool = SharedBatchPool(self.num_workers, prefetch + EXTRA_SLOTS)
+            pool = SharedBatchPool(self.num_workers, prefetch + EXTRA_SLOTS, self.host_registrar)
             dataset.batch_pool = pool  # set before the workers fork (in super().__iter__())
             self.batch_pool = pool
             sample_bytes = getattr(dataset, "sample_bytes", None)

@@ -3,6 +3,7 @@
 ``summary.json`` (in the run directory) holds: ``mgpr_version``, ``finished_at``, ``run_dir``,
 ``output`` (path of ``predictions.gpkg`` or null), ``layers`` (layer -> features), ``records``,
 ``task``, ``model``, ``weights`` (what was loaded), ``random_weights``, ``precision``,
+``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``),
 ``world_size``, ``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted``
 (model run), ``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100
 ``{tile, reason}``; all of them are in ``failed_tiles.csv``), ``duplicates_removed`` (seam
@@ -122,6 +123,7 @@ def finish_run(
         "weights": adapter.weights_id,
         "random_weights": bool(adapter.random_weights),
         "precision": precision,
+        "compile": stats.get("compile"),
         "world_size": world,
         "num_nodes": stats["num_nodes"],
         "strategy": stats["strategy"],
@@ -238,6 +240,7 @@ def _report(
         "workers": cfg.workers,
         "batch_size": cfg.batch_size,
         "precision": precision,
+        "compile": (summary.get("compile") or {}).get("used"),
         "cpus_per_task": int(cpus) if cpus else os.cpu_count(),
     }
     try:
@@ -258,7 +261,7 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
         )
     lines.append(
         f"  model        {s['model']} ({s['task']}), weights {s['weights']}, "
-        f"precision {s['precision']}"
+        f"precision {s['precision']}" + (f", {s['compile']['used']}" if s.get("compile") else "")
     )
     lines.append(f"  ranks        {s['world_size']} on {s['num_nodes']} node(s), {s['strategy']}")
     lines.append(

@@ -21,7 +21,9 @@ import torch
 from mgpr.data.dataset import STATUS_OK
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import Classification, Detections, ModelAdapter
+from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
 from mgpr.outputs.shards import TileOutcome
+from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
 
 
 class InferenceModule(pl.LightningModule):
@@ -33,6 +35,8 @@ class InferenceModule(pl.LightningModule):
         tiles: this rank's tiles; ``batch["index"]`` indexes this list. None for fake data.
         tile_size: pixels.
         on_stage: optional callback ``(stage_name, seconds)`` for the run report.
+        compile_plan: compile the network in ``on_predict_start`` (once per rank); None = eager.
+        batch_size: tiles per batch; a compiled network gets every batch padded to it.
     """
 
     def __init__(
@@ -41,6 +45,8 @@ class InferenceModule(pl.LightningModule):
         tiles: Sequence[Tile] | None,
         tile_size: int,
         on_stage: Callable[[str, float], None] | None = None,
+        compile_plan: CompilePlan | None = None,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
         self.adapter = adapter
@@ -48,12 +54,42 @@ class InferenceModule(pl.LightningModule):
         self.tiles = list(tiles) if tiles is not None else None
         self.tile_size = tile_size
         self.on_stage = on_stage
+        self.compile_plan = compile_plan
+        self.batch_size = batch_size
+        self.compile_outcome: CompileOutcome | None = None
+        self._copies = InFlightCopies()
         # A rank with no tile left (few tiles, or all done before a resume) returns at once.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
     def on_predict_start(self) -> None:
-        """Put the network in eval mode (the adapter chose its memory format when built)."""
+        """Eval mode, cuDNN autotuning on CUDA, and the compile plan (the module is on its device).
+
+        The adapter chose its memory format when built.
+        """
         self.net.eval()
+        configure_cuda(self.device)
+        plan = self.compile_plan
+        if plan is not None and plan.enabled and self.compile_outcome is None:
+            self.compile_outcome = compile_adapter(
+                self.adapter, requested=plan.requested, mode=plan.mode, reason=plan.reason
+            )
+        elif plan is not None and self.compile_outcome is None:
+            self.compile_outcome = CompileOutcome(plan.requested, "eager", None, plan.reason)
+
+    def on_predict_end(self) -> None:
+        """Unpin and unmap the batch pool's buffers once the last copy is done.
+
+        Lightning stops after ``len(loader)`` batches without asking the loader for another,
+        so the pool's own end-of-iteration release never runs under it: done here instead.
+        """
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self._copies.clear()
+        loaders = self.trainer.predict_dataloaders
+        for loader in loaders if isinstance(loaders, list | tuple) else [loaders]:
+            pool = getattr(loader, "batch_pool", None)
+            if pool is not None:
+                pool.forget_mappings()
 
     def transfer_batch_to_device(
         self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
@@ -61,11 +97,18 @@ class InferenceModule(pl.LightningModule):
         """Move only the images (pinned uint8, non-blocking); ids and statuses stay on the host.
 
         Reading ``status``/``index`` back from a GPU would force a device sync on every batch.
+        On CUDA the host batch is held until its copy is done: a registered pool buffer is
+        copied by DMA after this returns, and the pool must not hand it to a worker before.
         """
         out = dict(batch)
         if device.type != "cpu":
             out["image"] = batch["image"].to(device, non_blocking=True)
+            if device.type == "cuda":
+                self._copies.hold(batch["image"])
         return out
+
+    def _compiled(self) -> bool:
+        return self.compile_outcome is not None and self.compile_outcome.used == "compiled"
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[TileOutcome] | int:
         """Predict one batch: one :class:`TileOutcome` per tile (a tile count for fake data)."""
@@ -80,10 +123,12 @@ class InferenceModule(pl.LightningModule):
                 if len(ok) == len(status)
                 else images[torch.as_tensor(ok, device=images.device)]
             )
+            if self.batch_size and self._compiled():
+                x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)
             raw = self.adapter.forward(inputs)
             start = time.perf_counter()
-            results = self.adapter.postprocess(raw, self.tile_size)
+            results = self.adapter.postprocess(raw, self.tile_size)[: len(ok)]  # type: ignore[assignment]
             if self.on_stage is not None:
                 self.on_stage("postprocess", time.perf_counter() - start)
         if self.tiles is None:

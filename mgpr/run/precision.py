@@ -18,13 +18,18 @@ def resolve_precision(requested: str, accelerator: str) -> str:
     """Lightning precision string; ``auto`` = bf16 where the device runs it fast.
 
     Ampere and newer GPUs (compute capability >= 8) and CPUs with AVX-512 BF16/AMX get
-    ``bf16-mixed``; older GPUs ``16-mixed``; other CPUs ``32-true``.
+    ``bf16-mixed``; older GPUs ``16-mixed``; other CPUs ``32-true``. The GPU asked is the
+    rank's own (:func:`mgpr.run.accel.rank_device_index`): this runs before Lightning sets
+    the device, and asking ``cuda:0`` from every rank would touch GPU 0 from ranks of other
+    GPUs.
     """
     if requested != "auto":
         return "32-true" if requested == "32" else requested
     if accelerator == "gpu":
         import torch
 
-        major, _ = torch.cuda.get_device_capability(0)
+        from mgpr.run.accel import rank_device_index
+
+        major, _ = torch.cuda.get_device_capability(rank_device_index())
         return "bf16-mixed" if major >= 8 else "16-mixed"
     return "bf16-mixed" if cpu_has_fast_bf16() else "32-true"

@@ -26,11 +26,13 @@ from mgpr.conf.schema import PredictConfig
 from mgpr.data.batch_pool import PREFETCH_FACTOR, TileLoader
 from mgpr.data.batching import UniformShapeBatchSampler
 from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
+from mgpr.data.pinned import CudaHostRegistrar, HostRegistrar, host_memory_plan
 from mgpr.geo.raster import RasterInfo, TileReader
 from mgpr.geo.tiling import Tile
 from mgpr.monitor.callback import RunMonitor
 from mgpr.monitor.profiler import make_profiler
 from mgpr.outputs.shards import count_written_tiles, finished_tile_keys
+from mgpr.run.accel import resolve_compile
 from mgpr.run.module import InferenceModule
 from mgpr.run.writer_callback import PredictionShardWriter
 
@@ -104,6 +106,7 @@ class TileDataModule(pl.LightningDataModule):
         pin_memory: bool,
         fake_bands: int,
     ) -> None:
+        """``pin_memory``: the rank copies batches to a GPU (pinned pool or pin copy)."""
         super().__init__()
         self.cfg = cfg
         self.all_tiles = list(tiles)
@@ -157,11 +160,22 @@ class TileDataModule(pl.LightningDataModule):
             reader = TileReader(self.bands, cfg.tile_size)
             masked = {r.path for r in self.rasters if r.has_mask}
             dataset = TileDataset(self.rank_tiles, reader, masked)
-        return make_dataloader(dataset, cfg.batch_size, cfg.workers, self.pin_memory)
+        plan = host_memory_plan(self.pin_memory, cfg.workers, hasattr(dataset, "batch_pool"))
+        return make_dataloader(
+            dataset,
+            cfg.batch_size,
+            cfg.workers,
+            plan.loader_pin_memory,
+            CudaHostRegistrar() if plan.register_pool else None,
+        )
 
 
 def make_dataloader(
-    dataset: Any, batch_size: int, workers: int, pin_memory: bool
+    dataset: Any,
+    batch_size: int,
+    workers: int,
+    pin_memory: bool,
+    host_registrar: HostRegistrar | None = None,
 ) -> DataLoader[Any]:
     """The DataLoader every rank uses (also what ``benchmarks/pipeline.py`` times).
 
@@ -169,7 +183,8 @@ def make_dataloader(
     rasters lazily; each keeps ``prefetch_factor`` batches ready. :func:`collate_tiles` passes
     the batches :class:`TileDataset` decodes straight into shared memory through uncopied;
     :class:`~mgpr.data.batch_pool.TileLoader` lets the workers reuse those shared buffers once the
-    main process is done with them.
+    main process is done with them. With ``host_registrar`` (GPU runs) those buffers are
+    registered as pinned memory once (:mod:`mgpr.data.pinned`) and ``pin_memory`` is False.
     """
     kwargs: dict[str, Any] = {}
     shape_keys = getattr(dataset, "shape_keys", None)
@@ -190,6 +205,7 @@ def make_dataloader(
         collate_fn=collate_tiles,
         num_workers=workers,
         pin_memory=pin_memory,
+        host_registrar=host_registrar,
         **kwargs,
     )
 
@@ -269,8 +285,14 @@ def run_predict(
         profiler=make_profiler(cfg.profiler, run_dir),
         default_root_dir=str(run_dir),
     )
+    compile_plan = resolve_compile(cfg.compile, accelerator, total, world_guess, cfg.batch_size)
     module = InferenceModule(
-        adapter, None if cfg.use_fake_data else [], cfg.tile_size, on_stage=monitor.record_stage
+        adapter,
+        None if cfg.use_fake_data else [],
+        cfg.tile_size,
+        on_stage=monitor.record_stage,
+        compile_plan=compile_plan,
+        batch_size=cfg.batch_size,
     )
     fake_bands = adapter.in_bands or 3
     datamodule = TileDataModule(
@@ -321,4 +343,5 @@ def run_predict(
         "predict_wall_s": wall,
         "strategy": type(strategy).__name__,
         "pid": os.getpid(),
+        "compile": module.compile_outcome.as_dict() if module.compile_outcome else None,
     }
