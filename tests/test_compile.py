@@ -22,7 +22,7 @@ from mgpr.errors import ConfigError
 from mgpr.models import build_model
 from mgpr.models.classification import ImageNetClassifierAdapter
 from mgpr.models.compile import CompileOutcome, GuardedCompile, compile_adapter, pad_batch
-from mgpr.run.accel import AUTO_COMPILE_MIN_BATCHES, GPU_COMPILE_MODE, resolve_compile
+from mgpr.run.accel import AUTO_COMPILE_MIN_BATCHES, COMPILE_MODE, resolve_compile
 from mgpr.testimage import TestImageSpec, render_block
 
 SPEC = TestImageSpec(width=1024, height=1024, objects=40, seed=3)
@@ -42,14 +42,14 @@ def _tiles(size: int, n: int) -> torch.Tensor:
 def test_compile_rule() -> None:
     per_rank = AUTO_COMPILE_MIN_BATCHES * 8  # tiles per rank at batch 8: exactly the threshold
     on = resolve_compile("auto", "gpu", 2 * per_rank, 2, 8)
-    assert on.enabled and on.mode == GPU_COMPILE_MODE and str(AUTO_COMPILE_MIN_BATCHES) in on.reason
+    assert on.enabled and on.mode == COMPILE_MODE and str(AUTO_COMPILE_MIN_BATCHES) in on.reason
     short = resolve_compile("auto", "gpu", 2 * per_rank - 2 * 8, 2, 8)  # one batch fewer
     assert not short.enabled and "too short" in short.reason
     assert not resolve_compile("auto", "cpu", 10**9, 1, 1).enabled  # never on CPU
     assert resolve_compile("true", "cpu", 1, 1, 8) == resolve_compile("true", "cpu", 1, 1, 8)
     cpu_true = resolve_compile("true", "cpu", 1, 1, 8)
-    assert cpu_true.enabled and cpu_true.mode is None  # inductor's default on CPU
-    assert resolve_compile("true", "gpu", 1, 1, 8).mode == GPU_COMPILE_MODE
+    assert cpu_true.enabled and cpu_true.mode is None  # inductor's default
+    assert resolve_compile("true", "gpu", 1, 1, 8).mode == COMPILE_MODE
     assert not resolve_compile("false", "gpu", 10**9, 1, 1).enabled
 
 

@@ -86,13 +86,15 @@ def test_pool_buffer_registered_as_pinned_memory() -> None:
 
 
 def test_gpu_run_with_pinned_pool_and_compile(make_image, tmp_path: Path) -> None:
-    """Workers + a GPU: the pinned pool (pin_memory=False), cuDNN autotuning, compile=true."""
+    """Workers + a GPU: the pinned pool (pin_memory=False), cuDNN autotuning, compile=true.
+
+    The reference detector compiles in seconds (ResNet-50's compile is timed by the benchmark).
+    """
     img = make_image(width=2048, height=2048, objects=10, tile_size=512, overlap=0)
     summary, report, _ = _run(
         tmp_path,
         f"input_path={img.path}",
-        "model=resnet50",
-        "weights=none",
+        "model=reference",
         "tile_size=512",
         "batch_size=5",  # 16 tiles: the last batch is short and padded
         "workers=2",
@@ -102,7 +104,6 @@ def test_gpu_run_with_pinned_pool_and_compile(make_image, tmp_path: Path) -> Non
     )
     assert summary["tiles_predicted"] == summary["tiles_total"] == 16
     assert summary["compile"]["used"] == "compiled", summary["compile"]
-    assert summary["compile"]["mode"] == "max-autotune-no-cudagraphs"
 
 
 def test_reference_detector_bf16_demo_on_gpu(tmp_path: Path) -> None:

@@ -75,7 +75,7 @@ class PredictConfig:
     precision: str = key("auto", "auto | bf16-mixed | 16-mixed | 32 (| 32-true)")
     batch_size: int = key(8, "tiles per forward pass per rank")
     compile: str = key(
-        "auto", "true | false | auto (torch.compile; auto = GPU runs of >= 2000 batches per rank)"
+        "auto", "true | false | auto (torch.compile; auto = GPU runs of >= 5000 batches per rank)"
     )
     workers: int = key(2, "DataLoader worker processes per rank")
     join_timeout_s: int = key(300, "seconds to wait for every rank to join before failing")

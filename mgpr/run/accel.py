@@ -15,21 +15,23 @@ from dataclasses import dataclass
 from typing import Any
 
 #: ``compile=auto`` compiles on a GPU when every rank has at least this many batches planned.
-#: Why 2000: compiling ResNet-50 with ``max-autotune-no-cudagraphs`` takes minutes per rank
-#: (inductor's autotuning benchmarks each conv/GEMM candidate) and buys ~1.2-2x; eager at
-#: 1024 px, batch 16 runs on the order of 10 batches/s on an A100/H100 class GPU for ResNet-50
-#: and 1-3 batches/s for Faster R-CNN, so 2000 batches (32,000 tiles of 1024 px per rank, about
-#: 34 Gpx) is several minutes of eager compute: long enough that the compile time is repaid.
-#: A shorter run is left eager, where the compile would cost more than it saves.
-AUTO_COMPILE_MIN_BATCHES = 2000
+#: Why 5000: compiling takes about a minute per rank (ResNet-50 on CPU: 1.5 min on 2 shared
+#: cores; on GPUs not measured yet, see ``benchmarks/gpu_checks.sh``) and is assumed to buy
+#: 1.2-1.5x, so it is repaid after 3-5 min of eager compute. 5000 batches of 16 tiles at 1024 px
+#: (84 Gpx per rank) is about that for ResNet-50 in bf16 on an H100-class GPU (~450 tiles/s
+#: estimated) and half an hour or more for Faster R-CNN; a shorter run is left eager.
+AUTO_COMPILE_MIN_BATCHES = 5000
 
-#: ``torch.compile`` mode on GPUs. ``max-autotune-no-cudagraphs``: the tile shape is fixed for
-#: the whole run, so autotuning the convolutions/GEMMs for it once pays off over every batch.
-#: Not CUDA graphs (``reduce-overhead``): at 512-1024 px tiles each kernel runs for
-#: milliseconds, so launch overhead (what graphs remove) is well under 1 % of a batch, while a
-#: graph keeps a static memory pool per shape and its outputs are overwritten by the next
-#: replay (Lightning holds a batch ahead; the detector's heads read the backbone's outputs).
-GPU_COMPILE_MODE = "max-autotune-no-cudagraphs"
+#: ``torch.compile`` mode, on GPUs and CPUs: inductor's default (None). The convolutions, nearly
+#: all of a CNN's time, run in cuDNN/oneDNN either way (``cudnn.benchmark`` picks their
+#: algorithm); what compiling gains for inference is fusing the batch-norm/ReLU/add chains
+#: between them, which the default mode does. ``max-autotune-no-cudagraphs`` additionally
+#: benchmarks Triton conv/GEMM templates for minutes per rank for a few per cent on CNNs, and
+#: CUDA graphs (``reduce-overhead``) remove launch overhead, which at 512-1024 px tiles is well
+#: under 1 % of a batch, at the price of a static memory pool per shape and outputs that the next
+#: replay overwrites (Lightning holds a batch ahead; the detectors' heads read the backbone's
+#: outputs).
+COMPILE_MODE: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,10 +56,10 @@ def resolve_compile(
 ) -> CompilePlan:
     """Apply the ``compile`` key.
 
-    ``true`` compiles (GPU: :data:`GPU_COMPILE_MODE`, CPU: inductor's default mode, which is
-    what a CPU has: no autotuning templates), ``false`` never. ``auto`` never compiles on CPU
-    (minutes of C++ code generation for a gain a short CPU run does not repay), and on GPUs
-    only when ``ceil(planned_tiles / world_size / batch_size) >= AUTO_COMPILE_MIN_BATCHES``.
+    ``true`` compiles (mode :data:`COMPILE_MODE`), ``false`` never. ``auto`` never compiles on
+    CPU (a minute or more of C++ code generation that a CPU run's gain does not repay: see the
+    README's CPU figures), and on GPUs only when
+    ``ceil(planned_tiles / world_size / batch_size) >= AUTO_COMPILE_MIN_BATCHES``.
 
     Args:
         requested: ``auto`` | ``true`` | ``false`` (already validated).
@@ -66,7 +68,7 @@ def resolve_compile(
         world_size: ranks of the run.
         batch_size: tiles per batch.
     """
-    mode = GPU_COMPILE_MODE if accelerator == "gpu" else None
+    mode = COMPILE_MODE
     if requested == "false":
         return CompilePlan(requested, False, None, "compile=false")
     if requested == "true":
