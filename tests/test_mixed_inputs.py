@@ -70,9 +70,7 @@ main(sys.argv[1:])
 
 
 @pytest.mark.slow
-def test_an_exception_in_a_worker_is_one_line_and_never_a_hang(
-    make_image, tmp_path: Path
-) -> None:
+def test_an_exception_in_a_worker_is_one_line_and_never_a_hang(make_image, tmp_path: Path) -> None:
     img = make_image("ortho.tif", width=256, height=256)
     script = tmp_path / "raising_worker.py"
     script.write_text(_RAISING_WORKER)
@@ -93,8 +91,9 @@ def test_an_exception_in_a_worker_is_one_line_and_never_a_hang(
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("mgpr: error:")]
     assert len(errors) == 1
-    assert "a DataLoader worker of rank 0 failed: RuntimeError: boom: decoder state lost" in (
-        errors[0]
+    assert (
+        "a DataLoader worker of rank 0 failed: RuntimeError: boom: decoder state lost"
+        in (errors[0])
     )
     assert "workers=0" in errors[0]
     assert "Traceback" not in proc.stderr

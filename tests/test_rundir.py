@@ -82,3 +82,46 @@ def test_every_rank_refuses_results_of_another_run(tmp_path: Path, rank: int) ->
         prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=rank, job_id=JOB)
     assert (run_dir / "predictions.gpkg").read_bytes() == b"results of another run"
     assert json.loads((run_dir / FINGERPRINT_FILE).read_text())["fingerprint"] == FOREIGN
+
+
+def test_a_requeue_with_another_fingerprint_is_refused_even_with_overwrite_off(
+    tmp_path: Path,
+) -> None:
+    """Two srun steps of one job with different models must not mix their tiles."""
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, FOREIGN, overwrite=False, rank=0, job_id=JOB)
+    (run_dir / "shards").mkdir()
+    with pytest.raises(OutputError, match="holds results of another run"):
+        prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=JOB)
+    assert (run_dir / "shards").is_dir()
+
+
+def test_a_requeue_with_the_same_fingerprint_keeps_its_tiles_under_overwrite(
+    tmp_path: Path,
+) -> None:
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=JOB)
+    (run_dir / "shards").mkdir()
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id=JOB) is True
+    assert (run_dir / "shards").is_dir()
+    # another job with overwrite=true starts afresh
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id="999") is False
+    assert not (run_dir / "shards").exists()
+
+
+def test_overwriting_a_custom_checkpoint_changes_the_fingerprint(tmp_path: Path) -> None:
+    from mgpr.conf.schema import PredictConfig
+    from mgpr.run.identity import fingerprint
+
+    ckpt = tmp_path / "model.pth"
+    ckpt.write_bytes(b"weights v1")
+    cfg = PredictConfig(weights=str(ckpt))
+    before = fingerprint(cfg, "my_models:build", str(ckpt), [], {})
+    ckpt.write_bytes(b"weights v2")  # same path, new content
+    after = fingerprint(cfg, "my_models:build", str(ckpt), [], {})
+    assert before["weights"] == after["weights"]  # the path string alone would match
+    assert before["weights_sha256"] != after["weights_sha256"]
+    assert (
+        fingerprint(PredictConfig(weights="DEFAULT"), "resnet50", "x", [], {})["weights_sha256"]
+        is None
+    )

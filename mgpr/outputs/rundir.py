@@ -6,9 +6,9 @@ from ``output_dir=``, from ``MGPR_RUN_DIR`` (set by rank 0 for the processes it 
 ``SLURM_JOB_ID`` (``runs/slurm-<id>``: a requeued job keeps its id, hence its directory, and
 resumes), and only then from a timestamp.
 
-``run.json`` holds the run's fingerprint (model, weights, tiling, bands, inputs with size and
-mtime). A new run in a directory with another fingerprint is refused unless ``overwrite=true``;
-the same fingerprint resumes.
+``run.json`` holds the run's fingerprint (model, weights and their content hash, tiling, bands,
+inputs with size and mtime). A new run in a directory with another fingerprint is refused unless
+``overwrite=true``; the same fingerprint resumes, and nothing else does.
 """
 
 from __future__ import annotations
@@ -91,9 +91,10 @@ def prepare_run_dir(
     """Check the run directory against this run's fingerprint; returns True when resuming.
 
     Rank 0 writes ``run.json`` (and, with ``overwrite=true``, first removes the previous run's
-    results); other ranks only read. A SLURM requeue of the same job (same ``SLURM_JOB_ID`` in the
-    stored fingerprint) resumes even with ``overwrite=true``, so a preempted job never throws away
-    its own finished tiles.
+    results); other ranks only read. Only the fingerprint decides a resume: a SLURM requeue of
+    the same job (same ``SLURM_JOB_ID`` in ``run.json``) with the same fingerprint resumes even
+    with ``overwrite=true``, so a preempted job never throws away its own finished tiles; the
+    same job with another fingerprint is refused like any other run.
 
     Raises:
         OutputError: the directory holds results of a different run and overwrite is false.
@@ -111,8 +112,13 @@ def prepare_run_dir(
         except (OSError, json.JSONDecodeError):
             previous = {}
     same = previous is not None and previous.get("fingerprint") == fingerprint
-    own_requeue = bool(job_id) and previous is not None and previous.get("slurm_job_id") == job_id
-    if has_results and not same and not overwrite and not own_requeue:
+    # The same SLURM job (a requeue) never throws its own tiles away, even with overwrite=true;
+    # but it resumes only with the same fingerprint: two srun steps of one job with another
+    # model or tiling must not mix their tiles.
+    own_requeue = (
+        same and bool(job_id) and previous is not None and previous.get("slurm_job_id") == job_id
+    )
+    if has_results and not same and not overwrite:
         differs = _first_difference(previous.get("fingerprint") if previous else None, fingerprint)
         raise OutputError(
             f"output_dir={str(run_dir)!r} holds results of another run ({differs}); "

@@ -18,10 +18,16 @@ def fingerprint(
     rasters: Sequence[Any],
     bands: dict[str, list[int]],
 ) -> dict[str, Any]:
-    """Everything that changes a tile's result: model, weights, tiling, inputs and bands."""
+    """Everything that changes a tile's result: model, weights, tiling, inputs and bands.
+
+    ``weights_sha256`` is the content hash of ``weights=`` when it names a local file (a custom
+    model's checkpoint is otherwise known by its path only: overwriting the file must not resume
+    with mixed weights); None for names such as ``DEFAULT`` or ``none``.
+    """
     return {
         "model": model_name,
         "weights": weights_id,
+        "weights_sha256": weights_content_hash(cfg.weights),
         "tile_size": cfg.tile_size,
         "overlap": cfg.overlap,
         "topk": cfg.topk,
@@ -33,6 +39,18 @@ def fingerprint(
             for r in rasters
         ],
     }
+
+
+def weights_content_hash(weights: str | None) -> str | None:
+    """sha256 prefix of ``weights`` when it is a local file, else None."""
+    if not weights or weights.lower() in ("none", "default"):
+        return None
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return None
+    from mgpr.models.weights import file_sha256
+
+    return file_sha256(path)
 
 
 def save_resolved_config(run_dir: Path, cfg: PredictConfig, model_name: str) -> None:

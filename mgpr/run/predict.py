@@ -33,6 +33,7 @@ from mgpr.outputs.rundir import (
     prepare_run_dir,
     resolve_run_dir,
 )
+from mgpr.outputs.runlock import acquire_run_lock
 from mgpr.run.adapter import build_adapter
 from mgpr.run.children import reap_children
 from mgpr.run.coordination import env_rank, host
@@ -70,6 +71,8 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     check_writable(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # processes Lightning launches inherit it
     setup_logging(run_dir, rank)
+    # Rank 0 holds the directory's lock for the whole run: a second live run is refused.
+    lock = acquire_run_lock(run_dir, os.environ) if rank == 0 else None
     try:
         return _predict_and_finish(cfg, explicit, run_dir, rank, t_start)
     except RunInterrupted as exc:
@@ -88,6 +91,9 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _predict_and_finish(
