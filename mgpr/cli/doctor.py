@@ -303,6 +303,18 @@ def check_disk(output_dir: Path) -> list[Finding]:
     return [Finding(Status.OK, "disk", desc)]
 
 
+def check_filesystem(output_dir: Path) -> list[Finding]:
+    """The run directory's filesystem type and the mount options known to hurt mgpr."""
+    from mgpr.outputs.filesystem import describe_mount, mount_warnings, run_dir_mount
+
+    mount = run_dir_mount(output_dir)
+    desc = describe_mount(mount)
+    problems = mount_warnings(mount) if mount is not None else []
+    if not problems:
+        return [Finding(Status.OK, "filesystem", f"{desc} (mgpr takes no file locks)")]
+    return [Finding(Status.WARN, "filesystem", problem) for problem in problems]
+
+
 def run_checks(opts: DoctorOptions, env: Mapping[str, str]) -> list[Finding]:
     """Every check, in report order; a check that crashes is a FAIL line, never a traceback."""
     findings: list[Finding] = []
@@ -333,6 +345,7 @@ def run_checks(opts: DoctorOptions, env: Mapping[str, str]) -> list[Finding]:
     )
     guarded("weights", lambda: check_weights(opts.models))
     guarded("disk", lambda: check_disk(opts.output_dir))
+    guarded("filesystem", lambda: check_filesystem(opts.output_dir))
     return findings
 
 

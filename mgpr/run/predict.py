@@ -73,6 +73,8 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     setup_logging(run_dir, rank)
     # Rank 0 holds the directory's lock for the whole run: a second live run is refused.
     lock = acquire_run_lock(run_dir, os.environ) if rank == 0 else None
+    if rank == 0:
+        log_run_dir_filesystem(run_dir)
     try:
         return _predict_and_finish(cfg, explicit, run_dir, rank, t_start)
     except RunInterrupted as exc:
@@ -94,6 +96,16 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     finally:
         if lock is not None:
             lock.release()
+
+
+def log_run_dir_filesystem(run_dir: Path) -> None:
+    """One log line with the run directory's filesystem; a warning per known-bad mount option."""
+    from mgpr.outputs.filesystem import describe_mount, mount_warnings, run_dir_mount
+
+    mount = run_dir_mount(run_dir)
+    log.info("run directory %s on %s", run_dir, describe_mount(mount))
+    for problem in mount_warnings(mount) if mount is not None else []:
+        log.warning("run directory: %s", problem)
 
 
 def _predict_and_finish(
