@@ -128,3 +128,38 @@ def drop_duplicate_files(paths: list[str]) -> list[str]:
         seen[ident] = path
         kept.append(path)
     return kept
+
+
+def remote_identity(path: str, timeout_s: float = 10.0) -> dict[str, str | int | None]:
+    """Size, ETag and Last-Modified of a ``/vsicurl/`` input, from an HTTP HEAD request.
+
+    A remote raster has no local size or mtime, so without this a run over a URL would resume
+    against a replaced file. Other GDAL virtual paths (``/vsis3/``, ``/vsigs/``: signed requests)
+    and servers that do not answer give Nones: the run then goes on with the path alone.
+
+    Returns:
+        ``{"bytes": int | None, "etag": str | None, "last_modified": str | None}``.
+    """
+    unknown: dict[str, str | int | None] = {"bytes": None, "etag": None, "last_modified": None}
+    prefix = "/vsicurl/"
+    if not path.startswith(prefix):
+        return unknown
+    url = path[len(prefix) :]
+    if not url.startswith(("http://", "https://")):
+        return unknown
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, method="HEAD")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            headers = response.headers
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        log.info("no HEAD answer for %s (%s): its identity is its URL only", url, exc)
+        return unknown
+    length = headers.get("Content-Length")
+    return {
+        "bytes": int(length) if length and length.isdigit() else None,
+        "etag": headers.get("ETag"),
+        "last_modified": headers.get("Last-Modified"),
+    }

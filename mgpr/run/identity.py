@@ -34,11 +34,24 @@ def fingerprint(
         "score_threshold": cfg.score_threshold,
         "max_detections": cfg.max_detections,
         "native_resolution": cfg.native_resolution,
-        "inputs": [
-            {"path": r.path, "bytes": r.file_bytes, "mtime": r.mtime, "bands": bands[r.path]}
-            for r in rasters
-        ],
+        "inputs": [_input_identity(r, bands[r.path]) for r in rasters],
     }
+
+
+def _input_identity(info: Any, bands: list[int]) -> dict[str, Any]:
+    """Path, size and mtime of a local input; size, ETag and Last-Modified of a URL."""
+    ident: dict[str, Any] = {
+        "path": info.path,
+        "bytes": info.file_bytes,
+        "mtime": info.mtime,
+        "bands": bands,
+    }
+    if info.file_bytes is None and info.path.startswith("/vsicurl/"):
+        from mgpr.geo.inputs import remote_identity
+
+        remote = remote_identity(info.path)
+        ident.update(bytes=remote["bytes"], etag=remote["etag"], mtime=remote["last_modified"])
+    return ident
 
 
 def weights_content_hash(weights: str | None) -> str | None:
