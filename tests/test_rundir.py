@@ -125,3 +125,14 @@ def test_overwriting_a_custom_checkpoint_changes_the_fingerprint(tmp_path: Path)
         fingerprint(PredictConfig(weights="DEFAULT"), "resnet50", "x", [], {})["weights_sha256"]
         is None
     )
+
+
+def test_geoparquet_outputs_count_as_results_and_overwrite_removes_them(tmp_path: Path) -> None:
+    """GeoParquet files are named after their layers, not listed by name: found by suffix."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "detections.parquet").write_bytes(b"results of a run without run.json")
+    with pytest.raises(OutputError, match="no run.json fingerprint"):
+        prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=None)
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id=None) is False
+    assert sorted(p.name for p in run_dir.iterdir()) == [FINGERPRINT_FILE]

@@ -91,3 +91,14 @@ def test_unknown_output_format_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="output_format=shp is not a known output format"):
         vector_writers("shp", tmp_path)
     assert [w.format_name for w in vector_writers("both", tmp_path)][0] == "gpkg"
+
+
+def test_config_accepts_exactly_the_writers_output_formats() -> None:
+    """conf/ sits below outputs/ and keeps its own list: it must not drift from the writers."""
+    from mgpr.conf.load import OUTPUT_FORMATS, load_config
+
+    assert OUTPUT_FORMATS == output_formats() == ("gpkg", "parquet", "both")
+    assert load_config([]).output_format == "gpkg"
+    assert load_config(["output_format=both"]).output_format == "both"
+    with pytest.raises(ConfigError, match="output_format='shp' is not supported; use one of gpkg"):
+        load_config(["output_format=shp"])

@@ -24,6 +24,9 @@ from mgpr.errors import ConfigError
 PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 COMPILE_CHOICES = ("auto", "true", "false")
+#: ``output_format`` values; conf/ sits below outputs/, so a test keeps this equal to
+#: :func:`mgpr.outputs.formats.output_formats`.
+OUTPUT_FORMATS = ("gpkg", "parquet", "both")
 _KEY_RE = re.compile(r"^[+~]{0,2}([A-Za-z_][A-Za-z0-9_.]*)=(.*)$", re.S)
 
 
@@ -245,6 +248,11 @@ def _check_ranges(cfg: PredictConfig) -> None:
         raise ConfigError(
             f"accelerator={cfg.accelerator!r} is not supported; "
             f"use one of {', '.join(ACCELERATORS)}"
+        )
+    if cfg.output_format not in OUTPUT_FORMATS:
+        raise ConfigError(
+            f"output_format={cfg.output_format!r} is not supported; "
+            f"use one of {', '.join(OUTPUT_FORMATS)}"
         )
     if cfg.bands is not None:
         if len(cfg.bands) == 0 or any(b < 1 for b in cfg.bands):

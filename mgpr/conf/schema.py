@@ -83,6 +83,9 @@ class PredictConfig:
     output_dir: str | None = key(
         None, "run directory; unset = runs/slurm-<job id> or runs/<timestamp>"
     )
+    output_format: str = key(
+        "gpkg", "gpkg (one GeoPackage, for QGIS) | parquet (GeoParquet 1.1 per layer) | both"
+    )
     overwrite: bool = key(False, "start afresh in an output_dir that holds another run's results")
     progress: bool = key(
         True, "progress bar on rank 0; false = one log line every 30 s (batch jobs)"

@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from mgpr.errors import ConfigError
+from mgpr.outputs.geoparquet import GeoParquetWriter
 from mgpr.outputs.gpkg import GpkgWriter
 from mgpr.outputs.vector import VectorWriter
 
 #: format name -> writer class.
-WRITERS: dict[str, type[VectorWriter]] = {"gpkg": GpkgWriter}
+WRITERS: dict[str, type[VectorWriter]] = {"gpkg": GpkgWriter, "parquet": GeoParquetWriter}
 #: What ``output_format=both`` writes.
-BOTH: tuple[str, ...] = ("gpkg",)
+BOTH: tuple[str, ...] = ("gpkg", "parquet")
 
 
 def output_formats() -> tuple[str, ...]:

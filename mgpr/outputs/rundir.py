@@ -104,7 +104,7 @@ def prepare_run_dir(
     # (itself a result entry) at any moment. Read the other way round, a rank could find no
     # run.json, then rank 0's fresh one among the results, and refuse its own run. In this
     # order, results seen imply run.json was already there (or the directory is foreign).
-    has_results = any((run_dir / name).exists() for name in _RESULT_ENTRIES)
+    has_results = any(p.exists() for p in _result_paths(run_dir))
     previous: dict[str, Any] | None = None
     if path.exists():
         try:
@@ -127,8 +127,7 @@ def prepare_run_dir(
     resume = has_results and ((same and not overwrite) or own_requeue)
     if rank == 0:
         if has_results and not resume:
-            for name in _RESULT_ENTRIES:
-                target = run_dir / name
+            for target in _result_paths(run_dir):
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
@@ -138,6 +137,11 @@ def prepare_run_dir(
             path, {"fingerprint": fingerprint, "slurm_job_id": job_id, "written_at": time.time()}
         )
     return resume
+
+
+def _result_paths(run_dir: Path) -> list[Path]:
+    """Every entry a run leaves in its directory (GeoParquet files are named after layers)."""
+    return [run_dir / name for name in _RESULT_ENTRIES] + sorted(run_dir.glob("*.parquet"))
 
 
 def _first_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:

@@ -1,8 +1,9 @@
 """The end of a run on rank 0: merge the shards, save ``summary.json`` and print the summary.
 
 ``summary.json`` (in the run directory) holds: ``mgpr_version``, ``finished_at``, ``run_dir``,
-``output`` (path of ``predictions.gpkg`` or null), ``layers`` (layer -> features), ``records``,
-``task``, ``model``, ``weights`` (what was loaded), ``random_weights``, ``precision``,
+``output`` (the first output file or null), ``outputs`` (every output file: ``predictions.gpkg``
+and/or ``<layer>.parquet``, as ``output_format`` chose), ``layers`` (layer -> features),
+``records``, ``task``, ``model``, ``weights`` (what was loaded), ``random_weights``, ``precision``,
 ``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``),
 ``world_size``, ``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted``
 (model run), ``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100
@@ -56,12 +57,15 @@ def demo_check(output: Path, truth_path: Path, layer: str = "detections") -> dic
     from mgpr.testimage import read_truth
 
     truth = read_truth(truth_path)
-    _meta, _fids, _geom, data = pyogrio.raw.read(
-        output,
-        layer=layer,
-        columns=["px_xmin", "px_ymin", "px_xmax", "px_ymax"],
-        read_geometry=False,
-    )
+    columns = ["px_xmin", "px_ymin", "px_xmax", "px_ymax"]
+    if output.suffix == ".parquet":  # GeoParquet: one file per layer, read with pyarrow
+        import pyarrow.parquet as pq
+
+        data = [c.to_numpy() for c in pq.read_table(output, columns=columns).columns]
+    else:
+        _meta, _fids, _geom, data = pyogrio.raw.read(
+            output, layer=layer, columns=columns, read_geometry=False
+        )
     det = np.stack([np.asarray(c, dtype=np.float64) for c in data], axis=1).reshape(-1, 4)
     found = missed = duplicates = 0
     max_err = 0.0
@@ -132,6 +136,7 @@ def finish_run(
         tiles_total = cfg.dummy_dataset_count
         summary.update(
             output=None,
+            outputs=[],
             layers={},
             records=0,
             tiles_total=tiles_total,
@@ -153,10 +158,12 @@ def finish_run(
             cfg.nms_iou,
             cfg.seam_ios,
             topk=cfg.topk,
+            output_format=cfg.output_format,
         )
         tiles_total = sum(_n_tiles(r, cfg) for r in rasters)
         summary.update(
             output=str(merged.output_path) if merged.output_path else None,
+            outputs=[str(p) for p in merged.output_paths],
             layers=merged.layers,
             records=merged.records,
             tiles_total=tiles_total,
@@ -279,6 +286,7 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
             + ", ".join(f"layer {k}: {v}" for k, v in s["layers"].items())
             + ")"
         )
+        lines += [f"               {p}" for p in s.get("outputs", [])[1:]]
     if s.get("duplicates_removed"):
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
     if s.get("pixel_coordinates"):

@@ -1,0 +1,277 @@
+"""GeoParquet 1.1 output: one ``<layer>.parquet`` per layer, streamed in row groups.
+
+For large runs (10^6+ detections) a GeoPackage is slow to build and needs locks; a Parquet file
+is written front to back by one process, so it goes straight into the run directory under a
+hidden temporary name (``.tmp-<pid>-<layer>.parquet``), is fsynced, and is ``os.replace``d onto
+its final name at :meth:`GeoParquetWriter.commit`: readers see the whole file or none, and no
+node-local detour is needed.
+
+File layout (https://geoparquet.org/releases/v1.1.0/):
+
+* ``geometry``: WKB polygons (Arrow ``binary``), x then y in the layer's CRS, exterior rings
+  counter-clockwise (declared as ``orientation``).
+* ``bbox``: struct ``xmin, ymin, xmax, ymax`` (float64), each row's ring bounds, declared as the
+  ``covering`` of ``geometry``, so readers can skip row groups by their min/max statistics.
+* the FeatureBatch's columns, in order: float64, int64, bool or UTF-8 string.
+* file metadata ``geo``: ``version`` 1.1.0, ``primary_column`` ``geometry``, and for
+  ``geometry``: ``encoding`` WKB, ``geometry_types`` ``["Polygon"]``, ``crs`` as PROJJSON
+  (``null`` for a raster without CRS: the spec reads a *missing* ``crs`` as OGC:CRS84, which
+  pixel coordinates are not), ``bbox`` of the whole file (absent for an empty layer).
+
+Memory stays flat: rows are buffered only until a row group is full (:data:`ROW_GROUP_ROWS`),
+then written; the ``geo`` metadata, which needs the whole file's bbox, is added at close.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from mgpr.outputs.vector import FeatureBatch, VectorWriter
+
+#: Rows per row group (GDAL's Parquet driver default): large enough for good compression and
+#: few footer entries, small enough (~10 MB of detections) to buffer and to skip by statistics.
+ROW_GROUP_ROWS = 65_536
+GEOPARQUET_VERSION = "1.1.0"
+_LAYER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+_BBOX_TYPE = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
+
+
+def counterclockwise(rings: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``rings`` with every clockwise ring reversed (shoelace area < 0), so all are CCW.
+
+    Args:
+        rings: (N, 5, 2) closed rings, map ``(x, y)``.
+
+    Returns:
+        (N, 5, 2) the same rings, counter-clockwise; the input is not changed.
+    """
+    x, y = rings[:, :, 0], rings[:, :, 1]
+    twice_area = (x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]).sum(axis=1)
+    clockwise = twice_area < 0
+    if not clockwise.any():
+        return rings
+    out = rings.copy()
+    out[clockwise] = rings[clockwise, ::-1]
+    return out
+
+
+def geo_metadata(crs_wkt: str | None, bbox: list[float] | None) -> dict[str, Any]:
+    """The ``geo`` file metadata of one layer (GeoParquet 1.1.0).
+
+    Args:
+        crs_wkt: the layer's CRS as WKT; None = no CRS (written as ``"crs": null``).
+        bbox: ``[xmin, ymin, xmax, ymax]`` of every geometry in the file, layer CRS; None when
+            the file holds no rows.
+    """
+    import pyproj
+
+    column: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        "crs": pyproj.CRS.from_wkt(crs_wkt).to_json_dict() if crs_wkt else None,
+        "orientation": "counterclockwise",
+        "edges": "planar",
+        "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
+    }
+    if bbox is not None:
+        column["bbox"] = bbox
+    return {
+        "version": GEOPARQUET_VERSION,
+        "primary_column": "geometry",
+        "columns": {"geometry": column},
+    }
+
+
+def _arrow_type(name: str, column: np.ndarray) -> pa.DataType:
+    kind = np.asarray(column).dtype.kind
+    if kind == "f":
+        return pa.float64()
+    if kind in "iu":
+        return pa.int64()
+    if kind == "b":
+        return pa.bool_()
+    if kind in "OUS":
+        return pa.string()
+    raise ValueError(f"FeatureBatch column {name!r} has dtype {column.dtype}, not float/int/str")
+
+
+def batch_table(batch: FeatureBatch, schema: pa.Schema | None = None) -> pa.Table:
+    """One Arrow table of ``batch``: geometry (WKB), bbox struct, then the batch's columns.
+
+    Args:
+        batch: the features; rings are made counter-clockwise.
+        schema: the layer's schema when already known (later batches must match it).
+    """
+    import shapely
+
+    rings = counterclockwise(np.asarray(batch.rings, dtype=np.float64))
+    n = len(rings)
+    wkb = shapely.to_wkb(shapely.polygons(rings)) if n else np.empty(0, dtype=object)
+    lo, hi = rings.min(axis=1), rings.max(axis=1)  # (N, 2) each: x, y
+    bbox = pa.StructArray.from_arrays(
+        [pa.array(v, pa.float64()) for v in (lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1])],
+        fields=list(_BBOX_TYPE),
+    )
+    names = list(batch.fields)
+    types = [_arrow_type(k, np.asarray(batch.fields[k])) for k in names]
+    arrays = [pa.array(wkb, pa.binary()), bbox] + [
+        pa.array(np.asarray(batch.fields[k]), t) for k, t in zip(names, types, strict=True)
+    ]
+    own = pa.schema(
+        [pa.field("geometry", pa.binary()), pa.field("bbox", _BBOX_TYPE)]
+        + [pa.field(k, t) for k, t in zip(names, types, strict=True)]
+    )
+    if schema is not None and not own.equals(schema):
+        raise ValueError(
+            f"FeatureBatch columns {own.names[2:]} do not match the layer's {schema.names[2:]}"
+        )
+    return pa.Table.from_arrays(arrays, schema=schema or own)
+
+
+@dataclass
+class _Layer:
+    """One layer's open file: its temp path, the Parquet writer and the rows not yet written."""
+
+    crs_wkt: str | None
+    schema: pa.Schema
+    tmp: Path
+    final: Path
+    writer: pq.ParquetWriter
+    pending: list[pa.Table] = field(default_factory=list)
+    pending_rows: int = 0
+    rows: int = 0
+    row_groups: int = 0
+    bounds: list[float] | None = None  # xmin, ymin, xmax, ymax so far
+
+
+class GeoParquetWriter(VectorWriter):
+    """Each layer to ``<run_dir>/<layer>.parquet`` (GeoParquet 1.1, WKB polygons, bbox covering).
+
+    Args:
+        run_dir: the run directory.
+        stem: unused (files are named after their layers); kept for the writer seam.
+        row_group_rows: rows per row group; every row group but a file's last has exactly this
+            many rows.
+    """
+
+    format_name = "parquet"
+
+    def __init__(self, run_dir: Path, stem: str, row_group_rows: int = ROW_GROUP_ROWS) -> None:
+        super().__init__(run_dir, stem)
+        if row_group_rows < 1:
+            raise ValueError(f"row_group_rows={row_group_rows} must be >= 1")
+        self.row_group_rows = row_group_rows
+        self._layers: dict[str, _Layer] = {}
+
+    def final_path(self, layer: str) -> Path:
+        """Where ``layer``'s file appears after :meth:`commit`."""
+        return self.run_dir / f"{layer}.parquet"
+
+    def write(self, layer: str, crs_wkt: str | None, batch: FeatureBatch) -> None:
+        """Append ``batch`` to ``layer``; full row groups go to disk, the rest waits."""
+        state = self._layers.get(layer)
+        if state is None:
+            table = batch_table(batch)
+            state = self._open(layer, crs_wkt, table.schema)
+        else:
+            if crs_wkt != state.crs_wkt:
+                raise ValueError(f"layer {layer!r} was started in another CRS than this batch's")
+            table = batch_table(batch, state.schema)
+        if len(table):
+            state.pending.append(table)
+            state.pending_rows += len(table)
+            self._grow_bounds(state, table)
+        if state.pending_rows >= self.row_group_rows:
+            self._flush(state, final=False)
+
+    def _open(self, layer: str, crs_wkt: str | None, schema: pa.Schema) -> _Layer:
+        if not _LAYER_RE.match(layer):
+            raise ValueError(f"layer name {layer!r} is not a plain file name")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.run_dir / f".tmp-{os.getpid()}-{layer}.parquet"
+        writer = pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=True)
+        state = _Layer(crs_wkt, schema, tmp, self.final_path(layer), writer)
+        self._layers[layer] = state
+        return state
+
+    @staticmethod
+    def _grow_bounds(state: _Layer, table: pa.Table) -> None:
+        bbox = table.column("bbox").combine_chunks()
+        box = [
+            float(np.min(bbox.field("xmin"))),
+            float(np.min(bbox.field("ymin"))),
+            float(np.max(bbox.field("xmax"))),
+            float(np.max(bbox.field("ymax"))),
+        ]
+        old = state.bounds
+        state.bounds = (
+            box if old is None else [*map(min, old[:2], box[:2]), *map(max, old[2:], box[2:])]
+        )
+
+    def _flush(self, state: _Layer, final: bool) -> None:
+        """Write whole row groups from the pending rows (and, if ``final``, the remainder)."""
+        if not state.pending:
+            return
+        table = pa.concat_tables(state.pending)
+        full = (len(table) // self.row_group_rows) * self.row_group_rows
+        cut = len(table) if final else full
+        if cut:
+            head = table.slice(0, cut)
+            state.writer.write_table(head, row_group_size=self.row_group_rows)
+            state.row_groups += -(-cut // self.row_group_rows)
+            state.rows += cut
+        rest = table.slice(cut)
+        state.pending = [rest] if len(rest) else []
+        state.pending_rows = len(rest)
+
+    def commit(self) -> list[Path]:
+        """Finish every layer's file (last row group, ``geo`` metadata), fsync, rename."""
+        paths: list[Path] = []
+        try:
+            for state in self._layers.values():
+                self._flush(state, final=True)
+                meta = geo_metadata(state.crs_wkt, state.bounds)
+                state.writer.add_key_value_metadata({"geo": json.dumps(meta)})
+                state.writer.close()
+                with open(state.tmp, "rb+") as fh:
+                    os.fsync(fh.fileno())
+                os.replace(state.tmp, state.final)
+                paths.append(state.final)
+            _fsync_dir(self.run_dir)
+        finally:
+            self.abort()
+        return paths
+
+    def abort(self) -> None:
+        """Close and delete every temporary file; published files stay."""
+        for state in self._layers.values():
+            try:
+                state.writer.close()
+            except Exception:  # noqa: BLE001 - already failing or closed; the file goes anyway
+                pass
+            state.tmp.unlink(missing_ok=True)
+        self._layers.clear()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames durable (the directory entry), where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
