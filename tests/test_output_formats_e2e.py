@@ -1,0 +1,99 @@
+"""``output_format`` end to end: the ``mgpr`` command on generated rasters (CPU, one rank)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import shapely
+from conftest import read_gpkg_layer, run_mgpr_inprocess
+from geoparquet_helpers import read_geoparquet
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+def _detect(img_path: Path, run: Path, *extra: str) -> int:
+    return run_mgpr_inprocess(
+        f"input_path={img_path}",
+        "model=reference",
+        "tile_size=128",
+        "overlap=32",
+        "workers=0",
+        "progress=false",
+        f"output_dir={run}",
+        *extra,
+    )
+
+
+def _same_features(gpkg: Path, parquet: Path, layer: str) -> int:
+    """Assert both files hold the same features in the same order; returns how many."""
+    g_geoms, g_rows, srs = read_gpkg_layer(gpkg, layer)
+    p_geoms, table, crs, _ = read_geoparquet(parquet)
+    assert len(g_geoms) == len(p_geoms)
+    assert shapely.equals(g_geoms, p_geoms).all()
+    for row in g_rows:
+        row.pop("fid")
+    assert table.to_pylist() == g_rows
+    if crs is None:
+        assert srs in (-1, 0)  # GeoPackage's undefined Cartesian / geographic SRS
+    else:
+        assert crs.to_epsg() == srs
+    return len(g_geoms)
+
+
+def test_both_writes_a_geopackage_and_geoparquet_with_the_same_features(
+    make_image, tmp_path: Path
+) -> None:
+    img = make_image(width=500, height=400, objects=8, tile_size=128, overlap=32)
+    run = tmp_path / "run"
+    assert _detect(img.path, run, "output_format=both") == 0
+    s = _summary(run)
+    gpkg, parquet = run / "predictions.gpkg", run / "detections.parquet"
+    assert s["outputs"] == [str(gpkg), str(parquet)] and s["output"] == str(gpkg)
+    n = _same_features(gpkg, parquet, "detections")
+    assert n == s["records"] == s["layers"]["detections"] > 0
+    assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_parquet_alone_and_a_raster_without_crs(make_image, tmp_path: Path) -> None:
+    img = make_image(width=300, height=256, objects=4, crs=None, tile_size=128, overlap=32)
+    run = tmp_path / "run"
+    assert _detect(img.path, run, "output_format=parquet") == 0
+    s = _summary(run)
+    parquet = run / "detections.parquet"
+    assert s["outputs"] == [str(parquet)] and not (run / "predictions.gpkg").exists()
+    geoms, table, crs, geo = read_geoparquet(parquet)
+    assert crs is None and geo["columns"]["geometry"]["crs"] is None
+    assert len(geoms) == s["records"] > 0
+    # Pixel coordinates: the geometry's bounds are the box's pixel corners (y = row).
+    px = np.stack(
+        [table.column(k).to_numpy() for k in ("px_xmin", "px_ymin", "px_xmax", "px_ymax")], 1
+    )
+    assert (shapely.bounds(geoms) == px).all()
+
+
+def test_output_format_is_not_part_of_the_run_identity(make_image, tmp_path: Path) -> None:
+    """It only changes the merge: a finished GeoPackage run re-run as GeoParquet resumes (no
+    tile predicted again) and writes the same features, instead of being refused."""
+    img = make_image(width=400, height=300, objects=6, tile_size=128, overlap=32)
+    run = tmp_path / "run"
+    assert _detect(img.path, run) == 0
+    assert _summary(run)["outputs"] == [str(run / "predictions.gpkg")]
+    assert _detect(img.path, run, "output_format=parquet") == 0
+    log = (run / "logs" / "rank0.log").read_text()
+    assert re.search(r"(\d+) of its \1 tiles were finished", log), log[-2000:]
+    _same_features(run / "predictions.gpkg", run / "detections.parquet", "detections")
+
+
+def test_quick_start_checks_its_planted_objects_from_geoparquet(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(
+        f"output_dir={run}", "image_size=512", "objects=6", "workers=0", "output_format=parquet"
+    )
+    assert rc == 0
+    check = _summary(run)["demo_check"]
+    assert check["planted"] == check["found"] == 6 and check["duplicates"] == 0
