@@ -78,7 +78,7 @@ def geo_metadata(crs_wkt: str | None, bbox: list[float] | None) -> dict[str, Any
     column: dict[str, Any] = {
         "encoding": "WKB",
         "geometry_types": ["Polygon"],
-        "crs": pyproj.CRS.from_wkt(crs_wkt).to_json_dict() if crs_wkt else None,
+        "crs": pyproj.CRS.from_user_input(crs_wkt).to_json_dict() if crs_wkt else None,
         "orientation": "counterclockwise",
         "edges": "planar",
         "covering": {"bbox": {k: ["bbox", k] for k in ("xmin", "ymin", "xmax", "ymax")}},
