@@ -30,6 +30,8 @@ def read_geoparquet(
     raw = pf.metadata.metadata or {}
     assert b"geo" in raw, "no 'geo' key in the Parquet file metadata"
     geo = json.loads(raw[b"geo"].decode("utf-8"))
+    # Arrow readers (GeoPandas' read_parquet) look for it in the Arrow schema's metadata.
+    assert (pq.read_schema(path).metadata or {}).get(b"geo") == raw[b"geo"]
     # File metadata (schema.json: required, version const, primary_column, columns).
     assert geo["version"] == "1.1.0"
     assert isinstance(geo["primary_column"], str) and geo["primary_column"]

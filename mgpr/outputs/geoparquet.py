@@ -69,7 +69,8 @@ def geo_metadata(crs_wkt: str | None, bbox: list[float] | None) -> dict[str, Any
     """The ``geo`` file metadata of one layer (GeoParquet 1.1.0).
 
     Args:
-        crs_wkt: the layer's CRS as WKT; None = no CRS (written as ``"crs": null``).
+        crs_wkt: the layer's CRS as WKT (or any input pyproj reads); None = no CRS (written as
+            ``"crs": null``).
         bbox: ``[xmin, ymin, xmax, ymax]`` of every geometry in the file, layer CRS; None when
             the file holds no rows.
     """
@@ -135,7 +136,7 @@ def batch_table(batch: FeatureBatch, schema: pa.Schema | None = None) -> pa.Tabl
         raise ValueError(
             f"FeatureBatch columns {own.names[2:]} do not match the layer's {schema.names[2:]}"
         )
-    return pa.Table.from_arrays(arrays, schema=schema or own)
+    return pa.Table.from_arrays(arrays, schema=own if schema is None else schema)
 
 
 @dataclass
@@ -199,7 +200,12 @@ class GeoParquetWriter(VectorWriter):
             raise ValueError(f"layer name {layer!r} is not a plain file name")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / f".tmp-{os.getpid()}-{layer}.parquet"
-        writer = pq.ParquetWriter(tmp, schema, compression="zstd", write_statistics=True)
+        # store_schema=False: no ARROW:schema copy of the schema (written at open, before the
+        # ``geo`` metadata exists); Arrow readers (GeoPandas) then take the schema's metadata,
+        # ``geo`` included, from the file's key-value metadata. Every column type round-trips.
+        writer = pq.ParquetWriter(
+            tmp, schema, compression="zstd", write_statistics=True, store_schema=False
+        )
         state = _Layer(crs_wkt, schema, tmp, self.final_path(layer), writer)
         self._layers[layer] = state
         return state
