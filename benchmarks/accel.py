@@ -38,6 +38,7 @@ import torch
 from mgpr_run import run_mgpr
 from pipeline import benchmark_raster, cpu_name, raster_batch
 
+from mgpr.data.scaling import ValueScaler
 from mgpr.models import build_model
 from mgpr.models.compile import compile_adapter
 from mgpr.run.accel import COMPILE_MODE
@@ -82,7 +83,7 @@ def compute_alone(
             torch.inference_mode(),
             torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
         ):
-            adapter.forward(adapter.prepare(x))
+            adapter.forward(adapter.prepare(ValueScaler()(x)))
         sync(device)
 
     start = time.perf_counter()
@@ -186,7 +187,7 @@ def agreement(tile: int) -> None:
     with torch.inference_mode():
         fp32 = eager.predict(tiles, tile)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            inputs = eager.prepare(tiles)
+            inputs = eager.prepare(ValueScaler()(tiles))
             bf16 = eager.postprocess(eager.forward(inputs), tile)
         comp = compiled.predict(tiles, tile)
     for key, other in (("bf16 vs fp32", bf16), ("compiled vs eager (fp32)", comp)):

@@ -30,6 +30,7 @@ from rasterio.windows import Window
 from torch.utils.data import DataLoader, Dataset
 
 from mgpr.data.dataset import TileDataset
+from mgpr.data.scaling import ValueScaler
 from mgpr.geo.raster import TileReader, check_bands, describe_raster
 from mgpr.geo.tiling import plan_tiles
 from mgpr.models import build_model
@@ -239,7 +240,7 @@ def compute_alone(name: str, tile: int, batch: int, seconds: float, bf16: bool, 
 
     def step() -> None:
         with torch.inference_mode(), ctx():
-            adapter.forward(adapter.prepare(x))
+            adapter.forward(adapter.prepare(ValueScaler()(x)))
         if device.type == "cuda":
             torch.cuda.synchronize()
 

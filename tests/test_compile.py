@@ -18,6 +18,7 @@ from conftest import run_mgpr_inprocess
 from torchvision.models.resnet import BasicBlock, ResNet
 
 from mgpr.conf.load import load_config
+from mgpr.data.scaling import ValueScaler
 from mgpr.errors import ConfigError
 from mgpr.models import build_model
 from mgpr.models.classification import ImageNetClassifierAdapter
@@ -138,11 +139,11 @@ def test_compiled_classifier_agrees_with_eager_top1() -> None:
     eager = _small_resnet()
     x = _tiles(64, 6)
     with torch.inference_mode():
-        ref = eager.forward(eager.prepare(x)).float()
+        ref = eager.forward(eager.prepare(ValueScaler()(x))).float()
     compiled = _small_resnet()
     outcome = compile_adapter(compiled, requested="true", mode=None, reason="test")
     with torch.inference_mode():
-        got = compiled.forward(compiled.prepare(x)).float()
+        got = compiled.forward(compiled.prepare(ValueScaler()(x))).float()
     assert outcome.used == "compiled", outcome.reason
     assert torch.equal(ref.argmax(1), got.argmax(1))
     assert (ref.softmax(1) - got.softmax(1)).abs().max().item() < 1e-3
@@ -194,8 +195,8 @@ def test_compiled_resnet50_agrees_with_eager_top1() -> None:
     x = _tiles(64, 4)
     outcome = compile_adapter(compiled, requested="true", mode=None, reason="test")
     with torch.inference_mode():
-        ref = eager.forward(eager.prepare(x)).float()
-        got = compiled.forward(compiled.prepare(x)).float()
+        ref = eager.forward(eager.prepare(ValueScaler()(x))).float()
+        got = compiled.forward(compiled.prepare(ValueScaler()(x))).float()
     assert outcome.used == "compiled", outcome.reason
     assert torch.equal(ref.argmax(1), got.argmax(1))
 

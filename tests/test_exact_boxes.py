@@ -19,6 +19,7 @@ from torchvision.models.detection import fasterrcnn_resnet50_fpn
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import box_iou
 
+from mgpr.data.scaling import ValueScaler
 from mgpr.models import Detections, build_model
 from mgpr.testimage import TestImageSpec, render_block
 
@@ -104,7 +105,7 @@ def test_fasterrcnn_bf16_boxes_are_not_quantised_at_1024_px() -> None:
     adapter = build_model("fasterrcnn", "none", tile_size=1024, score_threshold=0.0)
     strip = torch.from_numpy(render_block(SPEC, 0, 0, 64, 1024))[None]
     with torch.inference_mode(), _bf16():
-        inputs = adapter.prepare(strip)
+        inputs = adapter.prepare(ValueScaler()(strip))
         ours = adapter.forward(inputs)[0]["boxes"]
         theirs = adapter.module(inputs)[0]["boxes"]  # torchvision's own forward
     assert ours.dtype == torch.float32
@@ -120,7 +121,7 @@ def test_fasterrcnn_bf16_agrees_with_fp32_seeded_checkpoint(seeded_checkpoint: P
     adapter = build_model("fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0)
     tiles = torch.from_numpy(np.stack([render_block(SPEC, 0, c, 128, 128) for c in (0, 128)]))
     with torch.inference_mode():
-        inputs = adapter.prepare(tiles)
+        inputs = adapter.prepare(ValueScaler()(tiles))
         fp32 = adapter.postprocess(adapter.forward(inputs), 128)
         with _bf16():
             bf16 = adapter.postprocess(adapter.forward(inputs), 128)

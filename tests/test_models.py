@@ -16,6 +16,7 @@ from torchvision.models import ResNet50_Weights, resnet18
 from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
 
 import mgpr.models.weights as weights_mod
+from mgpr.data.scaling import ValueScaler
 from mgpr.errors import ConfigError, MgprError, ModelError
 from mgpr.models import (
     KNOWN_MODELS,
@@ -121,7 +122,7 @@ def test_resnet50_random_weights_topk() -> None:
     assert adapter.categories == tuple(ResNet50_Weights.DEFAULT.meta["categories"])
     images = _tiles()
     with torch.inference_mode():
-        x = adapter.prepare(images)
+        x = adapter.prepare(ValueScaler()(images))
         assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
         mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
         std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -254,7 +255,7 @@ def test_fasterrcnn_native_resolution(fasterrcnn_native: ModelAdapter) -> None:
     transform = adapter.module.transform  # type: ignore[union-attr]
     assert tuple(transform.min_size) == (128,) and transform.max_size == 128
     with torch.inference_mode():
-        inputs = adapter.prepare(_tiles(b=1, size=128))
+        inputs = adapter.prepare(ValueScaler()(_tiles(b=1, size=128)))
         assert inputs[0].dtype == torch.float32 and float(inputs[0].max()) <= 1.0
         (det,) = adapter.postprocess(adapter.forward(inputs), 128)
     assert isinstance(det, Detections)

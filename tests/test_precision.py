@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import mgpr.run.precision as predict
+from mgpr.data.scaling import ValueScaler
 from mgpr.models import build_model
 from mgpr.testimage import TestImageSpec, render_block
 
@@ -38,7 +39,7 @@ def test_bf16_autocast_agrees_with_fp32_resnet50() -> None:
     )
     x = torch.from_numpy(tiles)
     with torch.inference_mode():
-        inputs = adapter.prepare(x)
+        inputs = adapter.prepare(ValueScaler()(x))
         p32 = adapter.forward(inputs).float().softmax(1)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             p16 = adapter.forward(inputs).float().softmax(1)

@@ -219,12 +219,17 @@ def check_cpus(env: Mapping[str, str], workers: int | None) -> list[Finding]:
 
 
 def check_shared_memory(
-    workers: int | None, batch_size: int | None, tile_size: int | None, path: str | None = None
+    workers: int | None,
+    batch_size: int | None,
+    tile_size: int | None,
+    path: str | None = None,
+    bytes_per_px: int = 3,
 ) -> list[Finding]:
-    """Free /dev/shm against what the rank's DataLoader batch buffers may hold (RGB tiles).
+    """Free /dev/shm against what the rank's DataLoader batch buffers may hold.
 
     Workers hand batches to their rank through shared memory; when it runs out a worker dies of
-    SIGBUS mid-run. Unset options take the run's defaults.
+    SIGBUS mid-run. Unset options take the run's defaults. ``bytes_per_px``: bands x carrier
+    itemsize (3 for uint8 RGB, 8 for a uint16 4-band raster).
     """
     from mgpr.conf.schema import PredictConfig
     from mgpr.data.batch_pool import SHM_PATH, shared_memory_free, shared_memory_need
@@ -239,7 +244,7 @@ def check_shared_memory(
     free = shared_memory_free(where)
     if free is None:
         return [Finding(Status.OK, "shared memory", f"no {where} here (not Linux): not checked")]
-    need = shared_memory_need(workers, batch_size, 3 * tile_size * tile_size)
+    need = shared_memory_need(workers, batch_size, bytes_per_px * tile_size * tile_size)
     setting = f"workers={workers}, batch_size={batch_size}, tile_size={tile_size}"
     found = (
         f"{where} has {free / 2**30:.2f} GiB free; {setting} may need up to {need / 2**30:.2f} GiB"

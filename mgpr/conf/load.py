@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -254,11 +255,58 @@ def _check_ranges(cfg: PredictConfig) -> None:
             f"output_format={cfg.output_format!r} is not supported; "
             f"use one of {', '.join(OUTPUT_FORMATS)}"
         )
+    cfg.value_range = check_value_range(cfg.value_range)
     if cfg.bands is not None:
         if len(cfg.bands) == 0 or any(b < 1 for b in cfg.bands):
             raise ConfigError(
                 f"bands={cfg.bands} is invalid: band indexes are 1-based, e.g. bands=[1,2,3]"
             )
+
+
+_VALUE_RANGE_FIX = (
+    "write value_range=[lo,hi] (all bands, e.g. [0,3000]), value_range=[[lo,hi],[lo,hi],...] "
+    "(one pair per band) or value_range=auto"
+)
+
+
+def _number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_value_range(value: object) -> str | list[list[float]] | None:
+    """``value_range`` as None, ``"auto"`` or ``[[lo, hi], ...]`` (one pair = every band).
+
+    Raises:
+        ConfigError: anything else, or a pair with ``lo >= hi``; one line with the fix.
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return "auto"
+        raise ConfigError(f"value_range={value!r} is not a range; {_VALUE_RANGE_FIX}")
+    if not isinstance(value, list | tuple) or not value:
+        raise ConfigError(f"value_range={value!r} is not a range; {_VALUE_RANGE_FIX}")
+    pairs = [value] if all(not isinstance(v, list | tuple) for v in value) else list(value)
+    out = []
+    for pair in pairs:
+        if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(map(_number, pair)):
+            raise ConfigError(
+                f"value_range={_show(value)} is invalid: {_show(pair)} is not a [lo,hi] pair of "
+                f"finite numbers; {_VALUE_RANGE_FIX}"
+            )
+        lo, hi = float(pair[0]), float(pair[1])
+        if not lo < hi:
+            raise ConfigError(
+                f"value_range={_show(value)} is invalid: lo={pair[0]} must be below hi={pair[1]}; "
+                f"{_VALUE_RANGE_FIX}"
+            )
+        out.append([lo, hi])
+    return out
+
+
+def _show(value: object) -> str:
+    return str(value).replace(" ", "")
 
 
 #: String keys holding paths: their values are quoted for Hydra when they contain its syntax.

@@ -36,6 +36,11 @@ class PredictConfig:
     bands: list[int] | None = key(
         None, "1-based band indexes to read, e.g. [1,2,3]; default: all / model's"
     )
+    value_range: Any = key(
+        None,
+        "raw values -> model's [0,1]: [lo,hi] | [[lo,hi],...] per band | auto (2-98 %); "
+        "unset: uint8 [0,255], other dtypes refused",
+    )
     # tiling (pixels)
     tile_size: int = key(512, "tile edge in pixels; edge tiles are padded to this size")
     overlap: int = key(

@@ -60,10 +60,33 @@ NO_SLOT = -1
 """``batch["pool_slot"]`` of a batch in a fresh (unpooled) segment or made without workers."""
 
 
-def new_shared_uint8(numel: int) -> torch.Tensor:
-    """A flat uint8 tensor in a new shared-memory segment (what a worker would send anyway)."""
-    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(numel)
+def new_shared_bytes(nbytes: int) -> torch.Tensor:
+    """A flat uint8 tensor of ``nbytes`` in a new shared-memory segment.
+
+    What a worker would send anyway; view it as the sample dtype with :func:`as_dtype`.
+    """
+    storage = torch.empty(0, dtype=torch.uint8)._typed_storage()._new_shared(nbytes)
     return torch.empty(0, dtype=torch.uint8).new(storage)
+
+
+def as_dtype(buffer: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """The first ``prod(shape) * itemsize`` bytes of a flat uint8 ``buffer`` as ``dtype``, shaped.
+
+    The buffer starts a segment (page-aligned), so the view is aligned for any dtype.
+    """
+    numel = 1
+    for n in shape:
+        numel *= n
+    nbytes = numel * dtype.itemsize
+    return buffer[:nbytes].view(dtype).view(shape)
+
+
+def new_shared(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """A ``dtype`` tensor of ``shape`` in a new shared-memory segment, sized by itemsize."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    return as_dtype(new_shared_bytes(numel * dtype.itemsize), shape, dtype)
 
 
 class SharedBatchPool:
@@ -90,7 +113,7 @@ class SharedBatchPool:
         # Per worker: [batches from a pooled slot, batches in a fresh segment]; for tests and
         # benchmarks (is reuse happening?), written by workers, read by the main process.
         self.counts = torch.zeros((workers, 2), dtype=torch.int64).share_memory_()
-        self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat uint8 buffer
+        self._buffers: dict[int, torch.Tensor] = {}  # worker side: slot -> flat byte buffer
         self._pending: list[tuple[int, StorageWeakRef]] = []  # main side: slots handed out
         self._mapped: dict[int, torch.UntypedStorage] = {}  # main side: slot -> its mapping
         self._pending_mapped: list[int] = []  # main side: mapped slots handed out
@@ -107,27 +130,32 @@ class SharedBatchPool:
         return state
 
     # ---------------------------------------------------------------- worker side
-    def acquire(self, worker_id: int, shape: tuple[int, ...]) -> tuple[torch.Tensor, int]:
-        """A uint8 tensor of ``shape`` in shared memory and its slot (:data:`NO_SLOT`: fresh).
+    def acquire(
+        self, worker_id: int, shape: tuple[int, ...], dtype: torch.dtype = torch.uint8
+    ) -> tuple[torch.Tensor, int]:
+        """A ``dtype`` tensor of ``shape`` in shared memory and its slot (:data:`NO_SLOT`: fresh).
 
-        Call from worker ``worker_id`` only; the tensor's contents are undefined.
+        Slots are byte buffers, sized by ``numel * dtype.itemsize``: a uint16 batch takes twice
+        the bytes of a uint8 one of the same shape. Call from worker ``worker_id`` only; the
+        tensor's contents are undefined.
         """
         numel = 1
         for n in shape:
             numel *= n
+        nbytes = numel * dtype.itemsize
         first = worker_id * self.slots_per_worker
         for slot in range(first, first + self.slots_per_worker):
             if int(self.in_use[slot]) != 0:
                 continue
             buffer = self._buffers.get(slot)
-            if buffer is None or buffer.numel() < numel:
-                buffer = new_shared_uint8(numel)
+            if buffer is None or buffer.numel() < nbytes:
+                buffer = new_shared_bytes(nbytes)
                 self._buffers[slot] = buffer
             self.in_use[slot] = 1
             self.counts[worker_id, 0] += 1
-            return buffer[:numel].view(shape), slot
+            return as_dtype(buffer, shape, dtype), slot
         self.counts[worker_id, 1] += 1
-        return new_shared_uint8(numel).view(shape), NO_SLOT
+        return new_shared(shape, dtype), NO_SLOT
 
     # ---------------------------------------------------------------- main side
     def track(self, batch: Any) -> None:
@@ -194,7 +222,14 @@ class SharedBatchPool:
 def shared_memory_need(
     workers: int, batch_size: int, sample_bytes: int, prefetch_factor: int = PREFETCH_FACTOR
 ) -> int:
-    """Bytes of shared memory a rank's pool may hold at most: every slot of every worker full."""
+    """Bytes of shared memory a rank's pool may hold at most: every slot of every worker full.
+
+    Args:
+        workers: DataLoader workers of the rank.
+        batch_size: tiles per batch.
+        sample_bytes: bytes of one tile, ``bands * tile_size**2 * itemsize`` of the carrier.
+        prefetch_factor: batches each worker keeps ready.
+    """
     return workers * (prefetch_factor + EXTRA_SLOTS) * batch_size * sample_bytes
 
 

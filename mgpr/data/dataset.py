@@ -4,8 +4,10 @@ The tile plan and :func:`shard_tiles` act as the sampler (pure lists of tiles pe
 already subtracted); the datasets only map a position in that list to a sample. A sample is a
 dict:
 
-* ``image``: ``(C, tile_size, tile_size)`` uint8 tensor, CPU (pinned by the DataLoader on GPU
-  runs); never converted to float on the CPU.
+* ``image``: ``(C, tile_size, tile_size)`` tensor of the reader's carrier dtype (uint8 for
+  8-bit rasters; uint16, int16, int32, int64 or float32 holding other rasters' values exactly),
+  CPU (pinned by the DataLoader on GPU runs); never scaled on the CPU
+  (:mod:`mgpr.data.scaling` does that on the device).
 * ``index``: int64, the tile's position in the rank's tile list: the tile id travels inside the
   batch, so nothing relies on Lightning's ``batch_indices`` (wrong under DDP).
 * ``status``: int64, :data:`STATUS_OK`, :data:`STATUS_EMPTY` (all nodata: the model is not run)
@@ -30,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from mgpr.data.batch_pool import NO_SLOT, SharedBatchPool, new_shared_uint8
+from mgpr.data.batch_pool import NO_SLOT, SharedBatchPool, new_shared
 from mgpr.geo.raster import TileReader
 from mgpr.geo.tiling import Tile
 
@@ -79,6 +81,8 @@ class TileDataset(Dataset[dict[str, Any]]):
         self.reader = reader
         self.check_mask_paths = set(check_mask_paths)
         self.bands = {p: len(b) for p, b in reader.bands_by_path.items()}
+        #: torch dtype of every sample (the reader's carrier)
+        self.dtype = torch.from_numpy(np.empty(0, dtype=reader.carrier)).dtype
         #: set by :class:`mgpr.data.batch_pool.TileLoader` before its workers fork
         self.batch_pool: SharedBatchPool | None = None
 
@@ -90,18 +94,18 @@ class TileDataset(Dataset[dict[str, Any]]):
         return [self.bands[t.id.path] for t in self.tiles]
 
     def sample_bytes(self) -> int:
-        """Bytes of the largest tile (uint8, most bands): sizes shared-memory needs."""
-        return max(self.bands.values(), default=0) * self.reader.tile_size**2
+        """Bytes of the largest tile (most bands, carrier itemsize): sizes shared-memory needs."""
+        return max(self.bands.values(), default=0) * self.reader.tile_size**2 * self.dtype.itemsize
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         tile = self.tiles[index]
         size = self.reader.tile_size
-        image = torch.empty((self.bands[tile.id.path], size, size), dtype=torch.uint8)
+        image = torch.empty((self.bands[tile.id.path], size, size), dtype=self.dtype)
         status, reason = self._fill(index, image.numpy())
         return _sample(image, index, status, reason)
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
-        """A whole batch, each tile decoded straight into one ``(B, C, H, W)`` uint8 tensor.
+        """A whole batch, each tile decoded straight into one ``(B, C, H, W)`` carrier tensor.
 
         The DataLoader's fetcher calls this instead of ``__getitem__`` per index. Inside a
         worker the batch lives in shared memory from the start, so neither ``torch.stack`` in
@@ -124,11 +128,11 @@ class TileDataset(Dataset[dict[str, Any]]):
         worker = torch.utils.data.get_worker_info()
         slot = NO_SLOT
         if worker is not None and self.batch_pool is not None:
-            images, slot = self.batch_pool.acquire(worker.id, shape)
+            images, slot = self.batch_pool.acquire(worker.id, shape, self.dtype)
         elif worker is not None:
-            images = new_shared_uint8(shape[0] * shape[1] * shape[2] * shape[3]).view(shape)
+            images = new_shared(shape, self.dtype)
         else:
-            images = torch.empty(shape, dtype=torch.uint8)
+            images = torch.empty(shape, dtype=self.dtype)
         array = images.numpy()
         status = np.empty(len(indices), dtype=np.int64)
         reasons = []

@@ -6,8 +6,10 @@ Two jobs, no Lightning and no torch (``input_path`` becomes raster paths in
 * :func:`describe_raster` reads each raster's header once into a picklable :class:`RasterInfo`
   (size, bands, CRS, transform, nodata handling).
 * :class:`TileReader` is what a DataLoader worker holds: it opens each raster lazily, once per
-  process, and reads a tile's window as a uint8 ``(C, H, W)`` numpy array, padded with zeros past
-  the raster's edge. Handles never cross a pickle boundary (``spawn`` workers re-open them).
+  process, and reads a tile's window as a ``(C, H, W)`` numpy array in the run's carrier dtype
+  (:func:`mgpr.geo.values.carrier_dtype`: the raster's values exactly, never clipped), padded
+  with zeros past the raster's edge. Handles never cross a pickle boundary (``spawn`` workers
+  re-open them).
 
 GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio untouched.
 """
@@ -18,7 +20,7 @@ import contextlib
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +44,7 @@ class RasterInfo:
         height: rows in pixels.
         width: columns in pixels.
         count: number of bands.
-        dtype: numpy dtype name of band 1 (mgpr reads ``uint8``).
+        dtype: numpy dtype name of band 1 (see :data:`mgpr.geo.values.CARRIERS` for those read).
         crs_wkt: the CRS as WKT, or None when the raster has no CRS (pixel coordinates then).
         transform: pixel-corner affine transform, raster pixels -> map coordinates (x, y).
         nodata: the nodata value, or None.
@@ -51,6 +53,8 @@ class RasterInfo:
         block_shape: internal block (rows, cols) of band 1.
         file_bytes: size on disk (None for non-local GDAL paths).
         mtime: modification time, seconds since the epoch (None for non-local paths).
+        scales: GDAL scale per band (``physical = raw * scale + offset``); empty = all 1.
+        offsets: GDAL offset per band; empty = all 0.
     """
 
     path: str
@@ -65,6 +69,8 @@ class RasterInfo:
     block_shape: tuple[int, int]
     file_bytes: int | None
     mtime: float | None
+    scales: tuple[float, ...] = ()
+    offsets: tuple[float, ...] = ()
 
     @property
     def crs_label(self) -> str:
@@ -100,6 +106,8 @@ def describe_raster(path: str) -> RasterInfo:
                 block_shape=tuple(src.block_shapes[0]),
                 file_bytes=os.path.getsize(path) if os.path.exists(path) else None,
                 mtime=os.path.getmtime(path) if os.path.exists(path) else None,
+                scales=_metadata_or_empty(src.scales, 1.0),
+                offsets=_metadata_or_empty(src.offsets, 0.0),
             )
     except rasterio.errors.RasterioIOError as exc:
         reason = str(exc).split("\n")[0]
@@ -107,13 +115,13 @@ def describe_raster(path: str) -> RasterInfo:
             f"{path!r} is not a readable raster ({reason}); "
             "check the file or remove it from input_path"
         ) from None
-    if info.dtype != "uint8":
-        log.warning(
-            "%s has dtype %s; mgpr reads uint8 orthomosaics, values are cast (clipped to 0..255)",
-            path,
-            info.dtype,
-        )
     return info
+
+
+def _metadata_or_empty(values: Sequence[float | None], neutral: float) -> tuple[float, ...]:
+    """Per-band GDAL scale or offset; ``()`` when every band has the neutral value."""
+    out = tuple(neutral if v is None else float(v) for v in values)
+    return () if all(v == neutral for v in out) else out
 
 
 @contextlib.contextmanager
@@ -180,16 +188,23 @@ def check_bands(info: RasterInfo, bands: list[int] | None, needed: int) -> list[
 
 
 class TileReader:
-    """Reads tiles as uint8 arrays, opening each raster once per process, lazily.
+    """Reads tiles into ``carrier`` arrays, opening each raster once per process, lazily.
+
+    ``carrier`` (a numpy dtype name, :func:`mgpr.geo.values.carrier_dtype` of the run's rasters)
+    holds every raster's values exactly: GDAL converts while decoding, so a uint8 raster read into
+    an int32 carrier costs no extra pass.
 
     The handle cache is keyed by path and by process id: a reader copied into a forked worker
     re-opens its files instead of sharing the parent's GDAL handles, and pickling (``spawn``
     workers) drops the handles entirely.
     """
 
-    def __init__(self, bands_by_path: dict[str, list[int]], tile_size: int) -> None:
+    def __init__(
+        self, bands_by_path: dict[str, list[int]], tile_size: int, carrier: str = "uint8"
+    ) -> None:
         self.bands_by_path = dict(bands_by_path)
         self.tile_size = tile_size
+        self.carrier = np.dtype(carrier)
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
         self._env: Any = None
@@ -241,22 +256,23 @@ class TileReader:
         return not bool(mask.any())
 
     def read(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
-        """Read a tile as ``(C, tile_size, tile_size)`` uint8, zero-padded past the raster edge.
+        """Read a tile as ``(C, tile_size, tile_size)`` carrier values, zero-padded past the edge.
 
         Args:
             tile: the tile.
-            out: optional C-contiguous ``(C, tile_size, tile_size)`` uint8 array to decode into
-                (e.g. one slot of a batch in shared memory: no copy afterwards); returned.
+            out: optional C-contiguous ``(C, tile_size, tile_size)`` array of the carrier dtype to
+                decode into (e.g. one slot of a batch in shared memory: no copy afterwards);
+                returned.
         """
         src = self._open(tile.id.path)
         bands = self.bands_by_path[tile.id.path]
         size = self.tile_size
         if out is None:
-            out = np.empty((len(bands), size, size), dtype=np.uint8)
+            out = np.empty((len(bands), size, size), dtype=self.carrier)
         if tile.valid_height == size and tile.valid_width == size:
             src.read(indexes=bands, window=tile_window(tile), out=out)
             return out
         out[...] = 0
-        part = src.read(indexes=bands, window=valid_window(tile), out_dtype="uint8")
+        part = src.read(indexes=bands, window=valid_window(tile), out_dtype=out.dtype)
         out[:, : tile.valid_height, : tile.valid_width] = part
         return out

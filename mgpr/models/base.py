@@ -2,8 +2,9 @@
 
 A :class:`ModelAdapter` splits inference into three steps so the pipeline can place each one:
 
-1. :meth:`ModelAdapter.prepare`: ``(B, C, H, W)`` uint8 tiles already ON THE DEVICE -> model input
-   (float, normalised on the device; nothing is converted on the CPU).
+1. :meth:`ModelAdapter.prepare`: ``(B, C, H, W)`` float32 tiles in [0, 1], already ON THE DEVICE
+   (the pipeline scaled the raster's values there with ``value_range``,
+   :mod:`mgpr.data.scaling`) -> model input (the model's own normalisation only).
 2. :meth:`ModelAdapter.forward`: the network itself (run under ``inference_mode``/autocast by the
    caller).
 3. :meth:`ModelAdapter.postprocess`: raw output -> one plain record per tile on the CPU, in TILE
@@ -28,6 +29,10 @@ from mgpr.errors import ModelError
 #: What a model produces per tile.
 Task = Literal["classification", "detection"]
 TASKS: tuple[str, ...] = get_args(Task)
+#: What :meth:`ModelAdapter.prepare` receives: ``unit`` = float32 in [0, 1] (``value_range``
+#: applied), ``raw`` = float32 native raster values, unscaled.
+InputRange = Literal["unit", "raw"]
+INPUT_RANGES: tuple[str, ...] = get_args(InputRange)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +108,7 @@ class Classification:
 
 
 class ModelAdapter(abc.ABC):
-    """A network plus the glue that feeds it uint8 tiles and turns its output into records.
+    """A network plus the glue that feeds it scaled tiles and turns its output into records.
 
     Attributes:
         name: ``"resnet50"``, ``"fasterrcnn"``, ``"reference"``, ``"null"``, or the import path
@@ -120,7 +125,11 @@ class ModelAdapter(abc.ABC):
             ``"ResNet50_Weights.IMAGENET1K_V2"``, ``"file:<abs path>#sha256:<first 16 hex>"``,
             or for a user model the weights string it was given.
         module: the network, in eval mode with gradients off; the caller moves it to the device.
+        input_range: ``"unit"`` (default): :meth:`prepare` gets float32 in [0, 1]; ``"raw"``: it
+            gets float32 native values (uint16 counts, reflectance, ...), no ``value_range``.
     """
+
+    input_range: InputRange = "unit"
 
     name: str
     task: Task
@@ -158,10 +167,16 @@ class ModelAdapter(abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, images: torch.Tensor) -> Any:
-        """Turn a batch of uint8 tiles into the network's input, on the device.
+        """Turn a batch of scaled tiles into the network's input, on the device.
+
+        The contract: the pipeline has already mapped the raster's values to [0, 1] on the
+        device (``value_range``; uint8 rasters by default ``x / 255``, the same floats as before
+        this contract), so ``prepare`` applies only the model's own normalisation (ImageNet
+        mean/std, ...) and layout. It may modify ``images`` in place (it is a fresh tensor).
 
         Args:
-            images: (B, C, H, W) uint8, already on the device the module lives on.
+            images: (B, C, H, W) float32 in [0, 1] (``input_range = "raw"``: native values),
+                already on the device the module lives on.
 
         Returns:
             The network's input (float32 for the torchvision models; autocast casts it further).
@@ -203,9 +218,12 @@ class ModelAdapter(abc.ABC):
         """Run prepare, forward and postprocess in one call (tests, notebooks; no autocast).
 
         Args:
-            images: (B, C, H, W) uint8 on the module's device.
+            images: (B, C, H, W) on the module's device: uint8 (scaled by the uint8 default
+                [0, 255] first, as a run does) or float32 already in the adapter's input range.
             tile_size: tile edge in pixels.
         """
+        if images.dtype == torch.uint8:
+            images = images.to(torch.float32).div_(255.0)
         return self.postprocess(self.forward(self.prepare(images)), tile_size)
 
     def __repr__(self) -> str:
@@ -213,6 +231,7 @@ class ModelAdapter(abc.ABC):
             f"{type(self).__name__}(name={self.name!r}, task={self.task!r}, "
             f"categories={'None' if self.categories is None else len(self.categories)}, "
             f"in_bands={self.in_bands}, random_weights={self.random_weights}, "
+            f"input_range={self.input_range!r}, "
             f"weights_id={self.weights_id!r})"
         )
 

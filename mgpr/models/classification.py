@@ -1,4 +1,4 @@
-"""ResNet-50 tile classifier (torchvision), fed uint8 tiles normalised on the device."""
+"""ResNet-50 tile classifier (torchvision), fed [0, 1] tiles normalised on the device."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 class ImageNetClassifierAdapter(ModelAdapter):
     """A torchvision ImageNet-style CNN classifier: (B, 3, H, W) -> (B, K) logits.
 
-    ``prepare`` converts uint8 to float32 on the device as ``(x / 255 - mean) / std`` per band,
-    in channels_last layout (the memory format cuDNN's convolutions prefer; the module is
+    ``prepare`` normalises the scaled float32 [0, 1] tiles on the device as ``(x - mean) / std``
+    per band, in channels_last layout (the memory format cuDNN's convolutions prefer; the module is
     converted too). Tiles are not resized: a 512 px tile is classified at 512 px, which keeps the
     ground sample distance; ImageNet models were trained at 224 px, so objects look smaller
     to them than in their training data.
@@ -47,32 +47,30 @@ class ImageNetClassifierAdapter(ModelAdapter):
             module=module.to(memory_format=torch.channels_last),
         )
         self.topk = topk
-        # (x/255 - mean)/std == x * scale - shift; two in-place ops on the device.
-        self._scale = torch.tensor([1.0 / (255.0 * s) for s in std]).view(1, -1, 1, 1)
-        self._shift = torch.tensor([m / s for m, s in zip(mean, std, strict=True)]).view(
-            1, -1, 1, 1
-        )
+        # (x - mean) / std as two in-place ops on the device.
+        self._mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self._std = torch.tensor(std).view(1, -1, 1, 1)
         self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         pair = self._constants.get(device)
         if pair is None:  # once per device, not per batch
-            pair = (self._scale.to(device), self._shift.to(device))
+            pair = (self._mean.to(device), self._std.to(device))
             self._constants[device] = pair
         return pair
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Normalise uint8 tiles on their device.
+        """Normalise scaled tiles on their device.
 
         Args:
-            images: (B, 3, H, W) uint8 on the device.
+            images: (B, 3, H, W) float32 in [0, 1] on the device (may be changed in place).
 
         Returns:
-            (B, 3, H, W) float32, channels_last, ``(x / 255 - mean) / std``.
+            (B, 3, H, W) float32, channels_last, ``(x - mean) / std``.
         """
-        scale, shift = self._on(images.device)
-        x = images.contiguous(memory_format=torch.channels_last).to(torch.float32)
-        return x.mul_(scale).sub_(shift)
+        mean, std = self._on(images.device)
+        x = images.contiguous(memory_format=torch.channels_last)
+        return x.sub_(mean).div_(std)
 
     def postprocess(self, raw: Any, tile_size: int) -> list[Classification]:
         """Softmax over (B, K) logits, keep the ``topk`` best classes per tile (best first)."""

@@ -6,9 +6,11 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
 
 * A returned :class:`~mgpr.models.base.ModelAdapter` is used as is.
 * A returned ``torch.nn.Module`` is wrapped (:class:`ModuleAdapter`): it gets (B, C, H, W)
-  float32 tiles in [0, 1] on the device and must return either a (B, K) tensor of class logits
-  (-> classification: softmax, top-k) or a list of B dicts with ``boxes`` (N, 4) xyxy in tile
-  pixels, ``scores`` (N,) and ``labels`` (N,) (-> detection, torchvision style).
+  float32 tiles in [0, 1] on the device (``value_range`` applied; a module attribute
+  ``input_range = "raw"`` asks for float32 native raster values instead) and must return
+  either a (B, K) tensor of class logits (-> classification: softmax, top-k) or a list of B
+  dicts with ``boxes`` (N, 4) xyxy in tile pixels, ``scores`` (N,) and ``labels`` (N,)
+  (-> detection, torchvision style).
   Optional attributes on the module steer the wrapper: ``task`` (``"classification"`` or
   ``"detection"``; without it one probe forward on a zero tile on the CPU decides),
   ``categories`` (names by class id), ``in_bands`` (else the first Conv2d's ``in_channels``, else
@@ -29,6 +31,7 @@ import torch
 
 from mgpr.errors import ModelError
 from mgpr.models.base import (
+    INPUT_RANGES,
     TASKS,
     Classification,
     Detections,
@@ -157,6 +160,13 @@ class ModuleAdapter(ModelAdapter):
             weights_id=weights,
             module=module,
         )
+        input_range = getattr(module, "input_range", "unit")
+        if input_range not in INPUT_RANGES:
+            raise ModelError(
+                f"model={name} has input_range={input_range!r}; set it to 'unit' (float32 in "
+                "[0, 1], value_range applied) or 'raw' (float32 native raster values)."
+            )
+        self.input_range = input_range
         self.topk = topk
         self.score_threshold = score_threshold
         self._backbone: Callable[[torch.Tensor], Any] | None = None
@@ -203,8 +213,8 @@ class ModuleAdapter(ModelAdapter):
         return kind
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) uint8 on the device -> (B, C, H, W) float32 in [0, 1], same device."""
-        return images.to(torch.float32).div_(255.0)
+        """Pass the scaled (B, C, H, W) float32 tiles (in [0, 1], or raw values) to the module."""
+        return images
 
     def postprocess(self, raw: Any, tile_size: int) -> list[Detections] | list[Classification]:
         """Softmax/top-k for (B, K) logits, or dicts -> :class:`Detections` (score threshold)."""

@@ -68,9 +68,9 @@ class TorchvisionDetectorAdapter(ModelAdapter):
     """A torchvision ``GeneralizedRCNN`` detector: list of (C, H, W) float [0, 1] -> list of dicts.
 
     The model normalises (ImageNet mean/std) and resizes inside its own
-    ``GeneralizedRCNNTransform``, on whatever device it runs on, so ``prepare`` only divides by
-    255 on the device. Boxes come back in the input tile's pixel coordinates whatever the
-    internal resize was, computed in float32 whatever the precision of the backbone
+    ``GeneralizedRCNNTransform``, on whatever device it runs on, so ``prepare`` only splits the
+    scaled [0, 1] batch into tiles. Boxes come back in the input tile's pixel coordinates whatever
+    the internal resize was, computed in float32 whatever the precision of the backbone
     (:func:`exact_box_forward`).
     """
 
@@ -112,15 +112,15 @@ class TorchvisionDetectorAdapter(ModelAdapter):
         self._backbone = compiler(self.module.backbone)
 
     def prepare(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Scale uint8 tiles to [0, 1] on their device.
+        """Split the scaled batch into the list torchvision's detectors take.
 
         Args:
-            images: (B, 3, H, W) uint8 on the device.
+            images: (B, 3, H, W) float32 in [0, 1] on the device.
 
         Returns:
             B tensors (3, H, W) float32 in [0, 1] (views of one batched tensor).
         """
-        return list(images.to(torch.float32).div_(255.0).unbind(0))
+        return list(images.unbind(0))
 
     def postprocess(self, raw: Any, tile_size: int) -> list[Detections]:
         """Move boxes/scores/labels to the CPU, keeping ``score >= score_threshold``.

@@ -1,7 +1,8 @@
 """The null model: near-zero compute, for measuring the pipeline's own overhead.
 
-Each tile is "classified" into one class, ``mean_brightness``, with score = mean pixel value / 255
-over all bands (on a 1-in-64 pixel grid), computed on the device. A run with ``model=null`` shows
+Each tile is "classified" into one class, ``mean_brightness``, with score = mean scaled value (in
+[0, 1]: value_range applied; uint8: value / 255) over all bands (on a 1-in-64 pixel grid),
+computed on the device. A run with ``model=null`` shows
 how fast reading,
 transfer, writing and the report go when the network costs nothing.
 """
@@ -18,10 +19,10 @@ from mgpr.models.weights import require_no_weights
 
 
 class MeanBrightness(torch.nn.Module):
-    """(B, C, H, W) uint8 -> (B,) float32 mean value / 255, in [0, 1].
+    """(B, C, H, W) float32 in [0, 1] -> (B,) float32 mean value, in [0, 1].
 
     The mean is taken over every 8th row and column (1 pixel in 64): a full-resolution
-    uint8 -> float reduction costs ~7 ms per batch of eight 512 px tiles on a CPU core, which
+    reduction costs ~7 ms per batch of eight 512 px tiles on a CPU core, which
     is not "near zero" next to the pipeline being measured; the subsample costs ~0.15 ms.
     On a CPU the mean is numpy's (one thread): torch would wake its intra-op threads for it,
     and with the DataLoader workers busy on every core the main process then waited several ms
@@ -32,12 +33,11 @@ class MeanBrightness(torch.nn.Module):
     stride_px = 8
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Return the per-tile mean over bands and a 1-in-64 pixel grid, divided by 255."""
+        """Return the per-tile mean over bands and a 1-in-64 pixel grid."""
         sub = images[:, :, :: self.stride_px, :: self.stride_px]
         if sub.device.type == "cpu":
-            means = sub.numpy().mean(axis=(1, 2, 3), dtype=np.float32)
-            return torch.from_numpy(means / np.float32(255.0))
-        return sub.mean(dim=(1, 2, 3), dtype=torch.float32) / 255.0
+            return torch.from_numpy(sub.numpy().mean(axis=(1, 2, 3), dtype=np.float32))
+        return sub.mean(dim=(1, 2, 3), dtype=torch.float32)
 
 
 class NullAdapter(ModelAdapter):
@@ -55,11 +55,11 @@ class NullAdapter(ModelAdapter):
         )
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Pass the (B, C, H, W) uint8 tiles through unchanged."""
+        """Pass the scaled (B, C, H, W) float32 tiles through unchanged."""
         return images
 
     def postprocess(self, raw: Any, tile_size: int) -> list[Classification]:
-        """One :class:`Classification` per tile: class 0 with score = mean / 255."""
+        """One :class:`Classification` per tile: class 0 with score = the mean scaled value."""
         scores = raw.float().cpu().numpy().astype(np.float32, copy=False)
         return [
             Classification(class_ids=np.zeros(1, np.int64), scores=scores[i : i + 1])

@@ -1,9 +1,11 @@
 """The reference detector: finds bright rectangles, for checking the pipeline end to end.
 
 This is NOT a trained model and knows nothing about plants. It exists so a run over the
-project's synthetic test images (``mgpr-test-image``: background <= 200, planted objects >= 240
-in every band) has an exactly known answer, which lets tests check tiling, sharding,
-georeferencing and seam de-duplication without any weights.
+project's synthetic test images (``mgpr-test-image``: background <= 200/255 of the value range,
+planted objects >= 245/255 in every band, whatever the dtype) has an exactly known answer, which
+lets tests check tiling, sharding, georeferencing and seam de-duplication without any weights.
+It works on the scaled input (``value_range`` applied; bright = >= 230/255 in every band), so it
+runs on any dtype.
 """
 
 from __future__ import annotations
@@ -18,8 +20,11 @@ from mgpr.models.amp import fp32
 from mgpr.models.base import Detections, ModelAdapter
 from mgpr.models.weights import require_no_weights
 
-#: A pixel is "bright" when every band is >= this value (uint8).
-BRIGHT_THRESHOLD = 230
+#: A pixel is "bright" when every band is >= this share of its value range (scaled input in
+#: [0, 1]). 230/255 is the uint8 threshold the detector always had (x >= 230 <=> x / 255 >=
+#: 230/255 exactly in float32), so uint8 boxes are unchanged; test images put backgrounds at
+#: <= 200/255 = 0.78 and objects at >= 245/255 = 0.96 of the range, well clear of it.
+BRIGHT_THRESHOLD = 230 / 255
 #: Components with fewer pixels than this are dropped (noise).
 MIN_AREA_PX = 4
 #: Boxes kept per tile by default (the same default as Faster R-CNN's).
@@ -27,7 +32,7 @@ MAX_DETECTIONS = 100
 
 
 class BrightMask(torch.nn.Module):
-    """(B, C, H, W) uint8 -> (B, H, W) bool, True where ALL bands >= ``threshold``.
+    """(B, C, H, W) float in [0, 1] -> (B, H, W) bool, True where ALL bands >= ``threshold``.
 
     A real (if tiny) module so the pipeline can move it to the device like any network; the
     threshold is a buffer.
@@ -35,9 +40,9 @@ class BrightMask(torch.nn.Module):
 
     threshold: torch.Tensor
 
-    def __init__(self, threshold: int = BRIGHT_THRESHOLD) -> None:
+    def __init__(self, threshold: float = BRIGHT_THRESHOLD) -> None:
         super().__init__()
-        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.uint8))
+        self.register_buffer("threshold", torch.tensor(threshold, dtype=torch.float32))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Return the (B, H, W) bool mask of bright pixels (computed on the images' device)."""
@@ -59,7 +64,7 @@ class ReferenceDetectorAdapter(ModelAdapter):
         self,
         *,
         min_area_px: int = MIN_AREA_PX,
-        threshold: int = BRIGHT_THRESHOLD,
+        threshold: float = BRIGHT_THRESHOLD,
         max_detections: int = MAX_DETECTIONS,
     ) -> None:
         super().__init__(
@@ -80,7 +85,7 @@ class ReferenceDetectorAdapter(ModelAdapter):
             return self._network(inputs)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Pass the (B, C, H, W) uint8 tiles through unchanged (the mask is the forward pass)."""
+        """Pass the scaled (B, C, H, W) tiles through unchanged (the mask is the forward pass)."""
         return images
 
     def postprocess(self, raw: Any, tile_size: int) -> list[Detections]:

@@ -115,8 +115,13 @@ def finish_run(
     t_start: float,
     truth_path: Path | None,
     demo: bool,
+    value_ranges: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Merge, report and summarise (rank 0 only); returns the summary dict."""
+    """Merge, report and summarise (rank 0 only); returns the summary dict.
+
+    ``value_ranges``: each raster's :class:`~mgpr.geo.values.ValueRange` (None: raw values or
+    fake data), recorded as ``summary["values"]``.
+    """
     world = stats["world_size"]
     summary: dict[str, Any] = {
         "mgpr_version": _version("mgpr"),
@@ -173,6 +178,7 @@ def finish_run(
             failed_tiles=[{"tile": k, "reason": r} for k, r in merged.failed[:100]],
             duplicates_removed=merged.duplicates_removed,
             pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
+            values=describe_value_ranges(cfg, value_ranges),
         )
         if merged.failed:
             with open(run_dir / "failed_tiles.csv", "w", newline="") as fh:
@@ -197,6 +203,7 @@ def finish_run(
                     "height": r.height,
                     "width": r.width,
                     "bands": r.count,
+                    "dtype": r.dtype,
                     "crs": r.crs_label,
                 }
                 for r in rasters
@@ -216,6 +223,16 @@ def finish_run(
     write_json_atomic(run_dir / "summary.json", summary)
     _print_summary(summary, report_text)
     return summary
+
+
+def describe_value_ranges(cfg: PredictConfig, ranges: dict[str, Any] | None) -> dict[str, Any]:
+    """``summary["values"]``: the ``value_range`` key as given and each raster's resolved pairs."""
+    if ranges is None:
+        return {"value_range": "raw", "inputs": {}}
+    return {
+        "value_range": cfg.value_range,
+        "inputs": {p: {"source": vr.source, "range": vr.pairs()} for p, vr in ranges.items()},
+    }
 
 
 def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
@@ -291,6 +308,11 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
     if s.get("pixel_coordinates"):
         lines.append(f"  no CRS       {len(s['pixel_coordinates'])} input(s) in pixel coordinates")
+    values = s.get("values") or {}
+    if values.get("value_range") is not None:
+        first = next(iter(values["inputs"].values()), None)
+        shown = f", first input {first['range']}" if first else ""
+        lines.append(f"  values       value_range={values['value_range']}{shown}")
     if s.get("failed_tiles"):
         lines.append(
             f"  failed       see {s['run_dir']}/failed_tiles.csv; first: "

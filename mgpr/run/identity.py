@@ -17,12 +17,17 @@ def fingerprint(
     weights_id: str,
     rasters: Sequence[Any],
     bands: dict[str, list[int]],
+    value_ranges: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Everything that changes a tile's result: model, weights, tiling, inputs and bands.
+    """Everything that changes a tile's result: model, weights, tiling, inputs, bands, values.
 
     ``weights_sha256`` is the content hash of ``weights=`` when it names a local file (a custom
     model's checkpoint is otherwise known by its path only: overwriting the file must not resume
     with mixed weights); None for names such as ``DEFAULT`` or ``none``.
+
+    ``value_ranges`` (each raster's :class:`~mgpr.geo.values.ValueRange`; None = raw values):
+    the key as given and each raster's resolved ``[lo, hi]`` pairs, so a resume with another
+    range (or another ``auto`` result) is refused.
     """
     return {
         "model": model_name,
@@ -34,7 +39,14 @@ def fingerprint(
         "score_threshold": cfg.score_threshold,
         "max_detections": cfg.max_detections,
         "native_resolution": cfg.native_resolution,
-        "inputs": [_input_identity(r, bands[r.path]) for r in rasters],
+        "value_range": cfg.value_range if value_ranges is not None else "raw",
+        "inputs": [
+            {
+                **_input_identity(r, bands[r.path]),
+                "value_range": value_ranges[r.path].pairs() if value_ranges else "raw",
+            }
+            for r in rasters
+        ],
     }
 
 

@@ -1,7 +1,9 @@
-"""The LightningModule that runs a model adapter over batches of uint8 tiles.
+"""The LightningModule that runs a model adapter over batches of raw tiles.
 
 Per batch (``predict_step``): tiles flagged empty or failed by the dataset skip the model; the
-rest go through ``adapter.prepare`` (uint8 -> normalised float ON THE DEVICE), the network under
+rest are scaled ON THE DEVICE (:class:`~mgpr.data.scaling.ValueScaler`: carrier dtype ->
+float32 in [0, 1] by ``value_range``), go through ``adapter.prepare`` (the model's own
+normalisation), the network under
 Lightning's ``inference_mode`` and precision plugin (autocast), and ``adapter.postprocess`` into
 plain per-tile records in TILE pixel coordinates. The records are returned to the
 :class:`~mgpr.run.writer_callback.PredictionShardWriter` callback, which writes them to the rank's
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from mgpr.data.dataset import STATUS_OK
+from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import Classification, Detections, ModelAdapter
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
@@ -37,6 +40,8 @@ class InferenceModule(pl.LightningModule):
         on_stage: optional callback ``(stage_name, seconds)`` for the run report.
         compile_plan: compile the network in ``on_predict_start`` (once per rank); None = eager.
         batch_size: tiles per batch; a compiled network gets every batch padded to it.
+        scaler: raw tiles -> model input on the device; None = uint8 tiles in [0, 255] (fake
+            data), or raw values for an adapter with ``input_range = "raw"``.
     """
 
     def __init__(
@@ -47,8 +52,10 @@ class InferenceModule(pl.LightningModule):
         on_stage: Callable[[str, float], None] | None = None,
         compile_plan: CompilePlan | None = None,
         batch_size: int | None = None,
+        scaler: ValueScaler | None = None,
     ) -> None:
         super().__init__()
+        self.scaler = scaler or ValueScaler(raw=adapter.input_range == "raw")
         self.adapter = adapter
         self.net = adapter.module
         self.tiles = list(tiles) if tiles is not None else None
@@ -94,7 +101,7 @@ class InferenceModule(pl.LightningModule):
     def transfer_batch_to_device(
         self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
     ) -> dict[str, Any]:
-        """Move only the images (pinned uint8, non-blocking); ids and statuses stay on the host.
+        """Move only the images (pinned, carrier dtype, non-blocking); ids and statuses stay.
 
         Reading ``status``/``index`` back from a GPU would force a device sync on every batch.
         On CUDA the host batch is held until its copy is done: a registered pool buffer is
@@ -118,11 +125,12 @@ class InferenceModule(pl.LightningModule):
         ok = np.flatnonzero(status == STATUS_OK)
         results: list[Detections] | list[Classification] = []
         if len(ok):
-            x = (
-                images
-                if len(ok) == len(status)
-                else images[torch.as_tensor(ok, device=images.device)]
-            )
+            keep = None if len(ok) == len(status) else torch.as_tensor(ok, device=images.device)
+            paths = None
+            if self.tiles is not None and self.scaler.needs_paths:
+                positions = np.asarray(batch["index"])[ok]
+                paths = [self.tiles[i].id.path for i in positions.tolist()]
+            x = self.scaler(images, paths, keep)
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)

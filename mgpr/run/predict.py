@@ -153,7 +153,13 @@ def _predict_and_finish(
         # Inputs are checked before the model is built: a typo in a path must not wait for
         # (or fail on) a weights download.
         rasters = [describe_raster(path) for path in resolve_inputs(input_path)]
+        from mgpr.models.registry import is_import_path
+        from mgpr.run.values import refuse_unscaled_early
+
+        if not is_import_path(model_name):
+            refuse_unscaled_early(cfg, rasters)  # before any weights download
     adapter = build_adapter(cfg, model_name, rank)  # warns itself about random weights
+    value_ranges = None
     if not cfg.use_fake_data:
         from mgpr.geo.raster import check_bands
         from mgpr.geo.tiling import plan_tiles
@@ -166,12 +172,19 @@ def _predict_and_finish(
                 )
             bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands)
             tiles.extend(plan_tiles(info.path, info.height, info.width, cfg.tile_size, cfg.overlap))
+        from mgpr.geo.values import carrier_dtype
+        from mgpr.run.values import resolve_value_ranges
+
+        carrier_dtype((r.path, r.dtype) for r in rasters)  # refuses a dtype mgpr cannot read
+        value_ranges = resolve_value_ranges(cfg, rasters, bands, adapter, rank)
         if adapter.task == "detection" and cfg.overlap == 0 and rank == 0:
             log.warning(
                 "overlap=0 with a detector: objects cut by a tile seam are found as "
                 "two halves; set overlap to at least the largest object's size in pixels"
             )
-        run_identity = fingerprint(cfg, model_name, adapter.weights_id, rasters, bands)
+        run_identity = fingerprint(
+            cfg, model_name, adapter.weights_id, rasters, bands, value_ranges
+        )
         job_id = os.environ.get("SLURM_JOB_ID")
         resumed = prepare_run_dir(run_dir, run_identity, cfg.overwrite, rank, job_id)
         if rank == 0:
@@ -195,6 +208,7 @@ def _predict_and_finish(
             num_nodes=num_nodes,
             precision=precision,
             slurm_task=slurm_task,
+            value_ranges=value_ranges,
         )
     except Exception as exc:
         known = translate_failure(exc, cfg, run_dir, accelerator, rank)
@@ -216,6 +230,7 @@ def _predict_and_finish(
         t_start=t_start,
         truth_path=truth_path,
         demo=demo,
+        value_ranges=value_ranges,
     )
     failed = summary.get("tiles_failed", 0)
     if failed:

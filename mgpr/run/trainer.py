@@ -27,8 +27,10 @@ from mgpr.data.batch_pool import PREFETCH_FACTOR, TileLoader
 from mgpr.data.batching import UniformShapeBatchSampler
 from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
 from mgpr.data.pinned import CudaHostRegistrar, HostRegistrar, host_memory_plan
+from mgpr.data.scaling import ValueScaler
 from mgpr.geo.raster import RasterInfo, TileReader
 from mgpr.geo.tiling import Tile
+from mgpr.geo.values import ValueRange, carrier_dtype
 from mgpr.monitor.callback import RunMonitor
 from mgpr.monitor.profiler import make_profiler
 from mgpr.outputs.shards import count_written_tiles, finished_tile_keys
@@ -157,7 +159,8 @@ class TileDataModule(pl.LightningDataModule):
                 cfg.seed + self.trainer.global_rank,
             )
         else:
-            reader = TileReader(self.bands, cfg.tile_size)
+            carrier = carrier_dtype((r.path, r.dtype) for r in self.rasters)
+            reader = TileReader(self.bands, cfg.tile_size, carrier.name)
             masked = {r.path for r in self.rasters if r.has_mask}
             dataset = TileDataset(self.rank_tiles, reader, masked)
         plan = host_memory_plan(self.pin_memory, cfg.workers, hasattr(dataset, "batch_pool"))
@@ -237,8 +240,13 @@ def run_predict(
     num_nodes: int,
     precision: str,
     slurm_task: Any,
+    value_ranges: dict[str, ValueRange] | None = None,
 ) -> dict[str, Any]:
-    """Predict this rank's tiles; returns per-rank figures (and ``global_rank``)."""
+    """Predict this rank's tiles; returns per-rank figures (and ``global_rank``).
+
+    ``value_ranges``: each raster's :class:`~mgpr.geo.values.ValueRange` (None: fake data, or
+    an adapter that takes raw values).
+    """
     quiet_lightning()
     world_guess = devices * num_nodes
     under_srun = slurm_task is not None
@@ -293,6 +301,7 @@ def run_predict(
         on_stage=monitor.record_stage,
         compile_plan=compile_plan,
         batch_size=cfg.batch_size,
+        scaler=ValueScaler(value_ranges, raw=adapter.input_range == "raw"),
     )
     fake_bands = adapter.in_bands or 3
     datamodule = TileDataModule(

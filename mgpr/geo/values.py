@@ -1,0 +1,263 @@
+"""How a raster's sample values become the model's [0, 1] input: carriers, ranges, statistics.
+
+No torch: this module decides *what* to do with the values (which carrier dtype holds them
+exactly in shared memory, which ``value_range`` maps them to [0, 1]); the device-side arithmetic
+is :mod:`mgpr.data.scaling`.
+
+* :func:`carrier_dtype`: the numpy dtype a run's tiles are read into (integers stay integers).
+* :class:`ValueRange`: per selected band, the physical ``[lo, hi]`` that maps to ``[0, 1]`` and,
+  folded with the band's GDAL scale/offset, the same map on the raw file values.
+* :func:`resolve_value_range`: ``value_range`` (config) + raster -> :class:`ValueRange`, or the
+  one-line refusal for a non-uint8 raster without ``value_range``.
+* :func:`sample_values`: a decimated read (GDAL picks overviews) for ``value_range=auto`` and for
+  the min/max shown in that refusal.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mgpr.errors import ConfigError, InputError
+
+#: Raster dtype -> the carrier that holds every value exactly (floats: float32, see module doc).
+CARRIERS: dict[str, str] = {
+    "uint8": "uint8",
+    "int8": "int16",
+    "uint16": "uint16",
+    "int16": "int16",
+    "uint32": "int64",
+    "int32": "int32",
+    "float16": "float32",
+    "float32": "float32",
+    "float64": "float32",
+}
+#: Percentiles of ``value_range=auto``, per band.
+AUTO_PERCENTILES = (2.0, 98.0)
+#: Longest side of the decimated read behind ``auto`` and the refusal's min/max, pixels.
+SAMPLE_SIDE_PX = 1024
+
+#: ``value_range`` after :func:`mgpr.conf.load.normalise`: unset, ``auto`` or ``[lo, hi]`` pairs.
+ValueRangeKey = str | list[list[float]] | None
+
+
+def carrier_dtype(dtypes: Iterable[tuple[str, str]]) -> np.dtype[Any]:
+    """The one dtype a run reads every tile into: it holds every input raster's values exactly.
+
+    Integer rasters give the smallest integer dtype holding all of them (uint8 + uint16 ->
+    uint16, uint16 + int16 -> int32); any float raster makes it float32 (float64 rasters lose
+    precision beyond float32's 24-bit mantissa, as do integers above 2**24 mixed with floats).
+
+    Args:
+        dtypes: (path, numpy dtype name of the raster's bands) per input raster.
+
+    Raises:
+        InputError: a dtype mgpr does not read (complex, 64-bit integers).
+    """
+    carriers = []
+    for path, name in dtypes:
+        carrier = CARRIERS.get(name)
+        if carrier is None:
+            raise InputError(
+                f"{path!r} has dtype {name}, which mgpr does not read (it reads "
+                f"{', '.join(CARRIERS)}); convert it, e.g. "
+                f"`gdal_translate -ot Float32 {path} out.tif`"
+            )
+        carriers.append(np.dtype(carrier))
+    if not carriers:
+        return np.dtype(np.uint8)
+    if any(c.kind == "f" for c in carriers):
+        return np.dtype(np.float32)
+    out = carriers[0]
+    for c in carriers[1:]:
+        out = np.promote_types(out, c)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class ValueRange:
+    """How the selected bands of one raster map to the model's [0, 1] input.
+
+    ``unit = (physical - lo) / (hi - lo)`` clipped to [0, 1], with ``physical = raw * scale +
+    offset`` (GDAL band metadata; 1 and 0 without). Folded on the raw values this is
+    ``(raw - raw_lo) / raw_span`` with ``raw_lo = (lo - offset) / scale`` and ``raw_span =
+    (hi - lo) / scale``, which is what the device computes.
+
+    Attributes:
+        lo: per selected band, the physical value that becomes 0.
+        hi: per selected band, the physical value that becomes 1.
+        source: ``default`` (uint8 -> [0, 255]), ``value_range`` (given) or ``auto``.
+        scale: per selected band, GDAL scale (1.0 without).
+        offset: per selected band, GDAL offset (0.0 without).
+    """
+
+    lo: tuple[float, ...]
+    hi: tuple[float, ...]
+    source: str
+    scale: tuple[float, ...]
+    offset: tuple[float, ...]
+
+    @property
+    def raw_lo(self) -> tuple[float, ...]:
+        """Per band, the raw file value that becomes 0."""
+        return tuple(
+            (lo - o) / s for lo, o, s in zip(self.lo, self.offset, self.scale, strict=True)
+        )
+
+    @property
+    def raw_span(self) -> tuple[float, ...]:
+        """Per band, raw file units per unit of model input (negative for a negative scale)."""
+        return tuple((hi - lo) / s for lo, hi, s in zip(self.lo, self.hi, self.scale, strict=True))
+
+    def pairs(self) -> list[list[float]]:
+        """``[[lo, hi], ...]`` per band, physical units (what run.json and summary.json hold)."""
+        return [[lo, hi] for lo, hi in zip(self.lo, self.hi, strict=True)]
+
+
+def _band_scale_offset(info: Any, bands: Sequence[int]) -> tuple[tuple[float, ...], ...]:
+    scales = tuple(float(info.scales[b - 1]) if info.scales else 1.0 for b in bands)
+    offsets = tuple(float(info.offsets[b - 1]) if info.offsets else 0.0 for b in bands)
+    return scales, offsets
+
+
+def resolve_value_range(
+    info: Any, bands: Sequence[int], value_range: ValueRangeKey, sample: Any = None
+) -> ValueRange:
+    """The :class:`ValueRange` of one raster's selected bands.
+
+    Args:
+        info: the raster (:class:`mgpr.geo.raster.RasterInfo`).
+        bands: the 1-based bands read (their order is the model's band order).
+        value_range: ``None`` (uint8 only: [0, 255] on the raw values), ``"auto"`` (per band
+            2nd-98th percentiles of a decimated read, physical units), or ``[lo, hi]`` pairs in
+            physical units: one for every band, or one per selected band.
+        sample: ``sample_values``-like callable ``(path, bands) -> list of 1-D arrays``; tests and
+            the refusal share it. Defaults to :func:`sample_values`.
+
+    Raises:
+        ConfigError: a non-uint8 raster without ``value_range`` (one line with each band's
+            min/max), a pair count that fits neither all bands nor each band, a constant band
+            under ``auto``, or a zero GDAL scale.
+    """
+    sample = sample or sample_values
+    scales, offsets = _band_scale_offset(info, bands)
+    if any(s == 0 or not math.isfinite(s) for s in scales):
+        raise ConfigError(
+            f"{info.path!r} has GDAL scale {scales} on bands {list(bands)}: a zero or non-finite "
+            "scale maps every value to one; fix the metadata (gdal_edit.py -scale)"
+        )
+    n = len(bands)
+    if value_range is None:
+        if info.dtype != "uint8":
+            raise ConfigError(unscaled_refusal(info, bands, sample))
+        return ValueRange((0.0,) * n, (255.0,) * n, "default", (1.0,) * n, (0.0,) * n)
+    if value_range == "auto":
+        lo, hi = [], []
+        for band, values in zip(bands, sample(info.path, bands), strict=True):
+            if values.size == 0:
+                raise ConfigError(
+                    f"value_range=auto: band {band} of {info.path!r} has no valid pixel in a "
+                    "decimated read; give value_range=[lo,hi]"
+                )
+            p_lo, p_hi = (float(v) for v in np.percentile(values, AUTO_PERCENTILES))
+            if not p_hi > p_lo:
+                raise ConfigError(
+                    f"value_range=auto: band {band} of {info.path!r} is constant in its 2nd-98th "
+                    f"percentiles ({p_lo:g}); give value_range=[lo,hi] for it"
+                )
+            lo.append(p_lo)
+            hi.append(p_hi)
+        return ValueRange(tuple(lo), tuple(hi), "auto", scales, offsets)
+    pairs = list(value_range)
+    if len(pairs) == 1:
+        pairs = pairs * n
+    if len(pairs) != n:
+        raise ConfigError(
+            f"value_range has {len(pairs)} [lo,hi] pairs but {info.path!r} is read as {n} "
+            f"band(s) {list(bands)}; give one pair for all bands (value_range=[lo,hi]) or one "
+            "per band"
+        )
+    return ValueRange(
+        tuple(float(p[0]) for p in pairs),
+        tuple(float(p[1]) for p in pairs),
+        "value_range",
+        scales,
+        offsets,
+    )
+
+
+def unscaled_refusal(info: Any, bands: Sequence[int], sample: Any = None) -> str:
+    """The one line refusing a non-uint8 raster without ``value_range``, with band min/max.
+
+    Min/max come from the band's GDAL statistics tags (``STATISTICS_MINIMUM``/``MAXIMUM``) where
+    the file has them, else from a decimated read; physical units (scale/offset applied).
+    """
+    sample = sample or sample_values
+    ranges = _tagged_min_max(info.path, bands)
+    if ranges is None:
+        ranges = []
+        for values in sample(info.path, bands):
+            ranges.append((float(values.min()), float(values.max())) if values.size else None)
+    shown = ", ".join(
+        f"band {b}: {'no valid pixel' if r is None else f'{r[0]:g}..{r[1]:g}'}"
+        for b, r in zip(bands, ranges, strict=True)
+    )
+    return (
+        f"{info.path!r} has dtype {info.dtype} ({shown}) and mgpr does not guess how its values "
+        "map to the model's [0, 1] input: set value_range=[lo,hi] (all bands), "
+        "value_range=[[lo,hi],...] (one pair per band) or value_range=auto (2nd-98th percentiles)"
+    )
+
+
+def _tagged_min_max(path: str, bands: Sequence[int]) -> list[tuple[float, float] | None] | None:
+    """Per band (min, max) from GDAL statistics tags, physical units; None when any is missing."""
+    import rasterio
+
+    out: list[tuple[float, float] | None] = []
+    with rasterio.open(path) as src:
+        for band in bands:
+            tags = src.tags(band)
+            if "STATISTICS_MINIMUM" not in tags or "STATISTICS_MAXIMUM" not in tags:
+                return None
+            # GDAL computes statistics on the raw values.
+            s, o = src.scales[band - 1] or 1.0, src.offsets[band - 1] or 0.0
+            lo, hi = (float(tags[k]) * s + o for k in ("STATISTICS_MINIMUM", "STATISTICS_MAXIMUM"))
+            out.append((min(lo, hi), max(lo, hi)))
+    return out
+
+
+def sample_values(
+    path: str, bands: Sequence[int], side_px: int = SAMPLE_SIDE_PX
+) -> list[np.ndarray]:
+    """Valid values of each band from a read decimated to at most ``side_px`` on its long side.
+
+    GDAL answers a decimated read from the overview nearest in size (nearest-neighbour, so the
+    values are real samples); without overviews it decodes every block once. Deterministic: every
+    rank computing it from the same file gets the same values. Nodata, masked and non-finite
+    pixels are left out; GDAL scale/offset is applied (physical units).
+
+    Returns:
+        Per band (in ``bands`` order) a 1-D float64 array of valid physical values.
+    """
+    import rasterio
+    from rasterio.enums import Resampling
+
+    with rasterio.open(path) as src:
+        factor = max(1.0, max(src.height, src.width) / side_px)
+        shape = (len(bands), max(1, round(src.height / factor)), max(1, round(src.width / factor)))
+        data = src.read(
+            indexes=list(bands), out_shape=shape, masked=True, resampling=Resampling.nearest
+        )
+        scales = [src.scales[b - 1] or 1.0 for b in bands]
+        offsets = [src.offsets[b - 1] or 0.0 for b in bands]
+    out = []
+    for i in range(len(bands)):
+        band = data[i]
+        values = np.asarray(band.compressed() if np.ma.isMaskedArray(band) else band.ravel())
+        values = values.astype(np.float64) * scales[i] + offsets[i]
+        out.append(values[np.isfinite(values)])
+    return out

@@ -1,0 +1,78 @@
+"""How each raster's values reach the model: ``value_range`` resolved per raster, once per rank.
+
+Every rank resolves the same ranges itself: ``value_range=auto`` reads the same decimated
+samples from the same files (:func:`mgpr.geo.values.sample_values` is deterministic), so no rank
+waits for another and nothing travels between them before the process group exists. Rank 0
+prints the resolved ranges; ``run.json`` (the fingerprint) and ``summary.json`` record them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from mgpr.conf.schema import PredictConfig
+from mgpr.errors import ConfigError
+from mgpr.geo.raster import RasterInfo
+from mgpr.geo.values import ValueRange, resolve_value_range, unscaled_refusal
+
+log = logging.getLogger("mgpr")
+
+
+def refuse_unscaled_early(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> None:
+    """Refuse a non-uint8 raster without ``value_range`` before the model is built.
+
+    Only for the built-in models (none of them takes raw values); a custom model may ask for
+    raw values, which :func:`resolve_value_ranges` sees once it is built.
+
+    Raises:
+        ConfigError: one line naming ``value_range`` with each band's min/max.
+    """
+    if cfg.value_range is not None:
+        return
+    for info in rasters:
+        if info.dtype != "uint8":
+            bands = cfg.bands if cfg.bands else list(range(1, info.count + 1))
+            raise ConfigError(unscaled_refusal(info, [b for b in bands if b <= info.count]))
+
+
+def resolve_value_ranges(
+    cfg: PredictConfig,
+    rasters: Sequence[RasterInfo],
+    bands: dict[str, list[int]],
+    adapter: Any,
+    rank: int,
+) -> dict[str, ValueRange] | None:
+    """Each raster's :class:`ValueRange` (None when the adapter takes raw values).
+
+    Raises:
+        ConfigError: see :func:`mgpr.geo.values.resolve_value_range`; also ``value_range`` given
+            for a model that takes raw values (it would be ignored).
+    """
+    if adapter.input_range == "raw":
+        if cfg.value_range is not None:
+            raise ConfigError(
+                f"model={adapter.name} takes raw values (input_range='raw'), so "
+                f"value_range={cfg.value_range} would be ignored; remove value_range"
+            )
+        if rank == 0:
+            log.info("model=%s takes raw values: no value_range is applied", adapter.name)
+        return None
+    ranges = {r.path: resolve_value_range(r, bands[r.path], cfg.value_range) for r in rasters}
+    if rank == 0:
+        for path, vr in ranges.items():
+            if vr.source == "default":
+                continue
+            what = "auto: 2nd-98th percentiles" if vr.source == "auto" else "given"
+            shown = ", ".join(
+                f"band {b} [{lo:g}, {hi:g}]"
+                for b, lo, hi in zip(bands[path], vr.lo, vr.hi, strict=True)
+            )
+            scaled = (
+                ""
+                if set(vr.scale) == {1.0} and set(vr.offset) == {0.0}
+                else " (after GDAL scale/offset)"
+            )
+            log.info("value_range (%s) of %s: %s%s", what, path, shown, scaled)
+    return ranges
