@@ -473,3 +473,57 @@ def test_cli_help_lists_keys_with_defaults() -> None:
     assert result.exit_code == 0
     for text in ("image_size", "image_path", "test_image.tif", "tile_size", "(256)", "EPSG:32633"):
         assert text in result.stdout
+
+
+# ------------------------------------------------------------------ dtypes
+
+
+@pytest.mark.parametrize(
+    ("dtype", "value_range", "nodata_value"),
+    [("uint16", (0.0, 10000.0), 0.0), ("int16", (-1000.0, 10000.0), -32768.0)],
+)
+def test_integer_dtypes_stretch_the_8bit_picture_with_the_same_objects(
+    tmp_path: Path, dtype: str, value_range: tuple[float, float], nodata_value: float
+) -> None:
+    spec = {"objects": 8, "nodata": "border", "bands": 4, "seed": 5}
+    base = _write(tmp_path, "u8.tif", **spec)
+    wide = _write(tmp_path, f"{dtype}.tif", dtype=dtype, **spec)
+    assert wide.objects == base.objects  # same truth, whatever the dtype
+    assert read_truth(wide.truth_path) == read_truth(base.truth_path)
+    assert wide.raw_bytes == 2 * base.raw_bytes
+    u8, arr = _read(base.path), _read(wide.path)
+    lo, hi = value_range
+    with rasterio.open(wide.path) as src:
+        assert src.dtypes[0] == dtype and src.nodata == nodata_value
+    valid = u8[0] != 0
+    want = np.rint(lo + u8.astype(np.float64) * ((hi - lo) / 255))
+    np.testing.assert_array_equal(arr[:, valid], want[:, valid])
+    assert (arr[:, ~valid] == nodata_value).all() and (~valid).any()
+
+
+def test_float32_dtype_with_nan_nodata_and_cli(tmp_path: Path) -> None:
+    out = tmp_path / "refl.tif"
+    args = ["image_size=300", f"image_path={out}", "objects=3", "dtype=float32", "nodata=rect"]
+    result = CliRunner().invoke(app, [*args, "value_range=[0,0.5]"])
+    assert result.exit_code == 0, result.output
+    assert "300x300x3 float32" in result.output
+    with rasterio.open(out) as src:
+        arr = src.read()
+        assert np.isnan(src.nodata)
+    finite = arr[np.isfinite(arr)]
+    assert np.isnan(arr).any() and 0.0 < finite.min() and finite.max() <= 0.5 + 1e-6
+    bad = CliRunner().invoke(app, [f"image_path={out}", "dtype=uint16", "value_range=[0,100]"])
+    assert bad.exit_code == EXIT_USAGE and "at least 255 apart" in bad.output
+
+
+def test_dtype_and_value_range_are_validated() -> None:
+    with pytest.raises(ConfigError, match="dtype='uint12' is invalid: expected one of uint8"):
+        TestImageSpec(dtype="uint12")
+    with pytest.raises(ConfigError, match="value_range=.* at least 255 apart"):
+        TestImageSpec(dtype="uint16", value_range=(0, 100))
+    with pytest.raises(ConfigError, match="value_range=.*lo < hi"):
+        TestImageSpec(dtype="float32", value_range=(1.0, 0.0))
+    with pytest.raises(ConfigError, match="not a \\[lo,hi\\] pair"):
+        parse_overrides(["value_range=5"])
+    _, spec = parse_overrides(["dtype=uint16", "value_range=[100,4000]"])
+    assert spec.value_range == (100.0, 4000.0) and spec.effective_value_range == (100.0, 4000.0)

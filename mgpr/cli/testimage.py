@@ -67,8 +67,16 @@ def _parse_value(key: str, raw: str, type_name: str) -> object:
     except ValueError:
         pass
     else:
-        if base not in ("bool", "str", "path"):
+        if base not in ("bool", "str", "path", "tuple[float,float]"):
             raise AssertionError(f"unhandled type {type_name} of key {key}")
+    if base == "tuple[float,float]":
+        parts = [p.strip() for p in text.strip("[]()").split(",")]
+        try:
+            if len(parts) == 2:
+                return (float(parts[0]), float(parts[1]))
+        except ValueError:
+            pass
+        raise ConfigError(f"{key}={raw!r} is not a [lo,hi] pair; write e.g. {key}=[0,10000].")
     if base == "bool":
         if low in _TRUE:
             return True
@@ -150,7 +158,10 @@ def _help_text() -> str:
     lines.append("")
     lines.append(
         "Choices: compress=deflate|zstd|lzw|none, nodata=none|border|rect, "
-        "nodata_mode=value|mask, crs=<EPSG code>|none. Bools: true|false."
+        "nodata_mode=value|mask, dtype=uint8|uint16|int16|float32, crs=<EPSG code>|none. "
+        "value_range=[lo,hi]: what the 8-bit content is stretched to (default per dtype: "
+        "uint16 [0,10000], int16 [-1000,10000], float32 [0,1]); nodata values: 0, -32768, NaN. "
+        "Bools: true|false."
     )
     return "\n".join(lines)
 
@@ -179,7 +190,7 @@ def run(
         raise typer.Exit(EXIT_USAGE) from None
     truth = str(result.truth_path) if result.truth_path else "none"
     typer.echo(
-        f"{result.path}: {spec.width}x{spec.height}x{spec.bands} uint8, "
+        f"{result.path}: {spec.width}x{spec.height}x{spec.bands} {spec.dtype}, "
         f"{result.file_bytes / 1e6:.1f} MB, compression ratio {result.compression_ratio:.2f}, "
         f"{len(result.objects)} objects, truth {truth}"
     )

@@ -227,3 +227,32 @@ def _paint_objects(
         for b in range(out.shape[0]):
             vals = (hh >> np.uint32(7 * b + 3)) % np.uint32(11)
             out[b, r0:r1, c0:c1] = vals.astype(np.uint8) + np.uint8(OBJECT_VALUE_MIN)
+
+
+def stretch_block(
+    block: npt.NDArray[np.uint8], spec: TestImageSpec, nodata_px: npt.NDArray[np.bool_] | None
+) -> npt.NDArray[np.generic]:
+    """The rendered 8-bit block in ``spec.dtype``: ``lo + v / 255 * (hi - lo)`` per pixel.
+
+    Integers are rounded to nearest, so ``(value - lo) / (hi - lo)`` is ``v / 255`` within
+    ``0.5 / (hi - lo)``: objects stay >= 245/255 and backgrounds <= 200/255 of the range.
+
+    Args:
+        block: (bands, h, w) uint8 from :func:`render_block`.
+        spec: ``dtype`` and ``value_range`` (see :class:`~mgpr.testimage.spec.TestImageSpec`).
+        nodata_px: (h, w) True where the pixel is nodata; set to ``spec.nodata_value`` (None:
+            leave them at the stretch of 0, i.e. ``lo``, as under ``nodata_mode="mask"``).
+    """
+    lo, hi = spec.effective_value_range
+    if spec.dtype == "uint8" and (lo, hi) == (0.0, 255.0):
+        return block
+    if spec.dtype == "float32":
+        out = block.astype(np.float32)
+        out *= np.float32((hi - lo) / 255.0)
+        out += np.float32(lo)
+    else:
+        wide = block.astype(np.float64) * ((hi - lo) / 255.0) + lo
+        out = np.rint(wide, out=wide).astype(spec.dtype)
+    if nodata_px is not None and nodata_px.any():
+        out[:, nodata_px] = spec.nodata_value
+    return out

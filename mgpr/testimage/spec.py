@@ -20,6 +20,21 @@ from mgpr.errors import ConfigError
 _COMPRESS = ("deflate", "zstd", "lzw", "none")
 _NODATA = ("none", "border", "rect")
 _NODATA_MODES = ("value", "mask")
+_DTYPES = ("uint8", "uint16", "int16", "float32")
+#: The value range the generator's 0..255 content is stretched to, per dtype, when unset.
+DEFAULT_VALUE_RANGES: dict[str, tuple[float, float]] = {
+    "uint8": (0.0, 255.0),
+    "uint16": (0.0, 10000.0),
+    "int16": (-1000.0, 10000.0),
+    "float32": (0.0, 1.0),
+}
+#: The file's nodata value per dtype (``nodata_mode="value"``); never a valid pixel's value.
+NODATA_VALUES: dict[str, float] = {
+    "uint8": 0.0,
+    "uint16": 0.0,
+    "int16": -32768.0,
+    "float32": float("nan"),
+}
 _MAX_SIDE_PX = 1 << 22  # 4 Mi pixels per side; far beyond any real orthomosaic tile set
 
 
@@ -41,7 +56,14 @@ class TestImageSpec:
     Attributes:
         width: raster width, pixels (>= 1).
         height: raster height, pixels (>= 1).
-        bands: number of uint8 bands, 1..4 (3 = RGB, 4 = RGB + a NIR-like band).
+        bands: number of bands, 1..4 (3 = RGB, 4 = RGB + a NIR-like band).
+        dtype: ``uint8`` (default), ``uint16``, ``int16`` or ``float32``. The 8-bit picture is
+            stretched linearly to ``value_range`` (``lo + v / 255 * (hi - lo)``, rounded for
+            integers), so ``mgpr value_range=[lo,hi]`` maps it back to the same [0, 1] input
+            and the planted objects (and the truth) are the same for every dtype.
+        value_range: ``(lo, hi)`` the content is stretched to; None = the dtype's default
+            (:data:`DEFAULT_VALUE_RANGES`: uint8 [0, 255], uint16 [0, 10000], int16
+            [-1000, 10000], float32 [0, 1]).
         crs: any CRS rasterio understands (default UTM 33N, metres); ``None`` or ``"none"`` for a
             pixel-only raster with neither CRS nor geotransform.
         pixel_size: ground sampling distance, CRS units per pixel (metres for UTM), > 0.
@@ -51,7 +73,8 @@ class TestImageSpec:
         compress: ``deflate`` (default), ``zstd``, ``lzw`` or ``none``; PREDICTOR=2 unless none.
         overviews: build internal overviews (factors 2, 4, ... down to <= 256 pixels).
         nodata: nodata region: ``none``, ``border`` or ``rect`` (see module docstring).
-        nodata_mode: ``value`` (nodata value 0 in the file) or ``mask`` (internal mask band).
+        nodata_mode: ``value`` (the file's nodata value: 0 for uint8/uint16, -32768 for int16,
+            NaN for float32; :data:`NODATA_VALUES`) or ``mask`` (internal mask band).
         objects: number of planted bright rectangles, >= 0.
         object_min_px: smallest object side, pixels (>= 2).
         object_max_px: largest object side, pixels; clipped to ``overlap`` (with a warning)
@@ -69,6 +92,8 @@ class TestImageSpec:
     width: int = 2048
     height: int = 2048
     bands: int = 3
+    dtype: str = "uint8"
+    value_range: tuple[float, float] | None = None
     crs: str | None = "EPSG:32633"
     pixel_size: float = 0.1
     origin_x: float = 500000.0
@@ -94,6 +119,7 @@ class TestImageSpec:
                 raise _fail(key, value, f"an integer number of pixels in 1..{_MAX_SIDE_PX}")
         if not _is_int(self.bands) or not 1 <= self.bands <= 4:
             raise _fail("bands", self.bands, "an integer in 1..4")
+        self._check_dtype()
         if isinstance(self.crs, str) and self.crs.strip().lower() in ("none", "null", ""):
             object.__setattr__(self, "crs", None)
         if self.crs is not None:
@@ -160,6 +186,46 @@ class TestImageSpec:
         if not _is_int(self.num_threads) or self.num_threads < 0:
             raise _fail("num_threads", self.num_threads, "an integer >= 0 (0 = all CPUs)")
 
+    def _check_dtype(self) -> None:
+        if not isinstance(self.dtype, str) or self.dtype.lower() not in _DTYPES:
+            raise _fail("dtype", self.dtype, "one of " + "|".join(_DTYPES))
+        object.__setattr__(self, "dtype", self.dtype.lower())
+        if self.value_range is None:
+            return
+        vr = self.value_range
+        if (
+            not isinstance(vr, (tuple, list))
+            or len(vr) != 2
+            or not all(
+                isinstance(v, (int, float, np.number)) and not isinstance(v, bool) for v in vr
+            )
+            or not all(math.isfinite(v) for v in vr)
+            or not vr[0] < vr[1]
+        ):
+            raise _fail("value_range", vr, "[lo,hi] with finite numbers lo < hi, e.g. [0,10000]")
+        lo, hi = float(vr[0]), float(vr[1])
+        if self.dtype != "float32":
+            info = np.iinfo(self.dtype)
+            floor = info.min + 1 if self.dtype == "int16" else info.min  # -32768 is nodata
+            if lo < floor or hi > info.max or hi - lo < 255:
+                raise _fail(
+                    "value_range",
+                    vr,
+                    f"[lo,hi] within {floor}..{info.max} for {self.dtype}, at least 255 apart "
+                    "(each 8-bit level a value of its own)",
+                )
+        object.__setattr__(self, "value_range", (lo, hi))
+
+    @property
+    def effective_value_range(self) -> tuple[float, float]:
+        """``value_range``, or the dtype's default (:data:`DEFAULT_VALUE_RANGES`)."""
+        return self.value_range or DEFAULT_VALUE_RANGES[self.dtype]
+
+    @property
+    def nodata_value(self) -> float:
+        """The file's nodata value with ``nodata_mode="value"`` (:data:`NODATA_VALUES`)."""
+        return NODATA_VALUES[self.dtype]
+
     @property
     def stride(self) -> int:
         """Step between tile starts of the seam tile grid, pixels (``tile_size - overlap``)."""
@@ -224,7 +290,7 @@ class TestImageResult:
         path: the GeoTIFF.
         truth_path: the truth GeoPackage, or ``None`` when ``objects=0``.
         file_bytes: size of the GeoTIFF on disk (overviews and mask included), bytes.
-        raw_bytes: uncompressed pixel bytes, ``width * height * bands``.
+        raw_bytes: uncompressed pixel bytes, ``width * height * bands * itemsize``.
         objects: the planted objects, by id.
     """
 

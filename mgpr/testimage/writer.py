@@ -1,10 +1,13 @@
 """Write a test image: a tiled, compressed GeoTIFF streamed block by block, plus its truth.
 
-:func:`write_test_image` writes a uint8 GeoTIFF of ``height x width`` pixels and 1..4 bands, tiled
+:func:`write_test_image` writes a GeoTIFF of ``height x width`` pixels, 1..4 bands and
+``spec.dtype`` (uint8 by default; uint16/int16/float32 hold the 8-bit picture stretched to
+``value_range``, :func:`~mgpr.testimage.render.stretch_block`), tiled
 in ``block_size`` blocks, DEFLATE/ZSTD compressed with ``PREDICTOR=2``, BigTIFF when needed. It
 streams block by block, so a 40000 x 40000 x 3 image needs little memory (the GDAL block cache is
 capped at :data:`GDAL_CACHE_BYTES` during the write). With ``nodata_mode="value"`` the file's
-nodata value is 0 (valid pixels are never 0); with ``nodata_mode="mask"`` the file carries a GDAL
+nodata value is ``spec.nodata_value`` (0 for uint8/uint16, -32768 for int16, NaN for float32;
+never a valid pixel's value); with ``nodata_mode="mask"`` the file carries a GDAL
 internal mask band (``GDAL_TIFF_INTERNAL_MASK``) that is 0 in the nodata region and 255
 elsewhere, and no nodata value.
 """
@@ -27,7 +30,7 @@ import numpy as np
 
 from mgpr.errors import ConfigError, OutputError
 from mgpr.testimage.layout import nodata_mask, place_objects
-from mgpr.testimage.render import render_block
+from mgpr.testimage.render import render_block, stretch_block
 from mgpr.testimage.spec import PlantedObject, TestImageResult, TestImageSpec, map_transform
 from mgpr.testimage.truth import truth_path_for, write_truth
 
@@ -80,7 +83,7 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
         "width": spec.width,
         "height": spec.height,
         "count": spec.bands,
-        "dtype": "uint8",
+        "dtype": spec.dtype,
         "tiled": True,
         "blockxsize": spec.block_size,
         "blockysize": spec.block_size,
@@ -89,15 +92,19 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
         "num_threads": "ALL_CPUS" if spec.num_threads == 0 else str(spec.num_threads),
     }
     if spec.compress != "none":
-        profile.update(compress=spec.compress.upper(), predictor=2)
+        # Horizontal differencing (2) for integers, floating-point prediction (3) for floats.
+        profile.update(
+            compress=spec.compress.upper(), predictor=3 if spec.dtype == "float32" else 2
+        )
     if spec.bands >= 3:
         profile["photometric"] = "RGB"
     if spec.crs is not None:
         profile["crs"] = spec.crs
         profile["transform"] = map_transform(spec)
     use_mask = spec.nodata != "none" and spec.nodata_mode == "mask"
-    if spec.nodata != "none" and spec.nodata_mode == "value":
-        profile["nodata"] = 0
+    value_nodata = spec.nodata != "none" and spec.nodata_mode == "value"
+    if value_nodata:
+        profile["nodata"] = spec.nodata_value
     env = {"GDAL_CACHEMAX": GDAL_CACHE_BYTES // (1024 * 1024), "GDAL_TIFF_INTERNAL_MASK": True}
     with rasterio.Env(**env), warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # crs=none is deliberate
@@ -106,7 +113,8 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
             for r, c, h, w in _blocks(spec):
                 window = Window(c, r, w, h)  # rasterio: columns first
                 block = render_block(spec, r, c, h, w, objects)
-                dst.write(block, window=window)
+                nodata_px = nodata_mask(spec, r, c, h, w) if value_nodata else None
+                dst.write(stretch_block(block, spec, nodata_px), window=window)
                 if use_mask:
                     valid = ~nodata_mask(spec, r, c, h, w)
                     dst.write_mask(valid.astype(np.uint8) * np.uint8(255), window=window)
@@ -115,7 +123,7 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
             if factors:
                 ov_env: dict[str, Any] = {"COMPRESS_OVERVIEW": spec.compress.upper()}
                 if spec.compress != "none":
-                    ov_env["PREDICTOR_OVERVIEW"] = 2
+                    ov_env["PREDICTOR_OVERVIEW"] = 3 if spec.dtype == "float32" else 2
                 with rasterio.Env(**ov_env), rasterio.open(tmp, "r+") as dst:
                     dst.build_overviews(factors, Resampling.average)
                     dst.update_tags(ns="rio_overview", resampling="average")
@@ -166,7 +174,7 @@ def write_test_image(path: str | Path, spec: TestImageSpec) -> TestImageResult:
             f"cannot write test image to {str(path)!r} ({detail}); choose a writable image_path."
         ) from exc
     file_bytes = path.stat().st_size
-    raw_bytes = spec.width * spec.height * spec.bands
+    raw_bytes = spec.width * spec.height * spec.bands * np.dtype(spec.dtype).itemsize
     result = TestImageResult(
         path=path,
         truth_path=truth_path if objects else None,

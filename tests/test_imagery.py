@@ -1,0 +1,285 @@
+"""Native dtypes and ``value_range``: carriers, device scaling, and the ``mgpr`` command on real
+uint16 / int16 / float32 GeoTIFFs from the generator (CPU, one rank, in process)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from conftest import read_gpkg_layer, run_mgpr_inprocess
+
+from mgpr.conf.load import load_config
+from mgpr.data.dataset import TileDataset
+from mgpr.data.scaling import ValueScaler, _widen_unsigned
+from mgpr.errors import ConfigError, InputError
+from mgpr.geo.raster import TileReader, describe_raster
+from mgpr.geo.tiling import plan_tiles
+from mgpr.geo.values import ValueRange, carrier_dtype, resolve_value_range
+from mgpr.run.finish import demo_check
+from mgpr.run.trainer import make_dataloader
+
+#: The generator's seam grid; the runs below use the same tiles, so seam objects are tested.
+GRID = ("tile_size=256", "overlap=64")
+
+
+def _image(make_image, name: str, **spec: object):
+    return make_image(
+        name, width=700, height=600, objects=12, nodata="border", tile_size=256, overlap=64, **spec
+    )
+
+
+def _run(img, run: Path, *keys: str) -> int:
+    return run_mgpr_inprocess(
+        f"input_path={img.path}", "model=reference", *GRID, "workers=0", f"output_dir={run}", *keys
+    )
+
+
+def _every_object_once(run: Path, img) -> dict:
+    check = demo_check(run / "predictions.gpkg", img.truth_path)
+    assert check["planted"] == len(img.objects) == 12
+    assert check["found"] == 12 and check["duplicates"] == 0, check
+    assert check["unmatched_detections"] == 0 and check["max_footprint_error_px"] == 0.0, check
+    return check
+
+
+def _summary(run: Path) -> dict:
+    return json.loads((run / "summary.json").read_text())
+
+
+# ---------------------------------------------------------------- carriers and scaling
+
+
+def test_carrier_holds_every_dtype_exactly() -> None:
+    def carrier(*dtypes: str) -> str:
+        return carrier_dtype((f"r{i}.tif", d) for i, d in enumerate(dtypes)).name
+
+    assert carrier("uint8") == "uint8" and carrier("uint16") == "uint16"
+    assert carrier("int16") == "int16" and carrier("uint32") == "int64"
+    assert carrier("float64") == "float32" and carrier("uint8", "uint16") == "uint16"
+    assert carrier("uint16", "int16") == "int32" and carrier("uint8", "float32") == "float32"
+    with pytest.raises(InputError, match="dtype complex64, which mgpr does not read"):
+        carrier("uint8", "complex64")
+
+
+def test_uint8_default_scaling_is_todays_divide_by_255_to_the_bit() -> None:
+    x = torch.arange(256, dtype=torch.uint8).repeat(3, 1).view(1, 3, 16, 16)
+    got = ValueScaler()(x)
+    assert got.dtype == torch.float32
+    assert torch.equal(got, x.to(torch.float32).div_(255.0))
+    same = ValueRange((0.0,) * 3, (255.0,) * 3, "default", (1.0,) * 3, (0.0,) * 3)
+    assert torch.equal(ValueScaler({"a.tif": same})(x), got)
+
+
+def test_scaling_per_band_clips_and_zeroes_nan() -> None:
+    vr = ValueRange((0.0, 1000.0), (10000.0, 3000.0), "value_range", (1.0, 1.0), (0.0, 0.0))
+    x = torch.tensor([[[[0, 5000, 20000]], [[500, 2000, 3000]]]], dtype=torch.int32)
+    got = ValueScaler({"a.tif": vr})(x)
+    torch.testing.assert_close(got, torch.tensor([[[[0.0, 0.5, 1.0]], [[0.0, 0.5, 1.0]]]]))
+    f = torch.tensor([[[[float("nan"), 0.25, float("inf")]]]])
+    one = ValueRange((0.0,), (0.5,), "value_range", (1.0,), (0.0,))
+    out = ValueScaler({"f.tif": one})(f)
+    torch.testing.assert_close(out, torch.tensor([[[[0.0, 0.5, 1.0]]]]))
+    assert not torch.isnan(f[0, 0, 0, 1])  # the batch itself is not changed in place
+    raw = ValueScaler(raw=True)(torch.tensor([[[[40000]]]], dtype=torch.uint16))
+    assert raw.dtype == torch.float32 and float(raw) == 40000.0
+
+
+def test_rasters_with_their_own_ranges_and_kept_tiles() -> None:
+    a = ValueRange((0.0,), (100.0,), "value_range", (1.0,), (0.0,))
+    b = ValueRange((0.0,), (1000.0,), "value_range", (1.0,), (0.0,))
+    scaler = ValueScaler({"a.tif": a, "b.tif": b})
+    assert scaler.needs_paths
+    x = torch.full((3, 1, 2, 2), 50, dtype=torch.uint16)
+    got = scaler(x, ["b.tif", "a.tif"], keep=torch.tensor([0, 2]))
+    assert got.shape == (2, 1, 2, 2)
+    assert float(got[0, 0, 0, 0]) == pytest.approx(0.05) and float(got[1, 0, 0, 0]) == 0.5
+
+
+def test_unsigned_widening_fallback_is_exact() -> None:
+    x = torch.tensor([0, 1, 32767, 32768, 65535], dtype=torch.int32).to(torch.uint16)
+    assert _widen_unsigned(x).tolist() == [0, 1, 32767, 32768, 65535]
+    y = torch.tensor([0, 2**31, 2**32 - 1], dtype=torch.int64).to(torch.uint32)
+    assert _widen_unsigned(y).tolist() == [0, 2**31, 2**32 - 1]
+
+
+def test_gdal_scale_offset_applies_before_the_range(tmp_path: Path) -> None:
+    path = tmp_path / "scaled.tif"
+    with rasterio.open(
+        path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint16", crs="EPSG:32633",
+        transform=rasterio.transform.from_origin(0, 80, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(np.full((1, 8, 8), 4000, np.uint16))
+        dst.scales, dst.offsets = (0.0001,), (-0.1,)  # reflectance = raw * 1e-4 - 0.1
+    info = describe_raster(str(path))
+    vr = resolve_value_range(info, [1], [[0.0, 0.6]])
+    # raw 4000 -> reflectance 0.3 -> half of [0, 0.6]
+    x = torch.full((1, 1, 2, 2), 4000, dtype=torch.uint16)
+    assert float(ValueScaler({str(path): vr})(x)[0, 0, 0, 0]) == pytest.approx(0.5)
+    with pytest.raises(ConfigError, match="is constant in its 2nd-98th percentiles"):
+        resolve_value_range(info, [1], "auto")  # a constant band: refused, never divided by 0
+
+
+def test_reader_and_pool_carry_uint16_exactly(make_image) -> None:
+    img = make_image("u16.tif", width=300, height=200, bands=4, dtype="uint16")
+    info = describe_raster(str(img.path))
+    tiles = plan_tiles(info.path, info.height, info.width, 128, 0)
+    reader = TileReader({info.path: [1, 2, 3, 4]}, 128, carrier="uint16")
+    dataset = TileDataset(tiles, reader, set())
+    assert dataset.sample_bytes() == 4 * 128 * 128 * 2
+    with rasterio.open(img.path) as src:
+        full = src.read()
+    loader = make_dataloader(dataset, batch_size=2, workers=1, pin_memory=False)
+    seen = 0
+    for batch in loader:
+        assert batch["image"].dtype == torch.uint16
+        for image, index in zip(batch["image"], np.asarray(batch["index"]), strict=True):
+            t = tiles[int(index)]
+            want = full[:, t.row_off : t.row_off + t.valid_height, t.col_off :][
+                :, :, : t.valid_width
+            ]
+            got = image.numpy()[:, : t.valid_height, : t.valid_width]
+            np.testing.assert_array_equal(got, want)
+            seen += 1
+    assert seen == len(tiles) and int(full.max()) > 255  # values no uint8 could hold
+
+
+# ---------------------------------------------------------------- value_range config
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("[3000,0]", "lo=3000 must be below hi=0"),
+        ("[0]", "[0] is not a [lo,hi] pair"),
+        ("[[0,1],[2]]", "[2] is not a [lo,hi] pair"),
+        ("bright", "value_range='bright' is not a range"),
+        ("5", "value_range=5 is not a range"),
+    ],
+)
+def test_malformed_value_range_is_one_line(value: str, needle: str, capsys) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        load_config([f"value_range={value}"])
+    assert run_mgpr_inprocess(f"value_range={value}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "value_range=auto" in err and needle in err
+
+
+def test_value_range_forms_are_normalised() -> None:
+    assert load_config(["value_range=[0,3000]"]).value_range == [[0.0, 3000.0]]
+    assert load_config(["value_range=AUTO"]).value_range == "auto"
+    assert load_config(["value_range=[[0,1],[2,3]]"]).value_range == [[0.0, 1.0], [2.0, 3.0]]
+    assert load_config([]).value_range is None
+
+
+# ---------------------------------------------------------------- end to end
+
+
+def test_uint16_four_bands_scaled_by_value_range_finds_every_object(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    img = _image(make_image, "s2.tif", bands=4, dtype="uint16", value_range=(0, 10000))
+    run = tmp_path / "run"
+    assert _run(img, run, "value_range=[0,10000]") == 0
+    _every_object_once(run, img)
+    s = _summary(run)
+    assert s["values"]["value_range"] == [[0.0, 10000.0]]
+    assert s["values"]["inputs"][str(img.path)]["range"] == [[0.0, 10000.0]] * 4
+    assert s["provenance"]["inputs"][0]["dtype"] == "uint16"
+    stored = json.loads((run / "run.json").read_text())["fingerprint"]
+    assert stored["value_range"] == [[0.0, 10000.0]]
+    # A resume with another range is another run: refused, naming the key.
+    capsys.readouterr()
+    assert _run(img, run, "value_range=[0,12000]") == 2
+    assert "value_range differs" in capsys.readouterr().err
+
+
+def test_float32_with_nan_nodata_finds_every_object(make_image, tmp_path: Path) -> None:
+    img = _image(make_image, "refl.tif", dtype="float32")
+    with rasterio.open(img.path) as src:
+        assert np.isnan(src.nodata) and np.isnan(src.read(1)[0, 0])
+    run = tmp_path / "run"
+    assert _run(img, run, "value_range=[0,1]") == 0
+    _every_object_once(run, img)
+
+
+def test_int16_per_band_value_range_is_applied_per_band(make_image, tmp_path: Path) -> None:
+    img = _image(make_image, "dem.tif", bands=2, dtype="int16", value_range=(-1000, 10000))
+    assert _run(img, tmp_path / "ok", "value_range=[[-1000,10000],[-1000,10000]]") == 0
+    _every_object_once(tmp_path / "ok", img)
+    # Band 2 stretched over 4x its real range: its objects are dark, so none is bright in all.
+    assert _run(img, tmp_path / "wide", "value_range=[[-1000,10000],[-1000,43000]]") == 0
+    geoms, _, _ = read_gpkg_layer(tmp_path / "wide" / "predictions.gpkg", "detections")
+    assert len(geoms) == 0
+
+
+def test_value_range_auto_on_uint16(make_image, tmp_path: Path, capsys) -> None:
+    img = _image(make_image, "auto.tif", bands=3, dtype="uint16")
+    run = tmp_path / "run"
+    assert _run(img, run, "value_range=auto") == 0
+    check = demo_check(run / "predictions.gpkg", img.truth_path)
+    assert check["found"] == 12 and check["duplicates"] == 0
+    ranges = _summary(run)["values"]["inputs"][str(img.path)]
+    assert ranges["source"] == "auto" and len(ranges["range"]) == 3
+    for lo, hi in ranges["range"]:  # 2nd-98th percentiles of backgrounds 8..200 of 0..10000
+        assert 8 / 255 * 10000 - 1 <= lo < hi <= 10000
+    printed = capsys.readouterr()
+    assert "value_range (auto: 2nd-98th percentiles)" in printed.err
+    assert "value_range=auto" in printed.out  # the summary's values line
+    stored = json.loads((run / "run.json").read_text())["fingerprint"]
+    assert stored["value_range"] == "auto" and stored["inputs"][0]["value_range"] == ranges["range"]
+
+
+def test_uint16_without_value_range_is_refused_before_any_work(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    img = _image(make_image, "raw.tif", bands=4, dtype="uint16")
+    run = tmp_path / "run"
+    assert _run(img, run) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    line = err[0]
+    assert "dtype uint16" in line and "value_range=[lo,hi]" in line and "value_range=auto" in line
+    assert all(f"band {b}: " in line for b in (1, 2, 3, 4))
+    assert not (run / "run.json").exists() and not (run / "predictions.gpkg").exists()
+    assert sorted(p.name for p in run.iterdir()) == ["logs"]  # nothing but the rank's log
+
+
+def test_custom_model_asking_for_raw_values_gets_them(
+    make_image, tmp_path: Path, monkeypatch
+) -> None:
+    (tmp_path / "mgpr_raw_model.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class MaxValue(torch.nn.Module):
+                task = "classification"
+                in_bands = 0
+                input_range = "raw"
+
+                def forward(self, x):
+                    top = x.amax(dim=(1, 2, 3))
+                    return torch.stack([top, torch.zeros_like(top)], dim=1)
+
+            def build(weights):
+                return MaxValue()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    img = make_image("raw16.tif", width=300, height=200, bands=2, dtype="uint16")
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(
+        f"input_path={img.path}", "model=mgpr_raw_model:build", "tile_size=128", "workers=0",
+        f"output_dir={run}",
+    )  # fmt: skip
+    assert rc == 0
+    _, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "classifications")
+    # softmax([max, 0]): ~1 for raw values in the thousands, <= 0.74 had they been in [0, 1]
+    assert rows and all(r["class_id_1"] == 0 and r["score_1"] > 0.999 for r in rows)
+    assert _summary(run)["values"]["value_range"] == "raw"
