@@ -1,15 +1,8 @@
 """Data path by dtype: uint8 3-band vs uint16 4-band tiles, and the device-side scaling.
 
-Writes two generator GeoTIFFs of the same picture (DEFLATE, 512-px blocks): uint8 RGB and
-uint16 4-band stretched to [0, 10000] (a Sentinel-2-like L2A range). For each it times mgpr's
-own data path, :class:`~mgpr.data.dataset.TileDataset` + the DataLoader every rank builds
-(:func:`mgpr.run.trainer.make_dataloader`, ``--workers`` processes, batches decoded into the
-shared-memory pool in the carrier dtype), and prints tiles/s and MB/s of carrier bytes
-(uint16 4-band: 8 bytes per pixel, uint8 RGB: 3). Then it times the scaling a rank runs on each
-batch (:class:`~mgpr.data.scaling.ValueScaler`) against the ``x.float() / 255`` every adapter ran
-before, on the CPU and, where present, on the GPU. Each row is the best of ``--repeat``.
+What it measures: ``benchmarks/README.md``; figures: the main README ("Data path by dtype").
 
-    uv run python benchmarks/dtype_path.py --size 4096 --tile 1024 --workers 2
+    uv run python benchmarks/dtype_path.py --size 8192 --tile 1024 --workers 2
     uv run python benchmarks/dtype_path.py --quick
 """
 
