@@ -283,3 +283,15 @@ def test_custom_model_asking_for_raw_values_gets_them(
     # softmax([max, 0]): ~1 for raw values in the thousands, <= 0.74 had they been in [0, 1]
     assert rows and all(r["class_id_1"] == 0 and r["score_1"] > 0.999 for r in rows)
     assert _summary(run)["values"]["value_range"] == "raw"
+
+
+def test_reference_detector_keeps_the_uint8_rule_on_scaled_input() -> None:
+    from mgpr.models import build_model
+
+    adapter = build_model("reference")
+    tile = torch.full((1, 3, 8, 8), 229, dtype=torch.uint8)
+    tile[:, :, 0:2, 0:2] = 230  # bright in every band: x >= 230, as before the scaling
+    for scaled in (ValueScaler()(tile), tile.to(torch.float32).mul_(1.0 / 255.0)):  # GPU-style
+        with torch.inference_mode():
+            (det,) = adapter.postprocess(adapter.forward(adapter.prepare(scaled)), 8)
+        np.testing.assert_array_equal(det.boxes, [[0, 0, 2, 2]])
