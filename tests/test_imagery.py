@@ -241,12 +241,14 @@ def test_uint16_without_value_range_is_refused_before_any_work(
     run = tmp_path / "run"
     assert _run(img, run) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1, err
-    line = err[0]
+    errors = [e for e in err if "error" in e.lower()]
+    assert len(errors) == 1 and errors[0] == err[-1], err  # one line, the last one
+    line = err[-1]
     assert "dtype uint16" in line and "value_range=[lo,hi]" in line and "value_range=auto" in line
     assert all(f"band {b}: " in line for b in (1, 2, 3, 4))
     assert not (run / "run.json").exists() and not (run / "predictions.gpkg").exists()
-    assert sorted(p.name for p in run.iterdir()) == ["logs"]  # nothing but the rank's log
+    assert not (run / "shards").exists() and not (run / "config.yaml").exists()
+    assert [p.name for p in run.iterdir()] == ["logs"]  # nothing but the rank's log
 
 
 def test_custom_model_asking_for_raw_values_gets_them(
