@@ -18,7 +18,8 @@ import torch
 
 from mgpr.data.dataset import TileDataset
 from mgpr.data.scaling import ValueScaler
-from mgpr.geo.raster import TileReader, check_bands, describe_raster
+from mgpr.geo.bands import check_bands
+from mgpr.geo.raster import TileReader, describe_raster
 from mgpr.geo.tiling import plan_tiles
 from mgpr.geo.values import ValueRange, carrier_dtype
 from mgpr.run.trainer import make_dataloader

@@ -31,7 +31,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from mgpr.data.dataset import TileDataset
 from mgpr.data.scaling import ValueScaler
-from mgpr.geo.raster import TileReader, check_bands, describe_raster
+from mgpr.geo.bands import check_bands
+from mgpr.geo.raster import TileReader, describe_raster
 from mgpr.geo.tiling import plan_tiles
 from mgpr.models import build_model
 from mgpr.run.precision import cpu_has_fast_bf16

@@ -15,8 +15,9 @@ from torch.utils.data import DataLoader
 
 from mgpr.data.dataset import STATUS_EMPTY, STATUS_FAILED, STATUS_OK, TileDataset, shard_tiles
 from mgpr.errors import ConfigError, InputError
+from mgpr.geo.bands import check_bands
 from mgpr.geo.inputs import resolve_inputs
-from mgpr.geo.raster import TileReader, check_bands, describe_raster
+from mgpr.geo.raster import TileReader, describe_raster
 from mgpr.geo.tiling import plan_tiles
 
 

@@ -257,10 +257,28 @@ def _check_ranges(cfg: PredictConfig) -> None:
         )
     cfg.value_range = check_value_range(cfg.value_range)
     if cfg.bands is not None:
-        if len(cfg.bands) == 0 or any(b < 1 for b in cfg.bands):
-            raise ConfigError(
-                f"bands={cfg.bands} is invalid: band indexes are 1-based, e.g. bands=[1,2,3]"
-            )
+        cfg.bands = check_band_list(list(cfg.bands))
+
+
+def check_band_list(bands: list[Any]) -> list[int | str]:
+    """``bands=`` entries as 1-based ints or band names; one line for anything else."""
+    out: list[int | str] = []
+    for b in bands:
+        if isinstance(b, bool) or not isinstance(b, int | str):
+            out = []
+            break
+        if isinstance(b, str) and b.strip().isdigit():
+            b = int(b.strip())
+        if isinstance(b, int) and b < 1 or isinstance(b, str) and not b.strip():
+            out = []
+            break
+        out.append(b.strip() if isinstance(b, str) else b)
+    if not out:
+        raise ConfigError(
+            f"bands={bands} is invalid: give 1-based band indexes or band names, "
+            "e.g. bands=[1,2,3] or bands=[red,green,blue]"
+        )
+    return out
 
 
 _VALUE_RANGE_FIX = (

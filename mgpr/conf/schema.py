@@ -33,8 +33,10 @@ class PredictConfig:
         None, "GeoTIFF, folder, glob or .txt list of paths; unset = built-in demo"
     )
     image_path: str | None = key(None, "alias of input_path (the original demo's key)")
-    bands: list[int] | None = key(
-        None, "1-based band indexes to read, e.g. [1,2,3]; default: all / model's"
+    bands: list[Any] | None = key(
+        None,
+        "bands to read: 1-based indexes [4,3,2] or names [red,green,blue] / [B8,B4,B3] (colour "
+        "interpretation or description); default: red,green,blue if tagged, else 1..n",
     )
     value_range: Any = key(
         None,

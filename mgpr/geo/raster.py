@@ -29,7 +29,7 @@ import rasterio
 from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags
 
-from mgpr.errors import ConfigError, InputError
+from mgpr.errors import InputError
 from mgpr.geo.tiling import Tile, tile_window, valid_window
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,11 @@ class RasterInfo:
         mtime: modification time, seconds since the epoch (None for non-local paths).
         scales: GDAL scale per band (``physical = raw * scale + offset``); empty = all 1.
         offsets: GDAL offset per band; empty = all 0.
+        colorinterp: per band, GDAL's colour interpretation in lower case (``red``, ``green``,
+            ``blue``, ``alpha``, ``gray``, ``undefined``, ...).
+        descriptions: per band, the band description ("" when unset), e.g. ``B8`` or ``nir``.
+        gcp_crs: for a raster georeferenced by ground control points instead of a transform,
+            the GCPs' CRS as a short label (``EPSG:4326``); None otherwise.
     """
 
     path: str
@@ -71,6 +76,9 @@ class RasterInfo:
     mtime: float | None
     scales: tuple[float, ...] = ()
     offsets: tuple[float, ...] = ()
+    colorinterp: tuple[str, ...] = ()
+    descriptions: tuple[str, ...] = ()
+    gcp_crs: str | None = None
 
     @property
     def crs_label(self) -> str:
@@ -108,6 +116,9 @@ def describe_raster(path: str) -> RasterInfo:
                 mtime=os.path.getmtime(path) if os.path.exists(path) else None,
                 scales=_metadata_or_empty(src.scales, 1.0),
                 offsets=_metadata_or_empty(src.offsets, 0.0),
+                colorinterp=tuple(ci.name.lower() for ci in src.colorinterp),
+                descriptions=tuple(d or "" for d in src.descriptions),
+                gcp_crs=_gcp_crs(src),
             )
     except rasterio.errors.RasterioIOError as exc:
         reason = str(exc).split("\n")[0]
@@ -116,6 +127,19 @@ def describe_raster(path: str) -> RasterInfo:
             "check the file or remove it from input_path"
         ) from None
     return info
+
+
+def _gcp_crs(src: Any) -> str | None:
+    """The CRS label of a raster's GCPs when it has GCPs and no transform-based CRS."""
+    if src.crs:
+        return None
+    gcps, crs = src.gcps
+    if not gcps:
+        return None
+    if crs is None:
+        return "unknown CRS"
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else crs.to_string()[:60]
 
 
 def _metadata_or_empty(values: Sequence[float | None], neutral: float) -> tuple[float, ...]:
@@ -144,47 +168,6 @@ def _may_have_invalid_pixels(src: Any) -> bool:
         return True
     flags = src.mask_flag_enums[0]
     return MaskFlags.all_valid not in flags
-
-
-def check_bands(info: RasterInfo, bands: list[int] | None, needed: int) -> list[int]:
-    """Pick the 1-based band indexes to read and check them against the raster and model.
-
-    Args:
-        info: the raster.
-        bands: the user's ``bands`` key or None.
-        needed: bands the model needs, 0 when it takes any count.
-
-    Returns:
-        The band indexes (1-based). By default the first ``needed`` bands (so RGBA rasters feed
-        RGB models), or all bands when the model takes any count.
-
-    Raises:
-        ConfigError: a band the raster lacks, or a count the model cannot take.
-    """
-    if bands is not None:
-        missing = [b for b in bands if b > info.count]
-        if missing:
-            raise ConfigError(
-                f"bands={bands} names band {missing[0]}, "
-                f"but {info.path!r} has {info.count} band(s); "
-                f"use indexes 1..{info.count}"
-            )
-        if needed and len(bands) != needed:
-            raise ConfigError(
-                f"bands={bands} selects {len(bands)} band(s), but the model needs {needed}; "
-                f"pass e.g. bands=[{','.join(str(i) for i in range(1, needed + 1))}]"
-            )
-        return list(bands)
-    if needed == 0:
-        return list(range(1, info.count + 1))
-    if info.count < needed:
-        raise ConfigError(
-            f"{info.path!r} has {info.count} band(s), but the model needs {needed}; "
-            "pick bands with e.g. bands=[1,1,1] or use a model for that band count"
-        )
-    if info.count > needed:
-        log.info("%s has %d bands; reading bands 1..%d", info.path, info.count, needed)
-    return list(range(1, needed + 1))
 
 
 class TileReader:

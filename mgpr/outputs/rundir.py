@@ -147,7 +147,27 @@ def _result_paths(run_dir: Path) -> list[Path]:
 def _first_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     if not old:
         return "no run.json fingerprint"
-    for key in new:
-        if old.get(key) != new.get(key):
-            return f"{key} differs: was {str(old.get(key))[:80]}, now {str(new.get(key))[:80]}"
-    return "fingerprint differs"
+    found = _diff(old, new, "")
+    return found or "fingerprint differs"
+
+
+def _diff(old: Any, new: Any, where: str) -> str | None:
+    """The first place two fingerprints differ, down to the leaf (``inputs[1].bands``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in list(new) + [k for k in old if k not in new]:
+            found = _diff(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+            if found:
+                return found
+        return None
+    nested = (
+        any(isinstance(v, dict | list) for v in [*old, *new]) if isinstance(old, list) else False
+    )
+    if nested and isinstance(new, list) and len(old) == len(new):
+        for i, (a, b) in enumerate(zip(old, new, strict=True)):
+            found = _diff(a, b, f"{where}[{i}]")
+            if found:
+                return found
+        return None
+    if old != new:
+        return f"{where} differs: was {str(old)[:80]}, now {str(new)[:80]}"
+    return None

@@ -161,11 +161,21 @@ def _predict_and_finish(
     adapter = build_adapter(cfg, model_name, rank)  # warns itself about random weights
     value_ranges = None
     if not cfg.use_fake_data:
-        from mgpr.geo.raster import check_bands
+        from mgpr.geo.bands import check_bands
         from mgpr.geo.tiling import plan_tiles
 
         for info in rasters:
-            if info.crs_wkt is None and rank == 0:
+            if info.crs_wkt is None and info.gcp_crs is not None and rank == 0:
+                epsg = info.gcp_crs if info.gcp_crs.startswith("EPSG:") else "EPSG:XXXX"
+                log.warning(
+                    "%s is georeferenced by GCPs (%s); results are in pixel coordinates: warp "
+                    "it first with `gdalwarp -t_srs %s %s warped.tif`",
+                    info.path,
+                    info.gcp_crs,
+                    epsg,
+                    info.path,
+                )
+            elif info.crs_wkt is None and rank == 0:
                 log.warning(
                     "%s has no CRS: its results are in pixel coordinates (x = column, y = row)",
                     info.path,

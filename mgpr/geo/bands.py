@@ -1,0 +1,115 @@
+"""Which raster bands a model gets, by index or by name.
+
+``bands=`` takes 1-based indexes (``[4,3,2]``) or names (``[red,green,blue]``, ``[B8,B4,B3]``):
+a name matches a band's colour interpretation or its description, case-insensitively. Without
+``bands=`` an RGB model gets the bands whose colour interpretation is red, green and blue when a
+raster has all three (so a blue-green-red-NIR file does not feed blue to the red channel), else
+the first three; a band-agnostic model gets every band except alpha (an alpha band is a mask,
+never model input).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from mgpr.errors import ConfigError
+from mgpr.geo.raster import RasterInfo
+
+log = logging.getLogger(__name__)
+
+_RGB = ("red", "green", "blue")
+
+
+def band_labels(info: RasterInfo) -> list[str]:
+    """One label per band for messages: ``1:red``, ``4:B8/undefined``."""
+    labels = []
+    for i in range(info.count):
+        names = [n for n in (_desc(info, i), _interp(info, i)) if n]
+        labels.append(f"{i + 1}:{'/'.join(names) or '?'}")
+    return labels
+
+
+def _interp(info: RasterInfo, i: int) -> str:
+    return info.colorinterp[i] if i < len(info.colorinterp) else ""
+
+
+def _desc(info: RasterInfo, i: int) -> str:
+    return info.descriptions[i] if i < len(info.descriptions) else ""
+
+
+def resolve_band(info: RasterInfo, band: int | str, asked: Sequence[int | str] = ()) -> int:
+    """A 1-based band index for one ``bands=`` entry (an index, or a name of this raster).
+
+    ``asked`` is the whole ``bands=`` list, quoted in the error messages.
+    """
+    key = f"bands={list(asked)}" if asked else "bands="
+    if isinstance(band, int):
+        if not 1 <= band <= info.count:
+            raise ConfigError(
+                f"{key} names band {band}, but {info.path!r} has {info.count} band(s); "
+                f"use indexes 1..{info.count} or names ({', '.join(band_labels(info))})"
+            )
+        return band
+    wanted = band.strip().lower()
+    for matches in (
+        [i for i in range(info.count) if _desc(info, i).lower() == wanted],
+        [i for i in range(info.count) if _interp(info, i) == wanted],
+    ):
+        if len(matches) == 1:
+            return matches[0] + 1
+        if len(matches) > 1:
+            raise ConfigError(
+                f"{key}: {band!r} matches bands {[m + 1 for m in matches]} of "
+                f"{info.path!r}; pick them by index"
+            )
+    raise ConfigError(
+        f"{key}: {band!r} matches no band of {info.path!r} (its bands: "
+        f"{', '.join(band_labels(info))}); use a colour interpretation, a band description "
+        "or an index"
+    )
+
+
+def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int) -> list[int]:
+    """Pick the 1-based band indexes to read and check them against the raster and model.
+
+    Args:
+        info: the raster.
+        bands: the user's ``bands`` key (indexes and/or names) or None.
+        needed: bands the model needs, 0 when it takes any count.
+
+    Returns:
+        The band indexes (1-based), see the module docstring for the defaults.
+
+    Raises:
+        ConfigError: a band the raster lacks, a name it does not have, or a count the model
+            cannot take.
+    """
+    if bands is not None:
+        chosen = [resolve_band(info, b, bands) for b in bands]
+        if needed and len(chosen) != needed:
+            raise ConfigError(
+                f"bands={list(bands)} selects {len(chosen)} band(s), but the model needs "
+                f"{needed}; pass e.g. bands=[{','.join(str(i) for i in range(1, needed + 1))}]"
+            )
+        return chosen
+    alpha = {i + 1 for i in range(info.count) if _interp(info, i) == "alpha"}
+    if needed == 0:
+        return [b for b in range(1, info.count + 1) if b not in alpha] or [1]
+    if info.count < needed:
+        raise ConfigError(
+            f"{info.path!r} has {info.count} band(s), but the model needs {needed}; "
+            "pick bands with e.g. bands=[1,1,1] or use a model for that band count"
+        )
+    if needed == 3 and all(c in info.colorinterp for c in _RGB):
+        rgb = [info.colorinterp.index(c) + 1 for c in _RGB]
+        if rgb != [1, 2, 3] or info.count > 3:
+            log.info(
+                "%s: bands %s by colour interpretation (red, green, blue) for a 3-band model",
+                info.path,
+                rgb,
+            )
+        return rgb
+    if info.count > needed:
+        log.info("%s has %d bands; reading bands 1..%d", info.path, info.count, needed)
+    return list(range(1, needed + 1))
