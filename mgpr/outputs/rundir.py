@@ -159,10 +159,14 @@ def _diff(old: Any, new: Any, where: str) -> str | None:
             if found:
                 return found
         return None
-    nested = (
-        any(isinstance(v, dict | list) for v in [*old, *new]) if isinstance(old, list) else False
+    # Lists of records (inputs) are followed into; lists of values (bands, ranges) are leaves.
+    records = (
+        isinstance(old, list)
+        and isinstance(new, list)
+        and len(old) == len(new)
+        and any(isinstance(v, dict) for v in [*old, *new])
     )
-    if nested and isinstance(new, list) and len(old) == len(new):
+    if records:
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
             found = _diff(a, b, f"{where}[{i}]")
             if found:
