@@ -1,4 +1,4 @@
-"""Model adapters: built-in torchvision models, a reference detector, a null model, user code.
+"""Model adapters: built-in torchvision models, reference models, a null model, user code.
 
 Use :func:`build_model` (``model=`` + ``weights=``) to get a :class:`ModelAdapter`; see
 :mod:`mgpr.models.registry` for the table of built-in models, :mod:`mgpr.models.base` for the
@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mgpr.models.base import Classification, Detections, ModelAdapter, Task
+    from mgpr.models.base import Classification, ClassMap, Detections, ModelAdapter, Task
     from mgpr.models.registry import KNOWN_MODELS, MODELS, build_model, is_import_path
     from mgpr.models.weights import (
         fetch_weights,
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 #: Public name -> the module that defines it.
 _HOMES = {
+    "ClassMap": "mgpr.models.base",
     "Classification": "mgpr.models.base",
     "Detections": "mgpr.models.base",
     "ModelAdapter": "mgpr.models.base",
@@ -46,6 +47,7 @@ _HOMES = {
 __all__ = [
     "KNOWN_MODELS",
     "MODELS",
+    "ClassMap",
     "Classification",
     "Detections",
     "ModelAdapter",

@@ -27,7 +27,7 @@ import torch
 from mgpr.errors import ModelError
 
 #: What a model produces per tile.
-Task = Literal["classification", "detection"]
+Task = Literal["classification", "detection", "segmentation"]
 TASKS: tuple[str, ...] = get_args(Task)
 #: What :meth:`ModelAdapter.prepare` receives: ``unit`` = float32 in [0, 1] (``value_range``
 #: applied), ``raw`` = float32 native raster values, unscaled.
@@ -107,14 +107,51 @@ class Classification:
             )
 
 
+@dataclass(frozen=True, slots=True)
+class ClassMap:
+    """The class of every pixel of one tile (segmentation), on the tile's own pixel grid.
+
+    Attributes:
+        class_ids: (H, W) class id per TILE pixel (row 0 = the tile's top row), indices into
+            :attr:`ModelAdapter.categories`; uint8 for models with at most 256 classes, else
+            uint16 (the raster writer chooses the output dtype and nodata value).
+        probabilities: (K, H, W) uint8 ``round(p * 255)`` of every class's softmax probability
+            ``p``, when the adapter was asked for them (``probabilities`` / blended seams), else
+            None. uint8 because that is what the probability raster stores: 4x less host
+            memory and transfer than float32, and the same bytes on every run.
+    """
+
+    class_ids: np.ndarray
+    probabilities: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        ids, probs = self.class_ids, self.probabilities
+        if ids.ndim != 2 or ids.dtype not in (np.uint8, np.uint16):
+            raise ValueError(
+                f"ClassMap needs class_ids (H, W) uint8 or uint16; got {ids.shape} {ids.dtype}"
+            )
+        if probs is not None and (
+            probs.ndim != 3 or probs.shape[1:] != ids.shape or probs.dtype != np.uint8
+        ):
+            raise ValueError(
+                f"ClassMap needs probabilities (K, {ids.shape[0]}, {ids.shape[1]}) uint8; got "
+                f"{probs.shape} {probs.dtype}"
+            )
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W) of the tile, pixels."""
+        return (int(self.class_ids.shape[0]), int(self.class_ids.shape[1]))
+
+
 class ModelAdapter(abc.ABC):
     """A network plus the glue that feeds it scaled tiles and turns its output into records.
 
     Attributes:
         name: ``"resnet50"``, ``"fasterrcnn"``, ``"reference"``, ``"null"``, or the import path
             of a user model.
-        task: ``"classification"`` (one :class:`Classification` per tile) or ``"detection"``
-            (one :class:`Detections` per tile).
+        task: ``"classification"`` (one :class:`Classification` per tile), ``"detection"``
+            (one :class:`Detections` per tile) or ``"segmentation"`` (one :class:`ClassMap`).
         categories: label names by class id (ImageNet / COCO names from the torchvision weights'
             meta where known), or None when unknown.
         in_bands: number of raster bands the model needs (3 for the torchvision models); 0 means
@@ -153,7 +190,7 @@ class ModelAdapter(abc.ABC):
         if task not in TASKS:
             raise ModelError(
                 f"model={name} declares task={task!r}, which is not one of {TASKS}; "
-                "set the adapter's task to 'classification' or 'detection'."
+                f"set the adapter's task to one of {', '.join(TASKS)}."
             )
         self.name = name
         self.task = task
@@ -200,7 +237,9 @@ class ModelAdapter(abc.ABC):
         self._network = compiler(self.module)
 
     @abc.abstractmethod
-    def postprocess(self, raw: Any, tile_size: int) -> list[Detections] | list[Classification]:
+    def postprocess(
+        self, raw: Any, tile_size: int
+    ) -> list[Detections] | list[Classification] | list[ClassMap]:
         """Turn the raw output of :meth:`forward` into one CPU record per tile.
 
         Args:
@@ -209,12 +248,12 @@ class ModelAdapter(abc.ABC):
 
         Returns:
             B records, in batch order: :class:`Detections` for detection, :class:`Classification`
-            for classification; numpy arrays on the CPU (float32 / int64).
+            for classification, :class:`ClassMap` for segmentation; numpy arrays on the CPU.
         """
 
     def predict(
         self, images: torch.Tensor, tile_size: int
-    ) -> list[Detections] | list[Classification]:
+    ) -> list[Detections] | list[Classification] | list[ClassMap]:
         """Run prepare, forward and postprocess in one call (tests, notebooks; no autocast).
 
         Args:
@@ -272,3 +311,37 @@ def detections_from_dicts(
         labels = det["labels"][keep].cpu().numpy().astype(np.int64, copy=False)
         out.append(Detections(boxes=boxes, scores=scores, labels=labels))
     return out
+
+
+def class_maps_from_logits(logits: torch.Tensor, probabilities: bool) -> list[ClassMap]:
+    """Per-pixel argmax (and optionally softmax), computed on the logits' device, moved to the CPU.
+
+    The argmax and softmax run in float32 whatever the autocast dtype of the network (a bf16
+    tie would otherwise pick another class than fp32). Only the (B, H, W) ids cross to the host,
+    as uint8 when K <= 256 (1 byte per pixel), plus (B, K, H, W) uint8 probabilities if asked.
+
+    Args:
+        logits: (B, K, H, W) raw class scores at tile resolution, any float dtype and device.
+        probabilities: also return ``round(softmax * 255)`` per class (uint8).
+
+    Returns:
+        B :class:`ClassMap` records on the tiles' pixel grids.
+    """
+    if logits.ndim != 4:
+        raise ValueError(f"segmentation logits must be (B, K, H, W); got {tuple(logits.shape)}")
+    scores = logits.float()
+    k = scores.shape[1]
+    ids = scores.argmax(dim=1)
+    ids_np = (
+        ids.to(torch.uint8).cpu().numpy()
+        if k <= 256
+        else ids.to(torch.int32).cpu().numpy().astype(np.uint16)
+    )
+    probs_np: np.ndarray | None = None
+    if probabilities:
+        probs = torch.softmax(scores, dim=1).mul_(255.0).round_().to(torch.uint8)
+        probs_np = probs.cpu().numpy()
+    return [
+        ClassMap(class_ids=ids_np[i], probabilities=None if probs_np is None else probs_np[i])
+        for i in range(ids_np.shape[0])
+    ]

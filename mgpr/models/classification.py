@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
 
-from mgpr.models.base import Classification, ModelAdapter, classifications_from_logits
+from mgpr.models.base import Classification, ModelAdapter, Task, classifications_from_logits
 from mgpr.models.weights import build_torchvision_model
 
 #: ImageNet channel statistics (RGB) of the torchvision classification weights, in [0, 1] units.
@@ -36,10 +36,11 @@ class ImageNetClassifierAdapter(ModelAdapter):
         topk: int,
         mean: tuple[float, ...] = IMAGENET_MEAN,
         std: tuple[float, ...] = IMAGENET_STD,
+        task: Task = "classification",
     ) -> None:
         super().__init__(
             name=name,
-            task="classification",
+            task=task,
             categories=categories,
             in_bands=len(mean),
             random_weights=random_weights,

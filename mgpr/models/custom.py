@@ -8,11 +8,15 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
 * A returned ``torch.nn.Module`` is wrapped (:class:`ModuleAdapter`): it gets (B, C, H, W)
   float32 tiles in [0, 1] on the device (``value_range`` applied; a module attribute
   ``input_range = "raw"`` asks for float32 native raster values instead) and must return
-  either a (B, K) tensor of class logits (-> classification: softmax, top-k) or a list of B
+  either a (B, K) tensor of class logits (-> classification: softmax, top-k), a list of B
   dicts with ``boxes`` (N, 4) xyxy in tile pixels, ``scores`` (N,) and ``labels`` (N,)
-  (-> detection, torchvision style).
-  Optional attributes on the module steer the wrapper: ``task`` (``"classification"`` or
-  ``"detection"``; without it one probe forward on a zero tile on the CPU decides),
+  (-> detection, torchvision style), or (B, K, H, W) per-pixel class logits at tile
+  resolution, bare or as the ``out`` entry of a dict as torchvision's segmentation models
+  return them (-> segmentation: argmax per pixel).
+  Optional attributes on the module steer the wrapper: ``task`` (``"classification"``,
+  ``"detection"`` or ``"segmentation"``; a segmenter must declare it, since (B, C, H, W) out
+  is also what an image-to-image module returns; without it one probe forward on a zero tile
+  on the CPU decides between the other two),
   ``categories`` (names by class id), ``in_bands`` (else the first Conv2d's ``in_channels``, else
   0 = any). A torchvision ``GeneralizedRCNN`` (Faster R-CNN, ...) computes its boxes in float32
   under mixed precision, like the built-in detector
@@ -34,9 +38,11 @@ from mgpr.models.base import (
     INPUT_RANGES,
     TASKS,
     Classification,
+    ClassMap,
     Detections,
     ModelAdapter,
     Task,
+    class_maps_from_logits,
     classifications_from_logits,
     detections_from_dicts,
 )
@@ -44,6 +50,13 @@ from mgpr.models.base import (
 logger = logging.getLogger(__name__)
 
 _DET_KEYS = ("boxes", "scores", "labels")
+
+#: What each task's raw output must be, for messages.
+_NEEDS: dict[str, str] = {
+    "classification": "(B, K) logits",
+    "detection": "a list of dicts with boxes/scores/labels",
+    "segmentation": "(B, K, H, W) pixel logits",
+}
 
 
 def split_import_path(path: str) -> tuple[str, str]:
@@ -112,9 +125,19 @@ def _first_conv_in_channels(module: torch.nn.Module) -> int:
     return 0
 
 
+def _segmentation_logits(out: Any) -> Any:
+    """Torchvision segmentation style ``{"out": logits, ...}`` -> the logits; else ``out``."""
+    if isinstance(out, dict) and isinstance(out.get("out"), torch.Tensor):
+        return out["out"]
+    return out
+
+
 def _kind_of_output(out: Any, batch: int) -> Task | None:
     if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == batch:
         return "classification"
+    seg = _segmentation_logits(out)
+    if isinstance(seg, torch.Tensor) and seg.ndim == 4 and seg.shape[0] == batch:
+        return "segmentation"
     if (
         isinstance(out, (list, tuple))
         and len(out) == batch
@@ -144,6 +167,7 @@ class ModuleAdapter(ModelAdapter):
         topk: int,
         score_threshold: float,
         tile_size: int,
+        probabilities: bool = False,
     ) -> None:
         in_bands = getattr(module, "in_bands", None)
         in_bands = int(in_bands) if in_bands is not None else _first_conv_in_channels(module)
@@ -169,6 +193,8 @@ class ModuleAdapter(ModelAdapter):
         self.input_range = input_range
         self.topk = topk
         self.score_threshold = score_threshold
+        #: segmentation: also return per-class uint8 probabilities per tile.
+        self.probabilities = probabilities
         self._backbone: Callable[[torch.Tensor], Any] | None = None
 
     def forward(self, inputs: torch.Tensor) -> Any:
@@ -204,10 +230,19 @@ class ModuleAdapter(ModelAdapter):
                 "or set a `task` attribute on the module to skip this probe."
             ) from err
         kind = _kind_of_output(out, 1)
+        if kind == "segmentation":
+            # (B, C, H, W) out is also what an image-to-image module (or a bug: Identity)
+            # returns, so a segmenter must say so.
+            raise ModelError(
+                f"model={name}: the module returns {_describe(out)}; if these are per-pixel "
+                'class logits set `task = "segmentation"` on the module, else return (B, K) '
+                "class logits or a list of B dicts with boxes/scores/labels."
+            )
         if kind is None:
             raise ModelError(
                 f"model={name}: the module returns {_describe(out)}; return (B, K) class logits "
-                "or a list of B dicts with boxes/scores/labels."
+                "or a list of B dicts with boxes/scores/labels (a segmenter: set "
+                '`task = "segmentation"` and return (B, K, H, W) logits).'
             )
         logger.info("model=%s: probe output is %s", name, kind)
         return kind
@@ -216,21 +251,24 @@ class ModuleAdapter(ModelAdapter):
         """Pass the scaled (B, C, H, W) float32 tiles (in [0, 1], or raw values) to the module."""
         return images
 
-    def postprocess(self, raw: Any, tile_size: int) -> list[Detections] | list[Classification]:
-        """Softmax/top-k for (B, K) logits, or dicts -> :class:`Detections` (score threshold)."""
+    def postprocess(
+        self, raw: Any, tile_size: int
+    ) -> list[Detections] | list[Classification] | list[ClassMap]:
+        """Turn the module's output into the records of its task.
+
+        (B, K) logits: softmax, top-k; dicts: :class:`Detections` (score threshold);
+        (B, K, H, W) logits: per-pixel argmax, :class:`ClassMap`.
+        """
+        raw = _segmentation_logits(raw)
         batch = raw.shape[0] if isinstance(raw, torch.Tensor) else len(raw)
         kind = _kind_of_output(raw, batch)
         if kind != self.task:
             raise ModelError(
                 f"model={self.name} returned {_describe(raw)} where its task '{self.task}' "
-                "needs "
-                + (
-                    "(B, K) logits"
-                    if self.task == "classification"
-                    else "a list of dicts with boxes/scores/labels"
-                )
-                + "; fix its forward."
+                f"needs {_NEEDS[self.task]}; fix its forward."
             )
+        if kind == "segmentation":
+            return class_maps_from_logits(raw, self.probabilities)
         if kind == "classification":
             return classifications_from_logits(raw, self.topk)
         return detections_from_dicts(raw, self.score_threshold)
@@ -243,6 +281,7 @@ def build_custom(
     topk: int = 5,
     score_threshold: float = 0.05,
     tile_size: int = 512,
+    probabilities: bool = False,
 ) -> ModelAdapter:
     """Import ``path``, call it with ``weights``, and return an adapter.
 
@@ -252,6 +291,7 @@ def build_custom(
         topk: classes kept per tile when a wrapped module classifies.
         score_threshold: boxes kept when a wrapped module detects.
         tile_size: tile edge in pixels (size of the probe tile).
+        probabilities: a wrapped module that segments also returns uint8 class probabilities.
 
     Raises:
         ModelError: does not import, attribute missing, not callable, or returns something that
@@ -272,7 +312,7 @@ def build_custom(
         task = getattr(built, "task", None)
         if task is not None and task not in TASKS:
             raise ModelError(
-                f"model={path} has task={task!r}; set it to 'classification' or 'detection'."
+                f"model={path} has task={task!r}; set it to one of {', '.join(TASKS)}."
             )
         return ModuleAdapter(
             built,
@@ -281,6 +321,7 @@ def build_custom(
             topk=topk,
             score_threshold=score_threshold,
             tile_size=tile_size,
+            probabilities=probabilities,
         )
     raise ModelError(
         f"model={path} returned {_describe(built)}; build(weights) must return a ModelAdapter "

@@ -8,7 +8,8 @@ A ``weights`` string is one of:
   torchvision's ``get_model_weights`` / ``get_weight``: downloaded once into
   the torch hub cache, ``<TORCH_HOME>/hub/checkpoints`` (``TORCH_HOME`` defaults to
   ``~/.cache/torch``), and read from there afterwards.
-* a path to a local checkpoint, read with ``torch.load(weights_only=True)`` (no code runs).
+* a path to a local checkpoint, read with ``torch.load(weights_only=True)`` (no code runs;
+  reading and key checks live in :mod:`mgpr.models.checkpoint`).
 
 Nothing ever falls back to random weights silently: a missing file, a checkpoint that does not
 fit, or a download that fails raises :class:`~mgpr.errors.ModelError` with the fix.
@@ -20,12 +21,10 @@ name and renames it).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
 import urllib.error
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -35,15 +34,35 @@ import torch
 from torchvision.models import WeightsEnum, get_model_weights, get_weight
 
 from mgpr.errors import ModelError
+from mgpr.models.checkpoint import (
+    file_sha256,
+    file_weights_id,
+    load_checkpoint,
+    load_checkpoint_sized,
+    one_line,
+)
 from mgpr.models.registry import model_entry
+
+__all__ = [
+    "WeightsSpec",
+    "build_torchvision_model",
+    "checkpoint_dir",
+    "fetch_weights",
+    "file_sha256",
+    "file_weights_id",
+    "load_checkpoint",
+    "load_torchvision",
+    "require_no_weights",
+    "resolve_weights",
+    "weights_cache_file",
+    "weights_cached",
+    "weights_enum_class",
+]
 
 logger = logging.getLogger(__name__)
 
 #: torch.hub's convention: a cached file ``name-<hash prefix>.ext`` carries its sha256 prefix.
 _HASH_REGEX = re.compile(r"-([a-f0-9]*)\.")
-
-#: Digits of the sha256 kept in a ``file:`` weights id.
-HASH_PREFIX_LEN = 16
 
 
 def weights_enum_class(name: str) -> type[WeightsEnum] | None:
@@ -73,21 +92,6 @@ class WeightsSpec:
     weights_id: str
     enum: WeightsEnum | None = None
     path: Path | None = None
-
-
-def file_sha256(path: str | os.PathLike[str], n: int = HASH_PREFIX_LEN) -> str:
-    """Return the first ``n`` hex digits of the file's sha256 (reads the file in 1 MiB chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:n]
-
-
-def file_weights_id(path: str | os.PathLike[str]) -> str:
-    """Return ``"file:<abs path>#sha256:<first 16 hex>"`` for a local checkpoint."""
-    resolved = Path(path).resolve()
-    return f"file:{resolved}#sha256:{file_sha256(resolved)}"
 
 
 def _enum_member(enum_cls: type[WeightsEnum], weights: str) -> WeightsEnum | None:
@@ -245,161 +249,10 @@ def fetch_weights(name: str, weights: str = "DEFAULT", *, progress: bool = False
         )
         raise ModelError(
             f"weights={weights} for {name} are not in the cache ({target.parent}) and cannot be "
-            f"downloaded ({_one_line(reason)}); on a machine with internet run `{fetch}` "
+            f"downloaded ({one_line(reason)}); on a machine with internet run `{fetch}` "
             f"({_torch_home_hint()}) or pass weights=<local .pth>."
         ) from err
     return target
-
-
-def _one_line(obj: object, limit: int = 200) -> str:
-    text = " ".join(str(obj).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Read a checkpoint's tensors with ``torch.load(map_location="cpu", weights_only=True)``.
-
-    Accepts a raw ``state_dict`` or a dict holding it under ``"state_dict"`` (Lightning) or
-    ``"model"``. Key prefixes are left alone (see :func:`load_state_dict_checked`).
-
-    Raises:
-        ModelError: the file does not exist, cannot be unpickled safely, or holds no tensors.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ModelError(
-            f"weights={path}: no such checkpoint file ({p.resolve()}); fix the path, or pass "
-            "weights=DEFAULT or weights=none."
-        )
-    try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
-        raise ModelError(
-            f"weights={path} cannot be read with torch.load(weights_only=True) "
-            f"({type(err).__name__}: {_one_line(err, 120)}); save it with "
-            "torch.save(model.state_dict(), path)."
-        ) from err
-    if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj:
-        raise ModelError(
-            f"weights={path} holds {type(obj).__name__}, not a state_dict; save it with "
-            "torch.save(model.state_dict(), path)."
-        )
-    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-    if not tensors:
-        raise ModelError(
-            f"weights={path} holds a dict without tensors (keys {list(obj)[:3]}); save it with "
-            "torch.save(model.state_dict(), path)."
-        )
-    return tensors
-
-
-def align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strip a common leading prefix (``module.``, ``model.``, ``net.`` ...) if that fits better.
-
-    Tries removing 0 to 3 leading dotted components shared by every key and keeps the variant
-    with the most keys in ``expected`` (ties keep the shorter strip).
-    """
-    best, best_hits = state, len(expected.intersection(state))
-    current = state
-    for _ in range(3):
-        heads = {k.split(".", 1)[0] for k in current}
-        if len(heads) != 1 or not all("." in k for k in current):
-            break
-        current = {k.split(".", 1)[1]: v for k, v in current.items()}
-        hits = len(expected.intersection(current))
-        if hits > best_hits:
-            best, best_hits = current, hits
-    return best
-
-
-def _ignorable(key: str) -> bool:
-    # BatchNorm2d has num_batches_tracked, FrozenBatchNorm2d does not; neither affects inference.
-    return key.endswith("num_batches_tracked")
-
-
-def load_state_dict_checked(
-    module: torch.nn.Module, state: dict[str, torch.Tensor], source: str, model_name: str = ""
-) -> None:
-    """Load ``state`` into ``module`` after checking every key and shape.
-
-    Args:
-        module: the network to fill (its parameters are overwritten in place).
-        state: tensors by key, e.g. from :func:`read_checkpoint`.
-        source: the ``weights=`` value, for the message.
-        model_name: the model name, for the message.
-
-    Raises:
-        ModelError: naming up to 3 missing, unexpected and shape-mismatched keys each.
-    """
-    expected = module.state_dict()
-    state = align_keys(state, set(expected))
-    missing = [k for k in expected if k not in state and not _ignorable(k)]
-    unexpected = [k for k in state if k not in expected and not _ignorable(k)]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
-        parts = []
-        for label, keys in (
-            ("missing", missing),
-            ("unexpected", unexpected),
-            ("shape mismatch (checkpoint vs model)", mismatched),
-        ):
-            if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
-        what = f"model={model_name}" if model_name else "the model"
-        raise ModelError(
-            f"weights={source} does not fit {what}: {'; '.join(parts)}; pass a checkpoint saved "
-            "from this model's state_dict() or use weights=DEFAULT."
-        )
-    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
-
-
-def load_checkpoint_sized(
-    path: str | os.PathLike[str],
-    build: Callable[[int | None], torch.nn.Module],
-    head_key: str,
-    default_classes: int,
-    source: str,
-    model_name: str,
-) -> tuple[torch.nn.Module, int]:
-    """Build a torchvision model with the checkpoint's own class count and load the checkpoint.
-
-    The class count is read from the head weight ``head_key`` (its first dimension), so
-    fine-tuned heads load; ``build(None)`` makes the default head, ``build(n)`` one with ``n``
-    classes.
-
-    Returns:
-        The loaded module and its number of classes.
-    """
-    state = read_checkpoint(path)
-    module = build(None)
-    head = align_keys(state, set(module.state_dict())).get(head_key)
-    num_classes = int(head.shape[0]) if head is not None and head.ndim == 2 else default_classes
-    if num_classes != default_classes:
-        module = build(num_classes)
-    load_state_dict_checked(module, state, source, model_name)
-    return module, num_classes
-
-
-def load_checkpoint(
-    path: str | os.PathLike[str], module: torch.nn.Module, model_name: str = ""
-) -> str:
-    """Load a local checkpoint (see :func:`read_checkpoint`) into ``module``; its weights id.
-
-    Raises:
-        ModelError: missing file, unreadable file, or keys/shapes that do not fit.
-    """
-    load_state_dict_checked(module, read_checkpoint(path), str(path), model_name)
-    return file_weights_id(path)
 
 
 def load_torchvision(builder: Any, model_name: str, weights: str, **kwargs: Any) -> torch.nn.Module:
@@ -428,7 +281,7 @@ def load_torchvision(builder: Any, model_name: str, weights: str, **kwargs: Any)
     except Exception as err:  # noqa: BLE001 - the weights_only unpickler raises many types
         raise ModelError(
             f"weights={weights} for {model_name}: the cached file {cached} cannot be loaded "
-            f"({type(err).__name__}: {_one_line(err, 120)}); delete it and run "
+            f"({type(err).__name__}: {one_line(err, 120)}); delete it and run "
             f"`mgpr-fetch-weights {model_name} --weights {spec.enum.name}`."
         ) from err
     finally:
@@ -448,6 +301,7 @@ def build_torchvision_model(
     head_key: str,
     default_categories: tuple[str, ...],
     output_noun: str,
+    ignore_prefixes: tuple[str, ...] = (),
     **kwargs: Any,
 ) -> tuple[WeightsSpec, torch.nn.Module, tuple[str, ...] | None]:
     """A torchvision model for any ``weights`` value, and the category names of its outputs.
@@ -464,6 +318,8 @@ def build_torchvision_model(
         head_key: state-dict key of the classification head's weight.
         default_categories: the ``DEFAULT`` weights' category names.
         output_noun: what the outputs are, for the random-weights warning ("predictions").
+        ignore_prefixes: checkpoint keys the model does not need (``aux_classifier.``), see
+            :func:`~mgpr.models.checkpoint.load_state_dict_checked`.
         **kwargs: passed to the builder.
 
     Raises:
@@ -492,6 +348,7 @@ def build_torchvision_model(
             default_classes,
             str(weights),
             model_name,
+            ignore_prefixes,
         )
         if num_classes != default_classes:
             categories = None

@@ -36,4 +36,11 @@ def build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
                 f"weights={cfg.weights} for {model_name} into {target.parent}; "
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )
-    return build_model(model_name, cfg.weights, **kwargs)
+    adapter = build_model(model_name, cfg.weights, **kwargs)
+    if adapter.task == "segmentation":
+        # A user model may declare it already; its class-map writer (issue 15) is not in yet.
+        raise ModelError(
+            f"model={model_name} is a segmentation model; this version writes only "
+            "classification and detection outputs; use such a model (e.g. model=resnet50)."
+        )
+    return adapter

@@ -1,0 +1,200 @@
+"""Local checkpoints: read with ``torch.load(weights_only=True)``, keys and shapes checked.
+
+Split from :mod:`mgpr.models.weights` (which resolves a ``weights`` string and keeps the
+download cache): everything here works on a file the user named, offline. No code in a
+checkpoint ever runs, and nothing that does not fit loads silently: a missing, unexpected or
+mis-shaped key raises :class:`~mgpr.errors.ModelError` naming up to three of each.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mgpr.errors import ModelError
+
+#: Digits of the sha256 kept in a ``file:`` weights id.
+HASH_PREFIX_LEN = 16
+
+
+def file_sha256(path: str | os.PathLike[str], n: int = HASH_PREFIX_LEN) -> str:
+    """Return the first ``n`` hex digits of the file's sha256 (reads the file in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:n]
+
+
+def file_weights_id(path: str | os.PathLike[str]) -> str:
+    """Return ``"file:<abs path>#sha256:<first 16 hex>"`` for a local checkpoint."""
+    resolved = Path(path).resolve()
+    return f"file:{resolved}#sha256:{file_sha256(resolved)}"
+
+
+def one_line(obj: object, limit: int = 200) -> str:
+    """``obj`` as text on one line (whitespace runs collapsed), cut to ``limit`` characters."""
+    text = " ".join(str(obj).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Read a checkpoint's tensors with ``torch.load(map_location="cpu", weights_only=True)``.
+
+    Accepts a raw ``state_dict`` or a dict holding it under ``"state_dict"`` (Lightning) or
+    ``"model"``. Key prefixes are left alone (see :func:`load_state_dict_checked`).
+
+    Raises:
+        ModelError: the file does not exist, cannot be unpickled safely, or holds no tensors.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ModelError(
+            f"weights={path}: no such checkpoint file ({p.resolve()}); fix the path, or pass "
+            "weights=DEFAULT or weights=none."
+        )
+    try:
+        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise ModelError(
+            f"weights={path} cannot be read with torch.load(weights_only=True) "
+            f"({type(err).__name__}: {one_line(err, 120)}); save it with "
+            "torch.save(model.state_dict(), path)."
+        ) from err
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ModelError(
+            f"weights={path} holds {type(obj).__name__}, not a state_dict; save it with "
+            "torch.save(model.state_dict(), path)."
+        )
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ModelError(
+            f"weights={path} holds a dict without tensors (keys {list(obj)[:3]}); save it with "
+            "torch.save(model.state_dict(), path)."
+        )
+    return tensors
+
+
+def align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
+    """Strip a common leading prefix (``module.``, ``model.``, ``net.`` ...) if that fits better.
+
+    Tries removing 0 to 3 leading dotted components shared by every key and keeps the variant
+    with the most keys in ``expected`` (ties keep the shorter strip).
+    """
+    best, best_hits = state, len(expected.intersection(state))
+    current = state
+    for _ in range(3):
+        heads = {k.split(".", 1)[0] for k in current}
+        if len(heads) != 1 or not all("." in k for k in current):
+            break
+        current = {k.split(".", 1)[1]: v for k, v in current.items()}
+        hits = len(expected.intersection(current))
+        if hits > best_hits:
+            best, best_hits = current, hits
+    return best
+
+
+def _ignorable(key: str) -> bool:
+    # BatchNorm2d has num_batches_tracked, FrozenBatchNorm2d does not; neither affects inference.
+    return key.endswith("num_batches_tracked")
+
+
+def load_state_dict_checked(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str,
+    model_name: str = "",
+    ignore_prefixes: tuple[str, ...] = (),
+) -> None:
+    """Load ``state`` into ``module`` after checking every key and shape.
+
+    Args:
+        module: the network to fill (its parameters are overwritten in place).
+        state: tensors by key, e.g. from :func:`read_checkpoint`.
+        source: the ``weights=`` value, for the message.
+        model_name: the model name, for the message.
+        ignore_prefixes: checkpoint keys starting with one of these (after prefix alignment)
+            are dropped, not reported: parts a trained model had that inference does not use
+            (a segmentation model's ``aux_classifier.``, used only for its training loss).
+
+    Raises:
+        ModelError: naming up to 3 missing, unexpected and shape-mismatched keys each.
+    """
+    expected = module.state_dict()
+    state = align_keys(state, set(expected))
+    if ignore_prefixes:
+        state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
+    missing = [k for k in expected if k not in state and not _ignorable(k)]
+    unexpected = [k for k in state if k not in expected and not _ignorable(k)]
+    mismatched = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if missing or unexpected or mismatched:
+        parts = []
+        for label, keys in (
+            ("missing", missing),
+            ("unexpected", unexpected),
+            ("shape mismatch (checkpoint vs model)", mismatched),
+        ):
+            if keys:
+                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
+                parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+        what = f"model={model_name}" if model_name else "the model"
+        raise ModelError(
+            f"weights={source} does not fit {what}: {'; '.join(parts)}; pass a checkpoint saved "
+            "from this model's state_dict() or use weights=DEFAULT."
+        )
+    module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
+
+
+def load_checkpoint_sized(
+    path: str | os.PathLike[str],
+    build: Callable[[int | None], torch.nn.Module],
+    head_key: str,
+    default_classes: int,
+    source: str,
+    model_name: str,
+    ignore_prefixes: tuple[str, ...] = (),
+) -> tuple[torch.nn.Module, int]:
+    """Build a torchvision model with the checkpoint's own class count and load the checkpoint.
+
+    The class count is read from the head weight ``head_key`` (its first dimension: a linear
+    head's (K, F) or a 1x1 convolution head's (K, F, 1, 1)), so fine-tuned heads load;
+    ``build(None)`` makes the default head, ``build(n)`` one with ``n`` classes.
+    ``ignore_prefixes``: see :func:`load_state_dict_checked`.
+
+    Returns:
+        The loaded module and its number of classes.
+    """
+    state = read_checkpoint(path)
+    module = build(None)
+    head = align_keys(state, set(module.state_dict())).get(head_key)
+    num_classes = int(head.shape[0]) if head is not None and head.ndim >= 2 else default_classes
+    if num_classes != default_classes:
+        module = build(num_classes)
+    load_state_dict_checked(module, state, source, model_name, ignore_prefixes)
+    return module, num_classes
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str], module: torch.nn.Module, model_name: str = ""
+) -> str:
+    """Load a local checkpoint (see :func:`read_checkpoint`) into ``module``; its weights id.
+
+    Raises:
+        ModelError: missing file, unreadable file, or keys/shapes that do not fit.
+    """
+    load_state_dict_checked(module, read_checkpoint(path), str(path), model_name)
+    return file_weights_id(path)
