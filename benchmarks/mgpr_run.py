@@ -20,8 +20,10 @@ def mgpr_command() -> list[str]:
     return [str(exe)] if exe.exists() else [sys.executable, "-m", "mgpr.cli.main"]
 
 
-def run_mgpr(overrides: list[str], out: Path) -> tuple[dict[str, Any], float]:
-    """Run ``mgpr <overrides> output_dir=<out> progress=false``.
+def run_mgpr(
+    overrides: list[str], out: Path, env: dict[str, str] | None = None
+) -> tuple[dict[str, Any], float]:
+    """Run ``mgpr <overrides> output_dir=<out> progress=false`` (in ``env``, else this one's).
 
     Returns:
         ``(report.json as a dict, wall seconds of the whole command)``.
@@ -31,7 +33,7 @@ def run_mgpr(overrides: list[str], out: Path) -> tuple[dict[str, Any], float]:
     """
     cmd = [*mgpr_command(), *overrides, f"output_dir={out}", "progress=false"]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.time() - t0
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -9,11 +9,9 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from torch.utils.data import DataLoader
 
-from mgpr.data.dataset import STATUS_EMPTY, STATUS_FAILED, STATUS_OK, TileDataset, shard_tiles
+from mgpr.data.dataset import STATUS_EMPTY, STATUS_FAILED, STATUS_OK, TileDataset
 from mgpr.errors import ConfigError, InputError
 from mgpr.geo.bands import check_bands
 from mgpr.geo.inputs import resolve_inputs
@@ -127,24 +125,6 @@ def test_dataset_pickles_and_runs_under_spawn(make_image) -> None:
     loader = DataLoader(ds, batch_size=2, num_workers=1, multiprocessing_context="spawn")
     indexes = np.concatenate([np.asarray(b["index"]) for b in loader]).tolist()
     assert indexes == list(range(len(tiles)))
-
-
-@settings(max_examples=200, deadline=None)
-@given(n=st.integers(0, 60), world=st.integers(1, 9))
-def test_shards_cover_every_tile_exactly_once(n: int, world: int) -> None:
-    items = list(range(n))
-    shards = [shard_tiles(items, r, world) for r in range(world)]  # type: ignore[arg-type]
-    flat = [x for s in shards for x in s]
-    assert sorted(flat) == items
-    sizes = [len(s) for s in shards]
-    assert max(sizes) - min(sizes) <= 1
-
-
-def test_seven_tiles_on_two_ranks() -> None:
-    items = list(range(7))
-    assert shard_tiles(items, 0, 2) == [0, 1, 2, 3]  # type: ignore[arg-type]
-    assert shard_tiles(items, 1, 2) == [4, 5, 6]  # type: ignore[arg-type]
-    assert shard_tiles([0], 1, 2) == []  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -110,8 +110,12 @@ def check_torch() -> list[Finding]:
     return out
 
 
-def check_backends(n_gpus: int) -> list[Finding]:
-    """NCCL (GPU ranks) and gloo (CPU ranks) in torch.distributed."""
+def check_backends() -> list[Finding]:
+    """Gloo (every run's process group, GPU runs included) and NCCL in torch.distributed.
+
+    mgpr coordinates its ranks over gloo even on GPUs (no tensor collectives, no NCCL
+    watchdog), so gloo is required and NCCL is only reported.
+    """
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -124,20 +128,19 @@ def check_backends(n_gpus: int) -> list[Finding]:
             )
         ]
     out = []
-    if dist.is_nccl_available():
-        out.append(Finding(Status.OK, "nccl", "available"))
-    else:
-        status = Status.FAIL if n_gpus > 0 else Status.WARN
-        out.append(
-            Finding(
-                status, "nccl", "not available; multi-GPU ranks need it", "use a CUDA torch wheel"
-            )
-        )
+    nccl = "available" if dist.is_nccl_available() else "not available"
+    out.append(Finding(Status.OK, "nccl", f"{nccl} (not used: mgpr's ranks coordinate over gloo)"))
     if dist.is_gloo_available():
         out.append(Finding(Status.OK, "gloo", "available"))
     else:
-        status = Status.WARN if n_gpus > 0 else Status.FAIL
-        out.append(Finding(status, "gloo", "not available; CPU ranks need it"))
+        out.append(
+            Finding(
+                Status.FAIL,
+                "gloo",
+                "not available; every multi-rank run needs it",
+                "install a torch wheel with distributed support (the default PyPI wheels)",
+            )
+        )
     return out
 
 
@@ -224,11 +227,13 @@ def check_shared_memory(
     tile_size: int | None,
     path: str | None = None,
     bytes_per_px: int = 3,
+    ranks_per_node: int = 1,
 ) -> list[Finding]:
-    """Free /dev/shm against what the rank's DataLoader batch buffers may hold.
+    """Free /dev/shm against what the node's DataLoader batch buffers may hold.
 
     Workers hand batches to their rank through shared memory; when it runs out a worker dies of
-    SIGBUS mid-run. Unset options take the run's defaults. ``bytes_per_px``: bands x carrier
+    SIGBUS mid-run. Every rank of a node shares its /dev/shm, so the need is ``ranks_per_node``
+    x one rank's. Unset options take the run's defaults. ``bytes_per_px``: bands x carrier
     itemsize (3 for uint8 RGB, 8 for a uint16 4-band raster).
     """
     from mgpr.conf.schema import PredictConfig
@@ -244,8 +249,11 @@ def check_shared_memory(
     free = shared_memory_free(where)
     if free is None:
         return [Finding(Status.OK, "shared memory", f"no {where} here (not Linux): not checked")]
-    need = shared_memory_need(workers, batch_size, bytes_per_px * tile_size * tile_size)
+    ranks = max(1, ranks_per_node)
+    need = ranks * shared_memory_need(workers, batch_size, bytes_per_px * tile_size * tile_size)
     setting = f"workers={workers}, batch_size={batch_size}, tile_size={tile_size}"
+    if ranks > 1:
+        setting = f"{ranks} ranks on this node x ({setting})"
     found = (
         f"{where} has {free / 2**30:.2f} GiB free; {setting} may need up to {need / 2**30:.2f} GiB"
     )
@@ -253,6 +261,16 @@ def check_shared_memory(
         fix = "lower batch_size or workers, or ask for more (docker run --shm-size=8g)"
         return [Finding(Status.WARN, "shared memory", found, fix)]
     return [Finding(Status.OK, "shared memory", found)]
+
+
+def _ranks_per_node(gpus: int | None, env: Mapping[str, str], n_gpus: int) -> int:
+    """Ranks a run would start on this node: ``gpus=``, else srun's tasks per node, else GPUs."""
+    if gpus:
+        return gpus
+    per_node = env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0]
+    if per_node.isdigit():
+        return int(per_node)
+    return max(1, n_gpus)
 
 
 def check_weights(models: tuple[str, ...]) -> list[Finding]:
@@ -340,13 +358,18 @@ def run_checks(opts: DoctorOptions, env: Mapping[str, str]) -> list[Finding]:
         n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception:
         n_gpus = 0
-    guarded("distributed", lambda: check_backends(n_gpus))
+    guarded("distributed", check_backends)
     guarded("rasterio", check_rasterio)
     guarded("slurm", lambda: check_slurm(env, opts, n_gpus))
     guarded("cpus", lambda: check_cpus(env, opts.workers))
     guarded(
         "shared memory",
-        lambda: check_shared_memory(opts.workers, opts.batch_size, opts.tile_size),
+        lambda: check_shared_memory(
+            opts.workers,
+            opts.batch_size,
+            opts.tile_size,
+            ranks_per_node=_ranks_per_node(opts.gpus, env, n_gpus),
+        ),
     )
     guarded("weights", lambda: check_weights(opts.models))
     guarded("disk", lambda: check_disk(opts.output_dir))

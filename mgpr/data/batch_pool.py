@@ -242,18 +242,20 @@ def shared_memory_free(path: str = SHM_PATH) -> int | None:
     return stats.f_bavail * stats.f_frsize
 
 
-def shared_memory_shortfall(need_bytes: int, path: str = SHM_PATH) -> str | None:
+def shared_memory_shortfall(need_bytes: int, path: str = SHM_PATH, ranks: int = 1) -> str | None:
     """One line when ``need_bytes`` of batches may not fit in the free shared memory, else None.
 
     A worker that runs out of shared memory dies of SIGBUS mid-batch ("DataLoader worker ...
     killed by signal: Bus error"); saying so before the run starts names the fix instead.
+    ``need_bytes`` is the node's: ``ranks`` (ranks on the node) x one rank's need.
     """
     free = shared_memory_free(path)
     if free is None or need_bytes <= free:
         return None
     gib = 2**30
+    who = f" ({ranks} ranks on this node)" if ranks > 1 else ""
     return (
-        f"DataLoader batches may need up to {need_bytes / gib:.2f} GiB of shared memory but "
+        f"DataLoader batches may need up to {need_bytes / gib:.2f} GiB of shared memory{who} but "
         f"{path} has {free / gib:.2f} GiB free; lower batch_size or workers, or give the "
         "job/container more (e.g. docker run --shm-size=8g)"
     )
@@ -317,8 +319,12 @@ class TileLoader(DataLoader[Any]):
             # With a batch sampler (uniform-shape batches) the DataLoader's batch_size is None.
             batch_size = self.batch_size or getattr(self.batch_sampler, "batch_size", None)
             if callable(sample_bytes) and batch_size:
-                need = shared_memory_need(self.num_workers, batch_size, sample_bytes(), prefetch)
-                warning = shared_memory_shortfall(need)
+                # Every rank of the node has such a pool, all in the same /dev/shm.
+                ranks = int(getattr(dataset, "ranks_per_node", 1))
+                need = ranks * shared_memory_need(
+                    self.num_workers, batch_size, sample_bytes(), prefetch
+                )
+                warning = shared_memory_shortfall(need, ranks=ranks)
                 if warning:
                     log.warning(warning)
         return _TrackingIterator(super().__iter__(), pool)

@@ -32,19 +32,29 @@ class UniformShapeBatchSampler(Sampler[list[int]]):
         self._batches = self._plan()
 
     def _plan(self) -> list[list[int]]:
-        batches: list[list[int]] = []
-        current: list[int] = []
-        for index, key in enumerate(self.keys):
-            if current and (len(current) == self.batch_size or self.keys[current[0]] != key):
-                batches.append(current)
-                current = []
-            current.append(index)
-        if current:
-            batches.append(current)
-        return batches
+        return list(uniform_batches(self.keys, 0, len(self.keys), self.batch_size))
 
     def __iter__(self) -> Iterator[list[int]]:
         return iter([list(b) for b in self._batches])
 
     def __len__(self) -> int:
         return len(self._batches)
+
+
+def uniform_batches(
+    keys: Sequence[Hashable] | None, start: int, stop: int, batch_size: int
+) -> Iterator[list[int]]:
+    """Indexes ``start..stop-1`` in order, in batches of up to ``batch_size``.
+
+    A batch is also cut wherever ``keys`` changes (None: no keys, only the size cuts).
+    """
+    current: list[int] = []
+    for index in range(start, stop):
+        if current and (
+            len(current) == batch_size or (keys is not None and keys[current[0]] != keys[index])
+        ):
+            yield current
+            current = []
+        current.append(index)
+    if current:
+        yield current

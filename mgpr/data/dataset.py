@@ -1,15 +1,15 @@
-"""Datasets and the static split of tiles across ranks.
+"""Datasets: a position in the run's list of tiles -> a sample.
 
-The tile plan and :func:`shard_tiles` act as the sampler (pure lists of tiles per rank, resume
-already subtracted); the datasets only map a position in that list to a sample. A sample is a
-dict:
+The sampler picks the positions (:class:`mgpr.run.claims.ChunkClaimBatchSampler`: chunks of the
+tiles left to predict, claimed by each rank as it goes); the datasets only map a position in
+that list to a sample. A sample is a dict:
 
 * ``image``: ``(C, tile_size, tile_size)`` tensor of the reader's carrier dtype (uint8 for
   8-bit rasters; uint16, int16, int32, int64 or float32 holding other rasters' values exactly),
   CPU (pinned by the DataLoader on GPU runs); never scaled on the CPU
   (:mod:`mgpr.data.scaling` does that on the device).
-* ``index``: int64, the tile's position in the rank's tile list: the tile id travels inside the
-  batch, so nothing relies on Lightning's ``batch_indices`` (wrong under DDP).
+* ``index``: int64, the tile's position in the run's tile list (the same on every rank): the
+  tile id travels inside the batch, so nothing relies on Lightning's ``batch_indices``.
 * ``status``: int64, :data:`STATUS_OK`, :data:`STATUS_EMPTY` (all nodata: the model is not run)
   or :data:`STATUS_FAILED` (the read raised; ``reason`` says why and the run goes on).
 * ``reason``: str, empty unless failed.
@@ -43,28 +43,6 @@ STATUS_EMPTY = 1
 STATUS_FAILED = 2
 
 
-def shard_tiles(tiles: Sequence[Tile], rank: int, world_size: int) -> list[Tile]:
-    """The tiles one rank predicts: a contiguous, balanced, deterministic slice.
-
-    Every tile goes to exactly one rank and no tile is repeated (unlike ``DistributedSampler``,
-    which pads with duplicates). Slice sizes differ by at most one; a rank may get none when
-    there are fewer tiles than ranks. Contiguous slices keep one rank on neighbouring tiles of the
-    same raster, which shares GDAL's block cache between overlapping tiles.
-
-    Args:
-        tiles: the whole job's tiles, in plan order (every rank computes the same list).
-        rank: global rank, 0-based.
-        world_size: number of ranks.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} is outside world size {world_size}")
-    n = len(tiles)
-    base, extra = divmod(n, world_size)
-    start = rank * base + min(rank, extra)
-    stop = start + base + (1 if rank < extra else 0)
-    return list(tiles[start:stop])
-
-
 class TileDataset(Dataset[dict[str, Any]]):
     """Tiles of one rank, read through a per-worker :class:`TileReader`.
 
@@ -72,19 +50,28 @@ class TileDataset(Dataset[dict[str, Any]]):
         tiles: this rank's tiles (after sharding and resume).
         reader: reads windows; opens rasters lazily in each worker.
         check_mask_paths: rasters whose tiles may be all nodata (checked from the mask first).
+        test_delay_s: TEST-ONLY extra sleep per read (non-empty) tile, seconds: simulates a
+            slower rank for the balance tests (``MGPR_TEST_TILE_DELAY_RANK<r>``); 0 otherwise.
     """
 
     def __init__(
-        self, tiles: Sequence[Tile], reader: TileReader, check_mask_paths: set[str]
+        self,
+        tiles: Sequence[Tile],
+        reader: TileReader,
+        check_mask_paths: set[str],
+        test_delay_s: float = 0.0,
     ) -> None:
         self.tiles = list(tiles)
         self.reader = reader
         self.check_mask_paths = set(check_mask_paths)
+        self.test_delay_s = test_delay_s
         self.bands = {p: len(b) for p, b in reader.bands_by_path.items()}
         #: torch dtype of every sample (the reader's carrier)
         self.dtype = torch.from_numpy(np.empty(0, dtype=reader.carrier)).dtype
         #: set by :class:`mgpr.data.batch_pool.TileLoader` before its workers fork
         self.batch_pool: SharedBatchPool | None = None
+        #: ranks on this node, whose loaders share /dev/shm (the TileLoader's check)
+        self.ranks_per_node = 1
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -157,6 +144,8 @@ class TileDataset(Dataset[dict[str, Any]]):
                 out[...] = 0
                 return STATUS_EMPTY, ""
             self.reader.read(tile, out=out)
+            if self.test_delay_s > 0:
+                time.sleep(self.test_delay_s)
             return STATUS_OK, ""
         except Exception as exc:  # a corrupt block costs this tile only; recorded as failed
             reason = _read_failure_reason(exc)

@@ -1,10 +1,16 @@
-"""Lightning wiring: DataModule, Trainer and the end-of-predict barrier, on one rank.
+"""Lightning wiring: DataModule, Trainer and the end of predict, on one rank.
 
-Distribution is Lightning's (DDP, SLURMEnvironment, ``num_nodes``); sharding is ours
-(``use_distributed_sampler=False``): each rank predicts a static, contiguous slice of the tile
-plan (:func:`mgpr.data.dataset.shard_tiles`) minus the tiles an earlier run of the same job already
-finished. The subtraction happens in :meth:`TileDataModule.setup`, i.e. after the process group
-exists, so a rank never reads the shards while rank 0 is still clearing them (``overwrite``).
+Distribution is Lightning's (DDP, SLURMEnvironment, ``num_nodes``); the assignment of tiles is
+ours (``use_distributed_sampler=False``): rank 0 decides which tiles of the plan are left (the
+plan minus what an earlier run of the same job finished) and tells the others through the
+process group's store, and each rank then claims small chunks of that list as it goes
+(:mod:`mgpr.run.claims`), so ranks finish together whatever the nodata or their speed. The
+decision happens in :meth:`TileDataModule.setup`, i.e. after the process group exists, so rank 0
+never reads the run directory while it is still clearing it (``overwrite``).
+
+After predict no collective runs: ranks publish ``done`` keys and rank 0 waits for them as long
+as every missing rank is alive (:mod:`mgpr.run.liveness`); the process group is gloo even on
+GPUs (mgpr has no tensor collectives), so no NCCL watchdog can end a run.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +31,7 @@ from torch.utils.data import DataLoader
 from mgpr.conf.schema import PredictConfig
 from mgpr.data.batch_pool import PREFETCH_FACTOR, TileLoader
 from mgpr.data.batching import UniformShapeBatchSampler
-from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles, shard_tiles
+from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles
 from mgpr.data.pinned import CudaHostRegistrar, HostRegistrar, host_memory_plan
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.raster import RasterInfo, TileReader
@@ -33,12 +39,33 @@ from mgpr.geo.tiling import Tile
 from mgpr.geo.values import ValueRange, carrier_dtype
 from mgpr.monitor.callback import RunMonitor
 from mgpr.monitor.profiler import make_profiler
-from mgpr.outputs.shards import count_written_tiles, finished_tile_keys
+from mgpr.outputs.shards import finished_tile_keys
 from mgpr.run.accel import resolve_compile
+from mgpr.run.claims import (
+    CHUNK_BATCHES,
+    ChunkClaimBatchSampler,
+    LocalCounter,
+    StoreCounter,
+    default_store,
+    share_remaining,
+    static_split_requested,
+)
+from mgpr.run.liveness import (
+    STOP_GRACE_S,
+    Heartbeat,
+    LocalRanks,
+    StoreTally,
+    end_of_predict,
+    publish_done,
+)
 from mgpr.run.module import InferenceModule
 from mgpr.run.writer_callback import PredictionShardWriter
 
 log = logging.getLogger(__name__)
+
+TEST_TILE_DELAY_ENV = "MGPR_TEST_TILE_DELAY_RANK{rank}"
+"""Test-only: seconds of extra sleep per read tile on that global rank (a slower rank, for the
+balance tests and ``benchmarks/balance.py``). Not a user option."""
 
 
 def quiet_lightning() -> None:
@@ -96,7 +123,13 @@ class KeepStopHandler(pl.Callback):
 
 
 class TileDataModule(pl.LightningDataModule):
-    """Builds this rank's DataLoader once the global rank and world size are known."""
+    """Builds this rank's DataLoader once the global rank and world size are known.
+
+    Args:
+        local_ranks: rank 0's supervisor of the child ranks Lightning launches (adopted here).
+        tally: the whole run's count of predicted tiles (progress), in the store.
+        on_remaining: called with the number of tiles this run predicts (progress total).
+    """
 
     def __init__(
         self,
@@ -107,6 +140,9 @@ class TileDataModule(pl.LightningDataModule):
         run_dir: Path,
         pin_memory: bool,
         fake_bands: int,
+        local_ranks: LocalRanks | None = None,
+        tally: StoreTally | None = None,
+        on_remaining: Callable[[int], None] | None = None,
     ) -> None:
         """``pin_memory``: the rank copies batches to a GPU (pinned pool or pin copy)."""
         super().__init__()
@@ -117,52 +153,94 @@ class TileDataModule(pl.LightningDataModule):
         self.run_dir = run_dir
         self.pin_memory = pin_memory
         self.fake_bands = fake_bands
-        self.rank_tiles: list[Tile] = []
+        self.local_ranks = local_ranks
+        self.tally = tally
+        self.on_remaining = on_remaining
+        self.remaining_tiles: list[Tile] = []
         self.skipped_done = 0
+        self.sampler: ChunkClaimBatchSampler | None = None
+        self.n_items = 0
+        self.store: Any = None
+        self.heartbeat: Heartbeat | None = None
 
     def setup(self, stage: str) -> None:
-        """Take this rank's slice of the plan, minus finished tiles (read after DDP init)."""
-        if self.cfg.use_fake_data:
-            return
-        mine = shard_tiles(self.all_tiles, self.trainer.global_rank, self.trainer.world_size)
-        done = finished_tile_keys(self.run_dir)
-        self.rank_tiles = [t for t in mine if t.id.key() not in done]
-        self.skipped_done = len(mine) - len(self.rank_tiles)
-        if self.skipped_done:
-            log.info(
-                "rank %d: %d of its %d tiles were finished by an earlier run",
-                self.trainer.global_rank,
-                self.skipped_done,
-                len(mine),
+        """Learn the tiles left (rank 0 decides), start claiming and the heartbeat."""
+        rank = self.trainer.global_rank
+        if self.local_ranks is not None:
+            self.local_ranks.adopt(getattr(self.trainer.strategy, "launcher", None), rank)
+        self.store = default_store()
+        cfg = self.cfg
+        if cfg.use_fake_data:
+            n_items = cfg.dummy_dataset_count
+        else:
+            keys = [t.id.key() for t in self.all_tiles]
+            positions, self.skipped_done = share_remaining(
+                keys, rank, self.store, lambda: finished_tile_keys(self.run_dir)
             )
-        module = self.trainer.lightning_module
-        assert isinstance(module, InferenceModule)
-        module.tiles = self.rank_tiles
+            self.remaining_tiles = [self.all_tiles[i] for i in positions]
+            n_items = len(positions)
+            if self.skipped_done and rank == 0:
+                log.info(
+                    "%d of the %d planned tiles were finished by an earlier run; %d left",
+                    self.skipped_done,
+                    len(keys),
+                    n_items,
+                )
+            module = self.trainer.lightning_module
+            assert isinstance(module, InferenceModule)
+            module.tiles = self.remaining_tiles
+        if self.on_remaining is not None:
+            self.on_remaining(n_items)
+        self.n_items = n_items
+        if self.store is not None:
+            if self.tally is not None:
+                self.tally.attach(self.store)
+            if self.heartbeat is None and rank != 0:  # rank 0 hosts the store: no one waits on it
+                self.heartbeat = Heartbeat(self.store, rank)
+
+    def stop_heartbeat(self) -> None:
+        """Stop this rank's heartbeat thread (idempotent)."""
+        if self.heartbeat is not None:
+            self.heartbeat.stop()
+            self.heartbeat = None
 
     def predict_dataloader(self) -> DataLoader[Any]:
-        """One DataLoader per rank; workers fork (Linux) and open rasters lazily."""
+        """One DataLoader per rank; workers fork (Linux) and open rasters lazily.
+
+        Its batch sampler claims chunks of the remaining tiles (in this, the main, process) and
+        cuts them into batches that never mix band counts.
+        """
         cfg = self.cfg
         dataset: Any
+        keys: list[int] | None = None
         if cfg.use_fake_data:
-            count = len(
-                shard_tiles(
-                    range(cfg.dummy_dataset_count),
-                    self.trainer.global_rank,  # type: ignore[arg-type]
-                    self.trainer.world_size,
-                )
-            )
             dataset = FakeTileDataset(
-                count,
+                cfg.dummy_dataset_count,
                 cfg.tile_size,
                 self.fake_bands,
                 cfg.dummy_dataset_delay,
-                cfg.seed + self.trainer.global_rank,
+                cfg.seed,
             )
         else:
             carrier = carrier_dtype((r.path, r.dtype) for r in self.rasters)
             reader = TileReader(self.bands, cfg.tile_size, carrier.name)
             masked = {r.path for r in self.rasters if r.has_mask}
-            dataset = TileDataset(self.rank_tiles, reader, masked)
+            delay = os.environ.get(TEST_TILE_DELAY_ENV.format(rank=self.trainer.global_rank))
+            dataset = TileDataset(
+                self.remaining_tiles, reader, masked, test_delay_s=float(delay or 0.0)
+            )
+            dataset.ranks_per_node = max(1, int(self.trainer.num_devices))
+            keys = dataset.shape_keys()
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        counter = StoreCounter(self.store) if self.store is not None else LocalCounter()
+        self.sampler = ChunkClaimBatchSampler(
+            self.n_items,
+            cfg.batch_size,
+            counter,
+            chunk_batches=CHUNK_BATCHES,
+            keys=keys,
+            static_slice=(rank, world) if static_split_requested(os.environ) else None,
+        )
         plan = host_memory_plan(self.pin_memory, cfg.workers, hasattr(dataset, "batch_pool"))
         return make_dataloader(
             dataset,
@@ -170,6 +248,7 @@ class TileDataModule(pl.LightningDataModule):
             cfg.workers,
             plan.loader_pin_memory,
             CudaHostRegistrar() if plan.register_pool else None,
+            batch_sampler=self.sampler,
         )
 
 
@@ -179,6 +258,7 @@ def make_dataloader(
     workers: int,
     pin_memory: bool,
     host_registrar: HostRegistrar | None = None,
+    batch_sampler: Any = None,
 ) -> DataLoader[Any]:
     """The DataLoader every rank uses (also what ``benchmarks/pipeline.py`` times).
 
@@ -188,10 +268,14 @@ def make_dataloader(
     :class:`~mgpr.data.batch_pool.TileLoader` lets the workers reuse those shared buffers once the
     main process is done with them. With ``host_registrar`` (GPU runs) those buffers are
     registered as pinned memory once (:mod:`mgpr.data.pinned`) and ``pin_memory`` is False.
+    ``batch_sampler`` (a run's :class:`~mgpr.run.claims.ChunkClaimBatchSampler`) picks the
+    batches in the main process; without one the dataset is read in order.
     """
     kwargs: dict[str, Any] = {}
     shape_keys = getattr(dataset, "shape_keys", None)
-    if callable(shape_keys):
+    if batch_sampler is not None:
+        kwargs["batch_sampler"] = batch_sampler
+    elif callable(shape_keys):
         # Batches never mix band counts (several rasters, band-agnostic model).
         kwargs["batch_sampler"] = UniformShapeBatchSampler(shape_keys(), batch_size)
     else:
@@ -213,8 +297,13 @@ def make_dataloader(
     )
 
 
-def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool, accelerator: str) -> Any:
-    """DDP whenever more than one rank exists or ``srun`` started us; never single-device there."""
+def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool) -> Any:
+    """DDP whenever more than one rank exists or ``srun`` started us; never single-device there.
+
+    The process group is gloo even on GPUs: mgpr runs no tensor collective (DDP wraps no model
+    for predict), only Lightning's start-up barriers and the store, and a gloo group has no NCCL
+    watchdog to abort a run whose ranks wait on each other.
+    """
     if cfg.strategy not in ("auto", "ddp"):
         return cfg.strategy
     if world_size > 1 or under_srun or cfg.strategy == "ddp":
@@ -222,7 +311,7 @@ def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool, accelerator
 
         return DDPStrategy(
             timeout=dt.timedelta(seconds=cfg.join_timeout_s),
-            process_group_backend="nccl" if accelerator == "gpu" else "gloo",
+            process_group_backend="gloo",
         )
     return "auto"
 
@@ -251,14 +340,15 @@ def run_predict(
     world_guess = devices * num_nodes
     under_srun = slurm_task is not None
     total = cfg.dummy_dataset_count if cfg.use_fake_data else len(tiles)
+    tally = StoreTally()  # this run's tiles only: a resume's earlier tiles are not progress
     monitor = RunMonitor(
         run_dir,
         interval_s=0.5,
         total_tiles=total,
         progress=cfg.progress,
-        progress_source=None if cfg.use_fake_data else (lambda: count_written_tiles(run_dir)),
+        progress_source=tally.total,
     )
-    callbacks: list[Any] = [monitor, KeepStopHandler()]
+    callbacks: list[Any] = [monitor, KeepStopHandler(), tally]
     writer: PredictionShardWriter | None = None
     if not cfg.use_fake_data:
         writer = PredictionShardWriter(
@@ -281,7 +371,7 @@ def run_predict(
         accelerator=accelerator,
         devices=devices,
         num_nodes=num_nodes,
-        strategy=_strategy(cfg, world_guess, under_srun, accelerator),
+        strategy=_strategy(cfg, world_guess, under_srun),
         precision=precision,  # type: ignore[arg-type]
         callbacks=callbacks,
         logger=False,
@@ -304,10 +394,68 @@ def run_predict(
         scaler=ValueScaler(value_ranges, raw=adapter.input_range == "raw"),
     )
     fake_bands = adapter.in_bands or 3
+    local_ranks = LocalRanks()
+
+    def set_total(n: int) -> None:
+        monitor.total_tiles = n
+
     datamodule = TileDataModule(
-        cfg, tiles, rasters, bands, run_dir, pin_memory=accelerator == "gpu", fake_bands=fake_bands
+        cfg,
+        tiles,
+        rasters,
+        bands,
+        run_dir,
+        pin_memory=accelerator == "gpu",
+        fake_bands=fake_bands,
+        local_ranks=local_ranks,
+        tally=tally,
+        on_remaining=set_total,
     )
     t0 = time.time()
+    finished = False
+    try:
+        _predict(trainer, module, datamodule, cfg, run_dir)
+        wall = time.time() - t0
+        if trainer.world_size > 1 and datamodule.store is not None:
+            end_of_predict(
+                trainer.global_rank,
+                trainer.world_size,
+                datamodule.store,
+                local_ranks,
+                datamodule.stop_heartbeat,
+                run_dir,
+            )
+        finished = True
+    finally:
+        datamodule.stop_heartbeat()
+        if not finished:
+            # Stopped (SIGTERM, Ctrl-C) or failed: no local rank may outlive this process.
+            killed = local_ranks.stop()
+            if killed:
+                log.warning("killed local rank process(es) %s after %.0f s", killed, STOP_GRACE_S)
+    sampler = datamodule.sampler
+    return {
+        "global_rank": trainer.global_rank,
+        "world_size": trainer.world_size,
+        "num_nodes": trainer.num_nodes,
+        "tiles_this_rank": sampler.claimed_tiles if sampler is not None else 0,
+        "chunks_this_rank": sampler.claimed_chunks if sampler is not None else 0,
+        "skipped_done": datamodule.skipped_done,
+        "predict_wall_s": wall,
+        "strategy": type(trainer.strategy).__name__,
+        "pid": os.getpid(),
+        "compile": module.compile_outcome.as_dict() if module.compile_outcome else None,
+    }
+
+
+def _predict(
+    trainer: pl.Trainer,
+    module: InferenceModule,
+    datamodule: TileDataModule,
+    cfg: PredictConfig,
+    run_dir: Path,
+) -> None:
+    """``trainer.predict``; a rank that fails or is stopped says so in the store at once."""
     try:
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
     except torch.distributed.DistError as exc:
@@ -317,40 +465,14 @@ def run_predict(
         from mgpr.errors import RankJoinError
 
         raise RankJoinError(
-            f"rank {trainer.global_rank}: not every one of the {trainer.world_size} ranks joined "
-            f"within join_timeout_s={cfg.join_timeout_s} ({' '.join(str(exc).split())[:160]}); "
-            f"a rank failed or never started: read every rank's error (slurm_logs/<jobid>.err, "
-            f"{run_dir}/logs/rank*.log); under srun start mgpr in every task (--ntasks-per-node "
-            f"= GPUs per node), or raise join_timeout_s if ranks start far apart"
+            f"rank {trainer.global_rank}: not every one of the {trainer.world_size} ranks "
+            f"joined within join_timeout_s={cfg.join_timeout_s} "
+            f"({' '.join(str(exc).split())[:160]}); a rank failed or never started: read "
+            f"every rank's error (slurm_logs/<jobid>.err, {run_dir}/logs/rank*.log); under "
+            f"srun start mgpr in every task (--ntasks-per-node = GPUs per node), or raise "
+            f"join_timeout_s if ranks start far apart"
         ) from None
-    wall = time.time() - t0
-    strategy = trainer.strategy
-    # Every rank meets here: the launcher exits non-zero when any rank failed (a dead peer
-    # breaks the barrier), and rank 0 merges only after every shard is complete.
-    if trainer.world_size > 1:
-        try:
-            strategy.barrier("mgpr-predict-done")
-        except (RuntimeError, torch.distributed.DistError) as exc:
-            # A peer died (killed, OOM, node lost): its connection closed under the barrier.
-            from mgpr.errors import RankFailedError
-
-            raise RankFailedError(
-                f"rank {trainer.global_rank} finished its tiles but another of the "
-                f"{trainer.world_size} ranks failed or was killed "
-                f"({' '.join(str(exc).split())[:120]}); every finished tile is kept in "
-                f"{run_dir}/shards: read {run_dir}/logs/rank*.log, then re-run the same "
-                "command to resume"
-            ) from None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-    return {
-        "global_rank": trainer.global_rank,
-        "world_size": trainer.world_size,
-        "num_nodes": trainer.num_nodes,
-        "tiles_this_rank": len(datamodule.rank_tiles),
-        "skipped_done_this_rank": datamodule.skipped_done,
-        "predict_wall_s": wall,
-        "strategy": type(strategy).__name__,
-        "pid": os.getpid(),
-        "compile": module.compile_outcome.as_dict() if module.compile_outcome else None,
-    }
+    except BaseException as exc:
+        if datamodule.store is not None and trainer.global_rank != 0:
+            publish_done(datamodule.store, trainer.global_rank, f"{type(exc).__name__}: {exc}")
+        raise
