@@ -85,7 +85,7 @@ def test_output_format_is_not_part_of_the_run_identity(make_image, tmp_path: Pat
     assert _summary(run)["outputs"] == [str(run / "predictions.gpkg")]
     assert _detect(img.path, run, "output_format=parquet") == 0
     log = (run / "logs" / "rank0.log").read_text()
-    assert re.search(r"(\d+) of its \1 tiles were finished", log), log[-2000:]
+    assert re.search(r"(\d+) of the \1 planned tiles were finished", log), log[-2000:]
     _same_features(run / "predictions.gpkg", run / "detections.parquet", "detections")
 
 
