@@ -259,7 +259,9 @@ def test_demo_line_two_cpu_ranks_on_fake_gpus(submit_dir: Path, baseline: dict[s
     keys = baseline["keys"]
     assert len(keys) == len(set(keys)) == 25, job.describe()
     assert set(keys) == _planned_keys("ortho.tif")
-    assert baseline["per_rank"] == {0: 13, 1: 12}  # both ranks ran, each its own slice
+    # Both ranks ran; they claim chunks as they go, so any split of the 25 tiles.
+    per_rank = baseline["per_rank"]
+    assert set(per_rank) == {0, 1} and min(per_rank.values()) > 0 and sum(per_rank.values()) == 25
     assert baseline["records"], "the reference detector found none of the planted objects"
     summary = json.loads((baseline["run_dir"] / "summary.json").read_text())
     assert (summary["world_size"], summary["num_nodes"]) == (2, 1)
