@@ -164,3 +164,43 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_the_rerun_completes(
     assert len(rows) == len(set(rows)) == 32
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tiles_predicted"] == 16 and summary["tiles_skipped_nodata"] == 16
+
+
+@pytest.mark.slow
+def test_a_killed_rank_fails_the_run_at_once_and_the_rerun_completes(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """Rank 1 SIGKILLed mid-run: rank 0 finishes the tiles left, names rank 1 in one line
+    (exit 2) instead of waiting, and a re-run predicts the tiles rank 1 had claimed."""
+    image = _masked_top_half(make_image, 2048, 1024)  # 8 x 4 tiles, 16 empty
+    run = tmp_path / "run"
+    delays = {"MGPR_TEST_TILE_DELAY_RANK0": "0.2", "MGPR_TEST_TILE_DELAY_RANK1": "0.2"}
+    args = _args(image, run, "join_timeout_s=120")
+    proc = subprocess.Popen(
+        mgpr_cmd(*args, "gpus=2"),
+        env=_env(**delays),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+    done = 0
+    while done < 20 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            done = len(finished_tile_keys(run))
+        except Exception:  # noqa: BLE001 - not written yet
+            done = 0
+    assert done >= 20 and proc.poll() is None, "the run did not get going"
+    (rank1,) = psutil.Process(proc.pid).children()  # workers=0: the child is rank 1 alone
+    rank1.kill()
+    _, err = proc.communicate(timeout=300)
+    last = err.strip().splitlines()[-1]
+    assert proc.returncode == 2, err[-3000:]
+    assert last.startswith("mgpr: error: rank 0 finished its tiles but not every rank did")
+    assert "rank 1: its process exited with code -9" in last and "re-run the same command" in last
+    kept = _tile_rows(run)
+    assert len(kept) == len(set(kept))  # each tile once, whatever rank 1 had claimed
+    assert run_mgpr_inprocess(*args, "gpus=1") == 0, capsys.readouterr().err
+    rows = _tile_rows(run)
+    assert len(rows) == len(set(rows)) == 32
