@@ -152,7 +152,10 @@ def remote_identity(path: str, timeout_s: float = 10.0) -> dict[str, str | int |
 
     request = urllib.request.Request(url, method="HEAD")
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        # A fresh opener reads the proxy variables now; urlopen's global one keeps those of
+        # whoever called it first in this process (torch.hub, for one).
+        opener = urllib.request.build_opener()
+        with opener.open(request, timeout=timeout_s) as response:
             headers = response.headers
     except (urllib.error.URLError, OSError, ValueError) as exc:
         log.info("no HEAD answer for %s (%s): its identity is its URL only", url, exc)
