@@ -171,3 +171,27 @@ def test_cudnn_benchmark_only_on_cuda() -> None:
     before = torch.backends.cudnn.benchmark
     assert configure_cuda(torch.device("cpu")) is False
     assert torch.backends.cudnn.benchmark == before
+
+
+def test_pool_repins_a_regrown_slot_before_dropping_the_old_mapping() -> None:
+    from mgpr.data.batch_pool import SharedBatchPool, new_shared_uint8
+
+    class Checking(Recorder):
+        def unregister(self, ptr: int) -> None:
+            assert pool._mapped[0].data_ptr() == ptr  # still mapped while it is unpinned
+            super().unregister(ptr)
+
+    rec = Checking()
+    pool = SharedBatchPool(1, 2, registrar=rec)
+    small = new_shared_uint8(3 * 8 * 8)
+    pool.track({"pool_slot": 0, "image": small.view(1, 3, 8, 8)})
+    pool.track({"pool_slot": 0, "image": small.view(1, 3, 8, 8)})  # the same mapping again
+    big = new_shared_uint8(4 * 8 * 8)  # the worker regrew the slot (a 4-band batch)
+    pool.track({"pool_slot": 0, "image": big.view(1, 4, 8, 8)})
+    assert rec.calls == [
+        ("register", small.untyped_storage().data_ptr()),
+        ("unregister", small.untyped_storage().data_ptr()),
+        ("register", big.untyped_storage().data_ptr()),
+    ]
+    pool.forget_mappings()
+    assert rec.live == {}

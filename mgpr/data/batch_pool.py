@@ -173,9 +173,9 @@ class SharedBatchPool:
                 if _storage_use_count is not None and storage.is_shared():
                     known = self._mapped.get(slot)
                     if known is None or known.data_ptr() != storage.data_ptr():
+                        if self.pinned is not None:  # unpins the old range while still mapped
+                            self.pinned.ensure(slot, storage.data_ptr(), storage.nbytes())
                         self._mapped[slot] = storage  # a new or regrown segment for this slot
-                    if self.pinned is not None:
-                        self.pinned.ensure(slot, storage.data_ptr(), storage.nbytes())
                     self._pending_mapped.append(slot)
                 else:
                     self._pending.append((slot, StorageWeakRef(storage)))

@@ -113,8 +113,11 @@ class PinnedSlots:
         if known == (ptr, nbytes):
             return True
         if known is not None:
-            self.registrar.unregister(known[0])
             del self.ranges[slot]
+            try:
+                self.registrar.unregister(known[0])
+            except Exception as exc:  # the old range is dropped either way
+                log.warning("could not unpin a regrown batch buffer: %s", exc)
         try:
             self.registrar.register(ptr, nbytes)
         except Exception as exc:  # CudaError, or a driver that refuses shared memory
