@@ -6,9 +6,11 @@ For each model (resnet50, fasterrcnn; ``weights=none``) at ``--tile`` px:
    through the run's code (mgpr's adapters, :func:`mgpr.models.compile.compile_adapter`), for
    fp32 and bf16 autocast + channels_last, eager and compiled (the first call's time, i.e. the
    compile, is printed separately), at ``--batch`` and, bf16 eager, over ``--batch-sizes``;
+   every setting is built first, then timed in ``--rounds`` interleaved rounds (median);
 2. the whole ``mgpr`` run (the real CLI, ``workers`` processes, writing included) for the same
    settings (``precision=32|bf16-mixed``, ``compile=false|true``): its rate after the first
-   batch, so the compile is not in it, and its data-wait share;
+   batch, so the compile is not in it, and its data-wait share; ``--run-rounds`` interleaved
+   rounds, the best kept;
 3. ratios: bf16 / fp32, compiled / eager, whole run / compute alone, each from rows measured in
    this run (the machine may be shared);
 4. ``--agreement``: box agreement of Faster R-CNN bf16 vs fp32 and compiled vs eager on the
@@ -60,58 +62,93 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def compute_alone(
-    name: str, path: str, tile: int, batch: int, bf16: bool, compiled: bool, batches: int
-) -> dict[str, Any]:
-    """Tiles/s of prepare + forward, after a first call (compile, cuDNN/oneDNN choice)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # as a CUDA rank does
-    torch.manual_seed(0)
-    torch._dynamo.reset()
-    adapter = build_model(name, "none", tile_size=tile)
-    adapter.module.to(device)
-    if bf16:
-        adapter.module.to(memory_format=torch.channels_last)
-    outcome = None
-    if compiled:
-        outcome = compile_adapter(adapter, requested="true", mode=COMPILE_MODE, reason="bench")
-    x = raster_batch(path, tile, batch).to(device)
+class Variant:
+    """One model built for one precision / compile setting, warmed up (compiled) once."""
 
-    def step() -> None:
+    def __init__(
+        self, name: str, path: str, tile: int, batch: int, bf16: bool, compiled: bool
+    ) -> None:
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as a CUDA rank does
+        torch.manual_seed(0)
+        self.name, self.batch, self.bf16 = name, batch, bf16
+        self.adapter = build_model(name, "none", tile_size=tile)
+        self.adapter.module.to(self.device)
+        if bf16:
+            self.adapter.module.to(memory_format=torch.channels_last)
+        self.outcome = None
+        if compiled:
+            self.outcome = compile_adapter(
+                self.adapter, requested="true", mode=COMPILE_MODE, reason="bench"
+            )
+        self.x = raster_batch(path, tile, batch).to(self.device)
+        start = time.perf_counter()
+        self.step()
+        self.first_call_s = time.perf_counter() - start
+        self.step()  # a second warm-up: allocator, autotuned kernels settled
+        self.rates: list[float] = []
+
+    def step(self) -> None:
         with (
             torch.inference_mode(),
-            torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16),
+            torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16),
         ):
-            adapter.forward(adapter.prepare(ValueScaler()(x)))
-        sync(device)
+            self.adapter.forward(self.adapter.prepare(ValueScaler()(self.x)))
+        sync(self.device)
 
-    start = time.perf_counter()
-    step()
-    first_s = time.perf_counter() - start
-    step()  # a second warm-up: allocator, autotuned kernels settled
-    start = time.perf_counter()
-    for _ in range(batches):
-        step()
-    seconds = time.perf_counter() - start
-    row = {
-        "model": name,
-        "precision": "bf16+cl" if bf16 else "fp32",
-        "compile": outcome.used if outcome else "eager",
-        "batch": batch,
-        "tiles_per_s": batches * batch / seconds,
-        "first_call_s": first_s,
-        "steady_batch_s": seconds / batches,
-    }
-    if outcome and outcome.used != "compiled":
-        row["fallback"] = outcome.reason
-    RESULTS["compute"].append(row)
-    print(
-        f"compute   {name:<10} {row['precision']:<7} {row['compile']:<8} b{batch:<3} "
-        f"{row['tiles_per_s']:9.2f} tiles/s   first call {first_s:6.1f} s",
-        flush=True,
-    )
-    return row
+    def time(self, batches: int) -> None:
+        start = time.perf_counter()
+        for _ in range(batches):
+            self.step()
+        self.rates.append(batches * self.batch / (time.perf_counter() - start))
+
+
+def compute_rows(
+    name: str,
+    path: str,
+    tile: int,
+    settings: list[tuple[bool, bool, int]],
+    batches: int,
+    rounds: int,
+    budget_s: float,
+) -> dict[tuple[bool, bool, int], dict[str, Any]]:
+    """Tiles/s of prepare + forward per (bf16, compiled, batch), rounds interleaved (median).
+
+    Every setting is built and warmed up (compiled) first, then timed in turn, ``rounds``
+    times: a load change on a shared machine hits every setting alike.
+    """
+    built: dict[tuple[bool, bool, int], Variant] = {}
+    for bf16, compiled, batch in settings:
+        if over_budget(budget_s, f"compute {name} bf16={bf16} compiled={compiled} b{batch}"):
+            continue
+        built[(bf16, compiled, batch)] = Variant(name, path, tile, batch, bf16, compiled)
+    for _ in range(rounds):
+        for variant in built.values():
+            variant.time(batches)
+    rows = {}
+    for (bf16, compiled, batch), v in built.items():
+        row = {
+            "model": name,
+            "precision": "bf16+cl" if bf16 else "fp32",
+            "compile": v.outcome.used if v.outcome else "eager",
+            "batch": batch,
+            "tiles_per_s": float(np.median(v.rates)),
+            "tiles_per_s_rounds": v.rates,
+            "first_call_s": v.first_call_s,
+        }
+        if v.outcome and v.outcome.used != "compiled":
+            row["fallback"] = v.outcome.reason
+        RESULTS["compute"].append(row)
+        rows[(bf16, compiled, batch)] = row
+        print(
+            f"compute   {name:<10} {row['precision']:<7} {row['compile']:<8} b{batch:<3} "
+            f"{row['tiles_per_s']:9.2f} tiles/s (median of {len(v.rates)} interleaved rounds)"
+            f"   first call {v.first_call_s:6.1f} s",
+            flush=True,
+        )
+    built.clear()
+    return rows
 
 
 def whole_run(
@@ -218,7 +255,9 @@ def main() -> None:
     p.add_argument("--size", type=int, default=2048, help="raster edge for the whole runs (px)")
     p.add_argument("--batch", type=int, default=4, help="batch of the precision/compile rows")
     p.add_argument("--batch-sizes", default="", help="bf16 eager sweep, e.g. 8,16,32")
-    p.add_argument("--batches", type=int, default=3, help="timed batches per compute row")
+    p.add_argument("--batches", type=int, default=3, help="timed batches per compute round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved compute rounds (median)")
+    p.add_argument("--run-rounds", type=int, default=1, help="interleaved whole runs (best)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=3600.0)
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
@@ -227,7 +266,7 @@ def main() -> None:
     p.add_argument(
         "--cpu",
         action="store_true",
-        help="CPU preset: 512 px, 2048 px raster, batch 4, 2 timed batches",
+        help="CPU preset: 512 px, 2048 px raster, batch 4, 3 rounds of 1 batch, 2 of each run",
     )
     p.add_argument(
         "--gpu", action="store_true", help="GPU preset: 1024 px, 16384 px raster, batch 16, 8,16,32"
@@ -235,9 +274,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     if a.cpu:
-        a.tile, a.size, a.batch, a.batches = 512, 2048, 4, 2
+        a.tile, a.size, a.batch, a.batches, a.rounds, a.run_rounds = 512, 2048, 4, 1, 3, 2
     if a.gpu:
-        a.tile, a.size, a.batch, a.batches = 1024, 16384, 16, 20
+        a.tile, a.size, a.batch, a.batches, a.rounds = 1024, 16384, 16, 10, 3
         a.batch_sizes = a.batch_sizes or "8,16,32"
         a.workers = max(2, (os.cpu_count() or 4) - 2)
     cuda = torch.cuda.is_available()
@@ -266,27 +305,35 @@ def main() -> None:
         print(f"raster {a.size} px, {a.tile} px tiles: {(a.size // a.tile) ** 2} tiles", flush=True)
         comp: dict[tuple[str, bool, bool, int], dict[str, Any]] = {}
         runs: dict[tuple[str, bool, bool, int], dict[str, Any]] = {}
+        settings = [(bf16, compiled, a.batch) for bf16, compiled in variants]
+        settings += [(True, False, bs) for bs in sweep]
         for m in models:
-            for bf16, compiled in variants:
-                key = (m, bf16, compiled, a.batch)
-                what = f"{m} bf16={bf16} compiled={compiled} b{a.batch}"
-                if over_budget(a.budget_s, f"compute {what}"):
-                    continue
-                comp[key] = compute_alone(m, path, a.tile, a.batch, bf16, compiled, a.batches)
-                if a.no_runs or over_budget(a.budget_s, f"whole run {what}"):
-                    continue
-                runs[key] = whole_run(
-                    m, path, a.tile, a.batch, bf16, compiled, a.workers, tmp / f"r{len(runs)}"
-                )
-            for bs in sweep:
-                key = (m, True, False, bs)
-                if over_budget(a.budget_s, f"sweep {m} bf16 eager b{bs}"):
-                    continue
-                comp[key] = compute_alone(m, path, a.tile, bs, True, False, a.batches)
-                if not a.no_runs and not over_budget(a.budget_s, f"whole run {m} b{bs}"):
-                    runs[key] = whole_run(
-                        m, path, a.tile, bs, True, False, a.workers, tmp / f"r{len(runs)}"
+            rows = compute_rows(m, path, a.tile, settings, a.batches, a.rounds, a.budget_s)
+            comp.update({(m, *k): v for k, v in rows.items()})
+        # whole runs: every setting once per round, rounds interleaved, best kept
+        for _ in range(0 if a.no_runs else a.run_rounds):
+            for m in models:
+                for bf16, compiled, bs in settings:
+                    key = (m, bf16, compiled, bs)
+                    if over_budget(
+                        a.budget_s, f"whole run {m} bf16={bf16} compiled={compiled} b{bs}"
+                    ):
+                        continue
+                    row = whole_run(
+                        m,
+                        path,
+                        a.tile,
+                        bs,
+                        bf16,
+                        compiled,
+                        a.workers,
+                        tmp / f"r{len(RESULTS['runs'])}",
                     )
+                    best = runs.get(key)
+                    if best is None or (row["steady_tiles_per_s"] or 0) > (
+                        best["steady_tiles_per_s"] or 0
+                    ):
+                        runs[key] = row
     if a.agreement and not over_budget(a.budget_s, "agreement"):
         agreement(128)
 
