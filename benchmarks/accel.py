@@ -5,10 +5,12 @@ For each model (resnet50, fasterrcnn; ``weights=none``) at ``--tile`` px:
 1. compute alone: ``prepare`` + ``forward`` on a device-resident batch of the raster's own tiles,
    through the run's code (mgpr's adapters, :func:`mgpr.models.compile.compile_adapter`), for
    fp32 and bf16 autocast + channels_last, eager and compiled (the first call's time, i.e. the
-   compile, is printed separately), at ``--batch`` and, bf16 eager, over ``--batch-sizes``;
+   compile, is printed separately; the GPU preset leaves fp32 compiled out, for time), at
+   ``--batch`` and, bf16 eager, over ``--batch-sizes``;
    every setting is built first, then timed in ``--rounds`` interleaved rounds (median);
 2. the whole ``mgpr`` run (the real CLI, ``workers`` processes, writing included) for the same
-   settings (``precision=32|bf16-mixed``, ``compile=false|true``): its rate after the first
+   settings at ``--batch`` (``--sweep-runs``: the sweep too; ``precision=32|bf16-mixed``,
+   ``compile=false|true``): its rate after the first
    batch, so the compile is not in it, and its data-wait share; ``--run-rounds`` interleaved
    rounds, the best kept;
 3. ratios: bf16 / fp32, compiled / eager, whole run / compute alone, each from rows measured in
@@ -258,6 +260,7 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=3, help="timed batches per compute round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved compute rounds (median)")
     p.add_argument("--run-rounds", type=int, default=1, help="interleaved whole runs (best)")
+    p.add_argument("--sweep-runs", action="store_true", help="whole runs for the sweep too")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--budget-s", type=float, default=3600.0)
     p.add_argument("--no-compile", action="store_true", help="skip the compiled rows")
@@ -297,7 +300,9 @@ def main() -> None:
     sweep = [int(b) for b in a.batch_sizes.split(",") if b and int(b) != a.batch]
     variants = [(False, False), (True, False)]
     if not a.no_compile:
-        variants += [(True, True), (False, True)]  # bf16 compiled first: the default path
+        variants.append((True, True))  # bf16 compiled: the default path on fast-bf16 devices
+        if not a.gpu:
+            variants.append((False, True))  # fp32 compiled (GPU preset: left out for time)
     with tempfile.TemporaryDirectory(prefix="mgpr-accel-") as tmp_s:
         tmp = Path(tmp_s)
         img = benchmark_raster(tmp / "ortho.tif", a.size, 0.1)
@@ -306,14 +311,16 @@ def main() -> None:
         comp: dict[tuple[str, bool, bool, int], dict[str, Any]] = {}
         runs: dict[tuple[str, bool, bool, int], dict[str, Any]] = {}
         settings = [(bf16, compiled, a.batch) for bf16, compiled in variants]
-        settings += [(True, False, bs) for bs in sweep]
+        swept = [(True, False, bs) for bs in sweep]
+        settings_run = settings + (swept if a.sweep_runs else [])
+        settings += swept
         for m in models:
             rows = compute_rows(m, path, a.tile, settings, a.batches, a.rounds, a.budget_s)
             comp.update({(m, *k): v for k, v in rows.items()})
         # whole runs: every setting once per round, rounds interleaved, best kept
         for _ in range(0 if a.no_runs else a.run_rounds):
             for m in models:
-                for bf16, compiled, bs in settings:
+                for bf16, compiled, bs in settings_run:
                     key = (m, bf16, compiled, bs)
                     if over_budget(
                         a.budget_s, f"whole run {m} bf16={bf16} compiled={compiled} b{bs}"

@@ -7,8 +7,9 @@
 #      2-rank NCCL run where 2 GPUs exist). Their printed run summary is what the README quotes;
 #   2. the run monitor's sampler cost with NVML reads (benchmarks/monitor_overhead.py);
 #   3. the GPU benchmark (benchmarks/accel.py --gpu): resnet50 and fasterrcnn at 1024 px, fp32 and
-#      bf16 + channels_last, compile on/off, batch sweep 8/16/32; compute alone and the whole run
-#      with its data-wait share; bounded by a time budget so the script ends in time;
+#      bf16 + channels_last eager, bf16 compiled, bf16 batch sweep 8/16/32 (compute alone); the
+#      whole run (with its data-wait share) at batch 16; bounded by MGPR_BENCH_BUDGET_S (240 s)
+#      so the script ends in time;
 #   4. summary.md: one table of every step's result and the benchmark's figures.
 #
 #   bash benchmarks/gpu_checks.sh OUT                  # logs and summary.md under OUT/
@@ -34,7 +35,7 @@ fi
 out=${1:-gpu-checks}
 site=${MGPR_SITE:-$here/.gpu-site}
 wheels=${MGPR_WHEELS:-$here/gpu-wheels}
-budget_s=${MGPR_BENCH_BUDGET_S:-200}
+budget_s=${MGPR_BENCH_BUDGET_S:-240}
 status=0
 
 if command -v uv >/dev/null && [ -d .venv ] && [ -z "${PYRUN:-}" ]; then
