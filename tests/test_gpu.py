@@ -67,11 +67,11 @@ def test_gpu_run_reports_real_gpu_figures(make_image, tmp_path: Path, model: str
 
 def test_pool_buffer_registered_as_pinned_memory() -> None:
     """cudaHostRegister on a shared-memory slot: pinned in place, copied by DMA, unpinned."""
-    from mgpr.data.batch_pool import new_shared_uint8
+    from mgpr.data.batch_pool import new_shared_bytes
     from mgpr.data.pinned import CudaHostRegistrar, PinnedSlots
 
     torch.cuda.set_device(0)
-    buffer = new_shared_uint8(3 * 256 * 256 * 4)
+    buffer = new_shared_bytes(3 * 256 * 256 * 4)
     buffer.copy_(torch.arange(buffer.numel(), dtype=torch.int64).remainder(251).to(torch.uint8))
     storage = buffer.untyped_storage()
     assert not buffer.is_pinned()

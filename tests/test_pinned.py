@@ -174,7 +174,7 @@ def test_cudnn_benchmark_only_on_cuda() -> None:
 
 
 def test_pool_repins_a_regrown_slot_before_dropping_the_old_mapping() -> None:
-    from mgpr.data.batch_pool import SharedBatchPool, new_shared_uint8
+    from mgpr.data.batch_pool import SharedBatchPool, new_shared_bytes
 
     class Checking(Recorder):
         def unregister(self, ptr: int) -> None:
@@ -183,10 +183,10 @@ def test_pool_repins_a_regrown_slot_before_dropping_the_old_mapping() -> None:
 
     rec = Checking()
     pool = SharedBatchPool(1, 2, registrar=rec)
-    small = new_shared_uint8(3 * 8 * 8)
+    small = new_shared_bytes(3 * 8 * 8)
     pool.track({"pool_slot": 0, "image": small.view(1, 3, 8, 8)})
     pool.track({"pool_slot": 0, "image": small.view(1, 3, 8, 8)})  # the same mapping again
-    big = new_shared_uint8(4 * 8 * 8)  # the worker regrew the slot (a 4-band batch)
+    big = new_shared_bytes(4 * 8 * 8)  # the worker regrew the slot (a 4-band batch)
     pool.track({"pool_slot": 0, "image": big.view(1, 4, 8, 8)})
     assert rec.calls == [
         ("register", small.untyped_storage().data_ptr()),
