@@ -19,6 +19,16 @@ settings.register_profile("mgpr", derandomize=True, deadline=None, print_blob=Tr
 settings.load_profile("mgpr")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip ``heavy`` tests (full-size networks compiled on the CPU) unless MGPR_HEAVY_TESTS=1."""
+    if os.environ.get("MGPR_HEAVY_TESTS") == "1":
+        return
+    skip = pytest.mark.skip(reason="heavy: set MGPR_HEAVY_TESTS=1 to run it (minutes on a CPU)")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _offline_torch_home(
     tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch

@@ -2,7 +2,7 @@
 
 Real ``torch.compile`` (inductor, CPU) runs on a small ResNet-like network and on the reference
 detector; ResNet-50 and Faster R-CNN compile for minutes on a small CPU, so their agreement
-tests are ``slow``.
+tests are ``heavy``: skipped unless ``MGPR_HEAVY_TESTS=1`` (the GPU check script sets it).
 """
 
 from __future__ import annotations
@@ -185,7 +185,7 @@ def test_compile_true_run_pads_last_batch_and_matches_eager(tmp_path: Path) -> N
     assert results["true"]["records"] == results["false"]["records"]
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_compiled_resnet50_agrees_with_eager_top1() -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -201,7 +201,7 @@ def test_compiled_resnet50_agrees_with_eager_top1() -> None:
     assert torch.equal(ref.argmax(1), got.argmax(1))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_compiled_fasterrcnn_boxes_agree_with_eager() -> None:
     """The seeded, well-conditioned checkpoint of the exact-box tests; backbone compiled."""
     from test_exact_boxes import MATCH_IOU, MAX_EDGE_ERROR_PX, match_boxes, seeded_fasterrcnn_state
