@@ -255,9 +255,26 @@ def _check_ranges(cfg: PredictConfig) -> None:
             f"output_format={cfg.output_format!r} is not supported; "
             f"use one of {', '.join(OUTPUT_FORMATS)}"
         )
+    _check_gsd(cfg)
     cfg.value_range = check_value_range(cfg.value_range)
     if cfg.bands is not None:
         cfg.bands = check_band_list(list(cfg.bands))
+
+
+def _check_gsd(cfg: PredictConfig) -> None:
+    """``gsd`` > 0 and finite (metres), ``resampling`` one of GDAL's RasterIO methods."""
+    from mgpr.geo.model_grid import RESAMPLINGS
+
+    if cfg.gsd is not None and not (math.isfinite(cfg.gsd) and cfg.gsd > 0):
+        raise ConfigError(
+            f"gsd={cfg.gsd} is out of range: it must be > 0 metres per pixel (e.g. gsd=0.10 "
+            "for a model trained at 10 cm), or unset to run at each raster's own resolution"
+        )
+    cfg.resampling = str(cfg.resampling).lower()
+    if cfg.resampling not in RESAMPLINGS:
+        raise ConfigError(
+            f"resampling={cfg.resampling!r} is not supported; use one of {', '.join(RESAMPLINGS)}"
+        )
 
 
 def check_band_list(bands: list[Any]) -> list[int | str]:

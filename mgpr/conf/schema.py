@@ -26,7 +26,11 @@ def key(default: Any, help: str) -> Any:
 
 @dataclass
 class PredictConfig:
-    """Everything one ``mgpr`` run needs; units are pixels unless said otherwise."""
+    """Everything one ``mgpr`` run needs; units are pixels unless said otherwise.
+
+    Pixels of ``tile_size``/``overlap`` are MODEL pixels: the raster's own without ``gsd``,
+    ``gsd`` metres each with it (:mod:`mgpr.geo.model_grid`).
+    """
 
     # inputs
     input_path: str | None = key(
@@ -43,10 +47,20 @@ class PredictConfig:
         "raw values -> model's [0,1]: [lo,hi] | [[lo,hi],...] per band | auto (2-98 %); "
         "unset: uint8 [0,255], other dtypes refused",
     )
-    # tiling (pixels)
-    tile_size: int = key(512, "tile edge in pixels; edge tiles are padded to this size")
+    # resolution and tiling (model pixels: the raster's own, or gsd metres each)
+    gsd: float | None = key(
+        None,
+        "metres per pixel the model expects (its training resolution), e.g. 0.10; rasters are "
+        "read resampled to it (projected CRS in metres needed); unset = each raster's own",
+    )
+    resampling: str = key(
+        "auto",
+        "gsd reads: auto (average when downsampling, bilinear when upsampling) | average | "
+        "bilinear | cubic | cubic_spline | lanczos | nearest | mode",
+    )
+    tile_size: int = key(512, "tile edge in model pixels; edge tiles are padded to this size")
     overlap: int = key(
-        0, "pixels shared by neighbouring tiles; detection needs >= the largest object"
+        0, "model pixels shared by neighbouring tiles; detection needs >= the largest object"
     )
     # model
     model: str | None = key(
@@ -112,7 +126,7 @@ class PredictConfig:
 #: ``mgpr --help`` headings: the key each section starts with -> its title.
 SECTIONS: dict[str, str] = {
     "input_path": "inputs",
-    "tile_size": "tiling (pixels)",
+    "gsd": "resolution and tiling (model pixels)",
     "model": "model",
     "accelerator": "run",
     "output_dir": "outputs",

@@ -4,12 +4,15 @@ Two jobs, no Lightning and no torch (``input_path`` becomes raster paths in
 :mod:`mgpr.geo.inputs`):
 
 * :func:`describe_raster` reads each raster's header once into a picklable :class:`RasterInfo`
-  (size, bands, CRS, transform, nodata handling).
+  (size, bands, CRS, transform, nodata handling). Its ``height``, ``width`` and ``transform``
+  are the grid the run tiles: the raster's own pixels, or with ``gsd=`` its MODEL GRID
+  (:mod:`mgpr.geo.gsd`); the ``native_*`` fields always describe the file.
 * :class:`TileReader` is what a DataLoader worker holds: it opens each raster lazily, once per
   process, and reads a tile's window as a ``(C, H, W)`` numpy array in the run's carrier dtype
   (:func:`mgpr.geo.values.carrier_dtype`: the raster's values exactly, never clipped), padded
-  with zeros past the raster's edge. Handles never cross a pickle boundary (``spawn`` workers
-  re-open them).
+  with zeros past the raster's edge; on a model grid the window is read resampled
+  (:class:`mgpr.geo.model_grid.ModelGrid`). Handles never cross a pickle boundary (``spawn``
+  workers re-open them).
 
 GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio untouched.
 """
@@ -17,6 +20,7 @@ GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio u
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import warnings
@@ -27,9 +31,10 @@ from typing import Any
 import numpy as np
 import rasterio
 from affine import Affine
-from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 
 from mgpr.errors import InputError
+from mgpr.geo.model_grid import ModelGrid
 from mgpr.geo.tiling import Tile, tile_window, valid_window
 
 log = logging.getLogger(__name__)
@@ -41,12 +46,14 @@ class RasterInfo:
 
     Attributes:
         path: the path as the user gave it (also part of every tile id).
-        height: rows in pixels.
-        width: columns in pixels.
+        height: rows of the grid the run tiles, pixels: native rows, or model-grid rows with
+            ``gsd=`` (:mod:`mgpr.geo.model_grid`).
+        width: columns of that grid, pixels.
         count: number of bands.
         dtype: numpy dtype name of band 1 (see :data:`mgpr.geo.values.CARRIERS` for those read).
         crs_wkt: the CRS as WKT, or None when the raster has no CRS (pixel coordinates then).
-        transform: pixel-corner affine transform, raster pixels -> map coordinates (x, y).
+        transform: pixel-corner affine transform of that grid, pixels -> map coordinates (x, y):
+            the file's, or ``native_transform * Affine.scale(factor_x, factor_y)`` with ``gsd``.
         nodata: the nodata value, or None.
         has_mask: True when some pixels may be invalid (nodata value, internal mask or alpha),
             i.e. empty tiles must be checked; False when every pixel is valid.
@@ -60,6 +67,13 @@ class RasterInfo:
         descriptions: per band, the band description ("" when unset), e.g. ``B8`` or ``nir``.
         gcp_crs: for a raster georeferenced by ground control points instead of a transform,
             the GCPs' CRS as a short label (``EPSG:4326``); None otherwise.
+        factor_x: native pixels per grid pixel along columns (1.0 without ``gsd``).
+        factor_y: native pixels per grid pixel along rows (1.0 without ``gsd``).
+        resampling: GDAL resampling of the model grid's reads (``average``, ``bilinear``, ...);
+            None when the run reads native pixels (no ``gsd``).
+        native_height: rows of the file, pixels.
+        native_width: columns of the file, pixels.
+        native_transform: the file's pixel-corner transform.
     """
 
     path: str
@@ -79,6 +93,21 @@ class RasterInfo:
     colorinterp: tuple[str, ...] = ()
     descriptions: tuple[str, ...] = ()
     gcp_crs: str | None = None
+    factor_x: float = 1.0
+    factor_y: float = 1.0
+    resampling: str | None = None
+    native_height: int = dataclasses.field(kw_only=True)
+    native_width: int = dataclasses.field(kw_only=True)
+    native_transform: Affine = dataclasses.field(kw_only=True)
+
+    @property
+    def model_grid(self) -> ModelGrid | None:
+        """How the reader maps this grid onto the file (None: the grid IS the file's pixels)."""
+        if self.resampling is None:
+            return None
+        return ModelGrid(
+            self.factor_x, self.factor_y, self.native_height, self.native_width, self.resampling
+        )
 
     @property
     def crs_label(self) -> str:
@@ -109,6 +138,9 @@ def describe_raster(path: str) -> RasterInfo:
                 dtype=str(src.dtypes[0]),
                 crs_wkt=src.crs.to_wkt() if src.crs else None,
                 transform=src.transform,
+                native_height=int(src.height),
+                native_width=int(src.width),
+                native_transform=src.transform,
                 nodata=src.nodata,
                 has_mask=has_mask,
                 block_shape=tuple(src.block_shapes[0]),
@@ -177,17 +209,28 @@ class TileReader:
     holds every raster's values exactly: GDAL converts while decoding, so a uint8 raster read into
     an int32 carrier costs no extra pass.
 
+    A raster in ``grids`` has its tiles planned on its model grid (``gsd=``): each tile's valid
+    part is read from the native window it covers with ``out_shape`` and the grid's resampling
+    (GDAL reads from an overview instead when one is at least as fine as the model grid).
+
     The handle cache is keyed by path and by process id: a reader copied into a forked worker
     re-opens its files instead of sharing the parent's GDAL handles, and pickling (``spawn``
     workers) drops the handles entirely.
     """
 
     def __init__(
-        self, bands_by_path: dict[str, list[int]], tile_size: int, carrier: str = "uint8"
+        self,
+        bands_by_path: dict[str, list[int]],
+        tile_size: int,
+        carrier: str = "uint8",
+        grids: dict[str, ModelGrid] | None = None,
     ) -> None:
         self.bands_by_path = dict(bands_by_path)
         self.tile_size = tile_size
         self.carrier = np.dtype(carrier)
+        #: rasters tiled on a model grid (``gsd=``; :attr:`RasterInfo.model_grid`): their tiles
+        #: are model-grid windows, read resampled; every other raster is read natively
+        self.grids = dict(grids or {})
         self._handles: dict[str, Any] = {}
         self._pid = os.getpid()
         self._env: Any = None
@@ -235,7 +278,9 @@ class TileReader:
         if not check_mask:
             return False
         src = self._open(tile.id.path)
-        mask = src.dataset_mask(window=valid_window(tile))
+        grid = self.grids.get(tile.id.path)
+        window = valid_window(tile) if grid is None else grid.native_cover(tile)
+        mask = src.dataset_mask(window=window)
         return not bool(mask.any())
 
     def read(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
@@ -252,6 +297,9 @@ class TileReader:
         size = self.tile_size
         if out is None:
             out = np.empty((len(bands), size, size), dtype=self.carrier)
+        grid = self.grids.get(tile.id.path)
+        if grid is not None:
+            return _read_resampled(src, bands, tile, grid, out)
         if tile.valid_height == size and tile.valid_width == size:
             src.read(indexes=bands, window=tile_window(tile), out=out)
             return out
@@ -259,3 +307,29 @@ class TileReader:
         part = src.read(indexes=bands, window=valid_window(tile), out_dtype=out.dtype)
         out[:, : tile.valid_height, : tile.valid_width] = part
         return out
+
+
+def _read_resampled(
+    src: Any, bands: list[int], tile: Tile, grid: ModelGrid, out: np.ndarray
+) -> np.ndarray:
+    """Read a model-grid tile into ``out``: each part's native window at ``out_shape``.
+
+    One part for an interior tile (decoded straight into ``out``), up to four at the raster's
+    bottom/right edge (:meth:`ModelGrid.windows`); past the model grid, zeros.
+    """
+    resampling = Resampling[grid.resampling]
+    parts = grid.windows(tile)
+    size = out.shape[1]
+    if len(parts) == 1 and parts[0][2] == size and parts[0][3] == size:
+        src.read(indexes=bands, window=parts[0][4], out=out, resampling=resampling)
+        return out
+    out[...] = 0
+    for row, col, height, width, window in parts:
+        out[:, row : row + height, col : col + width] = src.read(
+            indexes=bands,
+            window=window,
+            out_shape=(len(bands), height, width),
+            out_dtype=out.dtype,
+            resampling=resampling,
+        )
+    return out

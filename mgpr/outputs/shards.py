@@ -636,7 +636,9 @@ def _detections_for_raster(
         keep[seam_idx] = keep_seam
     removed = int(n - keep.sum())
     boxes = det["boxes"][keep]
-    rings = boxes_to_rings(boxes, info.transform)
+    rings = boxes_to_rings(boxes, info.transform)  # the (model) grid's transform: exact
+    # px_* are the FILE's pixels: model-grid pixels times native pixels per model pixel (gsd=)
+    native_px = boxes * np.array([info.factor_x, info.factor_y] * 2, dtype=np.float64)
     keys = det["tile_key"][keep]
     ids = [TileId.from_key(k) for k in keys]
     labels = det["label"][keep]
@@ -648,10 +650,10 @@ def _detections_for_raster(
         "tile_row": np.array([t.row for t in ids], dtype=np.int64),
         "tile_col": np.array([t.col for t in ids], dtype=np.int64),
         "tile_key": np.array(keys, dtype=object),
-        "px_xmin": boxes[:, 0].astype(np.float64),
-        "px_ymin": boxes[:, 1].astype(np.float64),
-        "px_xmax": boxes[:, 2].astype(np.float64),
-        "px_ymax": boxes[:, 3].astype(np.float64),
+        "px_xmin": native_px[:, 0],
+        "px_ymin": native_px[:, 1],
+        "px_xmax": native_px[:, 2],
+        "px_ymax": native_px[:, 3],
     }
     return rings, fields, removed
 

@@ -12,7 +12,8 @@ de-duplication), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s
 (``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
 last batch, slowest rank), ``tiles_per_s`` (tiles predicted or skipped in this run /
 ``predict_loop_s``), ``tiles_per_s_per_rank`` (by global rank), ``hint`` (the report's
-bottleneck hint), ``pixel_coordinates`` (inputs without CRS), ``provenance``
+bottleneck hint), ``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
+input's factor, see :func:`describe_resolution`), ``provenance``
 (mgpr/torch/lightning/rasterio versions, host, inputs with size and mtime, tiling) and, in the
 quick start, ``demo_check`` (planted objects found against the ground truth).
 """
@@ -179,6 +180,7 @@ def finish_run(
             duplicates_removed=merged.duplicates_removed,
             pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
             values=describe_value_ranges(cfg, value_ranges),
+            resolution=describe_resolution(cfg, rasters),
         )
         if merged.failed:
             with open(run_dir / "failed_tiles.csv", "w", newline="") as fh:
@@ -200,8 +202,8 @@ def finish_run(
                     "path": r.path,
                     "bytes": r.file_bytes,
                     "mtime": r.mtime,
-                    "height": r.height,
-                    "width": r.width,
+                    "height": r.native_height,
+                    "width": r.native_width,
                     "bands": r.count,
                     "dtype": r.dtype,
                     "crs": r.crs_label,
@@ -235,6 +237,30 @@ def describe_value_ranges(cfg: PredictConfig, ranges: dict[str, Any] | None) -> 
     }
 
 
+def describe_resolution(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> dict[str, Any]:
+    """``summary["resolution"]``: ``gsd`` and ``resampling`` as given, and per input.
+
+    Per input with ``gsd``: its native pixel size (metres), factor (native px per model px,
+    columns and rows), the resampling used and the model grid's size.
+    """
+    if cfg.gsd is None:
+        return {"gsd": None, "resampling": None, "inputs": {}}
+    return {
+        "gsd": cfg.gsd,
+        "resampling": cfg.resampling,
+        "inputs": {
+            r.path: {
+                "native_pixel_size": [abs(r.native_transform.a), abs(r.native_transform.e)],
+                "factor": [r.factor_x, r.factor_y],
+                "resampling": r.resampling or "none (native pixels)",
+                "model_width": r.width,
+                "model_height": r.height,
+            }
+            for r in rasters
+        },
+    }
+
+
 def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
     from mgpr.geo.tiling import tile_grid
 
@@ -258,7 +284,7 @@ def _report(
     from mgpr.monitor.report import build_report, format_report
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    untiled = [r for r in rasters if r.block_shape[1] >= r.width and r.width > 512]
+    untiled = [r for r in rasters if r.block_shape[1] >= r.native_width and r.native_width > 512]
     context = {
         "untiled_inputs": len(untiled) if rasters else None,
         "workers": cfg.workers,
@@ -308,6 +334,20 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
     if s.get("pixel_coordinates"):
         lines.append(f"  no CRS       {len(s['pixel_coordinates'])} input(s) in pixel coordinates")
+    resolution = s.get("resolution") or {}
+    if resolution.get("gsd") is not None:
+        grids = [
+            f"x{g['factor'][0]:g}"
+            + ("" if g["factor"][0] == g["factor"][1] else f"/{g['factor'][1]:g}")
+            + f" ({g['resampling']}) on {Path(p).name}"
+            for p, g in resolution["inputs"].items()
+        ]
+        more = f", +{len(grids) - 3} more in summary.json" if len(grids) > 3 else ""
+        lines.append(
+            f"  gsd          {resolution['gsd']:g} m per model pixel: "
+            + ", ".join(grids[:3])
+            + more
+        )
     values = s.get("values") or {}
     if values.get("value_range") is not None:
         first = next(iter(values["inputs"].values()), None)

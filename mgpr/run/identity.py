@@ -28,6 +28,10 @@ def fingerprint(
     ``value_ranges`` (each raster's :class:`~mgpr.geo.values.ValueRange`; None = raw values):
     the key as given and each raster's resolved ``[lo, hi]`` pairs, so a resume with another
     range (or another ``auto`` result) is refused.
+
+    ``gsd`` and ``resampling`` (the key, and per input the model grid: factors, size and the
+    resolved resampling) are None without ``gsd``, as in a ``run.json`` written before the key
+    existed, so such a run still resumes.
     """
     return {
         "model": model_name,
@@ -40,13 +44,26 @@ def fingerprint(
         "max_detections": cfg.max_detections,
         "native_resolution": cfg.native_resolution,
         "value_range": cfg.value_range if value_ranges is not None else "raw",
+        "gsd": cfg.gsd,
+        "resampling": cfg.resampling if cfg.gsd is not None else None,
         "inputs": [
             {
                 **_input_identity(r, bands[r.path]),
                 "value_range": value_ranges[r.path].pairs() if value_ranges else "raw",
+                "model_grid": model_grid_identity(r) if cfg.gsd is not None else None,
             }
             for r in rasters
         ],
+    }
+
+
+def model_grid_identity(info: Any) -> dict[str, Any]:
+    """A raster's model grid (``gsd=``): factors (native px per model px), size, resampling."""
+    return {
+        "factor": [info.factor_x, info.factor_y],
+        "width": info.width,
+        "height": info.height,
+        "resampling": info.resampling,
     }
 
 

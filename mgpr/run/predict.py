@@ -3,7 +3,8 @@
 Order of events on every rank (each step fails fast, before any GPU time is spent):
 
 1. run directory (identical on all ranks), logging, SLURM checks, accelerator and devices;
-2. inputs -> raster headers -> band choice -> tile plan (pure, the same on every rank);
+2. inputs -> raster headers (on their model grid with ``gsd=``) -> band choice -> tile plan
+   (pure, the same on every rank);
 3. model built (rank 0 first when weights must be downloaded; the others load from the cache);
 4. ``run.json`` fingerprint checked (resume, or refuse to mix runs without ``overwrite=true``);
 5. ``Trainer`` (DDP when more than one rank, never a single-device strategy under ``srun``);
@@ -153,6 +154,12 @@ def _predict_and_finish(
         # Inputs are checked before the model is built: a typo in a path must not wait for
         # (or fail on) a weights download.
         rasters = [describe_raster(path) for path in resolve_inputs(input_path)]
+        if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
+            from mgpr.geo.gsd import describe_model_grid, on_model_grids
+
+            rasters = on_model_grids(rasters, cfg.gsd, cfg.resampling)
+            for info in rasters if rank == 0 else []:
+                log.info("gsd=%g m: %s", cfg.gsd, describe_model_grid(info))
         from mgpr.models.registry import is_import_path
         from mgpr.run.values import refuse_unscaled_early
 

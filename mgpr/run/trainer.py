@@ -223,7 +223,8 @@ class TileDataModule(pl.LightningDataModule):
             )
         else:
             carrier = carrier_dtype((r.path, r.dtype) for r in self.rasters)
-            reader = TileReader(self.bands, cfg.tile_size, carrier.name)
+            grids = {r.path: g for r in self.rasters if (g := r.model_grid) is not None}
+            reader = TileReader(self.bands, cfg.tile_size, carrier.name, grids=grids)
             masked = {r.path for r in self.rasters if r.has_mask}
             delay = os.environ.get(TEST_TILE_DELAY_ENV.format(rank=self.trainer.global_rank))
             dataset = TileDataset(
