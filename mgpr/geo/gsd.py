@@ -80,17 +80,19 @@ def check_gsd_crs(info: RasterInfo, gsd: float) -> None:
         InputError: no CRS (GCPs only, or none), a geographic CRS, a projected CRS in feet or
             another unit, or a rotated/sheared transform; one line with the fix.
     """
-    fix = f"or unset gsd to run at the raster's own resolution (gsd={gsd:g})"
-    if info.crs_wkt is None:
-        what = (
-            f"is georeferenced by GCPs ({info.gcp_crs}), not a transform"
-            if info.gcp_crs
-            else "has no CRS"
-        )
+    fix = "or unset gsd to run at the raster's own resolution"
+    if info.crs_wkt is None and info.gcp_crs:
         raise InputError(
-            f"gsd={gsd:g} needs each raster's pixel size in metres, but {info.path!r} {what}: "
-            f"warp it first with `gdalwarp -t_srs EPSG:XXXX {info.path} warped.tif` (a "
-            f"projected CRS in metres, e.g. its UTM zone), {fix}"
+            f"gsd={gsd:g} needs each raster's pixel size in metres, but {info.path!r} is "
+            f"georeferenced by GCPs ({info.gcp_crs}), not a transform: warp it first with "
+            f"`gdalwarp -t_srs EPSG:XXXX {info.path} warped.tif` (a projected CRS in metres, "
+            f"e.g. its UTM zone), {fix}"
+        )
+    if info.crs_wkt is None:
+        raise InputError(
+            f"gsd={gsd:g} needs each raster's pixel size in metres, but {info.path!r} has no "
+            f"CRS: georeference it first, e.g. `gdal_translate -a_srs EPSG:XXXX -a_ullr ULX ULY "
+            f"LRX LRY {info.path} georef.tif` (a projected CRS in metres), {fix}"
         )
     from pyproj import CRS
 
