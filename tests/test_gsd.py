@@ -146,6 +146,24 @@ def test_reader_averages_each_model_pixel_over_its_native_pixels(tmp_path: Path)
     reader.close()
 
 
+def test_empty_model_tiles_are_told_from_the_native_mask(tmp_path: Path) -> None:
+    """Nodata (value 0) left of native column 130: model tiles (f=2) over it are empty."""
+    path = _gradient(tmp_path, width=256, height=64)
+    with rasterio.open(path, "r+") as dst:
+        data = dst.read()
+        data[:, :, :130] = 0
+        data[:, :, 130:] = np.maximum(data[:, :, 130:], 1)
+        dst.write(data)
+        dst.nodata = 0
+    info = on_model_grid(describe_raster(path), 0.1, "auto")
+    assert info.has_mask and (info.width, info.height) == (128, 32)
+    reader = TileReader({path: [1]}, 32, grids={path: info.model_grid})
+    tiles = plan_tiles(path, info.height, info.width, 32, 0)
+    # Model columns 0-31, 32-63 cover native 0-127 (all nodata); 64-95 covers 128-191.
+    assert [reader.is_empty(t, True) for t in tiles] == [True, True, False, False]
+    reader.close()
+
+
 def test_gsd_equal_to_the_native_pixel_reads_natively(tmp_path: Path) -> None:
     path = _gradient(tmp_path, width=200, height=100, res=0.1)
     info = on_model_grid(describe_raster(path), 0.1, "auto")
