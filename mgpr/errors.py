@@ -2,9 +2,10 @@
 
 Every error a user can fix derives from :class:`MgprError`. Its message is one sentence that names
 the problem, the value seen and the fix (a config key, an sbatch flag or a command). The CLI catches
-``MgprError`` alone, prints that one line to stderr and exits with :data:`EXIT_USAGE`; anything else
-is a bug and keeps its traceback. Subclasses also inherit the matching builtin so callers can catch
-either (as rasterio's ``RasterioIOError(RasterioError, OSError)`` does).
+``MgprError`` alone, prints that one line to stderr and exits with its ``exit_code``
+(:data:`EXIT_USAGE` unless the class says otherwise); anything else is a bug and keeps its
+traceback. Subclasses also inherit the matching builtin so callers can catch either (as
+rasterio's ``RasterioIOError(RasterioError, OSError)`` does).
 """
 
 from __future__ import annotations
@@ -13,12 +14,17 @@ from __future__ import annotations
 EXIT_USAGE = 2
 #: Exit code for a run that finished but recorded failed tiles (``failed_tiles`` in the summary).
 EXIT_TILES_FAILED = 3
+#: Exit code for a run whose merge found planned tiles in no published part (``missing_tiles.txt``).
+EXIT_TILES_MISSING = 4
 #: Exit code for a run stopped by SIGTERM/SIGINT/SIGUSR1; everything written so far is kept.
 EXIT_INTERRUPTED = 130
 
 
 class MgprError(Exception):
     """Root of every error a user can fix; its message is a single line."""
+
+    #: The process exit code the CLI uses for this error.
+    exit_code: int = EXIT_USAGE
 
 
 class ConfigError(MgprError, ValueError):
@@ -51,6 +57,12 @@ class RankJoinError(MgprError, RuntimeError):
 
 class RankFailedError(MgprError, RuntimeError):
     """Raised on a surviving rank when another rank died before the end-of-predict barrier."""
+
+
+class MissingTilesError(MgprError, RuntimeError):
+    """Raised after the merge when planned tiles are in no published part (exit code 4)."""
+
+    exit_code = EXIT_TILES_MISSING
 
 
 class WorkerFailedError(MgprError, RuntimeError):

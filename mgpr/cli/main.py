@@ -5,8 +5,9 @@ The command line is a Hydra app's (:mod:`mgpr.conf.command`): ``-cp DIR -cn NAME
 nothing, ``-m/--multirun`` is refused. Lightning's subprocess launcher (``gpus=2`` without srun)
 re-runs this same command line for the other ranks, in the same working directory, so a relative
 ``-cp`` names the same file there. Expected mistakes (:class:`~mgpr.errors.MgprError`) become
-one line on stderr and exit code 2; anything else is a bug and keeps its traceback. Heavy imports
-(torch, Lightning) happen only after the config is valid, so a typo fails in well under a second.
+one line on stderr and the error's exit code (2; 4 for tiles missing at the merge); anything
+else is a bug and keeps its traceback. Heavy imports (torch, Lightning) happen only after the
+config is valid, so a typo fails in well under a second.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         code = run(cfg, explicit_keys=explicit)
     except MgprError as exc:
         print(f"mgpr: error: {exc}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
         print("mgpr: interrupted; re-run the same command to resume", file=sys.stderr)
         sys.exit(130)

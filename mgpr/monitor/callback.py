@@ -99,8 +99,8 @@ class RunMonitor(Callback):
         progress: True: a single ``\r`` line on rank 0 when stderr is a TTY (plain log lines
             otherwise); False: a log line every ``log_every_s`` (batch jobs).
         log_every_s: seconds between progress log lines (> 0).
-        progress_source: returns tiles done by ALL ranks so far (e.g. rows in every rank's
-            shard); called on rank 0 from the sampling thread, at most once per second (TTY) or
+        progress_source: returns tiles done by ALL ranks so far (the store's tally of
+            every rank); called on rank 0 from the sampling thread, at most once per second (TTY) or
             per ``log_every_s``. None: estimate as rank-0 tiles * world_size. No collective is
             ever used inside predict.
         sync_cuda: synchronise the device at each batch end so compute_s includes queued

@@ -29,8 +29,12 @@ log = logging.getLogger(__name__)
 
 RUN_DIR_ENV = "MGPR_RUN_DIR"
 FINGERPRINT_FILE = "run.json"
+#: Per-rank SQLite shards of mgpr before parts; a run directory holding them is refused.
+LEGACY_SHARDS = "shards"
 _RESULT_ENTRIES = (
-    "shards",
+    "parts",
+    LEGACY_SHARDS,
+    "missing_tiles.txt",
     "report_parts",
     "predictions.gpkg",
     "summary.json",
@@ -96,9 +100,20 @@ def prepare_run_dir(
     with ``overwrite=true``, so a preempted job never throws away its own finished tiles; the
     same job with another fingerprint is refused like any other run.
 
+    A directory holding an older mgpr's ``shards/rank*.sqlite`` is refused (its tiles cannot be
+    resumed) unless ``overwrite=true``, which removes them.
+
     Raises:
-        OutputError: the directory holds results of a different run and overwrite is false.
+        OutputError: the directory holds results of a different run (or of an older mgpr) and
+            overwrite is false.
     """
+    legacy = sorted((run_dir / LEGACY_SHARDS).glob("rank*.sqlite"))
+    if legacy and not overwrite:
+        raise OutputError(
+            f"output_dir={str(run_dir)!r} holds per-rank SQLite shards of an older mgpr "
+            f"({legacy[0].relative_to(run_dir)}), which this version cannot resume; choose a new "
+            "output_dir, or pass overwrite=true to start afresh"
+        )
     path = run_dir / FINGERPRINT_FILE
     # Results first, fingerprint second: ranks start together and rank 0 may write run.json
     # (itself a result entry) at any moment. Read the other way round, a rank could find no
@@ -124,7 +139,7 @@ def prepare_run_dir(
             f"output_dir={str(run_dir)!r} holds results of another run ({differs}); "
             "pass overwrite=true to start afresh, or choose another output_dir"
         )
-    resume = has_results and ((same and not overwrite) or own_requeue)
+    resume = has_results and not legacy and ((same and not overwrite) or own_requeue)
     if rank == 0:
         if has_results and not resume:
             for target in _result_paths(run_dir):

@@ -37,10 +37,12 @@ def build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )
     adapter = build_model(model_name, cfg.weights, **kwargs)
-    if adapter.task == "segmentation":
-        # A user model may declare it already; its class-map writer (issue 15) is not in yet.
+    from mgpr.tasks import TASKS
+
+    if adapter.task not in TASKS:
+        # A user model may declare segmentation already; its class-map writer is not in yet.
         raise ModelError(
-            f"model={model_name} is a segmentation model; this version writes only "
-            "classification and detection outputs; use such a model (e.g. model=resnet50)."
+            f"model={model_name} is a {adapter.task} model; this version writes only "
+            f"{' and '.join(sorted(TASKS))} outputs; use such a model (e.g. model=resnet50)."
         )
     return adapter

@@ -26,7 +26,7 @@ def is_out_of_memory(exc: BaseException) -> bool:
 def out_of_memory_error(
     exc: BaseException, cfg: PredictConfig, run_dir: Path, accelerator: str, rank: int
 ) -> MgprError:
-    """One line naming ``batch_size`` and a smaller value; the shards written so far are kept."""
+    """One line naming ``batch_size`` and a smaller value; the parts published so far are kept."""
     first = " ".join(str(exc).split()).split(". ")[0][:160]
     where = "the GPU" if accelerator == "gpu" else "the host"
     if cfg.batch_size > 1:
@@ -38,7 +38,7 @@ def out_of_memory_error(
         )
     return ResourceError(
         f"out of memory on {where} (rank {rank}) with batch_size={cfg.batch_size} ({first}); "
-        f"every finished tile is kept in {run_dir / 'shards'}; {fix}"
+        f"every finished tile is kept in {run_dir / 'parts'}; {fix}"
     )
 
 
@@ -65,7 +65,7 @@ def worker_death_error(
     return ResourceError(
         f"a DataLoader worker of rank {rank} died ({first}); the usual causes are too little "
         f"shared memory (/dev/shm) or host memory for workers={cfg.workers} x "
-        f"batch_size={cfg.batch_size}; every finished tile is kept in {run_dir / 'shards'}; "
+        f"batch_size={cfg.batch_size}; every finished tile is kept in {run_dir / 'parts'}; "
         f"re-run with {smaller} (or more memory) to resume"
     )
 

@@ -1,4 +1,4 @@
-"""The end of a run on rank 0: merge the shards, save ``summary.json`` and print the summary.
+"""The end of a run on rank 0: merge the parts, save ``summary.json`` and print the summary.
 
 ``summary.json`` (in the run directory) holds: ``mgpr_version``, ``finished_at``, ``run_dir``,
 ``output`` (the first output file or null), ``outputs`` (every output file: ``predictions.gpkg``
@@ -7,7 +7,9 @@ and/or ``<layer>.parquet``, as ``output_format`` chose), ``layers`` (layer -> fe
 ``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``),
 ``world_size``, ``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted``
 (model run), ``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100
-``{tile, reason}``; all of them are in ``failed_tiles.csv``), ``duplicates_removed`` (seam
+``{tile, reason}``; all of them are in ``failed_tiles.csv``), ``tiles_missing`` (planned tiles in
+no published part; listed in ``missing_tiles.txt``, the run exits 4), ``duplicate_tiles`` (tile
+copies found in more than one part, each kept once), ``duplicates_removed`` (seam
 de-duplication), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
 (``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
 last batch, slowest rank), ``tiles_per_s`` (tiles predicted or skipped in this run /
@@ -33,8 +35,11 @@ import numpy as np
 
 from mgpr.conf.schema import PredictConfig
 from mgpr.geo.raster import RasterInfo
+from mgpr.geo.tiling import Tile
 from mgpr.outputs.rundir import write_json_atomic
-from mgpr.outputs.shards import merge_run
+from mgpr.tasks import get_task
+from mgpr.tasks.base import TaskContext
+from mgpr.tasks.merge import merge_run
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +116,7 @@ def finish_run(
     adapter: Any,
     model_name: str,
     rasters: Sequence[RasterInfo],
+    tiles: Sequence[Tile],
     stats: dict[str, Any],
     precision: str,
     t_start: float,
@@ -119,6 +125,8 @@ def finish_run(
     value_ranges: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge, report and summarise (rank 0 only); returns the summary dict.
+
+    ``tiles``: the whole plan, as the run planned it (the ledger accounts each tile once).
 
     ``value_ranges``: each raster's :class:`~mgpr.geo.values.ValueRange` (None: raw values or
     fake data), recorded as ``summary["values"]``.
@@ -150,23 +158,19 @@ def finish_run(
             tiles_skipped_nodata=0,
             tiles_failed=0,
             failed_tiles=[],
+            tiles_missing=0,
             duplicates_removed=0,
             fake_data=True,
         )
     else:
         merged = merge_run(
             run_dir,
-            rasters,
-            adapter.task,
-            cfg.tile_size,
-            cfg.overlap,
-            adapter.categories,
-            cfg.nms_iou,
-            cfg.seam_ios,
-            topk=cfg.topk,
+            get_task(adapter.task),
+            TaskContext.for_run(cfg, rasters, adapter.categories),
+            tiles,
             output_format=cfg.output_format,
         )
-        tiles_total = sum(_n_tiles(r, cfg) for r in rasters)
+        tiles_total = merged.tiles_planned
         summary.update(
             output=str(merged.output_path) if merged.output_path else None,
             outputs=[str(p) for p in merged.output_paths],
@@ -177,6 +181,9 @@ def finish_run(
             tiles_skipped_nodata=merged.tiles_empty,
             tiles_failed=merged.tiles_failed,
             failed_tiles=[{"tile": k, "reason": r} for k, r in merged.failed[:100]],
+            tiles_missing=merged.tiles_missing,
+            missing_tiles=str(merged.missing_path) if merged.missing_path else None,
+            duplicate_tiles=merged.duplicate_tiles,
             duplicates_removed=merged.duplicates_removed,
             pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
             values=describe_value_ranges(cfg, value_ranges),
@@ -261,12 +268,6 @@ def describe_resolution(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> di
     }
 
 
-def _n_tiles(info: RasterInfo, cfg: PredictConfig) -> int:
-    from mgpr.geo.tiling import tile_grid
-
-    return tile_grid(info.height, info.width, cfg.tile_size, cfg.overlap).n_tiles
-
-
 def _report(
     run_dir: Path,
     world: int,
@@ -317,6 +318,7 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
     lines.append(
         f"  tiles        {s['tiles_total']} planned: {s['tiles_predicted']} predicted, "
         f"{s['tiles_skipped_nodata']} skipped (nodata), {s['tiles_failed']} failed"
+        + (f", {s['tiles_missing']} MISSING" if s.get("tiles_missing") else "")
     )
     if s.get("tiles_per_s") is not None:
         lines.append(

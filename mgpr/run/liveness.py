@@ -283,7 +283,7 @@ def end_of_predict(
         which = "; ".join(f"rank {r}: {why}" for r, why in dead)
         raise RankFailedError(
             f"rank 0 finished its tiles but not every rank did ({which[:300]}); every "
-            f"finished tile is kept in {run_dir}/shards: read {run_dir}/logs/rank*.log, then "
+            f"finished tile is kept in {run_dir}/parts: read {run_dir}/logs/rank*.log, then "
             "re-run the same command to resume"
         )
     for child, code in local_ranks.reap(timeout_s=30.0).items():

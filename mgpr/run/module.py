@@ -5,9 +5,11 @@ rest are scaled ON THE DEVICE (:class:`~mgpr.data.scaling.ValueScaler`: carrier 
 float32 in [0, 1] by ``value_range``), go through ``adapter.prepare`` (the model's own
 normalisation), the network under
 Lightning's ``inference_mode`` and precision plugin (autocast), and ``adapter.postprocess`` into
-plain per-tile records in TILE pixel coordinates. The records are returned to the
-:class:`~mgpr.run.writer_callback.PredictionShardWriter` callback, which writes them to the rank's
-shard; nothing is kept (``trainer.predict(..., return_predictions=False)``).
+plain per-tile records in TILE pixel coordinates, each wrapped in a
+:class:`~mgpr.tasks.base.TileOutcome` whatever the task (the record is the task's business). They
+are returned to the :class:`~mgpr.run.writer_callback.PredictionPartWriter` callback, which
+publishes them in the rank's part files; nothing is kept
+(``trainer.predict(..., return_predictions=False)``).
 """
 
 from __future__ import annotations
@@ -23,10 +25,10 @@ import torch
 from mgpr.data.dataset import STATUS_OK
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
-from mgpr.models.base import Classification, Detections, ModelAdapter
+from mgpr.models.base import ModelAdapter
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
-from mgpr.outputs.shards import TileOutcome
 from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
+from mgpr.tasks.base import TileOutcome
 
 
 class InferenceModule(pl.LightningModule):
@@ -123,7 +125,7 @@ class InferenceModule(pl.LightningModule):
         # numpy arrays from TileDataset's batched read, tensors from default_collate
         status = np.asarray(batch["status"])
         ok = np.flatnonzero(status == STATUS_OK)
-        results: list[Detections] | list[Classification] = []
+        results: list[Any] = []
         if len(ok):
             keep = None if len(ok) == len(status) else torch.as_tensor(ok, device=images.device)
             paths = None
@@ -136,7 +138,7 @@ class InferenceModule(pl.LightningModule):
             inputs = self.adapter.prepare(x)
             raw = self.adapter.forward(inputs)
             start = time.perf_counter()
-            results = self.adapter.postprocess(raw, self.tile_size)[: len(ok)]  # type: ignore[assignment]
+            results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
             if self.on_stage is not None:
                 self.on_stage("postprocess", time.perf_counter() - start)
         if self.tiles is None:
@@ -148,10 +150,8 @@ class InferenceModule(pl.LightningModule):
         for pos, (idx, st) in enumerate(zip(indexes.tolist(), status.tolist(), strict=True)):
             tile = self.tiles[idx]
             res = by_position.get(pos)
-            if isinstance(res, Detections):
-                outcomes.append(TileOutcome(tile, st, "", res.boxes, res.scores, res.labels))
-            elif isinstance(res, Classification):
-                outcomes.append(TileOutcome(tile, st, "", None, res.scores, res.class_ids))
+            if res is not None:
+                outcomes.append(TileOutcome(tile, st, "", res))
             else:
                 outcomes.append(TileOutcome(tile, st, reasons[pos]))
         return outcomes

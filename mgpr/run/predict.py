@@ -8,9 +8,11 @@ Order of events on every rank (each step fails fast, before any GPU time is spen
 3. model built (rank 0 first when weights must be downloaded; the others load from the cache);
 4. ``run.json`` fingerprint checked (resume, or refuse to mix runs without ``overwrite=true``);
 5. ``Trainer`` (DDP when more than one rank, never a single-device strategy under ``srun``);
-   inside ``predict`` each rank takes its static slice of the tile plan minus tiles already done;
-6. every rank meets at a barrier, so the launching process exits non-zero when any rank failed;
-7. rank 0 merges the shards into ``predictions.gpkg``, writes ``summary.json`` and the report.
+   inside ``predict`` ranks claim chunks of the plan minus tiles already done (in published parts);
+6. rank 0 waits for every rank that is alive, so the launching process exits non-zero when one
+   failed;
+7. rank 0 merges the parts (exactly-once proven by the ledger) into ``predictions.gpkg``, writes
+   ``summary.json`` and the report; planned tiles in no part fail the run with exit 4.
 
 This module only orders the steps; each lives in its own module of ``mgpr.run`` (devices,
 precision, demo, adapter, identity, signals, failures, logs, coordination).
@@ -26,7 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from mgpr.conf.schema import PredictConfig
-from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED
+from mgpr.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TILES_FAILED,
+    EXIT_TILES_MISSING,
+    MissingTilesError,
+)
 from mgpr.models.registry import DEFAULT_MODEL, DEMO_MODEL
 from mgpr.outputs.rundir import (
     RUN_DIR_ENV,
@@ -89,7 +96,7 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
                 else "re-run the same command to resume"
             )
             print(
-                f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/shards; "
+                f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/parts; "
                 f"{then}",
                 file=sys.stderr,
             )
@@ -194,11 +201,11 @@ def _predict_and_finish(
 
         carrier_dtype((r.path, r.dtype) for r in rasters)  # refuses a dtype mgpr cannot read
         value_ranges = resolve_value_ranges(cfg, rasters, bands, adapter, rank)
-        if adapter.task == "detection" and cfg.overlap == 0 and rank == 0:
-            log.warning(
-                "overlap=0 with a detector: objects cut by a tile seam are found as "
-                "two halves; set overlap to at least the largest object's size in pixels"
-            )
+        from mgpr.tasks import get_task
+
+        overlap_warning = get_task(adapter.task).overlap_warning
+        if overlap_warning and cfg.overlap == 0 and rank == 0:
+            log.warning("%s", overlap_warning)
         run_identity = fingerprint(
             cfg, model_name, adapter.weights_id, rasters, bands, value_ranges
         )
@@ -242,6 +249,7 @@ def _predict_and_finish(
         adapter=adapter,
         model_name=model_name,
         rasters=rasters,
+        tiles=tiles,
         stats=stats,
         precision=precision,
         t_start=t_start,
@@ -256,6 +264,13 @@ def _predict_and_finish(
             f"output; reasons in {run_dir / 'failed_tiles.csv'}; re-run the same command to "
             f"retry only them (exit code {EXIT_TILES_FAILED})",
             file=sys.stderr,
+        )
+    missing = summary.get("tiles_missing", 0)
+    if missing:
+        raise MissingTilesError(
+            f"{missing} of {summary['tiles_total']} planned tile(s) are in no published part, so "
+            f"they are not in the output; listed in {summary['missing_tiles']}; re-run the same "
+            f"command to predict only them (exit code {EXIT_TILES_MISSING})"
         )
     return EXIT_TILES_FAILED if failed else 0
 

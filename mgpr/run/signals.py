@@ -33,7 +33,7 @@ def install_signal_handlers() -> dict[int, Any]:
     def handler(signum: int, frame: Any) -> None:
         # SLURM signals every process of the step, sometimes twice (USR1 then TERM on preemption,
         # srun --kill-on-bad-exit): once stopping, a repeated TERM/USR1 must not interrupt the
-        # clean-up (flushing the shard, scontrol requeue). Ctrl-C twice still forces its way.
+        # clean-up (publishing the last part, scontrol requeue). Ctrl-C twice still forces its way.
         if stopping and signum != signal.SIGINT:
             return
         stopping.append(signum)

@@ -39,7 +39,7 @@ from mgpr.geo.tiling import Tile
 from mgpr.geo.values import ValueRange, carrier_dtype
 from mgpr.monitor.callback import RunMonitor
 from mgpr.monitor.profiler import make_profiler
-from mgpr.outputs.shards import finished_tile_keys
+from mgpr.outputs.parts_read import finished_tile_keys
 from mgpr.run.accel import resolve_compile
 from mgpr.run.claims import (
     CHUNK_BATCHES,
@@ -59,7 +59,9 @@ from mgpr.run.liveness import (
     publish_done,
 )
 from mgpr.run.module import InferenceModule
-from mgpr.run.writer_callback import PredictionShardWriter
+from mgpr.run.writer_callback import PredictionPartWriter
+from mgpr.tasks import get_task
+from mgpr.tasks.base import TaskContext
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class KeepStopHandler(pl.Callback):
     Lightning registers a SIGTERM handler just before predict that broadcasts a flag to every
     rank from inside the handler: a rank signalled alone (``kill`` of one task) would block in
     that collective for ``join_timeout_s``. SLURM signals every task of the step, and mgpr's
-    handler stops each rank on its own, keeping the shards written so far.
+    handler stops each rank on its own, keeping the parts published so far.
     """
 
     def __init__(self) -> None:
@@ -350,13 +352,11 @@ def run_predict(
         progress_source=tally.total,
     )
     callbacks: list[Any] = [monitor, KeepStopHandler(), tally]
-    writer: PredictionShardWriter | None = None
     if not cfg.use_fake_data:
-        writer = PredictionShardWriter(
+        writer = PredictionPartWriter(
             run_dir,
-            {r.path: r for r in rasters},
-            cfg.overlap,
-            adapter.task,
+            get_task(adapter.task),
+            TaskContext.for_run(cfg, rasters, adapter.categories),
             on_write=lambda s, n: monitor.record_stage("write", s),
         )
         callbacks.append(writer)

@@ -1,63 +1,63 @@
-"""The Lightning callback that streams each rank's predictions into its shard.
+"""The Lightning callback that streams each rank's predictions into its part files.
 
 It subclasses Lightning's ``BasePredictionWriter`` (``write_interval="batch"``) and hands each
-batch's :class:`~mgpr.outputs.shards.TileOutcome` list to a
-:class:`~mgpr.outputs.shards.BackgroundShardWriter`
-thread, so disk IO overlaps with the next batch's compute. On an exception (Ctrl-C, SIGTERM,
-out of memory) every batch already queued is still written before the error propagates: the
-tiles finished so far are kept for a resume.
+batch's :class:`~mgpr.tasks.base.TileOutcome` list to a
+:class:`~mgpr.outputs.part_thread.BackgroundPartWriter` thread, which publishes them in chunks
+(the task's payload, then a manifest) under ``<run_dir>/parts/``, so disk IO overlaps with the
+next batch's compute. On an exception (Ctrl-C, SIGTERM, out of memory) every batch already
+queued is still published before the error propagates: the tiles finished so far are kept for a
+resume.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mgpr.geo.raster import RasterInfo
-from mgpr.outputs.shards import BackgroundShardWriter, ShardStore, shard_path
+from mgpr.outputs.part_thread import BackgroundPartWriter
+from mgpr.outputs.parts import OutcomeLike, PartSink, PartWriter
+from mgpr.tasks.base import Task, TaskContext
 
 log = logging.getLogger(__name__)
 
 
-class PredictionShardWriter(BasePredictionWriter):
-    """Writes every batch to ``<run_dir>/shards/rank<global_rank>.sqlite``.
+class PredictionPartWriter(BasePredictionWriter):
+    """Publishes every batch under ``<run_dir>/parts/`` as ``r<global_rank>-...`` parts.
 
     Args:
         run_dir: the run directory (identical on every rank).
-        rasters: header of every input raster by path.
-        overlap: tile overlap in pixels (marks boxes in seam strips).
-        task: ``"classification"`` or ``"detection"``.
-        on_write: optional ``(seconds, tiles)`` callback per written batch (run report).
+        task: the run's task (its payload hook writes each chunk's records).
+        ctx: what the task needs of the run (rasters, tiling).
+        on_write: optional ``(seconds, tiles)`` callback per published chunk (run report).
     """
 
     def __init__(
         self,
         run_dir: Path,
-        rasters: dict[str, RasterInfo],
-        overlap: int,
-        task: str,
+        task: Task,
+        ctx: TaskContext,
         on_write: Callable[[float, int], None] | None = None,
     ) -> None:
         super().__init__(write_interval="batch")
         self.run_dir = run_dir
-        self.rasters = rasters
-        self.overlap = overlap
         self.task = task
+        self.ctx = ctx
         self.on_write = on_write
-        self._writer: BackgroundShardWriter | None = None
+        self._writer: BackgroundPartWriter | None = None
+
+    def _payload(self, outcomes: Sequence[OutcomeLike], sink: PartSink) -> dict[str, int]:
+        return self.task.write_payload(outcomes, self.ctx, sink)  # type: ignore[arg-type]
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Open this rank's shard (the global rank is known once the Trainer is set up)."""
+        """Start this rank's writer (the global rank is known once the Trainer is set up)."""
         if self._writer is None:
-            store = ShardStore(shard_path(self.run_dir, trainer.global_rank), trainer.global_rank)
-            self._writer = BackgroundShardWriter(
-                store, self.rasters, self.overlap, self.task, self.on_write
-            )
+            parts = PartWriter(self.run_dir, trainer.global_rank, self._payload)
+            self._writer = BackgroundPartWriter(parts, self.on_write)
 
     def write_on_batch_end(
         self,
@@ -74,13 +74,13 @@ class PredictionShardWriter(BasePredictionWriter):
         self._writer.put(prediction)
 
     def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Flush every queued batch and close the shard."""
+        """Publish every queued outcome and stop the thread."""
         self.close()
 
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        """Keep what is queued: write it, then let the exception propagate."""
+        """Keep what is queued: publish it, then let the exception propagate."""
         self.close(raise_errors=False)
 
     def close(self, raise_errors: bool = True) -> None:

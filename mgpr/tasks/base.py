@@ -1,0 +1,252 @@
+"""The Task seam: what a task's per-tile output is, how a rank stores it, how a run merges it.
+
+A :class:`Task` object replaces every ``if task == ...`` of the pipeline:
+
+* :attr:`Task.record_type`: the adapter output it accepts per tile (``Detections``,
+  ``Classification``, ``ClassMap``); predict_step wraps each in a :class:`TileOutcome`;
+* :meth:`Task.write_payload`: the per-rank part payload of a chunk of outcomes, published
+  through a :class:`~mgpr.outputs.parts.PartSink` before the chunk's manifest. The vector tasks
+  publish a records table (:meth:`VectorTask.records`, Parquet); a raster task (segmentation)
+  overrides it to publish raster part files (GeoTIFFs of owned tile cores,
+  :mod:`mgpr.outputs.cog`) with ``sink.publish(suffix, write)``;
+* :meth:`Task.merge`: the run's merge, after the :class:`~mgpr.outputs.ledger.Ledger` proved
+  exactly-once; the vector tasks turn each raster's records into a
+  :class:`~mgpr.outputs.vector.FeatureBatch` (:meth:`VectorTask.features`) for the writers
+  ``output_format`` selects, one layer per CRS (:mod:`mgpr.tasks.layers`).
+
+Adding a task = one module here (a Task subclass) + its models, and one entry in
+:mod:`mgpr.tasks` ``TASKS``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from mgpr.conf.schema import PredictConfig
+from mgpr.geo.raster import RasterInfo
+from mgpr.geo.tiling import Tile
+from mgpr.outputs.formats import vector_writers
+from mgpr.outputs.ledger import Ledger
+from mgpr.outputs.parts import RECORDS_SUFFIX, PartSink
+from mgpr.outputs.parts_read import read_records
+from mgpr.outputs.vector import FeatureBatch
+from mgpr.tasks.layers import plan_layers
+
+#: Tile status codes (those of the data pipeline's samples, ``mgpr.data.dataset``).
+STATUS_DONE = 0
+STATUS_EMPTY = 1
+STATUS_FAILED = 2
+
+
+@dataclass(slots=True)
+class TileOutcome:
+    """What predict_step produced for one tile (the part writer's input).
+
+    Attributes:
+        tile: the tile.
+        status: :data:`STATUS_DONE`, :data:`STATUS_EMPTY` (all nodata, model not run) or
+            :data:`STATUS_FAILED`.
+        reason: why it failed, else "".
+        record: the adapter's output for the tile (the task's :attr:`Task.record_type`, in TILE
+            pixel coordinates), None unless done.
+    """
+
+    tile: Tile
+    status: int
+    reason: str = ""
+    record: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a task needs to know of the run (the same on every rank).
+
+    Attributes:
+        rasters: header of every input raster by path.
+        tile_size: pixels.
+        overlap: pixels shared by neighbouring tiles (seam strips).
+        categories: label names by class id, or None.
+        nms_iou: detection de-duplication IoU threshold.
+        seam_ios: detection de-duplication intersection-over-smaller threshold.
+        topk: classes kept per tile (classification).
+    """
+
+    rasters: Mapping[str, RasterInfo]
+    tile_size: int
+    overlap: int
+    categories: Sequence[str] | None = None
+    nms_iou: float = 0.5
+    seam_ios: float = 0.5
+    topk: int = 5
+
+    @classmethod
+    def for_run(
+        cls, cfg: PredictConfig, rasters: Sequence[RasterInfo], categories: Sequence[str] | None
+    ) -> TaskContext:
+        """The context of a run (the same on every rank, and at the merge)."""
+        return cls(
+            rasters={r.path: r for r in rasters},
+            tile_size=cfg.tile_size,
+            overlap=cfg.overlap,
+            categories=categories,
+            nms_iou=cfg.nms_iou,
+            seam_ios=cfg.seam_ios,
+            topk=cfg.topk,
+        )
+
+
+@dataclass(slots=True)
+class MergeResult:
+    """What a merge wrote and the ledger's accounting."""
+
+    output_path: Path | None = None
+    output_paths: list[Path] = field(default_factory=list)
+    layers: dict[str, int] = field(default_factory=dict)  # layer name -> features
+    records: int = 0
+    tiles_planned: int = 0
+    tiles_done: int = 0
+    tiles_empty: int = 0
+    tiles_failed: int = 0
+    tiles_missing: int = 0
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (tile_key, reason)
+    missing_path: Path | None = None
+    duplicate_tiles: int = 0  # tile copies found in more than one part, dropped
+    duplicates_removed: int = 0  # seam de-duplication (detection)
+
+
+class Task(abc.ABC):
+    """One kind of model output (see the module docstring)."""
+
+    #: ``model.task`` value this task handles.
+    name: ClassVar[str]
+    #: The adapter's per-tile output type.
+    record_type: ClassVar[type]
+    #: Logged by rank 0 when ``overlap=0`` would hurt this task's results (None: no warning).
+    overlap_warning: ClassVar[str | None] = None
+
+    def check(self, outcome: TileOutcome) -> None:
+        """Refuse a done tile whose record is not this task's output (an adapter bug)."""
+        if outcome.status == STATUS_DONE and not isinstance(outcome.record, self.record_type):
+            raise TypeError(
+                f"task {self.name} expects {self.record_type.__name__} per tile, got "
+                f"{type(outcome.record).__name__} for {outcome.tile.id.key()}"
+            )
+
+    @abc.abstractmethod
+    def write_payload(
+        self, outcomes: Sequence[TileOutcome], ctx: TaskContext, sink: PartSink
+    ) -> dict[str, int]:
+        """Publish a chunk's payload file(s) through ``sink``; returns records per tile key."""
+
+    @abc.abstractmethod
+    def merge(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        output_format: str,
+        output_name: str,
+    ) -> MergeResult:
+        """Write the run's outputs from the ledger's picks (records of done tiles only)."""
+
+
+class VectorTask(Task):
+    """A task whose output is polygon features: records tables in, vector layers out."""
+
+    #: Layer name of a single-CRS run (``detections``, ``classifications``).
+    layer_base: ClassVar[str]
+    #: Schema of the per-rank records table (with ``tile_key`` and ``path`` columns).
+    records_schema: ClassVar[pa.Schema]
+
+    @abc.abstractmethod
+    def records(self, outcomes: Sequence[TileOutcome], ctx: TaskContext) -> pa.Table:
+        """The records of the done tiles among ``outcomes`` (:attr:`records_schema`)."""
+
+    @abc.abstractmethod
+    def features(
+        self, info: RasterInfo, records: pa.Table, ctx: TaskContext, tiles: Mapping[str, Tile]
+    ) -> tuple[FeatureBatch, int]:
+        """One raster's features from its records; returns ``(batch, duplicates removed)``."""
+
+    def write_payload(
+        self, outcomes: Sequence[TileOutcome], ctx: TaskContext, sink: PartSink
+    ) -> dict[str, int]:
+        """A records table (only when the chunk has records); its rows counted per tile."""
+        for outcome in outcomes:
+            self.check(outcome)
+        table = self.records(outcomes, ctx)
+        if table.num_rows == 0:
+            return {}
+        sink.publish_table(table, RECORDS_SUFFIX)
+        counts = pc.value_counts(table["tile_key"])
+        return {
+            str(k): int(n)
+            for k, n in zip(
+                counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True
+            )
+        }
+
+    def merge(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        output_format: str,
+        output_name: str,
+    ) -> MergeResult:
+        """Each raster's picked records -> features, one layer per CRS, every selected writer.
+
+        Rasters in different CRSs go to different layers (no reprojection: every feature stays
+        in its own raster's CRS). Writers publish whole files only.
+        """
+        result = MergeResult()
+        keys_by_path: dict[str, list[str]] = {}
+        for key, tile in tiles.items():
+            keys_by_path.setdefault(tile.id.path, []).append(key)
+        rasters = list(ctx.rasters.values())
+        writers = vector_writers(output_format, run_dir, output_name)
+        try:
+            for layer in plan_layers(rasters, self.layer_base):
+                batches = []
+                for path in layer.paths:
+                    picks = ledger.picks(keys_by_path.get(path, []))
+                    table = read_records(
+                        run_dir, picks, ledger.parts, RECORDS_SUFFIX, self.records_schema
+                    )
+                    batch, removed = self.features(ctx.rasters[path], table, ctx, tiles)
+                    batches.append(batch)
+                    result.duplicates_removed += removed
+                merged = FeatureBatch.concat(batches)
+                for writer in writers:
+                    writer.write(layer.name, layer.crs_wkt, merged)
+                result.layers[layer.name] = len(merged)
+                result.records += len(merged)
+            if rasters:
+                for writer in writers:
+                    result.output_paths += writer.commit()
+        finally:
+            for writer in writers:
+                writer.abort()
+        result.output_path = result.output_paths[0] if result.output_paths else None
+        return result
+
+
+def label_names(class_ids: np.ndarray, categories: Sequence[str] | None) -> np.ndarray:
+    """Label name of each class id; the id as text when the model has no name for it."""
+    return np.array(
+        [
+            categories[i] if categories and 0 <= i < len(categories) else str(i)
+            for i in np.asarray(class_ids).tolist()
+        ],
+        dtype=object,
+    )

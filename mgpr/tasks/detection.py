@@ -1,0 +1,171 @@
+"""Detection: boxes per tile -> one polygon per object, de-duplicated across tile seams.
+
+Per-rank records (:data:`RECORDS_SCHEMA`, one row per box, RASTER pixel corner coordinates,
+x = column, y = row): boxes are clipped to the tile's part inside the raster and shifted from
+tile to raster pixels on the rank, with two flags the merge needs: ``seam`` (the box enters an
+overlap strip shared with a neighbouring tile) and ``cut`` (it touches an inner tile edge, so the
+object may be truncated).
+
+Merge, per raster: the seam boxes are de-duplicated across tiles
+(:func:`~mgpr.tasks.seam_dedupe.dedupe_seam_boxes`), then every box becomes a polygon in the
+raster's CRS (:func:`~mgpr.geo.georef.boxes_to_rings`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import numpy as np
+import pyarrow as pa
+
+from mgpr.geo.georef import boxes_to_rings
+from mgpr.geo.raster import RasterInfo
+from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge
+from mgpr.models.base import Detections
+from mgpr.outputs.vector import FeatureBatch
+from mgpr.tasks.base import STATUS_DONE, TaskContext, TileOutcome, VectorTask, label_names
+from mgpr.tasks.seam_dedupe import dedupe_seam_boxes
+
+RECORDS_SCHEMA = pa.schema(
+    [
+        ("tile_key", pa.string()),
+        ("path", pa.string()),
+        ("x0", pa.float64()),
+        ("y0", pa.float64()),
+        ("x1", pa.float64()),
+        ("y1", pa.float64()),
+        ("score", pa.float64()),
+        ("label", pa.int64()),
+        ("seam", pa.bool_()),
+        ("cut", pa.bool_()),
+    ]
+)
+
+#: Sort order of a raster's boxes before the merge: deterministic whatever wrote them.
+_ORDER = [
+    ("tile_key", "ascending"),
+    ("label", "ascending"),
+    ("score", "descending"),
+    ("x0", "ascending"),
+    ("y0", "ascending"),
+    ("x1", "ascending"),
+    ("y1", "ascending"),
+]
+
+
+def _tile_boxes(
+    tile: Tile, det: Detections, info: RasterInfo, overlap: int
+) -> dict[str, np.ndarray]:
+    """Clip a tile's boxes to its valid extent, flag seam/cut boxes, shift to raster pixels."""
+    boxes = np.asarray(det.boxes, dtype=np.float64).reshape(-1, 4).copy()
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, tile.valid_width)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, tile.valid_height)
+    keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+    cut = box_touches_tile_edge(
+        boxes, tile, 1.0, raster_height=info.height, raster_width=info.width
+    )
+    # A box reaches a seam when it enters an overlap strip along an inner edge.
+    margin = max(float(overlap), 1.0)
+    seam = box_touches_tile_edge(
+        boxes, tile, margin, raster_height=info.height, raster_width=info.width
+    )
+    shift = np.array([tile.col_off, tile.row_off, tile.col_off, tile.row_off], np.float64)
+    return {
+        "boxes": boxes[keep] + shift,
+        "score": np.asarray(det.scores, np.float64)[keep],
+        "label": np.asarray(det.labels, np.int64)[keep],
+        "seam": np.asarray(seam, bool)[keep],
+        "cut": np.asarray(cut, bool)[keep],
+    }
+
+
+class DetectionTask(VectorTask):
+    """Boxes per tile (``Detections``) -> layer ``detections``."""
+
+    name = "detection"
+    record_type = Detections
+    layer_base = "detections"
+    overlap_warning = (
+        "overlap=0 with a detector: objects cut by a tile seam are found as "
+        "two halves; set overlap to at least the largest object's size in pixels"
+    )
+    records_schema: ClassVar[pa.Schema] = RECORDS_SCHEMA
+
+    def records(self, outcomes: Sequence[TileOutcome], ctx: TaskContext) -> pa.Table:
+        """One row per kept box of every done tile (see the module docstring)."""
+        parts = []
+        keys: list[str] = []
+        paths: list[str] = []
+        for out in outcomes:
+            if out.status != STATUS_DONE or out.record is None:
+                continue
+            rows = _tile_boxes(out.tile, out.record, ctx.rasters[out.tile.id.path], ctx.overlap)
+            n = len(rows["score"])
+            if n:
+                parts.append(rows)
+                keys += [out.tile.id.key()] * n
+                paths += [out.tile.id.path] * n
+        if not parts:
+            return RECORDS_SCHEMA.empty_table()
+        boxes = np.concatenate([p["boxes"] for p in parts])
+        columns = {
+            "tile_key": keys,
+            "path": paths,
+            "x0": boxes[:, 0],
+            "y0": boxes[:, 1],
+            "x1": boxes[:, 2],
+            "y1": boxes[:, 3],
+            **{c: np.concatenate([p[c] for p in parts]) for c in ("score", "label", "seam", "cut")},
+        }
+        return pa.table(columns, schema=RECORDS_SCHEMA)
+
+    def features(
+        self, info: RasterInfo, records: pa.Table, ctx: TaskContext, tiles: Mapping[str, Tile]
+    ) -> tuple[FeatureBatch, int]:
+        """Seam boxes de-duplicated across tiles, then one polygon per box."""
+        table = records.sort_by(_ORDER)
+        tile_key = np.array(table["tile_key"].to_pylist(), dtype=object)
+        boxes = np.stack(
+            [table[c].to_numpy().astype(np.float64) for c in ("x0", "y0", "x1", "y1")], axis=1
+        ).reshape(-1, 4)
+        score = table["score"].to_numpy().astype(np.float64)
+        label = table["label"].to_numpy().astype(np.int64)
+        seam = table["seam"].to_numpy(zero_copy_only=False).astype(bool)
+        cut = table["cut"].to_numpy(zero_copy_only=False).astype(bool)
+        n = len(score)
+        keep = np.ones(n, dtype=bool)
+        seam_idx = np.flatnonzero(seam)
+        if len(seam_idx):
+            _, tile_ids = np.unique(tile_key[seam_idx], return_inverse=True)
+            keep[seam_idx] = dedupe_seam_boxes(
+                boxes[seam_idx],
+                score[seam_idx],
+                label[seam_idx],
+                tile_ids.astype(np.int64),
+                cut[seam_idx],
+                ctx.nms_iou,
+                ctx.seam_ios,
+            )
+        removed = int(n - keep.sum())
+        boxes = boxes[keep]
+        # px_* are the FILE's pixels: model-grid pixels times native pixels per model pixel (gsd=)
+        native_px = boxes * np.array([info.factor_x, info.factor_y] * 2, dtype=np.float64)
+        keys = tile_key[keep]
+        ids = [TileId.from_key(k) for k in keys]
+        labels = label[keep]
+        fields = {
+            "score": score[keep],
+            "class_id": labels,
+            "label": label_names(labels, ctx.categories),
+            "source": np.array([info.path] * len(keys), dtype=object),
+            "tile_row": np.array([t.row for t in ids], dtype=np.int64),
+            "tile_col": np.array([t.col for t in ids], dtype=np.int64),
+            "tile_key": np.array(keys, dtype=object),
+            "px_xmin": native_px[:, 0],
+            "px_ymin": native_px[:, 1],
+            "px_xmax": native_px[:, 2],
+            "px_ymax": native_px[:, 3],
+        }
+        # The (model) grid's transform: exact whatever gsd.
+        return FeatureBatch(boxes_to_rings(boxes, info.transform), fields), removed

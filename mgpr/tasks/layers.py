@@ -1,0 +1,72 @@
+"""Which layer each raster's features go to: one layer per CRS, CRSs compared by definition.
+
+Rule (README "Layers"):
+
+* rasters share a layer only if their CRSs are EQUAL (rasterio/PROJ equality of the
+  definitions, not of the WKT text or the CRS name: two Lambert conformal conics that differ
+  only in ``lon_0`` are two CRSs, and an EPSG code and its full WKT are one);
+* a run whose rasters all have one CRS (or all have none) writes ``<base>`` alone
+  (``detections`` / ``classifications``);
+* otherwise every layer gets a suffix from its own CRS only, so a raster's layer name does not
+  depend on the other inputs: ``_epsg<code>`` when the CRS is exactly an EPSG CRS,
+  else ``_crs<first 8 hex of sha1(WKT)>``; rasters without a CRS (pixel coordinates) go to
+  ``_pixel``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from rasterio.crs import CRS
+
+from mgpr.geo.raster import RasterInfo
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One output layer: its name, its CRS (WKT, None = pixel coordinates) and its rasters."""
+
+    name: str
+    crs_wkt: str | None
+    paths: tuple[str, ...]
+
+
+def crs_suffix(crs_wkt: str | None) -> str:
+    """The layer suffix of one CRS (see the module docstring), without the leading ``_``."""
+    if crs_wkt is None:
+        return "pixel"
+    crs = CRS.from_wkt(crs_wkt)
+    epsg = crs.to_epsg(confidence_threshold=100)
+    if epsg is not None:
+        return f"epsg{epsg}"
+    return "crs" + hashlib.sha1(crs.to_wkt().encode()).hexdigest()[:8]
+
+
+def plan_layers(rasters: Sequence[RasterInfo], base: str) -> list[Layer]:
+    """Group rasters by CRS equality into layers, in order of first appearance."""
+    groups: list[tuple[CRS | None, str | None, list[str]]] = []
+    for info in rasters:
+        crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt is not None else None
+        for group_crs, _wkt, paths in groups:
+            if (crs is None and group_crs is None) or (
+                crs is not None and group_crs is not None and crs == group_crs
+            ):
+                paths.append(info.path)
+                break
+        else:
+            groups.append((crs, info.crs_wkt, [info.path]))
+    if len(groups) == 1:
+        _crs, wkt, paths = groups[0]
+        return [Layer(base, wkt, tuple(paths))]
+    layers: list[Layer] = []
+    used: set[str] = set()
+    for _crs, wkt, paths in groups:
+        name = f"{base}_{crs_suffix(wkt)}"
+        if name in used:  # two unequal CRSs with one EPSG code: keep them apart by their WKT
+            assert wkt is not None
+            name = f"{base}_crs{hashlib.sha1(CRS.from_wkt(wkt).to_wkt().encode()).hexdigest()[:8]}"
+        used.add(name)
+        layers.append(Layer(name, wkt, tuple(paths)))
+    return layers
