@@ -87,3 +87,11 @@ def read_gpkg_layer(path: Path, layer: str) -> tuple[list[shapely.Geometry], lis
     ).fetchone()
     conn.close()
     return geoms, rows, organisation[0] if organisation else srs
+
+
+def part_tile_rows(run: Path) -> list[tuple[str, str]]:
+    """Every ``(tile_key, status)`` in the run's published part manifests, repeats included."""
+    from mgpr.outputs.parts_read import read_manifests
+
+    table = read_manifests(run)
+    return list(zip(table["tile_key"].to_pylist(), table["status"].to_pylist(), strict=True))

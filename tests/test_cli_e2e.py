@@ -9,11 +9,13 @@ import subprocess
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import rasterio.windows
-from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
+from conftest import mgpr_cmd, part_tile_rows, read_gpkg_layer, run_mgpr_inprocess
 
 from mgpr.geo.tiling import plan_tiles, valid_window
+from mgpr.outputs.parts_read import read_manifests
 
 
 def _summary(run: Path) -> dict:
@@ -157,22 +159,27 @@ def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path) -> No
     ]
     assert run_mgpr_inprocess(*args) == 0
     full = read_gpkg_layer(run / "predictions.gpkg", "detections")
-    # Simulate a run killed half way: forget half the tiles and the final file.
-    shard = run / "shards" / "rank0.sqlite"
-    with sqlite3.connect(shard) as conn:
-        keys = [k for (k,) in conn.execute("SELECT tile_key FROM tiles ORDER BY tile_key")]
-        lost = keys[: len(keys) // 2]
-        conn.executemany("DELETE FROM tiles WHERE tile_key=?", [(k,) for k in lost])
-        conn.executemany("DELETE FROM detections WHERE tile_key=?", [(k,) for k in lost])
+    # Simulate a run killed half way: its manifests name half the tiles (their records stay in
+    # the payload: a manifest, not a payload, says a tile is done), and no final file.
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from mgpr.outputs.parts_read import list_parts
+
+    keys = sorted(k for k, _ in part_tile_rows(run))
+    lost = keys[: len(keys) // 2]
+    for part in list_parts(run):
+        table = pq.read_table(part.manifest)
+        keep = pc.invert(pc.is_in(table["tile_key"], value_set=pa.array(lost)))
+        pq.write_table(table.filter(keep), part.manifest)
     (run / "predictions.gpkg").unlink()
     assert run_mgpr_inprocess(*args) == 0
     log = (run / "logs" / "rank0.log").read_text()
     assert f"{len(keys) - len(lost)} of the {len(keys)} planned tiles were finished" in log
     again = read_gpkg_layer(run / "predictions.gpkg", "detections")
     assert sorted(g.wkt for g in again[0]) == sorted(g.wkt for g in full[0])
-    with sqlite3.connect(shard) as conn:
-        n = conn.execute("SELECT COUNT(*), COUNT(DISTINCT tile_key) FROM tiles").fetchone()
-    assert n[0] == n[1] == len(keys)
+    rows = [k for k, _ in part_tile_rows(run)]
+    assert len(rows) == len(set(rows)) == len(keys)
 
 
 @pytest.mark.parametrize(
@@ -237,13 +244,15 @@ def test_two_ranks_give_the_same_output_as_one(make_image, tmp_path: Path) -> No
         outs[gpus] = sorted(
             (g.wkt, r["score"], r["tile_key"]) for g, r in zip(geoms, rows, strict=True)
         )
-        shard_keys = []
-        for shard in sorted((run / "shards").glob("rank*.sqlite")):
-            with sqlite3.connect(shard) as conn:
-                shard_keys.append([k for (k,) in conn.execute("SELECT tile_key FROM tiles")])
-        # Ranks claim chunks as they go: any split, but every tile exactly once.
-        assert sum(len(k) for k in shard_keys) == 7 and len(shard_keys) == gpus
-        assert len({k for keys in shard_keys for k in keys}) == 7
+        table = read_manifests(run)
+        ranks = {name.split("-")[0] for name in table["part"].to_pylist()}
+        keys = table["tile_key"].to_pylist()
+        # Ranks claim chunks as they go: any split, but every tile exactly once, and every rank
+        # took part (its report part; a rank that claimed no tile publishes no part file).
+        assert len(keys) == 7 and ranks <= {f"r{r}" for r in range(gpus)}
+        assert len(set(keys)) == 7
+        report = json.loads((run / "report.json").read_text())
+        assert sorted(r["global_rank"] for r in report["ranks"]) == list(range(gpus))
     assert outs[1] == outs[2] and len(outs[1]) == 5
 
 

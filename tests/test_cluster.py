@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -20,9 +19,9 @@ import numpy as np
 import psutil
 import pytest
 import rasterio
-from conftest import mgpr_cmd, run_mgpr_inprocess
+from conftest import mgpr_cmd, part_tile_rows, run_mgpr_inprocess
 
-from mgpr.outputs.shards import finished_tile_keys
+from mgpr.outputs.parts_read import finished_tile_keys
 
 
 def _masked_top_half(make_image: Any, width: int, height: int) -> Path:
@@ -57,11 +56,7 @@ def _args(image: Path, run: Path, *more: str) -> list[str]:
 
 def _tile_rows(run: Path) -> list[str]:
     """Every tile key recorded in the run's per-rank results, repeats included."""
-    keys: list[str] = []
-    for shard in sorted((run / "shards").glob("rank*.sqlite")):
-        with sqlite3.connect(shard) as conn:
-            keys.extend(k for (k,) in conn.execute("SELECT tile_key FROM tiles"))
-    return keys
+    return [key for key, _ in part_tile_rows(run)]
 
 
 def _ranks(run: Path) -> list[dict[str, Any]]:

@@ -231,7 +231,12 @@ def test_two_cpu_ranks_read_the_config_file(make_image, tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tiles_predicted"] == 4
     assert summary["model"] == "reference"
-    assert sorted(p.name for p in (tmp_path / "run" / "shards").glob("rank*.sqlite")) == [
-        "rank0.sqlite",
-        "rank1.sqlite",
-    ]
+    from mgpr.outputs.parts_read import read_manifests
+
+    manifests = read_manifests(tmp_path / "run")
+    assert sorted(manifests["tile_key"].to_pylist()) == sorted(
+        set(manifests["tile_key"].to_pylist())
+    )
+    assert {n.split("-")[0] for n in manifests["part"].to_pylist()} <= {"r0", "r1"}
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert sorted(r["global_rank"] for r in report["ranks"]) == [0, 1]  # both ranks ran

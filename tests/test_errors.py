@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import textwrap
 import time
@@ -19,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
+from conftest import mgpr_cmd, part_tile_rows, read_gpkg_layer, run_mgpr_inprocess
 
 from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, EXIT_USAGE
+from mgpr.outputs.parts_read import finished_tile_keys
 from mgpr.testimage import TestImageSpec, corrupt_block, write_test_image
 
 
@@ -63,12 +63,10 @@ def _summary(run: Path) -> dict:
     return json.loads((run / "summary.json").read_text())
 
 
-def _shard_tiles(run: Path) -> tuple[int, int, int]:
-    """(rows, distinct tiles, tiles done) in the rank-0 shard."""
-    with sqlite3.connect(run / "shards" / "rank0.sqlite") as conn:
-        return conn.execute(
-            "SELECT COUNT(*), COUNT(DISTINCT tile_key), SUM(status = 'done') FROM tiles"
-        ).fetchone()
+def _part_tiles(run: Path) -> tuple[int, int, int]:
+    """(rows, distinct tiles, tiles done) in the run's published part manifests."""
+    rows = part_tile_rows(run)
+    return len(rows), len({k for k, _ in rows}), sum(s == "done" for _, s in rows)
 
 
 # ----------------------------------------------------------------- checked before any work, exit 2
@@ -243,7 +241,7 @@ def test_checked_before_any_work(case: Case, tmp_path: Path, capsys, monkeypatch
     rc, _, err = _run(capsys, *args)
     _last_line(err, rc, EXIT_USAGE, "mgpr: error: ", *needles)
     _assert_untouched(before, tmp_path)
-    assert not (run / "run.json").exists() and not (run / "shards").exists()
+    assert not (run / "run.json").exists() and not (run / "parts").exists()
 
 
 def test_weights_not_cached_offline_fail_fast(
@@ -392,12 +390,12 @@ def test_rasters_in_different_crss_get_one_layer_each(tmp_path: Path, capsys) ->
     )
     assert rc == 0 and "Traceback" not in err
     assert _summary(run)["layers"] == {
-        "classifications_epsg_32633": 4,
-        "classifications_epsg_32632": 4,
+        "classifications_epsg32633": 4,
+        "classifications_epsg32632": 4,
     }
     for layer, epsg, source in (
-        ("classifications_epsg_32633", 32633, "east.tif"),
-        ("classifications_epsg_32632", 32632, "west.tif"),
+        ("classifications_epsg32633", 32633, "east.tif"),
+        ("classifications_epsg32632", 32632, "west.tif"),
     ):
         geoms, rows, srs = read_gpkg_layer(run / "predictions.gpkg", layer)
         assert srs == epsg and len(geoms) == 4
@@ -447,7 +445,7 @@ def _write_module(folder: Path, name: str, body: str) -> str:
     return f"{name}:build"
 
 
-def test_out_of_memory_names_batch_size_and_keeps_shards(
+def test_out_of_memory_names_batch_size_and_keeps_parts(
     make_image, tmp_path: Path, capsys, monkeypatch
 ) -> None:
     model = _write_module(
@@ -497,9 +495,9 @@ def test_out_of_memory_names_batch_size_and_keeps_shards(
         "batch_size=4",
         "batch_size=2",
         "CUDA out of memory",
-        str(run / "shards"),
+        str(run / "parts"),
     )
-    assert _shard_tiles(run) == (4, 4, 4)  # the first batch is kept for the resume
+    assert _part_tiles(run) == (4, 4, 4)  # the first batch is kept for the resume
 
 
 def test_writer_failure_stops_and_keeps_the_good_output(
@@ -507,7 +505,7 @@ def test_writer_failure_stops_and_keeps_the_good_output(
 ) -> None:
     import shutil
 
-    from mgpr.outputs.shards import ShardStore
+    from mgpr.outputs.parts import PartWriter
 
     img = make_image(width=256, height=256)
     run = tmp_path / "run"
@@ -521,18 +519,16 @@ def test_writer_failure_stops_and_keeps_the_good_output(
         "progress=false",
     ]
     assert _run(capsys, *args)[0] == 0
-    shutil.rmtree(run / "shards")  # the same run again, from scratch (a resume with no tiles)
+    shutil.rmtree(run / "parts")  # the same run again, from scratch (a resume with no tiles)
     before = _snapshot(tmp_path)
-    real_write = ShardStore.write
-    calls = []
+    real_publish = PartWriter.publish
 
-    def disk_full(self, *a, **k):
-        calls.append(1)
-        if len(calls) > 1:
-            raise OSError(28, "No space left on device")
-        return real_write(self, *a, **k)
+    def disk_full(self, outcomes):
+        # The disk fills up mid-run: the first tile's chunk is published, the next one fails.
+        real_publish(self, outcomes[:1])
+        raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ShardStore, "write", disk_full)
+    monkeypatch.setattr(PartWriter, "publish", disk_full)
     rc, _, err = _run(capsys, *args)
     _last_line(
         err,
@@ -582,7 +578,7 @@ def test_sigterm_before_predict_is_one_line_not_a_traceback(
     _last_line(
         err, rc, EXIT_INTERRUPTED, "interrupted by SIGTERM", "re-run the same command to resume"
     )
-    assert not (run / "shards").exists()
+    assert not (run / "parts").exists()
 
 
 @pytest.mark.slow
@@ -626,17 +622,11 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
     proc = subprocess.Popen(
         mgpr_cmd(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    shard = run / "shards" / "rank0.sqlite"
     deadline = time.monotonic() + 240  # a guard against hanging, not a timing assertion
     done = 0
     while done < 2 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
-        if shard.exists():
-            try:
-                with sqlite3.connect(f"file:{shard}?mode=ro", uri=True) as conn:
-                    done = conn.execute("SELECT COUNT(*) FROM tiles").fetchone()[0]
-            except sqlite3.Error:
-                pass
+        done = len(finished_tile_keys(run))
     assert done >= 2 and proc.poll() is None, "the run did not get going"
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -645,11 +635,11 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
         proc.returncode,
         EXIT_INTERRUPTED,
         "interrupted by SIGTERM",
-        str(run / "shards"),
+        str(run / "parts"),
         "re-run the same command to resume",
     )
     assert last.startswith("mgpr: interrupted")
-    kept, distinct, _ = _shard_tiles(run)
+    kept, distinct, _ = _part_tiles(run)
     assert 2 <= kept == distinct < 16
     # The re-run (in-process, no delay) predicts only the other tiles.
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -658,7 +648,7 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
     assert rc == 0, err
     log = (run / "logs" / "rank0.log").read_text()
     assert f"{kept} of the 16 planned tiles were finished" in log
-    assert _shard_tiles(run) == (16, 16, 16)
+    assert _part_tiles(run) == (16, 16, 16)
     assert _summary(run)["tiles_predicted"] == 16
 
 
@@ -689,7 +679,7 @@ def test_dead_dataloader_worker_is_one_line_and_the_rerun_resumes(
     ]
     rc, _, err = _run(capsys, *args, "workers=2")
     _last_line(
-        err, rc, EXIT_USAGE, "DataLoader worker", "/dev/shm", str(run / "shards"), "workers=1"
+        err, rc, EXIT_USAGE, "DataLoader worker", "/dev/shm", str(run / "parts"), "workers=1"
     )
     monkeypatch.setattr(TileReader, "read", original)
     rc, out, err = _run(capsys, *args, "workers=2")

@@ -247,7 +247,7 @@ def test_uint16_without_value_range_is_refused_before_any_work(
     assert "dtype uint16" in line and "value_range=[lo,hi]" in line and "value_range=auto" in line
     assert all(f"band {b}: " in line for b in (1, 2, 3, 4))
     assert not (run / "run.json").exists() and not (run / "predictions.gpkg").exists()
-    assert not (run / "shards").exists() and not (run / "config.yaml").exists()
+    assert not (run / "parts").exists() and not (run / "config.yaml").exists()
     assert [p.name for p in run.iterdir()] == ["logs"]  # nothing but the rank's log
 
 

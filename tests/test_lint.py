@@ -24,7 +24,12 @@ def test_mypy_strict_core_modules() -> None:
         "mgpr/geo/tiling.py",
         "mgpr/geo/georef.py",
         "mgpr/geo/raster.py",
-        "mgpr/outputs/shards.py",
+        "mgpr/outputs/parts.py",
+        "mgpr/outputs/parts_read.py",
+        "mgpr/outputs/part_thread.py",
+        "mgpr/outputs/ledger.py",
+        "mgpr/tasks/seam_dedupe.py",
+        "mgpr/tasks/layers.py",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", *modules],

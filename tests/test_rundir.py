@@ -68,7 +68,7 @@ def test_rank_reading_a_resumed_run_while_rank0_rewrites_run_json(
 ) -> None:
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id="100")
-    (run_dir / "shards").mkdir()  # an earlier job of the same run wrote tiles
+    (run_dir / "parts").mkdir()  # an earlier job of the same run wrote tiles
     _rank0_lands_after(monkeypatch, run_dir, checks, FINGERPRINT)
     assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=1, job_id=JOB) is True
 
@@ -90,10 +90,10 @@ def test_a_requeue_with_another_fingerprint_is_refused_even_with_overwrite_off(
     """Two srun steps of one job with different models must not mix their tiles."""
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, FOREIGN, overwrite=False, rank=0, job_id=JOB)
-    (run_dir / "shards").mkdir()
+    (run_dir / "parts").mkdir()
     with pytest.raises(OutputError, match="holds results of another run"):
         prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=JOB)
-    assert (run_dir / "shards").is_dir()
+    assert (run_dir / "parts").is_dir()
 
 
 def test_a_requeue_with_the_same_fingerprint_keeps_its_tiles_under_overwrite(
@@ -101,11 +101,30 @@ def test_a_requeue_with_the_same_fingerprint_keeps_its_tiles_under_overwrite(
 ) -> None:
     run_dir = tmp_path / "run"
     prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=JOB)
-    (run_dir / "shards").mkdir()
+    (run_dir / "parts").mkdir()
     assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id=JOB) is True
-    assert (run_dir / "shards").is_dir()
+    assert (run_dir / "parts").is_dir()
     # another job with overwrite=true starts afresh
     assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id="999") is False
+    assert not (run_dir / "parts").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_run_dir_of_an_older_mgpr_with_sqlite_shards_is_refused_untouched(
+    tmp_path: Path, rank: int
+) -> None:
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id="100")
+    (run_dir / "shards").mkdir()
+    (run_dir / "shards" / "rank0.sqlite").write_bytes(b"SQLite format 3")
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(OutputError, match="SQLite shards of an older mgpr") as err:
+        prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=rank, job_id="100")
+    assert "new output_dir" in str(err.value) and "overwrite=true" in str(err.value)
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+    # overwrite=true starts afresh: the old shards go (never resumed, even by the same job).
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id="100") is False
     assert not (run_dir / "shards").exists()
 
 

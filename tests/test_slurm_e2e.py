@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import subprocess
 import sys
 import time
@@ -105,32 +104,39 @@ def _planned_keys(input_path: str) -> set[str]:
     return {t.id.key() for t in plan_tiles(input_path, SIZE, SIZE, TILE, OVERLAP)}
 
 
-def _shard_rows(run_dir: Path) -> tuple[list[str], list[tuple[Any, ...]], dict[int, int]]:
-    """(tile keys of every shard, with repeats; detections rounded and sorted; tiles per rank)."""
+def _part_rows(run_dir: Path) -> tuple[list[str], list[tuple[Any, ...]], dict[int, int]]:
+    """(tile keys of every published part, with repeats; detections rounded and sorted; tiles
+    per rank)."""
+    import pyarrow.parquet as pq
+
+    from mgpr.outputs.parts import RECORDS_SUFFIX, parts_dir
+    from mgpr.outputs.parts_read import list_parts, read_manifests
+
     keys: list[str] = []
     records: list[tuple[Any, ...]] = []
     per_rank: dict[int, int] = {}
-    for path in sorted((run_dir / "shards").glob("rank*.sqlite")):
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
-        try:
-            rank_keys = [row[0] for row in conn.execute("SELECT tile_key FROM tiles")]
+    for part in list_parts(run_dir):
+        part_keys = read_manifests(run_dir, [part])["tile_key"].to_pylist()
+        if f"{part.name}{RECORDS_SUFFIX}" in part.files:
+            table = pq.read_table(parts_dir(run_dir) / f"{part.name}{RECORDS_SUFFIX}")
             records += [
-                (k, *(round(v, 6) for v in box), label)
-                for k, *box, label in conn.execute(
-                    "SELECT tile_key, x0, y0, x1, y1, score, label FROM detections"
+                (
+                    r["tile_key"],
+                    *(round(r[c], 6) for c in ("x0", "y0", "x1", "y1", "score")),
+                    r["label"],
                 )
+                for r in table.to_pylist()
             ]
-        finally:
-            conn.close()
-        keys += rank_keys
-        per_rank[int(path.stem.removeprefix("rank"))] = len(rank_keys)
+        keys += part_keys
+        rank = int(part.name.split("-")[0].removeprefix("r"))
+        per_rank[rank] = per_rank.get(rank, 0) + len(part_keys)
     return keys, sorted(records), per_rank
 
 
 def _written(run_dir: Path) -> int:
-    from mgpr.outputs.shards import count_written_tiles
+    from mgpr.outputs.parts_read import count_written_tiles
 
-    return count_written_tiles(run_dir) if (run_dir / "shards").is_dir() else 0
+    return count_written_tiles(run_dir)
 
 
 def _submit(submit: Path, *args: str, env: dict[str, str], script: Path = JOB) -> str:
@@ -242,7 +248,7 @@ def baseline(submit_dir: Path) -> dict[str, Any]:
         timeout=JOB_TIMEOUT,
     )
     run_dir = submit_dir / "runs" / f"slurm-{job.job_id}"
-    keys, records, per_rank = _shard_rows(run_dir)
+    keys, records, per_rank = _part_rows(run_dir)
     return {"job": job, "run_dir": run_dir, "keys": keys, "records": records, "per_rank": per_rank}
 
 
@@ -334,7 +340,7 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     assert (job.returncode, job.state) == (130, "FAILED"), job.describe()
     assert "mgpr: interrupted by SIGTERM; every finished tile is kept" in job.err, job.describe()
     assert "Traceback" not in job.err, job.describe()
-    keys, _, per_rank = _shard_rows(run_dir)
+    keys, _, per_rank = _part_rows(run_dir)
     assert per_rank == {0: GATE_AFTER, 1: GATE_AFTER} and len(set(keys)) == 2 * GATE_AFTER
 
     gate.touch()
@@ -343,7 +349,7 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     )
     assert (again.returncode, again.state) == (0, "COMPLETED"), again.describe()
     assert "resuming the run" in again.err, again.describe()
-    keys, records, _ = _shard_rows(run_dir)
+    keys, records, _ = _part_rows(run_dir)
     assert sorted(keys) == sorted(baseline["keys"]), "tiles lost or doubled by the resume"
     assert records == baseline["records"]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -400,7 +406,7 @@ def test_preemption_requeues_and_the_job_finishes(
     # Same job id after the requeue, hence the same run dir, resumed; appended logs.
     assert f"=== mgpr job {low}" in job.out and "restart 1 ===" in job.out, job.describe()
     assert "resuming the run" in job.err, job.describe()
-    keys, records, _ = _shard_rows(run_dir)
+    keys, records, _ = _part_rows(run_dir)
     assert sorted(keys) == sorted(baseline["keys"]), "tiles lost or doubled by the requeue"
     assert records == baseline["records"]
 
@@ -426,5 +432,5 @@ def test_two_nodes_one_rank_each(submit_dir: Path, baseline: dict[str, Any]) -> 
     parts = [json.loads(p.read_text()) for p in sorted((run_dir / "report_parts").glob("*.json"))]
     assert sorted((p["global_rank"], p["node_rank"]) for p in parts) == [(0, 0), (1, 1)]
     assert "(node rank 1 of 2, local rank 0)" in (run_dir / "logs" / "rank1.log").read_text()
-    keys, records, _ = _shard_rows(run_dir)
+    keys, records, _ = _part_rows(run_dir)
     assert sorted(keys) == sorted(baseline["keys"]) and records == baseline["records"]

@@ -1,4 +1,4 @@
-"""Shards, durable progress, seam de-duplication and the merged GeoPackage."""
+"""The Task seam: per-tile records, seam de-duplication and the merged vector layers."""
 
 from __future__ import annotations
 
@@ -10,25 +10,32 @@ from conftest import read_gpkg_layer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mgpr.errors import ModelError
 from mgpr.geo.raster import describe_raster
 from mgpr.geo.tiling import plan_tiles
-from mgpr.outputs.shards import (
-    ShardStore,
-    TileOutcome,
-    dedupe_seam_boxes,
-    finished_tile_keys,
-    merge_run,
-    shard_path,
-    tile_statuses,
-)
+from mgpr.models.base import Classification, Detections
+from mgpr.outputs.parts import PartWriter
+from mgpr.tasks import get_task
+from mgpr.tasks.base import TaskContext, TileOutcome
+from mgpr.tasks.merge import merge_run
+from mgpr.tasks.seam_dedupe import _dedupe_group, dedupe_seam_boxes
 
 
-def _write(
-    run_dir: Path, rank: int, outcomes: list[TileOutcome], rasters, task: str, overlap: int
-) -> None:
-    store = ShardStore(shard_path(run_dir, rank), rank)
-    store.write(outcomes, rasters, overlap, task)
-    store.close()
+def det(boxes, scores, labels) -> Detections:
+    return Detections(
+        np.asarray(boxes, np.float32).reshape(-1, 4),
+        np.asarray(scores, np.float32),
+        np.asarray(labels, np.int64),
+    )
+
+
+def cls(ids, scores) -> Classification:
+    return Classification(np.asarray(ids, np.int64), np.asarray(scores, np.float32))
+
+
+def publish(run: Path, rank: int, task_name: str, ctx: TaskContext, outcomes) -> None:
+    task = get_task(task_name)
+    PartWriter(run, rank, lambda outs, sink: task.write_payload(outs, ctx, sink)).publish(outcomes)
 
 
 def test_dedupe_prefers_the_whole_box_over_its_cut_copy() -> None:
@@ -66,46 +73,34 @@ def test_dedupe_keeps_overlapping_boxes_of_other_classes_and_same_tile() -> None
     assert keep.tolist() == [True, True, True]
 
 
-def test_shard_marks_tiles_done_with_their_records(make_image, tmp_path: Path) -> None:
-    info = describe_raster(str(make_image(width=256, height=256).path))
-    tiles = plan_tiles(info.path, 256, 256, 128, 0)
-    run = tmp_path / "run"
-    outcomes = [
-        TileOutcome(
-            tiles[0],
-            0,
-            "",
-            np.array([[1, 2, 11, 12]], np.float32),
-            np.array([0.9], np.float32),
-            np.array([1]),
-        ),
-        TileOutcome(tiles[1], 1),
-        TileOutcome(tiles[2], 2, "IOError: bad block"),
+def test_detection_records_clip_flag_and_shift_to_raster_pixels(make_image) -> None:
+    info = describe_raster(str(make_image(width=256, height=200).path))
+    tiles = plan_tiles(info.path, info.height, info.width, 128, 32)  # stride 96
+    ctx = TaskContext({info.path: info}, 128, 32)
+    t01 = tiles[1]  # window x 96..224, y 0..128
+    outs = [
+        TileOutcome(t01, 0, "", det([[4, 10, 34, 30], [60, 60, 70, 70]], [0.9, 0.8], [1, 2])),
+        TileOutcome(tiles[0], 1),  # empty: no records
+        TileOutcome(tiles[2], 2, "IOError"),
     ]
-    _write(run, 0, outcomes, {info.path: info}, "detection", 0)
-    statuses = tile_statuses(run)
-    assert statuses[tiles[0].id.key()][0] == "done"
-    assert statuses[tiles[2].id.key()] == ("failed", "IOError: bad block")
-    assert finished_tile_keys(run) == {tiles[0].id.key(), tiles[1].id.key()}
-    # A later success of the failed tile wins.
-    _write(
-        run,
-        1,
-        [
-            TileOutcome(
-                tiles[2],
-                0,
-                "",
-                np.zeros((0, 4), np.float32),
-                np.zeros(0, np.float32),
-                np.zeros(0, np.int64),
-            )
-        ],
-        {info.path: info},
-        "detection",
-        0,
-    )
-    assert tile_statuses(run)[tiles[2].id.key()][0] == "done"
+    table = get_task("detection").records(outs, ctx)
+    rows = table.to_pylist()
+    assert [r["tile_key"] for r in rows] == [t01.id.key()] * 2
+    assert (rows[0]["x0"], rows[0]["y0"], rows[0]["x1"], rows[0]["y1"]) == (100, 10, 130, 30)
+    assert rows[0]["seam"] and not rows[1]["seam"]  # in the left overlap strip / inside
+
+
+def test_task_refuses_a_record_of_another_task(make_image, tmp_path: Path) -> None:
+    info = describe_raster(str(make_image(width=128, height=128).path))
+    (tile,) = plan_tiles(info.path, 128, 128, 128, 0)
+    ctx = TaskContext({info.path: info}, 128, 0)
+    with pytest.raises(TypeError, match="expects Detections"):
+        publish(tmp_path, 0, "detection", ctx, [TileOutcome(tile, 0, "", cls([1], [0.5]))])
+
+
+def test_unknown_task_is_one_line() -> None:
+    with pytest.raises(ModelError, match="classification, detection"):
+        get_task("segmentation")
 
 
 def test_merge_detections_georeferenced_and_readable_without_gdal(
@@ -114,31 +109,24 @@ def test_merge_detections_georeferenced_and_readable_without_gdal(
     info = describe_raster(str(make_image(width=256, height=200).path))
     tiles = plan_tiles(info.path, info.height, info.width, 128, 32)  # stride 96
     run = tmp_path / "run"
+    ctx = TaskContext({info.path: info}, 128, 32, ("bg", "thing"), 0.5, 0.5)
     # Object at raster px x 100..130, y 10..30: whole in tile (0,1) [96..224),
     # cut in tile (0,0) [0..128).
-    t00, t01 = tiles[0], tiles[1]
-    outcomes = [
-        TileOutcome(
-            t00,
-            0,
-            "",
-            np.array([[100, 10, 128, 30]], np.float32),
-            np.array([0.99], np.float32),
-            np.array([1]),
-        ),
-        TileOutcome(
-            t01,
-            0,
-            "",
-            np.array([[4, 10, 34, 30]], np.float32),
-            np.array([0.9], np.float32),
-            np.array([1]),
-        ),
-    ]
-    _write(run, 0, outcomes[:1], {info.path: info}, "detection", 32)
-    _write(run, 1, outcomes[1:], {info.path: info}, "detection", 32)
-    result = merge_run(run, [info], "detection", 128, 32, ("bg", "thing"), 0.5, 0.5)
+    publish(
+        run,
+        0,
+        "detection",
+        ctx,
+        [TileOutcome(tiles[0], 0, "", det([[100, 10, 128, 30]], [0.99], [1]))],
+    )
+    publish(
+        run, 1, "detection", ctx, [TileOutcome(tiles[1], 0, "", det([[4, 10, 34, 30]], [0.9], [1]))]
+    )
+    others = [TileOutcome(t, 1) for t in tiles[2:]]
+    publish(run, 1, "detection", ctx, others)
+    result = merge_run(run, get_task("detection"), ctx, tiles)
     assert result.records == 1 and result.duplicates_removed == 1
+    assert result.tiles_done == 2 and result.tiles_empty == len(tiles) - 2
     geoms, rows, epsg = read_gpkg_layer(result.output_path, "detections")
     assert epsg == 32633
     assert rows[0]["label"] == "thing" and rows[0]["tile_col"] == 1
@@ -151,12 +139,15 @@ def test_merge_classification_footprints_equal_tile_windows(make_image, tmp_path
     info = describe_raster(str(make_image(width=300, height=200).path))
     tiles = plan_tiles(info.path, info.height, info.width, 128, 0)
     run = tmp_path / "run"
-    outs = [
-        TileOutcome(t, 0, "", None, np.array([0.7, 0.2], np.float32), np.array([3, 1]))
-        for t in tiles
-    ]
-    _write(run, 0, outs, {info.path: info}, "classification", 0)
-    result = merge_run(run, [info], "classification", 128, 0, None, 0.5, 0.5, topk=2)
+    ctx = TaskContext({info.path: info}, 128, 0, None, topk=2)
+    publish(
+        run,
+        0,
+        "classification",
+        ctx,
+        [TileOutcome(t, 0, "", cls([3, 1], [0.7, 0.2])) for t in tiles],
+    )
+    result = merge_run(run, get_task("classification"), ctx, tiles)
     geoms, rows, _ = read_gpkg_layer(result.output_path, "classifications")
     assert len(geoms) == len(tiles)
     by_key = {r["tile_key"]: g for r, g in zip(rows, geoms, strict=True)}
@@ -176,35 +167,11 @@ def test_merge_replaces_output_atomically(make_image, tmp_path: Path) -> None:
     info = describe_raster(str(make_image(width=128, height=128).path))
     tiles = plan_tiles(info.path, 128, 128, 128, 0)
     run = tmp_path / "run"
-    _write(
-        run,
-        0,
-        [TileOutcome(tiles[0], 0, "", None, np.array([1.0], np.float32), np.array([0]))],
-        {info.path: info},
-        "classification",
-        0,
-    )
-    merge_run(run, [info], "classification", 128, 0, None, 0.5, 0.5, topk=1)
+    ctx = TaskContext({info.path: info}, 128, 0, None, topk=1)
+    publish(run, 0, "classification", ctx, [TileOutcome(tiles[0], 0, "", cls([0], [1.0]))])
+    merge_run(run, get_task("classification"), ctx, tiles)
     leftovers = [p.name for p in run.iterdir() if p.name.startswith(".tmp")]
     assert leftovers == [] and (run / "predictions.gpkg").exists()
-
-
-@pytest.mark.parametrize("n_tiles", [4, 64])
-def test_shard_size_grows_linearly_not_memory(make_image, tmp_path: Path, n_tiles: int) -> None:
-    """Each batch is one transaction; the store holds no per-tile state in memory."""
-    info = describe_raster(str(make_image(width=64 * 8, height=64 * 8).path))
-    tiles = plan_tiles(info.path, info.height, info.width, 64, 0)[:n_tiles]
-    store = ShardStore(shard_path(tmp_path, 0), 0)
-    for t in tiles:
-        store.write(
-            [TileOutcome(t, 0, "", None, np.array([1.0], np.float32), np.array([0]))],
-            {info.path: info},
-            0,
-            "classification",
-        )
-    assert not hasattr(store, "_pending")
-    store.close()
-    assert len(finished_tile_keys(tmp_path)) == n_tiles
 
 
 @settings(max_examples=60)
@@ -212,8 +179,6 @@ def test_shard_size_grows_linearly_not_memory(make_image, tmp_path: Path, n_tile
 def test_grouped_dedupe_equals_one_global_pass(seed: int, n: int) -> None:
     """Splitting into groups of intersecting boxes changes nothing (a box only suppresses
     boxes it intersects)."""
-    from mgpr.outputs.shards import _dedupe_group
-
     rng = np.random.default_rng(seed)
     xy = rng.uniform(0, 300, (n, 2))
     wh = rng.uniform(5, 60, (n, 2))

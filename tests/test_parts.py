@@ -1,0 +1,176 @@
+"""Per-rank part files: atomic publication, what readers see, the background chunking."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from mgpr.errors import OutputError
+from mgpr.geo.raster import describe_raster
+from mgpr.geo.tiling import plan_tiles
+from mgpr.models.base import Classification
+from mgpr.outputs.part_thread import BackgroundPartWriter
+from mgpr.outputs.parts import MANIFEST_SUFFIX, PartWriter, parts_dir
+from mgpr.outputs.parts_read import (
+    count_written_tiles,
+    finished_tile_keys,
+    list_parts,
+    read_manifests,
+    tile_statuses,
+)
+from mgpr.tasks import get_task
+from mgpr.tasks.base import TaskContext, TileOutcome
+
+
+@pytest.fixture
+def grid(make_image):
+    info = describe_raster(str(make_image(width=512, height=512).path))
+    tiles = plan_tiles(info.path, 512, 512, 64, 0)  # 64 tiles
+    return info, tiles, TaskContext({info.path: info}, 64, 0, None, topk=1)
+
+
+def _writer(run: Path, rank: int, ctx: TaskContext) -> PartWriter:
+    task = get_task("classification")
+    return PartWriter(run, rank, lambda outs, sink: task.write_payload(outs, ctx, sink))
+
+
+def _done(tile) -> TileOutcome:
+    rec = Classification(np.array([1], np.int64), np.array([0.5], np.float32))
+    return TileOutcome(tile, 0, "", rec)
+
+
+def test_manifest_marks_tiles_with_their_status_and_records(grid, tmp_path: Path) -> None:
+    _, tiles, ctx = grid
+    run = tmp_path / "run"
+    _writer(run, 0, ctx).publish(
+        [_done(tiles[0]), TileOutcome(tiles[1], 1), TileOutcome(tiles[2], 2, "IOError: bad block")]
+    )
+    (part,) = list_parts(run)
+    assert part.files == (f"{part.name}.records.parquet",)
+    table = read_manifests(run)
+    assert table.column_names == [
+        "tile_key",
+        "path",
+        "row",
+        "col",
+        "status",
+        "reason",
+        "n_records",
+        "part",
+    ]
+    assert table["n_records"].to_pylist() == [1, 0, 0]
+    statuses = tile_statuses(run)
+    assert statuses[tiles[0].id.key()][0] == "done"
+    assert statuses[tiles[2].id.key()] == ("failed", "IOError: bad block")
+    assert finished_tile_keys(run) == {tiles[0].id.key(), tiles[1].id.key()}
+    # A later success of the failed tile (another rank, a resume) wins.
+    _writer(run, 1, ctx).publish([_done(tiles[2])])
+    assert tile_statuses(run)[tiles[2].id.key()][0] == "done"
+    assert count_written_tiles(run) == 4
+
+
+def test_part_names_are_unique_across_writers_and_ranks(grid, tmp_path: Path) -> None:
+    _, tiles, ctx = grid
+    run = tmp_path / "run"
+    names = []
+    for rank in (0, 0, 1):  # a requeue of rank 0 in the same process, and another rank
+        writer = _writer(run, rank, ctx)
+        writer.publish([_done(tiles[0])])
+        writer.publish([_done(tiles[1])])
+    names = [p.name for p in list_parts(run)]
+    assert len(names) == len(set(names)) == 6
+    assert sorted(n.split("-")[0] for n in names) == ["r0"] * 4 + ["r1"] * 2
+
+
+def test_unpublished_files_are_ignored(grid, tmp_path: Path) -> None:
+    """A writer killed mid-write leaves a hidden temp file; one killed between payload and
+    manifest leaves a payload no manifest names: readers see neither."""
+    _, tiles, ctx = grid
+    run = tmp_path / "run"
+    _writer(run, 0, ctx).publish([_done(tiles[0])])
+    folder = parts_dir(run)
+    good = next(folder.glob(f"*{MANIFEST_SUFFIX}"))
+    (folder / f".r0-x-1-ab-000001{MANIFEST_SUFFIX}.tmp").write_bytes(good.read_bytes()[:50])
+    (folder / f".r0-y-1-ab-000001{MANIFEST_SUFFIX}.tmp").write_bytes(good.read_bytes())
+    (folder / "r0-z-1-ab-000009.records.parquet").write_bytes(b"half a payload")
+    assert [p.name for p in list_parts(run)] == [good.name[: -len(MANIFEST_SUFFIX)]]
+    assert finished_tile_keys(run) == {tiles[0].id.key()}
+
+
+def test_a_failing_payload_publishes_no_manifest(grid, tmp_path: Path) -> None:
+    _, tiles, _ = grid
+    run = tmp_path / "run"
+
+    def broken(outs, sink):
+        sink.publish(".records.parquet", lambda tmp: tmp.write_bytes(b"x"))
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        PartWriter(run, 0, broken).publish([_done(tiles[0])])
+    assert list_parts(run) == [] and finished_tile_keys(run) == set()
+    assert not [p for p in parts_dir(run).iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("n_tiles", [4, 64])
+def test_background_writer_publishes_chunks_of_at_most_chunk_tiles(
+    grid, tmp_path: Path, n_tiles: int
+) -> None:
+    """Batches of one tile are gathered into chunks; close publishes the rest."""
+    _, tiles, ctx = grid
+    run = tmp_path / "run"
+    bg = BackgroundPartWriter(_writer(run, 0, ctx), chunk_tiles=16, chunk_seconds=3600)
+    for t in tiles[:n_tiles]:
+        bg.put([_done(t)])
+    bg.close()
+    sizes = [len(read_manifests(run, [p])) for p in list_parts(run)]
+    assert sum(sizes) == n_tiles and max(sizes) <= 16
+    assert len(sizes) == -(-n_tiles // 16)
+    assert len(finished_tile_keys(run)) == n_tiles and bg.records == n_tiles
+
+
+def test_background_writer_publishes_a_due_chunk_without_new_batches(grid, tmp_path: Path) -> None:
+    _, tiles, ctx = grid
+    run = tmp_path / "run"
+    bg = BackgroundPartWriter(_writer(run, 0, ctx), chunk_tiles=256, chunk_seconds=0.05)
+    bg.put([_done(tiles[0])])
+    deadline = time.monotonic() + 60  # a guard against hanging, not a timing assertion
+    while not list_parts(run) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert finished_tile_keys(run) == {tiles[0].id.key()}
+    bg.close()
+    assert len(list_parts(run)) == 1
+
+
+def test_background_writer_error_reaches_the_predict_loop(grid, tmp_path: Path) -> None:
+    _, tiles, _ = grid
+
+    def disk_full(outs, sink):
+        raise OSError(28, "No space left on device")
+
+    bg = BackgroundPartWriter(PartWriter(tmp_path, 0, disk_full), chunk_tiles=1)
+    bg.put([_done(tiles[0])])
+    with pytest.raises(OutputError, match="No space left on device"):
+        bg.close()
+
+
+def test_manifest_reads_back_with_pyarrow_alone(grid, tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    _, tiles, ctx = grid
+    _writer(tmp_path, 3, ctx).publish([_done(tiles[5])])
+    (part,) = list_parts(tmp_path)
+    table = pq.read_table(part.manifest)
+    assert table.schema.field("row").type == pa.int32()
+    assert table.to_pylist()[0] == {
+        "tile_key": tiles[5].id.key(),
+        "path": tiles[5].id.path,
+        "row": 0,
+        "col": 5,
+        "status": "done",
+        "reason": "",
+        "n_records": 1,
+    }
