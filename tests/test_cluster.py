@@ -125,7 +125,9 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_the_rerun_completes(
 ) -> None:
     image = _masked_top_half(make_image, 2048, 1024)  # 8 x 4 tiles, 16 empty
     run = tmp_path / "run"
-    delays = {"MGPR_TEST_TILE_DELAY_RANK0": "0.3", "MGPR_TEST_TILE_DELAY_RANK1": "0.3"}
+    # Slow enough that the run outlasts a rank's first published chunk (5 s after its first
+    # tile): 8 tiles with data per rank.
+    delays = {"MGPR_TEST_TILE_DELAY_RANK0": "1.5", "MGPR_TEST_TILE_DELAY_RANK1": "1.5"}
     args = _args(image, run, "join_timeout_s=120")
     proc = subprocess.Popen(
         mgpr_cmd(*args, "gpus=2", "workers=1"),
@@ -169,7 +171,9 @@ def test_a_killed_rank_fails_the_run_at_once_and_the_rerun_completes(
     (exit 2) instead of waiting, and a re-run predicts the tiles rank 1 had claimed."""
     image = _masked_top_half(make_image, 2048, 1024)  # 8 x 4 tiles, 16 empty
     run = tmp_path / "run"
-    delays = {"MGPR_TEST_TILE_DELAY_RANK0": "0.2", "MGPR_TEST_TILE_DELAY_RANK1": "0.2"}
+    # Slow enough that the run outlasts a rank's first published chunk (5 s after its first
+    # tile): 8 tiles with data per rank.
+    delays = {"MGPR_TEST_TILE_DELAY_RANK0": "1.5", "MGPR_TEST_TILE_DELAY_RANK1": "1.5"}
     args = _args(image, run, "join_timeout_s=120")
     proc = subprocess.Popen(
         mgpr_cmd(*args, "gpus=2"),
