@@ -210,7 +210,7 @@ def test_gsd_without_crs_is_refused_before_any_work(make_image, tmp_path: Path, 
     assert [e for e in err if "error" in e.lower()] == [line], err  # one line, the last one
     assert "gsd=0.1" in line and "pix.tif" in line and "has no CRS" in line
     assert "gdal_translate -a_srs EPSG:XXXX -a_ullr" in line
-    assert [p.name for p in run.iterdir()] == ["logs"]  # no run.json, no shards, no output
+    assert [p.name for p in run.iterdir()] == ["logs"]  # no run.json, no parts, no output
 
 
 # ---------------------------------------------------------------- the command, end to end
