@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -434,3 +435,43 @@ def test_two_nodes_one_rank_each(submit_dir: Path, baseline: dict[str, Any]) -> 
     assert "(node rank 1 of 2, local rank 0)" in (run_dir / "logs" / "rank1.log").read_text()
     keys, records, _ = _part_rows(run_dir)
     assert sorted(keys) == sorted(baseline["keys"]) and records == baseline["records"]
+
+
+def test_rank0_refuses_and_every_rank_is_told_at_once(
+    submit_dir: Path, baseline: dict[str, Any]
+) -> None:
+    """Another run's results in output_dir: rank 0 refuses, rank 1 gets the same line at once.
+
+    Before the ranks joined first, rank 1 checked ``run.json`` itself; now it only hears rank
+    0's decision through the process group, so it fails with rank 0's line within seconds,
+    however long ``join_timeout_s`` is.
+    """
+    other = submit_dir / "another-run"
+    shutil.copytree(baseline["run_dir"], other)
+    start = time.monotonic()
+    job = sbatch_wait(
+        JOB,
+        "--ntasks-per-node=2",
+        "--gpus=2",
+        cwd=submit_dir,
+        env=_env(submit_dir),
+        script_args=(
+            "input_path=ortho.tif",
+            "model=reference",
+            "workers=0",
+            f"output_dir={other}",
+            "join_timeout_s=600",
+            "tile_size=256",  # another tiling: another run's fingerprint
+            "overlap=32",
+            "progress=false",
+        ),
+        timeout=JOB_TIMEOUT,
+    )
+    assert (job.returncode, job.state) == (2, "FAILED"), job.describe()
+    lines = [line for line in job.err.splitlines() if line.startswith("mgpr: error: ")]
+    assert len(lines) == 2 and lines[0] == lines[1], job.describe()  # one per rank, the same
+    assert "holds results of another run" in lines[0] and "overwrite=true" in lines[0]
+    assert time.monotonic() - start < 120, "a rank waited instead of being told"
+    assert sorted(p.name for p in other.iterdir()) == sorted(
+        p.name for p in baseline["run_dir"].iterdir()
+    )  # nothing written or removed

@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from mgpr.conf.schema import PredictConfig
 from mgpr.errors import MgprError, ModelError
 from mgpr.run.coordination import wait_for_rank0
 
+log = logging.getLogger("mgpr")
 
-def build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
-    """Build the model; with downloads, rank 0 fetches and the other ranks wait for the file."""
+
+def build_adapter(
+    cfg: PredictConfig, model_name: str, rank: int, local_rank: int | None = None
+) -> Any:
+    """Build the model; with downloads, rank 0 fetches and the other ranks load the cache.
+
+    ``local_rank`` is given once rank 0 has said (through the process group) that its download
+    is done. A rank that still finds no file then has a cache rank 0 cannot see (a node-local
+    ``TORCH_HOME``): the node's local rank 0 downloads it into that cache and the node's other
+    ranks wait for it there. Without ``local_rank`` (ranks started by Lightning's launcher,
+    after rank 0 built its model) the other ranks wait for rank 0's file.
+    """
     from mgpr.models import build_model
     from mgpr.models.registry import model_entry
     from mgpr.models.weights import weights_cache_file, weights_cached
@@ -28,11 +40,24 @@ def build_adapter(cfg: PredictConfig, model_name: str, rank: int) -> Any:
             target = weights_cache_file(model_name, cfg.weights)
         except MgprError:
             target = None
-        if target is not None and not wait_for_rank0(
+        cached = target is None or weights_cached(model_name, cfg.weights)
+        if not cached and local_rank == 0:
+            assert target is not None
+            log.info(
+                "rank %d: weights=%s for %s are not in this node's cache %s (rank 0 has them "
+                "in its own): downloading them here",
+                rank,
+                cfg.weights,
+                model_name,
+                target.parent,
+            )
+        elif not cached and not wait_for_rank0(
             lambda: weights_cached(model_name, cfg.weights), cfg.join_timeout_s, poll_s=1.0
         ):
+            assert target is not None
+            who = "rank 0" if local_rank is None else "this node's local rank 0"
             raise ModelError(
-                f"rank {rank} waited {cfg.join_timeout_s} s for rank 0 to download "
+                f"rank {rank} waited {cfg.join_timeout_s} s for {who} to download "
                 f"weights={cfg.weights} for {model_name} into {target.parent}; "
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )

@@ -2,20 +2,23 @@
 
 Order of events on every rank (each step fails fast, before any GPU time is spent):
 
-1. run directory (identical on all ranks), logging, SLURM checks, accelerator and devices;
-2. inputs -> raster headers (on their model grid with ``gsd=``) -> band choice -> tile plan
-   (pure, the same on every rank);
-3. model built (rank 0 first when weights must be downloaded; the others load from the cache);
-4. ``run.json`` fingerprint checked (resume, or refuse to mix runs without ``overwrite=true``);
-5. ``Trainer`` (DDP when more than one rank, never a single-device strategy under ``srun``);
-   inside ``predict`` ranks claim chunks of the plan minus tiles already done (in published parts);
-6. rank 0 waits for every rank that is alive, so the launching process exits non-zero when one
-   failed;
-7. rank 0 merges the parts (exactly-once proven by the ledger) into ``predictions.gpkg``, writes
+1. run directory (identical on all ranks), logging; under ``srun`` the ranks join their gloo
+   process group first (:mod:`mgpr.run.rendezvous`), then rank 0 takes the run lock;
+2. SLURM checks, accelerator and devices;
+3. rank 0 decides and tells the others: the demo image, the inputs (raster headers, on their
+   model grid with ``gsd=``), the weights download, the value ranges, the run directory's state
+   (``run.json`` fingerprint: resume, or refuse to mix runs without ``overwrite=true``); band
+   choice and the tile plan are pure and the same on every rank;
+4. ``Trainer`` (DDP when more than one rank, never a single-device strategy under ``srun``);
+   inside ``predict`` ranks claim chunks of the plan minus tiles already done (in published
+   parts, :mod:`mgpr.run.claims`);
+5. no timed barrier after predict: rank 0 waits while the missing ranks are alive
+   (:mod:`mgpr.run.liveness`), so the launching process exits non-zero when one failed;
+6. rank 0 merges the parts (exactly-once proven by the ledger) into ``predictions.gpkg``, writes
    ``summary.json`` and the report; planned tiles in no part fail the run with exit 4.
 
 This module only orders the steps; each lives in its own module of ``mgpr.run`` (devices,
-precision, demo, adapter, identity, signals, failures, logs, coordination).
+precision, demo, adapter, identity, signals, failures, logs, coordination, rendezvous).
 """
 
 from __future__ import annotations
@@ -51,12 +54,14 @@ from mgpr.run.failures import translate_failure
 from mgpr.run.identity import fingerprint, save_resolved_config
 from mgpr.run.logs import RestoreLogging, setup_logging
 from mgpr.run.precision import resolve_precision
+from mgpr.run.rendezvous import EarlyGroup, decided, join_early
 from mgpr.run.signals import (
     RunInterrupted,
     install_signal_handlers,
     requeue_on_usr1,
     restore_signal_handlers,
 )
+from mgpr.run.slurm import read_slurm_task
 
 log = logging.getLogger("mgpr")
 
@@ -79,12 +84,21 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
     check_writable(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # processes Lightning launches inherit it
     setup_logging(run_dir, rank)
-    # Rank 0 holds the directory's lock for the whole run: a second live run is refused.
-    lock = acquire_run_lock(run_dir, os.environ) if rank == 0 else None
-    if rank == 0:
-        log_run_dir_filesystem(run_dir)
+    lock = None
     try:
-        return _predict_and_finish(cfg, explicit, run_dir, rank, t_start)
+        # srun starts every rank at once: they join the process group first, and each decision
+        # below is taken by rank 0 and told to the others (run/rendezvous.py).
+        group = join_early(read_slurm_task(os.environ), cfg.join_timeout_s)
+        # Rank 0 holds the directory's lock for the whole run: a second live run is refused.
+        lock = decided(
+            group,
+            "the run lock",
+            lambda: acquire_run_lock(run_dir, os.environ) if rank == 0 else None,
+            share=False,
+        )
+        if rank == 0:
+            log_run_dir_filesystem(run_dir)
+        return _predict_and_finish(cfg, explicit, run_dir, rank, t_start, group)
     except RunInterrupted as exc:
         # SIGTERM/USR1 may come at any point: during imports, while the model loads, in predict
         # or in rank 0's merge (srun --kill-on-bad-exit TERMs every rank when one fails).
@@ -106,6 +120,11 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
             lock.release()
 
 
+def _local_rank() -> int:
+    """This rank's index on its node (``SLURM_LOCALID`` / ``LOCAL_RANK``)."""
+    return int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
+
+
 def log_run_dir_filesystem(run_dir: Path) -> None:
     """One log line with the run directory's filesystem; a warning per known-bad mount option."""
     from mgpr.outputs.filesystem import describe_mount, mount_warnings, run_dir_mount
@@ -117,7 +136,12 @@ def log_run_dir_filesystem(run_dir: Path) -> None:
 
 
 def _predict_and_finish(
-    cfg: PredictConfig, explicit: set[str], run_dir: Path, rank: int, t_start: float
+    cfg: PredictConfig,
+    explicit: set[str],
+    run_dir: Path,
+    rank: int,
+    t_start: float,
+    group: EarlyGroup | None,
 ) -> int:
     """Everything after the run directory is known: inputs, model, predict, rank 0's merge."""
     demo = cfg.input_path is None and not cfg.use_fake_data
@@ -153,26 +177,39 @@ def _predict_and_finish(
         from mgpr.geo.raster import describe_raster
 
         if demo:
-            image, truth_path = demo_image(run_dir, cfg, rank, cfg.tile_size, cfg.overlap)
+            image, truth_path = decided(
+                group,
+                "the demo image",
+                lambda: demo_image(run_dir, cfg, rank, cfg.tile_size, cfg.overlap),
+            )
             input_path = str(image)
         else:
             assert cfg.input_path is not None
             input_path = cfg.input_path
         # Inputs are checked before the model is built: a typo in a path must not wait for
         # (or fail on) a weights download.
-        rasters = [describe_raster(path) for path in resolve_inputs(input_path)]
-        if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
-            from mgpr.geo.gsd import describe_model_grid, on_model_grids
-
-            rasters = on_model_grids(rasters, cfg.gsd, cfg.resampling)
-            for info in rasters if rank == 0 else []:
-                log.info("gsd=%g m: %s", cfg.gsd, describe_model_grid(info))
         from mgpr.models.registry import is_import_path
         from mgpr.run.values import refuse_unscaled_early
 
-        if not is_import_path(model_name):
-            refuse_unscaled_early(cfg, rasters)  # before any weights download
-    adapter = build_adapter(cfg, model_name, rank)  # warns itself about random weights
+        def inputs() -> list[Any]:
+            found = [describe_raster(path) for path in resolve_inputs(input_path)]
+            if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
+                from mgpr.geo.gsd import describe_model_grid, on_model_grids
+
+                found = on_model_grids(found, cfg.gsd, cfg.resampling)
+                for info in found if rank == 0 else []:
+                    log.info("gsd=%g m: %s", cfg.gsd, describe_model_grid(info))
+            if not is_import_path(model_name):
+                refuse_unscaled_early(cfg, found)  # before any weights download
+            return found
+
+        rasters = decided(group, "the inputs", inputs)
+    # Rank 0 builds first (it downloads missing weights); then the others load the cache.
+    adapter = decided(
+        group, "the weights", lambda: build_adapter(cfg, model_name, rank), share=False
+    )
+    if adapter is None:
+        adapter = build_adapter(cfg, model_name, rank, local_rank=_local_rank())
     value_ranges = None
     if not cfg.use_fake_data:
         from mgpr.geo.bands import check_bands
@@ -200,19 +237,28 @@ def _predict_and_finish(
         from mgpr.run.values import resolve_value_ranges
 
         carrier_dtype((r.path, r.dtype) for r in rasters)  # refuses a dtype mgpr cannot read
-        value_ranges = resolve_value_ranges(cfg, rasters, bands, adapter, rank)
+        value_ranges = decided(
+            group,
+            "the value ranges",
+            lambda: resolve_value_ranges(cfg, rasters, bands, adapter, rank),
+        )
         from mgpr.tasks import get_task
 
         overlap_warning = get_task(adapter.task).overlap_warning
         if overlap_warning and cfg.overlap == 0 and rank == 0:
             log.warning("%s", overlap_warning)
-        run_identity = fingerprint(
-            cfg, model_name, adapter.weights_id, rasters, bands, value_ranges
-        )
-        job_id = os.environ.get("SLURM_JOB_ID")
-        resumed = prepare_run_dir(run_dir, run_identity, cfg.overwrite, rank, job_id)
-        if rank == 0:
-            save_resolved_config(run_dir, cfg, model_name)
+
+        def run_dir_state() -> bool:
+            run_identity = fingerprint(
+                cfg, model_name, adapter.weights_id, rasters, bands, value_ranges
+            )
+            job_id = os.environ.get("SLURM_JOB_ID")
+            resumed = prepare_run_dir(run_dir, run_identity, cfg.overwrite, rank, job_id)
+            if rank == 0:
+                save_resolved_config(run_dir, cfg, model_name)
+            return resumed
+
+        resumed = decided(group, "the run directory's state (resume or refuse)", run_dir_state)
         if resumed and rank == 0:
             log.info("resuming the run in %s: finished tiles are skipped", run_dir)
     precision = resolve_precision(cfg.precision, accelerator)

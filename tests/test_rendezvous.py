@@ -1,0 +1,103 @@
+"""Rank 0 decides, the others are told: two real gloo ranks joined early (as under ``srun``).
+
+Two spawned processes join with :func:`join_early` (the address and port come from
+``MASTER_ADDR``/``MASTER_PORT``, as Lightning's SLURMEnvironment reads them) and run one
+:func:`decided` call per case, one after the other in the same group; each rank's outcome comes
+back through a queue.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from mgpr.errors import OutputError, RankJoinError
+from mgpr.run.rendezvous import decided, join_early
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+CASES = ("ok", "refuse", "bug", "private")
+
+
+def _rank_main(rank: int, port: int, out: Any) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    group = join_early(SimpleNamespace(ntasks=2, procid=rank), timeout_s=30)
+    for case in CASES:  # one decision after another in the same group, as in a run
+        calls: list[int] = []
+
+        def decide(case: str = case, calls: list[int] = calls) -> Any:
+            calls.append(rank)
+            if case == "refuse":
+                raise OutputError(
+                    "output_dir='x' holds results of another run; pass overwrite=true"
+                )
+            if case == "bug":
+                raise ValueError("something unexpected")
+            return {"resume": True, "by": rank}
+
+        try:
+            value = decided(group, "the run directory's state", decide, share=case != "private")
+            out.put((case, rank, "ok", value, calls))
+        except Exception as exc:  # the test looks at the class and the line
+            out.put((case, rank, type(exc).__name__, str(exc), calls))
+
+
+@pytest.fixture(scope="module")
+def results() -> dict[tuple[str, int], tuple[Any, ...]]:
+    """Every case's outcome on both ranks: ``{(case, rank): (kind, value, calls)}``."""
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(r, port, out)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    got = {}
+    for _ in range(2 * len(CASES)):
+        case, rank, *rest = out.get(timeout=120)
+        got[(case, rank)] = tuple(rest)
+    for p in procs:
+        p.join(timeout=60)
+    return got
+
+
+def test_rank0_decides_once_and_every_rank_gets_its_answer(results) -> None:
+    assert results[("ok", 0)] == ("ok", {"resume": True, "by": 0}, [0])
+    assert results[("ok", 1)] == ("ok", {"resume": True, "by": 0}, [])  # rank 1 never decided
+
+
+def test_rank0s_refusal_reaches_the_other_rank_as_the_same_line(results) -> None:
+    r0, r1 = results[("refuse", 0)], results[("refuse", 1)]
+    assert r0[0] == r1[0] == OutputError.__name__
+    assert r0[1] == r1[1] and "overwrite=true" in r1[1] and r1[2] == []
+
+
+def test_an_unexpected_failure_on_rank0_is_one_line_on_the_others(results) -> None:
+    assert results[("bug", 0)][:2] == ("ValueError", "something unexpected")
+    kind, line, _ = results[("bug", 1)]
+    assert kind == RankJoinError.__name__
+    assert "rank 0 failed while deciding the run directory's state" in line
+    assert "ValueError: something unexpected" in line
+
+
+def test_a_private_result_stays_on_rank0(results) -> None:
+    assert results[("private", 0)][1] == {"resume": True, "by": 0}
+    assert results[("private", 1)][:2] == ("ok", None)
+
+
+def test_no_group_decides_on_every_rank() -> None:
+    """One rank, or ranks started by Lightning's launcher: the decision runs locally."""
+    assert join_early(None, 5) is None
+    assert join_early(SimpleNamespace(ntasks=1, procid=0), 5) is None
+    assert decided(None, "x", lambda: 7) == 7
+    with pytest.raises(OutputError):
+        decided(None, "x", lambda: (_ for _ in ()).throw(OutputError("no")))
