@@ -1,9 +1,10 @@
-"""How each raster's values reach the model: ``value_range`` resolved per raster, once per rank.
+"""How each raster's values reach the model: ``value_range`` resolved per raster.
 
-Every rank resolves the same ranges itself: ``value_range=auto`` reads the same decimated
-samples from the same files (:func:`mgpr.geo.values.sample_values` is deterministic), so no rank
-waits for another and nothing travels between them before the process group exists. Rank 0
-prints the resolved ranges; ``run.json`` (the fingerprint) and ``summary.json`` record them.
+Resolved once by rank 0 and told to the others through the process group under ``srun``
+(:func:`mgpr.run.rendezvous.decided`); ranks started by Lightning's launcher resolve the same
+ranges themselves (``value_range=auto`` reads the same decimated samples from the same files:
+:func:`mgpr.geo.values.sample_values` is deterministic). Rank 0 prints the resolved ranges;
+``run.json`` (the fingerprint) and ``summary.json`` record them.
 """
 
 from __future__ import annotations
