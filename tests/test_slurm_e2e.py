@@ -467,10 +467,13 @@ def test_rank0_refuses_and_every_rank_is_told_at_once(
         ),
         timeout=JOB_TIMEOUT,
     )
-    assert (job.returncode, job.state) == (2, "FAILED"), job.describe()
+    # srun --kill-on-bad-exit may TERM the second rank while it prints the same refusal, so the
+    # job's code is 2 or that rank's 130; every error line is rank 0's, none a timeout.
+    assert job.state == "FAILED" and job.returncode in (2, 130), job.describe()
     lines = [line for line in job.err.splitlines() if line.startswith("mgpr: error: ")]
-    assert len(lines) == 2 and lines[0] == lines[1], job.describe()  # one per rank, the same
+    assert lines and len(set(lines)) == 1, job.describe()
     assert "holds results of another run" in lines[0] and "overwrite=true" in lines[0]
+    assert "waited" not in job.err and "join_timeout_s" not in job.err, job.describe()
     assert time.monotonic() - start < 120, "a rank waited instead of being told"
     assert sorted(p.name for p in other.iterdir()) == sorted(
         p.name for p in baseline["run_dir"].iterdir()
