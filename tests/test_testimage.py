@@ -20,7 +20,7 @@ import rasterio
 import shapely
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from rasterio.enums import Compression, MaskFlags
+from rasterio.enums import ColorInterp, Compression, MaskFlags
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 from typer.testing import CliRunner
@@ -30,6 +30,7 @@ from mgpr.errors import EXIT_USAGE, ConfigError, InputError, OutputError
 from mgpr.testimage import (
     BACKGROUND_MAX,
     OBJECT_GAP_PX,
+    OBJECT_VALUE_MIN,
     PlantedObject,
     TestImageResult,
     TestImageSpec,
@@ -218,6 +219,62 @@ def test_nodata_region(tmp_path: Path, region: str, mode: str) -> None:
         assert not region_px[o.row_min - g : o.row_max + g, o.col_min - g : o.col_max + g].any()
 
 
+def test_white_nodata_value_keeps_valid_pixels_off_it(tmp_path: Path) -> None:
+    res = _write(tmp_path, nodata="border", nodata_value=255, objects=8, seed=3)
+    region_px = nodata_mask(TestImageSpec(height=H, width=W, nodata="border"))
+    with rasterio.open(res.path) as src:
+        assert src.nodata == 255
+        arr, mask = src.read(), src.dataset_mask()
+    assert (arr[:, region_px] == 255).all()  # a white nodata region
+    assert (arr[:, ~region_px] < 255).all()  # object pixels at 255 moved to 254
+    assert (mask[region_px] == 0).all() and (mask[~region_px] == 255).all()
+    for o in res.objects:  # still bright: >= OBJECT_VALUE_MIN in every band
+        assert arr[:, o.row_min : o.row_max, o.col_min : o.col_max].min() >= OBJECT_VALUE_MIN
+    # The same picture as with the default nodata value 0, but for 255s moved to 254.
+    plain = _read(_write(tmp_path, "zero.tif", nodata="border", objects=8, seed=3).path)
+    np.testing.assert_array_equal(np.minimum(plain, 254)[:, ~region_px], arr[:, ~region_px])
+
+
+@pytest.mark.parametrize(("mode", "bands"), [("mask", 3), ("alpha", 3), ("alpha", 1)])
+@pytest.mark.parametrize("region", ["border", "rect"])
+def test_hidden_objects_lie_under_the_mask(
+    tmp_path: Path, mode: str, bands: int, region: str
+) -> None:
+    kw = {"nodata": region, "nodata_mode": mode, "bands": bands, "objects": 6}
+    res = _write(tmp_path, hidden_objects=2, **kw)
+    assert len(res.hidden) == 2 and [o.id for o in res.hidden] == [6, 7]
+    assert res.objects == _write(tmp_path, "plain.tif", **kw).objects  # visible ones unchanged
+    assert len(read_truth(res.truth_path)) == 6  # hidden ones are not in the truth
+    with rasterio.open(res.path) as src:
+        assert src.count == bands + (mode == "alpha")
+        if mode == "alpha":
+            assert src.colorinterp[-1] == ColorInterp.alpha and src.nodata is None
+        arr, mask = src.read(list(range(1, bands + 1))), src.dataset_mask()
+    region_px = nodata_mask(TestImageSpec(height=H, width=W, nodata=region))
+    assert (mask[region_px] == 0).all() and (mask[~region_px] == 255).all()
+    for o in res.hidden:
+        g = OBJECT_GAP_PX
+        assert region_px[o.row_min - g : o.row_max + g, o.col_min - g : o.col_max + g].all()
+        assert arr[:, o.row_min : o.row_max, o.col_min : o.col_max].min() >= OBJECT_VALUE_MIN
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"hidden_objects": 1, "nodata": "rect"}, "nodata_mode=mask|alpha"),
+        ({"hidden_objects": 1, "nodata_mode": "mask"}, "nodata=border|rect"),
+        ({"nodata_value": 255, "nodata_mode": "mask"}, "unset unless nodata_mode=value"),
+        ({"nodata_value": 1.5}, "an integer in 0..255"),
+        ({"nodata_mode": "alpha", "bands": 4}, "1 or 3 with nodata_mode=alpha"),
+        ({"hidden_objects": 400, "nodata": "border", "nodata_mode": "mask"}, "do not fit"),
+    ],
+)
+def test_nodata_options_are_checked(tmp_path: Path, kw: dict, needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("|", r"\|")) as info:
+        _write(tmp_path, **kw)
+    assert "\n" not in str(info.value)
+
+
 # ------------------------------------------------------------------ planted objects
 
 
@@ -363,7 +420,9 @@ def test_too_many_objects_is_a_config_error() -> None:
         ("block_size", 500),
         ("compress", "jpeg"),
         ("nodata", "edge"),
-        ("nodata_mode", "alpha"),
+        ("nodata_mode", "bitmask"),
+        ("nodata_value", 256),
+        ("hidden_objects", -1),
         ("objects", -1),
         ("seam_share", 1.5),
         ("overlap", 256),

@@ -158,9 +158,10 @@ def _help_text() -> str:
     lines.append("")
     lines.append(
         "Choices: compress=deflate|zstd|lzw|none, nodata=none|border|rect, "
-        "nodata_mode=value|mask, dtype=uint8|uint16|int16|float32, crs=<EPSG code>|none. "
+        "nodata_mode=value|mask|alpha, dtype=uint8|uint16|int16|float32, crs=<EPSG code>|none. "
         "value_range=[lo,hi]: what the 8-bit content is stretched to (default per dtype: "
-        "uint16 [0,10000], int16 [-1000,10000], float32 [0,1]); nodata values: 0, -32768, NaN. "
+        "uint16 [0,10000], int16 [-1000,10000], float32 [0,1]); nodata values: 0, -32768, NaN "
+        "(nodata_value=255 for white nodata); hidden_objects=N: objects under the mask/alpha. "
         "Bools: true|false."
     )
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from mgpr.testimage.layout import (
     OBJECT_GAP_PX,
     border_width_px,
     nodata_mask,
+    place_hidden_objects,
     place_objects,
     seam_positions,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "border_width_px",
     "corrupt_block",
     "nodata_mask",
+    "place_hidden_objects",
     "place_objects",
     "read_truth",
     "render_block",

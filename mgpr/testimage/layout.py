@@ -13,6 +13,10 @@ lies inside ``[(k-1) * stride, k * stride + overlap)``, tile ``k-1``. Objects ke
 least :data:`OBJECT_GAP_PX` pixels from each other, from the raster edge and from the nodata
 region.
 
+Hidden objects (``hidden_objects=N``, with ``nodata_mode=mask|alpha``) lie wholly inside the
+nodata region, :data:`OBJECT_GAP_PX` pixels from its edge and from each other: in the top strip
+of the border, or in the rectangle (:func:`place_hidden_objects`).
+
 Nodata. ``nodata="border"`` blanks a band of :func:`border_width_px` pixels around the raster,
 ``nodata="rect"`` blanks the rectangle ``rows [H/4, 3H/4) x cols [W/2, 9W/10)`` (large enough to
 contain whole 256-pixel tiles of a 1024 image).
@@ -203,5 +207,57 @@ def place_objects(spec: TestImageSpec) -> tuple[PlantedObject, ...]:
                 f"objects={n} do not fit a {spec.height}x{spec.width} raster (placed {i}; sides "
                 f"{lo_px}..{hi_px} px, gap {gap} px, nodata={spec.nodata}); set fewer objects, "
                 "smaller object_max_px or a larger width/height."
+            )
+    return tuple(placed)
+
+
+def _hidden_area(spec: TestImageSpec) -> tuple[int, int, int, int]:
+    """Where hidden objects go: the nodata rectangle, or the border's top strip (half-open)."""
+    if spec.nodata == "rect":
+        return _nodata_rect(spec)
+    return 0, 0, border_width_px(spec), spec.width
+
+
+def place_hidden_objects(spec: TestImageSpec) -> tuple[PlantedObject, ...]:
+    """Objects wholly inside the nodata region (``hidden_objects``); deterministic from ``seed``.
+
+    Sides are uniform in ``object_min_px..object_max_px``, clipped to what fits the region with
+    :data:`OBJECT_GAP_PX` pixels to its edge; ids continue after the visible objects', and
+    ``on_seam`` is False (seams do not matter: none of them may be reported). Their own random
+    stream: the visible objects are the same with or without them.
+
+    Raises:
+        ConfigError: when they do not fit the region.
+    """
+    n = spec.hidden_objects
+    if n == 0:
+        return ()
+    gap = OBJECT_GAP_PX
+    r0, c0, r1, c1 = _hidden_area(spec)
+    fit = min(r1 - r0, c1 - c0) - 2 * gap
+    hi_px = min(spec.object_max_px, fit)
+    lo_px = spec.object_min_px
+    rng = np.random.default_rng([spec.seed, 0x41DDE7])
+    placed: list[PlantedObject] = []
+    for i in range(n):
+        for _ in range(500 if hi_px >= lo_px else 0):
+            oh, ow = (int(v) for v in rng.integers(lo_px, hi_px + 1, size=2))
+            r = int(rng.integers(r0 + gap, r1 - gap - oh + 1))
+            c = int(rng.integers(c0 + gap, c1 - gap - ow + 1))
+            if any(
+                p.row_min < r + oh + gap
+                and r < p.row_max + gap
+                and p.col_min < c + ow + gap
+                and c < p.col_max + gap
+                for p in placed
+            ):
+                continue
+            placed.append(PlantedObject(spec.objects + i, r, c, r + oh, c + ow, False))
+            break
+        else:
+            raise ConfigError(
+                f"hidden_objects={n} do not fit the nodata region ({r1 - r0}x{c1 - c0} px, "
+                f"sides {lo_px}..{spec.object_max_px} px, gap {gap} px; placed {i}); set fewer "
+                "hidden_objects, a smaller object_min_px or a larger raster."
             )
     return tuple(placed)

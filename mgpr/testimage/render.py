@@ -81,6 +81,7 @@ def render_block(
     height: int,
     width: int,
     objects: tuple[PlantedObject, ...] = (),
+    hidden: tuple[PlantedObject, ...] = (),
 ) -> npt.NDArray[np.uint8]:
     """Render one window of the image; a pure function of global pixel coordinates and seed.
 
@@ -96,9 +97,11 @@ def render_block(
         height: window height, pixels.
         width: window width, pixels.
         objects: planted objects to paint (those not touching the window are skipped).
+        hidden: objects inside the nodata region, painted over its 0s (``hidden_objects``).
 
     Returns:
-        (bands, height, width) uint8: background in [8, 200], objects in [245, 255], nodata 0.
+        (bands, height, width) uint8: background in [8, 200], objects in [245, 255], nodata 0
+        (but for hidden objects).
     """
     seed = spec.seed
     h, w = height, width
@@ -206,6 +209,7 @@ def render_block(
     _paint_objects(out, row_off, col_off, objects, px)
     if spec.nodata != "none":
         out[:, nodata_mask(spec, row_off, col_off, h, w)] = 0
+        _paint_objects(out, row_off, col_off, hidden, px)
     return out
 
 
@@ -240,19 +244,30 @@ def stretch_block(
     Args:
         block: (bands, h, w) uint8 from :func:`render_block`.
         spec: ``dtype`` and ``value_range`` (see :class:`~mgpr.testimage.spec.TestImageSpec`).
-        nodata_px: (h, w) True where the pixel is nodata; set to ``spec.nodata_value`` (None:
-            leave them at the stretch of 0, i.e. ``lo``, as under ``nodata_mode="mask"``).
+        nodata_px: (h, w) True where the pixel is nodata; set to ``spec.effective_nodata_value``
+            after valid pixels equal to it were moved one level towards the middle of the
+            dtype's range (None: no nodata value; they stay at the stretch of 0, i.e. ``lo``, as
+            under ``nodata_mode="mask"``).
     """
     lo, hi = spec.effective_value_range
     if spec.dtype == "uint8" and (lo, hi) == (0.0, 255.0):
-        return block
-    if spec.dtype == "float32":
+        out: npt.NDArray[np.generic] = block
+        if nodata_px is not None:
+            out = block.copy()
+    elif spec.dtype == "float32":
         out = block.astype(np.float32)
         out *= np.float32((hi - lo) / 255.0)
         out += np.float32(lo)
     else:
         wide = block.astype(np.float64) * ((hi - lo) / 255.0) + lo
         out = np.rint(wide, out=wide).astype(spec.dtype)
-    if nodata_px is not None and nodata_px.any():
-        out[:, nodata_px] = spec.nodata_value
+    if nodata_px is not None:
+        nv = spec.effective_nodata_value
+        if not np.isnan(nv):
+            clash = out == out.dtype.type(nv)
+            if clash.any():
+                mid = 0.0 if spec.dtype in ("int16", "float32") else np.iinfo(spec.dtype).max / 2
+                out[clash] = nv - 1 if nv > mid else nv + 1
+        if nodata_px.any():
+            out[:, nodata_px] = nv
     return out

@@ -19,7 +19,7 @@ from mgpr.errors import ConfigError
 
 _COMPRESS = ("deflate", "zstd", "lzw", "none")
 _NODATA = ("none", "border", "rect")
-_NODATA_MODES = ("value", "mask")
+_NODATA_MODES = ("value", "mask", "alpha")
 _DTYPES = ("uint8", "uint16", "int16", "float32")
 #: The value range the generator's 0..255 content is stretched to, per dtype, when unset.
 DEFAULT_VALUE_RANGES: dict[str, tuple[float, float]] = {
@@ -74,7 +74,18 @@ class TestImageSpec:
         overviews: build internal overviews (factors 2, 4, ... down to <= 256 pixels).
         nodata: nodata region: ``none``, ``border`` or ``rect`` (see module docstring).
         nodata_mode: ``value`` (the file's nodata value: 0 for uint8/uint16, -32768 for int16,
-            NaN for float32; :data:`NODATA_VALUES`) or ``mask`` (internal mask band).
+            NaN for float32, :data:`NODATA_VALUES`, or ``nodata_value``), ``mask`` (internal
+            mask band) or ``alpha`` (one more band, colour interpretation alpha, after the
+            ``bands`` image bands: 0 in the nodata region, 255 elsewhere; ``bands`` 1 or 3:
+            grey + alpha or RGBA, the layouts GDAL takes as the dataset mask).
+        nodata_value: the file's nodata value under ``nodata_mode="value"``, overriding the
+            dtype's (e.g. 255 for a uint8 raster whose nodata region is white); valid pixels
+            that would equal it are moved one level towards the middle of the dtype's range,
+            so no valid pixel is nodata. None = :data:`NODATA_VALUES`.
+        hidden_objects: bright rectangles planted wholly inside the nodata region (with
+            ``nodata_mode=mask|alpha``, whose pixels under the mask are still read), never in
+            the truth: a run that honours the validity mask reports none of them
+            (:attr:`TestImageResult.hidden`).
         objects: number of planted bright rectangles, >= 0.
         object_min_px: smallest object side, pixels (>= 2).
         object_max_px: largest object side, pixels; clipped to ``overlap`` (with a warning)
@@ -103,7 +114,9 @@ class TestImageSpec:
     overviews: bool = False
     nodata: str = "none"
     nodata_mode: str = "value"
+    nodata_value: float | None = None
     objects: int = 0
+    hidden_objects: int = 0
     object_min_px: int = 12
     object_max_px: int = 40
     seam_share: float = 0.5
@@ -155,6 +168,7 @@ class TestImageSpec:
             raise _fail("overviews", self.overviews, "true or false")
         if not _is_int(self.objects) or self.objects < 0:
             raise _fail("objects", self.objects, "an integer >= 0")
+        self._check_nodata()
         if not _is_int(self.object_min_px) or self.object_min_px < 2:
             raise _fail("object_min_px", self.object_min_px, "an integer number of pixels >= 2")
         if not _is_int(self.object_max_px) or self.object_max_px < self.object_min_px:
@@ -216,15 +230,43 @@ class TestImageSpec:
                 )
         object.__setattr__(self, "value_range", (lo, hi))
 
+    def _check_nodata(self) -> None:
+        """``nodata_value``, ``hidden_objects`` and ``alpha`` against the other keys."""
+        if self.nodata_mode == "alpha" and self.bands not in (1, 3):
+            # GDAL takes the alpha band as the dataset mask for grey + alpha and RGB + alpha only.
+            raise _fail("bands", self.bands, "1 or 3 with nodata_mode=alpha (grey or RGB + alpha)")
+        nv = self.nodata_value
+        if nv is not None:
+            if isinstance(nv, bool) or not isinstance(nv, (int, float, np.number)):
+                raise _fail("nodata_value", nv, "a number in the dtype's range, e.g. 255")
+            nv = float(nv)
+            if self.nodata_mode != "value":
+                raise _fail("nodata_value", nv, "unset unless nodata_mode=value")
+            if self.dtype != "float32":
+                info = np.iinfo(self.dtype)
+                if not (math.isfinite(nv) and nv == int(nv) and info.min <= nv <= info.max):
+                    raise _fail(
+                        "nodata_value", nv, f"an integer in {info.min}..{info.max} for {self.dtype}"
+                    )
+            object.__setattr__(self, "nodata_value", nv)
+        if not _is_int(self.hidden_objects) or self.hidden_objects < 0:
+            raise _fail("hidden_objects", self.hidden_objects, "an integer >= 0")
+        if self.hidden_objects and (self.nodata == "none" or self.nodata_mode == "value"):
+            raise ConfigError(
+                f"hidden_objects={self.hidden_objects} needs a nodata region whose pixels are "
+                "kept under a mask: set nodata=border|rect and nodata_mode=mask|alpha "
+                "(under nodata_mode=value its pixels are the nodata value)."
+            )
+
     @property
     def effective_value_range(self) -> tuple[float, float]:
         """``value_range``, or the dtype's default (:data:`DEFAULT_VALUE_RANGES`)."""
         return self.value_range or DEFAULT_VALUE_RANGES[self.dtype]
 
     @property
-    def nodata_value(self) -> float:
-        """The file's nodata value with ``nodata_mode="value"`` (:data:`NODATA_VALUES`)."""
-        return NODATA_VALUES[self.dtype]
+    def effective_nodata_value(self) -> float:
+        """The file's nodata value with ``nodata_mode="value"``: ``nodata_value`` or the dtype's."""
+        return NODATA_VALUES[self.dtype] if self.nodata_value is None else self.nodata_value
 
     @property
     def stride(self) -> int:
@@ -291,7 +333,9 @@ class TestImageResult:
         truth_path: the truth GeoPackage, or ``None`` when ``objects=0``.
         file_bytes: size of the GeoTIFF on disk (overviews and mask included), bytes.
         raw_bytes: uncompressed pixel bytes, ``width * height * bands * itemsize``.
-        objects: the planted objects, by id.
+        objects: the planted objects, by id (those in the truth).
+        hidden: the objects planted inside the nodata region (``hidden_objects``; not in the
+            truth: under the validity mask, a run must report none of them).
     """
 
     __test__ = False  # not a pytest test class despite its name
@@ -301,6 +345,7 @@ class TestImageResult:
     file_bytes: int
     raw_bytes: int
     objects: tuple[PlantedObject, ...]
+    hidden: tuple[PlantedObject, ...] = ()
 
     @property
     def compression_ratio(self) -> float:

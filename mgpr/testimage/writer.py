@@ -6,10 +6,12 @@
 in ``block_size`` blocks, DEFLATE/ZSTD compressed with ``PREDICTOR=2``, BigTIFF when needed. It
 streams block by block, so a 40000 x 40000 x 3 image needs little memory (the GDAL block cache is
 capped at :data:`GDAL_CACHE_BYTES` during the write). With ``nodata_mode="value"`` the file's
-nodata value is ``spec.nodata_value`` (0 for uint8/uint16, -32768 for int16, NaN for float32;
-never a valid pixel's value); with ``nodata_mode="mask"`` the file carries a GDAL
-internal mask band (``GDAL_TIFF_INTERNAL_MASK``) that is 0 in the nodata region and 255
-elsewhere, and no nodata value.
+nodata value is ``spec.effective_nodata_value`` (0 for uint8/uint16, -32768 for int16, NaN for
+float32, or ``nodata_value``; never a valid pixel's value); with ``nodata_mode="mask"`` the file
+carries a GDAL internal mask band (``GDAL_TIFF_INTERNAL_MASK``) that is 0 in the nodata region
+and 255 elsewhere, and no nodata value; with ``nodata_mode="alpha"`` an alpha band (the last,
+colour interpretation alpha) holds those 0 / 255 instead. Hidden objects (``hidden_objects``)
+are painted inside the nodata region under the mask or alpha.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from mgpr.errors import ConfigError, OutputError
-from mgpr.testimage.layout import nodata_mask, place_objects
+from mgpr.testimage.layout import nodata_mask, place_hidden_objects, place_objects
 from mgpr.testimage.render import render_block, stretch_block
 from mgpr.testimage.spec import PlantedObject, TestImageResult, TestImageSpec, map_transform
 from mgpr.testimage.truth import truth_path_for, write_truth
@@ -72,7 +74,12 @@ def _blocks(spec: TestImageSpec) -> Iterator[tuple[int, int, int, int]]:
             yield r, c, min(bs, spec.height - r), min(bs, spec.width - c)
 
 
-def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ...]) -> None:
+def _write_tiff(
+    tmp: Path,
+    spec: TestImageSpec,
+    objects: tuple[PlantedObject, ...],
+    hidden: tuple[PlantedObject, ...] = (),
+) -> None:
     import rasterio
     from rasterio.enums import Resampling
     from rasterio.errors import NotGeoreferencedWarning
@@ -82,7 +89,7 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
         "driver": "GTiff",
         "width": spec.width,
         "height": spec.height,
-        "count": spec.bands,
+        "count": spec.bands + (spec.nodata_mode == "alpha"),
         "dtype": spec.dtype,
         "tiled": True,
         "blockxsize": spec.block_size,
@@ -98,23 +105,30 @@ def _write_tiff(tmp: Path, spec: TestImageSpec, objects: tuple[PlantedObject, ..
         )
     if spec.bands >= 3:
         profile["photometric"] = "RGB"
+    alpha = spec.nodata_mode == "alpha"
+    if alpha:
+        profile["alpha"] = "YES"  # the first extra sample (the band after the image's) is alpha
     if spec.crs is not None:
         profile["crs"] = spec.crs
         profile["transform"] = map_transform(spec)
     use_mask = spec.nodata != "none" and spec.nodata_mode == "mask"
     value_nodata = spec.nodata != "none" and spec.nodata_mode == "value"
     if value_nodata:
-        profile["nodata"] = spec.nodata_value
+        profile["nodata"] = spec.effective_nodata_value
     env = {"GDAL_CACHEMAX": GDAL_CACHE_BYTES // (1024 * 1024), "GDAL_TIFF_INTERNAL_MASK": True}
     with rasterio.Env(**env), warnings.catch_warnings():
         warnings.simplefilter("ignore", NotGeoreferencedWarning)  # crs=none is deliberate
         with rasterio.open(tmp, "w", **profile) as dst:
             dst.update_tags(MGPR_TESTIMAGE=json.dumps(dataclasses.asdict(spec), sort_keys=True))
+            image_bands = list(range(1, spec.bands + 1))
             for r, c, h, w in _blocks(spec):
                 window = Window(c, r, w, h)  # rasterio: columns first
-                block = render_block(spec, r, c, h, w, objects)
+                block = render_block(spec, r, c, h, w, objects, hidden)
                 nodata_px = nodata_mask(spec, r, c, h, w) if value_nodata else None
-                dst.write(stretch_block(block, spec, nodata_px), window=window)
+                dst.write(stretch_block(block, spec, nodata_px), indexes=image_bands, window=window)
+                if alpha:
+                    valid = ~nodata_mask(spec, r, c, h, w)
+                    dst.write(valid.astype(spec.dtype) * 255, indexes=spec.bands + 1, window=window)
                 if use_mask:
                     valid = ~nodata_mask(spec, r, c, h, w)
                     dst.write_mask(valid.astype(np.uint8) * np.uint8(255), window=window)
@@ -155,11 +169,12 @@ def write_test_image(path: str | Path, spec: TestImageSpec) -> TestImageResult:
     path = Path(path)
     truth_path = truth_path_for(path)
     objects = place_objects(spec)
+    hidden = place_hidden_objects(spec)
     t0 = time.perf_counter()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _temp_beside(path, ".tif") as tmp_img, _temp_beside(path, ".gpkg") as tmp_truth:
-            _write_tiff(tmp_img, spec, objects)
+            _write_tiff(tmp_img, spec, objects, hidden)
             if objects:
                 write_truth(tmp_truth, spec, objects)
             os.replace(tmp_img, path)
@@ -174,13 +189,15 @@ def write_test_image(path: str | Path, spec: TestImageSpec) -> TestImageResult:
             f"cannot write test image to {str(path)!r} ({detail}); choose a writable image_path."
         ) from exc
     file_bytes = path.stat().st_size
-    raw_bytes = spec.width * spec.height * spec.bands * np.dtype(spec.dtype).itemsize
+    count = spec.bands + (spec.nodata_mode == "alpha")
+    raw_bytes = spec.width * spec.height * count * np.dtype(spec.dtype).itemsize
     result = TestImageResult(
         path=path,
         truth_path=truth_path if objects else None,
         file_bytes=file_bytes,
         raw_bytes=raw_bytes,
         objects=objects,
+        hidden=hidden,
     )
     log.info(
         "Wrote %s (%dx%dx%d, %.1f MB, ratio %.2f) in %.1f s.",
