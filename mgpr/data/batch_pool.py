@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -83,10 +83,45 @@ def as_dtype(buffer: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -
 
 def new_shared(shape: tuple[int, ...], dtype: torch.dtype = torch.uint8) -> torch.Tensor:
     """A ``dtype`` tensor of ``shape`` in a new shared-memory segment, sized by itemsize."""
-    numel = 1
-    for n in shape:
-        numel *= n
-    return as_dtype(new_shared_bytes(numel * dtype.itemsize), shape, dtype)
+    return new_shared_parts([(shape, dtype)])[0]
+
+
+PART_ALIGN = 64
+"""Byte alignment of each part of a slot after the first (any dtype, a cache line)."""
+
+Part = tuple[tuple[int, ...], torch.dtype]
+"""One tensor of a batch that shares a slot: (shape, dtype), e.g. the images then the masks."""
+
+
+def parts_layout(parts: Sequence[Part]) -> tuple[list[int], int]:
+    """Byte offset of each part in one buffer (each aligned to :data:`PART_ALIGN`), total bytes."""
+    offsets = []
+    end = 0
+    for shape, dtype in parts:
+        start = -(-end // PART_ALIGN) * PART_ALIGN
+        offsets.append(start)
+        numel = 1
+        for n in shape:
+            numel *= n
+        end = start + numel * dtype.itemsize
+    return offsets, end
+
+
+def part_views(buffer: torch.Tensor, parts: Sequence[Part]) -> list[torch.Tensor]:
+    """Each part as a tensor view into the flat uint8 ``buffer`` (:func:`parts_layout`).
+
+    Views of one storage: a tensor of any part keeps the whole buffer (its slot) in use.
+    """
+    offsets, _ = parts_layout(parts)
+    return [
+        as_dtype(buffer[off:], shape, dtype)
+        for off, (shape, dtype) in zip(offsets, parts, strict=True)
+    ]
+
+
+def new_shared_parts(parts: Sequence[Part]) -> list[torch.Tensor]:
+    """The ``parts`` as views into ONE new shared-memory segment (one hand-over, one mapping)."""
+    return part_views(new_shared_bytes(max(1, parts_layout(parts)[1])), parts)
 
 
 class SharedBatchPool:
@@ -139,10 +174,19 @@ class SharedBatchPool:
         the bytes of a uint8 one of the same shape. Call from worker ``worker_id`` only; the
         tensor's contents are undefined.
         """
-        numel = 1
-        for n in shape:
-            numel *= n
-        nbytes = numel * dtype.itemsize
+        tensors, slot = self.acquire_parts(worker_id, [(shape, dtype)])
+        return tensors[0], slot
+
+    def acquire_parts(
+        self, worker_id: int, parts: Sequence[Part]
+    ) -> tuple[list[torch.Tensor], int]:
+        """Tensors for ``parts`` in ONE slot (e.g. images + their validity masks), and the slot.
+
+        The parts are views of the slot's buffer (:func:`part_views`), so the main process sees
+        the batch in use while any of them lives, and a GPU run's pinned registration covers
+        them all. :data:`NO_SLOT`: a fresh segment holds them.
+        """
+        _, nbytes = parts_layout(parts)
         first = worker_id * self.slots_per_worker
         for slot in range(first, first + self.slots_per_worker):
             if int(self.in_use[slot]) != 0:
@@ -153,9 +197,9 @@ class SharedBatchPool:
                 self._buffers[slot] = buffer
             self.in_use[slot] = 1
             self.counts[worker_id, 0] += 1
-            return as_dtype(buffer, shape, dtype), slot
+            return part_views(buffer, parts), slot
         self.counts[worker_id, 1] += 1
-        return new_shared(shape, dtype), NO_SLOT
+        return new_shared_parts(parts), NO_SLOT
 
     # ---------------------------------------------------------------- main side
     def track(self, batch: Any) -> None:
@@ -227,7 +271,8 @@ def shared_memory_need(
     Args:
         workers: DataLoader workers of the rank.
         batch_size: tiles per batch.
-        sample_bytes: bytes of one tile, ``bands * tile_size**2 * itemsize`` of the carrier.
+        sample_bytes: bytes of one tile, ``bands * tile_size**2 * itemsize`` of the carrier
+            (plus ``tile_size**2``, its validity mask, for rasters with nodata, a mask or alpha).
         prefetch_factor: batches each worker keeps ready.
     """
     return workers * (prefetch_factor + EXTRA_SLOTS) * batch_size * sample_bytes

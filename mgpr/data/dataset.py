@@ -13,12 +13,23 @@ that list to a sample. A sample is a dict:
 * ``status``: int64, :data:`STATUS_OK`, :data:`STATUS_EMPTY` (all nodata: the model is not run)
   or :data:`STATUS_FAILED` (the read raised; ``reason`` says why and the run goes on).
 * ``reason``: str, empty unless failed.
+* ``mask`` (only for a tile that may have invalid pixels): ``(tile_size, tile_size)`` uint8
+  validity, as in a batch (below).
 
-A batch from :meth:`TileDataset.__getitems__` holds ``image`` (B, C, H, W), ``index`` and
-``status`` as int64 numpy arrays (B,) (each tensor would cost the main process a file-descriptor
-hand-over per batch), ``reason`` (list of B str) and ``pool_slot`` (int, see
-:mod:`mgpr.data.batch_pool`). Samples stacked by ``default_collate`` give tensors instead; consumers
-read both through ``np.asarray``.
+A batch from :meth:`TileDataset.__getitems__` holds ``image`` (B, C, H, W), ``mask`` (below), ``index``
+and ``status`` as int64 numpy arrays (B,) (each tensor would cost the main process a
+file-descriptor hand-over per batch), ``reason`` (list of B str) and ``pool_slot`` (int, see
+:mod:`mgpr.data.batch_pool`).
+
+``mask`` is the tiles' validity mask, a (B, H, W) uint8 tensor (255 valid, 0 invalid: nodata,
+internal/external mask, alpha, NaN, past the raster's edge; :meth:`TileReader.read_mask`) in the
+same shared-memory slot as the images, or None when no tile of the batch can have an invalid
+pixel (no raster of the batch has a nodata value, mask or alpha, and the carrier is not float):
+the common 8-bit RGB case costs nothing. A tile of a raster without a mask in a masked batch
+gets 255 over its valid window.
+
+Samples stacked by ``default_collate`` give tensors instead; consumers read both through
+``np.asarray``.
 """
 
 from __future__ import annotations
@@ -32,7 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from mgpr.data.batch_pool import NO_SLOT, SharedBatchPool, new_shared
+from mgpr.data.batch_pool import NO_SLOT, Part, SharedBatchPool, new_shared_parts
 from mgpr.geo.raster import TileReader
 from mgpr.geo.tiling import Tile
 
@@ -49,7 +60,9 @@ class TileDataset(Dataset[dict[str, Any]]):
     Args:
         tiles: this rank's tiles (after sharding and resume).
         reader: reads windows; opens rasters lazily in each worker.
-        check_mask_paths: rasters whose tiles may be all nodata (checked from the mask first).
+        check_mask_paths: rasters that may have invalid pixels (``RasterInfo.has_mask``): their
+            tiles carry GDAL's validity mask, read first (an all-invalid tile is not decoded).
+            With a float carrier every tile carries a mask, where NaN in any band is invalid.
         test_delay_s: TEST-ONLY extra sleep per read (non-empty) tile, seconds: simulates a
             slower rank for the balance tests (``MGPR_TEST_TILE_DELAY_RANK<r>``); 0 otherwise.
     """
@@ -68,6 +81,8 @@ class TileDataset(Dataset[dict[str, Any]]):
         self.bands = {p: len(b) for p, b in reader.bands_by_path.items()}
         #: torch dtype of every sample (the reader's carrier)
         self.dtype = torch.from_numpy(np.empty(0, dtype=reader.carrier)).dtype
+        #: NaN is never a valid value: float tiles always carry a mask (NaN pixels invalid)
+        self.nan_invalid = self.dtype.is_floating_point
         #: set by :class:`mgpr.data.batch_pool.TileLoader` before its workers fork
         self.batch_pool: SharedBatchPool | None = None
         #: ranks on this node, whose loaders share /dev/shm (the TileLoader's check)
@@ -81,15 +96,28 @@ class TileDataset(Dataset[dict[str, Any]]):
         return [self.bands[t.id.path] for t in self.tiles]
 
     def sample_bytes(self) -> int:
-        """Bytes of the largest tile (most bands, carrier itemsize): sizes shared-memory needs."""
-        return max(self.bands.values(), default=0) * self.reader.tile_size**2 * self.dtype.itemsize
+        """Bytes of the largest tile (most bands, carrier itemsize, + 1 per pixel for a mask).
+
+        What sizes the shared-memory need (:func:`~mgpr.data.batch_pool.shared_memory_need`).
+        """
+        pixels = self.reader.tile_size**2
+        image = max(self.bands.values(), default=0) * pixels * self.dtype.itemsize
+        return image + (pixels if self.nan_invalid or self.check_mask_paths else 0)
+
+    def _masked(self, index: int) -> bool:
+        """Whether tile ``index`` may have invalid pixels, so its batch carries a mask."""
+        return self.nan_invalid or self.tiles[index].id.path in self.check_mask_paths
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         tile = self.tiles[index]
         size = self.reader.tile_size
         image = torch.empty((self.bands[tile.id.path], size, size), dtype=self.dtype)
-        status, reason = self._fill(index, image.numpy())
-        return _sample(image, index, status, reason)
+        mask = torch.empty((size, size), dtype=torch.uint8) if self._masked(index) else None
+        status, reason = self._fill(index, image.numpy(), None if mask is None else mask.numpy())
+        sample = _sample(image, index, status, reason)
+        if mask is not None:
+            sample["mask"] = mask
+        return sample
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A whole batch, each tile decoded straight into one ``(B, C, H, W)`` carrier tensor.
@@ -111,24 +139,32 @@ class TileDataset(Dataset[dict[str, Any]]):
                 f"a batch mixes tiles with {sorted(counts)} bands; batch them with "
                 "UniformShapeBatchSampler (mgpr.data.batching)"
             )
-        shape = (len(indices), counts.pop(), size, size)
+        parts: list[Part] = [((len(indices), counts.pop(), size, size), self.dtype)]
+        if any(self._masked(i) for i in indices):
+            parts.append(((len(indices), size, size), torch.uint8))
         worker = torch.utils.data.get_worker_info()
         slot = NO_SLOT
         if worker is not None and self.batch_pool is not None:
-            images, slot = self.batch_pool.acquire(worker.id, shape, self.dtype)
+            tensors, slot = self.batch_pool.acquire_parts(worker.id, parts)
         elif worker is not None:
-            images = new_shared(shape, self.dtype)
+            tensors = new_shared_parts(parts)
         else:
-            images = torch.empty(shape, dtype=self.dtype)
+            tensors = [torch.empty(shape, dtype=dtype) for shape, dtype in parts]
+        images = tensors[0]
+        masks = tensors[1] if len(tensors) > 1 else None
         array = images.numpy()
+        mask_array = None if masks is None else masks.numpy()
         status = np.empty(len(indices), dtype=np.int64)
         reasons = []
         for pos, index in enumerate(indices):
-            st, reason = self._fill(index, array[pos])
+            st, reason = self._fill(
+                index, array[pos], None if mask_array is None else mask_array[pos]
+            )
             status[pos] = st
             reasons.append(reason)
         batch = {
             "image": images,
+            "mask": masks,
             "index": np.asarray(indices, dtype=np.int64),
             "status": status,
             "reason": reasons,
@@ -136,14 +172,29 @@ class TileDataset(Dataset[dict[str, Any]]):
         }
         return TileBatch(batch)
 
-    def _fill(self, index: int, out: np.ndarray) -> tuple[int, str]:
-        """Decode tile ``index`` into ``out`` (zeros when empty or failed); (status, reason)."""
+    def _fill(self, index: int, out: np.ndarray, mask: np.ndarray | None) -> tuple[int, str]:
+        """Decode tile ``index`` into ``out`` and its validity into ``mask``; (status, reason).
+
+        The mask is read first: a tile with no valid pixel is :data:`STATUS_EMPTY` without
+        decoding its image (zeros). ``mask`` None: the batch carries none (its tiles are all
+        valid). Empty or failed tiles are zeros (image and mask).
+        """
         tile = self.tiles[index]
         try:
-            if self.reader.is_empty(tile, tile.id.path in self.check_mask_paths):
-                out[...] = 0
-                return STATUS_EMPTY, ""
+            if mask is not None:
+                if tile.id.path in self.check_mask_paths:
+                    self.reader.read_mask(tile, out=mask)
+                    if not mask.any():
+                        out[...] = 0
+                        return STATUS_EMPTY, ""
+                else:  # valid inside the raster, invalid past its edge
+                    mask[...] = 0
+                    mask[: tile.valid_height, : tile.valid_width] = 255
             self.reader.read(tile, out=out)
+            if mask is not None and self.nan_invalid:
+                mask[np.isnan(out).any(axis=0)] = 0
+                if not mask.any():
+                    return STATUS_EMPTY, ""
             if self.test_delay_s > 0:
                 time.sleep(self.test_delay_s)
             return STATUS_OK, ""
@@ -151,6 +202,8 @@ class TileDataset(Dataset[dict[str, Any]]):
             reason = _read_failure_reason(exc)
             log.warning("tile %s failed to read: %s", tile.id.key(), reason)
             out[...] = 0
+            if mask is not None:
+                mask[...] = 0
             return STATUS_FAILED, reason[:500]
 
 

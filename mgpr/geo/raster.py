@@ -11,8 +11,9 @@ Two jobs, no Lightning and no torch (``input_path`` becomes raster paths in
   process, and reads a tile's window as a ``(C, H, W)`` numpy array in the run's carrier dtype
   (:func:`mgpr.geo.values.carrier_dtype`: the raster's values exactly, never clipped), padded
   with zeros past the raster's edge; on a model grid the window is read resampled
-  (:class:`mgpr.geo.model_grid.ModelGrid`). Handles never cross a pickle boundary (``spawn``
-  workers re-open them).
+  (:class:`mgpr.geo.model_grid.ModelGrid`); :meth:`TileReader.read_mask` reads the tile's
+  validity mask (GDAL's dataset mask, 1 byte per pixel) for rasters that may have invalid
+  pixels. Handles never cross a pickle boundary (``spawn`` workers re-open them).
 
 GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio untouched.
 """
@@ -306,6 +307,32 @@ class TileReader:
         out[...] = 0
         part = src.read(indexes=bands, window=valid_window(tile), out_dtype=out.dtype)
         out[:, : tile.valid_height, : tile.valid_width] = part
+        return out
+
+    def read_mask(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
+        """The tile's validity mask, ``(tile_size, tile_size)`` uint8: 255 valid, 0 invalid.
+
+        GDAL's dataset mask (rasterio ``dataset_mask``): an internal or external (``.msk``) mask
+        or an alpha band when there is one, else valid where ANY band differs from the nodata
+        value (NaN included for a NaN nodata value). Pixels past the raster's edge are invalid
+        (0). One byte per pixel, so it can travel beside the image in the batch's shared memory.
+
+        Args:
+            tile: the tile.
+            out: optional C-contiguous ``(tile_size, tile_size)`` uint8 array to fill (one slot
+                of the batch's mask); returned.
+        """
+        src = self._open(tile.id.path)
+        size = self.tile_size
+        if out is None:
+            out = np.empty((size, size), dtype=np.uint8)
+        if tile.valid_height == size and tile.valid_width == size:
+            got = src.dataset_mask(window=tile_window(tile), out=out)
+            if got is not out:  # rasterio may return a view; keep ``out`` the result
+                out[...] = got
+            return out
+        out[...] = 0
+        out[: tile.valid_height, : tile.valid_width] = src.dataset_mask(window=valid_window(tile))
         return out
 
 

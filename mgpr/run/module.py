@@ -2,10 +2,12 @@
 
 Per batch (``predict_step``): tiles flagged empty or failed by the dataset skip the model; the
 rest are scaled ON THE DEVICE (:class:`~mgpr.data.scaling.ValueScaler`: carrier dtype ->
-float32 in [0, 1] by ``value_range``), go through ``adapter.prepare`` (the model's own
-normalisation), the network under
+float32 in [0, 1] by ``value_range``), their invalid pixels (``batch["mask"]``: nodata, mask,
+alpha, NaN) are filled with 0 (:mod:`mgpr.data.masking`), then they go through
+``adapter.prepare`` (the model's own normalisation), the network under
 Lightning's ``inference_mode`` and precision plugin (autocast), and ``adapter.postprocess`` into
-plain per-tile records in TILE pixel coordinates, each wrapped in a
+plain per-tile records in TILE pixel coordinates (detections centred on an invalid pixel are
+dropped: :mod:`mgpr.tasks.nodata`), each wrapped in a
 :class:`~mgpr.tasks.base.TileOutcome` whatever the task (the record is the task's business). They
 are returned to the :class:`~mgpr.run.writer_callback.PredictionPartWriter` callback, which
 publishes them in the rank's part files; nothing is kept
@@ -23,12 +25,14 @@ import numpy as np
 import torch
 
 from mgpr.data.dataset import STATUS_OK
+from mgpr.data.masking import fill_invalid
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import ModelAdapter
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
 from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
 from mgpr.tasks.base import TileOutcome
+from mgpr.tasks.nodata import drop_masked
 
 
 class InferenceModule(pl.LightningModule):
@@ -103,17 +107,22 @@ class InferenceModule(pl.LightningModule):
     def transfer_batch_to_device(
         self, batch: dict[str, Any], device: torch.device, dataloader_idx: int
     ) -> dict[str, Any]:
-        """Move only the images (pinned, carrier dtype, non-blocking); ids and statuses stay.
+        """Move only the images and masks (non-blocking); ids and statuses stay.
 
         Reading ``status``/``index`` back from a GPU would force a device sync on every batch.
-        On CUDA the host batch is held until its copy is done: a registered pool buffer is
-        copied by DMA after this returns, and the pool must not hand it to a worker before.
+        The mask goes to ``device_mask`` (the input's fill); ``mask`` stays the host copy (the
+        detections' drop reads it on the CPU, no read-back). On CUDA the host batch is held until
+        its copy is done: a registered pool buffer is copied by DMA after this returns, and the
+        pool must not hand it to a worker before.
         """
         out = dict(batch)
+        mask = batch.get("mask")
         if device.type != "cpu":
             out["image"] = batch["image"].to(device, non_blocking=True)
+            if mask is not None:
+                out["device_mask"] = mask.to(device, non_blocking=True)
             if device.type == "cuda":
-                self._copies.hold(batch["image"])
+                self._copies.hold((batch["image"], mask))
         return out
 
     def _compiled(self) -> bool:
@@ -122,6 +131,7 @@ class InferenceModule(pl.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> list[TileOutcome] | int:
         """Predict one batch: one :class:`TileOutcome` per tile (a tile count for fake data)."""
         images: torch.Tensor = batch["image"]
+        mask = batch.get("mask")  # (B, H, W) uint8 host validity, or None: every pixel valid
         # numpy arrays from TileDataset's batched read, tensors from default_collate
         status = np.asarray(batch["status"])
         ok = np.flatnonzero(status == STATUS_OK)
@@ -132,13 +142,15 @@ class InferenceModule(pl.LightningModule):
             if self.tiles is not None and self.scaler.needs_paths:
                 positions = np.asarray(batch["index"])[ok]
                 paths = [self.tiles[i].id.path for i in positions.tolist()]
-            x = self.scaler(images, paths, keep)
+            x = fill_invalid(self.scaler(images, paths, keep), batch.get("device_mask", mask), keep)
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)
             raw = self.adapter.forward(inputs)
             start = time.perf_counter()
             results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
+            if mask is not None:
+                results = drop_masked(results, np.asarray(mask), ok.tolist())
             if self.on_stage is not None:
                 self.on_stage("postprocess", time.perf_counter() - start)
         if self.tiles is None:
