@@ -16,8 +16,8 @@ that list to a sample. A sample is a dict:
 * ``mask`` (only for a tile that may have invalid pixels): ``(tile_size, tile_size)`` uint8
   validity, as in a batch (below).
 
-A batch from :meth:`TileDataset.__getitems__` holds ``image`` (B, C, H, W), ``mask`` (below), ``index``
-and ``status`` as int64 numpy arrays (B,) (each tensor would cost the main process a
+A batch from :meth:`TileDataset.__getitems__` holds ``image`` (B, C, H, W), ``mask`` (below),
+``index`` and ``status`` as int64 numpy arrays (B,) (each tensor would cost the main process a
 file-descriptor hand-over per batch), ``reason`` (list of B str) and ``pool_slot`` (int, see
 :mod:`mgpr.data.batch_pool`).
 
