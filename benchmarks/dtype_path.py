@@ -1,4 +1,8 @@
-"""Data path by dtype: uint8 3-band vs uint16 4-band tiles, and the device-side scaling.
+"""Data path by dtype: uint8 3-band vs uint16 4-band tiles, the nodata mask, device-side scaling.
+
+The mask rows read the same nodata raster (a nodata-value border, or an internal mask) twice:
+with its validity mask, as a run does, and without (the image alone), so their ratio is the
+data-path cost of the mask read (GDAL's dataset mask + 1 byte per pixel in shared memory).
 
 What it measures: ``benchmarks/README.md``; figures: the main README ("Data path by dtype").
 
@@ -17,6 +21,7 @@ from pathlib import Path
 import torch
 
 from mgpr.data.dataset import TileDataset
+from mgpr.data.masking import fill_invalid
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.bands import check_bands
 from mgpr.geo.raster import TileReader, describe_raster
@@ -26,13 +31,19 @@ from mgpr.run.trainer import make_dataloader
 from mgpr.testimage import TestImageSpec, write_test_image
 
 
-def data_path(path: str, tile: int, workers: int, batch: int) -> tuple[int, int, float]:
-    """(tiles, bytes of carrier per tile, seconds) for one pass of mgpr's loader over ``path``."""
+def data_path(
+    path: str, tile: int, workers: int, batch: int, mask: bool = False
+) -> tuple[int, int, float]:
+    """(tiles, bytes per tile in shared memory, seconds) for one pass of mgpr's loader.
+
+    ``mask``: read each tile's validity mask too (what a run does for a raster with nodata).
+    """
     info = describe_raster(path)
     bands = {path: check_bands(info, None, 0)}
     carrier = carrier_dtype([(path, info.dtype)])
     tiles = plan_tiles(path, info.height, info.width, tile, 0)
-    dataset = TileDataset(tiles, TileReader(bands, tile, carrier.name), set())
+    masked = {path} if mask else set()
+    dataset = TileDataset(tiles, TileReader(bands, tile, carrier.name), masked)
     loader = make_dataloader(dataset, batch, workers, pin_memory=False)
     t0 = time.perf_counter()
     n = 0
@@ -70,9 +81,31 @@ def scaling_rows(tile: int, batch: int, device: torch.device, reps: int) -> None
         "ValueScaler uint8 3-band [0,255]": lambda: default(u8),
         "ValueScaler uint16 4-band [0,10000]": lambda: sentinel(u16),
     }
+    x = default(u8)
+    mask = torch.full((batch, tile, tile), 255, dtype=torch.uint8, device=device)
+    mask[:, :, : tile // 8] = 0  # a nodata strip
+    rows["fill_invalid uint8 3-band (after scaling)"] = lambda: fill_invalid(x, mask)
     for name, fn in rows.items():
         s = time_op(fn, device, reps)
         print(f"  {device.type:<4} {name:<44} {s * 1e3:8.2f} ms per batch of {batch}")
+
+
+def mask_rows(tmp: Path, args: argparse.Namespace) -> None:
+    """uint8 3-band with a nodata border: tiles/s with vs without the mask read, interleaved."""
+    print(f"nodata mask ({args.tile} px tiles, uint8 3-band, nodata=border; same file each):")
+    for mode in ("value", "mask"):
+        spec = TestImageSpec(width=args.size, height=args.size, nodata="border", nodata_mode=mode)
+        path = str(write_test_image(tmp / f"nodata_{mode}.tif", spec).path)
+        best_s = {False: float("inf"), True: float("inf")}
+        for _ in range(args.repeat):  # interleaved: a load change hits both alike
+            for with_mask in (False, True):
+                n, _, s = data_path(path, args.tile, args.workers, args.batch, with_mask)
+                best_s[with_mask] = min(best_s[with_mask], s)
+        off, on = n / best_s[False], n / best_s[True]
+        print(
+            f"  nodata_mode={mode:<5} image only {off:7.1f} tiles/s, with mask {on:7.1f} tiles/s "
+            f"({on / off:.2f}x, {n} tiles)"
+        )
 
 
 def main() -> None:
@@ -107,6 +140,7 @@ def main() -> None:
                 f"  {name:<14} {n / seconds:7.1f} tiles/s  {n * sample_bytes / seconds / 1e6:7.1f} "
                 f"MB/s  ({sample_bytes / 1e6:.1f} MB per tile in shared memory, {n} tiles)"
             )
+        mask_rows(Path(tmp), args)
     print(f"device-side scaling, {args.tile} px tiles:")
     torch.set_num_threads(1)  # a rank's main process; the workers have the other cores
     scaling_rows(args.tile, args.batch, torch.device("cpu"), reps=3 if args.quick else 10)

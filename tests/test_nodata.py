@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
+from affine import Affine
 from conftest import read_gpkg_layer, run_mgpr_inprocess
 
 from mgpr.data.batch_pool import SharedBatchPool, parts_layout
@@ -160,6 +161,46 @@ def test_mask_travels_in_the_image_slot_through_workers(make_image) -> None:
     assert seen == len(ds) and empty > 0
     pooled, _ = loader.batch_pool.reuse_counts()
     assert pooled > 0
+
+
+@pytest.mark.parametrize(
+    ("dtype", "nodata", "bands"),
+    [("uint8", 0, [1, 2, 3]), ("uint16", 7, [3, 1, 2]), ("float32", float("nan"), [1, 2, 3]),
+     ("float32", -9999.0, [1, 2, 3]), ("uint8", 0, [1, 2])],
+)  # fmt: skip
+def test_read_masked_matches_gdals_dataset_mask(
+    tmp_path: Path, dtype: str, nodata: float, bands: list[int]
+) -> None:
+    """The mask derived from the values (all bands read) or read from GDAL (a subset) is GDAL's:
+    valid where ANY band differs from nodata, so a pixel nodata in one band only is valid."""
+    rng = np.random.default_rng(4)
+    data = rng.integers(1, 4, (3, 150, 170)).astype(dtype)
+    data[data == 3] = nodata  # about a third of each band; all three bands on ~4 % of pixels
+    data[:, :40, :60] = nodata
+    path = tmp_path / "nd.tif"
+    profile = {"driver": "GTiff", "width": 170, "height": 150, "count": 3, "dtype": dtype,
+               "crs": "EPSG:32633", "transform": Affine(1, 0, 500000, 0, -1, 5000000)}  # fmt: skip
+    with rasterio.open(path, "w", nodata=nodata, tiled=True, blockxsize=64, blockysize=64,
+                       **profile) as dst:  # fmt: skip
+        dst.write(data)
+    with rasterio.open(path) as src:
+        full = src.dataset_mask()
+    assert 0 < (full == 0).mean() < 0.2
+    reader = TileReader({str(path): bands}, 64, dtype)
+    derived = reader._nodata_of_read_bands(str(path)) is not None
+    assert derived == (len(bands) == 3)  # a subset of the bands: GDAL's own mask
+    info = describe_raster(str(path))
+    for tile in plan_tiles(str(path), info.height, info.width, 64, 0):
+        image = np.empty((len(bands), 64, 64), dtype)
+        mask = np.empty((64, 64), np.uint8)
+        any_valid = reader.read_masked(tile, image, mask)
+        r, c, vh, vw = tile.row_off, tile.col_off, tile.valid_height, tile.valid_width
+        want = np.zeros((64, 64), np.uint8)
+        want[:vh, :vw] = full[r : r + vh, c : c + vw]
+        np.testing.assert_array_equal(mask, want, err_msg=str(tile))
+        assert any_valid == bool(want.any())
+        if any_valid:
+            np.testing.assert_array_equal(image, reader.read(tile))
 
 
 def test_no_mask_and_no_cost_for_rasters_without_invalid_pixels(make_image) -> None:

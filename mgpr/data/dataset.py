@@ -175,22 +175,21 @@ class TileDataset(Dataset[dict[str, Any]]):
     def _fill(self, index: int, out: np.ndarray, mask: np.ndarray | None) -> tuple[int, str]:
         """Decode tile ``index`` into ``out`` and its validity into ``mask``; (status, reason).
 
-        The mask is read first: a tile with no valid pixel is :data:`STATUS_EMPTY` without
-        decoding its image (zeros). ``mask`` None: the batch carries none (its tiles are all
-        valid). Empty or failed tiles are zeros (image and mask).
+        :meth:`TileReader.read_masked` for a raster with invalid pixels: a tile with none valid
+        is :data:`STATUS_EMPTY` (its image zeros; not decoded where the mask is a band of its
+        own). ``mask`` None: the batch carries none (its tiles are all valid). Failed tiles are
+        zeros (image and mask).
         """
         tile = self.tiles[index]
         try:
-            if mask is not None:
-                if tile.id.path in self.check_mask_paths:
-                    self.reader.read_mask(tile, out=mask)
-                    if not mask.any():
-                        out[...] = 0
-                        return STATUS_EMPTY, ""
-                else:  # valid inside the raster, invalid past its edge
+            if mask is not None and tile.id.path in self.check_mask_paths:
+                if not self.reader.read_masked(tile, out, mask):
+                    return STATUS_EMPTY, ""
+            else:
+                self.reader.read(tile, out=out)
+                if mask is not None:  # valid inside the raster, invalid past its edge
                     mask[...] = 0
                     mask[: tile.valid_height, : tile.valid_width] = 255
-            self.reader.read(tile, out=out)
             if mask is not None and self.nan_invalid:
                 mask[np.isnan(out).any(axis=0)] = 0
                 if not mask.any():

@@ -47,7 +47,9 @@ def drop_masked_detections(det: Detections, valid: np.ndarray) -> Detections:
     return Detections(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep])
 
 
-def drop_masked(results: Sequence[Result], masks: np.ndarray, positions: Sequence[int]) -> list:
+def drop_masked(
+    results: Sequence[Result], masks: np.ndarray, positions: Sequence[int]
+) -> list[Result]:
     """:func:`drop_masked_detections` on each tile's :class:`Detections`; others unchanged.
 
     Args:
