@@ -24,9 +24,10 @@ file-descriptor hand-over per batch), ``reason`` (list of B str) and ``pool_slot
 ``mask`` is the tiles' validity mask, a (B, H, W) uint8 tensor (255 valid, 0 invalid: nodata,
 internal/external mask, alpha, NaN, past the raster's edge; :meth:`TileReader.read_mask`) in the
 same shared-memory slot as the images, or None when no tile of the batch can have an invalid
-pixel (no raster of the batch has a nodata value, mask or alpha, and the carrier is not float):
-the common 8-bit RGB case costs nothing. A tile of a raster without a mask in a masked batch
-gets 255 over its valid window.
+pixel (no raster of the batch has a nodata value, mask or alpha, and the carrier is not float:
+the common 8-bit RGB case costs nothing) or when, read, every pixel of every tile to predict is
+valid (the inside of a raster with a nodata border: no fill, drop or device copy). A tile of a
+raster without a mask in a masked batch gets 255 over its valid window.
 
 Samples stacked by ``default_collate`` give tensors instead; consumers read both through
 ``np.asarray``.
@@ -162,6 +163,10 @@ class TileDataset(Dataset[dict[str, Any]]):
             )
             status[pos] = st
             reasons.append(reason)
+        if mask_array is not None and all(
+            mask_array[pos].all() for pos in np.flatnonzero(status == STATUS_OK).tolist()
+        ):
+            masks = None  # every pixel the model will see is valid: no fill, no drop, no copy
         batch = {
             "image": images,
             "mask": masks,
