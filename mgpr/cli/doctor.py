@@ -234,7 +234,7 @@ def check_shared_memory(
     Workers hand batches to their rank through shared memory; when it runs out a worker dies of
     SIGBUS mid-run. Every rank of a node shares its /dev/shm, so the need is ``ranks_per_node``
     x one rank's. Unset options take the run's defaults. ``bytes_per_px``: bands x carrier
-    itemsize (3 for uint8 RGB, 8 for a uint16 4-band raster).
+    itemsize, + 1 for a raster with a nodata mask (3 for uint8 RGB, 8 for a uint16 4-band raster).
     """
     from mgpr.conf.schema import PredictConfig
     from mgpr.data.batch_pool import SHM_PATH, shared_memory_free, shared_memory_need
