@@ -134,6 +134,54 @@ def test_float32_nan_is_invalid_declared_or_not(make_image, tmp_path: Path, decl
     _every_object_once(run, img)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [{"nodata": "border", "nodata_value": 255}, {"nodata": "rect", "nodata_mode": "mask"}],
+    ids=["white-value", "mask-hidden"],
+)
+def test_nodata_masked_on_a_model_grid(make_image, tmp_path: Path, spec: dict) -> None:
+    """gsd=0.1 on 5 cm imagery (factor 2): the mask is read onto the model grid as well."""
+    hidden = 2 if spec["nodata"] == "rect" else 0
+    img = make_image(
+        "g.tif", width=896, height=768, pixel_size=0.05, objects=8, hidden_objects=hidden,
+        object_min_px=24, object_max_px=56, tile_size=256, overlap=64, seed=2, **spec,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    code = run_mgpr_inprocess(
+        f"input_path={img.path}", "model=reference", "tile_size=128", "overlap=32", "gsd=0.1",
+        "workers=0", f"output_dir={run}",
+    )  # fmt: skip
+    assert code == 0
+    check = demo_check(run / "predictions.gpkg", img.truth_path)
+    assert check["found"] == 8 and check["duplicates"] == 0, check
+    assert check["unmatched_detections"] == 0, check
+
+
+def test_model_grid_mask_is_any_valid_native_pixel(tmp_path: Path) -> None:
+    """Factor 2: a model pixel over one valid and one nodata native column is valid."""
+    from mgpr.geo.gsd import on_model_grid
+
+    path = tmp_path / "g.tif"
+    data = np.full((1, 64, 256), 9, np.uint8)
+    data[:, :, :131] = 0  # nodata left of native column 131: model column 65 is half valid
+    with rasterio.open(
+        path, "w", driver="GTiff", width=256, height=64, count=1, dtype="uint8", nodata=0,
+        crs="EPSG:32633", transform=Affine(0.05, 0, 500000, 0, -0.05, 5000000),
+    ) as dst:  # fmt: skip
+        dst.write(data)
+    info = on_model_grid(describe_raster(str(path)), 0.1, "auto")
+    assert info.model_grid is not None and (info.width, info.height) == (128, 32)
+    reader = TileReader({str(path): [1]}, 32, grids={str(path): info.model_grid})
+    assert reader._nodata_of_read_bands(str(path)) is None  # resampled values: GDAL's mask
+    image, mask = np.empty((1, 32, 32), np.uint8), np.empty((32, 32), np.uint8)
+    got = []
+    for tile in plan_tiles(str(path), info.height, info.width, 32, 0):
+        got.append(reader.read_masked(tile, image, mask))
+        if tile.col_off == 64:
+            assert (mask[:, 0] == 0).all() and (mask[:, 1:] == 255).all()  # 65 = native 130-131
+    assert got == [False, False, True, True]
+
+
 # ---------------------------------------------------------------- the mask in the batch
 
 
