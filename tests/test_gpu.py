@@ -181,3 +181,33 @@ def test_two_rank_nccl_run(make_image, tmp_path: Path) -> None:
     assert summary["tiles_failed"] == 0
     devices = sorted(r["device"] for r in report["ranks"])
     assert devices == ["cuda:0", "cuda:1"]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"nodata": "border", "nodata_value": 255},
+        {"nodata": "rect", "nodata_mode": "mask", "hidden_objects": 2},
+    ],
+    ids=["white-nodata", "hidden-under-mask"],
+)
+def test_nodata_masked_on_gpu(make_image, tmp_path: Path, spec: dict) -> None:
+    """The validity mask through the pinned pool to the GPU: filled there, boxes on it dropped."""
+    from mgpr.run.finish import demo_check
+
+    img = make_image(width=2048, height=1536, objects=12, tile_size=512, overlap=64, **spec)
+    summary, _, _ = _run(
+        tmp_path,
+        f"input_path={img.path}",
+        "model=reference",
+        "tile_size=512",
+        "overlap=64",
+        "batch_size=4",
+        "workers=2",
+        "accelerator=gpu",
+        "gpus=1",
+    )
+    assert summary["tiles_predicted"] + summary["tiles_skipped_nodata"] == summary["tiles_total"]
+    check = demo_check(tmp_path / "run" / "predictions.gpkg", img.truth_path)
+    assert check["found"] == 12 and check["duplicates"] == 0, check
+    assert check["unmatched_detections"] == 0, check

@@ -384,5 +384,5 @@ def test_predict_step_fills_masked_input_and_drops_masked_boxes(
     (x,) = adapter.seen
     assert float(x[:, :, :8, :8].abs().sum()) == 0.0  # filled with 0, no NaN, in both ranges
     assert float(x[1, :, 8:, 8:].abs().sum()) == 0.0 and float(x[0, 0, 9, 9]) > 0  # valid: kept
-    np.testing.assert_array_equal(out0.boxes, [[8, 8, 12, 12]])
-    assert out1.boxes is not None and len(out1.boxes) == 0
+    np.testing.assert_array_equal(out0.record.boxes, [[8, 8, 12, 12]])
+    assert isinstance(out1.record, Detections) and len(out1.record) == 0
