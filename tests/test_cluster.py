@@ -40,11 +40,11 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _args(image: Path, run: Path, *more: str) -> list[str]:
+def _args(image: Path, run: Path, *more: str, tile_size: int = 256) -> list[str]:
     return [
         f"input_path={image}",
         "model=null",
-        "tile_size=256",
+        f"tile_size={tile_size}",
         "batch_size=1",
         "workers=0",
         "accelerator=cpu",
@@ -105,10 +105,10 @@ def test_ranks_finish_together(make_image, tmp_path: Path, delays: dict[str, str
     The top half of the plan is all nodata: equal static slices give rank 0 only empty tiles
     (a busy-time ratio near 0, ``benchmarks/balance.py``).
     """
-    image = _masked_top_half(make_image, 4096, 2048)  # 16 x 8 tiles, 64 of them empty
+    image = _masked_top_half(make_image, 2048, 1024)  # 16 x 8 tiles of 128 px, 64 empty
     run = tmp_path / "run"
     env = _env(**{f"MGPR_TEST_TILE_DELAY_RANK{r}": s for r, s in delays.items()})
-    cmd = mgpr_cmd(*_args(image, run, "gpus=2", "join_timeout_s=120"))
+    cmd = mgpr_cmd(*_args(image, run, "gpus=2", "join_timeout_s=120", tile_size=128))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _check_merged_once(run, planned=128, empty=64)
