@@ -437,6 +437,43 @@ def test_two_nodes_one_rank_each(submit_dir: Path, baseline: dict[str, Any]) -> 
     assert sorted(keys) == sorted(baseline["keys"]) and records == baseline["records"]
 
 
+def test_two_nodes_one_slower_still_finish_together(
+    submit_dir: Path, baseline: dict[str, Any]
+) -> None:
+    """Node 2's rank is twice as slow per tile: the ranks still end together (chunks claimed
+    from the store), the faster node does more tiles, and every tile is written once."""
+    if len(cluster_nodes()) < 2:
+        pytest.skip("the cluster has 1 node; start it with scripts/slurm/start.sh --nodes 2")
+    env = _env(submit_dir, MGPR_TEST_TILE_DELAY_RANK0="0.15", MGPR_TEST_TILE_DELAY_RANK1="0.3")
+    job = sbatch_wait(
+        JOB,
+        "-N2",
+        "--ntasks-per-node=1",
+        "--gpus=2",
+        cwd=submit_dir,
+        env=env,
+        timeout=JOB_TIMEOUT,
+        script_args=(
+            "input_path=ortho.tif",
+            "model=reference",
+            "workers=0",
+            "batch_size=1",
+            *COMMON,
+        ),
+    )
+    assert (job.returncode, job.state) == (0, "COMPLETED"), job.describe()
+    run_dir = submit_dir / "runs" / f"slurm-{job.job_id}"
+    ranks = sorted(
+        json.loads((run_dir / "report.json").read_text())["ranks"], key=lambda r: r["global_rank"]
+    )
+    assert [r["node_rank"] for r in ranks] == [0, 1]
+    assert ranks[0]["tiles"] > ranks[1]["tiles"], ranks  # the faster node claimed more
+    walls = [r["wall_s"] for r in ranks]
+    assert min(walls) / max(walls) >= 0.75, walls
+    keys, records, _ = _part_rows(run_dir)
+    assert sorted(keys) == sorted(baseline["keys"]) and records == baseline["records"]
+
+
 def test_rank0_refuses_and_every_rank_is_told_at_once(
     submit_dir: Path, baseline: dict[str, Any]
 ) -> None:
