@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 from mgpr.conf.schema import PredictConfig
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
+from mgpr.outputs.features import feature_path, read_features, write_features
 from mgpr.outputs.formats import vector_writers
 from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import RECORDS_SUFFIX, PartSink
@@ -146,6 +147,21 @@ class Task(abc.ABC):
     ) -> dict[str, int]:
         """Publish a chunk's payload file(s) through ``sink``; returns records per tile key."""
 
+    def finalise(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        paths: Sequence[str],
+    ) -> None:
+        """One rank's share of the merge: finish the rasters ``paths`` (run on every rank).
+
+        What it publishes is the task's business; :meth:`merge` on rank 0 then uses it where
+        present and does the rest itself. The default does nothing (rank 0 does everything).
+        """
+        return None
+
     @abc.abstractmethod
     def merge(
         self,
@@ -155,8 +171,13 @@ class Task(abc.ABC):
         tiles: Mapping[str, Tile],
         output_format: str,
         output_name: str,
+        use_finalised: bool = False,
     ) -> MergeResult:
-        """Write the run's outputs from the ledger's picks (records of done tiles only)."""
+        """Write the run's outputs from the ledger's picks (records of done tiles only).
+
+        ``use_finalised``: take what :meth:`finalise` published for a raster (by any rank)
+        instead of finishing that raster again.
+        """
 
 
 class VectorTask(Task):
@@ -195,6 +216,38 @@ class VectorTask(Task):
             )
         }
 
+    def raster_features(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        keys: Sequence[str],
+        path: str,
+    ) -> tuple[FeatureBatch, int]:
+        """One raster's features from the records of its done tiles (``keys``: its plan)."""
+        picks = ledger.picks(keys)
+        table = read_records(run_dir, picks, ledger.parts, RECORDS_SUFFIX, self.records_schema)
+        return self.features(ctx.rasters[path], table, ctx, tiles)
+
+    def finalise(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        paths: Sequence[str],
+    ) -> None:
+        """Publish the feature file of each raster of ``paths`` (:mod:`mgpr.outputs.features`)."""
+        index = {p: i for i, p in enumerate(ctx.rasters)}
+        keys_by_path = _keys_by_path(tiles)
+        for path in paths:
+            batch, removed = self.raster_features(
+                run_dir, ledger, ctx, tiles, keys_by_path.get(path, []), path
+            )
+            meta = {"path": path, "duplicates_removed": removed}
+            write_features(feature_path(run_dir, index[path]), batch, meta)
+
     def merge(
         self,
         run_dir: Path,
@@ -203,27 +256,34 @@ class VectorTask(Task):
         tiles: Mapping[str, Tile],
         output_format: str,
         output_name: str,
+        use_finalised: bool = False,
     ) -> MergeResult:
-        """Each raster's picked records -> features, one layer per CRS, every selected writer.
+        """Each raster's features, one layer per CRS, every selected writer.
 
-        Rasters in different CRSs go to different layers (no reprojection: every feature stays
-        in its own raster's CRS). Writers publish whole files only.
+        A raster's features come from its published feature file when ``use_finalised`` and the
+        file is there (another rank finished it), else they are made here. Rasters in different
+        CRSs go to different layers (no reprojection: every feature stays in its own raster's
+        CRS). Writers publish whole files only.
         """
         result = MergeResult()
-        keys_by_path: dict[str, list[str]] = {}
-        for key, tile in tiles.items():
-            keys_by_path.setdefault(tile.id.path, []).append(key)
+        keys_by_path = _keys_by_path(tiles)
+        index = {p: i for i, p in enumerate(ctx.rasters)}
         rasters = list(ctx.rasters.values())
         writers = vector_writers(output_format, run_dir, output_name)
         try:
             for layer in plan_layers(rasters, self.layer_base):
                 batches = []
                 for path in layer.paths:
-                    picks = ledger.picks(keys_by_path.get(path, []))
-                    table = read_records(
-                        run_dir, picks, ledger.parts, RECORDS_SUFFIX, self.records_schema
-                    )
-                    batch, removed = self.features(ctx.rasters[path], table, ctx, tiles)
+                    done = feature_path(run_dir, index[path])
+                    if use_finalised and done.exists():
+                        batch, meta = read_features(done)
+                        if meta.get("path") != path:  # never: the raster order is the run's
+                            raise AssertionError(f"{done} holds {meta.get('path')}, not {path}")
+                        removed = int(meta.get("duplicates_removed", 0))
+                    else:
+                        batch, removed = self.raster_features(
+                            run_dir, ledger, ctx, tiles, keys_by_path.get(path, []), path
+                        )
                     batches.append(batch)
                     result.duplicates_removed += removed
                 merged = FeatureBatch.concat(batches)
@@ -239,6 +299,14 @@ class VectorTask(Task):
                 writer.abort()
         result.output_path = result.output_paths[0] if result.output_paths else None
         return result
+
+
+def _keys_by_path(tiles: Mapping[str, Tile]) -> dict[str, list[str]]:
+    """Planned tile keys of each raster, in plan order."""
+    out: dict[str, list[str]] = {}
+    for key, tile in tiles.items():
+        out.setdefault(tile.id.path, []).append(key)
+    return out
 
 
 def label_names(class_ids: np.ndarray, categories: Sequence[str] | None) -> np.ndarray:

@@ -1,4 +1,10 @@
-"""The run's merge (rank 0, after every rank finished): prove exactly-once, then the task's merge.
+"""The run's merge (after every rank finished): prove exactly-once, then the task's merge.
+
+Spread over ranks by raster: :func:`assign_rasters` gives each rank a share of the rasters
+(the same answer on every rank, from the plan alone), each rank finalises its share
+(:func:`finalise_share`: for the vector tasks, one feature file per raster), and rank 0's
+:func:`merge_run` gathers them into the layers, finishing itself any raster whose file is not
+there (a rank that died while merging costs time, never results).
 
 :func:`merge_run` builds the :class:`~mgpr.outputs.ledger.Ledger` of the plan against the
 published parts, writes ``missing_tiles.txt`` when planned tiles are in no part (the caller
@@ -8,10 +14,12 @@ picks to the task, which writes the outputs from each done tile's one kept part.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 from mgpr.geo.tiling import Tile
+from mgpr.outputs.features import features_dir
 from mgpr.outputs.ledger import build_ledger, write_missing
 from mgpr.tasks.base import MergeResult, Task, TaskContext
 
@@ -23,6 +31,7 @@ def merge_run(
     tiles: Sequence[Tile],
     output_format: str = "gpkg",
     output_name: str = "predictions",
+    use_finalised: bool = False,
 ) -> MergeResult:
     """Account every planned tile once, then write the task's outputs.
 
@@ -33,11 +42,15 @@ def merge_run(
         tiles: the whole plan (every input's tiles, as the run planned them).
         output_format: ``gpkg``, ``parquet`` or ``both``.
         output_name: file stem of single-file formats (``predictions.gpkg``).
+        use_finalised: gather what the ranks' :func:`finalise_share` published.
     """
     by_key = {t.id.key(): t for t in tiles}
     ledger = build_ledger(run_dir, by_key)
     missing_path = write_missing(run_dir, ledger.missing)
-    result = task.merge(run_dir, ledger, ctx, by_key, output_format, output_name)
+    try:
+        result = task.merge(run_dir, ledger, ctx, by_key, output_format, output_name, use_finalised)
+    finally:
+        clear_finalised(run_dir)
     result.tiles_planned = len(ledger.planned)
     result.tiles_done = ledger.count("done")
     result.tiles_empty = ledger.count("empty")
@@ -47,3 +60,43 @@ def merge_run(
     result.missing_path = missing_path
     result.duplicate_tiles = ledger.duplicates
     return result
+
+
+def assign_rasters(ctx: TaskContext, tiles: Sequence[Tile], world_size: int) -> list[list[str]]:
+    """Each rank's rasters: largest first (planned tiles) to the least loaded rank.
+
+    Deterministic (ties by raster order, then rank), so every rank computes the same answer.
+    """
+    counts = {path: 0 for path in ctx.rasters}
+    for tile in tiles:
+        counts[tile.id.path] = counts.get(tile.id.path, 0) + 1
+    order = sorted(ctx.rasters, key=lambda p: (-counts[p], list(ctx.rasters).index(p)))
+    shares: list[list[str]] = [[] for _ in range(max(1, world_size))]
+    load = [0] * len(shares)
+    for path in order:
+        rank = min(range(len(shares)), key=lambda r: (load[r], r))
+        shares[rank].append(path)
+        load[rank] += counts[path]
+    return shares
+
+
+def finalise_share(
+    run_dir: Path,
+    task: Task,
+    ctx: TaskContext,
+    tiles: Sequence[Tile],
+    rank: int,
+    world_size: int,
+) -> list[str]:
+    """Finalise this rank's rasters (its share of :func:`assign_rasters`); returns them."""
+    paths = assign_rasters(ctx, tiles, world_size)[rank]
+    if paths:
+        by_key = {t.id.key(): t for t in tiles}
+        ledger = build_ledger(run_dir, by_key)
+        task.finalise(run_dir, ledger, ctx, by_key, paths)
+    return paths
+
+
+def clear_finalised(run_dir: Path) -> None:
+    """Remove the per-raster files of a merge (before a new merge, and once it is written)."""
+    shutil.rmtree(features_dir(run_dir), ignore_errors=True)

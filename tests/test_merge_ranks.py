@@ -1,0 +1,97 @@
+"""The merge spread over ranks by raster: shares, feature files, rank 0's gather."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from conftest import read_gpkg_layer
+
+from mgpr.geo.raster import describe_raster
+from mgpr.geo.tiling import plan_tiles
+from mgpr.models.base import Detections
+from mgpr.outputs.features import feature_path, read_features, write_features
+from mgpr.outputs.parts import PartWriter
+from mgpr.outputs.vector import FeatureBatch
+from mgpr.tasks import get_task
+from mgpr.tasks.base import TaskContext, TileOutcome
+from mgpr.tasks.merge import assign_rasters, finalise_share, merge_run
+
+
+def _run_with_three_rasters(make_image, run: Path):
+    infos, tiles = [], []
+    for name, size, crs in (
+        ("a.tif", 384, "EPSG:32633"),
+        ("b.tif", 256, "EPSG:32632"),
+        ("c.tif", 256, "EPSG:32633"),
+    ):
+        info = describe_raster(str(make_image(name, width=size, height=size, crs=crs).path))
+        infos.append(info)
+        tiles += plan_tiles(info.path, size, size, 128, 32)
+    ctx = TaskContext({i.path: i for i in infos}, 128, 32, ("bg", "thing"))
+    task = get_task("detection")
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for t in tiles:
+        xy = rng.uniform(0, 100, (3, 2))
+        boxes = np.concatenate([xy, xy + 20], axis=1).astype(np.float32)
+        rec = Detections(boxes, rng.uniform(0.3, 1, 3).astype(np.float32), np.ones(3, np.int64))
+        outcomes.append(TileOutcome(t, 0, "", rec))
+    PartWriter(run, 0, lambda outs, sink: task.write_payload(outs, ctx, sink)).publish(outcomes)
+    return ctx, tiles, task
+
+
+def test_shares_cover_every_raster_once_largest_first(make_image, tmp_path: Path) -> None:
+    ctx, tiles, _ = _run_with_three_rasters(make_image, tmp_path / "run")
+    a, b, c = list(ctx.rasters)
+    assert assign_rasters(ctx, tiles, 1) == [[a, b, c]]
+    assert assign_rasters(ctx, tiles, 2) == [[a], [b, c]]  # a has 16 tiles, b and c 9 each
+    assert assign_rasters(ctx, tiles, 4) == [[a], [b], [c], []]
+
+
+def test_gathered_feature_files_give_the_same_output_as_one_rank(
+    make_image, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    ctx, tiles, task = _run_with_three_rasters(make_image, run)
+    alone = merge_run(run, task, ctx, tiles, output_format="parquet")
+    want = {p.name: p.read_bytes() for p in alone.output_paths}
+    for path in alone.output_paths:
+        path.unlink()
+    assert finalise_share(run, task, ctx, tiles, 1, 2) == list(ctx.rasters)[1:]
+    assert finalise_share(run, task, ctx, tiles, 0, 2) == list(ctx.rasters)[:1]
+    assert all(feature_path(run, i).exists() for i in range(3))
+    spread = merge_run(run, task, ctx, tiles, output_format="parquet", use_finalised=True)
+    assert {p.name: p.read_bytes() for p in spread.output_paths} == want
+    assert spread.duplicates_removed == alone.duplicates_removed > 0
+    assert spread.layers == alone.layers and not (run / "merge").exists()
+
+
+def test_rank0_finishes_a_raster_whose_rank_died(make_image, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    ctx, tiles, task = _run_with_three_rasters(make_image, run)
+    alone = merge_run(run, task, ctx, tiles)
+    want = read_gpkg_layer(alone.output_path, "detections_epsg32633")
+    finalise_share(run, task, ctx, tiles, 0, 2)  # rank 1 never published b and c
+    spread = merge_run(run, task, ctx, tiles, use_finalised=True)
+    assert read_gpkg_layer(spread.output_path, "detections_epsg32633") == want
+    assert spread.records == alone.records
+
+
+def test_feature_file_round_trip(tmp_path: Path) -> None:
+    rings = np.arange(2 * 5 * 2, dtype=np.float64).reshape(2, 5, 2)
+    batch = FeatureBatch(
+        rings,
+        {
+            "score": np.array([0.5, 0.25]),
+            "class_id": np.array([1, 2], np.int64),
+            "label": np.array(["a", "b"], dtype=object),
+        },
+    )
+    path = write_features(tmp_path / "merge" / "x.parquet", batch, {"path": "p", "n": 3})
+    back, meta = read_features(path)
+    assert meta == {"path": "p", "n": 3}
+    np.testing.assert_array_equal(back.rings, rings)
+    assert back.fields["label"].dtype == object and back.fields["label"].tolist() == ["a", "b"]
+    assert back.fields["class_id"].dtype == np.int64
+    assert not [p for p in (tmp_path / "merge").iterdir() if p.name.startswith(".")]
