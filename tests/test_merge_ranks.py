@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
-from conftest import read_gpkg_layer
+import pytest
+from conftest import mgpr_cmd, read_gpkg_layer
 
 from mgpr.geo.raster import describe_raster
 from mgpr.geo.tiling import plan_tiles
@@ -95,3 +98,42 @@ def test_feature_file_round_trip(tmp_path: Path) -> None:
     assert back.fields["label"].dtype == object and back.fields["label"].tolist() == ["a", "b"]
     assert back.fields["class_id"].dtype == np.int64
     assert not [p for p in (tmp_path / "merge").iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.slow
+def test_two_ranks_share_the_merge_and_write_what_one_rank_writes(
+    tmp_path: Path,
+) -> None:
+    """Two rasters, two CPU ranks: rank 1 finalises one of them; the output is the same."""
+    from mgpr.testimage import TestImageSpec, write_test_image
+
+    folder = tmp_path / "in"
+    for name in ("a.tif", "b.tif"):
+        spec = TestImageSpec(width=384, height=256, objects=4, tile_size=128, overlap=32)
+        write_test_image(folder / name, spec)
+    outs = {}
+    for gpus in (1, 2):
+        run = tmp_path / f"run{gpus}"
+        cmd = mgpr_cmd(
+            f"input_path={folder}",
+            "model=reference",
+            "tile_size=128",
+            "overlap=32",
+            "workers=0",
+            f"gpus={gpus}",
+            "accelerator=cpu",
+            "output_format=parquet",
+            f"output_dir={run}",
+            "progress=false",
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
+        env["PYTHONWARNINGS"] = "ignore"
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs[gpus] = (run / "detections.parquet").read_bytes()
+        assert not (run / "merge").exists()
+    assert outs[1] == outs[2]
+    log1 = (tmp_path / "run2" / "logs" / "rank1.log").read_text()
+    assert "rank 1: its share of the merge took" in log1
+    log0 = (tmp_path / "run2" / "logs" / "rank0.log").read_text()
+    assert "merge shares of 2 ranks done" in log0

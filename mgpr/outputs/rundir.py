@@ -33,6 +33,7 @@ FINGERPRINT_FILE = "run.json"
 LEGACY_SHARDS = "shards"
 _RESULT_ENTRIES = (
     "parts",
+    "merge",
     LEGACY_SHARDS,
     "missing_tiles.txt",
     "report_parts",

@@ -169,6 +169,7 @@ def finish_run(
             TaskContext.for_run(cfg, rasters, adapter.categories),
             tiles,
             output_format=cfg.output_format,
+            use_finalised=bool(stats.get("merge_spread")),
         )
         tiles_total = merged.tiles_planned
         summary.update(

@@ -122,6 +122,7 @@ def wait_for_ranks(
     world_size: int,
     *,
     exited: Callable[[int], int | None] = lambda rank: None,
+    key: Callable[[int], str] = done_key,
     stale_s: float = STALE_S,
     poll_s: float = POLL_S,
     clock: Callable[[], float] = time.monotonic,
@@ -136,6 +137,7 @@ def wait_for_ranks(
         world_size: number of ranks.
         exited: exit code of a rank's process if rank 0 can see it has ended, else None
             (the local child ranks; None for ranks rank 0 does not supervise).
+        key: the store key each rank sets when it is done (:func:`done_key`: its tiles).
         stale_s: seconds without a heartbeat after which a rank is dead.
         poll_s: seconds between looks.
         clock: monotonic seconds (injectable for tests).
@@ -151,8 +153,8 @@ def wait_for_ranks(
         now = clock()
         dead: list[tuple[int, str]] = []
         for rank in sorted(missing):
-            if store.check([done_key(rank)]):
-                value = bytes(store.get(done_key(rank)))
+            if store.check([key(rank)]):
+                value = bytes(store.get(key(rank)))
                 missing.discard(rank)
                 if value != DONE_OK:
                     dead.append((rank, value.decode(errors="replace")))
@@ -168,7 +170,7 @@ def wait_for_ranks(
                     beats[rank] = (beat, now)
                 elif now - last[1] > stale_s:
                     why = f"no heartbeat for {now - last[1]:.0f} s"
-            if why is not None and not store.check([done_key(rank)]):
+            if why is not None and not store.check([key(rank)]):
                 dead.append((rank, why))  # else it published just before it ended: next look
         if dead:
             return dead
@@ -260,11 +262,14 @@ def end_of_predict(
     local_ranks: LocalRanks,
     stop_heartbeat: Callable[[], None],
     run_dir: Path,
+    finalise: Callable[[int], object] | None = None,
 ) -> None:
     """After a rank's predict: publish its end; rank 0 waits for every rank while it is alive.
 
     No collective and no timeout: a slow rank is waited for; a dead one (its process exited,
-    it reported a failure, or its heartbeat stopped) fails the run with the rank named.
+    it reported a failure, or its heartbeat stopped) fails the run with the rank named. With
+    ``finalise`` (a rank's share of the merge, :mod:`mgpr.run.merge_share`) every rank then
+    finalises its rasters, rank 0 once it knows every rank's tiles are published.
 
     Raises:
         RankFailedError: on rank 0, when some rank ended without publishing its tiles.
@@ -272,20 +277,26 @@ def end_of_predict(
     import torch.distributed as dist
 
     from mgpr.errors import RankFailedError
+    from mgpr.run.merge_share import merge_share_others, merge_share_rank0, skip_merge
 
     if rank != 0:
         publish_done(store, rank)
+        if finalise is not None:
+            merge_share_others(store, rank, finalise)
         stop_heartbeat()
         dist.destroy_process_group()
         return
     dead = wait_for_ranks(store, world_size, exited=local_ranks.exit_code)
     if dead:
+        skip_merge(store)
         which = "; ".join(f"rank {r}: {why}" for r, why in dead)
         raise RankFailedError(
             f"rank 0 finished its tiles but not every rank did ({which[:300]}); every "
             f"finished tile is kept in {run_dir}/parts: read {run_dir}/logs/rank*.log, then "
             "re-run the same command to resume"
         )
+    if finalise is not None:
+        merge_share_rank0(store, world_size, local_ranks.exit_code, finalise, run_dir)
     for child, code in local_ranks.reap(timeout_s=30.0).items():
         if code != 0:
             log.warning(

@@ -58,6 +58,7 @@ from mgpr.run.liveness import (
     end_of_predict,
     publish_done,
 )
+from mgpr.run.merge_share import merge_share
 from mgpr.run.module import InferenceModule
 from mgpr.run.writer_callback import PredictionPartWriter
 from mgpr.tasks import get_task
@@ -425,6 +426,9 @@ def run_predict(
                 local_ranks,
                 datamodule.stop_heartbeat,
                 run_dir,
+                finalise=None
+                if cfg.use_fake_data
+                else merge_share(cfg, run_dir, adapter, rasters, tiles, trainer.world_size),
             )
         finished = True
     finally:
@@ -442,6 +446,7 @@ def run_predict(
         "tiles_this_rank": sampler.claimed_tiles if sampler is not None else 0,
         "chunks_this_rank": sampler.claimed_chunks if sampler is not None else 0,
         "skipped_done": datamodule.skipped_done,
+        "merge_spread": trainer.world_size > 1 and not cfg.use_fake_data,
         "predict_wall_s": wall,
         "strategy": type(trainer.strategy).__name__,
         "pid": os.getpid(),
