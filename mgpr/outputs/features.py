@@ -65,7 +65,7 @@ def read_features(path: Path) -> tuple[FeatureBatch, dict[str, Any]]:
     for name in table.column_names[1:]:
         column = table[name]
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-            fields[name] = np.array(column.to_pylist(), dtype=object)
+            fields[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
         else:
             fields[name] = column.to_numpy()
     return FeatureBatch(rings.astype(np.float64, copy=False), fields), meta
