@@ -287,12 +287,12 @@ def test_custom_model_asking_for_raw_values_gets_them(
     assert _summary(run)["values"]["value_range"] == "raw"
 
 
-def test_reference_detector_keeps_the_uint8_rule_on_scaled_input() -> None:
+def test_reference_detector_bright_is_096_of_the_range_on_scaled_input() -> None:
     from mgpr.models import build_model
 
     adapter = build_model("reference")
-    tile = torch.full((1, 3, 8, 8), 229, dtype=torch.uint8)
-    tile[:, :, 0:2, 0:2] = 230  # bright in every band: x >= 230, as before the scaling
+    tile = torch.full((1, 3, 8, 8), 244, dtype=torch.uint8)  # 0.957 of the range: background
+    tile[:, :, 0:2, 0:2] = 245  # 0.961 of the range in every band: bright
     for scaled in (ValueScaler()(tile), tile.to(torch.float32).mul_(1.0 / 255.0)):  # GPU-style
         with torch.inference_mode():
             (det,) = adapter.postprocess(adapter.forward(adapter.prepare(scaled)), 8)

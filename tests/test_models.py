@@ -283,13 +283,13 @@ def test_reference_detector_exact_boxes() -> None:
     assert adapter.categories == ("background", "bright_rectangle")
     assert len(list(adapter.module.buffers())) == 1
     tile = torch.full((3, 64, 64), 200, dtype=torch.uint8)  # background <= 200
-    tile[:, 10:20, 5:15] = 240  # rows 10..19, cols 5..14
+    tile[:, 10:20, 5:15] = 250  # rows 10..19, cols 5..14
     tile[:, 50:64, 40:64] = 255  # touches the bottom and right edges
     tile[:, 30, 30:32] = 250  # 2 px: dropped (< 4 px)
     tile[:2, 30:40, 50:60] = 250  # bright in 2 of 3 bands only: not a detection
     diag = torch.full((3, 64, 64), 0, dtype=torch.uint8)
-    diag[:, 0:2, 0:2] = 240
-    diag[:, 2:4, 2:4] = 240  # touches the first square only at a corner: 4-connectivity keeps 2
+    diag[:, 0:2, 0:2] = 250
+    diag[:, 2:4, 2:4] = 250  # touches the first square only at a corner: 4-connectivity keeps 2
     empty = torch.zeros((3, 64, 64), dtype=torch.uint8)
     with torch.inference_mode():
         out = adapter.predict(torch.stack([tile, diag, empty]), 64)
@@ -303,7 +303,7 @@ def test_reference_detector_exact_boxes() -> None:
 def test_reference_any_band_count_and_no_weights() -> None:
     adapter = build_model("reference", "DEFAULT")
     four = torch.full((1, 4, 16, 16), 100, dtype=torch.uint8)
-    four[:, :, 2:6, 3:9] = 240
+    four[:, :, 2:6, 3:9] = 250
     with torch.inference_mode():
         (det,) = adapter.predict(four, 16)
     np.testing.assert_array_equal(det.boxes, [[3, 2, 9, 6]])

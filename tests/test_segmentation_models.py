@@ -119,17 +119,17 @@ def test_reference_seg_is_the_bright_mask() -> None:
     assert adapter.task == "segmentation" and adapter.in_bands == 0
     assert adapter.categories == ("background", "bright") and not adapter.random_weights
     tile = torch.full((3, 40, 48), 200, dtype=torch.uint8)  # background <= 200
-    tile[:, 5:9, 7:30] = 240
+    tile[:, 5:9, 7:30] = 250
     tile[:, 30:40, 40:48] = 255  # touches the bottom and right edges
-    tile[:, 20, 20] = 230  # the threshold itself is bright
+    tile[:, 20, 20] = 245  # the first uint8 level >= 0.96 of the range is bright
     tile[:2, 12:16, 0:10] = 250  # bright in 2 of 3 bands only: background
-    tile[:, 25, 25] = 229  # one level below: background
+    tile[:, 25, 25] = 244  # one level below: background
     want = np.zeros((40, 48), np.uint8)
     want[5:9, 7:30] = 1
     want[30:40, 40:48] = 1
     want[20, 20] = 1
     four = torch.full((1, 4, 40, 48), 100, dtype=torch.uint8)
-    four[:, :, 1:3, 2:5] = 240
+    four[:, :, 1:3, 2:5] = 250
     with torch.inference_mode():
         rec, empty = adapter.predict(torch.stack([tile, torch.zeros_like(tile)]), 48)
         (rec4,) = adapter.predict(four, 48)

@@ -4,8 +4,8 @@ This is NOT a trained model and knows nothing about plants. It exists so a run o
 project's synthetic test images (``mgpr-test-image``: background <= 200/255 of the value range,
 planted objects >= 245/255 in every band, whatever the dtype) has an exactly known answer, which
 lets tests check tiling, sharding, georeferencing and seam de-duplication without any weights.
-It works on the scaled input (``value_range`` applied; bright = >= 229.5/255 of the range in
-every band, i.e. uint8 >= 230), so it runs on any dtype.
+It works on the scaled input (``value_range`` applied; bright = >= 0.96 of the range in every
+band, i.e. uint8 >= 245), so it runs on any dtype.
 """
 
 from __future__ import annotations
@@ -20,12 +20,13 @@ from mgpr.models.amp import fp32
 from mgpr.models.base import Detections, ModelAdapter
 from mgpr.models.weights import require_no_weights
 
-#: A pixel is "bright" when every band is >= this share of its value range (scaled input in
-#: [0, 1]). For uint8 this is the detector's old rule x >= 230: the threshold sits half a level
-#: below 230/255, so float rounding of x / 255 (true division, or x * (1/255) on a GPU) never
-#: moves a pixel across it; uint8 boxes are unchanged. Test images put backgrounds at <= 200/255
-#: and objects at >= 245/255 of the range, well clear of it.
-BRIGHT_THRESHOLD = 229.5 / 255
+#: A pixel is "bright" when every band is >= 0.96 of its value range (scaled input in [0, 1]).
+#: The constant sits 2e-4 below 0.96 so that a value exactly at 0.96 of its range stays bright
+#: whatever the float rounding of ``(x - lo) / (hi - lo)`` (a uint16 range of 0..100 puts 96 there);
+#: for uint8 it is x >= 245 (244/255 = 0.9569, 245/255 = 0.9608: float rounding never moves a
+#: level across it). Test images put backgrounds at <= 200/255 and objects at >= 245/255 of the
+#: range.
+BRIGHT_THRESHOLD = 0.9598
 #: Components with fewer pixels than this are dropped (noise).
 MIN_AREA_PX = 4
 #: Boxes kept per tile by default (the same default as Faster R-CNN's).

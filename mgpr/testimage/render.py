@@ -6,8 +6,9 @@ fields (a rotated, domain-warped grid of cells about ``FIELD_PX`` pixels wide, e
 crop colour and crop-row stripes), roads and dark hedges along some cell boundaries, smooth
 low-frequency variation (:func:`~mgpr.testimage.noise.value_noise`) and fine per-pixel hashed
 noise. Background values lie in ``[BACKGROUND_MIN, BACKGROUND_MAX]`` = ``[8, 200]`` in every
-band, so a detector thresholding "all bands >= 230" finds only planted objects, whose pixels are
-``[OBJECT_VALUE_MIN, 255]`` in every band. Nodata pixels are 0 in every band.
+band, so a detector thresholding "all bands >= 230" (the reference detector takes >= 245, 0.96
+of 255) finds only planted objects, whose pixels are ``[OBJECT_VALUE_MIN, 255]`` in every band.
+Nodata pixels are 0 in every band.
 """
 
 from __future__ import annotations
