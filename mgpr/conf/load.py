@@ -42,6 +42,10 @@ def closest_key(key: str) -> str | None:
     return matches[0] if matches else None
 
 
+#: ``seam`` values (segmentation, :mod:`mgpr.geo.seams`).
+SEAMS: tuple[str, ...] = ("crop", "blend")
+
+
 def _unknown_key(key: str, where: str) -> ConfigError:
     hint = closest_key(key)
     suggestion = f"did you mean `{hint}`?" if hint else "run `mgpr --help` for the keys"
@@ -237,6 +241,8 @@ def _check_ranges(cfg: PredictConfig) -> None:
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{name}={value} is out of range: it must be within [0, 1]")
+    if cfg.seam not in SEAMS:
+        raise ConfigError(f"seam={cfg.seam!r} is not supported; use one of {', '.join(SEAMS)}")
     if cfg.precision not in PRECISIONS:
         raise ConfigError(
             f"precision={cfg.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"

@@ -83,6 +83,15 @@ class PredictConfig:
     native_resolution: bool = key(
         True, "fasterrcnn: run at tile resolution (false = torchvision resize to 800 px)"
     )
+    seam: str = key(
+        "crop", "segmentation: crop (each pixel from the one tile owning it) | blend (cosine)"
+    )
+    probabilities: bool = key(
+        False, "segmentation: also write <stem>_prob.tif, one uint8 band per class (p x 255)"
+    )
+    vectorize: bool = key(
+        False, "segmentation: also write the class map as polygons into the vector output"
+    )
     # run
     accelerator: str = key("auto", "auto | gpu | cpu")
     gpus: int | None = key(

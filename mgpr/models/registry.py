@@ -22,7 +22,9 @@ if TYPE_CHECKING:
     from mgpr.models.base import ModelAdapter
 
 #: The build options :func:`build_model` may pass on (an entry names those its builder takes).
-BuildOption = Literal["topk", "score_threshold", "native_resolution", "tile_size", "max_detections"]
+BuildOption = Literal[
+    "topk", "score_threshold", "native_resolution", "tile_size", "max_detections", "probabilities"
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +78,37 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         "mgpr.models.reference:build_reference",
         ("max_detections",),
         summary="exact detector of the demo image's bright rectangles",
+    ),
+    ModelEntry(
+        "deeplabv3",
+        "segmentation",
+        "mgpr.models.segmentation:build_deeplabv3",
+        ("probabilities",),
+        torchvision_builder="deeplabv3_resnet50",
+        summary="torchvision DeepLabV3 ResNet-50, a class per pixel (VOC classes)",
+    ),
+    ModelEntry(
+        "fcn",
+        "segmentation",
+        "mgpr.models.segmentation:build_fcn",
+        ("probabilities",),
+        torchvision_builder="fcn_resnet50",
+        summary="torchvision FCN ResNet-50, a class per pixel (VOC classes)",
+    ),
+    ModelEntry(
+        "lraspp",
+        "segmentation",
+        "mgpr.models.segmentation:build_lraspp",
+        ("probabilities",),
+        torchvision_builder="lraspp_mobilenet_v3_large",
+        summary="torchvision LR-ASPP MobileNetV3-Large, a fast class per pixel (VOC classes)",
+    ),
+    ModelEntry(
+        "reference-seg",
+        "segmentation",
+        "mgpr.models.segmentation:build_reference_seg",
+        ("probabilities",),
+        summary="exact segmenter of the demo image's bright pixels (class 1 = bright)",
     ),
     ModelEntry(
         "null",
@@ -165,6 +198,7 @@ def build_model(
     native_resolution: bool = True,
     tile_size: int = 512,
     max_detections: int = 100,
+    probabilities: bool = False,
 ) -> ModelAdapter:
     """Build the adapter for ``model=name`` on the CPU, in eval mode, gradients off.
 
@@ -180,6 +214,7 @@ def build_model(
         tile_size: tile edge in pixels, >= 1.
         max_detections: detection: boxes kept per tile at most (fasterrcnn: best scores,
             reference: largest objects), >= 1. A user's model is not limited.
+        probabilities: segmentation: also return uint8 per-class probabilities per tile.
 
     Raises:
         ConfigError: topk, score_threshold, tile_size or max_detections out of range.
@@ -194,6 +229,7 @@ def build_model(
         "native_resolution": native_resolution,
         "tile_size": tile_size,
         "max_detections": max_detections,
+        "probabilities": probabilities,
     }
     entry = model_entry(name)
     if entry is not None:
@@ -206,6 +242,11 @@ def build_model(
         from mgpr.models.custom import build_custom
 
         return build_custom(
-            name, weights, topk=topk, score_threshold=score_threshold, tile_size=tile_size
+            name,
+            weights,
+            topk=topk,
+            score_threshold=score_threshold,
+            tile_size=tile_size,
+            probabilities=probabilities,
         )
     raise unknown_model_error(name)

@@ -33,6 +33,7 @@ def build_adapter(
         native_resolution=cfg.native_resolution,
         tile_size=cfg.tile_size,
         max_detections=cfg.max_detections,
+        probabilities=cfg.probabilities or cfg.seam == "blend",
     )
     entry = model_entry(model_name)
     if rank != 0 and entry is not None and entry.downloadable:
@@ -62,12 +63,7 @@ def build_adapter(
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )
     adapter = build_model(model_name, cfg.weights, **kwargs)
-    from mgpr.tasks import TASKS
+    from mgpr.tasks import get_task
 
-    if adapter.task not in TASKS:
-        # A user model may declare segmentation already; its class-map writer is not in yet.
-        raise ModelError(
-            f"model={model_name} is a {adapter.task} model; this version writes only "
-            f"{' and '.join(sorted(TASKS))} outputs; use such a model (e.g. model=resnet50)."
-        )
+    get_task(adapter.task)  # one line naming the tasks this version writes, for an unknown one
     return adapter

@@ -222,7 +222,12 @@ def finish_run(
         },
     )
     if demo and truth_path is not None and summary.get("output"):
-        summary["demo_check"] = demo_check(Path(summary["output"]), truth_path)
+        if adapter.task == "segmentation":
+            from mgpr.tasks.segmentation_check import class_map_check
+
+            summary["demo_check"] = class_map_check(Path(summary["output"]), truth_path)
+        else:
+            summary["demo_check"] = demo_check(Path(summary["output"]), truth_path)
     report_text, report = _report(run_dir, world, cfg, precision, summary, rasters)
     totals = report.get("totals", {}) if report else {}
     summary["tiles_per_s"] = totals.get("tiles_per_s")
@@ -362,7 +367,14 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
             f"{s['failed_tiles'][0]['tile']}: {s['failed_tiles'][0]['reason']}"
         )
     check = s.get("demo_check")
-    if check:
+    if check and "mismatched_pixels" in check:  # segmentation: pixels against planted objects
+        lines.append(
+            f"  demo check   {'OK' if check['ok'] else 'MISMATCH'}: "
+            f"{check['object_pixels_found']}/{check['object_pixels']} object pixels of "
+            f"{check['planted']} planted objects classed bright, "
+            f"{check['false_bright_pixels']} false bright pixels"
+        )
+    elif check:
         ok = check["found"] == check["planted"] and check["duplicates"] == 0
         lines.append(
             f"  demo check   {'OK' if ok else 'MISMATCH'}: found {check['found']}/"

@@ -78,6 +78,8 @@ class TaskContext:
         nms_iou: detection de-duplication IoU threshold.
         seam_ios: detection de-duplication intersection-over-smaller threshold.
         topk: classes kept per tile (classification).
+        probabilities: segmentation: also write per-class probabilities.
+        seam: segmentation: ``crop`` or ``blend`` (:mod:`mgpr.geo.seams`).
     """
 
     rasters: Mapping[str, RasterInfo]
@@ -87,6 +89,8 @@ class TaskContext:
     nms_iou: float = 0.5
     seam_ios: float = 0.5
     topk: int = 5
+    probabilities: bool = False
+    seam: str = "crop"
 
     @classmethod
     def for_run(
@@ -101,6 +105,8 @@ class TaskContext:
             nms_iou=cfg.nms_iou,
             seam_ios=cfg.seam_ios,
             topk=cfg.topk,
+            probabilities=cfg.probabilities,
+            seam=cfg.seam,
         )
 
 

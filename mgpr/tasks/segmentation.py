@@ -1,0 +1,283 @@
+"""Segmentation: a class per pixel -> one Cloud-Optimized GeoTIFF per input raster.
+
+Per rank (``seam=crop``): each published chunk carries, per raster and per run of horizontally
+adjacent done tiles of one tile row (:func:`~mgpr.geo.seams.core_runs`), ONE part GeoTIFF of the
+tiles' owned cores (:func:`~mgpr.geo.tiling.owner_region`: every raster pixel is owned by exactly
+one tile, so no pixel is written twice and nothing is blended). The part is published before the
+chunk's manifest, so a tile is done iff a published manifest lists it, and its pixels are then on
+disk. Part file names say what they hold: ``<part>.seg.<raster hash>.r<row>c<c0>-<c1>.tif``
+(class ids) and ``<part>.prob.<...>.tif`` (``probabilities=true``: K uint8 bands, p x 255). Memory
+per rank: one run's rectangle (tile_size x run width) at a time, never the raster.
+
+Merge (rank 0): per raster, the ledger picks one part per done tile; the picked tiles of each part
+are regrouped into runs and each becomes one VRT source (a sub-rectangle of that part's file), so
+a tile copied into two parts (a requeue) is read from the picked one only. The VRT is streamed
+into the COG (:func:`~mgpr.outputs.cog.assemble_cog`); pixels of failed, empty (all nodata) or
+missing tiles are in no source and read as nodata (255, or 65535 above 255 classes).
+
+A resumed run predicts only tiles in no manifest, so it writes only the missing tiles' cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from mgpr.geo.raster import RasterInfo
+from mgpr.geo.seams import CoreRun, core_runs
+from mgpr.geo.tiling import Tile, TileGrid, TileId, owner_region, tile_grid
+from mgpr.models.base import ClassMap
+from mgpr.outputs.cog import (
+    Grid,
+    PartRaster,
+    assemble_cog,
+    class_colours,
+    class_id_dtype,
+    class_map_tags,
+    write_part,
+)
+from mgpr.outputs.ledger import Ledger
+from mgpr.outputs.parts import PartSink, parts_dir
+from mgpr.tasks.base import STATUS_DONE, MergeResult, Task, TaskContext, TileOutcome
+
+#: Folder of the class maps inside the run directory.
+SEGMENTATION_DIR = "segmentation"
+#: Part file kinds: class ids, probabilities.
+KIND_IDS = "seg"
+KIND_PROB = "prob"
+_PART_FILE = re.compile(r"\.(seg|prob)\.([0-9a-f]{12})\.r(\d+)c(\d+)-(\d+)\.tif$")
+
+
+def raster_hash(path: str) -> str:
+    """12 hex digits naming a raster in part file names (paths may hold any character)."""
+    return hashlib.sha1(path.encode("utf-8")).hexdigest()[:12]
+
+
+def part_suffix(kind: str, path: str, run: CoreRun) -> str:
+    """``.<kind>.<raster hash>.r<tile row>c<first col>-<last col>.tif`` of one core run."""
+    row = run.tiles[0].id.row
+    return f".{kind}.{raster_hash(path)}.r{row}c{run.tiles[0].id.col}-{run.tiles[-1].id.col}.tif"
+
+
+def n_classes(ctx: TaskContext) -> int:
+    """Classes of the run's model (255 when it names none: uint8 ids, 255 = nodata)."""
+    return len(ctx.categories) if ctx.categories else 255
+
+
+def output_names(paths: Sequence[str]) -> dict[str, str]:
+    """Input path -> its class map's file stem: the input's stem, ``_2``, ``_3`` when repeated.
+
+    Numbered in sorted path order, so every rank and every resume picks the same names.
+    """
+    seen: dict[str, int] = {}
+    out: dict[str, str] = {}
+    for path in sorted(paths):
+        stem = Path(path.rstrip("/")).stem or "raster"
+        n = seen.get(stem, 0) + 1
+        seen[stem] = n
+        out[path] = stem if n == 1 else f"{stem}_{n}"
+    return out
+
+
+def _grid(info: RasterInfo, ctx: TaskContext) -> TileGrid:
+    return tile_grid(info.height, info.width, ctx.tile_size, ctx.overlap)
+
+
+def _run_pixels(
+    run: CoreRun,
+    records: Mapping[Tile, ClassMap],
+    grid: TileGrid,
+    info: RasterInfo,
+    dtype: np.dtype[np.generic],
+    nodata: int,
+    probabilities: bool,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """The run's rectangle of class ids (1, h, w) and, if asked, probabilities (K, h, w)."""
+    ids = np.full((1, run.height, run.width), nodata, dtype=dtype)
+    probs: np.ndarray | None = None
+    for tile in run.tiles:
+        rec = records[tile]
+        r0, c0, r1, c1 = owner_region(tile, grid, info.height, info.width)
+        dst = (slice(r0 - run.row_min, r1 - run.row_min), slice(c0 - run.col_min, c1 - run.col_min))
+        src = (
+            slice(r0 - tile.row_off, r1 - tile.row_off),
+            slice(c0 - tile.col_off, c1 - tile.col_off),
+        )
+        ids[0][dst] = rec.class_ids[src]
+        if probabilities and rec.probabilities is not None:
+            if probs is None:
+                k = rec.probabilities.shape[0]
+                probs = np.zeros((k, run.height, run.width), dtype=np.uint8)
+            probs[(slice(None), *dst)] = rec.probabilities[(slice(None), *src)]
+    return ids, probs
+
+
+@dataclass(frozen=True, slots=True)
+class _PartFile:
+    """A published part file of one raster: its kind, tile row and column range."""
+
+    name: str
+    kind: str
+    row: int
+    col_first: int
+    col_last: int
+
+
+def _part_files(files: Sequence[str], digest: str) -> list[_PartFile]:
+    out = []
+    for name in files:
+        m = _PART_FILE.search(name)
+        if m is not None and m.group(2) == digest:
+            out.append(
+                _PartFile(name, m.group(1), int(m.group(3)), int(m.group(4)), int(m.group(5)))
+            )
+    return out
+
+
+class SegmentationTask(Task):
+    """Class maps per tile (``ClassMap``) -> ``segmentation/<stem>.tif`` per input raster.
+
+    ``probabilities=true`` (:attr:`TaskContext.probabilities`) also publishes and assembles the
+    per-class probabilities.
+    """
+
+    name = "segmentation"
+    record_type = ClassMap
+    overlap_warning = (
+        "overlap=0: segmentation tiles see no context across their edges, so classes may change "
+        "at tile seams; overlap=64 (or a quarter of tile_size) is a good start"
+    )
+
+    def write_payload(
+        self, outcomes: Sequence[TileOutcome], ctx: TaskContext, sink: PartSink
+    ) -> dict[str, int]:
+        """One part GeoTIFF per run of neighbouring done tiles (see the module docstring)."""
+        by_path: dict[str, dict[Tile, ClassMap]] = {}
+        for outcome in outcomes:
+            self.check(outcome)
+            if outcome.status == STATUS_DONE:
+                by_path.setdefault(outcome.tile.id.path, {})[outcome.tile] = outcome.record
+        dtype, nodata = class_id_dtype(n_classes(ctx))
+        counts: dict[str, int] = {}
+        for path, records in by_path.items():
+            info = ctx.rasters[path]
+            grid = _grid(info, ctx)
+            for run in core_runs(records, grid, info.height, info.width):
+                ids, probs = _run_pixels(run, records, grid, info, dtype, nodata, ctx.probabilities)
+                sink.publish(
+                    part_suffix(KIND_IDS, path, run),
+                    lambda tmp, a=ids, r=run: write_part(tmp, a, r.row_min, r.col_min, nodata),
+                )
+                if probs is not None:
+                    sink.publish(
+                        part_suffix(KIND_PROB, path, run),
+                        lambda tmp, a=probs, r=run: write_part(tmp, a, r.row_min, r.col_min, None),
+                    )
+                for tile in run.tiles:
+                    counts[tile.id.key()] = 1
+        return counts
+
+    def sources(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        info: RasterInfo,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        kind: str,
+    ) -> list[PartRaster]:
+        """VRT sources of one raster: the picked tiles' cores, one rectangle per run per part."""
+        grid = _grid(info, ctx)
+        digest = raster_hash(info.path)
+        keys = [k for k, t in tiles.items() if t.id.path == info.path]
+        folder = parts_dir(run_dir)
+        out: list[PartRaster] = []
+        for part_name, picked in sorted(ledger.picks(keys).items()):
+            files = [
+                f for f in _part_files(ledger.parts[part_name].files, digest) if f.kind == kind
+            ]
+            for run in core_runs([tiles[k] for k in picked], grid, info.height, info.width):
+                first = run.tiles[0].id
+                match = [
+                    f
+                    for f in files
+                    if f.row == first.row and f.col_first <= first.col <= f.col_last
+                ]
+                if not match:
+                    continue  # e.g. probabilities asked only on a resume: no such file
+                f = match[0]
+                file_tile = Tile(TileId(info.path, f.row, f.col_first), 0, 0, 0, 0, 0, 0)
+                fr0, fc0, _, _ = owner_region(file_tile, grid, info.height, info.width)
+                out.append(
+                    PartRaster(
+                        folder / f.name,
+                        run.row_min,
+                        run.col_min,
+                        run.height,
+                        run.width,
+                        src_row_off=run.row_min - fr0,
+                        src_col_off=run.col_min - fc0,
+                    )
+                )
+        return out
+
+    def merge(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        output_format: str,
+        output_name: str,
+    ) -> MergeResult:
+        """Assemble every raster's class map (and probabilities) COG from the picked parts."""
+        result = MergeResult()
+        names = output_names(list(ctx.rasters))
+        k = n_classes(ctx)
+        dtype, nodata = class_id_dtype(k)
+        categories = list(ctx.categories) if ctx.categories else None
+        out_dir = run_dir / SEGMENTATION_DIR
+        for path in sorted(ctx.rasters):
+            info = ctx.rasters[path]
+            grid = Grid(info.height, info.width, info.transform, info.crs_wkt)
+            ids = self.sources(run_dir, ledger, info, ctx, tiles, KIND_IDS)
+            final = assemble_cog(
+                out_dir / f"{names[path]}.tif",
+                ids,
+                grid,
+                bands=1,
+                dtype=dtype,
+                nodata=nodata,
+                resampling="MODE",
+                descriptions=("class",),
+                colours=class_colours(k),
+                category_names=categories,
+                tags=class_map_tags(categories or []),
+            )
+            result.output_paths.append(final)
+            result.records += sum(s.height * s.width for s in ids)
+            if ctx.probabilities and categories:
+                probs = self.sources(run_dir, ledger, info, ctx, tiles, KIND_PROB)
+                result.output_paths.append(
+                    assemble_cog(
+                        out_dir / f"{names[path]}_prob.tif",
+                        probs,
+                        grid,
+                        bands=len(categories),
+                        dtype=np.dtype(np.uint8),
+                        nodata=None,
+                        resampling="AVERAGE",
+                        descriptions=categories,
+                        tags={
+                            "scale": "p x 255",
+                            "class_names": class_map_tags(categories)["class_names"],
+                        },
+                    )
+                )
+        result.output_path = result.output_paths[0] if result.output_paths else None
+        return result
