@@ -1,0 +1,181 @@
+"""Segmentation end to end: reference-seg class maps against the image's own bright pixels.
+
+The reference segmenter classes a pixel 1 where every band is bright (>= 229.5/255), 0
+elsewhere; so the assembled class map must equal that mask at every pixel of a tile that was
+predicted, and be nodata (255) exactly where the input is nodata. Runs are CPU,
+``workers=0``, small rasters with padded edge tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from conftest import mgpr_cmd, run_mgpr_inprocess
+
+from mgpr.models.reference import BRIGHT_THRESHOLD
+from mgpr.outputs.parts_read import finished_tile_keys
+
+
+def _bright(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The image's bright-pixel mask and its invalid (nodata) pixels."""
+    with rasterio.open(path) as src:
+        data = src.read()
+        invalid = src.dataset_mask() == 0
+    bright = (data.astype(np.float32) / 255.0 >= np.float32(BRIGHT_THRESHOLD)).all(axis=0)
+    return bright, invalid
+
+
+def _args(image: Path, run: Path, *more: str) -> list[str]:
+    return [
+        f"input_path={image}",
+        "model=reference-seg",
+        "workers=0",
+        "batch_size=4",
+        "accelerator=cpu",
+        "progress=false",
+        f"output_dir={run}",
+        *more,
+    ]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
+    env.update(PYTHONWARNINGS="ignore", **extra)
+    return env
+
+
+def _check_class_map(cog: Path, image: Path) -> np.ndarray:
+    bright, invalid = _bright(image)
+    with rasterio.open(cog) as out, rasterio.open(image) as src:
+        assert (out.height, out.width, out.crs, out.transform) == (
+            src.height,
+            src.width,
+            src.crs,
+            src.transform,
+        )
+        assert out.dtypes[0] == "uint8" and out.nodata == 255
+        ids = out.read(1)
+    predicted = ids != 255
+    assert np.array_equal(ids[predicted], bright[predicted].astype(np.uint8))
+    assert np.array_equal(~predicted, invalid)  # nodata exactly where the input is nodata
+    return ids
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("tile_size", "overlap"), [(128, 0), (128, 48), (256, 64), (160, 30)])
+def test_class_map_equals_the_bright_mask(make_image, tmp_path: Path, tile_size, overlap) -> None:
+    img = make_image(width=700, height=530, objects=12, nodata="border", tile_size=tile_size)
+    run = tmp_path / "run"
+    code = run_mgpr_inprocess(*_args(img.path, run, f"tile_size={tile_size}", f"overlap={overlap}"))
+    assert code == 0
+    ids = _check_class_map(run / "segmentation" / "ortho.tif", Path(img.path))
+    assert (ids == 1).sum() > 100 and (ids == 255).sum() > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["task"] == "segmentation"
+    assert summary["output"] == str(run / "segmentation" / "ortho.tif")
+
+
+@pytest.mark.slow
+def test_output_is_a_valid_cog_with_probabilities(make_image, tmp_path: Path) -> None:
+    img = make_image(width=1300, height=1100, objects=20)
+    run = tmp_path / "run"
+    args = _args(img.path, run, "tile_size=256", "overlap=64", "probabilities=true")
+    assert run_mgpr_inprocess(*args) == 0
+    cog = run / "segmentation" / "ortho.tif"
+    ids = _check_class_map(cog, Path(img.path))
+    with rasterio.open(cog) as out:
+        assert out.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert out.block_shapes[0] == (512, 512) and out.overviews(1)
+        assert out.colormap(1)[1][3] == 255
+        assert json.loads(out.tags()["class_names"]) == ["background", "bright"]
+    with rasterio.open(run / "segmentation" / "ortho_prob.tif") as prob:
+        assert prob.count == 2 and prob.dtypes[0] == "uint8" and prob.overviews(1)
+        assert prob.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        p = prob.read()
+    assert np.array_equal(p[1], ids * 255) and np.array_equal(p[0], (1 - ids) * 255)
+    summary = json.loads((run / "summary.json").read_text())
+    assert str(run / "segmentation" / "ortho_prob.tif") in summary["outputs"]
+
+
+@pytest.mark.slow
+def test_two_ranks_write_the_same_class_map(make_image, tmp_path: Path) -> None:
+    img = make_image(width=900, height=640, objects=15, nodata="border")
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = ("tile_size=128", "overlap=32")
+    assert run_mgpr_inprocess(*_args(img.path, one, *common)) == 0
+    cmd = mgpr_cmd(*_args(img.path, two, *common, "gpus=2", "join_timeout_s=120"))
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = _check_class_map(one / "segmentation" / "ortho.tif", Path(img.path))
+    b = _check_class_map(two / "segmentation" / "ortho.tif", Path(img.path))
+    assert np.array_equal(a, b)
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["tiles_missing"] == 0
+
+
+@pytest.mark.slow
+def test_killed_at_about_half_then_resumed_gives_the_same_bytes(make_image, tmp_path: Path) -> None:
+    img = make_image(width=1024, height=512, objects=12)  # 8 x 4 tiles of 128 px
+    ref, run = tmp_path / "ref", tmp_path / "run"
+    common = ("tile_size=128", "overlap=0", "batch_size=1")
+    assert run_mgpr_inprocess(*_args(img.path, ref, *common)) == 0
+    proc = subprocess.Popen(
+        mgpr_cmd(*_args(img.path, run, *common)),
+        env=_env(MGPR_TEST_TILE_DELAY_RANK0="0.6"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
+    done = 0
+    while done < 8 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            done = len(finished_tile_keys(run))
+        except Exception:  # noqa: BLE001 - not written yet
+            done = 0
+    assert proc.poll() is None and 8 <= done < 32, "the run did not get going"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (run / "segmentation" / "ortho.tif").exists()
+    assert run_mgpr_inprocess(*_args(img.path, run, *common)) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tiles_predicted"] == 32
+    a = (ref / "segmentation" / "ortho.tif").read_bytes()
+    b = (run / "segmentation" / "ortho.tif").read_bytes()
+    assert a == b
+
+
+@pytest.mark.slow
+def test_deeplabv3_random_weights_on_two_ranks(make_image, tmp_path: Path) -> None:
+    img = make_image(width=200, height=150)
+    run = tmp_path / "run"
+    args = [
+        f"input_path={img.path}",
+        "model=deeplabv3",
+        "weights=none",
+        "tile_size=64",
+        "overlap=16",
+        "batch_size=2",
+        "workers=0",
+        "accelerator=cpu",
+        "progress=false",
+        "gpus=2",
+        "join_timeout_s=120",
+        f"output_dir={run}",
+    ]
+    proc = subprocess.run(mgpr_cmd(*args), capture_output=True, text=True, env=_env(), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with rasterio.open(run / "segmentation" / "ortho.tif") as out:
+        ids = out.read(1)
+        names = json.loads(out.tags()["class_names"])
+    assert len(names) == 21 and ids.shape == (150, 200)
+    assert (ids < 21).all()  # every pixel classed, none nodata
