@@ -99,8 +99,8 @@ def test_task_refuses_a_record_of_another_task(make_image, tmp_path: Path) -> No
 
 
 def test_unknown_task_is_one_line() -> None:
-    with pytest.raises(ModelError, match="classification, detection"):
-        get_task("segmentation")
+    with pytest.raises(ModelError, match="classification, detection, segmentation"):
+        get_task("regression")
 
 
 def test_merge_detections_georeferenced_and_readable_without_gdal(

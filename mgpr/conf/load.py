@@ -243,6 +243,13 @@ def _check_ranges(cfg: PredictConfig) -> None:
             raise ConfigError(f"{name}={value} is out of range: it must be within [0, 1]")
     if cfg.seam not in SEAMS:
         raise ConfigError(f"seam={cfg.seam!r} is not supported; use one of {', '.join(SEAMS)}")
+    if cfg.seam == "blend":
+        raise ConfigError("seam=blend is not in this version of mgpr yet; use seam=crop")
+    if cfg.vectorize:
+        raise ConfigError(
+            "vectorize=true is not in this version of mgpr yet; polygonise the class map with "
+            "gdal_polygonize.py <run>/segmentation/<stem>.tif polygons.gpkg"
+        )
     if cfg.precision not in PRECISIONS:
         raise ConfigError(
             f"precision={cfg.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"
