@@ -148,7 +148,10 @@ def _negative_workers(tmp: Path) -> tuple[list[str], list[str]]:
 def _unknown_model(tmp: Path) -> tuple[list[str], list[str]]:
     return (
         [f"input_path={_rgb(tmp)}", "model=resnet5"],
-        ["model=resnet5 is not a known model", "resnet50, fasterrcnn, reference, null"],
+        [
+            "model=resnet5 is not a known model",
+            "resnet50, fasterrcnn, reference, deeplabv3, fcn, lraspp, reference-seg, null",
+        ],
     )
 
 
