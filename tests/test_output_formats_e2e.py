@@ -53,7 +53,8 @@ def test_both_writes_a_geopackage_and_geoparquet_with_the_same_features(
     assert _detect(img.path, run, "output_format=both") == 0
     s = _summary(run)
     gpkg, parquet = run / "predictions.gpkg", run / "detections.parquet"
-    assert s["outputs"] == [str(gpkg), str(parquet)] and s["output"] == str(gpkg)
+    preview = str(run / "preview.png")
+    assert s["outputs"] == [str(gpkg), str(parquet), preview] and s["output"] == str(gpkg)
     n = _same_features(gpkg, parquet, "detections")
     assert n == s["records"] == s["layers"]["detections"] > 0
     assert not [p for p in run.iterdir() if p.name.startswith(".tmp")]
@@ -65,7 +66,10 @@ def test_parquet_alone_and_a_raster_without_crs(make_image, tmp_path: Path) -> N
     assert _detect(img.path, run, "output_format=parquet") == 0
     s = _summary(run)
     parquet = run / "detections.parquet"
-    assert s["outputs"] == [str(parquet)] and not (run / "predictions.gpkg").exists()
+    assert (
+        s["outputs"] == [str(parquet), str(run / "preview.png")]
+        and not (run / "predictions.gpkg").exists()
+    )
     geoms, table, crs, geo = read_geoparquet(parquet)
     assert crs is None and geo["columns"]["geometry"]["crs"] is None
     assert len(geoms) == s["records"] > 0
@@ -82,7 +86,7 @@ def test_output_format_is_not_part_of_the_run_identity(make_image, tmp_path: Pat
     img = make_image(width=400, height=300, objects=6, tile_size=128, overlap=32)
     run = tmp_path / "run"
     assert _detect(img.path, run) == 0
-    assert _summary(run)["outputs"] == [str(run / "predictions.gpkg")]
+    assert _summary(run)["outputs"] == [str(run / p) for p in ("predictions.gpkg", "preview.png")]
     assert _detect(img.path, run, "output_format=parquet") == 0
     log = (run / "logs" / "rank0.log").read_text()
     assert re.search(r"(\d+) of the \1 planned tiles were finished", log), log[-2000:]

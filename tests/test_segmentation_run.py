@@ -33,10 +33,10 @@ def _bright(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return bright, invalid
 
 
-def _args(image: Path, run: Path, *more: str) -> list[str]:
+def _args(image: Path, run: Path, *more: str, model: str = "reference-seg") -> list[str]:
     return [
         f"input_path={image}",
-        "model=reference-seg",
+        f"model={model}",
         "workers=0",
         "batch_size=4",
         "accelerator=cpu",
@@ -179,3 +179,29 @@ def test_deeplabv3_random_weights_on_two_ranks(make_image, tmp_path: Path) -> No
         names = json.loads(out.tags()["class_names"])
     assert len(names) == 21 and ids.shape == (150, 200)
     assert (ids < 21).all()  # every pixel classed, none nodata
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["reference-seg", "reference", "null"])
+def test_every_task_writes_a_preview(make_image, tmp_path: Path, model: str) -> None:
+    img = make_image(width=700, height=530, objects=8)
+    run = tmp_path / "run"
+    args = _args(img.path, run, "tile_size=256", "overlap=64", model=model)
+    assert run_mgpr_inprocess(*args) == 0
+    with rasterio.open(run / "preview.png") as png:  # 100 dpi: the raster's size + a title strip
+        assert (png.width, png.height) == (700, 590) and png.count >= 3
+        assert png.read(1).std() > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["previews"] == [str(run / "preview.png")]
+    assert str(run / "preview.png") in summary["outputs"]
+
+
+def test_previews_of_several_inputs_have_unique_names(make_image, tmp_path: Path) -> None:
+    from mgpr.monitor.previews import write_previews
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a = make_image("a/ortho.tif", width=300, height=200)
+    b = make_image("b/ortho.tif", width=300, height=200)
+    out = write_previews(tmp_path, "segmentation", [str(a.path), str(b.path)], [], [])
+    assert [p.name for p in out] == ["preview_ortho.png", "preview_ortho_2.png"]

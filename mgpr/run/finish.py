@@ -195,6 +195,17 @@ def finish_run(
                 out = csv.writer(fh)
                 out.writerow(["tile_key", "reason"])
                 out.writerows(merged.failed)
+        from mgpr.monitor.previews import write_previews
+
+        previews = write_previews(
+            run_dir,
+            adapter.task,
+            [r.path for r in rasters],
+            merged.output_paths,
+            list(merged.layers),
+        )
+        summary["outputs"] += [str(p) for p in previews]
+        summary["previews"] = [str(p) for p in previews]
     wall = time.time() - t_start
     summary.update(
         wall_s=round(wall, 3),
