@@ -119,10 +119,14 @@ class ClassMap:
             ``p``, when the adapter was asked for them (``probabilities`` / blended seams), else
             None. uint8 because that is what the probability raster stores: 4x less host
             memory and transfer than float32, and the same bytes on every run.
+        valid: (H, W) validity of the tile's pixels (the data pipeline's nodata mask, nonzero =
+            valid; set by :func:`mgpr.tasks.nodata.drop_masked`), or None when every pixel is
+            valid. The class map writes nodata where it is 0.
     """
 
     class_ids: np.ndarray
     probabilities: np.ndarray | None = None
+    valid: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         ids, probs = self.class_ids, self.probabilities

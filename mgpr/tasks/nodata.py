@@ -6,11 +6,13 @@ or on its edge. The rule here is the tile's validity mask at the box's CENTRE, i
 frame the adapter reports boxes in (half-open pixel corners; the centre ``(x, y)`` lies in pixel
 ``(floor(y), floor(x))``, clipped into the tile). An object partly over nodata whose centre is on
 valid pixels is kept (its box may reach into the nodata); classification is untouched (a tile's
-footprint is its valid window, the model saw the filled pixels).
+footprint is its valid window, the model saw the filled pixels). A segmentation tile keeps
+its mask (:attr:`ClassMap.valid`): its invalid pixels are nodata in the class map.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
@@ -50,14 +52,22 @@ def drop_masked_detections(det: Detections, valid: np.ndarray) -> Detections:
 def drop_masked(
     results: Sequence[Result], masks: np.ndarray, positions: Sequence[int]
 ) -> list[Result]:
-    """:func:`drop_masked_detections` on each tile's :class:`Detections`; others unchanged.
+    """Apply each tile's validity mask to its record (detections dropped, class maps marked).
+
+    :func:`drop_masked_detections` on each tile's :class:`Detections`; a :class:`ClassMap` gets
+    the tile's validity (its invalid pixels become nodata in the class map); others unchanged.
 
     Args:
         results: one record per predicted tile, in the order of ``positions``.
         masks: (B, H, W) validity of the whole batch (host memory).
         positions: each result's tile position in the batch.
     """
-    return [
-        drop_masked_detections(res, masks[pos]) if isinstance(res, Detections) else res
-        for res, pos in zip(results, positions, strict=True)
-    ]
+    out: list[Result] = []
+    for res, pos in zip(results, positions, strict=True):
+        if isinstance(res, Detections):
+            out.append(drop_masked_detections(res, masks[pos]))
+        elif isinstance(res, ClassMap):
+            out.append(dataclasses.replace(res, valid=masks[pos] != 0))
+        else:
+            out.append(res)
+    return out

@@ -25,11 +25,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import rasterio
-from rasterio.windows import Window
 
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.seams import CoreRun, core_runs
@@ -112,11 +109,16 @@ def _run_pixels(
             slice(c0 - tile.col_off, c1 - tile.col_off),
         )
         ids[0][dst] = rec.class_ids[src]
+        invalid = None if rec.valid is None else ~rec.valid[src]
+        if invalid is not None:
+            ids[0][dst][invalid] = nodata
         if probabilities and rec.probabilities is not None:
             if probs is None:
                 k = rec.probabilities.shape[0]
                 probs = np.zeros((k, run.height, run.width), dtype=np.uint8)
             probs[(slice(None), *dst)] = rec.probabilities[(slice(None), *src)]
+            if invalid is not None:
+                probs[(slice(None), *dst)][:, invalid] = 0
     return ids, probs
 
 
@@ -157,45 +159,6 @@ def _publish(
         )
 
 
-class _ValidMask:
-    """The input's validity mask over core runs (GDAL's dataset mask: nodata, mask, alpha).
-
-    Read per run on the rank's part writer thread, only for rasters that may hold invalid pixels
-    and are read on their own grid (a ``gsd``-resampled raster keeps the tile-level rule: all
-    nodata tiles are empty; pixel masks on the model grid come with the data pipeline's mask).
-    Invalid pixels become nodata in the class map and 0 in the probabilities.
-    """
-
-    def __init__(self, info: RasterInfo) -> None:
-        native = (info.height, info.width, info.transform) == (
-            info.native_height,
-            info.native_width,
-            info.native_transform,
-        )
-        self.path = info.path if info.has_mask and native else None
-        self.src: Any = None
-
-    def __enter__(self) -> _ValidMask:
-        if self.path is not None:
-            self.src = rasterio.open(self.path)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.src is not None:
-            self.src.close()
-
-    def apply(self, run: CoreRun, ids: np.ndarray, probs: np.ndarray | None, nodata: int) -> None:
-        """Set the run's invalid pixels to nodata (ids) and 0 (probabilities), in place."""
-        if self.src is None:
-            return
-        window = Window(run.col_min, run.row_min, run.width, run.height)
-        invalid = self.src.dataset_mask(window=window) == 0
-        if invalid.any():
-            ids[0][invalid] = nodata
-            if probs is not None:
-                probs[:, invalid] = 0
-
-
 class SegmentationTask(Task):
     """Class maps per tile (``ClassMap``) -> ``segmentation/<stem>.tif`` per input raster.
 
@@ -224,15 +187,11 @@ class SegmentationTask(Task):
         for path, records in by_path.items():
             info = ctx.rasters[path]
             grid = _grid(info, ctx)
-            with _ValidMask(info) as valid:
-                for run in core_runs(records, grid, info.height, info.width):
-                    ids, probs = _run_pixels(
-                        run, records, grid, info, dtype, nodata, ctx.probabilities
-                    )
-                    valid.apply(run, ids, probs, nodata)
-                    _publish(sink, path, run, ids, probs, nodata)
-                    for tile in run.tiles:
-                        counts[tile.id.key()] = 1
+            for run in core_runs(records, grid, info.height, info.width):
+                ids, probs = _run_pixels(run, records, grid, info, dtype, nodata, ctx.probabilities)
+                _publish(sink, path, run, ids, probs, nodata)
+                for tile in run.tiles:
+                    counts[tile.id.key()] = 1
         return counts
 
     def sources(
