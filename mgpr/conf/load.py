@@ -245,11 +245,6 @@ def _check_ranges(cfg: PredictConfig) -> None:
         raise ConfigError(f"seam={cfg.seam!r} is not supported; use one of {', '.join(SEAMS)}")
     if cfg.seam == "blend":
         raise ConfigError("seam=blend is not in this version of mgpr yet; use seam=crop")
-    if cfg.vectorize:
-        raise ConfigError(
-            "vectorize=true is not in this version of mgpr yet; polygonise the class map with "
-            "gdal_polygonize.py <run>/segmentation/<stem>.tif polygons.gpkg"
-        )
     if cfg.precision not in PRECISIONS:
         raise ConfigError(
             f"precision={cfg.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"

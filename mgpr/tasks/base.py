@@ -80,6 +80,7 @@ class TaskContext:
         topk: classes kept per tile (classification).
         probabilities: segmentation: also write per-class probabilities.
         seam: segmentation: ``crop`` or ``blend`` (:mod:`mgpr.geo.seams`).
+        vectorize: segmentation: also write the class map as polygons.
     """
 
     rasters: Mapping[str, RasterInfo]
@@ -91,6 +92,7 @@ class TaskContext:
     topk: int = 5
     probabilities: bool = False
     seam: str = "crop"
+    vectorize: bool = False
 
     @classmethod
     def for_run(
@@ -107,6 +109,7 @@ class TaskContext:
             topk=cfg.topk,
             probabilities=cfg.probabilities,
             seam=cfg.seam,
+            vectorize=cfg.vectorize,
         )
 
 

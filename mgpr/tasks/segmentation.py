@@ -159,6 +159,45 @@ def _publish(
         )
 
 
+def write_polygons(
+    out: Path, class_map: Path, names: Sequence[str], nodata: int, info: RasterInfo
+) -> int:
+    """The class map's regions as polygons: ``<stem>_polygons.gpkg``, layer ``segmentation``.
+
+    Traced from the final COG in blocks (:func:`~mgpr.tasks.vectorize.vectorize_class_map`:
+    pieces cut by block edges merged), in the raster's CRS; columns ``class_id``, ``label``,
+    ``source``. Written under a temp name and renamed (whole or not at all). Returns the polygons.
+    """
+    import pyogrio.raw
+
+    from mgpr.outputs.parts import publish_file
+    from mgpr.tasks.vectorize import vectorize_class_map
+
+    table = vectorize_class_map(class_map, names, nodata)
+    n = table.num_rows
+    fields = [
+        table["class_id"].to_numpy().astype(np.int32),
+        np.array(table["label"].to_pylist(), dtype=object),
+        np.array([info.path] * n, dtype=object),
+    ]
+
+    def write(tmp: Path) -> None:
+        pyogrio.raw.write(
+            tmp,
+            np.array(table["geometry"].to_pylist(), dtype=object),
+            fields,
+            ["class_id", "label", "source"],
+            layer="segmentation",
+            driver="GPKG",
+            geometry_type="MultiPolygon",
+            promote_to_multi=True,
+            crs=info.crs_wkt,
+        )
+
+    publish_file(out, write)
+    return n
+
+
 class SegmentationTask(Task):
     """Class maps per tile (``ClassMap``) -> ``segmentation/<stem>.tif`` per input raster.
 
@@ -272,6 +311,11 @@ class SegmentationTask(Task):
                 tags=class_map_tags(categories or []),
             )
             result.output_paths.append(final)
+            if ctx.vectorize:
+                polygons = out_dir / f"{names[path]}_polygons.gpkg"
+                n = write_polygons(polygons, final, categories or [], nodata, info)
+                result.output_paths.append(polygons)
+                result.layers[f"{names[path]}_polygons"] = n
             result.records += sum(s.height * s.width for s in ids)
             if ctx.probabilities and categories:
                 probs = self.sources(run_dir, ledger, info, ctx, tiles, KIND_PROB)
