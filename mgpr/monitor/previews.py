@@ -12,12 +12,14 @@ A preview is a convenience: one that cannot be drawn is logged as a warning and 
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from rasterio.errors import NotGeoreferencedWarning
 
 from mgpr.monitor.preview import preview_name, write_preview
 from mgpr.tasks.segmentation import output_names
@@ -71,19 +73,17 @@ def write_previews(
     for path in sorted(raster_paths):
         out = run_dir / preview_name(None if single else stems[path])
         try:
-            if task == "segmentation":
-                class_map = run_dir / "segmentation" / f"{stems[path]}.tif"
-                write_preview(
-                    out,
-                    path,
-                    kind=task,
-                    class_map=class_map if class_map.exists() else None,
-                )
-            else:
-                mine = None
-                if features is not None:
-                    mine = features.filter(pc.equal(features["source"], path))
-                write_preview(out, path, kind=task, features=mine)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates
+                if task == "segmentation":
+                    class_map = run_dir / "segmentation" / f"{stems[path]}.tif"
+                    found = class_map if class_map.exists() else None
+                    write_preview(out, path, kind=task, class_map=found)
+                else:
+                    mine = None
+                    if features is not None:
+                        mine = features.filter(pc.equal(features["source"], path))
+                    write_preview(out, path, kind=task, features=mine)
             written.append(out)
         except Exception as exc:  # noqa: BLE001 - a quicklook never fails a run
             log.warning("preview of %s not written: %s", path, exc)
