@@ -75,7 +75,16 @@ def _tiles(b: int = 2, c: int = 3, size: int = 64, seed: int = 0) -> torch.Tenso
 
 
 def test_known_models_and_import_paths() -> None:
-    assert KNOWN_MODELS == ("resnet50", "fasterrcnn", "reference", "null")
+    assert KNOWN_MODELS == (
+        "resnet50",
+        "fasterrcnn",
+        "reference",
+        "deeplabv3",
+        "fcn",
+        "lraspp",
+        "reference-seg",
+        "null",
+    )
     assert not is_import_path("resnet50")
     assert is_import_path("pkg.mod:build")
     assert is_import_path("pkg.mod.build")
