@@ -203,7 +203,7 @@ def test_previews_of_several_inputs_have_unique_names(make_image, tmp_path: Path
     (tmp_path / "b").mkdir()
     a = make_image("a/ortho.tif", width=300, height=200)
     b = make_image("b/ortho.tif", width=300, height=200)
-    out = write_previews(tmp_path, "segmentation", [str(a.path), str(b.path)], [], [])
+    out = write_previews(tmp_path, "segmentation", [str(a.path), str(b.path)], {})
     assert [p.name for p in out] == ["preview_ortho.png", "preview_ortho_2.png"]
 
 

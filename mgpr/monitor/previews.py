@@ -1,8 +1,8 @@
 """The run's quicklooks: one ``preview.png`` per input, after the merge, for every task.
 
-Detection and classification read their features back from the merged output (the GeoPackage's
-layers, else the GeoParquet files; each feature's ``source`` column names its raster), so the
-preview shows what was written; segmentation draws the input's class map COG (read decimated
+Detection and classification get each raster's merged features from the merge, in memory (what
+the writers wrote; nothing re-opens the GeoPackage, whose SQLite would take file locks in the run
+directory); segmentation draws the input's class map COG (read decimated
 from its overviews). Names: ``preview.png`` for a run with one input, ``preview_<stem>.png``
 (:func:`~mgpr.monitor.preview.preview_name`, the class map's unique stem) for each of several.
 
@@ -13,15 +13,16 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
+import shapely
 from rasterio.errors import NotGeoreferencedWarning
 
 from mgpr.monitor.preview import preview_name, write_preview
+from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.segmentation import output_names
 
 log = logging.getLogger(__name__)
@@ -30,45 +31,30 @@ log = logging.getLogger(__name__)
 LABEL_COLUMNS: dict[str, str] = {"detection": "label", "classification": "label_1"}
 
 
-def _read_features(outputs: Sequence[Path], layers: Sequence[str], label: str) -> pa.Table | None:
-    """Every feature of the merged output: ``geometry`` (WKB), ``source``, ``label``."""
-    tables = []
-    for path in outputs:
-        if path.suffix == ".gpkg":
-            import pyogrio
-
-            for layer in layers:
-                _meta, _fids, geom, data = pyogrio.raw.read(
-                    path, layer=layer, columns=["source", label]
-                )
-                tables.append(pa.table({"geometry": geom, "source": data[0], "label": data[1]}))
-            break  # the GeoParquet files (output_format=both) hold the same features
-    else:
-        for path in outputs:
-            if path.suffix == ".parquet":
-                t = pq.read_table(path, columns=["geometry", "source", label])
-                tables.append(t.rename_columns(["geometry", "source", "label"]))
-    if not tables:
-        return None
-    return pa.concat_tables([t.cast(tables[0].schema) for t in tables])
+def _table(batch: FeatureBatch, label: str) -> pa.Table:
+    """A raster's features as ``write_preview`` takes them: WKB polygons and their label."""
+    geoms = shapely.polygons(np.asarray(batch.rings, dtype=np.float64))
+    labels = batch.fields.get(label)
+    return pa.table(
+        {
+            "geometry": pa.array(shapely.to_wkb(geoms).tolist(), pa.binary()),
+            "label": [str(v) for v in labels] if labels is not None else ["result"] * len(batch),
+        }
+    )
 
 
 def write_previews(
     run_dir: Path,
     task: str,
     raster_paths: Sequence[str],
-    outputs: Sequence[Path],
-    layers: Sequence[str],
+    features: Mapping[str, FeatureBatch],
 ) -> list[Path]:
-    """One preview per input raster into ``run_dir``; returns those written."""
+    """One preview per input raster into ``run_dir``; returns those written.
+
+    ``features``: each raster's merged features (vector tasks), as the merge wrote them.
+    """
     stems = output_names(list(raster_paths))
     single = len(raster_paths) == 1
-    features = None
-    if task in LABEL_COLUMNS:
-        try:
-            features = _read_features(outputs, layers, LABEL_COLUMNS[task])
-        except Exception as exc:  # noqa: BLE001 - a quicklook never fails a run
-            log.warning("preview: could not read the results back (%s); drawing the inputs", exc)
     written = []
     for path in sorted(raster_paths):
         out = run_dir / preview_name(None if single else stems[path])
@@ -80,9 +66,8 @@ def write_previews(
                     found = class_map if class_map.exists() else None
                     write_preview(out, path, kind=task, class_map=found)
                 else:
-                    mine = None
-                    if features is not None:
-                        mine = features.filter(pc.equal(features["source"], path))
+                    batch = features.get(path)
+                    mine = _table(batch, LABEL_COLUMNS.get(task, "label")) if batch else None
                     write_preview(out, path, kind=task, features=mine)
             written.append(out)
         except Exception as exc:  # noqa: BLE001 - a quicklook never fails a run

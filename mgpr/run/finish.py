@@ -201,8 +201,7 @@ def finish_run(
             run_dir,
             adapter.task,
             [r.path for r in rasters],
-            merged.output_paths,
-            list(merged.layers),
+            merged.features,
         )
         summary["outputs"] += [str(p) for p in previews]
         summary["previews"] = [str(p) for p in previews]

@@ -130,6 +130,9 @@ class MergeResult:
     missing_path: Path | None = None
     duplicate_tiles: int = 0  # tile copies found in more than one part, dropped
     duplicates_removed: int = 0  # seam de-duplication (detection)
+    #: raster path -> its merged features (vector tasks), for the run's previews: handed over
+    #: in memory so that nothing re-opens the outputs (no SQLite lock in the run directory).
+    features: dict[str, FeatureBatch] = field(default_factory=dict)
 
 
 class Task(abc.ABC):
@@ -294,6 +297,7 @@ class VectorTask(Task):
                             run_dir, ledger, ctx, tiles, keys_by_path.get(path, []), path
                         )
                     batches.append(batch)
+                    result.features[path] = batch
                     result.duplicates_removed += removed
                 merged = FeatureBatch.concat(batches)
                 for writer in writers:
