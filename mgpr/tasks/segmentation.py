@@ -285,8 +285,14 @@ class SegmentationTask(Task):
         tiles: Mapping[str, Tile],
         output_format: str,
         output_name: str,
+        use_finalised: bool = False,
     ) -> MergeResult:
-        """Assemble every raster's class map (and probabilities) COG from the picked parts."""
+        """Assemble every raster's class map (and probabilities) COG from the picked parts.
+
+        Rank 0 assembles every raster (:meth:`Task.finalise` is the default no-op for now:
+        spreading the assembly over ranks by raster is the next step), so ``use_finalised``
+        changes nothing here.
+        """
         result = MergeResult()
         names = output_names(list(ctx.rasters))
         k = n_classes(ctx)
