@@ -36,6 +36,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mgpr.outputs.parts import fsync_dir
 from mgpr.outputs.vector import FeatureBatch, VectorWriter
 
 #: Rows per row group (GDAL's Parquet driver default): large enough for good compression and
@@ -253,7 +254,7 @@ class GeoParquetWriter(VectorWriter):
                     os.fsync(fh.fileno())
                 os.replace(state.tmp, state.final)
                 paths.append(state.final)
-            _fsync_dir(self.run_dir)
+            fsync_dir(self.run_dir)
         finally:
             self.abort()
         return paths
@@ -267,17 +268,3 @@ class GeoParquetWriter(VectorWriter):
                 pass
             state.tmp.unlink(missing_ok=True)
         self._layers.clear()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames durable (the directory entry), where the OS allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
