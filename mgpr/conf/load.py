@@ -244,7 +244,9 @@ def _check_ranges(cfg: PredictConfig) -> None:
     if cfg.seam not in SEAMS:
         raise ConfigError(f"seam={cfg.seam!r} is not supported; use one of {', '.join(SEAMS)}")
     if cfg.seam == "blend":
-        raise ConfigError("seam=blend is not in this version of mgpr yet; use seam=crop")
+        from mgpr.geo.seams import validate_blend
+
+        validate_blend(cfg.tile_size, cfg.overlap)
     if cfg.precision not in PRECISIONS:
         raise ConfigError(
             f"precision={cfg.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"

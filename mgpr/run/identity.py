@@ -33,7 +33,7 @@ def fingerprint(
     resolved resampling) are None without ``gsd``, as in a ``run.json`` written before the key
     existed, so such a run still resumes.
     """
-    return {
+    out = {
         "model": model_name,
         "weights": weights_id,
         "weights_sha256": weights_content_hash(cfg.weights),
@@ -55,6 +55,11 @@ def fingerprint(
             for r in rasters
         ],
     }
+    if cfg.seam != "crop":
+        # Parts of another seam hold other payloads (stacks, not cores): no resume across seams.
+        # Absent for crop, as in a run.json written before seam=blend existed.
+        out["seam"] = cfg.seam
+    return out
 
 
 def model_grid_identity(info: Any) -> dict[str, Any]:

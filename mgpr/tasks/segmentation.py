@@ -21,7 +21,9 @@ A resumed run predicts only tiles in no manifest, so it writes only the missing 
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,14 +44,18 @@ from mgpr.outputs.cog import (
     write_part,
 )
 from mgpr.outputs.ledger import Ledger
-from mgpr.outputs.parts import PartSink, parts_dir
+from mgpr.outputs.features import features_dir
+from mgpr.outputs.parts import PartSink, fsync_dir, parts_dir
 from mgpr.tasks.base import STATUS_DONE, MergeResult, Task, TaskContext, TileOutcome
+from mgpr.tasks.segmentation_blend import publish_stack, write_blended
 
 #: Folder of the class maps inside the run directory.
 SEGMENTATION_DIR = "segmentation"
 #: Part file kinds: class ids, probabilities.
 KIND_IDS = "seg"
 KIND_PROB = "prob"
+#: ``seam`` value that blends overlapping tiles (:mod:`mgpr.tasks.segmentation_blend`).
+SEAM_BLEND = "blend"
 _PART_FILE = re.compile(r"\.(seg|prob)\.([0-9a-f]{12})\.r(\d+)c(\d+)-(\d+)\.tif$")
 
 
@@ -224,6 +230,11 @@ class SegmentationTask(Task):
         dtype, nodata = class_id_dtype(n_classes(ctx))
         counts: dict[str, int] = {}
         for path, records in by_path.items():
+            if ctx.seam == SEAM_BLEND:
+                ordered = sorted(records, key=lambda t: (t.id.row, t.id.col))
+                publish_stack(sink, raster_hash(path), ordered, records)
+                counts.update({t.id.key(): 1 for t in ordered})
+                continue
             info = ctx.rasters[path]
             grid = _grid(info, ctx)
             for run in core_runs(records, grid, info.height, info.width):
@@ -277,57 +288,77 @@ class SegmentationTask(Task):
                 )
         return out
 
-    def merge(
+    def finalise(
         self,
         run_dir: Path,
         ledger: Ledger,
         ctx: TaskContext,
         tiles: Mapping[str, Tile],
-        output_format: str,
-        output_name: str,
-        use_finalised: bool = False,
-    ) -> MergeResult:
-        """Assemble every raster's class map (and probabilities) COG from the picked parts.
+        paths: Sequence[str],
+    ) -> None:
+        """This rank's share: assemble the COGs of the rasters ``paths`` into the merge folder.
 
-        Rank 0 assembles every raster (:meth:`Task.finalise` is the default no-op for now:
-        spreading the assembly over ranks by raster is the next step), so ``use_finalised``
-        changes nothing here.
+        Rank 0's :meth:`merge` renames them into ``segmentation/`` (same file system: no copy)
+        and assembles itself any raster whose files are not there.
         """
-        result = MergeResult()
-        names = output_names(list(ctx.rasters))
+        index = {p: i for i, p in enumerate(ctx.rasters)}
+        for path in paths:
+            self.assemble(run_dir, ledger, ctx, tiles, path, _finalised_stem(run_dir, index[path]))
+
+    def assemble(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        path: str,
+        stem: Path,
+    ) -> list[Path]:
+        """One raster's class map ``<stem>.tif`` (and ``<stem>_prob.tif``); returns the files."""
+        info = ctx.rasters[path]
         k = n_classes(ctx)
         dtype, nodata = class_id_dtype(k)
         categories = list(ctx.categories) if ctx.categories else None
-        out_dir = run_dir / SEGMENTATION_DIR
-        for path in sorted(ctx.rasters):
-            info = ctx.rasters[path]
-            grid = Grid(info.height, info.width, info.transform, info.crs_wkt)
-            ids = self.sources(run_dir, ledger, info, ctx, tiles, KIND_IDS)
-            final = assemble_cog(
-                out_dir / f"{names[path]}.tif",
-                ids,
-                grid,
-                bands=1,
-                dtype=dtype,
-                nodata=nodata,
-                resampling="MODE",
-                descriptions=("class",),
-                colours=class_colours(k),
-                category_names=categories,
-                tags=class_map_tags(categories or []),
-            )
-            result.output_paths.append(final)
-            if ctx.vectorize:
-                polygons = out_dir / f"{names[path]}_polygons.gpkg"
-                n = write_polygons(polygons, final, categories or [], nodata, info)
-                result.output_paths.append(polygons)
-                result.layers[f"{names[path]}_polygons"] = n
-            result.records += sum(s.height * s.width for s in ids)
+        grid = Grid(info.height, info.width, info.transform, info.crs_wkt)
+        scratch = stem.with_name(f".{stem.name}.blend")
+        try:
+            if ctx.seam == SEAM_BLEND:
+                ids, probs = write_blended(
+                    run_dir,
+                    ledger,
+                    info,
+                    _grid(info, ctx),
+                    tiles,
+                    raster_hash(path),
+                    scratch,
+                    dtype,
+                    nodata,
+                    ctx.probabilities,
+                )
+            else:
+                ids = self.sources(run_dir, ledger, info, ctx, tiles, KIND_IDS)
+                probs = []
+                if ctx.probabilities:
+                    probs = self.sources(run_dir, ledger, info, ctx, tiles, KIND_PROB)
+            out = [
+                assemble_cog(
+                    stem.with_name(f"{stem.name}.tif"),
+                    ids,
+                    grid,
+                    bands=1,
+                    dtype=dtype,
+                    nodata=nodata,
+                    resampling="MODE",
+                    descriptions=("class",),
+                    colours=class_colours(k),
+                    category_names=categories,
+                    tags=class_map_tags(categories or []),
+                )
+            ]
             if ctx.probabilities and categories:
-                probs = self.sources(run_dir, ledger, info, ctx, tiles, KIND_PROB)
-                result.output_paths.append(
+                out.append(
                     assemble_cog(
-                        out_dir / f"{names[path]}_prob.tif",
+                        stem.with_name(f"{stem.name}_prob.tif"),
                         probs,
                         grid,
                         bands=len(categories),
@@ -341,5 +372,75 @@ class SegmentationTask(Task):
                         },
                     )
                 )
+            return out
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    def merge(
+        self,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+        output_format: str,
+        output_name: str,
+        use_finalised: bool = False,
+    ) -> MergeResult:
+        """Every raster's class map (and probabilities) COG in ``segmentation/``.
+
+        With ``use_finalised`` a raster whose COGs a rank's :meth:`finalise` published is only
+        renamed into place; any other raster is assembled here.
+        """
+        result = MergeResult()
+        names = output_names(list(ctx.rasters))
+        _, nodata = class_id_dtype(n_classes(ctx))
+        categories = list(ctx.categories) if ctx.categories else None
+        out_dir = run_dir / SEGMENTATION_DIR
+        out_dir.mkdir(parents=True, exist_ok=True)
+        index = {p: i for i, p in enumerate(ctx.rasters)}
+        for path in sorted(ctx.rasters):
+            info = ctx.rasters[path]
+            stem = out_dir / names[path]
+            done = _finalised_stem(run_dir, index[path])
+            wants_prob = bool(ctx.probabilities and categories)
+            files = [done.with_name(f"{done.name}.tif")]
+            if wants_prob:
+                files.append(done.with_name(f"{done.name}_prob.tif"))
+            if use_finalised and all(f.exists() for f in files):
+                finals = [stem.with_name(f"{stem.name}.tif")]
+                if wants_prob:
+                    finals.append(stem.with_name(f"{stem.name}_prob.tif"))
+                for src, dst in zip(files, finals, strict=True):
+                    os.replace(src, dst)
+                fsync_dir(out_dir)
+            else:
+                finals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
+            result.output_paths.append(finals[0])
+            if ctx.vectorize:
+                polygons = out_dir / f"{names[path]}_polygons.gpkg"
+                n = write_polygons(polygons, finals[0], categories or [], nodata, info)
+                result.output_paths.append(polygons)
+                result.layers[f"{names[path]}_polygons"] = n
+            result.records += _owned_pixels(ledger, info, ctx, tiles)
+            result.output_paths.extend(finals[1:])
         result.output_path = result.output_paths[0] if result.output_paths else None
         return result
+
+
+def _finalised_stem(run_dir: Path, index: int) -> Path:
+    """Where a rank's :meth:`SegmentationTask.finalise` puts the ``index``-th raster's COGs."""
+    return features_dir(run_dir) / f"raster{index:06d}.segmentation"
+
+
+def _owned_pixels(
+    ledger: Ledger, info: RasterInfo, ctx: TaskContext, tiles: Mapping[str, Tile]
+) -> int:
+    """Class-map pixels written from predicted tiles: the owned cores of the raster's done tiles."""
+    grid = _grid(info, ctx)
+    keys = [k for k, t in tiles.items() if t.id.path == info.path]
+    total = 0
+    for picked in ledger.picks(keys).values():
+        for key in picked:
+            r0, c0, r1, c1 = owner_region(tiles[key], grid, info.height, info.width)
+            total += (r1 - r0) * (c1 - c0)
+    return total
