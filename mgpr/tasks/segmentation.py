@@ -43,8 +43,8 @@ from mgpr.outputs.cog import (
     class_map_tags,
     write_part,
 )
-from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.features import features_dir
+from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import PartSink, fsync_dir, parts_dir
 from mgpr.tasks.base import STATUS_DONE, MergeResult, Task, TaskContext, TileOutcome
 from mgpr.tasks.segmentation_blend import publish_stack, write_blended
