@@ -9,9 +9,14 @@ disk. Part file names say what they hold: ``<part>.seg.<raster hash>.r<row>c<c0>
 (class ids) and ``<part>.prob.<...>.tif`` (``probabilities=true``: K uint8 bands, p x 255). Memory
 per rank: one run's rectangle (tile_size x run width) at a time, never the raster.
 
-Merge (rank 0): per raster, the ledger picks one part per done tile; the picked tiles of each part
-are regrouped into runs and each becomes one VRT source (a sub-rectangle of that part's file), so
-a tile copied into two parts (a requeue) is read from the picked one only. The VRT is streamed
+``seam=blend``: the chunk carries each raster's done tiles whole (probabilities + validity) in
+one stack file instead, blended at assembly (:mod:`mgpr.tasks.segmentation_blend`).
+
+Assembly, per raster on the rank that finalises it (:meth:`SegmentationTask.finalise`, into the
+merge folder; rank 0's :meth:`~SegmentationTask.merge` renames the files into ``segmentation/``
+and assembles any raster left over): the ledger picks one part per done tile; the picked tiles
+of each part are regrouped into runs and each becomes one VRT source (a sub-rectangle of that
+part's file), so a tile copied into two parts (a requeue) is read from the picked one only. The VRT is streamed
 into the COG (:func:`~mgpr.outputs.cog.assemble_cog`); pixels of failed, empty (all nodata) or
 missing tiles are in no source and read as nodata (255, or 65535 above 255 classes).
 

@@ -152,7 +152,9 @@ class _TileCache:
         if slot is None:
             return None
         t = self.tile_size
-        data = self._open(slot.path).read(window=Window(0, slot.index * t, t, t))
+        data: npt.NDArray[np.uint8] = self._open(slot.path).read(
+            window=Window(0, slot.index * t, t, t)
+        )
         self.tiles[pos] = data
         return data
 
