@@ -16,9 +16,9 @@ Assembly, per raster on the rank that finalises it (:meth:`SegmentationTask.fina
 merge folder; rank 0's :meth:`~SegmentationTask.merge` renames the files into ``segmentation/``
 and assembles any raster left over): the ledger picks one part per done tile; the picked tiles
 of each part are regrouped into runs and each becomes one VRT source (a sub-rectangle of that
-part's file), so a tile copied into two parts (a requeue) is read from the picked one only. The VRT is streamed
-into the COG (:func:`~mgpr.outputs.cog.assemble_cog`); pixels of failed, empty (all nodata) or
-missing tiles are in no source and read as nodata (255, or 65535 above 255 classes).
+part's file), so a tile copied into two parts (a requeue) is read from the picked one only. The
+VRT is streamed into the COG (:func:`~mgpr.outputs.cog.assemble_cog`); pixels of failed, empty
+(all nodata) or missing tiles are in no source and read as nodata (255, or 65535 above 255 classes).
 
 A resumed run predicts only tiles in no manifest, so it writes only the missing tiles' cores.
 """
