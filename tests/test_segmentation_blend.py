@@ -199,4 +199,5 @@ def test_two_ranks_blend_and_finalise_their_own_rasters(make_image, tmp_path: Pa
         bright, invalid = _bright(folder / name)
         assert np.array_equal(y == 255, invalid)
         assert np.array_equal(y[~invalid], bright[~invalid].astype(np.uint8))
-    assert not (two / "merge").exists()
+    assert not (two / "merge").exists() and not (two / ".previews").exists()
+    assert (two / "preview_a.png").exists() and (two / "preview_b.png").exists()

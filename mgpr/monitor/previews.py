@@ -6,12 +6,20 @@ directory); segmentation draws the input's class map COG (read decimated
 from its overviews). Names: ``preview.png`` for a run with one input, ``preview_<stem>.png``
 (:func:`~mgpr.monitor.preview.preview_name`, the class map's unique stem) for each of several.
 
+Who draws: with the merge spread over ranks (:mod:`mgpr.run.merge_share`), the rank that
+finalises a raster draws its preview right after (:func:`write_share_previews`, from the feature
+file or the class map it just published) into :data:`PREVIEW_STASH`, and rank 0 only renames it
+into place (:func:`write_previews`), drawing itself any preview that is not there. Otherwise
+rank 0 draws them all.
+
 A preview is a convenience: one that cannot be drawn is logged as a warning and the run goes on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -22,13 +30,26 @@ import shapely
 from rasterio.errors import NotGeoreferencedWarning
 
 from mgpr.monitor.preview import preview_name, write_preview
+from mgpr.outputs.features import feature_path, read_features
 from mgpr.outputs.vector import FeatureBatch
-from mgpr.tasks.segmentation import output_names
+from mgpr.tasks.segmentation import finalised_stem, output_names
 
 log = logging.getLogger(__name__)
 
 #: The column that colours each task's features (its top-1 label).
 LABEL_COLUMNS: dict[str, str] = {"detection": "label", "classification": "label_1"}
+#: Folder of the run directory where finalising ranks leave their previews for rank 0.
+PREVIEW_STASH = ".previews"
+
+
+def stash_path(run_dir: Path, index: int) -> Path:
+    """Where a finalising rank leaves the preview of the ``index``-th input raster."""
+    return run_dir / PREVIEW_STASH / f"raster{index:06d}.png"
+
+
+def clear_stash(run_dir: Path) -> None:
+    """Remove the stashed previews (before a merge starts, and once they are in place)."""
+    shutil.rmtree(run_dir / PREVIEW_STASH, ignore_errors=True)
 
 
 def _table(batch: FeatureBatch, label: str) -> pa.Table:
@@ -43,33 +64,77 @@ def _table(batch: FeatureBatch, label: str) -> pa.Table:
     )
 
 
+def _draw(
+    out: Path,
+    path: str,
+    task: str,
+    batch: FeatureBatch | None = None,
+    class_map: Path | None = None,
+) -> bool:
+    """One preview; False (and a warning) when it cannot be drawn."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates
+            if task == "segmentation":
+                found = class_map if class_map is not None and class_map.exists() else None
+                write_preview(out, path, kind=task, class_map=found)
+            else:
+                mine = _table(batch, LABEL_COLUMNS.get(task, "label")) if batch else None
+                write_preview(out, path, kind=task, features=mine)
+        return True
+    except Exception as exc:  # noqa: BLE001 - a quicklook never fails a run
+        log.warning("preview of %s not written: %s", path, exc)
+        return False
+
+
+def write_share_previews(
+    run_dir: Path, task: str, raster_paths: Sequence[str], share: Sequence[str]
+) -> None:
+    """A finalising rank: the previews of the rasters ``share`` it just finalised, stashed.
+
+    ``raster_paths``: every input in the run's order (the index of the finalised files).
+    Drawn from what the rank published: the raster's feature file, or its class map COG.
+    """
+    index = {p: i for i, p in enumerate(raster_paths)}
+    for path in share:
+        i = index[path]
+        out = stash_path(run_dir, i)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if task == "segmentation":
+            stem = finalised_stem(run_dir, i)
+            _draw(out, path, task, class_map=stem.with_name(f"{stem.name}.tif"))
+        else:
+            done = feature_path(run_dir, i)
+            _draw(out, path, task, batch=read_features(done)[0] if done.exists() else None)
+
+
 def write_previews(
     run_dir: Path,
     task: str,
     raster_paths: Sequence[str],
     features: Mapping[str, FeatureBatch],
+    use_stash: bool = False,
 ) -> list[Path]:
-    """One preview per input raster into ``run_dir``; returns those written.
+    """One preview per input raster into ``run_dir`` (rank 0, after the merge); returns them.
 
     ``features``: each raster's merged features (vector tasks), as the merge wrote them.
+    ``use_stash``: take the preview a finalising rank stashed for a raster where there is one.
     """
     stems = output_names(list(raster_paths))
+    index = {p: i for i, p in enumerate(raster_paths)}
     single = len(raster_paths) == 1
     written = []
-    for path in sorted(raster_paths):
-        out = run_dir / preview_name(None if single else stems[path])
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates
-                if task == "segmentation":
-                    class_map = run_dir / "segmentation" / f"{stems[path]}.tif"
-                    found = class_map if class_map.exists() else None
-                    write_preview(out, path, kind=task, class_map=found)
-                else:
-                    batch = features.get(path)
-                    mine = _table(batch, LABEL_COLUMNS.get(task, "label")) if batch else None
-                    write_preview(out, path, kind=task, features=mine)
-            written.append(out)
-        except Exception as exc:  # noqa: BLE001 - a quicklook never fails a run
-            log.warning("preview of %s not written: %s", path, exc)
+    try:
+        for path in sorted(raster_paths):
+            out = run_dir / preview_name(None if single else stems[path])
+            stashed = stash_path(run_dir, index[path])
+            if use_stash and stashed.exists():
+                os.replace(stashed, out)
+                written.append(out)
+                continue
+            class_map = run_dir / "segmentation" / f"{stems[path]}.tif"
+            if _draw(out, path, task, batch=features.get(path), class_map=class_map):
+                written.append(out)
+    finally:
+        clear_stash(run_dir)
     return written

@@ -202,6 +202,7 @@ def finish_run(
             adapter.task,
             [r.path for r in rasters],
             merged.features,
+            use_stash=bool(stats.get("merge_spread")),
         )
         summary["outputs"] += [str(p) for p in previews]
         summary["previews"] = [str(p) for p in previews]

@@ -41,9 +41,18 @@ def merge_share(
     tiles: Sequence[Tile],
     world_size: int,
 ) -> Callable[[int], object]:
-    """A rank's share of the merge (:func:`mgpr.tasks.merge.finalise_share`), for the end."""
+    """A rank's share of the merge (:func:`mgpr.tasks.merge.finalise_share`) and its previews."""
+    from mgpr.monitor.previews import write_share_previews
+
     task, ctx = get_task(adapter.task), TaskContext.for_run(cfg, rasters, adapter.categories)
-    return lambda rank: finalise_share(run_dir, task, ctx, tiles, rank, world_size)
+    order = [r.path for r in rasters]
+
+    def share(rank: int) -> list[str]:
+        paths = finalise_share(run_dir, task, ctx, tiles, rank, world_size)
+        write_share_previews(run_dir, adapter.task, order, paths)
+        return paths
+
+    return share
 
 
 def merged_key(rank: int) -> str:
@@ -95,9 +104,11 @@ def merge_share_rank0(
     run_dir: Path,
 ) -> None:
     """Rank 0: clear an older merge's files, say go, finalise its share, wait for the others."""
+    from mgpr.monitor.previews import clear_stash
     from mgpr.run.liveness import wait_for_ranks
 
     clear_finalised(run_dir)
+    clear_stash(run_dir)
     store.set(GO_KEY, GO_MERGE)
     start = time.perf_counter()
     try:

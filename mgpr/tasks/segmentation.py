@@ -308,7 +308,7 @@ class SegmentationTask(Task):
         """
         index = {p: i for i, p in enumerate(ctx.rasters)}
         for path in paths:
-            self.assemble(run_dir, ledger, ctx, tiles, path, _finalised_stem(run_dir, index[path]))
+            self.assemble(run_dir, ledger, ctx, tiles, path, finalised_stem(run_dir, index[path]))
 
     def assemble(
         self,
@@ -406,7 +406,7 @@ class SegmentationTask(Task):
         for path in sorted(ctx.rasters):
             info = ctx.rasters[path]
             stem = out_dir / names[path]
-            done = _finalised_stem(run_dir, index[path])
+            done = finalised_stem(run_dir, index[path])
             wants_prob = bool(ctx.probabilities and categories)
             files = [done.with_name(f"{done.name}.tif")]
             if wants_prob:
@@ -432,7 +432,7 @@ class SegmentationTask(Task):
         return result
 
 
-def _finalised_stem(run_dir: Path, index: int) -> Path:
+def finalised_stem(run_dir: Path, index: int) -> Path:
     """Where a rank's :meth:`SegmentationTask.finalise` puts the ``index``-th raster's COGs."""
     return features_dir(run_dir) / f"raster{index:06d}.segmentation"
 
