@@ -1,4 +1,4 @@
-"""Previews under a spread merge: the finalising rank draws, rank 0 renames, stale ones never used."""
+"""Previews under a spread merge: the finalising rank draws, rank 0 renames, never a stale one."""
 
 from __future__ import annotations
 

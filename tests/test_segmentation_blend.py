@@ -7,6 +7,7 @@ boundary and ``seam=blend`` none, on the same run settings.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import textwrap
@@ -201,3 +202,64 @@ def test_two_ranks_blend_and_finalise_their_own_rasters(make_image, tmp_path: Pa
         assert np.array_equal(y[~invalid], bright[~invalid].astype(np.uint8))
     assert not (two / "merge").exists() and not (two / ".previews").exists()
     assert (two / "preview_a.png").exists() and (two / "preview_b.png").exists()
+
+
+def _copy_parts(run: Path, prefix: str, invert: bool) -> None:
+    """Copy every part of the run under ``prefix``: a re-predicted copy of every tile."""
+    import pyarrow.parquet as pq
+
+    from mgpr.outputs.parts import MANIFEST_META_KEY, MANIFEST_SUFFIX, parts_dir
+
+    folder = parts_dir(run)
+    manifests = sorted(p for p in folder.glob(f"*{MANIFEST_SUFFIX}") if p.name.startswith("r0-2"))
+    for i, manifest in enumerate(manifests):
+        old, name = manifest.name[: -len(MANIFEST_SUFFIX)], f"{prefix}-{i:03d}"
+        table = pq.read_table(manifest)
+        meta = json.loads(table.schema.metadata[MANIFEST_META_KEY])
+        files = []
+        for f in meta["files"]:
+            new = name + f[len(old) :]
+            with rasterio.open(folder / f) as src:
+                profile, data, tags = src.profile, src.read(), src.tags()
+            if invert:
+                data[:-1] = 255 - data[:-1]  # the probabilities, not the validity band
+            with rasterio.open(folder / new, "w", **profile) as dst:
+                dst.write(data)
+                dst.update_tags(**tags)
+            files.append(new)
+        meta["files"] = files
+        table = table.replace_schema_metadata({MANIFEST_META_KEY: json.dumps(meta).encode()})
+        pq.write_table(table, folder / f"{name}{MANIFEST_SUFFIX}")
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::rasterio.errors.NotGeoreferencedWarning")
+def test_a_tile_in_two_parts_is_blended_once_from_the_picked_part(
+    make_image, tmp_path: Path
+) -> None:
+    from mgpr.outputs.ledger import build_ledger
+
+    img = make_image(width=400, height=300, objects=6)
+    run = tmp_path / "run"
+    args = _args(Path(img.path), run, "model=reference-seg", "tile_size=128", "overlap=32")
+    assert run_mgpr_inprocess(*args, "seam=blend") == 0
+    want = _class_map(run / "segmentation" / "ortho.tif")
+    info = describe_raster(str(img.path))
+    by_key = {t.id.key(): t for t in plan_tiles(info.path, info.height, info.width, 128, 32)}
+    ctx = TaskContext(
+        rasters={info.path: info},
+        tile_size=128,
+        overlap=32,
+        categories=("background", "bright"),
+        seam="blend",
+    )
+    task = get_task("segmentation")
+    _copy_parts(run, "r9-later", invert=True)  # sorts after the original: never picked
+    ledger = build_ledger(run, by_key)
+    assert ledger.duplicates == len(by_key)
+    got = _class_map(task.assemble(run, ledger, ctx, by_key, info.path, tmp_path / "x")[0])
+    assert np.array_equal(got, want)  # the inverted copy added nothing
+    _copy_parts(run, "r0-0-first", invert=True)  # sorts first: picked for every tile
+    ledger = build_ledger(run, by_key)
+    got = _class_map(task.assemble(run, ledger, ctx, by_key, info.path, tmp_path / "y")[0])
+    assert np.array_equal(got, 1 - want)
