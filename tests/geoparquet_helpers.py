@@ -3,7 +3,8 @@
 The bundled GDAL of pyogrio has no Parquet driver, so the tests cannot read the files back with
 OGR; this reader uses pyarrow + shapely + pyproj only (not the writer's code) and asserts the
 spec's MUSTs (https://geoparquet.org/releases/v1.1.0/, its schema.json), plus the promises mgpr
-makes on top: one Polygon per row, counter-clockwise exteriors, bbox = ring bounds.
+makes on top: one Polygon per row (or the geometry types the caller expects: segmentation
+polygons), counter-clockwise exteriors and clockwise holes, bbox = geometry bounds.
 """
 
 from __future__ import annotations
@@ -23,9 +24,12 @@ _TYPE_RE = re.compile(r"^(GeometryCollection|(Multi)?(Point|LineString|Polygon))
 
 
 def read_geoparquet(
-    path: Path,
+    path: Path, geometry_types: tuple[str, ...] = ("Polygon",)
 ) -> tuple[list[shapely.Geometry], pa.Table, pyproj.CRS | None, dict[str, Any]]:
-    """Geometries, the attribute table (no geometry/bbox), the CRS (None = null) and ``geo``."""
+    """Geometries, the attribute table (no geometry/bbox), the CRS (None = null) and ``geo``.
+
+    ``geometry_types``: what ``geometry_types`` must say (sorted), boxes: ``("Polygon",)``.
+    """
     pf = pq.ParquetFile(path)
     raw = pf.metadata.metadata or {}
     assert b"geo" in raw, "no 'geo' key in the Parquet file metadata"
@@ -41,7 +45,7 @@ def read_geoparquet(
     assert col["encoding"] == "WKB"
     types = col["geometry_types"]
     assert len(set(types)) == len(types) and all(_TYPE_RE.match(t) for t in types)
-    assert types == ["Polygon"]
+    assert types == sorted(types) == list(geometry_types)
     assert col.get("edges", "planar") in ("planar", "spherical")
     assert col.get("orientation", "counterclockwise") == "counterclockwise"
     assert "crs" in col, "a missing crs means OGC:CRS84; mgpr always writes it (or null)"
@@ -66,8 +70,12 @@ def read_geoparquet(
     table = pf.read()
     assert table.column(name).null_count == 0 and table.column(bbox_name).null_count == 0
     geoms = list(shapely.from_wkb(table.column(name).to_numpy(zero_copy_only=False)))
-    assert all(g.geom_type == "Polygon" for g in geoms)
-    assert all(shapely.is_ccw(g.exterior) for g in geoms)
+    if geoms:  # the declared types are exactly those present
+        assert sorted({g.geom_type for g in geoms}) == types
+    for geom in geoms:
+        for poly in getattr(geom, "geoms", [geom]):
+            assert shapely.is_ccw(poly.exterior)
+            assert not any(shapely.is_ccw(hole) for hole in poly.interiors)
     bbox = table.column(bbox_name).combine_chunks()
     per_row = np.stack([bbox.field(k).to_numpy() for k in ("xmin", "ymin", "xmax", "ymax")], 1)
     np.testing.assert_array_equal(per_row, shapely.bounds(geoms).reshape(-1, 4))

@@ -24,7 +24,6 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import shapely
 from rasterio.errors import NotGeoreferencedWarning
@@ -54,7 +53,7 @@ def clear_stash(run_dir: Path) -> None:
 
 def _table(batch: FeatureBatch, label: str) -> pa.Table:
     """A raster's features as ``write_preview`` takes them: WKB polygons and their label."""
-    geoms = shapely.polygons(np.asarray(batch.rings, dtype=np.float64))
+    geoms = batch.shapes()
     labels = batch.fields.get(label)
     return pa.table(
         {

@@ -6,7 +6,8 @@ rasters assigned to them in parallel; rank 0 only gathers. A feature file is a
 :class:`~mgpr.outputs.vector.FeatureBatch` as Parquet, published like a part (hidden temp name,
 fsync, rename: :func:`~mgpr.outputs.parts.publish_file`):
 
-* ``rings``: fixed-size list of 10 float64 per feature (the closed ring's 5 points, x y x y ...);
+* ``rings``: fixed-size list of 10 float64 per feature (the closed ring's 5 points, x y x y ...)
+  for a rings (boxes) batch, or ``geometry``: WKB (binary) for a geometries batch (polygons);
 * the batch's columns in order (float64, int64, bool, or UTF-8 string for text columns);
 * schema metadata ``mgpr.features``: JSON with the raster's path and the task's counters
   (``duplicates_removed``).
@@ -48,8 +49,15 @@ def _column(values: np.ndarray) -> pa.Array:
 
 def write_features(path: Path, batch: FeatureBatch, meta: Mapping[str, Any]) -> Path:
     """Publish one raster's features (see the module docstring)."""
-    flat = pa.array(np.ascontiguousarray(batch.rings, np.float64).reshape(-1))
-    columns = {"rings": pa.FixedSizeListArray.from_arrays(flat, 10)}
+    columns: dict[str, pa.Array]
+    if batch.rings is not None:
+        flat = pa.array(np.ascontiguousarray(batch.rings, np.float64).reshape(-1))
+        columns = {"rings": pa.FixedSizeListArray.from_arrays(flat, 10)}
+    else:
+        import shapely
+
+        wkb = shapely.to_wkb(batch.shapes()).tolist() if len(batch) else []
+        columns = {"geometry": pa.array(wkb, pa.binary())}
     columns.update({name: _column(np.asarray(col)) for name, col in batch.fields.items()})
     table = pa.table(columns).replace_schema_metadata({META_KEY: json.dumps(dict(meta)).encode()})
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -60,7 +68,6 @@ def read_features(path: Path) -> tuple[FeatureBatch, dict[str, Any]]:
     """A feature file back as a batch (text columns as object arrays) and its metadata."""
     table = pq.read_table(path)
     meta = json.loads((table.schema.metadata or {}).get(META_KEY, b"{}"))
-    rings = table["rings"].combine_chunks().flatten().to_numpy().reshape(-1, 5, 2)
     fields: dict[str, np.ndarray] = {}
     for name in table.column_names[1:]:
         column = table[name]
@@ -68,4 +75,10 @@ def read_features(path: Path) -> tuple[FeatureBatch, dict[str, Any]]:
             fields[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
         else:
             fields[name] = column.to_numpy()
+    if table.column_names[0] == "geometry":
+        import shapely
+
+        wkb = table["geometry"].to_numpy(zero_copy_only=False)
+        return FeatureBatch.of_geometries(shapely.from_wkb(wkb), fields), meta
+    rings = table["rings"].combine_chunks().flatten().to_numpy().reshape(-1, 5, 2)
     return FeatureBatch(rings.astype(np.float64, copy=False), fields), meta

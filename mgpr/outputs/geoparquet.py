@@ -8,13 +8,16 @@ node-local detour is needed.
 
 File layout (https://geoparquet.org/releases/v1.1.0/):
 
-* ``geometry``: WKB polygons (Arrow ``binary``), x then y in the layer's CRS, exterior rings
-  counter-clockwise (declared as ``orientation``).
-* ``bbox``: struct ``xmin, ymin, xmax, ymax`` (float64), each row's ring bounds, declared as the
-  ``covering`` of ``geometry``, so readers can skip row groups by their min/max statistics.
+* ``geometry``: WKB polygons (Arrow ``binary``): box rings, or a geometries batch's Polygons /
+  MultiPolygons (holes kept); x then y in the layer's CRS, exterior rings counter-clockwise and
+  holes clockwise (declared as ``orientation``).
+* ``bbox``: struct ``xmin, ymin, xmax, ymax`` (float64), each row's geometry bounds, declared as
+  the ``covering`` of ``geometry``, so readers can skip row groups by their min/max statistics.
 * the FeatureBatch's columns, in order: float64, int64, bool or UTF-8 string.
 * file metadata ``geo``: ``version`` 1.1.0, ``primary_column`` ``geometry``, and for
-  ``geometry``: ``encoding`` WKB, ``geometry_types`` ``["Polygon"]``, ``crs`` as PROJJSON
+  ``geometry``: ``encoding`` WKB, ``geometry_types`` (the types the file holds: ``["Polygon"]``
+  for boxes and for a layer without rows, ``["MultiPolygon", "Polygon"]`` when both occur),
+  ``crs`` as PROJJSON
   (``null`` for a raster without CRS: the spec reads a *missing* ``crs`` as OGC:CRS84, which
   pixel coordinates are not), ``bbox`` of the whole file (absent for an empty layer).
 
@@ -27,6 +30,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,7 +70,9 @@ def counterclockwise(rings: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
     return out
 
 
-def geo_metadata(crs_wkt: str | None, bbox: list[float] | None) -> dict[str, Any]:
+def geo_metadata(
+    crs_wkt: str | None, bbox: list[float] | None, geometry_types: Sequence[str] = ("Polygon",)
+) -> dict[str, Any]:
     """The ``geo`` file metadata of one layer (GeoParquet 1.1.0).
 
     Args:
@@ -74,12 +80,13 @@ def geo_metadata(crs_wkt: str | None, bbox: list[float] | None) -> dict[str, Any
             ``"crs": null``).
         bbox: ``[xmin, ymin, xmax, ymax]`` of every geometry in the file, layer CRS; None when
             the file holds no rows.
+        geometry_types: the geometry types in the file (written sorted, each once).
     """
     import pyproj
 
     column: dict[str, Any] = {
         "encoding": "WKB",
-        "geometry_types": ["Polygon"],
+        "geometry_types": sorted(set(geometry_types)),
         "crs": pyproj.CRS.from_user_input(crs_wkt).to_json_dict() if crs_wkt else None,
         "orientation": "counterclockwise",
         "edges": "planar",
@@ -111,17 +118,23 @@ def batch_table(batch: FeatureBatch, schema: pa.Schema | None = None) -> pa.Tabl
     """One Arrow table of ``batch``: geometry (WKB), bbox struct, then the batch's columns.
 
     Args:
-        batch: the features; rings are made counter-clockwise.
+        batch: the features; exterior rings are made counter-clockwise (holes clockwise).
         schema: the layer's schema when already known (later batches must match it).
     """
     import shapely
 
-    rings = counterclockwise(np.asarray(batch.rings, dtype=np.float64))
-    n = len(rings)
-    wkb = shapely.to_wkb(shapely.polygons(rings)) if n else np.empty(0, dtype=object)
-    lo, hi = rings.min(axis=1), rings.max(axis=1)  # (N, 2) each: x, y
+    n = len(batch)
+    if batch.rings is not None:  # boxes: orient and bound the plain arrays, no objects kept
+        rings = counterclockwise(np.asarray(batch.rings, dtype=np.float64))
+        wkb = shapely.to_wkb(shapely.polygons(rings)) if n else np.empty(0, dtype=object)
+        lo, hi = rings.min(axis=1), rings.max(axis=1)  # (N, 2) each: x, y
+        xmin, ymin, xmax, ymax = lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1]
+    else:
+        geoms = shapely.orient_polygons(batch.shapes(), exterior_cw=False)
+        wkb = shapely.to_wkb(geoms) if n else np.empty(0, dtype=object)
+        xmin, ymin, xmax, ymax = batch.bounds().T
     bbox = pa.StructArray.from_arrays(
-        [pa.array(v, pa.float64()) for v in (lo[:, 0], lo[:, 1], hi[:, 0], hi[:, 1])],
+        [pa.array(v, pa.float64()) for v in (xmin, ymin, xmax, ymax)],
         fields=list(_BBOX_TYPE),
     )
     names = list(batch.fields)
@@ -154,10 +167,14 @@ class _Layer:
     rows: int = 0
     row_groups: int = 0
     bounds: list[float] | None = None  # xmin, ymin, xmax, ymax so far
+    types: set[str] = field(default_factory=set)  # geometry types written so far
 
 
 class GeoParquetWriter(VectorWriter):
     """Each layer to ``<run_dir>/<layer>.parquet`` (GeoParquet 1.1, WKB polygons, bbox covering).
+
+    Takes either form of :class:`~mgpr.outputs.vector.FeatureBatch` (box rings or geometries),
+    even mixed within a layer; the ``geo`` metadata lists the geometry types actually written.
 
     Args:
         run_dir: the run directory.
@@ -189,6 +206,7 @@ class GeoParquetWriter(VectorWriter):
             if crs_wkt != state.crs_wkt:
                 raise ValueError(f"layer {layer!r} was started in another CRS than this batch's")
             table = batch_table(batch, state.schema)
+        state.types.update(batch.geometry_types() if len(batch) else ())
         if len(table):
             state.pending.append(table)
             state.pending_rows += len(table)
@@ -247,7 +265,7 @@ class GeoParquetWriter(VectorWriter):
         try:
             for state in self._layers.values():
                 self._flush(state, final=True)
-                meta = geo_metadata(state.crs_wkt, state.bounds)
+                meta = geo_metadata(state.crs_wkt, state.bounds, state.types or ("Polygon",))
                 state.writer.add_key_value_metadata({"geo": json.dumps(meta)})
                 state.writer.close()
                 with open(state.tmp, "rb+") as fh:

@@ -21,14 +21,20 @@ from mgpr.outputs.vector import FeatureBatch, VectorWriter
 
 
 class GpkgWriter(VectorWriter):
-    """Every layer in one ``<stem>.gpkg`` (GeoPackage 1.2, polygons)."""
+    """Every layer in one ``<stem>.gpkg`` (GeoPackage 1.2, polygons).
+
+    A layer's geometry type is set by its first batch: ``Polygon`` for rings (boxes) and for
+    geometries batches of Polygons only, ``MultiPolygon`` when that batch holds any
+    MultiPolygon (its Polygons are then stored as one-part MultiPolygons, as the GeoPackage
+    spec asks of a typed layer). A later MultiPolygon for a ``Polygon`` layer is refused.
+    """
 
     format_name = "gpkg"
 
     def __init__(self, run_dir: Path, stem: str) -> None:
         super().__init__(run_dir, stem)
         self._workdir: Path | None = None
-        self._layers: set[str] = set()
+        self._layers: dict[str, str] = {}  # layer -> its geometry type
 
     @property
     def final_path(self) -> Path:
@@ -48,7 +54,15 @@ class GpkgWriter(VectorWriter):
         path = self._local_path()
         creating_file = not path.exists()
         n = len(batch)
-        wkb = shapely.to_wkb(shapely.polygons(batch.rings)) if n else np.empty(0, dtype=object)
+        if batch.rings is not None:  # boxes: the fast path, no geometry objects kept
+            wkb = shapely.to_wkb(shapely.polygons(batch.rings)) if n else np.empty(0, dtype=object)
+            kind = "Polygon"
+        else:
+            wkb = shapely.to_wkb(batch.shapes()) if n else np.empty(0, dtype=object)
+            kind = "MultiPolygon" if "MultiPolygon" in batch.geometry_types() else "Polygon"
+        layer_kind = self._layers.setdefault(layer, kind)
+        if layer_kind == "Polygon" and kind == "MultiPolygon":
+            raise ValueError(f"layer {layer!r} holds Polygons; this batch has MultiPolygons")
         names = list(batch.fields)
         with warnings.catch_warnings():
             # crs_wkt=None: a raster without CRS, already reported once (pixel coordinates).
@@ -61,15 +75,14 @@ class GpkgWriter(VectorWriter):
                 field_data=[np.asarray(batch.fields[k]) for k in names],
                 fields=names,
                 crs=crs_wkt,
-                geometry_type="Polygon",
+                geometry_type=layer_kind,
                 layer=layer,
                 driver="GPKG",
                 append=not creating_file,
-                promote_to_multi=False,
+                promote_to_multi=layer_kind == "MultiPolygon",
                 # GeoPackage 1.2 opens without warnings in older GDAL/QGIS releases too.
                 dataset_options={"VERSION": "1.2"} if creating_file else None,
             )
-        self._layers.add(layer)
 
     def commit(self) -> list[Path]:
         """Copy the finished file next to its final name, then rename it onto it."""

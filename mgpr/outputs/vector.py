@@ -1,9 +1,10 @@
 """The seam between a task's merge and the vector files it produces: layers of polygon features.
 
-A task's merge turns each raster's final records into a :class:`FeatureBatch` (polygon rings in
-the raster's CRS plus attribute columns) and hands it to every :class:`VectorWriter` the run's
-``output_format`` selects (:func:`mgpr.outputs.formats.vector_writers`). A writer knows one file
-format and nothing about tasks; adding a format is one new writer module.
+A task's merge turns each raster's final records into a :class:`FeatureBatch` (box rings or
+general polygons in the raster's CRS plus attribute columns) and hands it to every
+:class:`VectorWriter` the run's ``output_format`` selects
+(:func:`mgpr.outputs.formats.vector_writers`). A writer knows one file format and nothing about
+tasks; adding a format is one new writer module.
 
 Writers never expose a half-written file: they build their files under temporary names (on
 node-local disk where the format needs locks, such as the SQLite inside a GeoPackage) and move
@@ -13,49 +14,130 @@ them into the run directory in :meth:`VectorWriter.commit`, each with ``os.repla
 from __future__ import annotations
 
 import abc
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+import shapely
+
+#: GeoParquet / OGR names of the geometry types a FeatureBatch may hold (shapely type ids).
+_TYPE_NAMES = {3: "Polygon", 6: "MultiPolygon"}
 
 
 @dataclass(frozen=True, slots=True)
 class FeatureBatch:
-    """Polygons and their attributes, ready to write.
+    """Polygons and their attributes, ready to write: boxes as rings, or general geometries.
+
+    Two forms, one of them per batch:
+
+    * **rings** (boxes: detections, classification footprints): ``FeatureBatch(rings, fields)``;
+      a plain (N, 5, 2) array, so that 10^6 boxes cost no Python object each (the detection
+      merge's hot path);
+    * **geometries** (segmentation polygons: holes, several parts):
+      :meth:`of_geometries` ``(geoms, fields)``; shapely Polygons / MultiPolygons.
 
     Attributes:
         rings: (N, 5, 2) float64 closed rings (first point == last), x then y, in the layer's
-            CRS (map units; raster pixel corner coordinates for a raster without a CRS).
+            CRS (map units; raster pixel corner coordinates for a raster without a CRS); None
+            for a geometries batch.
         fields: column name -> (N,) array: float64, int64, or object (str) columns; every column
             has N rows and the same columns come in every batch of one layer.
+        geometries: (N,) object array of shapely Polygons / MultiPolygons (same CRS rule as
+            ``rings``); None for a rings batch.
     """
 
-    rings: npt.NDArray[np.float64]
+    rings: npt.NDArray[np.float64] | None
     fields: Mapping[str, np.ndarray]
+    geometries: npt.NDArray[np.object_] | None = None
 
     def __post_init__(self) -> None:
-        n = len(self.rings)
-        if self.rings.shape != (n, 5, 2):
-            raise ValueError(f"FeatureBatch needs rings of shape (N, 5, 2), got {self.rings.shape}")
+        if (self.rings is None) == (self.geometries is None):
+            raise ValueError("FeatureBatch needs rings or geometries (exactly one of them)")
+        if self.rings is not None:
+            n = len(self.rings)
+            if self.rings.shape != (n, 5, 2):
+                raise ValueError(
+                    f"FeatureBatch needs rings of shape (N, 5, 2), got {self.rings.shape}"
+                )
+        else:
+            assert self.geometries is not None
+            n = len(self.geometries)
+            if self.geometries.ndim != 1:
+                raise ValueError(f"FeatureBatch needs (N,) geometries, got {self.geometries.shape}")
+            kinds = shapely.get_type_id(self.geometries) if n else np.empty(0, np.int64)
+            bad = ~np.isin(kinds, list(_TYPE_NAMES))
+            if bad.any():
+                what = self.geometries[int(np.argmax(bad))]
+                kind = "None" if what is None else what.geom_type
+                raise ValueError(f"FeatureBatch geometries must be (Multi)Polygons, got {kind}")
         for name, column in self.fields.items():
             if len(column) != n:
                 raise ValueError(f"FeatureBatch column {name!r} has {len(column)} rows, not {n}")
 
+    @classmethod
+    def of_geometries(
+        cls, geometries: Sequence[shapely.Geometry] | np.ndarray, fields: Mapping[str, np.ndarray]
+    ) -> FeatureBatch:
+        """A geometries batch (see the class docstring) from any sequence of shapely polygons."""
+        geoms = np.empty(len(geometries), dtype=object)
+        geoms[:] = list(geometries)
+        return cls(None, fields, geoms)
+
     def __len__(self) -> int:
-        return len(self.rings)
+        if self.rings is not None:
+            return len(self.rings)
+        assert self.geometries is not None
+        return len(self.geometries)
+
+    @property
+    def is_rings(self) -> bool:
+        """True for a rings (boxes) batch."""
+        return self.rings is not None
+
+    def shapes(self) -> npt.NDArray[np.object_]:
+        """(N,) shapely geometries of either form (boxes are built here: slow for 10^6)."""
+        if self.geometries is not None:
+            return self.geometries
+        assert self.rings is not None
+        if not len(self.rings):
+            return np.empty(0, dtype=object)
+        return shapely.polygons(np.asarray(self.rings, dtype=np.float64))
+
+    def bounds(self) -> npt.NDArray[np.float64]:
+        """(N, 4) ``xmin, ymin, xmax, ymax`` of every feature, layer CRS."""
+        if self.rings is not None:
+            rings = np.asarray(self.rings, dtype=np.float64)
+            lo, hi = rings.min(axis=1), rings.max(axis=1)
+            return np.column_stack([lo, hi]) if len(rings) else np.empty((0, 4))
+        return shapely.bounds(self.shapes()).reshape(-1, 4)
+
+    def geometry_types(self) -> tuple[str, ...]:
+        """Sorted names of the geometry types present (a rings batch: ``("Polygon",)``)."""
+        if self.rings is not None:
+            return ("Polygon",)
+        assert self.geometries is not None
+        if not len(self.geometries):
+            return ()
+        ids = np.unique(shapely.get_type_id(self.geometries))
+        return tuple(sorted(_TYPE_NAMES[int(i)] for i in ids))
 
     @classmethod
     def concat(cls, batches: list[FeatureBatch]) -> FeatureBatch:
-        """One batch holding every row of ``batches`` in order (they share their columns)."""
+        """One batch holding every row of ``batches`` in order (they share their columns).
+
+        All rings batches give a rings batch (no geometry objects made); any geometries batch
+        among them makes the result a geometries batch.
+        """
         if not batches:
             return cls(np.empty((0, 5, 2), np.float64), {})
         names = list(batches[0].fields)
-        return cls(
-            np.concatenate([b.rings for b in batches]).reshape(-1, 5, 2),
-            {k: np.concatenate([np.asarray(b.fields[k]) for b in batches]) for k in names},
-        )
+        fields = {k: np.concatenate([np.asarray(b.fields[k]) for b in batches]) for k in names}
+        if all(b.rings is not None for b in batches):
+            rings = [b.rings for b in batches if b.rings is not None]
+            return cls(np.concatenate(rings).reshape(-1, 5, 2), fields)
+        return cls(None, fields, np.concatenate([b.shapes() for b in batches]))
 
 
 class VectorWriter(abc.ABC):

@@ -56,6 +56,8 @@ from mgpr.tasks.segmentation_blend import publish_stack, write_blended
 
 #: Folder of the class maps inside the run directory.
 SEGMENTATION_DIR = "segmentation"
+#: Layer name base of the ``vectorize=true`` polygons (:mod:`mgpr.tasks.layers` rules).
+POLYGONS_LAYER = "segments"
 #: Part file kinds: class ids, probabilities.
 KIND_IDS = "seg"
 KIND_PROB = "prob"
@@ -171,42 +173,52 @@ def _publish(
 
 
 def write_polygons(
-    out: Path, class_map: Path, names: Sequence[str], nodata: int, info: RasterInfo
-) -> int:
-    """The class map's regions as polygons: ``<stem>_polygons.gpkg``, layer ``segmentation``.
+    run_dir: Path,
+    ctx: TaskContext,
+    class_maps: Mapping[str, Path],
+    output_format: str,
+    output_name: str,
+    result: MergeResult,
+) -> None:
+    """``vectorize=true``: every class map's regions as polygons, through the run's writers.
 
-    Traced from the final COG in blocks (:func:`~mgpr.tasks.vectorize.vectorize_class_map`:
-    pieces cut by block edges merged), in the raster's CRS; columns ``class_id``, ``label``,
-    ``source``. Written under a temp name and renamed (whole or not at all). Returns the polygons.
+    Layers as for the vector tasks (:func:`~mgpr.tasks.layers.plan_layers`, base
+    :data:`POLYGONS_LAYER`: ``segments`` when every input has one CRS, else
+    ``segments_epsg<code>`` ...) in ``predictions.gpkg`` / ``segments.parquet``
+    (``output_format``), in each raster's own CRS; columns ``class_id``, ``label``, ``source``,
+    ``area`` (:func:`~mgpr.tasks.vectorize.class_map_features`: traced from the final COG in
+    blocks, pieces cut by block edges merged). One raster's polygons in memory at a time; the
+    writers publish whole files only. Adds the files to ``result.output_paths`` and the polygon
+    count of each layer to ``result.layers``.
+
+    Args:
+        run_dir: the run directory.
+        ctx: the run's context (rasters, categories).
+        class_maps: input path -> its assembled class map COG.
+        output_format: ``gpkg``, ``parquet`` or ``both``.
+        output_name: file stem of single-file formats.
+        result: the merge's result, updated.
     """
-    import pyogrio.raw
+    from mgpr.outputs.formats import vector_writers
+    from mgpr.tasks.layers import plan_layers
+    from mgpr.tasks.vectorize import class_map_features
 
-    from mgpr.outputs.parts import publish_file
-    from mgpr.tasks.vectorize import vectorize_class_map
-
-    table = vectorize_class_map(class_map, names, nodata)
-    n = table.num_rows
-    fields = [
-        table["class_id"].to_numpy().astype(np.int32),
-        np.array(table["label"].to_pylist(), dtype=object),
-        np.array([info.path] * n, dtype=object),
-    ]
-
-    def write(tmp: Path) -> None:
-        pyogrio.raw.write(
-            tmp,
-            np.array(table["geometry"].to_pylist(), dtype=object),
-            fields,
-            ["class_id", "label", "source"],
-            layer="segmentation",
-            driver="GPKG",
-            geometry_type="MultiPolygon",
-            promote_to_multi=True,
-            crs=info.crs_wkt,
-        )
-
-    publish_file(out, write)
-    return n
+    names = list(ctx.categories) if ctx.categories else []
+    _dtype, nodata = class_id_dtype(n_classes(ctx))
+    writers = vector_writers(output_format, run_dir, output_name)
+    try:
+        for layer in plan_layers([ctx.rasters[p] for p in class_maps], POLYGONS_LAYER):
+            result.layers[layer.name] = 0
+            for path in layer.paths:
+                batch = class_map_features(class_maps[path], names, nodata, path)
+                for writer in writers:
+                    writer.write(layer.name, layer.crs_wkt, batch)
+                result.layers[layer.name] += len(batch)
+        for writer in writers:
+            result.output_paths += writer.commit()
+    finally:
+        for writer in writers:
+            writer.abort()
 
 
 class SegmentationTask(Task):
@@ -398,7 +410,6 @@ class SegmentationTask(Task):
         """
         result = MergeResult()
         names = output_names(list(ctx.rasters))
-        _, nodata = class_id_dtype(n_classes(ctx))
         categories = list(ctx.categories) if ctx.categories else None
         out_dir = run_dir / SEGMENTATION_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -421,13 +432,11 @@ class SegmentationTask(Task):
             else:
                 finals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
             result.output_paths.append(finals[0])
-            if ctx.vectorize:
-                polygons = out_dir / f"{names[path]}_polygons.gpkg"
-                n = write_polygons(polygons, finals[0], categories or [], nodata, info)
-                result.output_paths.append(polygons)
-                result.layers[f"{names[path]}_polygons"] = n
             result.records += _owned_pixels(ledger, info, ctx, tiles)
             result.output_paths.extend(finals[1:])
+        if ctx.vectorize:
+            cogs = {p: out_dir / f"{names[p]}.tif" for p in ctx.rasters}
+            write_polygons(run_dir, ctx, cogs, output_format, output_name, result)
         result.output_path = result.output_paths[0] if result.output_paths else None
         return result
 

@@ -22,6 +22,8 @@ import shapely
 from affine import Affine
 from rasterio.windows import Window
 
+from mgpr.outputs.vector import FeatureBatch
+
 #: Window edge of the vectorising pass, pixels (a multiple of the COG's 512 px blocks).
 BLOCK_PX = 2048
 
@@ -44,22 +46,22 @@ def polygons_table(
     )
 
 
-def vectorize_class_map(
-    path: Path, names: Sequence[str], nodata: int, block_px: int = BLOCK_PX
-) -> pa.Table:
-    """Polygons of every class region of a class-map GeoTIFF (see the module docstring).
+def trace_regions(
+    path: Path, nodata: int, block_px: int = BLOCK_PX
+) -> tuple[list[shapely.Geometry], list[int]]:
+    """Every class region of a class-map GeoTIFF as one polygon (see the module docstring).
 
     Regions are traced and merged in RASTER pixel coordinates (integers, so pieces of one region
     share their edges exactly), then mapped through the raster's transform.
 
     Args:
-        path: the class map (band 1 class ids).
-        names: class names by id.
+        path: the class map (band 1 class ids, uint8 or uint16).
         nodata: the class map's nodata value (no polygon).
         block_px: window edge, pixels.
 
     Returns:
-        One polygon per region in the raster's CRS, ordered by class then position.
+        ``(polygons, class ids)``: one Polygon (holes kept) per 4-connected region in the
+        raster's CRS, ordered by class then position.
     """
     final_geoms: list[shapely.Geometry] = []
     final_ids: list[int] = []
@@ -97,8 +99,43 @@ def vectorize_class_map(
             final_geoms.append(geom)
             final_ids.append(value)
     order = sorted(range(len(final_ids)), key=lambda i: (final_ids[i], final_geoms[i].bounds))
-    geoms = [_to_map(final_geoms[i], affine) for i in order]
-    return polygons_table(geoms, [final_ids[i] for i in order], names)
+    return [_to_map(final_geoms[i], affine) for i in order], [final_ids[i] for i in order]
+
+
+def vectorize_class_map(
+    path: Path, names: Sequence[str], nodata: int, block_px: int = BLOCK_PX
+) -> pa.Table:
+    """:func:`trace_regions` as a features table (:func:`polygons_table`)."""
+    geoms, ids = trace_regions(path, nodata, block_px)
+    return polygons_table(geoms, ids, names)
+
+
+def class_map_features(
+    path: Path, names: Sequence[str], nodata: int, source: str, block_px: int = BLOCK_PX
+) -> FeatureBatch:
+    """:func:`trace_regions` as a :class:`~mgpr.outputs.vector.FeatureBatch` for the writers.
+
+    Columns: ``class_id`` (int64), ``label`` (the class name, or the id as text when the model
+    names none), ``source`` (``source``: the input raster's path), ``area`` (float64, the
+    polygon's area in the CRS's units squared: m^2 for a projected CRS in metres, degrees^2 for
+    a geographic one, pixels^2 for a raster without CRS).
+    """
+    geoms, ids = trace_regions(path, nodata, block_px)
+    class_ids = np.asarray(ids, dtype=np.int64)
+    labels = np.array(
+        [names[i] if 0 <= i < len(names) else str(i) for i in ids], dtype=object
+    ).reshape(-1)
+    shapes = np.empty(len(geoms), dtype=object)
+    shapes[:] = geoms
+    return FeatureBatch.of_geometries(
+        shapes,
+        {
+            "class_id": class_ids,
+            "label": labels,
+            "source": np.full(len(geoms), source, dtype=object),
+            "area": shapely.area(shapes).astype(np.float64) if len(geoms) else np.empty(0),
+        },
+    )
 
 
 def _to_map(geom: shapely.Geometry, affine: Affine) -> shapely.Geometry:
