@@ -205,32 +205,3 @@ def test_previews_of_several_inputs_have_unique_names(make_image, tmp_path: Path
     b = make_image("b/ortho.tif", width=300, height=200)
     out = write_previews(tmp_path, "segmentation", [str(a.path), str(b.path)], {})
     assert [p.name for p in out] == ["preview_ortho.png", "preview_ortho_2.png"]
-
-
-@pytest.mark.slow
-def test_vectorize_polygons_equal_the_class_map_regions(make_image, tmp_path: Path) -> None:
-    import pyogrio.raw
-    import rasterio.features
-    import shapely
-
-    img = make_image(width=700, height=530, objects=12, nodata="border")
-    run = tmp_path / "run"
-    args = _args(img.path, run, "tile_size=128", "overlap=32", "vectorize=true")
-    assert run_mgpr_inprocess(*args) == 0
-    with rasterio.open(run / "segmentation" / "ortho.tif") as src:
-        ids, transform = src.read(1), src.transform
-    gpkg = run / "segmentation" / "ortho_polygons.gpkg"
-    _meta, _fids, wkb, data = pyogrio.raw.read(gpkg, layer="segmentation")
-    geoms = shapely.from_wkb(wkb)
-    burnt = rasterio.features.rasterize(
-        zip(geoms, data[0].tolist(), strict=True),
-        out_shape=ids.shape,
-        transform=transform,
-        fill=255,
-        dtype="uint8",
-    )
-    assert np.array_equal(burnt, ids)
-    labels = set(data[1].tolist())
-    assert labels == {"background", "bright"}
-    summary = json.loads((run / "summary.json").read_text())
-    assert str(gpkg) in summary["outputs"] and summary["layers"]["ortho_polygons"] == len(geoms)

@@ -1,0 +1,201 @@
+"""Segmentation outputs beyond the uint8 class map: vectorize=true layers, > 255 classes.
+
+``vectorize=true`` polygons go through the run's vector writers (predictions.gpkg and/or
+segments.parquet, layer rules of mgpr.tasks.layers); rasterised back they must equal the class
+map COG. A custom 300-class segmenter gives a uint16 class map with nodata 65535.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pyogrio.raw
+import pytest
+import rasterio
+import rasterio.features
+import shapely
+from conftest import run_mgpr_inprocess
+from geoparquet_helpers import read_geoparquet
+
+
+def _args(image: Path, run: Path, *more: str, model: str = "reference-seg") -> list[str]:
+    return [
+        f"input_path={image}",
+        f"model={model}",
+        "workers=0",
+        "batch_size=4",
+        "accelerator=cpu",
+        "progress=false",
+        "tile_size=128",
+        "overlap=32",
+        f"output_dir={run}",
+        *more,
+    ]
+
+
+def _burn(geoms, values, cog: Path, nodata: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The polygons rasterised on the class map's grid, and the class map itself."""
+    with rasterio.open(cog) as src:
+        ids, transform = src.read(1), src.transform
+    burnt = rasterio.features.rasterize(
+        zip(geoms, values, strict=True),
+        out_shape=ids.shape,
+        transform=transform,
+        fill=nodata,
+        dtype=dtype,
+    )
+    return burnt, ids
+
+
+def _gpkg(path: Path, layer: str) -> tuple[list[shapely.Geometry], dict[str, list], str]:
+    meta, _fids, wkb, data = pyogrio.raw.read(path, layer=layer)
+    columns = {name: data[i].tolist() for i, name in enumerate(meta["fields"])}
+    return list(shapely.from_wkb(wkb)), columns, meta["crs"]
+
+
+@pytest.mark.slow
+def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
+    make_image, tmp_path: Path
+) -> None:
+    img = make_image(width=600, height=450, objects=10, nodata="border")
+    run = tmp_path / "run"
+    args = _args(img.path, run, "vectorize=true", "output_format=both")
+    assert run_mgpr_inprocess(*args) == 0
+    cog = run / "segmentation" / "ortho.tif"
+    assert not list((run / "segmentation").glob("*_polygons*"))  # the old side file is gone
+    with rasterio.open(cog) as src:
+        pixel_area = abs(src.transform.a * src.transform.e)
+    gp_geoms, gp_cols, gp_crs = _gpkg(run / "predictions.gpkg", "segments")
+    pq_geoms, table, crs, _geo = read_geoparquet(run / "segments.parquet")
+    assert list(gp_cols) == ["class_id", "label", "source", "area"]
+    assert table.column_names == ["class_id", "label", "source", "area"]
+    assert gp_crs == "EPSG:32633" and crs is not None and crs.to_epsg() == 32633
+    for geoms, class_ids in ((gp_geoms, gp_cols["class_id"]), (pq_geoms, table["class_id"])):
+        burnt, ids = _burn(geoms, list(class_ids), cog, 255, "uint8")
+        assert np.array_equal(burnt, ids)
+    assert all(shapely.equals(a, b) for a, b in zip(gp_geoms, pq_geoms, strict=True))
+    assert set(gp_cols["label"]) == {"background", "bright"}
+    assert set(gp_cols["source"]) == {str(img.path)}
+    np.testing.assert_allclose(gp_cols["area"], [g.area for g in gp_geoms])
+    _burnt, ids = _burn([], [], cog, 255, "uint8")
+    assert sum(gp_cols["area"]) == pytest.approx((ids != 255).sum() * pixel_area)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["layers"]["segments"] == len(gp_geoms) > 10
+    assert str(run / "predictions.gpkg") in summary["outputs"]
+    assert str(run / "segments.parquet") in summary["outputs"]
+    assert str(cog) in summary["outputs"]
+
+
+@pytest.mark.slow
+def test_two_crss_give_two_layers(make_image, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_image("in/a.tif", width=384, height=256, objects=4, crs="EPSG:32633")
+    make_image("in/b.tif", width=256, height=384, objects=4, crs="EPSG:32632", seed=7)
+    run = tmp_path / "run"
+    assert run_mgpr_inprocess(*_args(folder, run, "vectorize=true", "output_format=both")) == 0
+    layers = sorted(name for name, _ in pyogrio.list_layers(run / "predictions.gpkg"))
+    assert layers == ["segments_epsg32632", "segments_epsg32633"]
+    assert sorted(p.name for p in run.glob("*.parquet")) == [f"{n}.parquet" for n in layers]
+    summary = json.loads((run / "summary.json").read_text())
+    cases = (("segments_epsg32633", "a", 32633), ("segments_epsg32632", "b", 32632))
+    for layer, stem, epsg in cases:
+        geoms, cols, gp_crs = _gpkg(run / "predictions.gpkg", layer)
+        assert gp_crs == f"EPSG:{epsg}" and set(cols["source"]) == {str(folder / f"{stem}.tif")}
+        cog = run / "segmentation" / f"{stem}.tif"
+        burnt, ids = _burn(geoms, cols["class_id"], cog, 255, "uint8")
+        assert np.array_equal(burnt, ids)
+        pq_geoms, _table, crs, _geo = read_geoparquet(run / f"{layer}.parquet")
+        assert crs is not None and crs.to_epsg() == epsg and len(pq_geoms) == len(geoms)
+        assert summary["layers"][layer] == len(geoms)
+
+
+MANY = '''
+import torch
+
+K = 300
+
+
+class Many(torch.nn.Module):
+    """300 classes: 299 where every band is bright (>= 245 of 255), else band 1's value."""
+
+    task = "segmentation"
+    categories = tuple(f"c{i}" for i in range(K))
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        v = torch.round(x * 255)
+        ids = torch.where((v >= 245).all(dim=1), K - 1, v[:, 0].long().clamp(0, 254))
+        return torch.nn.functional.one_hot(ids, K).permute(0, 3, 1, 2).float()
+
+
+def build(weights):
+    return Many()
+'''
+
+
+@pytest.mark.slow
+def test_300_classes_give_a_uint16_class_map(
+    make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "mgpr_many.py").write_text(textwrap.dedent(MANY))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    img = make_image(width=384, height=320, objects=6, nodata="border")
+    run = tmp_path / "run"
+    args = _args(img.path, run, "batch_size=2", model="mgpr_many:build")
+    assert run_mgpr_inprocess(*args) == 0
+    with rasterio.open(img.path) as src:
+        data = src.read()
+        invalid = src.dataset_mask() == 0
+    band1 = np.minimum(data[0], 254).astype(np.uint16)
+    want = np.where((data >= 245).all(axis=0), np.uint16(299), band1)
+    want[invalid] = 65535
+    cog = run / "segmentation" / "ortho.tif"
+    with rasterio.open(cog) as out:
+        assert out.dtypes[0] == "uint16" and out.nodata == 65535
+        assert out.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        ids = out.read(1)
+        colours = out.colormap(1)
+        names = json.loads(out.tags()["class_names"])
+        assert out.descriptions == ("class",)
+    assert np.array_equal(ids, want)
+    assert (ids == 299).sum() > 50 and ((ids > 255) & (ids != 65535)).any()
+    assert names == [f"c{i}" for i in range(300)]
+    # The colour table reaches past 255 (GDAL keeps colour tables for UInt16) and the colours
+    # are those of the class ids: class 0 grey, 299 its own hue.
+    from mgpr.outputs.cog import class_colours
+
+    assert len(colours) >= 300 and colours[299] == class_colours(300)[299]
+    assert colours[0] == (128, 128, 128, 255)
+
+
+def test_uint16_class_map_polygons_keep_ids_above_255(tmp_path: Path) -> None:
+    from affine import Affine
+
+    from mgpr.tasks.vectorize import class_map_features
+
+    ids = np.full((300, 260), 65535, np.uint16)  # nodata border
+    ids[10:290, 10:250] = 7
+    ids[40:200, 30:120] = 299
+    ids[100:120, 60:80] = 7  # a hole in 299, an island of 7
+    path = tmp_path / "ids.tif"
+    transform = Affine(0.5, 0, 500_000, 0, -0.5, 5_800_000)
+    profile = {"driver": "GTiff", "height": 300, "width": 260, "count": 1, "dtype": "uint16"}
+    with rasterio.open(
+        path, "w", **profile, nodata=65535, crs="EPSG:32633", transform=transform
+    ) as d:
+        d.write(ids, 1)
+    names = [f"c{i}" for i in range(300)]
+    batch = class_map_features(path, names, 65535, "in.tif", block_px=128)
+    assert batch.fields["class_id"].tolist() == [7, 7, 299]
+    assert batch.fields["label"].tolist() == ["c7", "c7", "c299"]
+    big = batch.shapes()[2]
+    assert len(big.interiors) == 1 and big.area == pytest.approx((160 * 90 - 400) * 0.25)
+    burnt, back = _burn(batch.shapes(), batch.fields["class_id"].tolist(), path, 65535, "uint16")
+    assert np.array_equal(burnt, back)
