@@ -90,7 +90,7 @@ class PredictConfig:
         False, "segmentation: also write <stem>_prob.tif, one uint8 band per class (p x 255)"
     )
     vectorize: bool = key(
-        False, "segmentation: also write the class map as polygons (<stem>_polygons.gpkg)"
+        False, "segmentation: also write the class map as polygons (layer segments, output_format)"
     )
     # run
     accelerator: str = key("auto", "auto | gpu | cpu")

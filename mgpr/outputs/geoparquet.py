@@ -265,7 +265,7 @@ class GeoParquetWriter(VectorWriter):
         try:
             for state in self._layers.values():
                 self._flush(state, final=True)
-                meta = geo_metadata(state.crs_wkt, state.bounds, state.types or ("Polygon",))
+                meta = geo_metadata(state.crs_wkt, state.bounds, sorted(state.types) or ["Polygon"])
                 state.writer.add_key_value_metadata({"geo": json.dumps(meta)})
                 state.writer.close()
                 with open(state.tmp, "rb+") as fh:

@@ -103,7 +103,7 @@ class FeatureBatch:
         assert self.rings is not None
         if not len(self.rings):
             return np.empty(0, dtype=object)
-        return shapely.polygons(np.asarray(self.rings, dtype=np.float64))
+        return np.asarray(shapely.polygons(np.asarray(self.rings, dtype=np.float64)), dtype=object)
 
     def bounds(self) -> npt.NDArray[np.float64]:
         """(N, 4) ``xmin, ymin, xmax, ymax`` of every feature, layer CRS."""
@@ -111,7 +111,7 @@ class FeatureBatch:
             rings = np.asarray(self.rings, dtype=np.float64)
             lo, hi = rings.min(axis=1), rings.max(axis=1)
             return np.column_stack([lo, hi]) if len(rings) else np.empty((0, 4))
-        return shapely.bounds(self.shapes()).reshape(-1, 4)
+        return np.asarray(shapely.bounds(self.shapes()), dtype=np.float64).reshape(-1, 4)
 
     def geometry_types(self) -> tuple[str, ...]:
         """Sorted names of the geometry types present (a rings batch: ``("Polygon",)``)."""

@@ -7,6 +7,9 @@ the end (``shapely.union_all``), which rejoins the pieces of a region cut by win
 polygons are final as they come. Pixels with the nodata value give no polygon.
 
 Memory: one window of pixels plus the polygons themselves (the output), never the raster.
+Works on uint8 and uint16 class maps alike. :func:`class_map_features` hands the polygons to the
+run's vector writers as a geometries :class:`~mgpr.outputs.vector.FeatureBatch` (layer
+``segments``, :func:`mgpr.tasks.segmentation.write_polygons`).
 """
 
 from __future__ import annotations
