@@ -199,3 +199,49 @@ def test_uint16_class_map_polygons_keep_ids_above_255(tmp_path: Path) -> None:
     assert len(big.interiors) == 1 and big.area == pytest.approx((160 * 90 - 400) * 0.25)
     burnt, back = _burn(batch.shapes(), batch.fields["class_id"].tolist(), path, 65535, "uint16")
     assert np.array_equal(burnt, back)
+
+
+@pytest.mark.slow
+def test_ranks_trace_their_own_rasters_and_rank0_writes_the_same_layers(
+    make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finalise on 2 'ranks' publishes each raster's polygons; the gather equals 1 rank's."""
+    from mgpr.geo.raster import describe_raster
+    from mgpr.geo.tiling import plan_tiles
+    from mgpr.outputs.features import feature_path
+    from mgpr.tasks import get_task
+    from mgpr.tasks.base import TaskContext
+    from mgpr.tasks.merge import finalise_share, merge_run
+
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_image("in/a.tif", width=384, height=256, objects=4, crs="EPSG:32633")
+    make_image("in/b.tif", width=256, height=256, objects=4, crs="EPSG:32632", seed=3)
+    make_image("in/c.tif", width=256, height=384, objects=4, crs="EPSG:32633", seed=5)
+    run = tmp_path / "run"
+    assert run_mgpr_inprocess(*_args(folder, run, "vectorize=true", "output_format=parquet")) == 0
+    want = {p.name: p.read_bytes() for p in run.glob("segments_*.parquet")}
+    assert sorted(want) == ["segments_epsg32632.parquet", "segments_epsg32633.parquet"]
+    infos = [describe_raster(str(folder / n)) for n in ("a.tif", "b.tif", "c.tif")]
+    tiles = [t for i in infos for t in plan_tiles(i.path, i.height, i.width, 128, 32)]
+    ctx = TaskContext({i.path: i for i in infos}, 128, 32, ("background", "bright"), vectorize=True)
+    task = get_task("segmentation")
+    for path in want:
+        (run / path).unlink()
+    share = finalise_share(run, task, ctx, tiles, 1, 2)  # "rank 0" never publishes its share
+    assert share == [str(folder / "c.tif")]  # a, c: 6 tiles each; b: 4 (largest first)
+    assert [feature_path(run, i).exists() for i in range(3)] == [False, False, True]
+    import mgpr.tasks.segmentation_polygons as polygons
+
+    traced: list[str] = []
+
+    def tracing(class_map, names, nodata, source):
+        traced.append(source)
+        return features(class_map, names, nodata, source)
+
+    features = polygons.class_map_features
+    monkeypatch.setattr(polygons, "class_map_features", tracing)
+    spread = merge_run(run, task, ctx, tiles, output_format="parquet", use_finalised=True)
+    assert sorted(traced) == [str(folder / "a.tif"), str(folder / "b.tif")]  # c: its file
+    assert {p.name: p.read_bytes() for p in run.glob("segments_*.parquet")} == want
+    assert sum(spread.layers.values()) > 10 and not (run / "merge").exists()

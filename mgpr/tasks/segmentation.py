@@ -53,11 +53,10 @@ from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import PartSink, fsync_dir, parts_dir
 from mgpr.tasks.base import STATUS_DONE, MergeResult, Task, TaskContext, TileOutcome
 from mgpr.tasks.segmentation_blend import publish_stack, write_blended
+from mgpr.tasks.segmentation_polygons import publish_polygons, write_polygons
 
 #: Folder of the class maps inside the run directory.
 SEGMENTATION_DIR = "segmentation"
-#: Layer name base of the ``vectorize=true`` polygons (:mod:`mgpr.tasks.layers` rules).
-POLYGONS_LAYER = "segments"
 #: Part file kinds: class ids, probabilities.
 KIND_IDS = "seg"
 KIND_PROB = "prob"
@@ -172,55 +171,6 @@ def _publish(
         )
 
 
-def write_polygons(
-    run_dir: Path,
-    ctx: TaskContext,
-    class_maps: Mapping[str, Path],
-    output_format: str,
-    output_name: str,
-    result: MergeResult,
-) -> None:
-    """``vectorize=true``: every class map's regions as polygons, through the run's writers.
-
-    Layers as for the vector tasks (:func:`~mgpr.tasks.layers.plan_layers`, base
-    :data:`POLYGONS_LAYER`: ``segments`` when every input has one CRS, else
-    ``segments_epsg<code>`` ...) in ``predictions.gpkg`` / ``segments.parquet``
-    (``output_format``), in each raster's own CRS; columns ``class_id``, ``label``, ``source``,
-    ``area`` (:func:`~mgpr.tasks.vectorize.class_map_features`: traced from the final COG in
-    blocks, pieces cut by block edges merged). One raster's polygons in memory at a time; the
-    writers publish whole files only. Adds the files to ``result.output_paths`` and the polygon
-    count of each layer to ``result.layers``.
-
-    Args:
-        run_dir: the run directory.
-        ctx: the run's context (rasters, categories).
-        class_maps: input path -> its assembled class map COG.
-        output_format: ``gpkg``, ``parquet`` or ``both``.
-        output_name: file stem of single-file formats.
-        result: the merge's result, updated.
-    """
-    from mgpr.outputs.formats import vector_writers
-    from mgpr.tasks.layers import plan_layers
-    from mgpr.tasks.vectorize import class_map_features
-
-    names = list(ctx.categories) if ctx.categories else []
-    _dtype, nodata = class_id_dtype(n_classes(ctx))
-    writers = vector_writers(output_format, run_dir, output_name)
-    try:
-        for layer in plan_layers([ctx.rasters[p] for p in class_maps], POLYGONS_LAYER):
-            result.layers[layer.name] = 0
-            for path in layer.paths:
-                batch = class_map_features(class_maps[path], names, nodata, path)
-                for writer in writers:
-                    writer.write(layer.name, layer.crs_wkt, batch)
-                result.layers[layer.name] += len(batch)
-        for writer in writers:
-            result.output_paths += writer.commit()
-    finally:
-        for writer in writers:
-            writer.abort()
-
-
 class SegmentationTask(Task):
     """Class maps per tile (``ClassMap``) -> ``segmentation/<stem>.tif`` per input raster.
 
@@ -316,11 +266,16 @@ class SegmentationTask(Task):
         """This rank's share: assemble the COGs of the rasters ``paths`` into the merge folder.
 
         Rank 0's :meth:`merge` renames them into ``segmentation/`` (same file system: no copy)
-        and assembles itself any raster whose files are not there.
+        and assembles itself any raster whose files are not there. ``vectorize=true``: each
+        class map's polygons are traced here too (:func:`publish_polygons`), so rank 0 only
+        writes them.
         """
         index = {p: i for i, p in enumerate(ctx.rasters)}
         for path in paths:
-            self.assemble(run_dir, ledger, ctx, tiles, path, finalised_stem(run_dir, index[path]))
+            stem = finalised_stem(run_dir, index[path])
+            finals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
+            if ctx.vectorize:
+                publish_polygons(run_dir, ctx, path, finals[0], class_id_dtype(n_classes(ctx))[1])
 
     def assemble(
         self,
@@ -436,7 +391,9 @@ class SegmentationTask(Task):
             result.output_paths.extend(finals[1:])
         if ctx.vectorize:
             cogs = {p: out_dir / f"{names[p]}.tif" for p in ctx.rasters}
-            write_polygons(run_dir, ctx, cogs, output_format, output_name, result)
+            nodata = class_id_dtype(n_classes(ctx))[1]
+            formats = (output_format, output_name)
+            write_polygons(run_dir, ctx, cogs, nodata, *formats, result, use_finalised)
         result.output_path = result.output_paths[0] if result.output_paths else None
         return result
 
