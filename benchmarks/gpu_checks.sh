@@ -89,8 +89,10 @@ step machine bash -c 'nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,dr
 step imports "${run[@]}" python -c 'import mgpr.cli.main, rasterio, pyogrio, pyproj, shapely, \
     hydra, pyarrow, torch, lightning; print("torch", torch.__version__, "cuda", torch.version.cuda, \
     "lightning", lightning.__version__, "rasterio", rasterio.__version__)'
+# addopts replaced: pyproject asks for pytest-xdist (-n 2), which the GPU machine lacks; one GPU
+# runs its tests in turn anyway.
 step pytest-gpu env MGPR_HEAVY_TESTS=1 "${run[@]}" python -m pytest -m "gpu or heavy" -s \
-    -p no:cacheprovider -rA tests/test_gpu.py tests/test_monitor.py tests/test_compile.py
+    -p no:cacheprovider -o addopts="--strict-markers" -rA tests/test_gpu.py tests/test_monitor.py tests/test_compile.py
 step monitor-overhead "${run[@]}" python benchmarks/monitor_overhead.py --seconds 2 --rounds 3
 step accel "${run[@]}" python benchmarks/accel.py --gpu --budget-s "$budget_s" \
     --out "$out/accel.json"

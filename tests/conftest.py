@@ -19,8 +19,21 @@ settings.register_profile("mgpr", derandomize=True, deadline=None, print_blob=Tr
 settings.load_profile("mgpr")
 
 
+#: Tests that must not run beside each other under pytest-xdist (``-n 2 --dist loadgroup`` in
+#: pyproject.toml): the SLURM ones share one two-node cluster, and the rank-timing ones compare
+#: the busy times of two ranks, which a third CPU-bound process would skew.
+SERIAL_GROUPS = {"slurm": "slurm", "test_cluster.py": "rank-timing"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Skip ``heavy`` tests (full-size networks compiled on the CPU) unless MGPR_HEAVY_TESTS=1."""
+    """Skip ``heavy`` tests (full-size networks compiled on the CPU) unless MGPR_HEAVY_TESTS=1;
+    put the tests of :data:`SERIAL_GROUPS` each in one xdist group (one worker, in turn)."""
+    for item in items:
+        group = SERIAL_GROUPS.get("slurm") if "slurm" in item.keywords else None
+        group = group or SERIAL_GROUPS.get(item.path.name)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
     if os.environ.get("MGPR_HEAVY_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="heavy: set MGPR_HEAVY_TESTS=1 to run it (minutes on a CPU)")

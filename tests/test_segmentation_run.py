@@ -122,14 +122,23 @@ def test_two_ranks_write_the_same_class_map(make_image, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_killed_at_about_half_then_resumed_gives_the_same_bytes(make_image, tmp_path: Path) -> None:
-    img = make_image(width=1024, height=512, objects=12)  # 8 x 4 tiles of 128 px
+@pytest.mark.parametrize(
+    "seam,overlap", [("crop", 0), ("blend", 32)], ids=["crop", "blend-overlap32"]
+)
+def test_killed_at_about_half_then_resumed_gives_the_same_bytes(
+    make_image, tmp_path: Path, seam: str, overlap: int
+) -> None:
+    """SIGKILL once some chunks are published, resume: the class map's bytes equal an
+    uninterrupted run's (a blended pixel mixes tiles from the killed run and the resumed one)."""
+    img = make_image(width=1024, height=512, objects=12)  # 128 px tiles: 8 x 4 at overlap 0
     ref, run = tmp_path / "ref", tmp_path / "run"
-    common = ("tile_size=128", "overlap=0", "batch_size=1")
+    common = ("tile_size=128", f"overlap={overlap}", "batch_size=1", f"seam={seam}")
     assert run_mgpr_inprocess(*_args(img.path, ref, *common)) == 0
+    planned = json.loads((ref / "summary.json").read_text())["tiles_total"]
     proc = subprocess.Popen(
         mgpr_cmd(*_args(img.path, run, *common)),
-        env=_env(MGPR_TEST_TILE_DELAY_RANK0="0.6"),
+        # A chunk is published every second (test-only knob), one tile per 0.2 s.
+        env=_env(MGPR_TEST_TILE_DELAY_RANK0="0.2", MGPR_TEST_CHUNK_SECONDS="1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -137,18 +146,18 @@ def test_killed_at_about_half_then_resumed_gives_the_same_bytes(make_image, tmp_
     deadline = time.monotonic() + 300  # a guard against hanging, not a timing assertion
     done = 0
     while done < 8 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.1)
         try:
             done = len(finished_tile_keys(run))
         except Exception:  # noqa: BLE001 - not written yet
             done = 0
-    assert proc.poll() is None and 8 <= done < 32, "the run did not get going"
+    assert proc.poll() is None and 8 <= done < planned, "the run did not get going"
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     assert not (run / "segmentation" / "ortho.tif").exists()
     assert run_mgpr_inprocess(*_args(img.path, run, *common)) == 0
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["tiles_predicted"] == 32
+    assert summary["tiles_predicted"] == planned and summary["tiles_missing"] == 0
     a = (ref / "segmentation" / "ortho.tif").read_bytes()
     b = (run / "segmentation" / "ortho.tif").read_bytes()
     assert a == b

@@ -505,8 +505,10 @@ def test_rank0_refuses_and_every_rank_is_told_at_once(
         timeout=JOB_TIMEOUT,
     )
     # srun --kill-on-bad-exit may TERM the second rank while it prints the same refusal, so the
-    # job's code is 2 or that rank's 130; every error line is rank 0's, none a timeout.
-    assert job.state == "FAILED" and job.returncode in (2, 130), job.describe()
+    # job's code is 2, that rank's 130, or 143 when the TERM lands after mgpr's handler was
+    # restored on the way out (seen on a loaded machine); every error line is rank 0's, none a
+    # timeout.
+    assert job.state == "FAILED" and job.returncode in (2, 130, 143), job.describe()
     lines = [line for line in job.err.splitlines() if line.startswith("mgpr: error: ")]
     assert lines and len(set(lines)) == 1, job.describe()
     assert "holds results of another run" in lines[0] and "overwrite=true" in lines[0]

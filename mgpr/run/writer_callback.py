@@ -12,6 +12,7 @@ resume.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,16 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from mgpr.outputs.part_thread import BackgroundPartWriter
+from mgpr.outputs.part_thread import CHUNK_SECONDS, BackgroundPartWriter
 from mgpr.outputs.parts import OutcomeLike, PartSink, PartWriter
 from mgpr.tasks.base import Task, TaskContext
 
 log = logging.getLogger(__name__)
+
+TEST_CHUNK_SECONDS_ENV = "MGPR_TEST_CHUNK_SECONDS"
+"""Test-only: publish a chunk after this many seconds instead of
+:data:`~mgpr.outputs.part_thread.CHUNK_SECONDS`, so the kill-and-resume tests reach a published
+chunk with less simulated work (shorter test runs). Not a user option."""
 
 
 class PredictionPartWriter(BasePredictionWriter):
@@ -57,7 +63,8 @@ class PredictionPartWriter(BasePredictionWriter):
         """Start this rank's writer (the global rank is known once the Trainer is set up)."""
         if self._writer is None:
             parts = PartWriter(self.run_dir, trainer.global_rank, self._payload)
-            self._writer = BackgroundPartWriter(parts, self.on_write)
+            seconds = float(os.environ.get(TEST_CHUNK_SECONDS_ENV) or CHUNK_SECONDS)
+            self._writer = BackgroundPartWriter(parts, self.on_write, chunk_seconds=seconds)
 
     def write_on_batch_end(
         self,
