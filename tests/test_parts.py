@@ -132,6 +132,29 @@ def test_background_writer_publishes_chunks_of_at_most_chunk_tiles(
     assert len(finished_tile_keys(run)) == n_tiles and bg.records == n_tiles
 
 
+def test_background_writer_bounds_a_chunk_by_its_results_bytes(grid, tmp_path: Path) -> None:
+    """Class maps with probabilities (12 KiB a 64 px tile): a 50,000-byte bound publishes
+    chunks of 5 tiles (4 tiles hold 48 KiB), well before the 256-tile or time bound."""
+    from mgpr.models.base import ClassMap
+    from mgpr.outputs.part_thread import held_bytes
+
+    info, tiles, _ = grid
+    ctx = TaskContext({info.path: info}, 64, 0, ("a", "b"), probabilities=True)
+    task = get_task("segmentation")
+    writer = PartWriter(tmp_path, 0, lambda outs, sink: task.write_payload(outs, ctx, sink))
+    bg = BackgroundPartWriter(writer, chunk_tiles=256, chunk_seconds=3600, chunk_bytes=50_000)
+    ids = np.zeros((64, 64), np.uint8)
+    outcomes = [
+        TileOutcome(t, 0, "", ClassMap(ids, np.zeros((2, 64, 64), np.uint8))) for t in tiles[:20]
+    ]
+    assert held_bytes(outcomes[0]) == 3 * 64 * 64 and held_bytes(_done(tiles[0])) == 0
+    for outcome in outcomes:
+        bg.put([outcome])
+    bg.close()
+    sizes = [len(read_manifests(tmp_path, [p])) for p in list_parts(tmp_path)]
+    assert sizes == [5, 5, 5, 5]
+
+
 def test_background_writer_publishes_a_due_chunk_without_new_batches(grid, tmp_path: Path) -> None:
     _, tiles, ctx = grid
     run = tmp_path / "run"

@@ -128,6 +128,12 @@ class ClassMap:
     probabilities: np.ndarray | None = None
     valid: np.ndarray | None = None
 
+    @property
+    def nbytes(self) -> int:
+        """Host bytes this tile's arrays hold (the part writer bounds a chunk by them)."""
+        arrays = (self.class_ids, self.probabilities, self.valid)
+        return sum(int(a.nbytes) for a in arrays if a is not None)
+
     def __post_init__(self) -> None:
         ids, probs = self.class_ids, self.probabilities
         if ids.ndim != 2 or ids.dtype not in (np.uint8, np.uint16):

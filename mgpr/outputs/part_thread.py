@@ -1,11 +1,15 @@
-"""The rank's background part writer: batches in, a published chunk every 256 tiles or 5 s.
+"""The rank's background part writer: batches in, a chunk out every 256 tiles, 256 MiB or 5 s.
 
 The predict loop hands each batch's outcomes to :meth:`BackgroundPartWriter.put` and goes on;
 a thread gathers them into chunks and publishes each (:class:`~mgpr.outputs.parts.PartWriter`)
-when it holds :data:`CHUNK_TILES` tiles or its oldest tile waited :data:`CHUNK_SECONDS`, and
+when it holds :data:`CHUNK_TILES` tiles or :data:`CHUNK_BYTES` of tile results (segmentation
+class maps and probabilities: a 1024 px tile with 21 class probabilities is 23 MiB, so 256 of
+them would be 6 GiB) or its oldest tile waited :data:`CHUNK_SECONDS`, and
 at :meth:`~BackgroundPartWriter.close` (end of predict, or an exception: what is queued is
 still published). Few, large files keep the metadata load of a parallel filesystem low (one
-chunk per rank per 5 s at most under load) while a crash loses at most 5 s of work.
+chunk per rank per 5 s at most under load, unless 256 MiB of class maps come sooner) while a
+crash loses at most 5 s of work; the byte bound keeps a rank's memory flat for any tile size,
+class count and speed.
 
 The queue is bounded (``max_pending`` batches), which keeps memory flat: if the disk is slower
 than the GPUs the predict loop blocks instead of piling results up. An error in the thread is
@@ -24,8 +28,18 @@ from mgpr.outputs.parts import OutcomeLike, PartWriter
 
 #: A chunk is published once it holds this many tiles ...
 CHUNK_TILES = 256
+#: ... or once its tiles' results hold this many bytes (:func:`held_bytes`) ...
+CHUNK_BYTES = 256 * 2**20
 #: ... or once its first tile waited this long, seconds.
 CHUNK_SECONDS = 5.0
+
+
+def held_bytes(outcome: OutcomeLike) -> int:
+    """Host bytes an outcome's result holds: its record's ``nbytes``.
+
+    0 for records without one (a tile's boxes or classes, whose size the tile count bounds).
+    """
+    return int(getattr(getattr(outcome, "record", None), "nbytes", 0) or 0)
 
 
 class BackgroundPartWriter:
@@ -36,6 +50,7 @@ class BackgroundPartWriter:
         on_write: optional ``(seconds, tiles)`` callback per published chunk (run report).
         max_pending: batches the queue holds before :meth:`put` blocks.
         chunk_tiles: tiles per chunk.
+        chunk_bytes: results' bytes per chunk (:func:`held_bytes`).
         chunk_seconds: longest wait of a finished tile before its chunk is published.
     """
 
@@ -46,10 +61,12 @@ class BackgroundPartWriter:
         max_pending: int = 8,
         chunk_tiles: int = CHUNK_TILES,
         chunk_seconds: float = CHUNK_SECONDS,
+        chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self.writer = writer
         self.on_write = on_write
         self.chunk_tiles = chunk_tiles
+        self.chunk_bytes = chunk_bytes
         self.chunk_seconds = chunk_seconds
         self.records = 0
         self.tiles = 0
@@ -61,6 +78,7 @@ class BackgroundPartWriter:
 
     def _run(self) -> None:
         pending: list[OutcomeLike] = []
+        pending_bytes = 0
         since = 0.0
         while True:
             due_at = since + self.chunk_seconds
@@ -76,10 +94,13 @@ class BackgroundPartWriter:
                 if not pending:
                     since = time.monotonic()
                 pending.extend(item)
+                pending_bytes += sum(held_bytes(o) for o in item)
             due = time.monotonic() - since >= self.chunk_seconds
-            if pending and (len(pending) >= self.chunk_tiles or due):
+            full = len(pending) >= self.chunk_tiles or pending_bytes >= self.chunk_bytes
+            if pending and (full or due):
                 self._publish(pending)
                 pending = []
+                pending_bytes = 0
 
     def _publish(self, outcomes: list[OutcomeLike]) -> None:
         if not outcomes or self._error is not None:
