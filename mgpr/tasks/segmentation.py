@@ -121,7 +121,7 @@ def _run_pixels(
             slice(c0 - tile.col_off, c1 - tile.col_off),
         )
         ids[0][dst] = rec.class_ids[src]
-        invalid = None if rec.valid is None else ~rec.valid[src]
+        invalid = None if rec.valid is None else rec.valid[src] == 0  # nonzero = valid
         if invalid is not None:
             ids[0][dst][invalid] = nodata
         if probabilities and rec.probabilities is not None:
