@@ -197,3 +197,45 @@ def test_manifest_reads_back_with_pyarrow_alone(grid, tmp_path: Path) -> None:
         "reason": "",
         "n_records": 1,
     }
+
+
+def test_put_blocks_while_the_queued_results_exceed_their_byte_bound(
+    grid, tmp_path: Path
+) -> None:
+    """While a chunk is being published, batches wait in the queue: past max_pending_bytes a
+    put blocks until the writer takes them (a batch alone above the bound still goes in)."""
+    import threading
+
+    from mgpr.models.base import ClassMap
+
+    info, tiles, _ = grid
+    ctx = TaskContext({info.path: info}, 64, 0, ("a", "b"))
+    task = get_task("segmentation")
+    release = threading.Event()
+
+    def slow_payload(outs, sink):  # the first publish waits until the test releases it
+        release.wait(timeout=60)
+        return task.write_payload(outs, ctx, sink)
+
+    writer = PartWriter(tmp_path, 0, slow_payload)
+    bg = BackgroundPartWriter(
+        writer, chunk_tiles=1, chunk_seconds=3600, max_pending=100, max_pending_bytes=10_000
+    )
+    ids = np.zeros((64, 64), np.uint8)  # 4096 bytes a tile
+    outs = [TileOutcome(t, 0, "", ClassMap(ids)) for t in tiles[:5]]
+    bg.put([outs[0]])  # taken by the thread, which blocks publishing it
+    deadline = time.monotonic() + 60  # a guard against hanging, not a timing assertion
+    while bg._queue.qsize() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    bg.put([outs[1]])
+    bg.put([outs[2]])  # 8192 bytes queued
+    third = threading.Thread(target=bg.put, args=([outs[3]],))
+    third.start()
+    third.join(timeout=0.5)
+    assert third.is_alive()  # 12288 > 10000 bytes: blocked
+    release.set()
+    third.join(timeout=60)
+    assert not third.is_alive()
+    bg.put([outs[4]])
+    bg.close()
+    assert len(finished_tile_keys(tmp_path)) == 5
