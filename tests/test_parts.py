@@ -199,9 +199,7 @@ def test_manifest_reads_back_with_pyarrow_alone(grid, tmp_path: Path) -> None:
     }
 
 
-def test_put_blocks_while_the_queued_results_exceed_their_byte_bound(
-    grid, tmp_path: Path
-) -> None:
+def test_put_blocks_while_the_queued_results_exceed_their_byte_bound(grid, tmp_path: Path) -> None:
     """While a chunk is being published, batches wait in the queue: past max_pending_bytes a
     put blocks until the writer takes them (a batch alone above the bound still goes in)."""
     import threading
