@@ -13,8 +13,8 @@ class count and speed.
 
 The queue is bounded (``max_pending`` batches and :data:`QUEUE_BYTES` of results, whichever is
 reached first), which keeps memory flat: if the disk is slower than the GPUs the predict loop
-blocks instead of piling results up. An error in the thread is
-re-raised in the caller at the next :meth:`~BackgroundPartWriter.put` or at ``close``.
+blocks instead of piling results up. An error in the thread is re-raised in the caller at the
+next :meth:`~BackgroundPartWriter.put` or at ``close``.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from mgpr.outputs.parts import OutcomeLike, PartWriter
 CHUNK_TILES = 256
 #: ... or once its tiles' results hold this many bytes (:func:`held_bytes`) ...
 CHUNK_BYTES = 64 * 2**20
+#: ... or once its first tile waited this long, seconds.
+CHUNK_SECONDS = 5.0
 #: Results' bytes waiting in the queue (batches put while a chunk is being published) before
 #: :meth:`BackgroundPartWriter.put` blocks; a batch larger than this alone still goes in.
 QUEUE_BYTES = 64 * 2**20
-#: ... or once its first tile waited this long, seconds.
-CHUNK_SECONDS = 5.0
 
 
 def held_bytes(outcome: OutcomeLike) -> int:
