@@ -19,19 +19,19 @@ settings.register_profile("mgpr", derandomize=True, deadline=None, print_blob=Tr
 settings.load_profile("mgpr")
 
 
-#: Tests that must not run beside each other under pytest-xdist (``-n 2 --dist loadgroup`` in
-#: pyproject.toml): the SLURM ones share one two-node cluster, and the rank-timing ones compare
-#: the busy times of two ranks, which a third CPU-bound process would skew.
-SERIAL_GROUPS = {"slurm": "slurm", "test_cluster.py": "rank-timing"}
+#: Tests that run one after another on one pytest-xdist worker (``-n 2 --dist loadgroup`` in
+#: pyproject.toml): those marked ``slurm`` share one two-node cluster; those in these files
+#: compare the busy times of two ranks.
+SLURM_GROUP = "slurm"
+SERIAL_FILES = {"test_cluster.py": "rank-timing"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``heavy`` tests (full-size networks compiled on the CPU) unless MGPR_HEAVY_TESTS=1;
-    put the tests of :data:`SERIAL_GROUPS` each in one xdist group (one worker, in turn)."""
+    put the ``slurm`` tests and those of :data:`SERIAL_FILES` each in one xdist group."""
     for item in items:
-        group = SERIAL_GROUPS.get("slurm") if "slurm" in item.keywords else None
-        group = group or SERIAL_GROUPS.get(item.path.name)
+        group = SLURM_GROUP if "slurm" in item.keywords else SERIAL_FILES.get(item.path.name)
         if group is not None:
             item.add_marker(pytest.mark.xdist_group(group))
     if os.environ.get("MGPR_HEAVY_TESTS") == "1":
