@@ -133,6 +133,10 @@ GresTypes=gpu
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 SlurmctldParameters=preempt_send_user_signal
+# The main scheduler also runs on events (submit, job end), but a requeued job becomes eligible
+# only when its BeginTime (cred_expire + 1 s) passes, with no event: at the default 60 s period
+# it restarted 64 s after its requeue; every 3 s here.
+SchedulerParameters=sched_interval=3
 CONF
     i=0
     for n in "${names[@]}"; do
