@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,19 +38,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     file order, the SLURM group (test_slurm_*) started after ~7 of the suite's 10 minutes and ran
     on alone at the end; first, it overlaps the rest of the suite on the other worker.
     """
-    grouped: dict[str, list[pytest.Item]] = {
-        SLURM_GROUP: [],
-        **{g: [] for g in SERIAL_FILES.values()},
-    }
-    rest: list[pytest.Item] = []
     for item in items:
         group = SLURM_GROUP if "slurm" in item.keywords else SERIAL_FILES.get(item.path.name)
-        if group is None:
-            rest.append(item)
-            continue
-        item.add_marker(pytest.mark.xdist_group(group))
-        grouped[group].append(item)
-    items[:] = [item for members in grouped.values() for item in members] + rest
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.get_closest_marker("xdist_group") is None)  # stable
     if os.environ.get("MGPR_HEAVY_TESTS") == "1":
         return
     skip = pytest.mark.skip(reason="heavy: set MGPR_HEAVY_TESTS=1 to run it (minutes on a CPU)")
@@ -94,6 +87,27 @@ def run_mgpr_inprocess(*args: str) -> int:
 def mgpr_cmd(*args: str) -> list[str]:
     """Command line running mgpr in a fresh interpreter (needed for several ranks)."""
     return [sys.executable, "-m", "mgpr.cli.main", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment for a run in a fresh interpreter: no SLURM_/MGPR_ variables (the test's
+    run is no SLURM task and takes no test-only hook), warnings off."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run_mgpr_ranks(gpus: int, *args: str) -> None:
+    """Run mgpr on ``gpus`` CPU ranks and assert it exits 0: in this process for one rank (one
+    interpreter start-up, ~9 CPU-s, less), in a fresh interpreter for several (Lightning's
+    launcher there starts the other ranks)."""
+    args = (*args, f"gpus={gpus}", "accelerator=cpu")
+    if gpus == 1:
+        assert run_mgpr_inprocess(*args) == 0
+        return
+    cmd = mgpr_cmd(*args)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def read_gpkg_layer(path: Path, layer: str) -> tuple[list[shapely.Geometry], list[dict], int]:

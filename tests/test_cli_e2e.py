@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -12,7 +11,14 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import rasterio.windows
-from conftest import mgpr_cmd, part_tile_rows, read_gpkg_layer, run_mgpr_inprocess
+from conftest import (
+    mgpr_cmd,
+    part_tile_rows,
+    read_gpkg_layer,
+    run_mgpr_inprocess,
+    run_mgpr_ranks,
+    subprocess_env,
+)
 
 from mgpr.geo.tiling import plan_tiles, valid_window
 from mgpr.outputs.parts_read import read_manifests
@@ -205,9 +211,7 @@ def test_user_mistakes_are_one_line_exit_2(
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    env["PYTHONWARNINGS"] = "ignore"
-    return env
+    return subprocess_env()
 
 
 @pytest.mark.slow
@@ -225,23 +229,16 @@ def test_two_ranks_give_the_same_output_as_one(make_image, tmp_path: Path) -> No
     outs = {}
     for gpus in (1, 2):
         run = tmp_path / f"run{gpus}"
-        args = (
+        run_mgpr_ranks(
+            gpus,
             f"input_path={img.path}",
             "model=reference",
             "tile_size=128",
             "overlap=32",
             "workers=0",
-            f"gpus={gpus}",
-            "accelerator=cpu",
             f"output_dir={run}",
             "progress=false",
         )
-        if gpus == 1:  # in this process: one interpreter start-up (~9 CPU-s) less
-            assert run_mgpr_inprocess(*args) == 0
-        else:
-            cmd = mgpr_cmd(*args)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
-            assert proc.returncode == 0, proc.stderr[-3000:]
         s = _summary(run)
         assert s["world_size"] == gpus and s["tiles_predicted"] == 7
         geoms, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")

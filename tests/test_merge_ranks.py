@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess
+from conftest import read_gpkg_layer, run_mgpr_ranks
 
 from mgpr.geo.raster import describe_raster
 from mgpr.geo.tiling import plan_tiles
@@ -114,26 +112,17 @@ def test_two_ranks_share_the_merge_and_write_what_one_rank_writes(
     outs = {}
     for gpus in (1, 2):
         run = tmp_path / f"run{gpus}"
-        args = (
+        run_mgpr_ranks(
+            gpus,
             f"input_path={folder}",
             "model=reference",
             "tile_size=128",
             "overlap=32",
             "workers=0",
-            f"gpus={gpus}",
-            "accelerator=cpu",
             "output_format=parquet",
             f"output_dir={run}",
             "progress=false",
         )
-        if gpus == 1:  # in this process: one interpreter start-up (~9 CPU-s) less
-            assert run_mgpr_inprocess(*args) == 0
-        else:
-            env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-            env["PYTHONWARNINGS"] = "ignore"
-            cmd = mgpr_cmd(*args)
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-            assert proc.returncode == 0, proc.stderr[-3000:]
         outs[gpus] = (run / "detections.parquet").read_bytes()
         assert not (run / "merge").exists()
     assert outs[1] == outs[2]
