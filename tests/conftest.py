@@ -89,11 +89,12 @@ def mgpr_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mgpr.cli.main", *args]
 
 
-def subprocess_env() -> dict[str, str]:
+def subprocess_env(**extra: str) -> dict[str, str]:
     """This environment for a run in a fresh interpreter: no SLURM_/MGPR_ variables (the test's
-    run is no SLURM task and takes no test-only hook), warnings off."""
+    run is no SLURM task and takes no test-only hook), warnings off, then ``extra`` on top."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
     env["PYTHONWARNINGS"] = "ignore"
+    env.update(extra)
     return env
 
 

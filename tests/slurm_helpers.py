@@ -89,7 +89,12 @@ def require_slurm() -> None:
 
 
 def cluster_nodes(partition: str | None = None) -> list[str]:
-    """Names of the nodes that are up (idle, mixed or allocated), sorted."""
+    """Names of the nodes that are up (idle, mixed, allocated or completing), sorted.
+
+    Completing counts: a node is ``comp`` for a moment after each job while slurmd cleans up
+    (a two-node test once skipped so, just after another test's job), and a two-node job
+    submitted then just waits for it.
+    """
     cmd = ["sinfo", "-h", "-N", "-o", "%N %t"] + (["-p", partition] if partition else [])
     proc = subprocess.run(
         cmd, env=slurm_env(), capture_output=True, text=True, timeout=10, check=True
@@ -97,7 +102,7 @@ def cluster_nodes(partition: str | None = None) -> list[str]:
     nodes = {
         line.split()[0]
         for line in proc.stdout.splitlines()
-        if len(line.split()) == 2 and line.split()[1].startswith(("idle", "mix", "alloc"))
+        if len(line.split()) == 2 and line.split()[1].startswith(("idle", "mix", "alloc", "comp"))
     }
     return sorted(nodes)
 

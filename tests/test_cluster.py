@@ -8,7 +8,6 @@ of sleep per read tile on rank r), so the figures do not depend on this machine'
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import psutil
 import pytest
 import rasterio
-from conftest import mgpr_cmd, part_tile_rows, run_mgpr_inprocess
+from conftest import mgpr_cmd, part_tile_rows, run_mgpr_inprocess, subprocess_env
 
 from mgpr.outputs.parts_read import finished_tile_keys
 
@@ -32,12 +31,6 @@ def _masked_top_half(make_image: Any, width: int, height: int) -> Path:
         mask[: height // 2] = 0
         dst.write_mask(mask)
     return Path(img.path)
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    env.update(PYTHONWARNINGS="ignore", **extra)
-    return env
 
 
 def _args(image: Path, run: Path, *more: str, tile_size: int = 256) -> list[str]:
@@ -85,7 +78,7 @@ def test_unequal_work_waits_past_join_timeout_and_merges(make_image, tmp_path: P
     """
     image = _masked_top_half(make_image, 4096, 2048)  # 16 x 8 tiles of 256 px
     run = tmp_path / "run"
-    env = _env(MGPR_BENCH_STATIC_SPLIT="1", MGPR_TEST_TILE_DELAY_RANK1="0.45")
+    env = subprocess_env(MGPR_BENCH_STATIC_SPLIT="1", MGPR_TEST_TILE_DELAY_RANK1="0.45")
     cmd = mgpr_cmd(*_args(image, run, "gpus=2", "join_timeout_s=20"))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -110,7 +103,7 @@ def test_ranks_finish_together(make_image, tmp_path: Path, delays: dict[str, str
     """
     image = _masked_top_half(make_image, 2048, 1024)  # 16 x 8 tiles of 128 px, 64 empty
     run = tmp_path / "run"
-    env = _env(**{f"MGPR_TEST_TILE_DELAY_RANK{r}": s for r, s in delays.items()})
+    env = subprocess_env(**{f"MGPR_TEST_TILE_DELAY_RANK{r}": s for r, s in delays.items()})
     cmd = mgpr_cmd(*_args(image, run, "gpus=2", "join_timeout_s=120", tile_size=128))
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -138,7 +131,7 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_the_rerun_completes(
     args = _args(image, run, "join_timeout_s=120")
     proc = subprocess.Popen(
         mgpr_cmd(*args, "gpus=2", "workers=1"),
-        env=_env(**delays),
+        env=subprocess_env(**delays),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -188,7 +181,7 @@ def test_a_killed_rank_fails_the_run_at_once_and_the_rerun_completes(
     args = _args(image, run, "join_timeout_s=120")
     proc = subprocess.Popen(
         mgpr_cmd(*args, "gpus=2"),
-        env=_env(**delays),
+        env=subprocess_env(**delays),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -214,3 +207,15 @@ def test_a_killed_rank_fails_the_run_at_once_and_the_rerun_completes(
     assert run_mgpr_inprocess(*args, "gpus=1") == 0, capsys.readouterr().err
     rows = _tile_rows(run)
     assert len(rows) == len(set(rows)) == 32
+
+
+def test_this_file_runs_as_one_xdist_group(request: pytest.FixtureRequest) -> None:
+    """Under ``-n 2 --dist loadgroup`` this file's tests run one after another on one worker.
+
+    pytest-xdist carries a test's group in its node id (``...@rank-timing``); pytest 9.2 broke
+    that silently (pytest-dev/pytest-xdist#1386) and the tests here and the SLURM tests then ran
+    side by side, skipping a two-node test when the other worker held a node.
+    """
+    if not getattr(request.config.option, "loadgroup", False):
+        pytest.skip("not a pytest-xdist worker under --dist loadgroup")
+    assert request.node.nodeid.endswith("@rank-timing"), request.node.nodeid

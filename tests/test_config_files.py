@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import subprocess
 import warnings
 from pathlib import Path
 
 import pytest
-from conftest import mgpr_cmd, run_mgpr_inprocess
+from conftest import mgpr_cmd, run_mgpr_inprocess, subprocess_env
 from typer.testing import CliRunner
 
 from mgpr.conf.command import MULTIRUN_REFUSED, parse_command
@@ -223,10 +222,10 @@ def test_two_cpu_ranks_read_the_config_file(make_image, tmp_path: Path) -> None:
         f"input_path: {img.path}\nmodel: reference\ntile_size: 128\naccelerator: cpu\n"
         "gpus: 2\nworkers: 0\nprogress: false\n"
     )
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    env["PYTHONWARNINGS"] = "ignore"
     cmd = mgpr_cmd("-cp", "conf", "-cn", "two", "output_dir=run")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, env=subprocess_env(), cwd=tmp_path, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tiles_predicted"] == 4

@@ -18,7 +18,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import mgpr_cmd, part_tile_rows, read_gpkg_layer, run_mgpr_inprocess
+from conftest import (
+    mgpr_cmd,
+    part_tile_rows,
+    read_gpkg_layer,
+    run_mgpr_inprocess,
+    subprocess_env,
+)
 
 from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, EXIT_USAGE
 from mgpr.outputs.parts_read import finished_tile_keys
@@ -620,8 +626,7 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
         f"output_dir={run}",
         "progress=false",
     ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    env.update(PYTHONPATH=str(tmp_path), PYTHONWARNINGS="ignore", MGPR_TEST_DELAY_S="0.5")
+    env = subprocess_env(PYTHONPATH=str(tmp_path), MGPR_TEST_DELAY_S="0.5")
     proc = subprocess.Popen(
         mgpr_cmd(*args), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import mgpr_cmd
+from conftest import mgpr_cmd, subprocess_env
 
 #: strace -y prints ``fcntl(5</path/of/fd>, F_SETLK, ...)`` and ``flock(5</path>, LOCK_EX)``.
 _LOCK = re.compile(r"\b(flock|fcntl)\((\d+)<([^>]*)>(?:, (F_[A-Z0-9_]+))?")
@@ -32,8 +32,7 @@ def test_a_run_takes_no_lock_on_its_part_files(make_image, tmp_path: Path) -> No
     img = make_image(width=512, height=512, objects=4)
     run = tmp_path / "run"
     trace = tmp_path / "trace.txt"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    env["PYTHONWARNINGS"] = "ignore"
+    env = subprocess_env()
     cmd = [
         "strace",
         "-f",

@@ -8,7 +8,6 @@ boundary and ``seam=blend`` none, on the same run settings.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import textwrap
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import mgpr_cmd, run_mgpr_inprocess
+from conftest import mgpr_cmd, run_mgpr_inprocess, subprocess_env
 
 from mgpr.geo.raster import describe_raster
 from mgpr.geo.tiling import owner_region, plan_tiles, tile_grid
@@ -187,10 +186,8 @@ def test_two_ranks_blend_and_finalise_their_own_rasters(make_image, tmp_path: Pa
     folder = Path(a.path).parent
     common = ("model=reference-seg", "tile_size=128", "overlap=32", "seam=blend")
     two = tmp_path / "two"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    env.update(PYTHONWARNINGS="ignore")
     cmd = mgpr_cmd(*_args(folder, two, *common, "gpus=2", "join_timeout_s=120"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # Rank 0 assembled its share into merge/ and renamed both: it assembled nothing itself.
     assert f"wrote {two}/merge/raster000000.segmentation.tif" in proc.stderr

@@ -9,7 +9,6 @@ predicted, and be nodata (255) exactly where the input is nodata. Runs are CPU,
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import mgpr_cmd, run_mgpr_inprocess
+from conftest import mgpr_cmd, run_mgpr_inprocess, subprocess_env
 
 from mgpr.models.reference import BRIGHT_THRESHOLD
 from mgpr.outputs.parts_read import finished_tile_keys
@@ -44,12 +43,6 @@ def _args(image: Path, run: Path, *more: str, model: str = "reference-seg") -> l
         f"output_dir={run}",
         *more,
     ]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "MGPR_"))}
-    env.update(PYTHONWARNINGS="ignore", **extra)
-    return env
 
 
 def _check_class_map(cog: Path, image: Path) -> np.ndarray:
@@ -112,7 +105,7 @@ def test_two_ranks_write_the_same_class_map(make_image, tmp_path: Path) -> None:
     common = ("tile_size=128", "overlap=32")
     assert run_mgpr_inprocess(*_args(img.path, one, *common)) == 0
     cmd = mgpr_cmd(*_args(img.path, two, *common, "gpus=2", "join_timeout_s=120"))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     a = _check_class_map(one / "segmentation" / "ortho.tif", Path(img.path))
     b = _check_class_map(two / "segmentation" / "ortho.tif", Path(img.path))
@@ -138,7 +131,7 @@ def test_killed_at_about_half_then_resumed_gives_the_same_bytes(
     proc = subprocess.Popen(
         mgpr_cmd(*_args(img.path, run, *common)),
         # A chunk is published every second (test-only knob), one tile per 0.2 s.
-        env=_env(MGPR_TEST_TILE_DELAY_RANK0="0.2", MGPR_TEST_CHUNK_SECONDS="1"),
+        env=subprocess_env(MGPR_TEST_TILE_DELAY_RANK0="0.2", MGPR_TEST_CHUNK_SECONDS="1"),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -181,7 +174,9 @@ def test_deeplabv3_random_weights_on_two_ranks(make_image, tmp_path: Path) -> No
         "join_timeout_s=120",
         f"output_dir={run}",
     ]
-    proc = subprocess.run(mgpr_cmd(*args), capture_output=True, text=True, env=_env(), timeout=600)
+    proc = subprocess.run(
+        mgpr_cmd(*args), capture_output=True, text=True, env=subprocess_env(), timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     with rasterio.open(run / "segmentation" / "ortho.tif") as out:
         ids = out.read(1)
