@@ -9,18 +9,25 @@ step; mgpr's detectors must not.
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import read_gpkg_layer, run_mgpr_inprocess
-from torchvision.models.detection import fasterrcnn_resnet50_fpn
+from torchvision.models.detection import (
+    fasterrcnn_resnet50_fpn,
+    fcos_resnet50_fpn,
+    retinanet_resnet50_fpn,
+    ssdlite320_mobilenet_v3_large,
+)
 from torchvision.models.resnet import Bottleneck
 from torchvision.ops import box_iou
 
 from mgpr.data.scaling import ValueScaler
 from mgpr.models import Detections, build_model
+from mgpr.models.custom import ModuleAdapter
 from mgpr.testimage import TestImageSpec, render_block
 
 #: Planted objects (>= 240 in every band) on a textured background: what the detectors see.
@@ -54,6 +61,15 @@ def seeded_fasterrcnn_state(size: int) -> dict[str, torch.Tensor]:
     model = fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, min_size=size, max_size=size
     ).eval()
+    return calibrate_resnet_backbone(model, size).state_dict()
+
+
+def calibrate_resnet_backbone(model: torch.nn.Module, size: int) -> torch.nn.Module:
+    """``model`` (a torchvision detector on a ResNet FPN backbone) made well conditioned.
+
+    Zero residual branches and batch-norm statistics from four ``size`` px planted-object tiles
+    (see :func:`seeded_fasterrcnn_state`); returns the model in eval mode.
+    """
     for mod in model.backbone.body.modules():
         if isinstance(mod, Bottleneck):
             torch.nn.init.zeros_(mod.bn3.weight)
@@ -69,7 +85,7 @@ def seeded_fasterrcnn_state(size: int) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         batch, _ = model.transform(tiles)
         model.backbone(batch.tensors)
-    return model.eval().state_dict()
+    return model.eval()
 
 
 def match_boxes(a: Detections, b: Detections, min_iou: float) -> list[tuple[int, int]]:
@@ -134,6 +150,79 @@ def test_fasterrcnn_bf16_agrees_with_fp32_seeded_checkpoint(seeded_checkpoint: P
         assert max(errors) <= MAX_EDGE_ERROR_PX, sorted(errors)[-5:]
 
 
+def single_stage_detector(name: str, size: int) -> torch.nn.Module:
+    """torchvision's RetinaNet or FCOS (ResNet-50 FPN, ``size`` px, no resize) or SSDlite (its
+    own 320 px resize), seeded random weights, every box kept, as a user's ``build`` returns it.
+    """
+    torch.manual_seed(0)
+    keep = {"weights": None, "weights_backbone": None, "score_thresh": 0.0}
+    if name == "ssdlite":
+        model = ssdlite320_mobilenet_v3_large(**keep, detections_per_img=300)
+    else:
+        build = {"retinanet": retinanet_resnet50_fpn, "fcos": fcos_resnet50_fpn}[name]
+        model = build(**keep, min_size=size, max_size=size, detections_per_img=300)
+    if name == "fcos":
+        # Random FCOS regressions are ~0 after its ReLU: every box collapses onto its anchor's
+        # centre, a multiple of 4 px whatever the precision. A bias gives the boxes extent.
+        torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 1.37)
+    model.task = "detection"  # as a user's module may say; skips the probe forward
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["retinanet", "fcos", "ssdlite"])
+def test_single_stage_bf16_boxes_are_not_quantised(name: str) -> None:
+    """A user's torchvision RetinaNet, FCOS or SSD: float32 boxes under bf16, on no 4 px step;
+    without autocast exactly what torchvision's own forward returns."""
+    module = single_stage_detector(name, 1024)
+    adapter = ModuleAdapter(
+        module, name=name, weights="none", topk=1, score_threshold=0.0, tile_size=1024
+    )
+    strip = torch.from_numpy(render_block(SPEC, 0, 0, 64, 1024))[None]
+    with torch.inference_mode():
+        inputs = adapter.prepare(ValueScaler()(strip))
+        exact = adapter.forward(inputs)[0]
+        plain = module(list(inputs.unbind(0)))[0]
+        with _bf16():
+            ours = adapter.forward(inputs)[0]["boxes"]
+            theirs = module(list(inputs.unbind(0)))[0]["boxes"]
+    for key in ("boxes", "scores", "labels"):
+        assert torch.equal(exact[key], plain[key]), key
+    assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
+    far = ours[:, 0::2][(ours[:, 0::2] > 512) & (ours[:, 0::2] < 1024)]
+    far_theirs = theirs[:, 0::2][(theirs[:, 0::2] > 512) & (theirs[:, 0::2] < 1024)]
+    assert far.numel() >= 20 and far_theirs.numel() >= 20
+    assert _on_step(far_theirs.float(), 4.0) == 1.0  # the bug this guards against
+    assert _on_step(far, 4.0) < 0.05
+    assert _on_step(far, 0.5) < 0.1
+
+
+def test_retinanet_bf16_agrees_with_fp32_calibrated_backbone() -> None:
+    """Boxes and scores of a user's RetinaNet under bf16 match fp32 ones within 0.5 px.
+
+    The dense head runs in float32 too: bf16 class logits near RetinaNet's prior (-4.6) sit on
+    a 0.03 step, and the ties that makes would reorder the top-k and NMS.
+    """
+    module = calibrate_resnet_backbone(single_stage_detector("retinanet", 128), 128)
+    adapter = ModuleAdapter(
+        module, name="retinanet", weights="none", topk=1, score_threshold=0.0, tile_size=128
+    )
+    tiles = torch.from_numpy(np.stack([render_block(SPEC, 0, c, 128, 128) for c in (0, 128)]))
+    with torch.inference_mode():
+        inputs = adapter.prepare(ValueScaler()(tiles))
+        fp32 = adapter.postprocess(adapter.forward(inputs), 128)
+        with _bf16():
+            bf16 = adapter.postprocess(adapter.forward(inputs), 128)
+    for ref, got in zip(fp32, bf16, strict=True):
+        assert isinstance(ref, Detections) and isinstance(got, Detections)
+        assert len(ref) >= 50 and got.scores.dtype == np.float32
+        pairs = match_boxes(got, ref, MATCH_IOU)
+        assert len(pairs) >= MIN_MATCHED * len(ref)
+        errors = [np.abs(got.boxes[i] - ref.boxes[j]).max() for i, j in pairs]
+        assert max(errors) <= MAX_EDGE_ERROR_PX, sorted(errors)[-5:]
+        # Scores are float32 logits put through a sigmoid: no bf16 ties.
+        assert len(np.unique(got.scores)) > 0.9 * len(got)
+
+
 def test_max_detections_limits_boxes_per_tile(seeded_checkpoint: Path) -> None:
     adapter = build_model(
         "fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0, max_detections=7
@@ -176,3 +265,49 @@ def test_reference_detector_bf16_run_equals_fp32_run(tmp_path: Path) -> None:
         geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
         outputs[precision] = sorted(g.bounds for g in geoms)
     assert outputs["bf16-mixed"] == outputs["32"]
+
+
+def test_users_retinanet_from_the_cli_under_bf16_keeps_exact_boxes(
+    make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``mgpr model=my_module:build precision=bf16-mixed`` with a torchvision RetinaNet (a small
+    backbone, random weights): the GeoPackage's pixel boxes are on no 4 px step above 512 px."""
+    (tmp_path / "mgpr_user_retinanet.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+            from torchvision.models.detection import RetinaNet
+            from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+            def build(weights):
+                torch.manual_seed(0)
+                backbone = torch.nn.Sequential(
+                    torch.nn.Conv2d(3, 8, 3, stride=4, padding=1), torch.nn.ReLU(),
+                    torch.nn.Conv2d(8, 16, 3, stride=2, padding=1), torch.nn.ReLU(),
+                )
+                backbone.out_channels = 16
+                anchors = AnchorGenerator(sizes=((40,),), aspect_ratios=((1.0,),))
+                model = RetinaNet(
+                    backbone, num_classes=2, anchor_generator=anchors, min_size=1024,
+                    max_size=1024, score_thresh=0.0, detections_per_img=300,
+                )
+                # Random regressions are ~0: boxes would be the anchors, on a 4 px step anyway.
+                torch.nn.init.constant_(model.head.regression_head.bbox_reg.bias, 0.37)
+                return model
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    img = make_image(width=1024, height=1024, objects=4)
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(
+        f"input_path={img.path}", "model=mgpr_user_retinanet:build", "tile_size=1024",
+        "workers=0", "precision=bf16-mixed", "score_threshold=0", f"output_dir={run}",
+        "progress=false",
+    )  # fmt: skip
+    assert rc == 0
+    _, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    edges = torch.tensor([r[k] for r in rows for k in ("px_xmin", "px_xmax")])
+    far = edges[(edges > 512) & (edges < 1024)]
+    assert len(rows) >= 100 and far.numel() >= 20
+    assert _on_step(far, 4.0) < 0.05 and _on_step(far, 0.5) < 0.1

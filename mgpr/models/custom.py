@@ -18,10 +18,10 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
   is also what an image-to-image module returns; without it one probe forward on a zero tile
   on the CPU decides between the other two),
   ``categories`` (names by class id), ``in_bands`` (else the first Conv2d's ``in_channels``, else
-  0 = any). A torchvision ``GeneralizedRCNN`` (Faster R-CNN, ...) computes its boxes in float32
-  under mixed precision, like the built-in detector
-  (:func:`~mgpr.models.detection.exact_box_forward`); any other detector's coordinates are in
-  whatever dtype its forward produces under autocast.
+  0 = any). A torchvision detector (``GeneralizedRCNN``: Faster/Mask/Keypoint R-CNN;
+  ``RetinaNet``, ``FCOS``, ``SSD``) computes its boxes in float32 under mixed precision, like
+  the built-in detector (:func:`~mgpr.models.detection.exact_detector_forward`); any other
+  detector's coordinates are in whatever dtype its forward produces under autocast.
 """
 
 from __future__ import annotations
@@ -198,20 +198,21 @@ class ModuleAdapter(ModelAdapter):
         self._backbone: Callable[[torch.Tensor], Any] | None = None
 
     def forward(self, inputs: torch.Tensor) -> Any:
-        """The module's output; a torchvision R-CNN with float32 boxes under autocast."""
-        from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+        """The module's output; a torchvision detector with float32 boxes under autocast."""
+        from mgpr.models.detection import exact_detector_forward, is_torchvision_detector
 
-        if isinstance(self.module, GeneralizedRCNN):
-            from mgpr.models.detection import exact_box_forward
-
-            return exact_box_forward(self.module, list(inputs.unbind(0)), self._backbone)
+        if is_torchvision_detector(self.module):
+            return exact_detector_forward(self.module, list(inputs.unbind(0)), self._backbone)
         return self._network(inputs)
 
     def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
-        """Compile the module (a torchvision R-CNN: its backbone only, as the built-in one)."""
-        from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+        """Compile the module; a torchvision detector's backbone only, as the built-in one.
 
-        if isinstance(self.module, GeneralizedRCNN):
+        Its heads, anchors and NMS have data-dependent shapes and run in float32.
+        """
+        from mgpr.models.detection import is_torchvision_detector
+
+        if is_torchvision_detector(self.module):
             self._backbone = compiler(self.module.backbone)
         else:
             super().compile(compiler)

@@ -1,4 +1,9 @@
-"""Faster R-CNN object detector (torchvision ``fasterrcnn_resnet50_fpn``, COCO classes)."""
+"""Faster R-CNN detector, and the float32 box path of every torchvision detector.
+
+The built-in detector is torchvision's ``fasterrcnn_resnet50_fpn`` (COCO classes); the box path
+(:func:`exact_detector_forward`) also serves two-stage R-CNNs, RetinaNet, FCOS and SSD brought
+as ``model=my_pkg.my_module:build``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,10 @@ from torchvision.models.detection import (
     FasterRCNN_ResNet50_FPN_Weights,
     fasterrcnn_resnet50_fpn,
 )
+from torchvision.models.detection.fcos import FCOS
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.retinanet import RetinaNet
+from torchvision.models.detection.ssd import SSD
 
 from mgpr.models.amp import autocast_state, fp32
 from mgpr.models.base import Detections, ModelAdapter, detections_from_dicts
@@ -62,6 +70,87 @@ def exact_box_forward(
         proposals, _ = model.rpn(batch, features)
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
         return model.transform.postprocess(detections, batch.image_sizes, sizes)
+
+
+#: torchvision's single-stage detectors: backbone -> dense head -> anchors -> decoding + NMS.
+SingleStageDetector = RetinaNet | FCOS | SSD
+
+
+def exact_single_stage_forward(
+    model: SingleStageDetector,
+    images: list[torch.Tensor],
+    backbone: Callable[[torch.Tensor], Any] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """``model(images)`` in eval mode for RetinaNet, FCOS or SSD, with float32 boxes and scores.
+
+    Their own forward makes anchors (``anchor_generator``) in the feature maps' dtype and decodes
+    in the head outputs' dtype, so under bf16 autocast boxes sit on the same 4 px step as
+    Faster R-CNN's, and class logits near -4.6 (RetinaNet's prior) on a 0.03 step, which turns
+    near-equal scores into ties that the top-k and NMS then break at random. Here the backbone
+    (+ FPN) runs under the caller's autocast; the dense head (class logits, box regression,
+    FCOS's centre-ness), the anchors, the decoding, NMS and the map back to input pixels run in
+    float32. The head is a real share of the compute (a RetinaNet head at P3 is a few 3x3
+    convolutions on the finest level): that is the price of scores and boxes that do not depend
+    on the precision. Without autocast this is exactly ``model(images)``.
+
+    Args:
+        model: a torchvision ``RetinaNet``, ``FCOS`` or ``SSD`` in eval mode.
+        images: C x H x W float tensors in [0, 1], all on the model's device.
+        backbone: what to call instead of ``model.backbone`` (a compiled version of it).
+
+    Returns:
+        One dict per image: ``boxes`` (N, 4) float32 xyxy in the input image's pixels,
+        ``scores`` (N,) float32, ``labels`` (N,) int64.
+    """
+    device_type = images[0].device.type if images else "cpu"
+    enabled, dtype = autocast_state(device_type)
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    with fp32(device_type):
+        batch, _ = model.transform([img.float() for img in images])
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        features = (backbone or model.backbone)(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    levels = [f.float() for f in features.values()]
+    with fp32(device_type):
+        head_outputs = model.head(levels)
+        anchors = model.anchor_generator(batch, levels)
+        if isinstance(model, SSD):
+            detections = model.postprocess_detections(head_outputs, anchors, batch.image_sizes)
+        else:
+            # Outputs are (B, sum over levels of H*W*A, ...): split per level as torchvision's
+            # forward does (A anchors per position; 1 for FCOS).
+            per_level = [int(f.shape[-2] * f.shape[-1]) for f in levels]
+            per_position = int(head_outputs["cls_logits"].shape[1]) // sum(per_level)
+            counts = [n * per_position for n in per_level]
+            split = {k: list(v.split(counts, dim=1)) for k, v in head_outputs.items()}
+            split_anchors = [list(a.split(counts)) for a in anchors]
+            detections = model.postprocess_detections(split, split_anchors, batch.image_sizes)
+        return model.transform.postprocess(detections, batch.image_sizes, sizes)
+
+
+def is_torchvision_detector(module: torch.nn.Module) -> bool:
+    """Whether :func:`exact_detector_forward` knows ``module``'s box path.
+
+    True for torchvision's R-CNNs (``GeneralizedRCNN``), RetinaNet, FCOS, SSD and subclasses.
+    """
+    return isinstance(module, (GeneralizedRCNN, RetinaNet, FCOS, SSD))
+
+
+def exact_detector_forward(
+    module: torch.nn.Module,
+    images: list[torch.Tensor],
+    backbone: Callable[[torch.Tensor], Any] | None = None,
+) -> list[dict[str, torch.Tensor]]:
+    """The float32-box forward of a torchvision detector (:func:`is_torchvision_detector`).
+
+    :func:`exact_box_forward` for two-stage R-CNNs, :func:`exact_single_stage_forward` else.
+    """
+    if isinstance(module, GeneralizedRCNN):
+        return exact_box_forward(module, images, backbone)
+    if isinstance(module, (RetinaNet, FCOS, SSD)):
+        return exact_single_stage_forward(module, images, backbone)
+    raise TypeError(f"{type(module).__name__} is not a torchvision detector")
 
 
 class TorchvisionDetectorAdapter(ModelAdapter):
