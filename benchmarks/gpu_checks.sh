@@ -3,8 +3,9 @@
 #
 #   1. `pytest -m gpu`: real GPU runs (resnet50/fasterrcnn report figures; pinned pool + compile;
 #      the reference detector in bf16 on the demo image: 40 of 40, footprint error < 0.5 px;
-#      cudaHostRegister on a pool buffer; NVML: a CUDA context only on the rank's own GPU; a
-#      2-rank NCCL run where 2 GPUs exist). Their printed run summary is what the README quotes;
+#      cudaHostRegister on a pool buffer; NVML: a CUDA context only on the rank's own GPU;
+#      Faster R-CNN, RetinaNet, FCOS, SSDlite boxes exact under CUDA bf16; a 2-rank NCCL run
+#      where 2 GPUs exist). Their printed run summary is what the README quotes;
 #   2. the run monitor's sampler cost with NVML reads (benchmarks/monitor_overhead.py);
 #   3. the GPU benchmark (benchmarks/accel.py --gpu): resnet50 and fasterrcnn at 1024 px, fp32 and
 #      bf16 + channels_last eager, bf16 compiled, bf16 batch sweep 8/16/32 (compute alone); the

@@ -211,3 +211,42 @@ def test_nodata_masked_on_gpu(make_image, tmp_path: Path, spec: dict) -> None:
     check = demo_check(tmp_path / "run" / "predictions.gpkg", img.truth_path)
     assert check["found"] == 12 and check["duplicates"] == 0, check
     assert check["unmatched_detections"] == 0, check
+
+
+@pytest.mark.parametrize("name", ["fasterrcnn", "retinanet", "fcos", "ssdlite"])
+def test_detector_boxes_exact_under_cuda_bf16(name: str) -> None:
+    """CUDA bf16 autocast: float32 boxes on no 4 px step (torchvision's own forward: all on it);
+    without autocast the same boxes as torchvision's forward."""
+    from test_exact_boxes import SPEC, single_stage_detector
+
+    from mgpr.data.scaling import ValueScaler
+    from mgpr.models import build_model
+    from mgpr.models.detection import exact_detector_forward
+    from mgpr.testimage import render_block
+
+    torch.manual_seed(0)
+    if name == "fasterrcnn":
+        module = build_model("fasterrcnn", "none", tile_size=1024, score_threshold=0.0).module
+    else:
+        module = single_stage_detector(name, 1024)
+    module = module.cuda().eval()
+    strip = torch.from_numpy(render_block(SPEC, 0, 0, 64, 1024))[None].cuda()
+    images = list(ValueScaler()(strip).unbind(0))
+    with torch.inference_mode():
+        exact = exact_detector_forward(module, images)[0]["boxes"]
+        plain = module(images)[0]["boxes"]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ours = exact_detector_forward(module, images)[0]["boxes"]
+            theirs = module(images)[0]["boxes"]
+    assert exact.shape == plain.shape and torch.allclose(exact, plain, atol=1e-3)
+    assert ours.dtype == torch.float32 and theirs.dtype == torch.bfloat16
+
+    def far(boxes: torch.Tensor) -> torch.Tensor:
+        x = boxes[:, 0::2].float().cpu()
+        return x[(x > 512) & (x < 1024)]
+
+    def on_4px(values: torch.Tensor) -> float:
+        return float((torch.remainder(values, 4.0) == 0).float().mean())
+
+    assert far(ours).numel() >= 20 and far(theirs).numel() >= 20
+    assert on_4px(far(theirs)) >= 0.9 and on_4px(far(ours)) < 0.05
