@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from mgpr.conf.load import closest_key, describe_keys, load_config
@@ -118,3 +120,11 @@ def test_every_key_has_help_metadata() -> None:
         assert help_text.strip(), f"{field.name} has no help"
         assert help_text in text
     assert "overlap=0 " in text and "overwrite=false " in text and "input_path=null " in text
+
+
+def test_readme_key_list_is_what_mgpr_help_prints() -> None:
+    """README's "Configuration keys" block is ``describe_keys()`` verbatim (it says so)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text().splitlines()
+    start = readme.index("INPUTS")
+    end = next(i for i in range(start, len(readme)) if readme[i].startswith("```"))
+    assert "\n".join(readme[start:end]).strip() == describe_keys().strip()

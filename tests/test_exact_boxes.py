@@ -309,5 +309,40 @@ def test_users_retinanet_from_the_cli_under_bf16_keeps_exact_boxes(
     _, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
     edges = torch.tensor([r[k] for r in rows for k in ("px_xmin", "px_xmax")])
     far = edges[(edges > 512) & (edges < 1024)]
-    assert len(rows) >= 100 and far.numel() >= 20
+    assert len(rows) > 100 and far.numel() >= 20  # unset max_detections: a user's model uncapped
     assert _on_step(far, 4.0) < 0.05 and _on_step(far, 0.5) < 0.1
+
+    capped = tmp_path / "capped"
+    rc = run_mgpr_inprocess(
+        f"input_path={img.path}", "model=mgpr_user_retinanet:build", "tile_size=1024",
+        "workers=0", "precision=bf16-mixed", "score_threshold=0", "max_detections=7",
+        f"output_dir={capped}", "progress=false",
+    )  # fmt: skip
+    assert rc == 0
+    _, kept, _ = read_gpkg_layer(capped / "predictions.gpkg", "detections")
+    best = sorted((r["score"] for r in rows), reverse=True)[:7]
+    assert sorted((r["score"] for r in kept), reverse=True) == best
+
+
+def test_best_keeps_the_highest_scores_and_ties_in_order() -> None:
+    det = Detections(
+        boxes=np.arange(20, dtype=np.float32).reshape(5, 4),
+        scores=np.array([0.2, 0.9, 0.5, 0.9, 0.1], np.float32),
+        labels=np.arange(5, dtype=np.int64),
+    )
+    top = det.best(3)
+    np.testing.assert_array_equal(top.labels, [1, 3, 2])
+    np.testing.assert_array_equal(top.boxes, det.boxes[[1, 3, 2]])
+    assert det.best(5) is det and len(Detections.empty().best(1)) == 0
+
+
+def test_fingerprint_max_detections_unset_is_100_for_built_ins_and_none_for_user_models() -> None:
+    from mgpr.conf.schema import PredictConfig
+    from mgpr.run.identity import fingerprint
+
+    def recorded(model: str, **keys: int) -> object:
+        return fingerprint(PredictConfig(**keys), model, "none", [], {})["max_detections"]
+
+    assert recorded("fasterrcnn") == recorded("resnet50") == 100  # as run.json had it before
+    assert recorded("pkg.module:build") is None
+    assert recorded("pkg.module:build", max_detections=100) == 100

@@ -72,8 +72,10 @@ class PredictConfig:
         "DEFAULT", "DEFAULT | torchvision weights name | none | path to a local checkpoint"
     )
     topk: int = key(5, "classification: classes kept per tile")
-    max_detections: int = key(
-        100, "detection: boxes kept per tile at most (fasterrcnn: best scores; reference: largest)"
+    max_detections: int | None = key(
+        None,
+        "detection: boxes kept per tile at most, best scores first (reference: largest); "
+        "unset = 100 for fasterrcnn/reference, every box a user's model returns",
     )
     score_threshold: float = key(0.05, "detection: boxes below this score are dropped")
     nms_iou: float = key(0.5, "detection: per-class IoU above which overlapping boxes are merged")

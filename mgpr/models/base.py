@@ -70,6 +70,18 @@ class Detections:
     def __len__(self) -> int:
         return int(self.scores.shape[0])
 
+    def best(self, n: int) -> Detections:
+        """The ``n`` highest-scoring detections, highest first.
+
+        Equal scores keep the order they came in; ``self`` when it holds no more than ``n``.
+        """
+        if len(self) <= n:
+            return self
+        keep = np.argsort(-self.scores, kind="stable")[:n]
+        return Detections(
+            boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep]
+        )
+
     @classmethod
     def empty(cls) -> Detections:
         """Return a tile result with no objects (same type and dtypes as a full one)."""

@@ -136,6 +136,21 @@ def downloadable_models() -> tuple[str, ...]:
     return tuple(entry.name for entry in _ENTRIES if entry.downloadable)
 
 
+#: Boxes per tile a built-in detector keeps when ``max_detections`` is unset.
+DEFAULT_MAX_DETECTIONS = 100
+
+
+def max_detections_for(name: str, max_detections: int | None) -> int | None:
+    """The per-tile box cap a run of ``model=name`` works with.
+
+    The key when set; unset, :data:`DEFAULT_MAX_DETECTIONS` for a built-in model and None (no
+    cap: every box it returns) for a user's model.
+    """
+    if max_detections is not None:
+        return max_detections
+    return DEFAULT_MAX_DETECTIONS if model_entry(name) is not None else None
+
+
 def model_entry(name: str) -> ModelEntry | None:
     """The table entry of a built-in model name (surrounding spaces ignored), or None."""
     return MODELS.get(name.strip())
@@ -172,7 +187,9 @@ def check_model_name(name: str | None) -> None:
         raise unknown_model_error(name)
 
 
-def _check_options(topk: int, score_threshold: float, tile_size: int, max_detections: int) -> None:
+def _check_options(
+    topk: int, score_threshold: float, tile_size: int, max_detections: int | None
+) -> None:
     if not isinstance(topk, int) or topk < 1:
         raise ConfigError(f"topk={topk} must be an integer >= 1; set topk=5, for example.")
     if not 0.0 <= float(score_threshold) <= 1.0:
@@ -182,7 +199,7 @@ def _check_options(topk: int, score_threshold: float, tile_size: int, max_detect
         )
     if not isinstance(tile_size, int) or tile_size < 1:
         raise ConfigError(f"tile_size={tile_size} must be an integer >= 1; set tile_size=512.")
-    if not isinstance(max_detections, int) or max_detections < 1:
+    if max_detections is not None and (not isinstance(max_detections, int) or max_detections < 1):
         raise ConfigError(
             f"max_detections={max_detections} must be an integer >= 1; set max_detections=100, "
             "for example."
@@ -197,7 +214,7 @@ def build_model(
     score_threshold: float = 0.05,
     native_resolution: bool = True,
     tile_size: int = 512,
-    max_detections: int = 100,
+    max_detections: int | None = None,
     probabilities: bool = False,
 ) -> ModelAdapter:
     """Build the adapter for ``model=name`` on the CPU, in eval mode, gradients off.
@@ -213,7 +230,9 @@ def build_model(
             800 px (see :func:`mgpr.models.detection.build_fasterrcnn`).
         tile_size: tile edge in pixels, >= 1.
         max_detections: detection: boxes kept per tile at most (fasterrcnn: best scores,
-            reference: largest objects), >= 1. A user's model is not limited.
+            reference: largest objects), >= 1; None = :data:`DEFAULT_MAX_DETECTIONS`. A user's
+            model is not limited here: the run caps what it returns
+            (:class:`~mgpr.run.module.InferenceModule`).
         probabilities: segmentation: also return uint8 per-class probabilities per tile.
 
     Raises:
@@ -228,7 +247,7 @@ def build_model(
         "score_threshold": score_threshold,
         "native_resolution": native_resolution,
         "tile_size": tile_size,
-        "max_detections": max_detections,
+        "max_detections": max_detections if max_detections is not None else DEFAULT_MAX_DETECTIONS,
         "probabilities": probabilities,
     }
     entry = model_entry(name)

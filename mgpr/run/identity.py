@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mgpr.conf.schema import PredictConfig
+from mgpr.models.registry import max_detections_for
 
 
 def fingerprint(
@@ -41,7 +42,9 @@ def fingerprint(
         "overlap": cfg.overlap,
         "topk": cfg.topk,
         "score_threshold": cfg.score_threshold,
-        "max_detections": cfg.max_detections,
+        # Unset: 100 for a built-in model (as run.json recorded before the key could be unset),
+        # None for a user's model (no cap).
+        "max_detections": max_detections_for(model_name, cfg.max_detections),
         "native_resolution": cfg.native_resolution,
         "value_range": cfg.value_range if value_ranges is not None else "raw",
         "gsd": cfg.gsd,

@@ -28,7 +28,7 @@ from mgpr.data.dataset import STATUS_OK
 from mgpr.data.masking import fill_invalid
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
-from mgpr.models.base import ModelAdapter
+from mgpr.models.base import Detections, ModelAdapter
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
 from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
 from mgpr.tasks.base import TileOutcome
@@ -48,6 +48,9 @@ class InferenceModule(pl.LightningModule):
         batch_size: tiles per batch; a compiled network gets every batch padded to it.
         scaler: raw tiles -> model input on the device; None = uint8 tiles in [0, 255] (fake
             data), or raw values for an adapter with ``input_range = "raw"``.
+        max_detections: the ``max_detections`` key when set: each tile keeps its best-scoring
+            boxes, after those on nodata are dropped, whatever the adapter (a user's model
+            included; the built-in detectors already keep no more). None: as the adapter returns.
     """
 
     def __init__(
@@ -59,8 +62,10 @@ class InferenceModule(pl.LightningModule):
         compile_plan: CompilePlan | None = None,
         batch_size: int | None = None,
         scaler: ValueScaler | None = None,
+        max_detections: int | None = None,
     ) -> None:
         super().__init__()
+        self.max_detections = max_detections
         self.scaler = scaler or ValueScaler(raw=adapter.input_range == "raw")
         self.adapter = adapter
         self.net = adapter.module
@@ -151,6 +156,9 @@ class InferenceModule(pl.LightningModule):
             results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
             if mask is not None:
                 results = drop_masked(results, np.asarray(mask), ok.tolist())
+            if self.max_detections is not None:
+                cap = self.max_detections
+                results = [r.best(cap) if isinstance(r, Detections) else r for r in results]
             if self.on_stage is not None:
                 self.on_stage("postprocess", time.perf_counter() - start)
         if self.tiles is None:

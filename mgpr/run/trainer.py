@@ -394,6 +394,7 @@ def run_predict(
         compile_plan=compile_plan,
         batch_size=cfg.batch_size,
         scaler=ValueScaler(value_ranges, raw=adapter.input_range == "raw"),
+        max_detections=cfg.max_detections,
     )
     fake_bands = adapter.in_bands or 3
     local_ranks = LocalRanks()
