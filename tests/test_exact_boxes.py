@@ -324,6 +324,31 @@ def test_users_retinanet_from_the_cli_under_bf16_keeps_exact_boxes(
     assert sorted((r["score"] for r in kept), reverse=True) == best
 
 
+def test_a_subclass_with_its_own_forward_keeps_it() -> None:
+    """Only torchvision's own eval forward is re-stated in float32; an override is the user's."""
+    from torchvision.models.detection import RetinaNet
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+    from mgpr.models.detection import is_torchvision_detector
+
+    class Tweaked(RetinaNet):
+        def forward(self, images, targets=None):  # type: ignore[no-untyped-def]
+            return [
+                {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0)}
+            ]
+
+    class Renamed(RetinaNet):
+        pass
+
+    backbone = torch.nn.Conv2d(3, 4, 3, stride=8)
+    backbone.out_channels = 4  # type: ignore[assignment]
+    anchors = AnchorGenerator(sizes=((32,),), aspect_ratios=((1.0,),))
+    assert not is_torchvision_detector(Tweaked(backbone, 2, anchor_generator=anchors))
+    assert is_torchvision_detector(Renamed(backbone, 2, anchor_generator=anchors))
+    assert is_torchvision_detector(single_stage_detector("ssdlite", 320))
+    assert not is_torchvision_detector(torch.nn.Conv2d(3, 3, 1))
+
+
 def test_best_keeps_the_highest_scores_and_ties_in_order() -> None:
     det = Detections(
         boxes=np.arange(20, dtype=np.float32).reshape(5, 4),

@@ -129,12 +129,19 @@ def exact_single_stage_forward(
         return model.transform.postprocess(detections, batch.image_sizes, sizes)
 
 
+#: torchvision's detector classes whose eval forward :func:`exact_detector_forward` re-states.
+_BOX_PATHS: tuple[type[torch.nn.Module], ...] = (GeneralizedRCNN, RetinaNet, FCOS, SSD)
+
+
 def is_torchvision_detector(module: torch.nn.Module) -> bool:
     """Whether :func:`exact_detector_forward` knows ``module``'s box path.
 
-    True for torchvision's R-CNNs (``GeneralizedRCNN``), RetinaNet, FCOS, SSD and subclasses.
+    True for torchvision's R-CNNs (``GeneralizedRCNN``: Faster, Mask, Keypoint R-CNN), RetinaNet,
+    FCOS, SSD and their subclasses, unless a subclass overrides ``forward``: then its own
+    forward is what the user means, and it runs as is.
     """
-    return isinstance(module, (GeneralizedRCNN, RetinaNet, FCOS, SSD))
+    base = next((cls for cls in _BOX_PATHS if isinstance(module, cls)), None)
+    return base is not None and type(module).forward is base.forward
 
 
 def exact_detector_forward(
@@ -146,11 +153,12 @@ def exact_detector_forward(
 
     :func:`exact_box_forward` for two-stage R-CNNs, :func:`exact_single_stage_forward` else.
     """
+    if not is_torchvision_detector(module):
+        raise TypeError(f"{type(module).__name__} is no torchvision detector with its own forward")
     if isinstance(module, GeneralizedRCNN):
         return exact_box_forward(module, images, backbone)
-    if isinstance(module, (RetinaNet, FCOS, SSD)):
-        return exact_single_stage_forward(module, images, backbone)
-    raise TypeError(f"{type(module).__name__} is not a torchvision detector")
+    assert isinstance(module, (RetinaNet, FCOS, SSD))
+    return exact_single_stage_forward(module, images, backbone)
 
 
 class TorchvisionDetectorAdapter(ModelAdapter):
