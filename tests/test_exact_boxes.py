@@ -324,6 +324,32 @@ def test_users_retinanet_from_the_cli_under_bf16_keeps_exact_boxes(
     assert sorted((r["score"] for r in kept), reverse=True) == best
 
 
+@pytest.mark.parametrize("name", ["retinanet", "fcos"])
+def test_head_towers_run_in_bf16_and_its_output_layers_in_fp32(name: str) -> None:
+    """Where the time goes stays fast (the towers' convolutions under autocast); the layers
+    whose outputs become logits and box deltas run in float32; the model is left unpatched."""
+    from mgpr.models.detection import exact_detector_forward, head_output_layers
+
+    module = single_stage_detector(name, 128)
+    outputs = head_output_layers(module.head)
+    assert outputs is not None and len(outputs) == (3 if name == "fcos" else 2)
+    towers = [module.head.classification_head.conv, module.head.regression_head.conv]
+    seen: dict[str, set[torch.dtype]] = {"outputs": set(), "towers": set()}
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen["outputs"].add(out.dtype)) for m in outputs
+    ]
+    hooks += [
+        m.register_forward_hook(lambda _m, _i, out: seen["towers"].add(out.dtype)) for m in towers
+    ]
+    tile = torch.from_numpy(render_block(SPEC, 0, 0, 128, 128)).float().div(255)
+    with torch.inference_mode(), _bf16():
+        exact_detector_forward(module, [tile])
+    for hook in hooks:
+        hook.remove()
+    assert seen == {"outputs": {torch.float32}, "towers": {torch.bfloat16}}
+    assert all("forward" not in layer.__dict__ for layer in outputs)
+
+
 def test_a_subclass_with_its_own_forward_keeps_it() -> None:
     """Only torchvision's own eval forward is re-stated in float32; an override is the user's."""
     from torchvision.models.detection import RetinaNet
