@@ -208,7 +208,8 @@ class ModuleAdapter(ModelAdapter):
     def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
         """Compile the module; a torchvision detector's backbone only, as the built-in one.
 
-        Its heads, anchors and NMS have data-dependent shapes and run in float32.
+        The rest (heads, anchors, NMS; data-dependent shapes in an R-CNN) runs eager, its box
+        path in float32.
         """
         from mgpr.models.detection import is_torchvision_detector
 
