@@ -131,10 +131,9 @@ def exact_single_stage_forward(
     (+ FPN) and the head's convolution towers run under the caller's autocast; the layers that
     make the head's outputs (class logits, box deltas, FCOS's centre-ness:
     :func:`head_output_layers`), the anchors, the decoding, NMS and the map back to input
-    pixels run in float32 (a head of another kind runs in float32 whole). Measured on a 2-core
-    Xeon with AMX (RetinaNet / FCOS ResNet-50 FPN, 2 x 512 px, bf16 vs fp32): torchvision's
-    own bf16 forward 1.53x / 1.30x, this 1.20x / 1.24x, the whole head in float32 1.11x /
-    0.96x. Without autocast this is exactly ``model(images)``.
+    pixels run in float32 (a head of another kind runs in float32 whole). What that costs is
+    measured by ``benchmarks/single_stage_bf16.py`` (README, Precision). Without autocast this
+    is exactly ``model(images)``.
 
     Args:
         model: a torchvision ``RetinaNet``, ``FCOS`` or ``SSD`` in eval mode.
