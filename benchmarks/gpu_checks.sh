@@ -11,7 +11,9 @@
 #      bf16 + channels_last eager, bf16 compiled, bf16 batch sweep 8/16/32 (compute alone); the
 #      whole run (with its data-wait share) at batch 16; bounded by MGPR_BENCH_BUDGET_S (240 s)
 #      so the script ends in time;
-#   4. summary.md: one table of every step's result and the benchmark's figures.
+#   4. benchmarks/single_stage_bf16.py on the GPU: a user's RetinaNet / FCOS in fp32, in bf16
+#      through torchvision's forward and through mgpr's float32 box path (8 x 1024 px);
+#   5. summary.md: one table of every step's result and the benchmark's figures.
 #
 #   bash benchmarks/gpu_checks.sh OUT                  # logs and summary.md under OUT/
 #   bash benchmarks/gpu_checks.sh --install-only       # only install carried wheels (see below)
@@ -97,12 +99,18 @@ step pytest-gpu env MGPR_HEAVY_TESTS=1 "${run[@]}" python -m pytest -m "gpu or h
 step monitor-overhead "${run[@]}" python benchmarks/monitor_overhead.py --seconds 2 --rounds 3
 step accel "${run[@]}" python benchmarks/accel.py --gpu --budget-s "$budget_s" \
     --out "$out/accel.json"
+step single-stage "${run[@]}" python benchmarks/single_stage_bf16.py --device cuda --tile 1024 \
+    --batch 8 --rounds 3
 
 {
     echo
     echo "GPU benchmark ($out/accel.json):"
     echo
     grep -E '^(compute|whole run|  |SKIPPED|elapsed)' "$out/accel.log" | sed 's/^/    /'
+    echo
+    echo "Single-stage detectors under bf16 ($out/single-stage.log):"
+    echo
+    grep -E '^(device|retinanet|fcos)' "$out/single-stage.log" | sed 's/^/    /'
     echo
     echo "pytest -m gpu:"
     echo
