@@ -41,7 +41,7 @@ from test_exact_boxes import (  # noqa: E402
     single_stage_detector,
 )
 
-from mgpr.models import Detections  # noqa: E402
+from mgpr.models.base import detections_from_dicts  # noqa: E402
 from mgpr.models.detection import exact_detector_forward  # noqa: E402
 from mgpr.testimage import render_block  # noqa: E402
 
@@ -69,14 +69,6 @@ def on_bf16_grid(outputs: list[dict[str, torch.Tensor]]) -> float:
     x = torch.cat([o["boxes"].float().cpu().flatten() for o in outputs])
     x = x[x > 16]
     return float((x.bfloat16().float() == x).float().mean()) if x.numel() else float("nan")
-
-
-def detections(out: dict[str, torch.Tensor]) -> Detections:
-    return Detections(
-        boxes=out["boxes"].float().cpu().numpy(),
-        scores=out["scores"].float().cpu().numpy(),
-        labels=out["labels"].cpu().numpy().astype(np.int64),
-    )
 
 
 def main() -> None:
@@ -124,8 +116,8 @@ def main() -> None:
                 ours = exact_detector_forward(model, tiles)
                 theirs = model(tiles)
         errors, matched, total = [], 0, 0
-        for r, g in zip(ref, ours, strict=True):
-            a, b = detections(g), detections(r)
+        got, want = detections_from_dicts(ours, 0.0), detections_from_dicts(ref, 0.0)
+        for a, b in zip(got, want, strict=True):
             pairs = match_boxes(a, b, 0.9)
             matched, total = matched + len(pairs), total + len(b)
             errors += [float(np.abs(a.boxes[i] - b.boxes[j]).max()) for i, j in pairs]

@@ -26,7 +26,7 @@ from torchvision.models.resnet import Bottleneck
 from torchvision.ops import box_iou
 
 from mgpr.data.scaling import ValueScaler
-from mgpr.models import Detections, build_model
+from mgpr.models import Detections, ModelAdapter, build_model
 from mgpr.models.custom import ModuleAdapter
 from mgpr.testimage import TestImageSpec, render_block
 
@@ -133,21 +133,33 @@ def test_fasterrcnn_bf16_boxes_are_not_quantised_at_1024_px() -> None:
     assert _on_step(far, 0.5) < 0.1  # not on any coarse grid either
 
 
-def test_fasterrcnn_bf16_agrees_with_fp32_seeded_checkpoint(seeded_checkpoint: Path) -> None:
-    adapter = build_model("fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0)
+def fp32_and_bf16(adapter: ModelAdapter) -> list[tuple[Detections, Detections]]:
+    """(fp32, bf16) detections of two 128 px planted-object tiles through ``adapter``."""
     tiles = torch.from_numpy(np.stack([render_block(SPEC, 0, c, 128, 128) for c in (0, 128)]))
     with torch.inference_mode():
         inputs = adapter.prepare(ValueScaler()(tiles))
         fp32 = adapter.postprocess(adapter.forward(inputs), 128)
         with _bf16():
             bf16 = adapter.postprocess(adapter.forward(inputs), 128)
-    for ref, got in zip(fp32, bf16, strict=True):
-        assert len(ref) >= 50
+    pairs = list(zip(fp32, bf16, strict=True))
+    assert all(isinstance(d, Detections) for pair in pairs for d in pair)
+    return pairs
+
+
+def assert_boxes_agree(ref: Detections, got: Detections) -> None:
+    """>= 50 fp32 boxes; >= MIN_MATCHED of them matched in ``got``, within MAX_EDGE_ERROR_PX."""
+    assert len(ref) >= 50
+    pairs = match_boxes(got, ref, MATCH_IOU)
+    assert len(pairs) >= MIN_MATCHED * len(ref)
+    errors = [np.abs(got.boxes[i] - ref.boxes[j]).max() for i, j in pairs]
+    assert max(errors) <= MAX_EDGE_ERROR_PX, sorted(errors)[-5:]
+
+
+def test_fasterrcnn_bf16_agrees_with_fp32_seeded_checkpoint(seeded_checkpoint: Path) -> None:
+    adapter = build_model("fasterrcnn", str(seeded_checkpoint), tile_size=128, score_threshold=0.0)
+    for ref, got in fp32_and_bf16(adapter):
         assert got.boxes.dtype == np.float32 and got.scores.dtype == np.float32
-        pairs = match_boxes(got, ref, MATCH_IOU)
-        assert len(pairs) >= MIN_MATCHED * len(ref)
-        errors = [np.abs(got.boxes[i] - ref.boxes[j]).max() for i, j in pairs]
-        assert max(errors) <= MAX_EDGE_ERROR_PX, sorted(errors)[-5:]
+        assert_boxes_agree(ref, got)
 
 
 def single_stage_detector(name: str, size: int) -> torch.nn.Module:
@@ -206,19 +218,9 @@ def test_retinanet_bf16_agrees_with_fp32_calibrated_backbone() -> None:
     adapter = ModuleAdapter(
         module, name="retinanet", weights="none", topk=1, score_threshold=0.0, tile_size=128
     )
-    tiles = torch.from_numpy(np.stack([render_block(SPEC, 0, c, 128, 128) for c in (0, 128)]))
-    with torch.inference_mode():
-        inputs = adapter.prepare(ValueScaler()(tiles))
-        fp32 = adapter.postprocess(adapter.forward(inputs), 128)
-        with _bf16():
-            bf16 = adapter.postprocess(adapter.forward(inputs), 128)
-    for ref, got in zip(fp32, bf16, strict=True):
-        assert isinstance(ref, Detections) and isinstance(got, Detections)
-        assert len(ref) >= 50 and got.scores.dtype == np.float32
-        pairs = match_boxes(got, ref, MATCH_IOU)
-        assert len(pairs) >= MIN_MATCHED * len(ref)
-        errors = [np.abs(got.boxes[i] - ref.boxes[j]).max() for i, j in pairs]
-        assert max(errors) <= MAX_EDGE_ERROR_PX, sorted(errors)[-5:]
+    for ref, got in fp32_and_bf16(adapter):
+        assert got.scores.dtype == np.float32
+        assert_boxes_agree(ref, got)
         # Scores are float32 logits put through a sigmoid: no bf16 ties.
         assert len(np.unique(got.scores)) > 0.9 * len(got)
 

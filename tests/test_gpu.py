@@ -217,7 +217,7 @@ def test_nodata_masked_on_gpu(make_image, tmp_path: Path, spec: dict) -> None:
 def test_detector_boxes_exact_under_cuda_bf16(name: str) -> None:
     """CUDA bf16 autocast: float32 boxes on no 4 px step (torchvision's own forward: all on it);
     without autocast the same boxes as torchvision's forward."""
-    from test_exact_boxes import SPEC, single_stage_detector
+    from test_exact_boxes import SPEC, _on_step, single_stage_detector
 
     from mgpr.data.scaling import ValueScaler
     from mgpr.models import build_model
@@ -245,8 +245,5 @@ def test_detector_boxes_exact_under_cuda_bf16(name: str) -> None:
         x = boxes[:, 0::2].float().cpu()
         return x[(x > 512) & (x < 1024)]
 
-    def on_4px(values: torch.Tensor) -> float:
-        return float((torch.remainder(values, 4.0) == 0).float().mean())
-
     assert far(ours).numel() >= 20 and far(theirs).numel() >= 20
-    assert on_4px(far(theirs)) >= 0.9 and on_4px(far(ours)) < 0.05
+    assert _on_step(far(theirs), 4.0) >= 0.9 and _on_step(far(ours), 4.0) < 0.05

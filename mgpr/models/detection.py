@@ -19,6 +19,7 @@ from torchvision.models.detection import (
 )
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
+from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.retinanet import RetinaNet, RetinaNetHead
 from torchvision.models.detection.ssd import SSD
 
@@ -31,6 +32,41 @@ _CLS_HEAD = "roi_heads.box_predictor.cls_score.weight"
 
 #: Boxes kept per tile by default (torchvision's ``box_detections_per_img``).
 MAX_DETECTIONS = 100
+
+
+#: torchvision's single-stage detectors: backbone -> dense head -> anchors -> decoding + NMS.
+SingleStageDetector: TypeAlias = RetinaNet | FCOS | SSD
+
+
+def backbone_features(
+    model: GeneralizedRCNN | SingleStageDetector,
+    images: list[torch.Tensor],
+    backbone: Callable[[torch.Tensor], Any] | None = None,
+) -> tuple[ImageList, OrderedDict[str, torch.Tensor], list[tuple[int, int]]]:
+    """The front every torchvision detector shares, as its own forward runs it.
+
+    Its transform (normalise, resize) in float32, then the backbone (+ FPN) under the caller's
+    autocast.
+
+    Args:
+        model: a torchvision detector with ``transform`` and ``backbone``.
+        images: C x H x W float tensors in [0, 1], all on the model's device.
+        backbone: what to call instead of ``model.backbone`` (a compiled version of it).
+
+    Returns:
+        The transformed batch, its feature maps by name in the backbone's output dtype (bf16
+        under bf16 autocast), and each input image's (H, W) for the map back to its pixels.
+    """
+    device_type = images[0].device.type if images else "cpu"
+    enabled, dtype = autocast_state(device_type)
+    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+    with fp32(device_type):
+        batch, _ = model.transform([img.float() for img in images])
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        features = (backbone or model.backbone)(batch.tensors)
+    if isinstance(features, torch.Tensor):
+        features = OrderedDict([("0", features)])
+    return batch, features, sizes
 
 
 def exact_box_forward(
@@ -58,24 +94,13 @@ def exact_box_forward(
         ``scores`` (N,) float32, ``labels`` (N,) int64.
     """
     device_type = images[0].device.type if images else "cpu"
-    enabled, dtype = autocast_state(device_type)
-    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    with fp32(device_type):
-        batch, _ = model.transform([img.float() for img in images])
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        features = (backbone or model.backbone)(batch.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
+    batch, features, sizes = backbone_features(model, images, backbone)
     features = OrderedDict((name, f.float()) for name, f in features.items())
     with fp32(device_type):
         proposals, _ = model.rpn(batch, features)
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
         out = model.transform.postprocess(detections, batch.image_sizes, sizes)
         return cast(list[dict[str, torch.Tensor]], out)
-
-
-#: torchvision's single-stage detectors: backbone -> dense head -> anchors -> decoding + NMS.
-SingleStageDetector: TypeAlias = RetinaNet | FCOS | SSD
 
 
 def head_output_layers(head: torch.nn.Module) -> list[torch.nn.Module] | None:
@@ -146,13 +171,7 @@ def exact_single_stage_forward(
     """
     device_type = images[0].device.type if images else "cpu"
     enabled, dtype = autocast_state(device_type)
-    sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
-    with fp32(device_type):
-        batch, _ = model.transform([img.float() for img in images])
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        features = (backbone or model.backbone)(batch.tensors)
-    if isinstance(features, torch.Tensor):
-        features = OrderedDict([("0", features)])
+    batch, features, sizes = backbone_features(model, images, backbone)
     levels = list(features.values())
     outputs = head_output_layers(model.head)
     if outputs is None:
