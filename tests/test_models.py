@@ -182,7 +182,7 @@ def test_lightning_style_checkpoint_with_prefix_and_other_head(
     ckpt = tmp_path / "finetuned.ckpt"
     torch.save({"epoch": 3, "state_dict": {f"net.{k}": v for k, v in state.items()}}, ckpt)
     adapter = build_model("resnet50", str(ckpt), topk=3)
-    assert adapter.categories is None  # 10 classes: not ImageNet
+    assert adapter.categories == tuple(str(i) for i in range(10))  # 10 classes: not ImageNet
     with torch.inference_mode():
         (rec,) = adapter.predict(_tiles(b=1), 64)
     assert rec.class_ids.shape == (3,) and rec.class_ids.max() < 10

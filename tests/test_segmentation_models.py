@@ -93,7 +93,7 @@ def test_segmenter_checkpoint_with_aux_head_and_other_class_count(tmp_path: Path
     path = tmp_path / "lraspp3.pth"
     torch.save(state, path)
     adapter = build_lraspp(str(path))
-    assert adapter.categories is None and not adapter.random_weights
+    assert adapter.categories == ("0", "1", "2") and not adapter.random_weights
     assert adapter.weights_id.startswith(f"file:{path.resolve()}#sha256:")
     x = _tiles(1, 64).float().div(255)
     with torch.inference_mode():

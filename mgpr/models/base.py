@@ -214,6 +214,13 @@ class ModelAdapter(abc.ABC):
                 f"model={name} declares task={task!r}, which is not one of {TASKS}; "
                 f"set the adapter's task to one of {', '.join(TASKS)}."
             )
+        if task == "segmentation" and not categories:
+            # The class count decides the class map's dtype (uint8 / uint16), its nodata value
+            # and the probability bands: guessing it would wrap ids or drop classes silently.
+            raise ModelError(
+                f"model={name} is a segmentation model without categories; set its categories "
+                "to one name per class id (e.g. categories = ['background', 'building'])."
+            )
         self.name = name
         self.task = task
         self.categories = tuple(categories) if categories is not None else None
@@ -335,16 +342,37 @@ def detections_from_dicts(
     return out
 
 
-def class_maps_from_logits(logits: torch.Tensor, probabilities: bool) -> list[ClassMap]:
+def numbered_categories(n: int) -> tuple[str, ...]:
+    """Class names ``"0"``, ``"1"``, ... for a model that knows its class count but no names.
+
+    The same names :func:`mgpr.tasks.base.label_names` gives an unnamed class id.
+    """
+    return tuple(str(i) for i in range(n))
+
+
+def classes_of_logits(k: int) -> int:
+    """Classes a (B, K, H, W) logit tensor stands for: K, or 2 for one binary logit (K = 1)."""
+    return 2 if k == 1 else k
+
+
+def class_maps_from_logits(
+    logits: torch.Tensor, probabilities: bool, size: tuple[int, int] | None = None
+) -> list[ClassMap]:
     """Per-pixel argmax (and optionally softmax), computed on the logits' device, moved to the CPU.
 
     The argmax and softmax run in float32 whatever the autocast dtype of the network (a bf16
     tie would otherwise pick another class than fp32). Only the (B, H, W) ids cross to the host,
     as uint8 when K <= 256 (1 byte per pixel), plus (B, K, H, W) uint8 probabilities if asked.
 
+    One channel (K = 1) is a binary model's logit (sigmoid): class 1 where it is above 0
+    (p > 0.5), and the probabilities of classes 0 and 1 are ``1 - p`` and ``p``. Logits coarser
+    (or finer) than the tile, as models with a stride-4 decoder return them, are resized to
+    ``size`` bilinearly first (what torchvision's segmenters do inside their forward).
+
     Args:
-        logits: (B, K, H, W) raw class scores at tile resolution, any float dtype and device.
-        probabilities: also return ``round(softmax * 255)`` per class (uint8).
+        logits: (B, K, H, W) raw class scores, any float dtype and device.
+        probabilities: also return ``round(p * 255)`` per class (uint8).
+        size: the tile's (H, W) in pixels; None keeps the logits' own size.
 
     Returns:
         B :class:`ClassMap` records on the tiles' pixel grids.
@@ -352,18 +380,75 @@ def class_maps_from_logits(logits: torch.Tensor, probabilities: bool) -> list[Cl
     if logits.ndim != 4:
         raise ValueError(f"segmentation logits must be (B, K, H, W); got {tuple(logits.shape)}")
     scores = logits.float()
-    k = scores.shape[1]
-    ids = scores.argmax(dim=1)
+    if size is not None and tuple(scores.shape[-2:]) != tuple(size):
+        scores = torch.nn.functional.interpolate(
+            scores, size=size, mode="bilinear", align_corners=False
+        )
+    k = classes_of_logits(int(scores.shape[1]))
+    if scores.shape[1] == 1:
+        ids = (scores[:, 0] > 0).to(torch.uint8)
+        probs = None
+        if probabilities:
+            p = torch.sigmoid(scores)
+            probs = torch.cat([1.0 - p, p], dim=1)
+    else:
+        ids = scores.argmax(dim=1)
+        probs = torch.softmax(scores, dim=1) if probabilities else None
     ids_np = (
         ids.to(torch.uint8).cpu().numpy()
         if k <= 256
         else ids.to(torch.int32).cpu().numpy().astype(np.uint16)
     )
     probs_np: np.ndarray | None = None
-    if probabilities:
-        probs = torch.softmax(scores, dim=1).mul_(255.0).round_().to(torch.uint8)
-        probs_np = probs.cpu().numpy()
+    if probs is not None:
+        probs_np = probs.mul_(255.0).round_().to(torch.uint8).cpu().numpy()
     return [
         ClassMap(class_ids=ids_np[i], probabilities=None if probs_np is None else probs_np[i])
         for i in range(ids_np.shape[0])
     ]
+
+
+def class_maps_from_ids(ids: torch.Tensor, size: tuple[int, int] | None = None) -> list[ClassMap]:
+    """(B, H, W) integer class ids (a model that does its own argmax) as :class:`ClassMap` s.
+
+    Ids coarser than the tile are resized to ``size`` by nearest neighbour (ids are labels:
+    nothing to interpolate). Ids outside 0..65534 raise ``ValueError``;
+    :func:`check_class_maps` holds them to the model's class count.
+    """
+    if ids.ndim != 3 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+        raise ValueError(f"class ids must be an integer (B, H, W) tensor; got {ids.dtype}")
+    if size is not None and tuple(ids.shape[-2:]) != tuple(size):
+        ids = torch.nn.functional.interpolate(ids[:, None].float(), size=size, mode="nearest")[
+            :, 0
+        ].to(torch.int64)
+    host = ids.to(torch.int64).cpu().numpy()
+    if host.size and (host.min() < 0 or host.max() > 65534):
+        raise ValueError(f"class ids must be in 0..65534; got {host.min()}..{host.max()}")
+    dtype = np.uint8 if not host.size or host.max() <= 255 else np.uint16
+    return [ClassMap(class_ids=host[i].astype(dtype)) for i in range(host.shape[0])]
+
+
+def check_class_maps(maps: Sequence[Any], n_classes: int, tile_size: int, name: str) -> None:
+    """Refuse class maps that would be written wrong: off the tile's grid, or ids >= the classes.
+
+    A class map cast into a uint8 raster wraps id 300 to 44 and writes id 255 as nodata; a map
+    of another shape lands on the wrong pixels. Both are a model bug, named here in one line
+    before anything is written.
+
+    Raises:
+        ModelError: a map is not (tile_size, tile_size), or has an id >= ``n_classes``.
+    """
+    for m in maps:
+        if not isinstance(m, ClassMap):
+            continue
+        if m.shape != (tile_size, tile_size):
+            raise ModelError(
+                f"model={name} returned a {m.shape[0]} x {m.shape[1]} class map for a "
+                f"{tile_size} x {tile_size} px tile; return one class per tile pixel."
+            )
+        top = int(m.class_ids.max()) if m.class_ids.size else 0
+        if top >= n_classes:
+            raise ModelError(
+                f"model={name} returned class id {top} but has {n_classes} categories "
+                f"(ids 0..{n_classes - 1}); give it one category name per class id."
+            )

@@ -10,18 +10,22 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
   ``input_range = "raw"`` asks for float32 native raster values instead) and must return
   either a (B, K) tensor of class logits (-> classification: softmax, top-k), a list of B
   dicts with ``boxes`` (N, 4) xyxy in tile pixels, ``scores`` (N,) and ``labels`` (N,)
-  (-> detection, torchvision style), or (B, K, H, W) per-pixel class logits at tile
-  resolution, bare or as the ``out`` entry of a dict as torchvision's segmentation models
-  return them (-> segmentation: argmax per pixel).
+  (-> detection, torchvision style), or (B, K, H, W) per-pixel class logits, bare or as the
+  ``out`` entry of a dict as torchvision's segmentation models return them (-> segmentation:
+  argmax per pixel; K = 1 is one binary logit: class 1 where it is > 0; logits coarser than
+  the tile, e.g. a stride-4 decoder's, are resized bilinearly), or (B, H, W) integer class
+  ids (resized by nearest neighbour; no probabilities).
   Optional attributes on the module steer the wrapper: ``task`` (``"classification"``,
   ``"detection"`` or ``"segmentation"``; a segmenter must declare it, since (B, C, H, W) out
   is also what an image-to-image module returns; without it one probe forward on a zero tile
   on the CPU decides between the other two),
-  ``categories`` (names by class id), ``in_bands`` (else the first Conv2d's ``in_channels``, else
-  0 = any). A torchvision detector (``GeneralizedRCNN``: Faster/Mask/Keypoint R-CNN;
-  ``RetinaNet``, ``FCOS``, ``SSD``) computes its boxes in float32 under mixed precision, like
-  the built-in detector (:func:`~mgpr.models.detection.exact_detector_forward`); any other
-  detector's coordinates are in whatever dtype its forward produces under autocast.
+  ``categories`` (names by class id; a segmenter without them gets numbered names, its class
+  count from ``num_classes`` or one probe forward), ``in_bands`` (else the first Conv2d's
+  ``in_channels``, else 0 = any). A torchvision detector (``GeneralizedRCNN``:
+  Faster/Mask/Keypoint R-CNN; ``RetinaNet``, ``FCOS``, ``SSD``) computes its boxes in float32
+  under mixed precision, like the built-in detector
+  (:func:`~mgpr.models.detection.exact_detector_forward`); any other detector's coordinates are
+  in whatever dtype its forward produces under autocast.
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ from mgpr.models.base import (
     Detections,
     ModelAdapter,
     Task,
+    class_maps_from_ids,
     class_maps_from_logits,
+    classes_of_logits,
     classifications_from_logits,
     detections_from_dicts,
+    numbered_categories,
 )
 
 logger = logging.getLogger(__name__)
@@ -55,7 +62,7 @@ _DET_KEYS = ("boxes", "scores", "labels")
 _NEEDS: dict[str, str] = {
     "classification": "(B, K) logits",
     "detection": "a list of dicts with boxes/scores/labels",
-    "segmentation": "(B, K, H, W) pixel logits",
+    "segmentation": "(B, K, H, W) pixel logits or (B, H, W) integer class ids",
 }
 
 
@@ -132,12 +139,24 @@ def _segmentation_logits(out: Any) -> Any:
     return out
 
 
+def _is_class_ids(out: Any) -> bool:
+    """A (B, H, W) integer tensor: per-pixel class ids of a model that does its own argmax."""
+    return (
+        isinstance(out, torch.Tensor)
+        and out.ndim == 3
+        and not out.is_floating_point()
+        and not out.is_complex()
+        and out.dtype != torch.bool
+    )
+
+
 def _kind_of_output(out: Any, batch: int) -> Task | None:
     if isinstance(out, torch.Tensor) and out.ndim == 2 and out.shape[0] == batch:
         return "classification"
     seg = _segmentation_logits(out)
-    if isinstance(seg, torch.Tensor) and seg.ndim == 4 and seg.shape[0] == batch:
-        return "segmentation"
+    if isinstance(seg, torch.Tensor) and seg.shape[0] == batch:
+        if seg.ndim == 4 or _is_class_ids(seg):
+            return "segmentation"
     if (
         isinstance(out, (list, tuple))
         and len(out) == batch
@@ -175,6 +194,10 @@ class ModuleAdapter(ModelAdapter):
         if task is None:
             task = self._probe(module, name, in_bands or 3, tile_size)
         categories = getattr(module, "categories", None)
+        if task == "segmentation":
+            categories = self._segmentation_categories(
+                module, name, in_bands or 3, tile_size, categories
+            )
         super().__init__(
             name=name,
             task=task,
@@ -218,19 +241,93 @@ class ModuleAdapter(ModelAdapter):
         else:
             super().compile(compiler)
 
+    def _class_maps(self, raw: torch.Tensor, tile_size: int) -> list[ClassMap]:
+        """Logits or class ids -> one :class:`ClassMap` per tile, on the tile's pixel grid.
+
+        The class count is the one fixed at build (:meth:`_segmentation_categories`): logits
+        with another channel count are a model bug, refused here rather than written wrong.
+        """
+        assert self.categories is not None
+        n = len(self.categories)
+        size = (tile_size, tile_size)
+        if raw.ndim == 3:
+            if self.probabilities:
+                raise ModelError(
+                    f"model={self.name} returns class ids (B, H, W), which carry no class "
+                    "probabilities: probabilities=true and seam=blend need (B, K, H, W) "
+                    "logits; unset probabilities and use seam=crop, or return logits."
+                )
+            try:
+                return class_maps_from_ids(raw, size)
+            except ValueError as err:
+                raise ModelError(f"model={self.name}: {err}; return ids 0..{n - 1}.") from err
+        k = int(raw.shape[1])
+        if classes_of_logits(k) != n:
+            raise ModelError(
+                f"model={self.name} returned {k} class channel(s) but names {n} categories; "
+                "give one category per channel (a single channel is a binary logit: 2)."
+            )
+        return class_maps_from_logits(raw, self.probabilities, size)
+
     @staticmethod
-    def _probe(module: torch.nn.Module, name: str, bands: int, tile_size: int) -> Task:
-        """Run one zero tile (1, bands, tile_size, tile_size) on the CPU to see the output kind."""
+    def _segmentation_categories(
+        module: torch.nn.Module,
+        name: str,
+        bands: int,
+        tile_size: int,
+        categories: Any,
+    ) -> tuple[str, ...]:
+        """Class names of a user's segmenter: its ``categories``, else numbered ones.
+
+        The count comes from ``categories``, else a ``num_classes`` attribute, else one probe
+        forward (its channel count; one binary logit channel is 2 classes). A binary model
+        (one logit channel) may name just its foreground class: ``background`` is added.
+        Class ids without a count cannot be sized: refused with the attribute to set.
+        """
+        if categories is not None:
+            names = tuple(str(c) for c in categories)
+            if len(names) == 1:
+                return ("background", *names)
+            return names
+        declared = getattr(module, "num_classes", None)
+        if declared is not None:
+            return numbered_categories(int(declared))
+        out = _segmentation_logits(
+            ModuleAdapter._forward_zero_tile(module, name, bands, tile_size, "num_classes")
+        )
+        if isinstance(out, torch.Tensor) and out.ndim == 4:
+            return numbered_categories(classes_of_logits(int(out.shape[1])))
+        if _is_class_ids(out):
+            raise ModelError(
+                f"model={name} returns class ids (B, H, W), so mgpr cannot tell how many "
+                "classes it has; set `num_classes` (or `categories`, one name per class id) "
+                "on the module."
+            )
+        raise ModelError(
+            f"model={name} declares task 'segmentation' but returns {_describe(out)}; "
+            f"return {_NEEDS['segmentation']}."
+        )
+
+    @staticmethod
+    def _forward_zero_tile(
+        module: torch.nn.Module, name: str, bands: int, tile_size: int, skip_with: str
+    ) -> Any:
+        """One zero tile (1, bands, tile_size, tile_size) through the module on the CPU."""
         module.eval()
         try:
             with torch.inference_mode():
-                out = module(torch.zeros(1, bands, tile_size, tile_size))
+                return module(torch.zeros(1, bands, tile_size, tile_size))
         except Exception as err:  # noqa: BLE001 - reported with the fix, chained for the traceback
             raise ModelError(
                 f"model={name}: the module fails on a (1, {bands}, {tile_size}, {tile_size}) "
                 f"float tile ({type(err).__name__}: {' '.join(str(err).split())[:150]}); fix it, "
-                "or set a `task` attribute on the module to skip this probe."
+                f"or set a `{skip_with}` attribute on the module to skip this probe."
             ) from err
+
+    @staticmethod
+    def _probe(module: torch.nn.Module, name: str, bands: int, tile_size: int) -> Task:
+        """Run one zero tile (1, bands, tile_size, tile_size) on the CPU to see the output kind."""
+        out = ModuleAdapter._forward_zero_tile(module, name, bands, tile_size, "task")
         kind = _kind_of_output(out, 1)
         if kind == "segmentation":
             # (B, C, H, W) out is also what an image-to-image module (or a bug: Identity)
@@ -270,7 +367,7 @@ class ModuleAdapter(ModelAdapter):
                 f"needs {_NEEDS[self.task]}; fix its forward."
             )
         if kind == "segmentation":
-            return class_maps_from_logits(raw, self.probabilities)
+            return self._class_maps(raw, tile_size)
         if kind == "classification":
             return classifications_from_logits(raw, self.topk)
         return detections_from_dicts(raw, self.score_threshold)

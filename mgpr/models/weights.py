@@ -34,6 +34,7 @@ import torch
 from torchvision.models import WeightsEnum, get_model_weights, get_weight
 
 from mgpr.errors import ModelError
+from mgpr.models.base import numbered_categories
 from mgpr.models.checkpoint import (
     file_sha256,
     file_weights_id,
@@ -309,7 +310,9 @@ def build_torchvision_model(
     ``DEFAULT``/an enum member: pretrained (fetched into the cache first), the enum's categories.
     ``none``: random weights (warned), ``default_categories`` so the output schema stays that of
     a real run. A checkpoint path: the class count read from ``head_key`` (fine-tuned heads
-    load); ``default_categories`` when the count matches them, else None.
+    load); ``default_categories`` when the count matches them, else the class ids as names
+    (``"0"``, ``"1"``, ...: a fine-tuned head's count must be known, e.g. for the class map's
+    dtype and its probability bands).
 
     Args:
         model_name: built-in model name (messages, registry).
@@ -351,5 +354,5 @@ def build_torchvision_model(
             ignore_prefixes,
         )
         if num_classes != default_classes:
-            categories = None
+            categories = numbered_categories(num_classes)
     return spec, module, categories

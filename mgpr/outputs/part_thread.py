@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
-from mgpr.errors import OutputError
+from mgpr.errors import MgprError, OutputError
 from mgpr.outputs.parts import OutcomeLike, PartWriter
 
 #: A chunk is published once it holds this many tiles ...
@@ -133,10 +133,17 @@ class BackgroundPartWriter:
 
     def _raise_if_failed(self) -> None:
         if self._error is not None:
+            if isinstance(self._error, MgprError):
+                raise self._error
+            fix = (
+                "free disk space or choose another output_dir, then re-run to resume"
+                if isinstance(self._error, OSError)
+                else "this is a bug in mgpr or in the model's records: please report it with "
+                "this line; finished tiles are kept and a re-run resumes"
+            )
             raise OutputError(
                 f"writing results to {self.writer.folder} failed ({type(self._error).__name__}: "
-                f"{self._error}); free disk space or choose another output_dir, "
-                "then re-run to resume"
+                f"{self._error}); {fix}"
             ) from self._error
 
     def put(self, outcomes: Sequence[OutcomeLike]) -> None:

@@ -28,7 +28,7 @@ from mgpr.data.dataset import STATUS_OK
 from mgpr.data.masking import fill_invalid
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
-from mgpr.models.base import Detections, ModelAdapter
+from mgpr.models.base import Detections, ModelAdapter, check_class_maps
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
 from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
 from mgpr.tasks.base import TileOutcome
@@ -154,6 +154,9 @@ class InferenceModule(pl.LightningModule):
             raw = self.adapter.forward(inputs)
             start = time.perf_counter()
             results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
+            if self.adapter.task == "segmentation" and self.adapter.categories:
+                n = len(self.adapter.categories)
+                check_class_maps(results, n, self.tile_size, self.adapter.name)
             if mask is not None:
                 results = drop_masked(results, np.asarray(mask), ok.tolist())
             if self.max_detections is not None:
