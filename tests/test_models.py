@@ -357,8 +357,17 @@ class Boxes(torch.nn.Module):
         return [{"boxes": one, "scores": torch.tensor([0.9, 0.01]),
                  "labels": torch.tensor([1, 1])} for _ in range(x.shape[0])]
 
+class OneLogit(torch.nn.Module):
+    """A binary classifier: one logit, 8 * (mean - 0.5) (positive on bright tiles)."""
+    categories = ("tree",)
+    def forward(self, x):
+        return 8 * (x.mean(dim=(1, 2, 3)) - 0.5)[:, None]
+
 def build(weights):
     return MeanLogits()
+
+def build_binary(weights):
+    return OneLogit()
 
 def build_det(weights):
     return Boxes()
@@ -395,6 +404,20 @@ def test_custom_module_classification(tmpmod: str) -> None:
         out = adapter.predict(torch.cat([bright, dark]), 32)
     assert [r.class_ids.tolist() for r in out] == [[0, 1], [1, 0]]  # inputs scaled to [0, 1]
     assert all(r.scores.shape == (2,) for r in out)
+
+
+def test_custom_one_logit_classifier_is_binary(tmpmod: str) -> None:
+    """One logit is sigmoid: tree (id 1) on bright tiles, background on dark, p and 1 - p."""
+    adapter = build_model(f"{tmpmod}:build_binary", topk=5, tile_size=16)
+    assert adapter.task == "classification" and adapter.categories == ("background", "tree")
+    bright = torch.full((1, 3, 16, 16), 255, dtype=torch.uint8)
+    dark = torch.zeros((1, 3, 16, 16), dtype=torch.uint8)
+    with torch.inference_mode():
+        up, down = adapter.predict(torch.cat([bright, dark]), 16)
+    p = 1 / (1 + np.exp(-4.0))
+    assert up.class_ids.tolist() == [1, 0] and down.class_ids.tolist() == [0, 1]
+    np.testing.assert_allclose(up.scores, [p, 1 - p], atol=1e-6)
+    np.testing.assert_allclose(down.scores, [p, 1 - p], atol=1e-6)
 
 
 def test_custom_module_detection_and_dotted_path(tmpmod: str) -> None:

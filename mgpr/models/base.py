@@ -307,14 +307,22 @@ class ModelAdapter(abc.ABC):
 def classifications_from_logits(logits: torch.Tensor, topk: int) -> list[Classification]:
     """Softmax then top-k, per row, moved to the CPU.
 
+    One column (K = 1) is a binary classifier's logit (sigmoid): classes 0 and 1 with
+    probabilities ``1 - p`` and ``p`` (a softmax over one column would be 1.0 for class 0 on
+    every tile).
+
     Args:
         logits: (B, K) raw class scores, any float dtype, any device.
-        topk: classes to keep per tile; clipped to K.
+        topk: classes to keep per tile; clipped to K (to 2 for one logit).
 
     Returns:
         B :class:`Classification` records, best class first.
     """
-    probs = torch.softmax(logits.float(), dim=1)
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits.float())
+        probs = torch.cat([1.0 - p, p], dim=1)
+    else:
+        probs = torch.softmax(logits.float(), dim=1)
     k = min(topk, probs.shape[1])
     scores, ids = probs.topk(k, dim=1, largest=True, sorted=True)
     scores_np = scores.cpu().numpy().astype(np.float32, copy=False)

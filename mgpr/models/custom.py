@@ -8,7 +8,8 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
 * A returned ``torch.nn.Module`` is wrapped (:class:`ModuleAdapter`): it gets (B, C, H, W)
   float32 tiles in [0, 1] on the device (``value_range`` applied; a module attribute
   ``input_range = "raw"`` asks for float32 native raster values instead) and must return
-  either a (B, K) tensor of class logits (-> classification: softmax, top-k), a list of B
+  either a (B, K) tensor of class logits (-> classification: softmax, top-k; K = 1 is one
+  binary logit: sigmoid, classes 0 and 1), a list of B
   dicts with ``boxes`` (N, 4) xyxy in tile pixels, ``scores`` (N,) and ``labels`` (N,)
   (-> detection, torchvision style), or (B, K, H, W) per-pixel class logits, bare or as the
   ``out`` entry of a dict as torchvision's segmentation models return them (-> segmentation:
@@ -19,9 +20,10 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
   ``"detection"`` or ``"segmentation"``; a segmenter must declare it, since (B, C, H, W) out
   is also what an image-to-image module returns; without it one probe forward on a zero tile
   on the CPU decides between the other two),
-  ``categories`` (names by class id; a segmenter without them gets numbered names, its class
-  count from ``num_classes`` or one probe forward), ``in_bands`` (else the first Conv2d's
-  ``in_channels``, else 0 = any). A torchvision detector (``GeneralizedRCNN``:
+  ``categories`` (names by class id; for a classifier or segmenter one name is a binary
+  model's positive class, id 1, after ``background``; a segmenter without them gets numbered
+  names, its class count from ``num_classes`` or one probe forward), ``in_bands`` (else the
+  first Conv2d's ``in_channels``, else 0 = any). A torchvision detector (``GeneralizedRCNN``:
   Faster/Mask/Keypoint R-CNN; ``RetinaNet``, ``FCOS``, ``SSD``) computes its boxes in float32
   under mixed precision, like the built-in detector
   (:func:`~mgpr.models.detection.exact_detector_forward`); any other detector's coordinates are
@@ -194,6 +196,10 @@ class ModuleAdapter(ModelAdapter):
         if task is None:
             task = self._probe(module, name, in_bands or 3, tile_size)
         categories = getattr(module, "categories", None)
+        if categories is not None and len(categories) == 1 and task != "detection":
+            # One name is a binary (one-logit) model's positive class; id 0 is the rest. Not
+            # for detectors: their one class may be label 0 (DeepForest) or 1 (torchvision).
+            categories = ("background", str(categories[0]))
         if task == "segmentation":
             categories = self._segmentation_categories(
                 module, name, in_bands or 3, tile_size, categories
@@ -280,15 +286,11 @@ class ModuleAdapter(ModelAdapter):
         """Class names of a user's segmenter: its ``categories``, else numbered ones.
 
         The count comes from ``categories``, else a ``num_classes`` attribute, else one probe
-        forward (its channel count; one binary logit channel is 2 classes). A binary model
-        (one logit channel) may name just its foreground class: ``background`` is added.
-        Class ids without a count cannot be sized: refused with the attribute to set.
+        forward (its channel count; one binary logit channel is 2 classes). Class ids without
+        a count cannot be sized: refused with the attribute to set.
         """
         if categories is not None:
-            names = tuple(str(c) for c in categories)
-            if len(names) == 1:
-                return ("background", *names)
-            return names
+            return tuple(str(c) for c in categories)
         declared = getattr(module, "num_classes", None)
         if declared is not None:
             return numbered_categories(int(declared))
