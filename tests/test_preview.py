@@ -58,3 +58,62 @@ def test_strip_by_strip_decimated_read_equals_one_read(
                 assert strips.shape == whole.shape and strips.dtype == whole.dtype
                 assert np.abs(strips.astype(int) - whole).mean() < 2.0
                 assert (mask_strips != mask).mean() < 0.01
+
+
+def _write(path: Path, data, dtype: str, interp=None, nodata=None) -> Path:  # type: ignore[no-untyped-def]
+    from rasterio.transform import from_origin
+
+    b, h, w = data.shape
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=b,
+        dtype=dtype,
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 5_000_000, 0.1, 0.1),
+        nodata=nodata,
+    ) as dst:
+        dst.write(data.astype(dtype))
+        if interp is not None:
+            dst.colorinterp = interp
+    return path
+
+
+def test_preview_shows_true_colour_by_colour_interpretation(tmp_path: Path) -> None:
+    """A blue-green-red-NIR file is shown red-green-blue; untagged files by their first bands."""
+    import numpy as np
+    from rasterio.enums import ColorInterp as C
+
+    from mgpr.monitor.preview import preview_bands
+
+    data = np.stack([np.full((64, 64), v, np.uint8) for v in (10, 20, 200, 90)])  # B, G, R, NIR
+    bgrn = _write(tmp_path / "bgrn.tif", data, "uint8", (C.blue, C.green, C.red, C.undefined))
+    plain = _write(tmp_path / "plain.tif", data, "uint8", [C.gray] * 4)
+    grey_alpha = _write(tmp_path / "ga.tif", data[:2], "uint8", (C.gray, C.alpha))
+    with rasterio.open(bgrn) as a, rasterio.open(plain) as b, rasterio.open(grey_alpha) as c:
+        assert (preview_bands(a), preview_bands(b), preview_bands(c)) == ([3, 2, 1], [1, 2, 3], [1])
+    out = write_preview(tmp_path / "p.png", str(bgrn), kind="detection", features=None, max_px=64)
+    with Image.open(out) as png:
+        r, g, b_, a_ = png.convert("RGBA").getpixel((32, 60 + 32))
+    assert (r, g, b_) == (200, 20, 10) and a_ == 255
+
+
+def test_preview_of_float_with_nan_shows_nan_as_nodata(tmp_path: Path) -> None:
+    import warnings
+
+    import numpy as np
+
+    data = np.random.default_rng(0).random((3, 80, 80)).astype(np.float32)
+    data[:, 40:, 40:] = np.nan
+    path = _write(tmp_path / "nan.tif", data, "float32")  # NaN not even declared as nodata
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # NaN cast to uint8 warned before
+        out = write_preview(tmp_path / "p.png", str(path), kind="detection", features=None)
+    with Image.open(out) as png:
+        assert png.size[0] == 80
+        rgba = np.asarray(png.convert("RGBA"))[-80:]
+    assert (rgba[50:, 50:] != rgba[5, 5]).any(axis=-1).all()  # nodata differs from the image
+    assert len({tuple(p) for p in rgba[50:, 50:].reshape(-1, 4)}) == 1  # one nodata colour

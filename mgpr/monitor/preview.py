@@ -101,14 +101,32 @@ def read_decimated(
     return out if bands is not None else out[0]
 
 
+def preview_bands(src: Any) -> list[int]:
+    """The bands shown as the preview's colours (1-based): true colour where the file says so.
+
+    The bands tagged red, green and blue (a blue-green-red-NIR file is shown as red-green-blue,
+    not blue-green-red), else the first three that are not alpha, else the first band as grey.
+    """
+    interp = [c.name for c in src.colorinterp]
+    if all(c in interp for c in ("red", "green", "blue")):
+        return [interp.index(c) + 1 for c in ("red", "green", "blue")]
+    colour = [i + 1 for i, c in enumerate(interp) if c != "alpha"]
+    return colour[:3] if len(colour) >= 3 else colour[:1] or [1]
+
+
 def _read_rgb(src: Any, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
-    bands = [1, 2, 3] if src.count >= 3 else [1]
+    bands = preview_bands(src)
     data = read_decimated(src, bands, shape, Resampling.average)
     valid = read_decimated(src, None, shape, Resampling.nearest) > 0
     if data.dtype != np.uint8:
+        # NaN (float nodata, declared or not) is no colour: shown as nodata, left out of the
+        # stretch, and never cast to uint8.
+        finite = np.isfinite(data).all(axis=0)
+        valid &= finite
         vals = data[:, valid].astype(np.float64)
         lo, hi = np.percentile(vals, (2, 98)) if vals.size else (0.0, 1.0)
-        data = np.clip((data - lo) / max(hi - lo, 1e-12) * 255, 0, 255).astype(np.uint8)
+        unit = np.nan_to_num((data.astype(np.float64) - lo) / max(hi - lo, 1e-12))
+        data = np.clip(unit * 255, 0, 255).astype(np.uint8)
     rgb = np.repeat(data, 3, axis=0) if len(bands) == 1 else data
     rgba = np.concatenate([rgb, (valid * 255).astype(np.uint8)[None]], axis=0)
     return np.moveaxis(rgba, 0, -1)

@@ -370,8 +370,8 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
     values = s.get("values") or {}
     if values.get("value_range") is not None:
         first = next(iter(values["inputs"].values()), None)
-        shown = f", first input {first['range']}" if first else ""
-        lines.append(f"  values       value_range={values['value_range']}{shown}")
+        shown = f", first input {_ranges(first['range'])}" if first else ""
+        lines.append(f"  values       value_range={_ranges(values['value_range'])}{shown}")
     if s.get("failed_tiles"):
         lines.append(
             f"  failed       see {s['run_dir']}/failed_tiles.csv; first: "
@@ -398,3 +398,10 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
     print("\n".join(lines))
     if report_text:
         print(report_text)
+
+
+def _ranges(value: Any) -> str:
+    """``[[0.0035, 0.1729], ...]`` from ranges with float noise (0.003500000000000003)."""
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_ranges(v) for v in value) + "]"
+    return f"{value:.6g}" if isinstance(value, float) else str(value)
