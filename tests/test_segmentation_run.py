@@ -98,6 +98,22 @@ def test_output_is_a_valid_cog_with_probabilities(make_image, tmp_path: Path) ->
     assert str(run / "segmentation" / "ortho_prob.tif") in summary["outputs"]
 
 
+def test_adding_probabilities_on_a_resume_is_refused(
+    make_image, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The finished tiles' parts hold no probabilities: a _prob.tif of zeros was written."""
+    img = make_image(width=300, height=200, objects=3)
+    run = tmp_path / "run"
+    assert run_mgpr_inprocess(*_args(img.path, run, "tile_size=128")) == 0
+    before = (run / "segmentation" / "ortho.tif").read_bytes()
+    capsys.readouterr()
+    assert run_mgpr_inprocess(*_args(img.path, run, "tile_size=128", "probabilities=true")) == 2
+    err = capsys.readouterr().err
+    assert "holds results of another run (probabilities differs" in err and "Traceback" not in err
+    assert not (run / "segmentation" / "ortho_prob.tif").exists()
+    assert (run / "segmentation" / "ortho.tif").read_bytes() == before
+
+
 @pytest.mark.slow
 def test_two_ranks_write_the_same_class_map(make_image, tmp_path: Path) -> None:
     img = make_image(width=900, height=640, objects=15, nodata="border")

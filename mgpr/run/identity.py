@@ -62,6 +62,12 @@ def fingerprint(
         # Parts of another seam hold other payloads (stacks, not cores): no resume across seams.
         # Absent for crop, as in a run.json written before seam=blend existed.
         out["seam"] = cfg.seam
+    elif cfg.probabilities:
+        # Cropped parts hold probabilities only when the run asked for them: a resume that
+        # adds probabilities=true would assemble a _prob.tif without the finished tiles.
+        # Absent when false, as in a run.json written before the key was part of it. (Blended
+        # parts always hold them.)
+        out["probabilities"] = True
     return out
 
 
