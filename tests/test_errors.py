@@ -449,6 +449,31 @@ def test_corrupt_block_fails_one_tile_and_the_run_goes_on(tmp_path: Path, capsys
     assert len(geoms) == 15
 
 
+def test_many_failed_tiles_are_logged_ten_then_counted(tmp_path: Path, capsys) -> None:
+    """A damaged raster (here 24 of 64 blocks) logs 10 failures and one line, not one per tile."""
+    img = write_test_image(
+        tmp_path / "ortho.tif", TestImageSpec(width=512, height=512, block_size=64)
+    ).path
+    for row in range(3):
+        for col in range(8):
+            corrupt_block(img, block_row=row, block_col=col)
+    run = tmp_path / "run"
+    rc, _out, err = _run(
+        capsys,
+        f"input_path={img}",
+        "model=null",
+        "tile_size=64",
+        "workers=0",
+        f"output_dir={run}",
+        "progress=false",
+    )
+    assert rc == EXIT_TILES_FAILED and "24 of 64 tile(s) failed" in err
+    assert sum("failed to read:" in line for line in err.splitlines()) == 10
+    assert sum("further failures are not logged" in line for line in err.splitlines()) == 1
+    assert len(_summary(run)["failed_tiles"]) == 24
+    assert len((run / "failed_tiles.csv").read_text().splitlines()) == 25  # header + 24
+
+
 def _write_module(folder: Path, name: str, body: str) -> str:
     (folder / f"{name}.py").write_text(textwrap.dedent(body))
     return f"{name}:build"

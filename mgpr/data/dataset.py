@@ -88,6 +88,8 @@ class TileDataset(Dataset[dict[str, Any]]):
         self.batch_pool: SharedBatchPool | None = None
         #: ranks on this node, whose loaders share /dev/shm (the TileLoader's check)
         self.ranks_per_node = 1
+        #: read failures seen by this process (each worker has its own copy)
+        self.read_failures = 0
 
     def __len__(self) -> int:
         return len(self.tiles)
@@ -177,6 +179,18 @@ class TileDataset(Dataset[dict[str, Any]]):
         }
         return TileBatch(batch)
 
+    def _warn_read_failure(self, tile: Tile, reason: str) -> None:
+        """One warning per failed tile for the first :data:`READ_FAILURES_LOGGED`, then one line."""
+        self.read_failures += 1
+        if self.read_failures <= READ_FAILURES_LOGGED:
+            log.warning("tile %s failed to read: %s", tile.id.key(), reason)
+        if self.read_failures == READ_FAILURES_LOGGED:
+            log.warning(
+                "%d tiles failed to read in this loader process; further failures are not "
+                "logged one by one: failed_tiles.csv and the summary list every one",
+                READ_FAILURES_LOGGED,
+            )
+
     def _fill(self, index: int, out: np.ndarray, mask: np.ndarray | None) -> tuple[int, str]:
         """Decode tile ``index`` into ``out`` and its validity into ``mask``; (status, reason).
 
@@ -204,11 +218,17 @@ class TileDataset(Dataset[dict[str, Any]]):
             return STATUS_OK, ""
         except Exception as exc:  # a corrupt block costs this tile only; recorded as failed
             reason = _read_failure_reason(exc)
-            log.warning("tile %s failed to read: %s", tile.id.key(), reason)
+            self._warn_read_failure(tile, reason)
             out[...] = 0
             if mask is not None:
                 mask[...] = 0
             return STATUS_FAILED, reason[:500]
+
+
+#: Read failures one process (a DataLoader worker, or the rank with workers=0) logs one by one;
+#: past them a corrupt raster would print a line per tile (thousands): they are counted in
+#: failed_tiles.csv and the summary instead.
+READ_FAILURES_LOGGED = 10
 
 
 class FakeTileDataset(Dataset[dict[str, Any]]):
