@@ -275,6 +275,19 @@ def test_nodata_options_are_checked(tmp_path: Path, kw: dict, needle: str) -> No
     assert "\n" not in str(info.value)
 
 
+def test_degree_crs_needs_degree_origin_and_the_file_a_tif_name(tmp_path: Path) -> None:
+    """crs=EPSG:4326 with the metre defaults put the raster at longitude 500,000; a .png name
+    held a GeoTIFF. Both are refused in one line, and nothing is written."""
+    with pytest.raises(ConfigError, match=r"in degrees.*longitudes 500000\.\.500205") as info:
+        _write(tmp_path, "geo.tif", crs="EPSG:4326", width=2048, height=64)
+    assert "\n" not in str(info.value) and not (tmp_path / "geo.tif").exists()
+    ok = _write(tmp_path, "geo.tif", crs="EPSG:4326", origin_x=10, origin_y=50, pixel_size=1e-6)
+    with rasterio.open(ok.path) as src:
+        assert src.crs.to_epsg() == 4326 and src.bounds.left == pytest.approx(10)
+    with pytest.raises(ConfigError, match=r"does not end in \.tif or \.tiff.*image_path=.*a\.tif"):
+        parse_overrides([f"image_path={tmp_path / 'a.png'}"])
+
+
 # ------------------------------------------------------------------ planted objects
 
 

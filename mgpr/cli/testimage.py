@@ -127,6 +127,11 @@ def parse_overrides(overrides: list[str]) -> tuple[Path, TestImageSpec]:
         raise ConfigError("image_path= and output= are both given; keep one (they are aliases).")
     out = values.pop("image_path", None) or values.pop("output", None) or DEFAULT_IMAGE_PATH
     values.pop("output", None)
+    if Path(str(out)).suffix.lower() not in (".tif", ".tiff"):
+        raise ConfigError(
+            f"image_path={out} does not end in .tif or .tiff, but the file is a GeoTIFF; "
+            f"name it e.g. image_path={Path(str(out)).with_suffix('.tif')}"
+        )
     size = values.pop("image_size", None)
     if size is not None:
         clash = [k for k in ("width", "height") if k in values]

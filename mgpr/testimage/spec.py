@@ -199,6 +199,32 @@ class TestImageSpec:
             raise _fail("seed", self.seed, "an integer >= 0")
         if not _is_int(self.num_threads) or self.num_threads < 0:
             raise _fail("num_threads", self.num_threads, "an integer >= 0 (0 = all CPUs)")
+        self._check_geographic_extent()
+
+    def _check_geographic_extent(self) -> None:
+        """A degree-based CRS needs an origin and pixel size in degrees, inside the globe.
+
+        The defaults are metres (UTM): ``crs=EPSG:4326`` alone would put the raster at longitude
+        500,000 and write georeferencing no GIS can place.
+        """
+        if self.crs is None:
+            return
+        from pyproj import CRS
+
+        crs = CRS.from_user_input(self.crs)
+        if not crs.is_geographic:
+            return
+        west, north = float(self.origin_x), float(self.origin_y)
+        east = west + self.width * float(self.pixel_size)
+        south = north - self.height * float(self.pixel_size)
+        if -180.0 <= west and east <= 180.0 and -90.0 <= south and north <= 90.0:
+            return
+        raise ConfigError(
+            f"crs={self.crs} is in degrees, but origin_x={self.origin_x:g}, "
+            f"origin_y={self.origin_y:g} and pixel_size={self.pixel_size:g} put the raster at "
+            f"longitudes {west:g}..{east:g}, latitudes {south:g}..{north:g}; give them in degrees, "
+            "e.g. origin_x=10 origin_y=50 pixel_size=0.000001 (about 0.1 m)."
+        )
 
     def _check_dtype(self) -> None:
         if not isinstance(self.dtype, str) or self.dtype.lower() not in _DTYPES:
