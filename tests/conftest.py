@@ -21,17 +21,18 @@ settings.load_profile("mgpr")
 
 
 #: Tests that run one after another on one pytest-xdist worker (``-n 2 --dist loadgroup`` in
-#: pyproject.toml): those marked ``slurm`` share one two-node cluster; those in these files
-#: compare the busy times of two ranks.
+#: pyproject.toml): those marked ``slurm`` share one two-node cluster; test_cluster.py compares
+#: the busy times of two ranks; test_rendezvous.py shares one module fixture of two spawned gloo
+#: ranks (~20 s), which each worker would otherwise start once.
 SLURM_GROUP = "slurm"
-SERIAL_FILES = {"test_cluster.py": "rank-timing"}
+SERIAL_FILES = {"test_cluster.py": "rank-timing", "test_rendezvous.py": "rendezvous"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Skip ``heavy`` tests (full-size networks compiled on the CPU) unless MGPR_HEAVY_TESTS=1;
-    put the ``slurm`` tests and those of :data:`SERIAL_FILES` each in one xdist group, and both
-    groups first.
+    put the ``slurm`` tests and those of each file of :data:`SERIAL_FILES` in one xdist group
+    each, and the groups first.
 
     Why first: each group runs one test after another on one worker (the SLURM group ~4 min,
     mostly waiting on the cluster), and xdist hands out work in collection order. Collected in
