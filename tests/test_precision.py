@@ -28,6 +28,9 @@ def test_auto_precision_by_device(monkeypatch: pytest.MonkeyPatch) -> None:
     assert predict.resolve_precision("auto", "gpu") == "16-mixed"  # Volta
     assert predict.resolve_precision("32", "gpu") == "32-true"
     assert predict.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    # fp16 autocast is GPU-only: Lightning runs bf16 on a CPU, so that is what mgpr reports
+    assert predict.resolve_precision("16-mixed", "cpu") == "bf16-mixed"
+    assert predict.resolve_precision("16-mixed", "gpu") == "16-mixed"
 
 
 def test_bf16_autocast_agrees_with_fp32_resnet50() -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger("mgpr")
 
 
 def cpu_has_fast_bf16() -> bool:
@@ -23,6 +26,14 @@ def resolve_precision(requested: str, accelerator: str) -> str:
     the device, and asking ``cuda:0`` from every rank would touch GPU 0 from ranks of other
     GPUs.
     """
+    if requested == "16-mixed" and accelerator == "cpu":
+        # Lightning runs bf16-mixed instead (fp16 autocast is GPU-only) and says so in a
+        # warning; the summary and run report must name what ran, not what was asked.
+        log.warning(
+            "precision=16-mixed: fp16 autocast runs on GPUs only; this CPU run uses bf16-mixed "
+            "(set precision=bf16-mixed or precision=32 to choose)"
+        )
+        return "bf16-mixed"
     if requested != "auto":
         return "32-true" if requested == "32" else requested
     if accelerator == "gpu":
