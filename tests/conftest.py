@@ -85,6 +85,24 @@ def run_mgpr_inprocess(*args: str) -> int:
     return 0
 
 
+def segmentation_args(
+    image: Path, run: Path, *more: str, model: str = "reference-seg"
+) -> list[str]:
+    """Arguments of a small in-process segmentation run: 128 px tiles, overlap 32, 1 CPU rank."""
+    return [
+        f"input_path={image}",
+        f"model={model}",
+        "workers=0",
+        "batch_size=4",
+        "accelerator=cpu",
+        "progress=false",
+        "tile_size=128",
+        "overlap=32",
+        f"output_dir={run}",
+        *more,
+    ]
+
+
 def mgpr_cmd(*args: str) -> list[str]:
     """Command line running mgpr in a fresh interpreter (needed for several ranks)."""
     return [sys.executable, "-m", "mgpr.cli.main", *args]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import run_mgpr_inprocess
+from conftest import run_mgpr_inprocess, segmentation_args
 
 from mgpr.errors import ModelError
 from mgpr.models.base import ClassMap, ModelAdapter, check_class_maps, class_maps_from_logits
@@ -205,18 +205,7 @@ def k256(weights):
 
 
 def _run(image: Path, run: Path, model: str, *more: str) -> int:
-    return run_mgpr_inprocess(
-        f"input_path={image}",
-        f"model={model}",
-        "workers=0",
-        "batch_size=4",
-        "accelerator=cpu",
-        "progress=false",
-        "tile_size=128",
-        "overlap=32",
-        f"output_dir={run}",
-        *more,
-    )
+    return run_mgpr_inprocess(*segmentation_args(image, run, *more, model=model))
 
 
 @pytest.fixture

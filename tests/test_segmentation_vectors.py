@@ -17,23 +17,8 @@ import pytest
 import rasterio
 import rasterio.features
 import shapely
-from conftest import run_mgpr_inprocess
+from conftest import run_mgpr_inprocess, segmentation_args
 from geoparquet_helpers import read_geoparquet
-
-
-def _args(image: Path, run: Path, *more: str, model: str = "reference-seg") -> list[str]:
-    return [
-        f"input_path={image}",
-        f"model={model}",
-        "workers=0",
-        "batch_size=4",
-        "accelerator=cpu",
-        "progress=false",
-        "tile_size=128",
-        "overlap=32",
-        f"output_dir={run}",
-        *more,
-    ]
 
 
 def _burn(geoms, values, cog: Path, nodata: int, dtype: str) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +47,7 @@ def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
 ) -> None:
     img = make_image(width=600, height=450, objects=10, nodata="border")
     run = tmp_path / "run"
-    args = _args(img.path, run, "vectorize=true", "output_format=both")
+    args = segmentation_args(img.path, run, "vectorize=true", "output_format=both")
     assert run_mgpr_inprocess(*args) == 0
     cog = run / "segmentation" / "ortho.tif"
     assert not list((run / "segmentation").glob("*_polygons*"))  # the old side file is gone
@@ -96,7 +81,10 @@ def test_two_crss_give_two_layers(make_image, tmp_path: Path) -> None:
     make_image("in/a.tif", width=384, height=256, objects=4, crs="EPSG:32633")
     make_image("in/b.tif", width=256, height=384, objects=4, crs="EPSG:32632", seed=7)
     run = tmp_path / "run"
-    assert run_mgpr_inprocess(*_args(folder, run, "vectorize=true", "output_format=both")) == 0
+    assert (
+        run_mgpr_inprocess(*segmentation_args(folder, run, "vectorize=true", "output_format=both"))
+        == 0
+    )
     layers = sorted(name for name, _ in pyogrio.list_layers(run / "predictions.gpkg"))
     assert layers == ["segments_epsg32632", "segments_epsg32633"]
     assert sorted(p.name for p in run.glob("*.parquet")) == [f"{n}.parquet" for n in layers]
@@ -148,7 +136,7 @@ def test_300_classes_give_a_uint16_class_map(
     monkeypatch.syspath_prepend(str(tmp_path))
     img = make_image(width=384, height=320, objects=6, nodata="border")
     run = tmp_path / "run"
-    args = _args(img.path, run, "batch_size=2", model="mgpr_many:build")
+    args = segmentation_args(img.path, run, "batch_size=2", model="mgpr_many:build")
     assert run_mgpr_inprocess(*args) == 0
     with rasterio.open(img.path) as src:
         data = src.read()
@@ -219,7 +207,12 @@ def test_ranks_trace_their_own_rasters_and_rank0_writes_the_same_layers(
     make_image("in/b.tif", width=256, height=256, objects=4, crs="EPSG:32632", seed=3)
     make_image("in/c.tif", width=256, height=384, objects=4, crs="EPSG:32633", seed=5)
     run = tmp_path / "run"
-    assert run_mgpr_inprocess(*_args(folder, run, "vectorize=true", "output_format=parquet")) == 0
+    assert (
+        run_mgpr_inprocess(
+            *segmentation_args(folder, run, "vectorize=true", "output_format=parquet")
+        )
+        == 0
+    )
     want = {p.name: p.read_bytes() for p in run.glob("segments_*.parquet")}
     assert sorted(want) == ["segments_epsg32632.parquet", "segments_epsg32633.parquet"]
     infos = [describe_raster(str(folder / n)) for n in ("a.tif", "b.tif", "c.tif")]
