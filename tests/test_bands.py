@@ -80,6 +80,29 @@ def test_alpha_is_never_model_input(tmp_path: Path) -> None:
     assert check_bands(info, None, 3) == [1, 2, 3]
 
 
+def test_a_paletted_raster_is_refused_with_the_expand_command(tmp_path: Path) -> None:
+    path = tmp_path / "pal.tif"
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=32,
+        height=32,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 6000000, 0.1, 0.1),
+        photometric="palette",
+    ) as dst:
+        dst.write(np.zeros((1, 32, 32), np.uint8))
+        dst.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 0, 0, 255)})
+    info = describe_raster(str(path))
+    assert info.colorinterp == ("palette",)
+    for bands, needed in ((None, 0), (None, 1), ([1, 1, 1], 3)):
+        with pytest.raises(ConfigError, match=r"paletted image .*gdal_translate -expand rgb"):
+            check_bands(info, bands, needed)
+
+
 def test_untagged_bands_keep_the_first_ones(tmp_path: Path) -> None:
     info = describe_raster(_raster(tmp_path / "u.tif", [CI.undefined] * 4))
     assert check_bands(info, None, 3) == [1, 2, 3]

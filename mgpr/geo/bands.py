@@ -5,13 +5,15 @@ a name matches a band's colour interpretation or its description, case-insensiti
 ``bands=`` an RGB model gets the bands whose colour interpretation is red, green and blue when a
 raster has all three (so a blue-green-red-NIR file does not feed blue to the red channel), else
 the first three; a band-agnostic model gets every band except alpha (an alpha band is a mask,
-never model input).
+never model input). A paletted raster (colour-table indexes) is refused with the GDAL command
+that expands it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 from mgpr.errors import ConfigError
 from mgpr.geo.raster import RasterInfo
@@ -70,6 +72,24 @@ def resolve_band(info: RasterInfo, band: int | str, asked: Sequence[int | str] =
     )
 
 
+def _refuse_palette(info: RasterInfo) -> None:
+    """Refuse a paletted raster: its pixels are colour-table indexes, not brightness.
+
+    A model fed the indexes sees noise however the bands are picked (``bands=[1,1,1]`` repeats
+    the indexes), so the run stops before any tile with the GDAL command that expands the
+    colour table into real bands.
+    """
+    palette = [i + 1 for i in range(info.count) if _interp(info, i) == "palette"]
+    if palette:
+        src = Path(info.path)
+        rgb = src.with_name(f"{src.stem}_rgb.tif")
+        raise ConfigError(
+            f"{info.path!r} is a paletted image (band {palette[0]} holds colour-table indexes, "
+            "not brightness), which a model cannot read; expand it first, e.g. "
+            f"gdal_translate -expand rgb {src} {rgb} (or -expand gray for a grey table)"
+        )
+
+
 def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int) -> list[int]:
     """Pick the 1-based band indexes to read and check them against the raster and model.
 
@@ -83,8 +103,9 @@ def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int
 
     Raises:
         ConfigError: a band the raster lacks, a name it does not have, or a count the model
-            cannot take.
+            cannot take, or a paletted raster (:func:`_refuse_palette`).
     """
+    _refuse_palette(info)
     if bands is not None:
         chosen = [resolve_band(info, b, bands) for b in bands]
         if needed and len(chosen) != needed:
