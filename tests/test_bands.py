@@ -137,3 +137,21 @@ def test_the_fingerprint_message_names_the_band_list_that_differs() -> None:
         "inputs": [{"path": "a.tif", "bands": [1, 2, 3]}, {"path": "b.tif", "bands": [3, 2, 1]}],
     }
     assert _first_difference(old, new) == "inputs[1].bands differs: was [1, 2, 3], now [3, 2, 1]"
+
+
+def test_the_fingerprint_message_names_the_rasters_added_or_gone() -> None:
+    def run(*paths: str) -> dict:
+        return {"model": "m", "inputs": [{"path": p, "bytes": 10, "bands": [1]} for p in paths]}
+
+    assert _first_difference(run("a.tif", "b.tif", "c.tif"), run("a.tif", "d.tif")) == (
+        "inputs differ: 3 raster(s) before, 2 now (2 no longer listed: 'b.tif', 'c.tif'; "
+        "1 new: 'd.tif')"
+    )
+    many = [f"r{i}.tif" for i in range(6)]
+    assert _first_difference(run(*many), run("r0.tif")).endswith(
+        "(5 no longer listed: 'r1.tif', 'r2.tif', 'r3.tif' and 2 more)"
+    )
+    # the same files in another order are compared record by record, as before
+    assert _first_difference(run("a.tif", "b.tif"), run("b.tif", "a.tif")) == (
+        "inputs[0].path differs: was a.tif, now b.tif"
+    )

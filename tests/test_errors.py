@@ -233,6 +233,16 @@ def _not_writable_proc(tmp: Path) -> tuple[list[str], list[str]]:
     )
 
 
+def _input_among_the_runs_own_results(tmp: Path) -> tuple[list[str], list[str]]:
+    seg = tmp / "run" / "segmentation"
+    seg.mkdir(parents=True)
+    cmap = write_test_image(seg / "ortho.tif", TestImageSpec(width=64, height=64)).path
+    return (
+        [f"input_path={cmap}", "model=reference-seg"],
+        [f"input '{cmap}' lies in '{seg}', a folder this run writes", "another output_dir"],
+    )
+
+
 def _misspelt_key(tmp: Path) -> tuple[list[str], list[str]]:
     return ["tile_sise=256"], ["unknown config key `tile_sise`", "did you mean `tile_size`?"]
 
@@ -260,6 +270,7 @@ def _misspelt_key(tmp: Path) -> tuple[list[str], list[str]]:
         _checkpoint_does_not_fit,
         _not_writable_under_file,
         _not_writable_proc,
+        _input_among_the_runs_own_results,
         _misspelt_key,
     ],
     ids=lambda c: c.__name__.strip("_"),
@@ -268,7 +279,7 @@ def test_checked_before_any_work(case: Case, tmp_path: Path, capsys, monkeypatch
     monkeypatch.syspath_prepend(str(tmp_path))  # for the custom model cases
     args, needles = case(tmp_path)
     run = tmp_path / "run"
-    run.mkdir()
+    run.mkdir(exist_ok=True)
     (run / "notes.txt").write_text("a user's file in the output folder")
     before = _snapshot(tmp_path)
     for key, value in (("output_dir", str(run)), ("workers", "0"), ("progress", "false")):

@@ -47,6 +47,28 @@ def test_resolve_inputs_errors(tmp_path: Path) -> None:
         resolve_inputs(str(listing))
 
 
+def test_a_run_never_reads_its_own_results(make_image, tmp_path: Path) -> None:
+    """A recursive glob over the data skips the run's result folders and GDAL side files."""
+    a = make_image("data/a.tif", width=64, height=64)
+    run = tmp_path / "data" / "runs" / "x"
+    own = [run / "parts", run / "merge", run / "segmentation"]
+    make_image("data/runs/x/segmentation/a.tif", width=64, height=64)
+    make_image("data/runs/x/parts/p.seg.r0c0-1.tif", width=64, height=64)
+    (tmp_path / "data" / "a.tif.aux.xml").write_text("<PAMDataset/>")
+    (tmp_path / "data" / "a.tif.ovr").write_bytes(b"")
+    pattern = str(tmp_path / "data" / "**" / "a.tif*")
+    assert resolve_inputs(pattern, own) == [str(a.path)]
+    assert resolve_inputs(str(tmp_path / "data" / "**" / "*.tif"), own) == [str(a.path)]
+    # without the run's folders (another output_dir) the earlier class maps are inputs
+    assert len(resolve_inputs(str(tmp_path / "data" / "**" / "*.tif"))) == 3
+    with pytest.raises(InputError, match=r"lies in .*segmentation', a folder this run writes"):
+        resolve_inputs(str(run / "segmentation" / "a.tif"), own)
+    with pytest.raises(InputError, match=r"lies in .*segmentation'"):
+        resolve_inputs(str(run / "segmentation"), own)
+    with pytest.raises(InputError, match="matches only this run's own results"):
+        resolve_inputs(str(run / "**" / "*.tif"), own)
+
+
 def test_not_a_raster(tmp_path: Path) -> None:
     bad = tmp_path / "notes.tif"
     bad.write_text("hello")

@@ -4,6 +4,12 @@
 ``/vsicurl/...`` or ``/vsis3/...`` pass through untouched. The same file named twice (the same
 path twice, another path to it, or a symlink) is predicted once: without this, its tiles would
 be planned twice and every object written twice.
+
+A run never reads its own results: a folder or glob match inside the run directory's result
+folders (``parts/``, ``segmentation/``, ...: a recursive ``data/**/*.tif`` with
+``output_dir=data/runs/x`` would otherwise pick up the class maps it wrote and fail the resume)
+is skipped, and naming such a file outright is refused, since this run would overwrite it. GDAL
+sidecar files (``.aux.xml``, ``.ovr``, ``.msk``) matched by a glob are skipped too.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from mgpr.errors import InputError
@@ -18,6 +25,8 @@ from mgpr.errors import InputError
 log = logging.getLogger(__name__)
 
 RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img")
+#: GDAL's side files next to a raster (statistics, external overviews and masks): never inputs.
+SIDECAR_SUFFIXES = (".aux.xml", ".aux", ".ovr", ".msk")
 _GLOB_CHARS = set("*?[")
 
 
@@ -33,6 +42,15 @@ def _expand(input_path: str) -> list[str]:
     if any(ch in input_path for ch in _GLOB_CHARS) and not path.exists():
         matches = sorted(glob.glob(input_path, recursive=True))
         matches = [m for m in matches if Path(m).is_file()]
+        sidecars = [m for m in matches if m.lower().endswith(SIDECAR_SUFFIXES)]
+        if sidecars:
+            log.info(
+                "input_path=%r: skipping %d GDAL side file(s) (%s)",
+                input_path,
+                len(sidecars),
+                "/".join(SIDECAR_SUFFIXES),
+            )
+            matches = [m for m in matches if m not in sidecars]
         if not matches:
             raise InputError(
                 f"input_path={input_path!r}: the glob matches no file; check the pattern"
@@ -81,23 +99,67 @@ def _read_list_file(path: Path) -> list[str]:
     return out
 
 
-def resolve_inputs(input_path: str) -> list[str]:
+def resolve_inputs(input_path: str, written: Sequence[Path] = ()) -> list[str]:
     """Expand ``input_path`` into raster paths, each file once, in a stable order.
 
     Args:
         input_path: a raster file, a folder (its ``*.tif``/``*.tiff``/... files, not recursive),
             a glob pattern, or a ``.txt`` file listing one path per line (``#`` comments and
             blank lines ignored; relative paths are relative to the list file).
+        written: folders this run writes its results into (absolute); see the module docstring.
 
     Returns:
         The paths as given or found; a later name of a file already listed is dropped with one
         warning line naming both.
 
     Raises:
-        InputError: when the path is missing, the folder is empty, the glob matches nothing, or
-            a listed file is missing (naming the file and its line).
+        InputError: when the path is missing, the folder is empty, the glob matches nothing, a
+            listed file is missing (naming the file and its line), or an input lies in one of
+            the ``written`` folders.
     """
-    return drop_duplicate_files(_expand(input_path))
+    paths = _expand(input_path)
+    if written:
+        paths = _without_own_results(input_path, paths, [Path(w).resolve() for w in written])
+    return drop_duplicate_files(paths)
+
+
+def _inside(path: str, folders: Sequence[Path]) -> Path | None:
+    """The folder of ``folders`` that holds ``path`` (symlinks resolved), or None."""
+    if _is_gdal_virtual(path):
+        return None
+    real = Path(path).resolve()
+    return next((f for f in folders if real.is_relative_to(f)), None)
+
+
+def _without_own_results(input_path: str, paths: list[str], written: list[Path]) -> list[str]:
+    """Drop a glob's matches inside the run's result folders; refuse anything else there."""
+    is_glob = any(ch in input_path for ch in _GLOB_CHARS) and not Path(input_path).exists()
+    kept: list[str] = []
+    skipped = 0
+    for path in paths:
+        folder = _inside(path, written)
+        if folder is None:
+            kept.append(path)
+        elif is_glob:
+            skipped += 1
+        else:
+            raise InputError(
+                f"input {path!r} lies in {str(folder)!r}, a folder this run writes its results "
+                "into; copy it elsewhere or choose another output_dir"
+            )
+    if skipped:
+        log.warning(
+            "input_path=%r: skipping %d match(es) inside this run's own result folders (%s)",
+            input_path,
+            skipped,
+            ", ".join(str(w) for w in written),
+        )
+    if not kept:
+        raise InputError(
+            f"input_path={input_path!r} matches only this run's own results; "
+            "point it at the input rasters or choose another output_dir"
+        )
+    return kept
 
 
 def file_identity(path: str) -> tuple[str, ...]:

@@ -175,6 +175,9 @@ def _diff(old: Any, new: Any, where: str) -> str | None:
             if found:
                 return found
         return None
+    paths = _path_change(old, new, where)
+    if paths:
+        return paths
     # Lists of records (inputs) are followed into; lists of values (bands, ranges) are leaves.
     records = (
         isinstance(old, list)
@@ -191,3 +194,31 @@ def _diff(old: Any, new: Any, where: str) -> str | None:
     if old != new:
         return f"{where} differs: was {str(old)[:80]}, now {str(new)[:80]}"
     return None
+
+
+def _path_change(old: Any, new: Any, where: str) -> str | None:
+    """For lists of input records, the rasters one run has and the other lacks, by path.
+
+    Two input lists that differ in their files would otherwise be quoted as two truncated
+    dumps with the same first 80 characters.
+    """
+
+    def paths(value: Any) -> list[str] | None:
+        if not isinstance(value, list) or not value:
+            return None
+        if not all(isinstance(v, dict) and "path" in v for v in value):
+            return None
+        return [str(v["path"]) for v in value]
+
+    was, now = paths(old), paths(new)
+    if was is None or now is None or set(was) == set(now):
+        return None
+    parts = []
+    gone = [p for p in was if p not in set(now)]
+    added = [p for p in now if p not in set(was)]
+    for label, names in (("no longer listed", gone), ("new", added)):
+        if names:
+            shown = ", ".join(repr(n) for n in names[:3])
+            more = f" and {len(names) - 3} more" if len(names) > 3 else ""
+            parts.append(f"{len(names)} {label}: {shown}{more}")
+    return f"{where} differ: {len(was)} raster(s) before, {len(now)} now ({'; '.join(parts)})"

@@ -120,6 +120,15 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
             lock.release()
 
 
+def written(run_dir: Path) -> list[Path]:
+    """The run directory's folders of result rasters, which a run never reads as inputs."""
+    from mgpr.outputs.features import FEATURES_DIR
+    from mgpr.outputs.parts import PARTS_DIR
+    from mgpr.tasks.segmentation import SEGMENTATION_DIR
+
+    return [run_dir / name for name in (PARTS_DIR, FEATURES_DIR, SEGMENTATION_DIR)]
+
+
 def _local_rank() -> int:
     """This rank's index on its node (``SLURM_LOCALID`` / ``LOCAL_RANK``)."""
     return int(os.environ.get("SLURM_LOCALID", os.environ.get("LOCAL_RANK", "0")))
@@ -192,7 +201,7 @@ def _predict_and_finish(
         from mgpr.run.values import refuse_unscaled_early
 
         def inputs() -> list[Any]:
-            found = [describe_raster(path) for path in resolve_inputs(input_path)]
+            found = [describe_raster(path) for path in resolve_inputs(input_path, written(run_dir))]
             if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
                 from mgpr.geo.gsd import describe_model_grid, on_model_grids
 
