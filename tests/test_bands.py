@@ -136,7 +136,9 @@ def test_the_fingerprint_message_names_the_band_list_that_differs() -> None:
         "model": "m",
         "inputs": [{"path": "a.tif", "bands": [1, 2, 3]}, {"path": "b.tif", "bands": [3, 2, 1]}],
     }
-    assert _first_difference(old, new) == "inputs[1].bands differs: was [1, 2, 3], now [3, 2, 1]"
+    assert _first_difference(old, new) == (
+        "inputs[1] ('b.tif').bands differs: was [1, 2, 3], now [3, 2, 1]"
+    )
 
 
 def test_the_fingerprint_message_names_the_rasters_added_or_gone() -> None:

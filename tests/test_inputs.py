@@ -68,5 +68,56 @@ def test_a_raster_listed_twice_is_predicted_once(make_image, tmp_path: Path, cap
     assert summary["tiles_total"] == planned_once
     assert summary["tiles_predicted"] + summary["tiles_skipped_nodata"] == planned_once
     assert [i["path"] for i in summary["provenance"]["inputs"]] == [str(img.path)]
+    # a self-contained GeoTIFF records no ``sources``, so run.json files of older runs resume
+    (ident,) = json.loads((run / "run.json").read_text())["fingerprint"]["inputs"]
+    assert "sources" not in ident
     geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
     assert len(geoms) == 6
+
+
+def _mosaic_vrt(folder: Path, sources: list[Path], width: int, height: int) -> Path:
+    """A VRT placing ``sources`` (same height, width // len(sources) each) side by side."""
+    import rasterio
+
+    with rasterio.open(sources[0]) as src:
+        crs, t = src.crs.to_wkt(), src.transform
+    step = width // len(sources)
+    bands = ""
+    for b in (1, 2, 3):
+        blocks = "".join(
+            f'<SimpleSource><SourceFilename relativeToVRT="1">{p.name}</SourceFilename>'
+            f'<SourceBand>{b}</SourceBand><SrcRect xOff="0" yOff="0" xSize="{step}" '
+            f'ySize="{height}"/><DstRect xOff="{i * step}" yOff="0" xSize="{step}" '
+            f'ySize="{height}"/></SimpleSource>'
+            for i, p in enumerate(sources)
+        )
+        bands += f'<VRTRasterBand dataType="Byte" band="{b}">{blocks}</VRTRasterBand>'
+    vrt = folder / "mosaic.vrt"
+    vrt.write_text(
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}"><SRS>{crs}</SRS>'
+        f"<GeoTransform>{t.c},{t.a},0,{t.f},0,{t.e}</GeoTransform>{bands}</VRTDataset>"
+    )
+    return vrt
+
+
+def test_a_vrt_resumes_only_while_its_sources_are_unchanged(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """The .vrt keeps its size and mtime when a source tile is replaced: the sources count."""
+    left = make_image("mosaic/left.tif", width=128, height=128, seed=1)
+    right = make_image("mosaic/right.tif", width=128, height=128, seed=2)
+    vrt = _mosaic_vrt(tmp_path / "mosaic", [left.path, right.path], 256, 128)
+    run = tmp_path / "run"
+    args = (f"input_path={vrt}", "model=null", "tile_size=128", "workers=0", f"output_dir={run}")
+    assert run_mgpr_inprocess(*args) == 0
+    (ident,) = json.loads((run / "run.json").read_text())["fingerprint"]["inputs"]
+    assert [(s["path"], s["bytes"]) for s in ident["sources"]] == [
+        (str(left.path), left.path.stat().st_size),
+        (str(right.path), right.path.stat().st_size),
+    ]
+    capsys.readouterr()
+    assert run_mgpr_inprocess(*args) == 0  # unchanged: resumes
+    os.utime(right.path, (1e9, 1e9))  # the source is replaced, the .vrt is not touched
+    assert run_mgpr_inprocess(*args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"inputs[0] ('{vrt}').sources[1] ('{right.path}').mtime differs" in err, err

@@ -75,6 +75,10 @@ class RasterInfo:
         native_height: rows of the file, pixels.
         native_width: columns of the file, pixels.
         native_transform: the file's pixel-corner transform.
+        source_files: the other files GDAL reads for this raster, each ``(path, bytes, mtime)``
+            (None, None for a path that is not a local file): a VRT's sources, an external
+            ``.ovr`` or ``.msk``; GDAL's ``.aux.xml`` statistics side file is left out (QGIS
+            rewrites it on opening). Empty for a self-contained GeoTIFF.
     """
 
     path: str
@@ -100,6 +104,7 @@ class RasterInfo:
     native_height: int = dataclasses.field(kw_only=True)
     native_width: int = dataclasses.field(kw_only=True)
     native_transform: Affine = dataclasses.field(kw_only=True)
+    source_files: tuple[tuple[str, int | None, float | None], ...] = ()
 
     @property
     def model_grid(self) -> ModelGrid | None:
@@ -152,6 +157,7 @@ def describe_raster(path: str) -> RasterInfo:
                 colorinterp=tuple(ci.name.lower() for ci in src.colorinterp),
                 descriptions=tuple(d or "" for d in src.descriptions),
                 gcp_crs=_gcp_crs(src),
+                source_files=_source_files(path, src.files),
             )
     except rasterio.errors.RasterioIOError as exc:
         reason = str(exc).split("\n")[0]
@@ -160,6 +166,28 @@ def describe_raster(path: str) -> RasterInfo:
             "check the file or remove it from input_path"
         ) from None
     return info
+
+
+def _source_files(
+    path: str, files: Sequence[str]
+) -> tuple[tuple[str, int | None, float | None], ...]:
+    """Size and mtime of every file GDAL lists for the dataset besides itself (see RasterInfo).
+
+    Without them a resume would not notice a VRT mosaic whose source tile was replaced, or a
+    rebuilt external mask: the .vrt itself keeps its size and mtime.
+    """
+    own = os.path.abspath(path)
+    out = []
+    for name in files:
+        if os.path.abspath(name) == own or name.lower().endswith(".aux.xml"):
+            continue
+        try:
+            st = os.stat(name)
+        except OSError:
+            out.append((name, None, None))
+            continue
+        out.append((name, int(st.st_size), float(st.st_mtime)))
+    return tuple(out)
 
 
 def _gcp_crs(src: Any) -> str | None:

@@ -187,7 +187,9 @@ def _diff(old: Any, new: Any, where: str) -> str | None:
     )
     if records:
         for i, (a, b) in enumerate(zip(old, new, strict=True)):
-            found = _diff(a, b, f"{where}[{i}]")
+            named = isinstance(a, dict) and isinstance(b, dict) and a.get("path") == b.get("path")
+            label = f" ({a['path']!r})" if named and "path" in a else ""
+            found = _diff(a, b, f"{where}[{i}]{label}")
             if found:
                 return found
         return None

@@ -82,19 +82,46 @@ def model_grid_identity(info: Any) -> dict[str, Any]:
 
 
 def _input_identity(info: Any, bands: list[int]) -> dict[str, Any]:
-    """Path, size and mtime of a local input; size, ETag and Last-Modified of a URL."""
+    """Path, size and mtime of a local input; size, ETag and Last-Modified of a URL.
+
+    ``sources`` lists the other files GDAL reads for it (a VRT's sources, an external mask or
+    overview file) with their sizes and mtimes; absent when there are none, as in a ``run.json``
+    written before the key existed, so a plain GeoTIFF's run still resumes.
+    """
     ident: dict[str, Any] = {
         "path": info.path,
         "bytes": info.file_bytes,
         "mtime": info.mtime,
         "bands": bands,
     }
+    if info.source_files:
+        ident["sources"] = _sources_identity(info.source_files)
     if info.file_bytes is None and info.path.startswith("/vsicurl/"):
         from mgpr.geo.inputs import remote_identity
 
         remote = remote_identity(info.path)
         ident.update(bytes=remote["bytes"], etag=remote["etag"], mtime=remote["last_modified"])
     return ident
+
+
+#: Above this many source files a VRT's sources are recorded as a count and one digest.
+SOURCES_LISTED = 256
+
+
+def _sources_identity(files: Sequence[tuple[str, Any, Any]]) -> Any:
+    """Each source as a record, or a count and one digest for a VRT over thousands of files.
+
+    As records, a refused resume names the source that changed; the digest is a SHA-256 of
+    every (path, bytes, mtime), so ``run.json`` stays small.
+    """
+    records = [{"path": p, "bytes": b, "mtime": m} for p, b, m in files]
+    if len(records) <= SOURCES_LISTED:
+        return records
+    import hashlib
+    import json
+
+    digest = hashlib.sha256(json.dumps(records, sort_keys=True).encode()).hexdigest()
+    return {"count": len(records), "sha256": digest}
 
 
 def weights_content_hash(weights: str | None) -> str | None:
