@@ -121,3 +121,27 @@ def test_a_vrt_resumes_only_while_its_sources_are_unchanged(
     assert run_mgpr_inprocess(*args) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"inputs[0] ('{vrt}').sources[1] ('{right.path}').mtime differs" in err, err
+
+
+def test_external_overviews_count_only_for_gsd_runs(make_image, tmp_path: Path) -> None:
+    """Building a .ovr for QGIS between a run and its resume changes no native-pixel tile."""
+    import dataclasses
+
+    import rasterio
+    from rasterio.enums import Resampling
+
+    from mgpr.conf.schema import PredictConfig
+    from mgpr.geo.raster import describe_raster
+    from mgpr.run.identity import fingerprint
+
+    img = make_image("ortho.tif", width=256, height=256)
+    with rasterio.Env(TIFF_USE_OVR=True), rasterio.open(img.path, "r+") as src:  # ortho.tif.ovr
+        src.build_overviews([2, 4], Resampling.average)
+    info = describe_raster(str(img.path))
+    assert [Path(p).name for p, _, _ in info.source_files] == ["ortho.tif.ovr"]
+    cfg = PredictConfig(input_path=str(img.path))
+    (native,) = fingerprint(cfg, "null", "none", [info], {info.path: [1, 2, 3]})["inputs"]
+    assert "sources" not in native
+    gsd_cfg = dataclasses.replace(cfg, gsd=0.1)
+    (resampled,) = fingerprint(gsd_cfg, "null", "none", [info], {info.path: [1, 2, 3]})["inputs"]
+    assert [Path(s["path"]).name for s in resampled["sources"]] == ["ortho.tif.ovr"]

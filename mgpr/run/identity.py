@@ -51,7 +51,7 @@ def fingerprint(
         "resampling": cfg.resampling if cfg.gsd is not None else None,
         "inputs": [
             {
-                **_input_identity(r, bands[r.path]),
+                **_input_identity(r, bands[r.path], overviews_read=cfg.gsd is not None),
                 "value_range": value_ranges[r.path].pairs() if value_ranges else "raw",
                 "model_grid": model_grid_identity(r) if cfg.gsd is not None else None,
             }
@@ -81,12 +81,15 @@ def model_grid_identity(info: Any) -> dict[str, Any]:
     }
 
 
-def _input_identity(info: Any, bands: list[int]) -> dict[str, Any]:
+def _input_identity(info: Any, bands: list[int], overviews_read: bool) -> dict[str, Any]:
     """Path, size and mtime of a local input; size, ETag and Last-Modified of a URL.
 
     ``sources`` lists the other files GDAL reads for it (a VRT's sources, an external mask or
     overview file) with their sizes and mtimes; absent when there are none, as in a ``run.json``
-    written before the key existed, so a plain GeoTIFF's run still resumes.
+    written before the key existed, so a plain GeoTIFF's run still resumes. An external
+    ``.ovr`` counts only when ``overviews_read`` (``gsd`` reads may come from overviews):
+    otherwise building overviews between a run and its resume, for QGIS or the preview,
+    changes no tile.
     """
     ident: dict[str, Any] = {
         "path": info.path,
@@ -94,8 +97,9 @@ def _input_identity(info: Any, bands: list[int]) -> dict[str, Any]:
         "mtime": info.mtime,
         "bands": bands,
     }
-    if info.source_files:
-        ident["sources"] = _sources_identity(info.source_files)
+    sources = [f for f in info.source_files if overviews_read or not f[0].lower().endswith(".ovr")]
+    if sources:
+        ident["sources"] = _sources_identity(sources)
     if info.file_bytes is None and info.path.startswith("/vsicurl/"):
         from mgpr.geo.inputs import remote_identity
 
