@@ -43,12 +43,17 @@ def _gpkg(path: Path, layer: str) -> tuple[list[shapely.Geometry], dict[str, lis
 
 @pytest.mark.slow
 def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
-    make_image, tmp_path: Path
+    make_image, tmp_path: Path, capsys
 ) -> None:
     img = make_image(width=600, height=450, objects=10, nodata="border")
     run = tmp_path / "run"
     args = segmentation_args(img.path, run, "vectorize=true", "output_format=both")
     assert run_mgpr_inprocess(*args) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    (output_line,) = [ln for ln in capsys.readouterr().out.splitlines() if "  output  " in ln]
+    assert output_line.endswith(
+        f"({summary['records']} class-map pixels; layer segments: {summary['layers']['segments']})"
+    )
     cog = run / "segmentation" / "ortho.tif"
     assert not list((run / "segmentation").glob("*_polygons*"))  # the old side file is gone
     with rasterio.open(cog) as src:

@@ -343,11 +343,9 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
             f"of prediction on {s['world_size']} rank(s); whole command {s['wall_s']:.0f} s"
         )
     if s.get("output"):
-        lines.append(
-            f"  output       {s['output']} ({s['records']} records; "
-            + ", ".join(f"layer {k}: {v}" for k, v in s["layers"].items())
-            + ")"
-        )
+        counted = "class-map pixels" if s.get("task") == "segmentation" else "records"
+        layers = "".join(f"; layer {k}: {v}" for k, v in s["layers"].items())
+        lines.append(f"  output       {s['output']} ({s['records']} {counted}{layers})")
         lines += [f"               {p}" for p in s.get("outputs", [])[1:]]
     if s.get("duplicates_removed"):
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
