@@ -623,6 +623,86 @@ def test_writer_failure_stops_and_keeps_the_good_output(
     assert not list(run.glob(".tmp-*"))  # no partial GeoPackage left behind
 
 
+def _gpkg_disk_full(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """GDAL's GeoPackage insert fails as on a full $TMPDIR (pyogrio's FeatureError)."""
+    import pyogrio.raw
+    from pyogrio.errors import FeatureError
+
+    def full(*args, **kwargs):
+        raise FeatureError("sqlite3_exec(INSERT INTO ...) failed: database or disk is full")
+
+    monkeypatch.setattr(pyogrio.raw, "write", full)
+    return ["model=reference", "overlap=32"]
+
+
+def _cog_block_write_fails(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """GDAL's COG copy fails on a block write without the OS's reason, on a nearly full disk."""
+    from rasterio._err import CPLE_AppDefinedError
+
+    import mgpr.run.failures
+    import mgpr.tasks.segmentation
+
+    def fails(*args, **kwargs):
+        raise CPLE_AppDefinedError(3, 1, "band 1: An error occurred while writing a dirty block")
+
+    monkeypatch.setattr(mgpr.tasks.segmentation, "assemble_cog", fails)
+    monkeypatch.setattr(mgpr.run.failures, "LOW_FREE_BYTES", float("inf"))  # "nearly full"
+    return ["model=reference-seg", "overlap=32"]
+
+
+@pytest.mark.parametrize(
+    ("fault", "said"),
+    [
+        (_gpkg_disk_full, "stopped on the disk is full (FeatureError: "),
+        (_cog_block_write_fails, "stopped on a file-system error, probably a full disk"),
+    ],
+    ids=["gpkg-in-tmpdir", "cog-assembly"],
+)
+def test_a_full_disk_at_the_merge_is_one_line_and_the_rerun_only_merges(
+    fault, said: str, make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    img = make_image(width=256, height=256, objects=3)
+    run = tmp_path / "run"
+    args = [f"input_path={img.path}", "tile_size=128", "workers=0", f"output_dir={run}"]
+    with monkeypatch.context() as patch:
+        extra = fault(patch)
+        rc, _, err = _run(capsys, *args, *extra)
+    last = _last_line(err, rc, EXIT_USAGE, said, "free space: ", f"kept in {run / 'parts'}")
+    assert "re-run the same command to resume" in last
+    assert len(finished_tile_keys(run)) == 9  # every tile published before the merge
+    assert not (run / "summary.json").exists()
+    rc, out, err = _run(capsys, *args, *extra)
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tiles_predicted"] + summary["tiles_skipped_nodata"] == 9
+    assert "resuming the run" in out + err
+
+
+def test_which_errors_count_as_file_system_errors() -> None:
+    import sqlite3
+
+    from mgpr.errors import OutputError
+    from mgpr.run.failures import is_file_system_error
+
+    def chained(outer: BaseException, inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            except BaseException as exc:
+                raise outer from exc
+        except BaseException as exc:
+            return exc
+
+    assert is_file_system_error(OSError(28, "No space left on device"))
+    assert is_file_system_error(sqlite3.OperationalError("database or disk is full"))
+    assert is_file_system_error(chained(RuntimeError("write failed"), OSError(122, "quota")))
+    # a dying rank's store connection, a timeout, mgpr's own errors, a plain bug: not disk
+    assert not is_file_system_error(ConnectionResetError(104, "Connection reset by peer"))
+    assert not is_file_system_error(chained(RuntimeError("store"), TimeoutError()))
+    assert not is_file_system_error(OutputError("already one line"))
+    assert not is_file_system_error(ValueError("a bug"))
+
+
 def test_sigterm_before_predict_is_one_line_not_a_traceback(
     make_image, tmp_path: Path, capsys, monkeypatch
 ) -> None:

@@ -135,9 +135,11 @@ class BackgroundPartWriter:
         if self._error is not None:
             if isinstance(self._error, MgprError):
                 raise self._error
+            from rasterio._err import CPLE_BaseError  # GDAL's own write errors (part GeoTIFFs)
+
             fix = (
                 "free disk space or choose another output_dir, then re-run to resume"
-                if isinstance(self._error, OSError)
+                if isinstance(self._error, (OSError, CPLE_BaseError))
                 else "this is a bug in mgpr or in the model's records: please report it with "
                 "this line; finished tiles are kept and a re-run resumes"
             )

@@ -1,14 +1,25 @@
-"""Rank failures as one line: out of memory, a dead DataLoader worker, a worker that raised.
+"""Rank failures as one line: out of memory, dead or raising DataLoader workers, a full disk.
 
-Both keep every finished tile (a re-run resumes) and name the config key to lower.
+The file-system case is any OS, SQLite or GDAL error while results are written or merged (a
+full disk, a quota, a vanished mount).
+
+Each keeps every finished tile (a re-run resumes) and names the config key to lower or the
+space to free.
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from mgpr.conf.schema import PredictConfig
-from mgpr.errors import MgprError, ResourceError, WorkerFailedError
+from mgpr.errors import MgprError, OutputError, ResourceError, WorkerFailedError
+
+#: OS error numbers that mean the disk (or the user's quota on it) is full.
+_FULL = {errno.ENOSPC, errno.EDQUOT}
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -88,6 +99,94 @@ def worker_exception_error(
     )
 
 
+def _chain(exc: BaseException) -> list[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling, outermost first."""
+    seen: list[BaseException] = []
+    while exc is not None and exc not in seen:
+        seen.append(exc)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return seen
+
+
+def is_file_system_error(exc: BaseException) -> bool:
+    """True for an OS, SQLite or GDAL (rasterio, pyogrio) error, never an MgprError.
+
+    That is what writing parts, COGs, GeoPackage or GeoParquet raises when the disk is full,
+    over quota or gone. Connection errors and timeouts (OSErrors too) are left out: they come
+    from the process group's store when a rank dies, which other lines report.
+    """
+    import sqlite3
+
+    from pyogrio.errors import DataLayerError, DataSourceError
+    from rasterio._err import CPLE_BaseError
+    from rasterio.errors import RasterioError
+
+    kinds = (
+        OSError,  # Python's and pyarrow's writes (ArrowIOError is one)
+        sqlite3.Error,
+        CPLE_BaseError,  # GDAL through rasterio: part GeoTIFFs, COG assembly
+        RasterioError,
+        DataLayerError,  # GDAL through pyogrio: the GeoPackage
+        DataSourceError,
+    )
+    network = (ConnectionError, TimeoutError)
+    chain = _chain(exc)
+    if isinstance(exc, MgprError) or any(isinstance(e, network) for e in chain):
+        return False
+    return any(isinstance(e, kinds) for e in chain)
+
+
+#: Free space under which a GDAL write error without the OS's reason is called a full disk.
+LOW_FREE_BYTES = 256 * 2**20
+
+
+def _free_bytes(path: Path) -> float:
+    """Free bytes on the disk holding ``path`` (or its nearest existing parent); inf if unknown."""
+    probe = path
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        return float(shutil.disk_usage(probe).free)
+    except OSError:
+        return float("inf")
+
+
+def _free_mib(path: Path) -> str:
+    free = _free_bytes(path)
+    return "unknown" if free == float("inf") else f"{free / 2**20:,.0f} MiB"
+
+
+def file_system_error(exc: BaseException, run_dir: Path, rank: int) -> MgprError:
+    """One line: the error as the OS/GDAL/SQLite said it, the free space where mgpr writes.
+
+    GDAL often reports a full disk as a failed block write without the OS's reason, so the
+    line gives both disks' free space (the run directory, and ``$TMPDIR`` where the GeoPackage
+    is built) rather than guessing; a plain ENOSPC/EDQUOT is named as a full disk.
+    """
+    chain = _chain(exc)
+    first = " ".join(str(chain[0]).split())[:220] or type(chain[0]).__name__
+    full = any(getattr(e, "errno", None) in _FULL for e in chain) or any(
+        marker in str(e)
+        for e in chain
+        for marker in ("No space left", "Disk quota", "disk is full", "quota exceeded")
+    )
+    tmp = Path(os.environ.get("TMPDIR") or tempfile.gettempdir())
+    low = any(_free_bytes(p) < LOW_FREE_BYTES for p in (run_dir, tmp))
+    what = (
+        "the disk is full"
+        if full
+        else "a file-system error, probably a full disk"
+        if low
+        else "a file-system error"
+    )
+    return OutputError(
+        f"rank {rank} stopped on {what} ({type(chain[0]).__name__}: {first}); free space: "
+        f"{_free_mib(run_dir)} in {run_dir}, {_free_mib(tmp)} in TMPDIR={tmp}; every finished "
+        f"tile is kept in {run_dir / 'parts'}: free space (or choose another output_dir / "
+        "TMPDIR), then re-run the same command to resume"
+    )
+
+
 def translate_failure(
     exc: BaseException, cfg: PredictConfig, run_dir: Path, accelerator: str, rank: int
 ) -> MgprError | None:
@@ -98,4 +197,6 @@ def translate_failure(
         return worker_death_error(exc, cfg, run_dir, rank)
     if is_worker_exception(exc):
         return worker_exception_error(exc, cfg, run_dir, rank)
+    if is_file_system_error(exc):
+        return file_system_error(exc, run_dir, rank)
     return None

@@ -296,22 +296,28 @@ def _predict_and_finish(
         raise
     if stats["global_rank"] != 0:
         return 0
+    from mgpr.run.failures import file_system_error, is_file_system_error
     from mgpr.run.finish import finish_run
 
-    summary = finish_run(
-        cfg,
-        run_dir=run_dir,
-        adapter=adapter,
-        model_name=model_name,
-        rasters=rasters,
-        tiles=tiles,
-        stats=stats,
-        precision=precision,
-        t_start=t_start,
-        truth_path=truth_path,
-        demo=demo,
-        value_ranges=value_ranges,
-    )
+    try:
+        summary = finish_run(
+            cfg,
+            run_dir=run_dir,
+            adapter=adapter,
+            model_name=model_name,
+            rasters=rasters,
+            tiles=tiles,
+            stats=stats,
+            precision=precision,
+            t_start=t_start,
+            truth_path=truth_path,
+            demo=demo,
+            value_ranges=value_ranges,
+        )
+    except Exception as exc:  # the merge's writes: a full disk is one line, the parts stay
+        if is_file_system_error(exc):
+            raise file_system_error(exc, run_dir, rank) from None
+        raise
     failed = summary.get("tiles_failed", 0)
     if failed:
         print(
