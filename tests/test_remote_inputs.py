@@ -74,6 +74,7 @@ def test_the_fingerprint_of_a_url_input_carries_it(tmp_path: Path, server: str) 
         path = f"/vsicurl/{server}/etag.tif"
         file_bytes = None
         mtime = None
+        source_files = ()
 
     fp = fingerprint(PredictConfig(), "null", "none", [Info()], {Info.path: [1, 2, 3]})
     (entry,) = fp["inputs"]

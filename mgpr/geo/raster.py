@@ -177,7 +177,7 @@ def _source_files(
     rebuilt external mask: the .vrt itself keeps its size and mtime.
     """
     own = os.path.abspath(path)
-    out = []
+    out: list[tuple[str, int | None, float | None]] = []
     for name in files:
         if os.path.abspath(name) == own or name.lower().endswith(".aux.xml"):
             continue
