@@ -8,9 +8,11 @@ back through a queue.
 
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -18,6 +20,7 @@ import pytest
 
 from mgpr.errors import OutputError, RankJoinError
 from mgpr.run.rendezvous import decided, join_early
+from mgpr.run.shared_dir import check_one_run_dir
 
 
 def _free_port() -> int:
@@ -29,7 +32,11 @@ def _free_port() -> int:
 CASES = ("ok", "refuse", "bug", "private")
 
 
-def _rank_main(rank: int, port: int, out: Any) -> None:
+#: Run-directory checks after the decisions: one folder for both ranks, then node-local ones.
+DIR_CASES = ("shared-dir", "node-local-dir")
+
+
+def _rank_main(rank: int, port: int, out: Any, base: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     group = join_early(SimpleNamespace(ntasks=2, procid=rank), timeout_s=30)
     for case in CASES:  # one decision after another in the same group, as in a run
@@ -50,19 +57,33 @@ def _rank_main(rank: int, port: int, out: Any) -> None:
             out.put((case, rank, "ok", value, calls))
         except Exception as exc:  # the test looks at the class and the line
             out.put((case, rank, type(exc).__name__, str(exc), calls))
+    for case in DIR_CASES:
+        # node-local: each rank's "same" path is a folder of its own, as /tmp on two nodes
+        run_dir = Path(base, case, f"node{rank}" if case == "node-local-dir" else "")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = run_dir / ".mgpr-run.lock"
+        token = f"token-{case}" if rank == 0 else None
+        if rank == 0:
+            lock.write_text(json.dumps({"token": token}))
+        try:
+            check_one_run_dir(group, run_dir, lock, token, wait_s=1.0)
+            out.put((case, rank, "ok", None, []))
+        except Exception as exc:
+            out.put((case, rank, type(exc).__name__, str(exc), []))
 
 
 @pytest.fixture(scope="module")
-def results() -> dict[tuple[str, int], tuple[Any, ...]]:
+def results(tmp_path_factory) -> dict[tuple[str, int], tuple[Any, ...]]:
     """Every case's outcome on both ranks: ``{(case, rank): (kind, value, calls)}``."""
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = _free_port()
-    procs = [ctx.Process(target=_rank_main, args=(r, port, out)) for r in (0, 1)]
+    base = str(tmp_path_factory.mktemp("dirs"))
+    procs = [ctx.Process(target=_rank_main, args=(r, port, out, base)) for r in (0, 1)]
     for p in procs:
         p.start()
     got = {}
-    for _ in range(2 * len(CASES)):
+    for _ in range(2 * (len(CASES) + len(DIR_CASES))):
         case, rank, *rest = out.get(timeout=120)
         got[(case, rank)] = tuple(rest)
     for p in procs:
@@ -94,6 +115,18 @@ def test_a_private_result_stays_on_rank0(results) -> None:
     assert results[("private", 1)][:2] == ("ok", None)
 
 
+def test_ranks_that_see_one_run_dir_go_on(results) -> None:
+    assert results[("shared-dir", 0)][0] == results[("shared-dir", 1)][0] == "ok"
+
+
+def test_a_node_local_run_dir_stops_every_rank_with_the_same_line(results) -> None:
+    r0, r1 = results[("node-local-dir", 0)], results[("node-local-dir", 1)]
+    assert r0[0] == r1[0] == OutputError.__name__
+    assert r0[1] == r1[1]
+    assert "is not one folder for every rank: rank 1 on " in r0[1]
+    assert "put output_dir on a shared filesystem" in r0[1]
+
+
 def test_no_group_decides_on_every_rank() -> None:
     """One rank, or ranks started by Lightning's launcher: the decision runs locally."""
     assert join_early(None, 5) is None
@@ -101,3 +134,4 @@ def test_no_group_decides_on_every_rank() -> None:
     assert decided(None, "x", lambda: 7) == 7
     with pytest.raises(OutputError):
         decided(None, "x", lambda: (_ for _ in ()).throw(OutputError("no")))
+    check_one_run_dir(None, Path("/nonexistent"), Path("/nonexistent/lock"), None)  # no group

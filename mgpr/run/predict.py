@@ -96,6 +96,10 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
             lambda: acquire_run_lock(run_dir, os.environ) if rank == 0 else None,
             share=False,
         )
+        from mgpr.outputs.runlock import LOCK_FILE
+        from mgpr.run.shared_dir import check_one_run_dir
+
+        check_one_run_dir(group, run_dir, run_dir / LOCK_FILE, lock.token if lock else None)
         if rank == 0:
             log_run_dir_filesystem(run_dir)
         return _predict_and_finish(cfg, explicit, run_dir, rank, t_start, group)
