@@ -76,6 +76,7 @@ def test_wrong_type_is_one_line(arg: str, needle: str) -> None:
         (["batch_size=0"], "batch_size"),
         (["workers=-1"], "workers"),
         (["precision=fp8"], "precision"),
+        (["previews=some"], "previews='some' is not supported; use one of auto, all, none"),
         (["nms_iou=1.5"], "nms_iou"),
         (["bands=[0,1]"], "bands"),
         (["not-an-override"], "key=value"),

@@ -56,3 +56,28 @@ def test_a_stash_is_ignored_and_cleared_without_a_spread_merge(
     assert write_previews(run, "detection", [str(a.path)], {}) == [run / "preview.png"]
     assert (run / "preview.png").read_bytes().startswith(b"\x89PNG")
     assert not (run / PREVIEW_STASH).exists()
+
+
+def test_previews_auto_caps_the_count_all_and_none_as_asked(
+    make_image: Callable[..., TestImageResult], tmp_path: Path, monkeypatch, caplog
+) -> None:
+    """A run over many small rasters gets AUTO_PREVIEWS quicklooks, not one PNG per input."""
+    import logging
+
+    import mgpr.monitor.previews as previews
+
+    monkeypatch.setattr(previews, "AUTO_PREVIEWS", 2)
+    order = [str(make_image(f"t{i}.tif", width=64, height=64, seed=i).path) for i in range(3)]
+    run = tmp_path / "run"
+    write_features(feature_path(run, 2), _boxes(order[2]), {"path": order[2]})
+    write_share_previews(run, "detection", order, [order[2]], "auto")  # t2 is past the cap
+    assert not stash_path(run, 2).exists()
+    with caplog.at_level(logging.INFO, logger="mgpr.monitor.previews"):
+        written = write_previews(run, "detection", order, {}, use_stash=True, mode="auto")
+    assert [p.name for p in written] == ["preview_t0.png", "preview_t1.png"]
+    assert "previews of the first 2 of 3 inputs only; previews=all" in caplog.text
+    for p in written:
+        p.unlink()
+    written = write_previews(run, "detection", order, {}, mode="all")
+    assert [p.name for p in written] == [f"preview_t{i}.png" for i in range(3)]
+    assert write_previews(run, "detection", order, {}, mode="none") == []

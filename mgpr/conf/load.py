@@ -25,6 +25,7 @@ from mgpr.errors import ConfigError
 PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 COMPILE_CHOICES = ("auto", "true", "false")
+PREVIEW_CHOICES = ("auto", "all", "none")
 #: ``output_format`` values; conf/ sits below outputs/, so a test keeps this equal to
 #: :func:`mgpr.outputs.formats.output_formats`.
 OUTPUT_FORMATS = ("gpkg", "parquet", "both")
@@ -254,6 +255,10 @@ def _check_ranges(cfg: PredictConfig) -> None:
     if cfg.compile not in COMPILE_CHOICES:
         raise ConfigError(
             f"compile={cfg.compile!r} is not supported; use one of {', '.join(COMPILE_CHOICES)}"
+        )
+    if cfg.previews not in PREVIEW_CHOICES:
+        raise ConfigError(
+            f"previews={cfg.previews!r} is not supported; use one of {', '.join(PREVIEW_CHOICES)}"
         )
     if cfg.accelerator not in ACCELERATORS:
         raise ConfigError(

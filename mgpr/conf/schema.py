@@ -119,6 +119,9 @@ class PredictConfig:
         "gpkg", "gpkg (one GeoPackage, for QGIS) | parquet (GeoParquet 1.1 per layer) | both"
     )
     overwrite: bool = key(False, "start afresh in an output_dir that holds another run's results")
+    previews: str = key(
+        "auto", "preview PNGs: auto (one per input, the first 12 inputs at most) | all | none"
+    )
     progress: bool = key(
         True, "progress bar on rank 0; false = one log line every 30 s (batch jobs)"
     )

@@ -12,6 +12,10 @@ file or the class map it just published) into :data:`PREVIEW_STASH`, and rank 0 
 into place (:func:`write_previews`), drawing itself any preview that is not there. Otherwise
 rank 0 draws them all.
 
+Which inputs (:func:`previewed`): key ``previews``; ``auto`` draws at most
+:data:`AUTO_PREVIEWS` (the first inputs in the run's order), since a run over thousands of
+small rasters (a tiled national orthophoto) would otherwise spend ~50 ms and one PNG on each.
+
 A preview is a convenience: one that cannot be drawn is logged as a warning and the run goes on.
 """
 
@@ -39,6 +43,17 @@ log = logging.getLogger(__name__)
 LABEL_COLUMNS: dict[str, str] = {"detection": "label", "classification": "label_1"}
 #: Folder of the run directory where finalising ranks leave their previews for rank 0.
 PREVIEW_STASH = ".previews"
+#: With ``previews=auto``, at most this many inputs get a preview.
+AUTO_PREVIEWS = 12
+
+
+def previewed(raster_paths: Sequence[str], mode: str) -> list[str]:
+    """The inputs that get a preview under ``previews=mode`` (auto | all | none), in run order."""
+    if mode == "none":
+        return []
+    if mode == "all":
+        return list(raster_paths)
+    return list(raster_paths[:AUTO_PREVIEWS])
 
 
 def stash_path(run_dir: Path, index: int) -> Path:
@@ -87,15 +102,23 @@ def _draw(
 
 
 def write_share_previews(
-    run_dir: Path, task: str, raster_paths: Sequence[str], share: Sequence[str]
+    run_dir: Path,
+    task: str,
+    raster_paths: Sequence[str],
+    share: Sequence[str],
+    mode: str = "auto",
 ) -> None:
     """A finalising rank: the previews of the rasters ``share`` it just finalised, stashed.
 
     ``raster_paths``: every input in the run's order (the index of the finalised files).
-    Drawn from what the rank published: the raster's feature file, or its class map COG.
+    Drawn from what the rank published: the raster's feature file, or its class map COG; only
+    for the rasters :func:`previewed` picks under ``previews=mode``.
     """
     index = {p: i for i, p in enumerate(raster_paths)}
+    chosen = set(previewed(raster_paths, mode))
     for path in share:
+        if path not in chosen:
+            continue
         i = index[path]
         out = stash_path(run_dir, i)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,18 +136,28 @@ def write_previews(
     raster_paths: Sequence[str],
     features: Mapping[str, FeatureBatch],
     use_stash: bool = False,
+    mode: str = "auto",
 ) -> list[Path]:
-    """One preview per input raster into ``run_dir`` (rank 0, after the merge); returns them.
+    """The previews into ``run_dir`` (rank 0, after the merge); returns them.
 
     ``features``: each raster's merged features (vector tasks), as the merge wrote them.
     ``use_stash``: take the preview a finalising rank stashed for a raster where there is one.
+    ``mode``: the ``previews`` key (:func:`previewed`).
     """
     stems = output_names(list(raster_paths))
     index = {p: i for i, p in enumerate(raster_paths)}
     single = len(raster_paths) == 1
+    chosen = previewed(raster_paths, mode)
+    if mode == "auto" and len(chosen) < len(raster_paths):
+        log.info(
+            "previews of the first %d of %d inputs only; previews=all draws every one "
+            "(about 50 ms and one PNG each), previews=none none",
+            len(chosen),
+            len(raster_paths),
+        )
     written = []
     try:
-        for path in sorted(raster_paths):
+        for path in sorted(chosen):
             out = run_dir / preview_name(None if single else stems[path])
             stashed = stash_path(run_dir, index[path])
             if use_stash and stashed.exists():

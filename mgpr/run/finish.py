@@ -203,6 +203,7 @@ def finish_run(
             [r.path for r in rasters],
             merged.features,
             use_stash=bool(stats.get("merge_spread")),
+            mode=cfg.previews,
         )
         summary["outputs"] += [str(p) for p in previews]
         summary["previews"] = [str(p) for p in previews]

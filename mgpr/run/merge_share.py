@@ -49,7 +49,7 @@ def merge_share(
 
     def share(rank: int) -> list[str]:
         paths = finalise_share(run_dir, task, ctx, tiles, rank, world_size)
-        write_share_previews(run_dir, adapter.task, order, paths)
+        write_share_previews(run_dir, adapter.task, order, paths, cfg.previews)
         return paths
 
     return share
