@@ -107,6 +107,29 @@ def test_tile_reads_match_rasterio_and_pad_edges(make_image) -> None:
         assert not arr[:, tile.valid_height :, :].any() and not arr[:, :, tile.valid_width :].any()
 
 
+def test_a_reader_keeps_a_bounded_number_of_files_open(
+    make_image, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Thousands of small inputs must not hold one descriptor each (EMFILE under ulimit -n)."""
+    import pickle
+
+    import mgpr.geo.handles
+
+    monkeypatch.setattr(mgpr.geo.handles, "MAX_OPEN_RASTERS", 2)
+    imgs = [make_image(f"t{i}.tif", width=40, height=30, seed=i) for i in range(5)]
+    reader = TileReader({str(i.path): [1, 2, 3] for i in imgs}, 64)
+    for img in [*imgs, imgs[0]]:  # the first one again, after it was closed
+        (tile,) = plan_tiles(str(img.path), 30, 40, 64, 0)
+        with rasterio.open(img.path) as src:
+            want = src.read()
+        np.testing.assert_array_equal(reader.read(tile)[:, :30, :40], want)
+        assert len(reader._handles) <= 2
+    copy = pickle.loads(pickle.dumps(reader))  # a spawned worker: no handles travel
+    assert len(copy._handles) == 0 and copy.read(tile).shape == (3, 64, 64)
+    reader.close()
+    assert len(reader._handles) == 0
+
+
 @pytest.mark.parametrize("mode", ["value", "mask"])
 def test_nodata_tiles_are_skipped(make_image, mode: str) -> None:
     img = make_image(width=512, height=512, nodata="border", nodata_mode=mode)
@@ -143,7 +166,7 @@ def test_dataset_pickles_and_runs_under_spawn(make_image) -> None:
     ds = TileDataset(tiles, TileReader({info.path: [1, 2, 3]}, 128), set())
     _ = ds[0]  # opens a handle in this process; pickling must drop it
     clone = pickle.loads(pickle.dumps(ds))
-    assert clone.reader._handles == {}
+    assert len(clone.reader._handles) == 0
     loader = DataLoader(ds, batch_size=2, num_workers=1, multiprocessing_context="spawn")
     indexes = np.concatenate([np.asarray(b["index"]) for b in loader]).tolist()
     assert indexes == list(range(len(tiles)))

@@ -20,12 +20,10 @@ GDAL paths such as ``/vsicurl/...`` or ``/vsis3/...`` pass through to rasterio u
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import os
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +33,7 @@ from affine import Affine
 from rasterio.enums import ColorInterp, MaskFlags, Resampling
 
 from mgpr.errors import InputError
+from mgpr.geo.handles import RasterHandles, no_georef_warning
 from mgpr.geo.model_grid import ModelGrid
 from mgpr.geo.tiling import Tile, tile_window, valid_window
 
@@ -134,7 +133,7 @@ def describe_raster(path: str) -> RasterInfo:
         InputError: when the file cannot be opened as a raster.
     """
     try:
-        with rasterio.Env(), _no_georef_warning(), rasterio.open(path) as src:
+        with rasterio.Env(), no_georef_warning(), rasterio.open(path) as src:
             has_mask = _may_have_invalid_pixels(src)
             info = RasterInfo(
                 path=path,
@@ -209,18 +208,6 @@ def _metadata_or_empty(values: Sequence[float | None], neutral: float) -> tuple[
     return () if all(v == neutral for v in out) else out
 
 
-@contextlib.contextmanager
-def _no_georef_warning() -> Iterator[None]:
-    """Silence rasterio's NotGeoreferencedWarning: mgpr logs its own line once per raster.
-
-    A raster without CRS is allowed (results in pixel coordinates, listed in summary.json
-    ``pixel_coordinates``); without this, every open (header, each worker) would repeat it.
-    """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
-        yield
-
-
 def _may_have_invalid_pixels(src: Any) -> bool:
     """True when a nodata value, an internal/external mask or an alpha band exists."""
     if src.nodata is not None:
@@ -242,9 +229,8 @@ class TileReader:
     part is read from the native window it covers with ``out_shape`` and the grid's resampling
     (GDAL reads from an overview instead when one is at least as fine as the model grid).
 
-    The handle cache is keyed by path and by process id: a reader copied into a forked worker
-    re-opens its files instead of sharing the parent's GDAL handles, and pickling (``spawn``
-    workers) drops the handles entirely.
+    Its open files are a :class:`~mgpr.geo.handles.RasterHandles`: per process (a forked or
+    spawned worker opens its own), at most ``MAX_OPEN_RASTERS`` at a time.
     """
 
     def __init__(
@@ -260,45 +246,21 @@ class TileReader:
         #: rasters tiled on a model grid (``gsd=``; :attr:`RasterInfo.model_grid`): their tiles
         #: are model-grid windows, read resampled; every other raster is read natively
         self.grids = dict(grids or {})
-        self._handles: dict[str, Any] = {}
-        self._pid = os.getpid()
-        self._env: Any = None
+        self._handles = RasterHandles()
         self._nodata_cache: dict[str, tuple[Any, ...] | None] = {}  # read_masked, per raster
         self._scratch: np.ndarray | None = None  # read_masked, per process
 
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
-        state["_handles"] = {}
-        state["_env"] = None
         state["_scratch"] = None
         return state
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._pid = os.getpid()
-
     def _open(self, path: str) -> Any:
-        if self._pid != os.getpid():
-            self._handles = {}
-            self._env = None
-            self._pid = os.getpid()
-        handle = self._handles.get(path)
-        if handle is None:
-            if self._env is None:
-                # One GDAL environment per process; a larger block cache avoids re-decoding
-                # blocks shared by overlapping tiles.
-                self._env = rasterio.Env(GDAL_CACHEMAX=256 * 1024 * 1024)
-                self._env.__enter__()
-            with _no_georef_warning():
-                handle = rasterio.open(path)
-            self._handles[path] = handle
-        return handle
+        return self._handles.get(path)
 
     def close(self) -> None:
         """Close every handle this process opened."""
-        for handle in self._handles.values():
-            handle.close()
-        self._handles = {}
+        self._handles.close()
 
     def is_empty(self, tile: Tile, check_mask: bool) -> bool:
         """True when every pixel of the tile's valid window is invalid (nodata/mask/alpha).
