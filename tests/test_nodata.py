@@ -386,3 +386,34 @@ def test_predict_step_fills_masked_input_and_drops_masked_boxes(
     assert float(x[1, :, 8:, 8:].abs().sum()) == 0.0 and float(x[0, 0, 9, 9]) > 0  # valid: kept
     np.testing.assert_array_equal(out0.record.boxes, [[8, 8, 12, 12]])
     assert isinstance(out1.record, Detections) and len(out1.record) == 0
+
+
+def test_an_input_that_is_all_nodata_is_named_and_the_hint_says_so(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """A wrong nodata value (every pixel declared invalid) is a warning, not a bottleneck."""
+    import json
+
+    good = make_image("in/good.tif", width=256, height=256, objects=2, seed=1)
+    blank = tmp_path / "in" / "blank.tif"
+    with rasterio.open(good.path) as src:
+        profile = src.profile | {"nodata": 0}
+    with rasterio.open(blank, "w", **profile) as dst:
+        dst.write(np.zeros((3, 256, 256), np.uint8))
+    run = tmp_path / "run"
+    args = ["model=reference", "tile_size=128", "workers=0", "progress=false"]
+    assert run_mgpr_inprocess(f"input_path={blank}", *args, f"output_dir={run}") == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["empty_inputs"] == [str(blank)]
+    assert summary["hint"].startswith("nothing to measure: all 4 planned tiles are nodata")
+    out = capsys.readouterr().out
+    assert f"WARNING: every tile of {blank} is nodata" in out
+    # the same command again: nothing left to predict, and the hint does not invent a bottleneck
+    assert run_mgpr_inprocess(f"input_path={blank}", *args, f"output_dir={run}") == 0
+    assert json.loads((run / "summary.json").read_text())["hint"].startswith("nothing to measure")
+    # with a valid input beside it, only the blank one is named
+    both = tmp_path / "both"
+    assert run_mgpr_inprocess(f"input_path={tmp_path / 'in'}", *args, f"output_dir={both}") == 0
+    summary = json.loads((both / "summary.json").read_text())
+    assert summary["empty_inputs"] == [str(blank)]
+    assert not summary["hint"].startswith("nothing to measure")

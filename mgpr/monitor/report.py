@@ -247,8 +247,9 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
         run_dir: the run directory holding ``report_parts/``.
         world_size: number of ranks the job started.
         context: run settings for the hint and the record: ``workers``, ``batch_size``,
-            ``precision``, ``cpus_per_task`` (None -> ``os.cpu_count()``), anything else is
-            stored as given.
+            ``precision``, ``cpus_per_task`` (None -> ``os.cpu_count()``),
+            ``nothing_predicted`` (why no tile reached the model, e.g. all nodata: then the
+            hint says so instead of naming a bottleneck), anything else is stored as given.
 
     Returns:
         The report dict (schema in the module docstring).
@@ -262,7 +263,15 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
     cpu_run = bool(rows) and all(not str(r["device"]).startswith("cuda") for r in rows)
     stage_shares = dict(totals["stage_shares"])
     stage_shares["compute"] = totals["compute_share"]
-    if rows:
+    nothing = context.get("nothing_predicted")
+    if nothing:
+        hint = f"nothing to measure: {nothing}"
+    elif rows and totals["tiles"] == 0:
+        hint = (
+            "nothing to measure: no tile was left for this run (an earlier run finished every "
+            "planned tile; this one only merged)"
+        )
+    elif rows:
         hint = bottleneck_hint(
             totals["data_wait_share"],
             totals["gpu_util_avg_pct"],

@@ -186,6 +186,7 @@ def finish_run(
             missing_tiles=str(merged.missing_path) if merged.missing_path else None,
             duplicate_tiles=merged.duplicate_tiles,
             duplicates_removed=merged.duplicates_removed,
+            empty_inputs=merged.empty_rasters,
             pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
             values=describe_value_ranges(cfg, value_ranges),
             resolution=describe_resolution(cfg, rasters),
@@ -304,7 +305,14 @@ def _report(
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     untiled = [r for r in rasters if r.block_shape[1] >= r.native_width and r.native_width > 512]
+    total, empty = summary.get("tiles_total") or 0, summary.get("tiles_skipped_nodata") or 0
     context = {
+        "nothing_predicted": (
+            f"all {total} planned tiles are nodata (skipped before the model); check the "
+            "inputs' nodata value and mask (gdalinfo)"
+            if total and empty == total
+            else None
+        ),
         "untiled_inputs": len(untiled) if rasters else None,
         "workers": cfg.workers,
         "batch_size": cfg.batch_size,
@@ -348,6 +356,13 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
         layers = "".join(f"; layer {k}: {v}" for k, v in s["layers"].items())
         lines.append(f"  output       {s['output']} ({s['records']} {counted}{layers})")
         lines += [f"               {p}" for p in s.get("outputs", [])[1:]]
+    for path in (s.get("empty_inputs") or [])[:3]:
+        lines.append(
+            f"  WARNING: every tile of {path} is nodata, so nothing was predicted there; check "
+            "its nodata value and mask (gdalinfo)"
+        )
+    if len(s.get("empty_inputs") or []) > 3:
+        lines.append(f"           and {len(s['empty_inputs']) - 3} more inputs (summary.json)")
     if s.get("duplicates_removed"):
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
     if s.get("pixel_coordinates"):

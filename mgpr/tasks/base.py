@@ -130,6 +130,8 @@ class MergeResult:
     missing_path: Path | None = None
     duplicate_tiles: int = 0  # tile copies found in more than one part, dropped
     duplicates_removed: int = 0  # seam de-duplication (detection)
+    #: inputs whose every planned tile was nodata (skipped): usually a wrong nodata value or mask
+    empty_rasters: list[str] = field(default_factory=list)
     #: raster path -> its merged features (vector tasks), for the run's previews: handed over
     #: in memory so that nothing re-opens the outputs (no SQLite lock in the run directory).
     features: dict[str, FeatureBatch] = field(default_factory=dict)

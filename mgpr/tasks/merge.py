@@ -59,7 +59,20 @@ def merge_run(
     result.failed = ledger.failed()
     result.missing_path = missing_path
     result.duplicate_tiles = ledger.duplicates
+    result.empty_rasters = empty_rasters(ledger.entries, tiles)
     return result
+
+
+def empty_rasters(entries: dict[str, object], tiles: Sequence[Tile]) -> list[str]:
+    """Inputs (in plan order) all of whose planned tiles the ledger accounts as empty."""
+    planned: dict[str, list[str]] = {}
+    for tile in tiles:
+        planned.setdefault(tile.id.path, []).append(tile.id.key())
+    return [
+        path
+        for path, keys in planned.items()
+        if all(getattr(entries.get(k), "status", None) == "empty" for k in keys)
+    ]
 
 
 def assign_rasters(ctx: TaskContext, tiles: Sequence[Tile], world_size: int) -> list[list[str]]:
