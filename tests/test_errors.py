@@ -291,6 +291,28 @@ def test_checked_before_any_work(case: Case, tmp_path: Path, capsys, monkeypatch
     assert not (run / "run.json").exists() and not (run / "parts").exists()
 
 
+def test_num_nodes_outside_slurm_without_a_master_is_refused_at_once(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """It waited join_timeout_s (300 s) for nodes nobody started; now one line at once."""
+    from mgpr.run.devices import NODE_LAUNCHER_VARS, check_manual_nodes
+
+    for var in ("MASTER_ADDR", "SLURM_JOB_ID", "SLURM_NTASKS", *NODE_LAUNCHER_VARS):
+        monkeypatch.delenv(var, raising=False)
+    rc, _, err = _run(
+        capsys,
+        f"input_path={_rgb(tmp_path)}",
+        "model=null",
+        "num_nodes=2",
+        "workers=0",
+        f"output_dir={tmp_path / 'run'}",
+    )
+    _last_line(err, rc, EXIT_USAGE, "num_nodes=2 outside SLURM", "MASTER_ADDR", "--nodes=2")
+    check_manual_nodes(2, {"MASTER_ADDR": "n1", "MASTER_PORT": "29500", "NODE_RANK": "1"})
+    check_manual_nodes(2, {"TORCHELASTIC_RUN_ID": "x"})  # torchrun knows its nodes
+    check_manual_nodes(1, {})
+
+
 def test_weights_not_cached_offline_fail_fast(
     make_image, tmp_path: Path, capsys, monkeypatch
 ) -> None:
