@@ -369,6 +369,20 @@ def build(weights):
 def build_binary(weights):
     return OneLogit()
 
+class HalfConv(torch.nn.Module):
+    """A classifier built in half precision, as a user may ship it: conv weights float16."""
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.eye(3).view(3, 3, 1, 1))
+            self.conv.bias.zero_()
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+def build_half(weights):
+    return HalfConv().half()
+
 def build_det(weights):
     return Boxes()
 
@@ -404,6 +418,22 @@ def test_custom_module_classification(tmpmod: str) -> None:
         out = adapter.predict(torch.cat([bright, dark]), 32)
     assert [r.class_ids.tolist() for r in out] == [[0, 1], [1, 0]]  # inputs scaled to [0, 1]
     assert all(r.scores.shape == (2,) for r in out)
+
+
+def test_a_module_built_in_half_precision_runs_from_float32(tmpmod: str, caplog) -> None:
+    """.half() modules failed at the first forward (float32 tiles vs float16 weights)."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        adapter = build_model(f"{tmpmod}:build_half", topk=3, tile_size=8)
+    assert {p.dtype for p in adapter.module.parameters()} == {torch.float32}
+    assert "tensors are float16 -> float32" in caplog.text
+    tiles = torch.zeros((2, 3, 8, 8), dtype=torch.uint8)
+    tiles[0, 2] = 255  # blue tile: class 2 highest
+    tiles[1, 0] = 255  # red tile: class 0
+    with torch.inference_mode():
+        blue, red = adapter.predict(tiles, 8)
+    assert blue.class_ids[0] == 2 and red.class_ids[0] == 0
 
 
 def test_custom_one_logit_classifier_is_binary(tmpmod: str) -> None:

@@ -375,6 +375,36 @@ class ModuleAdapter(ModelAdapter):
         return detections_from_dicts(raw, self.score_threshold)
 
 
+def as_cpu_float32(module: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The user's module with float32 parameters and buffers, on the CPU.
+
+    mgpr feeds float32 tiles and decides the compute precision itself (``precision``,
+    autocast), and Lightning moves the module to each rank's device: a module built with
+    ``.half()``, ``.to(torch.bfloat16)`` or ``.double()`` otherwise failed at its first forward
+    ("Input type (torch.FloatTensor) and weight type (torch.HalfTensor) should be the same"),
+    and one built on ``cuda:0`` made every rank allocate on GPU 0 (and broke the CPU probe).
+    Integer (quantised) tensors are left as they are.
+    """
+    tensors = [*module.parameters(), *module.buffers()]
+    floats = {str(t.dtype).removeprefix("torch.") for t in tensors if t.is_floating_point()}
+    devices = {str(t.device) for t in tensors}
+    changed = []
+    if floats - {"float32"}:
+        changed.append(f"{'/'.join(sorted(floats - {'float32'}))} -> float32")
+    if devices - {"cpu"}:
+        changed.append(f"{'/'.join(sorted(devices - {'cpu'}))} -> cpu until each rank moves it")
+    if changed:
+        logger.info(
+            "model=%s: the module's tensors are %s; it computes in the run's precision "
+            "(precision=16-mixed or bf16-mixed for half-precision compute)",
+            name,
+            ", ".join(changed),
+        )
+        module = module.to("cpu")
+        module = module.float()
+    return module
+
+
 def build_custom(
     path: str,
     weights: str = "DEFAULT",
@@ -416,7 +446,7 @@ def build_custom(
                 f"model={path} has task={task!r}; set it to one of {', '.join(TASKS)}."
             )
         return ModuleAdapter(
-            built,
+            as_cpu_float32(built, path),
             name=path,
             weights=weights,
             topk=topk,
