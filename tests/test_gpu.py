@@ -247,3 +247,29 @@ def test_detector_boxes_exact_under_cuda_bf16(name: str) -> None:
 
     assert far(ours).numel() >= 20 and far(theirs).numel() >= 20
     assert _on_step(far(theirs), 4.0) >= 0.9 and _on_step(far(ours), 4.0) < 0.05
+
+
+def test_a_user_module_built_half_on_the_gpu_runs(make_image, tmp_path: Path, monkeypatch) -> None:
+    """build() returning ``net.cuda().half()``: converted to float32 on the CPU, then moved."""
+    (tmp_path / "mgpr_gpu_half.py").write_text(
+        "import torch, torchvision\n"
+        "def build(weights):\n"
+        "    net = torchvision.models.resnet18(num_classes=4).cuda().half()\n"
+        "    net.task = 'classification'\n"
+        "    return net\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{os.environ.get('PYTHONPATH', '')}")
+    img = make_image(width=1024, height=1024)
+    summary, report, out = _run(
+        tmp_path,
+        f"input_path={img.path}",
+        "model=mgpr_gpu_half:build",
+        "tile_size=256",
+        "batch_size=8",
+        "workers=2",
+        "accelerator=gpu",
+        "gpus=1",
+    )
+    assert summary["tiles_predicted"] == 16
+    assert report["ranks"][0]["device"].startswith("cuda")
+    assert "float16 -> float32" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
