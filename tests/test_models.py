@@ -386,6 +386,27 @@ def build_half(weights):
 def build_det(weights):
     return Boxes()
 
+class BoxesAs(torch.nn.Module):
+    """Detections as numpy arrays, or as (x, y, w, h) boxes (x2 < x1 once read as corners)."""
+    task = "detection"
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+    def forward(self, x):
+        import numpy as np
+        if self.kind == "numpy":
+            box, score, label = np.array([[1.0, 2.0, 5.0, 6.0]]), np.array([0.9]), np.array([1])
+        else:
+            box = torch.tensor([[6.0, 6.0, 2.0, 3.0]])
+            score, label = torch.tensor([0.9]), torch.tensor([1])
+        return [{"boxes": box, "scores": score, "labels": label} for _ in range(x.shape[0])]
+
+def build_det_numpy(weights):
+    return BoxesAs("numpy")
+
+def build_det_xywh(weights):
+    return BoxesAs("xywh")
+
 def build_adapter(weights):
     return NullAdapter()
 
@@ -457,6 +478,18 @@ def test_custom_module_detection_and_dotted_path(tmpmod: str) -> None:
         (det,) = adapter.predict(torch.zeros((1, 3, 8, 8), dtype=torch.uint8), 8)
     np.testing.assert_array_equal(det.boxes, [[1, 2, 5, 6]])
     assert det.labels.dtype == np.int64
+
+
+def test_custom_detector_numpy_output_and_xywh_boxes(tmpmod: str) -> None:
+    tile = torch.zeros((1, 3, 8, 8), dtype=torch.uint8)
+    with torch.inference_mode():
+        (det,) = build_model(f"{tmpmod}:build_det_numpy").predict(tile, 8)
+        np.testing.assert_array_equal(det.boxes, [[1, 2, 5, 6]])
+        xywh = build_model(f"{tmpmod}:build_det_xywh")
+        with pytest.raises(
+            ModelError, match=r"box \[6.0, 6.0, 2.0, 3.0\] .* x2 < x1 .*box_convert"
+        ):
+            xywh.predict(tile, 8)
 
 
 def test_custom_returning_adapter_is_used_as_is(tmpmod: str) -> None:

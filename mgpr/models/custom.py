@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -372,7 +372,29 @@ class ModuleAdapter(ModelAdapter):
             return self._class_maps(raw, tile_size)
         if kind == "classification":
             return classifications_from_logits(raw, self.topk)
-        return detections_from_dicts(raw, self.score_threshold)
+        dets = [{k: torch.as_tensor(d[k]) for k in _DET_KEYS} for d in raw]  # numpy/lists too
+        _check_box_corners(dets, self.name)
+        return detections_from_dicts(dets, self.score_threshold)
+
+
+def _check_box_corners(dets: Sequence[dict[str, torch.Tensor]], name: str) -> None:
+    """Refuse boxes whose second corner lies left of or above the first.
+
+    mgpr takes torchvision's (x1, y1, x2, y2) tile-pixel corners. A model returning
+    (x, y, w, h) or (cx, cy, w, h) gives such inverted boxes for most objects, which the merge
+    then dropped as empty: exit 0 and an empty layer, with no word why.
+    """
+    for i, det in enumerate(dets):
+        boxes = det["boxes"].reshape(-1, 4)
+        bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+        if bool(bad.any()):
+            first = [round(float(v), 2) for v in boxes[bad][0].tolist()]
+            raise ModelError(
+                f"model={name} returned a box {first} (tile {i} of the batch) whose x2 < x1 or "
+                "y2 < y1; mgpr expects (x1, y1, x2, y2) corners in tile pixels, as torchvision: "
+                "convert (x, y, w, h) or (cx, cy, w, h) boxes with "
+                "torchvision.ops.box_convert(boxes, 'xywh' or 'cxcywh', 'xyxy')."
+            )
 
 
 def as_cpu_float32(module: torch.nn.Module, name: str) -> torch.nn.Module:
