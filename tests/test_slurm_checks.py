@@ -484,6 +484,18 @@ def test_cli_slurm_job_output_file_and_force(tmp_path: Path) -> None:
     assert "#SBATCH --nodes=3" in out.read_text()
 
 
+def test_cli_slurm_job_says_when_the_log_folder_is_missing(tmp_path: Path, monkeypatch) -> None:
+    """sbatch does not create slurm_logs/: the job then fails at once and leaves no log."""
+    from mgpr.cli.slurm_job import app
+
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["--", "model=null"])
+    assert result.exit_code == 0 and result.stdout.startswith("#!/bin/bash")
+    assert "has no slurm_logs/ folder: run `mkdir slurm_logs`" in result.stderr
+    (tmp_path / "slurm_logs").mkdir()
+    assert "slurm_logs" not in runner.invoke(app, ["--", "model=null"]).stderr
+
+
 def test_cli_slurm_job_errors_are_one_line() -> None:
     from mgpr.cli.slurm_job import app
 

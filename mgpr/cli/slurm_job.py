@@ -110,6 +110,7 @@ def render(
             job_name=job_name,
             overrides=items,
         )
+        _warn_missing_log_folder(Path.cwd())
         if output is None:
             typer.echo(text, nl=False)
             return
@@ -125,6 +126,25 @@ def render(
     except MgprError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(EXIT_USAGE) from None
+
+
+#: Where the sbatch template sends the job's stdout/stderr (``--output=slurm_logs/%j.out``).
+LOG_FOLDER = "slurm_logs"
+
+
+def _warn_missing_log_folder(submit_dir: Path) -> None:
+    """Say, on stderr, that sbatch needs ``slurm_logs/`` where the job is submitted.
+
+    SLURM does not create the folder of ``--output``: without it the job fails at once
+    (``JobState=FAILED Reason=JobLaunchFailure``) and leaves no log at all to read.
+    """
+    if not (submit_dir / LOG_FOLDER).is_dir():
+        typer.echo(
+            f"note: the script logs to {LOG_FOLDER}/<job id>.out, and {submit_dir} has no "
+            f"{LOG_FOLDER}/ folder: run `mkdir {LOG_FOLDER}` where you submit, or the job fails "
+            "at once with Reason=JobLaunchFailure and no log",
+            err=True,
+        )
 
 
 def main() -> None:
