@@ -120,6 +120,23 @@ def test_load_checkpoint_forms(tmp_path: Path) -> None:
             torch.testing.assert_close(dst.state_dict()[key], value)
 
 
+def test_load_safetensors_checkpoints(tmp_path: Path) -> None:
+    """Hugging Face / timm fine-tunes save .safetensors: read as tensors, never as a pickle."""
+    from safetensors.torch import save_file
+
+    sd = Tiny().state_dict()
+    path = tmp_path / "model.safetensors"
+    save_file({f"model.{k}": v.contiguous() for k, v in sd.items()}, path)
+    dst = Tiny()
+    assert load_checkpoint(path, dst) == f"file:{path.resolve()}#sha256:{file_sha256(path)}"
+    for key, value in sd.items():
+        torch.testing.assert_close(dst.state_dict()[key], value)
+    torn = tmp_path / "torn.safetensors"
+    torn.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(ModelError, match=r"weights=.*torn.safetensors is not a readable"):
+        load_checkpoint(torn, Tiny())
+
+
 def test_load_checkpoint_mismatch_names_keys(tmp_path: Path) -> None:
     path = tmp_path / "other.pth"
     state = Tiny(out=5).state_dict()

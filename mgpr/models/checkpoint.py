@@ -1,4 +1,4 @@
-"""Local checkpoints: read with ``torch.load(weights_only=True)``, keys and shapes checked.
+"""Local checkpoints: ``torch.load(weights_only=True)`` or safetensors, keys and shapes checked.
 
 Split from :mod:`mgpr.models.weights` (which resolves a ``weights`` string and keeps the
 download cache): everything here works on a file the user named, offline. No code in a
@@ -47,7 +47,9 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors with ``torch.load(map_location="cpu", weights_only=True)``.
 
     Accepts a raw ``state_dict`` or a dict holding it under ``"state_dict"`` (Lightning) or
-    ``"model"``. Key prefixes are left alone (see :func:`load_state_dict_checked`).
+    ``"model"``, or a ``.safetensors`` file (read with ``safetensors.torch.load_file``, which
+    holds tensors only, as fine-tuning with Hugging Face or timm saves them). Key prefixes are
+    left alone (see :func:`load_state_dict_checked`).
 
     Raises:
         ModelError: the file does not exist, cannot be unpickled safely, or holds no tensors.
@@ -58,6 +60,8 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"weights={path}: no such checkpoint file ({p.resolve()}); fix the path, or pass "
             "weights=DEFAULT or weights=none."
         )
+    if p.suffix.lower() == ".safetensors":
+        return _read_safetensors(p, str(path))
     try:
         obj: Any = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
@@ -83,6 +87,24 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "torch.save(model.state_dict(), path)."
         )
     return tensors
+
+
+def _read_safetensors(p: Path, given: str) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors (Hugging Face's format: tensors only, never code)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(p, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ModelError(
+            f"weights={given} is not a readable .safetensors file ({type(err).__name__}: "
+            f"{one_line(err, 120)}); check the file, or save it with "
+            "safetensors.torch.save_file(model.state_dict(), path)."
+        ) from err
+    if not tensors:
+        raise ModelError(f"weights={given} holds no tensors; check the file.")
+    return {str(k): v for k, v in tensors.items()}
 
 
 def align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
