@@ -413,6 +413,9 @@ def build_adapter(weights):
 def build_bad(weights):
     return 42
 
+def build_no_args():
+    return MeanLogits()
+
 def build_bad_output(weights):
     return torch.nn.Identity()
 
@@ -505,6 +508,7 @@ def test_custom_returning_adapter_is_used_as_is(tmpmod: str) -> None:
         ("mgpr_tmpmod:CONSTANT", "is a int, not callable"),
         ("mgpr_tmpmod:build_bad", "returned a int"),
         ("mgpr_tmpmod:build_bad_output", "returns a tensor of shape (1, 3, 16, 16)"),
+        ("mgpr_tmpmod:build_no_args", "cannot be called as build(weights): its signature is"),
     ],
 )
 def test_custom_errors(tmpmod: str, path: str, needle: str) -> None:

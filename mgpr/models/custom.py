@@ -427,6 +427,28 @@ def as_cpu_float32(module: torch.nn.Module, name: str) -> torch.nn.Module:
     return module
 
 
+def _check_takes_weights(builder: Callable[..., Any], path: str) -> None:
+    """Refuse a builder that cannot be called with one positional argument (``weights``).
+
+    Checked on the signature, before the call: a ``TypeError`` raised inside a user's build
+    is their bug and keeps its traceback, while ``def build():`` is a mistake about mgpr's
+    contract and gets one line.
+    """
+    import inspect
+
+    try:
+        inspect.signature(builder).bind("DEFAULT")
+    except TypeError:
+        raise ModelError(
+            f"model={path} cannot be called as build(weights): its signature is "
+            f"{path.split(':')[-1].split('.')[-1]}{inspect.signature(builder)}; give it one "
+            "parameter, e.g. def build(weights: str) -> torch.nn.Module (weights= is passed "
+            "as given: DEFAULT, none or a path)."
+        ) from None
+    except ValueError:  # no signature to read (some builtins): let the call decide
+        return
+
+
 def build_custom(
     path: str,
     weights: str = "DEFAULT",
@@ -457,6 +479,7 @@ def build_custom(
             f"model={path} is a {type(builder).__name__}, not callable; point it at a function "
             "build(weights: str) returning a ModelAdapter or torch.nn.Module."
         )
+    _check_takes_weights(builder, path)
     logger.info("model=%s: calling %s(%r) (user code)", path, path, weights)
     built = builder(weights)
     if isinstance(built, ModelAdapter):
