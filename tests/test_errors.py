@@ -700,6 +700,54 @@ def test_a_full_disk_at_the_merge_is_one_line_and_the_rerun_only_merges(
     assert "resuming the run" in out + err
 
 
+def test_nan_model_output_fails_those_tiles_not_the_results(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A NaN logit (half-precision overflow) became class 0 silently; now a failed tile."""
+    (tmp_path / "mgpr_nan_right.py").write_text(
+        textwrap.dedent(
+            """
+            import torch
+
+            class NaNOnBright(torch.nn.Module):
+                task = "classification"
+                def forward(self, x):
+                    m = x.mean(dim=(1, 2, 3))
+                    out = torch.stack([m, 1 - m], dim=1)
+                    if torch.is_autocast_enabled("cpu"):
+                        out[m > 0.6] = float("nan")  # bright tiles overflow in bf16
+                    return out
+
+            def build(weights):
+                return NaNOnBright()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import numpy as np
+    import rasterio
+
+    img = make_image(width=256, height=128)
+    with rasterio.open(img.path, "r+") as dst:  # the right tile white, the left one as it is
+        dst.write(np.full((3, 128, 128), 250, np.uint8), window=((0, 128), (128, 256)))
+    run = tmp_path / "run"
+    args = [f"input_path={img.path}", "model=mgpr_nan_right:build", "tile_size=128", "workers=0"]
+    args += [f"output_dir={run}", "progress=false"]
+    rc, out, err = _run(capsys, *args, "precision=bf16-mixed")
+    assert rc == EXIT_TILES_FAILED, err
+    rows = (run / "failed_tiles.csv").read_text().splitlines()
+    assert rows[1].startswith(f"{img.path}::r0c1,the model's output holds NaN (precision ")
+    assert "re-run with precision=32" in rows[1] and len(rows) == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tiles_predicted"] == 1 and summary["tiles_failed"] == 1
+    assert "returned NaN for 1 tile(s)" in out + err
+    # as the line says: precision=32 retries only that tile, and the run is whole
+    rc, out, err = _run(capsys, *args, "precision=32")
+    assert rc == 0, err
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["tiles_predicted"] == 2 and summary["tiles_failed"] == 0
+
+
 def test_which_errors_count_as_file_system_errors() -> None:
     import sqlite3
 

@@ -517,3 +517,22 @@ def test_custom_errors(tmpmod: str, path: str, needle: str) -> None:
     msg = str(info.value)
     assert needle in msg and f"model={path}" in msg and "\n" not in msg
     assert isinstance(info.value, MgprError)
+
+
+def test_nonfinite_tiles_flags_nan_outputs_per_tile() -> None:
+    from mgpr.models.base import nonfinite_tiles
+
+    logits = torch.zeros((3, 4))
+    logits[1, 2] = float("nan")
+    logits[2, 0] = float("-inf")  # a masked class: not broken
+    assert nonfinite_tiles(logits, 3).tolist() == [False, True, False]
+    assert nonfinite_tiles(logits, 1).tolist() == [False]  # padded rows past n are ignored
+    seg = torch.zeros((2, 2, 4, 4))
+    seg[0, 1, 3, 3] = float("nan")
+    assert nonfinite_tiles({"out": seg}, 2).tolist() == [True, False]
+    good = {"boxes": torch.tensor([[0.0, 0.0, 2.0, 2.0]]), "scores": torch.tensor([0.5])}
+    inf_box = {"boxes": torch.tensor([[0.0, 0.0, float("inf"), 2.0]]), "scores": torch.ones(1)}
+    nan_score = {"boxes": torch.zeros((0, 4)), "scores": torch.tensor([float("nan")])}
+    assert nonfinite_tiles([good, inf_box, nan_score], 3).tolist() == [False, True, True]
+    assert nonfinite_tiles(torch.zeros((2, 3), dtype=torch.int64), 2) is None
+    assert nonfinite_tiles(object(), 2) is None

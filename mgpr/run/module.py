@@ -16,6 +16,7 @@ publishes them in the rank's part files; nothing is kept
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,15 +25,17 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
-from mgpr.data.dataset import STATUS_OK
+from mgpr.data.dataset import STATUS_FAILED, STATUS_OK
 from mgpr.data.masking import fill_invalid
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
-from mgpr.models.base import Detections, ModelAdapter, check_class_maps
+from mgpr.models.base import Detections, ModelAdapter, check_class_maps, nonfinite_tiles
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
 from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
 from mgpr.tasks.base import TileOutcome
 from mgpr.tasks.nodata import drop_masked
+
+log = logging.getLogger("mgpr")
 
 
 class InferenceModule(pl.LightningModule):
@@ -76,6 +79,9 @@ class InferenceModule(pl.LightningModule):
         self.batch_size = batch_size
         self.compile_outcome: CompileOutcome | None = None
         self._copies = InFlightCopies()
+        #: tiles whose model output held NaN (recorded as failed); warned once per rank
+        self.nonfinite_tiles = 0
+        self._nonfinite_warned = False
         # A rank with no tile left (few tiles, or all done before a resume) returns at once.
         self.allow_zero_length_dataloader_with_multiple_devices = True
 
@@ -141,6 +147,7 @@ class InferenceModule(pl.LightningModule):
         status = np.asarray(batch["status"])
         ok = np.flatnonzero(status == STATUS_OK)
         results: list[Any] = []
+        nonfinite: np.ndarray | None = None
         if len(ok):
             keep = None if len(ok) == len(status) else torch.as_tensor(ok, device=images.device)
             paths = None
@@ -153,6 +160,7 @@ class InferenceModule(pl.LightningModule):
             inputs = self.adapter.prepare(x)
             raw = self.adapter.forward(inputs)
             start = time.perf_counter()
+            nonfinite = nonfinite_tiles(raw, len(ok))
             results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
             if self.adapter.task == "segmentation" and self.adapter.categories:
                 n = len(self.adapter.categories)
@@ -169,12 +177,38 @@ class InferenceModule(pl.LightningModule):
         indexes = np.asarray(batch["index"])
         reasons = batch["reason"]
         by_position = dict(zip(ok.tolist(), results, strict=True))
+        broken: set[int] = set()
+        if nonfinite is not None and nonfinite.any():
+            broken = {int(ok[i]) for i in np.flatnonzero(nonfinite)}
+            self._warn_nonfinite(len(broken))
         outcomes: list[TileOutcome] = []
         for pos, (idx, st) in enumerate(zip(indexes.tolist(), status.tolist(), strict=True)):
             tile = self.tiles[idx]
             res = by_position.get(pos)
-            if res is not None:
+            if pos in broken:
+                outcomes.append(TileOutcome(tile, STATUS_FAILED, self._nonfinite_reason()))
+            elif res is not None:
                 outcomes.append(TileOutcome(tile, st, "", res))
             else:
                 outcomes.append(TileOutcome(tile, st, reasons[pos]))
         return outcomes
+
+    def _nonfinite_reason(self) -> str:
+        """Why a tile whose model output held NaN failed, and how to retry it."""
+        precision = getattr(getattr(self, "trainer", None), "precision", None)
+        return (
+            f"the model's output holds NaN (precision {precision or 'unknown'}); "
+            "re-run with precision=32 to retry only the failed tiles"
+        )
+
+    def _warn_nonfinite(self, count: int) -> None:
+        """One warning line per rank for the first batch with NaN outputs, then a count."""
+        self.nonfinite_tiles += count
+        if not self._nonfinite_warned:
+            self._nonfinite_warned = True
+            log.warning(
+                "model=%s returned NaN for %d tile(s) of a batch: they are recorded as "
+                "failed (failed_tiles.csv), not as results; precision=32 usually avoids it",
+                self.adapter.name,
+                count,
+            )
