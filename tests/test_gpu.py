@@ -273,3 +273,14 @@ def test_a_user_module_built_half_on_the_gpu_runs(make_image, tmp_path: Path, mo
     assert summary["tiles_predicted"] == 16
     assert report["ranks"][0]["device"].startswith("cuda")
     assert "float16 -> float32" in (tmp_path / "run" / "logs" / "rank0.log").read_text()
+
+
+def test_nonfinite_flags_stay_on_the_gpu_until_read() -> None:
+    """The NaN check is one reduction on the device; the host reads it after postprocess."""
+    from mgpr.models.base import nonfinite_tiles
+
+    logits = torch.zeros((4, 21, 64, 64), device="cuda")
+    logits[2, 3, 5, 5] = float("nan")
+    flags = nonfinite_tiles({"out": logits}, 3)
+    assert flags is not None and flags.device.type == "cuda"
+    assert flags.cpu().tolist() == [False, False, True]

@@ -304,15 +304,16 @@ class ModelAdapter(abc.ABC):
         )
 
 
-def nonfinite_tiles(raw: Any, n: int) -> np.ndarray | None:
+def nonfinite_tiles(raw: Any, n: int) -> torch.Tensor | None:
     """Per tile (the first ``n``): True where the model's raw output holds NaN (or bad boxes).
 
     Broken means any NaN, or a box corner that is not finite. ``-inf`` logits are left alone
     (a model may mask classes that way; softmax copes). Reads the forms mgpr knows (a tensor
     with the batch first, a dict with ``out``, a list of detection dicts); anything else (a
-    user adapter's own output type) gives None: unchecked. Cost: one reduction on the device
-    and one small copy to the host per batch. Half-precision overflow shows up here: without
-    the check a NaN logit became class 0 of a class map and a NaN score a dropped box.
+    user adapter's own output type) gives None: unchecked. Returns a bool tensor on the
+    output's device: the caller reads it back after the postprocess has queued its own work,
+    so the check costs one reduction and no extra wait. Half-precision overflow shows up here:
+    without the check a NaN logit became class 0 of a class map and a NaN score a dropped box.
     """
     if isinstance(raw, dict) and isinstance(raw.get("out"), torch.Tensor):
         raw = raw["out"]
@@ -320,7 +321,7 @@ def nonfinite_tiles(raw: Any, n: int) -> np.ndarray | None:
         if not raw.is_floating_point() or raw.ndim == 0:
             return None
         rows = raw[:n]
-        return torch.isnan(rows.reshape(rows.shape[0], -1)).any(dim=1).cpu().numpy()
+        return torch.isnan(rows.reshape(rows.shape[0], -1)).any(dim=1)
     if isinstance(raw, (list, tuple)) and raw and all(isinstance(d, dict) for d in raw):
         flags = []
         for det in raw[:n]:
@@ -328,7 +329,7 @@ def nonfinite_tiles(raw: Any, n: int) -> np.ndarray | None:
             if not isinstance(boxes, torch.Tensor) or not isinstance(scores, torch.Tensor):
                 return None
             flags.append(~torch.isfinite(boxes.float()).all() | torch.isnan(scores.float()).any())
-        return torch.stack(flags).cpu().numpy()
+        return torch.stack(flags)
     return None
 
 

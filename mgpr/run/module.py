@@ -160,8 +160,9 @@ class InferenceModule(pl.LightningModule):
             inputs = self.adapter.prepare(x)
             raw = self.adapter.forward(inputs)
             start = time.perf_counter()
-            nonfinite = nonfinite_tiles(raw, len(ok))
+            flags = nonfinite_tiles(raw, len(ok))  # on the device; read after postprocess
             results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
+            nonfinite = flags.cpu().numpy() if flags is not None else None
             if self.adapter.task == "segmentation" and self.adapter.categories:
                 n = len(self.adapter.categories)
                 check_class_maps(results, n, self.tile_size, self.adapter.name)
