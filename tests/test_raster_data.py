@@ -28,6 +28,9 @@ def test_resolve_inputs_file_folder_glob_list(make_image, tmp_path: Path) -> Non
     listing = tmp_path / "list.txt"
     listing.write_text("# my rasters\nb.tif\n\n" + str(a.path) + "\n")
     assert resolve_inputs(str(listing)) == [str(b.path), str(a.path)]
+    windows = tmp_path / "windows.txt"  # a byte-order mark and CRLF, as Notepad saves it
+    windows.write_bytes(b"\xef\xbb\xbfb.tif\r\na.tif\r\n")
+    assert resolve_inputs(str(windows)) == [str(b.path), str(a.path)]
     assert resolve_inputs("/vsicurl/https://example.org/x.tif") == [
         "/vsicurl/https://example.org/x.tif"
     ]

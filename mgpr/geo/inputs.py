@@ -79,7 +79,8 @@ def _expand(input_path: str) -> list[str]:
 
 def _read_list_file(path: Path) -> list[str]:
     out: list[str] = []
-    for lineno, raw in enumerate(path.read_text().splitlines(), start=1):
+    # utf-8-sig: a list saved by a Windows editor starts with a byte-order mark (CRLF is fine)
+    for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
