@@ -155,3 +155,29 @@ def test_geoparquet_outputs_count_as_results_and_overwrite_removes_them(tmp_path
         prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=None)
     assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id=None) is False
     assert sorted(p.name for p in run_dir.iterdir()) == [FINGERPRINT_FILE]
+
+
+def test_overwrite_also_removes_an_mgpr_runs_class_maps_and_previews(tmp_path: Path) -> None:
+    """Left behind, the old run's segmentation/a.tif and preview_a.png passed for the new one's.
+
+    Without a run.json the same names may be the user's own and stay.
+    """
+    from mgpr.monitor.previews import PREVIEW_STASH
+    from mgpr.outputs.rundir import _OWN_RUN_ENTRIES
+    from mgpr.tasks.segmentation import SEGMENTATION_DIR
+
+    assert set(_OWN_RUN_ENTRIES) == {SEGMENTATION_DIR, "preview.png", PREVIEW_STASH}
+    run_dir = tmp_path / "run"
+    prepare_run_dir(run_dir, {"model": "old"}, overwrite=False, rank=0, job_id=None)
+    for name in ("segmentation/a.tif", "preview_a.png", "preview.png", ".previews/r.png"):
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(b"old run")
+    (run_dir / "summary.json").write_text("{}")
+    (run_dir / "notes.txt").write_text("the user's")
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=True, rank=0, job_id=None) is False
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted([FINGERPRINT_FILE, "notes.txt"])
+    foreign = tmp_path / "foreign"  # no run.json: a folder of the user's own
+    (foreign / "segmentation").mkdir(parents=True)
+    (foreign / "preview.png").write_bytes(b"mine")
+    assert prepare_run_dir(foreign, FINGERPRINT, overwrite=True, rank=0, job_id=None) is False
+    assert (foreign / "segmentation").is_dir() and (foreign / "preview.png").exists()

@@ -47,6 +47,11 @@ _RESULT_ENTRIES = (
 )
 
 
+#: Entries removed with the rest on ``overwrite=true`` when ``run.json`` proves the directory
+#: is an mgpr run's (see :func:`_result_paths`); ``preview_<stem>.png`` files are globbed.
+_OWN_RUN_ENTRIES = ("segmentation", "preview.png", ".previews")
+
+
 def resolve_run_dir(output_dir: str | None, env: Mapping[str, str]) -> Path:
     """The run directory, identical on every rank of one job (see the module docstring)."""
     if output_dir:
@@ -143,7 +148,7 @@ def prepare_run_dir(
     resume = has_results and not legacy and ((same and not overwrite) or own_requeue)
     if rank == 0:
         if has_results and not resume:
-            for target in _result_paths(run_dir):
+            for target in _result_paths(run_dir, previous is not None):
                 if target.is_dir():
                     shutil.rmtree(target)
                 elif target.exists():
@@ -155,9 +160,20 @@ def prepare_run_dir(
     return resume
 
 
-def _result_paths(run_dir: Path) -> list[Path]:
-    """Every entry a run leaves in its directory (GeoParquet files are named after layers)."""
-    return [run_dir / name for name in _RESULT_ENTRIES] + sorted(run_dir.glob("*.parquet"))
+def _result_paths(run_dir: Path, ours: bool = False) -> list[Path]:
+    """Every entry a run leaves in its directory (GeoParquet files are named after layers).
+
+    ``ours``: the directory holds a ``run.json``, so it is an mgpr run directory: its class
+    maps (``segmentation/``) and previews (``preview*.png``, the ``.previews`` stash) are the
+    previous run's too and go with them on ``overwrite=true`` (left behind, a class map or a
+    preview of an input the new run does not have looked like the new run's). Without a
+    ``run.json`` those names may be a user's own and are neither counted nor removed.
+    """
+    paths = [run_dir / name for name in _RESULT_ENTRIES] + sorted(run_dir.glob("*.parquet"))
+    if ours:
+        paths += [run_dir / name for name in _OWN_RUN_ENTRIES]
+        paths += sorted(run_dir.glob("preview_*.png"))
+    return paths
 
 
 def _first_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
