@@ -746,6 +746,7 @@ def test_nan_model_output_fails_those_tiles_not_the_results(
     assert rc == 0, err
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tiles_predicted"] == 2 and summary["tiles_failed"] == 0
+    assert not (run / "failed_tiles.csv").exists()  # the earlier list is no longer true
 
 
 def test_which_errors_count_as_file_system_errors() -> None:

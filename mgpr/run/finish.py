@@ -196,6 +196,8 @@ def finish_run(
                 out = csv.writer(fh)
                 out.writerow(["tile_key", "reason"])
                 out.writerows(merged.failed)
+        else:  # a resume that retried them all: the earlier list is no longer true
+            (run_dir / "failed_tiles.csv").unlink(missing_ok=True)
         from mgpr.monitor.previews import write_previews
 
         previews = write_previews(
