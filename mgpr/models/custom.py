@@ -384,9 +384,13 @@ def _check_box_corners(dets: Sequence[dict[str, torch.Tensor]], name: str) -> No
     (x, y, w, h) or (cx, cy, w, h) gives such inverted boxes for most objects, which the merge
     then dropped as empty: exit 0 and an empty layer, with no word why.
     """
-    for i, det in enumerate(dets):
-        boxes = det["boxes"].reshape(-1, 4)
-        bad = (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+    if not dets:
+        return
+    boxes_per_tile = [det["boxes"].reshape(-1, 4) for det in dets]
+    inverted = [(b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]) for b in boxes_per_tile]
+    if not bool(torch.stack([bad.any() for bad in inverted]).any()):  # one device sync
+        return
+    for i, (boxes, bad) in enumerate(zip(boxes_per_tile, inverted, strict=True)):
         if bool(bad.any()):
             first = [round(float(v), 2) for v in boxes[bad][0].tolist()]
             raise ModelError(
