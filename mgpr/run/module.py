@@ -79,8 +79,7 @@ class InferenceModule(pl.LightningModule):
         self.batch_size = batch_size
         self.compile_outcome: CompileOutcome | None = None
         self._copies = InFlightCopies()
-        #: tiles whose model output held NaN (recorded as failed); warned once per rank
-        self.nonfinite_tiles = 0
+        #: a tile's model output held NaN (recorded as failed): warned once per rank
         self._nonfinite_warned = False
         # A rank with no tile left (few tiles, or all done before a resume) returns at once.
         self.allow_zero_length_dataloader_with_multiple_devices = True
@@ -203,8 +202,7 @@ class InferenceModule(pl.LightningModule):
         )
 
     def _warn_nonfinite(self, count: int) -> None:
-        """One warning line per rank for the first batch with NaN outputs, then a count."""
-        self.nonfinite_tiles += count
+        """One warning per rank, at its first batch with NaN outputs (all are in failed_tiles)."""
         if not self._nonfinite_warned:
             self._nonfinite_warned = True
             log.warning(
