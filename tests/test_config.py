@@ -40,6 +40,18 @@ def test_legacy_keys_keep_their_meaning(args: list[str], attr: str, value: objec
     assert getattr(load_config(args), attr) == value
 
 
+def test_a_tilde_in_a_path_key_is_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Quoted or in a config file, ~ reached mgpr as is: output_dir='~/runs' made a folder "~"."""
+    monkeypatch.setenv("HOME", "/home/someone")
+    cfg = load_config(
+        ["input_path='~/data/o.tif'", "output_dir='~/runs/a'", "weights='~/ckpt/m.pth'"]
+    )
+    assert cfg.input_path == "/home/someone/data/o.tif"
+    assert cfg.output_dir == "/home/someone/runs/a"
+    assert cfg.weights == "/home/someone/ckpt/m.pth"
+    assert load_config(["weights=DEFAULT"]).weights == "DEFAULT"
+
+
 def test_aliases_that_disagree_are_refused() -> None:
     with pytest.raises(ConfigError, match="image_path"):
         load_config(["image_path=a.tif", "input_path=b.tif"])

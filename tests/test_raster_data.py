@@ -19,7 +19,7 @@ from mgpr.geo.raster import TileReader, describe_raster
 from mgpr.geo.tiling import plan_tiles
 
 
-def test_resolve_inputs_file_folder_glob_list(make_image, tmp_path: Path) -> None:
+def test_resolve_inputs_file_folder_glob_list(make_image, tmp_path: Path, monkeypatch) -> None:
     a = make_image("a.tif", width=300, height=200)
     b = make_image("b.tif", width=300, height=200)
     assert resolve_inputs(str(a.path)) == [str(a.path)]
@@ -28,6 +28,9 @@ def test_resolve_inputs_file_folder_glob_list(make_image, tmp_path: Path) -> Non
     listing = tmp_path / "list.txt"
     listing.write_text("# my rasters\nb.tif\n\n" + str(a.path) + "\n")
     assert resolve_inputs(str(listing)) == [str(b.path), str(a.path)]
+    monkeypatch.setenv("HOME", str(tmp_path))  # ~ in a list is the home folder
+    (tmp_path / "tilde.txt").write_text("~/a.tif\n")
+    assert resolve_inputs(str(tmp_path / "tilde.txt")) == [str(a.path)]
     windows = tmp_path / "windows.txt"  # a byte-order mark and CRLF, as Notepad saves it
     windows.write_bytes(b"\xef\xbb\xbfb.tif\r\na.tif\r\n")
     assert resolve_inputs(str(windows)) == [str(b.path), str(a.path)]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -213,6 +214,13 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     cfg.devices = None
     if isinstance(cfg.weights, str) and cfg.weights.lower() in {"none", "null", ""}:
         cfg.weights = "none"
+    # The shell expands ~ only where it is unquoted at the start of a word: in a config file,
+    # or quoted (input_path='~/data/x.tif'), it reached mgpr as is, and output_dir='~/runs'
+    # made a folder literally named "~" in the current directory.
+    for name in ("input_path", "output_dir", "weights"):
+        value = getattr(cfg, name)
+        if isinstance(value, str) and value.startswith("~"):
+            setattr(cfg, name, os.path.expanduser(value))
     cfg.compile = str(cfg.compile).lower()  # `compile=true` arrives as the bool True
     _check_ranges(cfg)
     return cfg

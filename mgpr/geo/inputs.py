@@ -87,7 +87,7 @@ def _read_list_file(path: Path) -> list[str]:
         if _is_gdal_virtual(line):
             out.append(line)
             continue
-        item = Path(line)
+        item = Path(line).expanduser()
         if not item.is_absolute():
             item = path.parent / item
         if not item.is_file():
