@@ -40,7 +40,7 @@ def test_legacy_keys_keep_their_meaning(args: list[str], attr: str, value: objec
     assert getattr(load_config(args), attr) == value
 
 
-def test_a_tilde_in_a_path_key_is_the_home_folder(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tilde_and_variables_in_path_keys(monkeypatch: pytest.MonkeyPatch) -> None:
     """Quoted or in a config file, ~ reached mgpr as is: output_dir='~/runs' made a folder "~"."""
     monkeypatch.setenv("HOME", "/home/someone")
     cfg = load_config(
@@ -50,6 +50,11 @@ def test_a_tilde_in_a_path_key_is_the_home_folder(monkeypatch: pytest.MonkeyPatc
     assert cfg.output_dir == "/home/someone/runs/a"
     assert cfg.weights == "/home/someone/ckpt/m.pth"
     assert load_config(["weights=DEFAULT"]).weights == "DEFAULT"
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    monkeypatch.delenv("MGPR_UNSET_VAR", raising=False)
+    cfg = load_config(["input_path='$SCRATCH/o.tif'", "output_dir='$MGPR_UNSET_VAR/runs'"])
+    assert cfg.input_path == "/scratch/me/o.tif"
+    assert cfg.output_dir == "$MGPR_UNSET_VAR/runs"  # unset: kept, so its error names it
 
 
 def test_aliases_that_disagree_are_refused() -> None:

@@ -214,13 +214,14 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     cfg.devices = None
     if isinstance(cfg.weights, str) and cfg.weights.lower() in {"none", "null", ""}:
         cfg.weights = "none"
-    # The shell expands ~ only where it is unquoted at the start of a word: in a config file,
-    # or quoted (input_path='~/data/x.tif'), it reached mgpr as is, and output_dir='~/runs'
-    # made a folder literally named "~" in the current directory.
+    # The shell expands ~ and $VAR only unquoted on the command line: in a config file
+    # (input_path: $SCRATCH/ortho.tif), or quoted, they reached mgpr as is, and
+    # output_dir='~/runs' made a folder literally named "~" in the current directory. An unset
+    # variable stays as written, so the path's error names it.
     for name in ("input_path", "output_dir", "weights"):
         value = getattr(cfg, name)
-        if isinstance(value, str) and value.startswith("~"):
-            setattr(cfg, name, os.path.expanduser(value))
+        if isinstance(value, str) and (value.startswith("~") or "$" in value):
+            setattr(cfg, name, os.path.expanduser(os.path.expandvars(value)))
     cfg.compile = str(cfg.compile).lower()  # `compile=true` arrives as the bool True
     _check_ranges(cfg)
     return cfg
