@@ -107,6 +107,21 @@ def cluster_nodes(partition: str | None = None) -> list[str]:
     return sorted(nodes)
 
 
+def wait_for_nodes(count: int, timeout_s: float = 20.0) -> list[str]:
+    """The up nodes once there are ``count`` of them, or those up after ``timeout_s``.
+
+    Under the parallel suite a node was once seen in another state for a moment right after an
+    earlier job (two two-node tests skipped in one clean-clone run while ``sinfo`` showed both
+    nodes idle a minute later): look again for a while before skipping.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        nodes = cluster_nodes()
+        if len(nodes) >= count or time.monotonic() >= deadline:
+            return nodes
+        time.sleep(1.0)
+
+
 @dataclass(frozen=True, slots=True)
 class SlurmJob:
     """A finished batch job.

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_helpers import REPO, cluster_nodes, require_slurm, sbatch_wait, slurm_env
+from slurm_helpers import REPO, require_slurm, sbatch_wait, slurm_env, wait_for_nodes
 
 pytestmark = pytest.mark.slurm
 
@@ -48,7 +48,7 @@ def test_two_tasks_with_two_fake_gpus(tmp_path: Path) -> None:
 
 
 def test_two_nodes_one_task_each(tmp_path: Path) -> None:
-    if len(cluster_nodes()) < 2:
+    if len(wait_for_nodes(2)) < 2:
         pytest.skip("the cluster has 1 node; start it with scripts/slurm/start.sh --nodes 2")
     script = tmp_path / "job.sh"
     script.write_text(PRINT_TASK)

@@ -35,6 +35,7 @@ from slurm_helpers import (
     require_slurm,
     sbatch_wait,
     slurm_env,
+    wait_for_nodes,
 )
 
 pytestmark = pytest.mark.slurm
@@ -413,7 +414,7 @@ def test_preemption_requeues_and_the_job_finishes(
 
 
 def test_two_nodes_one_rank_each(submit_dir: Path, baseline: dict[str, Any]) -> None:
-    if len(cluster_nodes()) < 2:
+    if len(wait_for_nodes(2)) < 2:
         pytest.skip("the cluster has 1 node; start it with scripts/slurm/start.sh --nodes 2")
     # job.slurm asks for --gpus=1 by default: on N nodes give --gpus (or --gpus-per-node) too.
     job = sbatch_wait(
@@ -442,7 +443,7 @@ def test_two_nodes_one_slower_still_finish_together(
 ) -> None:
     """Node 2's rank is twice as slow per tile: the ranks still end together (chunks claimed
     from the store), the faster node does more tiles, and every tile is written once."""
-    if len(cluster_nodes()) < 2:
+    if len(wait_for_nodes(2)) < 2:
         pytest.skip("the cluster has 1 node; start it with scripts/slurm/start.sh --nodes 2")
     env = _env(submit_dir, MGPR_TEST_TILE_DELAY_RANK0="0.15", MGPR_TEST_TILE_DELAY_RANK1="0.3")
     job = sbatch_wait(
