@@ -86,9 +86,19 @@ def run_mgpr_inprocess(*args: str) -> int:
 
 
 def segmentation_args(
-    image: Path, run: Path, *more: str, model: str = "reference-seg"
+    image: Path,
+    run: Path,
+    *more: str,
+    model: str = "reference-seg",
+    tile_size: int | None = 128,
+    overlap: int | None = 32,
 ) -> list[str]:
-    """Arguments of a small in-process segmentation run: 128 px tiles, overlap 32, 1 CPU rank."""
+    """Arguments of a small in-process segmentation run on 1 CPU rank.
+
+    ``tile_size`` / ``overlap`` None leave them to ``more`` (or mgpr's defaults).
+    """
+    tiling = [f"tile_size={tile_size}"] if tile_size is not None else []
+    tiling += [f"overlap={overlap}"] if overlap is not None else []
     return [
         f"input_path={image}",
         f"model={model}",
@@ -96,11 +106,34 @@ def segmentation_args(
         "batch_size=4",
         "accelerator=cpu",
         "progress=false",
-        "tile_size=128",
-        "overlap=32",
+        *tiling,
         f"output_dir={run}",
         *more,
     ]
+
+
+def write_paletted(path: Path, size: int = 32) -> Path:
+    """A one-band paletted GeoTIFF (colour-table indexes 0..255 as a ramp), for refusal tests."""
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_origin
+
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=1,
+        dtype="uint8",
+        crs="EPSG:32633",
+        transform=from_origin(500000, 6000000, 0.1, 0.1),
+        photometric="palette",
+    ) as dst:
+        ramp = np.arange(size * size, dtype=np.int64).reshape(1, size, size) % 256
+        dst.write(ramp.astype(np.uint8))
+        dst.write_colormap(1, {i: (i, 255 - i, 0, 255) for i in range(256)})
+    return path
 
 
 def mgpr_cmd(*args: str) -> list[str]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import write_paletted
 from rasterio.control import GroundControlPoint
 from rasterio.crs import CRS
 from rasterio.enums import ColorInterp
@@ -81,21 +82,7 @@ def test_alpha_is_never_model_input(tmp_path: Path) -> None:
 
 
 def test_a_paletted_raster_is_refused_with_the_expand_command(tmp_path: Path) -> None:
-    path = tmp_path / "pal.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=32,
-        height=32,
-        count=1,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500000, 6000000, 0.1, 0.1),
-        photometric="palette",
-    ) as dst:
-        dst.write(np.zeros((1, 32, 32), np.uint8))
-        dst.write_colormap(1, {0: (0, 0, 0, 255), 1: (255, 0, 0, 255)})
+    path = write_paletted(tmp_path / "pal.tif")
     info = describe_raster(str(path))
     assert info.colorinterp == ("palette",)
     for bands, needed in ((None, 0), (None, 1), ([1, 1, 1], 3)):

@@ -24,6 +24,7 @@ from conftest import (
     read_gpkg_layer,
     run_mgpr_inprocess,
     subprocess_env,
+    write_paletted,
 )
 
 from mgpr.errors import EXIT_INTERRUPTED, EXIT_TILES_FAILED, EXIT_USAGE
@@ -132,25 +133,7 @@ def _band_the_raster_lacks(tmp: Path) -> tuple[list[str], list[str]]:
 
 
 def _paletted_raster(tmp: Path) -> tuple[list[str], list[str]]:
-    import numpy as np
-    import rasterio
-    from rasterio.transform import from_origin
-
-    path = tmp / "paletted.tif"
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=64,
-        height=64,
-        count=1,
-        dtype="uint8",
-        crs="EPSG:32633",
-        transform=from_origin(500000, 6000000, 0.1, 0.1),
-        photometric="palette",
-    ) as dst:
-        dst.write(np.arange(64 * 64, dtype=np.uint16).reshape(1, 64, 64).astype(np.uint8))
-        dst.write_colormap(1, {i: (i, 255 - i, 0, 255) for i in range(256)})
+    path = write_paletted(tmp / "paletted.tif", 64)
     return (
         [f"input_path={path}", "model=null"],
         ["is a paletted image", "gdal_translate -expand rgb"],

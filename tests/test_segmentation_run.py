@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from conftest import mgpr_cmd, run_mgpr_inprocess, subprocess_env
+from conftest import mgpr_cmd, run_mgpr_inprocess, segmentation_args, subprocess_env
 
 from mgpr.models.reference import BRIGHT_THRESHOLD
 from mgpr.outputs.parts_read import finished_tile_keys
@@ -33,16 +33,8 @@ def _bright(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _args(image: Path, run: Path, *more: str, model: str = "reference-seg") -> list[str]:
-    return [
-        f"input_path={image}",
-        f"model={model}",
-        "workers=0",
-        "batch_size=4",
-        "accelerator=cpu",
-        "progress=false",
-        f"output_dir={run}",
-        *more,
-    ]
+    """Each test gives its own tiling in ``more``."""
+    return segmentation_args(image, run, *more, model=model, tile_size=None, overlap=None)
 
 
 def _check_class_map(cog: Path, image: Path) -> np.ndarray:

@@ -34,12 +34,17 @@ def _is_gdal_virtual(path: str) -> bool:
     return path.startswith("/vsi") or "://" in path
 
 
+def _is_glob(input_path: str) -> bool:
+    """A pattern to expand: glob characters, and no file or folder of that very name."""
+    return any(ch in input_path for ch in _GLOB_CHARS) and not Path(input_path).exists()
+
+
 def _expand(input_path: str) -> list[str]:
     """``input_path`` as paths: folders and globs sorted, lists in their order (resolve_inputs)."""
     if _is_gdal_virtual(input_path):
         return [input_path]
     path = Path(input_path)
-    if any(ch in input_path for ch in _GLOB_CHARS) and not path.exists():
+    if _is_glob(input_path):
         matches = sorted(glob.glob(input_path, recursive=True))
         matches = [m for m in matches if Path(m).is_file()]
         sidecars = [m for m in matches if m.lower().endswith(SIDECAR_SUFFIXES)]
@@ -134,7 +139,7 @@ def _inside(path: str, folders: Sequence[Path]) -> Path | None:
 
 def _without_own_results(input_path: str, paths: list[str], written: list[Path]) -> list[str]:
     """Drop a glob's matches inside the run's result folders; refuse anything else there."""
-    is_glob = any(ch in input_path for ch in _GLOB_CHARS) and not Path(input_path).exists()
+    is_glob = _is_glob(input_path)
     kept: list[str] = []
     skipped = 0
     for path in paths:
