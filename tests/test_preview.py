@@ -42,7 +42,7 @@ def test_strip_by_strip_decimated_read_equals_one_read(
     import numpy as np
     from rasterio.enums import Resampling
 
-    from mgpr.monitor.preview import read_decimated
+    from mgpr.monitor.decimated_read import read_decimated
 
     img = make_image(width=1024, height=768, objects=6, nodata="border", block_size=64)
     with rasterio.open(img.path) as src:

@@ -1,9 +1,9 @@
 """``preview.png``: a quicklook of one input raster with the run's results drawn on it.
 
-The raster is read decimated (GDAL picks its overviews when it has some; strip by strip under a
-small GDAL cache, :func:`read_decimated`, so a raster without overviews costs no more memory than
-a strip), at most :data:`MAX_PREVIEW_PX` pixels on the longer side, bands 1-3 (or band 1 as grey;
-values other than uint8 are stretched between their 2nd and 98th percentile). On it:
+The raster is read decimated (:mod:`mgpr.monitor.decimated_read`: GDAL's overviews when it has
+some, else every block decoded once on the rank's idle CPUs; memory bounded either way), at
+most :data:`MAX_PREVIEW_PX` pixels on the longer side, bands 1-3 (or band 1 as grey; values other
+than uint8 are stretched between their 2nd and 98th percentile). On it:
 
 * detections: each box outlined, coloured by its label;
 * classification: each tile footprint filled (translucent) with the colour of its top-1 class;
@@ -27,19 +27,14 @@ import numpy.typing as npt
 import rasterio
 import shapely
 from rasterio.enums import Resampling
-from rasterio.windows import Window
 
+from mgpr.monitor.decimated_read import read_decimated, read_preview_image
 from mgpr.outputs.cog import class_colours
 
 #: Longer side of the preview image, pixels (the PNG is this size, give or take the margins).
 MAX_PREVIEW_PX = 1600
 #: Classes shown in the legend (the most frequent ones).
 MAX_LEGEND = 12
-#: Source pixels read per strip by :func:`read_decimated`, bytes (a strip is full-width rows).
-STRIP_BYTES = 64 * 2**20
-#: GDAL block cache while a preview reads, bytes (a strip's blocks, and the next strip's
-#: first block row when strips and block rows do not line up).
-PREVIEW_CACHE_BYTES = 160 * 2**20
 
 
 def preview_name(stem: str | None) -> str:
@@ -50,55 +45,6 @@ def preview_name(stem: str | None) -> str:
 def _decimated_shape(height: int, width: int, max_px: int) -> tuple[int, int, float]:
     scale = min(1.0, max_px / max(height, width))
     return max(1, round(height * scale)), max(1, round(width * scale)), scale
-
-
-def read_decimated(
-    src: Any,
-    bands: Sequence[int] | None,
-    shape: tuple[int, int],
-    resampling: Resampling,
-    strip_bytes: int = STRIP_BYTES,
-) -> npt.NDArray[Any]:
-    """``src.read(bands, out_shape=shape)``, or ``dataset_mask`` when ``bands`` is None, by strips.
-
-    The strips are full-width rows of about ``strip_bytes`` of source pixels, read under a
-    bounded GDAL cache.
-
-    Why: one decimated read of a raster without overviews makes GDAL decode every block into
-    its block cache, which grows to GDAL_CACHEMAX (5 % of the node's RAM by default: +1.2 GiB
-    on a 24 GiB node for a 20,000 px RGB raster) and stays allocated; strip by strip each block
-    is still decoded once (the strips follow the block rows), as fast, and the rank's memory
-    grows by a strip and :data:`PREVIEW_CACHE_BYTES`, whatever the raster's size. With
-    overviews GDAL reads those for each strip, as for the whole.
-    """
-    big_h, big_w = src.height, src.width
-    h, w = shape
-    count = len(bands) if bands is not None else 1
-    item = np.dtype(src.dtypes[0]).itemsize if bands is not None else 1
-    block_h = max(1, int(src.block_shapes[0][0]))
-    rows = max(block_h, strip_bytes // max(1, big_w * count * item) // block_h * block_h)
-    out_rows = max(1, math.floor(rows * h / big_h))
-    out: npt.NDArray[Any] | None = None
-    with rasterio.Env(GDAL_CACHEMAX=PREVIEW_CACHE_BYTES):
-        for o0 in range(0, h, out_rows):
-            o1 = min(h, o0 + out_rows)
-            r0 = round(o0 * big_h / h)
-            r1 = big_h if o1 == h else round(o1 * big_h / h)
-            window = Window(0, r0, big_w, max(1, r1 - r0))
-            if bands is None:
-                part = src.dataset_mask(
-                    window=window, out_shape=(o1 - o0, w), resampling=resampling
-                )
-                part = part[None]
-            else:
-                part = src.read(
-                    list(bands), window=window, out_shape=(count, o1 - o0, w), resampling=resampling
-                )
-            if out is None:
-                out = np.empty((count, h, w), dtype=part.dtype)
-            out[:, o0:o1] = part
-    assert out is not None
-    return out if bands is not None else out[0]
 
 
 def preview_bands(src: Any) -> list[int]:
@@ -116,8 +62,7 @@ def preview_bands(src: Any) -> list[int]:
 
 def _read_rgb(src: Any, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     bands = preview_bands(src)
-    data = read_decimated(src, bands, shape, Resampling.average)
-    valid = read_decimated(src, None, shape, Resampling.nearest) > 0
+    data, valid = read_preview_image(src, bands, shape)
     if data.dtype != np.uint8:
         # NaN (float nodata, declared or not) is no colour: shown as nodata, left out of the
         # stretch, and never cast to uint8.

@@ -1,0 +1,172 @@
+"""Reading a raster at preview size: block means on every CPU, nodata left out, overviews used."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.enums import Resampling
+from rasterio.transform import from_origin
+
+from mgpr.monitor import decimated_read
+from mgpr.monitor.decimated_read import (
+    average_full_resolution,
+    read_preview_image,
+    sample_step,
+)
+from mgpr.testimage import TestImageResult
+
+
+def _write(path: Path, data: np.ndarray, nodata: float | None = None, block: int = 64) -> Path:
+    b, h, w = data.shape
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=b,
+        dtype=data.dtype,
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 5_000_000, 0.1, 0.1),
+        nodata=nodata,
+        tiled=True,
+        blockxsize=block,
+        blockysize=block,
+    ) as dst:
+        dst.write(data)
+    return path
+
+
+def _block_means(data: np.ndarray, factor: int, valid: np.ndarray) -> np.ndarray:
+    b, h, w = data.shape
+    keep = valid.astype(np.float64)
+    sums = (data * keep).reshape(b, h // factor, factor, w // factor, factor).sum(axis=(2, 4))
+    counts = keep.reshape(h // factor, factor, w // factor, factor).sum(axis=(1, 3))
+    return sums / np.maximum(counts, 1)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_block_means_at_an_integer_factor_match_numpy_and_gdal(
+    make_image: Callable[..., TestImageResult], threads: int
+) -> None:
+    """Windows far smaller than a block row (columns split) and several threads give the exact
+    mean of each 4 x 4 block, as GDAL's average does."""
+    img = make_image(width=1024, height=768, objects=6, block_size=64)
+    with rasterio.open(img.path) as src:
+        full = src.read()
+        data, valid = average_full_resolution(
+            src, [1, 2, 3], (192, 256), threads=threads, window_bytes=3 * 64 * 64 * 2
+        )
+        gdal = src.read([1, 2, 3], out_shape=(3, 192, 256), resampling=Resampling.average)
+    expected = _block_means(full.astype(np.float64), 4, np.ones(full.shape[1:], bool))
+    assert data.dtype == np.uint8 and valid.all()
+    assert np.abs(data.astype(int) - np.rint(expected)).max() == 0
+    assert np.abs(data.astype(int) - gdal).max() <= 1
+
+
+def test_nodata_values_are_left_out_of_the_means_and_make_the_mask(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    data = rng.integers(1, 255, (3, 256, 320), dtype=np.uint8)
+    data[:, :, :100] = 0  # nodata: a left border (across two 4-px preview columns' edges)
+    data[1, 200:, 200:] = 0  # one band 0: still valid (the dataset mask's rule)
+    path = _write(tmp_path / "nd.tif", data, nodata=0)
+    with rasterio.open(path) as src:
+        out, valid = average_full_resolution(src, [1, 2, 3], (64, 80), threads=2)
+        mask = src.dataset_mask(out_shape=(64, 80), resampling=Resampling.average) > 0
+    px_valid = (data != 0).any(axis=0)
+    assert np.array_equal(valid, mask)
+    assert not valid[:, :25].any() and valid[:, 25:].all()  # column 25 holds source 100..103
+    expected = _block_means(data.astype(np.float64), 4, px_valid)
+    assert np.array_equal(out[:, valid], np.rint(expected)[:, valid].astype(np.uint8))
+    assert (out[:, ~valid] == 0).all()
+
+
+def test_an_internal_mask_and_nan_are_left_out(tmp_path: Path) -> None:
+    data = np.full((1, 128, 128), 7.0, np.float32)
+    data[0, :, 64:] = 100.0
+    data[0, :8, :8] = np.nan  # undeclared NaN
+    path = _write(tmp_path / "m.tif", data)
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "r+") as dst:
+        mask = np.full((128, 128), 255, np.uint8)
+        mask[:, 64:] = 0  # the 100s are masked out
+        dst.write_mask(mask)
+    with rasterio.open(path) as src:
+        out, valid = average_full_resolution(src, [1], (32, 32), threads=2)
+    assert out.dtype == np.float32
+    assert not valid[:, 16:].any() and not valid[:2, :2].any()
+    assert valid[2:, :16].all() and np.allclose(out[0][valid], 7.0)
+
+
+def test_a_large_factor_averages_a_regular_sample(tmp_path: Path) -> None:
+    """Factor 40: every 10th row and column (4 x 4 samples per preview pixel), the same with
+    one thread or three."""
+    assert sample_step((100_000, 100_000), (1600, 1600)) == 16
+    assert sample_step((768, 1024), (192, 256)) == 1 and sample_step((900, 900), (100, 100)) == 2
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 255, (1, 640, 800), dtype=np.uint8)
+    path = _write(tmp_path / "big.tif", data, block=32)
+    with rasterio.open(path) as src:
+        one, _ = average_full_resolution(src, [1], (16, 20), threads=1, window_bytes=4096)
+        three, _ = average_full_resolution(src, [1], (16, 20), threads=3, window_bytes=4096)
+    sample = data[:, ::10, ::10].astype(np.float64)
+    expected = sample.reshape(1, 16, 4, 20, 4).mean(axis=(2, 4))
+    assert np.array_equal(one, three)
+    assert np.array_equal(one, np.rint(expected).astype(np.uint8))
+
+
+def test_a_raster_with_overviews_is_read_through_them(
+    make_image: Callable[..., TestImageResult], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With overviews GDAL's decimated read is the cheap one: no block of the full resolution
+    is decoded by mgpr; the nodata mask comes from the same read."""
+    img = make_image(width=1024, height=1024, overviews=True, nodata="border")
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("full-resolution read of a raster with overviews")
+
+    monkeypatch.setattr(decimated_read, "average_full_resolution", refuse)
+    with rasterio.open(img.path) as src:
+        data, valid = read_preview_image(src, [1, 2, 3], (64, 64))
+        mask = src.dataset_mask(out_shape=(64, 64), resampling=Resampling.average) > 0
+    assert data.shape == (3, 64, 64)
+    assert (valid != mask).mean() < 0.02 and not valid.all() and valid.any()
+
+
+@pytest.mark.parametrize(
+    ("side", "nodata", "cpus", "full_resolution"),
+    [
+        (1024, None, 4, True),  # factor 16, no overviews, idle CPUs: mgpr's threads
+        (1024, 0, 1, True),  # one CPU, but a nodata value: GDAL would read the blocks twice
+        (1024, None, 1, False),  # one CPU, no nodata: GDAL's one decode is as fast
+        (256, None, 4, False),  # factor 4: GDAL's average, numpy would cost more
+    ],
+)
+def test_which_read_a_preview_takes(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    side: int,
+    nodata: int | None,
+    cpus: int,
+    full_resolution: bool,
+) -> None:
+    data = np.random.default_rng(2).integers(1, 255, (3, side, side), dtype=np.uint8)
+    data[:, : side // 4] = 0
+    path = _write(tmp_path / "r.tif", data, nodata=nodata)
+    calls: list[int] = []
+    real = decimated_read.average_full_resolution
+
+    def spy(*args: object, **kwargs: object) -> object:
+        calls.append(1)
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(decimated_read, "average_full_resolution", spy)
+    monkeypatch.setattr(decimated_read, "preview_threads", lambda: cpus)
+    with rasterio.open(path) as src:
+        out, valid = read_preview_image(src, [1, 2, 3], (64, 64))
+    assert bool(calls) is full_resolution
+    assert out.shape == (3, 64, 64) and out.dtype == np.uint8
+    assert valid.all() if nodata is None else (not valid[:16].any() and valid[16:].all())
