@@ -94,6 +94,9 @@ def test_wrong_type_is_one_line(arg: str, needle: str) -> None:
         (["workers=-1"], "workers"),
         (["precision=fp8"], "precision"),
         (["previews=some"], "previews='some' is not supported; use one of auto, all, none"),
+        (["strategy=ddp_spawn"], "strategy='ddp_spawn' is not supported: mgpr runs each rank"),
+        (["strategy=fsdp"], "use strategy=auto .DDP when more than one rank., ddp or single"),
+        (["profiler=x"], "profiler='x' is not known; use one of: none, simple, advanced"),
         (["nms_iou=1.5"], "nms_iou"),
         (["bands=[0,1]"], "bands"),
         (["not-an-override"], "key=value"),
@@ -146,3 +149,16 @@ def test_readme_key_list_is_what_mgpr_help_prints() -> None:
     start = readme.index("INPUTS")
     end = next(i for i in range(start, len(readme)) if readme[i].startswith("```"))
     assert "\n".join(readme[start:end]).strip() == describe_keys().strip()
+
+
+def test_single_device_strategy_is_one_rank_only() -> None:
+    """strategy=single_device on one rank is Lightning's; with several ranks (or under srun)
+    a one-line error, not Lightning's traceback after the run directory was made."""
+    from mgpr.run.trainer import _strategy
+
+    cfg = load_config(["strategy=single_device"])
+    assert _strategy(cfg, 1, False) == "single_device"
+    with pytest.raises(ConfigError, match="runs one rank, but this run has 2 rank"):
+        _strategy(cfg, 2, False)
+    with pytest.raises(ConfigError, match="under srun; use strategy=auto or ddp"):
+        _strategy(cfg, 1, True)

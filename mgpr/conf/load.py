@@ -27,6 +27,12 @@ PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "1
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 COMPILE_CHOICES = ("auto", "true", "false")
 PREVIEW_CHOICES = ("auto", "all", "none")
+#: ``strategy`` values: mgpr's ranks are processes with one whole model each, started by
+#: Lightning's launcher or by ``srun`` (the claims, the run lock and the parts rely on it), so
+#: spawn-based and sharding strategies (``ddp_spawn``, ``fsdp``, ``deepspeed``) are refused.
+STRATEGIES = ("auto", "ddp", "single_device")
+#: ``profiler`` values besides none (:func:`mgpr.monitor.profiler.make_profiler`).
+PROFILERS = ("simple", "advanced", "pytorch")
 #: ``output_format`` values; conf/ sits below outputs/, so a test keeps this equal to
 #: :func:`mgpr.outputs.formats.output_formats`.
 OUTPUT_FORMATS = ("gpkg", "parquet", "both")
@@ -260,6 +266,21 @@ def _check_ranges(cfg: PredictConfig) -> None:
     if cfg.precision not in PRECISIONS:
         raise ConfigError(
             f"precision={cfg.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"
+        )
+    if cfg.strategy not in STRATEGIES:
+        raise ConfigError(
+            f"strategy={cfg.strategy!r} is not supported: mgpr runs each rank as its own process "
+            "with the whole model (DDP); use strategy=auto (DDP when more than one rank), ddp "
+            "or single_device (one rank)"
+        )
+    if cfg.profiler is not None and str(cfg.profiler).strip().lower() not in (
+        "",
+        "none",
+        "null",
+        *PROFILERS,
+    ):
+        raise ConfigError(
+            f"profiler={cfg.profiler!r} is not known; use one of: none, {', '.join(PROFILERS)}"
         )
     if cfg.compile not in COMPILE_CHOICES:
         raise ConfigError(

@@ -102,7 +102,7 @@ class PredictConfig:
     devices: int | None = key(None, "alias of gpus")
     num_nodes: int | None = key(None, "nodes; unset = 1, or SLURM --nodes")
     strategy: str = key(
-        "auto", "auto (DDP when more than one rank) | ddp | any Lightning strategy name"
+        "auto", "auto (DDP when more than one rank) | ddp | single_device (one rank)"
     )
     precision: str = key("auto", "auto | bf16-mixed | 16-mixed | 32 (| 32-true)")
     batch_size: int = key(8, "tiles per forward pass per rank")

@@ -5,10 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mgpr.conf.load import PROFILERS
 from mgpr.errors import ConfigError
-
-#: Valid values of the ``profiler`` config key.
-PROFILERS = ("simple", "advanced", "pytorch")
 
 
 def make_profiler(name: str | None, run_dir: Path) -> Any:

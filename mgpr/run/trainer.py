@@ -34,6 +34,7 @@ from mgpr.data.batching import UniformShapeBatchSampler
 from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles
 from mgpr.data.pinned import CudaHostRegistrar, HostRegistrar, host_memory_plan
 from mgpr.data.scaling import ValueScaler
+from mgpr.errors import ConfigError
 from mgpr.geo.raster import RasterInfo, TileReader
 from mgpr.geo.tiling import Tile
 from mgpr.geo.values import ValueRange, carrier_dtype
@@ -308,8 +309,13 @@ def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool) -> Any:
     for predict), only Lightning's start-up barriers and the store, and a gloo group has no NCCL
     watchdog to abort a run whose ranks wait on each other.
     """
-    if cfg.strategy not in ("auto", "ddp"):
-        return cfg.strategy
+    if cfg.strategy == "single_device":
+        if world_size > 1 or under_srun:
+            raise ConfigError(
+                f"strategy=single_device runs one rank, but this run has {world_size} "
+                f"rank(s){' under srun' if under_srun else ''}; use strategy=auto or ddp"
+            )
+        return "single_device"
     if world_size > 1 or under_srun or cfg.strategy == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
