@@ -152,7 +152,7 @@ def test_existing_output_of_another_run_is_not_overwritten(
     assert _summary(run)["model"] == "reference"
 
 
-def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path) -> None:
+def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path, capsys) -> None:
     img = make_image(width=512, height=512, objects=6, tile_size=128, overlap=32)
     run = tmp_path / "run"
     args = [
@@ -164,6 +164,8 @@ def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path) -> No
         f"output_dir={run}",
     ]
     assert run_mgpr_inprocess(*args) == 0
+    first = _summary(run)
+    assert (first["tiles_this_run"], first["tiles_earlier_runs"]) == (first["tiles_total"], 0)
     full = read_gpkg_layer(run / "predictions.gpkg", "detections")
     # Simulate a run killed half way: its manifests name half the tiles (their records stay in
     # the payload: a manifest, not a payload, says a tile is done), and no final file.
@@ -182,10 +184,19 @@ def test_resume_predicts_only_unfinished_tiles(make_image, tmp_path: Path) -> No
     assert run_mgpr_inprocess(*args) == 0
     log = (run / "logs" / "rank0.log").read_text()
     assert f"{len(keys) - len(lost)} of the {len(keys)} planned tiles were finished" in log
+    summary = _summary(run)  # the whole job's counts, and what this run did of them
+    assert summary["tiles_predicted"] + summary["tiles_skipped_nodata"] == len(keys)
+    assert summary["tiles_this_run"] == len(lost)
+    assert summary["tiles_earlier_runs"] == len(keys) - len(lost)
     again = read_gpkg_layer(run / "predictions.gpkg", "detections")
     assert sorted(g.wkt for g in again[0]) == sorted(g.wkt for g in full[0])
     rows = [k for k, _ in part_tile_rows(run)]
     assert len(rows) == len(set(rows)) == len(keys)
+    capsys.readouterr()
+    assert run_mgpr_inprocess(*args) == 0  # nothing left: it only merges
+    out = capsys.readouterr().out
+    assert f"0 in this run, {len(keys)} by earlier runs" in out
+    assert "throughput   none: earlier runs finished every tile, this one merged" in out
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,10 @@ no published part; listed in ``missing_tiles.txt``, the run exits 4), ``duplicat
 copies found in more than one part, each kept once), ``duplicates_removed`` (seam
 de-duplication), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
 (``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
-last batch, slowest rank), ``tiles_per_s`` (tiles predicted or skipped in this run /
-``predict_loop_s``), ``tiles_per_s_per_rank`` (by global rank), ``hint`` (the report's
+last batch, slowest rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or
+failed), ``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a
+resume's counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this
+run / ``predict_loop_s``), ``tiles_per_s_per_rank`` (by global rank), ``hint`` (the report's
 bottleneck hint), ``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
 input's factor, see :func:`describe_resolution`), ``provenance``
 (mgpr/torch/lightning/rasterio versions, host, inputs with size and mtime, tiling) and, in the
@@ -247,6 +249,10 @@ def finish_run(
     totals = report.get("totals", {}) if report else {}
     summary["tiles_per_s"] = totals.get("tiles_per_s")
     summary["predict_loop_s"] = totals.get("wall_s")
+    this_run = totals.get("tiles")
+    handled = summary["tiles_predicted"] + summary["tiles_skipped_nodata"] + summary["tiles_failed"]
+    summary["tiles_this_run"] = this_run
+    summary["tiles_earlier_runs"] = None if this_run is None else max(0, handled - this_run)
     summary["tiles_per_s_per_rank"] = {
         str(r["global_rank"]): r.get("tiles_per_s") for r in (report or {}).get("ranks", [])
     }
@@ -343,12 +349,19 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
         f"precision {s['precision']}" + (f", {s['compile']['used']}" if s.get("compile") else "")
     )
     lines.append(f"  ranks        {s['world_size']} on {s['num_nodes']} node(s), {s['strategy']}")
+    earlier = s.get("tiles_earlier_runs")
     lines.append(
         f"  tiles        {s['tiles_total']} planned: {s['tiles_predicted']} predicted, "
         f"{s['tiles_skipped_nodata']} skipped (nodata), {s['tiles_failed']} failed"
         + (f", {s['tiles_missing']} MISSING" if s.get("tiles_missing") else "")
+        + (f"; {s['tiles_this_run']} in this run, {earlier} by earlier runs" if earlier else "")
     )
-    if s.get("tiles_per_s") is not None:
+    if s.get("tiles_this_run") == 0 and earlier:
+        lines.append(
+            "  throughput   none: earlier runs finished every tile, this one merged; "
+            f"whole command {s['wall_s']:.0f} s"
+        )
+    elif s.get("tiles_per_s") is not None:
         lines.append(
             f"  throughput   {s['tiles_per_s']:.1f} tiles/s over {s['predict_loop_s']:.1f} s "
             f"of prediction on {s['world_size']} rank(s); whole command {s['wall_s']:.0f} s"
