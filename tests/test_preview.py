@@ -117,3 +117,26 @@ def test_preview_of_float_with_nan_shows_nan_as_nodata(tmp_path: Path) -> None:
         rgba = np.asarray(png.convert("RGBA"))[-80:]
     assert (rgba[50:, 50:] != rgba[5, 5]).any(axis=-1).all()  # nodata differs from the image
     assert len({tuple(p) for p in rgba[50:, 50:].reshape(-1, 4)}) == 1  # one nodata colour
+
+
+def test_outlines_map_every_part_to_preview_pixels_and_its_feature() -> None:
+    """Vectorised outlines: one (n, 5, 2) array for boxes (matplotlib's fast path), a list for
+    rings of other lengths; each part keeps its feature's index (its colour)."""
+    import numpy as np
+    from affine import Affine
+
+    from mgpr.monitor.preview import _outlines
+
+    transform = Affine(0.5, 0.0, 100.0, 0.0, -0.5, 200.0)  # 0.5 m pixels, origin (100, 200)
+    boxes = [shapely.box(101, 198.5, 101.5, 199), shapely.box(102, 197.5, 102.5, 198)]
+    two = shapely.multipolygons([shapely.box(104, 195, 105, 196), shapely.box(106, 195, 107, 196)])
+    ring, owner = _outlines(np.array([boxes[0], two, boxes[1]]), ~transform, 0.5)
+    assert isinstance(ring, np.ndarray) and ring.shape == (4, 5, 2)
+    assert owner.tolist() == [0, 1, 1, 2]
+    # box (104..105, 195..196) m -> columns 8..10, rows 8..10 px -> x 0.5 in the preview: 4..5
+    assert sorted(set(ring[1][:, 0].tolist())) == [4.0, 5.0]
+    assert sorted(set(ring[1][:, 1].tolist())) == [4.0, 5.0]
+    pentagon = shapely.Polygon([(101, 199), (102, 199), (102.5, 198.5), (102, 198), (101, 198)])
+    mixed, owner = _outlines(np.array([pentagon, boxes[0]]), ~transform, 1.0)
+    assert isinstance(mixed, list) and [len(r) for r in mixed] == [6, 5]
+    assert owner.tolist() == [0, 1]

@@ -77,6 +77,24 @@ def _read_rgb(src: Any, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     return np.moveaxis(rgba, 0, -1)
 
 
+def _outlines(geoms: Any, inverse: Any, scale: float) -> tuple[Any, npt.NDArray[np.intp]]:
+    """Each polygon part's exterior ring in preview pixels, and the feature it belongs to.
+
+    Vectorised (shapely's array functions, one affine over every coordinate): a loop over the
+    features took 2.8 s per 100,000 boxes, more than the rest of the preview, and a 10 Gpx
+    mosaic of tree crowns has millions. Rings of one vertex count (boxes, tile footprints) are
+    one ``(n, k, 2)`` array, which matplotlib takes without a Python object per polygon.
+    """
+    parts, owner = shapely.get_parts(geoms, return_index=True)
+    coords, ring = shapely.get_coordinates(shapely.get_exterior_ring(parts), return_index=True)
+    cols, rows = inverse * (coords[:, 0], coords[:, 1])
+    xy = np.column_stack([np.asarray(cols), np.asarray(rows)]) * scale
+    sizes = np.bincount(ring, minlength=len(parts))
+    if len(parts) and (sizes == sizes[0]).all():
+        return xy.reshape(len(parts), int(sizes[0]), 2), owner
+    return np.split(xy, np.cumsum(sizes)[:-1]), owner
+
+
 def _nice_length(extent: float) -> float:
     """A 1/2/5 x 10^k length close to a fifth of ``extent``."""
     target = extent / 5
@@ -144,19 +162,14 @@ def write_preview(
         )
         counts = Counter(labels)
         colour_of = {name: cmap(i % 20) for i, (name, _) in enumerate(counts.most_common())}
-        polys = []
-        colours = []
-        for geom, label in zip(geoms, labels, strict=True):
-            for part in shapely.get_parts(geom):
-                ring = np.asarray(part.exterior.coords)
-                cols, rows = inverse * (ring[:, 0], ring[:, 1])
-                polys.append(np.column_stack([np.asarray(cols) * scale, np.asarray(rows) * scale]))
-                colours.append(colour_of[label])
+        polys, owner = _outlines(geoms, inverse, scale)
+        of_feature = np.asarray([colour_of[n] for n in labels], dtype=np.float64).reshape(-1, 4)
+        colours = of_feature[owner]
         if kind == "classification":
             coll = PolyCollection(polys, facecolors=colours, edgecolors="none", alpha=0.45)
         else:
             coll = PolyCollection(polys, facecolors="none", edgecolors=colours, linewidths=1.2)
-        ax.add_collection(coll)
+        ax.add_collection(coll, autolim=False)  # the image sets the view; no extents pass
         handles = [
             Patch(color=colour_of[n], label=f"{n} ({c})") for n, c in counts.most_common(MAX_LEGEND)
         ]
