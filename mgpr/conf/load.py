@@ -23,7 +23,11 @@ from typing import Any
 from mgpr.conf.schema import SCHEMA_NAME, PredictConfig
 from mgpr.errors import ConfigError
 
-PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true", "bf16-true", "16-true", "64")
+#: ``precision`` values. Half precision is autocast only (``*-mixed``): it keeps box decoding,
+#: NMS and the NaN check in float32 (:mod:`mgpr.models.amp`); Lightning's ``bf16-true`` /
+#: ``16-true`` / ``64`` cast the weights but not mgpr's float32 input, and torchvision's
+#: detectors failed at the first convolution with them.
+PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 COMPILE_CHOICES = ("auto", "true", "false")
 PREVIEW_CHOICES = ("auto", "all", "none")
@@ -264,8 +268,13 @@ def _check_ranges(cfg: PredictConfig) -> None:
 
         validate_blend(cfg.tile_size, cfg.overlap)
     if cfg.precision not in PRECISIONS:
+        why = (
+            ": mgpr runs half precision as autocast, which keeps box coordinates in float32"
+            if str(cfg.precision).endswith("-true") or str(cfg.precision).startswith("64")
+            else ""
+        )
         raise ConfigError(
-            f"precision={cfg.precision!r} is not supported; use one of {', '.join(PRECISIONS)}"
+            f"precision={cfg.precision!r} is not supported{why}; use one of {', '.join(PRECISIONS)}"
         )
     if cfg.strategy not in STRATEGIES:
         raise ConfigError(
