@@ -97,6 +97,7 @@ def test_wrong_type_is_one_line(arg: str, needle: str) -> None:
         (["strategy=ddp_spawn"], "strategy='ddp_spawn' is not supported: mgpr runs each rank"),
         (["strategy=fsdp"], "use strategy=auto .DDP when more than one rank., ddp or single"),
         (["profiler=x"], "profiler='x' is not known; use one of: none, simple, advanced"),
+        (["topk=101"], "topk=101 is out of range: it must be <= 100 .each kept class is 3"),
         (["precision=bf16-true"], "runs half precision as autocast, which keeps box coordinates"),
         (["precision=64"], "precision='64' is not supported: mgpr runs half precision as"),
         (["nms_iou=1.5"], "nms_iou"),

@@ -732,6 +732,22 @@ def test_nan_model_output_fails_those_tiles_not_the_results(
     assert not (run / "failed_tiles.csv").exists()  # the earlier list is no longer true
 
 
+def test_a_file_system_error_with_room_on_both_disks_does_not_say_free_space(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GDAL/SQLite write error on disks with room (a failed ALTER TABLE, a read-only mount)
+    must not send the user to free space they have."""
+    from pyogrio.errors import FieldError
+
+    from mgpr.run.failures import file_system_error
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    line = str(file_system_error(FieldError("Error adding field 'x'"), tmp_path, 0))
+    assert "stopped on a file-system error (FieldError: Error adding field 'x')" in line
+    assert "both disks have room, so check that they are mounted and writable" in line
+    assert "free space (or choose" not in line and line.endswith("to resume")
+
+
 def test_which_errors_count_as_file_system_errors() -> None:
     import sqlite3
 

@@ -35,6 +35,9 @@ PREVIEW_CHOICES = ("auto", "all", "none")
 #: Lightning's launcher or by ``srun`` (the claims, the run lock and the parts rely on it), so
 #: spawn-based and sharding strategies (``ddp_spawn``, ``fsdp``, ``deepspeed``) are refused.
 STRATEGIES = ("auto", "ddp", "single_device")
+#: Classes kept per tile at most: ``class_id_k``, ``label_k`` and ``score_k`` for each, and
+#: SQLite (the GeoPackage) holds 2000 columns; topk=1000 failed at the merge.
+MAX_TOPK = 100
 #: ``profiler`` values besides none (:func:`mgpr.monitor.profiler.make_profiler`).
 PROFILERS = ("simple", "advanced", "pytorch")
 #: ``output_format`` values; conf/ sits below outputs/, so a test keeps this equal to
@@ -251,6 +254,11 @@ def _check_ranges(cfg: PredictConfig) -> None:
     _at_least("gpus", cfg.gpus, 1, "leave gpus unset to use every GPU")
     _at_least("num_nodes", cfg.num_nodes, 1, "leave num_nodes unset to take it from SLURM")
     _at_least("topk", cfg.topk, 1, "try topk=5")
+    if cfg.topk > MAX_TOPK:
+        raise ConfigError(
+            f"topk={cfg.topk} is out of range: it must be <= {MAX_TOPK} (each kept class is 3 "
+            "columns of the output table, and a GeoPackage holds at most 2000); try topk=5"
+        )
     _at_least("max_detections", cfg.max_detections, 1, "try max_detections=100")
     _at_least("image_size", cfg.image_size, 1, "try image_size=2048")
     _at_least("objects", cfg.objects, 0, "try objects=40")

@@ -71,7 +71,7 @@ class PredictConfig:
     weights: str = key(
         "DEFAULT", "DEFAULT | torchvision weights name | none | path to a local checkpoint"
     )
-    topk: int = key(5, "classification: classes kept per tile")
+    topk: int = key(5, "classification: classes kept per tile (at most 100: 3 columns each)")
     max_detections: int | None = key(
         None,
         "detection: boxes kept per tile at most, best scores first (reference: largest); "

@@ -179,11 +179,16 @@ def file_system_error(exc: BaseException, run_dir: Path, rank: int) -> MgprError
         if low
         else "a file-system error"
     )
+    fix = (
+        "free space (or choose another output_dir / TMPDIR)"
+        if full or low
+        else "both disks have room, so check that they are mounted and writable (a bug in mgpr "
+        f"if it repeats: report it with {run_dir / 'logs'})"
+    )
     return OutputError(
         f"rank {rank} stopped on {what} ({type(chain[0]).__name__}: {first}); free space: "
         f"{_free_mib(run_dir)} in {run_dir}, {_free_mib(tmp)} in TMPDIR={tmp}; every finished "
-        f"tile is kept in {run_dir / 'parts'}: free space (or choose another output_dir / "
-        "TMPDIR), then re-run the same command to resume"
+        f"tile is kept in {run_dir / 'parts'}: {fix}, then re-run the same command to resume"
     )
 
 
