@@ -170,3 +170,35 @@ def test_which_read_a_preview_takes(
     assert bool(calls) is full_resolution
     assert out.shape == (3, 64, 64) and out.dtype == np.uint8
     assert valid.all() if nodata is None else (not valid[:16].any() and valid[16:].all())
+
+
+def test_a_failing_window_stops_every_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read error (a damaged block) ends the read at once with that error, instead of the
+    other threads decoding the rest of the raster first; the preview is then skipped."""
+    data = np.random.default_rng(3).integers(0, 255, (1, 512, 512), dtype=np.uint8)
+    path = _write(tmp_path / "r.tif", data, block=16)
+    seen: list[int] = []
+    real_open = rasterio.open
+
+    class Failing:
+        def __init__(self, handle: object) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> Failing:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()  # type: ignore[attr-defined]
+
+        def read(self, *args: object, **kwargs: object) -> np.ndarray:
+            seen.append(1)
+            if len(seen) == 3:
+                raise rasterio.errors.RasterioIOError("IReadBlock failed")
+            return self.handle.read(*args, **kwargs)  # type: ignore[attr-defined]
+
+    monkeypatch.setattr(decimated_read.rasterio, "open", lambda p: Failing(real_open(p)))
+    with real_open(path) as src, pytest.raises(rasterio.errors.RasterioIOError):
+        average_full_resolution(src, [1], (16, 16), threads=2, window_bytes=256)
+    assert len(seen) < 20  # of 1,024 windows

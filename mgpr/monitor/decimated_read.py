@@ -269,22 +269,33 @@ def average_full_resolution(
             sums[:, i0:i1, j0:j1] += part
             counts[i0:i1, j0:j1] += n
 
+    stop = threading.Event()  # a failed thread, or Ctrl-C / SIGTERM in the main thread
+
     def worker() -> None:
-        with rasterio.open(src.name) as own:
-            while True:
-                with take:
-                    window = next(windows, None)
-                if window is None:
-                    return
-                accumulate(own, window)
+        try:
+            with rasterio.open(src.name) as own:
+                while not stop.is_set():
+                    with take:
+                        window = next(windows, None)
+                    if window is None:
+                        return
+                    accumulate(own, window)
+        except BaseException:
+            stop.set()
+            raise
 
     threads = threads or preview_threads()
     # One GDAL cache for the process (rasterio sets GDAL_CACHEMAX with GDALSetCacheMax64), so
     # the main thread's Env bounds every thread's blocks.
     with rasterio.Env(GDAL_CACHEMAX=PREVIEW_CACHE_BYTES):
         with ThreadPoolExecutor(threads, thread_name_prefix="mgpr-preview") as pool:
-            for done in [pool.submit(worker) for _ in range(threads)]:
-                done.result()
+            jobs = [pool.submit(worker) for _ in range(threads)]
+            try:
+                for done in jobs:
+                    done.result()
+            except BaseException:
+                stop.set()  # the pool's exit then waits for the windows in flight only
+                raise
     valid_out = counts > 0
     mean = sums / np.maximum(counts, 1)  # 0 where nothing was valid
     if dtype.kind != "f":
