@@ -145,3 +145,23 @@ def test_external_overviews_count_only_for_gsd_runs(make_image, tmp_path: Path) 
     gsd_cfg = dataclasses.replace(cfg, gsd=0.1)
     (resampled,) = fingerprint(gsd_cfg, "null", "none", [info], {info.path: [1, 2, 3]})["inputs"]
     assert [Path(s["path"]).name for s in resampled["sources"]] == ["ortho.tif.ovr"]
+
+
+def test_a_glob_reads_what_its_folder_reads_unless_it_names_a_format(
+    make_image, tmp_path: Path, caplog
+) -> None:
+    """`dir/*` over mgpr-test-image's output (a.tif, a_truth.gpkg) and a README: the raster only,
+    with one line for the rest; a pattern naming an extension keeps every match."""
+    from mgpr.errors import InputError
+
+    img = make_image("d/a.tif", width=64, height=64, objects=1, seam_share=0)
+    (tmp_path / "d" / "README.txt").write_text("notes")
+    (tmp_path / "d" / "b.ecw").write_bytes(b"")
+    assert (tmp_path / "d" / "a_truth.gpkg").exists()
+    with caplog.at_level(logging.INFO, logger="mgpr.geo.inputs"):
+        assert resolve_inputs(str(tmp_path / "d" / "*")) == [str(img.path)]
+    assert "skipping 3 match(es) without a raster suffix" in caplog.text
+    assert resolve_inputs(str(tmp_path / "d" / "*.ecw")) == [str(tmp_path / "d" / "b.ecw")]
+    assert resolve_inputs(str(tmp_path / "d")) == [str(img.path)]  # the folder, as before
+    with pytest.raises(InputError, match="the glob matches no raster .* 'README.txt'; name"):
+        resolve_inputs(str(tmp_path / "d" / "R*"))

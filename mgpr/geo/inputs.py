@@ -9,7 +9,9 @@ A run never reads its own results: a folder or glob match inside the run directo
 folders (``parts/``, ``segmentation/``, ...: a recursive ``data/**/*.tif`` with
 ``output_dir=data/runs/x`` would otherwise pick up the class maps it wrote and fail the resume)
 is skipped, and naming such a file outright is refused, since this run would overwrite it. GDAL
-sidecar files (``.aux.xml``, ``.ovr``, ``.msk``) matched by a glob are skipped too.
+sidecar files (``.aux.xml``, ``.ovr``, ``.msk``) matched by a glob are skipped too, and so is a
+match without a raster suffix unless the pattern names that suffix (``dir/*`` reads what ``dir``
+reads; ``dir/*.ecw`` reads ECW files).
 """
 
 from __future__ import annotations
@@ -32,6 +34,34 @@ _GLOB_CHARS = set("*?[")
 
 def _is_gdal_virtual(path: str) -> bool:
     return path.startswith("/vsi") or "://" in path
+
+
+def _raster_matches(pattern: str, matches: list[str]) -> list[str]:
+    """A glob's matches that are rasters: a raster suffix, or the suffix the pattern names.
+
+    ``dir/*`` reads what ``dir`` reads (a folder of GeoTIFFs also holds the truth GeoPackage
+    mgpr-test-image writes, READMEs, shapefiles); ``dir/*.ecw`` names its format, so every match
+    is kept. The rest is skipped with one line.
+    """
+    named = Path(pattern).suffix.lower()
+    named = named if named and not any(ch in named for ch in _GLOB_CHARS) else ""
+    keep = [m for m in matches if Path(m).suffix.lower() in (*RASTER_SUFFIXES, named)]
+    other = [Path(m).name for m in matches if m not in set(keep)]
+    if other and keep:
+        log.info(
+            "input_path=%r: skipping %d match(es) without a raster suffix (%s), e.g. %s",
+            pattern,
+            len(other),
+            "/".join(RASTER_SUFFIXES),
+            ", ".join(other[:3]),
+        )
+    if not keep:
+        raise InputError(
+            f"input_path={pattern!r}: the glob matches no raster ({'/'.join(RASTER_SUFFIXES)}), "
+            f"only {len(other)} other file(s) such as {', '.join(repr(n) for n in other[:3])}; "
+            "name another format's extension in the pattern to read it (e.g. '*.ecw')"
+        )
+    return keep
 
 
 def _is_glob(input_path: str) -> bool:
@@ -60,7 +90,7 @@ def _expand(input_path: str) -> list[str]:
             raise InputError(
                 f"input_path={input_path!r}: the glob matches no file; check the pattern"
             )
-        return matches
+        return _raster_matches(input_path, matches)
     if not path.exists():
         raise InputError(
             f"input_path={input_path!r} does not exist; "
