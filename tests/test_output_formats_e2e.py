@@ -91,6 +91,14 @@ def test_output_format_is_not_part_of_the_run_identity(make_image, tmp_path: Pat
     log = (run / "logs" / "rank0.log").read_text()
     assert re.search(r"(\d+) of the \1 planned tiles were finished", log), log[-2000:]
     _same_features(run / "predictions.gpkg", run / "detections.parquet", "detections")
+    # The GeoPackage is no longer this run's output: kept (a user may have it open), named.
+    assert "1 file(s) an earlier run of this job wrote are not this run's outputs" in log
+    assert _summary(run)["stale_outputs"] == [str(run / "predictions.gpkg")]
+    assert _detect(img.path, run, "output_format=parquet") == 0  # named until it is gone
+    assert _summary(run)["stale_outputs"] == [str(run / "predictions.gpkg")]
+    (run / "predictions.gpkg").unlink()
+    assert _detect(img.path, run, "output_format=parquet") == 0
+    assert "stale_outputs" not in _summary(run)
 
 
 def test_quick_start_checks_its_planted_objects_from_geoparquet(tmp_path: Path) -> None:

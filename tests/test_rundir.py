@@ -181,3 +181,27 @@ def test_overwrite_also_removes_an_mgpr_runs_class_maps_and_previews(tmp_path: P
     (foreign / "preview.png").write_bytes(b"mine")
     assert prepare_run_dir(foreign, FINGERPRINT, overwrite=True, rank=0, job_id=None) is False
     assert (foreign / "segmentation").is_dir() and (foreign / "preview.png").exists()
+
+
+def test_stale_previews_go_and_stale_data_files_stay_named(tmp_path: Path) -> None:
+    """What the previous summary listed and this run does not write: previews removed, data
+    files kept and returned; nothing outside the run directory or unlisted is touched."""
+    from mgpr.outputs.rundir import stale_outputs
+
+    run = tmp_path / "run"
+    (run / "segmentation").mkdir(parents=True)
+    names = ["preview_a.png", "preview_b.png", "detections.parquet", "segmentation/b.tif"]
+    for name in [*names, "mine.png", "predictions.gpkg"]:
+        (run / name).write_bytes(b"x")
+    outside = tmp_path / "elsewhere.png"
+    outside.write_bytes(b"x")
+    listed = [str(run / n) for n in names] + [str(outside), str(run / "gone.png")]
+    (run / "summary.json").write_text(json.dumps({"outputs": listed}))
+    now = [str(run / "preview_a.png"), str(run / "predictions.gpkg")]
+    removed, kept = stale_outputs(run, now)
+    assert removed == [(run / "preview_b.png").resolve()]
+    assert kept == [(run / "detections.parquet").resolve(), (run / "segmentation/b.tif").resolve()]
+    assert not (run / "preview_b.png").exists() and (run / "detections.parquet").exists()
+    assert (run / "mine.png").exists() and outside.exists()
+    (run / "summary.json").write_text("not json")
+    assert stale_outputs(run, now) == ([], [])

@@ -19,7 +19,7 @@ import os
 import shutil
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +158,41 @@ def prepare_run_dir(
             path, {"fingerprint": fingerprint, "slurm_job_id": job_id, "written_at": time.time()}
         )
     return resume
+
+
+def stale_outputs(run_dir: Path, outputs: Sequence[str]) -> tuple[list[Path], list[Path]]:
+    """Files the previous summary.json of ``run_dir`` lists and ``outputs`` does not.
+
+    A resume may write other files than the run before it: ``output_format=gpkg`` after
+    ``parquet``, ``previews=auto`` after ``all``, ``vectorize=false`` after ``true``. Stale
+    previews (quicklooks mgpr drew, showing the earlier results) are removed; stale data files
+    are kept (they are results a user may have opened, and were the same features unless the
+    resume retried failed tiles) and returned, so the caller can name them. Only files the
+    earlier summary named (``outputs``, and ``stale_outputs``: a stale file is named on every
+    run until it is gone), inside ``run_dir``, are considered: a user's own file is never one.
+
+    Returns:
+        ``(removed, kept)``: the previews removed and the data files left in place.
+    """
+    try:
+        before = json.loads((run_dir / "summary.json").read_text())
+        earlier = [*(before.get("outputs") or []), *(before.get("stale_outputs") or [])]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return [], []
+    current = {Path(p).resolve() for p in outputs}
+    root = run_dir.resolve()
+    removed: list[Path] = []
+    kept: list[Path] = []
+    for name in earlier:
+        path = Path(str(name)).resolve()
+        if path in current or not path.is_relative_to(root) or not path.is_file():
+            continue
+        if path.parent == root and path.name.startswith("preview") and path.suffix == ".png":
+            path.unlink(missing_ok=True)
+            removed.append(path)
+        else:
+            kept.append(path)
+    return removed, kept
 
 
 def _result_paths(run_dir: Path, ours: bool = False) -> list[Path]:

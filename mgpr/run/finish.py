@@ -38,7 +38,7 @@ import numpy as np
 from mgpr.conf.schema import PredictConfig
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
-from mgpr.outputs.rundir import write_json_atomic
+from mgpr.outputs.rundir import stale_outputs, write_json_atomic
 from mgpr.tasks import get_task
 from mgpr.tasks.base import TaskContext
 from mgpr.tasks.merge import merge_run
@@ -256,6 +256,19 @@ def finish_run(
     summary["tiles_per_s_per_rank"] = {
         str(r["global_rank"]): r.get("tiles_per_s") for r in (report or {}).get("ranks", [])
     }
+    removed, kept = stale_outputs(run_dir, summary["outputs"])
+    if removed:
+        log.info("removed %d preview(s) of an earlier run this one does not draw", len(removed))
+    if kept:
+        names = ", ".join(p.name for p in kept[:3]) + (", ..." if len(kept) > 3 else "")
+        log.warning(
+            "%d file(s) an earlier run of this job wrote are not this run's outputs (%s); they "
+            "may lack tiles this run retried: remove them, or use output_format=both to keep "
+            "both formats up to date",
+            len(kept),
+            names,
+        )
+        summary["stale_outputs"] = [str(p) for p in kept]
     write_json_atomic(run_dir / "summary.json", summary)
     _print_summary(summary, report_text)
     return summary
