@@ -797,3 +797,17 @@ def test_hint_suggests_tiling_only_for_striped_inputs() -> None:
     assert "TILED=YES" in bottleneck_hint(0.7, untiled_inputs=2, **args)
     assert "TILED=YES" not in bottleneck_hint(0.7, untiled_inputs=0, **args)
     assert "TILED=YES" in bottleneck_hint(0.7, untiled_inputs=None, **args)
+
+
+def test_hint_says_when_most_tiles_were_nodata(two_of_three: Path) -> None:
+    """A sparse mosaic: 611,235 of 611,524 tiles read and skipped; the bottleneck hint alone
+    (data-bound) would send the user after CPUs for tiles the model never saw."""
+    context = {"workers": 2, "batch_size": 16, "precision": "32"}
+    plain = build_report(two_of_three, 3, {**context, "nodata_tiles": [10, 100]})["hint"]
+    mostly = build_report(two_of_three, 3, {**context, "nodata_tiles": [611235, 611524]})["hint"]
+    assert "nodata" not in plain
+    assert mostly.startswith(plain)
+    assert mostly.endswith(
+        "; 611235 of the 611524 planned tiles (100%) are nodata: each is read, then skipped "
+        "before the model, and tiles/s and the data wait count them"
+    )

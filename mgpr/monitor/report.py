@@ -249,7 +249,9 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
         context: run settings for the hint and the record: ``workers``, ``batch_size``,
             ``precision``, ``cpus_per_task`` (None -> ``os.cpu_count()``),
             ``nothing_predicted`` (why no tile reached the model, e.g. all nodata: then the
-            hint says so instead of naming a bottleneck), anything else is stored as given.
+            hint says so instead of naming a bottleneck), ``nodata_tiles`` ((skipped, planned)
+            for the whole job: at half or more the hint says the reads of nodata tiles are in
+            its figures), anything else is stored as given.
 
     Returns:
         The report dict (schema in the module docstring).
@@ -283,6 +285,13 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
             cpu_run=cpu_run,
             untiled_inputs=context.get("untiled_inputs"),
         )
+        nodata = context.get("nodata_tiles")
+        if nodata and nodata[0] >= 0.5 * nodata[1]:
+            hint += (
+                f"; {nodata[0]} of the {nodata[1]} planned tiles ({100 * nodata[0] / nodata[1]:.0f}"
+                "%) are nodata: each is read, then skipped before the model, and tiles/s and the "
+                "data wait count them"
+            )
     else:
         hint = "no rank wrote a report part: every rank failed before predict ended"
     report: dict[str, Any] = {

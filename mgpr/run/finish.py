@@ -334,6 +334,7 @@ def _report(
             if total and empty == total
             else None
         ),
+        "nodata_tiles": [empty, total] if total else None,
         "untiled_inputs": len(untiled) if rasters else None,
         "workers": cfg.workers,
         "batch_size": cfg.batch_size,
