@@ -307,3 +307,18 @@ def test_empty_result_has_the_same_schema_as_a_full_one(make_image, tmp_path: Pa
     conn.close()
     assert count == 0
     assert {"score", "class_id", "label", "source", "tile_row", "tile_col", "px_xmin"} <= cols
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version_names_mgpr_and_its_stack_without_running(
+    flag: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    from importlib import metadata
+
+    monkeypatch.chdir(tmp_path)
+    assert run_mgpr_inprocess(flag, "input_path=/nonexistent.tif") == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith(f"mgpr {metadata.version('mgpr')} (Python ")
+    for name in ("torch", "lightning", "with GDAL"):
+        assert name in out
+    assert not list(tmp_path.iterdir())  # nothing run, nothing written

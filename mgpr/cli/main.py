@@ -35,6 +35,7 @@ flags (Hydra's):
   -cp, --config-path DIR   directory of the config file (default: the current directory)
   -cn, --config-name NAME  read DIR/NAME.yaml (keys as below, `key: value`); key=value wins
   -c, --cfg job            print the resolved config as YAML and exit
+  -V, --version            print mgpr's version and its stack's (torch, Lightning, GDAL) and exit
   -m, --multirun           refused: one run per command (one SLURM job per run)
 
 keys (key=default  meaning):"""
@@ -53,9 +54,39 @@ def _models_help() -> str:
     return "\n".join(lines)
 
 
+def version_line() -> str:
+    """``mgpr --version``: mgpr's version and its stack's, for a bug report or a module check.
+
+    From package metadata (no torch import: it answers in well under a second), GDAL's from
+    rasterio.
+    """
+    import platform
+    from importlib import metadata
+
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+
+    import rasterio
+
+    stack = ", ".join(
+        f"{name} {version(name)}" for name in ("torch", "torchvision", "lightning", "hydra-core")
+    )
+    return (
+        f"mgpr {version('mgpr')} (Python {platform.python_version()}, {stack}, rasterio "
+        f"{rasterio.__version__} with GDAL {rasterio.__gdal_version__}, nvidia-ml-py "
+        f"{version('nvidia-ml-py')})"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Console script ``mgpr``."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if any(a in ("-V", "--version") for a in args):
+        print(version_line())
+        return
     if any(a in ("-h", "--help", "help") for a in args):
         from mgpr.conf.load import describe_keys
 
