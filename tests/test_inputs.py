@@ -68,6 +68,9 @@ def test_a_raster_listed_twice_is_predicted_once(make_image, tmp_path: Path, cap
     assert summary["tiles_total"] == planned_once
     assert summary["tiles_predicted"] + summary["tiles_skipped_nodata"] == planned_once
     assert [i["path"] for i in summary["provenance"]["inputs"]] == [str(img.path)]
+    import rasterio
+
+    assert summary["provenance"]["versions"]["gdal"] == rasterio.__gdal_version__
     # a self-contained GeoTIFF records no ``sources``, so run.json files of older runs resume
     (ident,) = json.loads((run / "run.json").read_text())["fingerprint"]["inputs"]
     assert "sources" not in ident

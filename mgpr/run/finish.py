@@ -219,8 +219,11 @@ def finish_run(
         provenance={
             "host": socket.gethostname(),
             "versions": {
-                p: _version(p)
-                for p in ("mgpr", "torch", "torchvision", "lightning", "rasterio", "hydra-core")
+                **{
+                    p: _version(p)
+                    for p in ("mgpr", "torch", "torchvision", "lightning", "rasterio", "hydra-core")
+                },
+                "gdal": _gdal_version(),  # decodes and writes every file: part of a result
             },
             "inputs": [
                 {
@@ -272,6 +275,12 @@ def finish_run(
     write_json_atomic(run_dir / "summary.json", summary)
     _print_summary(summary, report_text)
     return summary
+
+
+def _gdal_version() -> str:
+    import rasterio
+
+    return str(rasterio.__gdal_version__)
 
 
 def describe_value_ranges(cfg: PredictConfig, ranges: dict[str, Any] | None) -> dict[str, Any]:
