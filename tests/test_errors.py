@@ -205,7 +205,18 @@ def _not_writable_under_file(tmp: Path) -> tuple[list[str], list[str]]:
     (tmp / "a_file").write_text("x")
     return (
         [f"input_path={_rgb(tmp)}", "model=null", f"output_dir={tmp}/a_file/sub"],
-        [f"output_dir='{tmp}/a_file/sub' is not writable", "choose another output_dir"],
+        [
+            f"output_dir='{tmp}/a_file/sub' cannot be made: '{tmp}/a_file' is a file, not a folder",
+            "choose another output_dir",
+        ],
+    )
+
+
+def _output_dir_is_a_file(tmp: Path) -> tuple[list[str], list[str]]:
+    (tmp / "a_file").write_text("x")
+    return (
+        [f"input_path={_rgb(tmp)}", "model=null", f"output_dir={tmp}/a_file"],
+        [f"output_dir='{tmp}/a_file' is a file, not a folder; choose another output_dir"],
     )
 
 
@@ -252,6 +263,7 @@ def _misspelt_key(tmp: Path) -> tuple[list[str], list[str]]:
         _import_path_module_raises,
         _checkpoint_does_not_fit,
         _not_writable_under_file,
+        _output_dir_is_a_file,
         _not_writable_proc,
         _input_among_the_runs_own_results,
         _misspelt_key,

@@ -83,6 +83,13 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def check_writable(run_dir: Path) -> None:
     """Create the run directory and prove it is writable, or raise OutputError."""
+    blocker = next((p for p in (run_dir, *run_dir.parents) if p.is_file()), None)
+    if blocker is not None:
+        what = "is a file" if blocker == run_dir else f"cannot be made: {str(blocker)!r} is a file"
+        raise OutputError(
+            f"output_dir={str(run_dir)!r} {what}, not a folder; choose another output_dir (a run "
+            "directory is a folder mgpr creates)"
+        )
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"
