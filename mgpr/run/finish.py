@@ -15,10 +15,12 @@ de-duplication), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s
 last batch, slowest rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or
 failed), ``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a
 resume's counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this
-run / ``predict_loop_s``), ``tiles_per_s_per_rank`` (by global rank), ``hint`` (the report's
+run / ``predict_loop_s``), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only
+when files an earlier run of the job wrote are not this run's outputs:
+:func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's
 bottleneck hint), ``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
 input's factor, see :func:`describe_resolution`), ``provenance``
-(mgpr/torch/lightning/rasterio versions, host, inputs with size and mtime, tiling) and, in the
+(mgpr/torch/lightning/rasterio/GDAL versions, host, inputs with size and mtime, tiling) and, in the
 quick start, ``demo_check`` (planted objects found against the ground truth).
 """
 
