@@ -46,7 +46,8 @@ def _raster_matches(pattern: str, matches: list[str]) -> list[str]:
     named = Path(pattern).suffix.lower()
     named = named if named and not any(ch in named for ch in _GLOB_CHARS) else ""
     keep = [m for m in matches if Path(m).suffix.lower() in (*RASTER_SUFFIXES, named)]
-    other = [Path(m).name for m in matches if m not in set(keep)]
+    kept = set(keep)
+    other = [Path(m).name for m in matches if m not in kept]
     if other and keep:
         log.info(
             "input_path=%r: skipping %d match(es) without a raster suffix (%s), e.g. %s",
