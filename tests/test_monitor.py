@@ -609,6 +609,40 @@ def test_steady_rate_leaves_out_the_first_batch(tmp_path: Path) -> None:
     assert row["steady_tiles_per_s"] == 4.0
 
 
+def test_model_tiles_leave_out_nodata_and_failed_tiles(tmp_path: Path) -> None:
+    """Batches of 4 tiles with statuses: only status OK (0) reached the model; a batch without
+    statuses (fake data) counts every tile. The part, the report's row, totals and text."""
+    import numpy as np
+
+    from mgpr.data.dataset import STATUS_OK
+
+    now = [0.0]
+    monitor = RunMonitor(tmp_path, interval_s=1.0, progress=False)
+    monitor._clock = lambda: now[0]
+    monitor.t0 = 0.0
+    ok, other = STATUS_OK, STATUS_OK + 1
+    batches = [
+        {"index": [0] * 4, "status": np.array([ok, other, other, other])},
+        {"index": [0] * 4, "status": np.array([other] * 4)},
+        {"index": [0] * 4},
+    ]
+    for i, batch in enumerate(batches):
+        monitor.on_predict_batch_start(None, None, batch, i)  # type: ignore[arg-type]
+        now[0] += 1.0
+        monitor.on_predict_batch_end(None, None, None, batch, i)  # type: ignore[arg-type]
+    part = monitor.part()
+    assert (part["tiles"], part["model_tiles"]) == (12, 5)
+    assert part["model_tiles_per_s"] == pytest.approx(5 / 3.0)
+    assert build_report_row(part)["model_tiles"] == 5
+    (tmp_path / "report_parts").mkdir(exist_ok=True)
+    (tmp_path / "report_parts" / "rank0.json").write_text(json.dumps(part))
+    report = build_report(tmp_path, 1, {"workers": 0, "batch_size": 4, "precision": "32"})
+    assert (report["totals"]["model_tiles"], report["totals"]["model_tiles_per_s"]) == (5, 1.667)
+    assert "12 tiles in 3.0 s = 4.0 tiles/s (5 reached the model: 1.7/s)" in format_report(report)
+    del part["model_tiles"]  # a part of an older mgpr: every tile counted
+    assert build_report_row(part)["model_tiles"] == 12
+
+
 def test_lightning_failure_writes_failed_part(tmp_path: Path) -> None:
     monitor = RunMonitor(tmp_path, interval_s=0.05, progress=False)
     loader = DataLoader(TileDataset(10), batch_size=4)

@@ -417,3 +417,8 @@ def test_an_input_that_is_all_nodata_is_named_and_the_hint_says_so(
     summary = json.loads((both / "summary.json").read_text())
     assert summary["empty_inputs"] == [str(blank)]
     assert not summary["hint"].startswith("nothing to measure")
+    # half the tiles were read and skipped: the model's share of the rate is told apart
+    assert summary["tiles_predicted"] == summary["tiles_skipped_nodata"] == 4
+    assert summary["model_tiles_per_s"] == pytest.approx(summary["tiles_per_s"] / 2, rel=0.01)
+    assert "tiles/s through the model, the rest nodata or failed)" in capsys.readouterr().out
+    assert "8 planned tiles (50%) are nodata: each is read" in summary["hint"]

@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -72,6 +73,18 @@ def _batch_len(batch: Any) -> int:
     if isinstance(batch, list | tuple) and batch:
         return _batch_len(batch[0])
     return 1
+
+
+def _model_len(batch: Any, tiles: int) -> int:
+    """Tiles of a batch that reach the model: status OK (nodata and unreadable tiles skip it).
+
+    Fake-data batches and other inputs without a ``status`` count every tile.
+    """
+    if isinstance(batch, Mapping) and "status" in batch:
+        from mgpr.data.dataset import STATUS_OK
+
+        return int(np.count_nonzero(np.asarray(batch["status"]) == STATUS_OK))
+    return tiles
 
 
 @rank_zero_only
@@ -149,6 +162,7 @@ class RunMonitor(Callback):
         self.t0: float | None = None
         self.batches = 0
         self.tiles = 0
+        self.model_tiles = 0  # of ``tiles``, those that reached the model (status OK)
         self.data_wait_s = 0.0
         self.compute_s = 0.0
         self.stages_s: dict[str, float] = defaultdict(float)
@@ -306,6 +320,7 @@ class RunMonitor(Callback):
             torch.cuda.synchronize(self._cuda_index)
         now = self._clock()
         n = _batch_len(batch)
+        model_n = _model_len(batch, n)
         with self._lock:
             start = self._batch_start if self._batch_start is not None else self._last_end
             self.compute_s += max(0.0, now - start - self._stage_in_window)
@@ -316,6 +331,7 @@ class RunMonitor(Callback):
                 self._first_batch_end, self._first_batch_tiles = now, n
             self.batches += 1
             self.tiles += n
+            self.model_tiles += model_n
 
     def on_predict_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Stop sampling and write this rank's report part (status ``finished``)."""
@@ -453,7 +469,7 @@ class RunMonitor(Callback):
         with self._lock:
             stages = {k: float(v) for k, v in self.stages_s.items()}
             background = {k: float(v) for k, v in self.stages_background_s.items()}
-            batches, tiles = self.batches, self.tiles
+            batches, tiles, model_tiles = self.batches, self.tiles, self.model_tiles
             data_wait, compute = self.data_wait_s, self.compute_s
             first_end, first_tiles = self._first_batch_end, self._first_batch_tiles
         steady = None
@@ -480,6 +496,8 @@ class RunMonitor(Callback):
             "batches": batches,
             "tiles": tiles,
             "tiles_per_s": tiles / wall if wall > 0 else 0.0,
+            "model_tiles": model_tiles,
+            "model_tiles_per_s": model_tiles / wall if wall > 0 else 0.0,
             "steady_tiles_per_s": steady,
             "predict_start_unix_s": self.predict_start_unix_s,
             "first_batch_unix_s": self.first_batch_unix_s,

@@ -26,6 +26,9 @@ at the end of predict; rank 0 merges them (:func:`mgpr.monitor.report.build_repo
     stages_background_s           obj      stage name -> seconds recorded from other threads (s)
     batches, tiles                int      batches and tiles this rank predicted
     tiles_per_s                   float    tiles / wall_s (tiles/s)
+    model_tiles                   int      of ``tiles``, those the model ran on (status OK: not
+                                           nodata, not unreadable)
+    model_tiles_per_s             float    model_tiles / wall_s (tiles/s)
     steady_tiles_per_s            float|null tiles after the first batch / time after it (tiles/s):
                                            the rate without start-up (workers starting, kernel
                                            choice); null with fewer than two batches

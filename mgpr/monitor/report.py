@@ -42,6 +42,7 @@ ranks[]                          list      one row per reported rank (= per GPU)
   compute_s
   stages_s                       obj       stage -> blocking seconds (``write``, ``postprocess``)
   tiles_per_s                    float     tiles / wall_s
+  model_tiles                    int       of ``tiles``, those the model ran on (not nodata)
   steady_tiles_per_s             float|null the rate after the first batch (no start-up)
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
@@ -59,6 +60,7 @@ totals                           obj
   tiles, batches                 int       over all reported ranks
   wall_s                         float     longest rank wall time (s)
   tiles_per_s                    float     tiles / wall_s (whole job)
+  model_tiles, model_tiles_per_s int, float of those, the tiles the model ran on, and their rate
   data_wait_share,               float     summed over ranks, divided by summed wall time
   compute_share
   stage_shares                   obj       the same per stage
@@ -176,6 +178,8 @@ def _rank_row(part: Mapping[str, Any]) -> dict[str, Any]:
         "compute_s": round(float(part.get("compute_s") or 0.0), 3),
         "stages_s": {k: round(v, 3) for k, v in stages.items()},
         "tiles_per_s": round(int(part.get("tiles") or 0) / wall, 3) if wall > 0 else 0.0,
+        # parts written before model_tiles existed: every tile counted as a model tile
+        "model_tiles": int(part.get("model_tiles", part.get("tiles")) or 0),
         "steady_tiles_per_s": _round_or_none(part.get("steady_tiles_per_s"), 3),
         "data_wait_share": _share(float(part.get("data_wait_s") or 0.0), wall),
         "compute_share": _share(float(part.get("compute_s") or 0.0), wall),
@@ -216,6 +220,7 @@ def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str,
     wall_sum = sum(r["wall_s"] for r in rows)
     wall = max((r["wall_s"] for r in rows), default=0.0)
     tiles = sum(r["tiles"] for r in rows)
+    model_tiles = sum(r["model_tiles"] for r in rows)
     stage_names = sorted({k for r in rows for k in r["stages_s"]})
     utils = [g["util_avg_pct"] for g in gpus if g["util_avg_pct"] is not None]
     peaks = [r["mem_peak_gib"] for r in rows if r["mem_peak_gib"] is not None]
@@ -226,6 +231,8 @@ def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str,
         "batches": sum(r["batches"] for r in rows),
         "wall_s": round(wall, 3),
         "tiles_per_s": round(tiles / wall, 3) if wall > 0 else 0.0,
+        "model_tiles": model_tiles,
+        "model_tiles_per_s": round(model_tiles / wall, 3) if wall > 0 else 0.0,
         "data_wait_share": _share(sum(r["data_wait_s"] for r in rows), wall_sum),
         "compute_share": _share(sum(r["compute_s"] for r in rows), wall_sum),
         "stage_shares": {
@@ -358,7 +365,13 @@ def format_report(report: Mapping[str, Any]) -> str:
     lines.append(
         f"total: {t.get('ranks', 0)} of {report.get('world_size')} ranks on {t.get('nodes', 0)} "
         f"node(s), {t.get('tiles', 0)} tiles in {t.get('wall_s', 0.0):.1f} s = "
-        f"{t.get('tiles_per_s', 0.0):.1f} tiles/s; data wait "
+        f"{t.get('tiles_per_s', 0.0):.1f} tiles/s"
+        + (
+            f" ({t['model_tiles']} reached the model: {t['model_tiles_per_s']:.1f}/s)"
+            if t.get("model_tiles") is not None and t["model_tiles"] != t.get("tiles")
+            else ""
+        )
+        + "; data wait "
         f"{100 * t.get('data_wait_share', 0.0):.0f}%, "
         f"compute {100 * t.get('compute_share', 0.0):.0f}%"
         + (f", {stages}" if stages else "")

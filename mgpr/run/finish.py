@@ -15,7 +15,8 @@ de-duplication), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s
 last batch, slowest rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or
 failed), ``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a
 resume's counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this
-run / ``predict_loop_s``), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only
+run / ``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model ran on: not
+nodata, not unreadable), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only
 when files an earlier run of the job wrote are not this run's outputs:
 :func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's
 bottleneck hint), ``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
@@ -253,6 +254,7 @@ def finish_run(
     report_text, report = _report(run_dir, world, cfg, precision, summary, rasters)
     totals = report.get("totals", {}) if report else {}
     summary["tiles_per_s"] = totals.get("tiles_per_s")
+    summary["model_tiles_per_s"] = totals.get("model_tiles_per_s")
     summary["predict_loop_s"] = totals.get("wall_s")
     this_run = totals.get("tiles")
     handled = summary["tiles_predicted"] + summary["tiles_skipped_nodata"] + summary["tiles_failed"]
@@ -387,9 +389,16 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
             f"whole command {s['wall_s']:.0f} s"
         )
     elif s.get("tiles_per_s") is not None:
+        model = s.get("model_tiles_per_s")
         lines.append(
-            f"  throughput   {s['tiles_per_s']:.1f} tiles/s over {s['predict_loop_s']:.1f} s "
-            f"of prediction on {s['world_size']} rank(s); whole command {s['wall_s']:.0f} s"
+            f"  throughput   {s['tiles_per_s']:.1f} tiles/s"
+            + (
+                f" ({model:.1f} tiles/s through the model, the rest nodata or failed)"
+                if model is not None and model < 0.99 * s["tiles_per_s"]
+                else ""
+            )
+            + f" over {s['predict_loop_s']:.1f} s of prediction on {s['world_size']} rank(s); "
+            f"whole command {s['wall_s']:.0f} s"
         )
     if s.get("output"):
         counted = "class-map pixels" if s.get("task") == "segmentation" else "records"
