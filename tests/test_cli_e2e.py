@@ -322,3 +322,15 @@ def test_version_names_mgpr_and_its_stack_without_running(
     for name in ("torch", "lightning", "with GDAL"):
         assert name in out
     assert not list(tmp_path.iterdir())  # nothing run, nothing written
+
+
+def test_a_run_prints_none_of_lightnings_notices_about_mgprs_own_choices(
+    make_image, tmp_path: Path, recwarn
+) -> None:
+    """The claim sampler and the module's transfer_batch_to_device are deliberate: Lightning's
+    notices about them ("Make sure your sampler is configured correctly") read as faults."""
+    img = make_image(width=256, height=256, objects=2)
+    args = [f"input_path={img.path}", "model=reference", "tile_size=128", "workers=0"]
+    assert run_mgpr_inprocess(*args, f"output_dir={tmp_path / 'run'}") == 0
+    said = [str(w.message) for w in recwarn]
+    assert not [m for m in said if "custom batch sampler" in m or "transfer_batch_to_device" in m]

@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -461,6 +462,17 @@ def run_predict(
     }
 
 
+#: Lightning's notices about choices mgpr makes on purpose, printed on every run and read by
+#: users as faults: the claim sampler returns every index it is given (its own tests prove
+#: it: nothing dropped), and transfer_batch_to_device is the module's on purpose (only images
+#: and masks move to the device).
+LIGHTNING_NOTICES = (
+    r"You are using a custom batch sampler `ChunkClaimBatchSampler` for prediction",
+    r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
+    r"`LightningDataModule`",
+)
+
+
 def _predict(
     trainer: pl.Trainer,
     module: InferenceModule,
@@ -470,7 +482,10 @@ def _predict(
 ) -> None:
     """``trainer.predict``; a rank that fails or is stopped says so in the store at once."""
     try:
-        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        with warnings.catch_warnings():
+            for message in LIGHTNING_NOTICES:
+                warnings.filterwarnings("ignore", message=message)
+            trainer.predict(module, datamodule=datamodule, return_predictions=False)
     except torch.distributed.DistError as exc:
         if torch.distributed.is_initialized():
             raise
