@@ -168,3 +168,19 @@ def test_a_glob_reads_what_its_folder_reads_unless_it_names_a_format(
     assert resolve_inputs(str(tmp_path / "d")) == [str(img.path)]  # the folder, as before
     with pytest.raises(InputError, match="the glob matches no raster .* 'README.txt'; name"):
         resolve_inputs(str(tmp_path / "d" / "R*"))
+
+
+def test_a_glob_in_the_wrong_case_says_what_matches_ignoring_case(
+    make_image, tmp_path: Path
+) -> None:
+    from mgpr.errors import InputError
+
+    make_image("d/a.tif", width=64, height=64, objects=0)
+    with pytest.raises(InputError) as err:
+        resolve_inputs(str(tmp_path / "d" / "*.TIF"))
+    assert "the glob matches no file (but 1 match ignoring case, e.g. 'a.tif': globs are " in str(
+        err.value
+    )
+    with pytest.raises(InputError) as err:
+        resolve_inputs(str(tmp_path / "d" / "*.ecw"))
+    assert str(err.value).endswith("the glob matches no file; check the pattern")

@@ -16,6 +16,7 @@ reads; ``dir/*.ecw`` reads ECW files).
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import logging
 import os
@@ -34,6 +35,24 @@ _GLOB_CHARS = set("*?[")
 
 def _is_gdal_virtual(path: str) -> bool:
     return path.startswith("/vsi") or "://" in path
+
+
+def _case_hint(pattern: str) -> str:
+    """`` (but N match ignoring case, e.g. 'a.tif': globs are case-sensitive)``, or ``""``.
+
+    A pattern written on Windows or macOS (``*.TIF`` for ``a.tif``) matches nothing on Linux.
+    """
+    folder = Path(pattern).parent
+    if any(ch in str(folder) for ch in _GLOB_CHARS) or not folder.is_dir():
+        return ""
+    name = Path(pattern).name.lower()
+    try:
+        found = sorted(p.name for p in folder.iterdir() if fnmatch.fnmatch(p.name.lower(), name))
+    except OSError:
+        return ""
+    if not found:
+        return ""
+    return f" (but {len(found)} match ignoring case, e.g. {found[0]!r}: globs are case-sensitive)"
 
 
 def _raster_matches(pattern: str, matches: list[str]) -> list[str]:
@@ -89,7 +108,8 @@ def _expand(input_path: str) -> list[str]:
             matches = [m for m in matches if m not in sidecars]
         if not matches:
             raise InputError(
-                f"input_path={input_path!r}: the glob matches no file; check the pattern"
+                f"input_path={input_path!r}: the glob matches no file{_case_hint(input_path)}; "
+                "check the pattern"
             )
         return _raster_matches(input_path, matches)
     if not path.exists():
