@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import shapely
@@ -133,6 +134,43 @@ def write_paletted(path: Path, size: int = 32) -> Path:
         ramp = np.arange(size * size, dtype=np.int64).reshape(1, size, size) % 256
         dst.write(ramp.astype(np.uint8))
         dst.write_colormap(1, {i: (i, 255 - i, 0, 255) for i in range(256)})
+    return path
+
+
+def write_array(
+    path: Path,
+    data: Any,
+    *,
+    nodata: float | None = None,
+    block: int | None = None,
+    colorinterp: Any = None,
+) -> Path:
+    """A GeoTIFF of ``data`` (bands, rows, cols) in its own dtype, 10 cm UTM 33N pixels.
+
+    ``block``: square internal tiles of that size (None: GDAL's default strips);
+    ``colorinterp``: one colour interpretation per band.
+    """
+    import rasterio
+    from rasterio.transform import from_origin
+
+    b, h, w = data.shape
+    tiling = {} if block is None else {"tiled": True, "blockxsize": block, "blockysize": block}
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=w,
+        height=h,
+        count=b,
+        dtype=data.dtype,
+        crs="EPSG:32633",
+        transform=from_origin(500_000, 5_000_000, 0.1, 0.1),
+        nodata=nodata,
+        **tiling,
+    ) as dst:
+        dst.write(data)
+        if colorinterp is not None:
+            dst.colorinterp = colorinterp
     return path
 
 

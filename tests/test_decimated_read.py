@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+from conftest import write_array
 from rasterio.enums import Resampling
-from rasterio.transform import from_origin
 
 from mgpr.monitor import decimated_read
 from mgpr.monitor.decimated_read import (
@@ -21,24 +21,8 @@ from mgpr.testimage import TestImageResult
 
 
 def _write(path: Path, data: np.ndarray, nodata: float | None = None, block: int = 64) -> Path:
-    b, h, w = data.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=w,
-        height=h,
-        count=b,
-        dtype=data.dtype,
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 5_000_000, 0.1, 0.1),
-        nodata=nodata,
-        tiled=True,
-        blockxsize=block,
-        blockysize=block,
-    ) as dst:
-        dst.write(data)
-    return path
+    """Tiled in ``block`` px blocks (64 by default: several windows on small rasters)."""
+    return write_array(path, data, nodata=nodata, block=block)
 
 
 def _block_means(data: np.ndarray, factor: int, valid: np.ndarray) -> np.ndarray:

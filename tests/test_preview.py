@@ -7,6 +7,7 @@ from pathlib import Path
 
 import rasterio
 import shapely
+from conftest import write_array
 from PIL import Image
 
 from mgpr.monitor.preview import preview_name, write_preview
@@ -60,28 +61,6 @@ def test_strip_by_strip_decimated_read_equals_one_read(
                 assert (mask_strips != mask).mean() < 0.01
 
 
-def _write(path: Path, data, dtype: str, interp=None, nodata=None) -> Path:  # type: ignore[no-untyped-def]
-    from rasterio.transform import from_origin
-
-    b, h, w = data.shape
-    with rasterio.open(
-        path,
-        "w",
-        driver="GTiff",
-        width=w,
-        height=h,
-        count=b,
-        dtype=dtype,
-        crs="EPSG:32633",
-        transform=from_origin(500_000, 5_000_000, 0.1, 0.1),
-        nodata=nodata,
-    ) as dst:
-        dst.write(data.astype(dtype))
-        if interp is not None:
-            dst.colorinterp = interp
-    return path
-
-
 def test_preview_shows_true_colour_by_colour_interpretation(tmp_path: Path) -> None:
     """A blue-green-red-NIR file is shown red-green-blue; untagged files by their first bands."""
     import numpy as np
@@ -90,9 +69,11 @@ def test_preview_shows_true_colour_by_colour_interpretation(tmp_path: Path) -> N
     from mgpr.monitor.preview import preview_bands
 
     data = np.stack([np.full((64, 64), v, np.uint8) for v in (10, 20, 200, 90)])  # B, G, R, NIR
-    bgrn = _write(tmp_path / "bgrn.tif", data, "uint8", (C.blue, C.green, C.red, C.undefined))
-    plain = _write(tmp_path / "plain.tif", data, "uint8", [C.gray] * 4)
-    grey_alpha = _write(tmp_path / "ga.tif", data[:2], "uint8", (C.gray, C.alpha))
+    bgrn = write_array(
+        tmp_path / "bgrn.tif", data, colorinterp=(C.blue, C.green, C.red, C.undefined)
+    )
+    plain = write_array(tmp_path / "plain.tif", data, colorinterp=[C.gray] * 4)
+    grey_alpha = write_array(tmp_path / "ga.tif", data[:2], colorinterp=(C.gray, C.alpha))
     with rasterio.open(bgrn) as a, rasterio.open(plain) as b, rasterio.open(grey_alpha) as c:
         assert (preview_bands(a), preview_bands(b), preview_bands(c)) == ([3, 2, 1], [1, 2, 3], [1])
     out = write_preview(tmp_path / "p.png", str(bgrn), kind="detection", features=None, max_px=64)
@@ -108,7 +89,7 @@ def test_preview_of_float_with_nan_shows_nan_as_nodata(tmp_path: Path) -> None:
 
     data = np.random.default_rng(0).random((3, 80, 80)).astype(np.float32)
     data[:, 40:, 40:] = np.nan
-    path = _write(tmp_path / "nan.tif", data, "float32")  # NaN not even declared as nodata
+    path = write_array(tmp_path / "nan.tif", data)  # float32; NaN not even declared as nodata
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # NaN cast to uint8 warned before
         out = write_preview(tmp_path / "p.png", str(path), kind="detection", features=None)

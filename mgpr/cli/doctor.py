@@ -24,6 +24,7 @@ import typer
 
 from mgpr.errors import SlurmMismatchError
 from mgpr.models.registry import downloadable_models
+from mgpr.monitor.part import usable_cpus
 from mgpr.run.slurm import check_slurm_task, read_slurm_task
 
 app = typer.Typer(
@@ -189,16 +190,9 @@ def check_slurm(env: Mapping[str, str], opts: DoctorOptions, n_gpus: int) -> lis
     return out
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def check_cpus(env: Mapping[str, str], workers: int | None) -> list[Finding]:
     """CPUs this process may use (and SLURM's --cpus-per-task) against DataLoader workers."""
-    usable = _usable_cpus()
+    usable = usable_cpus()
     cpt_raw = env.get("SLURM_CPUS_PER_TASK")
     cpus = int(cpt_raw) if cpt_raw and cpt_raw.isdigit() else usable
     source = f"SLURM_CPUS_PER_TASK={cpt_raw}" if cpt_raw else f"{usable} usable (affinity)"

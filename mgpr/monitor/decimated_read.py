@@ -21,7 +21,6 @@ reading ``dataset_mask`` of a raster with a nodata value decodes every block a s
 from __future__ import annotations
 
 import math
-import os
 import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,6 +31,8 @@ import numpy.typing as npt
 import rasterio
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
+
+from mgpr.monitor.part import usable_cpus
 
 #: Source pixels read per strip by :func:`read_decimated`, bytes (a strip is full-width rows).
 STRIP_BYTES = 64 * 2**20
@@ -46,11 +47,7 @@ MAX_PREVIEW_THREADS = 16
 
 def preview_threads() -> int:
     """The CPUs this process may use (its affinity, as SLURM binds it), at most 16."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_PREVIEW_THREADS, cpus))
+    return max(1, min(MAX_PREVIEW_THREADS, usable_cpus()))
 
 
 def read_decimated(
