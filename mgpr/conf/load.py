@@ -231,7 +231,7 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     # (input_path: $SCRATCH/ortho.tif), or quoted, they reached mgpr as is, and
     # output_dir='~/runs' made a folder literally named "~" in the current directory. An unset
     # variable stays as written, so the path's error names it.
-    for name in ("input_path", "output_dir", "weights"):
+    for name in ("input_path", "output_dir", "weights", "aoi"):
         value = getattr(cfg, name)
         if isinstance(value, str) and (value.startswith("~") or "$" in value):
             setattr(cfg, name, os.path.expanduser(os.path.expandvars(value)))
@@ -318,6 +318,12 @@ def _check_ranges(cfg: PredictConfig) -> None:
             f"use one of {', '.join(OUTPUT_FORMATS)}"
         )
     _check_gsd(cfg)
+    if cfg.aoi is not None and cfg.aoi.strip().lower() in ("", "none", "null"):
+        cfg.aoi = None
+    if cfg.aoi is not None and cfg.use_fake_data:
+        raise ConfigError(
+            f"aoi={cfg.aoi!r} needs rasters, and use_fake_data=true reads none; unset one of them"
+        )
     cfg.value_range = check_value_range(cfg.value_range)
     if cfg.bands is not None:
         cfg.bands = check_band_list(list(cfg.bands))
@@ -407,7 +413,7 @@ def _show(value: object) -> str:
 
 
 #: String keys holding paths: their values are quoted for Hydra when they contain its syntax.
-_PATH_KEYS = ("input_path", "image_path", "output_dir", "weights")
+_PATH_KEYS = ("input_path", "image_path", "output_dir", "weights", "aoi")
 _HYDRA_SYNTAX = re.compile(r"[\s()\[\]{}=,:]")
 
 

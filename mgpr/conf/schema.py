@@ -47,6 +47,11 @@ class PredictConfig:
         "raw values -> model's [0,1]: [lo,hi] | [[lo,hi],...] per band | auto (2-98 %); "
         "unset: uint8 [0,255], other dtypes refused",
     )
+    aoi: str | None = key(
+        None,
+        "area of interest: polygon file (GeoPackage, GeoJSON, Shapefile; any CRS); only tiles "
+        "touching it are read, results whose centre is outside it dropped; unset = everything",
+    )
     # resolution and tiling (model pixels: the raster's own, or gsd metres each)
     gsd: float | None = key(
         None,

@@ -78,6 +78,8 @@ class RasterInfo:
             (None, None for a path that is not a local file): a VRT's sources, an external
             ``.ovr`` or ``.msk``; GDAL's ``.aux.xml`` statistics side file is left out (QGIS
             rewrites it on opening). Empty for a self-contained GeoTIFF.
+        aoi_wkb: with ``aoi=``, the part of the area of interest over this raster as WKB, in
+            this grid's pixel frame (x = column, y = row; :mod:`mgpr.geo.aoi`); None without.
     """
 
     path: str
@@ -104,6 +106,7 @@ class RasterInfo:
     native_width: int = dataclasses.field(kw_only=True)
     native_transform: Affine = dataclasses.field(kw_only=True)
     source_files: tuple[tuple[str, int | None, float | None], ...] = ()
+    aoi_wkb: bytes | None = None
 
     @property
     def model_grid(self) -> ModelGrid | None:

@@ -233,6 +233,12 @@ def _diff(old: Any, new: Any, where: str) -> str | None:
             if found:
                 return found
         return None
+    if where == "aoi" and old != new:  # content hashes: say what they mean
+        if old is None:
+            return "this run has aoi=, the run in it had none"
+        if new is None:
+            return "the run in it had an aoi=, this one has none"
+        return "aoi= is another area of interest than the run's"
     paths = _path_change(old, new, where)
     if paths:
         return paths

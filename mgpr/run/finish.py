@@ -19,7 +19,9 @@ run / ``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model 
 nodata, not unreadable), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only
 when files an earlier run of the job wrote are not this run's outputs:
 :func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's
-bottleneck hint), ``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
+bottleneck hint), ``aoi`` (only with ``aoi=``: ``path``, ``crs``, ``polygons``, ``sha256``,
+``inputs_outside`` (inputs left out), ``tiles_outside`` (tiles of the kept inputs not planned)),
+``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
 input's factor, see :func:`describe_resolution`), ``provenance``
 (mgpr/torch/lightning/rasterio/GDAL versions, host, inputs with size and mtime, tiling) and, in the
 quick start, ``demo_check`` (planted objects found against the ground truth).
@@ -128,8 +130,12 @@ def finish_run(
     truth_path: Path | None,
     demo: bool,
     value_ranges: dict[str, Any] | None = None,
+    aoi: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Merge, report and summarise (rank 0 only); returns the summary dict.
+
+    ``aoi``: with ``aoi=``, the area's path, CRS, polygon count, content hash, the inputs left
+    out and the tiles not planned (outside it), recorded as ``summary["aoi"]``.
 
     ``tiles``: the whole plan, as the run planned it (the ledger accounts each tile once).
 
@@ -196,6 +202,8 @@ def finish_run(
             values=describe_value_ranges(cfg, value_ranges),
             resolution=describe_resolution(cfg, rasters),
         )
+        if aoi is not None:
+            summary["aoi"] = aoi
         if merged.failed:
             with open(run_dir / "failed_tiles.csv", "w", newline="") as fh:
                 out = csv.writer(fh)
@@ -244,7 +252,9 @@ def finish_run(
             "tiling": {"tile_size": cfg.tile_size, "overlap": cfg.overlap},
         },
     )
-    if demo and truth_path is not None and summary.get("output"):
+    if demo and aoi is not None:  # the truth lists every planted object, in the area or not
+        log.info("demo check skipped: aoi= limits the run, the ground truth covers the image")
+    elif demo and truth_path is not None and summary.get("output"):
         if adapter.task == "segmentation":
             from mgpr.tasks.segmentation_check import class_map_check
 
@@ -412,6 +422,14 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
         )
     if len(s.get("empty_inputs") or []) > 3:
         lines.append(f"           and {len(s['empty_inputs']) - 3} more inputs (summary.json)")
+    area = s.get("aoi")
+    if area:
+        outside = area.get("inputs_outside") or []
+        lines.append(
+            f"  aoi          {area['path']} ({area['crs']}): {s['tiles_total']} tiles touch it, "
+            f"{area.get('tiles_outside', 0)} outside not read"
+            + (f", {len(outside)} input(s) outside left out" if outside else "")
+        )
     if s.get("duplicates_removed"):
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
     if s.get("pixel_coordinates"):

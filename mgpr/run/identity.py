@@ -19,6 +19,7 @@ def fingerprint(
     rasters: Sequence[Any],
     bands: dict[str, list[int]],
     value_ranges: dict[str, Any] | None = None,
+    aoi_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Everything that changes a tile's result: model, weights, tiling, inputs, bands, values.
 
@@ -33,6 +34,11 @@ def fingerprint(
     ``gsd`` and ``resampling`` (the key, and per input the model grid: factors, size and the
     resolved resampling) are None without ``gsd``, as in a ``run.json`` written before the key
     existed, so such a run still resumes.
+
+    ``aoi`` (``aoi=``: the area's content hash, :attr:`mgpr.geo.aoi.AreaOfInterest.digest`) is
+    absent without the key, as in a ``run.json`` written before it existed: a resume with
+    another area is refused (other tiles planned, other results kept), re-saving the same area
+    is not another area.
     """
     out = {
         "model": model_name,
@@ -58,6 +64,8 @@ def fingerprint(
             for r in rasters
         ],
     }
+    if aoi_sha256 is not None:
+        out["aoi"] = aoi_sha256  # the area, wherever its file lies
     if cfg.seam != "crop":
         # Parts of another seam hold other payloads (stacks, not cores): no resume across seams.
         # Absent for crop, as in a run.json written before seam=blend existed.

@@ -183,6 +183,7 @@ def _predict_and_finish(
 
     truth_path: Path | None = None
     rasters: list[Any] = []
+    aoi_summary: dict[str, Any] | None = None
     tiles: list[Any] = []
     bands: dict[str, list[int]] = {}
     if not cfg.use_fake_data:
@@ -204,7 +205,7 @@ def _predict_and_finish(
         from mgpr.models.registry import is_import_path
         from mgpr.run.values import refuse_unscaled_early
 
-        def inputs() -> list[Any]:
+        def inputs() -> tuple[list[Any], dict[str, Any] | None]:
             found = [describe_raster(path) for path in resolve_inputs(input_path, written(run_dir))]
             if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
                 from mgpr.geo.gsd import describe_model_grid, on_model_grids
@@ -212,11 +213,26 @@ def _predict_and_finish(
                 found = on_model_grids(found, cfg.gsd, cfg.resampling)
                 for info in found if rank == 0 else []:
                     log.info("gsd=%g m: %s", cfg.gsd, describe_model_grid(info))
+            area = None
+            if cfg.aoi is not None:  # each raster gets the area in its (model-grid) pixels
+                from mgpr.geo.aoi import on_aoi, read_aoi
+
+                aoi = read_aoi(cfg.aoi)
+                given = [r.path for r in found]
+                found = on_aoi(found, aoi)
+                kept = {r.path for r in found}
+                area = {
+                    "path": aoi.path,
+                    "crs": aoi.crs_label,
+                    "polygons": aoi.polygons,
+                    "sha256": aoi.digest,
+                    "inputs_outside": [p for p in given if p not in kept],
+                }
             if not is_import_path(model_name):
                 refuse_unscaled_early(cfg, found)  # before any weights download
-            return found
+            return found, area
 
-        rasters = decided(group, "the inputs", inputs)
+        rasters, aoi_summary = decided(group, "the inputs", inputs)
     # Rank 0 builds first (it downloads missing weights); then the others load the cache.
     adapter = decided(
         group, "the weights", lambda: build_adapter(cfg, model_name, rank), share=False
@@ -225,8 +241,11 @@ def _predict_and_finish(
         adapter = build_adapter(cfg, model_name, rank, local_rank=_local_rank())
     value_ranges = None
     if not cfg.use_fake_data:
+        from mgpr.geo.aoi import tiles_in_aoi
         from mgpr.geo.bands import check_bands
         from mgpr.geo.tiling import plan_tiles
+
+        tiles_outside_aoi = 0
 
         for info in rasters:
             if info.crs_wkt is None and info.gcp_crs is not None and rank == 0:
@@ -245,7 +264,20 @@ def _predict_and_finish(
                     info.path,
                 )
             bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands)
-            tiles.extend(plan_tiles(info.path, info.height, info.width, cfg.tile_size, cfg.overlap))
+            plan = plan_tiles(info.path, info.height, info.width, cfg.tile_size, cfg.overlap)
+            kept = tiles_in_aoi(plan, info)  # all of them without aoi=
+            tiles_outside_aoi += len(plan) - len(kept)
+            tiles.extend(kept)
+        if aoi_summary is not None:
+            aoi_summary["tiles_outside"] = tiles_outside_aoi
+            if rank == 0:
+                log.info(
+                    "aoi=%s (%s): %d tile(s) touch it, %d outside are not read",
+                    cfg.aoi,
+                    aoi_summary["crs"],
+                    len(tiles),
+                    tiles_outside_aoi,
+                )
         from mgpr.geo.values import carrier_dtype
         from mgpr.run.values import resolve_value_ranges
 
@@ -263,7 +295,13 @@ def _predict_and_finish(
 
         def run_dir_state() -> bool:
             run_identity = fingerprint(
-                cfg, model_name, adapter.weights_id, rasters, bands, value_ranges
+                cfg,
+                model_name,
+                adapter.weights_id,
+                rasters,
+                bands,
+                value_ranges,
+                aoi_sha256=aoi_summary["sha256"] if aoi_summary else None,
             )
             job_id = os.environ.get("SLURM_JOB_ID")
             resumed = prepare_run_dir(run_dir, run_identity, cfg.overwrite, rank, job_id)
@@ -317,6 +355,7 @@ def _predict_and_finish(
             truth_path=truth_path,
             demo=demo,
             value_ranges=value_ranges,
+            aoi=aoi_summary,
         )
     except Exception as exc:  # the merge's writes: a full disk is one line, the parts stay
         if is_file_system_error(exc):

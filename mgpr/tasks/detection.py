@@ -8,7 +8,8 @@ object may be truncated).
 
 Merge, per raster: the seam boxes are de-duplicated across tiles
 (:func:`~mgpr.tasks.seam_dedupe.dedupe_seam_boxes`), then every box becomes a polygon in the
-raster's CRS (:func:`~mgpr.geo.georef.boxes_to_rings`).
+raster's CRS (:func:`~mgpr.geo.georef.boxes_to_rings`). With ``aoi=`` a box whose centre lies
+outside the area is left out after the de-duplication (:func:`~mgpr.geo.aoi.centres_in_aoi`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
+from mgpr.geo.aoi import centres_in_aoi
 from mgpr.geo.georef import boxes_to_rings
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge
@@ -148,6 +150,8 @@ class DetectionTask(VectorTask):
                 ctx.seam_ios,
             )
         removed = int(n - keep.sum())
+        # aoi=: the box that won its seam decides, by its centre (mgpr.geo.aoi).
+        keep[keep] = centres_in_aoi(info, boxes[keep])
         boxes = boxes[keep]
         # px_* are the FILE's pixels: model-grid pixels times native pixels per model pixel (gsd=)
         native_px = boxes * np.array([info.factor_x, info.factor_y] * 2, dtype=np.float64)

@@ -20,11 +20,15 @@ part's file), so a tile copied into two parts (a requeue) is read from the picke
 VRT is streamed into the COG (:func:`~mgpr.outputs.cog.assemble_cog`); pixels of failed, empty
 (all nodata) or missing tiles are in no source and read as nodata (255, or 65535 above 255 classes).
 
+With ``aoi=`` the pixels of a tile whose centre lies outside the area are nodata like those of
+the tile's nodata mask (:func:`in_aoi`, before either seam path).
+
 A resumed run predicts only tiles in no manifest, so it writes only the missing tiles' cores.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -35,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mgpr.geo.aoi import aoi_pixels, tile_aoi_mask
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.seams import CoreRun, core_runs
 from mgpr.geo.tiling import Tile, TileGrid, TileId, owner_region, tile_grid
@@ -171,6 +176,15 @@ def _publish(
         )
 
 
+def in_aoi(record: ClassMap, info: RasterInfo, tile: Tile) -> ClassMap:
+    """``record`` with the pixels whose centre lies outside ``aoi=`` marked invalid (nodata)."""
+    inside = tile_aoi_mask(info, tile)
+    if inside is None:
+        return record
+    valid = inside if record.valid is None else (record.valid != 0) & inside
+    return dataclasses.replace(record, valid=valid)
+
+
 class SegmentationTask(Task):
     """Class maps per tile (``ClassMap``) -> ``segmentation/<stem>.tif`` per input raster.
 
@@ -193,7 +207,9 @@ class SegmentationTask(Task):
         for outcome in outcomes:
             self.check(outcome)
             if outcome.status == STATUS_DONE:
-                by_path.setdefault(outcome.tile.id.path, {})[outcome.tile] = outcome.record
+                info = ctx.rasters[outcome.tile.id.path]
+                record = in_aoi(outcome.record, info, outcome.tile)
+                by_path.setdefault(outcome.tile.id.path, {})[outcome.tile] = record
         dtype, nodata = class_id_dtype(n_classes(ctx))
         counts: dict[str, int] = {}
         for path, records in by_path.items():
@@ -406,12 +422,18 @@ def finalised_stem(run_dir: Path, index: int) -> Path:
 def _owned_pixels(
     ledger: Ledger, info: RasterInfo, ctx: TaskContext, tiles: Mapping[str, Tile]
 ) -> int:
-    """Class-map pixels written from predicted tiles: the owned cores of the raster's done tiles."""
+    """Class-map pixels written from predicted tiles: the owned cores of the raster's done tiles.
+
+    With ``aoi=`` only their part inside the area counts (its area in pixels, which the pixel
+    centre rule matches to within the area's outline).
+    """
     grid = _grid(info, ctx)
     keys = [k for k, t in tiles.items() if t.id.path == info.path]
-    total = 0
-    for picked in ledger.picks(keys).values():
-        for key in picked:
-            r0, c0, r1, c1 = owner_region(tiles[key], grid, info.height, info.width)
-            total += (r1 - r0) * (c1 - c0)
-    return total
+    cores = [
+        owner_region(tiles[key], grid, info.height, info.width)
+        for picked in ledger.picks(keys).values()
+        for key in picked
+    ]
+    if info.aoi_wkb is not None and cores:
+        return aoi_pixels(info, np.asarray(cores, dtype=np.float64))
+    return sum((r1 - r0) * (c1 - c0) for r0, c0, r1, c1 in cores)

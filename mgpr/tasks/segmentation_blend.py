@@ -44,7 +44,7 @@ from rasterio.windows import Window
 
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.seams import blend_weights
-from mgpr.geo.tiling import Tile, TileGrid, owner_region
+from mgpr.geo.tiling import Tile, TileGrid, owner_region, plan_tiles
 from mgpr.models.base import ClassMap
 from mgpr.outputs.cog import PartRaster, write_part
 from mgpr.outputs.ledger import Ledger
@@ -293,7 +293,12 @@ def write_blended(
     The caller assembles the COGs from the returned sources and removes ``scratch``.
     """
     keys = [k for k, t in tiles.items() if t.id.path == info.path]
-    tiles_at = {(tiles[k].id.row, tiles[k].id.col): tiles[k] for k in keys}
+    # Every grid position, planned or not (aoi= plans only the tiles over the area): a band's
+    # owner regions and blend weights are the grid's geometry.
+    tiles_at = {
+        (t.id.row, t.id.col): t
+        for t in plan_tiles(info.path, info.height, info.width, grid.tile_size, grid.overlap)
+    }
     slots = tile_slots(run_dir, ledger, digest, keys, tiles)
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
