@@ -93,7 +93,8 @@ def test_tiles_kept_share_area_with_it(image, tmp_path: Path) -> None:  # type: 
     info = describe_raster(str(image.path))
     [info] = on_aoi([info], read_aoi(str(write_area(tmp_path / "a.geojson", image.path))))
     plan = plan_tiles(info.path, info.height, info.width, TILE, OVERLAP)
-    kept = tiles_in_aoi(plan, info)
+    kept, outside = tiles_in_aoi(info, TILE, OVERLAP)
+    assert outside == len(plan) - len(kept)
     for t in plan:
         box = shapely.box(
             t.col_off, t.row_off, t.col_off + t.valid_width, t.row_off + t.valid_height
@@ -107,7 +108,7 @@ def test_tile_touching_the_area_only_is_left_out(tmp_path: Path) -> None:
     # The area ends exactly on the first tile column's right edge (x = 128 px).
     area = write_area(tmp_path / "a.geojson", raster, shapely.box(0, 0, 128, 256), crs="EPSG:32633")
     [info] = on_aoi([describe_raster(str(raster))], read_aoi(str(area)))
-    kept = tiles_in_aoi(plan_tiles(info.path, 256, 256, 128, 0), info)
+    kept, _ = tiles_in_aoi(info, 128, 0)
     assert [(t.id.row, t.id.col) for t in kept] == [(0, 0), (1, 0)]
 
 

@@ -243,8 +243,15 @@ def tile_grid(height: int, width: int, tile_size: int, overlap: int) -> TileGrid
     )
 
 
-def plan_tiles(path: str, height: int, width: int, tile_size: int, overlap: int) -> list[Tile]:
-    """List every tile of one raster, row-major.
+def plan_tiles(
+    path: str,
+    height: int,
+    width: int,
+    tile_size: int,
+    overlap: int,
+    keep: npt.NDArray[np.bool_] | None = None,
+) -> list[Tile]:
+    """List every tile of one raster, row-major (or those ``keep`` selects).
 
     Tile ``(r, c)`` starts at pixel ``(r * stride, c * stride)`` (``stride = tile_size - overlap``)
     and is ``tile_size`` square; its valid part is ``min(tile_size, size - offset)`` per axis. The
@@ -256,6 +263,9 @@ def plan_tiles(path: str, height: int, width: int, tile_size: int, overlap: int)
         width: pixels, raster columns.
         tile_size: pixels, side of every square tile.
         overlap: pixels shared by neighbouring tiles.
+        keep: optional ``(n_rows, n_cols)`` bool grid: only the tiles where it is True are
+            listed (``aoi=``, :func:`mgpr.geo.aoi.tiles_in_aoi`), in the same order; the others
+            are never built.
 
     Returns:
         ``n_rows * n_cols`` tiles in row-major order (row 0 left to right, then row 1, ...).
@@ -267,11 +277,14 @@ def plan_tiles(path: str, height: int, width: int, tile_size: int, overlap: int)
     grid = tile_grid(height, width, tile_size, overlap)
     height, width, tile_size = int(height), int(width), grid.tile_size
     stride = grid.stride
+    if keep is not None and keep.shape != (grid.n_rows, grid.n_cols):
+        raise ValueError(f"keep has shape {keep.shape}, the grid {grid.n_rows}x{grid.n_cols}")
     tiles: list[Tile] = []
     for r in range(grid.n_rows):
         row_off = r * stride
         valid_height = min(tile_size, height - row_off)
-        for c in range(grid.n_cols):
+        cols = range(grid.n_cols) if keep is None else np.flatnonzero(keep[r]).tolist()
+        for c in cols:
             col_off = c * stride
             tiles.append(
                 Tile(

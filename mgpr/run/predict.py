@@ -243,7 +243,6 @@ def _predict_and_finish(
     if not cfg.use_fake_data:
         from mgpr.geo.aoi import tiles_in_aoi
         from mgpr.geo.bands import check_bands
-        from mgpr.geo.tiling import plan_tiles
 
         tiles_outside_aoi = 0
 
@@ -264,10 +263,9 @@ def _predict_and_finish(
                     info.path,
                 )
             bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands)
-            plan = plan_tiles(info.path, info.height, info.width, cfg.tile_size, cfg.overlap)
-            kept = tiles_in_aoi(plan, info)  # all of them without aoi=
-            tiles_outside_aoi += len(plan) - len(kept)
-            tiles.extend(kept)
+            planned, outside = tiles_in_aoi(info, cfg.tile_size, cfg.overlap)  # all w/o aoi=
+            tiles_outside_aoi += outside
+            tiles.extend(planned)
         if aoi_summary is not None:
             aoi_summary["tiles_outside"] = tiles_outside_aoi
             if rank == 0:
