@@ -121,3 +121,26 @@ def test_outlines_map_every_part_to_preview_pixels_and_its_feature() -> None:
     mixed, owner = _outlines(np.array([pentagon, boxes[0]]), ~transform, 1.0)
     assert isinstance(mixed, list) and [len(r) for r in mixed] == [6, 5]
     assert owner.tolist() == [0, 1]
+
+
+def test_preview_outlines_the_area_of_interest_with_its_holes(tmp_path: Path) -> None:
+    """aoi=: every ring of the area is drawn on the image; the rest of the image is untouched."""
+    import numpy as np
+    import shapely
+
+    path = write_array(tmp_path / "grey.tif", np.full((3, 200, 200), 128, np.uint8))
+    with rasterio.open(path) as src:
+        t = src.transform
+    px = shapely.Polygon(
+        [(20, 20), (180, 20), (180, 180), (20, 180)], holes=[[(80, 80), (120, 80), (120, 120)]]
+    )
+    area = shapely.affinity.affine_transform(px, [t.a, t.b, t.d, t.e, t.c, t.f])
+    plain = write_preview(tmp_path / "a.png", str(path), kind="detection", max_px=200)
+    outlined = write_preview(tmp_path / "b.png", str(path), kind="detection", max_px=200, area=area)
+    with Image.open(plain) as a, Image.open(outlined) as b:
+        before = np.asarray(a.convert("RGB"))[-200:].astype(int)
+        after = np.asarray(b.convert("RGB"))[-200:].astype(int)
+    changed = np.abs(after - before).sum(axis=-1) > 30
+    assert changed[100, 19:22].any() and changed[100, 178:182].any()  # left, right edges
+    assert changed[19:22, 100].any() and changed[80, 95:105].any()  # top, the hole's edge
+    assert not changed[50, 50] and not changed[150, 150] and not changed[90, 110]  # in the hole

@@ -50,7 +50,9 @@ log = logging.getLogger(__name__)
 __all__ = [
     "AreaOfInterest",
     "aoi_geometry",
+    "aoi_in_map",
     "aoi_pixels",
+    "map_areas",
     "centres_in_aoi",
     "on_aoi",
     "read_aoi",
@@ -293,6 +295,20 @@ def _reproject(geom: Any, transformer: Any) -> Any | None:
     out = shapely.transform(geom, move)
     coords = shapely.get_coordinates(out)
     return out if np.isfinite(coords).all() else None
+
+
+def aoi_in_map(info: RasterInfo) -> Any | None:
+    """The raster's AOI in its map coordinates (its grid's transform), or None without one."""
+    if info.aoi_wkb is None:
+        return None
+    return shapely.affinity.affine_transform(
+        shapely.from_wkb(info.aoi_wkb), _params(info.transform)
+    )
+
+
+def map_areas(rasters: Sequence[RasterInfo]) -> dict[str, Any]:
+    """Each raster's AOI in map coordinates, by path (the previews outline it); {} without."""
+    return {r.path: aoi_in_map(r) for r in rasters if r.aoi_wkb is not None}
 
 
 @functools.lru_cache(maxsize=64)

@@ -112,6 +112,7 @@ def write_preview(
     class_map: Path | None = None,
     title: str = "",
     max_px: int = MAX_PREVIEW_PX,
+    area: Any = None,
 ) -> Path:
     """Draw one raster and its results into ``out`` (PNG, at most ``max_px`` on its longer side).
 
@@ -126,6 +127,8 @@ def write_preview(
         class_map: the segmentation COG (its colour table and ``class_names`` tag are used).
         title: text above the image.
         max_px: longer side of the image, pixels.
+        area: the run's area of interest (``aoi=``) over this raster, a shapely geometry in
+            map coordinates: outlined (every ring, holes too), or None.
 
     Returns:
         ``out``.
@@ -173,6 +176,8 @@ def write_preview(
         handles = [
             Patch(color=colour_of[n], label=f"{n} ({c})") for n, c in counts.most_common(MAX_LEGEND)
         ]
+    if area is not None and not area.is_empty:
+        handles.append(_draw_area(ax, area, inverse, scale))
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
     _scale_bar(ax, w, h, full_width * pixel_size, unit)
@@ -188,6 +193,24 @@ def write_preview(
         plt.close(fig)
         tmp.unlink(missing_ok=True)
     return out
+
+
+def _draw_area(ax: Any, area: Any, inverse: Any, scale: float) -> Any:
+    """Outline the area of interest (dashed white on black, visible on any image); its legend."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.lines import Line2D
+
+    coords, ring = shapely.get_coordinates(
+        shapely.get_rings(shapely.get_parts(area)), return_index=True
+    )
+    cols, rows = inverse * (coords[:, 0], coords[:, 1])
+    xy = np.column_stack([np.asarray(cols), np.asarray(rows)]) * scale
+    lines = np.split(xy, np.flatnonzero(np.diff(ring)) + 1)
+    ax.add_collection(LineCollection(lines, colors="black", linewidths=2.6), autolim=False)
+    ax.add_collection(
+        LineCollection(lines, colors="white", linewidths=1.3, linestyles="--"), autolim=False
+    )
+    return Line2D([], [], color="white", linestyle="--", label="aoi")
 
 
 def _draw_class_map(ax: Any, class_map: Path, shape: tuple[int, int]) -> list[Any]:

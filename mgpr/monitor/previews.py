@@ -27,6 +27,7 @@ import shutil
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import shapely
@@ -84,17 +85,21 @@ def _draw(
     task: str,
     batch: FeatureBatch | None = None,
     class_map: Path | None = None,
+    area: Any = None,
 ) -> bool:
-    """One preview; False (and a warning) when it cannot be drawn."""
+    """One preview; False (and a warning) when it cannot be drawn.
+
+    ``area``: the run's ``aoi=`` over this raster in its map coordinates (outlined), or None.
+    """
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)  # pixel coordinates
             if task == "segmentation":
                 found = class_map if class_map is not None and class_map.exists() else None
-                write_preview(out, path, kind=task, class_map=found)
+                write_preview(out, path, kind=task, class_map=found, area=area)
             else:
                 mine = _table(batch, LABEL_COLUMNS.get(task, "label")) if batch else None
-                write_preview(out, path, kind=task, features=mine)
+                write_preview(out, path, kind=task, features=mine, area=area)
         return True
     except Exception as exc:  # noqa: BLE001 - a quicklook never fails a run
         log.warning("preview of %s not written: %s", path, exc)
@@ -107,13 +112,16 @@ def write_share_previews(
     raster_paths: Sequence[str],
     share: Sequence[str],
     mode: str = "auto",
+    areas: Mapping[str, Any] | None = None,
 ) -> None:
     """A finalising rank: the previews of the rasters ``share`` it just finalised, stashed.
 
     ``raster_paths``: every input in the run's order (the index of the finalised files).
     Drawn from what the rank published: the raster's feature file, or its class map COG; only
-    for the rasters :func:`previewed` picks under ``previews=mode``.
+    for the rasters :func:`previewed` picks under ``previews=mode``. ``areas``: each raster's
+    ``aoi=`` in map coordinates (:func:`mgpr.geo.aoi.aoi_in_map`), outlined; None without.
     """
+    areas = areas or {}
     index = {p: i for i, p in enumerate(raster_paths)}
     chosen = set(previewed(raster_paths, mode))
     for path in share:
@@ -124,10 +132,12 @@ def write_share_previews(
         out.parent.mkdir(parents=True, exist_ok=True)
         if task == "segmentation":
             stem = finalised_stem(run_dir, i)
-            _draw(out, path, task, class_map=stem.with_name(f"{stem.name}.tif"))
+            class_map = stem.with_name(f"{stem.name}.tif")
+            _draw(out, path, task, class_map=class_map, area=areas.get(path))
         else:
             done = feature_path(run_dir, i)
-            _draw(out, path, task, batch=read_features(done)[0] if done.exists() else None)
+            batch = read_features(done)[0] if done.exists() else None
+            _draw(out, path, task, batch=batch, area=areas.get(path))
 
 
 def write_previews(
@@ -137,13 +147,16 @@ def write_previews(
     features: Mapping[str, FeatureBatch],
     use_stash: bool = False,
     mode: str = "auto",
+    areas: Mapping[str, Any] | None = None,
 ) -> list[Path]:
     """The previews into ``run_dir`` (rank 0, after the merge); returns them.
 
     ``features``: each raster's merged features (vector tasks), as the merge wrote them.
     ``use_stash``: take the preview a finalising rank stashed for a raster where there is one.
     ``mode``: the ``previews`` key (:func:`previewed`).
+    ``areas``: each raster's ``aoi=`` in map coordinates, outlined; None without.
     """
+    areas = areas or {}
     stems = output_names(list(raster_paths))
     index = {p: i for i, p in enumerate(raster_paths)}
     single = len(raster_paths) == 1
@@ -165,7 +178,15 @@ def write_previews(
                 written.append(out)
                 continue
             class_map = run_dir / "segmentation" / f"{stems[path]}.tif"
-            if _draw(out, path, task, batch=features.get(path), class_map=class_map):
+            drawn = _draw(
+                out,
+                path,
+                task,
+                batch=features.get(path),
+                class_map=class_map,
+                area=areas.get(path),
+            )
+            if drawn:
                 written.append(out)
     finally:
         clear_stash(run_dir)

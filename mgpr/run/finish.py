@@ -211,6 +211,7 @@ def finish_run(
                 out.writerows(merged.failed)
         else:  # a resume that retried them all: the earlier list is no longer true
             (run_dir / "failed_tiles.csv").unlink(missing_ok=True)
+        from mgpr.geo.aoi import map_areas
         from mgpr.monitor.previews import write_previews
 
         previews = write_previews(
@@ -220,6 +221,7 @@ def finish_run(
             merged.features,
             use_stash=bool(stats.get("merge_spread")),
             mode=cfg.previews,
+            areas=map_areas(rasters),
         )
         summary["outputs"] += [str(p) for p in previews]
         summary["previews"] = [str(p) for p in previews]

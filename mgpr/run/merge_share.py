@@ -42,14 +42,16 @@ def merge_share(
     world_size: int,
 ) -> Callable[[int], object]:
     """A rank's share of the merge (:func:`mgpr.tasks.merge.finalise_share`) and its previews."""
+    from mgpr.geo.aoi import map_areas
     from mgpr.monitor.previews import write_share_previews
 
     task, ctx = get_task(adapter.task), TaskContext.for_run(cfg, rasters, adapter.categories)
     order = [r.path for r in rasters]
+    areas = map_areas(rasters)
 
     def share(rank: int) -> list[str]:
         paths = finalise_share(run_dir, task, ctx, tiles, rank, world_size)
-        write_share_previews(run_dir, adapter.task, order, paths, cfg.previews)
+        write_share_previews(run_dir, adapter.task, order, paths, cfg.previews, areas)
         return paths
 
     return share
