@@ -43,6 +43,7 @@ from affine import Affine
 
 from mgpr.errors import InputError
 from mgpr.geo.raster import RasterInfo
+from mgpr.geo.reproject import reproject_geometry, same_crs
 from mgpr.geo.tiling import Tile, plan_tiles, tile_grid
 
 log = logging.getLogger(__name__)
@@ -254,21 +255,18 @@ def aoi_in_pixels(info: RasterInfo, aoi: AreaOfInterest) -> Any:
     to_pixel = _params(~info.transform)
     box = _pixel_box(info)
     area = aoi.geometry
-    if info.crs_wkt is not None and not _same_crs(info.crs_wkt, aoi.crs_wkt):
-        from pyproj import CRS, Transformer
-
-        raster_crs, aoi_crs = CRS.from_wkt(info.crs_wkt), CRS.from_user_input(aoi.crs_wkt)
-        to_aoi = Transformer.from_crs(raster_crs, aoi_crs, always_xy=True)
-        to_raster = Transformer.from_crs(aoi_crs, raster_crs, always_xy=True)
+    if info.crs_wkt is not None and not same_crs(info.crs_wkt, aoi.crs_wkt):
+        assert aoi.crs_wkt is not None
         side = max(info.width, info.height) / FOOTPRINT_POINTS
         footprint = shapely.affinity.affine_transform(shapely.segmentize(box, side), to_map)
-        footprint = _reproject(footprint, to_aoi)
+        footprint = reproject_geometry(footprint, info.crs_wkt, aoi.crs_wkt)
         if footprint is not None:  # only the AOI over the raster: no projection edge met
             area = shapely.intersection(area, footprint)
             if area.is_empty:
                 return shapely.Polygon()
         extent = max(area.bounds[2] - area.bounds[0], area.bounds[3] - area.bounds[1])
-        area = _reproject(shapely.segmentize(area, extent * DENSIFY_SHARE), to_raster)
+        dense = shapely.segmentize(area, extent * DENSIFY_SHARE)
+        area = reproject_geometry(dense, aoi.crs_wkt, info.crs_wkt)
         if area is None:
             raise InputError(
                 f"aoi={aoi.path!r} ({aoi.crs_label}) cannot be reprojected to {info.path!r}'s "
@@ -277,24 +275,6 @@ def aoi_in_pixels(info: RasterInfo, aoi: AreaOfInterest) -> Any:
         area = shapely.make_valid(area)
     pixel = _polygonal(shapely.intersection(shapely.affinity.affine_transform(area, to_pixel), box))
     return pixel if pixel.area > 0 else shapely.Polygon()
-
-
-def _same_crs(a: str, b: str | None) -> bool:
-    from pyproj import CRS
-
-    return b is not None and CRS.from_wkt(a) == CRS.from_user_input(b)
-
-
-def _reproject(geom: Any, transformer: Any) -> Any | None:
-    """``geom`` through a pyproj transformer (x, y order); None when a point does not map."""
-
-    def move(xy: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-        x, y = transformer.transform(xy[:, 0], xy[:, 1])
-        return np.column_stack([x, y])
-
-    out = shapely.transform(geom, move)
-    coords = shapely.get_coordinates(out)
-    return out if np.isfinite(coords).all() else None
 
 
 def aoi_in_map(info: RasterInfo) -> Any | None:
