@@ -318,6 +318,7 @@ def _check_ranges(cfg: PredictConfig) -> None:
             f"use one of {', '.join(OUTPUT_FORMATS)}"
         )
     _check_gsd(cfg)
+    _check_output_crs(cfg)
     if cfg.aoi is not None and cfg.aoi.strip().lower() in ("", "none", "null"):
         cfg.aoi = None
     if cfg.aoi is not None and cfg.use_fake_data:
@@ -327,6 +328,26 @@ def _check_ranges(cfg: PredictConfig) -> None:
     cfg.value_range = check_value_range(cfg.value_range)
     if cfg.bands is not None:
         cfg.bands = check_band_list(list(cfg.bands))
+
+
+def _check_output_crs(cfg: PredictConfig) -> None:
+    """``output_crs``: a CRS pyproj knows (kept as written; the merge reads it)."""
+    if cfg.output_crs is None:
+        return
+    if cfg.output_crs.strip().lower() in ("", "none", "null"):
+        cfg.output_crs = None
+        return
+    from pyproj.exceptions import CRSError
+
+    from mgpr.geo.reproject import crs_wkt_of
+
+    try:
+        crs_wkt_of(cfg.output_crs)
+    except CRSError:
+        raise ConfigError(
+            f"output_crs={cfg.output_crs!r} is not a CRS pyproj knows; use an EPSG code such as "
+            "EPSG:4326 (WGS 84) or EPSG:3857, or a WKT/PROJ string"
+        ) from None
 
 
 def _check_gsd(cfg: PredictConfig) -> None:
@@ -413,7 +434,7 @@ def _show(value: object) -> str:
 
 
 #: String keys holding paths: their values are quoted for Hydra when they contain its syntax.
-_PATH_KEYS = ("input_path", "image_path", "output_dir", "weights", "aoi")
+_PATH_KEYS = ("input_path", "image_path", "output_dir", "weights", "aoi", "output_crs")
 _HYDRA_SYNTAX = re.compile(r"[\s()\[\]{}=,:]")
 
 

@@ -123,6 +123,11 @@ class PredictConfig:
     output_format: str = key(
         "gpkg", "gpkg (one GeoPackage, for QGIS) | parquet (GeoParquet 1.1 per layer) | both"
     )
+    output_crs: str | None = key(
+        None,
+        "vector layers in this one CRS (EPSG:4326, EPSG:3857, WKT, PROJ): every input's features "
+        "reprojected into one layer; unset = each input's own CRS, one layer per CRS",
+    )
     overwrite: bool = key(False, "start afresh in an output_dir that holds another run's results")
     previews: str = key(
         "auto", "preview PNGs: auto (one per input, the first 12 inputs at most) | all | none"

@@ -9,13 +9,28 @@ projection's domain) comes back non-finite; callers decide what that means.
 from __future__ import annotations
 
 import functools
+import logging
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import shapely
 
-__all__ = ["crs_wkt_of", "reproject_geometry", "reproject_xy", "same_crs", "transformer"]
+from mgpr.errors import InputError
+from mgpr.geo.raster import RasterInfo
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "check_output_crs",
+    "crs_label",
+    "crs_wkt_of",
+    "reproject_geometry",
+    "reproject_xy",
+    "same_crs",
+    "transformer",
+]
 
 
 def crs_wkt_of(value: str) -> str:
@@ -27,6 +42,15 @@ def crs_wkt_of(value: str) -> str:
     from pyproj import CRS
 
     return str(CRS.from_user_input(value).to_wkt())
+
+
+def crs_label(value: str) -> str:
+    """A short name of a CRS text: ``EPSG:4326``, else the CRS's own name."""
+    from pyproj import CRS
+
+    crs = CRS.from_user_input(value)
+    epsg = crs.to_epsg()
+    return f"EPSG:{epsg}" if epsg else str(crs.name)
 
 
 def same_crs(a: str | None, b: str | None) -> bool:
@@ -68,3 +92,75 @@ def reproject_geometry(geom: Any, from_crs: str, to_crs: str) -> Any | None:
 
     out = shapely.transform(geom, move)
     return out if np.isfinite(shapely.get_coordinates(out)).all() else None
+
+
+#: Degrees around a CRS's area of use inside which no warning is given.
+AREA_OF_USE_MARGIN_DEG = 5.0
+#: Points per raster footprint side checked against the output CRS's domain.
+FOOTPRINT_POINTS = 32
+
+
+def check_output_crs(rasters: Sequence[RasterInfo], output_crs: str) -> None:
+    """Refuse, before any work, an input whose results ``output_crs`` cannot hold.
+
+    Raises:
+        InputError: an input without a CRS (pixel coordinates have no place in another CRS),
+            or one whose footprint does not map into ``output_crs`` (outside its domain: a UTM
+            zone far from the raster, a polar projection).
+    """
+    for info in rasters:
+        if info.crs_wkt is None:
+            raise InputError(
+                f"{info.path!r} has no CRS, so its results cannot be reprojected to "
+                f"output_crs={output_crs!r}; georeference it or unset output_crs"
+            )
+        if same_crs(info.crs_wkt, output_crs):
+            continue
+        side = max(info.width, info.height) / FOOTPRINT_POINTS
+        box = shapely.segmentize(shapely.box(0.0, 0.0, float(info.width), float(info.height)), side)
+        t = info.transform
+        footprint = shapely.affinity.affine_transform(box, [t.a, t.b, t.d, t.e, t.c, t.f])
+        if reproject_geometry(footprint, info.crs_wkt, output_crs) is None:
+            raise InputError(
+                f"{info.path!r} ({info.crs_label}) lies outside the area output_crs="
+                f"{output_crs!r} can represent; choose a CRS that covers it (EPSG:4326 covers "
+                "every input)"
+            )
+        outside = _outside_area_of_use(footprint, info.crs_wkt, output_crs)
+        if outside is not None:
+            log.warning(
+                "%s lies outside output_crs=%s's area of use (%s): its results there are "
+                "valid coordinates but strongly distorted; a CRS made for the region is better",
+                info.path,
+                output_crs,
+                outside,
+            )
+
+
+def _outside_area_of_use(footprint: Any, crs_wkt: str, output_crs: str) -> str | None:
+    """The output CRS's area of use when the footprint lies wholly outside it, else None."""
+    from pyproj import CRS
+
+    area = CRS.from_user_input(output_crs).area_of_use
+    if area is None:
+        return None
+    lonlat = reproject_geometry(footprint, crs_wkt, "EPSG:4326")
+    if lonlat is None:
+        return None
+    west, south, east, north = area.bounds
+    # A margin: a CRS is routinely used a little past its area (UTM zones, 3 degrees or so).
+    m = AREA_OF_USE_MARGIN_DEG
+    west, south, east, north = west - m, max(-90.0, south - m), east + m, min(90.0, north + m)
+    if east - west >= 360:  # every longitude: the latitudes decide
+        west, east = -180.0, 180.0
+    else:
+        west, east = (west + 180) % 360 - 180, (east + 180) % 360 - 180
+    boxes = (
+        [shapely.box(west, south, east, north)]
+        if west <= east
+        else [shapely.box(west, south, 180, north), shapely.box(-180, south, east, north)]
+    )
+    if any(shapely.intersects(lonlat, b) for b in boxes):
+        return None
+    w, s_, e, n = area.bounds
+    return f"{w:g}..{e:g} E, {s_:g}..{n:g} N"

@@ -19,7 +19,8 @@ run / ``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model 
 nodata, not unreadable), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only
 when files an earlier run of the job wrote are not this run's outputs:
 :func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's
-bottleneck hint), ``aoi`` (only with ``aoi=``: ``path``, ``crs``, ``polygons``, ``sha256``,
+bottleneck hint), ``output_crs`` (only with the key: the vector layers' CRS, ``EPSG:4326``),
+``aoi`` (only with ``aoi=``: ``path``, ``crs``, ``polygons``, ``sha256``,
 ``inputs_outside`` (inputs left out), ``tiles_outside`` (tiles of the kept inputs not planned)),
 ``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
 input's factor, see :func:`describe_resolution`), ``provenance``
@@ -204,6 +205,10 @@ def finish_run(
         )
         if aoi is not None:
             summary["aoi"] = aoi
+        if cfg.output_crs is not None:
+            from mgpr.geo.reproject import crs_label
+
+            summary["output_crs"] = crs_label(cfg.output_crs)
         if merged.failed:
             with open(run_dir / "failed_tiles.csv", "w", newline="") as fh:
                 out = csv.writer(fh)
@@ -415,7 +420,8 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
     if s.get("output"):
         counted = "class-map pixels" if s.get("task") == "segmentation" else "records"
         layers = "".join(f"; layer {k}: {v}" for k, v in s["layers"].items())
-        lines.append(f"  output       {s['output']} ({s['records']} {counted}{layers})")
+        into = f" in {s['output_crs']}" if s.get("output_crs") else ""
+        lines.append(f"  output       {s['output']} ({s['records']} {counted}{layers}){into}")
         lines += [f"               {p}" for p in s.get("outputs", [])[1:]]
     for path in (s.get("empty_inputs") or [])[:3]:
         lines.append(

@@ -228,6 +228,10 @@ def _predict_and_finish(
                     "sha256": aoi.digest,
                     "inputs_outside": [p for p in given if p not in kept],
                 }
+            if cfg.output_crs is not None:
+                from mgpr.geo.reproject import check_output_crs
+
+                check_output_crs(found, cfg.output_crs)
             if not is_import_path(model_name):
                 refuse_unscaled_early(cfg, found)  # before any weights download
             return found, area

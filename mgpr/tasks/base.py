@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from mgpr.conf.schema import PredictConfig
 from mgpr.geo.raster import RasterInfo
+from mgpr.geo.reproject import crs_wkt_of
 from mgpr.geo.tiling import Tile
 from mgpr.outputs.features import feature_path, read_features, write_features
 from mgpr.outputs.formats import vector_writers
@@ -39,7 +40,7 @@ from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import RECORDS_SUFFIX, PartSink
 from mgpr.outputs.parts_read import read_records
 from mgpr.outputs.vector import FeatureBatch
-from mgpr.tasks.layers import plan_layers
+from mgpr.tasks.layers import plan_layers, to_layer_crs
 
 #: Tile status codes (those of the data pipeline's samples, ``mgpr.data.dataset``).
 STATUS_DONE = 0
@@ -81,6 +82,8 @@ class TaskContext:
         probabilities: segmentation: also write per-class probabilities.
         seam: segmentation: ``crop`` or ``blend`` (:mod:`mgpr.geo.seams`).
         vectorize: segmentation: also write the class map as polygons.
+        output_crs: the vector layers' one CRS as WKT (``output_crs``), or None: each
+            raster's own CRS, one layer per CRS.
     """
 
     rasters: Mapping[str, RasterInfo]
@@ -93,6 +96,7 @@ class TaskContext:
     probabilities: bool = False
     seam: str = "crop"
     vectorize: bool = False
+    output_crs: str | None = None
 
     @classmethod
     def for_run(
@@ -110,6 +114,7 @@ class TaskContext:
             probabilities=cfg.probabilities,
             seam=cfg.seam,
             vectorize=cfg.vectorize,
+            output_crs=crs_wkt_of(cfg.output_crs) if cfg.output_crs else None,
         )
 
 
@@ -276,8 +281,9 @@ class VectorTask(Task):
 
         A raster's features come from its published feature file when ``use_finalised`` and the
         file is there (another rank finished it), else they are made here. Rasters in different
-        CRSs go to different layers (no reprojection: every feature stays in its own raster's
-        CRS). Writers publish whole files only.
+        CRSs go to different layers (every feature stays in its own raster's CRS), unless
+        ``ctx.output_crs``: one layer in it, features reprojected as they are written (the
+        previews get them in the raster's CRS). Writers publish whole files only.
         """
         result = MergeResult()
         keys_by_path = _keys_by_path(tiles)
@@ -285,7 +291,7 @@ class VectorTask(Task):
         rasters = list(ctx.rasters.values())
         writers = vector_writers(output_format, run_dir, output_name)
         try:
-            for layer in plan_layers(rasters, self.layer_base):
+            for layer in plan_layers(rasters, self.layer_base, ctx.output_crs):
                 batches = []
                 for path in layer.paths:
                     done = feature_path(run_dir, index[path])
@@ -298,7 +304,7 @@ class VectorTask(Task):
                         batch, removed = self.raster_features(
                             run_dir, ledger, ctx, tiles, keys_by_path.get(path, []), path
                         )
-                    batches.append(batch)
+                    batches.append(to_layer_crs(batch, ctx.rasters[path], layer))
                     result.features[path] = batch
                     result.duplicates_removed += removed
                 merged = FeatureBatch.concat(batches)

@@ -5,6 +5,8 @@ Rule (README "Layers"):
 * rasters share a layer only if their CRSs are EQUAL (rasterio/PROJ equality of the
   definitions, not of the WKT text or the CRS name: two Lambert conformal conics that differ
   only in ``lon_0`` are two CRSs, and an EPSG code and its full WKT are one);
+* with ``output_crs``: one layer ``<base>`` in that CRS, every raster's features reprojected
+  (:func:`to_layer_crs`);
 * a run whose rasters all have one CRS (or all have none) writes ``<base>`` alone
   (``detections`` / ``classifications``);
 * otherwise every layer gets a suffix from its own CRS only, so a raster's layer name does not
@@ -19,9 +21,12 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
+import shapely
 from rasterio.crs import CRS
 
 from mgpr.geo.raster import RasterInfo
+from mgpr.outputs.vector import FeatureBatch
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +49,16 @@ def crs_suffix(crs_wkt: str | None) -> str:
     return "crs" + hashlib.sha1(crs.to_wkt().encode()).hexdigest()[:8]
 
 
-def plan_layers(rasters: Sequence[RasterInfo], base: str) -> list[Layer]:
-    """Group rasters by CRS equality into layers, in order of first appearance."""
+def plan_layers(
+    rasters: Sequence[RasterInfo], base: str, output_crs: str | None = None
+) -> list[Layer]:
+    """Group rasters by CRS equality into layers, in order of first appearance.
+
+    ``output_crs`` (WKT; the ``output_crs`` key): one layer ``<base>`` in that CRS for every
+    raster, whose features the merge reprojects into it (:func:`to_layer_crs`).
+    """
+    if output_crs is not None:
+        return [Layer(base, output_crs, tuple(r.path for r in rasters))] if rasters else []
     groups: list[tuple[CRS | None, str | None, list[str]]] = []
     for info in rasters:
         crs = CRS.from_wkt(info.crs_wkt) if info.crs_wkt is not None else None
@@ -70,3 +83,29 @@ def plan_layers(rasters: Sequence[RasterInfo], base: str) -> list[Layer]:
         used.add(name)
         layers.append(Layer(name, wkt, tuple(paths)))
     return layers
+
+
+def to_layer_crs(batch: FeatureBatch, info: RasterInfo, layer: Layer) -> FeatureBatch:
+    """``batch`` (in ``info``'s CRS) in ``layer``'s CRS: reprojected when they differ.
+
+    Box rings keep their 4 corners (each reprojected exactly; a box's edges, straight in the
+    raster's CRS, bend by far less than a millimetre over a tile); polygons keep their vertices.
+    """
+    from mgpr.geo.reproject import reproject_geometry, reproject_xy, same_crs
+
+    if info.crs_wkt is None or layer.crs_wkt is None or same_crs(info.crs_wkt, layer.crs_wkt):
+        return batch
+    if batch.rings is not None:
+        rings = reproject_xy(batch.rings, info.crs_wkt, layer.crs_wkt)
+        # Counter-clockwise as written (a CRS with a flipped axis would mirror the ring).
+        x, y = rings[:, :-1, 0], rings[:, :-1, 1]
+        signed = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
+        rings[signed < 0] = rings[signed < 0, ::-1]
+        return FeatureBatch(rings, batch.fields)
+    assert batch.geometries is not None
+    moved = reproject_geometry(batch.geometries, info.crs_wkt, layer.crs_wkt)
+    if moved is None:  # never for inputs the run's start checked (check_output_crs)
+        raise ValueError(f"features of {info.path} do not map into the output CRS")
+    if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1
+        moved = shapely.orient_polygons(moved)
+    return FeatureBatch(None, batch.fields, moved)

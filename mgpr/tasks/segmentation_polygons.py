@@ -17,7 +17,7 @@ from mgpr.outputs.features import feature_path, read_features, write_features
 from mgpr.outputs.formats import vector_writers
 from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.base import MergeResult, TaskContext
-from mgpr.tasks.layers import plan_layers
+from mgpr.tasks.layers import plan_layers, to_layer_crs
 from mgpr.tasks.vectorize import class_map_features
 
 #: Layer name base of the ``vectorize=true`` polygons (:mod:`mgpr.tasks.layers` rules).
@@ -39,7 +39,8 @@ def write_polygons(
     Layers as for the vector tasks (:func:`~mgpr.tasks.layers.plan_layers`, base
     :data:`POLYGONS_LAYER`: ``segments`` when every input has one CRS, else
     ``segments_epsg<code>`` ...) in ``predictions.gpkg`` / ``segments.parquet``
-    (``output_format``), in each raster's own CRS; columns ``class_id``, ``label``, ``source``,
+    (``output_format``), in each raster's own CRS (or all in ``output_crs``); columns
+    ``class_id``, ``label``, ``source``,
     ``area`` (:func:`~mgpr.tasks.vectorize.class_map_features`: traced from the final COG in
     blocks, pieces cut by block edges merged). One raster's polygons in memory at a time; the
     writers publish whole files only. Adds the files to ``result.output_paths`` and the polygon
@@ -59,7 +60,8 @@ def write_polygons(
     index = {p: i for i, p in enumerate(ctx.rasters)}
     writers = vector_writers(output_format, run_dir, output_name)
     try:
-        for layer in plan_layers([ctx.rasters[p] for p in class_maps], POLYGONS_LAYER):
+        rasters = [ctx.rasters[p] for p in class_maps]
+        for layer in plan_layers(rasters, POLYGONS_LAYER, ctx.output_crs):
             result.layers[layer.name] = 0
             for path in layer.paths:
                 done = feature_path(run_dir, index[path])
@@ -69,6 +71,7 @@ def write_polygons(
                         raise AssertionError(f"{done} holds {meta.get('path')}, not {path}")
                 else:
                     batch = _polygons(ctx, path, class_maps[path], nodata)
+                batch = to_layer_crs(batch, ctx.rasters[path], layer)
                 for writer in writers:
                     writer.write(layer.name, layer.crs_wkt, batch)
                 result.layers[layer.name] += len(batch)
