@@ -144,17 +144,21 @@ def write_array(
     nodata: float | None = None,
     block: int | None = None,
     colorinterp: Any = None,
+    compress: str | None = None,
 ) -> Path:
     """A GeoTIFF of ``data`` (bands, rows, cols) in its own dtype, 10 cm UTM 33N pixels.
 
     ``block``: square internal tiles of that size (None: GDAL's default strips);
-    ``colorinterp``: one colour interpretation per band.
+    ``colorinterp``: one colour interpretation per band; ``compress``: a GDAL compression
+    (``deflate``: a damaged block then fails to decode), None: uncompressed.
     """
     import rasterio
     from rasterio.transform import from_origin
 
     b, h, w = data.shape
     tiling = {} if block is None else {"tiled": True, "blockxsize": block, "blockysize": block}
+    if compress is not None:
+        tiling["compress"] = compress
     with rasterio.open(
         path,
         "w",

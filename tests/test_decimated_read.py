@@ -159,8 +159,9 @@ def test_which_read_a_preview_takes(
 def test_a_failing_window_stops_every_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A read error (a damaged block) ends the read at once with that error, instead of the
-    other threads decoding the rest of the raster first; the preview is then skipped."""
+    """An error that is not a damaged block (a bug, memory) ends the read at once with that
+    error, instead of the other threads decoding the rest of the raster first; the preview is
+    then skipped."""
     data = np.random.default_rng(3).integers(0, 255, (1, 512, 512), dtype=np.uint8)
     path = _write(tmp_path / "r.tif", data, block=16)
     seen: list[int] = []
@@ -173,19 +174,76 @@ def test_a_failing_window_stops_every_thread(
         def __enter__(self) -> Failing:
             return self
 
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.handle, name)
+
         def __exit__(self, *exc: object) -> None:
             self.handle.close()  # type: ignore[attr-defined]
 
         def read(self, *args: object, **kwargs: object) -> np.ndarray:
             seen.append(1)
             if len(seen) == 3:
-                raise rasterio.errors.RasterioIOError("IReadBlock failed")
+                raise MemoryError("out of memory")
             return self.handle.read(*args, **kwargs)  # type: ignore[attr-defined]
 
     monkeypatch.setattr(decimated_read.rasterio, "open", lambda p: Failing(real_open(p)))
-    with real_open(path) as src, pytest.raises(rasterio.errors.RasterioIOError):
+    with real_open(path) as src, pytest.raises(MemoryError):
         average_full_resolution(src, [1], (16, 16), threads=2, window_bytes=256)
     assert len(seen) < 20  # of 1,024 windows
+
+
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_a_damaged_block_is_nodata_in_the_preview_the_rest_is_drawn(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, cpus: int
+) -> None:
+    """A block that does not decode (a bad sector, a truncated copy) leaves its pixels nodata;
+    the preview of every other block is the same as the undamaged file's. With one CPU GDAL's
+    read fails on it and the window-by-window read takes over."""
+    from mgpr.testimage.damage import corrupt_block
+
+    data = np.random.default_rng(5).integers(1, 255, (3, 512, 512), dtype=np.uint8)
+    good = write_array(tmp_path / "good.tif", data, block=64, compress="deflate")
+    bad = write_array(tmp_path / "bad.tif", data, block=64, compress="deflate")
+    corrupt_block(bad, 2, 3)  # rows 128..191, columns 192..255
+    monkeypatch.setattr(decimated_read, "preview_threads", lambda: cpus)
+    with rasterio.open(good) as src:  # what the damaged file's read does, on the good file
+        expected, expected_valid = average_full_resolution(src, [1, 2, 3], (64, 64), threads=1)
+    with rasterio.open(bad) as src:
+        out, valid = read_preview_image(src, [1, 2, 3], (64, 64))
+    hole = np.zeros((64, 64), bool)
+    hole[16:24, 24:32] = True  # the damaged block at 1/8 scale
+    assert not valid[hole].any() and valid[~hole].all() and expected_valid.all()
+    assert (out[:, ~hole] == expected[:, ~hole]).all()
+    assert "1 of 64 blocks unreadable" in caplog.text and "shown as nodata" in caplog.text
+
+
+def test_a_mostly_unreadable_file_gives_up_the_preview(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More than half of the windows unreadable: no preview of nodata, the error instead."""
+    data = np.random.default_rng(6).integers(0, 255, (1, 512, 512), dtype=np.uint8)
+    path = _write(tmp_path / "r.tif", data, block=16)
+    real_open = rasterio.open
+
+    class Broken:
+        def __init__(self, handle: object) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> Broken:
+            return self
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.handle, name)
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()  # type: ignore[attr-defined]
+
+        def read(self, *args: object, **kwargs: object) -> np.ndarray:
+            raise rasterio.errors.RasterioIOError("IReadBlock failed")
+
+    monkeypatch.setattr(decimated_read.rasterio, "open", lambda p: Broken(real_open(p)))
+    with real_open(path) as src, pytest.raises(rasterio.errors.RasterioIOError):
+        average_full_resolution(src, [1], (16, 16), threads=2, window_bytes=256)
 
 
 def test_a_partial_pyramid_is_averaged_from_its_coarsest_overview(

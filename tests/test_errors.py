@@ -527,6 +527,8 @@ def test_many_failed_tiles_are_logged_ten_then_counted(tmp_path: Path, capsys) -
     assert sum("further failures are not logged" in line for line in err.splitlines()) == 1
     assert len(_summary(run)["failed_tiles"]) == 24
     assert len((run / "failed_tiles.csv").read_text().splitlines()) == 25  # header + 24
+    # The preview is still drawn, the damaged blocks as nodata: it shows where the damage is.
+    assert (run / "preview.png").exists() and "24 of 64 blocks unreadable" in err
 
 
 def _write_module(folder: Path, name: str, body: str) -> str:

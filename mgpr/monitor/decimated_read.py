@@ -13,6 +13,11 @@ Two ways, chosen by :func:`read_preview_image`:
   on every CPU the rank may use and averages them with numpy (the DataLoader workers have stopped
   by then: the CPUs are idle).
 
+A damaged file (a block that does not decode) still gets its preview: the windows of the
+threaded read that fail are read again block by block and only the blocks that do not decode
+are left out (nodata, one warning with the count), and GDAL's path
+falls back to that read; above half of the windows unreadable the preview is given up.
+
 The validity of a preview pixel (shown, or nodata) comes from the same read wherever it can:
 reading ``dataset_mask`` of a raster with a nodata value decodes every block a second time
 (10.6 s on top of 5.1 s for that raster with nodata=0).
@@ -20,6 +25,7 @@ reading ``dataset_mask`` of a raster with a nodata value decodes every block a s
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Iterator, Sequence
@@ -34,6 +40,8 @@ from rasterio.windows import Window
 
 from mgpr.monitor.part import usable_cpus
 
+log = logging.getLogger(__name__)
+
 #: Source pixels read per strip by :func:`read_decimated`, bytes (a strip is full-width rows).
 STRIP_BYTES = 64 * 2**20
 #: GDAL block cache while a preview reads, bytes (a strip's blocks, and the next strip's
@@ -43,6 +51,9 @@ PREVIEW_CACHE_BYTES = 160 * 2**20
 WINDOW_BYTES = 8 * 2**20
 #: Threads that decode a preview's blocks at most (:func:`preview_threads`).
 MAX_PREVIEW_THREADS = 16
+#: Share of unreadable blocks above which a preview is given up (the file is not damaged in
+#: places but unreadable: a preview of nodata would show nothing).
+MAX_UNREADABLE_SHARE = 0.5
 
 
 def preview_threads() -> int:
@@ -169,6 +180,27 @@ def _block_windows(src: Any, count: int, item: int, window_bytes: int) -> Iterat
             yield Window(c0, r0, min(cols, src.width - c0), min(rows, src.height - r0))
 
 
+def _blocks_of(src: Any, window: Window) -> Iterator[Window]:
+    """The internal blocks of ``src`` inside ``window`` (a window of whole blocks), each clipped."""
+    block_h, block_w = (max(1, int(v)) for v in src.block_shapes[0])
+    r0, c0 = int(window.row_off), int(window.col_off)
+    r1, c1 = r0 + int(window.height), c0 + int(window.width)
+    for r in range(r0, r1, block_h):
+        for c in range(c0, c1, block_w):
+            yield Window(c, r, min(block_w, c1 - c), min(block_h, r1 - r))
+
+
+def _block_count(src: Any, window: Window) -> int:
+    block_h, block_w = (max(1, int(v)) for v in src.block_shapes[0])
+    return math.ceil(int(window.height) / block_h) * math.ceil(int(window.width) / block_w)
+
+
+def _reason(exc: BaseException) -> str:
+    """GDAL's own words for a failed read (rasterio's "Read failed" wraps them as the cause)."""
+    cause = exc.__cause__ or exc
+    return str(cause).split("\n")[0]
+
+
 def _bins(index: npt.NDArray[np.intp], big: int, small: int) -> tuple[npt.NDArray[np.intp], int]:
     """Source pixels ``index`` (ascending) grouped by the output pixel holding them.
 
@@ -270,6 +302,8 @@ def average_full_resolution(
             counts[i0:i1, j0:j1] += n
 
     stop = threading.Event()  # a failed thread, or Ctrl-C / SIGTERM in the main thread
+    tally = {"blocks": 0, "unreadable": 0}
+    first_error: list[str] = []
 
     def worker() -> None:
         try:
@@ -280,7 +314,21 @@ def average_full_resolution(
                         window = next(windows, None)
                     if window is None:
                         return
-                    accumulate(own, window)
+                    try:
+                        accumulate(own, window)
+                    except rasterio.errors.RasterioIOError:
+                        # A damaged block: read the window block by block, so only the
+                        # damaged blocks stay nodata (where they are is what the preview of
+                        # such a file shows). Failed reads are quick: no early give-up.
+                        for block in _blocks_of(own, window):
+                            try:
+                                accumulate(own, block)
+                            except rasterio.errors.RasterioIOError as exc:
+                                with take:
+                                    tally["unreadable"] += 1
+                                    first_error[:] = first_error or [_reason(exc)]
+                    with take:
+                        tally["blocks"] += _block_count(own, window)
         except BaseException:
             stop.set()
             raise
@@ -297,6 +345,18 @@ def average_full_resolution(
             except BaseException:
                 stop.set()  # the pool's exit then waits for the windows in flight only
                 raise
+    if tally["unreadable"] > MAX_UNREADABLE_SHARE * tally["blocks"]:
+        raise rasterio.errors.RasterioIOError(
+            f"{tally['unreadable']} of {tally['blocks']} blocks unreadable ({first_error[0]})"
+        )
+    if tally["unreadable"]:
+        log.warning(
+            "preview of %s: %d of %d blocks unreadable (%s), shown as nodata",
+            src.name,
+            tally["unreadable"],
+            tally["blocks"],
+            first_error[0] if first_error else "read error",
+        )
     valid_out = counts > 0
     mean = sums / np.maximum(counts, 1)  # 0 where nothing was valid
     if dtype.kind != "f":
@@ -325,8 +385,11 @@ def read_preview_image(
     small = sample_step(size, shape) == 1
     one_cpu = preview_threads() == 1 and _mask_kind(src, bands) != "nodata"
     if small or one_cpu:
-        data = read_decimated(src, bands, shape, Resampling.average)
-        return data, _valid_decimated(src, bands, data, shape)
+        try:
+            data = read_decimated(src, bands, shape, Resampling.average)
+            return data, _valid_decimated(src, bands, data, shape)
+        except rasterio.errors.RasterioIOError:
+            pass  # a damaged block: read window by window below, skipping the damaged ones
     if coarse == 1:
         return average_full_resolution(src, bands, shape)
     index = overviews.index(coarse)
