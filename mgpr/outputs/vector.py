@@ -113,6 +113,14 @@ class FeatureBatch:
             return np.column_stack([lo, hi]) if len(rings) else np.empty((0, 4))
         return np.asarray(shapely.bounds(self.shapes()), dtype=np.float64).reshape(-1, 4)
 
+    def take(self, keep: npt.NDArray[np.bool_]) -> FeatureBatch:
+        """The rows where ``keep`` is True, in order (the same form, rings or geometries)."""
+        fields = {k: np.asarray(v)[keep] for k, v in self.fields.items()}
+        if self.rings is not None:
+            return FeatureBatch(self.rings[keep], fields)
+        assert self.geometries is not None
+        return FeatureBatch(None, fields, self.geometries[keep])
+
     def geometry_types(self) -> tuple[str, ...]:
         """Sorted names of the geometry types present (a rings batch: ``("Polygon",)``)."""
         if self.rings is not None:

@@ -10,7 +10,8 @@ and/or ``<layer>.parquet``, as ``output_format`` chose), ``layers`` (layer -> fe
 ``{tile, reason}``; all of them are in ``failed_tiles.csv``), ``tiles_missing`` (planned tiles in
 no published part; listed in ``missing_tiles.txt``, the run exits 4), ``duplicate_tiles`` (tile
 copies found in more than one part, each kept once), ``duplicates_removed`` (seam
-de-duplication), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
+de-duplication), ``duplicates_across_inputs`` (boxes found again where two inputs overlap on the
+ground, removed), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
 (``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
 last batch, slowest rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or
 failed), ``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a
@@ -198,6 +199,7 @@ def finish_run(
             missing_tiles=str(merged.missing_path) if merged.missing_path else None,
             duplicate_tiles=merged.duplicate_tiles,
             duplicates_removed=merged.duplicates_removed,
+            duplicates_across_inputs=merged.duplicates_across_inputs,
             empty_inputs=merged.empty_rasters,
             pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
             values=describe_value_ranges(cfg, value_ranges),
@@ -440,6 +442,11 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
         )
     if s.get("duplicates_removed"):
         lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
+    if s.get("duplicates_across_inputs"):
+        lines.append(
+            f"  overlaps     {s['duplicates_across_inputs']} boxes found again where inputs "
+            "overlap, removed"
+        )
     if s.get("pixel_coordinates"):
         lines.append(f"  no CRS       {len(s['pixel_coordinates'])} input(s) in pixel coordinates")
     resolution = s.get("resolution") or {}

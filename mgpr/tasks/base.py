@@ -40,7 +40,7 @@ from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import RECORDS_SUFFIX, PartSink
 from mgpr.outputs.parts_read import read_records
 from mgpr.outputs.vector import FeatureBatch
-from mgpr.tasks.layers import plan_layers, to_layer_crs
+from mgpr.tasks.layers import Layer, plan_layers, to_layer_crs
 
 #: Tile status codes (those of the data pipeline's samples, ``mgpr.data.dataset``).
 STATUS_DONE = 0
@@ -135,6 +135,8 @@ class MergeResult:
     missing_path: Path | None = None
     duplicate_tiles: int = 0  # tile copies found in more than one part, dropped
     duplicates_removed: int = 0  # seam de-duplication (detection)
+    #: detections found twice where input rasters overlap on the ground, removed
+    duplicates_across_inputs: int = 0
     #: inputs whose every planned tile was nodata (skipped): usually a wrong nodata value or mask
     empty_rasters: list[str] = field(default_factory=list)
     #: raster path -> its merged features (vector tasks), for the run's previews: handed over
@@ -216,6 +218,15 @@ class VectorTask(Task):
         self, info: RasterInfo, records: pa.Table, ctx: TaskContext, tiles: Mapping[str, Tile]
     ) -> tuple[FeatureBatch, int]:
         """One raster's features from its records; returns ``(batch, duplicates removed)``."""
+
+    def across_inputs(
+        self, batches: list[FeatureBatch], rasters: list[RasterInfo], layer: Layer, ctx: TaskContext
+    ) -> tuple[list[FeatureBatch], int]:
+        """One layer's batches (layer CRS) after any pass between its rasters; removed count.
+
+        The default passes them through (a classified tile is the tile, whoever else saw it).
+        """
+        return batches, 0
 
     def write_payload(
         self, outcomes: Sequence[TileOutcome], ctx: TaskContext, sink: PartSink
@@ -307,6 +318,9 @@ class VectorTask(Task):
                     batches.append(to_layer_crs(batch, ctx.rasters[path], layer))
                     result.features[path] = batch
                     result.duplicates_removed += removed
+                infos = [ctx.rasters[p] for p in layer.paths]
+                batches, across = self.across_inputs(batches, infos, layer, ctx)
+                result.duplicates_across_inputs += across
                 merged = FeatureBatch.concat(batches)
                 for writer in writers:
                     writer.write(layer.name, layer.crs_wkt, merged)

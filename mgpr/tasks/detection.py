@@ -10,6 +10,8 @@ Merge, per raster: the seam boxes are de-duplicated across tiles
 (:func:`~mgpr.tasks.seam_dedupe.dedupe_seam_boxes`), then every box becomes a polygon in the
 raster's CRS (:func:`~mgpr.geo.georef.boxes_to_rings`). With ``aoi=`` a box whose centre lies
 outside the area is left out after the de-duplication (:func:`~mgpr.geo.aoi.centres_in_aoi`).
+Boxes found twice where two inputs of one layer overlap on the ground are de-duplicated between
+them (:mod:`~mgpr.tasks.overlap_dedupe`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge
 from mgpr.models.base import Detections
 from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.base import STATUS_DONE, TaskContext, TileOutcome, VectorTask, label_names
+from mgpr.tasks.layers import Layer
+from mgpr.tasks.overlap_dedupe import dedupe_across_inputs
 from mgpr.tasks.seam_dedupe import dedupe_seam_boxes
 
 RECORDS_SCHEMA = pa.schema(
@@ -121,6 +125,12 @@ class DetectionTask(VectorTask):
             **{c: np.concatenate([p[c] for p in parts]) for c in ("score", "label", "seam", "cut")},
         }
         return pa.table(columns, schema=RECORDS_SCHEMA)
+
+    def across_inputs(
+        self, batches: list[FeatureBatch], rasters: list[RasterInfo], layer: Layer, ctx: TaskContext
+    ) -> tuple[list[FeatureBatch], int]:
+        """Boxes found twice where the layer's rasters overlap (:mod:`.overlap_dedupe`)."""
+        return dedupe_across_inputs(batches, rasters, layer.crs_wkt, ctx.nms_iou, ctx.seam_ios)
 
     def features(
         self, info: RasterInfo, records: pa.Table, ctx: TaskContext, tiles: Mapping[str, Tile]

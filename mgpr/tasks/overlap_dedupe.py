@@ -1,0 +1,172 @@
+"""Detections found twice where input rasters overlap on the ground (one layer, map frame).
+
+A tiled orthophoto (a national mapping agency's 1 km sheets with a margin, a drone mosaic cut
+into pieces with overlap) puts the same ground in two inputs, and each input's detector finds
+the object there: one object, two features. Seam de-duplication (:mod:`mgpr.tasks.seam_dedupe`)
+works inside one raster, in its pixels; this pass works between the rasters of one output layer
+(one CRS, or ``output_crs``), in the layer's map coordinates, on the boxes' bounds (exact for
+north-up rasters in one CRS; the bounding box of a reprojected box otherwise).
+
+The rule is the seam rule across rasters: two boxes of the same class from different rasters are
+one object when IoU > ``nms_iou`` or intersection over the smaller box >= ``seam_ios``; the
+whole box (not touching its raster's edge) wins over one cut by its raster's edge, then the
+higher score, then the larger box. Only boxes inside the overlap of two rasters' footprints take
+part, so a folder whose inputs do not overlap costs one footprint test per pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import shapely
+
+from mgpr.geo.raster import RasterInfo
+from mgpr.geo.reproject import reproject_geometry, same_crs
+from mgpr.outputs.vector import FeatureBatch
+
+#: Pixels from a raster's edge within which a box counts as cut by that edge.
+EDGE_PX = 1.0
+
+
+def footprint(info: RasterInfo, crs_wkt: str | None) -> shapely.Geometry:
+    """The raster's footprint in ``crs_wkt`` (its own when equal or None), densified edges."""
+    side = max(info.width, info.height) / 16
+    box = shapely.segmentize(shapely.box(0.0, 0.0, float(info.width), float(info.height)), side)
+    t = info.transform
+    area = shapely.affinity.affine_transform(box, [t.a, t.b, t.d, t.e, t.c, t.f])
+    if info.crs_wkt is not None and crs_wkt is not None and not same_crs(info.crs_wkt, crs_wkt):
+        moved = reproject_geometry(area, info.crs_wkt, crs_wkt)
+        if moved is not None:
+            area = moved
+    return shapely.make_valid(area)
+
+
+def _cut_by_edge(batch: FeatureBatch, info: RasterInfo) -> npt.NDArray[np.bool_]:
+    """Boxes within :data:`EDGE_PX` of their raster's edge (``px_*``: the file's pixels)."""
+    px = [
+        np.asarray(batch.fields[k], np.float64)
+        for k in ("px_xmin", "px_ymin", "px_xmax", "px_ymax")
+    ]
+    w, h = info.native_width, info.native_height
+    return (px[0] <= EDGE_PX) | (px[1] <= EDGE_PX) | (px[2] >= w - EDGE_PX) | (px[3] >= h - EDGE_PX)
+
+
+def dedupe_across_inputs(
+    batches: Sequence[FeatureBatch],
+    rasters: Sequence[RasterInfo],
+    crs_wkt: str | None,
+    nms_iou: float,
+    seam_ios: float,
+) -> tuple[list[FeatureBatch], int]:
+    """Each raster's batch without the boxes another raster of the layer found better.
+
+    Args:
+        batches: one detections batch per raster of the layer (layer CRS), in the layer's order.
+        rasters: the rasters, same order.
+        crs_wkt: the layer's CRS (None: pixel coordinates; rasters without CRS do not overlap
+            on any ground, and are left as they are).
+        nms_iou: IoU above which two boxes are one object.
+        seam_ios: intersection over the smaller box at or above which they are one object.
+
+    Returns:
+        ``(batches, removed)``: the batches (the same objects where nothing was removed) and
+        the number of boxes removed.
+    """
+    n = len(batches)
+    if n < 2 or crs_wkt is None:
+        return list(batches), 0
+    prints = np.asarray([footprint(r, crs_wkt) for r in rasters], dtype=object)
+    left, right = shapely.STRtree(prints).query(prints, predicate="intersects")
+    pairs = [(int(a), int(b)) for a, b in zip(left, right, strict=True) if a < b]
+    zones: dict[int, list[shapely.Geometry]] = {}
+    for a, b in pairs:
+        zone = shapely.intersection(prints[a], prints[b])
+        if zone.area > 0:
+            zones.setdefault(a, []).append(zone)
+            zones.setdefault(b, []).append(zone)
+    if not zones:
+        return list(batches), 0
+    # Candidates: each raster's boxes inside one of its overlap zones.
+    cand_raster, cand_index, cand_bounds, cand_score, cand_label, cand_cut = [], [], [], [], [], []
+    for i, zone_list in zones.items():
+        batch = batches[i]
+        if not len(batch):
+            continue
+        bounds = batch.bounds()
+        boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+        inside = shapely.intersects(shapely.union_all(np.asarray(zone_list, dtype=object)), boxes)
+        idx = np.flatnonzero(inside)
+        if not len(idx):
+            continue
+        cand_raster.append(np.full(len(idx), i, np.int64))
+        cand_index.append(idx)
+        cand_bounds.append(bounds[idx])
+        cand_score.append(np.asarray(batch.fields["score"], np.float64)[idx])
+        cand_label.append(np.asarray(batch.fields["class_id"], np.int64)[idx])
+        cand_cut.append(_cut_by_edge(batch, rasters[i])[idx])
+    if len(cand_raster) < 2:
+        return list(batches), 0
+    raster = np.concatenate(cand_raster)
+    index = np.concatenate(cand_index)
+    gone = _duplicates(
+        np.concatenate(cand_bounds),
+        np.concatenate(cand_score),
+        np.concatenate(cand_label),
+        raster,
+        np.concatenate(cand_cut),
+        nms_iou,
+        seam_ios,
+    )
+    out = list(batches)
+    for i in np.unique(raster[gone]).tolist():
+        drop = index[gone & (raster == i)]
+        keep = np.ones(len(batches[i]), dtype=bool)
+        keep[drop] = False
+        out[i] = batches[i].take(keep)
+    return out, int(gone.sum())
+
+
+def _duplicates(
+    bounds: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.int64],
+    rasters: npt.NDArray[np.int64],
+    cut: npt.NDArray[np.bool_],
+    nms_iou: float,
+    seam_ios: float,
+) -> npt.NDArray[np.bool_]:
+    """Which candidates a better box of another raster already stands for (greedy by rank)."""
+    n = len(bounds)
+    gone = np.zeros(n, dtype=bool)
+    geoms = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
+    a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    pair = (a != b) & (labels[a] == labels[b]) & (rasters[a] != rasters[b])
+    a, b = a[pair], b[pair]
+    if not len(a):
+        return gone
+    area = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
+    ix = np.minimum(bounds[a, 2], bounds[b, 2]) - np.maximum(bounds[a, 0], bounds[b, 0])
+    iy = np.minimum(bounds[a, 3], bounds[b, 3]) - np.maximum(bounds[a, 1], bounds[b, 1])
+    inter = np.clip(ix, 0, None) * np.clip(iy, 0, None)
+    union = area[a] + area[b] - inter
+    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+    smaller = np.minimum(area[a], area[b])
+    ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+    same = (iou > nms_iou) | (ios >= seam_ios)
+    a, b = a[same], b[same]
+    # Rank: whole boxes first, then score, then area, then input order.
+    order = np.lexsort((np.arange(n), -area, -scores, cut.astype(np.int64)))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    neighbours: dict[int, list[int]] = {}
+    for x, y in zip(a.tolist(), b.tolist(), strict=True):
+        neighbours.setdefault(x, []).append(y)
+    for i in order.tolist():
+        if gone[i] or i not in neighbours:
+            continue
+        for j in neighbours[i]:  # i outranks every neighbour not yet decided
+            if rank[j] > rank[i]:
+                gone[j] = True
+    return gone
