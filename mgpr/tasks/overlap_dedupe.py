@@ -95,8 +95,19 @@ def dedupe_across_inputs(
         if not len(batch):
             continue
         bounds = batch.bounds()
-        boxes = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
-        inside = shapely.intersects(shapely.union_all(np.asarray(zone_list, dtype=object)), boxes)
+        inside = np.zeros(len(bounds), dtype=bool)
+        for zone in zone_list:
+            # The zone's bounding box first (numpy, every box), the zone itself for those left.
+            zx0, zy0, zx1, zy1 = zone.bounds
+            near = np.flatnonzero(
+                (bounds[:, 2] >= zx0)
+                & (bounds[:, 0] <= zx1)
+                & (bounds[:, 3] >= zy0)
+                & (bounds[:, 1] <= zy1)
+            )
+            b = bounds[near]
+            hit = shapely.intersects(zone, shapely.box(b[:, 0], b[:, 1], b[:, 2], b[:, 3]))
+            inside[near[hit]] = True
         idx = np.flatnonzero(inside)
         if not len(idx):
             continue
