@@ -42,8 +42,9 @@ import shapely
 from affine import Affine
 
 from mgpr.errors import InputError
+from mgpr.geo.georef import raster_footprint
 from mgpr.geo.raster import RasterInfo
-from mgpr.geo.reproject import reproject_geometry, same_crs
+from mgpr.geo.reproject import crs_label, crs_wkt_of, reproject_geometry, same_crs
 from mgpr.geo.tiling import Tile, plan_tiles, tile_grid
 
 log = logging.getLogger(__name__)
@@ -91,13 +92,7 @@ class AreaOfInterest:
     @property
     def crs_label(self) -> str:
         """A short name of the AOI's CRS (``EPSG:4326``), or ``no CRS``."""
-        if self.crs_wkt is None:
-            return "no CRS"
-        from pyproj import CRS
-
-        crs = CRS.from_user_input(self.crs_wkt)
-        epsg = crs.to_epsg()
-        return f"EPSG:{epsg}" if epsg else crs.name
+        return "no CRS" if self.crs_wkt is None else crs_label(self.crs_wkt)
 
 
 def read_aoi(path: str) -> AreaOfInterest:
@@ -138,7 +133,8 @@ def read_aoi(path: str) -> AreaOfInterest:
     geometry = _polygonal(geometry)
     if geometry.is_empty or geometry.area <= 0:
         raise InputError(f"aoi={path!r}: its polygons have no area; draw the area of interest")
-    crs_wkt = _crs_wkt(meta.get("crs"))
+    crs = meta.get("crs")
+    crs_wkt = crs_wkt_of(crs) if crs else None
     return AreaOfInterest(path, crs_wkt, geometry, area_digest(geometry, crs_wkt), len(polygons))
 
 
@@ -178,14 +174,6 @@ def _polygonal(geometry: Any) -> Any:
     return shapely.union_all(np.asarray(parts, dtype=object)) if parts else shapely.Polygon()
 
 
-def _crs_wkt(crs: str | None) -> str | None:
-    if not crs:
-        return None
-    from pyproj import CRS
-
-    return str(CRS.from_user_input(crs).to_wkt())
-
-
 def on_aoi(rasters: Sequence[RasterInfo], aoi: AreaOfInterest) -> list[RasterInfo]:
     """The rasters that share area with ``aoi``, each with its AOI in its pixel frame.
 
@@ -221,7 +209,7 @@ def _bounds(geom: Any) -> str:
 
 
 def _raster_bounds(info: RasterInfo) -> str:
-    return _bounds(shapely.affinity.affine_transform(_pixel_box(info), _params(info.transform)))
+    return _bounds(raster_footprint(info.height, info.width, info.transform))
 
 
 def _params(t: Affine) -> list[float]:
@@ -251,14 +239,12 @@ def aoi_in_pixels(info: RasterInfo, aoi: AreaOfInterest) -> Any:
             f"({info.crs_label}); set the layer's CRS (QGIS: Layer > Set CRS, or `ogr2ogr "
             "-a_srs EPSG:XXXX`)"
         )
-    to_map = _params(info.transform)
     to_pixel = _params(~info.transform)
     box = _pixel_box(info)
     area = aoi.geometry
     if info.crs_wkt is not None and not same_crs(info.crs_wkt, aoi.crs_wkt):
         assert aoi.crs_wkt is not None
-        side = max(info.width, info.height) / FOOTPRINT_POINTS
-        footprint = shapely.affinity.affine_transform(shapely.segmentize(box, side), to_map)
+        footprint = raster_footprint(info.height, info.width, info.transform, FOOTPRINT_POINTS)
         footprint = reproject_geometry(footprint, info.crs_wkt, aoi.crs_wkt)
         if footprint is not None:  # only the AOI over the raster: no projection edge met
             area = shapely.intersection(area, footprint)

@@ -18,6 +18,7 @@ Pure geometry: only numpy, ``affine`` and rasterio's pure helpers; no file IO, n
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -27,6 +28,7 @@ from mgpr.geo.tiling import Tile, as_boxes, tile_window, valid_window
 
 __all__ = [
     "boxes_to_rings",
+    "raster_footprint",
     "pixel_size",
     "tile_boxes_to_raster_px",
     "tile_footprint_ring",
@@ -137,3 +139,18 @@ def pixel_size(transform: Affine) -> tuple[float, float]:
         ``(x_res, y_res)``: positive map units per pixel along columns (x) and rows (y).
     """
     return math.hypot(transform.a, transform.d), math.hypot(transform.b, transform.e)
+
+
+def raster_footprint(height: int, width: int, transform: Affine, points_per_side: int = 1) -> Any:
+    """A raster's footprint in its map coordinates: a shapely polygon of its pixel box's corners.
+
+    ``points_per_side`` > 1 densifies the sides first (pixel frame), so that the footprint stays
+    true once reprojected to another CRS, where straight sides bend.
+    """
+    import shapely
+
+    box = shapely.box(0.0, 0.0, float(width), float(height))
+    if points_per_side > 1:
+        box = shapely.segmentize(box, max(width, height) / points_per_side)
+    t = transform
+    return shapely.affinity.affine_transform(box, [t.a, t.b, t.d, t.e, t.c, t.f])

@@ -122,11 +122,9 @@ class RasterInfo:
         """A short CRS name (``EPSG:32633``) or ``pixel`` for rasters without CRS."""
         if self.crs_wkt is None:
             return "pixel"
-        from pyproj import CRS
+        from mgpr.geo.reproject import crs_label  # imports this module: not at the top
 
-        crs = CRS.from_wkt(self.crs_wkt)
-        epsg = crs.to_epsg()
-        return f"EPSG:{epsg}" if epsg else crs.name
+        return crs_label(self.crs_wkt)
 
 
 def describe_raster(path: str) -> RasterInfo:

@@ -18,6 +18,7 @@ import numpy.typing as npt
 import shapely
 
 from mgpr.errors import InputError
+from mgpr.geo.georef import raster_footprint
 from mgpr.geo.raster import RasterInfo
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,7 @@ def check_output_crs(rasters: Sequence[RasterInfo], output_crs: str) -> None:
             )
         if same_crs(info.crs_wkt, output_crs):
             continue
-        side = max(info.width, info.height) / FOOTPRINT_POINTS
-        box = shapely.segmentize(shapely.box(0.0, 0.0, float(info.width), float(info.height)), side)
-        t = info.transform
-        footprint = shapely.affinity.affine_transform(box, [t.a, t.b, t.d, t.e, t.c, t.f])
+        footprint = raster_footprint(info.height, info.width, info.transform, FOOTPRINT_POINTS)
         if reproject_geometry(footprint, info.crs_wkt, output_crs) is None:
             raise InputError(
                 f"{info.path!r} ({info.crs_label}) lies outside the area output_crs="

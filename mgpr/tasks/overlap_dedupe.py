@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import shapely
 
+from mgpr.geo.georef import raster_footprint
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.reproject import reproject_geometry, same_crs
 from mgpr.outputs.vector import FeatureBatch
@@ -32,10 +33,7 @@ EDGE_PX = 1.0
 
 def footprint(info: RasterInfo, crs_wkt: str | None) -> shapely.Geometry:
     """The raster's footprint in ``crs_wkt`` (its own when equal or None), densified edges."""
-    side = max(info.width, info.height) / 16
-    box = shapely.segmentize(shapely.box(0.0, 0.0, float(info.width), float(info.height)), side)
-    t = info.transform
-    area = shapely.affinity.affine_transform(box, [t.a, t.b, t.d, t.e, t.c, t.f])
+    area = raster_footprint(info.height, info.width, info.transform, 16)
     if info.crs_wkt is not None and crs_wkt is not None and not same_crs(info.crs_wkt, crs_wkt):
         moved = reproject_geometry(area, info.crs_wkt, crs_wkt)
         if moved is not None:
