@@ -144,3 +144,29 @@ def test_preview_outlines_the_area_of_interest_with_its_holes(tmp_path: Path) ->
     assert changed[100, 19:22].any() and changed[100, 178:182].any()  # left, right edges
     assert changed[19:22, 100].any() and changed[80, 95:105].any()  # top, the hole's edge
     assert not changed[50, 50] and not changed[150, 150] and not changed[90, 110]  # in the hole
+
+
+def test_class_map_legend_shares_count_classified_pixels_only(tmp_path: Path) -> None:
+    """Half the map nodata (outside an aoi, a collar): the legend's shares are of the rest."""
+    import json
+
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from mgpr.monitor.preview import _draw_class_map
+
+    ids = np.full((1, 64, 64), 255, np.uint8)
+    ids[0, :, :32] = 0  # background on half the left
+    ids[0, 48:, :32] = 1  # bright on a quarter of that
+    path = write_array(tmp_path / "map.tif", ids, nodata=255)
+    with rasterio.open(path, "r+") as dst:
+        dst.update_tags(class_names=json.dumps(["background", "bright"]))
+    fig, ax = plt.subplots()
+    try:
+        labels = [h.get_label() for h in _draw_class_map(ax, path, (64, 64))]
+    finally:
+        plt.close(fig)
+    assert labels == ["background (75.0%)", "bright (25.0%)"]

@@ -236,14 +236,16 @@ def _draw_class_map(ax: Any, class_map: Path, shape: tuple[int, int]) -> list[An
     rgba = lut[ids]
     rgba[..., 3] = np.where(rgba[..., 3] > 0, 150, 0)
     ax.imshow(rgba, interpolation="nearest")
-    present = Counter(
-        ids[ids != nodata].ravel().tolist() if nodata is not None else ids.ravel().tolist()
-    )
+    classified = ids[ids != nodata] if nodata is not None else ids.ravel()
+    present = Counter(classified.tolist())
     handles = []
+    # Shares of the classified pixels: nodata (outside the data, an aoi, failed tiles) is no
+    # class, and counting it made "background 50%" of a map that is all background.
     for cid, n in present.most_common(MAX_LEGEND):
         name = names[cid] if cid < len(names) else str(cid)
         colour = tuple(v / 255 for v in table.get(cid, (0, 0, 0, 255)))
-        handles.append(Patch(color=colour, label=f"{name} ({100 * n / max(ids.size, 1):.1f}%)"))
+        share = 100 * n / max(classified.size, 1)
+        handles.append(Patch(color=colour, label=f"{name} ({share:.1f}%)"))
     return handles
 
 
