@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import math
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import shapely
 from affine import Affine
 from pyogrio.raw import write as write_vector
 from pyproj import Transformer
+from synthetic import best_of, raster_header
 
 from mgpr.geo.aoi import on_aoi, read_aoi, tiles_in_aoi
 from mgpr.geo.raster import RasterInfo
@@ -40,23 +40,7 @@ def header(size: int) -> RasterInfo:
     from pyproj import CRS as ProjCRS
 
     transform = Affine(0.1, 0, 500_000, 0, -0.1, 5_000_000)
-    return RasterInfo(
-        path="synthetic.tif",
-        height=size,
-        width=size,
-        count=3,
-        dtype="uint8",
-        crs_wkt=ProjCRS.from_user_input(CRS).to_wkt(),
-        transform=transform,
-        nodata=None,
-        has_mask=False,
-        block_shape=(512, 512),
-        file_bytes=None,
-        mtime=None,
-        native_height=size,
-        native_width=size,
-        native_transform=transform,
-    )
+    return raster_header("synthetic.tif", size, transform, ProjCRS.from_user_input(CRS).to_wkt())
 
 
 def write_area(path: Path, info: RasterInfo, vertices: int) -> None:
@@ -82,15 +66,6 @@ def write_area(path: Path, info: RasterInfo, vertices: int) -> None:
     )
 
 
-def best(fn, repeat: int) -> tuple[float, object]:  # type: ignore[no-untyped-def]
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", type=int, default=100_000, help="raster edge, px")
@@ -105,13 +80,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "area.gpkg"
         write_area(path, info, args.vertices)
-        t_read, aoi = best(lambda: read_aoi(str(path)), args.repeat)
-        t_place, placed = best(lambda: on_aoi([info], aoi), args.repeat)  # type: ignore[arg-type]
+        t_read, aoi = best_of(lambda: read_aoi(str(path)), args.repeat)
+        t_place, placed = best_of(lambda: on_aoi([info], aoi), args.repeat)  # type: ignore[arg-type]
     [placed_info] = placed  # type: ignore[misc]
-    t_plan, plan = best(
+    t_plan, plan = best_of(
         lambda: plan_tiles(info.path, info.height, info.width, args.tile, 0), args.repeat
     )
-    t_keep, (kept, _) = best(  # type: ignore[misc]
+    t_keep, (kept, _) = best_of(  # type: ignore[misc]
         lambda: tiles_in_aoi(placed_info, args.tile, 0), args.repeat
     )
     n_plan, n_kept = len(plan), len(kept)  # type: ignore[arg-type]

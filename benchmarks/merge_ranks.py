@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 from affine import Affine
+from synthetic import raster_header
 
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile, plan_tiles
@@ -42,23 +43,7 @@ WKT = 'PROJCS["WGS 84 / UTM zone 33N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID[
 
 def _raster(index: int, side: int) -> RasterInfo:
     transform = Affine(GSD, 0, 500_000.0 + index * side * GSD, 0, -GSD, 5_800_000.0)
-    return RasterInfo(
-        path=f"/data/orthos/block_{index:02d}.tif",
-        height=side,
-        width=side,
-        count=3,
-        dtype="uint8",
-        crs_wkt=WKT,
-        transform=transform,
-        nodata=None,
-        has_mask=False,
-        block_shape=(512, 512),
-        file_bytes=None,
-        mtime=None,
-        native_height=side,
-        native_width=side,
-        native_transform=transform,
-    )
+    return raster_header(f"/data/orthos/block_{index:02d}.tif", side, transform, WKT)
 
 
 def _tile_outcomes(

@@ -17,11 +17,11 @@ holds them), each timed through ``dedupe_across_inputs`` (best of ``--repeat``):
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 from affine import Affine
 from pyproj import CRS
+from synthetic import best_of, raster_header
 
 from mgpr.geo.georef import boxes_to_rings
 from mgpr.geo.raster import RasterInfo
@@ -33,24 +33,7 @@ WKT = CRS.from_epsg(32633).to_wkt()
 
 
 def header(i: int, x0: float) -> RasterInfo:
-    t = Affine(0.1, 0, x0, 0, -0.1, 5_000_000)
-    return RasterInfo(
-        path=f"r{i}.tif",
-        height=SIZE,
-        width=SIZE,
-        count=3,
-        dtype="uint8",
-        crs_wkt=WKT,
-        transform=t,
-        nodata=None,
-        has_mask=False,
-        block_shape=(512, 512),
-        file_bytes=None,
-        mtime=None,
-        native_height=SIZE,
-        native_width=SIZE,
-        native_transform=t,
-    )
+    return raster_header(f"r{i}.tif", SIZE, Affine(0.1, 0, x0, 0, -0.1, 5_000_000), WKT)
 
 
 def layer(inputs: int, boxes: int, step_px: int, seed: int) -> tuple[list, list]:  # type: ignore[type-arg]
@@ -82,15 +65,6 @@ def layer(inputs: int, boxes: int, step_px: int, seed: int) -> tuple[list, list]
     return rasters, batches
 
 
-def best(fn, repeat: int) -> tuple[float, object]:  # type: ignore[no-untyped-def]
-    times, out = [], None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t0)
-    return min(times), out
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--inputs", type=int, default=16)
@@ -104,7 +78,7 @@ def main() -> None:
     for name, step in (("sheets", SIZE - args.margin), ("apart", SIZE + 1000)):
         rasters, batches = layer(args.inputs, args.boxes, step, seed=1)
         total = sum(len(b) for b in batches)
-        seconds, (_, removed) = best(  # type: ignore[misc]
+        seconds, (_, removed) = best_of(  # type: ignore[misc]
             lambda rasters=rasters, batches=batches: dedupe_across_inputs(
                 batches, rasters, WKT, 0.5, 0.5
             ),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -156,6 +157,33 @@ def test_which_read_a_preview_takes(
     assert valid.all() if nodata is None else (not valid[:16].any() and valid[16:].all())
 
 
+def _threads_read_through(
+    monkeypatch: pytest.MonkeyPatch, read: Callable[..., np.ndarray]
+) -> Callable[..., Any]:
+    """Make every handle the preview's threads open read through ``read(handle, ...)``;
+    returns the real ``rasterio.open``."""
+    real_open = rasterio.open
+
+    class Handle:
+        def __init__(self, handle: Any) -> None:
+            self.handle = handle
+
+        def __enter__(self) -> Handle:
+            return self
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.handle, name)
+
+        def __exit__(self, *exc: object) -> None:
+            self.handle.close()
+
+        def read(self, *args: Any, **kwargs: Any) -> np.ndarray:
+            return read(self.handle, *args, **kwargs)
+
+    monkeypatch.setattr(decimated_read.rasterio, "open", lambda p: Handle(real_open(p)))
+    return real_open
+
+
 def test_a_failing_window_stops_every_thread(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -165,28 +193,14 @@ def test_a_failing_window_stops_every_thread(
     data = np.random.default_rng(3).integers(0, 255, (1, 512, 512), dtype=np.uint8)
     path = _write(tmp_path / "r.tif", data, block=16)
     seen: list[int] = []
-    real_open = rasterio.open
 
-    class Failing:
-        def __init__(self, handle: object) -> None:
-            self.handle = handle
+    def read(handle: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        seen.append(1)
+        if len(seen) == 3:
+            raise MemoryError("out of memory")
+        return handle.read(*args, **kwargs)
 
-        def __enter__(self) -> Failing:
-            return self
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.handle, name)
-
-        def __exit__(self, *exc: object) -> None:
-            self.handle.close()  # type: ignore[attr-defined]
-
-        def read(self, *args: object, **kwargs: object) -> np.ndarray:
-            seen.append(1)
-            if len(seen) == 3:
-                raise MemoryError("out of memory")
-            return self.handle.read(*args, **kwargs)  # type: ignore[attr-defined]
-
-    monkeypatch.setattr(decimated_read.rasterio, "open", lambda p: Failing(real_open(p)))
+    real_open = _threads_read_through(monkeypatch, read)
     with real_open(path) as src, pytest.raises(MemoryError):
         average_full_resolution(src, [1], (16, 16), threads=2, window_bytes=256)
     assert len(seen) < 20  # of 1,024 windows
@@ -223,25 +237,11 @@ def test_a_mostly_unreadable_file_gives_up_the_preview(
     """More than half of the windows unreadable: no preview of nodata, the error instead."""
     data = np.random.default_rng(6).integers(0, 255, (1, 512, 512), dtype=np.uint8)
     path = _write(tmp_path / "r.tif", data, block=16)
-    real_open = rasterio.open
 
-    class Broken:
-        def __init__(self, handle: object) -> None:
-            self.handle = handle
+    def read(handle: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        raise rasterio.errors.RasterioIOError("IReadBlock failed")
 
-        def __enter__(self) -> Broken:
-            return self
-
-        def __getattr__(self, name: str) -> object:
-            return getattr(self.handle, name)
-
-        def __exit__(self, *exc: object) -> None:
-            self.handle.close()  # type: ignore[attr-defined]
-
-        def read(self, *args: object, **kwargs: object) -> np.ndarray:
-            raise rasterio.errors.RasterioIOError("IReadBlock failed")
-
-    monkeypatch.setattr(decimated_read.rasterio, "open", lambda p: Broken(real_open(p)))
+    real_open = _threads_read_through(monkeypatch, read)
     with real_open(path) as src, pytest.raises(rasterio.errors.RasterioIOError):
         average_full_resolution(src, [1], (16, 16), threads=2, window_bytes=256)
 

@@ -26,6 +26,7 @@ from mgpr.geo.georef import raster_footprint
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.reproject import reproject_geometry, same_crs
 from mgpr.outputs.vector import FeatureBatch
+from mgpr.tasks.seam_dedupe import pair_overlaps
 
 #: Pixels from a raster's edge within which a box counts as cut by that edge.
 EDGE_PX = 1.0
@@ -156,13 +157,7 @@ def _duplicates(
     if not len(a):
         return gone
     area = (bounds[:, 2] - bounds[:, 0]) * (bounds[:, 3] - bounds[:, 1])
-    ix = np.minimum(bounds[a, 2], bounds[b, 2]) - np.maximum(bounds[a, 0], bounds[b, 0])
-    iy = np.minimum(bounds[a, 3], bounds[b, 3]) - np.maximum(bounds[a, 1], bounds[b, 1])
-    inter = np.clip(ix, 0, None) * np.clip(iy, 0, None)
-    union = area[a] + area[b] - inter
-    iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
-    smaller = np.minimum(area[a], area[b])
-    ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
+    iou, ios = pair_overlaps(bounds, area, a, b)
     same = (iou > nms_iou) | (ios >= seam_ios)
     a, b = a[same], b[same]
     # Rank: whole boxes first, then score, then area, then input order.

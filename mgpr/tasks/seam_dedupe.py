@@ -106,6 +106,23 @@ def _dedupe_pairs(
     rows = np.arange(len(pairs))
     b_first = differs.any(axis=1) & (key_b[rows, first_diff] < key_a[rows, first_diff])
     loser = np.where(b_first, a, b)
+    iou, ios = pair_overlaps(boxes, area, a, b)
+    gone = (iou > nms_iou) | ((ios >= seam_ios) & (tiles[a] != tiles[b]))
+    suppressed: npt.NDArray[np.int64] = loser[gone].astype(np.int64)
+    return suppressed
+
+
+def pair_overlaps(
+    boxes: npt.NDArray[np.float64],
+    area: npt.NDArray[np.float64],
+    a: npt.NDArray[np.int64],
+    b: npt.NDArray[np.int64],
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
+    """IoU and intersection over the smaller box of the box pairs ``(a[k], b[k])``, vectorised.
+
+    ``boxes`` (N, 4) xyxy, ``area`` their areas; 0 where a box has no area. Shared by the seam
+    rule and the one between overlapping inputs (:mod:`mgpr.tasks.overlap_dedupe`).
+    """
     ix = np.minimum(boxes[a, 2], boxes[b, 2]) - np.maximum(boxes[a, 0], boxes[b, 0])
     iy = np.minimum(boxes[a, 3], boxes[b, 3]) - np.maximum(boxes[a, 1], boxes[b, 1])
     inter = np.clip(ix, 0, None) * np.clip(iy, 0, None)
@@ -113,9 +130,7 @@ def _dedupe_pairs(
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     smaller = np.minimum(area[a], area[b])
     ios = np.divide(inter, smaller, out=np.zeros_like(inter), where=smaller > 0)
-    gone = (iou > nms_iou) | ((ios >= seam_ios) & (tiles[a] != tiles[b]))
-    suppressed: npt.NDArray[np.int64] = loser[gone].astype(np.int64)
-    return suppressed
+    return iou, ios
 
 
 def _dedupe_group(
