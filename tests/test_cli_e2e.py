@@ -43,6 +43,22 @@ def test_quickstart_finds_every_planted_object_once(tmp_path: Path, capsys) -> N
     assert {"score", "class_id", "label", "source", "tile_row", "tile_col"} <= set(rows[0])
 
 
+def test_the_demo_with_a_classifier_runs_and_skips_the_object_check(tmp_path: Path, capsys) -> None:
+    """``uv run mgpr model=resnet50``: the planted objects check boxes or pixels; a tile classifier
+    has nothing to check, so the run ends with its classifications instead of a failed read of a
+    ``detections`` layer it never wrote (it was reported as a file-system error, exit 2)."""
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(
+        f"output_dir={run}", "model=null", "image_size=512", "tile_size=128", "workers=0"
+    )
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    summary = _summary(run)
+    assert "demo_check" not in summary
+    assert summary["records"] == summary["tiles_total"] > 1
+    assert "demo check skipped" in out.err + out.out and "model=null" in out.err + out.out
+
+
 def test_demo_image_is_written_by_rank_0_only_and_awaited_by_the_others(tmp_path: Path) -> None:
     """Under srun every rank starts together: a rank that wrote its own copy of the demo image
     would give it another mtime, so another run fingerprint than rank 0's run.json."""

@@ -263,6 +263,14 @@ def finish_run(
     )
     if demo and aoi is not None:  # the truth lists every planted object, in the area or not
         log.info("demo check skipped: aoi= limits the run, the ground truth covers the image")
+    elif demo and adapter.task not in ("detection", "segmentation"):
+        # The truth is objects (boxes, pixels); a tile's class has nothing to be checked against.
+        log.info(
+            "demo check skipped: it compares boxes or class maps with the planted objects, and "
+            "model=%s is a %s model; use model=reference or model=reference-seg for the check",
+            cfg.model,
+            adapter.task,
+        )
     elif demo and truth_path is not None and summary.get("output"):
         if adapter.task == "segmentation":
             from mgpr.tasks.segmentation_check import class_map_check
