@@ -57,6 +57,23 @@ def test_tilde_and_variables_in_path_keys(monkeypatch: pytest.MonkeyPatch) -> No
     assert cfg.output_dir == "$MGPR_UNSET_VAR/runs"  # unset: kept, so its error names it
 
 
+def test_input_path_takes_a_list_but_a_glob_stays_a_glob(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SCRATCH", "/scratch/me")
+    cfg = load_config(["input_path=[a.tif,'$SCRATCH/b.tif',tiles/]"])
+    assert cfg.input_path == ["a.tif", "/scratch/me/b.tif", "tiles/"]
+    assert load_config(["input_path=[a.tif]"]).input_path == "a.tif"  # one item: that path
+    assert load_config(["input_path=tiles/[ab]*.tif"]).input_path == "tiles/[ab]*.tif"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "[x,y]").write_bytes(b"")  # a file of that very name stays that path
+    assert load_config(["input_path=[x,y]"]).input_path == "[x,y]"
+    with pytest.raises(ConfigError, match=r"input_path=\[\] lists no input"):
+        load_config(["input_path=[]"])
+    with pytest.raises(ConfigError, match="input_path lists 3, which is not a path"):
+        load_config(["input_path=[a.tif,3]"])
+
+
 def test_aliases_that_disagree_are_refused() -> None:
     with pytest.raises(ConfigError, match="image_path"):
         load_config(["image_path=a.tif", "input_path=b.tif"])

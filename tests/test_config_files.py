@@ -45,6 +45,12 @@ def test_file_then_overrides(conf: Path) -> None:
     assert load_config([]).tile_size == 512  # no file: the schema's defaults
 
 
+def test_a_yaml_list_of_inputs(conf: Path) -> None:
+    (conf / "two.yaml").write_text("input_path:\n  - flight1/\n  - /data/b.tif\n")
+    assert load_config([], str(conf), "two").input_path == ["flight1/", "/data/b.tif"]
+    assert load_config(["input_path=c.tif"], str(conf), "two").input_path == "c.tif"
+
+
 def test_config_name_alone_reads_the_current_directory(
     conf: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

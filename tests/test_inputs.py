@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import read_gpkg_layer, run_mgpr_inprocess
 
+from mgpr.errors import InputError
 from mgpr.geo.inputs import drop_duplicate_files, resolve_inputs
 from mgpr.geo.tiling import plan_tiles
 
@@ -184,3 +185,50 @@ def test_a_glob_in_the_wrong_case_says_what_matches_ignoring_case(
     with pytest.raises(InputError) as err:
         resolve_inputs(str(tmp_path / "d" / "*.ecw"))
     assert str(err.value).endswith("the glob matches no file; check the pattern")
+
+
+def test_a_list_of_inputs_is_expanded_item_by_item_in_its_order(make_image, tmp_path: Path) -> None:
+    """``input_path=[b.tif,tiles/]``: each item is what it would be alone (a file, a folder, a
+    glob, a .txt list), concatenated in the list's order; a file named twice is kept once."""
+    a = make_image("tiles/a.tif", width=64, height=64)
+    c = make_image("tiles/c.tif", width=64, height=64)
+    b = make_image("b.tif", width=64, height=64)
+    listing = tmp_path / "one.txt"
+    listing.write_text(f"{c.path}\n")
+    paths = resolve_inputs([str(b.path), str(tmp_path / "tiles"), str(listing)])
+    assert paths == [str(b.path), str(a.path), str(c.path)]
+    with pytest.raises(InputError, match=r"input_path='.*missing\.tif' does not exist"):
+        resolve_inputs([str(b.path), str(tmp_path / "missing.tif")])
+
+
+def test_comma_separated_inputs_are_answered_with_the_list_spelling(
+    make_image, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_image("a.tif", width=64, height=64)
+    make_image("b.tif", width=64, height=64)
+    with pytest.raises(InputError, match=r"write a list: input_path=\[a\.tif,b\.tif\]"):
+        resolve_inputs("a.tif,b.tif")
+    with pytest.raises(InputError, match=r"or a list \[a\.tif,b\.tif\]$"):
+        resolve_inputs("a.tif,zz.tif")  # not every part exists: no guess
+
+
+@pytest.mark.slow
+def test_a_run_over_a_list_of_inputs_from_the_command_line(
+    make_image, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    make_image("a.tif", width=256, height=256, objects=2)
+    make_image("more/b.tif", width=256, height=256, objects=2, origin_x=600000.0, seed=1)
+    run = tmp_path / "run"
+    args = ("model=reference", "tile_size=128", "overlap=32", "workers=0", f"output_dir={run}")
+    assert run_mgpr_inprocess("input_path=[a.tif,more/]", *args) == 0
+    inputs = [
+        Path(i["path"]).name
+        for i in json.loads((run / "run.json").read_text())["fingerprint"]["inputs"]
+    ]
+    assert inputs == ["a.tif", "b.tif"]
+    _geoms, rows, _epsg = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    assert {Path(r["source"]).name for r in rows} == {"a.tif", "b.tif"}
+    # The same inputs again resume (nothing left to predict), whatever the list's spelling
+    assert run_mgpr_inprocess("input_path=[a.tif,more/b.tif]", *args) == 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import glob
 import math
 import os
 import re
@@ -231,13 +232,50 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     # (input_path: $SCRATCH/ortho.tif), or quoted, they reached mgpr as is, and
     # output_dir='~/runs' made a folder literally named "~" in the current directory. An unset
     # variable stays as written, so the path's error names it.
+    cfg.input_path = _input_paths(cfg.input_path)
     for name in ("input_path", "output_dir", "weights", "aoi"):
         value = getattr(cfg, name)
-        if isinstance(value, str) and (value.startswith("~") or "$" in value):
-            setattr(cfg, name, os.path.expanduser(os.path.expandvars(value)))
+        if isinstance(value, list):
+            setattr(cfg, name, [_expand_user_vars(v) for v in value])
+        elif isinstance(value, str):
+            setattr(cfg, name, _expand_user_vars(value))
     cfg.compile = str(cfg.compile).lower()  # `compile=true` arrives as the bool True
     _check_ranges(cfg)
     return cfg
+
+
+def _expand_user_vars(value: str) -> str:
+    if value.startswith("~") or "$" in value:
+        return os.path.expanduser(os.path.expandvars(value))
+    return value
+
+
+def _input_paths(value: object) -> str | list[str] | None:
+    """``input_path`` as one path string, or a list of them (``[a.tif,dir/]``, a YAML list).
+
+    A one-item list is that path, so a run's fingerprint and messages do not depend on the
+    spelling; anything but strings in the list is refused.
+    """
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ConfigError(
+                "input_path=[] lists no input; give at least one path, e.g. "
+                "input_path=[a.tif,b.tif]"
+            )
+        bad = [v for v in value if not isinstance(v, str) or not v.strip()]
+        if bad:
+            raise ConfigError(
+                f"input_path lists {bad[0]!r}, which is not a path; write each input as a path, "
+                "e.g. input_path=[a.tif,tiles/]"
+            )
+        paths = [str(v) for v in value]
+        return paths[0] if len(paths) == 1 else paths
+    raise ConfigError(
+        f"input_path={value!r} is not a path; give a GeoTIFF, a folder, a glob, a .txt list "
+        "or a list of them, e.g. input_path=[a.tif,b.tif]"
+    )
 
 
 def _at_least(name: str, value: float | int | None, minimum: float, fix: str) -> None:
@@ -438,6 +476,21 @@ _PATH_KEYS = ("input_path", "image_path", "output_dir", "weights", "aoi", "outpu
 _HYDRA_SYNTAX = re.compile(r"[\s()\[\]{}=,:]")
 
 
+#: Path keys that take a list of paths too.
+_LIST_PATH_KEYS = ("input_path",)
+
+
+def _is_path_list(value: str) -> bool:
+    """``[a.tif,b.tif]`` is a list of paths, unless a file or glob match has that very name.
+
+    A glob's character class such as ``tiles/[ab]*.tif`` does not start and end with brackets;
+    ``[ab]`` alone could be either and is a list unless it matches a file.
+    """
+    if not (value.startswith("[") and value.endswith("]")):
+        return False
+    return not Path(value).exists() and not glob.glob(value)
+
+
 def _quote_name_values(overrides: Sequence[str]) -> list[str]:
     """Keep ``model=null``/``weights=null`` and paths with Hydra syntax characters as strings.
 
@@ -450,6 +503,8 @@ def _quote_name_values(overrides: Sequence[str]) -> list[str]:
         key, _, value = item.partition("=")
         if key.lstrip("+~") in ("model", "weights") and value.lower() in ("null", "none"):
             item = f"{key}='{value.lower()}'"
+        elif key.lstrip("+~") in _LIST_PATH_KEYS and _is_path_list(value):
+            pass  # [a.tif,b.tif]: Hydra's list syntax, several inputs
         elif (
             key.lstrip("+~") in _PATH_KEYS
             and _HYDRA_SYNTAX.search(value)

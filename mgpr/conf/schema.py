@@ -33,8 +33,10 @@ class PredictConfig:
     """
 
     # inputs
-    input_path: str | None = key(
-        None, "GeoTIFF, folder, glob or .txt list of paths; unset = built-in demo"
+    input_path: Any = key(
+        None,
+        "GeoTIFF, folder, glob or .txt list of paths, or a list of those [a.tif,dir/]; unset = "
+        "built-in demo",
     )
     image_path: str | None = key(None, "alias of input_path (the original demo's key)")
     bands: list[Any] | None = key(

@@ -113,9 +113,15 @@ def _expand(input_path: str) -> list[str]:
             )
         return _raster_matches(input_path, matches)
     if not path.exists():
+        parts = [p.strip() for p in input_path.split(",")]
+        several = len(parts) > 1 and all(p and Path(p).expanduser().exists() for p in parts)
         raise InputError(
             f"input_path={input_path!r} does not exist; "
-            "pass a GeoTIFF, a folder, a glob or a .txt list"
+            + (
+                f"for several inputs write a list: input_path=[{','.join(parts)}]"
+                if several
+                else "pass a GeoTIFF, a folder, a glob, a .txt list or a list [a.tif,b.tif]"
+            )
         )
     if path.is_dir():
         found = sorted(
@@ -156,13 +162,14 @@ def _read_list_file(path: Path) -> list[str]:
     return out
 
 
-def resolve_inputs(input_path: str, written: Sequence[Path] = ()) -> list[str]:
+def resolve_inputs(input_path: str | Sequence[str], written: Sequence[Path] = ()) -> list[str]:
     """Expand ``input_path`` into raster paths, each file once, in a stable order.
 
     Args:
         input_path: a raster file, a folder (its ``*.tif``/``*.tiff``/... files, not recursive),
             a glob pattern, or a ``.txt`` file listing one path per line (``#`` comments and
-            blank lines ignored; relative paths are relative to the list file).
+            blank lines ignored; relative paths are relative to the list file); or a list of
+            those, expanded one by one in its order.
         written: folders this run writes its results into (absolute); see the module docstring.
 
     Returns:
@@ -174,9 +181,12 @@ def resolve_inputs(input_path: str, written: Sequence[Path] = ()) -> list[str]:
             listed file is missing (naming the file and its line), or an input lies in one of
             the ``written`` folders.
     """
-    paths = _expand(input_path)
-    if written:
-        paths = _without_own_results(input_path, paths, [Path(w).resolve() for w in written])
+    items = [input_path] if isinstance(input_path, str) else list(input_path)
+    folders = [Path(w).resolve() for w in written]
+    paths: list[str] = []
+    for item in items:
+        found = _expand(item)
+        paths += _without_own_results(item, found, folders) if folders else found
     return drop_duplicate_files(paths)
 
 

@@ -196,7 +196,7 @@ def _predict_and_finish(
                 "the demo image",
                 lambda: demo_image(run_dir, cfg, rank, cfg.tile_size, cfg.overlap),
             )
-            input_path = str(image)
+            input_path: str | list[str] = str(image)
         else:
             assert cfg.input_path is not None
             input_path = cfg.input_path
