@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from mgpr.conf.load import load_config
 from mgpr.errors import ConfigError, InputError
-from mgpr.geo.gsd import check_gsd_crs, on_model_grid
+from mgpr.geo.gsd import check_gsd_crs, describe_crs_scale, describe_model_grid, on_model_grid
 from mgpr.geo.model_grid import (
     ModelGrid,
     gsd_factors,
@@ -270,6 +270,55 @@ def test_detections_at_gsd_match_the_truth_within_one_model_pixel(
     assert (grid["model_width"], grid["model_height"]) == (420, 380)
     assert summary["provenance"]["inputs"][0]["width"] == round(420 * factor)  # the file's
     assert f"gsd          0.1 m per model pixel: x{factor:g} (average)" in capsys.readouterr().out
+
+
+def _web_mercator_y(lat: float) -> float:
+    """Northing of ``lat`` degrees in EPSG:3857 (the spherical Mercator formula)."""
+    return 6378137.0 * math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
+
+
+def test_a_web_mercator_metre_is_scaled_to_the_ground_and_utm_is_taken_as_it_is(
+    make_image,
+) -> None:
+    """EPSG:3857 (XYZ tile downloads) stretches by 1 / cos(latitude): at 60 degrees N its 0.2 m
+    pixels are 0.1 m on the ground, so gsd=0.1 reads them natively, not averaged 2x2."""
+    merc = make_image("m.tif", width=64, height=64, crs="EPSG:3857", pixel_size=0.2,
+                      origin_x=1113195.0, origin_y=_web_mercator_y(60.0))  # fmt: skip
+    info = on_model_grid(describe_raster(str(merc.path)), 0.1, "auto")
+    assert info.crs_scale == pytest.approx(2.0, rel=1e-4)  # 1 / cos(60 deg)
+    assert info.factor_x == pytest.approx(1.0, rel=1e-4) and info.width in (64, 65)
+    assert "on the ground" in describe_model_grid(info)
+    note = describe_crs_scale(info, 0.1)
+    assert note is not None and "0.5 m on the ground" in note and "varies" not in note
+    utm = on_model_grid(
+        describe_raster(str(make_image("u.tif", width=64, height=64).path)), 0.2, "auto"
+    )
+    assert utm.crs_scale == 1.0 and utm.factor_x == 2.0  # UTM's 0.9996..1.001: face value
+    assert describe_crs_scale(utm, 0.2) is None
+    # A raster over 40 degrees of latitude has no one scale: said, with the centre's used.
+    wide = make_image("w.tif", width=64, height=64, crs="EPSG:3857", pixel_size=70000.0,
+                      origin_x=1113195.0, origin_y=_web_mercator_y(70.0))  # fmt: skip
+    wide_info = on_model_grid(describe_raster(str(wide.path)), 100000.0, "auto")
+    assert "varies by" in (describe_crs_scale(wide_info, 100000.0) or "")
+
+
+def test_detections_at_gsd_on_web_mercator_match_the_truth(make_image, tmp_path: Path) -> None:
+    """Planted objects on a 3857 raster at 48.19 N (scale 1.5): gsd=0.1 on the ground is a model
+    grid of 0.15 CRS metres, factor 1.5 over the 0.1 m pixels; every object found once."""
+    lat = math.degrees(math.acos(1 / 1.5))
+    img = make_image(
+        "merc.tif", width=630, height=570, pixel_size=0.1, crs="EPSG:3857", origin_x=1113195.0,
+        origin_y=_web_mercator_y(lat), objects=10, object_min_px=18, object_max_px=48,
+        tile_size=round(TILE * 1.5), overlap=round(OVERLAP * 1.5), seed=4,
+    )  # fmt: skip
+    run = tmp_path / "run"
+    assert _run(img, run, "model=reference", "gsd=0.1") == 0
+    check = demo_check(run / "predictions.gpkg", img.truth_path)
+    assert check["found"] == 10 and check["duplicates"] == 0, check
+    assert check["unmatched_detections"] == 0 and check["max_footprint_error_px"] <= 1.5, check
+    grid = json.loads((run / "summary.json").read_text())["resolution"]["inputs"][str(img.path)]
+    assert grid["crs_scale"] == pytest.approx(1.5, rel=1e-4)
+    assert grid["factor"][0] == pytest.approx(1.5, rel=1e-4)
 
 
 def test_classification_footprints_lie_on_the_model_grid(make_image, tmp_path: Path) -> None:

@@ -71,6 +71,9 @@ class RasterInfo:
         factor_y: native pixels per grid pixel along rows (1.0 without ``gsd``).
         resampling: GDAL resampling of the model grid's reads (``average``, ``bilinear``, ...);
             None when the run reads native pixels (no ``gsd``).
+        crs_scale: with ``gsd=``, the CRS's metres per metre on the ground at the raster's
+            centre (Web Mercator at 50 degrees N: 1.56), by which the model grid's pixels are
+            made larger than ``gsd`` so they are ``gsd`` on the ground; 1.0 within 1 %.
         native_height: rows of the file, pixels.
         native_width: columns of the file, pixels.
         native_transform: the file's pixel-corner transform.
@@ -102,6 +105,7 @@ class RasterInfo:
     factor_x: float = 1.0
     factor_y: float = 1.0
     resampling: str | None = None
+    crs_scale: float = 1.0
     native_height: int = dataclasses.field(kw_only=True)
     native_width: int = dataclasses.field(kw_only=True)
     native_transform: Affine = dataclasses.field(kw_only=True)

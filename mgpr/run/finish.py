@@ -338,6 +338,7 @@ def describe_resolution(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> di
         "inputs": {
             r.path: {
                 "native_pixel_size": [abs(r.native_transform.a), abs(r.native_transform.e)],
+                "crs_scale": r.crs_scale,
                 "factor": [r.factor_x, r.factor_y],
                 "resampling": r.resampling or "none (native pixels)",
                 "model_width": r.width,

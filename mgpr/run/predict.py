@@ -208,11 +208,14 @@ def _predict_and_finish(
         def inputs() -> tuple[list[Any], dict[str, Any] | None]:
             found = [describe_raster(path) for path in resolve_inputs(input_path, written(run_dir))]
             if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
-                from mgpr.geo.gsd import describe_model_grid, on_model_grids
+                from mgpr.geo.gsd import describe_crs_scale, describe_model_grid, on_model_grids
 
                 found = on_model_grids(found, cfg.gsd, cfg.resampling)
                 for info in found if rank == 0 else []:
                     log.info("gsd=%g m: %s", cfg.gsd, describe_model_grid(info))
+                    scale_note = describe_crs_scale(info, cfg.gsd)
+                    if scale_note:
+                        log.warning("gsd=%g m: %s", cfg.gsd, scale_note)
             area = None
             if cfg.aoi is not None:  # each raster gets the area in its (model-grid) pixels
                 from mgpr.geo.aoi import on_aoi, read_aoi
