@@ -217,3 +217,26 @@ def test_previews_of_several_inputs_have_unique_names(make_image, tmp_path: Path
     b = make_image("b/ortho.tif", width=300, height=200)
     out = write_previews(tmp_path, "segmentation", [str(a.path), str(b.path)], {})
     assert [p.name for p in out] == ["preview_ortho.png", "preview_ortho_2.png"]
+
+
+def test_the_summary_counts_every_class_map_of_several_inputs(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """``records`` sums the pixels of every class map; the output line named the first map
+    alone beside that total (and ``in EPSG:4326`` beside it, though class maps keep their CRS)."""
+    make_image("in/a.tif", width=300, height=200, objects=3)
+    make_image("in/b.tif", width=300, height=200, objects=3, origin_x=600000.0, seed=2)
+    run = tmp_path / "run"
+    args = segmentation_args(tmp_path / "in", run, "vectorize=true", "output_crs=EPSG:4326")
+    assert run_mgpr_inprocess(*args) == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads((run / "summary.json").read_text())
+    at = next(i for i, ln in enumerate(out) if ln.startswith("  output  "))
+    segments = summary["layers"]["segments"]
+    assert out[at] == (
+        f"  output       2 class maps in {run / 'segmentation'}/ ({summary['records']} "
+        f"class-map pixels; layer segments: {segments} in EPSG:4326)"
+    )
+    listed = [ln.strip() for ln in out[at + 1 : at + 1 + len(summary["outputs"])]]
+    assert listed == summary["outputs"]
+    assert {Path(p).name for p in listed} >= {"a.tif", "b.tif", "predictions.gpkg"}

@@ -392,6 +392,34 @@ def _report(
     return format_report(report), report
 
 
+def _output_lines(s: dict[str, Any]) -> list[str]:
+    """``output`` lines: the main file with its counts, then every other output.
+
+    Segmentation writes a class map per input; with several, the first line names how many
+    and where, as ``records`` counts the pixels of them all (it named the first map alone).
+    ``output_crs`` applies to vector layers, never to class maps, so it is said of the layers.
+    """
+    outputs = s.get("outputs") or [s["output"]]
+    layers = "".join(f"; layer {k}: {v}" for k, v in s["layers"].items())
+    if s.get("task") != "segmentation":
+        into = f" in {s['output_crs']}" if s.get("output_crs") else ""
+        head = f"{s['output']} ({s['records']} records{layers}){into}"
+        rest = outputs[1:]
+    else:
+        into = f" in {s['output_crs']}" if s.get("output_crs") and layers else ""
+        first = Path(s["output"])
+        maps = [p for p in outputs if Path(p).parent == first.parent and p.endswith(".tif")]
+        maps = [p for p in maps if not p.endswith("_prob.tif")]
+        if len(maps) > 1:
+            head = f"{len(maps)} class maps in {first.parent}/ ({s['records']} class-map pixels"
+            rest = outputs
+        else:
+            head = f"{s['output']} ({s['records']} class-map pixels"
+            rest = outputs[1:]
+        head += f"{layers}{into})"
+    return [f"  output       {head}"] + [f"               {p}" for p in rest]
+
+
 def _print_summary(s: dict[str, Any], report_text: str) -> None:
     lines = ["", "mgpr summary"]
     if s.get("random_weights") and s["model"] not in ("reference", "null"):
@@ -429,11 +457,7 @@ def _print_summary(s: dict[str, Any], report_text: str) -> None:
             f"whole command {s['wall_s']:.0f} s"
         )
     if s.get("output"):
-        counted = "class-map pixels" if s.get("task") == "segmentation" else "records"
-        layers = "".join(f"; layer {k}: {v}" for k, v in s["layers"].items())
-        into = f" in {s['output_crs']}" if s.get("output_crs") else ""
-        lines.append(f"  output       {s['output']} ({s['records']} {counted}{layers}){into}")
-        lines += [f"               {p}" for p in s.get("outputs", [])[1:]]
+        lines += _output_lines(s)
     for path in (s.get("empty_inputs") or [])[:3]:
         lines.append(
             f"  WARNING: every tile of {path} is nodata, so nothing was predicted there; check "
