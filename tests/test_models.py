@@ -396,6 +396,12 @@ class BoxesAs(torch.nn.Module):
         import numpy as np
         if self.kind == "numpy":
             box, score, label = np.array([[1.0, 2.0, 5.0, 6.0]]), np.array([0.9]), np.array([1])
+        elif self.kind == "unit":  # normalised (0..1 of the tile), as DETR/YOLO exports give
+            box = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.4, 0.9]])
+            score, label = torch.tensor([0.9, 0.8]), torch.tensor([1, 1])
+        elif self.kind == "resized":  # boxes on an 800 px resize of a 64 px tile: most outside
+            box = torch.tensor([[10.0, 10.0, 40.0, 40.0], [300.0, 420.0, 380.0, 500.0]])
+            score, label = torch.tensor([0.9, 0.8]), torch.tensor([1, 1])
         else:
             box = torch.tensor([[6.0, 6.0, 2.0, 3.0]])
             score, label = torch.tensor([0.9]), torch.tensor([1])
@@ -406,6 +412,12 @@ def build_det_numpy(weights):
 
 def build_det_xywh(weights):
     return BoxesAs("xywh")
+
+def build_det_unit(weights):
+    return BoxesAs("unit")
+
+def build_det_resized(weights):
+    return BoxesAs("resized")
 
 def build_adapter(weights):
     return NullAdapter()
@@ -493,6 +505,25 @@ def test_custom_detector_numpy_output_and_xywh_boxes(tmpmod: str) -> None:
             ModelError, match=r"box \[6.0, 6.0, 2.0, 3.0\] .* x2 < x1 .*box_convert"
         ):
             xywh.predict(tile, 8)
+
+
+def test_custom_detector_boxes_in_another_frame(tmpmod: str, caplog) -> None:
+    """Normalised boxes (every one within the tile's first pixel) are refused; boxes wholly
+    outside the tile (a module that resized its input) are dropped with one warning."""
+    import logging
+
+    tile = torch.zeros((1, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        with pytest.raises(ModelError, match=r"2 boxes .* within 0\.\.1 .* multiply x by .*64 px"):
+            build_model(f"{tmpmod}:build_det_unit").predict(tile, 64)
+        resized = build_model(f"{tmpmod}:build_det_resized")
+        with caplog.at_level(logging.WARNING):
+            (det,) = resized.predict(tile, 64)
+            resized.predict(tile, 64)
+    np.testing.assert_array_equal(det.boxes, [[10, 10, 40, 40], [300, 420, 380, 500]])
+    lines = [r.getMessage() for r in caplog.records if "wholly outside" in r.getMessage()]
+    assert len(lines) == 1 and "1 box(es) wholly outside its 64 px tile" in lines[0]
+    assert "[300.0, 420.0, 380.0, 500.0]" in lines[0]
 
 
 def test_custom_returning_adapter_is_used_as_is(tmpmod: str) -> None:

@@ -225,6 +225,8 @@ class ModuleAdapter(ModelAdapter):
         #: segmentation: also return per-class uint8 probabilities per tile.
         self.probabilities = probabilities
         self._backbone: Callable[[torch.Tensor], Any] | None = None
+        #: detection: boxes wholly outside the tile were reported once (per process).
+        self._outside_reported = False
 
     def forward(self, inputs: torch.Tensor) -> Any:
         """The module's output; a torchvision detector with float32 boxes under autocast."""
@@ -373,26 +375,79 @@ class ModuleAdapter(ModelAdapter):
         if kind == "classification":
             return classifications_from_logits(raw, self.topk)
         dets = [{k: torch.as_tensor(d[k]) for k in _DET_KEYS} for d in raw]  # numpy/lists too
-        _check_box_corners(dets, self.name)
+        outside = _check_box_frame(dets, self.name, tile_size)
+        if outside and not self._outside_reported:
+            self._outside_reported = True
+            count, example = outside
+            logger.warning(
+                "model=%s returned %d box(es) wholly outside its %d px tile in one batch (e.g. "
+                "%s), which are dropped; boxes must be (x1, y1, x2, y2) in the tile's pixels, "
+                "0..%d: if the module resizes its input, scale its boxes back (reported once)",
+                self.name,
+                count,
+                tile_size,
+                example,
+                tile_size,
+            )
         return detections_from_dicts(dets, self.score_threshold)
 
 
-def _check_box_corners(dets: Sequence[dict[str, torch.Tensor]], name: str) -> None:
-    """Refuse boxes whose second corner lies left of or above the first.
+def _check_box_frame(
+    dets: Sequence[dict[str, torch.Tensor]], name: str, tile_size: int
+) -> tuple[int, list[float]] | None:
+    """Refuse boxes that are not tile-pixel corners; return boxes wholly outside the tile.
 
-    mgpr takes torchvision's (x1, y1, x2, y2) tile-pixel corners. A model returning
-    (x, y, w, h) or (cx, cy, w, h) gives such inverted boxes for most objects, which the merge
-    then dropped as empty: exit 0 and an empty layer, with no word why.
+    mgpr takes torchvision's (x1, y1, x2, y2) corners in tile pixels. Two other conventions
+    are refused, as each ended in exit 0 with wrong or no results and no word why:
+
+    * (x, y, w, h) or (cx, cy, w, h): most boxes have x2 < x1 or y2 < y1 when read as corners,
+      and the merge dropped them as empty;
+    * normalised coordinates (0..1 of the tile, as DETR / YOLO exports give): every box lay
+      within the tile's first pixel. Refused when a batch has at least 2 boxes and every
+      coordinate is in [0, 1] on tiles of 8 px or more; a real detector puts no two boxes
+      there.
+
+    Boxes wholly outside the tile (a module that resized its input and did not scale its
+    boxes back) are clipped to nothing later; they are returned as ``(count, first box)``
+    for one warning. One device sync per batch.
     """
     if not dets:
-        return
+        return None
     boxes_per_tile = [det["boxes"].reshape(-1, 4) for det in dets]
+    boxes = torch.cat([b.float() for b in boxes_per_tile])
+    if not len(boxes):
+        return None
     inverted = [(b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1]) for b in boxes_per_tile]
-    if not bool(torch.stack([bad.any() for bad in inverted]).any()):  # one device sync
-        return
-    for i, (boxes, bad) in enumerate(zip(boxes_per_tile, inverted, strict=True)):
+    away = (
+        (boxes[:, 0] >= tile_size)
+        | (boxes[:, 1] >= tile_size)
+        | (boxes[:, 2] <= 0)
+        | (boxes[:, 3] <= 0)
+    )
+    unit = (boxes >= 0).all() & (boxes <= 1.0).all()
+    flags = torch.stack(
+        [torch.stack([bad.any() for bad in inverted]).any().float(), unit.float(), away.sum()]
+    ).tolist()  # the one device sync
+    any_inverted, all_unit, n_away = bool(flags[0]), bool(flags[1]), int(flags[2])
+    if all_unit and len(boxes) >= 2 and tile_size >= 8:
+        first = [round(float(v), 3) for v in boxes[0].tolist()]
+        raise ModelError(
+            f"model={name} returned {len(boxes)} boxes in one batch whose every coordinate is "
+            f"within 0..1 (e.g. {first}): normalised boxes; mgpr expects (x1, y1, x2, y2) in "
+            f"tile pixels, as torchvision: multiply x by the tile's width and y by its height "
+            f"({tile_size} px) before returning them"
+            + (
+                ", and convert (cx, cy, w, h) ones with torchvision.ops.box_convert(boxes, "
+                "'cxcywh', 'xyxy')."
+                if any_inverted
+                else "."
+            )
+        )
+    if not any_inverted:
+        return (n_away, [round(float(v), 2) for v in boxes[away][0].tolist()]) if n_away else None
+    for i, (tile_boxes, bad) in enumerate(zip(boxes_per_tile, inverted, strict=True)):
         if bool(bad.any()):
-            first = [round(float(v), 2) for v in boxes[bad][0].tolist()]
+            first = [round(float(v), 2) for v in tile_boxes[bad][0].tolist()]
             raise ModelError(
                 f"model={name} returned a box {first} (tile {i} of the batch) whose x2 < x1 or "
                 "y2 < y1; mgpr expects (x1, y1, x2, y2) corners in tile pixels, as torchvision: "
