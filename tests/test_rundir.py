@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from mgpr.errors import OutputError
-from mgpr.outputs.rundir import FINGERPRINT_FILE, prepare_run_dir
+from mgpr.outputs.rundir import FINGERPRINT_FILE, prepare_run_dir, resolve_run_dir
 
 FINGERPRINT = {"model": "reference", "inputs": ["ortho.tif"], "tile_size": 128}
 FOREIGN = {"model": "fasterrcnn", "inputs": ["ortho.tif"], "tile_size": 128}
@@ -205,3 +205,41 @@ def test_stale_previews_go_and_stale_data_files_stay_named(tmp_path: Path) -> No
     assert (run / "mine.png").exists() and outside.exists()
     (run / "summary.json").write_text("not json")
     assert stale_outputs(run, now) == ([], [])
+
+
+def test_default_run_dirs_of_commands_started_in_the_same_second_differ(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One command per GPU from a shell loop: both chose runs/<same second>, and the second
+    was refused as in use by the first. Each gets its own folder, made at once."""
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20261206-120000")
+    first = resolve_run_dir(None, {})
+    second = resolve_run_dir(None, {})
+    assert first == tmp_path / "runs" / "20261206-120000" and first.is_dir()
+    assert second == tmp_path / "runs" / "20261206-120000-2" and second.is_dir()
+    assert resolve_run_dir(None, {"SLURM_JOB_ID": "77"}) == tmp_path / "runs" / "slurm-77"
+    assert resolve_run_dir(None, {"LSB_JOBID": "12"}) == tmp_path / "runs" / "lsf-12"
+    assert resolve_run_dir("x", {"TORCHELASTIC_RUN_ID": "a"}) == tmp_path / "x"
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"TORCHELASTIC_RUN_ID": "none", "WORLD_SIZE": "4"}, "torchrun"),
+        ({"OMPI_COMM_WORLD_SIZE": "8"}, "mpirun"),
+        ({"NODE_RANK": "1", "MASTER_ADDR": "n1"}, "NODE_RANK=1"),
+        ({"WORLD_SIZE": "2"}, "WORLD_SIZE=2"),
+    ],
+)
+def test_ranks_started_one_by_one_need_an_output_dir(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict[str, str], named: str
+) -> None:
+    """Each would name its own runs/<timestamp> (another second, another node): refused."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(OutputError, match=rf"output_dir is unset, and ranks started by .*{named}"):
+        resolve_run_dir(None, env)
+    assert not (tmp_path / "runs").exists()
+    assert resolve_run_dir(None, {**env, "MGPR_RUN_DIR": "/r"}) == Path("/r")  # launched by rank 0

@@ -120,7 +120,9 @@ class PredictConfig:
     join_timeout_s: int = key(300, "seconds to wait for every rank to join before failing")
     # outputs
     output_dir: str | None = key(
-        None, "run directory; unset = runs/slurm-<job id> or runs/<timestamp>"
+        None,
+        "run directory; unset = runs/slurm-<job id> (SLURM), runs/lsf-<job id> (LSF) or a new "
+        "runs/<timestamp>",
     )
     output_format: str = key(
         "gpkg", "gpkg (one GeoPackage, for QGIS) | parquet (GeoParquet 1.1 per layer) | both"

@@ -61,7 +61,51 @@ def resolve_run_dir(output_dir: str | None, env: Mapping[str, str]) -> Path:
     job = env.get("SLURM_JOB_ID")
     if job:
         return Path("runs", f"slurm-{job}").absolute()
-    return Path("runs", time.strftime("%Y%m%d-%H%M%S")).absolute()
+    if env.get("LSB_JOBID"):  # LSF: every rank of the job sees the same id, as under SLURM
+        return Path("runs", f"lsf-{env['LSB_JOBID']}").absolute()
+    launcher = _independent_launcher(env)
+    if launcher:
+        raise OutputError(
+            f"output_dir is unset, and ranks started by {launcher} would each name their own "
+            "runs/<timestamp> folder (one per node or per second); set output_dir= to one "
+            "folder every rank sees, e.g. output_dir=/shared/runs/ortho1"
+        )
+    return _new_timestamp_dir(Path("runs").absolute())
+
+
+def _independent_launcher(env: Mapping[str, str]) -> str | None:
+    """What started this process as one of several that do not share ``MGPR_RUN_DIR``."""
+    if env.get("TORCHELASTIC_RUN_ID"):
+        return "torchrun"
+    for name in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "WORLD_SIZE"):
+        if (env.get(name) or "1").strip() not in ("", "0", "1"):
+            return {"OMPI_COMM_WORLD_SIZE": "mpirun", "PMI_SIZE": "an MPI launcher"}.get(
+                name, f"a launcher (WORLD_SIZE={env[name]})"
+            )
+    if env.get("NODE_RANK"):
+        return f"hand on several nodes (NODE_RANK={env['NODE_RANK']})"
+    return None
+
+
+def _new_timestamp_dir(parent: Path) -> Path:
+    """``runs/<YYYYmmdd-HHMMSS>``, made here; ``-2``, ``-3`` ... when that name is taken.
+
+    Why made at once: two commands started in the same second (one per GPU from a shell loop)
+    chose the same folder, and the second was refused as in use by the first. ``mkdir``
+    without ``exist_ok`` is atomic, so each command gets its own. Only the first process of a
+    run gets here: the ranks it launches inherit ``MGPR_RUN_DIR``.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in range(1, 1000):
+        path = parent / (stamp if n == 1 else f"{stamp}-{n}")
+        try:
+            path.mkdir(parents=True)
+        except FileExistsError:
+            continue
+        except OSError:  # not writable, a file in the way: check_writable says it in one line
+            return path
+        return path
+    raise OutputError(f"no free run directory name under {parent} for {stamp}; set output_dir=")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
