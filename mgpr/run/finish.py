@@ -46,6 +46,7 @@ from mgpr.conf.schema import PredictConfig
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
 from mgpr.outputs.rundir import stale_outputs, write_json_atomic
+from mgpr.run.summary_text import print_summary
 from mgpr.tasks import get_task
 from mgpr.tasks.base import TaskContext
 from mgpr.tasks.merge import merge_run
@@ -304,7 +305,7 @@ def finish_run(
         )
         summary["stale_outputs"] = [str(p) for p in kept]
     write_json_atomic(run_dir / "summary.json", summary)
-    _print_summary(summary, report_text)
+    print_summary(summary, report_text)
     return summary
 
 
@@ -390,147 +391,3 @@ def _report(
         return "", None
     summary["hint"] = report.get("hint")
     return format_report(report), report
-
-
-def _output_lines(s: dict[str, Any]) -> list[str]:
-    """``output`` lines: the main file with its counts, then every other output.
-
-    Segmentation writes a class map per input; with several, the first line names how many
-    and where, as ``records`` counts the pixels of them all (it named the first map alone).
-    ``output_crs`` applies to vector layers, never to class maps, so it is said of the layers.
-    """
-    outputs = s.get("outputs") or [s["output"]]
-    layers = "".join(f"; layer {k}: {v}" for k, v in s["layers"].items())
-    if s.get("task") != "segmentation":
-        into = f" in {s['output_crs']}" if s.get("output_crs") else ""
-        head = f"{s['output']} ({s['records']} records{layers}){into}"
-        rest = outputs[1:]
-    else:
-        into = f" in {s['output_crs']}" if s.get("output_crs") and layers else ""
-        first = Path(s["output"])
-        maps = [p for p in outputs if Path(p).parent == first.parent and p.endswith(".tif")]
-        maps = [p for p in maps if not p.endswith("_prob.tif")]
-        if len(maps) > 1:
-            head = f"{len(maps)} class maps in {first.parent}/ ({s['records']} class-map pixels"
-            rest = outputs
-        else:
-            head = f"{s['output']} ({s['records']} class-map pixels"
-            rest = outputs[1:]
-        head += f"{layers}{into})"
-    return [f"  output       {head}"] + [f"               {p}" for p in rest]
-
-
-def _print_summary(s: dict[str, Any], report_text: str) -> None:
-    lines = ["", "mgpr summary"]
-    if s.get("random_weights") and s["model"] not in ("reference", "null"):
-        lines.append(
-            f"  WARNING: {s['model']} ran with RANDOM weights (weights=none): "
-            "predictions are meaningless"
-        )
-    lines.append(
-        f"  model        {s['model']} ({s['task']}), weights {s['weights']}, "
-        f"precision {s['precision']}" + (f", {s['compile']['used']}" if s.get("compile") else "")
-    )
-    lines.append(f"  ranks        {s['world_size']} on {s['num_nodes']} node(s), {s['strategy']}")
-    earlier = s.get("tiles_earlier_runs")
-    lines.append(
-        f"  tiles        {s['tiles_total']} planned: {s['tiles_predicted']} predicted, "
-        f"{s['tiles_skipped_nodata']} skipped (nodata), {s['tiles_failed']} failed"
-        + (f", {s['tiles_missing']} MISSING" if s.get("tiles_missing") else "")
-        + (f"; {s['tiles_this_run']} in this run, {earlier} by earlier runs" if earlier else "")
-    )
-    if s.get("tiles_this_run") == 0 and earlier:
-        lines.append(
-            "  throughput   none: earlier runs finished every tile, this one merged; "
-            f"whole command {s['wall_s']:.0f} s"
-        )
-    elif s.get("tiles_per_s") is not None:
-        model = s.get("model_tiles_per_s")
-        lines.append(
-            f"  throughput   {s['tiles_per_s']:.1f} tiles/s"
-            + (
-                f" ({model:.1f} tiles/s through the model, the rest nodata or failed)"
-                if model is not None and model < 0.99 * s["tiles_per_s"]
-                else ""
-            )
-            + f" over {s['predict_loop_s']:.1f} s of prediction on {s['world_size']} rank(s); "
-            f"whole command {s['wall_s']:.0f} s"
-        )
-    if s.get("output"):
-        lines += _output_lines(s)
-    for path in (s.get("empty_inputs") or [])[:3]:
-        lines.append(
-            f"  WARNING: every tile of {path} is nodata, so nothing was predicted there; check "
-            "its nodata value and mask (gdalinfo)"
-        )
-    if len(s.get("empty_inputs") or []) > 3:
-        lines.append(f"           and {len(s['empty_inputs']) - 3} more inputs (summary.json)")
-    area = s.get("aoi")
-    if area:
-        outside = area.get("inputs_outside") or []
-        lines.append(
-            f"  aoi          {area['path']} ({area['crs']}): {s['tiles_total']} tiles touch it, "
-            f"{area.get('tiles_outside', 0)} outside not read"
-            + (f", {len(outside)} input(s) outside left out" if outside else "")
-        )
-    if s.get("duplicates_removed"):
-        lines.append(f"  seams        {s['duplicates_removed']} duplicate boxes removed")
-    if s.get("duplicates_across_inputs"):
-        lines.append(
-            f"  overlaps     {s['duplicates_across_inputs']} boxes found again where inputs "
-            "overlap, removed"
-        )
-    if s.get("pixel_coordinates"):
-        lines.append(f"  no CRS       {len(s['pixel_coordinates'])} input(s) in pixel coordinates")
-    resolution = s.get("resolution") or {}
-    if resolution.get("gsd") is not None:
-        grids = [
-            f"x{g['factor'][0]:g}"
-            + ("" if g["factor"][0] == g["factor"][1] else f"/{g['factor'][1]:g}")
-            + f" ({g['resampling']}) on {Path(p).name}"
-            for p, g in resolution["inputs"].items()
-        ]
-        more = f", +{len(grids) - 3} more in summary.json" if len(grids) > 3 else ""
-        lines.append(
-            f"  gsd          {resolution['gsd']:g} m per model pixel: "
-            + ", ".join(grids[:3])
-            + more
-        )
-    values = s.get("values") or {}
-    if values.get("value_range") is not None:
-        first = next(iter(values["inputs"].values()), None)
-        shown = f", first input {_ranges(first['range'])}" if first else ""
-        lines.append(f"  values       value_range={_ranges(values['value_range'])}{shown}")
-    if s.get("failed_tiles"):
-        lines.append(
-            f"  failed       see {s['run_dir']}/failed_tiles.csv; first: "
-            f"{s['failed_tiles'][0]['tile']}: {s['failed_tiles'][0]['reason']}"
-        )
-    check = s.get("demo_check")
-    if check and "mismatched_pixels" in check:  # segmentation: pixels against planted objects
-        lines.append(
-            f"  demo check   {'OK' if check['ok'] else 'MISMATCH'}: "
-            f"{check['object_pixels_found']}/{check['object_pixels']} object pixels of "
-            f"{check['planted']} planted objects classed bright, "
-            f"{check['false_bright_pixels']} false bright pixels"
-        )
-    elif check:
-        ok = check["found"] == check["planted"] and check["duplicates"] == 0
-        lines.append(
-            f"  demo check   {'OK' if ok else 'MISMATCH'}: found {check['found']}/"
-            f"{check['planted']} planted objects ({check['on_seam']} on tile seams), "
-            f"{check['duplicates']} duplicates, "
-            f"{check['unmatched_detections']} false detections, max footprint error "
-            f"{check['max_footprint_error_px']:.2f} px"
-        )
-    lines.append(f"  summary      {s['run_dir']}/summary.json")
-    print("\n".join(lines))
-    if report_text:
-        print(report_text)
-
-
-def _ranges(value: Any) -> str:
-    """``[[0.0035, 0.1729], ...]`` from ranges with float noise (0.003500000000000003)."""
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_ranges(v) for v in value) + "]"
-    return f"{value:.6g}" if isinstance(value, float) else str(value)
