@@ -17,7 +17,7 @@ import pytest
 import rasterio
 import torch
 from affine import Affine
-from conftest import read_gpkg_layer, run_mgpr_inprocess
+from conftest import read_gpkg_layer, run_mgpr_inprocess, write_array
 
 from mgpr.data.batch_pool import SharedBatchPool, parts_layout
 from mgpr.data.dataset import STATUS_EMPTY, STATUS_OK, TileDataset
@@ -132,6 +132,25 @@ def test_float32_nan_is_invalid_declared_or_not(make_image, tmp_path: Path, decl
     run = tmp_path / "run"
     assert _run(img.path, run, "value_range=[0,1]") == 0
     _every_object_once(run, img)
+
+
+def test_float32_infinities_are_invalid_like_nan(tmp_path: Path) -> None:
+    """+-inf (a ratio's division by zero) was scaled to 1 or 0 and shown to the model as a
+    saturated patch: a bright square of +inf was "detected". Now invalid, as NaN is."""
+    data = np.full((3, 256, 256), 0.1, dtype=np.float32)
+    data[:, 40:80, 40:80] = np.inf  # a bright square, for a detector of bright squares
+    data[1, 150:160, 150:160] = -np.inf  # one band is enough
+    path = write_array(tmp_path / "ratio.tif", data)
+    ds = _dataset(str(path), tile=256, overlap=0)
+    batch = ds.__getitems__([0]).batch
+    invalid = batch["mask"].numpy()[0] == 0
+    expected = np.zeros((256, 256), dtype=bool)
+    expected[40:80, 40:80] = expected[150:160, 150:160] = True
+    np.testing.assert_array_equal(invalid, expected)
+    run = tmp_path / "run"
+    assert _run(str(path), run, "value_range=[0,1]") == 0
+    _geoms, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    assert rows == []  # the +inf square is no object
 
 
 @pytest.mark.parametrize(

@@ -89,6 +89,7 @@ def test_preview_of_float_with_nan_shows_nan_as_nodata(tmp_path: Path) -> None:
 
     data = np.random.default_rng(0).random((3, 80, 80)).astype(np.float32)
     data[:, 40:, 40:] = np.nan
+    data[0, 60:, 60:] = np.inf  # overflowed the stretch's multiply: a RuntimeWarning
     path = write_array(tmp_path / "nan.tif", data)  # float32; NaN not even declared as nodata
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # NaN cast to uint8 warned before

@@ -82,7 +82,8 @@ class TileDataset(Dataset[dict[str, Any]]):
         self.bands = {p: len(b) for p, b in reader.bands_by_path.items()}
         #: torch dtype of every sample (the reader's carrier)
         self.dtype = torch.from_numpy(np.empty(0, dtype=reader.carrier)).dtype
-        #: NaN is never a valid value: float tiles always carry a mask (NaN pixels invalid)
+        #: NaN and +-inf are never valid values (a failed division, an unset reflectance): float
+        #: tiles always carry a mask, those pixels invalid (inf was scaled to 0 or 1 and seen)
         self.nan_invalid = self.dtype.is_floating_point
         #: set by :class:`mgpr.data.batch_pool.TileLoader` before its workers fork
         self.batch_pool: SharedBatchPool | None = None
@@ -210,7 +211,7 @@ class TileDataset(Dataset[dict[str, Any]]):
                     mask[...] = 0
                     mask[: tile.valid_height, : tile.valid_width] = 255
             if mask is not None and self.nan_invalid:
-                mask[np.isnan(out).any(axis=0)] = 0
+                mask[~np.isfinite(out).all(axis=0)] = 0
                 if not mask.any():
                     return STATUS_EMPTY, ""
             if self.test_delay_s > 0:

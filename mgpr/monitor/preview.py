@@ -64,13 +64,15 @@ def _read_rgb(src: Any, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     bands = preview_bands(src)
     data, valid = read_preview_image(src, bands, shape)
     if data.dtype != np.uint8:
-        # NaN (float nodata, declared or not) is no colour: shown as nodata, left out of the
-        # stretch, and never cast to uint8.
+        # NaN and +-inf (float nodata, declared or not) are no colour: shown as nodata, left
+        # out of the stretch, and never cast to uint8 (inf overflowed the multiply: a warning).
         finite = np.isfinite(data).all(axis=0)
         valid &= finite
         vals = data[:, valid].astype(np.float64)
         lo, hi = np.percentile(vals, (2, 98)) if vals.size else (0.0, 1.0)
-        unit = np.nan_to_num((data.astype(np.float64) - lo) / max(hi - lo, 1e-12))
+        unit = np.nan_to_num(
+            (data.astype(np.float64) - lo) / max(hi - lo, 1e-12), nan=0.0, posinf=1.0, neginf=0.0
+        )
         data = np.clip(unit * 255, 0, 255).astype(np.uint8)
     rgb = np.repeat(data, 3, axis=0) if len(bands) == 1 else data
     rgba = np.concatenate([rgb, (valid * 255).astype(np.uint8)[None]], axis=0)
