@@ -232,3 +232,32 @@ def test_a_run_over_a_list_of_inputs_from_the_command_line(
     assert {Path(r["source"]).name for r in rows} == {"a.tif", "b.tif"}
     # The same inputs again resume (nothing left to predict), whatever the list's spelling
     assert run_mgpr_inprocess("input_path=[a.tif,more/b.tif]", *args) == 0
+
+
+def test_a_list_file_names_files_folders_and_globs(make_image, tmp_path: Path) -> None:
+    """A line naming a folder was refused as 'does not exist' (it exists: as a folder)."""
+    x = make_image("flights/f1/x.tif", width=64, height=64)
+    y = make_image("flights/f2/y.tif", width=64, height=64)
+    z = make_image("z.tif", width=64, height=64)
+    listing = tmp_path / "l.txt"
+    listing.write_text("flights/f1\nflights/f2/*.tif\nz.tif\n")
+    assert resolve_inputs(str(listing)) == [str(x.path), str(y.path), str(z.path)]
+    (tmp_path / "nested.txt").write_text("l.txt\n")
+    with pytest.raises(InputError, match=r"nested\.txt:1 names another list, 'l\.txt'"):
+        resolve_inputs(str(tmp_path / "nested.txt"))
+    (tmp_path / "bad.txt").write_text("# flights\n\nflights/f3/*.tif\n")
+    with pytest.raises(InputError, match=r"bad\.txt:3: input_path=.*glob matches no file"):
+        resolve_inputs(str(tmp_path / "bad.txt"))
+
+
+def test_a_folder_whose_rasters_are_in_subfolders_says_how_to_read_them(
+    make_image, tmp_path: Path
+) -> None:
+    make_image("flights/f1/x.tif", width=64, height=64)
+    with pytest.raises(InputError) as err:
+        resolve_inputs(str(tmp_path / "flights"))
+    assert "its subfolders hold rasters (e.g. 'f1/x.tif')" in str(err.value)
+    assert f"input_path='{tmp_path / 'flights'}/**/*.tif'" in str(err.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="point it at a folder of GeoTIFFs"):
+        resolve_inputs(str(tmp_path / "empty"))

@@ -130,8 +130,7 @@ def _expand(input_path: str) -> list[str]:
         if not found:
             raise InputError(
                 f"input_path={input_path!r} is a folder without rasters "
-                f"({'/'.join(RASTER_SUFFIXES)}); "
-                "point it at a folder of GeoTIFFs"
+                f"({'/'.join(RASTER_SUFFIXES)}); " + _subfolder_hint(path)
             )
         return found
     if path.suffix.lower() == ".txt":
@@ -139,7 +138,29 @@ def _expand(input_path: str) -> list[str]:
     return [input_path]
 
 
+def _subfolder_hint(folder: Path) -> str:
+    """How to read a folder whose rasters are all in its subfolders (flights/f1/*.tif), if so."""
+    try:
+        below = next(
+            (
+                p
+                for p in folder.glob("*/**/*")
+                if p.suffix.lower() in RASTER_SUFFIXES and p.is_file()
+            ),
+            None,
+        )
+    except OSError:
+        below = None
+    if below is None:
+        return "point it at a folder of GeoTIFFs"
+    return (
+        f"its subfolders hold rasters (e.g. {str(below.relative_to(folder))!r}), which a folder "
+        f"input does not search: read them all with input_path='{folder}/**/*.tif'"
+    )
+
+
 def _read_list_file(path: Path) -> list[str]:
+    """A ``.txt`` list's rasters: each line a file, a folder or a glob, relative to the list."""
     out: list[str] = []
     # utf-8-sig: a list saved by a Windows editor starts with a byte-order mark (CRLF is fine)
     for lineno, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), start=1):
@@ -152,6 +173,17 @@ def _read_list_file(path: Path) -> list[str]:
         item = Path(line).expanduser()
         if not item.is_absolute():
             item = path.parent / item
+        if item.is_file() and item.suffix.lower() == ".txt":
+            raise InputError(
+                f"{path}:{lineno} names another list, {line!r}; a list names rasters, folders "
+                "or globs (for several lists: input_path=[a.txt,b.txt])"
+            )
+        if item.is_dir() or (_is_glob(str(item)) and not item.is_file()):
+            try:
+                out += _expand(str(item))
+            except InputError as exc:
+                raise InputError(f"{path}:{lineno}: {exc}") from None
+            continue
         if not item.is_file():
             raise InputError(
                 f"{path}:{lineno} names {line!r}, which does not exist; fix or remove that line"
@@ -167,9 +199,9 @@ def resolve_inputs(input_path: str | Sequence[str], written: Sequence[Path] = ()
 
     Args:
         input_path: a raster file, a folder (its ``*.tif``/``*.tiff``/... files, not recursive),
-            a glob pattern, or a ``.txt`` file listing one path per line (``#`` comments and
-            blank lines ignored; relative paths are relative to the list file); or a list of
-            those, expanded one by one in its order.
+            a glob pattern, or a ``.txt`` file listing one file, folder or glob per line
+            (``#`` comments and blank lines ignored; relative paths are relative to the list
+            file); or a list of those, expanded one by one in its order.
         written: folders this run writes its results into (absolute); see the module docstring.
 
     Returns:
