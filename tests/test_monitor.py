@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import run_mgpr_inprocess
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, Dataset
 
@@ -509,12 +510,30 @@ def test_progress_tty_and_log(caplog: pytest.LogCaptureFixture) -> None:
 
 
 # ------------------------------------------------------------------------------------ profiler
+def test_profiler_simple_writes_its_report_into_the_run_dir(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """profiler=simple printed its report through Lightning's logger, which mgpr's logging
+    leaves out: the run ended with no profile anywhere."""
+    img = make_image(width=256, height=256, objects=2)
+    run = tmp_path / "run"
+    args = (f"input_path={img.path}", "model=reference", "tile_size=128", "workers=0")
+    assert run_mgpr_inprocess(*args, "profiler=simple", f"output_dir={run}") == 0
+    report = run / "predict-simple-profile.txt"
+    assert "Profiler Report" in report.read_text() and "predict_step" in report.read_text()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["profiles"] == [str(report)]
+    assert f"  profile      {report}" in capsys.readouterr().out
+
+
 def test_make_profiler(tmp_path: Path) -> None:
     from lightning.pytorch.profilers import PyTorchProfiler
 
     assert make_profiler(None, tmp_path) is None and make_profiler("none", tmp_path) is None
-    assert make_profiler("simple", tmp_path) == "simple"
-    assert make_profiler("Advanced", tmp_path) == "advanced"
+    from lightning.pytorch.profilers import AdvancedProfiler, SimpleProfiler
+
+    assert isinstance(make_profiler("simple", tmp_path), SimpleProfiler)
+    assert isinstance(make_profiler("Advanced", tmp_path), AdvancedProfiler)
     prof = make_profiler("pytorch", tmp_path)
     assert isinstance(prof, PyTorchProfiler) and Path(prof.dirpath) == tmp_path
     with pytest.raises(ConfigError, match="simple, advanced, pytorch"):

@@ -19,7 +19,12 @@ def make_profiler(name: str | None, run_dir: Path) -> Any:
         run_dir: run directory; the PyTorch profiler writes its files there.
 
     Returns:
-        None, ``"simple"``, ``"advanced"`` or a ``PyTorchProfiler``.
+        None, or a Lightning profiler writing ``predict-<name>-profile.txt`` into ``run_dir``
+        (one file per rank beyond the first: ``...-profile-<rank>.txt``).
+
+    Why files: given only the name, Lightning's simple and advanced profilers print their
+    report through its logger at teardown, which mgpr's logging leaves out of the console,
+    so ``profiler=simple`` produced nothing at all.
 
     Raises:
         ConfigError: any other value.
@@ -27,8 +32,14 @@ def make_profiler(name: str | None, run_dir: Path) -> Any:
     key = "none" if name is None else str(name).strip().lower()
     if key in ("", "none", "null"):
         return None
-    if key in ("simple", "advanced"):
-        return key
+    if key == "simple":
+        from lightning.pytorch.profilers import SimpleProfiler
+
+        return SimpleProfiler(dirpath=run_dir, filename="simple-profile")
+    if key == "advanced":
+        from lightning.pytorch.profilers import AdvancedProfiler
+
+        return AdvancedProfiler(dirpath=run_dir, filename="advanced-profile")
     if key == "pytorch":
         from lightning.pytorch.profilers import PyTorchProfiler
 

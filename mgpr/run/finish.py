@@ -291,6 +291,10 @@ def finish_run(
     summary["tiles_per_s_per_rank"] = {
         str(r["global_rank"]): r.get("tiles_per_s") for r in (report or {}).get("ranks", [])
     }
+    if cfg.profiler and str(cfg.profiler).lower() not in ("none", "null"):
+        # Lightning's profilers write predict-<name>-profile[-<rank>].txt (and the pytorch
+        # one its traces) into the run directory (monitor/profiler.py).
+        summary["profiles"] = sorted(str(p) for p in run_dir.glob("predict-*profile*"))
     removed, kept = stale_outputs(run_dir, summary["outputs"])
     if removed:
         log.info("removed %d preview(s) of an earlier run this one does not draw", len(removed))

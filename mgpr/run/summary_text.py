@@ -145,6 +145,11 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
             f"{check['unmatched_detections']} false detections, max footprint error "
             f"{check['max_footprint_error_px']:.2f} px"
         )
+    profiles = s.get("profiles") or []
+    for i, path in enumerate(profiles[:3]):
+        lines.append(f"  {'profile' if i == 0 else '':<12} {path}")
+    if len(profiles) > 3:
+        lines.append(f"               and {len(profiles) - 3} more (summary.json profiles)")
     lines.append(f"  summary      {s['run_dir']}/summary.json")
     print("\n".join(lines))
     if report_text:
