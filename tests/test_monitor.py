@@ -534,6 +534,8 @@ def test_make_profiler(tmp_path: Path) -> None:
 
     assert isinstance(make_profiler("simple", tmp_path), SimpleProfiler)
     assert isinstance(make_profiler("Advanced", tmp_path), AdvancedProfiler)
+    assert make_profiler("simple", tmp_path).filename == "simple-profile"
+    assert make_profiler("simple", tmp_path, node=1).filename == "simple-profile-node1"
     prof = make_profiler("pytorch", tmp_path)
     assert isinstance(prof, PyTorchProfiler) and Path(prof.dirpath) == tmp_path
     with pytest.raises(ConfigError, match="simple, advanced, pytorch"):

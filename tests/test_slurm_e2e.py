@@ -425,12 +425,23 @@ def test_two_nodes_one_rank_each(submit_dir: Path, baseline: dict[str, Any]) -> 
         cwd=submit_dir,
         env=_env(submit_dir),
         timeout=JOB_TIMEOUT,
-        script_args=("input_path=ortho.tif", "model=reference", "workers=0", *COMMON),
+        script_args=(
+            "input_path=ortho.tif",
+            "model=reference",
+            "workers=0",
+            "profiler=simple",
+            *COMMON,
+        ),
     )
     assert (job.returncode, job.state) == (0, "COMPLETED"), job.describe()
     run_dir = submit_dir / "runs" / f"slurm-{job.job_id}"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["world_size"], summary["num_nodes"]) == (2, 2)
+    # Both nodes' rank has local rank 0: Lightning alone named both profiles ...-profile-0.txt
+    assert [Path(p).name for p in summary["profiles"]] == [
+        "predict-simple-profile-node0-0.txt",
+        "predict-simple-profile-node1-0.txt",
+    ]
     parts = [json.loads(p.read_text()) for p in sorted((run_dir / "report_parts").glob("*.json"))]
     assert sorted((p["global_rank"], p["node_rank"]) for p in parts) == [(0, 0), (1, 1)]
     assert "(node rank 1 of 2, local rank 0)" in (run_dir / "logs" / "rank1.log").read_text()

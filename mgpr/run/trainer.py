@@ -303,6 +303,15 @@ def make_dataloader(
     )
 
 
+def _node_index() -> int:
+    """This node's index in a multi-node run: SLURM's node id, else the launcher's NODE_RANK."""
+    for name in ("SLURM_NODEID", "NODE_RANK", "GROUP_RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
 def _strategy(cfg: PredictConfig, world_size: int, under_srun: bool) -> Any:
     """DDP whenever more than one rank exists or ``srun`` started us; never single-device there.
 
@@ -389,7 +398,7 @@ def run_predict(
         enable_model_summary=False,
         use_distributed_sampler=False,
         inference_mode=True,
-        profiler=make_profiler(cfg.profiler, run_dir),
+        profiler=make_profiler(cfg.profiler, run_dir, _node_index() if num_nodes > 1 else None),
         default_root_dir=str(run_dir),
     )
     compile_plan = resolve_compile(cfg.compile, accelerator, total, world_guess, cfg.batch_size)
