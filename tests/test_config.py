@@ -26,6 +26,9 @@ def test_defaults_and_types() -> None:
         (["gpus=2"], "gpus", 2),
         (["workers=0"], "workers", 0),
         (["precision=bf16-mixed"], "precision", "bf16-mixed"),
+        (["precision=bf16"], "precision", "bf16-mixed"),  # Lightning 1.x spellings
+        (["precision=16"], "precision", "16-mixed"),
+        (["precision=FP32"], "precision", "32"),
         (["accelerator=cpu"], "accelerator", "cpu"),
         (
             ["use_fake_data=true", "dummy_dataset_delay=0.5", "dummy_dataset_count=7"],
@@ -116,7 +119,8 @@ def test_wrong_type_is_one_line(arg: str, needle: str) -> None:
         (["profiler=x"], "profiler='x' is not known; use one of: none, simple, advanced"),
         (["topk=101"], "topk=101 is out of range: it must be <= 100 .each kept class is 3"),
         (["precision=bf16-true"], "runs half precision as autocast, which keeps box coordinates"),
-        (["precision=64"], "precision='64' is not supported: mgpr runs half precision as"),
+        (["precision=64"], "precision='64' is not supported: float64 compute is not offered"),
+        (["precision=16-true"], r"keeps box coordinates in float32 \(precision=16-mixed\)"),
         (["nms_iou=1.5"], "nms_iou"),
         (["bands=[0,1]"], "bands"),
         (["not-an-override"], "key=value"),

@@ -29,6 +29,8 @@ from mgpr.errors import ConfigError
 #: ``16-true`` / ``64`` cast the weights but not mgpr's float32 input, and torchvision's
 #: detectors failed at the first convolution with them.
 PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true")
+#: Spellings Lightning 1.x took (and its docs still show), read as their mixed names.
+PRECISION_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "fp16": "16-mixed", "fp32": "32"}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 COMPILE_CHOICES = ("auto", "true", "false")
 PREVIEW_CHOICES = ("auto", "all", "none")
@@ -240,6 +242,8 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
         elif isinstance(value, str):
             setattr(cfg, name, _expand_user_vars(value))
     cfg.compile = str(cfg.compile).lower()  # `compile=true` arrives as the bool True
+    precision = str(cfg.precision).lower()
+    cfg.precision = PRECISION_ALIASES.get(precision, precision)  # `precision=16` is the int 16
     _check_ranges(cfg)
     return cfg
 
@@ -314,9 +318,13 @@ def _check_ranges(cfg: PredictConfig) -> None:
 
         validate_blend(cfg.tile_size, cfg.overlap)
     if cfg.precision not in PRECISIONS:
+        half = str(cfg.precision).removesuffix("-true")
         why = (
-            ": mgpr runs half precision as autocast, which keeps box coordinates in float32"
-            if str(cfg.precision).endswith("-true") or str(cfg.precision).startswith("64")
+            f": mgpr runs half precision as autocast, which keeps box coordinates in float32 "
+            f"(precision={half}-mixed)"
+            if str(cfg.precision).endswith("-true") and half in ("bf16", "16")
+            else ": float64 compute is not offered (precision=32 is full precision)"
+            if str(cfg.precision).startswith("64") or "double" in str(cfg.precision)
             else ""
         )
         raise ConfigError(
