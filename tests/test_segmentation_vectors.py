@@ -60,8 +60,8 @@ def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
         pixel_area = abs(src.transform.a * src.transform.e)
     gp_geoms, gp_cols, gp_crs = _gpkg(run / "predictions.gpkg", "segments")
     pq_geoms, table, crs, _geo = read_geoparquet(run / "segments.parquet")
-    assert list(gp_cols) == ["class_id", "label", "source", "area"]
-    assert table.column_names == ["class_id", "label", "source", "area"]
+    assert list(gp_cols) == ["class_id", "label", "source", "area", "area_m2"]
+    assert table.column_names == ["class_id", "label", "source", "area", "area_m2"]
     assert gp_crs == "EPSG:32633" and crs is not None and crs.to_epsg() == 32633
     for geoms, class_ids in ((gp_geoms, gp_cols["class_id"]), (pq_geoms, table["class_id"])):
         burnt, ids = _burn(geoms, list(class_ids), cog, 255, "uint8")
@@ -72,6 +72,11 @@ def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
     np.testing.assert_allclose(gp_cols["area"], [g.area for g in gp_geoms])
     _burnt, ids = _burn([], [], cog, 255, "uint8")
     assert sum(gp_cols["area"]) == pytest.approx((ids != 255).sum() * pixel_area)
+    # On the ground: UTM 33N's scale near its central meridian is 0.9996, a planar m^2 is
+    # 1 / 0.9996^2 ground m^2 (0.08 % more).
+    np.testing.assert_allclose(
+        gp_cols["area_m2"], np.asarray(gp_cols["area"]) / 0.9996**2, rtol=2e-4
+    )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["layers"]["segments"] == len(gp_geoms) > 10
     assert str(run / "predictions.gpkg") in summary["outputs"]

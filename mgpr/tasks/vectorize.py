@@ -121,9 +121,15 @@ def class_map_features(
     Columns: ``class_id`` (int64), ``label`` (the class name, or the id as text when the model
     names none), ``source`` (``source``: the input raster's path), ``area`` (float64, the
     polygon's area in the CRS's units squared: m^2 for a projected CRS in metres, degrees^2 for
-    a geographic one, pixels^2 for a raster without CRS).
+    a geographic one, pixels^2 for a raster without CRS) and ``area_m2`` (float64, its area on
+    the ground, :func:`~mgpr.geo.ground_area.ground_areas_m2`: square metres on the CRS's
+    ellipsoid in any CRS, NaN without one).
     """
+    from mgpr.geo.ground_area import ground_areas_m2
+
     geoms, ids = trace_regions(path, nodata, block_px)
+    with rasterio.open(path) as src:
+        crs_wkt = src.crs.to_wkt() if src.crs else None
     class_ids = np.asarray(ids, dtype=np.int64)
     labels = np.array(
         [names[i] if 0 <= i < len(names) else str(i) for i in ids], dtype=object
@@ -137,6 +143,7 @@ def class_map_features(
             "label": labels,
             "source": np.full(len(geoms), source, dtype=object),
             "area": shapely.area(shapes).astype(np.float64) if len(geoms) else np.empty(0),
+            "area_m2": ground_areas_m2(shapes, crs_wkt),
         },
     )
 

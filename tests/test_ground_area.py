@@ -1,0 +1,51 @@
+"""Polygon areas on the ground (``area_m2``), in projections whose metre is not a ground metre."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import shapely
+from pyproj import CRS
+
+from mgpr.geo.ground_area import ground_areas_m2
+
+
+def _wkt(code: str) -> str:
+    return CRS.from_user_input(code).to_wkt()
+
+
+def _square(x: float, y: float, side: float, hole: float = 0.0) -> shapely.Polygon:
+    shell = shapely.box(x, y, x + side, y + side)
+    if not hole:
+        return shell
+    c = side / 2
+    inner = shapely.box(x + c - hole / 2, y + c - hole / 2, x + c + hole / 2, y + c + hole / 2)
+    return shapely.Polygon(shell.exterior.coords, [inner.exterior.coords[::-1]])
+
+
+def test_utm_web_mercator_and_degrees_give_ground_square_metres() -> None:
+    # UTM 33N on its central meridian at 45 N: scale 0.9996, so 100 x 100 planar m are larger.
+    utm = ground_areas_m2(np.array([_square(500000, 4983000, 100.0)]), _wkt("EPSG:32633"))
+    assert utm[0] == pytest.approx(1e4 / 0.9996**2, rel=2e-5)
+    # Web Mercator at 60 N stretches 2x each way: 200 x 200 "m" are 100 x 100 m on the ground.
+    y60 = 6378137.0 * math.log(math.tan(math.pi / 4 + math.radians(60.0) / 2))
+    merc = ground_areas_m2(np.array([_square(1113195.0, y60, 200.0)]), _wkt("EPSG:3857"))
+    assert merc[0] == pytest.approx(1e4, rel=5e-3)
+    # 0.001 x 0.001 degrees at the equator: 111.32 m x 110.57 m on WGS 84.
+    deg = ground_areas_m2(np.array([_square(10.0, 0.0, 0.001)]), _wkt("EPSG:4326"))
+    assert deg[0] == pytest.approx(111.3195 * 110.5743, rel=1e-4)
+
+
+def test_holes_count_against_the_area_and_orientation_does_not_matter() -> None:
+    wkt = _wkt("EPSG:32633")
+    with_hole = _square(500000, 4983000, 100.0, hole=50.0)
+    clockwise = shapely.orient_polygons(with_hole, exterior_cw=True)
+    got = ground_areas_m2(np.array([with_hole, clockwise]), wkt)
+    np.testing.assert_allclose(got, (1e4 - 2500) / 0.9996**2, rtol=2e-5)
+
+
+def test_no_crs_gives_nan() -> None:
+    assert np.isnan(ground_areas_m2(np.array([_square(0, 0, 10.0)]), None)).all()
+    assert ground_areas_m2(np.empty(0, dtype=object), _wkt("EPSG:32633")).shape == (0,)
