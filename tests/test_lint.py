@@ -24,6 +24,8 @@ def test_mypy_strict_core_modules() -> None:
         "mgpr/geo/tiling.py",
         "mgpr/geo/georef.py",
         "mgpr/geo/raster.py",
+        "mgpr/geo/gsd.py",
+        "mgpr/geo/ground_area.py",
         "mgpr/outputs/parts.py",
         "mgpr/outputs/parts_read.py",
         "mgpr/outputs/part_thread.py",
