@@ -261,3 +261,31 @@ def test_a_folder_whose_rasters_are_in_subfolders_says_how_to_read_them(
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="point it at a folder of GeoTIFFs"):
         resolve_inputs(str(tmp_path / "empty"))
+
+
+@pytest.mark.slow
+def test_a_copied_input_is_refused_with_the_touch_that_resumes_it(
+    make_image, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """cp without -p (restaging to scratch) keeps the bytes and changes the mtime: the refusal
+    says how to give the time back, and after that `touch` the same command resumes."""
+    import re
+    import shutil
+    import subprocess
+
+    monkeypatch.chdir(tmp_path)
+    make_image("a.tif", width=256, height=256, objects=2)
+    args = ("input_path=a.tif", "model=reference", "tile_size=128", "workers=0", "output_dir=run")
+    assert run_mgpr_inprocess(*args) == 0
+    shutil.copyfile("a.tif", "copy.tif")
+    os.replace("copy.tif", "a.tif")  # same bytes, a new mtime
+    capsys.readouterr()
+    assert run_mgpr_inprocess(*args) == 2
+    err = capsys.readouterr().err
+    assert "inputs[0] ('a.tif').mtime differs: 'a.tif' has the same size" in err, err
+    touch = re.search(r"`(touch -d @[0-9.]+ a\.tif)`", err)
+    assert touch, err
+    subprocess.run(touch.group(1).split(), check=True)
+    assert run_mgpr_inprocess(*args) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tiles_this_run"] == 0 and summary["tiles_earlier_runs"] == summary["tiles_total"] > 1

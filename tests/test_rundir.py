@@ -243,3 +243,15 @@ def test_ranks_started_one_by_one_need_an_output_dir(
         resolve_run_dir(None, env)
     assert not (tmp_path / "runs").exists()
     assert resolve_run_dir(None, {**env, "MGPR_RUN_DIR": "/r"}) == Path("/r")  # launched by rank 0
+
+
+def test_fingerprints_compare_mtimes_to_the_microsecond_and_the_rest_exactly() -> None:
+    from mgpr.outputs.rundir import fingerprints_equal
+
+    a = {"inputs": [{"path": "a.tif", "bytes": 10, "mtime": 1796592513.7758853}], "tile_size": 1}
+    b = {"inputs": [{"path": "a.tif", "bytes": 10, "mtime": 1796592513.7758856}], "tile_size": 1}
+    assert fingerprints_equal(a, b)
+    c = {"inputs": [{"path": "a.tif", "bytes": 10, "mtime": 1796592513.78}], "tile_size": 1}
+    assert not fingerprints_equal(a, c)
+    assert not fingerprints_equal(a, {**b, "tile_size": 2})
+    assert not fingerprints_equal({"x": 1.0}, {"x": 1.0000001})  # only mtime is rounded

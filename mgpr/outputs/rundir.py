@@ -183,7 +183,7 @@ def prepare_run_dir(
             previous = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             previous = {}
-    same = previous is not None and previous.get("fingerprint") == fingerprint
+    same = previous is not None and fingerprints_equal(previous.get("fingerprint"), fingerprint)
     # The same SLURM job (a requeue) never throws its own tiles away, even with overwrite=true;
     # but it resumes only with the same fingerprint: two srun steps of one job with another
     # model or tiling must not mix their tiles.
@@ -262,6 +262,50 @@ def _result_paths(run_dir: Path, ours: bool = False) -> list[Path]:
     return paths
 
 
+#: Seconds within which two recorded modification times are the same: a float's rounding of
+#: the file system's nanoseconds (``touch -d @<recorded mtime>`` gives back the recorded value).
+MTIME_TOLERANCE_S = 1e-6
+
+
+def fingerprints_equal(old: Any, new: Any, key: str = "") -> bool:
+    """Equal fingerprints, ``mtime`` values within :data:`MTIME_TOLERANCE_S` of each other."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return old.keys() == new.keys() and all(fingerprints_equal(old[k], new[k], k) for k in old)
+    if isinstance(old, list) and isinstance(new, list):
+        return len(old) == len(new) and all(
+            fingerprints_equal(a, b, key) for a, b in zip(old, new, strict=True)
+        )
+    if key == "mtime" and isinstance(old, float) and isinstance(new, float):
+        return abs(old - new) <= MTIME_TOLERANCE_S
+    return bool(old == new)
+
+
+def _mtime_only(old: dict[str, Any], new: dict[str, Any], where: str) -> str | None:
+    """For a file record whose only change is its modification time, the line and the fix.
+
+    A copy without ``cp -p`` (restaging data to scratch, a re-download) keeps the bytes and
+    changes the time; the refusal then says how to give the time back, as mgpr cannot tell a
+    copy from an edit of the same size.
+    """
+    if not ({"path", "mtime"} <= old.keys() and old.keys() == new.keys()):
+        return None
+    rest_equal = all(fingerprints_equal(old[k], new[k], k) for k in old if k != "mtime")
+    if (
+        not rest_equal
+        or not isinstance(old["mtime"], float)
+        or fingerprints_equal(old["mtime"], new["mtime"], "mtime")
+    ):
+        return None
+    import shlex
+
+    path = str(new["path"])
+    return (
+        f"{where}.mtime differs: {path!r} has the same size but another modification time than "
+        f"in that run; if it is the same file copied again (cp without -p), give it back its "
+        f"time with `touch -d @{old['mtime']!r} {shlex.quote(path)}` and re-run to resume"
+    )
+
+
 def _first_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     if not old:
         return "no run.json fingerprint"
@@ -272,6 +316,9 @@ def _first_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
 def _diff(old: Any, new: Any, where: str) -> str | None:
     """The first place two fingerprints differ, down to the leaf (``inputs[1].bands``)."""
     if isinstance(old, dict) and isinstance(new, dict):
+        touched = _mtime_only(old, new, where)
+        if touched:
+            return touched
         for key in list(new) + [k for k in old if k not in new]:
             found = _diff(old.get(key), new.get(key), f"{where}.{key}" if where else key)
             if found:
