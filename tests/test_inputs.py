@@ -288,4 +288,5 @@ def test_a_copied_input_is_refused_with_the_touch_that_resumes_it(
     subprocess.run(touch.group(1).split(), check=True)
     assert run_mgpr_inprocess(*args) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["tiles_this_run"] == 0 and summary["tiles_earlier_runs"] == summary["tiles_total"] > 1
+    assert summary["tiles_this_run"] == 0
+    assert summary["tiles_earlier_runs"] == summary["tiles_total"] > 1
