@@ -199,3 +199,34 @@ def test_rank_dataloader_batches_equal_single_reads(make_image, workers: int) ->
     # default collate still works on TileDataset (users' own DataLoaders)
     plain = next(iter(DataLoader(ds, batch_size=3)))
     assert torch.equal(plain["image"], images[:3])
+
+
+def test_a_codec_gdal_lacks_is_named_with_the_recompression(make_image, tmp_path: Path) -> None:
+    """A JPEG-XL GeoTIFF (written by a GDAL with libjxl) read by rasterio's GDAL, which has no
+    JXL decoder: the TIFF's compression tag is set to JXL's (50002) to stand for one."""
+    import struct
+
+    try:  # a GDAL that can write JXL can read it: nothing to refuse
+        with rasterio.open(
+            tmp_path / "probe.tif", "w", driver="GTiff", width=8, height=8, count=1,
+            dtype="uint8", compress="JXL",
+        ) as probe:  # fmt: skip
+            probe.write(np.zeros((1, 8, 8), dtype=np.uint8))
+        pytest.skip(f"GDAL {rasterio.__gdal_version__} has a JXL codec")
+    except rasterio.errors.RasterioError:
+        pass
+    img = make_image("ortho.tif", width=64, height=64)
+    data = bytearray(Path(img.path).read_bytes())
+    assert data[:4] == b"II*\x00"  # classic little-endian TIFF
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 259:  # Compression
+            struct.pack_into("<H", data, entry + 8, 50002)
+    jxl = tmp_path / "jxl.tif"
+    jxl.write_bytes(bytes(data))
+    with pytest.raises(InputError) as err:
+        describe_raster(str(jxl))
+    msg = str(err.value)
+    assert "is compressed with JXL" in msg and f"GDAL {rasterio.__gdal_version__}" in msg
+    assert f"gdal_translate -co COMPRESS=DEFLATE -co TILED=YES {jxl} deflate.tif" in msg

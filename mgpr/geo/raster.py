@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -165,6 +166,14 @@ def describe_raster(path: str) -> RasterInfo:
             )
     except rasterio.errors.RasterioIOError as exc:
         reason = str(exc).split("\n")[0]
+        codec = re.search(r"missing codec (\w+)", reason)
+        if codec:  # a JPEG-XL ortho from a GDAL built with libjxl, read by rasterio's wheel
+            raise InputError(
+                f"{path!r} is compressed with {codec.group(1)}, which the GDAL mgpr reads with "
+                f"(rasterio's, GDAL {rasterio.__gdal_version__}) cannot decode; recompress it "
+                f"where GDAL has that codec, e.g. gdal_translate -co COMPRESS=DEFLATE -co "
+                f"TILED=YES {path} deflate.tif"
+            ) from None
         raise InputError(
             f"{path!r} is not a readable raster ({reason}); "
             "check the file or remove it from input_path"
