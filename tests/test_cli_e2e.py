@@ -350,3 +350,29 @@ def test_a_run_prints_none_of_lightnings_notices_about_mgprs_own_choices(
     assert run_mgpr_inprocess(*args, f"output_dir={tmp_path / 'run'}") == 0
     said = [str(w.message) for w in recwarn]
     assert not [m for m in said if "custom batch sampler" in m or "transfer_batch_to_device" in m]
+
+
+def test_tiles_that_hit_the_box_cap_are_counted_and_warned(tmp_path: Path, capsys) -> None:
+    """A dense tile keeps at most max_detections boxes, best first: the rest were dropped without
+    a word. The summary now counts the tiles holding exactly the cap and says what to do."""
+    run = tmp_path / "run"
+    args = (f"output_dir={run}", "image_size=1024", "objects=16", "workers=0", "tile_size=256")
+    assert run_mgpr_inprocess(*args, "max_detections=2") == 0
+    out = capsys.readouterr().out
+    summary = _summary(run)
+    counts = read_manifests(run).to_pydict()
+    expected = sum(
+        1
+        for n, s in zip(counts["n_records"], counts["status"], strict=True)
+        if s == "done" and n >= 2
+    )
+    assert summary["max_detections"] == 2 and summary["tiles_at_box_cap"] == expected > 0
+    assert (
+        f"WARNING: {expected} of {summary['tiles_predicted']} predicted tiles hold 2 boxes" in out
+    )
+    assert "re-run with max_detections=6 and overwrite=true" in out
+    other = tmp_path / "uncapped"
+    assert run_mgpr_inprocess(*args[1:], f"output_dir={other}") == 0  # the default 100
+    assert _summary(other)["tiles_at_box_cap"] == 0 and "max_detections cap" not in (
+        capsys.readouterr().out
+    )

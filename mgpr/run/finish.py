@@ -4,29 +4,29 @@
 ``output`` (the first output file or null), ``outputs`` (every output file: ``predictions.gpkg``
 and/or ``<layer>.parquet``, as ``output_format`` chose), ``layers`` (layer -> features),
 ``records``, ``task``, ``model``, ``weights`` (what was loaded), ``random_weights``, ``precision``,
-``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``),
-``world_size``, ``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted``
-(model run), ``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100
-``{tile, reason}``; all of them are in ``failed_tiles.csv``), ``tiles_missing`` (planned tiles in
-no published part; listed in ``missing_tiles.txt``, the run exits 4), ``duplicate_tiles`` (tile
-copies found in more than one part, each kept once), ``duplicates_removed`` (seam
-de-duplication), ``duplicates_across_inputs`` (boxes found again where two inputs overlap on the
-ground, removed), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
-(``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
-last batch, slowest rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or
-failed), ``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a
-resume's counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this
-run / ``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model ran on: not
-nodata, not unreadable), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only
-when files an earlier run of the job wrote are not this run's outputs:
-:func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's
-bottleneck hint), ``output_crs`` (only with the key: the vector layers' CRS, ``EPSG:4326``),
-``aoi`` (only with ``aoi=``: ``path``, ``crs``, ``polygons``, ``sha256``,
-``inputs_outside`` (inputs left out), ``tiles_outside`` (tiles of the kept inputs not planned)),
-``pixel_coordinates`` (inputs without CRS), ``resolution`` (``gsd``: each
-input's factor, see :func:`describe_resolution`), ``provenance``
-(mgpr/torch/lightning/rasterio/GDAL versions, host, inputs with size and mtime, tiling) and, in the
-quick start, ``demo_check`` (planted objects found against the ground truth).
+``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``), ``world_size``,
+``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted`` (model run),
+``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100 ``{tile, reason}``; all of
+them are in ``failed_tiles.csv``), ``tiles_missing`` (planned tiles in no published part; listed in
+``missing_tiles.txt``, the run exits 4), ``duplicate_tiles`` (tile copies found in more than one
+part, each kept once), ``duplicates_removed`` (seam de-duplication), ``duplicates_across_inputs``
+(boxes found again where two inputs overlap on the ground, removed), ``max_detections`` /
+``tiles_at_box_cap`` (detection: the per-tile box cap and the predicted tiles holding that many
+boxes), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s`` (``Trainer.predict``
+incl. rank and worker start-up), ``predict_loop_s`` (first batch request to last batch, slowest
+rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or failed),
+``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a resume's
+counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this run /
+``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model ran on: not nodata, not
+unreadable), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only when files an
+earlier run of the job wrote are not this run's outputs:
+:func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's bottleneck hint),
+``output_crs`` (only with the key: the vector layers' CRS, ``EPSG:4326``), ``aoi`` (only with
+``aoi=``: ``path``, ``crs``, ``polygons``, ``sha256``, ``inputs_outside`` (inputs left out),
+``tiles_outside`` (tiles of the kept inputs not planned)), ``pixel_coordinates`` (inputs without
+CRS), ``resolution`` (``gsd``: each input's factor, see :func:`describe_resolution`),
+``provenance`` (mgpr/torch/lightning/rasterio/GDAL versions, host, inputs with size and mtime,
+tiling) and, in the quick start, ``demo_check`` (planted objects found against the ground truth).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ import numpy as np
 from mgpr.conf.schema import PredictConfig
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
+from mgpr.models.registry import max_detections_for
 from mgpr.outputs.rundir import stale_outputs, write_json_atomic
 from mgpr.run.summary_text import print_summary
 from mgpr.tasks import get_task
@@ -184,6 +185,7 @@ def finish_run(
             tiles,
             output_format=cfg.output_format,
             use_finalised=bool(stats.get("merge_spread")),
+            box_cap=max_detections_for(model_name, cfg.max_detections),
         )
         tiles_total = merged.tiles_planned
         summary.update(
@@ -201,6 +203,10 @@ def finish_run(
             duplicate_tiles=merged.duplicate_tiles,
             duplicates_removed=merged.duplicates_removed,
             duplicates_across_inputs=merged.duplicates_across_inputs,
+            tiles_at_box_cap=merged.tiles_at_box_cap if adapter.task == "detection" else None,
+            max_detections=max_detections_for(model_name, cfg.max_detections)
+            if adapter.task == "detection"
+            else None,
             empty_inputs=merged.empty_rasters,
             pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
             values=describe_value_ranges(cfg, value_ranges),
@@ -269,7 +275,7 @@ def finish_run(
         log.info(
             "demo check skipped: it compares boxes or class maps with the planted objects, and "
             "model=%s is a %s model; use model=reference or model=reference-seg for the check",
-            cfg.model,
+            model_name,
             adapter.task,
         )
     elif demo and truth_path is not None and summary.get("output"):

@@ -80,6 +80,15 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
         )
     if s.get("output"):
         lines += _output_lines(s)
+    capped = s.get("tiles_at_box_cap")
+    if capped:
+        cap = s.get("max_detections")
+        lines.append(
+            f"  WARNING: {capped} of {s['tiles_predicted']} predicted tiles hold {cap} boxes, "
+            f"the max_detections cap: the model may have found more there; for dense scenes "
+            f"re-run with max_detections={cap * 3} and overwrite=true (another run: the cap "
+            f"decides what a tile holds)"
+        )
     for path in (s.get("empty_inputs") or [])[:3]:
         lines.append(
             f"  WARNING: every tile of {path} is nodata, so nothing was predicted there; check "

@@ -137,6 +137,9 @@ class MergeResult:
     duplicates_removed: int = 0  # seam de-duplication (detection)
     #: detections found twice where input rasters overlap on the ground, removed
     duplicates_across_inputs: int = 0
+    #: detection: predicted tiles holding as many boxes as the per-tile cap (``max_detections``):
+    #: the model may have found more there, which the cap dropped
+    tiles_at_box_cap: int = 0
     #: inputs whose every planned tile was nodata (skipped): usually a wrong nodata value or mask
     empty_rasters: list[str] = field(default_factory=list)
     #: raster path -> its merged features (vector tasks), for the run's previews: handed over

@@ -32,6 +32,7 @@ def merge_run(
     output_format: str = "gpkg",
     output_name: str = "predictions",
     use_finalised: bool = False,
+    box_cap: int | None = None,
 ) -> MergeResult:
     """Account every planned tile once, then write the task's outputs.
 
@@ -43,6 +44,9 @@ def merge_run(
         output_format: ``gpkg``, ``parquet`` or ``both``.
         output_name: file stem of single-file formats (``predictions.gpkg``).
         use_finalised: gather what the ranks' :func:`finalise_share` published.
+        box_cap: detection: boxes one tile keeps at most (``max_detections``; None: no cap);
+            predicted tiles with that many records are counted in ``tiles_at_box_cap``, from
+            the ledger's per-tile record counts (no records are read for it).
     """
     by_key = {t.id.key(): t for t in tiles}
     ledger = build_ledger(run_dir, by_key)
@@ -60,6 +64,10 @@ def merge_run(
     result.missing_path = missing_path
     result.duplicate_tiles = ledger.duplicates
     result.empty_rasters = empty_rasters(ledger.entries, tiles)
+    if box_cap is not None and task.name == "detection":
+        result.tiles_at_box_cap = sum(
+            1 for e in ledger.entries.values() if e.status == "done" and e.n_records >= box_cap
+        )
     return result
 
 
