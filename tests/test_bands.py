@@ -79,6 +79,12 @@ def test_alpha_is_never_model_input(tmp_path: Path) -> None:
     info = describe_raster(_raster(tmp_path / "rgba.tif", [CI.red, CI.green, CI.blue, CI.alpha]))
     assert check_bands(info, None, 0) == [1, 2, 3]  # band-agnostic model: every band but alpha
     assert check_bands(info, None, 3) == [1, 2, 3]
+    # Named outright (band 4 taken for NIR, or by its name), it was read as imagery.
+    for bands in ([4, 3, 2], ["alpha", "green", "blue"]):
+        with pytest.raises(ConfigError, match=r"names band 4, which is .*alpha band .*1\.\.3$"):
+            check_bands(info, bands, 3)
+    with pytest.raises(ConfigError, match="alpha band"):
+        check_bands(info, [1, 4], 0)
 
 
 def test_a_paletted_raster_is_refused_with_the_expand_command(tmp_path: Path) -> None:

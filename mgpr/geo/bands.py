@@ -90,6 +90,13 @@ def _refuse_palette(info: RasterInfo) -> None:
         )
 
 
+def _band_span(bands: Sequence[int]) -> str:
+    """``1..3`` for consecutive indexes, else ``1, 2, 4``."""
+    if bands and list(bands) == list(range(bands[0], bands[-1] + 1)):
+        return f"{bands[0]}..{bands[-1]}"
+    return ", ".join(str(b) for b in bands)
+
+
 def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int) -> list[int]:
     """Pick the 1-based band indexes to read and check them against the raster and model.
 
@@ -106,6 +113,7 @@ def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int
             cannot take, or a paletted raster (:func:`_refuse_palette`).
     """
     _refuse_palette(info)
+    alpha = {i + 1 for i in range(info.count) if _interp(info, i) == "alpha"}
     if bands is not None:
         chosen = [resolve_band(info, b, bands) for b in bands]
         if needed and len(chosen) != needed:
@@ -113,8 +121,17 @@ def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int
                 f"bands={list(bands)} selects {len(chosen)} band(s), but the model needs "
                 f"{needed}; pass e.g. bands=[{','.join(str(i) for i in range(1, needed + 1))}]"
             )
+        picked_alpha = [b for b in chosen if b in alpha]
+        if picked_alpha:
+            # An alpha band is the validity mask (0 = no data): read as imagery it is a flat
+            # 255 with black where the raster has no data, which no model was trained on.
+            image = [b for b in range(1, info.count + 1) if b not in alpha]
+            raise ConfigError(
+                f"bands={list(bands)} names band {picked_alpha[0]}, which is {info.path!r}'s "
+                f"alpha band (its validity mask, applied to every tile, not imagery); pick "
+                f"image bands {_band_span(image)}"
+            )
         return chosen
-    alpha = {i + 1 for i in range(info.count) if _interp(info, i) == "alpha"}
     if needed == 0:
         return [b for b in range(1, info.count + 1) if b not in alpha] or [1]
     if info.count < needed:
