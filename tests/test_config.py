@@ -186,3 +186,31 @@ def test_single_device_strategy_is_one_rank_only() -> None:
         _strategy(cfg, 2, False)
     with pytest.raises(ConfigError, match="under srun; use strategy=auto or ddp"):
         _strategy(cfg, 1, True)
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["input_path", "=", "a.tif"], "write `input_path=a.tif` without spaces around ="),
+        (["input_path", "=a.tif", "gpus=2"], "write `input_path=a.tif` without spaces around ="),
+        (["input_path:a.tif"], "write `input_path=a.tif` (key: value is a config file's"),
+        (["ortho.tif", "gpus=2"], "to predict it write `mgpr input_path=ortho.tif`"),
+        (["tile_size"], "give it a value: `tile_size=<value>`"),
+        (["banana"], "write e.g. `mgpr tile_size=512`"),
+    ],
+)
+def test_an_argument_that_is_not_key_value_says_what_was_meant(argv: list[str], says: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(argv)
+    assert says in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--input_path", "a.tif"], ["--input-path=a.tif"], ["gpus=2", "--input_path", "a.tif"]],
+)
+def test_a_key_written_as_an_option_is_answered_with_its_override(argv: list[str]) -> None:
+    from mgpr.conf.command import parse_command
+
+    with pytest.raises(ConfigError, match=r"without dashes; write `mgpr input_path=a\.tif`$"):
+        parse_command(argv)

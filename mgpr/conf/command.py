@@ -99,6 +99,16 @@ def parse_command(argv: Sequence[str]) -> Invocation:
         if flag in _UNSUPPORTED:
             raise ConfigError(f"{flag} is a Hydra flag mgpr does not use: {_UNSUPPORTED[flag]}")
         if arg.startswith("-") and flag not in _FLAGS:
+            name = flag.lstrip("-").replace("-", "_")
+            if name in _config_keys():
+                at = args.index(arg)
+                value = (
+                    arg.split("=", 1)[1] if "=" in arg else (args[at + 1 : at + 2] or ["..."])[0]
+                )
+                raise ConfigError(
+                    f"unknown option {arg!r}: config keys are key=value overrides without dashes; "
+                    f"write `mgpr {name}={value}`"
+                )
             raise ConfigError(
                 f"unknown option {arg!r} (flag and value are two arguments: -cp DIR); "
                 f"usage: {USAGE_LINE}"
@@ -123,6 +133,12 @@ def parse_command(argv: Sequence[str]) -> Invocation:
         slurm_preflight=ns.slurm_preflight,
         config_file_keys=ns.config_file_keys,
     )
+
+
+def _config_keys() -> set[str]:
+    from mgpr.conf.load import config_keys
+
+    return set(config_keys())
 
 
 _FLAGS = frozenset(

@@ -73,16 +73,37 @@ def _unknown_key(key: str, where: str) -> ConfigError:
 def _check_override_keys(overrides: Sequence[str]) -> None:
     """Reject malformed overrides and unknown keys before Hydra sees them (clearer messages)."""
     keys = set(config_keys())
-    for item in overrides:
+    for i, item in enumerate(overrides):
         match = _KEY_RE.match(item)
         if match is None:
+            following = " ".join(overrides[i + 1 : i + 3])  # `key = value`: "= value"
             raise ConfigError(
-                f"argument {item!r} is not a key=value override; write e.g. `mgpr tile_size=512` "
-                "(run `mgpr --help` for the keys)"
+                f"argument {item!r} is not a key=value override; "
+                + _override_hint(item, following, keys)
             )
         key = match.group(1)
         if key not in keys:
             raise _unknown_key(key, repr(item))
+
+
+def _override_hint(item: str, following: str, keys: set[str]) -> str:
+    """What the user probably meant by an argument that is not ``key=value``."""
+    key, colon, value = item.partition(":")
+    if item in keys and following.startswith("="):
+        after = following[1:].strip().split(" ")[0]
+        return f"write `{item}={after or '<value>'}` without spaces around ="
+    if item in keys:
+        return f"give it a value: `{item}=<value>` (run `mgpr --help` for the keys)"
+    if colon and key in keys:
+        return f"write `{key}={value.strip()}` (key: value is a config file's spelling)"
+    looks_like_path = Path(item).suffix.lower() in _RASTER_SUFFIXES or Path(item).exists()
+    if looks_like_path:
+        return f"to predict it write `mgpr input_path={item}`"
+    return "write e.g. `mgpr tile_size=512` (run `mgpr --help` for the keys)"
+
+
+#: Suffixes that make a bare argument look like an input raster (geo.inputs has the full list).
+_RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".txt")
 
 
 #: ConfigStore name of the primary config composed for a file: schema, then the file.
