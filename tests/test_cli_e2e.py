@@ -40,6 +40,9 @@ def test_quickstart_finds_every_planted_object_once(tmp_path: Path, capsys) -> N
     assert "demo check   OK" in out
     geoms, rows, epsg = read_gpkg_layer(run / "predictions.gpkg", "detections")
     assert len(geoms) == 16 and epsg == 32633
+    (label,) = {r["label"] for r in rows}
+    assert _summary(run)["classes"] == {label: {"count": 16}}
+    assert f"  classes      {label} 16\n" in out
     assert {"score", "class_id", "label", "source", "tile_row", "tile_col"} <= set(rows[0])
 
 

@@ -50,7 +50,8 @@ def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
     args = segmentation_args(img.path, run, "vectorize=true", "output_format=both")
     assert run_mgpr_inprocess(*args) == 0
     summary = json.loads((run / "summary.json").read_text())
-    (output_line,) = [ln for ln in capsys.readouterr().out.splitlines() if "  output  " in ln]
+    out_lines = capsys.readouterr().out.splitlines()
+    (output_line,) = [ln for ln in out_lines if "  output  " in ln]
     assert output_line.endswith(
         f"({summary['records']} class-map pixels; layer segments: {summary['layers']['segments']})"
     )
@@ -79,6 +80,13 @@ def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["layers"]["segments"] == len(gp_geoms) > 10
+    # Per class: polygons and ground area of what the layer holds, largest area first
+    for name, entry in summary["classes"].items():
+        mine = [i for i, lab in enumerate(gp_cols["label"]) if lab == name]
+        assert entry["count"] == len(mine)
+        assert entry["area_m2"] == pytest.approx(sum(gp_cols["area_m2"][i] for i in mine))
+    shown = [ln for ln in out_lines if ln.startswith("  classes")]
+    assert shown and shown[0].startswith("  classes      by ground area: background ")
     assert str(run / "predictions.gpkg") in summary["outputs"]
     assert str(run / "segments.parquet") in summary["outputs"]
     assert str(cog) in summary["outputs"]

@@ -191,3 +191,24 @@ def test_grouped_dedupe_equals_one_global_pass(seed: int, n: int) -> None:
     if n:
         whole = _dedupe_group(boxes, scores, labels, tiles, cut, 0.5, 0.5)
         assert grouped.tolist() == whole.tolist()
+
+
+def test_tally_classes_counts_labels_and_sums_ground_area() -> None:
+    import numpy as np
+    import shapely
+
+    from mgpr.outputs.vector import FeatureBatch
+    from mgpr.tasks.base import tally_classes
+
+    geoms = np.array([shapely.box(0, 0, 1, 1)] * 3, dtype=object)
+    labels = np.array(["tree", "road", "tree"], dtype=object)
+    totals: dict[str, dict[str, float]] = {}
+    tally_classes(totals, FeatureBatch.of_geometries(geoms, {"label": labels}))
+    assert totals == {"tree": {"count": 2}, "road": {"count": 1}}
+    area = np.array([10.0, np.nan, 5.0])  # NaN: a raster without CRS adds nothing
+    tally_classes(totals, FeatureBatch.of_geometries(geoms, {"label": labels, "area_m2": area}))
+    assert totals["tree"] == {"count": 4, "area_m2": 15.0}
+    assert totals["road"] == {"count": 2, "area_m2": 0.0}
+    top1 = {"label_1": np.array(["forest", "forest"], dtype=object)}  # a classifier's tiles
+    tally_classes(totals, FeatureBatch.of_geometries(geoms[:2], top1))
+    assert totals["forest"] == {"count": 2}

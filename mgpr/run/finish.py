@@ -10,14 +10,15 @@ and/or ``<layer>.parquet``, as ``output_format`` chose), ``layers`` (layer -> fe
 them are in ``failed_tiles.csv``), ``tiles_missing`` (planned tiles in no published part; listed in
 ``missing_tiles.txt``, the run exits 4), ``duplicate_tiles`` (tile copies found in more than one
 part, each kept once), ``duplicates_removed`` (seam de-duplication), ``duplicates_across_inputs``
-(boxes found again where two inputs overlap on the ground, removed), ``max_detections`` /
-``tiles_at_box_cap`` (detection: the per-tile box cap and the predicted tiles holding that many
-boxes), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s`` (``Trainer.predict``
-incl. rank and worker start-up), ``predict_loop_s`` (first batch request to last batch, slowest
-rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or failed),
-``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a resume's
-counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this run /
-``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model ran on: not nodata, not
+(boxes found again where two inputs overlap on the ground, removed), ``classes`` (label ->
+``count`` of features written, a classifier's tiles by top-1 label, and ``area_m2`` for segments),
+``max_detections`` / ``tiles_at_box_cap`` (detection: the per-tile box cap and the predicted tiles
+holding that many boxes), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
+(``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
+last batch, slowest rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or
+failed), ``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a
+resume's counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this run
+/ ``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model ran on: not nodata, not
 unreadable), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only when files an
 earlier run of the job wrote are not this run's outputs:
 :func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's bottleneck hint),
@@ -203,6 +204,7 @@ def finish_run(
             duplicate_tiles=merged.duplicate_tiles,
             duplicates_removed=merged.duplicates_removed,
             duplicates_across_inputs=merged.duplicates_across_inputs,
+            classes=dict(sorted(merged.classes.items(), key=lambda kv: (-kv[1]["count"], kv[0]))),
             tiles_at_box_cap=merged.tiles_at_box_cap if adapter.task == "detection" else None,
             max_detections=max_detections_for(model_name, cfg.max_detections)
             if adapter.task == "detection"

@@ -41,6 +41,48 @@ def _output_lines(s: dict[str, Any]) -> list[str]:
     return [f"  output       {head}"] + [f"               {p}" for p in rest]
 
 
+#: Classes the summary line names; the rest are counted, and all are in summary.json.
+CLASSES_SHOWN = 5
+
+
+def _classes_line(s: dict[str, Any]) -> str | None:
+    """The ``classes`` line: what the layers hold per label, most first.
+
+    ``car 1,234, truck 56`` (detections), ``top-1 of 9 tiles: forest 7, field 2``
+    (classification) or ``by ground area: background 5.91 ha (93.4%), ...`` (segments).
+    """
+    classes: dict[str, dict[str, float]] = s.get("classes") or {}
+    if not classes:
+        return None
+    areas = {k: v.get("area_m2") for k, v in classes.items()}
+    by_area = all(a is not None and a > 0 for a in areas.values())
+    if by_area:
+        total = sum(a for a in areas.values() if a)
+        ranked = sorted(classes, key=lambda k: -(areas[k] or 0.0))
+        parts = [
+            f"{k} {_hectares(areas[k] or 0.0)} ({(areas[k] or 0.0) / total:.1%})" for k in ranked
+        ]
+        head = "by ground area: "
+    else:
+        parts = [f"{k} {int(v['count']):,}" for k, v in classes.items()]
+        head = (
+            f"top-1 of {sum(int(v['count']) for v in classes.values()):,} tiles: "
+            if s.get("task") == "classification"
+            else ""
+        )
+    more = len(parts) - CLASSES_SHOWN
+    return (
+        head
+        + ", ".join(parts[:CLASSES_SHOWN])
+        + (f" (+{more} more: summary.json classes)" if more > 0 else "")
+    )
+
+
+def _hectares(m2: float) -> str:
+    """``5.91 ha`` from one hectare up, else ``106 m2`` (ASCII: a job log may not be UTF-8)."""
+    return f"{m2 / 1e4:,.3g} ha" if m2 >= 1e4 else f"{m2:,.0f} m2"
+
+
 def print_summary(s: dict[str, Any], report_text: str) -> None:
     """Print the summary block of ``summary.json``'s dict ``s``, then the run report's table."""
     lines = ["", "mgpr summary"]
@@ -80,6 +122,9 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
         )
     if s.get("output"):
         lines += _output_lines(s)
+    classes = _classes_line(s)
+    if classes:
+        lines.append(f"  classes      {classes}")
     capped = s.get("tiles_at_box_cap")
     if capped:
         cap = s.get("max_detections")

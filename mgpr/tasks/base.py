@@ -140,6 +140,9 @@ class MergeResult:
     #: detection: predicted tiles holding as many boxes as the per-tile cap (``max_detections``):
     #: the model may have found more there, which the cap dropped
     tiles_at_box_cap: int = 0
+    #: label -> ``{"count": features, "area_m2": ground area (polygons with area_m2 only)}``
+    #: of what the layers hold (a classifier: its tiles' top-1 label), :func:`tally_classes`
+    classes: dict[str, dict[str, float]] = field(default_factory=dict)
     #: inputs whose every planned tile was nodata (skipped): usually a wrong nodata value or mask
     empty_rasters: list[str] = field(default_factory=list)
     #: raster path -> its merged features (vector tasks), for the run's previews: handed over
@@ -325,6 +328,7 @@ class VectorTask(Task):
                 batches, across = self.across_inputs(batches, infos, layer, ctx)
                 result.duplicates_across_inputs += across
                 merged = FeatureBatch.concat(batches)
+                tally_classes(result.classes, merged)
                 for writer in writers:
                     writer.write(layer.name, layer.crs_wkt, merged)
                 result.layers[layer.name] = len(merged)
@@ -337,6 +341,26 @@ class VectorTask(Task):
                 writer.abort()
         result.output_path = result.output_paths[0] if result.output_paths else None
         return result
+
+
+def tally_classes(totals: dict[str, dict[str, float]], batch: FeatureBatch) -> None:
+    """Add one written batch to ``totals``: features per label, and their ``area_m2``.
+
+    The label is ``label`` (detections, segments) or a classifier's top-1 ``label_1``; the
+    ground area is summed where the batch has ``area_m2`` (segments; NaN without a CRS).
+    """
+    labels = batch.fields.get("label", batch.fields.get("label_1"))
+    if labels is None or not len(labels):
+        return
+    names, inverse, counts = np.unique(
+        np.asarray(labels).astype(str), return_inverse=True, return_counts=True
+    )
+    area = batch.fields.get("area_m2")
+    for i, name in enumerate(names.tolist()):
+        entry = totals.setdefault(name, {"count": 0})
+        entry["count"] += int(counts[i])
+        if area is not None:
+            entry["area_m2"] = entry.get("area_m2", 0.0) + float(np.nansum(area[inverse == i]))
 
 
 def _keys_by_path(tiles: Mapping[str, Tile]) -> dict[str, list[str]]:

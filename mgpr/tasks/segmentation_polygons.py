@@ -16,7 +16,7 @@ from pathlib import Path
 from mgpr.outputs.features import feature_path, read_features, write_features
 from mgpr.outputs.formats import vector_writers
 from mgpr.outputs.vector import FeatureBatch
-from mgpr.tasks.base import MergeResult, TaskContext
+from mgpr.tasks.base import MergeResult, TaskContext, tally_classes
 from mgpr.tasks.layers import plan_layers, to_layer_crs
 from mgpr.tasks.vectorize import class_map_features
 
@@ -71,6 +71,7 @@ def write_polygons(
                         raise AssertionError(f"{done} holds {meta.get('path')}, not {path}")
                 else:
                     batch = _polygons(ctx, path, class_maps[path], nodata)
+                tally_classes(result.classes, batch)
                 batch = to_layer_crs(batch, ctx.rasters[path], layer)
                 for writer in writers:
                     writer.write(layer.name, layer.crs_wkt, batch)
