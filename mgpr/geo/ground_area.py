@@ -29,20 +29,18 @@ def ground_areas_m2(
     out = np.full(len(shapes), np.nan, dtype=np.float64)
     if crs_wkt is None or not len(shapes):
         return out
-    from pyproj import CRS, Transformer
+    from mgpr.geo.reproject import own_lonlat
 
     try:
-        crs = CRS.from_wkt(crs_wkt)
-        horizontal = crs.sub_crs_list[0] if crs.is_compound and crs.sub_crs_list else crs
-        geodetic = horizontal.geodetic_crs
-        geod = geodetic.get_geod() if geodetic is not None else None
+        parts = own_lonlat(crs_wkt)
+        geod = parts[0].geodetic_crs.get_geod() if parts is not None else None
     except Exception:  # an engineering CRS pyproj cannot take apart: no ground area
         return out
-    if geodetic is None or geod is None:
+    if parts is None or geod is None:
         return out
+    horizontal, to_lonlat = parts
     lonlat = shapes
     if not horizontal.is_geographic:
-        to_lonlat = Transformer.from_crs(horizontal, geodetic, always_xy=True)
 
         def project(xy: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
             lon, lat = to_lonlat.transform(xy[:, 0], xy[:, 1])

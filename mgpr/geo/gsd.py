@@ -120,18 +120,16 @@ def point_scales(info: RasterInfo) -> list[float] | None:
 
 @functools.lru_cache(maxsize=64)
 def _projection(crs_wkt: str) -> tuple[Any, Any] | None:
-    """(CRS -> its own lon/lat transformer, pyproj Proj) of one CRS, or None without a datum.
+    """(CRS -> its own lon/lat transformer, pyproj Proj) of one CRS, or None without a datum."""
+    from pyproj import Proj
 
-    Cached: a folder of 1,500 tiles shares one CRS, and each Transformer takes milliseconds.
-    """
-    from pyproj import CRS, Proj, Transformer
+    from mgpr.geo.reproject import own_lonlat
 
-    crs = CRS.from_wkt(crs_wkt)
-    horizontal = crs.sub_crs_list[0] if crs.is_compound and crs.sub_crs_list else crs
-    geodetic = horizontal.geodetic_crs
-    if geodetic is None:
+    parts = own_lonlat(crs_wkt)
+    if parts is None:
         return None
-    return Transformer.from_crs(horizontal, geodetic, always_xy=True), Proj(horizontal)
+    horizontal, to_lonlat = parts
+    return to_lonlat, Proj(horizontal)
 
 
 def crs_scale(info: RasterInfo) -> float:
@@ -200,8 +198,9 @@ def check_gsd_crs(info: RasterInfo, gsd: float) -> None:
         )
     from pyproj import CRS
 
-    crs = CRS.from_wkt(info.crs_wkt)
-    horizontal = crs.sub_crs_list[0] if crs.is_compound and crs.sub_crs_list else crs
+    from mgpr.geo.reproject import horizontal_crs
+
+    horizontal = horizontal_crs(CRS.from_wkt(info.crs_wkt))
     units = {a.unit_name.lower() for a in horizontal.axis_info[:2]}
     if not horizontal.is_projected or not units <= _METRE_UNITS:
         kind = (
