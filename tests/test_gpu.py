@@ -284,3 +284,22 @@ def test_nonfinite_flags_stay_on_the_gpu_until_read() -> None:
     flags = nonfinite_tiles({"out": logits}, 3)
     assert flags is not None and flags.device.type == "cuda"
     assert flags.cpu().tolist() == [False, False, True]
+
+
+def test_custom_box_frame_checks_run_on_the_gpu_boxes() -> None:
+    """Normalised boxes refused, boxes outside the tile counted: CUDA tensors, one sync."""
+    from mgpr.errors import ModelError
+    from mgpr.models.custom import _check_box_frame
+
+    def dets(rows: list[list[float]]) -> list[dict[str, torch.Tensor]]:
+        boxes = torch.tensor(rows, device="cuda")
+        n = len(rows)
+        return [{"boxes": boxes, "scores": torch.ones(n, device="cuda"), "labels": torch.ones(n)}]
+
+    with pytest.raises(ModelError, match="normalised boxes"):
+        _check_box_frame(dets([[0.1, 0.1, 0.5, 0.5], [0.2, 0.2, 0.3, 0.9]]), "m", 64)
+    assert _check_box_frame(dets([[1.0, 1.0, 9.0, 9.0], [70.0, 5.0, 90.0, 9.0]]), "m", 64) == (
+        1,
+        [70.0, 5.0, 90.0, 9.0],
+    )
+    assert _check_box_frame(dets([[1.0, 1.0, 9.0, 9.0]]), "m", 64) is None
