@@ -49,3 +49,25 @@ def test_holes_count_against_the_area_and_orientation_does_not_matter() -> None:
 def test_no_crs_gives_nan() -> None:
     assert np.isnan(ground_areas_m2(np.array([_square(0, 0, 10.0)]), None)).all()
     assert ground_areas_m2(np.empty(0, dtype=object), _wkt("EPSG:32633")).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    ("code", "x", "y", "side"),
+    [
+        ("EPSG:32633", 500000.0, 4983000.0, 30.0),  # UTM 33N, 45 N on the central meridian
+        ("EPSG:32633", 320000.0, 6650000.0, 30.0),  # 60 N, 3 degrees off it
+        ("EPSG:3857", 1113195.0, 8399737.9, 60.0),  # Web Mercator at 60 N: scale 2
+        ("EPSG:4326", 15.0, 45.0, 3e-4),  # degrees
+        ("EPSG:4326", -70.0, -80.0, 3e-4),
+    ],
+)
+def test_box_areas_agree_with_the_geodesic_area(code: str, x: float, y: float, side: float) -> None:
+    """The vectorised local form for boxes equals the per-polygon geodesic sum to 1e-6."""
+    from mgpr.geo.ground_area import box_ground_areas_m2
+
+    boxes = [shapely.box(x + i * side, y, x + (i + 0.5) * side, y + side) for i in range(3)]
+    rings = np.array([np.asarray(b.exterior.coords)[::-1] for b in boxes])  # any orientation
+    got = box_ground_areas_m2(rings, _wkt(code))
+    want = ground_areas_m2(np.array(boxes, dtype=object), _wkt(code))
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    assert np.isnan(box_ground_areas_m2(rings, None)).all()

@@ -206,9 +206,12 @@ def test_tally_classes_counts_labels_and_sums_ground_area() -> None:
     tally_classes(totals, FeatureBatch.of_geometries(geoms, {"label": labels}))
     assert totals == {"tree": {"count": 2}, "road": {"count": 1}}
     area = np.array([10.0, np.nan, 5.0])  # NaN: a raster without CRS adds nothing
-    tally_classes(totals, FeatureBatch.of_geometries(geoms, {"label": labels, "area_m2": area}))
-    assert totals["tree"] == {"count": 4, "area_m2": 15.0}
-    assert totals["road"] == {"count": 2, "area_m2": 0.0}
+    batch = FeatureBatch.of_geometries(geoms, {"label": labels, "area_m2": area})
+    tally_classes(totals, batch)  # detections: counted only
+    assert totals["tree"] == {"count": 4}
+    tally_classes(totals, batch, areas=True)  # segments: their ground area too
+    assert totals["tree"] == {"count": 6, "area_m2": 15.0}
+    assert totals["road"] == {"count": 3, "area_m2": 0.0}
     top1 = {"label_1": np.array(["forest", "forest"], dtype=object)}  # a classifier's tiles
     tally_classes(totals, FeatureBatch.of_geometries(geoms[:2], top1))
     assert totals["forest"] == {"count": 2}

@@ -10,10 +10,8 @@ north-up transform; anything else is refused in one line naming the raster and t
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Sequence
-from typing import Any
 
 from mgpr.errors import InputError
 from mgpr.geo.model_grid import gsd_factors, model_size, model_transform, resolve_resampling
@@ -102,10 +100,12 @@ def point_scales(info: RasterInfo) -> list[float] | None:
     direction) and the mean of the two axes for the others. None where it cannot be told.
     """
     try:
-        parts = _projection(info.crs_wkt or "")
+        from mgpr.geo.reproject import own_lonlat
+
+        parts = own_lonlat(info.crs_wkt or "")
         if parts is None:
             return None
-        to_lonlat, projection = parts
+        _horizontal, to_lonlat, projection = parts
         t = info.native_transform
         w, h = info.native_width, info.native_height
         out = []
@@ -116,20 +116,6 @@ def point_scales(info: RasterInfo) -> list[float] | None:
     except Exception:  # a CRS pyproj cannot take apart: face value, as before
         return None
     return out if all(math.isfinite(k) and k > 0 for k in out) else None
-
-
-@functools.lru_cache(maxsize=64)
-def _projection(crs_wkt: str) -> tuple[Any, Any] | None:
-    """(CRS -> its own lon/lat transformer, pyproj Proj) of one CRS, or None without a datum."""
-    from pyproj import Proj
-
-    from mgpr.geo.reproject import own_lonlat
-
-    parts = own_lonlat(crs_wkt)
-    if parts is None:
-        return None
-    horizontal, to_lonlat = parts
-    return to_lonlat, Proj(horizontal)
 
 
 def crs_scale(info: RasterInfo) -> float:

@@ -343,11 +343,14 @@ class VectorTask(Task):
         return result
 
 
-def tally_classes(totals: dict[str, dict[str, float]], batch: FeatureBatch) -> None:
-    """Add one written batch to ``totals``: features per label, and their ``area_m2``.
+def tally_classes(
+    totals: dict[str, dict[str, float]], batch: FeatureBatch, areas: bool = False
+) -> None:
+    """Add one written batch to ``totals``: features per label, and with ``areas`` their area.
 
-    The label is ``label`` (detections, segments) or a classifier's top-1 ``label_1``; the
-    ground area is summed where the batch has ``area_m2`` (segments; NaN without a CRS).
+    The label is ``label`` (detections, segments) or a classifier's top-1 ``label_1``; with
+    ``areas`` (segments: a class's share is its area) ``area_m2`` is summed too (NaN, without
+    a CRS, adds nothing). Detections are counted only: boxes overlap and outline objects.
     """
     labels = batch.fields.get("label", batch.fields.get("label_1"))
     if labels is None or not len(labels):
@@ -363,7 +366,7 @@ def tally_classes(totals: dict[str, dict[str, float]], batch: FeatureBatch) -> N
             np.asarray(labels).astype(str), return_inverse=True, return_counts=True
         )
         names = unique.tolist()
-    area = batch.fields.get("area_m2")
+    area = batch.fields.get("area_m2") if areas else None
     for i, name in enumerate(names):
         entry = totals.setdefault(name, {"count": 0})
         entry["count"] += int(counts[i])

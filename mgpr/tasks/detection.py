@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from mgpr.geo.aoi import centres_in_aoi
 from mgpr.geo.georef import boxes_to_rings
+from mgpr.geo.ground_area import box_ground_areas_m2
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge
 from mgpr.models.base import Detections
@@ -182,4 +183,6 @@ class DetectionTask(VectorTask):
             "px_ymax": native_px[:, 3],
         }
         # The (model) grid's transform: exact whatever gsd.
-        return FeatureBatch(boxes_to_rings(boxes, info.transform), fields), removed
+        rings = boxes_to_rings(boxes, info.transform)
+        fields["area_m2"] = box_ground_areas_m2(rings, info.crs_wkt)  # on the ground, any CRS
+        return FeatureBatch(rings, fields), removed
