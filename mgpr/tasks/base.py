@@ -140,8 +140,8 @@ class MergeResult:
     #: detection: predicted tiles holding as many boxes as the per-tile cap (``max_detections``):
     #: the model may have found more there, which the cap dropped
     tiles_at_box_cap: int = 0
-    #: label -> ``{"count": features, "area_m2": ground area (polygons with area_m2 only)}``
-    #: of what the layers hold (a classifier: its tiles' top-1 label), :func:`tally_classes`
+    #: label -> ``{"count": features, "area_m2": ground area (segments only)}`` of what the
+    #: layers hold (a classifier: its tiles' top-1 label), :func:`tally_classes`
     classes: dict[str, dict[str, float]] = field(default_factory=dict)
     #: inputs whose every planned tile was nodata (skipped): usually a wrong nodata value or mask
     empty_rasters: list[str] = field(default_factory=list)
@@ -356,7 +356,7 @@ def tally_classes(
     if labels is None or not len(labels):
         return
     ids = batch.fields.get("class_id", batch.fields.get("class_id_1"))
-    if ids is not None:  # integers sort 20x faster than strings: 1M boxes in ~30 ms
+    if ids is not None:  # ints sort ~9x faster than strings: 1M boxes in ~60 ms
         _ids, first, inverse, counts = np.unique(
             np.asarray(ids), return_index=True, return_inverse=True, return_counts=True
         )
