@@ -183,6 +183,13 @@ def mgpr_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "mgpr.cli.main", *args]
 
 
+def web_mercator_y(lat: float) -> float:
+    """Northing of ``lat`` degrees in EPSG:3857 (the spherical Mercator formula), metres."""
+    import math
+
+    return 6378137.0 * math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """This environment for a run in a fresh interpreter: no SLURM_/MGPR_ variables (the test's
     run is no SLURM task and takes no test-only hook), warnings off, then ``extra`` on top."""

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 import shapely
+from conftest import web_mercator_y
 from pyproj import CRS
 
 from mgpr.geo.ground_area import ground_areas_m2
@@ -30,8 +29,9 @@ def test_utm_web_mercator_and_degrees_give_ground_square_metres() -> None:
     utm = ground_areas_m2(np.array([_square(500000, 4983000, 100.0)]), _wkt("EPSG:32633"))
     assert utm[0] == pytest.approx(1e4 / 0.9996**2, rel=2e-5)
     # Web Mercator at 60 N stretches 2x each way: 200 x 200 "m" are 100 x 100 m on the ground.
-    y60 = 6378137.0 * math.log(math.tan(math.pi / 4 + math.radians(60.0) / 2))
-    merc = ground_areas_m2(np.array([_square(1113195.0, y60, 200.0)]), _wkt("EPSG:3857"))
+    merc = ground_areas_m2(
+        np.array([_square(1113195.0, web_mercator_y(60.0), 200.0)]), _wkt("EPSG:3857")
+    )
     assert merc[0] == pytest.approx(1e4, rel=5e-3)
     # 0.001 x 0.001 degrees at the equator: 111.32 m x 110.57 m on WGS 84.
     deg = ground_areas_m2(np.array([_square(10.0, 0.0, 0.001)]), _wkt("EPSG:4326"))

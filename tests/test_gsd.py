@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import rasterio
 from affine import Affine
-from conftest import read_gpkg_layer, run_mgpr_inprocess
+from conftest import read_gpkg_layer, run_mgpr_inprocess, web_mercator_y
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -272,18 +272,13 @@ def test_detections_at_gsd_match_the_truth_within_one_model_pixel(
     assert f"gsd          0.1 m per model pixel: x{factor:g} (average)" in capsys.readouterr().out
 
 
-def _web_mercator_y(lat: float) -> float:
-    """Northing of ``lat`` degrees in EPSG:3857 (the spherical Mercator formula)."""
-    return 6378137.0 * math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
-
-
 def test_a_web_mercator_metre_is_scaled_to_the_ground_and_utm_is_taken_as_it_is(
     make_image,
 ) -> None:
     """EPSG:3857 (XYZ tile downloads) stretches by 1 / cos(latitude): at 60 degrees N its 0.2 m
     pixels are 0.1 m on the ground, so gsd=0.1 reads them natively, not averaged 2x2."""
     merc = make_image("m.tif", width=64, height=64, crs="EPSG:3857", pixel_size=0.2,
-                      origin_x=1113195.0, origin_y=_web_mercator_y(60.0))  # fmt: skip
+                      origin_x=1113195.0, origin_y=web_mercator_y(60.0))  # fmt: skip
     info = on_model_grid(describe_raster(str(merc.path)), 0.1, "auto")
     assert info.crs_scale == pytest.approx(2.0, rel=1e-4)  # 1 / cos(60 deg)
     assert info.factor_x == pytest.approx(1.0, rel=1e-4) and info.width in (64, 65)
@@ -297,7 +292,7 @@ def test_a_web_mercator_metre_is_scaled_to_the_ground_and_utm_is_taken_as_it_is(
     assert describe_crs_scale(utm, 0.2) is None
     # A raster over 40 degrees of latitude has no one scale: said, with the centre's used.
     wide = make_image("w.tif", width=64, height=64, crs="EPSG:3857", pixel_size=70000.0,
-                      origin_x=1113195.0, origin_y=_web_mercator_y(70.0))  # fmt: skip
+                      origin_x=1113195.0, origin_y=web_mercator_y(70.0))  # fmt: skip
     wide_info = on_model_grid(describe_raster(str(wide.path)), 100000.0, "auto")
     assert "varies by" in (describe_crs_scale(wide_info, 100000.0) or "")
 
@@ -308,7 +303,7 @@ def test_detections_at_gsd_on_web_mercator_match_the_truth(make_image, tmp_path:
     lat = math.degrees(math.acos(1 / 1.5))
     img = make_image(
         "merc.tif", width=630, height=570, pixel_size=0.1, crs="EPSG:3857", origin_x=1113195.0,
-        origin_y=_web_mercator_y(lat), objects=10, object_min_px=18, object_max_px=48,
+        origin_y=web_mercator_y(lat), objects=10, object_min_px=18, object_max_px=48,
         tile_size=round(TILE * 1.5), overlap=round(OVERLAP * 1.5), seed=4,
     )  # fmt: skip
     run = tmp_path / "run"

@@ -198,7 +198,8 @@ def test_uint16_class_map_polygons_keep_ids_above_255(tmp_path: Path) -> None:
     ) as d:
         d.write(ids, 1)
     names = [f"c{i}" for i in range(300)]
-    batch = class_map_features(path, names, 65535, "in.tif", block_px=128)
+    wkt = rasterio.crs.CRS.from_epsg(32633).to_wkt()
+    batch = class_map_features(path, names, 65535, "in.tif", crs_wkt=wkt, block_px=128)
     assert batch.fields["class_id"].tolist() == [7, 7, 299]
     assert batch.fields["label"].tolist() == ["c7", "c7", "c299"]
     big = batch.shapes()[2]
@@ -246,9 +247,9 @@ def test_ranks_trace_their_own_rasters_and_rank0_writes_the_same_layers(
 
     traced: list[str] = []
 
-    def tracing(class_map, names, nodata, source):
+    def tracing(class_map, names, nodata, source, **kw):
         traced.append(source)
-        return features(class_map, names, nodata, source)
+        return features(class_map, names, nodata, source, **kw)
 
     features = polygons.class_map_features
     monkeypatch.setattr(polygons, "class_map_features", tracing)

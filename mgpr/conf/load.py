@@ -96,14 +96,13 @@ def _override_hint(item: str, following: str, keys: set[str]) -> str:
         return f"give it a value: `{item}=<value>` (run `mgpr --help` for the keys)"
     if colon and key in keys:
         return f"write `{key}={value.strip()}` (key: value is a config file's spelling)"
-    looks_like_path = Path(item).suffix.lower() in _RASTER_SUFFIXES or Path(item).exists()
+    from mgpr.geo.inputs import RASTER_SUFFIXES
+
+    suffix = Path(item).suffix.lower()
+    looks_like_path = suffix in (*RASTER_SUFFIXES, ".txt") or Path(item).exists()
     if looks_like_path:
         return f"to predict it write `mgpr input_path={item}`"
     return "write e.g. `mgpr tile_size=512` (run `mgpr --help` for the keys)"
-
-
-#: Suffixes that make a bare argument look like an input raster (geo.inputs has the full list).
-_RASTER_SUFFIXES = (".tif", ".tiff", ".vrt", ".jp2", ".img", ".txt")
 
 
 #: ConfigStore name of the primary config composed for a file: schema, then the file.

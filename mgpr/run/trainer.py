@@ -303,9 +303,11 @@ def make_dataloader(
     )
 
 
-def _node_index() -> int:
-    """This node's index in a multi-node run: SLURM's node id, else the launcher's NODE_RANK."""
-    for name in ("SLURM_NODEID", "NODE_RANK", "GROUP_RANK"):
+def _node_index(slurm_task: Any) -> int:
+    """This node's index in a multi-node run: the srun task's node id, else NODE_RANK."""
+    if slurm_task is not None:
+        return int(slurm_task.nodeid)
+    for name in ("NODE_RANK", "GROUP_RANK"):  # by hand / torchrun
         value = os.environ.get(name, "")
         if value.isdigit():
             return int(value)
@@ -398,7 +400,9 @@ def run_predict(
         enable_model_summary=False,
         use_distributed_sampler=False,
         inference_mode=True,
-        profiler=make_profiler(cfg.profiler, run_dir, _node_index() if num_nodes > 1 else None),
+        profiler=make_profiler(
+            cfg.profiler, run_dir, _node_index(slurm_task) if num_nodes > 1 else None
+        ),
         default_root_dir=str(run_dir),
     )
     compile_plan = resolve_compile(cfg.compile, accelerator, total, world_guess, cfg.batch_size)

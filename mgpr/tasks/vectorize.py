@@ -114,7 +114,13 @@ def vectorize_class_map(
 
 
 def class_map_features(
-    path: Path, names: Sequence[str], nodata: int, source: str, block_px: int = BLOCK_PX
+    path: Path,
+    names: Sequence[str],
+    nodata: int,
+    source: str,
+    *,
+    crs_wkt: str | None,
+    block_px: int = BLOCK_PX,
 ) -> FeatureBatch:
     """:func:`trace_regions` as a :class:`~mgpr.outputs.vector.FeatureBatch` for the writers.
 
@@ -123,13 +129,12 @@ def class_map_features(
     polygon's area in the CRS's units squared: m^2 for a projected CRS in metres, degrees^2 for
     a geographic one, pixels^2 for a raster without CRS) and ``area_m2`` (float64, its area on
     the ground, :func:`~mgpr.geo.ground_area.ground_areas_m2`: square metres on the CRS's
-    ellipsoid in any CRS, NaN without one).
+    ellipsoid in any CRS, NaN without one). ``crs_wkt`` is the class map's CRS, the input
+    raster's (the map is on its grid), which the caller holds.
     """
     from mgpr.geo.ground_area import ground_areas_m2
 
     geoms, ids = trace_regions(path, nodata, block_px)
-    with rasterio.open(path) as src:
-        crs_wkt = src.crs.to_wkt() if src.crs else None
     class_ids = np.asarray(ids, dtype=np.int64)
     labels = np.array(
         [names[i] if 0 <= i < len(names) else str(i) for i in ids], dtype=object
