@@ -32,6 +32,7 @@ def test_mypy_strict_core_modules() -> None:
         "mgpr/outputs/ledger.py",
         "mgpr/tasks/seam_dedupe.py",
         "mgpr/tasks/layers.py",
+        "mgpr/tasks/segmentation_classes.py",
         "mgpr/models/detection.py",
     ]
     proc = subprocess.run(

@@ -145,7 +145,7 @@ def test_blend_missing_neighbour_leaves_only_its_own_core_nodata(
         seam="blend",
     )
     out = get_task("segmentation").assemble(run, ledger, ctx, by_key, info.path, tmp_path / "x")
-    ids = _class_map(out[0])
+    ids = _class_map(out[0][0])
     grid = tile_grid(info.height, info.width, 128, 32)
     r0, c0, r1, c1 = owner_region(gone, grid, info.height, info.width)
     hole = np.zeros(ids.shape, bool)
@@ -192,11 +192,19 @@ def test_two_ranks_blend_and_finalise_their_own_rasters(make_image, tmp_path: Pa
     # Rank 0 assembled its share into merge/ and renamed both: it assembled nothing itself.
     assert f"wrote {two}/merge/raster000000.segmentation.tif" in proc.stderr
     assert f"wrote {two}/segmentation/" not in proc.stderr
+    hist = np.zeros(2, dtype=np.int64)
     for name in ("a.tif", "b.tif"):
         y = _class_map(two / "segmentation" / name)
         bright, invalid = _bright(folder / name)
         assert np.array_equal(y == 255, invalid)
         assert np.array_equal(y[~invalid], bright[~invalid].astype(np.uint8))
+        hist += np.bincount(y[~invalid], minlength=2)
+    # Counted while each rank blended its raster, handed to rank 0 beside the COGs
+    classes = json.loads((two / "summary.json").read_text())["classes"]
+    assert {k: v["pixels"] for k, v in classes.items()} == {
+        "background": hist[0],
+        "bright": hist[1],
+    }
     assert not (two / "merge").exists() and not (two / ".previews").exists()
     assert (two / "preview_a.png").exists() and (two / "preview_b.png").exists()
 
@@ -254,9 +262,9 @@ def test_a_tile_in_two_parts_is_blended_once_from_the_picked_part(
     _copy_parts(run, "r9-later", invert=True)  # sorts after the original: never picked
     ledger = build_ledger(run, by_key)
     assert ledger.duplicates == len(by_key)
-    got = _class_map(task.assemble(run, ledger, ctx, by_key, info.path, tmp_path / "x")[0])
+    got = _class_map(task.assemble(run, ledger, ctx, by_key, info.path, tmp_path / "x")[0][0])
     assert np.array_equal(got, want)  # the inverted copy added nothing
     _copy_parts(run, "r0-0-first", invert=True)  # sorts first: picked for every tile
     ledger = build_ledger(run, by_key)
-    got = _class_map(task.assemble(run, ledger, ctx, by_key, info.path, tmp_path / "y")[0])
+    got = _class_map(task.assemble(run, ledger, ctx, by_key, info.path, tmp_path / "y")[0][0])
     assert np.array_equal(got, 1 - want)

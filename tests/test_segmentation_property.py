@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 import rasterio
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -89,13 +90,23 @@ def test_any_tiling_assembles_the_truth(tmp_path: Path, data: st.DataObject) -> 
 
     by_key = {t.id.key(): t for t in tiles}
     ledger = build_ledger(run, by_key)
-    files = task.assemble(run, ledger, ctx, by_key, info.path, case / "out")
+    files, totals = task.assemble(run, ledger, ctx, by_key, info.path, case / "out")
     with rasterio.open(files[0]) as out:
         assert (out.height, out.width, out.transform) == (height, width, info.transform)
         got = out.read(1)
     want = np.where(valid > 0, truth, 255)
     bad = np.argwhere(got != want)
     assert bad.size == 0, f"{len(bad)} pixels differ, first at {bad[:3].tolist()}"
+    # Per-class totals, counted tile by tile (crop: the parts' counts; blend: while blending),
+    # are the final map's histogram, a tile published twice counted once.
+    hist = np.bincount(got[got != 255], minlength=len(CLASSES))
+    assert totals is not None
+    assert {k: v["pixels"] for k, v in totals.items()} == {
+        name: int(n) for name, n in zip(CLASSES, hist, strict=True) if n
+    }
+    pixel_m2 = abs(info.transform.a * info.transform.e)  # UTM: ground ~ grid within 0.1 %
+    for entry in totals.values():
+        assert entry["area_m2"] == pytest.approx(entry["pixels"] * pixel_m2, rel=2e-3)
     if probabilities:
         with rasterio.open(files[1]) as prob:
             p = prob.read()

@@ -120,6 +120,16 @@ def test_two_ranks_write_the_same_class_map(make_image, tmp_path: Path) -> None:
     assert np.array_equal(a, b)
     summary = json.loads((two / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["tiles_missing"] == 0
+    # Per-class totals from the parts' counts, each tile once: the class map's histogram
+    hist = np.bincount(b[b != 255], minlength=2)
+    classes = summary["classes"]
+    assert {k: v["pixels"] for k, v in classes.items()} == {
+        "background": hist[0],
+        "bright": hist[1],
+    }
+    alone = json.loads((one / "summary.json").read_text())["classes"]
+    for name, entry in classes.items():
+        assert entry["area_m2"] == pytest.approx(alone[name]["area_m2"], rel=1e-12)
 
 
 @pytest.mark.slow

@@ -80,11 +80,17 @@ def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
     )
     summary = json.loads((run / "summary.json").read_text())
     assert summary["layers"]["segments"] == len(gp_geoms) > 10
-    # Per class: polygons and ground area of what the layer holds, largest area first
+    # Per class: the map's pixels, their ground area (counted tile by tile: the polygons'
+    # geodesic areas to 1e-6) and the layer's polygons, largest area first
+    names = ["background", "bright"]
+    hist = np.bincount(ids[ids != 255], minlength=2)
+    assert list(summary["classes"]) == sorted(names, key=lambda n: -hist[names.index(n)])
     for name, entry in summary["classes"].items():
         mine = [i for i, lab in enumerate(gp_cols["label"]) if lab == name]
-        assert entry["count"] == len(mine)
-        assert entry["area_m2"] == pytest.approx(sum(gp_cols["area_m2"][i] for i in mine))
+        assert entry["polygons"] == len(mine)
+        assert entry["pixels"] == hist[names.index(name)]
+        want = sum(gp_cols["area_m2"][i] for i in mine)
+        assert entry["area_m2"] == pytest.approx(want, rel=1e-6)
     shown = [ln for ln in out_lines if ln.startswith("  classes")]
     assert shown and shown[0].startswith("  classes      by ground area: background ")
     assert str(run / "predictions.gpkg") in summary["outputs"]

@@ -193,7 +193,7 @@ def test_grouped_dedupe_equals_one_global_pass(seed: int, n: int) -> None:
         assert grouped.tolist() == whole.tolist()
 
 
-def test_tally_classes_counts_labels_and_sums_ground_area() -> None:
+def test_tally_classes_counts_labels_under_the_given_key() -> None:
     import numpy as np
     import shapely
 
@@ -205,13 +205,14 @@ def test_tally_classes_counts_labels_and_sums_ground_area() -> None:
     totals: dict[str, dict[str, float]] = {}
     tally_classes(totals, FeatureBatch.of_geometries(geoms, {"label": labels}))
     assert totals == {"tree": {"count": 2}, "road": {"count": 1}}
-    area = np.array([10.0, np.nan, 5.0])  # NaN: a raster without CRS adds nothing
+    area = np.array([10.0, np.nan, 5.0])
     batch = FeatureBatch.of_geometries(geoms, {"label": labels, "area_m2": area})
-    tally_classes(totals, batch)  # detections: counted only
+    tally_classes(totals, batch)  # detections: counted only, whatever their area
     assert totals["tree"] == {"count": 4}
-    tally_classes(totals, batch, areas=True)  # segments: their ground area too
-    assert totals["tree"] == {"count": 6, "area_m2": 15.0}
-    assert totals["road"] == {"count": 3, "area_m2": 0.0}
+    totals["tree"]["pixels"] = 7  # a class map's own totals (segmentation_classes)
+    tally_classes(totals, batch, count_key="polygons")  # vectorize=true adds its polygons
+    assert totals["tree"] == {"count": 4, "pixels": 7, "polygons": 2}
+    assert totals["road"] == {"count": 2, "polygons": 1}
     top1 = {"label_1": np.array(["forest", "forest"], dtype=object)}  # a classifier's tiles
     tally_classes(totals, FeatureBatch.of_geometries(geoms[:2], top1))
     assert totals["forest"] == {"count": 2}

@@ -204,7 +204,7 @@ def finish_run(
             duplicate_tiles=merged.duplicate_tiles,
             duplicates_removed=merged.duplicates_removed,
             duplicates_across_inputs=merged.duplicates_across_inputs,
-            classes=dict(sorted(merged.classes.items(), key=lambda kv: (-kv[1]["count"], kv[0]))),
+            classes=dict(sorted(merged.classes.items(), key=_most_first)),
             tiles_at_box_cap=merged.tiles_at_box_cap if adapter.task == "detection" else None,
             max_detections=max_detections_for(model_name, cfg.max_detections)
             if adapter.task == "detection"
@@ -403,3 +403,10 @@ def _report(
         return "", None
     summary["hint"] = report.get("hint")
     return format_report(report), report
+
+
+def _most_first(item: tuple[str, dict[str, float]]) -> tuple[float, str]:
+    """Sort key of a ``classes`` entry: largest ground area, else most pixels or features first."""
+    label, entry = item
+    size = entry.get("area_m2", entry.get("pixels", entry.get("count", 0)))
+    return (-float(size), label)

@@ -46,23 +46,26 @@ CLASSES_SHOWN = 5
 
 
 def _classes_line(s: dict[str, Any]) -> str | None:
-    """The ``classes`` line: what the layers hold per label, most first.
+    """The ``classes`` line: what the layers and class maps hold per label, most first.
 
     ``car 1,234, truck 56`` (detections), ``top-1 of 9 tiles: forest 7, field 2``
-    (classification) or ``by ground area: background 5.91 ha (93.4%), ...`` (segments).
+    (classification), ``by ground area: background 5.91 ha (93.4%), ...`` (class maps in a
+    CRS) or ``by pixels: background 1,234 (93.4%), ...`` (class maps without one).
     """
     classes: dict[str, dict[str, float]] = s.get("classes") or {}
     if not classes:
         return None
-    areas = {k: v.get("area_m2") for k, v in classes.items()}
-    by_area = all(a is not None and a > 0 for a in areas.values())
-    if by_area:
-        total = sum(a for a in areas.values() if a)
-        ranked = sorted(classes, key=lambda k: -(areas[k] or 0.0))
-        parts = [
-            f"{k} {_hectares(areas[k] or 0.0)} ({(areas[k] or 0.0) / total:.1%})" for k in ranked
-        ]
-        head = "by ground area: "
+    if s.get("task") == "segmentation":
+        areas = {k: v.get("area_m2") for k, v in classes.items()}
+        by_area = all(a is not None for a in areas.values()) and sum(areas.values()) > 0
+        size = {
+            k: float((areas[k] if by_area else v.get("pixels")) or 0) for k, v in classes.items()
+        }
+        total = sum(size.values()) or 1.0
+        ranked = sorted(classes, key=lambda k: -size[k])
+        show = _hectares if by_area else (lambda n: f"{n:,.0f}")
+        parts = [f"{k} {show(size[k])} ({size[k] / total:.1%})" for k in ranked]
+        head = "by ground area: " if by_area else "by pixels: "
     else:
         parts = [f"{k} {int(v['count']):,}" for k, v in classes.items()]
         head = (

@@ -24,6 +24,11 @@ With ``aoi=`` the pixels of a tile whose centre lies outside the area are nodata
 the tile's nodata mask (:func:`in_aoi`, before either seam path).
 
 A resumed run predicts only tiles in no manifest, so it writes only the missing tiles' cores.
+
+Per-class totals (``summary.json`` ``classes``: pixels and ground area) are counted per core
+as the parts are written (crop) or blended (blend) and summed over the picked tiles at assembly
+(:mod:`mgpr.tasks.segmentation_classes`); a finalising rank hands them to rank 0 beside its
+COGs (:func:`totals_path`).
 """
 
 from __future__ import annotations
@@ -58,6 +63,15 @@ from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import PartSink, fsync_dir, parts_dir
 from mgpr.tasks.base import STATUS_DONE, MergeResult, Task, TaskContext, TileOutcome
 from mgpr.tasks.segmentation_blend import publish_stack, write_blended
+from mgpr.tasks.segmentation_classes import (
+    TilePixels,
+    add_totals,
+    class_totals,
+    publish_tile_pixels,
+    read_tile_pixels,
+    read_totals,
+    write_totals,
+)
 from mgpr.tasks.segmentation_polygons import publish_polygons, write_polygons
 
 #: Folder of the class maps inside the run directory.
@@ -113,8 +127,13 @@ def _run_pixels(
     dtype: np.dtype[np.generic],
     nodata: int,
     probabilities: bool,
+    counted: TilePixels,
+    n: int,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """The run's rectangle of class ids (1, h, w) and, if asked, probabilities (K, h, w)."""
+    """The run's rectangle of class ids (1, h, w) and, if asked, probabilities (K, h, w).
+
+    Each tile's core is counted into ``counted`` (``n`` classes) once its nodata is set.
+    """
     ids = np.full((1, run.height, run.width), nodata, dtype=dtype)
     probs: np.ndarray | None = None
     for tile in run.tiles:
@@ -129,6 +148,7 @@ def _run_pixels(
         invalid = None if rec.valid is None else rec.valid[src] == 0  # nonzero = valid
         if invalid is not None:
             ids[0][dst][invalid] = nodata
+        counted.add(tile.id.key(), ids[0][dst], n)
         if probabilities and rec.probabilities is not None:
             if probs is None:
                 k = rec.probabilities.shape[0]
@@ -210,8 +230,10 @@ class SegmentationTask(Task):
                 info = ctx.rasters[outcome.tile.id.path]
                 record = in_aoi(outcome.record, info, outcome.tile)
                 by_path.setdefault(outcome.tile.id.path, {})[outcome.tile] = record
-        dtype, nodata = class_id_dtype(n_classes(ctx))
+        k = n_classes(ctx)
+        dtype, nodata = class_id_dtype(k)
         counts: dict[str, int] = {}
+        counted = TilePixels()
         for path, records in by_path.items():
             if ctx.seam == SEAM_BLEND:
                 ordered = sorted(records, key=lambda t: (t.id.row, t.id.col))
@@ -221,10 +243,14 @@ class SegmentationTask(Task):
             info = ctx.rasters[path]
             grid = _grid(info, ctx)
             for run in core_runs(records, grid, info.height, info.width):
-                ids, probs = _run_pixels(run, records, grid, info, dtype, nodata, ctx.probabilities)
+                ids, probs = _run_pixels(
+                    run, records, grid, info, dtype, nodata, ctx.probabilities, counted, k
+                )
                 _publish(sink, path, run, ids, probs, nodata)
                 for tile in run.tiles:
                     counts[tile.id.key()] = 1
+        if by_path and ctx.seam != SEAM_BLEND:
+            publish_tile_pixels(sink, counted)  # after the rasters, before the manifest
         return counts
 
     def sources(
@@ -289,7 +315,8 @@ class SegmentationTask(Task):
         index = {p: i for i, p in enumerate(ctx.rasters)}
         for path in paths:
             stem = finalised_stem(run_dir, index[path])
-            finals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
+            finals, totals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
+            write_totals(totals_path(stem), totals)
             if ctx.vectorize:
                 publish_polygons(run_dir, ctx, path, finals[0], class_id_dtype(n_classes(ctx))[1])
 
@@ -301,16 +328,23 @@ class SegmentationTask(Task):
         tiles: Mapping[str, Tile],
         path: str,
         stem: Path,
-    ) -> list[Path]:
-        """One raster's class map ``<stem>.tif`` (and ``<stem>_prob.tif``); returns the files."""
+    ) -> tuple[list[Path], dict[str, dict[str, float]] | None]:
+        """One raster's class map ``<stem>.tif`` (and ``<stem>_prob.tif``).
+
+        Returns the files and the map's per-class totals
+        (:func:`~mgpr.tasks.segmentation_classes.class_totals`; None when parts of an older
+        mgpr hold no counts).
+        """
         info = ctx.rasters[path]
         k = n_classes(ctx)
         dtype, nodata = class_id_dtype(k)
         categories = list(ctx.categories) if ctx.categories else None
         grid = Grid(info.height, info.width, info.transform, info.crs_wkt)
         scratch = stem.with_name(f".{stem.name}.blend")
+        keys = [key for key, t in tiles.items() if t.id.path == path]
         try:
             if ctx.seam == SEAM_BLEND:
+                counted = TilePixels()
                 ids, probs = write_blended(
                     run_dir,
                     ledger,
@@ -322,8 +356,11 @@ class SegmentationTask(Task):
                     dtype,
                     nodata,
                     ctx.probabilities,
+                    counted,
                 )
+                rows = counted.table()
             else:
+                rows = read_tile_pixels(run_dir, ledger, keys)
                 ids = self.sources(run_dir, ledger, info, ctx, tiles, KIND_IDS)
                 probs = []
                 if ctx.probabilities:
@@ -360,7 +397,16 @@ class SegmentationTask(Task):
                         },
                     )
                 )
-            return out
+            totals = None
+            if rows is not None:
+                owners = _grid(info, ctx)
+                cores = {
+                    key: owner_region(tiles[key], owners, info.height, info.width)
+                    for picked in ledger.picks(keys).values()
+                    for key in picked
+                }
+                totals = class_totals(rows, cores, info, categories)
+            return out, totals
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
@@ -385,6 +431,7 @@ class SegmentationTask(Task):
         out_dir = run_dir / SEGMENTATION_DIR
         out_dir.mkdir(parents=True, exist_ok=True)
         index = {p: i for i, p in enumerate(ctx.rasters)}
+        known = True  # every raster's per-class totals are known
         for path in sorted(ctx.rasters):
             info = ctx.rasters[path]
             stem = out_dir / names[path]
@@ -393,7 +440,10 @@ class SegmentationTask(Task):
             files = [done.with_name(f"{done.name}.tif")]
             if wants_prob:
                 files.append(done.with_name(f"{done.name}_prob.tif"))
-            if use_finalised and all(f.exists() for f in files):
+            counts = totals_path(done)
+            if use_finalised and all(f.exists() for f in [*files, counts]):
+                totals = read_totals(counts)
+                counts.unlink()
                 finals = [stem.with_name(f"{stem.name}.tif")]
                 if wants_prob:
                     finals.append(stem.with_name(f"{stem.name}_prob.tif"))
@@ -401,10 +451,16 @@ class SegmentationTask(Task):
                     os.replace(src, dst)
                 fsync_dir(out_dir)
             else:
-                finals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
+                finals, totals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
+            if totals is None:
+                known = False
+            else:
+                add_totals(result.classes, totals)
             result.output_paths.append(finals[0])
             result.records += _owned_pixels(ledger, info, ctx, tiles)
             result.output_paths.extend(finals[1:])
+        if not known:
+            result.classes.clear()  # partial totals would mislead: none rather
         if ctx.vectorize:
             cogs = {p: out_dir / f"{names[p]}.tif" for p in ctx.rasters}
             nodata = class_id_dtype(n_classes(ctx))[1]
@@ -417,6 +473,11 @@ class SegmentationTask(Task):
 def finalised_stem(run_dir: Path, index: int) -> Path:
     """Where a rank's :meth:`SegmentationTask.finalise` puts the ``index``-th raster's COGs."""
     return features_dir(run_dir) / f"raster{index:06d}.segmentation"
+
+
+def totals_path(stem: Path) -> Path:
+    """The per-class totals a finalising rank publishes beside its COGs, for rank 0."""
+    return stem.with_name(f"{stem.name}.classes.json")
 
 
 def _owned_pixels(

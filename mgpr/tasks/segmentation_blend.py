@@ -49,6 +49,7 @@ from mgpr.models.base import ClassMap
 from mgpr.outputs.cog import PartRaster, write_part
 from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import PartSink, parts_dir
+from mgpr.tasks.segmentation_classes import TilePixels
 
 #: Part file kind of the blend stacks.
 KIND_BLEND = "blend"
@@ -218,8 +219,12 @@ def blend_bands(
     dtype: np.dtype[np.generic],
     nodata: int,
     probabilities: bool,
+    counted: TilePixels,
 ) -> Iterator[BlendBand]:
-    """The raster's blended bands, top to bottom (rows of tile rows with a done tile only)."""
+    """The raster's blended bands, top to bottom (rows of tile rows with a done tile only).
+
+    Each owner's core is counted into ``counted`` once its classes and nodata are set.
+    """
     cache = _TileCache(slots, grid.tile_size)
     memo: dict[tuple[bool, ...], np.ndarray] = {}
     try:
@@ -264,6 +269,7 @@ def blend_bands(
                 )
                 invalid = own[k][core] == 0
                 block[invalid] = nodata
+                counted.add(owner.id.key(), block, k)
                 if probabilities:
                     if probs is None:
                         probs = np.zeros((k, r1 - r0, info.width), dtype=np.uint8)
@@ -287,10 +293,12 @@ def write_blended(
     dtype: np.dtype[np.generic],
     nodata: int,
     probabilities: bool,
+    counted: TilePixels,
 ) -> tuple[list[PartRaster], list[PartRaster]]:
     """Blend one raster into band part rasters under ``scratch``: (id sources, prob sources).
 
-    The caller assembles the COGs from the returned sources and removes ``scratch``.
+    The caller assembles the COGs from the returned sources and removes ``scratch``; each
+    core's class pixels are counted into ``counted``.
     """
     keys = [k for k, t in tiles.items() if t.id.path == info.path]
     # Every grid position, planned or not (aoi= plans only the tiles over the area): a band's
@@ -304,7 +312,7 @@ def write_blended(
     scratch.mkdir(parents=True)
     id_parts: list[PartRaster] = []
     prob_parts: list[PartRaster] = []
-    for band in blend_bands(slots, tiles_at, grid, info, dtype, nodata, probabilities):
+    for band in blend_bands(slots, tiles_at, grid, info, dtype, nodata, probabilities, counted):
         h, w = band.ids.shape[1:]
         path = scratch / f"r{band.row_off:09d}.ids.tif"
         write_part(path, band.ids, band.row_off, 0, nodata)

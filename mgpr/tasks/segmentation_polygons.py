@@ -71,7 +71,7 @@ def write_polygons(
                         raise AssertionError(f"{done} holds {meta.get('path')}, not {path}")
                 else:
                     batch = _polygons(ctx, path, class_maps[path], nodata)
-                tally_classes(result.classes, batch, areas=True)
+                tally_classes(result.classes, batch, count_key="polygons")
                 batch = to_layer_crs(batch, ctx.rasters[path], layer)
                 for writer in writers:
                     writer.write(layer.name, layer.crs_wkt, batch)
