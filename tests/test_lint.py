@@ -33,6 +33,7 @@ def test_mypy_strict_core_modules() -> None:
         "mgpr/tasks/seam_dedupe.py",
         "mgpr/tasks/layers.py",
         "mgpr/tasks/segmentation_classes.py",
+        "mgpr/models/tta.py",
         "mgpr/models/detection.py",
     ]
     proc = subprocess.run(

@@ -33,6 +33,8 @@ PRECISIONS = ("auto", "bf16-mixed", "16-mixed", "32", "32-true")
 PRECISION_ALIASES = {"bf16": "bf16-mixed", "16": "16-mixed", "fp16": "16-mixed", "fp32": "32"}
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 COMPILE_CHOICES = ("auto", "true", "false")
+#: ``tta`` values (views in :data:`mgpr.models.tta.VIEWS`); ``none`` runs each tile once.
+TTA_MODES = ("none", "flips", "d4")
 PREVIEW_CHOICES = ("auto", "all", "none")
 #: ``strategy`` values: mgpr's ranks are processes with one whole model each, started by
 #: Lightning's launcher or by ``srun`` (the claims, the run lock and the parts rely on it), so
@@ -262,6 +264,7 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
         elif isinstance(value, str):
             setattr(cfg, name, _expand_user_vars(value))
     cfg.compile = str(cfg.compile).lower()  # `compile=true` arrives as the bool True
+    cfg.tta = normalise_tta(cfg.tta)  # `tta=false` arrives as the bool False
     precision = str(cfg.precision).lower()
     cfg.precision = PRECISION_ALIASES.get(precision, precision)  # `precision=16` is the int 16
     _check_ranges(cfg)
@@ -300,6 +303,21 @@ def _input_paths(value: object) -> str | list[str] | None:
         f"input_path={value!r} is not a path; give a GeoTIFF, a folder, a glob, a .txt list "
         "or a list of them, e.g. input_path=[a.tif,b.tif]"
     )
+
+
+def normalise_tta(value: object) -> str:
+    """The ``tta`` key as one of :data:`TTA_MODES` (``false``/``off`` = ``none``); else refused."""
+    text = str(value).strip().lower() if value is not None else "none"
+    if text in ("false", "off", "no", "0", ""):
+        return "none"
+    if text in ("true", "on", "yes", "1"):
+        raise ConfigError(
+            f"tta={text} does not say which views; use tta=flips (4 views: mirrored "
+            "left-right, top-bottom and both) or tta=d4 (8: every quarter turn, mirrored or not)"
+        )
+    if text not in TTA_MODES:
+        raise ConfigError(f"tta={value!r} is not supported; use one of {', '.join(TTA_MODES)}")
+    return text
 
 
 def _at_least(name: str, value: float | int | None, minimum: float, fix: str) -> None:

@@ -101,6 +101,11 @@ class PredictConfig:
     vectorize: bool = key(
         False, "segmentation: also write the class map as polygons (layer segments, output_format)"
     )
+    tta: str = key(
+        "none",
+        "segmentation, classification: average each tile's class probabilities over flipped and "
+        "turned views: none | flips (4 views) | d4 (8); 4x / 8x the model's compute",
+    )
     # run
     accelerator: str = key("auto", "auto | gpu | cpu")
     gpus: int | None = key(

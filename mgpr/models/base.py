@@ -189,6 +189,8 @@ class ModelAdapter(abc.ABC):
     """
 
     input_range: InputRange = "unit"
+    #: Why ``tta=`` has nothing to average for this adapter (refused before any tile), or None.
+    tta_refusal: str | None = None
 
     name: str
     task: Task
@@ -264,6 +266,39 @@ class ModelAdapter(abc.ABC):
             compiler: e.g. ``lambda m: torch.compile(m, dynamic=False)``; called once, here.
         """
         self._network = compiler(self.module)
+
+    def class_scores(self, raw: Any) -> torch.Tensor:
+        """:meth:`forward`'s output as class logits, for test-time augmentation (``tta=``).
+
+        (B, K) for a classifier, (B, K, H, W) for a segmenter, any float dtype (K = 1: a binary
+        model's sigmoid logit). The default takes a float tensor of those shapes as it is (the
+        torchvision adapters' outputs); adapters whose output is something else convert it, or
+        refuse with the reason (:class:`~mgpr.errors.ModelError`).
+        """
+        if (
+            self.task != "detection"
+            and isinstance(raw, torch.Tensor)
+            and raw.is_floating_point()
+            and raw.ndim == (4 if self.task == "segmentation" else 2)
+        ):
+            return raw
+        what = (
+            f"a {tuple(raw.shape)} {raw.dtype} tensor"
+            if isinstance(raw, torch.Tensor)
+            else (type(raw).__name__)
+        )
+        raise ModelError(
+            f"tta= averages class probabilities, but model={self.name} returns {what}, not "
+            f"class logits; unset tta"
+        )
+
+    def with_class_scores(self, scores: torch.Tensor) -> Any:
+        """What :meth:`forward` would return, made of averaged class log-probabilities.
+
+        :meth:`postprocess` reads them as logits (softmax of log-probabilities is the
+        probabilities). The default is the tensor itself.
+        """
+        return scores
 
     @abc.abstractmethod
     def postprocess(

@@ -249,6 +249,17 @@ class ModuleAdapter(ModelAdapter):
         else:
             super().compile(compiler)
 
+    def class_scores(self, raw: Any) -> torch.Tensor:
+        """The module's logits (``out`` of a torchvision-style dict too), for ``tta=``."""
+        raw = _segmentation_logits(raw)
+        if _is_class_ids(raw):
+            raise ModelError(
+                f"model={self.name} returns class ids (B, H, W), which carry no class "
+                "probabilities: tta= needs (B, K, H, W) logits to average; return logits or "
+                "unset tta."
+            )
+        return super().class_scores(raw)
+
     def _class_maps(self, raw: torch.Tensor, tile_size: int) -> list[ClassMap]:
         """Logits or class ids -> one :class:`ClassMap` per tile, on the tile's pixel grid.
 

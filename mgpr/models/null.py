@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from mgpr.errors import ModelError
 from mgpr.models.base import Classification, ModelAdapter
 from mgpr.models.weights import require_no_weights
 
@@ -57,6 +58,14 @@ class NullAdapter(ModelAdapter):
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Pass the scaled (B, C, H, W) float32 tiles through unchanged."""
         return images
+
+    tta_refusal = (
+        "model=null returns one mean brightness per tile (a data-path test, the same in every view)"
+    )
+
+    def class_scores(self, raw: Any) -> torch.Tensor:
+        """Refused: a mean brightness is no class probability to average (``tta=``)."""
+        raise ModelError(f"tta= averages class probabilities, but {self.tta_refusal}; unset tta")
 
     def postprocess(self, raw: Any, tile_size: int) -> list[Classification]:
         """One :class:`Classification` per tile: class 0 with score = the mean scaled value."""

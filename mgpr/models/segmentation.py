@@ -208,8 +208,18 @@ class ReferenceSegmenterAdapter(ModelAdapter):
         with fp32(inputs.device.type):
             return self._network(inputs)  # type: ignore[no-any-return]
 
+    def class_scores(self, raw: Any) -> torch.Tensor:
+        """The bright mask as 2-class log-probabilities (0 and -inf), for ``tta=``."""
+        mask = raw.to(torch.float32)
+        return torch.stack([1.0 - mask, mask], dim=1).log()
+
     def postprocess(self, raw: Any, tile_size: int) -> list[ClassMap]:  # type: ignore[override]
-        """(B, H, W) bool mask -> uint8 class ids (1 bright, 0 background) per tile."""
+        """(B, H, W) bool mask -> uint8 class ids (1 bright, 0 background) per tile.
+
+        ``tta=`` hands (B, 2, H, W) averaged log-probabilities instead (the views' vote).
+        """
+        if raw.is_floating_point():
+            return class_maps_from_logits(raw, self.probabilities)
         ids = raw.to(torch.uint8).cpu().numpy()
         out: list[ClassMap] = []
         for tile_ids in ids:

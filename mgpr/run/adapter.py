@@ -36,6 +36,10 @@ def build_adapter(
         probabilities=cfg.probabilities or cfg.seam == "blend",
     )
     entry = model_entry(model_name)
+    from mgpr.models.tta import check_tta_task
+
+    if entry is not None:
+        check_tta_task(cfg.tta, entry.task, model_name)  # before any download
     if rank != 0 and entry is not None and entry.downloadable:
         try:
             target = weights_cache_file(model_name, cfg.weights)
@@ -63,6 +67,8 @@ def build_adapter(
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )
     adapter = build_model(model_name, cfg.weights, **kwargs)
+    # a user's model: known once built
+    check_tta_task(cfg.tta, adapter.task, model_name, adapter.tta_refusal)
     from mgpr.tasks import get_task
 
     get_task(adapter.task)  # one line naming the tasks this version writes, for an unknown one

@@ -4,7 +4,8 @@
 ``output`` (the first output file or null), ``outputs`` (every output file: ``predictions.gpkg``
 and/or ``<layer>.parquet``, as ``output_format`` chose), ``layers`` (layer -> features),
 ``records``, ``task``, ``model``, ``weights`` (what was loaded), ``random_weights``, ``precision``,
-``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``), ``world_size``,
+``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``), ``tta``
+(``{mode, views}`` or null), ``world_size``,
 ``num_nodes``, ``strategy``, ``tiles_total`` (planned), ``tiles_predicted`` (model run),
 ``tiles_skipped_nodata``, ``tiles_failed``, ``failed_tiles`` (first 100 ``{tile, reason}``; all of
 them are in ``failed_tiles.csv``), ``tiles_missing`` (planned tiles in no published part; listed in
@@ -158,6 +159,7 @@ def finish_run(
         "random_weights": bool(adapter.random_weights),
         "precision": precision,
         "compile": stats.get("compile"),
+        "tta": _tta(cfg.tta),
         "world_size": world,
         "num_nodes": stats["num_nodes"],
         "strategy": stats["strategy"],
@@ -410,3 +412,10 @@ def _most_first(item: tuple[str, dict[str, float]]) -> tuple[float, str]:
     label, entry = item
     size = entry.get("area_m2", entry.get("pixels", entry.get("count", 0)))
     return (-float(size), label)
+
+
+def _tta(mode: str) -> dict[str, Any] | None:
+    """``summary["tta"]``: the views each tile ran in, or None without test-time augmentation."""
+    from mgpr.models.tta import VIEWS
+
+    return None if mode == "none" else {"mode": mode, "views": len(VIEWS[mode])}

@@ -64,6 +64,8 @@ def fingerprint(
             for r in rasters
         ],
     }
+    if cfg.tta != "none":
+        out["tta"] = cfg.tta  # other class scores; absent without, as before the key existed
     if aoi_sha256 is not None:
         out["aoi"] = aoi_sha256  # the area, wherever its file lies
     if cfg.seam != "crop":

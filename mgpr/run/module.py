@@ -5,7 +5,8 @@ rest are scaled ON THE DEVICE (:class:`~mgpr.data.scaling.ValueScaler`: carrier 
 float32 in [0, 1] by ``value_range``), their invalid pixels (``batch["mask"]``: nodata, mask,
 alpha, NaN) are filled with 0 (:mod:`mgpr.data.masking`), then they go through
 ``adapter.prepare`` (the model's own normalisation), the network under
-Lightning's ``inference_mode`` and precision plugin (autocast), and ``adapter.postprocess`` into
+Lightning's ``inference_mode`` and precision plugin (autocast; with ``tta=`` once per view,
+the views' class probabilities averaged: :mod:`mgpr.models.tta`), and ``adapter.postprocess`` into
 plain per-tile records in TILE pixel coordinates (detections centred on an invalid pixel are
 dropped: :mod:`mgpr.tasks.nodata`), each wrapped in a
 :class:`~mgpr.tasks.base.TileOutcome` whatever the task (the record is the task's business). They
@@ -31,6 +32,7 @@ from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import Detections, ModelAdapter, check_class_maps, nonfinite_tiles
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
+from mgpr.models.tta import VIEWS, augmented_forward
 from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
 from mgpr.tasks.base import TileOutcome
 from mgpr.tasks.nodata import drop_masked
@@ -66,8 +68,11 @@ class InferenceModule(pl.LightningModule):
         batch_size: int | None = None,
         scaler: ValueScaler | None = None,
         max_detections: int | None = None,
+        tta: str = "none",
     ) -> None:
         super().__init__()
+        #: test-time augmentation views (``tta=``); one view (the tile itself) runs plainly
+        self.views = VIEWS[tta]
         self.max_detections = max_detections
         self.scaler = scaler or ValueScaler(raw=adapter.input_range == "raw")
         self.adapter = adapter
@@ -157,7 +162,10 @@ class InferenceModule(pl.LightningModule):
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)
-            raw = self.adapter.forward(inputs)
+            if len(self.views) > 1:
+                raw = augmented_forward(self.adapter, inputs, self.views)
+            else:
+                raw = self.adapter.forward(inputs)
             start = time.perf_counter()
             flags = nonfinite_tiles(raw, len(ok))  # on the device; read after postprocess
             results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]

@@ -96,7 +96,9 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
         )
     lines.append(
         f"  model        {s['model']} ({s['task']}), weights {s['weights']}, "
-        f"precision {s['precision']}" + (f", {s['compile']['used']}" if s.get("compile") else "")
+        f"precision {s['precision']}"
+        + (f", {s['compile']['used']}" if s.get("compile") else "")
+        + (f", tta {s['tta']['mode']} ({s['tta']['views']} views)" if s.get("tta") else "")
     )
     lines.append(f"  ranks        {s['world_size']} on {s['num_nodes']} node(s), {s['strategy']}")
     earlier = s.get("tiles_earlier_runs")

@@ -415,6 +415,7 @@ def run_predict(
         batch_size=cfg.batch_size,
         scaler=ValueScaler(value_ranges, raw=adapter.input_range == "raw"),
         max_detections=cfg.max_detections,
+        tta=cfg.tta,
     )
     fake_bands = adapter.in_bands or 3
     local_ranks = LocalRanks()

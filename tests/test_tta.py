@@ -1,0 +1,229 @@
+"""Test-time augmentation (``tta=flips|d4``): the views are the square's symmetries.
+
+And the averaged model is equivariant under them whatever the network.
+
+The checks do not re-implement the averaging: a network that is NOT equivariant (a seeded
+random convolution plus a ramp of tile-local position) becomes exactly equivariant once
+averaged over a group, and only if every view's output is turned back the right way; a view
+turned back wrongly (a quarter turn the other way, a mirror after instead of before the turn)
+breaks it.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+from conftest import run_mgpr_inprocess, segmentation_args
+
+from mgpr.conf.load import normalise_tta
+from mgpr.errors import ConfigError
+from mgpr.models.custom import ModuleAdapter
+from mgpr.models.tta import VIEWS, augmented_forward, class_probabilities
+
+NOT_EQUIVARIANT = """
+import torch
+
+
+class Skewed(torch.nn.Module):
+    \"\"\"A seeded 3x3 convolution plus a ramp of tile-local position: no symmetry at all.\"\"\"
+
+    def __init__(self, k, task):
+        super().__init__()
+        g = torch.Generator().manual_seed(7)
+        self.conv = torch.nn.Conv2d(3, k, 3, padding=1)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 2)
+            self.conv.bias.copy_(torch.randn(k, generator=g) * 0.1)
+        self.task = task
+        self.categories = [f"c{i}" for i in range(max(k, 2))]
+
+    def forward(self, x):
+        h, w = x.shape[-2:]
+        ramp = torch.linspace(-1, 1, w).view(1, 1, 1, w) * torch.linspace(0, 2, h).view(1, 1, h, 1)
+        y = self.conv((x - 0.5) * 4) + ramp * torch.arange(self.conv.out_channels).view(1, -1, 1, 1)
+        if self.task == "classification":
+            weights = torch.linspace(0, 1, h * w).view(1, 1, h, w)  # position-weighted pooling
+            return (y * weights).mean(dim=(2, 3))
+        return y
+
+
+def seg(weights):
+    return Skewed(3, "segmentation")
+
+
+def binary(weights):
+    return Skewed(1, "segmentation")
+
+
+def cls(weights):
+    return Skewed(4, "classification")
+"""
+
+
+@pytest.fixture
+def skewed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    (tmp_path / "mgpr_tta_models.py").write_text(textwrap.dedent(NOT_EQUIVARIANT))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import importlib
+
+    import mgpr_tta_models
+
+    return importlib.reload(mgpr_tta_models)
+
+
+def _adapter(module: torch.nn.Module, tile: int) -> ModuleAdapter:
+    return ModuleAdapter(
+        module, name="user:skewed", weights="w", topk=2, score_threshold=0.05, tile_size=tile
+    )
+
+
+def test_views_are_the_symmetries_of_the_square() -> None:
+    x = torch.arange(25.0).view(1, 1, 5, 5)
+    a = x[0, 0].numpy()
+    group = {
+        "flips": [a, np.fliplr(a), np.flipud(a), np.rot90(a, 2)],
+        "d4": [np.rot90(b, k) for k in range(4) for b in (a, np.fliplr(a))],
+    }
+    for mode, want in group.items():
+        got = [v.apply(x)[0, 0].numpy() for v in VIEWS[mode]]
+        assert len(got) == len(want) == len({g.tobytes() for g in got})  # all distinct
+        assert {g.tobytes() for g in got} == {np.ascontiguousarray(w).tobytes() for w in want}
+        for view in VIEWS[mode]:
+            assert torch.equal(view.undo(view.apply(x)), x)
+    assert len(VIEWS["none"]) == 1 and torch.equal(VIEWS["none"][0].apply(x), x)
+
+
+def _mean_probabilities(adapter: ModuleAdapter, x: torch.Tensor, mode: str) -> torch.Tensor:
+    with torch.inference_mode():
+        return augmented_forward(adapter, x, VIEWS[mode]).exp()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("name", ["seg", "binary"])
+def test_an_averaged_segmenter_is_equivariant_under_its_views(skewed, name: str) -> None:
+    adapter = _adapter(getattr(skewed, name)("w"), tile=16)
+    x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    plain = _mean_probabilities(adapter, x, "none")
+    turned = _mean_probabilities(adapter, VIEWS["d4"][2].apply(x), "none")
+    assert not torch.allclose(VIEWS["d4"][2].apply(plain), turned, atol=1e-3)  # no symmetry
+    for mode in ("flips", "d4"):
+        mean = _mean_probabilities(adapter, x, mode)
+        assert torch.allclose(mean.sum(dim=1), torch.ones(2, 16, 16), atol=1e-5)
+        for view in VIEWS[mode]:
+            got = _mean_probabilities(adapter, view.apply(x), mode)
+            torch.testing.assert_close(got, view.apply(mean), atol=1e-5, rtol=1e-5)
+    # d4 is not flips: a quarter turn is no symmetry of the flips average
+    flips = _mean_probabilities(adapter, x, "flips")
+    quarter = VIEWS["d4"][2]
+    turned = _mean_probabilities(adapter, quarter.apply(x), "flips")
+    assert not torch.allclose(turned, quarter.apply(flips), atol=1e-3)
+
+
+def test_a_binary_logit_is_averaged_as_its_sigmoid(skewed) -> None:
+    module = skewed.binary("w")
+    adapter = _adapter(module, tile=8)
+    x = torch.rand(1, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    mean = _mean_probabilities(adapter, x, "flips")
+    with torch.inference_mode():
+        p = [v.undo(torch.sigmoid(module(v.apply(x)))) for v in VIEWS["flips"]]
+    want = torch.stack(p).mean(dim=0)
+    torch.testing.assert_close(mean[:, 1:], want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(class_probabilities(torch.zeros(1, 1, 2, 2))[0, :, 0, 0],
+                               torch.tensor([0.5, 0.5]))  # fmt: skip
+
+
+def test_an_averaged_classifier_is_invariant_under_its_views(skewed) -> None:
+    adapter = _adapter(skewed.cls("w"), tile=12)
+    x = torch.rand(3, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    for mode in ("flips", "d4"):
+        mean = _mean_probabilities(adapter, x, mode)
+        assert mean.shape == (3, 4)
+        for view in VIEWS[mode]:
+            got = _mean_probabilities(adapter, view.apply(x), mode)
+            torch.testing.assert_close(got, mean, atol=1e-5, rtol=1e-5)
+        records = adapter.postprocess(augmented_forward(adapter, x, VIEWS[mode]), 12)
+        best = mean.max(dim=1)
+        assert [int(r.class_ids[0]) for r in records] == best.indices.tolist()
+        np.testing.assert_allclose([r.scores[0] for r in records], best.values.numpy(), rtol=1e-5)
+
+
+def test_tta_values_are_checked() -> None:
+    assert [normalise_tta(v) for v in (None, False, "none", "off", "FLIPS", "d4")] == [
+        "none",
+        "none",
+        "none",
+        "none",
+        "flips",
+        "d4",
+    ]
+    with pytest.raises(ConfigError, match="does not say which views; use tta=flips"):
+        normalise_tta(True)
+    with pytest.raises(ConfigError, match="tta='d8' is not supported; use one of none, flips, d4"):
+        normalise_tta("d8")
+
+
+def _square_image(path: Path, data: np.ndarray) -> Path:
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": 3,
+        "dtype": "uint8",
+        "crs": "EPSG:32633",
+        "transform": rasterio.transform.from_origin(500000.0, 5000000.0, 0.1, 0.1),
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
+@pytest.mark.slow
+def test_a_turned_raster_gives_the_turned_class_map_with_d4(skewed, tmp_path: Path, capsys) -> None:
+    """End to end: the class map of a raster turned a quarter is the turned class map, with
+    tta=d4 (not without: the model has no symmetry of its own); the summary says tta."""
+    data = np.random.default_rng(5).integers(0, 256, (3, 64, 64), dtype=np.uint8)
+    plain = _square_image(tmp_path / "a.tif", data)
+    turned = _square_image(tmp_path / "b.tif", np.ascontiguousarray(np.rot90(data, 1, (1, 2))))
+
+    def class_map(image: Path, run: Path, *more: str) -> np.ndarray:
+        args = segmentation_args(image, run, *more, model="mgpr_tta_models:seg", tile_size=64)
+        assert run_mgpr_inprocess(*args, "overlap=0") == 0
+        with rasterio.open(run / "segmentation" / f"{image.stem}.tif") as src:
+            return src.read(1)
+
+    a = class_map(plain, tmp_path / "a0")
+    b = class_map(turned, tmp_path / "b0")
+    assert not np.array_equal(np.rot90(a, 1), b)
+    capsys.readouterr()
+    a = class_map(plain, tmp_path / "a8", "tta=d4")
+    out = capsys.readouterr().out
+    b = class_map(turned, tmp_path / "b8", "tta=d4")
+    assert np.array_equal(np.rot90(a, 1), b) and len(np.unique(a)) == 3
+    assert ", tta d4 (8 views)" in out
+    summary = json.loads((tmp_path / "a8" / "summary.json").read_text())
+    assert summary["tta"] == {"mode": "d4", "views": 8}
+    assert json.loads((tmp_path / "a8" / "run.json").read_text())["fingerprint"]["tta"] == "d4"
+    # Another tta is another run: its results are other class scores
+    capsys.readouterr()
+    args = segmentation_args(plain, tmp_path / "a8", model="mgpr_tta_models:seg", tile_size=64)
+    assert run_mgpr_inprocess(*args, "overlap=0", "tta=flips") == 2
+    err = capsys.readouterr().err
+    assert "tta differs" in err and "Traceback" not in err
+
+
+def test_detection_and_the_null_model_refuse_tta(make_image, tmp_path: Path, capsys) -> None:
+    img = make_image(width=200, height=200, objects=2)
+    args = segmentation_args(Path(img.path), tmp_path / "det", "tta=flips", model="reference")
+    assert run_mgpr_inprocess(*args) == 2
+    err = capsys.readouterr().err
+    assert "tta=flips averages class probabilities, which model=reference (detection)" in err
+    assert "Traceback" not in err and not (tmp_path / "det" / "parts").exists()
+    args = segmentation_args(Path(img.path), tmp_path / "null", "tta=d4", model="null")
+    assert run_mgpr_inprocess(*args) == 2
+    err = capsys.readouterr().err
+    assert "model=null returns one mean brightness per tile" in err and "Traceback" not in err
