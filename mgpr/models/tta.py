@@ -95,18 +95,21 @@ def augmented_forward(adapter: ModelAdapter, inputs: torch.Tensor, views: Sequen
     """The network's output for ``inputs`` averaged over ``views``, as the adapter returns it.
 
     Each view is one forward of the whole batch (memory: one view's activations plus the
-    running mean, (B, K, H, W) float32 for a segmenter). A channels-last input stays so.
+    running mean, (B, K, H, W) float32 for a segmenter). Each view is laid out as the input
+    was (contiguous or channels-last).
     """
-    channels_last = (
-        inputs.ndim == 4
+    layout = (
+        torch.channels_last
+        if inputs.ndim == 4
         and inputs.is_contiguous(memory_format=torch.channels_last)
         and not inputs.is_contiguous()
+        else torch.contiguous_format
     )
     total: torch.Tensor | None = None
     for view in views:
-        x = view.apply(inputs)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # A quarter turn is a transposed view: laid out as the input was (channels-last for
+        # the GPU adapters), not left to the first convolution's choice.
+        x = view.apply(inputs).contiguous(memory_format=layout)
         p = class_probabilities(adapter.class_scores(adapter.forward(x)))
         if p.ndim == 4:
             p = view.undo(p)
