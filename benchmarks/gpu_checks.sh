@@ -5,7 +5,8 @@
 #      the reference detector in bf16 on the demo image: 40 of 40, footprint error < 0.5 px;
 #      cudaHostRegister on a pool buffer; NVML: a CUDA context only on the rank's own GPU;
 #      Faster R-CNN, RetinaNet, FCOS, SSDlite boxes exact under CUDA bf16; a 2-rank NCCL run
-#      where 2 GPUs exist). Their printed run summary is what the README quotes;
+#      where 2 GPUs exist; tta=d4 deeplabv3 under bf16, equivariant to 0.5 %). Their printed run
+#      summary is what the README quotes;
 #   2. the run monitor's sampler cost with NVML reads (benchmarks/monitor_overhead.py);
 #   3. the GPU benchmark (benchmarks/accel.py --gpu): resnet50 and fasterrcnn at 1024 px, fp32 and
 #      bf16 + channels_last eager, bf16 compiled, bf16 batch sweep 8/16/32 (compute alone); the
@@ -13,7 +14,8 @@
 #      so the script ends in time;
 #   4. benchmarks/single_stage_bf16.py on the GPU: a user's RetinaNet / FCOS in fp32, in bf16
 #      through torchvision's forward and through mgpr's float32 box path (8 x 1024 px);
-#   5. summary.md: one table of every step's result and the benchmark's figures.
+#   5. benchmarks/tta_cost.py on the GPU: deeplabv3 bf16, 8 x 512 px, tta=none / flips / d4;
+#   6. summary.md: one table of every step's result and the benchmark's figures.
 #
 #   bash benchmarks/gpu_checks.sh OUT                  # logs and summary.md under OUT/
 #   bash benchmarks/gpu_checks.sh --install-only       # only install carried wheels (see below)
@@ -101,6 +103,8 @@ step accel "${run[@]}" python benchmarks/accel.py --gpu --budget-s "$budget_s" \
     --out "$out/accel.json"
 step single-stage "${run[@]}" python benchmarks/single_stage_bf16.py --device cuda --tile 1024 \
     --batch 8 --rounds 3
+step tta-cost "${run[@]}" python benchmarks/tta_cost.py --device cuda --bf16 --model deeplabv3 \
+    --tile 512 --batch 8 --repeat 3
 
 {
     echo
@@ -111,6 +115,10 @@ step single-stage "${run[@]}" python benchmarks/single_stage_bf16.py --device cu
     echo "Single-stage detectors under bf16 ($out/single-stage.log):"
     echo
     grep -E '^(device|retinanet|fcos)' "$out/single-stage.log" | sed 's/^/    /'
+    echo
+    echo "Test-time augmentation ($out/tta-cost.log):"
+    echo
+    grep -E '^(deeplabv3|  tta=)' "$out/tta-cost.log" | sed 's/^/    /'
     echo
     echo "pytest -m gpu:"
     echo

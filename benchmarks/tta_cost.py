@@ -25,25 +25,33 @@ def main() -> None:
     parser.add_argument("--tile", type=int, default=256, help="tile edge, px")
     parser.add_argument("--batch", type=int, default=4, help="tiles per batch")
     parser.add_argument("--repeat", type=int, default=3, help="best of this many batches")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the GPU default)")
     args = parser.parse_args()
     torch.manual_seed(0)
+    device = torch.device(args.device)
     adapter = build_model(args.model, "none", tile_size=args.tile)
-    images = torch.rand(args.batch, 3, args.tile, args.tile)
+    adapter.module.to(device)
+    images = torch.rand(args.batch, 3, args.tile, args.tile, device=device)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(
-        f"{args.model} weights=none, {args.batch} x {args.tile}^2 px, fp32, "
-        f"{torch.get_num_threads()} threads"
+        f"{args.model} weights=none, {args.batch} x {args.tile}^2 px, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, {where}, {torch.get_num_threads()} threads"
     )
     base = None
     for mode, views in VIEWS.items():
 
         def step(views=views) -> object:  # type: ignore[no-untyped-def]
-            with torch.inference_mode():
+            with (
+                torch.inference_mode(),
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.bf16),
+            ):
                 inputs = adapter.prepare(images.clone())
                 if len(views) > 1:
                     raw = augmented_forward(adapter, inputs, views)
                 else:
                     raw = adapter.forward(inputs)
-                return adapter.postprocess(raw, args.tile)
+                return adapter.postprocess(raw, args.tile)  # reads back to the host: synced
 
         step()  # warm-up
         seconds, _ = best_of(step, args.repeat)

@@ -303,3 +303,37 @@ def test_custom_box_frame_checks_run_on_the_gpu_boxes() -> None:
         [70.0, 5.0, 90.0, 9.0],
     )
     assert _check_box_frame(dets([[1.0, 1.0, 9.0, 9.0]]), "m", 64) is None
+
+
+def test_tta_d4_on_the_gpu_under_bf16(make_image, tmp_path: Path) -> None:
+    """tta=d4 with deeplabv3 (random weights, fixed seed) on the GPU under bf16: the run
+    finishes, says tta, and a quarter-turned tile gives the quarter-turned class map (the
+    averaged network is equivariant; bf16 ties may flip a few pixels: at most 0.5 %)."""
+    import numpy as np
+
+    from mgpr.models import build_model
+    from mgpr.models.tta import VIEWS, augmented_forward
+
+    img = make_image(width=1024, height=1024, objects=10)
+    summary, _report, out = _run(
+        tmp_path,
+        f"input_path={img.path}",
+        "model=deeplabv3",
+        "weights=none",
+        "tta=d4",
+        "tile_size=512",
+        "overlap=64",
+        "precision=bf16-mixed",
+    )
+    assert summary["tta"] == {"mode": "d4", "views": 8} and "tta d4 (8 views)" in out
+    torch.manual_seed(0)
+    adapter = build_model("deeplabv3", "none", tile_size=256)
+    adapter.module.to("cuda")
+    x = torch.rand(2, 3, 256, 256, device="cuda")
+    turn = VIEWS["d4"][2]
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+        a = augmented_forward(adapter, adapter.prepare(x.clone()), VIEWS["d4"])
+        b = augmented_forward(adapter, adapter.prepare(turn.apply(x).contiguous()), VIEWS["d4"])
+    ids_a = turn.apply(a.argmax(dim=1)).cpu().numpy()
+    ids_b = b.argmax(dim=1).cpu().numpy()
+    assert np.mean(ids_a != ids_b) <= 0.005
