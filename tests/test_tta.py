@@ -223,6 +223,9 @@ def test_detection_and_the_null_model_refuse_tta(make_image, tmp_path: Path, cap
     err = capsys.readouterr().err
     assert "tta=flips averages class probabilities, which model=reference (detection)" in err
     assert "Traceback" not in err and not (tmp_path / "det" / "parts").exists()
+    demo = run_mgpr_inprocess("model=fasterrcnn", "tta=d4", f"output_dir={tmp_path / 'demo'}")
+    assert demo == 2 and not (tmp_path / "demo" / "demo").exists()  # refused before the image
+    assert "model=fasterrcnn (detection) does not give" in capsys.readouterr().err
     args = segmentation_args(Path(img.path), tmp_path / "null", "tta=d4", model="null")
     assert run_mgpr_inprocess(*args) == 2
     err = capsys.readouterr().err
