@@ -337,3 +337,12 @@ def test_tta_d4_on_the_gpu_under_bf16(make_image, tmp_path: Path) -> None:
     ids_a = turn.apply(a.argmax(dim=1)).cpu().numpy()
     ids_b = b.argmax(dim=1).cpu().numpy()
     assert np.mean(ids_a != ids_b) <= 0.005
+
+
+def test_reference_detector_with_tta_on_the_gpu_under_bf16(tmp_path: Path) -> None:
+    """The quick start with tta=flips on the GPU in bf16: the views' boxes fused by NMS are
+    still the planted footprints, each once."""
+    summary, _report, _out = _run(tmp_path, "tta=flips", "precision=bf16-mixed")
+    check = summary["demo_check"]
+    assert (check["found"], check["missed"], check["duplicates"]) == (40, 0, 0)
+    assert check["max_footprint_error_px"] < 0.5 and summary["tta"]["views"] == 4

@@ -103,8 +103,8 @@ class PredictConfig:
     )
     tta: str = key(
         "none",
-        "segmentation, classification: average each tile's class probabilities over flipped and "
-        "turned views: none | flips (4 views) | d4 (8); 4x / 8x the model's compute",
+        "test-time augmentation: each tile also flipped and turned, class probabilities averaged "
+        "(detection: boxes fused by NMS): none | flips (4 views) | d4 (8); 4x / 8x the compute",
     )
     # run
     accelerator: str = key("auto", "auto | gpu | cpu")

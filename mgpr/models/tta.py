@@ -17,9 +17,15 @@ classifier's (B, K) needs nothing turned back. What is averaged is probabilities
 binary model's one sigmoid logit as ``[1 - p, p]``), in float32 whatever the autocast dtype, and
 the mean goes on as log-probabilities, which every postprocess reads as logits:
 ``softmax(log p) = p``, so the class is the argmax of the mean probability and ``probabilities``
-are that mean. Detection is not offered: boxes from several views need a fusion rule of their
-own (weighted box fusion, or NMS across views), which would change what the seam
-de-duplication sees; the refusal says so before any work.
+are that mean.
+
+Detection (:func:`fuse_detections`): each view's boxes are turned back into the tile's frame
+(:meth:`View.undo_boxes`) and the union of all views' boxes goes through per-class NMS at
+``nms_iou``: an object every view finds is kept once, with its best view's box and score, and
+one a view misses is still found in another. What leaves the tile is again one set of boxes in
+tile pixels, so the nodata rule, the ``max_detections`` cap and the seam de-duplication work
+on it as without ``tta``. (Weighted box fusion, which averages the views' boxes, was not built:
+it needs a rule for boxes only some views found.)
 """
 
 from __future__ import annotations
@@ -28,12 +34,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from mgpr.errors import ConfigError
 
 if TYPE_CHECKING:
-    from mgpr.models.base import ModelAdapter
+    from mgpr.models.base import Detections, ModelAdapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +63,20 @@ class View:
         z = torch.rot90(y, -self.quarter_turns, dims=(-2, -1)) if self.quarter_turns else y
         return torch.flip(z, dims=(-1,)) if self.mirrored else z
 
+    def undo_boxes(self, boxes: np.ndarray, size: float) -> np.ndarray:
+        """(N, 4) ``xyxy`` boxes in the view's pixel-corner frame, back in the tile's own.
+
+        A quarter turn (``torch.rot90`` over (H, W)) takes the tile's point (x, y) to the
+        view's (y, S - x), S = ``size``; undone by (x, y) -> (S - y, x), once per turn, then
+        the mirror x -> S - x. Corners map to corners, so min/max give the box again.
+        """
+        x1, y1, x2, y2 = (boxes[:, i].astype(np.float64) for i in range(4))
+        for _ in range(self.quarter_turns):
+            x1, y1, x2, y2 = size - y2, x1, size - y1, x2
+        if self.mirrored:
+            x1, x2 = size - x2, size - x1
+        return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+
 
 #: The views of each mode, the tile itself first. ``flips``: mirror left-right, mirror
 #: top-bottom (a left-right mirror turned twice) and both (a half turn).
@@ -66,20 +87,13 @@ VIEWS: dict[str, tuple[View, ...]] = {
 }
 
 
-def check_tta_task(mode: str, task: str, model_name: str, refusal: str | None = None) -> None:
-    """Refuse test-time augmentation for detection (before any weights are fetched).
+def check_tta_refusal(mode: str, refusal: str | None) -> None:
+    """Refuse ``tta=`` before any tile for an adapter with nothing to average.
 
-    ``refusal``: the built adapter's own reason it has nothing to average
-    (:attr:`~mgpr.models.base.ModelAdapter.tta_refusal`), or None.
+    ``refusal`` is its :attr:`~mgpr.models.base.ModelAdapter.tta_refusal`.
     """
     if mode != "none" and refusal:
         raise ConfigError(f"tta={mode} averages class probabilities, but {refusal}; unset tta")
-    if mode != "none" and task == "detection":
-        raise ConfigError(
-            f"tta={mode} averages class probabilities, which model={model_name} (detection) "
-            "does not give: boxes from several views would need a fusion rule of their own; "
-            "unset tta (it is for segmentation and classification models)"
-        )
 
 
 def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
@@ -116,3 +130,53 @@ def augmented_forward(adapter: ModelAdapter, inputs: torch.Tensor, views: Sequen
         total = p if total is None else total.add_(p)
     assert total is not None
     return adapter.with_class_scores(total.div_(len(views)).log_())
+
+
+def view_inputs(inputs: object, view: View) -> object:
+    """The view of the network's input.
+
+    A (B, C, H, W) batch, or the list of (C, H, W) tiles torchvision's detectors take.
+    """
+    if isinstance(inputs, (list, tuple)):
+        return [view.apply(t).contiguous() for t in inputs]
+    assert isinstance(inputs, torch.Tensor)
+    return view.apply(inputs)
+
+
+def fuse_detections(
+    per_view: Sequence[Sequence[Detections]],
+    views: Sequence[View],
+    size: int,
+    iou: float,
+    cap: int | None,
+) -> list[Detections]:
+    """Each tile's boxes from every view, back in the tile's frame, merged by per-class NMS.
+
+    ``per_view[v][i]``: tile ``i``'s detections in view ``v``'s frame. The union of the views'
+    boxes goes through ``torchvision.ops.batched_nms`` at ``iou`` (the ``nms_iou`` key): a
+    box every view found once is kept once, with its best view's box and score, so an object
+    a view misses is still found where another view sees it. Then the ``cap`` best scores
+    (``max_detections``; None: every box).
+    """
+    from torchvision.ops import batched_nms
+
+    from mgpr.models.base import Detections
+
+    out: list[Detections] = []
+    for i in range(len(per_view[0])):
+        boxes = np.concatenate(
+            [
+                view.undo_boxes(dets[i].boxes, size)
+                for view, dets in zip(views, per_view, strict=True)
+            ]
+        )
+        scores = np.concatenate([dets[i].scores for dets in per_view])
+        labels = np.concatenate([dets[i].labels for dets in per_view])
+        if len(scores):
+            keep = batched_nms(
+                torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), iou
+            ).numpy()  # best score first
+            boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        fused = Detections(boxes=boxes, scores=scores, labels=labels)
+        out.append(fused.best(cap) if cap is not None else fused)
+    return out

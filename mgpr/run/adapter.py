@@ -36,10 +36,6 @@ def build_adapter(
         probabilities=cfg.probabilities or cfg.seam == "blend",
     )
     entry = model_entry(model_name)
-    from mgpr.models.tta import check_tta_task
-
-    if entry is not None:
-        check_tta_task(cfg.tta, entry.task, model_name)  # before any download
     if rank != 0 and entry is not None and entry.downloadable:
         try:
             target = weights_cache_file(model_name, cfg.weights)
@@ -67,8 +63,9 @@ def build_adapter(
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )
     adapter = build_model(model_name, cfg.weights, **kwargs)
-    # a user's model: known once built
-    check_tta_task(cfg.tta, adapter.task, model_name, adapter.tta_refusal)
+    from mgpr.models.tta import check_tta_refusal
+
+    check_tta_refusal(cfg.tta, adapter.tta_refusal)
     from mgpr.tasks import get_task
 
     get_task(adapter.task)  # one line naming the tasks this version writes, for an unknown one

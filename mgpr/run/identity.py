@@ -65,7 +65,9 @@ def fingerprint(
         ],
     }
     if cfg.tta != "none":
-        out["tta"] = cfg.tta  # other class scores; absent without, as before the key existed
+        # other class scores, other fused boxes; absent without, as before the key existed
+        out["tta"] = cfg.tta
+        out["tta_nms_iou"] = cfg.nms_iou  # detection: where the views' boxes merge
     if aoi_sha256 is not None:
         out["aoi"] = aoi_sha256  # the area, wherever its file lies
     if cfg.seam != "crop":

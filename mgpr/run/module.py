@@ -32,7 +32,8 @@ from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import Detections, ModelAdapter, check_class_maps, nonfinite_tiles
 from mgpr.models.compile import CompileOutcome, compile_adapter, pad_batch
-from mgpr.models.tta import VIEWS, augmented_forward
+from mgpr.models.registry import max_detections_for
+from mgpr.models.tta import VIEWS, augmented_forward, fuse_detections, view_inputs
 from mgpr.run.accel import CompilePlan, InFlightCopies, configure_cuda
 from mgpr.tasks.base import TileOutcome
 from mgpr.tasks.nodata import drop_masked
@@ -69,8 +70,11 @@ class InferenceModule(pl.LightningModule):
         scaler: ValueScaler | None = None,
         max_detections: int | None = None,
         tta: str = "none",
+        nms_iou: float = 0.5,
     ) -> None:
         super().__init__()
+        #: detection with ``tta=``: IoU above which the views' boxes of one class merge
+        self.nms_iou = nms_iou
         #: test-time augmentation views (``tta=``); one view (the tile itself) runs plainly
         self.views = VIEWS[tta]
         self.max_detections = max_detections
@@ -162,13 +166,17 @@ class InferenceModule(pl.LightningModule):
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)
-            if len(self.views) > 1:
-                raw = augmented_forward(self.adapter, inputs, self.views)
+            if len(self.views) > 1 and self.adapter.task == "detection":
+                results, flags = self._detect_in_views(inputs, len(ok))
+                start = time.perf_counter()
             else:
-                raw = self.adapter.forward(inputs)
-            start = time.perf_counter()
-            flags = nonfinite_tiles(raw, len(ok))  # on the device; read after postprocess
-            results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
+                if len(self.views) > 1:
+                    raw = augmented_forward(self.adapter, inputs, self.views)
+                else:
+                    raw = self.adapter.forward(inputs)
+                start = time.perf_counter()
+                flags = nonfinite_tiles(raw, len(ok))  # on the device; read after postprocess
+                results = list(self.adapter.postprocess(raw, self.tile_size))[: len(ok)]
             nonfinite = flags.cpu().numpy() if flags is not None else None
             if self.adapter.task == "segmentation" and self.adapter.categories:
                 n = len(self.adapter.categories)
@@ -200,6 +208,22 @@ class InferenceModule(pl.LightningModule):
             else:
                 outcomes.append(TileOutcome(tile, st, reasons[pos]))
         return outcomes
+
+    def _detect_in_views(self, inputs: Any, n: int) -> tuple[list[Detections], torch.Tensor | None]:
+        """``tta=`` for a detector: each view's boxes, back in the tile's frame, fused by NMS.
+
+        Returns the ``n`` tiles' fused detections and their NaN flags (any view's).
+        """
+        per_view: list[list[Detections]] = []
+        flags: torch.Tensor | None = None
+        for view in self.views:
+            raw = self.adapter.forward(view_inputs(inputs, view))
+            found = nonfinite_tiles(raw, n)
+            if found is not None:
+                flags = found if flags is None else flags | found
+            per_view.append(list(self.adapter.postprocess(raw, self.tile_size))[:n])  # type: ignore[arg-type]
+        cap = max_detections_for(self.adapter.name, self.max_detections)
+        return fuse_detections(per_view, self.views, self.tile_size, self.nms_iou, cap), flags
 
     def _nonfinite_reason(self) -> str:
         """Why a tile whose model output held NaN failed, and how to retry it."""

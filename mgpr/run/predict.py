@@ -166,13 +166,6 @@ def _predict_and_finish(
     model_name = cfg.model or (DEMO_MODEL if demo else DEFAULT_MODEL)
     if demo and cfg.model is None and "weights" not in explicit:
         cfg.weights = "none"
-    if cfg.tta != "none":
-        from mgpr.models.registry import model_entry
-        from mgpr.models.tta import check_tta_task
-
-        entry = model_entry(model_name)
-        if entry is not None:  # a built-in detector: refused before the demo image or inputs
-            check_tta_task(cfg.tta, entry.task, model_name)
 
     accelerator = resolve_accelerator(cfg.accelerator)
     devices, num_nodes, slurm_task = resolve_devices(cfg, accelerator)

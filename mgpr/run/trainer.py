@@ -416,6 +416,7 @@ def run_predict(
         scaler=ValueScaler(value_ranges, raw=adapter.input_range == "raw"),
         max_detections=cfg.max_detections,
         tta=cfg.tta,
+        nms_iou=cfg.nms_iou,
     )
     fake_bands = adapter.in_bands or 3
     local_ranks = LocalRanks()
