@@ -310,3 +310,29 @@ def test_the_reference_detector_with_tta_finds_every_planted_object(tmp_path: Pa
     check = json.loads((tmp_path / "run" / "summary.json").read_text())["demo_check"]
     assert (check["found"], check["missed"], check["duplicates"]) == (12, 0, 0)
     assert check["unmatched_detections"] == 0 and check["max_footprint_error_px"] == 0.0
+
+
+def test_fused_boxes_keep_the_best_then_the_largest_under_the_cap() -> None:
+    """Equal scores (the reference detector's 1.0) keep the larger boxes, as without tta."""
+    from mgpr.models.base import Detections
+    from mgpr.models.tta import fuse_detections
+
+    boxes = np.array([[0, 0, 4, 4], [10, 10, 19, 19], [30, 0, 36, 6]], np.float32)
+    dets = Detections(boxes=boxes, scores=np.ones(3, np.float32), labels=np.zeros(3, np.int64))
+    views = VIEWS["flips"]
+    per_view = [[Detections(v_boxes, dets.scores, dets.labels)] for v_boxes in (
+        _in_view(boxes, view, 40) for view in views)]  # fmt: skip
+    fused = fuse_detections(per_view, views, 40, 0.5, cap=2)[0]
+    np.testing.assert_allclose(fused.boxes, boxes[[1, 2]])  # the two largest, each once
+    assert len(fuse_detections(per_view, views, 40, 0.5, cap=None)[0]) == 3
+
+
+def _in_view(boxes: np.ndarray, view, size: int) -> np.ndarray:
+    """The boxes as the view sees them: read off the view of a mask of each box."""
+    out = []
+    for x1, y1, x2, y2 in boxes.astype(int):
+        mask = torch.zeros(1, size, size)
+        mask[0, y1:y2, x1:x2] = 1
+        rows, cols = np.nonzero(view.apply(mask)[0].numpy())
+        out.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
+    return np.asarray(out, np.float32)

@@ -155,8 +155,8 @@ def fuse_detections(
     ``per_view[v][i]``: tile ``i``'s detections in view ``v``'s frame. The union of the views'
     boxes goes through ``torchvision.ops.batched_nms`` at ``iou`` (the ``nms_iou`` key): a
     box every view found once is kept once, with its best view's box and score, so an object
-    a view misses is still found where another view sees it. Then the ``cap`` best scores
-    (``max_detections``; None: every box).
+    a view misses is still found where another view sees it. Then the ``cap`` best scores,
+    the larger box first among equal scores (``max_detections``; None: every box).
     """
     from torchvision.ops import batched_nms
 
@@ -175,7 +175,11 @@ def fuse_detections(
         if len(scores):
             keep = batched_nms(
                 torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), iou
-            ).numpy()  # best score first
+            ).numpy()
+            # best score first, equal scores the larger box first (the reference detector
+            # scores every box 1.0 and keeps its largest under the cap)
+            area = (boxes[keep, 2] - boxes[keep, 0]) * (boxes[keep, 3] - boxes[keep, 1])
+            keep = keep[np.lexsort((-area, -scores[keep]))]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         fused = Detections(boxes=boxes, scores=scores, labels=labels)
         out.append(fused.best(cap) if cap is not None else fused)
