@@ -127,6 +127,9 @@ def test_views_are_the_symmetries_of_the_square() -> None:
         for view in VIEWS[mode]:
             assert torch.equal(view.undo(view.apply(x)), x)
     assert len(VIEWS["none"]) == 1 and torch.equal(VIEWS["none"][0].apply(x), x)
+    from mgpr.conf.load import TTA_MODES
+
+    assert set(VIEWS) == set(TTA_MODES)  # the key's values (torch-free config) have views
 
 
 def _mean_probabilities(adapter: ModuleAdapter, x: torch.Tensor, mode: str) -> torch.Tensor:

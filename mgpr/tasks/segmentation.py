@@ -399,13 +399,9 @@ class SegmentationTask(Task):
                 )
             totals = None
             if rows is not None:
-                owners = _grid(info, ctx)
-                cores = {
-                    key: owner_region(tiles[key], owners, info.height, info.width)
-                    for picked in ledger.picks(keys).values()
-                    for key in picked
-                }
-                totals = class_totals(rows, cores, info, categories)
+                totals = class_totals(
+                    rows, _picked_cores(ledger, info, ctx, tiles), info, categories
+                )
             return out, totals
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -488,13 +484,20 @@ def _owned_pixels(
     With ``aoi=`` only their part inside the area counts (its area in pixels, which the pixel
     centre rule matches to within the area's outline).
     """
-    grid = _grid(info, ctx)
-    keys = [k for k, t in tiles.items() if t.id.path == info.path]
-    cores = [
-        owner_region(tiles[key], grid, info.height, info.width)
-        for picked in ledger.picks(keys).values()
-        for key in picked
-    ]
+    cores = list(_picked_cores(ledger, info, ctx, tiles).values())
     if info.aoi_wkb is not None and cores:
         return aoi_pixels(info, np.asarray(cores, dtype=np.float64))
     return sum((r1 - r0) * (c1 - c0) for r0, c0, r1, c1 in cores)
+
+
+def _picked_cores(
+    ledger: Ledger, info: RasterInfo, ctx: TaskContext, tiles: Mapping[str, Tile]
+) -> dict[str, tuple[int, int, int, int]]:
+    """Tile key -> owned core ``(r0, c0, r1, c1)`` of the raster's done tiles (each once)."""
+    grid = _grid(info, ctx)
+    keys = [k for k, t in tiles.items() if t.id.path == info.path]
+    return {
+        key: owner_region(tiles[key], grid, info.height, info.width)
+        for picked in ledger.picks(keys).values()
+        for key in picked
+    }
