@@ -35,6 +35,9 @@ def test_mypy_strict_core_modules() -> None:
         "mgpr/tasks/segmentation_classes.py",
         "mgpr/models/tta.py",
         "mgpr/models/detection.py",
+        "mgpr/models/embedding.py",
+        "mgpr/tasks/embedding.py",
+        "mgpr/monitor/embedding_colours.py",
     ]
     proc = subprocess.run(
         [sys.executable, "-m", "mypy", "--strict", *modules],

@@ -77,6 +77,7 @@ def _tiles(b: int = 2, c: int = 3, size: int = 64, seed: int = 0) -> torch.Tenso
 def test_known_models_and_import_paths() -> None:
     assert KNOWN_MODELS == (
         "resnet50",
+        "resnet50-embed",
         "fasterrcnn",
         "reference",
         "deeplabv3",

@@ -34,7 +34,14 @@ def test_every_entry_is_complete() -> None:
             assert entry.torchvision_builder is not None
             assert len(list(get_model_weights(entry.torchvision_builder))) >= 1
     assert DEFAULT_MODEL in MODELS and DEMO_MODEL in MODELS
-    assert downloadable_models() == ("resnet50", "fasterrcnn", "deeplabv3", "fcn", "lraspp")
+    assert downloadable_models() == (
+        "resnet50",
+        "resnet50-embed",
+        "fasterrcnn",
+        "deeplabv3",
+        "fcn",
+        "lraspp",
+    )
 
 
 def test_reading_the_table_imports_no_torch() -> None:

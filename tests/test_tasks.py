@@ -99,7 +99,7 @@ def test_task_refuses_a_record_of_another_task(make_image, tmp_path: Path) -> No
 
 
 def test_unknown_task_is_one_line() -> None:
-    with pytest.raises(ModelError, match="classification, detection, segmentation"):
+    with pytest.raises(ModelError, match="classification, detection, embedding, segmentation"):
         get_task("regression")
 
 

@@ -27,7 +27,7 @@ import torch
 from mgpr.errors import ModelError
 
 #: What a model produces per tile.
-Task = Literal["classification", "detection", "segmentation"]
+Task = Literal["classification", "detection", "segmentation", "embedding"]
 TASKS: tuple[str, ...] = get_args(Task)
 #: What :meth:`ModelAdapter.prepare` receives: ``unit`` = float32 in [0, 1] (``value_range``
 #: applied), ``raw`` = float32 native raster values, unscaled.
@@ -120,6 +120,25 @@ class Classification:
 
 
 @dataclass(frozen=True, slots=True)
+class Embedding:
+    """The feature vector of one tile (``task = "embedding"``): what the network sees in it.
+
+    Attributes:
+        vector: (D,) float32, the network's pooled features for the tile (D fixed per model);
+            not normalised (cosine similarity users divide by the norm themselves).
+    """
+
+    vector: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.vector.ndim != 1 or self.vector.dtype != np.float32 or not self.vector.size:
+            raise ValueError(
+                f"Embedding needs a (D,) float32 vector; got {self.vector.shape} "
+                f"{self.vector.dtype}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class ClassMap:
     """The class of every pixel of one tile (segmentation), on the tile's own pixel grid.
 
@@ -173,7 +192,8 @@ class ModelAdapter(abc.ABC):
         name: ``"resnet50"``, ``"fasterrcnn"``, ``"reference"``, ``"null"``, or the import path
             of a user model.
         task: ``"classification"`` (one :class:`Classification` per tile), ``"detection"``
-            (one :class:`Detections` per tile) or ``"segmentation"`` (one :class:`ClassMap`).
+            (one :class:`Detections` per tile), ``"segmentation"`` (one :class:`ClassMap`) or
+            ``"embedding"`` (one :class:`Embedding`).
         categories: label names by class id (ImageNet / COCO names from the torchvision weights'
             meta where known), or None when unknown.
         in_bands: number of raster bands the model needs (3 for the torchvision models); 0 means
@@ -303,7 +323,7 @@ class ModelAdapter(abc.ABC):
     @abc.abstractmethod
     def postprocess(
         self, raw: Any, tile_size: int
-    ) -> list[Detections] | list[Classification] | list[ClassMap]:
+    ) -> list[Detections] | list[Classification] | list[ClassMap] | list[Embedding]:
         """Turn the raw output of :meth:`forward` into one CPU record per tile.
 
         Args:
@@ -312,12 +332,13 @@ class ModelAdapter(abc.ABC):
 
         Returns:
             B records, in batch order: :class:`Detections` for detection, :class:`Classification`
-            for classification, :class:`ClassMap` for segmentation; numpy arrays on the CPU.
+            for classification, :class:`ClassMap` for segmentation, :class:`Embedding` for
+            embedding; numpy arrays on the CPU.
         """
 
     def predict(
         self, images: torch.Tensor, tile_size: int
-    ) -> list[Detections] | list[Classification] | list[ClassMap]:
+    ) -> list[Detections] | list[Classification] | list[ClassMap] | list[Embedding]:
         """Run prepare, forward and postprocess in one call (tests, notebooks; no autocast).
 
         Args:
@@ -392,6 +413,48 @@ def classifications_from_logits(logits: torch.Tensor, topk: int) -> list[Classif
     scores_np = scores.cpu().numpy().astype(np.float32, copy=False)
     ids_np = ids.cpu().numpy().astype(np.int64, copy=False)
     return [Classification(class_ids=ids_np[i], scores=scores_np[i]) for i in range(len(ids_np))]
+
+
+def pooled_features(raw: Any, name: str) -> torch.Tensor:
+    """An embedding model's output as (B, D) float32 features, on its device.
+
+    (B, D) is taken as it is; a (B, D, h, w) feature map (a CNN backbone's last stage) is
+    averaged over its h x w cells (global average pooling, what torchvision's classifiers do
+    before their head). Token sequences (B, N, D) are refused: which token (a class token, or
+    the mean) stands for the tile is the model's choice, not mgpr's.
+
+    Raises:
+        ModelError: any other output, with the shape to return.
+    """
+    if isinstance(raw, torch.Tensor) and raw.is_floating_point():
+        if raw.ndim == 2 and raw.shape[1] > 0:
+            return raw.float()
+        if raw.ndim == 4 and raw.shape[1] > 0:
+            return raw.float().mean(dim=(2, 3))
+    what = (
+        f"a {tuple(raw.shape)} {raw.dtype} tensor"
+        if isinstance(raw, torch.Tensor)
+        else f"a {type(raw).__name__}"
+    )
+    hint = (
+        " (tokens: return x[:, 0] for a class token or x.mean(dim=1))"
+        if isinstance(raw, torch.Tensor) and raw.ndim == 3
+        else ""
+    )
+    raise ModelError(
+        f"model={name} is an embedding model but returns {what}; return (B, D) float features "
+        f"per tile, or a (B, D, h, w) feature map to be averaged{hint}."
+    )
+
+
+def embeddings_from_features(raw: Any, name: str) -> list[Embedding]:
+    """One :class:`Embedding` per tile from (B, D) or (B, D, h, w) features (float32 on the CPU).
+
+    Mixed precision computes the features in bf16/fp16; they are stored as float32 (the cast
+    is exact).
+    """
+    host = pooled_features(raw, name).cpu().numpy()
+    return [Embedding(vector=host[i]) for i in range(host.shape[0])]
 
 
 def detections_from_dicts(

@@ -15,11 +15,14 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
   ``out`` entry of a dict as torchvision's segmentation models return them (-> segmentation:
   argmax per pixel; K = 1 is one binary logit: class 1 where it is > 0; logits coarser than
   the tile, e.g. a stride-4 decoder's, are resized bilinearly), or (B, H, W) integer class
-  ids (resized by nearest neighbour; no probabilities).
+  ids (resized by nearest neighbour; no probabilities), or, declared with
+  ``task = "embedding"``, (B, D) features per tile or a (B, D, h, w) feature map averaged over
+  its cells (-> one float32 vector per tile, :func:`~mgpr.models.base.pooled_features`).
   Optional attributes on the module steer the wrapper: ``task`` (``"classification"``,
-  ``"detection"`` or ``"segmentation"``; a segmenter must declare it, since (B, C, H, W) out
-  is also what an image-to-image module returns; without it one probe forward on a zero tile
-  on the CPU decides between the other two),
+  ``"detection"``, ``"segmentation"`` or ``"embedding"``; a segmenter and an embedder must
+  declare it, since (B, C, H, W) out is also what an image-to-image module returns and (B, D)
+  is also a classifier's logits; without it one probe forward on a zero tile on the CPU
+  decides between classification and detection),
   ``categories`` (names by class id; for a classifier or segmenter one name is a binary
   model's positive class, id 1, after ``background``; a segmenter without them gets numbered
   names, its class count from ``num_classes`` or one probe forward), ``in_bands`` (else the
@@ -46,6 +49,7 @@ from mgpr.models.base import (
     Classification,
     ClassMap,
     Detections,
+    Embedding,
     ModelAdapter,
     Task,
     class_maps_from_ids,
@@ -53,6 +57,7 @@ from mgpr.models.base import (
     classes_of_logits,
     classifications_from_logits,
     detections_from_dicts,
+    embeddings_from_features,
     numbered_categories,
 )
 
@@ -65,6 +70,7 @@ _NEEDS: dict[str, str] = {
     "classification": "(B, K) logits",
     "detection": "a list of dicts with boxes/scores/labels",
     "segmentation": "(B, K, H, W) pixel logits or (B, H, W) integer class ids",
+    "embedding": "(B, D) features or a (B, D, h, w) feature map",
 }
 
 
@@ -204,6 +210,8 @@ class ModuleAdapter(ModelAdapter):
             categories = self._segmentation_categories(
                 module, name, in_bands or 3, tile_size, categories
             )
+        if task == "embedding":
+            categories = None  # features have no classes
         super().__init__(
             name=name,
             task=task,
@@ -227,6 +235,8 @@ class ModuleAdapter(ModelAdapter):
         self._backbone: Callable[[torch.Tensor], Any] | None = None
         #: detection: boxes wholly outside the tile were reported once (per process).
         self._outside_reported = False
+        #: embedding: the feature length of the first batch (every tile's must be the same).
+        self._embedding_dim: int | None = None
 
     def forward(self, inputs: torch.Tensor) -> Any:
         """The module's output; a torchvision detector with float32 boxes under autocast."""
@@ -287,6 +297,25 @@ class ModuleAdapter(ModelAdapter):
                 "give one category per channel (a single channel is a binary logit: 2)."
             )
         return class_maps_from_logits(raw, self.probabilities, size)
+
+    def _embeddings(self, raw: Any) -> list[Embedding]:
+        """Features -> one :class:`Embedding` per tile, every batch of the run the same length.
+
+        A feature length that changes between batches (a model whose pooling depends on the
+        input) would give a table whose rows cannot be compared; refused at the batch.
+        """
+        out = embeddings_from_features(raw, self.name)
+        if out:
+            dim = int(out[0].vector.shape[0])
+            if self._embedding_dim is None:
+                self._embedding_dim = dim
+            elif dim != self._embedding_dim:
+                raise ModelError(
+                    f"model={self.name} returned {dim} features per tile after "
+                    f"{self._embedding_dim} in an earlier batch; return the same length for "
+                    "every tile."
+                )
+        return out
 
     @staticmethod
     def _segmentation_categories(
@@ -356,7 +385,8 @@ class ModuleAdapter(ModelAdapter):
             raise ModelError(
                 f"model={name}: the module returns {_describe(out)}; return (B, K) class logits "
                 "or a list of B dicts with boxes/scores/labels (a segmenter: set "
-                '`task = "segmentation"` and return (B, K, H, W) logits).'
+                '`task = "segmentation"` and return (B, K, H, W) logits; an embedder: set '
+                '`task = "embedding"` and return (B, D) features).'
             )
         logger.info("model=%s: probe output is %s", name, kind)
         return kind
@@ -367,13 +397,16 @@ class ModuleAdapter(ModelAdapter):
 
     def postprocess(
         self, raw: Any, tile_size: int
-    ) -> list[Detections] | list[Classification] | list[ClassMap]:
+    ) -> list[Detections] | list[Classification] | list[ClassMap] | list[Embedding]:
         """Turn the module's output into the records of its task.
 
         (B, K) logits: softmax, top-k; dicts: :class:`Detections` (score threshold);
-        (B, K, H, W) logits: per-pixel argmax, :class:`ClassMap`.
+        (B, K, H, W) logits: per-pixel argmax, :class:`ClassMap`; an embedder's features:
+        one :class:`Embedding` per tile.
         """
         raw = _segmentation_logits(raw)
+        if self.task == "embedding":
+            return self._embeddings(raw)
         batch = raw.shape[0] if isinstance(raw, torch.Tensor) else len(raw)
         kind = _kind_of_output(raw, batch)
         if kind != self.task:

@@ -65,6 +65,13 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         summary="torchvision ResNet-50, ImageNet classes per tile",
     ),
     ModelEntry(
+        "resnet50-embed",
+        "embedding",
+        "mgpr.models.embedding:build_resnet50_embed",
+        torchvision_builder="resnet50",
+        summary="torchvision ResNet-50 without its head, 2048 ImageNet features per tile",
+    ),
+    ModelEntry(
         "fasterrcnn",
         "detection",
         "mgpr.models.detection:build_fasterrcnn",

@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from mgpr.errors import ConfigError
+from mgpr.models.base import pooled_features
 
 if TYPE_CHECKING:
     from mgpr.models.base import Detections, ModelAdapter
@@ -108,6 +109,9 @@ def class_probabilities(scores: torch.Tensor) -> torch.Tensor:
 def augmented_forward(adapter: ModelAdapter, inputs: torch.Tensor, views: Sequence[View]) -> object:
     """The network's output for ``inputs`` averaged over ``views``, as the adapter returns it.
 
+    An embedder's (``task = "embedding"``) pooled (B, D) features are averaged as they are
+    (float32): the mean over the views is a vector that no flip or turn of the tile changes.
+
     Each view is one forward of the whole batch (memory: one view's activations plus the
     running mean, (B, K, H, W) float32 for a segmenter). Each view is laid out as the input
     was (contiguous or channels-last).
@@ -124,11 +128,16 @@ def augmented_forward(adapter: ModelAdapter, inputs: torch.Tensor, views: Sequen
         # A quarter turn is a transposed view: laid out as the input was (channels-last for
         # the GPU adapters), not left to the first convolution's choice.
         x = view.apply(inputs).contiguous(memory_format=layout)
-        p = class_probabilities(adapter.class_scores(adapter.forward(x)))
-        if p.ndim == 4:
-            p = view.undo(p)
+        if adapter.task == "embedding":  # a tile's features: nothing on the tile's grid
+            p = pooled_features(adapter.forward(x), adapter.name)
+        else:
+            p = class_probabilities(adapter.class_scores(adapter.forward(x)))
+            if p.ndim == 4:
+                p = view.undo(p)
         total = p if total is None else total.add_(p)
     assert total is not None
+    if adapter.task == "embedding":
+        return total.div_(len(views))
     return adapter.with_class_scores(total.div_(len(views)).log_())
 
 

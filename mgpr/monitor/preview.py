@@ -8,6 +8,8 @@ than uint8 are stretched between their 2nd and 98th percentile). On it:
 * detections: each box outlined, coloured by its label;
 * classification: each tile footprint filled (translucent) with the colour of its top-1 class;
 * segmentation: the class map (its own colour table), translucent, nodata left clear;
+* embedding: each tile footprint filled with the colour of its vector's first 3 principal
+  components (:mod:`mgpr.monitor.embedding_colours`);
 
 plus a legend (the most frequent classes, at most :data:`MAX_LEGEND`) and a scale bar in the
 CRS's linear unit (pixels for rasters without CRS). Features arrive in map coordinates (WKB, the
@@ -124,7 +126,8 @@ def write_preview(
         kind: ``detection`` (outlined boxes), ``classification`` (filled footprints) or
             ``segmentation`` (the class map).
         features: a pyarrow table with ``geometry`` (WKB, map coordinates) and
-            ``label_column`` (detection/classification), or None.
+            ``label_column`` (detection/classification), or an ``rgb`` column (3 floats in
+            [0, 1] per feature: embeddings, filled with it), or None.
         label_column: the column that colours the features (the top-1 label).
         class_map: the segmentation COG (its colour table and ``class_names`` tag are used).
         title: text above the image.
@@ -158,6 +161,15 @@ def write_preview(
     cmap = plt.get_cmap("tab20")
     if kind == "segmentation" and class_map is not None:
         handles = _draw_class_map(ax, class_map, (h, w))
+    elif features is not None and "rgb" in features.column_names and features.num_rows:
+        # embeddings: each footprint filled with its vector's principal components as RGB
+        geoms = shapely.from_wkb(features.column("geometry").to_numpy(zero_copy_only=False))
+        polys, owner = _outlines(geoms, inverse, scale)
+        rgb = features.column("rgb").combine_chunks().flatten().to_numpy().reshape(-1, 3)
+        coll = PolyCollection(polys, facecolors=rgb[owner], edgecolors="none", alpha=0.6)
+        ax.add_collection(coll, autolim=False)
+        label = f"{features.num_rows} tiles: embedding PCA 1-3 as RGB"
+        handles = [Patch(facecolor=(0.5, 0.5, 0.5), label=label)]
     elif features is not None and features.num_rows:
         geoms = shapely.from_wkb(features.column("geometry").to_numpy(zero_copy_only=False))
         labels = (

@@ -1,8 +1,8 @@
 """The run's quicklooks: one ``preview.png`` per input, after the merge, for every task.
 
-Detection and classification get each raster's merged features from the merge, in memory (what
-the writers wrote; nothing re-opens the GeoPackage, whose SQLite would take file locks in the run
-directory); segmentation draws the input's class map COG (read decimated
+Detection, classification and embedding get each raster's merged features from the merge, in
+memory (what the writers wrote; nothing re-opens the GeoPackage, whose SQLite would take file
+locks in the run directory); segmentation draws the input's class map COG (read decimated
 from its overviews). Names: ``preview.png`` for a run with one input, ``preview_<stem>.png``
 (:func:`~mgpr.monitor.preview.preview_name`, the class map's unique stem) for each of several.
 
@@ -29,10 +29,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import shapely
 from rasterio.errors import NotGeoreferencedWarning
 
+from mgpr.monitor.embedding_colours import principal_rgb
 from mgpr.monitor.preview import preview_name, write_preview
 from mgpr.outputs.features import feature_path, read_features
 from mgpr.outputs.vector import FeatureBatch
@@ -68,15 +70,22 @@ def clear_stash(run_dir: Path) -> None:
 
 
 def _table(batch: FeatureBatch, label: str) -> pa.Table:
-    """A raster's features as ``write_preview`` takes them: WKB polygons and their label."""
+    """A raster's features as ``write_preview`` takes them: WKB polygons and their label.
+
+    Embeddings (an ``embedding`` vector column) get their colour instead, an ``rgb`` column
+    (:func:`~mgpr.monitor.embedding_colours.principal_rgb`).
+    """
     geoms = batch.shapes()
     labels = batch.fields.get(label)
-    return pa.table(
-        {
-            "geometry": pa.array(shapely.to_wkb(geoms).tolist(), pa.binary()),
-            "label": [str(v) for v in labels] if labels is not None else ["result"] * len(batch),
-        }
-    )
+    columns: dict[str, object] = {
+        "geometry": pa.array(shapely.to_wkb(geoms).tolist(), pa.binary()),
+        "label": [str(v) for v in labels] if labels is not None else ["result"] * len(batch),
+    }
+    vectors = batch.fields.get("embedding")
+    if vectors is not None and np.ndim(vectors) == 2:
+        rgb = principal_rgb(vectors)
+        columns["rgb"] = pa.FixedSizeListArray.from_arrays(pa.array(rgb.reshape(-1)), 3)
+    return pa.table(columns)
 
 
 def _draw(

@@ -8,7 +8,8 @@ fsync, rename: :func:`~mgpr.outputs.parts.publish_file`):
 
 * ``rings``: fixed-size list of 10 float64 per feature (the closed ring's 5 points, x y x y ...)
   for a rings (boxes) batch, or ``geometry``: WKB (binary) for a geometries batch (polygons);
-* the batch's columns in order (float64, int64, bool, or UTF-8 string for text columns);
+* the batch's columns in order (float64, int64, bool, UTF-8 string for text columns, or a
+  fixed-size list of float32 for a (N, D) vector column such as an embedding);
 * schema metadata ``mgpr.features``: JSON with the raster's path and the task's counters
   (``duplicates_removed``).
 """
@@ -44,7 +45,25 @@ def feature_path(run_dir: Path, index: int) -> Path:
 def _column(values: np.ndarray) -> pa.Array:
     if values.dtype == object:
         return pa.array(values.tolist(), pa.string())
+    if values.ndim == 2:
+        return vector_array(values)
     return pa.array(values)
+
+
+def vector_array(values: np.ndarray) -> pa.Array:
+    """A (N, D) float32 vector column as a fixed-size list of D float32 (D = 0: a plain list)."""
+    flat = pa.array(np.ascontiguousarray(values, np.float32).reshape(-1), pa.float32())
+    if values.shape[1] == 0:
+        return pa.array([[] for _ in range(len(values))], pa.list_(pa.float32()))
+    return pa.FixedSizeListArray.from_arrays(flat, int(values.shape[1]))
+
+
+def vector_values(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """A list column of equal-length float32 lists back as (N, D) float32 (inverse of the above)."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    n = len(array)
+    flat = array.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    return flat.reshape(n, flat.size // n if n else 0)
 
 
 def write_features(path: Path, batch: FeatureBatch, meta: Mapping[str, Any]) -> Path:
@@ -73,6 +92,8 @@ def read_features(path: Path) -> tuple[FeatureBatch, dict[str, Any]]:
         column = table[name]
         if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
             fields[name] = column.to_numpy(zero_copy_only=False).astype(object, copy=False)
+        elif pa.types.is_fixed_size_list(column.type) or pa.types.is_list(column.type):
+            fields[name] = vector_values(column)
         else:
             fields[name] = column.to_numpy()
     if table.column_names[0] == "geometry":

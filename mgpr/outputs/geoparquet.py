@@ -13,7 +13,8 @@ File layout (https://geoparquet.org/releases/v1.1.0/):
   holes clockwise (declared as ``orientation``).
 * ``bbox``: struct ``xmin, ymin, xmax, ymax`` (float64), each row's geometry bounds, declared as
   the ``covering`` of ``geometry``, so readers can skip row groups by their min/max statistics.
-* the FeatureBatch's columns, in order: float64, int64, bool or UTF-8 string.
+* the FeatureBatch's columns, in order: float64, int64, bool or UTF-8 string, and a (N, D)
+  vector column (an embedding) as ``fixed_size_list<float32>[D]``.
 * file metadata ``geo``: ``version`` 1.1.0, ``primary_column`` ``geometry``, and for
   ``geometry``: ``encoding`` WKB, ``geometry_types`` (the types the file holds: ``["Polygon"]``
   for boxes and for a layer without rows, ``["MultiPolygon", "Polygon"]`` when both occur),
@@ -40,6 +41,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from mgpr.outputs.features import vector_array
 from mgpr.outputs.parts import fsync_dir
 from mgpr.outputs.vector import FeatureBatch, VectorWriter
 
@@ -103,6 +105,9 @@ def geo_metadata(
 
 def _arrow_type(name: str, column: np.ndarray) -> pa.DataType:
     kind = np.asarray(column).dtype.kind
+    if np.ndim(column) == 2:  # a vector per feature (embedding): fixed-size list of float32
+        dim = int(np.shape(column)[1])
+        return pa.list_(pa.float32(), dim) if dim else pa.list_(pa.float32())
     if kind == "f":
         return pa.float64()
     if kind in "iu":
@@ -140,7 +145,10 @@ def batch_table(batch: FeatureBatch, schema: pa.Schema | None = None) -> pa.Tabl
     names = list(batch.fields)
     types = [_arrow_type(k, np.asarray(batch.fields[k])) for k in names]
     arrays = [pa.array(wkb, pa.binary()), bbox] + [
-        pa.array(np.asarray(batch.fields[k]), t) for k, t in zip(names, types, strict=True)
+        vector_array(np.asarray(batch.fields[k]))
+        if np.ndim(batch.fields[k]) == 2
+        else pa.array(np.asarray(batch.fields[k]), t)
+        for k, t in zip(names, types, strict=True)
     ]
     own = pa.schema(
         [pa.field("geometry", pa.binary()), pa.field("bbox", _BBOX_TYPE)]

@@ -42,8 +42,10 @@ class FeatureBatch:
         rings: (N, 5, 2) float64 closed rings (first point == last), x then y, in the layer's
             CRS (map units; raster pixel corner coordinates for a raster without a CRS); None
             for a geometries batch.
-        fields: column name -> (N,) array: float64, int64, or object (str) columns; every column
-            has N rows and the same columns come in every batch of one layer.
+        fields: column name -> (N,) array: float64, int64, or object (str) columns; or a
+            (N, D) float32 array, a vector per feature (an embedding: GeoParquet stores it as a
+            fixed-size list of D float32, GeoPackage as a BLOB of D little-endian float32).
+            Every column has N rows and the same columns come in every batch of one layer.
         geometries: (N,) object array of shapely Polygons / MultiPolygons (same CRS rule as
             ``rings``); None for a rings batch.
     """
@@ -75,6 +77,10 @@ class FeatureBatch:
         for name, column in self.fields.items():
             if len(column) != n:
                 raise ValueError(f"FeatureBatch column {name!r} has {len(column)} rows, not {n}")
+            if np.ndim(column) == 2 and np.asarray(column).dtype != np.float32:
+                raise ValueError(f"FeatureBatch vector column {name!r} must be float32")
+            if np.ndim(column) > 2:
+                raise ValueError(f"FeatureBatch column {name!r} has {np.ndim(column)} dimensions")
 
     @classmethod
     def of_geometries(
@@ -140,6 +146,8 @@ class FeatureBatch:
         """
         if not batches:
             return cls(np.empty((0, 5, 2), np.float64), {})
+        # An empty batch's vector column is (0, 0): its length D is unknown without rows.
+        batches = [b for b in batches if len(b)] or batches[:1]
         names = list(batches[0].fields)
         fields = {k: np.concatenate([np.asarray(b.fields[k]) for b in batches]) for k in names}
         if all(b.rings is not None for b in batches):

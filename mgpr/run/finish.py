@@ -37,7 +37,7 @@ import csv
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
 from mgpr.models.registry import max_detections_for
 from mgpr.outputs.rundir import stale_outputs, write_json_atomic
+from mgpr.outputs.vector import FeatureBatch
 from mgpr.run.summary_text import print_summary
 from mgpr.tasks import get_task
 from mgpr.tasks.base import TaskContext
@@ -207,6 +208,9 @@ def finish_run(
             duplicates_removed=merged.duplicates_removed,
             duplicates_across_inputs=merged.duplicates_across_inputs,
             classes=dict(sorted(merged.classes.items(), key=_most_first)),
+            embedding=_embedding_summary(merged.features.values())
+            if adapter.task == "embedding"
+            else None,
             tiles_at_box_cap=merged.tiles_at_box_cap if adapter.task == "detection" else None,
             max_detections=max_detections_for(model_name, cfg.max_detections)
             if adapter.task == "detection"
@@ -278,8 +282,9 @@ def finish_run(
         # The truth is objects (boxes, pixels); a tile's class has nothing to be checked against.
         log.info(
             "demo check skipped: it compares boxes or class maps with the planted objects, and "
-            "model=%s is a %s model; use model=reference or model=reference-seg for the check",
+            "model=%s is %s %s model; use model=reference or model=reference-seg for the check",
             model_name,
+            "an" if adapter.task[0] in "aeiou" else "a",
             adapter.task,
         )
     elif demo and truth_path is not None and summary.get("output"):
@@ -405,6 +410,17 @@ def _report(
         return "", None
     summary["hint"] = report.get("hint")
     return format_report(report), report
+
+
+def _embedding_summary(batches: Iterable[FeatureBatch]) -> dict[str, Any] | None:
+    """``summary.json`` ``embedding``: the vectors' length and type, from the merged features.
+
+    None when no tile was predicted (nothing says the length).
+    """
+    dims = sorted({int(b.fields["embedding"].shape[1]) for b in batches if len(b)})
+    if not dims:
+        return None
+    return {"dim": dims[0], "dtype": "float32", "column": "embedding"}
 
 
 def _most_first(item: tuple[str, dict[str, float]]) -> tuple[float, str]:

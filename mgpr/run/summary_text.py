@@ -130,6 +130,12 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
     classes = _classes_line(s)
     if classes:
         lines.append(f"  classes      {classes}")
+    vectors = s.get("embedding")
+    if vectors:
+        lines.append(
+            f"  embeddings   {vectors['dim']} {vectors['dtype']} features per tile "
+            f"(column {vectors['column']})"
+        )
     capped = s.get("tiles_at_box_cap")
     if capped:
         cap = s.get("max_detections")

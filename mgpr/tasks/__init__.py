@@ -10,6 +10,7 @@ from mgpr.errors import ModelError
 from mgpr.tasks.base import Task, TaskContext, TileOutcome
 from mgpr.tasks.classification import ClassificationTask
 from mgpr.tasks.detection import DetectionTask
+from mgpr.tasks.embedding import EmbeddingTask
 from mgpr.tasks.segmentation import SegmentationTask
 
 #: Task name -> its class; adding a task is one module and one entry here.
@@ -17,6 +18,7 @@ TASKS: dict[str, type[Task]] = {
     ClassificationTask.name: ClassificationTask,
     DetectionTask.name: DetectionTask,
     SegmentationTask.name: SegmentationTask,
+    EmbeddingTask.name: EmbeddingTask,
 }
 
 
