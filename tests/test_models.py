@@ -572,3 +572,18 @@ def test_nonfinite_tiles_flags_nan_outputs_per_tile() -> None:
     assert nonfinite_tiles([good, inf_box, nan_score], 3).tolist() == [False, True, True]
     assert nonfinite_tiles(torch.zeros((2, 3), dtype=torch.int64), 2) is None
     assert nonfinite_tiles(object(), 2) is None
+
+
+def test_random_weights_are_one_network_on_every_rank_and_run() -> None:
+    """weights=none builds the same network each time (each rank builds its own; a resume
+    builds it again), and leaves the caller's random stream alone."""
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    first = build_model("lraspp", "none").module.state_dict()
+    torch.manual_seed(7)
+    second = build_model("lraspp", "none").module.state_dict()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    torch.manual_seed(123)
+    build_model("resnet50", "none")
+    torch.testing.assert_close(torch.rand(3), expected_next)

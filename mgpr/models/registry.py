@@ -143,6 +143,9 @@ def downloadable_models() -> tuple[str, ...]:
     return tuple(entry.name for entry in _ENTRIES if entry.downloadable)
 
 
+#: Torch seed of a built-in model's random weights (``weights=none``): one network everywhere.
+RANDOM_WEIGHTS_SEED = 0
+
 #: Boxes per tile a built-in detector keeps when ``max_detections`` is unset.
 DEFAULT_MAX_DETECTIONS = 100
 
@@ -262,7 +265,17 @@ def build_model(
         module_name, _, attr = entry.builder.partition(":")
         # Imported here: each builder pulls in only what it needs (torchvision, scipy, ...).
         builder = getattr(importlib.import_module(module_name), attr)
-        adapter: ModelAdapter = builder(weights, **{k: options[k] for k in entry.options})
+        if str(weights).strip().lower() != "none":
+            adapter: ModelAdapter = builder(weights, **{k: options[k] for k in entry.options})
+            return adapter
+        import torch
+
+        # Random weights (weights=none) are one network, the same on every rank and in every
+        # run of the job: unseeded, each rank drew its own, so one run's tiles came from
+        # several networks (and a resume added another). The caller's RNG is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_WEIGHTS_SEED)
+            adapter = builder(weights, **{k: options[k] for k in entry.options})
         return adapter
     if is_import_path(name):
         from mgpr.models.custom import build_custom
