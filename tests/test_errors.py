@@ -165,8 +165,8 @@ def _unknown_model(tmp: Path) -> tuple[list[str], list[str]]:
         [f"input_path={_rgb(tmp)}", "model=resnet5"],
         [
             "model=resnet5 is not a known model",
-            "resnet50, resnet50-embed, fasterrcnn, reference, deeplabv3, fcn, lraspp, "
-            "reference-seg, null",
+            "resnet50, resnet50-embed, fasterrcnn, maskrcnn, reference, deeplabv3, fcn, "
+            "lraspp, reference-seg, null",
         ],
     )
 

@@ -385,3 +385,28 @@ def test_embeddings_on_the_gpu_bf16_and_compiled_agree_with_fp32(
             assert float(v @ w / (np.linalg.norm(v) * np.linalg.norm(w))) >= 0.999
         stacked = np.stack(list(got.values()))
         assert ((stacked.view(np.uint32) & 0xFFFF) == 0)[stacked != 0].mean() < 0.2
+
+
+def test_maskrcnn_outlines_on_the_gpu_under_bf16(make_image, tmp_path: Path) -> None:
+    """maskrcnn (seeded random weights, every box kept) on the GPU in bf16: masks come back as
+    crops and the layer's geometries are traced outlines (not only 5-point boxes)."""
+    import pyarrow.parquet as pq
+    import shapely
+
+    img = make_image(width=1024, height=1024, objects=10)
+    summary, _report, _out = _run(
+        tmp_path,
+        f"input_path={img.path}",
+        "model=maskrcnn",
+        "weights=none",
+        "score_threshold=0.0",
+        "max_detections=20",
+        "tile_size=512",
+        "overlap=64",
+        "precision=bf16-mixed",
+        "output_format=parquet",
+    )
+    assert summary["tiles_predicted"] == summary["tiles_total"] and summary["records"] > 0
+    table = pq.read_table(tmp_path / "run" / "detections.parquet")
+    geoms = shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False))
+    assert (shapely.get_num_coordinates(geoms) > 5).any()

@@ -79,6 +79,7 @@ def test_known_models_and_import_paths() -> None:
         "resnet50",
         "resnet50-embed",
         "fasterrcnn",
+        "maskrcnn",
         "reference",
         "deeplabv3",
         "fcn",

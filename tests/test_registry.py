@@ -38,6 +38,7 @@ def test_every_entry_is_complete() -> None:
         "resnet50",
         "resnet50-embed",
         "fasterrcnn",
+        "maskrcnn",
         "deeplabv3",
         "fcn",
         "lraspp",

@@ -36,6 +36,24 @@ INPUT_RANGES: tuple[str, ...] = get_args(InputRange)
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceMask:
+    """The pixels of one detected object (an instance segmenter's mask), cropped to its box.
+
+    Attributes:
+        row, col: the crop's top-left pixel in TILE pixel coordinates.
+        mask: (h, w) bool, True on the object's pixels (the model's mask probability > 0.5).
+    """
+
+    row: int
+    col: int
+    mask: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.mask.ndim != 2 or self.mask.dtype != np.bool_:
+            raise ValueError(f"InstanceMask needs an (h, w) bool mask; got {self.mask.shape}")
+
+
+@dataclass(frozen=True, slots=True)
 class Detections:
     """Objects found in one tile.
 
@@ -45,11 +63,14 @@ class Detections:
             ``0..tile_size``; half-open, so a box covering pixel column 0 only is ``0..1``.
         scores: (N,) float32 confidence in [0, 1].
         labels: (N,) int64 class ids, indices into :attr:`ModelAdapter.categories`.
+        masks: an instance segmenter's (Mask R-CNN) object pixels, one :class:`InstanceMask`
+            per box in the same order; None for a box detector.
     """
 
     boxes: np.ndarray
     scores: np.ndarray
     labels: np.ndarray
+    masks: tuple[InstanceMask, ...] | None = None
 
     def __post_init__(self) -> None:
         n = self.scores.shape[0] if self.scores.ndim == 1 else -1
@@ -66,9 +87,27 @@ class Detections:
                 f"got {self.boxes.shape} {self.boxes.dtype}, {self.scores.shape} "
                 f"{self.scores.dtype}, {self.labels.shape} {self.labels.dtype}"
             )
+        if self.masks is not None and len(self.masks) != n:
+            raise ValueError(f"Detections needs one mask per box; got {len(self.masks)} for {n}")
 
     def __len__(self) -> int:
         return int(self.scores.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Host bytes of the masks' crops (the part writer bounds a chunk by them); boxes: 0."""
+        return sum(int(m.mask.nbytes) for m in self.masks) if self.masks else 0
+
+    def take(self, keep: np.ndarray) -> Detections:
+        """The detections at ``keep`` (indices, or a bool mask), in that order, masks too."""
+        index = np.flatnonzero(keep) if np.asarray(keep).dtype == np.bool_ else np.asarray(keep)
+        masks = None if self.masks is None else tuple(self.masks[int(i)] for i in index)
+        return Detections(
+            boxes=self.boxes[index],
+            scores=self.scores[index],
+            labels=self.labels[index],
+            masks=masks,
+        )
 
     def best(self, n: int) -> Detections:
         """The ``n`` highest-scoring detections, highest first.
@@ -77,10 +116,7 @@ class Detections:
         """
         if len(self) <= n:
             return self
-        keep = np.argsort(-self.scores, kind="stable")[:n]
-        return Detections(
-            boxes=self.boxes[keep], scores=self.scores[keep], labels=self.labels[keep]
-        )
+        return self.take(np.argsort(-self.scores, kind="stable")[:n])
 
     @classmethod
     def empty(cls) -> Detections:
@@ -464,7 +500,8 @@ def detections_from_dicts(
 
     Args:
         raw: one dict per tile with ``boxes`` (N, 4) xyxy in tile pixels, ``scores`` (N,) and
-            ``labels`` (N,), any device.
+            ``labels`` (N,), any device; an instance segmenter's (Mask R-CNN) also ``masks``,
+            (N, 1, H, W) or (N, H, W) on the tile's pixels (:func:`instance_masks`).
         score_threshold: keep boxes with ``score >= score_threshold``.
     """
     out: list[Detections] = []
@@ -473,8 +510,41 @@ def detections_from_dicts(
         boxes = det["boxes"][keep].float().cpu().numpy().reshape(-1, 4)
         scores = det["scores"][keep].float().cpu().numpy()
         labels = det["labels"][keep].cpu().numpy().astype(np.int64, copy=False)
-        out.append(Detections(boxes=boxes, scores=scores, labels=labels))
+        masks = det.get("masks")
+        crops = instance_masks(torch.as_tensor(masks)[keep]) if masks is not None else None
+        out.append(Detections(boxes=boxes, scores=scores, labels=labels, masks=crops))
     return out
+
+
+def instance_masks(masks: torch.Tensor) -> tuple[InstanceMask, ...]:
+    """(N, 1, H, W) or (N, H, W) masks on a tile's pixels -> each object's pixels, cropped.
+
+    A float mask is the object's probability per pixel (torchvision's Mask R-CNN pastes them
+    onto the image): the object is where it is > 0.5; an integer or bool mask is the object
+    where it is nonzero. Each crop is the bounding window of the object's pixels (a Mask R-CNN
+    mask may reach a little past its box), found on the masks' device; the (N, H, W) bool
+    masks then cross to the host once (1 byte per pixel), and only the crops are kept (a
+    tile's 100 full masks of 512^2 would be 26 MB per tile in the part writer's queue).
+    """
+    if masks.ndim == 4 and masks.shape[1] == 1:
+        masks = masks[:, 0]
+    if masks.ndim != 3:
+        raise ValueError(f"instance masks must be (N, 1, H, W) or (N, H, W); got {masks.shape}")
+    on = masks > 0.5 if masks.is_floating_point() else masks != 0
+    if not len(on):
+        return ()
+    rows, cols = on.any(dim=2), on.any(dim=1)  # (N, H), (N, W)
+    height, width = rows.shape[1], cols.shape[1]
+    first_row = torch.where(rows.any(1), rows.float().argmax(1), 0)
+    last_row = torch.where(rows.any(1), height - rows.flip(1).float().argmax(1), 0)
+    first_col = torch.where(cols.any(1), cols.float().argmax(1), 0)
+    last_col = torch.where(cols.any(1), width - cols.flip(1).float().argmax(1), 0)
+    windows = torch.stack([first_row, last_row, first_col, last_col], 1).cpu().numpy()
+    host = on.cpu().numpy()
+    return tuple(
+        InstanceMask(int(r0), int(c0), host[i, r0:r1, c0:c1].copy())
+        for i, (r0, r1, c0, c1) in enumerate(windows.tolist())
+    )
 
 
 def numbered_categories(n: int) -> tuple[str, ...]:

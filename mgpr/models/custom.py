@@ -419,6 +419,11 @@ class ModuleAdapter(ModelAdapter):
         if kind == "classification":
             return classifications_from_logits(raw, self.topk)
         dets = [{k: torch.as_tensor(d[k]) for k in _DET_KEYS} for d in raw]  # numpy/lists too
+        for det, given in zip(dets, raw, strict=True):
+            if given.get("masks") is not None:  # an instance segmenter (Mask R-CNN style)
+                det["masks"] = _checked_masks(
+                    given["masks"], len(det["scores"]), tile_size, self.name
+                )
         outside = _check_box_frame(dets, self.name, tile_size)
         if outside and not self._outside_reported:
             self._outside_reported = True
@@ -434,6 +439,26 @@ class ModuleAdapter(ModelAdapter):
                 tile_size,
             )
         return detections_from_dicts(dets, self.score_threshold)
+
+
+def _checked_masks(masks: Any, n: int, tile_size: int, name: str) -> torch.Tensor:
+    """A user detector's ``masks``: one (1, H, W) or (H, W) mask per box on the tile's pixels.
+
+    Raises:
+        ModelError: another count or another size than the tile's (a mask per box cropped to
+            the box, or a model's internal resolution, would land on the wrong pixels).
+    """
+    t = torch.as_tensor(masks)
+    shape = tuple(t.shape)
+    if t.ndim == 4 and t.shape[1] == 1:
+        shape = (shape[0], *shape[2:])
+    if len(shape) != 3 or shape[0] != n or shape[1:] != (tile_size, tile_size):
+        raise ModelError(
+            f"model={name} returned masks of shape {tuple(t.shape)} for {n} box(es) on a "
+            f"{tile_size} px tile; return one ({n}, 1, {tile_size}, {tile_size}) mask per box "
+            "on the tile's pixels, as torchvision's Mask R-CNN does."
+        )
+    return t
 
 
 def _check_box_frame(

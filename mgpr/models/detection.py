@@ -1,6 +1,7 @@
-"""Faster R-CNN detector, and the float32 box path of every torchvision detector.
+"""Faster R-CNN and Mask R-CNN, and the float32 box path of every torchvision detector.
 
-The built-in detector is torchvision's ``fasterrcnn_resnet50_fpn`` (COCO classes); the box path
+The built-in detectors are torchvision's ``fasterrcnn_resnet50_fpn`` and the instance
+segmenter ``maskrcnn_resnet50_fpn`` (COCO classes; boxes and each object's mask); the box path
 (:func:`exact_detector_forward`) also serves two-stage R-CNNs, RetinaNet, FCOS and SSD brought
 as ``model=my_pkg.my_module:build``.
 """
@@ -15,7 +16,9 @@ from typing import Any, TypeAlias, cast
 import torch
 from torchvision.models.detection import (
     FasterRCNN_ResNet50_FPN_Weights,
+    MaskRCNN_ResNet50_FPN_Weights,
     fasterrcnn_resnet50_fpn,
+    maskrcnn_resnet50_fpn,
 )
 from torchvision.models.detection.fcos import FCOS, FCOSHead
 from torchvision.models.detection.generalized_rcnn import GeneralizedRCNN
@@ -334,6 +337,58 @@ def build_fasterrcnn(
     Raises:
         ModelError: bad weights name, missing/unfit checkpoint, or weights not downloadable.
     """
+    return _build_rcnn(
+        "fasterrcnn",
+        fasterrcnn_resnet50_fpn,
+        FasterRCNN_ResNet50_FPN_Weights,
+        weights,
+        score_threshold=score_threshold,
+        native_resolution=native_resolution,
+        tile_size=tile_size,
+        max_detections=max_detections,
+    )
+
+
+def build_maskrcnn(
+    weights: str = "DEFAULT",
+    *,
+    score_threshold: float = 0.05,
+    native_resolution: bool = True,
+    tile_size: int = 512,
+    max_detections: int = MAX_DETECTIONS,
+) -> TorchvisionDetectorAdapter:
+    """Build the torchvision Mask R-CNN ResNet-50 FPN instance segmenter adapter.
+
+    Faster R-CNN plus a mask head: each box comes with the object's pixels (its mask pasted
+    onto the tile, probability > 0.5), which the run traces into the object's outline
+    (:func:`mgpr.tasks.detection.mask_outline`). Arguments as :func:`build_fasterrcnn`
+    (``DEFAULT`` = ``COCO_V1``; a checkpoint's class count is read from its box predictor, and
+    its mask predictor must have as many).
+    """
+    return _build_rcnn(
+        "maskrcnn",
+        maskrcnn_resnet50_fpn,
+        MaskRCNN_ResNet50_FPN_Weights,
+        weights,
+        score_threshold=score_threshold,
+        native_resolution=native_resolution,
+        tile_size=tile_size,
+        max_detections=max_detections,
+    )
+
+
+def _build_rcnn(
+    name: str,
+    builder: Any,
+    weights_enum: Any,
+    weights: str,
+    *,
+    score_threshold: float,
+    native_resolution: bool,
+    tile_size: int,
+    max_detections: int,
+) -> TorchvisionDetectorAdapter:
+    """A torchvision R-CNN of ``builder`` at tile resolution, its box thresholds set."""
     kwargs: dict[str, Any] = {
         "weights_backbone": None,
         "box_score_thresh": score_threshold,
@@ -342,17 +397,17 @@ def build_fasterrcnn(
     if native_resolution:
         kwargs.update(min_size=tile_size, max_size=tile_size)
     spec, module, categories = build_torchvision_model(
-        "fasterrcnn",
+        name,
         weights,
-        fasterrcnn_resnet50_fpn,
+        builder,
         _CLS_HEAD,
-        tuple(FasterRCNN_ResNet50_FPN_Weights.DEFAULT.meta["categories"]),
+        tuple(weights_enum.DEFAULT.meta["categories"]),
         "detections",
         **kwargs,
     )
     return TorchvisionDetectorAdapter(
         module,
-        name="fasterrcnn",
+        name=name,
         weights_id=spec.weights_id,
         random_weights=spec.kind == "none",
         categories=categories,

@@ -80,6 +80,14 @@ _ENTRIES: tuple[ModelEntry, ...] = (
         summary="torchvision Faster R-CNN ResNet-50 FPN, COCO boxes",
     ),
     ModelEntry(
+        "maskrcnn",
+        "detection",
+        "mgpr.models.detection:build_maskrcnn",
+        ("score_threshold", "native_resolution", "tile_size", "max_detections"),
+        torchvision_builder="maskrcnn_resnet50_fpn",
+        summary="torchvision Mask R-CNN ResNet-50 FPN, COCO objects outlined by their masks",
+    ),
+    ModelEntry(
         "reference",
         "detection",
         "mgpr.models.reference:build_reference",

@@ -41,7 +41,7 @@ from mgpr.errors import ConfigError
 from mgpr.models.base import pooled_features
 
 if TYPE_CHECKING:
-    from mgpr.models.base import Detections, ModelAdapter
+    from mgpr.models.base import Detections, InstanceMask, ModelAdapter
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +77,22 @@ class View:
         if self.mirrored:
             x1, x2 = size - x2, size - x1
         return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32)
+
+    def undo_mask(self, crop: InstanceMask, size: int) -> InstanceMask:
+        """An object's pixels found on the view (a crop at its window), back on the tile's grid.
+
+        The crop's window goes back as a box does (:meth:`undo_boxes`); its pixels by the
+        inverse of :meth:`apply` (a quarter turn back, then the mirror), as for a whole tile.
+        """
+        from mgpr.models.base import InstanceMask
+
+        h, w = crop.mask.shape
+        window = np.array([[crop.col, crop.row, crop.col + w, crop.row + h]], np.float32)
+        x0, y0, _x1, _y1 = self.undo_boxes(window, size)[0]
+        pixels = np.rot90(crop.mask, -self.quarter_turns) if self.quarter_turns else crop.mask
+        if self.mirrored:
+            pixels = pixels[:, ::-1]
+        return InstanceMask(int(round(y0)), int(round(x0)), np.ascontiguousarray(pixels))
 
 
 #: The views of each mode, the tile itself first. ``flips``: mirror left-right, mirror
@@ -163,8 +179,9 @@ def fuse_detections(
 
     ``per_view[v][i]``: tile ``i``'s detections in view ``v``'s frame. The union of the views'
     boxes goes through ``torchvision.ops.batched_nms`` at ``iou`` (the ``nms_iou`` key): a
-    box every view found once is kept once, with its best view's box and score, so an object
-    a view misses is still found where another view sees it. Then the ``cap`` best scores,
+    box every view found once is kept once, with its best view's box and score (an instance
+    segmenter's mask too, turned back: :meth:`View.undo_mask`), so an object a view misses is
+    still found where another view sees it. Then the ``cap`` best scores,
     the larger box first among equal scores (``max_detections``; None: every box).
     """
     from torchvision.ops import batched_nms
@@ -181,6 +198,13 @@ def fuse_detections(
         )
         scores = np.concatenate([dets[i].scores for dets in per_view])
         labels = np.concatenate([dets[i].labels for dets in per_view])
+        masks = None
+        if all(dets[i].masks is not None for dets in per_view):  # an instance segmenter
+            masks = [
+                view.undo_mask(m, size)
+                for view, dets in zip(views, per_view, strict=True)
+                for m in dets[i].masks or ()
+            ]
         if len(scores):
             keep = batched_nms(
                 torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), iou
@@ -190,6 +214,9 @@ def fuse_detections(
             area = (boxes[keep, 2] - boxes[keep, 0]) * (boxes[keep, 3] - boxes[keep, 1])
             keep = keep[np.lexsort((-area, -scores[keep]))]
             boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
-        fused = Detections(boxes=boxes, scores=scores, labels=labels)
+            masks = None if masks is None else [masks[int(k)] for k in keep]
+        fused = Detections(
+            boxes=boxes, scores=scores, labels=labels, masks=None if masks is None else tuple(masks)
+        )
         out.append(fused.best(cap) if cap is not None else fused)
     return out

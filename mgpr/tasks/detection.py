@@ -1,5 +1,10 @@
 """Detection: boxes per tile -> one polygon per object, de-duplicated across tile seams.
 
+An instance segmenter (Mask R-CNN: boxes with a mask each) gives each object its outline: the
+mask's pixels traced on the rank (:func:`mask_outline`, column ``outline``), which becomes the
+feature's geometry in place of its box; everything else (seams, nodata, aoi, overlaps between
+inputs) is decided on the boxes, as for a box detector.
+
 Per-rank records (:data:`RECORDS_SCHEMA`, one row per box, RASTER pixel corner coordinates,
 x = column, y = row): boxes are clipped to the tile's part inside the raster and shifted from
 tile to raster pixels on the rank, with two flags the merge needs: ``seam`` (the box enters an
@@ -21,13 +26,14 @@ from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
+import shapely
 
 from mgpr.geo.aoi import centres_in_aoi
 from mgpr.geo.georef import boxes_to_rings
-from mgpr.geo.ground_area import box_ground_areas_m2
+from mgpr.geo.ground_area import box_ground_areas_m2, ground_areas_m2
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge
-from mgpr.models.base import Detections
+from mgpr.models.base import Detections, InstanceMask
 from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.base import STATUS_DONE, TaskContext, TileOutcome, VectorTask, label_names
 from mgpr.tasks.layers import Layer
@@ -46,6 +52,9 @@ RECORDS_SCHEMA = pa.schema(
         ("label", pa.int64()),
         ("seam", pa.bool_()),
         ("cut", pa.bool_()),
+        # An instance segmenter's object outline: WKB (Multi)Polygon in RASTER pixel corner
+        # coordinates; null for a box detector (and in parts written before outlines were).
+        ("outline", pa.binary()),
     ]
 )
 
@@ -78,13 +87,43 @@ def _tile_boxes(
         boxes, tile, margin, raster_height=info.height, raster_width=info.width
     )
     shift = np.array([tile.col_off, tile.row_off, tile.col_off, tile.row_off], np.float64)
+    outlines: list[bytes | None] = [None] * int(keep.sum())
+    if det.masks is not None:
+        outlines = [mask_outline(m, tile) for m, k in zip(det.masks, keep, strict=True) if k]
     return {
         "boxes": boxes[keep] + shift,
         "score": np.asarray(det.scores, np.float64)[keep],
         "label": np.asarray(det.labels, np.int64)[keep],
         "seam": np.asarray(seam, bool)[keep],
         "cut": np.asarray(cut, bool)[keep],
+        "outline": np.array(outlines, dtype=object),
     }
+
+
+def mask_outline(crop: InstanceMask, tile: Tile) -> bytes | None:
+    """An object's pixels as a (Multi)Polygon in RASTER pixel corners (WKB); None if it has none.
+
+    Pixels past the tile's part inside the raster (edge tiles' padding) are left out, as boxes
+    are clipped there. The outline follows the pixel edges exactly (rasterio's polygonize of
+    the crop, 8-connected, holes kept), so its area is the mask's pixel count.
+    """
+    from affine import Affine
+    from rasterio.features import shapes
+
+    pixels = crop.mask[
+        : max(0, tile.valid_height - crop.row), : max(0, tile.valid_width - crop.col)
+    ]
+    if not pixels.any():
+        return None
+    origin = Affine.translation(tile.col_off + crop.col, tile.row_off + crop.row)
+    parts = [
+        shapely.geometry.shape(geom)
+        for geom, _value in shapes(
+            pixels.astype(np.uint8), mask=pixels, connectivity=8, transform=origin
+        )
+    ]
+    outline = parts[0] if len(parts) == 1 else shapely.MultiPolygon(parts)
+    return bytes(shapely.to_wkb(outline))
 
 
 class DetectionTask(VectorTask):
@@ -124,6 +163,7 @@ class DetectionTask(VectorTask):
             "x1": boxes[:, 2],
             "y1": boxes[:, 3],
             **{c: np.concatenate([p[c] for p in parts]) for c in ("score", "label", "seam", "cut")},
+            "outline": pa.array(np.concatenate([p["outline"] for p in parts]), pa.binary()),
         }
         return pa.table(columns, schema=RECORDS_SCHEMA)
 
@@ -184,5 +224,29 @@ class DetectionTask(VectorTask):
         }
         # The (model) grid's transform: exact whatever gsd.
         rings = boxes_to_rings(boxes, info.transform)
-        fields["area_m2"] = box_ground_areas_m2(rings, info.crs_wkt)  # on the ground, any CRS
-        return FeatureBatch(rings, fields), removed
+        outlines = table["outline"].to_numpy(zero_copy_only=False)[keep]
+        if not any(o is not None for o in outlines):
+            fields["area_m2"] = box_ground_areas_m2(rings, info.crs_wkt)  # on the ground, any CRS
+            return FeatureBatch(rings, fields), removed
+        # An instance segmenter: each object's outline (its box where its mask is empty).
+        geoms = map_outlines(outlines, info)
+        boxes_only = np.flatnonzero(shapely.is_missing(geoms))
+        geoms[boxes_only] = shapely.polygons(rings[boxes_only])
+        fields["area_m2"] = ground_areas_m2(geoms, info.crs_wkt)
+        return FeatureBatch.of_geometries(geoms, fields), removed
+
+
+def map_outlines(outlines: np.ndarray, info: RasterInfo) -> np.ndarray:
+    """WKB outlines in the (model) grid's pixel corners -> shapely geometries in map units.
+
+    Through the grid's transform (``info.transform``: affine, so straight pixel edges stay
+    straight, rotated grids too); None stays None.
+    """
+    t = info.transform
+    geoms = shapely.from_wkb(outlines)
+
+    def to_map(xy: np.ndarray) -> np.ndarray:
+        x, y = xy[:, 0], xy[:, 1]
+        return np.column_stack([t.a * x + t.b * y + t.c, t.d * x + t.e * y + t.f])
+
+    return np.asarray(shapely.transform(geoms, to_map), dtype=object)

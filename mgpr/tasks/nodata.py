@@ -46,7 +46,7 @@ def drop_masked_detections(det: Detections, valid: np.ndarray) -> Detections:
     keep = (valid[row, col] != 0) | ~finite
     if keep.all():
         return det
-    return Detections(boxes=det.boxes[keep], scores=det.scores[keep], labels=det.labels[keep])
+    return det.take(keep)
 
 
 def drop_masked(
