@@ -6,8 +6,9 @@ are at 10 cm), it times, on this CPU:
 * ``instance_masks``: (N, 1, H, W) float masks (what torchvision's Mask R-CNN pastes onto the
   tile) -> one bool crop per object (the work of a run's postprocess on the CPU; on a GPU the
   windows are found on the device and only the bool masks cross);
-* ``mask_outline``: each crop -> its WKB outline in raster pixels (what the rank's part writer
-  thread does per object).
+* ``mask_outline``: each crop -> its WKB outline in raster pixels, one polygonize per object;
+* ``tile_outlines``: the same outlines as the rank's part writer thread makes them (above
+  ``SHARED_TRACE_OBJECTS`` objects: a polygonize per label image of disjoint masks).
 
     uv run python benchmarks/instance_outlines.py [--tile 512] [--objects 100] [--repeat 5]
 """
@@ -22,7 +23,7 @@ import torch
 
 from mgpr.geo.tiling import plan_tiles
 from mgpr.models.base import instance_masks
-from mgpr.tasks.detection import mask_outline
+from mgpr.tasks.detection import mask_outline, tile_outlines
 
 
 def main() -> None:
@@ -41,7 +42,7 @@ def main() -> None:
         disc = (rows - r) ** 2 + (cols - c) ** 2 <= radius**2
         masks[i, 0] = torch.from_numpy(disc.astype(np.float32) * 0.9)
     tile = plan_tiles("t.tif", args.tile * 4, args.tile * 4, args.tile, 0)[5]
-    crop_s, trace_s = [], []
+    crop_s, trace_s, shared_s = [], [], []
     for _ in range(args.repeat):
         start = time.perf_counter()
         crops = instance_masks(masks)
@@ -49,9 +50,16 @@ def main() -> None:
         start = time.perf_counter()
         outlines = [mask_outline(c, tile) for c in crops]
         trace_s.append(time.perf_counter() - start)
-    assert all(o is not None for o in outlines)
+        start = time.perf_counter()
+        shared = tile_outlines(crops, tile)
+        shared_s.append(time.perf_counter() - start)
+    assert all(o is not None for o in outlines) and len(shared) == len(outlines)
     pixels = sum(int(c.mask.sum()) for c in crops)
-    for name, times in (("crop (instance_masks)", crop_s), ("trace (mask_outline)", trace_s)):
+    for name, times in (
+        ("crop (instance_masks)", crop_s),
+        ("trace each crop", trace_s),
+        ("trace (tile_outlines)", shared_s),
+    ):
         best = min(times)
         print(
             f"{name:22s} {best * 1e3:8.1f} ms per tile of {args.objects} objects "

@@ -266,3 +266,33 @@ def test_maskrcnn_returns_a_mask_crop_per_box_and_loads_a_fine_tuned_checkpoint(
         tuned,
     )
     assert build_maskrcnn(str(tuned)).categories == ("0", "1")
+
+
+def test_shared_tracing_gives_each_objects_own_outline() -> None:
+    """Many objects, overlapping each other and past the raster's edge: traced in shared label
+    images, each object's outline is the one traced from its crop alone."""
+    from mgpr.tasks.detection import SHARED_TRACE_OBJECTS, tile_outlines
+
+    tile = plan_tiles("r.tif", 200, 180, 128, 32)[-1]  # an edge tile, partly outside
+    rng = np.random.default_rng(3)
+    rows, cols = np.mgrid[:128, :128]
+    crops = []
+    for _ in range(3 * SHARED_TRACE_OBJECTS):
+        r, c, radius = *rng.uniform(0, 128, 2), rng.uniform(3, 25)
+        disc = (rows - r) ** 2 + (cols - c) ** 2 <= radius**2
+        disc[rng.random(disc.shape) < 0.05] = False  # specks and holes
+        rr, cc = np.nonzero(disc)
+        if not len(rr):
+            continue
+        window = disc[rr.min() : rr.max() + 1, cc.min() : cc.max() + 1]
+        crops.append(InstanceMask(int(rr.min()), int(cc.min()), window))
+    crops.append(InstanceMask(200, 200, np.ones((3, 3), bool)))  # wholly past the edge
+    shared = tile_outlines(crops, tile)
+    alone = [mask_outline(c, tile) for c in crops]
+    assert shared[-1] is None and alone[-1] is None
+    assert [a is None for a in shared] == [b is None for b in alone]
+    assert sum(a is not None for a in shared) > SHARED_TRACE_OBJECTS
+    for a, b in zip(shared, alone, strict=True):
+        if a is not None:
+            ga, gb = shapely.from_wkb(a), shapely.from_wkb(b)
+            assert ga.area == gb.area and ga.symmetric_difference(gb).area == 0

@@ -89,7 +89,7 @@ def _tile_boxes(
     shift = np.array([tile.col_off, tile.row_off, tile.col_off, tile.row_off], np.float64)
     outlines: list[bytes | None] = [None] * int(keep.sum())
     if det.masks is not None:
-        outlines = [mask_outline(m, tile) for m, k in zip(det.masks, keep, strict=True) if k]
+        outlines = tile_outlines([m for m, k in zip(det.masks, keep, strict=True) if k], tile)
     return {
         "boxes": boxes[keep] + shift,
         "score": np.asarray(det.scores, np.float64)[keep],
@@ -98,6 +98,60 @@ def _tile_boxes(
         "cut": np.asarray(cut, bool)[keep],
         "outline": np.array(outlines, dtype=object),
     }
+
+
+#: Objects in a tile above which their outlines are traced in shared label images: one GDAL
+#: polygonize of a 512 px window costs ~6 ms, one per object's crop ~0.6 ms.
+SHARED_TRACE_OBJECTS = 10
+
+
+def tile_outlines(crops: Sequence[InstanceMask], tile: Tile) -> list[bytes | None]:
+    """Every object's outline of one tile (:func:`mask_outline` each), traced in few calls.
+
+    Up to :data:`SHARED_TRACE_OBJECTS` objects each crop is traced alone. Beyond, the objects
+    are laid into label images (object i as value i + 1), a new image whenever an object's
+    pixels meet one already laid (masks of neighbouring objects may overlap), and each image is
+    traced once over the window its objects cover; each object gets the union of the polygons
+    of its value: the same outlines as crop by crop, at ~1/4 of the cost for 100 objects
+    (``benchmarks/instance_outlines.py``).
+    """
+    if len(crops) <= SHARED_TRACE_OBJECTS:
+        return [mask_outline(c, tile) for c in crops]
+    from affine import Affine
+    from rasterio.features import shapes
+
+    height, width = tile.valid_height, tile.valid_width
+    layers: list[np.ndarray] = []
+    windows: list[list[int]] = []  # row0, row1, col0, col1 covered per layer
+    for i, crop in enumerate(crops):
+        h = max(0, min(crop.mask.shape[0], height - crop.row))
+        w = max(0, min(crop.mask.shape[1], width - crop.col))
+        pixels = crop.mask[:h, :w]
+        if not pixels.any():
+            continue
+        rows, cols = slice(crop.row, crop.row + h), slice(crop.col, crop.col + w)
+        free = [j for j, layer in enumerate(layers) if not layer[rows, cols][pixels].any()]
+        if not free:
+            layers.append(np.zeros((height, width), np.int32))
+            windows.append([height, 0, width, 0])
+        layer, window = layers[free[0] if free else -1], windows[free[0] if free else -1]
+        layer[rows, cols][pixels] = i + 1
+        window[:] = [
+            min(window[0], crop.row),
+            max(window[1], crop.row + h),
+            min(window[2], crop.col),
+            max(window[3], crop.col + w),
+        ]
+    parts: list[list[shapely.Geometry]] = [[] for _ in crops]
+    for layer, (r0, r1, c0, c1) in zip(layers, windows, strict=True):
+        view = layer[r0:r1, c0:c1]
+        origin = Affine.translation(tile.col_off + c0, tile.row_off + r0)
+        for geom, value in shapes(view, mask=view > 0, connectivity=8, transform=origin):
+            parts[int(value) - 1].append(shapely.geometry.shape(geom))
+    return [
+        None if not p else bytes(shapely.to_wkb(p[0] if len(p) == 1 else shapely.MultiPolygon(p)))
+        for p in parts
+    ]
 
 
 def mask_outline(crop: InstanceMask, tile: Tile) -> bytes | None:
