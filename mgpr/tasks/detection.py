@@ -1,7 +1,7 @@
 """Detection: boxes per tile -> one polygon per object, de-duplicated across tile seams.
 
 An instance segmenter (Mask R-CNN: boxes with a mask each) gives each object its outline: the
-mask's pixels traced on the rank (:func:`mask_outline`, column ``outline``), which becomes the
+mask's pixels traced on the rank (:func:`tile_outlines`, column ``outline``), which becomes the
 feature's geometry in place of its box; everything else (seams, nodata, aoi, overlaps between
 inputs) is decided on the boxes, as for a box detector.
 
