@@ -1,7 +1,7 @@
 """Cost of test-time augmentation (``tta=flips|d4``): the model's compute alone, one run.
 
 Times ``forward`` + ``postprocess`` of in-memory batches (no data path; a detector's views
-fused by NMS as a run does) for each ``tta`` mode
+fused by NMS, or with ``--fusion wbf`` by weighted box fusion, as a run does) for each ``tta`` mode
 and prints each one's time over ``tta=none``'s, measured in one process so the ratios compare
 (the ideal is 4x and 8x: one forward per view; the rest is the views' turning and averaging).
 Whole runs add the data path once, so their ratio is a little lower.
@@ -28,6 +28,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="best of this many batches")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast (the GPU default)")
+    parser.add_argument("--fusion", default="nms", help="a detector's views: nms or wbf")
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.device(args.device)
@@ -38,6 +39,7 @@ def main() -> None:
     print(
         f"{args.model} weights=none, {args.batch} x {args.tile}^2 px, "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}, {where}, {torch.get_num_threads()} threads"
+        + (f", views fused by {args.fusion}" if adapter.task == "detection" else "")
     )
     base = None
     for mode, views in VIEWS.items():
@@ -53,7 +55,7 @@ def main() -> None:
                         adapter.postprocess(adapter.forward(view_inputs(inputs, v)), args.tile)
                         for v in views
                     ]
-                    return fuse_detections(per_view, views, args.tile, 0.5, 100)  # type: ignore[arg-type]
+                    return fuse_detections(per_view, views, args.tile, 0.5, 100, args.fusion)  # type: ignore[arg-type]
                 if len(views) > 1:
                     raw = augmented_forward(adapter, inputs, views)
                 else:

@@ -210,8 +210,10 @@ def test_masks_follow_their_boxes_and_a_wrong_size_is_refused(blobs) -> None:
 # ---------------------------------------------------------------- end to end
 
 
-@pytest.mark.parametrize("tta", ["none", "d4"])
-def test_every_disc_is_outlined_once_whole_across_seams(blobs, tmp_path: Path, tta: str) -> None:
+@pytest.mark.parametrize(("tta", "fusion"), [("none", "nms"), ("d4", "nms"), ("d4", "wbf")])
+def test_every_disc_is_outlined_once_whole_across_seams(
+    blobs, tmp_path: Path, tta: str, fusion: str
+) -> None:
     """Each planted disc is one feature whose outline is the disc's pixels exactly (area and
     shape), inside a tile, across seams and at the edge; with tta=d4 the best view is often a
     turned one (scores depend on position), and its mask is turned back exactly."""
@@ -220,7 +222,7 @@ def test_every_disc_is_outlined_once_whole_across_seams(blobs, tmp_path: Path, t
     args = segmentation_args(
         image, run, "output_format=both", model="mgpr_blobs:build", tile_size=64, overlap=24
     )
-    assert run_mgpr_inprocess(*args, f"tta={tta}", "score_threshold=0.05") == 0
+    assert run_mgpr_inprocess(*args, f"tta={tta}", f"tta_fusion={fusion}") == 0
     outlines = _outlines(run)
     assert len(outlines) == len(DISCS)
     for disc in truth:

@@ -93,6 +93,21 @@ class SkewedBoxes(torch.nn.Module):
 
 def det(weights):
     return SkewedBoxes()
+
+
+class ShiftedBoxes(SkewedBoxes):
+    # Every blob's box 1 px right of it in the view it sees, all scored 0.9: a box bias that
+    # the flips average out (two views see the tile mirrored left-right) and NMS keeps.
+
+    def forward(self, x):
+        out = super().forward(x)
+        for det in out:
+            det["scores"] = torch.full_like(det["scores"], 0.9)
+        return out
+
+
+def shifted(weights):
+    return ShiftedBoxes()
 """
 
 
@@ -339,3 +354,74 @@ def _in_view(boxes: np.ndarray, view, size: int) -> np.ndarray:
         rows, cols = np.nonzero(view.apply(mask)[0].numpy())
         out.append([cols.min(), rows.min(), cols.max() + 1, rows.max() + 1])
     return np.asarray(out, np.float32)
+
+
+def test_weighted_box_fusion_averages_boxes_and_scores_by_the_views_that_found_them() -> None:
+    from mgpr.models.tta import weighted_box_fusion
+
+    boxes = np.array(
+        [
+            [10, 10, 20, 20],  # one object in 4 views, 1 px apart, left-right
+            [11, 10, 21, 20],
+            [9, 10, 19, 20],
+            [10, 10, 20, 20],
+            [40, 40, 50, 50],  # one view only
+            [10, 10, 20, 20],  # same place, another class
+        ],
+        np.float32,
+    )
+    scores = np.array([0.9, 0.6, 0.6, 0.3, 0.8, 0.5], np.float32)
+    labels = np.array([1, 1, 1, 1, 1, 2], np.int64)
+    fused, fused_scores, fused_labels, picked = weighted_box_fusion(boxes, scores, labels, 0.5, 4)
+    assert fused_labels.tolist() == [1, 1, 2] and picked.tolist() == [0, 4, 5]
+    np.testing.assert_allclose(fused[0], [10, 10, 20, 20], atol=1e-6)  # 0.6 * (+1) + 0.6 * (-1)
+    np.testing.assert_allclose(fused_scores, [0.6, 0.8 / 4, 0.5 / 4], rtol=1e-6)
+    shifted = boxes[:2].copy()
+    _f, _s, _l, _p = weighted_box_fusion(
+        shifted, np.array([0.9, 0.3], np.float32), labels[:2], 0.5, 2
+    )
+    np.testing.assert_allclose(_f[0], [10.25, 10, 20.25, 20], atol=1e-6)  # score-weighted
+
+
+@pytest.mark.slow
+def test_wbf_averages_out_a_box_bias_that_nms_keeps(skewed, tmp_path: Path, capsys) -> None:
+    """A detector that puts every box 1 px right of its object: tta=flips with NMS keeps one
+    view's box (1 px off), with tta_fusion=wbf the mirrored views cancel it (exact); the run
+    says so, records it, and a resume with the other fusion is another run."""
+    data = np.zeros((3, 64, 64), np.uint8)
+    truth = [(5, 8, 8, 12), (30, 40, 12, 8), (44, 10, 9, 9)]
+    for r, c, h, w in truth:
+        data[:, r : r + h, c : c + w] = 255
+    image = _square_image(tmp_path / "a.tif", data)
+    want = sorted((c, r, c + w, r + h) for r, c, h, w in truth)
+
+    def boxes(run: Path, *more: str) -> list[tuple[float, ...]]:
+        args = segmentation_args(image, run, "tta=flips", *more, model="mgpr_tta_models:shifted")
+        assert run_mgpr_inprocess(*args, "tile_size=64", "overlap=0") == 0
+        return [b[:4] for b in _boxes(run)]
+
+    def error(got: list[tuple[float, ...]]) -> float:
+        return float(np.abs(np.array(got) - np.array(want)).max())
+
+    assert error(boxes(tmp_path / "plain", "tta=none")) == 1.0
+    assert error(boxes(tmp_path / "nms")) == 1.0
+    capsys.readouterr()
+    fused = boxes(tmp_path / "wbf", "tta_fusion=wbf")
+    assert len(fused) == 3 and error(fused) < 1e-4
+    assert ", tta flips (4 views, boxes by wbf)" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "wbf" / "summary.json").read_text())
+    assert summary["tta"] == {"mode": "flips", "views": 4, "fusion": "wbf"}
+    assert [s["score"] for s in _rows(tmp_path / "wbf")] == pytest.approx([0.9] * 3)
+    args = segmentation_args(image, tmp_path / "wbf", "tta=flips", model="mgpr_tta_models:shifted")
+    assert run_mgpr_inprocess(*args, "tile_size=64", "overlap=0") == 2
+    assert "tta_fusion" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="tta_fusion='mean' is not supported"):
+        from mgpr.conf.load import load_config
+
+        load_config(["tta_fusion=mean"])
+
+
+def _rows(run: Path) -> list[dict]:
+    from conftest import read_gpkg_layer
+
+    return read_gpkg_layer(run / "predictions.gpkg", "detections")[1]

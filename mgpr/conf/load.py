@@ -35,6 +35,8 @@ ACCELERATORS = ("auto", "cpu", "gpu", "cuda")
 COMPILE_CHOICES = ("auto", "true", "false")
 #: ``tta`` values (views in :data:`mgpr.models.tta.VIEWS`); ``none`` runs each tile once.
 TTA_MODES = ("none", "flips", "d4")
+#: ``tta_fusion`` values: how a detector's views' boxes become one set (:mod:`mgpr.models.tta`).
+TTA_FUSIONS = ("nms", "wbf")
 PREVIEW_CHOICES = ("auto", "all", "none")
 #: ``strategy`` values: mgpr's ranks are processes with one whole model each, started by
 #: Lightning's launcher or by ``srun`` (the claims, the run lock and the parts rely on it), so
@@ -265,6 +267,12 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
             setattr(cfg, name, _expand_user_vars(value))
     cfg.compile = str(cfg.compile).lower()  # `compile=true` arrives as the bool True
     cfg.tta = normalise_tta(cfg.tta)  # `tta=false` arrives as the bool False
+    cfg.tta_fusion = str(cfg.tta_fusion).strip().lower()
+    if cfg.tta_fusion not in TTA_FUSIONS:
+        raise ConfigError(
+            f"tta_fusion={cfg.tta_fusion!r} is not supported; use tta_fusion=nms (each "
+            "object's best view) or tta_fusion=wbf (weighted box fusion)"
+        )
     precision = str(cfg.precision).lower()
     cfg.precision = PRECISION_ALIASES.get(precision, precision)  # `precision=16` is the int 16
     _check_ranges(cfg)

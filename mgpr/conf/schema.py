@@ -104,7 +104,13 @@ class PredictConfig:
     tta: str = key(
         "none",
         "test-time augmentation: each tile also flipped and turned, class probabilities averaged "
-        "(detection: boxes fused by NMS): none | flips (4 views) | d4 (8); 4x / 8x the compute",
+        "(detection: boxes fused by NMS or WBF, tta_fusion): none | flips (4 views) | d4 (8); "
+        "4x / 8x the compute",
+    )
+    tta_fusion: str = key(
+        "nms",
+        "detection with tta: nms (each object's best view's box) | wbf (weighted box fusion: "
+        "the views' boxes averaged by score, scores scaled by the share of views that found it)",
     )
     # run
     accelerator: str = key("auto", "auto | gpu | cpu")

@@ -24,8 +24,10 @@ Detection (:func:`fuse_detections`): each view's boxes are turned back into the 
 ``nms_iou``: an object every view finds is kept once, with its best view's box and score, and
 one a view misses is still found in another. What leaves the tile is again one set of boxes in
 tile pixels, so the nodata rule, the ``max_detections`` cap and the seam de-duplication work
-on it as without ``tta``. (Weighted box fusion, which averages the views' boxes, was not built:
-it needs a rule for boxes only some views found.)
+on it as without ``tta``. ``tta_fusion=wbf`` fuses them by weighted box fusion instead
+(:func:`weighted_box_fusion`): an object's box is the score-weighted mean of its views' boxes
+(a view-dependent box bias cancels), and its score is scaled by the share of views that found
+it (the rule for boxes only some views found).
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ def fuse_detections(
     size: int,
     iou: float,
     cap: int | None,
+    fusion: str = "nms",
 ) -> list[Detections]:
     """Each tile's boxes from every view, back in the tile's frame, merged by per-class NMS.
 
@@ -183,6 +186,9 @@ def fuse_detections(
     segmenter's mask too, turned back: :meth:`View.undo_mask`), so an object a view misses is
     still found where another view sees it. Then the ``cap`` best scores,
     the larger box first among equal scores (``max_detections``; None: every box).
+
+    ``fusion="wbf"`` (``tta_fusion=wbf``): :func:`weighted_box_fusion` in place of the NMS,
+    so each object's box is the score-weighted mean of its views' boxes.
     """
     from torchvision.ops import batched_nms
 
@@ -205,7 +211,15 @@ def fuse_detections(
                 for view, dets in zip(views, per_view, strict=True)
                 for m in dets[i].masks or ()
             ]
-        if len(scores):
+        if len(scores) and fusion == "wbf":
+            boxes, scores, labels, picked = weighted_box_fusion(
+                boxes, scores, labels, iou, len(views)
+            )
+            masks = None if masks is None else [masks[int(k)] for k in picked]
+            order = np.lexsort(((boxes[:, 0] - boxes[:, 2]) * (boxes[:, 3] - boxes[:, 1]), -scores))
+            boxes, scores, labels = boxes[order], scores[order], labels[order]
+            masks = None if masks is None else [masks[int(k)] for k in order]
+        elif len(scores):
             keep = batched_nms(
                 torch.from_numpy(boxes), torch.from_numpy(scores), torch.from_numpy(labels), iou
             ).numpy()
@@ -220,3 +234,58 @@ def fuse_detections(
         )
         out.append(fused.best(cap) if cap is not None else fused)
     return out
+
+
+def weighted_box_fusion(
+    boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float, views: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Weighted box fusion (Solovyev et al., 2019) of one tile's boxes from ``views`` views.
+
+    The clusters are those per-class NMS at ``iou`` forms: each box it keeps, and every box of
+    its class that overlaps it at IoU > ``iou`` and scores lower (one overlapping several kept
+    boxes joins the one it overlaps most). A cluster's box is the score-weighted mean of its
+    members' corners, its score the mean of their scores times ``min(members, views) /
+    views``: an object every view found keeps its score, one that a single view of 8 found
+    keeps an eighth of it (NMS would keep it whole). The paper grows each cluster against its
+    running fused box, box by box; NMS's clusters are the same for boxes that agree to within
+    ``iou`` and come from one vectorised pass (8 views x 100 boxes: 5-6 ms on this 2-core VM,
+    against 67 ms for the box-by-box loop and 0.8 ms for the NMS alone).
+
+    Args:
+        boxes: (N, 4) ``xyxy`` in the tile's frame.
+        scores: (N,) the boxes' scores.
+        labels: (N,) their class ids (boxes fuse within a class only).
+        iou: the ``nms_iou`` key.
+        views: how many views the boxes came from.
+
+    Returns:
+        The fused boxes (float32), scores (float32), labels (int64), and each cluster's best
+        member's index into the input (its mask, an instance segmenter's, is the object's).
+    """
+    from torchvision.ops import batched_nms, box_iou
+
+    b = torch.from_numpy(np.ascontiguousarray(boxes, np.float32))
+    s = torch.from_numpy(np.ascontiguousarray(scores, np.float32))
+    lab = torch.from_numpy(np.ascontiguousarray(labels, np.int64))
+    keep = batched_nms(b, s, lab, iou)  # falling score order
+    overlap = box_iou(b, b[keep])  # (N, K)
+    overlap[lab[:, None] != lab[keep][None, :]] = -1.0
+    overlap[keep, torch.arange(len(keep))] = 2.0  # a kept box is its own cluster's
+    best, cluster = overlap.max(dim=1)
+    member = best > iou  # every box NMS dropped overlaps a kept box of its class above iou
+    weights = (s * member).double()
+    k = len(keep)
+    total = torch.zeros(k, dtype=torch.float64).index_add_(0, cluster, weights)
+    fused = (
+        torch.zeros(k, 4, dtype=torch.float64).index_add_(0, cluster, b.double() * weights[:, None])
+        / total.clamp_min(1e-12)[:, None]
+    )
+    count = torch.zeros(k, dtype=torch.float64).index_add_(0, cluster, member.double())
+    mean_score = total / count.clamp_min(1.0)
+    fused_scores = mean_score * torch.clamp(count, max=views) / views
+    return (
+        fused.float().numpy().reshape(-1, 4),
+        fused_scores.float().numpy(),
+        lab[keep].numpy().astype(np.int64),
+        keep.numpy().astype(np.int64),
+    )

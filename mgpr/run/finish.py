@@ -160,7 +160,7 @@ def finish_run(
         "random_weights": bool(adapter.random_weights),
         "precision": precision,
         "compile": stats.get("compile"),
-        "tta": _tta(cfg.tta),
+        "tta": _tta(cfg.tta, cfg.tta_fusion if adapter.task == "detection" else None),
         "world_size": world,
         "num_nodes": stats["num_nodes"],
         "strategy": stats["strategy"],
@@ -430,8 +430,16 @@ def _most_first(item: tuple[str, dict[str, float]]) -> tuple[float, str]:
     return (-float(size), label)
 
 
-def _tta(mode: str) -> dict[str, Any] | None:
-    """``summary["tta"]``: the views each tile ran in, or None without test-time augmentation."""
+def _tta(mode: str, fusion: str | None) -> dict[str, Any] | None:
+    """``summary["tta"]``: the views each tile ran in, or None without test-time augmentation.
+
+    ``fusion``: a detector's ``tta_fusion`` (how its views' boxes became one set), else None.
+    """
     from mgpr.models.tta import VIEWS
 
-    return None if mode == "none" else {"mode": mode, "views": len(VIEWS[mode])}
+    if mode == "none":
+        return None
+    out: dict[str, Any] = {"mode": mode, "views": len(VIEWS[mode])}
+    if fusion is not None:
+        out["fusion"] = fusion
+    return out

@@ -68,6 +68,8 @@ def fingerprint(
         # other class scores, other fused boxes; absent without, as before the key existed
         out["tta"] = cfg.tta
         out["tta_nms_iou"] = cfg.nms_iou  # detection: where the views' boxes merge
+        if cfg.tta_fusion != "nms":  # absent for nms, as before the key existed
+            out["tta_fusion"] = cfg.tta_fusion
     if aoi_sha256 is not None:
         out["aoi"] = aoi_sha256  # the area, wherever its file lies
     if cfg.seam != "crop":

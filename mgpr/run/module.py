@@ -71,8 +71,11 @@ class InferenceModule(pl.LightningModule):
         max_detections: int | None = None,
         tta: str = "none",
         nms_iou: float = 0.5,
+        tta_fusion: str = "nms",
     ) -> None:
         super().__init__()
+        #: detection with ``tta=``: ``nms`` or ``wbf`` (:func:`mgpr.models.tta.fuse_detections`)
+        self.tta_fusion = tta_fusion
         #: detection with ``tta=``: IoU above which the views' boxes of one class merge
         self.nms_iou = nms_iou
         #: test-time augmentation views (``tta=``); one view (the tile itself) runs plainly
@@ -223,7 +226,10 @@ class InferenceModule(pl.LightningModule):
                 flags = found if flags is None else flags | found
             per_view.append(list(self.adapter.postprocess(raw, self.tile_size))[:n])  # type: ignore[arg-type]
         cap = max_detections_for(self.adapter.name, self.max_detections)
-        return fuse_detections(per_view, self.views, self.tile_size, self.nms_iou, cap), flags
+        fused = fuse_detections(
+            per_view, self.views, self.tile_size, self.nms_iou, cap, self.tta_fusion
+        )
+        return fused, flags
 
     def _nonfinite_reason(self) -> str:
         """Why a tile whose model output held NaN failed, and how to retry it."""

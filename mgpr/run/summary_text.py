@@ -98,7 +98,13 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
         f"  model        {s['model']} ({s['task']}), weights {s['weights']}, "
         f"precision {s['precision']}"
         + (f", {s['compile']['used']}" if s.get("compile") else "")
-        + (f", tta {s['tta']['mode']} ({s['tta']['views']} views)" if s.get("tta") else "")
+        + (
+            f", tta {s['tta']['mode']} ({s['tta']['views']} views"
+            + (", boxes by wbf" if s["tta"].get("fusion") == "wbf" else "")
+            + ")"
+            if s.get("tta")
+            else ""
+        )
     )
     lines.append(f"  ranks        {s['world_size']} on {s['num_nodes']} node(s), {s['strategy']}")
     earlier = s.get("tiles_earlier_runs")

@@ -417,6 +417,7 @@ def run_predict(
         max_detections=cfg.max_detections,
         tta=cfg.tta,
         nms_iou=cfg.nms_iou,
+        tta_fusion=cfg.tta_fusion,
     )
     fake_bands = adapter.in_bands or 3
     local_ranks = LocalRanks()
