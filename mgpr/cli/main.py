@@ -47,10 +47,11 @@ def _models_help() -> str:
 
     lines = ["", "MODELS (model=NAME, or an import path pkg.module:build)"]
     marks = {DEFAULT_MODEL: "; the default", DEMO_MODEL: "; the quick start's default"}
+    width = max(len(name) for name in MODELS)  # one column, however long a name
     for entry in MODELS.values():
         weights = "downloadable weights" if entry.downloadable else "no weights"
         more = f" ({weights}{marks.get(entry.name, '')})"
-        lines.append(f"  {entry.name:<12} {entry.task:<15} {entry.summary}{more}")
+        lines.append(f"  {entry.name:<{width}}  {entry.task:<14} {entry.summary}{more}")
     return "\n".join(lines)
 
 
