@@ -403,7 +403,11 @@ def test_wbf_averages_out_a_box_bias_that_nms_keeps(skewed, tmp_path: Path, caps
     def error(got: list[tuple[float, ...]]) -> float:
         return float(np.abs(np.array(got) - np.array(want)).max())
 
-    assert error(boxes(tmp_path / "plain", "tta=none")) == 1.0
+    capsys.readouterr()
+    assert error(boxes(tmp_path / "plain", "tta=none", "tta_fusion=wbf")) == 1.0
+    assert "tta_fusion=wbf fuses a detector's tta views; this run has no tta" in (
+        capsys.readouterr().err
+    )
     assert error(boxes(tmp_path / "nms")) == 1.0
     capsys.readouterr()
     fused = boxes(tmp_path / "wbf", "tta_fusion=wbf")

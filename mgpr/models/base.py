@@ -37,7 +37,10 @@ INPUT_RANGES: tuple[str, ...] = get_args(InputRange)
 
 @dataclass(frozen=True, slots=True)
 class InstanceMask:
-    """The pixels of one detected object (an instance segmenter's mask), cropped to its box.
+    """The pixels of one detected object (an instance segmenter's mask), cropped to them.
+
+    The crop is the bounding window of the object's pixels (a Mask R-CNN mask may reach a
+    little past its box), so an object costs its own window of host memory, not the tile's.
 
     Attributes:
         row, col: the crop's top-left pixel in TILE pixel coordinates.
