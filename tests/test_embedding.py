@@ -136,6 +136,7 @@ def test_features_are_taken_as_vectors_or_averaged_maps() -> None:
     pooled = pooled_features(x, "m")
     assert pooled.dtype == torch.float32 and pooled.shape == (2, 3)
     torch.testing.assert_close(pooled, x.float().mean(dim=(2, 3)))
+    torch.testing.assert_close(pooled_features(np.ones((2, 4), np.float64), "m"), torch.ones(2, 4))
     records = embeddings_from_features(torch.ones(4, 5, dtype=torch.float16), "m")
     assert len(records) == 4 and records[0].vector.dtype == np.float32
     with pytest.raises(ModelError, match=r"returns a \(2, 7, 3\).*x\[:, 0\]"):

@@ -457,14 +457,16 @@ def classifications_from_logits(logits: torch.Tensor, topk: int) -> list[Classif
 def pooled_features(raw: Any, name: str) -> torch.Tensor:
     """An embedding model's output as (B, D) float32 features, on its device.
 
-    (B, D) is taken as it is; a (B, D, h, w) feature map (a CNN backbone's last stage) is
-    averaged over its h x w cells (global average pooling, what torchvision's classifiers do
-    before their head). Token sequences (B, N, D) are refused: which token (a class token, or
+    (B, D) is taken as it is (a tensor, or a float numpy array); a (B, D, h, w) feature map
+    (a CNN backbone's last stage) is averaged over its h x w cells (global average pooling,
+    what torchvision's classifiers do before their head). Token sequences (B, N, D) are refused: which token (a class token, or
     the mean) stands for the tile is the model's choice, not mgpr's.
 
     Raises:
         ModelError: any other output, with the shape to return.
     """
+    if isinstance(raw, np.ndarray) and raw.dtype.kind == "f":
+        raw = torch.from_numpy(np.ascontiguousarray(raw))  # a module returning numpy
     if isinstance(raw, torch.Tensor) and raw.is_floating_point():
         if raw.ndim == 2 and raw.shape[1] > 0:
             return raw.float()
