@@ -74,6 +74,21 @@ class Cropped(Blobs):
 
 def cropped(weights):
     return Cropped()
+
+
+class Bright(torch.nn.Module):
+    \"\"\"A segmenter of the same discs: class 1 where the tile is bright.\"\"\"
+
+    task = "segmentation"
+    categories = ["background", "disc"]
+
+    def forward(self, x):
+        disc = (x.mean(dim=1, keepdim=True) > 0.7).float()
+        return torch.cat([1 - disc, disc], dim=1) * 10
+
+
+def bright(weights):
+    return Bright()
 """
 
 #: Disc centres (row, col) and radii, in pixels of the 160 x 224 raster (tiles of 64, overlap
@@ -298,3 +313,47 @@ def test_shared_tracing_gives_each_objects_own_outline() -> None:
         if a is not None:
             ga, gb = shapely.from_wkb(a), shapely.from_wkb(b)
             assert ga.area == gb.area and ga.symmetric_difference(gb).area == 0
+
+
+@pytest.mark.slow
+def test_simplify_smooths_outlines_and_keeps_segments_a_coverage(blobs, tmp_path: Path) -> None:
+    """simplify=1 (pixel): object outlines and segments lose their pixel staircase (far fewer
+    vertices) but keep their area to a few percent; segments stay one coverage (no gaps, no
+    overlaps: their areas add up to the raster's)."""
+    image, truth = _disc_raster(tmp_path / "discs.tif")
+
+    def run(name: str, model: str, *more: str) -> list[shapely.Geometry]:
+        out = tmp_path / name
+        args = segmentation_args(image, out, "output_format=parquet", *more, model=model)
+        assert run_mgpr_inprocess(*args, "tile_size=64", "overlap=24") == 0
+        layer = "detections" if "blobs:build" in model else "segments"
+        table = pq.read_table(out / f"{layer}.parquet")
+        return list(shapely.from_wkb(table["geometry"].to_numpy(zero_copy_only=False)))
+
+    exact = run("exact", "mgpr_blobs:build")
+    smooth = run("smooth", "mgpr_blobs:build", "simplify=1")
+    assert len(smooth) == len(exact) == len(DISCS)
+    assert sum(shapely.get_num_coordinates(smooth)) < 0.5 * sum(shapely.get_num_coordinates(exact))
+    for a in smooth:
+        (b,) = [g for g in exact if g.intersects(a.centroid)]
+        # Douglas-Peucker keeps a staircase's outer corners: a little larger, same place
+        assert a.is_valid and abs(a.area - b.area) < 0.12 * b.area
+        assert a.intersection(b).area / a.union(b).area > 0.85
+    areas = [
+        pq.read_table(tmp_path / n / "detections.parquet")["area_m2"] for n in ("exact", "smooth")
+    ]
+    assert sorted(areas[0].to_pylist()) == sorted(areas[1].to_pylist())  # the masks' own
+
+    segments = run("seg", "mgpr_blobs:bright", "vectorize=true")
+    simple = run("seg1", "mgpr_blobs:bright", "vectorize=true", "simplify=1")
+    assert sum(shapely.get_num_coordinates(simple)) < 0.5 * sum(
+        shapely.get_num_coordinates(segments)
+    )
+    raster_area = 160 * 224 * 0.25
+    assert sum(g.area for g in segments) == pytest.approx(raster_area)
+    assert sum(g.area for g in simple) == pytest.approx(raster_area, rel=1e-9)
+    assert shapely.union_all(simple).area == pytest.approx(raster_area, rel=1e-9)
+    with pytest.raises(Exception, match="simplify=-1.0 is out of range"):
+        from mgpr.conf.load import load_config
+
+        load_config(["simplify=-1"])

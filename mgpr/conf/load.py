@@ -353,6 +353,7 @@ def _check_ranges(cfg: PredictConfig) -> None:
     _at_least("dummy_dataset_delay", cfg.dummy_dataset_delay, 0, "try dummy_dataset_delay=0.1")
     _at_least("dummy_dataset_count", cfg.dummy_dataset_count, 1, "try dummy_dataset_count=1000")
     _at_least("join_timeout_s", cfg.join_timeout_s, 1, "try join_timeout_s=300")
+    _at_least("simplify", cfg.simplify, 0, "try simplify=0.5 (pixels), or 0 for exact edges")
     for name in ("score_threshold", "nms_iou", "seam_ios"):
         value = getattr(cfg, name)
         if not 0.0 <= value <= 1.0:

@@ -101,6 +101,11 @@ class PredictConfig:
     vectorize: bool = key(
         False, "segmentation: also write the class map as polygons (layer segments, output_format)"
     )
+    simplify: float = key(
+        0.0,
+        "traced outlines (maskrcnn objects, vectorize=true segments) simplified to within this "
+        "many pixels, shared edges kept; 0 = exact pixel edges",
+    )
     tta: str = key(
         "none",
         "test-time augmentation: each tile also flipped and turned, class probabilities averaged "

@@ -459,8 +459,9 @@ def pooled_features(raw: Any, name: str) -> torch.Tensor:
 
     (B, D) is taken as it is (a tensor, or a float numpy array); a (B, D, h, w) feature map
     (a CNN backbone's last stage) is averaged over its h x w cells (global average pooling,
-    what torchvision's classifiers do before their head). Token sequences (B, N, D) are refused: which token (a class token, or
-    the mean) stands for the tile is the model's choice, not mgpr's.
+    what torchvision's classifiers do before their head). Token sequences (B, N, D) are
+    refused: which token (a class token, or the mean) stands for the tile is the model's
+    choice, not mgpr's.
 
     Raises:
         ModelError: any other output, with the shape to return.

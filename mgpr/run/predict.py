@@ -297,8 +297,10 @@ def _predict_and_finish(
         overlap_warning = get_task(adapter.task).overlap_warning
         if overlap_warning and cfg.overlap == 0 and rank == 0:
             log.warning("%s", overlap_warning)
-        if cfg.tta_fusion != "nms" and rank == 0 and (
-            cfg.tta == "none" or adapter.task != "detection"
+        if (
+            cfg.tta_fusion != "nms"
+            and rank == 0
+            and (cfg.tta == "none" or adapter.task != "detection")
         ):
             log.warning(
                 "tta_fusion=%s fuses a detector's tta views; this run has %s, so it does "

@@ -84,6 +84,8 @@ class TaskContext:
         vectorize: segmentation: also write the class map as polygons.
         output_crs: the vector layers' one CRS as WKT (``output_crs``), or None: each
             raster's own CRS, one layer per CRS.
+        simplify: traced outlines (instance masks, segments) simplified to within this many
+            pixels of the grid they were traced on; 0 keeps the exact pixel edges.
     """
 
     rasters: Mapping[str, RasterInfo]
@@ -97,6 +99,7 @@ class TaskContext:
     seam: str = "crop"
     vectorize: bool = False
     output_crs: str | None = None
+    simplify: float = 0.0
 
     @classmethod
     def for_run(
@@ -115,6 +118,7 @@ class TaskContext:
             seam=cfg.seam,
             vectorize=cfg.vectorize,
             output_crs=crs_wkt_of(cfg.output_crs) if cfg.output_crs else None,
+            simplify=float(cfg.simplify),
         )
 
 

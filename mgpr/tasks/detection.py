@@ -22,7 +22,7 @@ them (:mod:`~mgpr.tasks.overlap_dedupe`).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
@@ -286,8 +286,17 @@ class DetectionTask(VectorTask):
         geoms = map_outlines(outlines, info)
         boxes_only = np.flatnonzero(shapely.is_missing(geoms))
         geoms[boxes_only] = shapely.polygons(rings[boxes_only])
+        # the mask's own area, also with simplify (which moves a staircase's edges outwards)
         fields["area_m2"] = ground_areas_m2(geoms, info.crs_wkt)
+        if ctx.simplify > 0:  # each object alone: objects may overlap, they share no edges
+            tolerance = ctx.simplify * pixel_size(info.transform)
+            geoms = np.asarray(shapely.simplify(geoms, tolerance, preserve_topology=True))
         return FeatureBatch.of_geometries(geoms, fields), removed
+
+
+def pixel_size(transform: Any) -> float:
+    """A pixel's edge in map units: the square root of its area (any rotation or aspect)."""
+    return float(abs(transform.a * transform.e - transform.b * transform.d) ** 0.5)
 
 
 def map_outlines(outlines: np.ndarray, info: RasterInfo) -> np.ndarray:

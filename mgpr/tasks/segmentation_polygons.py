@@ -86,7 +86,9 @@ def write_polygons(
 def _polygons(ctx: TaskContext, path: str, class_map: Path, nodata: int) -> FeatureBatch:
     """One raster's polygons traced from its class map COG (``path``: the input raster)."""
     names = list(ctx.categories) if ctx.categories else []
-    return class_map_features(class_map, names, nodata, path, crs_wkt=ctx.rasters[path].crs_wkt)
+    return class_map_features(
+        class_map, names, nodata, path, crs_wkt=ctx.rasters[path].crs_wkt, simplify=ctx.simplify
+    )
 
 
 def publish_polygons(

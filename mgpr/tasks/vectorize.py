@@ -121,6 +121,7 @@ def class_map_features(
     *,
     crs_wkt: str | None,
     block_px: int = BLOCK_PX,
+    simplify: float = 0.0,
 ) -> FeatureBatch:
     """:func:`trace_regions` as a :class:`~mgpr.outputs.vector.FeatureBatch` for the writers.
 
@@ -131,6 +132,11 @@ def class_map_features(
     the ground, :func:`~mgpr.geo.ground_area.ground_areas_m2`: square metres on the CRS's
     ellipsoid in any CRS, NaN without one). ``crs_wkt`` is the class map's CRS, the input
     raster's (the map is on its grid), which the caller holds.
+
+    ``simplify`` > 0: the regions simplified as one coverage (``shapely.coverage_simplify``,
+    GEOS's Visvalingam-Whyatt on shared edges: neighbours keep one common boundary, no gaps or
+    overlaps appear) to within ``simplify`` class-map pixels; ``area`` and ``area_m2`` stay
+    the exact regions' (their pixels' area), as the per-class totals are.
     """
     from mgpr.geo.ground_area import ground_areas_m2
 
@@ -141,14 +147,23 @@ def class_map_features(
     ).reshape(-1)
     shapes = np.empty(len(geoms), dtype=object)
     shapes[:] = geoms
+    area = shapely.area(shapes).astype(np.float64) if len(geoms) else np.empty(0)
+    area_m2 = ground_areas_m2(shapes, crs_wkt)  # the exact regions', also with simplify
+    if simplify > 0 and len(shapes):
+        import rasterio
+
+        with rasterio.open(path) as src:
+            t = src.transform
+        tolerance = simplify * float(abs(t.a * t.e - t.b * t.d) ** 0.5)
+        shapes[:] = list(shapely.coverage_simplify(shapes, tolerance))
     return FeatureBatch.of_geometries(
         shapes,
         {
             "class_id": class_ids,
             "label": labels,
             "source": np.full(len(geoms), source, dtype=object),
-            "area": shapely.area(shapes).astype(np.float64) if len(geoms) else np.empty(0),
-            "area_m2": ground_areas_m2(shapes, crs_wkt),
+            "area": area,
+            "area_m2": area_m2,
         },
     )
 
