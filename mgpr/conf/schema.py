@@ -78,6 +78,11 @@ class PredictConfig:
     weights: str = key(
         "DEFAULT", "DEFAULT | torchvision weights name | none | path to a local checkpoint"
     )
+    categories: list[Any] | None = key(
+        None,
+        "class names by class id, [background,tree] (a fine-tuned checkpoint's classes; "
+        "detection: id 0 is torchvision's background); unset = the model's own",
+    )
     topk: int = key(5, "classification: classes kept per tile (at most 100: 3 columns each)")
     max_detections: int | None = key(
         None,

@@ -63,6 +63,8 @@ def build_adapter(
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )
     adapter = build_model(model_name, cfg.weights, **kwargs)
+    if cfg.categories is not None:
+        name_categories(adapter, [str(c) for c in cfg.categories])
     from mgpr.models.tta import check_tta_refusal
 
     check_tta_refusal(cfg.tta, adapter.tta_refusal)
@@ -70,3 +72,34 @@ def build_adapter(
 
     get_task(adapter.task)  # one line naming the tasks this version writes, for an unknown one
     return adapter
+
+
+def name_categories(adapter: Any, names: list[str]) -> None:
+    """The ``categories`` key: the model's class names replaced by the user's, one per id.
+
+    A fine-tuned checkpoint of a built-in model knows its class count but not its names
+    (``"0"``, ``"1"``, ...); a user's module may have none. The count must match where the
+    model fixes it (a segmenter's class map, a classifier's or detector's known head), so a
+    name never lands on the wrong class; an embedding model has no classes.
+
+    Raises:
+        ConfigError: an embedding model, an empty list, or another count than the model's.
+    """
+    from mgpr.errors import ConfigError
+
+    if adapter.task == "embedding":
+        raise ConfigError(
+            f"categories= names classes, but model={adapter.name} is an embedding model "
+            "(features, no classes); unset categories"
+        )
+    if not names:
+        raise ConfigError("categories=[] names no class; unset it or give one name per class id")
+    known = adapter.categories
+    if known is not None and len(known) != len(names):
+        hint = " (id 0 is the background)" if adapter.task == "detection" else ""
+        raise ConfigError(
+            f"categories= gives {len(names)} names but model={adapter.name} has "
+            f"{len(known)} classes{hint}: {', '.join(known[:6])}"
+            f"{', ...' if len(known) > 6 else ''}; give one name per class id"
+        )
+    adapter.categories = tuple(names)
