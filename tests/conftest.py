@@ -113,6 +113,28 @@ def segmentation_args(
     ]
 
 
+def write_utm_rgb(path: Path, data: Any, pixel_m: float = 0.1) -> Path:
+    """A (3, H, W) uint8 array as a north-up GeoTIFF in UTM 33N, top-left at (500000, 5000000).
+
+    For tests that plant their own pixels (the synthetic image generator draws its own scene).
+    """
+    import rasterio
+    from rasterio.transform import from_origin
+
+    profile = {
+        "driver": "GTiff",
+        "width": data.shape[2],
+        "height": data.shape[1],
+        "count": data.shape[0],
+        "dtype": str(data.dtype),
+        "crs": "EPSG:32633",
+        "transform": from_origin(500000.0, 5000000.0, pixel_m, pixel_m),
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(data)
+    return path
+
+
 def write_paletted(path: Path, size: int = 32) -> Path:
     """A one-band paletted GeoTIFF (colour-table indexes 0..255 as a ramp), for refusal tests."""
     import numpy as np

@@ -19,7 +19,7 @@ import pytest
 import rasterio
 import shapely
 import torch
-from conftest import run_mgpr_inprocess, segmentation_args
+from conftest import run_mgpr_inprocess, segmentation_args, write_utm_rgb
 
 from mgpr.errors import ModelError
 from mgpr.models.base import Embedding, embeddings_from_features, pooled_features
@@ -93,18 +93,7 @@ def embedders(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 
 
 def _image(path: Path, data: np.ndarray) -> Path:
-    profile = {
-        "driver": "GTiff",
-        "width": data.shape[2],
-        "height": data.shape[1],
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32633",
-        "transform": rasterio.transform.from_origin(500000.0, 5000000.0, 0.5, 0.5),
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-    return path
+    return write_utm_rgb(path, data, 0.5)
 
 
 def _parquet_vectors(run: Path) -> dict[str, np.ndarray]:

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import rasterio
 import shapely
 import torch
-from conftest import run_mgpr_inprocess, segmentation_args
+from conftest import run_mgpr_inprocess, segmentation_args, write_utm_rgb
 
 from mgpr.errors import ModelError
 from mgpr.geo.tiling import plan_tiles
@@ -115,17 +114,7 @@ def _disc_raster(path: Path, shape: tuple[int, int] = (160, 224)) -> tuple[Path,
         disc = (rows - r) ** 2 + (cols - c) ** 2 <= radius**2
         data[:, disc] = 230
         truth.append(disc)
-    profile = {
-        "driver": "GTiff",
-        "width": shape[1],
-        "height": shape[0],
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32633",
-        "transform": rasterio.transform.from_origin(500000.0, 5000000.0, 0.5, 0.5),
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
+    write_utm_rgb(path, data, 0.5)
     return path, truth
 
 

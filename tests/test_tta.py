@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import rasterio
 import torch
-from conftest import run_mgpr_inprocess, segmentation_args
+from conftest import run_mgpr_inprocess, segmentation_args, write_utm_rgb
 
 from mgpr.conf.load import normalise_tta
 from mgpr.errors import ConfigError
@@ -227,18 +227,7 @@ def test_tta_values_are_checked() -> None:
 
 
 def _square_image(path: Path, data: np.ndarray) -> Path:
-    profile = {
-        "driver": "GTiff",
-        "width": data.shape[2],
-        "height": data.shape[1],
-        "count": 3,
-        "dtype": "uint8",
-        "crs": "EPSG:32633",
-        "transform": rasterio.transform.from_origin(500000.0, 5000000.0, 0.1, 0.1),
-    }
-    with rasterio.open(path, "w", **profile) as dst:
-        dst.write(data)
-    return path
+    return write_utm_rgb(path, data, 0.1)
 
 
 @pytest.mark.slow

@@ -381,6 +381,30 @@ def _keys_by_path(tiles: Mapping[str, Tile]) -> dict[str, list[str]]:
     return out
 
 
+def tile_footprints(
+    info: RasterInfo, keys: Sequence[str], tiles: Mapping[str, Tile]
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The per-tile tasks' features: each tile's footprint ring and its identifying columns.
+
+    Returns ``(rings, fields)``: (N, 5, 2) footprints inside the raster
+    (:func:`~mgpr.geo.georef.tile_footprint_ring`, map units) and ``source``, ``tile_row``,
+    ``tile_col``, ``tile_key`` for the tiles ``keys``, in that order (classification and
+    embedding add their own columns).
+    """
+    from mgpr.geo.georef import tile_footprint_ring
+
+    rings = np.array(
+        [tile_footprint_ring(tiles[k], info.transform) for k in keys], dtype=np.float64
+    ).reshape(-1, 5, 2)
+    fields: dict[str, np.ndarray] = {
+        "source": np.array([info.path] * len(keys), dtype=object),
+        "tile_row": np.array([tiles[k].id.row for k in keys], dtype=np.int64),
+        "tile_col": np.array([tiles[k].id.col for k in keys], dtype=np.int64),
+        "tile_key": np.array(keys, dtype=object),
+    }
+    return rings, fields
+
+
 def label_names(class_ids: np.ndarray, categories: Sequence[str] | None) -> np.ndarray:
     """Label name of each class id; the id as text when the model has no name for it."""
     return np.array(

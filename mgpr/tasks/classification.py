@@ -14,12 +14,18 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
-from mgpr.geo.georef import tile_footprint_ring
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import Classification
 from mgpr.outputs.vector import FeatureBatch
-from mgpr.tasks.base import STATUS_DONE, TaskContext, TileOutcome, VectorTask, label_names
+from mgpr.tasks.base import (
+    STATUS_DONE,
+    TaskContext,
+    TileOutcome,
+    VectorTask,
+    label_names,
+    tile_footprints,
+)
 
 RECORDS_SCHEMA = pa.schema(
     [
@@ -77,15 +83,7 @@ class ClassificationTask(VectorTask):
             rows.setdefault(key, {})[k] = (cid, score)
         keys = sorted(rows)
         k_max = min(ctx.topk, max((len(v) for v in rows.values()), default=ctx.topk))
-        rings = np.array(
-            [tile_footprint_ring(tiles[k], info.transform) for k in keys], dtype=np.float64
-        ).reshape(-1, 5, 2)
-        fields: dict[str, np.ndarray] = {
-            "source": np.array([info.path] * len(keys), dtype=object),
-            "tile_row": np.array([tiles[k].id.row for k in keys], dtype=np.int64),
-            "tile_col": np.array([tiles[k].id.col for k in keys], dtype=np.int64),
-            "tile_key": np.array(keys, dtype=object),
-        }
+        rings, fields = tile_footprints(info, keys, tiles)
         for j in range(1, k_max + 1):
             entries = [rows[key].get(j, (-1, float("nan"))) for key in keys]
             cids = np.array([c for c, _ in entries], dtype=np.int64)

@@ -21,15 +21,16 @@ them (:mod:`~mgpr.tasks.overlap_dedupe`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 import shapely
 
 from mgpr.geo.aoi import centres_in_aoi
-from mgpr.geo.georef import boxes_to_rings
+from mgpr.geo.georef import boxes_to_rings, pixel_size
 from mgpr.geo.ground_area import box_ground_areas_m2, ground_areas_m2
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile, TileId, box_touches_tile_edge
@@ -289,14 +290,9 @@ class DetectionTask(VectorTask):
         # the mask's own area, also with simplify (which moves a staircase's edges outwards)
         fields["area_m2"] = ground_areas_m2(geoms, info.crs_wkt)
         if ctx.simplify > 0:  # each object alone: objects may overlap, they share no edges
-            tolerance = ctx.simplify * pixel_size(info.transform)
+            tolerance = ctx.simplify * math.prod(pixel_size(info.transform)) ** 0.5
             geoms = np.asarray(shapely.simplify(geoms, tolerance, preserve_topology=True))
         return FeatureBatch.of_geometries(geoms, fields), removed
-
-
-def pixel_size(transform: Any) -> float:
-    """A pixel's edge in map units: the square root of its area (any rotation or aspect)."""
-    return float(abs(transform.a * transform.e - transform.b * transform.d) ** 0.5)
 
 
 def map_outlines(outlines: np.ndarray, info: RasterInfo) -> np.ndarray:

@@ -18,12 +18,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from mgpr.geo.georef import tile_footprint_ring
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import Embedding
 from mgpr.outputs.vector import FeatureBatch
-from mgpr.tasks.base import STATUS_DONE, TaskContext, TileOutcome, VectorTask
+from mgpr.tasks.base import STATUS_DONE, TaskContext, TileOutcome, VectorTask, tile_footprints
 
 RECORDS_SCHEMA = pa.schema(
     [
@@ -78,14 +77,6 @@ class EmbeddingTask(VectorTask):
             )
         dim = int(lengths[0]) if lengths else 0
         vectors = column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
-        rings = np.array(
-            [tile_footprint_ring(tiles[k], info.transform) for k in keys], dtype=np.float64
-        ).reshape(-1, 5, 2)
-        fields: dict[str, np.ndarray] = {
-            "source": np.array([info.path] * len(keys), dtype=object),
-            "tile_row": np.array([tiles[k].id.row for k in keys], dtype=np.int64),
-            "tile_col": np.array([tiles[k].id.col for k in keys], dtype=np.int64),
-            "tile_key": np.array(keys, dtype=object),
-            "embedding": vectors.reshape(len(keys), dim),
-        }
+        rings, fields = tile_footprints(info, keys, tiles)
+        fields["embedding"] = vectors.reshape(len(keys), dim)
         return FeatureBatch(rings, fields), 0

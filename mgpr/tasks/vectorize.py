@@ -14,6 +14,7 @@ run's vector writers as a geometries :class:`~mgpr.outputs.vector.FeatureBatch` 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,7 @@ import shapely
 from affine import Affine
 from rasterio.windows import Window
 
+from mgpr.geo.georef import pixel_size
 from mgpr.outputs.vector import FeatureBatch
 
 #: Window edge of the vectorising pass, pixels (a multiple of the COG's 512 px blocks).
@@ -51,7 +53,7 @@ def polygons_table(
 
 def trace_regions(
     path: Path, nodata: int, block_px: int = BLOCK_PX
-) -> tuple[list[shapely.Geometry], list[int]]:
+) -> tuple[list[shapely.Geometry], list[int], Affine]:
     """Every class region of a class-map GeoTIFF as one polygon (see the module docstring).
 
     Regions are traced and merged in RASTER pixel coordinates (integers, so pieces of one region
@@ -63,8 +65,9 @@ def trace_regions(
         block_px: window edge, pixels.
 
     Returns:
-        ``(polygons, class ids)``: one Polygon (holes kept) per 4-connected region in the
-        raster's CRS, ordered by class then position.
+        ``(polygons, class ids, transform)``: one Polygon (holes kept) per 4-connected region
+        in the raster's CRS, ordered by class then position, and the class map's pixel -> map
+        transform (the caller's scale for anything in pixels, without opening it again).
     """
     final_geoms: list[shapely.Geometry] = []
     final_ids: list[int] = []
@@ -102,14 +105,18 @@ def trace_regions(
             final_geoms.append(geom)
             final_ids.append(value)
     order = sorted(range(len(final_ids)), key=lambda i: (final_ids[i], final_geoms[i].bounds))
-    return [_to_map(final_geoms[i], affine) for i in order], [final_ids[i] for i in order]
+    return (
+        [_to_map(final_geoms[i], affine) for i in order],
+        [final_ids[i] for i in order],
+        affine,
+    )
 
 
 def vectorize_class_map(
     path: Path, names: Sequence[str], nodata: int, block_px: int = BLOCK_PX
 ) -> pa.Table:
     """:func:`trace_regions` as a features table (:func:`polygons_table`)."""
-    geoms, ids = trace_regions(path, nodata, block_px)
+    geoms, ids, _affine = trace_regions(path, nodata, block_px)
     return polygons_table(geoms, ids, names)
 
 
@@ -140,7 +147,7 @@ def class_map_features(
     """
     from mgpr.geo.ground_area import ground_areas_m2
 
-    geoms, ids = trace_regions(path, nodata, block_px)
+    geoms, ids, affine = trace_regions(path, nodata, block_px)
     class_ids = np.asarray(ids, dtype=np.int64)
     labels = np.array(
         [names[i] if 0 <= i < len(names) else str(i) for i in ids], dtype=object
@@ -150,11 +157,7 @@ def class_map_features(
     area = shapely.area(shapes).astype(np.float64) if len(geoms) else np.empty(0)
     area_m2 = ground_areas_m2(shapes, crs_wkt)  # the exact regions', also with simplify
     if simplify > 0 and len(shapes):
-        import rasterio
-
-        with rasterio.open(path) as src:
-            t = src.transform
-        tolerance = simplify * float(abs(t.a * t.e - t.b * t.d) ** 0.5)
+        tolerance = simplify * math.prod(pixel_size(affine)) ** 0.5  # pixels -> map units
         shapes[:] = list(shapely.coverage_simplify(shapes, tolerance))
     return FeatureBatch.of_geometries(
         shapes,
