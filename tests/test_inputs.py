@@ -290,3 +290,32 @@ def test_a_copied_input_is_refused_with_the_touch_that_resumes_it(
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["tiles_this_run"] == 0
     assert summary["tiles_earlier_runs"] == summary["tiles_total"] > 1
+
+
+def test_a_resume_names_each_input_as_the_run_it_resumes(
+    make_image, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """The same file under another name (absolute after relative, a symlink) resumes under the
+    earlier name: no tile is predicted again and the layer's source column keeps one spelling.
+    From another directory the earlier relative name is another file; the refusal says where
+    that run was started."""
+    monkeypatch.chdir(tmp_path)
+    make_image("a.tif", width=256, height=256, objects=2)
+    (tmp_path / "link.tif").symlink_to(tmp_path / "a.tif")
+    common = ("model=reference", "tile_size=128", "workers=0", f"output_dir={tmp_path / 'run'}")
+    assert run_mgpr_inprocess("input_path=a.tif", *common) == 0
+    for other in (str(tmp_path / "a.tif"), "./a.tif", "link.tif"):
+        assert run_mgpr_inprocess(f"input_path={other}", *common) == 0, other
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        assert summary["tiles_this_run"] == 0, other
+        assert summary["tiles_earlier_runs"] == summary["tiles_total"] == 4
+        assert [i["path"] for i in summary["provenance"]["inputs"]] == ["a.tif"]
+    _, rows, _ = read_gpkg_layer(tmp_path / "run" / "predictions.gpkg", "detections")
+    assert len(rows) == 2 and {r["source"] for r in rows} == {"a.tif"}
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert run_mgpr_inprocess("input_path=../a.tif", *common) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "1 no longer listed: 'a.tif'; 1 new: '../a.tif'" in err, err
+    assert f"that run named its inputs ('a.tif', ...) relative to {tmp_path}: run from there" in err

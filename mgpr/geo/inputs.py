@@ -291,6 +291,43 @@ def drop_duplicate_files(paths: list[str]) -> list[str]:
     return kept
 
 
+def spelled_as_before(paths: list[str], earlier: Sequence[str]) -> list[str]:
+    """``paths`` with each file that ``earlier`` (a resumed run's inputs) named spelled as there.
+
+    A tile's identity is its raster's path as given (:class:`~mgpr.geo.tiling.TileId`), so
+    ``input_path=/data/a.tif`` after ``input_path=a.tif`` (or ``./a.tif``, or a symlink to it)
+    would otherwise be another run's input: the resume refused, or its tiles predicted again.
+    Files are matched by device and inode (:func:`file_identity`), each earlier name resolved
+    from the current directory; an earlier name that is missing from here, and every GDAL
+    virtual path, matches nothing and keeps the refusal's message.
+    """
+    known: dict[tuple[str, ...], str] = {}
+    for name in earlier:
+        if _is_gdal_virtual(name):
+            continue
+        try:
+            known.setdefault(file_identity(name), name)
+        except OSError:
+            continue
+    if not known:
+        return paths
+    out: list[str] = []
+    for path in paths:
+        try:
+            before = None if _is_gdal_virtual(path) else known.get(file_identity(path))
+        except OSError:
+            before = None
+        if before is not None and before != path:
+            log.info(
+                "input %s is the file the run in output_dir named %s: resumed under that name",
+                path,
+                before,
+            )
+            path = before
+        out.append(path)
+    return out
+
+
 def remote_identity(path: str, timeout_s: float = 10.0) -> dict[str, str | int | None]:
     """Size, ETag and Last-Modified of a ``/vsicurl/`` input, from an HTTP HEAD request.
 

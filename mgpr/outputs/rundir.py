@@ -192,6 +192,7 @@ def prepare_run_dir(
     )
     if has_results and not same and not overwrite:
         differs = _first_difference(previous.get("fingerprint") if previous else None, fingerprint)
+        differs += _cwd_hint(previous or {}, differs)
         raise OutputError(
             f"output_dir={str(run_dir)!r} holds results of another run ({differs}); "
             "pass overwrite=true to start afresh, or choose another output_dir"
@@ -206,9 +207,45 @@ def prepare_run_dir(
                     target.unlink()
             log.info("overwrite=true: removed the previous run's results in %s", run_dir)
         write_json_atomic(
-            path, {"fingerprint": fingerprint, "slurm_job_id": job_id, "written_at": time.time()}
+            path,
+            {
+                "fingerprint": fingerprint,
+                "slurm_job_id": job_id,
+                "written_at": time.time(),
+                "cwd": os.getcwd(),  # where its relative input paths are relative to
+            },
         )
     return resume
+
+
+def earlier_input_paths(run_dir: Path) -> list[str]:
+    """The input paths, as given, of the run whose ``run.json`` is in ``run_dir`` (or none)."""
+    try:
+        inputs = json.loads((run_dir / FINGERPRINT_FILE).read_text())["fingerprint"]["inputs"]
+        return [str(i["path"]) for i in inputs if isinstance(i, dict) and "path" in i]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def _cwd_hint(previous: Mapping[str, Any], differs: str) -> str:
+    """For inputs that differ, where the earlier run's relative paths were relative to.
+
+    Its relative paths name other files (or none) from another working directory; the
+    refusal then says where to run from instead of only that the inputs differ.
+    """
+    cwd = previous.get("cwd")
+    if not isinstance(cwd, str) or not differs.startswith("inputs") or cwd == os.getcwd():
+        return ""
+    fingerprint = previous.get("fingerprint")
+    inputs = fingerprint.get("inputs") if isinstance(fingerprint, dict) else None
+    relative = [
+        str(i["path"])
+        for i in inputs or []
+        if isinstance(i, dict) and "path" in i and not str(i["path"]).startswith("/")
+    ]
+    if not relative:
+        return ""
+    return f"; that run named its inputs ({relative[0]!r}, ...) relative to {cwd}: run from there"
 
 
 def stale_outputs(run_dir: Path, outputs: Sequence[str]) -> tuple[list[Path], list[Path]]:

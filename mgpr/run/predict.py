@@ -187,8 +187,9 @@ def _predict_and_finish(
     tiles: list[Any] = []
     bands: dict[str, list[int]] = {}
     if not cfg.use_fake_data:
-        from mgpr.geo.inputs import resolve_inputs
+        from mgpr.geo.inputs import resolve_inputs, spelled_as_before
         from mgpr.geo.raster import describe_raster
+        from mgpr.outputs.rundir import earlier_input_paths
 
         if demo:
             image, truth_path = decided(
@@ -206,7 +207,10 @@ def _predict_and_finish(
         from mgpr.run.values import refuse_unscaled_early
 
         def inputs() -> tuple[list[Any], dict[str, Any] | None]:
-            found = [describe_raster(path) for path in resolve_inputs(input_path, written(run_dir))]
+            paths = resolve_inputs(input_path, written(run_dir))
+            if not cfg.overwrite:  # a resume names each file as the run it resumes did
+                paths = spelled_as_before(paths, earlier_input_paths(run_dir))
+            found = [describe_raster(path) for path in paths]
             if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
                 from mgpr.geo.gsd import describe_crs_scale, describe_model_grid, on_model_grids
 
