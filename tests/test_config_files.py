@@ -109,6 +109,18 @@ def test_hydra_defaults_list_and_a_file_named_mgpr(conf: Path) -> None:
         assert load_config([], str(conf), "mgpr").tile_size == 1024
 
 
+def test_a_defaults_list_naming_a_config_that_is_not_there_is_one_line(conf: Path) -> None:
+    """``- mgpr`` (the program's name, not its schema's) or a sibling's misspelt name."""
+    (conf / "base.yaml").write_text("tile_size: 128\n")
+    for name in ("mgpr", "bse"):
+        (conf / "job.yaml").write_text(f"defaults:\n  - {name}\n  - _self_\nworkers: 0\n")
+        msg = _one_line_error(config_path=str(conf), config_name="job")
+        assert f"config file {conf / 'job.yaml'}: its defaults list names {name!r}" in msg, msg
+        assert f"no config in {conf}" in msg and f"remove `- {name}`" in msg
+    (conf / "job.yaml").write_text("defaults:\n  - base\n  - _self_\nworkers: 0\n")
+    assert load_config([], str(conf), "job").tile_size == 128
+
+
 def test_yaml_null_is_unset_and_the_null_model_is_quoted(conf: Path) -> None:
     (conf / "n.yaml").write_text("model: null\n")
     assert load_config([], str(conf), "n").model is None

@@ -297,3 +297,115 @@ def test_reference_detector_bright_is_096_of_the_range_on_scaled_input() -> None
         with torch.inference_mode():
             (det,) = adapter.postprocess(adapter.forward(adapter.prepare(scaled)), 8)
         np.testing.assert_array_equal(det.boxes, [[0, 0, 2, 2]])
+
+
+# ---------------------------------------------------------------- value_range per dtype
+
+
+def test_value_range_by_dtype_is_normalised() -> None:
+    cfg = load_config(["value_range={uint16:[0,4095],FLOAT32:auto}"])
+    assert cfg.value_range == {"float32": "auto", "uint16": [[0.0, 4095.0]]}
+    assert list(cfg.value_range) == ["float32", "uint16"]  # one spelling for run.json
+    assert load_config(["value_range={int16:[[0,1],[2,3]]}"]).value_range == {
+        "int16": [[0.0, 1.0], [2.0, 3.0]]
+    }
+
+
+def test_value_range_dtypes_are_the_dtypes_mgpr_reads() -> None:
+    from mgpr.conf.load import VALUE_RANGE_DTYPES
+    from mgpr.geo.values import CARRIERS
+
+    assert set(VALUE_RANGE_DTYPES) == set(CARRIERS)
+
+
+@pytest.mark.parametrize(
+    ("value", "needle"),
+    [
+        ("{uint9:auto}", "names dtype 'uint9', which is not a raster dtype mgpr reads"),
+        ("{uint16:[3,1]}", "lo=3 must be below hi=1"),
+        ("{uint16:bright}", "value_range={uint16:bright} is not a range"),
+        ("{uint16:null}", "uint16's value None is not a range"),
+        ("{}", "value_range={} names no dtype"),
+    ],
+)
+def test_malformed_value_range_by_dtype_is_one_line(value: str, needle: str, capsys) -> None:
+    with pytest.raises(ConfigError, match=needle.replace("[", r"\[").replace("{", r"\{")):
+        load_config([f"value_range={value}"])
+    assert run_mgpr_inprocess(f"value_range={value}") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and needle in err, err
+
+
+def _one_band(path: Path, dtype: str, scale: float = 1.0) -> object:
+    with rasterio.open(
+        path, "w", driver="GTiff", width=8, height=8, count=1, dtype=dtype, crs="EPSG:32633",
+        transform=rasterio.transform.from_origin(0, 80, 10, 10),
+    ) as dst:  # fmt: skip
+        dst.write(np.full((1, 8, 8), 7, dtype))
+        dst.scales = (scale,)
+    return describe_raster(str(path))
+
+
+def test_a_range_the_rasters_integer_dtype_mostly_cannot_reach_is_refused(tmp_path: Path) -> None:
+    """Data-free: uint8 holds 0..255, so a 12-bit range maps it onto 6 % of the model's input;
+    a uint16 band with GDAL scale 1e-4 holds reflectance 0..6.55, so a range in raw counts is
+    refused too. Ranges that the dtype covers at least half of pass, floats are not checked."""
+    u8 = _one_band(tmp_path / "u8.tif", "uint8")
+    with pytest.raises(ConfigError) as refused:
+        resolve_value_range(u8, [1], [[0.0, 4095.0]], run_dtypes=["uint8", "uint16"])
+    line = str(refused.value)
+    assert "value_range [0, 4095] for band 1 of" in line and "(uint8: values 0..255)" in line
+    assert "lies 94% beyond" in line
+    assert "'value_range={uint16:[0,4095]}' (uint8, not named, keeps [0, 255])" in line
+    assert resolve_value_range(u8, [1], [[0.0, 300.0]]).hi == (300.0,)
+    refl = _one_band(tmp_path / "refl.tif", "uint16", scale=1e-4)
+    with pytest.raises(ConfigError, match=r"\(uint16: values 0\.\.6\.5535\) lies 100% beyond"):
+        resolve_value_range(refl, [1], [[1000.0, 10000.0]])
+    assert resolve_value_range(refl, [1], [[0.0, 0.3]]).hi == (0.3,)
+    f32 = _one_band(tmp_path / "f32.tif", "float32")
+    assert resolve_value_range(f32, [1], [[0.0, 1e6]]).hi == (1e6,)
+
+
+def test_a_folder_mixing_uint8_and_uint16_takes_a_range_per_dtype(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """One range for both would have mapped the uint8 raster onto 6 % of the input (no object
+    found, no word said); it is refused with the per-dtype form, which finds every object of
+    both: the uint8 raster at its default [0, 255], the uint16 one at the range given."""
+    folder = tmp_path / "orthos"
+    folder.mkdir()
+    a = _image(make_image, "orthos/a.tif")
+    b = _image(make_image, "orthos/b.tif", dtype="uint16", value_range=(0, 4095), origin_x=6e5)
+    run = tmp_path / "run"
+    keys = ("model=reference", *GRID, "workers=0", f"output_dir={run}")
+    assert run_mgpr_inprocess(f"input_path={folder}", *keys) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "these inputs mix dtypes (uint16, uint8)" in line, line
+    assert run_mgpr_inprocess(f"input_path={folder}", *keys, "value_range=[0,4095]") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{str(a.path)!r} (uint8: values 0..255) lies 94% beyond" in line, line
+    assert "'value_range={uint16:[0,4095]}'" in line
+    assert not (run / "predictions.gpkg").exists()
+    assert run_mgpr_inprocess(f"input_path={folder}", *keys, "value_range={float32:auto}") == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{str(b.path)!r} has dtype uint16, which value_range (given for float32)" in line
+    assert run_mgpr_inprocess(f"input_path={folder}", *keys, "value_range={uint16:[0,4095]}") == 0
+    _, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    found = {str(p): sum(r["source"] == str(p) for r in rows) for p in (a.path, b.path)}
+    assert found == {str(a.path): 12, str(b.path): 12}, found
+    values = _summary(run)["values"]
+    assert values["value_range"] == {"uint16": [[0.0, 4095.0]]}
+    assert values["inputs"][str(a.path)] == {"source": "default", "range": [[0.0, 255.0]] * 3}
+    assert values["inputs"][str(b.path)] == {"source": "value_range", "range": [[0, 4095]] * 3}
+    assert "value_range={uint16: [[0, 4095]]}" in capsys.readouterr().out
+    assert run_mgpr_inprocess(f"input_path={folder}", *keys, "value_range={uint16:[0,4096]}") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # a resume with another: refused
+    assert "(value_range.uint16 differs: was [[0.0, 4095.0]], now [[0.0, 4096.0]])" in err
+
+
+def test_bands_by_name_on_an_unscaled_raster_is_one_line(make_image, tmp_path: Path, capsys):
+    img = _image(make_image, "raw.tif", dtype="uint16")
+    for bands, needle in (("[red,green,blue]", "dtype uint16"), ("[nir]", "'nir' matches no")):
+        assert _run(img, tmp_path / "run", f"bands={bands}") == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert needle in err[-1] and not any("Traceback" in e for e in err), err

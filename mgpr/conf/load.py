@@ -210,6 +210,14 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str], file: Path 
     text = str(exc)
     types = {f.name: str(f.type) for f in dataclasses.fields(PredictConfig)}
     in_file = re.match(r"In '([^']*)'", text)
+    missing = re.search(r"Could not (?:load|find) '([^']+)'", text)
+    if file is not None and missing:  # the file's defaults list names a config not beside it
+        return (
+            f"config file {file}: its defaults list names {missing.group(1)!r}, which is no "
+            f"config in {file.parent}; mgpr merges the file onto its own keys, so no defaults "
+            f"list is needed: remove `- {missing.group(1)}` (another file of {file.parent} is "
+            "named without .yaml)"
+        )
     if file is not None and in_file and in_file.group(1) == file.stem:
         full_key = re.search(r"full_key: (\S+)", text)
         key = full_key.group(1).split(".")[0] if full_key else "?"
@@ -482,47 +490,106 @@ def check_band_list(bands: list[Any]) -> list[int | str]:
 
 _VALUE_RANGE_FIX = (
     "write value_range=[lo,hi] (all bands, e.g. [0,3000]), value_range=[[lo,hi],[lo,hi],...] "
-    "(one pair per band) or value_range=auto"
+    "(one pair per band), value_range=auto, or one of these per dtype: "
+    "'value_range={uint16:[0,4095],float32:auto}'"
 )
+
+#: The raster dtypes ``value_range`` may be keyed by (those mgpr reads:
+#: :data:`mgpr.geo.values.CARRIERS`, kept apart so loading the config needs no numpy).
+VALUE_RANGE_DTYPES = (
+    "uint8",
+    "int8",
+    "uint16",
+    "int16",
+    "uint32",
+    "int32",
+    "float16",
+    "float32",
+    "float64",
+)
+
+#: One dtype's ``value_range``: ``"auto"`` or ``[[lo, hi], ...]`` (one pair = every band).
+RangeSpec = str | list[list[float]]
 
 
 def _number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def check_value_range(value: object) -> str | list[list[float]] | None:
-    """``value_range`` as None, ``"auto"`` or ``[[lo, hi], ...]`` (one pair = every band).
+def check_value_range(value: object) -> RangeSpec | dict[str, RangeSpec] | None:
+    """``value_range`` as None, ``"auto"``, ``[[lo, hi], ...]`` or those per raster dtype.
+
+    The per-dtype form (``{uint16: [0, 4095], float32: auto}``) is for input sets that mix
+    dtypes, whose raw values mean different things: one range for all would map a uint8
+    raster's 0..255 onto 6 % of a 12-bit range. A dtype it does not name keeps its default
+    (uint8: [0, 255]; any other is refused when a raster of it is read).
 
     Raises:
-        ConfigError: anything else, or a pair with ``lo >= hi``; one line with the fix.
+        ConfigError: anything else, a pair with ``lo >= hi``, or a dtype mgpr does not read;
+            one line with the fix.
     """
     if value is None:
         return None
+    if isinstance(value, dict):
+        if not value:
+            raise ConfigError(f"value_range={{}} names no dtype; {_VALUE_RANGE_FIX}")
+        out: dict[str, RangeSpec] = {}
+        for dtype, spec in value.items():
+            name = str(dtype).strip().lower()
+            if name not in VALUE_RANGE_DTYPES:
+                raise ConfigError(
+                    f"value_range={_show(value)} names dtype {dtype!r}, which is not a raster "
+                    f"dtype mgpr reads; key it by one of {', '.join(VALUE_RANGE_DTYPES)}"
+                )
+            if name in out:
+                raise ConfigError(f"value_range={_show(value)} names dtype {name} twice")
+            if spec is None or isinstance(spec, dict):
+                raise ConfigError(
+                    f"value_range={_show(value)}: {name}'s value {_show(spec)} is not a range; "
+                    f"{_VALUE_RANGE_FIX}"
+                )
+            one = _check_one_range(spec, value)
+            assert one is not None
+            out[name] = one
+        return dict(sorted(out.items()))  # one spelling per meaning: run.json compares it
+    return _check_one_range(value, value)
+
+
+def _check_one_range(value: object, whole: object) -> RangeSpec | None:
+    """One ``value_range`` (all rasters', or one dtype's): ``"auto"`` or ``[[lo, hi], ...]``."""
     if isinstance(value, str):
         if value.strip().lower() == "auto":
             return "auto"
-        raise ConfigError(f"value_range={value!r} is not a range; {_VALUE_RANGE_FIX}")
+        raise ConfigError(f"value_range={_given(whole)} is not a range; {_VALUE_RANGE_FIX}")
     if not isinstance(value, list | tuple) or not value:
-        raise ConfigError(f"value_range={value!r} is not a range; {_VALUE_RANGE_FIX}")
+        raise ConfigError(f"value_range={_given(whole)} is not a range; {_VALUE_RANGE_FIX}")
     pairs = [value] if all(not isinstance(v, list | tuple) for v in value) else list(value)
     out = []
     for pair in pairs:
         if not isinstance(pair, list | tuple) or len(pair) != 2 or not all(map(_number, pair)):
             raise ConfigError(
-                f"value_range={_show(value)} is invalid: {_show(pair)} is not a [lo,hi] pair of "
+                f"value_range={_show(whole)} is invalid: {_show(pair)} is not a [lo,hi] pair of "
                 f"finite numbers; {_VALUE_RANGE_FIX}"
             )
         lo, hi = float(pair[0]), float(pair[1])
         if not lo < hi:
             raise ConfigError(
-                f"value_range={_show(value)} is invalid: lo={pair[0]} must be below hi={pair[1]}; "
+                f"value_range={_show(whole)} is invalid: lo={pair[0]} must be below hi={pair[1]}; "
                 f"{_VALUE_RANGE_FIX}"
             )
         out.append([lo, hi])
     return out
 
 
+def _given(value: object) -> str:
+    """A ``value_range`` as the user wrote it: a word quoted, numbers and lists bare."""
+    return repr(value) if isinstance(value, str | int | float) else _show(value)
+
+
 def _show(value: object) -> str:
+    """A config value as one would type it: ``[0,3000]``, ``{uint16:[0,4095]}``."""
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_show(v)}" for k, v in value.items()) + "}"
     return str(value).replace(" ", "")
 
 

@@ -46,8 +46,8 @@ class PredictConfig:
     )
     value_range: Any = key(
         None,
-        "raw values -> model's [0,1]: [lo,hi] | [[lo,hi],...] per band | auto (2-98 %); "
-        "unset: uint8 [0,255], other dtypes refused",
+        "raw values -> model's [0,1]: [lo,hi] | [[lo,hi],...] per band | auto (2-98 %) | "
+        "per dtype '{uint16:[lo,hi],float32:auto}'; unset: uint8 [0,255], other dtypes refused",
     )
     aoi: str | None = key(
         None,

@@ -41,8 +41,13 @@ AUTO_PERCENTILES = (2.0, 98.0)
 #: Longest side of the decimated read behind ``auto`` and the refusal's min/max, pixels.
 SAMPLE_SIDE_PX = 1024
 
-#: ``value_range`` after :func:`mgpr.conf.load.normalise`: unset, ``auto`` or ``[lo, hi]`` pairs.
-ValueRangeKey = str | list[list[float]] | None
+#: ``value_range`` after :func:`mgpr.conf.load.check_value_range`: unset, ``auto``, ``[lo, hi]``
+#: pairs, or one of those two per raster dtype (``{"uint16": [[0, 4095]], "float32": "auto"}``).
+ValueRangeKey = str | list[list[float]] | dict[str, str | list[list[float]]] | None
+#: Least share of a given ``[lo, hi]`` that an integer raster's dtype must reach (its whole span
+#: of values, through GDAL scale/offset); below, the raster would reach the model as a sliver
+#: of its input range (uint8 0..255 under [0, 4095]: 6 %), which is refused.
+MIN_REACHABLE_SHARE = 0.5
 
 
 def carrier_dtype(dtypes: Iterable[tuple[str, str]]) -> np.dtype[Any]:
@@ -124,8 +129,31 @@ def _band_scale_offset(info: Any, bands: Sequence[int]) -> tuple[tuple[float, ..
     return scales, offsets
 
 
+def range_of_raster(info: Any, value_range: ValueRangeKey) -> str | list[list[float]] | None:
+    """The part of ``value_range`` that applies to ``info``: its dtype's entry when keyed by dtype.
+
+    Raises:
+        ConfigError: a per-dtype ``value_range`` naming neither the raster's dtype nor, for a
+            uint8 raster, leaving it to its default.
+    """
+    if not isinstance(value_range, dict):
+        return value_range
+    mine = value_range.get(info.dtype)
+    if mine is None and info.dtype != "uint8":
+        raise ConfigError(
+            f"{info.path!r} has dtype {info.dtype}, which value_range (given for "
+            f"{', '.join(value_range)}) does not name; add a range for it, e.g. "
+            f"{info.dtype}:[lo,hi] or {info.dtype}:auto"
+        )
+    return mine
+
+
 def resolve_value_range(
-    info: Any, bands: Sequence[int], value_range: ValueRangeKey, sample: Any = None
+    info: Any,
+    bands: Sequence[int],
+    value_range: ValueRangeKey,
+    sample: Any = None,
+    run_dtypes: Sequence[str] = (),
 ) -> ValueRange:
     """The :class:`ValueRange` of one raster's selected bands.
 
@@ -134,14 +162,17 @@ def resolve_value_range(
         bands: the 1-based bands read (their order is the model's band order).
         value_range: ``None`` (uint8 only: [0, 255] on the raw values), ``"auto"`` (per band
             2nd-98th percentiles of a decimated read, physical units), or ``[lo, hi]`` pairs in
-            physical units: one for every band, or one per selected band.
+            physical units: one for every band, or one per selected band; or a dict of those
+            per raster dtype (:func:`range_of_raster`).
         sample: ``sample_values``-like callable ``(path, bands) -> list of 1-D arrays``; tests and
             the refusal share it. Defaults to :func:`sample_values`.
+        run_dtypes: every input raster's dtype, for the refusal's per-dtype example.
 
     Raises:
         ConfigError: a non-uint8 raster without ``value_range`` (one line with each band's
-            min/max), a pair count that fits neither all bands nor each band, a constant band
-            under ``auto``, or a zero GDAL scale.
+            min/max) or with a per-dtype ``value_range`` not naming its dtype, a pair count that
+            fits neither all bands nor each band, a constant band under ``auto``, a zero GDAL
+            scale, or an integer raster whose dtype reaches under half of a given range.
     """
     sample = sample or sample_values
     scales, offsets = _band_scale_offset(info, bands)
@@ -151,6 +182,7 @@ def resolve_value_range(
             "scale maps every value to one; fix the metadata (gdal_edit.py -scale)"
         )
     n = len(bands)
+    value_range = range_of_raster(info, value_range)
     if value_range is None:
         if info.dtype != "uint8":
             raise ConfigError(unscaled_refusal(info, bands, sample))
@@ -181,13 +213,58 @@ def resolve_value_range(
             f"band(s) {list(bands)}; give one pair for all bands (value_range=[lo,hi]) or one "
             "per band"
         )
-    return ValueRange(
+    given = ValueRange(
         tuple(float(p[0]) for p in pairs),
         tuple(float(p[1]) for p in pairs),
         "value_range",
         scales,
         offsets,
     )
+    _refuse_unreachable(info, bands, given, run_dtypes)
+    return given
+
+
+def _refuse_unreachable(
+    info: Any, bands: Sequence[int], given: ValueRange, run_dtypes: Sequence[str]
+) -> None:
+    """Refuse a given range most of which an integer raster's dtype cannot reach.
+
+    Data-free: an integer dtype's values span a known interval (uint8 0..255, through the band's
+    GDAL scale/offset in physical units), so a ``[lo, hi]`` reachable over less than
+    :data:`MIN_REACHABLE_SHARE` of its width maps the whole raster onto a sliver of the model's
+    [0, 1] input: the range was meant for other rasters (a 12-bit range over a folder that also
+    holds 8-bit orthos) or for other units. Floats have no such interval and are not checked.
+    """
+    if info.dtype not in CARRIERS or np.dtype(info.dtype).kind not in "ui":
+        return
+    limits = np.iinfo(np.dtype(info.dtype))
+    for band, lo, hi, scale, offset in zip(
+        bands, given.lo, given.hi, given.scale, given.offset, strict=True
+    ):
+        ends = sorted((limits.min * scale + offset, limits.max * scale + offset))
+        reached = max(0.0, min(hi, ends[1]) - max(lo, ends[0])) / (hi - lo)
+        if reached < MIN_REACHABLE_SHARE:
+            raise ConfigError(
+                f"value_range [{lo:g}, {hi:g}] for band {band} of {info.path!r} ({info.dtype}: "
+                f"values {ends[0]:g}..{ends[1]:g}) lies {1 - reached:.0%} beyond what that dtype "
+                "holds, so the raster would reach the model as a sliver of its input; give each "
+                f"dtype its own range, e.g. {_per_dtype_example(info.dtype, lo, hi, run_dtypes)}, "
+                "or value_range=auto"
+            )
+
+
+def _per_dtype_example(dtype: str, lo: float, hi: float, run_dtypes: Sequence[str]) -> str:
+    """``'value_range={uint16:[0,4095]}'``: the given range kept for the run's other dtypes.
+
+    The refused raster's dtype is left out when it is uint8 (it then keeps [0, 255]), else given
+    its dtype's whole span as a placeholder the user edits.
+    """
+    parts = [f"{d}:[{lo:g},{hi:g}]" for d in dict.fromkeys(run_dtypes) if d != dtype]
+    if dtype == "uint8" and parts:
+        return "'value_range={" + ",".join(parts) + "}' (uint8, not named, keeps [0, 255])"
+    limits = np.iinfo(np.dtype(dtype))
+    parts.append(f"{dtype}:[{limits.min},{limits.max}]")
+    return "'value_range={" + ",".join(parts) + "}'"
 
 
 def unscaled_refusal(info: Any, bands: Sequence[int], sample: Any = None) -> str:

@@ -229,6 +229,8 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
 
 def _ranges(value: Any) -> str:
     """``[[0.0035, 0.1729], ...]`` from ranges with float noise (0.003500000000000003)."""
+    if isinstance(value, dict):  # value_range keyed by dtype
+        return "{" + ", ".join(f"{k}: {_ranges(v)}" for k, v in value.items()) + "}"
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_ranges(v) for v in value) + "]"
     return f"{value:.6g}" if isinstance(value, float) else str(value)

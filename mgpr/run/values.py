@@ -16,26 +16,37 @@ from typing import Any
 from mgpr.conf.schema import PredictConfig
 from mgpr.errors import ConfigError
 from mgpr.geo.raster import RasterInfo
-from mgpr.geo.values import ValueRange, resolve_value_range, unscaled_refusal
+from mgpr.geo.values import ValueRange, range_of_raster, resolve_value_range, unscaled_refusal
 
 log = logging.getLogger("mgpr")
 
 
 def refuse_unscaled_early(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> None:
-    """Refuse a non-uint8 raster without ``value_range`` before the model is built.
+    """Refuse a non-uint8 raster without ``value_range`` (for its dtype) before the model is built.
 
     Only for the built-in models (none of them takes raw values); a custom model may ask for
-    raw values, which :func:`resolve_value_ranges` sees once it is built.
+    raw values, which :func:`resolve_value_ranges` sees once it is built. Given pairs are
+    checked against each raster (their count, their reach) there, before any tile.
 
     Raises:
-        ConfigError: one line naming ``value_range`` with each band's min/max.
+        ConfigError: one line naming ``value_range`` with each band's min/max, or the dtype a
+            per-dtype ``value_range`` leaves out.
     """
-    if cfg.value_range is not None:
-        return
     for info in rasters:
-        if info.dtype != "uint8":
-            bands = cfg.bands if cfg.bands else list(range(1, info.count + 1))
-            raise ConfigError(unscaled_refusal(info, [b for b in bands if b <= info.count]))
+        if range_of_raster(info, cfg.value_range) is None and info.dtype != "uint8":
+            from mgpr.geo.bands import resolve_band
+
+            # names (bands=[red,green,blue]) as indexes; a band the raster lacks is refused here
+            asked = cfg.bands or list(range(1, info.count + 1))
+            line = unscaled_refusal(info, [resolve_band(info, b, asked) for b in asked])
+            dtypes = sorted({r.dtype for r in rasters})
+            if len(dtypes) > 1 and not isinstance(cfg.value_range, dict):
+                line += (
+                    f"; these inputs mix dtypes ({', '.join(dtypes)}): key the ranges by dtype, "
+                    f"e.g. 'value_range={{{info.dtype}:[lo,hi]}}'"
+                    + (" (uint8 keeps [0, 255])" if "uint8" in dtypes else "")
+                )
+            raise ConfigError(line)
 
 
 def resolve_value_ranges(
@@ -60,7 +71,11 @@ def resolve_value_ranges(
         if rank == 0:
             log.info("model=%s takes raw values: no value_range is applied", adapter.name)
         return None
-    ranges = {r.path: resolve_value_range(r, bands[r.path], cfg.value_range) for r in rasters}
+    dtypes = [r.dtype for r in rasters]
+    ranges = {
+        r.path: resolve_value_range(r, bands[r.path], cfg.value_range, run_dtypes=dtypes)
+        for r in rasters
+    }
     if rank == 0:
         for path, vr in ranges.items():
             if vr.source == "default":
