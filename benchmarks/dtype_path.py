@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mgpr.data.clipping import ClipTally
 from mgpr.data.dataset import TileDataset
 from mgpr.data.masking import fill_invalid
 from mgpr.data.scaling import ValueScaler
@@ -78,14 +79,17 @@ def scaling_rows(tile: int, batch: int, device: torch.device, reps: int) -> None
     u8, u16 = u8.to(device), u16.to(torch.uint16).to(device)
     s2 = ValueRange((0.0,) * 4, (10000.0,) * 4, "value_range", (1.0,) * 4, (0.0,) * 4)
     default, sentinel = ValueScaler(), ValueScaler({"s2.tif": s2})
+    mask = torch.full((batch, tile, tile), 255, dtype=torch.uint8, device=device)
+    mask[:, :, : tile // 8] = 0  # a nodata strip
     rows = {
         "before: x.float().div_(255), uint8 3-band": lambda: u8.to(torch.float32).div_(255.0),
         "ValueScaler uint8 3-band [0,255]": lambda: default(u8),
         "ValueScaler uint16 4-band [0,10000]": lambda: sentinel(u16),
+        # what a run adds: the clamp's valid values below lo / above hi, counted on the device
+        "  + clip tally (no mask)": lambda: sentinel(u16, tally=ClipTally()),
+        "  + clip tally (nodata mask)": lambda: sentinel(u16, tally=ClipTally(), valid=mask),
     }
     x = default(u8)
-    mask = torch.full((batch, tile, tile), 255, dtype=torch.uint8, device=device)
-    mask[:, :, : tile // 8] = 0  # a nodata strip
     rows["fill_invalid uint8 3-band (after scaling)"] = lambda: fill_invalid(x, mask)
     for name, fn in rows.items():
         s = time_op(fn, device, reps)

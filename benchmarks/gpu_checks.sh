@@ -7,7 +7,8 @@
 #      Faster R-CNN, RetinaNet, FCOS, SSDlite boxes exact under CUDA bf16; a 2-rank NCCL run
 #      where 2 GPUs exist; tta=d4 deeplabv3 under bf16, equivariant to 0.5 %; the quick start with
 #      tta=flips in bf16: 40 of 40; resnet50-embed in bf16 eager and compiled against fp32,
-#      cosine >= 0.999 per tile; maskrcnn in bf16: masks as crops, outlines traced). Their printed run
+#      cosine >= 0.999 per tile; maskrcnn in bf16: masks as crops, outlines traced; value_range
+#      clip counts on the device, equal to the CPU's). Their printed run
 #      summary is what the README quotes;
 #   2. the run monitor's sampler cost with NVML reads (benchmarks/monitor_overhead.py);
 #   3. the GPU benchmark (benchmarks/accel.py --gpu): resnet50 and fasterrcnn at 1024 px, fp32 and

@@ -213,6 +213,27 @@ def test_nodata_masked_on_gpu(make_image, tmp_path: Path, spec: dict) -> None:
     assert check["unmatched_detections"] == 0, check
 
 
+def test_clipped_values_counted_on_the_gpu(make_image, tmp_path: Path) -> None:
+    """The clip tally on the device (nodata mask through the pinned pool, padded edge tiles):
+    a uint8 range over 12-bit imagery clips every valid value above hi; its own range none."""
+    img = make_image(
+        width=1800, height=1300, objects=6, dtype="uint16", value_range=(0, 4095), nodata="border"
+    )
+    common = (f"input_path={img.path}", "model=reference", "tile_size=512", "batch_size=4")
+    gpu = ("workers=2", "accelerator=gpu", "gpus=1")
+    wrong, report, out = _run(tmp_path / "wrong", *common, *gpu, "value_range=[0,255]")
+    assert wrong["values"]["clipped"]["above"] > 0.99, wrong["values"]
+    assert report["totals"]["values_clipped"]["values"] == wrong["values"]["clipped"]["values"]
+    assert "% above hi" in out
+    right, _, _ = _run(tmp_path / "right", *common, *gpu, "value_range=[0,4095]")
+    clipped = right["values"]["clipped"]
+    assert clipped["below"] == clipped["above"] == 0.0 and clipped["values"] > 0, clipped
+    cpu, _, _ = _run(
+        tmp_path / "cpu", *common, "workers=0", "accelerator=cpu", "value_range=[0,4095]"
+    )
+    assert cpu["values"]["clipped"] == clipped  # the same counts as on the CPU
+
+
 @pytest.mark.parametrize("name", ["fasterrcnn", "retinanet", "fcos", "ssdlite"])
 def test_detector_boxes_exact_under_cuda_bf16(name: str) -> None:
     """CUDA bf16 autocast: float32 boxes on no 4 px step (torchvision's own forward: all on it);

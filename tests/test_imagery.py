@@ -409,3 +409,72 @@ def test_bands_by_name_on_an_unscaled_raster_is_one_line(make_image, tmp_path: P
         assert _run(img, tmp_path / "run", f"bands={bands}") == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert needle in err[-1] and not any("Traceback" in e for e in err), err
+
+
+# ---------------------------------------------------------------- what the clamp moved
+
+
+def test_clip_tally_counts_the_valid_values_outside_the_range() -> None:
+    from mgpr.data.clipping import ClipTally, clipped_shares
+
+    tally = ClipTally()
+    assert tally.totals() is None  # nothing counted: no line, no key
+    x = torch.tensor([[[[-0.5, 0.2], [1.5, 2.0]]], [[[0.0, 1.0], [-1.0, 3.0]]]])  # (2, 1, 2, 2)
+    tally.add(x, None)
+    assert tally.totals() == {"below": 2, "above": 3, "values": 8}
+    valid = torch.tensor([[[1, 1], [0, 0]], [[1, 1], [1, 0]]], dtype=torch.uint8)
+    tally.add(x, valid)  # masked pixels (nodata, padding) are not data: not counted
+    assert tally.totals() == {"below": 2 + 2, "above": 3 + 0, "values": 8 + 5}
+    x3 = torch.full((1, 3, 2, 2), 2.0)
+    fresh = ClipTally()
+    fresh.add(x3, torch.tensor([[[1, 0], [0, 0]]]))  # every band of a valid pixel counts
+    assert fresh.totals() == {"below": 0, "above": 3, "values": 3}
+    assert clipped_shares({"below": 1, "above": 3, "values": 4}) == {
+        "below": 0.25,
+        "above": 0.75,
+        "values": 4,
+    }
+
+
+def test_summary_says_how_much_the_range_clipped(make_image, tmp_path: Path, capsys) -> None:
+    """A 12-bit raster (nodata border, padded edge tiles in 256 px tiles) read with a uint8
+    range: every valid value above hi, one warning; with its own range nothing clips (neither
+    nodata nor padding is counted as below lo); auto clips about 2 % at each end."""
+    img = _image(make_image, "b12.tif", dtype="uint16", value_range=(0, 4095))
+    assert _run(img, tmp_path / "wrong", "value_range=[0,255]") == 0
+    captured = capsys.readouterr()
+    clipped = _summary(tmp_path / "wrong")["values"]["clipped"]
+    assert clipped["above"] > 0.99 and clipped["below"] == 0.0 and clipped["values"] > 0
+    assert "% of the valid values this run fed the model were above hi, so the model saw" in (
+        captured.err
+    )
+    assert f"clipped 0.0% below lo, {clipped['above']:.1%} above hi" in captured.out
+    assert _run(img, tmp_path / "right", "value_range=[0,4095]") == 0
+    right = _summary(tmp_path / "right")["values"]["clipped"]
+    assert right["below"] == right["above"] == 0.0, right
+    with rasterio.open(img.path) as src:  # every valid value of every band of every tile
+        valid = src.dataset_mask() > 0
+    tiles = plan_tiles(str(img.path), 600, 700, 256, 64)
+    expected = sum(
+        int(
+            valid[
+                t.row_off : t.row_off + t.valid_height, t.col_off : t.col_off + t.valid_width
+            ].sum()
+        )
+        for t in tiles
+    )
+    assert right["values"] == 3 * expected == clipped["values"]
+    assert "were above hi" not in capsys.readouterr().err
+    assert _run(img, tmp_path / "auto", "value_range=auto") == 0
+    auto = _summary(tmp_path / "auto")["values"]["clipped"]
+    assert 0.005 < auto["below"] < 0.04 and 0.0 <= auto["above"] < 0.04, auto
+    report = json.loads((tmp_path / "auto" / "report.json").read_text())
+    assert report["totals"]["values_clipped"]["values"] == auto["values"]
+
+
+def test_uint8_by_its_default_range_records_no_clipping(make_image, tmp_path: Path) -> None:
+    img = _image(make_image, "rgb.tif")
+    assert _run(img, tmp_path / "run") == 0
+    assert "clipped" not in _summary(tmp_path / "run")["values"]
+    report = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert report["totals"]["values_clipped"] is None

@@ -866,3 +866,19 @@ def test_hint_says_when_most_tiles_were_nodata(two_of_three: Path) -> None:
         "; 611235 of the 611524 planned tiles (100%) are nodata: each is read, then skipped "
         "before the model, and tiles/s and the data wait count them"
     )
+
+
+def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
+    """A rank without counts (raw values, uint8 by [0, 255], no tile) adds nothing."""
+    parts = [_part(r, util=[50.0], used_gib=[1.0], wait=1.0) for r in range(3)]
+    parts[0]["values_clipped"] = {"below": 10, "above": 300, "values": 1000}
+    parts[1]["values_clipped"] = {"below": 5, "above": 0, "values": 500}
+    parts[2]["values_clipped"] = None
+    _write_parts(tmp_path, parts)
+    report = build_report(tmp_path, 3, {})
+    assert report["totals"]["values_clipped"] == {"below": 15, "above": 300, "values": 1500}
+    assert [r["values_clipped"] for r in report["ranks"]][2] is None
+    for part in parts:
+        part["values_clipped"] = None
+    _write_parts(tmp_path / "none", parts)
+    assert build_report(tmp_path / "none", 3, {})["totals"]["values_clipped"] is None

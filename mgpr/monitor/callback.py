@@ -183,6 +183,8 @@ class RunMonitor(Callback):
         self._own_nvml: Nvml | None = None
         self._finalised = False
         self._wall_s: float | None = None
+        #: the module's :class:`~mgpr.data.clipping.ClipTally` (None: its values cannot clip)
+        self._clip_tally: Any = None
         self.predict_start_unix_s: float | None = None
         self.first_batch_unix_s: float | None = None
 
@@ -258,6 +260,7 @@ class RunMonitor(Callback):
             self.setup(trainer, pl_module, "predict")
         self.t0 = self._clock()
         self.predict_start_unix_s = time.time()
+        self._clip_tally = getattr(pl_module, "clip_tally", None)
         self._last_end = self.t0
         self._open_device(trainer)
         on_tick = None
@@ -446,6 +449,7 @@ class RunMonitor(Callback):
                 pass
         self._wall_s = 0.0 if self.t0 is None else now - self.t0
         payload = self.part(status, error)
+        payload["values_clipped"] = self._clipped()
         self._stop_sampler()
         try:
             write_json_atomic(self.part_path, payload)
@@ -456,6 +460,16 @@ class RunMonitor(Callback):
                     self._ranks.get("global_rank", 0),
                 )
             )
+
+    def _clipped(self) -> dict[str, int] | None:
+        """The module's clip counts, read once at the end (None: none kept, or unreadable)."""
+        if self._clip_tally is None:
+            return None
+        try:
+            totals = self._clip_tally.totals()
+            return None if totals is None else dict(totals)
+        except Exception:  # noqa: BLE001  (a device that failed mid-run: the part still lands)
+            return None
 
     def part(self, status: str = "running", error: str | None = None) -> dict[str, Any]:
         """This rank's report part as a dict (schema in :mod:`mgpr.monitor.part`)."""

@@ -35,6 +35,10 @@ at the end of predict; rank 0 merges them (:func:`mgpr.monitor.report.build_repo
     predict_start_unix_s,         float|null wall-clock time (s since the epoch) of predict start
     first_batch_unix_s                     and of the first batch's arrival (start-up figures)
     cuda_synchronized             bool     compute_s measured with a sync at batch end
+    values_clipped                obj|null valid values (every band of every valid pixel) the
+                                           ``value_range`` clamp moved: below, above, values
+                                           (counts; :mod:`mgpr.data.clipping`); null where none
+                                           can clip (uint8 by [0, 255], raw values)
     stats                         obj      exact over ALL samples: samples (count) and
                                            <field>_avg / <field>_peak for every sample field
     samples                       obj      columns, evenly thinned to <= 10 000 rows: t_s (s since

@@ -43,6 +43,8 @@ ranks[]                          list      one row per reported rank (= per GPU)
   stages_s                       obj       stage -> blocking seconds (``write``, ``postprocess``)
   tiles_per_s                    float     tiles / wall_s
   model_tiles                    int       of ``tiles``, those the model ran on (not nodata)
+  values_clipped                 obj|null  valid values the value_range clamp moved: below,
+                                           above, values (counts); null where none can clip
   steady_tiles_per_s             float|null the rate after the first batch (no start-up)
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
@@ -61,6 +63,7 @@ totals                           obj
   wall_s                         float     longest rank wall time (s)
   tiles_per_s                    float     tiles / wall_s (whole job)
   model_tiles, model_tiles_per_s int, float of those, the tiles the model ran on, and their rate
+  values_clipped                 obj|null  the ranks' values_clipped summed (null: none kept)
   data_wait_share,               float     summed over ranks, divided by summed wall time
   compute_share
   stage_shares                   obj       the same per stage
@@ -180,6 +183,7 @@ def _rank_row(part: Mapping[str, Any]) -> dict[str, Any]:
         "tiles_per_s": round(int(part.get("tiles") or 0) / wall, 3) if wall > 0 else 0.0,
         # parts written before model_tiles existed: every tile counted as a model tile
         "model_tiles": int(part.get("model_tiles", part.get("tiles")) or 0),
+        "values_clipped": part.get("values_clipped"),
         "steady_tiles_per_s": _round_or_none(part.get("steady_tiles_per_s"), 3),
         "data_wait_share": _share(float(part.get("data_wait_s") or 0.0), wall),
         "compute_share": _share(float(part.get("compute_s") or 0.0), wall),
@@ -224,9 +228,16 @@ def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str,
     stage_names = sorted({k for r in rows for k in r["stages_s"]})
     utils = [g["util_avg_pct"] for g in gpus if g["util_avg_pct"] is not None]
     peaks = [r["mem_peak_gib"] for r in rows if r["mem_peak_gib"] is not None]
+    clipped = [r["values_clipped"] for r in rows if isinstance(r.get("values_clipped"), dict)]
     return {
         "ranks": len(rows),
         "nodes": len({r["hostname"] for r in rows}),
+        # summed over the ranks that kept counts (none: null, nothing could clip)
+        "values_clipped": {
+            k: sum(int(c.get(k) or 0) for c in clipped) for k in ("below", "above", "values")
+        }
+        if clipped
+        else None,
         "tiles": tiles,
         "batches": sum(r["batches"] for r in rows),
         "wall_s": round(wall, 3),

@@ -298,6 +298,7 @@ def finish_run(
     totals = report.get("totals", {}) if report else {}
     summary["tiles_per_s"] = totals.get("tiles_per_s")
     summary["model_tiles_per_s"] = totals.get("model_tiles_per_s")
+    _record_clipping(summary, totals.get("values_clipped"))
     summary["predict_loop_s"] = totals.get("wall_s")
     this_run = totals.get("tiles")
     handled = summary["tiles_predicted"] + summary["tiles_skipped_nodata"] + summary["tiles_failed"]
@@ -342,6 +343,34 @@ def describe_value_ranges(cfg: PredictConfig, ranges: dict[str, Any] | None) -> 
         "value_range": cfg.value_range,
         "inputs": {p: {"source": vr.source, "range": vr.pairs()} for p, vr in ranges.items()},
     }
+
+
+def _record_clipping(summary: dict[str, Any], counts: dict[str, int] | None) -> None:
+    """``summary["values"]["clipped"]`` from the ranks' counts, and a warning when it is most.
+
+    This run's valid values only (a resume's earlier tiles are not counted again); absent where
+    nothing could clip (uint8 by [0, 255], raw values) or no tile reached the model.
+    """
+    from mgpr.data.clipping import CLIPPED_WARN_SHARE, clipped_shares
+
+    values = summary.get("values")
+    if not counts or not counts.get("values") or not isinstance(values, dict):
+        return
+    shares = clipped_shares(counts)
+    values["clipped"] = shares
+    for end, bound in (("below", "lo"), ("above", "hi")):
+        share = float(shares[end])
+        if share > CLIPPED_WARN_SHARE:
+            log.warning(
+                "value_range: %.0f%% of the valid values this run fed the model were %s %s, so "
+                "the model saw them as one flat %s; the range is probably meant for other data: "
+                "check it against the rasters (value_range=auto stretches each raster's 2nd-98th "
+                "percentiles)",
+                share * 100,
+                end,
+                bound,
+                "0" if end == "below" else "1",
+            )
 
 
 def describe_resolution(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 
+from mgpr.data.clipping import ClipTally
 from mgpr.data.dataset import STATUS_FAILED, STATUS_OK
 from mgpr.data.masking import fill_invalid
 from mgpr.data.scaling import ValueScaler
@@ -82,6 +83,8 @@ class InferenceModule(pl.LightningModule):
         self.views = VIEWS[tta]
         self.max_detections = max_detections
         self.scaler = scaler or ValueScaler(raw=adapter.input_range == "raw")
+        #: valid values the scaler's clamp moved (below lo / above hi); None for raw values
+        self.clip_tally = None if self.scaler.raw else ClipTally()
         self.adapter = adapter
         self.net = adapter.module
         self.tiles = list(tiles) if tiles is not None else None
@@ -165,7 +168,10 @@ class InferenceModule(pl.LightningModule):
             if self.tiles is not None and self.scaler.needs_paths:
                 positions = np.asarray(batch["index"])[ok]
                 paths = [self.tiles[i].id.path for i in positions.tolist()]
-            x = fill_invalid(self.scaler(images, paths, keep), batch.get("device_mask", mask), keep)
+            valid = batch.get("device_mask", mask)
+            counted = self._counted_pixels(valid, keep, batch, ok, images.shape)
+            x = self.scaler(images, paths, keep, self.clip_tally, counted)
+            x = fill_invalid(x, valid, keep)
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)
@@ -211,6 +217,41 @@ class InferenceModule(pl.LightningModule):
             else:
                 outcomes.append(TileOutcome(tile, st, reasons[pos]))
         return outcomes
+
+    def _counted_pixels(
+        self,
+        valid: torch.Tensor | None,
+        keep: torch.Tensor | None,
+        batch: dict[str, Any],
+        ok: np.ndarray,
+        shape: torch.Size,
+    ) -> torch.Tensor | None:
+        """(K, H, W) pixels of the kept tiles whose values the clip tally counts, or None (all).
+
+        The validity mask's (nodata, mask band) and, for edge tiles, only the window inside the
+        raster: their zero padding is no data, and a range with ``lo > 0`` would count it as
+        clipped (28 % of a 700 x 600 raster's values in 256 px tiles).
+        """
+        if self.clip_tally is None:
+            return None
+        counted = None if valid is None else (valid if keep is None else valid[keep])
+        if self.tiles is None:
+            return counted
+        height, width = int(shape[-2]), int(shape[-1])
+        kept = [self.tiles[i] for i in np.asarray(batch["index"])[ok].tolist()]
+        rows = [t.valid_height for t in kept]
+        cols = [t.valid_width for t in kept]
+        if min(rows) >= height and min(cols) >= width:
+            return counted
+        device = valid.device if valid is not None else batch["image"].device
+        inside = (
+            torch.arange(height, device=device)[None, :, None]
+            < torch.tensor(rows, device=device)[:, None, None]
+        ) & (
+            torch.arange(width, device=device)[None, None, :]
+            < torch.tensor(cols, device=device)[:, None, None]
+        )
+        return inside if counted is None else inside & counted.ne(0)
 
     def _detect_in_views(self, inputs: Any, n: int) -> tuple[list[Detections], torch.Tensor | None]:
         """``tta=`` for a detector: each view's boxes, back in the tile's frame, fused by NMS.

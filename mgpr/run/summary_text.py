@@ -193,6 +193,9 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
     if values.get("value_range") is not None:
         first = next(iter(values["inputs"].values()), None)
         shown = f", first input {_ranges(first['range'])}" if first else ""
+        clipped = values.get("clipped")
+        if clipped:
+            shown += f"; clipped {clipped['below']:.1%} below lo, {clipped['above']:.1%} above hi"
         lines.append(f"  values       value_range={_ranges(values['value_range'])}{shown}")
     if s.get("failed_tiles"):
         lines.append(
