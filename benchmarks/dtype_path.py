@@ -86,8 +86,12 @@ def scaling_rows(tile: int, batch: int, device: torch.device, reps: int) -> None
         "ValueScaler uint8 3-band [0,255]": lambda: default(u8),
         "ValueScaler uint16 4-band [0,10000]": lambda: sentinel(u16),
         # what a run adds: the clamp's valid values below lo / above hi, counted on the device
-        "  + clip tally (no mask)": lambda: sentinel(u16, tally=ClipTally()),
-        "  + clip tally (nodata mask)": lambda: sentinel(u16, tally=ClipTally(), valid=mask),
+        "  + clip tally (no mask)": lambda: sentinel(
+            u16, before_clamp=lambda x: ClipTally().add(x, None)
+        ),
+        "  + clip tally (nodata mask)": lambda: sentinel(
+            u16, before_clamp=lambda x: ClipTally().add(x, mask)
+        ),
     }
     x = default(u8)
     rows["fill_invalid uint8 3-band (after scaling)"] = lambda: fill_invalid(x, mask)

@@ -395,8 +395,10 @@ def test_a_folder_mixing_uint8_and_uint16_takes_a_range_per_dtype(
     assert found == {str(a.path): 12, str(b.path): 12}, found
     values = _summary(run)["values"]
     assert values["value_range"] == {"uint16": [[0.0, 4095.0]]}
-    assert values["inputs"][str(a.path)] == {"source": "default", "range": [[0.0, 255.0]] * 3}
-    assert values["inputs"][str(b.path)] == {"source": "value_range", "range": [[0, 4095]] * 3}
+    a_values, b_values = values["inputs"][str(a.path)], values["inputs"][str(b.path)]
+    assert (a_values["source"], a_values["range"]) == ("default", [[0.0, 255.0]] * 3)
+    assert (b_values["source"], b_values["range"]) == ("value_range", [[0, 4095]] * 3)
+    assert a_values["clipped"]["above"] == b_values["clipped"]["above"] == 0.0
     assert "value_range={uint16: [[0, 4095]]}" in capsys.readouterr().out
     assert run_mgpr_inprocess(f"input_path={folder}", *keys, "value_range={uint16:[0,4096]}") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # a resume with another: refused
@@ -421,14 +423,24 @@ def test_clip_tally_counts_the_valid_values_outside_the_range() -> None:
     assert tally.totals() is None  # nothing counted: no line, no key
     x = torch.tensor([[[[-0.5, 0.2], [1.5, 2.0]]], [[[0.0, 1.0], [-1.0, 3.0]]]])  # (2, 1, 2, 2)
     tally.add(x, None)
-    assert tally.totals() == {"below": 2, "above": 3, "values": 8}
+    assert tally.totals() == {"below": 2, "above": 3, "values": 8, "inputs": {}}
     valid = torch.tensor([[[1, 1], [0, 0]], [[1, 1], [1, 0]]], dtype=torch.uint8)
     tally.add(x, valid)  # masked pixels (nodata, padding) are not data: not counted
-    assert tally.totals() == {"below": 2 + 2, "above": 3 + 0, "values": 8 + 5}
+    assert tally.totals() == {"below": 2 + 2, "above": 3 + 0, "values": 8 + 5, "inputs": {}}
     x3 = torch.full((1, 3, 2, 2), 2.0)
     fresh = ClipTally()
     fresh.add(x3, torch.tensor([[[1, 0], [0, 0]]]))  # every band of a valid pixel counts
-    assert fresh.totals() == {"below": 0, "above": 3, "values": 3}
+    assert fresh.totals() == {"below": 0, "above": 3, "values": 3, "inputs": {}}
+    # per input: tile 0 from b.tif, tile 1 from a.tif (runs of consecutive tiles of a raster)
+    per = ClipTally()
+    per.add(x, valid, [("b.tif", 0, 1), ("a.tif", 1, 2)])
+    per.add(x[:1], None, [("b.tif", 0, 1)])
+    assert per.totals() == {
+        "below": 3,
+        "above": 2,
+        "values": 5 + 4,
+        "inputs": {"b.tif": [1 + 1, 0 + 2, 2 + 4], "a.tif": [1, 0, 3]},
+    }
     assert clipped_shares({"below": 1, "above": 3, "values": 4}) == {
         "below": 0.25,
         "above": 0.75,
@@ -445,9 +457,10 @@ def test_summary_says_how_much_the_range_clipped(make_image, tmp_path: Path, cap
     captured = capsys.readouterr()
     clipped = _summary(tmp_path / "wrong")["values"]["clipped"]
     assert clipped["above"] > 0.99 and clipped["below"] == 0.0 and clipped["values"] > 0
-    assert "% of the valid values this run fed the model were above hi, so the model saw" in (
-        captured.err
-    )
+    warned = [line for line in captured.err.splitlines() if "value_range clipped" in line]
+    assert len(warned) == 1 and f"{str(img.path)!r} 100% above hi" in warned[0], warned
+    assert "of 1 input(s)" in warned[0]
+    assert _summary(tmp_path / "wrong")["values"]["inputs"][str(img.path)]["clipped"] == clipped
     assert f"clipped 0.0% below lo, {clipped['above']:.1%} above hi" in captured.out
     assert _run(img, tmp_path / "right", "value_range=[0,4095]") == 0
     right = _summary(tmp_path / "right")["values"]["clipped"]
@@ -464,7 +477,7 @@ def test_summary_says_how_much_the_range_clipped(make_image, tmp_path: Path, cap
         for t in tiles
     )
     assert right["values"] == 3 * expected == clipped["values"]
-    assert "were above hi" not in capsys.readouterr().err
+    assert "value_range clipped" not in capsys.readouterr().err
     assert _run(img, tmp_path / "auto", "value_range=auto") == 0
     auto = _summary(tmp_path / "auto")["values"]["clipped"]
     assert 0.005 < auto["below"] < 0.04 and 0.0 <= auto["above"] < 0.04, auto
@@ -478,3 +491,26 @@ def test_uint8_by_its_default_range_records_no_clipping(make_image, tmp_path: Pa
     assert "clipped" not in _summary(tmp_path / "run")["values"]
     report = json.loads((tmp_path / "run" / "report.json").read_text())
     assert report["totals"]["values_clipped"] is None
+
+
+def test_one_input_of_a_folder_clipped_by_a_range_meant_for_the_others(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """Two uint16 rasters, 12-bit and 16-bit, one range for 12 bits: the 16-bit one is named,
+    with its own share in summary.json; the 12-bit one clips nothing."""
+    (tmp_path / "orthos").mkdir()
+    b12 = _image(make_image, "orthos/b12.tif", dtype="uint16", value_range=(0, 4095))
+    b16 = _image(make_image, "orthos/b16.tif", dtype="uint16", value_range=(0, 65535), origin_x=6e5)
+    run = tmp_path / "run"
+    keys = ("model=reference", *GRID, "workers=0", f"output_dir={run}", "value_range=[0,4095]")
+    assert run_mgpr_inprocess(f"input_path={tmp_path / 'orthos'}", *keys) == 0
+    values = _summary(run)["values"]
+    ok, wrong = (
+        values["inputs"][str(b12.path)]["clipped"],
+        values["inputs"][str(b16.path)]["clipped"],
+    )
+    assert ok["below"] == ok["above"] == 0.0 and wrong["above"] > 0.9, (ok, wrong)
+    assert ok["values"] + wrong["values"] == values["clipped"]["values"]
+    warned = [x for x in capsys.readouterr().err.splitlines() if "value_range clipped" in x]
+    assert len(warned) == 1 and "of 1 input(s)" in warned[0], warned
+    assert repr(str(b16.path)) in warned[0] and repr(str(b12.path)) not in warned[0]

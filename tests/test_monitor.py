@@ -871,12 +871,27 @@ def test_hint_says_when_most_tiles_were_nodata(two_of_three: Path) -> None:
 def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
     """A rank without counts (raw values, uint8 by [0, 255], no tile) adds nothing."""
     parts = [_part(r, util=[50.0], used_gib=[1.0], wait=1.0) for r in range(3)]
-    parts[0]["values_clipped"] = {"below": 10, "above": 300, "values": 1000}
-    parts[1]["values_clipped"] = {"below": 5, "above": 0, "values": 500}
+    parts[0]["values_clipped"] = {
+        "below": 10,
+        "above": 300,
+        "values": 1000,
+        "inputs": {"a.tif": [10, 0, 600], "b.tif": [0, 300, 400]},
+    }
+    parts[1]["values_clipped"] = {
+        "below": 5,
+        "above": 0,
+        "values": 500,
+        "inputs": {"a.tif": [5, 0, 500]},
+    }
     parts[2]["values_clipped"] = None
     _write_parts(tmp_path, parts)
     report = build_report(tmp_path, 3, {})
-    assert report["totals"]["values_clipped"] == {"below": 15, "above": 300, "values": 1500}
+    assert report["totals"]["values_clipped"] == {
+        "below": 15,
+        "above": 300,
+        "values": 1500,
+        "inputs": {"a.tif": [15, 0, 1100], "b.tif": [0, 300, 400]},
+    }
     assert [r["values_clipped"] for r in report["ranks"]][2] is None
     for part in parts:
         part["values_clipped"] = None

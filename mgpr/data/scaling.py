@@ -15,11 +15,10 @@ mean/std, ...); one that sets ``input_range = "raw"`` gets ``x.float()``: native
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from mgpr.data.clipping import ClipTally
 from mgpr.geo.values import ValueRange
 
 #: Torch's "barebones" unsigned dtypes: few kernels (copy/convert, not indexing or arithmetic on
@@ -89,8 +88,7 @@ class ValueScaler:
         images: torch.Tensor,
         paths: Sequence[str] | None = None,
         keep: torch.Tensor | None = None,
-        tally: ClipTally | None = None,
-        valid: torch.Tensor | None = None,
+        before_clamp: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
         """(B, C, H, W) raw tiles -> (K, C, H, W) float32 model input, same device.
 
@@ -99,9 +97,9 @@ class ValueScaler:
             paths: the raster of each of the K kept tiles (None: every raster alike).
             keep: int64 positions of the K tiles to keep (None: all B); indexed before the
                 conversion where the dtype allows it (less work), after it for uint16/uint32.
-            tally: counts the valid values the clamp moves (:mod:`mgpr.data.clipping`).
-            valid: (K, H, W) validity of the K kept tiles (0 = invalid: nodata, an edge tile's
-                padding) for ``tally``, on the batch's device; None = every pixel valid.
+            before_clamp: called with the scaled (K, C, H, W) values before they are clamped to
+                [0, 1] (a run counts what the clamp moves: :mod:`mgpr.data.clipping`); not
+                called for uint8 by [0, 255], which cannot leave the range.
         """
         if keep is not None and images.dtype not in _BAREBONES:
             images = images[keep]
@@ -118,8 +116,8 @@ class ValueScaler:
         x.sub_(lo).mul_(inv_span)
         if images.dtype.is_floating_point:
             x.nan_to_num_(nan=0.0, posinf=1.0, neginf=0.0)
-        if tally is not None:
-            tally.add(x, valid)
+        if before_clamp is not None:
+            before_clamp(x)
         return x.clamp_(0.0, 1.0)
 
     def _lo_inv_span(

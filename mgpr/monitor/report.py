@@ -44,7 +44,8 @@ ranks[]                          list      one row per reported rank (= per GPU)
   tiles_per_s                    float     tiles / wall_s
   model_tiles                    int       of ``tiles``, those the model ran on (not nodata)
   values_clipped                 obj|null  valid values the value_range clamp moved: below,
-                                           above, values (counts); null where none can clip
+                                           above, values (counts) and inputs (per raster path
+                                           [below, above, values]); null where none can clip
   steady_tiles_per_s             float|null the rate after the first batch (no start-up)
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
@@ -63,7 +64,8 @@ totals                           obj
   wall_s                         float     longest rank wall time (s)
   tiles_per_s                    float     tiles / wall_s (whole job)
   model_tiles, model_tiles_per_s int, float of those, the tiles the model ran on, and their rate
-  values_clipped                 obj|null  the ranks' values_clipped summed (null: none kept)
+  values_clipped                 obj|null  the ranks' values_clipped summed, and per input path
+                                           [below, above, values] (null: none kept)
   data_wait_share,               float     summed over ranks, divided by summed wall time
   compute_share
   stage_shares                   obj       the same per stage
@@ -220,6 +222,21 @@ def _gpu_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _sum_clipped(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The ranks' clip counts summed: totals, and per input ``[below, above, values]``."""
+    per_input: dict[str, list[int]] = {}
+    for part in parts:
+        for path, counts in (part.get("inputs") or {}).items():
+            mine = per_input.setdefault(str(path), [0, 0, 0])
+            for i in range(3):
+                mine[i] += int(counts[i])
+    out: dict[str, Any] = {
+        k: sum(int(p.get(k) or 0) for p in parts) for k in ("below", "above", "values")
+    }
+    out["inputs"] = per_input
+    return out
+
+
 def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str, Any]:
     wall_sum = sum(r["wall_s"] for r in rows)
     wall = max((r["wall_s"] for r in rows), default=0.0)
@@ -233,11 +250,7 @@ def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str,
         "ranks": len(rows),
         "nodes": len({r["hostname"] for r in rows}),
         # summed over the ranks that kept counts (none: null, nothing could clip)
-        "values_clipped": {
-            k: sum(int(c.get(k) or 0) for c in clipped) for k in ("below", "above", "values")
-        }
-        if clipped
-        else None,
+        "values_clipped": _sum_clipped(clipped) if clipped else None,
         "tiles": tiles,
         "batches": sum(r["batches"] for r in rows),
         "wall_s": round(wall, 3),

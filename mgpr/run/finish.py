@@ -345,32 +345,41 @@ def describe_value_ranges(cfg: PredictConfig, ranges: dict[str, Any] | None) -> 
     }
 
 
-def _record_clipping(summary: dict[str, Any], counts: dict[str, int] | None) -> None:
-    """``summary["values"]["clipped"]`` from the ranks' counts, and a warning when it is most.
+def _record_clipping(summary: dict[str, Any], counts: dict[str, Any] | None) -> None:
+    """``values.clipped`` (whole run) and ``values.inputs[path].clipped`` from the ranks' counts.
 
     This run's valid values only (a resume's earlier tiles are not counted again); absent where
-    nothing could clip (uint8 by [0, 255], raw values) or no tile reached the model.
+    nothing could clip (uint8 by [0, 255], raw values) or no tile reached the model. Rank 0
+    warns once, naming the inputs over :data:`~mgpr.data.clipping.CLIPPED_WARN_SHARE` at
+    either end: per input, so one raster of a folder read with a range meant for the others
+    shows even where the run as a whole looks fine.
     """
     from mgpr.data.clipping import CLIPPED_WARN_SHARE, clipped_shares
 
     values = summary.get("values")
     if not counts or not counts.get("values") or not isinstance(values, dict):
         return
-    shares = clipped_shares(counts)
-    values["clipped"] = shares
-    for end, bound in (("below", "lo"), ("above", "hi")):
-        share = float(shares[end])
-        if share > CLIPPED_WARN_SHARE:
-            log.warning(
-                "value_range: %.0f%% of the valid values this run fed the model were %s %s, so "
-                "the model saw them as one flat %s; the range is probably meant for other data: "
-                "check it against the rasters (value_range=auto stretches each raster's 2nd-98th "
-                "percentiles)",
-                share * 100,
-                end,
-                bound,
-                "0" if end == "below" else "1",
-            )
+    values["clipped"] = clipped_shares(counts)
+    flagged: list[str] = []
+    for path, (below, above, n) in (counts.get("inputs") or {}).items():
+        shares = clipped_shares({"below": below, "above": above, "values": n})
+        entry = values.get("inputs", {}).get(path)
+        if isinstance(entry, dict):
+            entry["clipped"] = shares
+        worst = max(("below", "lo"), ("above", "hi"), key=lambda end: float(shares[end[0]]))
+        if float(shares[worst[0]]) > CLIPPED_WARN_SHARE:
+            flagged.append(f"{path!r} {float(shares[worst[0]]):.0%} {worst[0]} {worst[1]}")
+    if flagged:
+        more = f" (+{len(flagged) - 3} more in summary.json)" if len(flagged) > 3 else ""
+        log.warning(
+            "value_range clipped most of the valid values of %d input(s), which the model saw "
+            "as flat 0 (below lo) or 1 (above hi): %s%s; the range is probably meant for other "
+            "data: check it against them (value_range=auto stretches each raster's 2nd-98th "
+            "percentiles; per dtype: 'value_range={uint16:[lo,hi]}')",
+            len(flagged),
+            ", ".join(flagged[:3]),
+            more,
+        )
 
 
 def describe_resolution(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> dict[str, Any]:

@@ -83,11 +83,11 @@ class InferenceModule(pl.LightningModule):
         self.views = VIEWS[tta]
         self.max_detections = max_detections
         self.scaler = scaler or ValueScaler(raw=adapter.input_range == "raw")
+        self.tiles = list(tiles) if tiles is not None else None
         #: valid values the scaler's clamp moved (below lo / above hi); None for raw values
         self.clip_tally = None if self.scaler.raw else ClipTally()
         self.adapter = adapter
         self.net = adapter.module
-        self.tiles = list(tiles) if tiles is not None else None
         self.tile_size = tile_size
         self.on_stage = on_stage
         self.compile_plan = compile_plan
@@ -169,8 +169,7 @@ class InferenceModule(pl.LightningModule):
                 positions = np.asarray(batch["index"])[ok]
                 paths = [self.tiles[i].id.path for i in positions.tolist()]
             valid = batch.get("device_mask", mask)
-            counted = self._counted_pixels(valid, keep, batch, ok, images.shape)
-            x = self.scaler(images, paths, keep, self.clip_tally, counted)
+            x = self.scaler(images, paths, keep, self._clip_counter(valid, keep, batch, ok))
             x = fill_invalid(x, valid, keep)
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
@@ -218,40 +217,47 @@ class InferenceModule(pl.LightningModule):
                 outcomes.append(TileOutcome(tile, st, reasons[pos]))
         return outcomes
 
-    def _counted_pixels(
+    def _clip_counter(
         self,
         valid: torch.Tensor | None,
         keep: torch.Tensor | None,
         batch: dict[str, Any],
         ok: np.ndarray,
-        shape: torch.Size,
-    ) -> torch.Tensor | None:
-        """(K, H, W) pixels of the kept tiles whose values the clip tally counts, or None (all).
+    ) -> Callable[[torch.Tensor], None] | None:
+        """The scaler's ``before_clamp`` for one batch: the clip tally over its counted pixels.
 
-        The validity mask's (nodata, mask band) and, for edge tiles, only the window inside the
-        raster: their zero padding is no data, and a range with ``lo > 0`` would count it as
-        clipped (28 % of a 700 x 600 raster's values in 256 px tiles).
+        Counted: the validity mask's pixels (nodata, mask band) and, for edge tiles, only the
+        window inside the raster (their zero padding is no data: a range with ``lo > 0`` would
+        count it as clipped, 28 % of a 700 x 600 raster's values in 256 px tiles); per raster,
+        over the batch's runs of consecutive tiles of one raster.
         """
-        if self.clip_tally is None:
+        tally = self.clip_tally
+        if tally is None:
             return None
         counted = None if valid is None else (valid if keep is None else valid[keep])
         if self.tiles is None:
-            return counted
-        height, width = int(shape[-2]), int(shape[-1])
+            return lambda x: tally.add(x, counted)
         kept = [self.tiles[i] for i in np.asarray(batch["index"])[ok].tolist()]
+        runs: list[tuple[str, int, int]] = []
+        for k, tile in enumerate(kept):
+            if runs and runs[-1][0] == tile.id.path:
+                runs[-1] = (tile.id.path, runs[-1][1], k + 1)
+            else:
+                runs.append((tile.id.path, k, k + 1))
+        height, width = (int(n) for n in batch["image"].shape[-2:])
         rows = [t.valid_height for t in kept]
         cols = [t.valid_width for t in kept]
-        if min(rows) >= height and min(cols) >= width:
-            return counted
-        device = valid.device if valid is not None else batch["image"].device
-        inside = (
-            torch.arange(height, device=device)[None, :, None]
-            < torch.tensor(rows, device=device)[:, None, None]
-        ) & (
-            torch.arange(width, device=device)[None, None, :]
-            < torch.tensor(cols, device=device)[:, None, None]
-        )
-        return inside if counted is None else inside & counted.ne(0)
+        if min(rows) < height or min(cols) < width:  # edge tiles: their padding is not data
+            device = batch["image"].device
+            inside = (
+                torch.arange(height, device=device)[None, :, None]
+                < torch.tensor(rows, device=device)[:, None, None]
+            ) & (
+                torch.arange(width, device=device)[None, None, :]
+                < torch.tensor(cols, device=device)[:, None, None]
+            )
+            counted = inside if counted is None else inside & counted.ne(0)
+        return lambda x: tally.add(x, counted, runs)
 
     def _detect_in_views(self, inputs: Any, n: int) -> tuple[list[Detections], torch.Tensor | None]:
         """``tta=`` for a detector: each view's boxes, back in the tile's frame, fused by NMS.
