@@ -36,12 +36,19 @@ class ClipTally:
         self._counts: torch.Tensor | None = None  # (rows, 3) int64: below, above, values
 
     def _row(self, path: str | None, device: torch.device) -> int:
+        """The counts row of ``path``, a new one at its first tile.
+
+        Capacity doubles: a folder of 10,000 chips reallocates 11 times, not 10,000.
+        """
         row = self._row_of.get(path)
         if row is None:
             row = self._row_of[path] = len(self.inputs)
             self.inputs.append(path)
-            fresh = torch.zeros((1, 3), dtype=torch.int64, device=device)
-            self._counts = fresh if self._counts is None else torch.cat([self._counts, fresh])
+            if self._counts is None or row >= self._counts.shape[0]:
+                grown = torch.zeros((max(8, 2 * row), 3), dtype=torch.int64, device=device)
+                if self._counts is not None:
+                    grown[:row] = self._counts
+                self._counts = grown
         return row
 
     def add(
@@ -93,7 +100,8 @@ class ClipTally:
         """
         if self._counts is None:
             return None
-        rows = [[int(v) for v in row] for row in self._counts.cpu().tolist()]
+        used = self._counts[: len(self.inputs)]
+        rows = [[int(v) for v in row] for row in used.cpu().tolist()]
         below, above, values = (sum(row[i] for row in rows) for i in range(3))
         per_input = {p: row for p, row in zip(self.inputs, rows, strict=True) if p is not None}
         return {"below": below, "above": above, "values": values, "inputs": per_input}

@@ -244,20 +244,24 @@ class InferenceModule(pl.LightningModule):
                 runs[-1] = (tile.id.path, runs[-1][1], k + 1)
             else:
                 runs.append((tile.id.path, k, k + 1))
-        height, width = (int(n) for n in batch["image"].shape[-2:])
         rows = [t.valid_height for t in kept]
         cols = [t.valid_width for t in kept]
-        if min(rows) < height or min(cols) < width:  # edge tiles: their padding is not data
-            device = batch["image"].device
-            inside = (
-                torch.arange(height, device=device)[None, :, None]
-                < torch.tensor(rows, device=device)[:, None, None]
-            ) & (
-                torch.arange(width, device=device)[None, None, :]
-                < torch.tensor(cols, device=device)[:, None, None]
-            )
-            counted = inside if counted is None else inside & counted.ne(0)
-        return lambda x: tally.add(x, counted, runs)
+
+        def count(x: torch.Tensor) -> None:  # called only where the scaler clamps
+            pixels = counted
+            height, width = int(x.shape[-2]), int(x.shape[-1])
+            if min(rows) < height or min(cols) < width:  # edge tiles: padding is not data
+                inside = (
+                    torch.arange(height, device=x.device)[None, :, None]
+                    < torch.tensor(rows, device=x.device)[:, None, None]
+                ) & (
+                    torch.arange(width, device=x.device)[None, None, :]
+                    < torch.tensor(cols, device=x.device)[:, None, None]
+                )
+                pixels = inside if pixels is None else inside & pixels.ne(0)
+            tally.add(x, pixels, runs)
+
+        return count
 
     def _detect_in_views(self, inputs: Any, n: int) -> tuple[list[Detections], torch.Tensor | None]:
         """``tta=`` for a detector: each view's boxes, back in the tile's frame, fused by NMS.
