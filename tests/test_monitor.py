@@ -892,7 +892,11 @@ def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
         "values": 1500,
         "inputs": {"a.tif": [15, 0, 1100], "b.tif": [0, 300, 400]},
     }
-    assert [r["values_clipped"] for r in report["ranks"]][2] is None
+    assert [r["values_clipped"] for r in report["ranks"]] == [  # rows: each rank's totals
+        {"below": 10, "above": 300, "values": 1000},
+        {"below": 5, "above": 0, "values": 500},
+        None,
+    ]
     for part in parts:
         part["values_clipped"] = None
     _write_parts(tmp_path / "none", parts)

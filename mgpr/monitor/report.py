@@ -44,8 +44,8 @@ ranks[]                          list      one row per reported rank (= per GPU)
   tiles_per_s                    float     tiles / wall_s
   model_tiles                    int       of ``tiles``, those the model ran on (not nodata)
   values_clipped                 obj|null  valid values the value_range clamp moved: below,
-                                           above, values (counts) and inputs (per raster path
-                                           [below, above, values]); null where none can clip
+                                           above, values (counts; per input in totals); null
+                                           where none can clip
   steady_tiles_per_s             float|null the rate after the first batch (no start-up)
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
@@ -84,7 +84,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,7 @@ def _rank_row(part: Mapping[str, Any]) -> dict[str, Any]:
         "tiles_per_s": round(int(part.get("tiles") or 0) / wall, 3) if wall > 0 else 0.0,
         # parts written before model_tiles existed: every tile counted as a model tile
         "model_tiles": int(part.get("model_tiles", part.get("tiles")) or 0),
-        "values_clipped": part.get("values_clipped"),
+        "values_clipped": _without_inputs(part.get("values_clipped")),
         "steady_tiles_per_s": _round_or_none(part.get("steady_tiles_per_s"), 3),
         "data_wait_share": _share(float(part.get("data_wait_s") or 0.0), wall),
         "compute_share": _share(float(part.get("compute_s") or 0.0), wall),
@@ -222,6 +222,13 @@ def _gpu_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _without_inputs(clipped: Any) -> dict[str, int] | None:
+    """A rank row's clip counts: its totals only (the per-input counts go to ``totals``)."""
+    if not isinstance(clipped, dict):
+        return None
+    return {k: int(clipped.get(k) or 0) for k in ("below", "above", "values")}
+
+
 def _sum_clipped(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The ranks' clip counts summed: totals, and per input ``[below, above, values]``."""
     per_input: dict[str, list[int]] = {}
@@ -237,7 +244,12 @@ def _sum_clipped(parts: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str, Any]:
+def _totals(
+    rows: list[dict[str, Any]],
+    gpus: list[dict[str, Any]],
+    clipped: Sequence[dict[str, Any]] = (),
+) -> dict[str, Any]:
+    """The job's totals; ``clipped``: the parts' ``values_clipped`` (per-input counts too)."""
     wall_sum = sum(r["wall_s"] for r in rows)
     wall = max((r["wall_s"] for r in rows), default=0.0)
     tiles = sum(r["tiles"] for r in rows)
@@ -245,7 +257,6 @@ def _totals(rows: list[dict[str, Any]], gpus: list[dict[str, Any]]) -> dict[str,
     stage_names = sorted({k for r in rows for k in r["stages_s"]})
     utils = [g["util_avg_pct"] for g in gpus if g["util_avg_pct"] is not None]
     peaks = [r["mem_peak_gib"] for r in rows if r["mem_peak_gib"] is not None]
-    clipped = [r["values_clipped"] for r in rows if isinstance(r.get("values_clipped"), dict)]
     return {
         "ranks": len(rows),
         "nodes": len({r["hostname"] for r in rows}),
@@ -291,7 +302,10 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
     parts, missing, unreadable = read_parts(run_dir, world_size)
     rows = [_rank_row(parts[r]) for r in sorted(parts)]
     gpus = _gpu_rows(rows)
-    totals = _totals(rows, gpus)
+    clipped = [
+        p["values_clipped"] for p in parts.values() if isinstance(p.get("values_clipped"), dict)
+    ]
+    totals = _totals(rows, gpus, clipped)
     cpus = context.get("cpus_per_task") or os.cpu_count() or 1
     cpu_run = bool(rows) and all(not str(r["device"]).startswith("cuda") for r in rows)
     stage_shares = dict(totals["stage_shares"])
