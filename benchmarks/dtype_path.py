@@ -81,17 +81,21 @@ def scaling_rows(tile: int, batch: int, device: torch.device, reps: int) -> None
     default, sentinel = ValueScaler(), ValueScaler({"s2.tif": s2})
     mask = torch.full((batch, tile, tile), 255, dtype=torch.uint8, device=device)
     mask[:, :, : tile // 8] = 0  # a nodata strip
+
+    def tallied(valid: torch.Tensor | None) -> torch.Tensor:
+        """What a run does: the counts before the clamp, each raster's peak after it."""
+        tally = ClipTally()
+        scaled = sentinel(u16, before_clamp=lambda x: tally.add(x, valid))
+        tally.add_peaks(scaled, None)
+        return scaled
+
     rows = {
         "before: x.float().div_(255), uint8 3-band": lambda: u8.to(torch.float32).div_(255.0),
         "ValueScaler uint8 3-band [0,255]": lambda: default(u8),
         "ValueScaler uint16 4-band [0,10000]": lambda: sentinel(u16),
         # what a run adds: the clamp's valid values below lo / above hi, counted on the device
-        "  + clip tally (no mask)": lambda: sentinel(
-            u16, before_clamp=lambda x: ClipTally().add(x, None)
-        ),
-        "  + clip tally (nodata mask)": lambda: sentinel(
-            u16, before_clamp=lambda x: ClipTally().add(x, mask)
-        ),
+        "  + clip tally (no mask)": lambda: tallied(None),
+        "  + clip tally (nodata mask)": lambda: tallied(mask),
     }
     x = default(u8)
     rows["fill_invalid uint8 3-band (after scaling)"] = lambda: fill_invalid(x, mask)

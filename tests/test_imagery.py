@@ -423,28 +423,35 @@ def test_clip_tally_counts_the_valid_values_outside_the_range() -> None:
     assert tally.totals() is None  # nothing counted: no line, no key
     x = torch.tensor([[[[-0.5, 0.2], [1.5, 2.0]]], [[[0.0, 1.0], [-1.0, 3.0]]]])  # (2, 1, 2, 2)
     tally.add(x, None)
-    assert tally.totals() == {"below": 2, "above": 3, "values": 8, "inputs": {}}
+    assert tally.totals() == {"below": 2, "above": 3, "values": 8, "peak": None, "inputs": {}}
+    tally.add_peaks(x.clamp(0, 1) * 0.5, None)  # the peak: of the model's input as it goes in
+    assert tally.totals()["peak"] == 0.5
     valid = torch.tensor([[[1, 1], [0, 0]], [[1, 1], [1, 0]]], dtype=torch.uint8)
-    tally.add(x, valid)  # masked pixels (nodata, padding) are not data: not counted
-    assert tally.totals() == {"below": 2 + 2, "above": 3 + 0, "values": 8 + 5, "inputs": {}}
+    masked = ClipTally()
+    masked.add(x, valid)  # masked pixels (nodata, padding) are not data: not counted
+    assert masked.totals() == {"below": 2, "above": 0, "values": 5, "peak": None, "inputs": {}}
     x3 = torch.full((1, 3, 2, 2), 2.0)
     fresh = ClipTally()
     fresh.add(x3, torch.tensor([[[1, 0], [0, 0]]]))  # every band of a valid pixel counts
-    assert fresh.totals() == {"below": 0, "above": 3, "values": 3, "inputs": {}}
+    assert fresh.totals() == {"below": 0, "above": 3, "values": 3, "peak": None, "inputs": {}}
     # per input: tile 0 from b.tif, tile 1 from a.tif (runs of consecutive tiles of a raster)
     per = ClipTally()
-    per.add(x, valid, [("b.tif", 0, 1), ("a.tif", 1, 2)])
+    runs = [("b.tif", 0, 1), ("a.tif", 1, 2)]
+    per.add(x, valid, runs)
+    per.add_peaks(torch.stack([x[0].clamp(0, 1), x[1].clamp(0, 0.25)]), runs)
     per.add(x[:1], None, [("b.tif", 0, 1)])
     assert per.totals() == {
         "below": 3,
         "above": 2,
         "values": 5 + 4,
-        "inputs": {"b.tif": [1 + 1, 0 + 2, 2 + 4], "a.tif": [1, 0, 3]},
+        "peak": 1.0,
+        "inputs": {"b.tif": [1 + 1, 0 + 2, 2 + 4, 1.0], "a.tif": [1, 0, 3, 0.25]},
     }
-    assert clipped_shares({"below": 1, "above": 3, "values": 4}) == {
+    assert clipped_shares({"below": 1, "above": 3, "values": 4, "peak": 2.5}) == {
         "below": 0.25,
         "above": 0.75,
         "values": 4,
+        "peak": 2.5,
     }
 
 
@@ -457,7 +464,7 @@ def test_summary_says_how_much_the_range_clipped(make_image, tmp_path: Path, cap
     captured = capsys.readouterr()
     clipped = _summary(tmp_path / "wrong")["values"]["clipped"]
     assert clipped["above"] > 0.99 and clipped["below"] == 0.0 and clipped["values"] > 0
-    warned = [line for line in captured.err.splitlines() if "value_range clipped" in line]
+    warned = [line for line in captured.err.splitlines() if "value_range does not fit" in line]
     assert len(warned) == 1 and f"{str(img.path)!r} 100% above hi" in warned[0], warned
     assert "of 1 input(s)" in warned[0]
     assert _summary(tmp_path / "wrong")["values"]["inputs"][str(img.path)]["clipped"] == clipped
@@ -477,7 +484,7 @@ def test_summary_says_how_much_the_range_clipped(make_image, tmp_path: Path, cap
         for t in tiles
     )
     assert right["values"] == 3 * expected == clipped["values"]
-    assert "value_range clipped" not in capsys.readouterr().err
+    assert "value_range does not fit" not in capsys.readouterr().err
     assert _run(img, tmp_path / "auto", "value_range=auto") == 0
     auto = _summary(tmp_path / "auto")["values"]["clipped"]
     assert 0.005 < auto["below"] < 0.04 and 0.0 <= auto["above"] < 0.04, auto
@@ -511,6 +518,27 @@ def test_one_input_of_a_folder_clipped_by_a_range_meant_for_the_others(
     )
     assert ok["below"] == ok["above"] == 0.0 and wrong["above"] > 0.9, (ok, wrong)
     assert ok["values"] + wrong["values"] == values["clipped"]["values"]
-    warned = [x for x in capsys.readouterr().err.splitlines() if "value_range clipped" in x]
+    warned = [x for x in capsys.readouterr().err.splitlines() if "value_range does not fit" in x]
     assert len(warned) == 1 and "of 1 input(s)" in warned[0], warned
     assert repr(str(b16.path)) in warned[0] and repr(str(b12.path)) not in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("spec", "given", "shown"),
+    [
+        ({"dtype": "uint16", "value_range": (0, 4095)}, "[0,65535]", "at most 6.2% of the way"),
+        ({"dtype": "float32"}, "[0,10000]", "at most 0.01% of the way"),
+    ],
+    ids=["12-bit-under-16-bit-range", "reflectance-under-counts"],
+)
+def test_a_range_far_wider_than_the_data_is_warned_of(
+    make_image, tmp_path: Path, capsys, spec: dict, given: str, shown: str
+) -> None:
+    """Nothing clips, but every value lands near 0: the model sees a nearly black raster."""
+    img = _image(make_image, "dim.tif", **spec)
+    assert _run(img, tmp_path / "run", f"value_range={given}") == 0
+    clipped = _summary(tmp_path / "run")["values"]["inputs"][str(img.path)]["clipped"]
+    assert clipped["below"] == clipped["above"] == 0.0 and clipped["peak"] < 0.07, clipped
+    warned = [x for x in capsys.readouterr().err.splitlines() if "value_range does not fit" in x]
+    assert len(warned) == 1 and f"{str(img.path)!r} {shown} to hi" in warned[0], warned
+    assert "crushed near 0" in warned[0]

@@ -875,13 +875,15 @@ def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
         "below": 10,
         "above": 300,
         "values": 1000,
-        "inputs": {"a.tif": [10, 0, 600], "b.tif": [0, 300, 400]},
+        "peak": 1.4,
+        "inputs": {"a.tif": [10, 0, 600, 0.8], "b.tif": [0, 300, 400, 1.4]},
     }
     parts[1]["values_clipped"] = {
         "below": 5,
         "above": 0,
         "values": 500,
-        "inputs": {"a.tif": [5, 0, 500]},
+        "peak": 0.9,
+        "inputs": {"a.tif": [5, 0, 500, 0.9]},
     }
     parts[2]["values_clipped"] = None
     _write_parts(tmp_path, parts)
@@ -890,11 +892,12 @@ def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
         "below": 15,
         "above": 300,
         "values": 1500,
-        "inputs": {"a.tif": [15, 0, 1100], "b.tif": [0, 300, 400]},
+        "peak": 1.4,  # peaks: the max, not a sum
+        "inputs": {"a.tif": [15, 0, 1100, 0.9], "b.tif": [0, 300, 400, 1.4]},
     }
     assert [r["values_clipped"] for r in report["ranks"]] == [  # rows: each rank's totals
-        {"below": 10, "above": 300, "values": 1000},
-        {"below": 5, "above": 0, "values": 500},
+        {"below": 10, "above": 300, "values": 1000, "peak": 1.4},
+        {"below": 5, "above": 0, "values": 500, "peak": 0.9},
         None,
     ]
     for part in parts:

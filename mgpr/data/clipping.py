@@ -5,14 +5,19 @@ to [0, 1]. A value below ``lo`` becomes 0 and one above ``hi`` becomes 1, losing
 distinguished it: a few percent is a stretch doing its job (``value_range=auto`` clips 2 % at
 each end by construction), most of a raster is a range meant for other data (a 12-bit range
 given to 16-bit imagery, reflectance 0..1 given a range in counts), which the model then sees
-as one flat value. :class:`ClipTally` counts both ends over the VALID values (every band of
-every pixel the validity mask keeps: nodata fill values are not data), on the device, without
-a host sync per batch; the rank reads the counts once, at the end of predict, into its report
-part (``values_clipped``), and rank 0 sums them into ``summary.json`` ``values.clipped``.
+as one flat value. The other way round, a range far wider than the data (a 16-bit [0, 65535]
+over 12-bit imagery, reflectance 0..1 given a range in counts) clips nothing but crushes every
+value into the bottom of the model's input: the model sees a nearly black raster. So
+:class:`ClipTally` counts both ends over the VALID values (every band of every pixel the
+validity mask keeps: nodata and padding are not data) and keeps each raster's PEAK, its
+brightest valid value as a share of [lo, hi], on the device, without a host sync per batch;
+the rank reads them once, at the end of predict, into its report part (``values_clipped``),
+and rank 0 sums them into ``summary.json`` ``values.clipped``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +25,9 @@ import torch
 
 #: Share of valid values clipped at one end above which rank 0 warns (and the summary says so).
 CLIPPED_WARN_SHARE = 0.25
+#: An input whose brightest valid value is below this share of [lo, hi] is warned of as crushed
+#: (12-bit data under [0, 65535] peaks at 0.0625).
+PEAK_WARN_SHARE = 0.1
 
 
 class ClipTally:
@@ -34,6 +42,7 @@ class ClipTally:
         self.inputs: list[str | None] = []  # the raster of each row
         self._row_of: dict[str | None, int] = {}
         self._counts: torch.Tensor | None = None  # (rows, 3) int64: below, above, values
+        self._peaks: torch.Tensor | None = None  # (rows,) float32: brightest valid value
 
     def _row(self, path: str | None, device: torch.device) -> int:
         """The counts row of ``path``, a new one at its first tile.
@@ -44,11 +53,13 @@ class ClipTally:
         if row is None:
             row = self._row_of[path] = len(self.inputs)
             self.inputs.append(path)
-            if self._counts is None or row >= self._counts.shape[0]:
-                grown = torch.zeros((max(8, 2 * row), 3), dtype=torch.int64, device=device)
-                if self._counts is not None:
-                    grown[:row] = self._counts
-                self._counts = grown
+            if self._counts is None or self._peaks is None or row >= self._counts.shape[0]:
+                size = max(8, 2 * row)
+                grown = torch.zeros((size, 3), dtype=torch.int64, device=device)
+                peaks = torch.full((size,), -math.inf, dtype=torch.float32, device=device)
+                if self._counts is not None and self._peaks is not None:
+                    grown[:row], peaks[:row] = self._counts, self._peaks
+                self._counts, self._peaks = grown, peaks
         return row
 
     def add(
@@ -91,8 +102,25 @@ class ClipTally:
             assert self._counts is not None
             self._counts[row].add_(counts)
 
+    def add_peaks(self, x: torch.Tensor, runs: Sequence[tuple[str, int, int]] | None) -> None:
+        """Each run's brightest value, from the model's input as it goes in.
+
+        Args:
+            x: (K, C, H, W) the batch after the clamp to [0, 1] and after its invalid pixels
+                were set to 0 (:func:`mgpr.data.masking.fill_invalid`), so nodata cannot pass for
+                the raster's peak; one max per run (a mask multiplied in before the clamp cost
+                2x the tally on CPU).
+            runs: as for :meth:`add`, which came first.
+        """
+        if x.numel() == 0 or self._peaks is None:
+            return
+        for path, start, stop in runs or [(None, 0, x.shape[0])]:
+            row = self._row(path, x.device)
+            peak = x[start:stop].amax().float()
+            torch.maximum(self._peaks[row], peak, out=self._peaks[row])
+
     def totals(self) -> dict[str, Any] | None:
-        """``{"below": n, "above": n, "values": n, "inputs": {path: [below, above, values]}}``.
+        """``{below, above, values, peak, inputs: {path: [below, above, values, peak]}}``.
 
         One device-to-host read. ``inputs`` holds the named rasters counted. None when nothing
         was counted: no batch, or only uint8 tiles by [0, 255], which the scaler maps without a
@@ -100,19 +128,37 @@ class ClipTally:
         """
         if self._counts is None:
             return None
-        used = self._counts[: len(self.inputs)]
-        rows = [[int(v) for v in row] for row in used.cpu().tolist()]
+        assert self._peaks is not None
+        used = self._counts[: len(self.inputs)].cpu().tolist()
+        peaks = self._peaks[: len(self.inputs)].cpu().tolist()
+        rows: list[list[Any]] = [
+            [int(b), int(a), int(v), round(float(p), 6) if math.isfinite(p) else None]
+            for (b, a, v), p in zip(used, peaks, strict=True)
+        ]
         below, above, values = (sum(row[i] for row in rows) for i in range(3))
         per_input = {p: row for p, row in zip(self.inputs, rows, strict=True) if p is not None}
-        return {"below": below, "above": above, "values": values, "inputs": per_input}
+        peak = max((row[3] for row in rows if row[3] is not None), default=None)
+        return {
+            "below": below,
+            "above": above,
+            "values": values,
+            "peak": peak,
+            "inputs": per_input,
+        }
 
 
-def clipped_shares(totals: dict[str, Any]) -> dict[str, float | int]:
-    """``summary.json`` ``values.clipped``: the counts as shares of the valid values (0..1)."""
+def clipped_shares(totals: dict[str, Any]) -> dict[str, float | int | None]:
+    """``summary.json`` ``values.clipped``: the counts as shares of the valid values (0..1).
+
+    ``peak``: the brightest valid value as a share of [lo, hi] (above 1: clipped), None where
+    the counts came without one (parts of an older mgpr).
+    """
     values = int(totals.get("values") or 0)
     below, above = int(totals.get("below") or 0), int(totals.get("above") or 0)
+    peak = totals.get("peak")
     return {
         "below": round(below / values, 6) if values else 0.0,
         "above": round(above / values, 6) if values else 0.0,
         "values": values,
+        "peak": None if peak is None else round(float(peak), 6),
     }

@@ -37,9 +37,10 @@ at the end of predict; rank 0 merges them (:func:`mgpr.monitor.report.build_repo
     cuda_synchronized             bool     compute_s measured with a sync at batch end
     values_clipped                obj|null valid values (every band of every valid pixel) the
                                            ``value_range`` clamp moved: below, above, values
-                                           (counts; :mod:`mgpr.data.clipping`) and inputs (per
-                                           raster path [below, above, values]); null where none
-                                           can clip (uint8 by [0, 255], raw values)
+                                           (counts; :mod:`mgpr.data.clipping`), peak (brightest
+                                           valid value, share of [lo, hi]) and inputs (per
+                                           raster path [below, above, values, peak]); null
+                                           where none can clip (uint8 by [0, 255], raw values)
     stats                         obj      exact over ALL samples: samples (count) and
                                            <field>_avg / <field>_peak for every sample field
     samples                       obj      columns, evenly thinned to <= 10 000 rows: t_s (s since

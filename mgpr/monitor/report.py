@@ -64,8 +64,9 @@ totals                           obj
   wall_s                         float     longest rank wall time (s)
   tiles_per_s                    float     tiles / wall_s (whole job)
   model_tiles, model_tiles_per_s int, float of those, the tiles the model ran on, and their rate
-  values_clipped                 obj|null  the ranks' values_clipped summed, and per input path
-                                           [below, above, values] (null: none kept)
+  values_clipped                 obj|null  the ranks' values_clipped summed (peak: the max),
+                                           and per input path [below, above, values, peak]
+                                           (null: none kept)
   data_wait_share,               float     summed over ranks, divided by summed wall time
   compute_share
   stage_shares                   obj       the same per stage
@@ -222,24 +223,30 @@ def _gpu_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _without_inputs(clipped: Any) -> dict[str, int] | None:
+def _without_inputs(clipped: Any) -> dict[str, Any] | None:
     """A rank row's clip counts: its totals only (the per-input counts go to ``totals``)."""
     if not isinstance(clipped, dict):
         return None
-    return {k: int(clipped.get(k) or 0) for k in ("below", "above", "values")}
+    out: dict[str, Any] = {k: int(clipped.get(k) or 0) for k in ("below", "above", "values")}
+    out["peak"] = clipped.get("peak")
+    return out
 
 
 def _sum_clipped(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """The ranks' clip counts summed: totals, and per input ``[below, above, values]``."""
-    per_input: dict[str, list[int]] = {}
+    per_input: dict[str, list[Any]] = {}
     for part in parts:
         for path, counts in (part.get("inputs") or {}).items():
-            mine = per_input.setdefault(str(path), [0, 0, 0])
+            mine = per_input.setdefault(str(path), [0, 0, 0, None])
             for i in range(3):
                 mine[i] += int(counts[i])
+            if len(counts) > 3 and counts[3] is not None:  # the peak: a max, not a sum
+                mine[3] = float(counts[3]) if mine[3] is None else max(mine[3], float(counts[3]))
     out: dict[str, Any] = {
         k: sum(int(p.get(k) or 0) for p in parts) for k in ("below", "above", "values")
     }
+    peaks = [float(p["peak"]) for p in parts if p.get("peak") is not None]
+    out["peak"] = max(peaks) if peaks else None
     out["inputs"] = per_input
     return out
 

@@ -169,8 +169,10 @@ class InferenceModule(pl.LightningModule):
                 positions = np.asarray(batch["index"])[ok]
                 paths = [self.tiles[i].id.path for i in positions.tolist()]
             valid = batch.get("device_mask", mask)
-            x = self.scaler(images, paths, keep, self._clip_counter(valid, keep, batch, ok))
-            x = fill_invalid(x, valid, keep)
+            counter = self._clip_counter(valid, keep, batch, ok)
+            x = fill_invalid(self.scaler(images, paths, keep, counter), valid, keep)
+            if counter is not None:
+                counter.peaks(x)  # after the clamp and the fill: nodata is 0 there
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)
@@ -223,20 +225,13 @@ class InferenceModule(pl.LightningModule):
         keep: torch.Tensor | None,
         batch: dict[str, Any],
         ok: np.ndarray,
-    ) -> Callable[[torch.Tensor], None] | None:
-        """The scaler's ``before_clamp`` for one batch: the clip tally over its counted pixels.
-
-        Counted: the validity mask's pixels (nodata, mask band) and, for edge tiles, only the
-        window inside the raster (their zero padding is no data: a range with ``lo > 0`` would
-        count it as clipped, 28 % of a 700 x 600 raster's values in 256 px tiles); per raster,
-        over the batch's runs of consecutive tiles of one raster.
-        """
-        tally = self.clip_tally
-        if tally is None:
+    ) -> _ClipCounter | None:
+        """The clip tally's hooks for one batch (None for raw values): see :class:`_ClipCounter`."""
+        if self.clip_tally is None:
             return None
         counted = None if valid is None else (valid if keep is None else valid[keep])
         if self.tiles is None:
-            return lambda x: tally.add(x, counted)
+            return _ClipCounter(self.clip_tally, counted, None, [], [])
         kept = [self.tiles[i] for i in np.asarray(batch["index"])[ok].tolist()]
         runs: list[tuple[str, int, int]] = []
         for k, tile in enumerate(kept):
@@ -246,22 +241,7 @@ class InferenceModule(pl.LightningModule):
                 runs.append((tile.id.path, k, k + 1))
         rows = [t.valid_height for t in kept]
         cols = [t.valid_width for t in kept]
-
-        def count(x: torch.Tensor) -> None:  # called only where the scaler clamps
-            pixels = counted
-            height, width = int(x.shape[-2]), int(x.shape[-1])
-            if min(rows) < height or min(cols) < width:  # edge tiles: padding is not data
-                inside = (
-                    torch.arange(height, device=x.device)[None, :, None]
-                    < torch.tensor(rows, device=x.device)[:, None, None]
-                ) & (
-                    torch.arange(width, device=x.device)[None, None, :]
-                    < torch.tensor(cols, device=x.device)[:, None, None]
-                )
-                pixels = inside if pixels is None else inside & pixels.ne(0)
-            tally.add(x, pixels, runs)
-
-        return count
+        return _ClipCounter(self.clip_tally, counted, runs, rows, cols)
 
     def _detect_in_views(self, inputs: Any, n: int) -> tuple[list[Detections], torch.Tensor | None]:
         """``tta=`` for a detector: each view's boxes, back in the tile's frame, fused by NMS.
@@ -300,3 +280,47 @@ class InferenceModule(pl.LightningModule):
                 self.adapter.name,
                 count,
             )
+
+
+class _ClipCounter:
+    """One batch's hooks into the clip tally: the scaler's ``before_clamp``, then :meth:`peaks`.
+
+    Counted: the validity mask's pixels (nodata, mask band) and, for edge tiles, only the window
+    inside the raster (their zero padding is no data: a range with ``lo > 0`` would count it as
+    clipped, 28 % of a 700 x 600 raster's values in 256 px tiles); per raster, over the batch's
+    runs of consecutive tiles of one raster. Nothing is built until the scaler clamps (uint8 by
+    [0, 255] never does), and :meth:`peaks` does nothing then either.
+    """
+
+    def __init__(
+        self,
+        tally: ClipTally,
+        valid: torch.Tensor | None,
+        runs: list[tuple[str, int, int]] | None,
+        rows: list[int],
+        cols: list[int],
+    ) -> None:
+        self.tally, self.valid, self.runs = tally, valid, runs
+        self.rows, self.cols = rows, cols
+        self.clamped = False
+
+    def __call__(self, x: torch.Tensor) -> None:
+        """Count the values the clamp is about to move (``x`` scaled, not yet clamped)."""
+        self.clamped = True
+        pixels = self.valid
+        height, width = int(x.shape[-2]), int(x.shape[-1])
+        if self.rows and (min(self.rows) < height or min(self.cols) < width):  # edge tiles
+            inside = (
+                torch.arange(height, device=x.device)[None, :, None]
+                < torch.tensor(self.rows, device=x.device)[:, None, None]
+            ) & (
+                torch.arange(width, device=x.device)[None, None, :]
+                < torch.tensor(self.cols, device=x.device)[:, None, None]
+            )
+            pixels = inside if pixels is None else inside & pixels.ne(0)
+        self.tally.add(x, pixels, self.runs)
+
+    def peaks(self, x: torch.Tensor) -> None:
+        """Each raster's brightest value in the model's input (clamped, invalid pixels 0)."""
+        if self.clamped:
+            self.tally.add_peaks(x, self.runs)
