@@ -88,8 +88,8 @@ class ClipTally:
             above.logical_and_(keep)
         for path, start, stop in runs or [(None, 0, x.shape[0])]:
             row = self._row(path, x.device)
-            if keep is None:
-                values = torch.tensor((stop - start) * x[0].numel(), device=x.device)
+            if keep is None:  # a fill on the device, not a copy from the host
+                values = torch.full((), (stop - start) * x[0].numel(), device=x.device)
             else:
                 values = torch.count_nonzero(keep[start:stop]) * x.shape[1]
             counts = torch.stack(
