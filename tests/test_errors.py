@@ -921,3 +921,33 @@ def test_dead_dataloader_worker_is_one_line_and_the_rerun_resumes(
     rc, out, err = _run(capsys, *args, "workers=2")
     assert rc == 0, err
     assert json.loads((run / "summary.json").read_text())["tiles_predicted"] == 16
+
+
+def test_a_batch_beyond_the_machines_memory_is_refused_before_any_work(
+    make_image, tmp_path: Path, monkeypatch, capsys
+) -> None:
+    """One batch of carrier tiles is a lower bound of the host memory a run needs: beyond the
+    node's memory it is one line naming tile_size (and batch_size while it is above 1)."""
+    from mgpr.data.batch_pool import batch_beyond_memory
+
+    assert batch_beyond_memory(8, 3, 512, 1, 2**30) is None  # 6 MiB of 1 GiB
+    assert batch_beyond_memory(8, 3, 512, 1, None) is None  # unknown memory: nothing said
+    line = batch_beyond_memory(1, 4, 100_000, 2, 24 * 2**30, (512, 700))
+    assert line == (
+        "tile_size=100000 with batch_size=1 needs 74.5 GiB of host memory for one batch of tiles "
+        "alone (1 x 4 band(s) x 100000^2 px x 2 B), more than this machine's 24.0 GiB; lower "
+        "tile_size (the largest input is 700 x 512 px)"
+    )
+    img = make_image("small.tif", width=300, height=200)
+    monkeypatch.setattr("mgpr.monitor.part.host_memory_total", lambda: 4 * 2**20)  # 4 MiB
+    run = tmp_path / "run"
+    args = (f"input_path={img.path}", "model=reference", "workers=0", f"output_dir={run}")
+    assert run_mgpr_inprocess(*args, "tile_size=512", "batch_size=8") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "mgpr: error: tile_size=512 with batch_size=8 needs 6.0 MiB of host memory for one "
+        "batch of tiles alone (8 x 3 band(s) x 512^2 px x 1 B), more than this machine's 4.0 "
+        "MiB; lower tile_size (the largest input is 300 x 200 px) or batch_size"
+    ), err
+    assert sorted(p.name for p in run.iterdir()) == ["logs"]  # nothing written
+    assert run_mgpr_inprocess(*args, "tile_size=256", "batch_size=4") == 0  # 0.75 MiB fits

@@ -278,6 +278,49 @@ def shared_memory_need(
     return workers * (prefetch_factor + EXTRA_SLOTS) * batch_size * sample_bytes
 
 
+def batch_beyond_memory(
+    batch_size: int,
+    bands: int,
+    tile_size: int,
+    itemsize: int,
+    memory_bytes: int | None,
+    largest_input: tuple[int, int] | None = None,
+) -> str | None:
+    """One line when ONE batch of tiles cannot fit in this machine's memory, else None.
+
+    A lower bound, so it never refuses a run that could work: whatever the workers, a batch of
+    tiles is in host memory at least once (shared memory is RAM too), before the model's
+    float32 copy and activations. ``tile_size=100000`` (a typo, or "one tile for the whole
+    raster") otherwise dies at the first batch with an out-of-memory error that suggests
+    halving ``batch_size``, which cannot help.
+
+    Args:
+        batch_size: tiles per batch.
+        bands: bands read per tile (the most of any input).
+        tile_size: tile side, model pixels.
+        itemsize: bytes per value of the carrier dtype (:func:`~mgpr.geo.values.carrier_dtype`).
+        memory_bytes: the node's physical memory (None: unknown, nothing said).
+        largest_input: (height, width) of the largest input, model pixels, for the fix.
+    """
+    need = batch_size * bands * tile_size * tile_size * itemsize
+    if memory_bytes is None or need <= memory_bytes:
+        return None
+    sizes = ""
+    if largest_input is not None:
+        sizes = f" (the largest input is {largest_input[1]} x {largest_input[0]} px)"
+    fix = f"lower tile_size{sizes}" + (" or batch_size" if batch_size > 1 else "")
+    return (
+        f"tile_size={tile_size} with batch_size={batch_size} needs {_size(need)} of host memory "
+        f"for one batch of tiles alone ({batch_size} x {bands} band(s) x {tile_size}^2 px x "
+        f"{itemsize} B), more than this machine's {_size(memory_bytes)}; {fix}"
+    )
+
+
+def _size(nbytes: int) -> str:
+    """``74.5 GiB`` / ``6.0 MiB``: bytes in the unit that shows them."""
+    return f"{nbytes / 2**30:,.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def shared_memory_free(path: str = SHM_PATH) -> int | None:
     """Free bytes in the shared-memory filesystem; None where there is none (not Linux)."""
     try:

@@ -35,6 +35,7 @@ from mgpr.errors import (
     EXIT_INTERRUPTED,
     EXIT_TILES_FAILED,
     EXIT_TILES_MISSING,
+    ConfigError,
     MissingTilesError,
 )
 from mgpr.models.registry import DEFAULT_MODEL, DEMO_MODEL
@@ -290,7 +291,21 @@ def _predict_and_finish(
         from mgpr.geo.values import carrier_dtype
         from mgpr.run.values import resolve_value_ranges
 
-        carrier_dtype((r.path, r.dtype) for r in rasters)  # refuses a dtype mgpr cannot read
+        carrier = carrier_dtype((r.path, r.dtype) for r in rasters)  # refuses unreadable dtypes
+        if rasters:
+            from mgpr.data.batch_pool import batch_beyond_memory
+            from mgpr.monitor.part import host_memory_total
+
+            too_big = batch_beyond_memory(
+                cfg.batch_size,
+                max(len(b) for b in bands.values()),
+                cfg.tile_size,
+                carrier.itemsize,
+                host_memory_total(),
+                max(((r.height, r.width) for r in rasters), key=lambda hw: hw[0] * hw[1]),
+            )
+            if too_big:
+                raise ConfigError(too_big)
         value_ranges = decided(
             group,
             "the value ranges",
