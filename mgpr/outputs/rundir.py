@@ -221,10 +221,18 @@ def prepare_run_dir(
 def earlier_input_paths(run_dir: Path) -> list[str]:
     """The input paths, as given, of the run whose ``run.json`` is in ``run_dir`` (or none)."""
     try:
-        inputs = json.loads((run_dir / FINGERPRINT_FILE).read_text())["fingerprint"]["inputs"]
-        return [str(i["path"]) for i in inputs if isinstance(i, dict) and "path" in i]
-    except (OSError, ValueError, KeyError, TypeError):
+        return _input_names(json.loads((run_dir / FINGERPRINT_FILE).read_text()))
+    except (OSError, ValueError):
         return []
+
+
+def _input_names(record: Any) -> list[str]:
+    """The input paths, as given, in a ``run.json`` record (none where it has no such list)."""
+    fingerprint = record.get("fingerprint") if isinstance(record, dict) else None
+    inputs = fingerprint.get("inputs") if isinstance(fingerprint, dict) else None
+    if not isinstance(inputs, list):
+        return []
+    return [str(i["path"]) for i in inputs if isinstance(i, dict) and "path" in i]
 
 
 def _cwd_hint(previous: Mapping[str, Any], differs: str) -> str:
@@ -236,13 +244,7 @@ def _cwd_hint(previous: Mapping[str, Any], differs: str) -> str:
     cwd = previous.get("cwd")
     if not isinstance(cwd, str) or not differs.startswith("inputs") or cwd == os.getcwd():
         return ""
-    fingerprint = previous.get("fingerprint")
-    inputs = fingerprint.get("inputs") if isinstance(fingerprint, dict) else None
-    relative = [
-        str(i["path"])
-        for i in inputs or []
-        if isinstance(i, dict) and "path" in i and not str(i["path"]).startswith("/")
-    ]
+    relative = [p for p in _input_names(previous) if not p.startswith("/")]
     if not relative:
         return ""
     return f"; that run named its inputs ({relative[0]!r}, ...) relative to {cwd}: run from there"
