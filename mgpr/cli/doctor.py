@@ -23,8 +23,8 @@ from typing import Annotated
 import typer
 
 from mgpr.errors import SlurmMismatchError
+from mgpr.geo.headers import usable_cpus
 from mgpr.models.registry import downloadable_models
-from mgpr.monitor.part import usable_cpus
 from mgpr.run.slurm import check_slurm_task, read_slurm_task
 
 app = typer.Typer(

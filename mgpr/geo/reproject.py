@@ -47,8 +47,9 @@ def crs_wkt_of(value: str) -> str:
     return str(CRS.from_user_input(value).to_wkt())
 
 
+@functools.lru_cache(maxsize=256)
 def crs_label(value: str) -> str:
-    """A short name of a CRS text: ``EPSG:4326``, else the CRS's own name."""
+    """A short name of a CRS text: ``EPSG:4326``, else the CRS's own name (cached by text)."""
     from pyproj import CRS
 
     crs = CRS.from_user_input(value)
@@ -56,8 +57,13 @@ def crs_label(value: str) -> str:
     return f"EPSG:{epsg}" if epsg else str(crs.name)
 
 
+@functools.lru_cache(maxsize=256)
 def same_crs(a: str | None, b: str | None) -> bool:
-    """Whether two CRS texts define one CRS (by definition, not by text); None is no CRS."""
+    """Whether two CRS texts define one CRS (by definition, not by text); None is no CRS.
+
+    Cached by the texts: parsing two WKTs takes ~0.25 ms, and a merge asks once per input
+    (a folder of 20,000 chips in one CRS spent 10 s here before).
+    """
     if a is None or b is None:
         return a is None and b is None
     from pyproj import CRS

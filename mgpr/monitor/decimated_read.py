@@ -38,7 +38,7 @@ import rasterio
 from rasterio.enums import MaskFlags, Resampling
 from rasterio.windows import Window
 
-from mgpr.monitor.part import usable_cpus
+from mgpr.geo.headers import usable_cpus
 
 log = logging.getLogger(__name__)
 

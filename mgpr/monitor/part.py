@@ -120,14 +120,6 @@ def host_memory_total() -> int | None:
         return None
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity (what --cpus-per-task binds), not the node's."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
 def hostname() -> str:
     """The node's name: ``SLURMD_NODENAME`` under SLURM (what ``squeue`` shows), else the host."""
     return os.environ.get("SLURMD_NODENAME") or socket.gethostname()

@@ -91,20 +91,25 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def publish_file(final: Path, write: Callable[[Path], None]) -> Path:
+def publish_file(final: Path, write: Callable[[Path], None], durable: bool = True) -> Path:
     """Write through ``write(temp_path)``, fsync, rename onto ``final``, fsync the folder.
 
     The temp name is hidden (``.<name>.tmp``): readers skip names starting with a dot.
+    ``durable=False`` keeps the atomic rename (a reader sees the whole file or none) but not
+    the two fsyncs, for files no later job reads (a merge's feature files: rank 0 clears them
+    before every merge); on a parallel filesystem the fsyncs cost milliseconds per file.
     """
     tmp = final.with_name(f".{final.name}.tmp")
     try:
         write(tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
         os.replace(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(final.parent)
+    if durable:
+        fsync_dir(final.parent)
     return final
 
 

@@ -189,8 +189,8 @@ def _predict_and_finish(
     bands: dict[str, list[int]] = {}
     if not cfg.use_fake_data:
         from mgpr.geo.inputs import resolve_inputs, spelled_as_before
-        from mgpr.geo.raster import describe_raster
         from mgpr.outputs.rundir import earlier_input_paths
+        from mgpr.run.launched_headers import input_headers
 
         if demo:
             image, truth_path = decided(
@@ -211,7 +211,7 @@ def _predict_and_finish(
             paths = resolve_inputs(input_path, written(run_dir))
             if not cfg.overwrite:  # a resume names each file as the run it resumes did
                 paths = spelled_as_before(paths, earlier_input_paths(run_dir))
-            found = [describe_raster(path) for path in paths]
+            found = input_headers(paths, run_dir, rank)  # launched ranks: rank 0's
             if cfg.gsd is not None:  # tiles, boxes and footprints on each raster's model grid
                 from mgpr.geo.gsd import describe_crs_scale, describe_model_grid, on_model_grids
 
@@ -371,6 +371,11 @@ def _predict_and_finish(
         if known is not None:
             raise known from None
         raise
+    finally:
+        if rank == 0:
+            from mgpr.run.launched_headers import remove_shared_headers
+
+            remove_shared_headers(run_dir)
     if stats["global_rank"] != 0:
         return 0
     from mgpr.run.failures import file_system_error, is_file_system_error

@@ -91,7 +91,8 @@ def assign_rasters(ctx: TaskContext, tiles: Sequence[Tile], world_size: int) -> 
     counts = {path: 0 for path in ctx.rasters}
     for tile in tiles:
         counts[tile.id.path] = counts.get(tile.id.path, 0) + 1
-    order = sorted(ctx.rasters, key=lambda p: (-counts[p], list(ctx.rasters).index(p)))
+    position = {path: i for i, path in enumerate(ctx.rasters)}
+    order = sorted(ctx.rasters, key=lambda p: (-counts[p], position[p]))
     shares: list[list[str]] = [[] for _ in range(max(1, world_size))]
     load = [0] * len(shares)
     for path in order:

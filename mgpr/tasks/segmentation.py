@@ -318,7 +318,8 @@ class SegmentationTask(Task):
             finals, totals = self.assemble(run_dir, ledger, ctx, tiles, path, stem)
             write_totals(totals_path(stem), totals)
             if ctx.vectorize:
-                publish_polygons(run_dir, ctx, path, finals[0], class_id_dtype(n_classes(ctx))[1])
+                nodata = class_id_dtype(n_classes(ctx))[1]
+                publish_polygons(run_dir, ctx, path, index[path], finals[0], nodata)
 
     def assemble(
         self,

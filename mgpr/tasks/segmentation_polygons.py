@@ -92,13 +92,13 @@ def _polygons(ctx: TaskContext, path: str, class_map: Path, nodata: int) -> Feat
 
 
 def publish_polygons(
-    run_dir: Path, ctx: TaskContext, path: str, class_map: Path, nodata: int
+    run_dir: Path, ctx: TaskContext, path: str, index: int, class_map: Path, nodata: int
 ) -> Path:
     """A rank's share of ``vectorize=true``: one raster's polygons as its feature file.
 
     Published like the vector tasks' feature files (:mod:`mgpr.outputs.features`, geometries
-    as WKB); rank 0's :func:`write_polygons` gathers them. Returns the file.
+    as WKB); rank 0's :func:`write_polygons` gathers them. ``index``: the raster's position
+    in ``ctx.rasters`` (the feature file's number). Returns the file.
     """
-    index = list(ctx.rasters).index(path)
     batch = _polygons(ctx, path, class_map, nodata)
     return write_features(feature_path(run_dir, index), batch, {"path": path})
