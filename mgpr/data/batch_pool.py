@@ -285,6 +285,7 @@ def batch_beyond_memory(
     itemsize: int,
     memory_bytes: int | None,
     largest_input: tuple[int, int] | None = None,
+    memory_source: str = "node",
 ) -> str | None:
     """One line when ONE batch of tiles cannot fit in this machine's memory, else None.
 
@@ -299,8 +300,12 @@ def batch_beyond_memory(
         bands: bands read per tile (the most of any input).
         tile_size: tile side, model pixels.
         itemsize: bytes per value of the carrier dtype (:func:`~mgpr.geo.values.carrier_dtype`).
-        memory_bytes: the node's physical memory (None: unknown, nothing said).
+        memory_bytes: the memory this process may use (None: unknown, nothing said): the
+            node's physical memory, or a cgroup's limit below it
+            (:func:`~mgpr.monitor.part.host_memory_limit`).
         largest_input: (height, width) of the largest input, model pixels, for the fix.
+        memory_source: ``node`` or ``cgroup`` (``sbatch --mem``, a container's limit): what
+            ``memory_bytes`` is, named in the line.
     """
     need = batch_size * bands * tile_size * tile_size * itemsize
     if memory_bytes is None or need <= memory_bytes:
@@ -312,8 +317,18 @@ def batch_beyond_memory(
     return (
         f"tile_size={tile_size} with batch_size={batch_size} needs {_size(need)} of host memory "
         f"for one batch of tiles alone ({batch_size} x {bands} band(s) x {tile_size}^2 px x "
-        f"{itemsize} B), more than this machine's {_size(memory_bytes)}; {fix}"
+        f"{itemsize} B), more than {_memory_name(memory_bytes, memory_source)}; {fix}"
     )
+
+
+def _memory_name(memory_bytes: int, source: str) -> str:
+    """What the batch does not fit into, in words."""
+    if source == "cgroup":
+        return (
+            f"the {_size(memory_bytes)} this job may use (its cgroup memory limit: sbatch --mem "
+            "or the container's)"
+        )
+    return f"this machine's {_size(memory_bytes)}"
 
 
 def _size(nbytes: int) -> str:

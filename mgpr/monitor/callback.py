@@ -49,6 +49,7 @@ from mgpr.monitor.part import (
     CudaProps,
     cuda_props,
     gpu_fields,
+    host_memory_limit,
     host_memory_total,
     hostname,
 )
@@ -491,6 +492,8 @@ class RunMonitor(Callback):
             span = self.t0 + wall - first_end
             if tiles > first_tiles and span > 0:
                 steady = (tiles - first_tiles) / span
+        limit = host_memory_limit()
+        cgroup_limit = limit.bytes if limit is not None and limit.source == "cgroup" else None
         return {
             "schema": PART_SCHEMA,
             "status": status,
@@ -501,6 +504,7 @@ class RunMonitor(Callback):
             "monitor_source": self._source,
             "gpu": gpu,
             "host_memory_total_bytes": host_memory_total(),
+            "host_memory_limit_bytes": cgroup_limit,
             "interval_s": self.interval_s,
             "wall_s": float(wall),
             "data_wait_s": float(data_wait),

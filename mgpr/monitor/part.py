@@ -19,6 +19,9 @@ at the end of predict; rank 0 merges them (:func:`mgpr.monitor.report.build_repo
                                            uses), physical_index (NVML index of the physical GPU,
                                            null without NVML), memory_total_bytes (bytes), mig
     host_memory_total_bytes       int      physical memory of the node (bytes)
+    host_memory_limit_bytes       int|null the cgroup memory limit of the rank (``sbatch
+                                           --mem``, a container's), when below the node's
+                                           memory (bytes); null: none
     interval_s                    float    sampling interval (s)
     wall_s, data_wait_s,          float    see the timing model in :mod:`mgpr.monitor.callback`
     compute_s
@@ -58,6 +61,7 @@ import os
 import socket
 from typing import Any, NamedTuple
 
+from mgpr.monitor.memory_limit import MemoryLimit, cgroup_memory_limit, memory_limit
 from mgpr.monitor.nvml import GpuInfo
 
 PART_SCHEMA = "mgpr.report_part/1"
@@ -118,6 +122,11 @@ def host_memory_total() -> int | None:
         return int(psutil.virtual_memory().total)
     except Exception:  # noqa: BLE001
         return None
+
+
+def host_memory_limit() -> MemoryLimit | None:
+    """The memory this process may use: the node's, or a cgroup's limit below it (``--mem``)."""
+    return memory_limit(host_memory_total(), cgroup_memory_limit())
 
 
 def hostname() -> str:

@@ -30,7 +30,8 @@ ranks[]                          list      one row per reported rank (= per GPU)
   memory_kind                    str       what mem_* measure: ``"gpu"`` (NVML device memory
                                            used, all processes), ``"torch_reserved"`` (CUDA
                                            without NVML) or ``"host_rss"`` (CPU run: RSS of the
-                                           rank's main process, total = node memory)
+                                           rank's main process, total = node memory, or the
+                                           rank's cgroup limit (sbatch --mem) when lower)
   mem_total_gib                  float|null
   mem_avg_gib, mem_peak_gib      float|null average / peak over all samples (GiB)
   mem_avg_pct, mem_peak_pct      float|null the same as % of mem_total_gib
@@ -149,7 +150,8 @@ def _rank_row(part: Mapping[str, Any]) -> dict[str, Any]:
         total = gpu.get("memory_total_bytes")
     else:
         kind, avg, peak = "host_rss", stats.get("rss_bytes_avg"), stats.get("rss_bytes_peak")
-        total = part.get("host_memory_total_bytes")
+        # what the rank may use: a cgroup limit (sbatch --mem) below the node's memory wins
+        total = part.get("host_memory_limit_bytes") or part.get("host_memory_total_bytes")
 
     def pct(value: float | None) -> float | None:
         return round(100.0 * value / total, 1) if value is not None and total else None

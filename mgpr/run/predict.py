@@ -294,15 +294,17 @@ def _predict_and_finish(
         carrier = carrier_dtype((r.path, r.dtype) for r in rasters)  # refuses unreadable dtypes
         if rasters:
             from mgpr.data.batch_pool import batch_beyond_memory
-            from mgpr.monitor.part import host_memory_total
+            from mgpr.monitor.part import host_memory_limit
 
+            memory = host_memory_limit()
             too_big = batch_beyond_memory(
                 cfg.batch_size,
                 max(len(b) for b in bands.values()),
                 cfg.tile_size,
                 carrier.itemsize,
-                host_memory_total(),
+                memory.bytes if memory else None,
                 max(((r.height, r.width) for r in rasters), key=lambda hw: hw[0] * hw[1]),
+                memory.source if memory else "node",
             )
             if too_big:
                 raise ConfigError(too_big)
