@@ -11,7 +11,14 @@ from conftest import read_gpkg_layer, run_mgpr_ranks
 from mgpr.geo.raster import describe_raster
 from mgpr.geo.tiling import plan_tiles
 from mgpr.models.base import Detections
-from mgpr.outputs.features import feature_path, read_features, write_features
+from mgpr.outputs.features import (
+    feature_path,
+    group_path,
+    read_features,
+    read_finalised,
+    write_feature_group,
+    write_features,
+)
 from mgpr.outputs.parts import PartWriter
 from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks import get_task
@@ -59,9 +66,16 @@ def test_gathered_feature_files_give_the_same_output_as_one_rank(
     want = {p.name: p.read_bytes() for p in alone.output_paths}
     for path in alone.output_paths:
         path.unlink()
-    assert finalise_share(run, task, ctx, tiles, 1, 2) == list(ctx.rasters)[1:]
-    assert finalise_share(run, task, ctx, tiles, 0, 2) == list(ctx.rasters)[:1]
-    assert all(feature_path(run, i).exists() for i in range(3))
+    paths1, features1 = finalise_share(run, task, ctx, tiles, 1, 2)
+    paths0, features0 = finalise_share(run, task, ctx, tiles, 0, 2)
+    assert paths1 == list(ctx.rasters)[1:] and paths0 == list(ctx.rasters)[:1]
+    assert sorted(features1) == paths1 and sorted(features0) == paths0
+    # rank 1's two rasters in one group file, rank 0's one in its raster's own file
+    assert sorted(p.name for p in (run / "merge").iterdir()) == [
+        group_path(run, 1).name,
+        feature_path(run, 0).name,
+    ]
+    assert sorted(read_finalised(run)) == sorted(ctx.rasters)
     spread = merge_run(run, task, ctx, tiles, output_format="parquet", use_finalised=True)
     assert {p.name: p.read_bytes() for p in spread.output_paths} == want
     assert spread.duplicates_removed == alone.duplicates_removed > 0
@@ -130,3 +144,22 @@ def test_two_ranks_share_the_merge_and_write_what_one_rank_writes(
     assert "rank 1: its share of the merge took" in log1
     log0 = (tmp_path / "run2" / "logs" / "rank0.log").read_text()
     assert "merge shares of 2 ranks done" in log0
+
+
+def test_a_group_file_gives_back_each_rasters_rows_and_counters(tmp_path: Path) -> None:
+    def boxes(n: int, label: str) -> FeatureBatch:
+        rings = np.arange(n * 10, dtype=np.float64).reshape(n, 5, 2) + len(label)
+        return FeatureBatch(rings, {"label": np.array([label] * n, dtype=object)})
+
+    entries = [("a.tif", boxes(2, "a"), {"duplicates_removed": 1}), ("b.tif", boxes(0, "b"), {})]
+    entries.append(("c.tif", boxes(3, "cc"), {"duplicates_removed": 4}))
+    write_feature_group(group_path(tmp_path, 0), entries)
+    write_features(feature_path(tmp_path, 3), boxes(1, "d"), {"path": "d.tif"})
+    back = read_finalised(tmp_path)
+    assert sorted(back) == ["a.tif", "b.tif", "c.tif", "d.tif"]
+    for path, batch, meta in entries:
+        got, counters = back[path]
+        np.testing.assert_array_equal(got.rings, batch.rings)
+        assert got.fields["label"].tolist() == batch.fields["label"].tolist()
+        assert counters.get("duplicates_removed", 0) == meta.get("duplicates_removed", 0)
+    assert read_finalised(tmp_path / "nothing") == {}

@@ -9,7 +9,6 @@ import numpy as np
 import rasterio
 
 from mgpr.monitor.previews import PREVIEW_STASH, stash_path, write_previews, write_share_previews
-from mgpr.outputs.features import feature_path, write_features
 from mgpr.outputs.vector import FeatureBatch
 from mgpr.testimage import TestImageResult
 
@@ -34,8 +33,8 @@ def test_finalising_rank_draws_and_rank0_only_renames(
     b = make_image("b.tif", width=450, height=420, seed=2)
     run = tmp_path / "run"
     order = [str(a.path), str(b.path)]
-    write_features(feature_path(run, 1), _boxes(str(b.path)), {"path": str(b.path)})
-    write_share_previews(run, "detection", order, [str(b.path)])  # rank 1's share: b
+    features = {str(b.path): _boxes(str(b.path))}  # what rank 1's finalise published
+    write_share_previews(run, "detection", order, [str(b.path)], features=features)
     stashed = stash_path(run, 1).read_bytes()
     # Rank 0 has no features for b in memory: only the stash can give b its boxes.
     written = write_previews(run, "detection", order, {}, use_stash=True)
@@ -69,8 +68,8 @@ def test_previews_auto_caps_the_count_all_and_none_as_asked(
     monkeypatch.setattr(previews, "AUTO_PREVIEWS", 2)
     order = [str(make_image(f"t{i}.tif", width=64, height=64, seed=i).path) for i in range(3)]
     run = tmp_path / "run"
-    write_features(feature_path(run, 2), _boxes(order[2]), {"path": order[2]})
-    write_share_previews(run, "detection", order, [order[2]], "auto")  # t2 is past the cap
+    features = {order[2]: _boxes(order[2])}  # t2 is past the cap
+    write_share_previews(run, "detection", order, [order[2]], "auto", features=features)
     assert not stash_path(run, 2).exists()
     with caplog.at_level(logging.INFO, logger="mgpr.monitor.previews"):
         written = write_previews(run, "detection", order, {}, use_stash=True, mode="auto")

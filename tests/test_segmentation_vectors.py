@@ -246,7 +246,7 @@ def test_ranks_trace_their_own_rasters_and_rank0_writes_the_same_layers(
     task = get_task("segmentation")
     for path in want:
         (run / path).unlink()
-    share = finalise_share(run, task, ctx, tiles, 1, 2)  # "rank 0" never publishes its share
+    share, _ = finalise_share(run, task, ctx, tiles, 1, 2)  # "rank 0" never publishes its share
     assert share == [str(folder / "c.tif")]  # a, c: 6 tiles each; b: 4 (largest first)
     assert [feature_path(run, i).exists() for i in range(3)] == [False, False, True]
     import mgpr.tasks.segmentation_polygons as polygons

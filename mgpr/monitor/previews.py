@@ -7,8 +7,8 @@ from its overviews). Names: ``preview.png`` for a run with one input, ``preview_
 (:func:`~mgpr.monitor.preview.preview_name`, the class map's unique stem) for each of several.
 
 Who draws: with the merge spread over ranks (:mod:`mgpr.run.merge_share`), the rank that
-finalises a raster draws its preview right after (:func:`write_share_previews`, from the feature
-file or the class map it just published) into :data:`PREVIEW_STASH`, and rank 0 only renames it
+finalises a raster draws its preview right after (:func:`write_share_previews`, from the
+features or the class map it just published) into :data:`PREVIEW_STASH`, and rank 0 only renames it
 into place (:func:`write_previews`), drawing itself any preview that is not there. Otherwise
 rank 0 draws them all.
 
@@ -36,7 +36,6 @@ from rasterio.errors import NotGeoreferencedWarning
 
 from mgpr.monitor.embedding_colours import principal_rgb
 from mgpr.monitor.preview import preview_name, write_preview
-from mgpr.outputs.features import feature_path, read_features
 from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.segmentation import finalised_stem, output_names
 
@@ -122,14 +121,17 @@ def write_share_previews(
     share: Sequence[str],
     mode: str = "auto",
     areas: Mapping[str, Any] | None = None,
+    features: Mapping[str, FeatureBatch] | None = None,
 ) -> None:
     """A finalising rank: the previews of the rasters ``share`` it just finalised, stashed.
 
     ``raster_paths``: every input in the run's order (the index of the finalised files).
-    Drawn from what the rank published: the raster's feature file, or its class map COG; only
-    for the rasters :func:`previewed` picks under ``previews=mode``. ``areas``: each raster's
-    ``aoi=`` in map coordinates (:func:`mgpr.geo.aoi.aoi_in_map`), outlined; None without.
+    Drawn from what the rank published: the raster's features (``features``, as
+    :func:`~mgpr.tasks.merge.finalise_share` returns them), or its class map COG; only for the
+    rasters :func:`previewed` picks under ``previews=mode``. ``areas``: each raster's ``aoi=``
+    in map coordinates (:func:`mgpr.geo.aoi.aoi_in_map`), outlined; None without.
     """
+    features = features or {}
     areas = areas or {}
     index = {p: i for i, p in enumerate(raster_paths)}
     chosen = set(previewed(raster_paths, mode))
@@ -144,9 +146,7 @@ def write_share_previews(
             class_map = stem.with_name(f"{stem.name}.tif")
             _draw(out, path, task, class_map=class_map, area=areas.get(path))
         else:
-            done = feature_path(run_dir, i)
-            batch = read_features(done)[0] if done.exists() else None
-            _draw(out, path, task, batch=batch, area=areas.get(path))
+            _draw(out, path, task, batch=features.get(path), area=areas.get(path))
 
 
 def write_previews(

@@ -1,8 +1,11 @@
-"""Per-raster feature files: a raster's finished features, from the rank that made them to rank 0.
+"""Feature files: rasters' finished features, from the rank that made them to rank 0.
 
 Rank 0 writes the layers from them. Why: the merge's costly part (reading a raster's
 records, seam de-duplication, georeferencing) is independent per raster, so ranks finalise the
-rasters assigned to them in parallel; rank 0 only gathers. A feature file is a
+rasters assigned to them in parallel; rank 0 only gathers. A feature file holds one raster
+(:func:`feature_path`, :func:`write_features`) or a group of consecutive rasters of one rank's
+share (:func:`group_path`, :func:`write_feature_group`: a folder of 20,000 chips is 20,000
+files otherwise, and writing them cost half a rank's share). It is a
 :class:`~mgpr.outputs.vector.FeatureBatch` as Parquet, published like a part (hidden temp name,
 rename: :func:`~mgpr.outputs.parts.publish_file`) but without fsync (no later job reads it):
 
@@ -11,13 +14,16 @@ rename: :func:`~mgpr.outputs.parts.publish_file`) but without fsync (no later jo
 * the batch's columns in order (float64, int64, bool, UTF-8 string for text columns, or a
   fixed-size list of float32 for a (N, D) vector column such as an embedding);
 * schema metadata ``mgpr.features``: JSON with the raster's path and the task's counters
-  (``duplicates_removed``).
+  (``duplicates_removed``); for a group, ``rasters``: a list of those, each with its ``rows``
+  (the group's rows are its rasters' rows in that order).
+
+:func:`read_finalised` reads every file of the folder back, raster by raster.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +46,14 @@ def features_dir(run_dir: Path) -> Path:
 def feature_path(run_dir: Path, index: int) -> Path:
     """The feature file of the ``index``-th input raster (the run's raster order)."""
     return features_dir(run_dir) / f"raster{index:06d}.features.parquet"
+
+
+def group_path(run_dir: Path, first_index: int) -> Path:
+    """The feature file of a group whose first raster is the ``first_index``-th input.
+
+    Unique: every raster is in one rank's share, and in one group of it.
+    """
+    return features_dir(run_dir) / f"group{first_index:06d}.features.parquet"
 
 
 def _column(values: np.ndarray) -> pa.Array:
@@ -85,6 +99,32 @@ def write_features(path: Path, batch: FeatureBatch, meta: Mapping[str, Any]) -> 
     return publish_file(
         path, lambda tmp: pq.write_table(table, tmp, compression="zstd"), durable=False
     )
+
+
+def write_feature_group(
+    path: Path, entries: Sequence[tuple[str, FeatureBatch, Mapping[str, Any]]]
+) -> Path:
+    """Publish the features of several rasters (``(path, batch, counters)`` each) as one file."""
+    rasters = [{"path": p, "rows": len(b), **dict(meta)} for p, b, meta in entries]
+    batch = FeatureBatch.concat([b for _p, b, _meta in entries])
+    return write_features(path, batch, {"rasters": rasters})
+
+
+def read_finalised(run_dir: Path) -> dict[str, tuple[FeatureBatch, dict[str, Any]]]:
+    """Every raster the feature files of ``run_dir`` hold: path -> (batch, its counters)."""
+    out: dict[str, tuple[FeatureBatch, dict[str, Any]]] = {}
+    folder = features_dir(run_dir)
+    for file in sorted(folder.glob("*.features.parquet")) if folder.is_dir() else []:
+        batch, meta = read_features(file)
+        if "rasters" not in meta:
+            out[str(meta.get("path"))] = (batch, meta)
+            continue
+        start = 0
+        for entry in meta["rasters"]:
+            stop = start + int(entry["rows"])
+            out[str(entry["path"])] = (batch.rows(start, stop), entry)
+            start = stop
+    return out
 
 
 def read_features(path: Path) -> tuple[FeatureBatch, dict[str, Any]]:

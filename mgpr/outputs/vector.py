@@ -127,6 +127,14 @@ class FeatureBatch:
         assert self.geometries is not None
         return FeatureBatch(None, fields, self.geometries[keep])
 
+    def rows(self, start: int, stop: int) -> FeatureBatch:
+        """Rows ``start`` to ``stop`` (views, no copy; the same form, rings or geometries)."""
+        fields = {k: np.asarray(v)[start:stop] for k, v in self.fields.items()}
+        if self.rings is not None:
+            return FeatureBatch(self.rings[start:stop], fields)
+        assert self.geometries is not None
+        return FeatureBatch(None, fields, self.geometries[start:stop])
+
     def geometry_types(self) -> tuple[str, ...]:
         """Sorted names of the geometry types present (a rings batch: ``("Polygon",)``)."""
         if self.rings is not None:

@@ -3,11 +3,12 @@
 Why: the merge's heavy part (reading a raster's records, seam de-duplication, georeferencing)
 is per raster, and every GPU of the allocation would otherwise idle while rank 0 does it all.
 Once rank 0 knows every rank has published its tiles it sets :data:`GO_KEY`; each rank then
-finalises its share (:func:`mgpr.tasks.merge.finalise_share`: for the vector tasks, one
-published feature file per raster) and sets ``mgpr/merged/<rank>``; rank 0 does its own share,
-waits for the others as long as they are alive (:func:`~mgpr.run.liveness.wait_for_ranks`, no
-timeout) and then only gathers. A rank that fails or dies while merging costs time, never
-results: rank 0's gather finishes any raster whose file is missing.
+finalises its share (:func:`mgpr.tasks.merge.finalise_share`: for the vector tasks,
+published feature files of groups of rasters) and sets ``mgpr/merged/<rank>``; rank 0 does
+its own share, waits for the others as long as they are alive
+(:func:`~mgpr.run.liveness.wait_for_ranks`, no timeout) and then only gathers. A rank that fails
+or dies while merging costs time, never results: rank 0's gather finishes any raster no
+published file holds.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ def merge_share(
     areas = map_areas(rasters)
 
     def share(rank: int) -> list[str]:
-        paths = finalise_share(run_dir, task, ctx, tiles, rank, world_size)
-        write_share_previews(run_dir, adapter.task, order, paths, cfg.previews, areas)
+        paths, features = finalise_share(run_dir, task, ctx, tiles, rank, world_size)
+        write_share_previews(run_dir, adapter.task, order, paths, cfg.previews, areas, features)
         return paths
 
     return share

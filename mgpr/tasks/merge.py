@@ -2,7 +2,7 @@
 
 Spread over ranks by raster: :func:`assign_rasters` gives each rank a share of the rasters
 (the same answer on every rank, from the plan alone), each rank finalises its share
-(:func:`finalise_share`: for the vector tasks, one feature file per raster), and rank 0's
+(:func:`finalise_share`: for the vector tasks, feature files of groups of rasters), and rank 0's
 :func:`merge_run` gathers them into the layers, finishing itself any raster whose file is not
 there (a rank that died while merging costs time, never results).
 
@@ -15,12 +15,13 @@ picks to the task, which writes the outputs from each done tile's one kept part.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from mgpr.geo.tiling import Tile
 from mgpr.outputs.features import features_dir
 from mgpr.outputs.ledger import build_ledger, write_missing
+from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.base import MergeResult, Task, TaskContext
 
 
@@ -109,14 +110,17 @@ def finalise_share(
     tiles: Sequence[Tile],
     rank: int,
     world_size: int,
-) -> list[str]:
-    """Finalise this rank's rasters (its share of :func:`assign_rasters`); returns them."""
+) -> tuple[list[str], Mapping[str, FeatureBatch]]:
+    """Finalise this rank's rasters (its share of :func:`assign_rasters`).
+
+    Returns the rasters and the features published for them (none for segmentation).
+    """
     paths = assign_rasters(ctx, tiles, world_size)[rank]
-    if paths:
-        by_key = {t.id.key(): t for t in tiles}
-        ledger = build_ledger(run_dir, by_key)
-        task.finalise(run_dir, ledger, ctx, by_key, paths)
-    return paths
+    if not paths:
+        return paths, {}
+    by_key = {t.id.key(): t for t in tiles}
+    ledger = build_ledger(run_dir, by_key)
+    return paths, task.finalise(run_dir, ledger, ctx, by_key, paths)
 
 
 def clear_finalised(run_dir: Path) -> None:

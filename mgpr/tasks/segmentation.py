@@ -61,6 +61,7 @@ from mgpr.outputs.cog import (
 from mgpr.outputs.features import features_dir
 from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import PartSink, fsync_dir, parts_dir
+from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.base import STATUS_DONE, MergeResult, Task, TaskContext, TileOutcome
 from mgpr.tasks.segmentation_blend import publish_stack, write_blended
 from mgpr.tasks.segmentation_classes import (
@@ -304,13 +305,13 @@ class SegmentationTask(Task):
         ctx: TaskContext,
         tiles: Mapping[str, Tile],
         paths: Sequence[str],
-    ) -> None:
+    ) -> Mapping[str, FeatureBatch]:
         """This rank's share: assemble the COGs of the rasters ``paths`` into the merge folder.
 
         Rank 0's :meth:`merge` renames them into ``segmentation/`` (same file system: no copy)
         and assembles itself any raster whose files are not there. ``vectorize=true``: each
         class map's polygons are traced here too (:func:`publish_polygons`), so rank 0 only
-        writes them.
+        writes them. Returns no features: the previews draw the class maps.
         """
         index = {p: i for i, p in enumerate(ctx.rasters)}
         for path in paths:
@@ -320,6 +321,7 @@ class SegmentationTask(Task):
             if ctx.vectorize:
                 nodata = class_id_dtype(n_classes(ctx))[1]
                 publish_polygons(run_dir, ctx, path, index[path], finals[0], nodata)
+        return {}
 
     def assemble(
         self,
