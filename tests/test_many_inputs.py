@@ -66,6 +66,20 @@ def test_the_first_unreadable_input_in_input_order_is_the_one_named(
         headers.CHUNK = chunk
 
 
+def _killed(paths: list[str]) -> list[object]:
+    os._exit(9)  # a header process the OOM killer took
+
+
+def test_a_killed_header_process_falls_back_to_reading_here(
+    make_image, monkeypatch, caplog
+) -> None:
+    paths = _chips(make_image, 4)
+    monkeypatch.setattr(headers, "_describe_chunk", _killed)
+    with caplog.at_level("WARNING", logger="mgpr.geo.headers"):
+        assert describe_rasters(paths, processes=2) == [describe_raster(p) for p in paths]
+    assert "header processes failed" in caplog.text
+
+
 @pytest.mark.parametrize(
     ("n_inputs", "cpus", "expected"),
     [

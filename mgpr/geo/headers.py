@@ -20,6 +20,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 
 from mgpr.geo.raster import RasterInfo, describe_raster
 
@@ -83,13 +84,17 @@ def describe_rasters(paths: Sequence[str], processes: int | None = None) -> list
         return [describe_raster(path) for path in paths]
     log.info("reading the headers of %d inputs with %d processes", len(paths), n)
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
-    pool = ProcessPoolExecutor(
-        max_workers=n,
-        mp_context=multiprocessing.get_context("fork"),
-        initializer=_leave_stop_signals_to_parent,
-    )
     try:
-        return [info for chunk in pool.map(_describe_chunk, chunks) for info in chunk]
-    finally:
-        # A stop signal or an unreadable input: the chunks not started are dropped, not read.
-        pool.shutdown(wait=True, cancel_futures=True)
+        pool = ProcessPoolExecutor(
+            max_workers=n,
+            mp_context=multiprocessing.get_context("fork"),
+            initializer=_leave_stop_signals_to_parent,
+        )
+        try:
+            return [info for chunk in pool.map(_describe_chunk, chunks) for info in chunk]
+        finally:
+            # A stop signal or an unreadable input: the chunks not started are dropped.
+            pool.shutdown(wait=True, cancel_futures=True)
+    except (OSError, BrokenProcessPool) as exc:  # no processes to be had, or one was killed
+        log.warning("header processes failed (%s); reading the headers here", exc)
+        return [describe_raster(path) for path in paths]
