@@ -49,6 +49,10 @@ def test_headers_read_in_processes_equal_the_serial_ones_in_input_order(make_ima
     serial = [describe_raster(p) for p in paths]
     assert describe_rasters(paths, processes=3) == serial
     assert describe_rasters(paths[::-1], processes=2) == serial[::-1]
+    # one CRS: one string for all (a WKT is most of a header, and the other ranks get a pickle)
+    for processes in (1, 2):
+        texts = {id(info.crs_wkt) for info in describe_rasters(paths, processes=processes)}
+        assert len(texts) == 1
 
 
 def test_the_first_unreadable_input_in_input_order_is_the_one_named(

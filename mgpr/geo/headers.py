@@ -13,6 +13,7 @@ input order, and the first unreadable input (in input order) raises its own
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import multiprocessing
 import os
@@ -81,7 +82,28 @@ def describe_rasters(paths: Sequence[str], processes: int | None = None) -> list
     paths = list(paths)
     n = describe_processes(len(paths)) if processes is None else max(1, processes)
     if n == 1 or len(paths) < 2:
-        return [describe_raster(path) for path in paths]
+        return _one_text_per_crs([describe_raster(path) for path in paths])
+    return _one_text_per_crs(_in_processes(paths, n))
+
+
+def _one_text_per_crs(found: list[RasterInfo]) -> list[RasterInfo]:
+    """The rasters with one shared string per distinct CRS text.
+
+    A CRS's WKT is ~600 B, more than half a header: 100,000 chips in one CRS would otherwise
+    hold (and pickle, to the other ranks) 100,000 copies of it.
+    """
+    seen: dict[str, str] = {}
+    out = []
+    for info in found:
+        wkt = info.crs_wkt
+        if wkt is not None and seen.setdefault(wkt, wkt) is not wkt:
+            info = dataclasses.replace(info, crs_wkt=seen[wkt])
+        out.append(info)
+    return out
+
+
+def _in_processes(paths: list[str], n: int) -> list[RasterInfo]:
+    """:func:`describe_rasters` by ``n`` forked processes, :data:`CHUNK` inputs per task."""
     log.info("reading the headers of %d inputs with %d processes", len(paths), n)
     chunks = [paths[i : i + CHUNK] for i in range(0, len(paths), CHUNK)]
     try:
