@@ -7,15 +7,20 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from mgpr.errors import OutputError
 from mgpr.geo.raster import describe_raster
 from mgpr.geo.tiling import plan_tiles
 from mgpr.models.base import Classification
+from mgpr.outputs import parts_read
+from mgpr.outputs.ledger import build_ledger
 from mgpr.outputs.part_thread import BackgroundPartWriter
-from mgpr.outputs.parts import MANIFEST_SUFFIX, PartWriter, parts_dir
+from mgpr.outputs.parts import MANIFEST_SUFFIX, RECORDS_SUFFIX, PartWriter, parts_dir
 from mgpr.outputs.parts_read import (
+    RecordsReader,
     count_written_tiles,
     finished_tile_keys,
     list_parts,
@@ -237,3 +242,69 @@ def test_put_blocks_while_the_queued_results_exceed_their_byte_bound(grid, tmp_p
     bg.put([outs[4]])
     bg.close()
     assert len(finished_tile_keys(tmp_path)) == 5
+
+
+def _key_k_class(table: pa.Table) -> list[tuple]:
+    cols = [table[c].to_pylist() for c in ("tile_key", "k", "class_id")]
+    return list(zip(*cols, strict=True))
+
+
+def test_records_reader_returns_each_picked_tiles_rows_whatever_it_keeps(
+    grid, tmp_path: Path
+) -> None:
+    """Picks across parts read back as a filter of the files would, the cache small or not."""
+    _, tiles, ctx = grid
+    run = tmp_path / "run"
+    writer = _writer(run, 0, ctx)
+    rng = np.random.default_rng(3)
+    for chunk in range(4):  # 4 parts of 16 tiles, 1..4 rows a tile (class ids in a random order)
+        outs = []
+        for tile in tiles[chunk * 16 : (chunk + 1) * 16]:
+            k = int(rng.integers(1, 5))
+            ids = rng.permutation(10)[:k].astype(np.int64)
+            outs.append(TileOutcome(tile, 0, "", Classification(ids, rng.random(k, np.float32))))
+        writer.publish(outs[::-1])  # rows in the file not in key order
+    task = get_task("classification")
+    ledger = build_ledger(run, [t.id.key() for t in tiles])
+    folder = parts_dir(run)
+    files = {p.name: pq.read_table(folder / f"{p.name}{RECORDS_SUFFIX}") for p in list_parts(run)}
+
+    def expected(picks: dict[str, list[str]]) -> list[tuple]:
+        rows = []
+        for name, keys in picks.items():
+            table = files[name]
+            table = table.filter(pc.is_in(table["tile_key"], pa.array(keys, pa.string())))
+            rows += _key_k_class(table)
+        return sorted(rows, key=lambda r: r[0])  # stable: a tile's rows in their file order
+
+    for max_rows in (0, 40, 10_000):  # 0: only the part in use is kept
+        reader = RecordsReader(run, ledger.parts, RECORDS_SUFFIX, task.records_schema, max_rows)
+        for _ in range(12):
+            keys = [t.id.key() for t in rng.choice(tiles, int(rng.integers(0, 20)), replace=False)]
+            picks = ledger.picks(keys)
+            table = reader.read(picks)
+            assert sorted(_key_k_class(table), key=lambda r: r[0]) == expected(picks)
+            assert table.schema == task.records_schema
+        *kept, in_use = reader._cache.values()
+        assert sum(r.table.num_rows for r in kept) <= max_rows or not kept
+
+
+def test_records_reader_reads_each_part_once_for_one_tile_picks(
+    grid, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Many small rasters: a tile at a time from the same parts reads each part file once."""
+    _, tiles, ctx = grid
+    run = tmp_path / "run"
+    writer = _writer(run, 0, ctx)
+    for chunk in range(4):
+        writer.publish([_done(t) for t in tiles[chunk * 16 : (chunk + 1) * 16]])
+    ledger = build_ledger(run, [t.id.key() for t in tiles])
+    task = get_task("classification")
+    reads: list[str] = []
+    real = parts_read.pq.read_table
+    monkeypatch.setattr(
+        parts_read.pq, "read_table", lambda path, **kw: reads.append(path) or real(path, **kw)
+    )
+    reader = task.records_reader(run, ledger)
+    rows = sum(reader.read(ledger.picks([t.id.key()])).num_rows for t in tiles)
+    assert rows == 64 and len(reads) == len(set(reads)) == 4

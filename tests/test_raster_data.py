@@ -75,6 +75,26 @@ def test_a_run_never_reads_its_own_results(make_image, tmp_path: Path) -> None:
         resolve_inputs(str(run / "**" / "*.tif"), own)
 
 
+def test_own_results_found_through_symlinks_and_relative_names(
+    make_image, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A result folder reached through a symlinked file, a symlinked folder or a relative name."""
+    make_image("data/a.tif", width=64, height=64)
+    seg = tmp_path / "runs" / "x" / "segmentation"
+    own = [seg]
+    inside = make_image("runs/x/segmentation/b.tif", width=64, height=64)
+    (tmp_path / "data" / "b.tif").symlink_to(inside.path)  # a file link into the results
+    (tmp_path / "view").symlink_to(seg, target_is_directory=True)  # a folder link to them
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=r"'data/b.tif' lies in .*segmentation'"):
+        resolve_inputs(["data/a.tif", "data/b.tif"], own)
+    with pytest.raises(InputError, match=r"lies in .*segmentation'"):
+        resolve_inputs("view/b.tif", own)
+    with pytest.raises(InputError, match=r"lies in .*segmentation'"):
+        resolve_inputs("runs/x/segmentation/../segmentation/b.tif", own)
+    assert resolve_inputs("data/*.tif", own) == ["data/a.tif"]  # a glob skips the link
+
+
 def test_not_a_raster(tmp_path: Path) -> None:
     bad = tmp_path / "notes.tif"
     bad.write_text("hello")

@@ -105,7 +105,8 @@ def _expand(input_path: str) -> list[str]:
                 len(sidecars),
                 "/".join(SIDECAR_SUFFIXES),
             )
-            matches = [m for m in matches if m not in sidecars]
+            side = set(sidecars)
+            matches = [m for m in matches if m not in side]
         if not matches:
             raise InputError(
                 f"input_path={input_path!r}: the glob matches no file{_case_hint(input_path)}; "
@@ -222,11 +223,23 @@ def resolve_inputs(input_path: str | Sequence[str], written: Sequence[Path] = ()
     return drop_duplicate_files(paths)
 
 
-def _inside(path: str, folders: Sequence[Path]) -> Path | None:
-    """The folder of ``folders`` that holds ``path`` (symlinks resolved), or None."""
+def _inside(path: str, folders: Sequence[Path], parents: dict[str, Path]) -> Path | None:
+    """The folder of ``folders`` that holds ``path`` (symlinks resolved), or None.
+
+    ``parents`` caches each folder's resolved path: a file that is no symlink resolves to its
+    resolved folder plus its name, so a folder of 100,000 chips costs one ``lstat`` a file
+    instead of a ``Path.resolve`` (~90 us a file, 9 s at 100,000).
+    """
     if _is_gdal_virtual(path):
         return None
-    real = Path(path).resolve()
+    head, name = os.path.split(path)
+    if not name or name in (".", "..") or os.path.islink(path):
+        real = Path(path).resolve()
+    else:
+        parent = parents.get(head)
+        if parent is None:
+            parent = parents[head] = Path(head or ".").resolve()
+        real = parent / name
     return next((f for f in folders if real.is_relative_to(f)), None)
 
 
@@ -235,8 +248,9 @@ def _without_own_results(input_path: str, paths: list[str], written: list[Path])
     is_glob = _is_glob(input_path)
     kept: list[str] = []
     skipped = 0
+    parents: dict[str, Path] = {}
     for path in paths:
-        folder = _inside(path, written)
+        folder = _inside(path, written, parents)
         if folder is None:
             kept.append(path)
         elif is_glob:

@@ -44,7 +44,7 @@ from mgpr.outputs.features import (
 from mgpr.outputs.formats import vector_writers
 from mgpr.outputs.ledger import Ledger
 from mgpr.outputs.parts import RECORDS_SUFFIX, PartSink
-from mgpr.outputs.parts_read import read_records
+from mgpr.outputs.parts_read import RecordsReader
 from mgpr.outputs.vector import FeatureBatch
 from mgpr.tasks.layers import Layer, plan_layers, to_layer_crs
 
@@ -272,9 +272,13 @@ class VectorTask(Task):
             )
         }
 
+    def records_reader(self, run_dir: Path, ledger: Ledger) -> RecordsReader:
+        """A reader of this task's records in the run's parts, for one merge or share."""
+        return RecordsReader(run_dir, ledger.parts, RECORDS_SUFFIX, self.records_schema)
+
     def raster_features(
         self,
-        run_dir: Path,
+        reader: RecordsReader,
         ledger: Ledger,
         ctx: TaskContext,
         tiles: Mapping[str, Tile],
@@ -282,8 +286,7 @@ class VectorTask(Task):
         path: str,
     ) -> tuple[FeatureBatch, int]:
         """One raster's features from the records of its done tiles (``keys``: its plan)."""
-        picks = ledger.picks(keys)
-        table = read_records(run_dir, picks, ledger.parts, RECORDS_SUFFIX, self.records_schema)
+        table = reader.read(ledger.picks(keys))
         return self.features(ctx.rasters[path], table, ctx, tiles)
 
     def finalise(
@@ -314,9 +317,10 @@ class VectorTask(Task):
             group.clear()
 
         rows = 0
+        reader = self.records_reader(run_dir, ledger)
         for path in paths:
             batch, removed = self.raster_features(
-                run_dir, ledger, ctx, tiles, keys_by_path.get(path, []), path
+                reader, ledger, ctx, tiles, keys_by_path.get(path, []), path
             )
             done[path] = batch
             group.append((path, batch, {"duplicates_removed": removed}))
@@ -350,6 +354,7 @@ class VectorTask(Task):
         rasters = list(ctx.rasters.values())
         writers = vector_writers(output_format, run_dir, output_name)
         finalised = read_finalised(run_dir) if use_finalised else {}
+        reader = self.records_reader(run_dir, ledger)
         try:
             for layer in plan_layers(rasters, self.layer_base, ctx.output_crs):
                 batches = []
@@ -359,7 +364,7 @@ class VectorTask(Task):
                         removed = int(meta.get("duplicates_removed", 0))
                     else:
                         batch, removed = self.raster_features(
-                            run_dir, ledger, ctx, tiles, keys_by_path.get(path, []), path
+                            reader, ledger, ctx, tiles, keys_by_path.get(path, []), path
                         )
                     batches.append(to_layer_crs(batch, ctx.rasters[path], layer))
                     result.features[path] = batch
