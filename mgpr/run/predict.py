@@ -313,11 +313,15 @@ def _predict_and_finish(
             "the value ranges",
             lambda: resolve_value_ranges(cfg, rasters, bands, adapter, rank),
         )
+        from mgpr.run.tile_fit import has_seams, padding_warning
         from mgpr.tasks import get_task
 
         overlap_warning = get_task(adapter.task).overlap_warning
-        if overlap_warning and cfg.overlap == 0 and rank == 0:
-            log.warning("%s", overlap_warning)
+        if rank == 0 and overlap_warning and cfg.overlap == 0 and has_seams(tiles):
+            log.warning("%s", overlap_warning)  # one tile a raster (chips): no seam to cut
+        padding = padding_warning(rasters, tiles, cfg.tile_size) if rank == 0 else None
+        if padding:
+            log.warning("%s", padding)
         if (
             cfg.tta_fusion != "nms"
             and rank == 0

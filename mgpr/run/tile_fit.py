@@ -1,0 +1,67 @@
+"""Start-up warnings about how the tile plan fits the inputs: padding, and seams.
+
+A tile is always ``tile_size`` square; a raster smaller than one (an image chip) is one tile
+padded with zeros past its edge. For a folder of 64 px chips under the default ``tile_size=512``
+that is 98 % padding: the network runs 64x the pixels it needs, and a classifier or embedder
+describes a small image in a corner of a black one. Nothing is wrong enough to refuse (a
+detector finds the same objects), so rank 0 says it once, with the tile size that fits.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+from mgpr.geo.raster import RasterInfo
+from mgpr.geo.tiling import Tile
+
+#: Padding share of the planned tiles' pixels from which the run warns.
+PADDING_WARN_SHARE = 0.5
+#: A suggested tile size is rounded up to this many pixels (the stride of common backbones).
+TILE_STEP = 32
+
+
+def padding_warning(
+    rasters: Sequence[RasterInfo], tiles: Sequence[Tile], tile_size: int
+) -> str | None:
+    """One line when most of the planned tiles' pixels are padding past the rasters' edges.
+
+    Args:
+        rasters: the inputs, on their model grids (pixels of the grid the tiles are cut from).
+        tiles: the planned tiles (an ``aoi`` leaves out those outside it).
+        tile_size: the tiles' side, pixels.
+
+    Returns:
+        The warning, or None when at most :data:`PADDING_WARN_SHARE` of the pixels are padding.
+    """
+    if not tiles:
+        return None
+    valid = sum(t.valid_height * t.valid_width for t in tiles)
+    share = 1.0 - valid / (len(tiles) * tile_size * tile_size)
+    if share <= PADDING_WARN_SHARE:
+        return None
+    planned = {t.id.path for t in tiles}
+    small = [r for r in rasters if r.path in planned and max(r.height, r.width) < tile_size]
+    largest = max((r for r in rasters if r.path in planned), key=lambda r: max(r.height, r.width))
+    side = max(largest.height, largest.width)
+    fit = TILE_STEP * math.ceil(side / TILE_STEP)
+    advice = (
+        f"set tile_size={fit} to predict each input in one tile of about its size"
+        if fit < tile_size
+        else f"choose a tile_size that fits the inputs (the largest is {largest.height} x "
+        f"{largest.width} px) with fewer tiles past their edges"
+    )
+    return (
+        f"{100 * share:.0f}% of the planned tiles' pixels are zero padding past the inputs' "
+        f"edges ({len(small)} of {len(planned)} input(s) are smaller than tile_size={tile_size}; "
+        f"the largest is {largest.height} x {largest.width} px): the model runs "
+        f"{1 / (1 - share):.1f}x the pixels it needs and a classifier or embedder sees mostly "
+        f"padding; {advice}"
+    )
+
+
+def has_seams(tiles: Sequence[Tile]) -> bool:
+    """Whether any raster has more than one tile (a seam between tiles can cut an object)."""
+    counts = Counter(t.id.path for t in tiles)
+    return any(n > 1 for n in counts.values())

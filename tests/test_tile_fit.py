@@ -1,0 +1,84 @@
+"""Start-up warnings on how the tile plan fits the inputs: padding past small inputs, seams."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import run_mgpr_inprocess
+
+from mgpr.geo.raster import describe_raster
+from mgpr.geo.tiling import plan_tiles
+from mgpr.run.tile_fit import has_seams, padding_warning
+
+
+def _plan(make_image, sizes: list[tuple[int, int]], tile_size: int):
+    rasters = [
+        describe_raster(str(make_image(f"r{i}.tif", height=h, width=w).path))
+        for i, (h, w) in enumerate(sizes)
+    ]
+    tiles = [t for r in rasters for t in plan_tiles(r.path, r.height, r.width, tile_size, 0)]
+    return rasters, tiles
+
+
+def test_chips_under_a_large_tile_size_get_the_size_that_fits(make_image) -> None:
+    rasters, tiles = _plan(make_image, [(64, 64), (48, 70)], 512)
+    text = padding_warning(rasters, tiles, 512)
+    assert text is not None
+    # (64*64 + 48*70) / (2 * 512^2) valid: 98.6 % padding, 70.3x the pixels
+    assert text.startswith("99% of the planned tiles' pixels are zero padding")
+    assert "2 of 2 input(s) are smaller than tile_size=512; the largest is 48 x 70 px" in text
+    assert "70.3x the pixels" in text and text.endswith(
+        "set tile_size=96 to predict each input in one tile of about its size"
+    )
+    assert not has_seams(tiles)
+
+
+def test_a_large_raster_and_its_edge_tiles_warn_nothing(make_image) -> None:
+    rasters, tiles = _plan(make_image, [(1000, 1100)], 256)  # 4 x 5 tiles, 16 % padding
+    assert padding_warning(rasters, tiles, 256) is None
+    assert has_seams(tiles)
+    assert padding_warning(rasters, [], 256) is None
+
+
+def test_inputs_just_past_one_tile_are_told_to_fit_it_otherwise(make_image) -> None:
+    rasters, tiles = _plan(make_image, [(300, 300)], 256)  # 4 tiles, 34 % of them valid
+    text = padding_warning(rasters, tiles, 256)
+    assert text is not None and "0 of 1 input(s) are smaller than tile_size=256" in text
+    assert text.endswith(
+        "choose a tile_size that fits the inputs (the largest is 300 x 300 px) "
+        "with fewer tiles past their edges"
+    )
+
+
+def test_a_folder_of_chips_warns_of_padding_once_and_not_of_seams(
+    make_image, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(3):
+        make_image(
+            f"chips/c{i}.tif",
+            width=64,
+            height=64,
+            objects=1,
+            seam_share=0,
+            object_max_px=16,
+            seed=i,
+        )
+    run = tmp_path / "run"
+    common = [f"input_path={tmp_path / 'chips'}", "model=reference", "workers=0", "previews=none"]
+    assert run_mgpr_inprocess(*common, f"output_dir={run}") == 0
+    err = capsys.readouterr().err
+    assert err.count("zero padding") == 1
+    assert "98% of the planned tiles' pixels are zero padding" in err
+    assert "set tile_size=64 to predict each input" in err
+    assert "objects cut by a tile seam" not in err  # one tile a chip: no seam
+    assert run_mgpr_inprocess(*common, f"output_dir={run}2", "tile_size=64") == 0
+    assert "zero padding" not in capsys.readouterr().err
+    # a raster of several tiles keeps the seam warning
+    big = make_image("big.tif", width=512, height=512)
+    assert run_mgpr_inprocess(
+        f"input_path={big.path}", "model=reference", "workers=0", "previews=none",
+        "tile_size=256", f"output_dir={run}3",
+    ) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "objects cut by a tile seam" in err and "zero padding" not in err
