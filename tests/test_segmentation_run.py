@@ -250,3 +250,32 @@ def test_the_summary_counts_every_class_map_of_several_inputs(
     listed = [ln.strip() for ln in out[at + 1 : at + 1 + len(summary["outputs"])]]
     assert listed == summary["outputs"]
     assert {Path(p).name for p in listed} >= {"a.tif", "b.tif", "predictions.gpkg"}
+
+
+def test_the_summary_lists_a_few_of_many_class_maps_and_counts_the_rest(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """A folder of chips: one class map each, so the summary listed every one (20,000 lines
+    for 20,000 chips); now the outputs that are no input's own, 3 of each kind and a count."""
+    for i in range(12):
+        make_image(f"in/c{i:02d}.tif", width=64, height=64, objects=1, seam_share=0,
+                   object_max_px=16, origin_x=500000.0 + 10 * i, seed=i)  # fmt: skip
+    run = tmp_path / "run"
+    args = segmentation_args(tmp_path / "in", run, "vectorize=true", tile_size=64, overlap=0)
+    assert run_mgpr_inprocess(*args) == 0
+    out = capsys.readouterr().out.splitlines()
+    summary = json.loads((run / "summary.json").read_text())
+    maps = [p for p in summary["outputs"] if Path(p).parent == run / "segmentation"]
+    previews = [p for p in summary["outputs"] if Path(p).name.startswith("preview_")]
+    assert len(maps) == 12 and len(previews) == 12  # previews=auto: the first 12 inputs
+    at = next(i for i, ln in enumerate(out) if ln.startswith("  output  "))
+    assert out[at].startswith(f"  output       12 class maps in {run / 'segmentation'}/ (")
+    more = "(every path: summary.json outputs)"
+    assert [ln.strip() for ln in out[at + 1 : at + 10]] == [
+        str(run / "predictions.gpkg"),
+        *maps[:3],
+        f"... and 9 more class maps in {run / 'segmentation'}/ {more}",
+        *previews[:3],
+        f"... and 9 more previews in {run}/ {more}",
+    ]
+    assert not out[at + 10].startswith("               ")

@@ -38,7 +38,46 @@ def _output_lines(s: dict[str, Any]) -> list[str]:
             head = f"{s['output']} ({s['records']} class-map pixels"
             rest = outputs[1:]
         head += f"{layers}{into})"
+    maps_folder = Path(s["output"]).parent if s.get("task") == "segmentation" else None
+    rest = _fewer_outputs(rest, maps_folder)
     return [f"  output       {head}"] + [f"               {p}" for p in rest]
+
+
+#: Output paths the summary lists in full; past that, per-input files are cut to a few of each.
+OUTPUTS_SHOWN = 10
+#: Per-input files of one kind (class maps, previews) listed when they are cut.
+PER_INPUT_SHOWN = 3
+
+
+def _fewer_outputs(outputs: list[str], maps_folder: Path | None) -> list[str]:
+    """``outputs`` to list: all of them, or a few of each kind of per-input file.
+
+    A folder of 20,000 chips has 20,000 class maps (and with ``previews=all`` as many
+    previews): then every output that is not one input's own (a class map in
+    ``maps_folder``, a ``preview_*.png``) is listed, the first few of each of those kinds,
+    and a line counting the rest (every path is in summary.json).
+    """
+    if len(outputs) <= OUTPUTS_SHOWN:
+        return outputs
+    kinds: dict[str, list[str]] = {"class maps": [], "previews": []}
+    listed: list[str] = []
+    for path in outputs:
+        p = Path(path)
+        if maps_folder is not None and p.parent == maps_folder:
+            kinds["class maps"].append(path)
+        elif p.name.startswith("preview") and p.suffix == ".png":
+            kinds["previews"].append(path)
+        else:
+            listed.append(path)
+    for kind, paths in kinds.items():
+        listed += paths[:PER_INPUT_SHOWN]
+        if len(paths) > PER_INPUT_SHOWN:
+            folder = Path(paths[0]).parent
+            listed.append(
+                f"... and {len(paths) - PER_INPUT_SHOWN} more {kind} in {folder}/ "
+                "(every path: summary.json outputs)"
+            )
+    return listed
 
 
 #: Classes the summary line names; the rest are counted, and all are in summary.json.
