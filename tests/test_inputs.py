@@ -263,6 +263,28 @@ def test_a_folder_whose_rasters_are_in_subfolders_says_how_to_read_them(
         resolve_inputs(str(tmp_path / "empty"))
 
 
+def test_a_folder_of_png_or_jpeg_chips_says_the_glob_that_reads_them(tmp_path: Path) -> None:
+    import numpy as np
+    import rasterio
+
+    chips = tmp_path / "chips"
+    chips.mkdir()
+    for name, driver in [("b.png", "PNG"), ("a.png", "PNG"), ("c.jpg", "JPEG")]:
+        with rasterio.open(
+            chips / name, "w", driver=driver, width=32, height=32, count=3, dtype="uint8"
+        ) as dst:
+            dst.write(np.full((3, 32, 32), 100, np.uint8))
+    (chips / "notes.md").write_text("not an image")
+    with pytest.raises(InputError) as err:
+        resolve_inputs(str(chips))
+    assert "it holds 2 .png file(s) (e.g. 'a.png'), which a folder input does not read" in str(
+        err.value
+    )
+    glob = f"{chips}/*.png"
+    assert f"name them with input_path='{glob}'" in str(err.value)
+    assert resolve_inputs(glob) == [str(chips / "a.png"), str(chips / "b.png")]
+
+
 @pytest.mark.slow
 def test_a_copied_input_is_refused_with_the_touch_that_resumes_it(
     make_image, tmp_path: Path, monkeypatch, capsys

@@ -153,10 +153,38 @@ def _subfolder_hint(folder: Path) -> str:
     except OSError:
         below = None
     if below is None:
-        return "point it at a folder of GeoTIFFs"
+        return _other_images_hint(folder) or "point it at a folder of GeoTIFFs"
     return (
         f"its subfolders hold rasters (e.g. {str(below.relative_to(folder))!r}), which a folder "
         f"input does not search: read them all with input_path='{folder}/**/*.tif'"
+    )
+
+
+#: Image formats GDAL reads that a folder input leaves out (PNG/JPEG chips, other GIS formats):
+#: a folder of them is named in the refusal with the glob that reads them.
+OTHER_IMAGE_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".ecw", ".sid", ".bmp", ".gif", ".webp", ".nc", ".hdf", ".h5",
+    ".asc", ".bil", ".ntf", ".kea", ".grd",
+)  # fmt: skip
+
+
+def _other_images_hint(folder: Path) -> str | None:
+    """How to read a folder of images in a format a folder input leaves out, if it holds some."""
+    try:
+        files = [p for p in folder.iterdir() if p.suffix.lower() in OTHER_IMAGE_SUFFIXES]
+        files = sorted(p for p in files if p.is_file())
+    except OSError:
+        return None
+    if not files:
+        return None
+    counts: dict[str, int] = {}
+    for p in files:
+        counts[p.suffix] = counts.get(p.suffix, 0) + 1
+    suffix = max(counts, key=lambda k: counts[k])  # as spelt: a glob matches case
+    example = next(p.name for p in files if p.suffix == suffix)
+    return (
+        f"it holds {counts[suffix]} {suffix} file(s) (e.g. {example!r}), which a folder input "
+        f"does not read: name them with input_path='{folder}/*{suffix}'"
     )
 
 
