@@ -258,22 +258,11 @@ def _predict_and_finish(
 
         tiles_outside_aoi = 0
 
+        if rank == 0:
+            from mgpr.run.input_warnings import warn_ungeoreferenced
+
+            warn_ungeoreferenced(rasters)
         for info in rasters:
-            if info.crs_wkt is None and info.gcp_crs is not None and rank == 0:
-                epsg = info.gcp_crs if info.gcp_crs.startswith("EPSG:") else "EPSG:XXXX"
-                log.warning(
-                    "%s is georeferenced by GCPs (%s); results are in pixel coordinates: warp "
-                    "it first with `gdalwarp -t_srs %s %s warped.tif`",
-                    info.path,
-                    info.gcp_crs,
-                    epsg,
-                    info.path,
-                )
-            elif info.crs_wkt is None and rank == 0:
-                log.warning(
-                    "%s has no CRS: its results are in pixel coordinates (x = column, y = row)",
-                    info.path,
-                )
             bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands)
             planned, outside = tiles_in_aoi(info, cfg.tile_size, cfg.overlap)  # all w/o aoi=
             tiles_outside_aoi += outside
@@ -313,7 +302,7 @@ def _predict_and_finish(
             "the value ranges",
             lambda: resolve_value_ranges(cfg, rasters, bands, adapter, rank),
         )
-        from mgpr.run.tile_fit import has_seams, padding_warning
+        from mgpr.run.input_warnings import has_seams, padding_warning
         from mgpr.tasks import get_task
 
         overlap_warning = get_task(adapter.task).overlap_warning

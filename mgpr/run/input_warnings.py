@@ -1,4 +1,7 @@
-"""Start-up warnings about how the tile plan fits the inputs: padding, and seams.
+"""Start-up warnings about the inputs: results in pixel coordinates, tiles of padding, seams.
+
+A raster without a CRS (a PNG chip) or georeferenced by GCPs only gets its results in pixel
+coordinates; each is named (a few), then counted.
 
 A tile is always ``tile_size`` square; a raster smaller than one (an image chip) is one tile
 padded with zeros past its edge. For a folder of 64 px chips under the default ``tile_size=512``
@@ -9,12 +12,15 @@ detector finds the same objects), so rank 0 says it once, with the tile size tha
 
 from __future__ import annotations
 
+import logging
 import math
 from collections import Counter
 from collections.abc import Sequence
 
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.tiling import Tile
+
+log = logging.getLogger("mgpr")
 
 #: Padding share of the planned tiles' pixels from which the run warns.
 PADDING_WARN_SHARE = 0.5
@@ -65,3 +71,41 @@ def has_seams(tiles: Sequence[Tile]) -> bool:
     """Whether any raster has more than one tile (a seam between tiles can cut an object)."""
     counts = Counter(t.id.path for t in tiles)
     return any(n > 1 for n in counts.values())
+
+
+#: Inputs without a CRS named one line each; past that, one line counts them all.
+UNGEOREFERENCED_NAMED = 3
+
+
+def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
+    """Warn of inputs whose results are in pixel coordinates (no CRS, or only GCPs).
+
+    A line each for the first :data:`UNGEOREFERENCED_NAMED` of each kind, then one line with
+    the count (a folder of 20,000 PNG chips printed 20,000 lines).
+    """
+    gcps = [r for r in rasters if r.crs_wkt is None and r.gcp_crs is not None]
+    bare = [r for r in rasters if r.crs_wkt is None and r.gcp_crs is None]
+    for info in gcps[:UNGEOREFERENCED_NAMED]:
+        epsg = info.gcp_crs if info.gcp_crs and info.gcp_crs.startswith("EPSG:") else "EPSG:XXXX"
+        log.warning(
+            "%s is georeferenced by GCPs (%s); results are in pixel coordinates: warp "
+            "it first with `gdalwarp -t_srs %s %s warped.tif`",
+            info.path,
+            info.gcp_crs,
+            epsg,
+            info.path,
+        )
+    if len(gcps) > UNGEOREFERENCED_NAMED:
+        log.warning(
+            "... and %d more input(s) georeferenced by GCPs only (in pixel coordinates too)",
+            len(gcps) - UNGEOREFERENCED_NAMED,
+        )
+    for info in bare[:UNGEOREFERENCED_NAMED]:
+        log.warning(
+            "%s has no CRS: its results are in pixel coordinates (x = column, y = row)", info.path
+        )
+    if len(bare) > UNGEOREFERENCED_NAMED:
+        log.warning(
+            "... and %d more input(s) without a CRS (in pixel coordinates too)",
+            len(bare) - UNGEOREFERENCED_NAMED,
+        )

@@ -1,4 +1,4 @@
-"""Start-up warnings on how the tile plan fits the inputs: padding past small inputs, seams."""
+"""Start-up warnings on the inputs: pixel coordinates, padding past small inputs, seams."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from conftest import run_mgpr_inprocess
 
 from mgpr.geo.raster import describe_raster
 from mgpr.geo.tiling import plan_tiles
-from mgpr.run.tile_fit import has_seams, padding_warning
+from mgpr.run.input_warnings import has_seams, padding_warning, warn_ungeoreferenced
 
 
 def _plan(make_image, sizes: list[tuple[int, int]], tile_size: int):
@@ -82,3 +82,37 @@ def test_a_folder_of_chips_warns_of_padding_once_and_not_of_seams(
     ) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert "objects cut by a tile seam" in err and "zero padding" not in err
+
+
+def test_inputs_without_a_crs_are_named_a_few_then_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A folder of 20,000 PNG chips printed 20,000 'has no CRS' lines."""
+    import warnings
+
+    import numpy as np
+    import rasterio
+
+    paths = []
+    for i in range(5):
+        path = tmp_path / f"c{i}.png"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # rasterio: NotGeoreferencedWarning
+            with rasterio.open(
+                path, "w", driver="PNG", width=16, height=16, count=3, dtype="uint8"
+            ) as dst:
+                dst.write(np.zeros((3, 16, 16), np.uint8))
+        paths.append(str(path))
+    rasters = [describe_raster(p) for p in paths]
+    with caplog.at_level("WARNING", logger="mgpr"):
+        warn_ungeoreferenced(rasters)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == [
+        *(f"{p} has no CRS: its results are in pixel coordinates (x = column, y = row)"
+          for p in paths[:3]),
+        "... and 2 more input(s) without a CRS (in pixel coordinates too)",
+    ]  # fmt: skip
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="mgpr"):
+        warn_ungeoreferenced(rasters[:3])
+    assert len(caplog.records) == 3 and "more input" not in caplog.text
