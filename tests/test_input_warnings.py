@@ -116,3 +116,16 @@ def test_inputs_without_a_crs_are_named_a_few_then_counted(
     with caplog.at_level("WARNING", logger="mgpr"):
         warn_ungeoreferenced(rasters[:3])
     assert len(caplog.records) == 3 and "more input" not in caplog.text
+
+
+def test_gsd_model_grids_of_many_inputs_are_named_a_few_then_counted(
+    make_image, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for i in range(5):
+        make_image(f"chips/c{i}.tif", width=64, height=64, objects=0, seed=i)
+    args = [f"input_path={tmp_path / 'chips'}", "model=reference", "workers=0", "previews=none"]
+    rc = run_mgpr_inprocess(*args, "gsd=0.2", "tile_size=32", f"output_dir={tmp_path / 'run'}")
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert err.count("-> model grid") == 3
+    assert "... and 2 more input(s) on model grids (summary.json resolution)" in err

@@ -51,6 +51,7 @@ def padding_warning(
     small = [r for r in rasters if r.path in planned and max(r.height, r.width) < tile_size]
     largest = max((r for r in rasters if r.path in planned), key=lambda r: max(r.height, r.width))
     side = max(largest.height, largest.width)
+    grid = " on its gsd model grid" if (largest.factor_x, largest.factor_y) != (1.0, 1.0) else ""
     fit = TILE_STEP * math.ceil(side / TILE_STEP)
     advice = (
         f"set tile_size={fit} to predict each input in one tile of about its size"
@@ -61,7 +62,7 @@ def padding_warning(
     return (
         f"{100 * share:.0f}% of the planned tiles' pixels are zero padding past the inputs' "
         f"edges ({len(small)} of {len(planned)} input(s) are smaller than tile_size={tile_size}; "
-        f"the largest is {largest.height} x {largest.width} px): the model runs "
+        f"the largest is {largest.height} x {largest.width} px{grid}): the model runs "
         f"{1 / (1 - share):.1f}x the pixels it needs and a classifier or embedder sees mostly "
         f"padding; {advice}"
     )
@@ -73,39 +74,37 @@ def has_seams(tiles: Sequence[Tile]) -> bool:
     return any(n > 1 for n in counts.values())
 
 
-#: Inputs without a CRS named one line each; past that, one line counts them all.
-UNGEOREFERENCED_NAMED = 3
+#: Per-input lines (no CRS, a gsd model grid) given for this many inputs; then one counts the rest.
+INPUTS_NAMED = 3
+
+
+def log_a_few(level: int, lines: Sequence[str], more: str) -> None:
+    """Log the first :data:`INPUTS_NAMED` of one kind of per-input line, then one for the rest.
+
+    The last reads ``... and {n} more {more}`` (a folder of 20,000 chips printed 20,000 lines).
+    """
+    for line in lines[:INPUTS_NAMED]:
+        log.log(level, "%s", line)
+    if len(lines) > INPUTS_NAMED:
+        log.log(level, "... and %d more %s", len(lines) - INPUTS_NAMED, more)
 
 
 def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
-    """Warn of inputs whose results are in pixel coordinates (no CRS, or only GCPs).
-
-    A line each for the first :data:`UNGEOREFERENCED_NAMED` of each kind, then one line with
-    the count (a folder of 20,000 PNG chips printed 20,000 lines).
-    """
-    gcps = [r for r in rasters if r.crs_wkt is None and r.gcp_crs is not None]
-    bare = [r for r in rasters if r.crs_wkt is None and r.gcp_crs is None]
-    for info in gcps[:UNGEOREFERENCED_NAMED]:
-        epsg = info.gcp_crs if info.gcp_crs and info.gcp_crs.startswith("EPSG:") else "EPSG:XXXX"
-        log.warning(
-            "%s is georeferenced by GCPs (%s); results are in pixel coordinates: warp "
-            "it first with `gdalwarp -t_srs %s %s warped.tif`",
-            info.path,
-            info.gcp_crs,
-            epsg,
-            info.path,
-        )
-    if len(gcps) > UNGEOREFERENCED_NAMED:
-        log.warning(
-            "... and %d more input(s) georeferenced by GCPs only (in pixel coordinates too)",
-            len(gcps) - UNGEOREFERENCED_NAMED,
-        )
-    for info in bare[:UNGEOREFERENCED_NAMED]:
-        log.warning(
-            "%s has no CRS: its results are in pixel coordinates (x = column, y = row)", info.path
-        )
-    if len(bare) > UNGEOREFERENCED_NAMED:
-        log.warning(
-            "... and %d more input(s) without a CRS (in pixel coordinates too)",
-            len(bare) - UNGEOREFERENCED_NAMED,
-        )
+    """Warn of inputs whose results are in pixel coordinates (no CRS, or only GCPs)."""
+    gcps = []
+    for info in rasters:
+        if info.crs_wkt is None and info.gcp_crs is not None:
+            epsg = info.gcp_crs if info.gcp_crs.startswith("EPSG:") else "EPSG:XXXX"
+            gcps.append(
+                f"{info.path} is georeferenced by GCPs ({info.gcp_crs}); results are in pixel "
+                f"coordinates: warp it first with `gdalwarp -t_srs {epsg} {info.path} warped.tif`"
+            )
+    log_a_few(
+        logging.WARNING, gcps, "input(s) georeferenced by GCPs only (in pixel coordinates too)"
+    )
+    bare = [
+        f"{r.path} has no CRS: its results are in pixel coordinates (x = column, y = row)"
+        for r in rasters
+        if r.crs_wkt is None and r.gcp_crs is None
+    ]
+    log_a_few(logging.WARNING, bare, "input(s) without a CRS (in pixel coordinates too)")

@@ -216,11 +216,19 @@ def _predict_and_finish(
                 from mgpr.geo.gsd import describe_crs_scale, describe_model_grid, on_model_grids
 
                 found = on_model_grids(found, cfg.gsd, cfg.resampling)
-                for info in found if rank == 0 else []:
-                    log.info("gsd=%g m: %s", cfg.gsd, describe_model_grid(info))
-                    scale_note = describe_crs_scale(info, cfg.gsd)
-                    if scale_note:
-                        log.warning("gsd=%g m: %s", cfg.gsd, scale_note)
+                if rank == 0:
+                    from mgpr.run.input_warnings import log_a_few
+
+                    grids = [f"gsd={cfg.gsd:g} m: {describe_model_grid(r)}" for r in found]
+                    notes = [(r, describe_crs_scale(r, cfg.gsd)) for r in found]
+                    log_a_few(
+                        logging.INFO, grids, "input(s) on model grids (summary.json resolution)"
+                    )
+                    log_a_few(
+                        logging.WARNING,
+                        [f"gsd={cfg.gsd:g} m: {note}" for _, note in notes if note],
+                        "input(s) with such a note on their CRS's scale",
+                    )
             area = None
             if cfg.aoi is not None:  # each raster gets the area in its (model-grid) pixels
                 from mgpr.geo.aoi import on_aoi, read_aoi
