@@ -129,3 +129,24 @@ def test_gsd_model_grids_of_many_inputs_are_named_a_few_then_counted(
     err = capsys.readouterr().err
     assert err.count("-> model grid") == 3
     assert "... and 2 more input(s) on model grids (summary.json resolution)" in err
+
+
+def test_band_choices_of_many_inputs_are_noted_a_few_of_each_kind(
+    make_image, caplog: pytest.LogCaptureFixture
+) -> None:
+    from mgpr.geo.bands import check_bands
+    from mgpr.run.input_warnings import log_notes
+
+    notes: list[tuple[str, str]] = []
+    infos = [
+        describe_raster(str(make_image(f"n{i}.tif", width=32, height=32, bands=4).path))
+        for i in range(5)
+    ]
+    for info in infos:
+        assert check_bands(info, None, 3, notes) == [1, 2, 3]
+    assert len(notes) == 5
+    with caplog.at_level("INFO", logger="mgpr"):
+        log_notes(notes, "input(s) whose bands are chosen so too")
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 4 and lines[-1] == "... and 2 more input(s) whose bands are chosen so too"
+    assert all("bands 1..3" in ln or "colour interpretation" in ln for ln in lines[:3])

@@ -97,13 +97,21 @@ def _band_span(bands: Sequence[int]) -> str:
     return ", ".join(str(b) for b in bands)
 
 
-def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int) -> list[int]:
+def check_bands(
+    info: RasterInfo,
+    bands: Sequence[int | str] | None,
+    needed: int,
+    notes: list[tuple[str, str]] | None = None,
+) -> list[int]:
     """Pick the 1-based band indexes to read and check them against the raster and model.
 
     Args:
         info: the raster.
         bands: the user's ``bands`` key (indexes and/or names) or None.
         needed: bands the model needs, 0 when it takes any count.
+        notes: where to put the default choice's note (``(kind, line)``: by colour
+            interpretation, or the first bands of more) instead of logging it; a caller over
+            20,000 chips logs a few of each kind (:func:`mgpr.run.input_warnings.log_a_few`).
 
     Returns:
         The band indexes (1-based), see the module docstring for the defaults.
@@ -142,12 +150,24 @@ def check_bands(info: RasterInfo, bands: Sequence[int | str] | None, needed: int
     if needed == 3 and all(c in info.colorinterp for c in _RGB):
         rgb = [info.colorinterp.index(c) + 1 for c in _RGB]
         if rgb != [1, 2, 3] or info.count > 3:
-            log.info(
-                "%s: bands %s by colour interpretation (red, green, blue) for a 3-band model",
-                info.path,
-                rgb,
+            _note(
+                notes,
+                "by colour interpretation",
+                f"{info.path}: bands {rgb} by colour interpretation (red, green, blue) for a "
+                "3-band model",
             )
         return rgb
     if info.count > needed:
-        log.info("%s has %d bands; reading bands 1..%d", info.path, info.count, needed)
+        _note(
+            notes,
+            f"first {needed} bands",
+            f"{info.path} has {info.count} bands; reading bands 1..{needed}",
+        )
     return list(range(1, needed + 1))
+
+
+def _note(notes: list[tuple[str, str]] | None, kind: str, line: str) -> None:
+    if notes is None:
+        log.info("%s", line)
+    else:
+        notes.append((kind, line))

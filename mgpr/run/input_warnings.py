@@ -89,6 +89,15 @@ def log_a_few(level: int, lines: Sequence[str], more: str) -> None:
         log.log(level, "... and %d more %s", len(lines) - INPUTS_NAMED, more)
 
 
+def log_notes(notes: Sequence[tuple[str, str]], more: str, level: int = logging.INFO) -> None:
+    """Log ``(kind, line)`` notes a few of each kind (:func:`log_a_few`), kinds in first order."""
+    kinds: dict[str, list[str]] = {}
+    for kind, line in notes:
+        kinds.setdefault(kind, []).append(line)
+    for lines in kinds.values():
+        log_a_few(level, lines, more)
+
+
 def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
     """Warn of inputs whose results are in pixel coordinates (no CRS, or only GCPs)."""
     gcps = []

@@ -270,11 +270,16 @@ def _predict_and_finish(
             from mgpr.run.input_warnings import warn_ungeoreferenced
 
             warn_ungeoreferenced(rasters)
+        band_notes: list[tuple[str, str]] = []
         for info in rasters:
-            bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands)
+            bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands, band_notes)
             planned, outside = tiles_in_aoi(info, cfg.tile_size, cfg.overlap)  # all w/o aoi=
             tiles_outside_aoi += outside
             tiles.extend(planned)
+        if rank == 0:
+            from mgpr.run.input_warnings import log_notes
+
+            log_notes(band_notes, "input(s) whose bands are chosen so too")
         if aoi_summary is not None:
             aoi_summary["tiles_outside"] = tiles_outside_aoi
             if rank == 0:

@@ -77,6 +77,7 @@ def resolve_value_ranges(
         for r in rasters
     }
     if rank == 0:
+        notes: list[tuple[str, str]] = []
         for path, vr in ranges.items():
             if vr.source == "default":
                 continue
@@ -90,5 +91,8 @@ def resolve_value_ranges(
                 if set(vr.scale) == {1.0} and set(vr.offset) == {0.0}
                 else " (after GDAL scale/offset)"
             )
-            log.info("value_range (%s) of %s: %s%s", what, path, shown, scaled)
+            notes.append((what, f"value_range ({what}) of {path}: {shown}{scaled}"))
+        from mgpr.run.input_warnings import log_notes
+
+        log_notes(notes, "input(s) with their value_range (summary.json values)")
     return ranges
