@@ -277,8 +277,9 @@ def test_records_reader_returns_each_picked_tiles_rows_whatever_it_keeps(
             rows += _key_k_class(table)
         return sorted(rows, key=lambda r: r[0])  # stable: a tile's rows in their file order
 
-    for max_rows in (0, 40, 10_000):  # 0: only the part in use is kept
-        reader = RecordsReader(run, ledger.parts, RECORDS_SUFFIX, task.records_schema, max_rows)
+    part_bytes = max(t.nbytes for t in files.values())
+    for max_bytes in (0, part_bytes, 10**9):  # 0: only the part in use is kept
+        reader = RecordsReader(run, ledger.parts, RECORDS_SUFFIX, task.records_schema, max_bytes)
         for _ in range(12):
             keys = [t.id.key() for t in rng.choice(tiles, int(rng.integers(0, 20)), replace=False)]
             picks = ledger.picks(keys)
@@ -286,7 +287,7 @@ def test_records_reader_returns_each_picked_tiles_rows_whatever_it_keeps(
             assert sorted(_key_k_class(table), key=lambda r: r[0]) == expected(picks)
             assert table.schema == task.records_schema
         *kept, in_use = reader._cache.values()
-        assert sum(r.table.num_rows for r in kept) <= max_rows or not kept
+        assert sum(r.table.nbytes for r in kept) <= max_bytes or not kept
 
 
 def test_records_reader_reads_each_part_once_for_one_tile_picks(

@@ -94,9 +94,9 @@ def count_written_tiles(run_dir: Path) -> int:
     return sum(pq.read_metadata(p.manifest).num_rows for p in list_parts(run_dir))
 
 
-#: Rows of part payloads a :class:`RecordsReader` keeps read at most (besides the part in use):
-#: ~100 MB of detection records; a part holds one flush of one rank's tiles.
-CACHED_ROWS = 1_000_000
+#: Bytes of part payloads a :class:`RecordsReader` keeps read at most, besides the part in use
+#: (Arrow buffers: ~2.5M detection rows without outlines; Mask R-CNN outlines make rows larger).
+CACHED_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,14 +113,14 @@ class RecordsReader:
     A folder of many small rasters puts the tiles of hundreds of consecutive rasters in one
     part, so reading a raster's part for each raster read every part hundreds of times (20,000
     chips with 3 boxes each: the merge read 79 parts 20,000 times). The reader keeps the parts
-    it read last, up to :data:`CACHED_ROWS` rows besides the one in use, each indexed by tile key.
+    it read last, up to :data:`CACHED_BYTES` besides the one in use, each indexed by tile key.
 
     Args:
         run_dir: the run directory.
         parts: part name -> :class:`Part`.
         suffix: the payload file's suffix (``.records.parquet``).
         schema: the records' schema (every table has a ``tile_key`` column).
-        max_rows: rows kept besides the part in use.
+        max_bytes: bytes of tables kept besides the part in use.
     """
 
     def __init__(
@@ -129,13 +129,13 @@ class RecordsReader:
         parts: Mapping[str, Part],
         suffix: str,
         schema: pa.Schema,
-        max_rows: int = CACHED_ROWS,
+        max_bytes: int = CACHED_BYTES,
     ) -> None:
         self._folder = parts_dir(run_dir)
         self._parts = parts
         self._suffix = suffix
         self._schema = schema
-        self._max_rows = max_rows
+        self._max_bytes = max_bytes
         self._cache: OrderedDict[str, _PartRows] = OrderedDict()
 
     def read(self, picks: Mapping[str, Collection[str]]) -> pa.Table:
@@ -174,8 +174,8 @@ class RecordsReader:
         unique, first, count = np.unique(keys, return_index=True, return_counts=True)
         spans = {str(k): (int(f), int(n)) for k, f, n in zip(unique, first, count, strict=True)}
         rows = self._cache[name] = _PartRows(table, spans)
-        held = sum(r.table.num_rows for r in self._cache.values())
-        while len(self._cache) > 1 and held - rows.table.num_rows > self._max_rows:
+        held = sum(r.table.nbytes for r in self._cache.values())
+        while len(self._cache) > 1 and held - table.nbytes > self._max_bytes:
             _, dropped = self._cache.popitem(last=False)
-            held -= dropped.table.num_rows
+            held -= dropped.table.nbytes
         return rows
