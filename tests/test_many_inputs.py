@@ -24,7 +24,8 @@ from mgpr.run.launched_headers import (
     input_headers,
     remove_shared_headers,
 )
-from tests.conftest import mgpr_cmd, subprocess_env
+from mgpr.tasks.detection import DetectionTask
+from tests.conftest import mgpr_cmd, read_gpkg_layer, run_mgpr_inprocess, subprocess_env
 
 
 def _chips(make_image, n: int, size: int = 32) -> list[str]:
@@ -178,3 +179,35 @@ def test_a_folder_of_chips_on_two_ranks_reads_the_headers_once(make_image, tmp_p
     assert f"rank 1: the headers of {PARALLEL_MIN_INPUTS} inputs from rank 0" in rank1
     assert not (run / HEADERS_FILE).exists()  # removed once prediction ended
     assert not (run / "merge").exists()  # the merge's feature files, cleared
+
+
+def test_chips_without_records_share_one_empty_feature_batch(
+    make_image, tmp_path: Path, monkeypatch
+) -> None:
+    """The merge makes the features of a raster without records once, not once a raster; the
+    layer still holds every chip's boxes, each under its own source."""
+    found = {}
+    for i in range(6):
+        img = make_image(
+            f"chips/c{i}.tif", width=64, height=64, objects=2 if i % 2 else 0, seam_share=0,
+            object_max_px=12, origin_x=500000.0 + i * 10, seed=i,
+        )  # fmt: skip
+        found[str(img.path)] = 2 if i % 2 else 0
+    calls: list[int] = []
+    real = DetectionTask.features
+
+    def counted(self, info, records, ctx, tiles):
+        calls.append(records.num_rows)
+        return real(self, info, records, ctx, tiles)
+
+    monkeypatch.setattr(DetectionTask, "features", counted)
+    run = tmp_path / "run"
+    rc = run_mgpr_inprocess(
+        f"input_path={tmp_path / 'chips'}", "model=reference", "tile_size=64", "workers=0",
+        "previews=none", f"output_dir={run}",
+    )  # fmt: skip
+    assert rc == 0
+    assert sorted(calls) == [0, 2, 2, 2]  # 3 chips with boxes, the 3 empty ones made once
+    _, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    per_source = {p: sum(r["source"] == p for r in rows) for p in found}
+    assert per_source == found

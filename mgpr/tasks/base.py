@@ -284,9 +284,19 @@ class VectorTask(Task):
         tiles: Mapping[str, Tile],
         keys: Sequence[str],
         path: str,
+        empty: dict[str, FeatureBatch] | None = None,
     ) -> tuple[FeatureBatch, int]:
-        """One raster's features from the records of its done tiles (``keys``: its plan)."""
+        """One raster's features from the records of its done tiles (``keys``: its plan).
+
+        ``empty`` (one per merge or share) keeps the features of a raster without records,
+        made once: they hold no row of any raster, and a folder of chips is mostly empty
+        chips (``features`` of none took ~150 us a raster, 15 s over 100,000).
+        """
         table = reader.read(ledger.picks(keys))
+        if table.num_rows == 0 and empty is not None:
+            if "batch" not in empty:
+                empty["batch"] = self.features(ctx.rasters[path], table, ctx, tiles)[0]
+            return empty["batch"], 0
         return self.features(ctx.rasters[path], table, ctx, tiles)
 
     def finalise(
@@ -318,9 +328,10 @@ class VectorTask(Task):
 
         rows = 0
         reader = self.records_reader(run_dir, ledger)
+        empty: dict[str, FeatureBatch] = {}
         for path in paths:
             batch, removed = self.raster_features(
-                reader, ledger, ctx, tiles, keys_by_path.get(path, []), path
+                reader, ledger, ctx, tiles, keys_by_path.get(path, []), path, empty
             )
             done[path] = batch
             group.append((path, batch, {"duplicates_removed": removed}))
@@ -355,6 +366,7 @@ class VectorTask(Task):
         writers = vector_writers(output_format, run_dir, output_name)
         finalised = read_finalised(run_dir) if use_finalised else {}
         reader = self.records_reader(run_dir, ledger)
+        empty: dict[str, FeatureBatch] = {}
         try:
             for layer in plan_layers(rasters, self.layer_base, ctx.output_crs):
                 batches = []
@@ -364,7 +376,7 @@ class VectorTask(Task):
                         removed = int(meta.get("duplicates_removed", 0))
                     else:
                         batch, removed = self.raster_features(
-                            reader, ledger, ctx, tiles, keys_by_path.get(path, []), path
+                            reader, ledger, ctx, tiles, keys_by_path.get(path, []), path, empty
                         )
                     batches.append(to_layer_crs(batch, ctx.rasters[path], layer))
                     result.features[path] = batch
