@@ -306,6 +306,6 @@ def test_records_reader_reads_each_part_once_for_one_tile_picks(
     monkeypatch.setattr(
         parts_read.pq, "read_table", lambda path, **kw: reads.append(path) or real(path, **kw)
     )
-    reader = task.records_reader(run, ledger)
+    reader = RecordsReader(run, ledger.parts, RECORDS_SUFFIX, task.records_schema)
     rows = sum(reader.read(ledger.picks([t.id.key()])).num_rows for t in tiles)
     assert rows == 64 and len(reads) == len(set(reads)) == 4

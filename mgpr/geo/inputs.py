@@ -20,6 +20,7 @@ import fnmatch
 import glob
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -177,10 +178,8 @@ def _other_images_hint(folder: Path) -> str | None:
         return None
     if not files:
         return None
-    counts: dict[str, int] = {}
-    for p in files:
-        counts[p.suffix] = counts.get(p.suffix, 0) + 1
-    suffix = max(counts, key=lambda k: counts[k])  # as spelt: a glob matches case
+    counts = Counter(p.suffix for p in files)
+    suffix = counts.most_common(1)[0][0]  # as spelt: a glob matches case
     example = next(p.name for p in files if p.suffix == suffix)
     return (
         f"it holds {counts[suffix]} {suffix} file(s) (e.g. {example!r}), which a folder input "

@@ -220,13 +220,13 @@ def _predict_and_finish(
                     from mgpr.run.input_warnings import log_a_few
 
                     grids = [f"gsd={cfg.gsd:g} m: {describe_model_grid(r)}" for r in found]
-                    notes = [(r, describe_crs_scale(r, cfg.gsd)) for r in found]
+                    notes = [describe_crs_scale(r, cfg.gsd) for r in found]
                     log_a_few(
                         logging.INFO, grids, "input(s) on model grids (summary.json resolution)"
                     )
                     log_a_few(
                         logging.WARNING,
-                        [f"gsd={cfg.gsd:g} m: {note}" for _, note in notes if note],
+                        [f"gsd={cfg.gsd:g} m: {note}" for note in notes if note],
                         "input(s) with such a note on their CRS's scale",
                     )
             area = None

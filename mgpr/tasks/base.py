@@ -272,32 +272,11 @@ class VectorTask(Task):
             )
         }
 
-    def records_reader(self, run_dir: Path, ledger: Ledger) -> RecordsReader:
-        """A reader of this task's records in the run's parts, for one merge or share."""
-        return RecordsReader(run_dir, ledger.parts, RECORDS_SUFFIX, self.records_schema)
-
     def raster_features(
-        self,
-        reader: RecordsReader,
-        ledger: Ledger,
-        ctx: TaskContext,
-        tiles: Mapping[str, Tile],
-        keys: Sequence[str],
-        path: str,
-        empty: dict[str, FeatureBatch] | None = None,
-    ) -> tuple[FeatureBatch, int]:
-        """One raster's features from the records of its done tiles (``keys``: its plan).
-
-        ``empty`` (one per merge or share) keeps the features of a raster without records,
-        made once: they hold no row of any raster, and a folder of chips is mostly empty
-        chips (``features`` of none took ~150 us a raster, 15 s over 100,000).
-        """
-        table = reader.read(ledger.picks(keys))
-        if table.num_rows == 0 and empty is not None:
-            if "batch" not in empty:
-                empty["batch"] = self.features(ctx.rasters[path], table, ctx, tiles)[0]
-            return empty["batch"], 0
-        return self.features(ctx.rasters[path], table, ctx, tiles)
+        self, run_dir: Path, ledger: Ledger, ctx: TaskContext, tiles: Mapping[str, Tile]
+    ) -> RasterFeatures:
+        """Each raster's features from its done tiles' records, for one merge or share."""
+        return RasterFeatures(self, run_dir, ledger, ctx, tiles)
 
     def finalise(
         self,
@@ -314,7 +293,7 @@ class VectorTask(Task):
         holds in memory twice); a group of one raster is its raster's own file.
         """
         index = {p: i for i, p in enumerate(ctx.rasters)}
-        keys_by_path = _keys_by_path(tiles)
+        features_of = self.raster_features(run_dir, ledger, ctx, tiles)
         done: dict[str, FeatureBatch] = {}
         group: list[tuple[str, FeatureBatch, dict[str, Any]]] = []
 
@@ -327,12 +306,8 @@ class VectorTask(Task):
             group.clear()
 
         rows = 0
-        reader = self.records_reader(run_dir, ledger)
-        empty: dict[str, FeatureBatch] = {}
         for path in paths:
-            batch, removed = self.raster_features(
-                reader, ledger, ctx, tiles, keys_by_path.get(path, []), path, empty
-            )
+            batch, removed = features_of(path)
             done[path] = batch
             group.append((path, batch, {"duplicates_removed": removed}))
             rows += len(batch)
@@ -361,12 +336,10 @@ class VectorTask(Task):
         previews get them in the raster's CRS). Writers publish whole files only.
         """
         result = MergeResult()
-        keys_by_path = _keys_by_path(tiles)
         rasters = list(ctx.rasters.values())
         writers = vector_writers(output_format, run_dir, output_name)
         finalised = read_finalised(run_dir) if use_finalised else {}
-        reader = self.records_reader(run_dir, ledger)
-        empty: dict[str, FeatureBatch] = {}
+        features_of = self.raster_features(run_dir, ledger, ctx, tiles)
         try:
             for layer in plan_layers(rasters, self.layer_base, ctx.output_crs):
                 batches = []
@@ -375,9 +348,7 @@ class VectorTask(Task):
                         batch, meta = finalised.pop(path)
                         removed = int(meta.get("duplicates_removed", 0))
                     else:
-                        batch, removed = self.raster_features(
-                            reader, ledger, ctx, tiles, keys_by_path.get(path, []), path, empty
-                        )
+                        batch, removed = features_of(path)
                     batches.append(to_layer_crs(batch, ctx.rasters[path], layer))
                     result.features[path] = batch
                     result.duplicates_removed += removed
@@ -398,6 +369,42 @@ class VectorTask(Task):
                 writer.abort()
         result.output_path = result.output_paths[0] if result.output_paths else None
         return result
+
+
+class RasterFeatures:
+    """Each raster's features for one merge or share, from the records of its done tiles.
+
+    Holds what the rasters share: the records reader (each part read once,
+    :class:`~mgpr.outputs.parts_read.RecordsReader`), the planned keys by raster, and the
+    features of a raster without records, made once (they hold no row of any raster, and a
+    folder of chips is mostly empty chips: ``features`` of none took ~150 us a raster).
+    """
+
+    def __init__(
+        self,
+        task: VectorTask,
+        run_dir: Path,
+        ledger: Ledger,
+        ctx: TaskContext,
+        tiles: Mapping[str, Tile],
+    ) -> None:
+        self._task = task
+        self._ledger = ledger
+        self._ctx = ctx
+        self._tiles = tiles
+        self._reader = RecordsReader(run_dir, ledger.parts, RECORDS_SUFFIX, task.records_schema)
+        self._keys = _keys_by_path(tiles)
+        self._empty: FeatureBatch | None = None
+
+    def __call__(self, path: str) -> tuple[FeatureBatch, int]:
+        """``path``'s features and the seam duplicates its features removed."""
+        table = self._reader.read(self._ledger.picks(self._keys.get(path, [])))
+        info = self._ctx.rasters[path]
+        if table.num_rows:
+            return self._task.features(info, table, self._ctx, self._tiles)
+        if self._empty is None:
+            self._empty = self._task.features(info, table, self._ctx, self._tiles)[0]
+        return self._empty, 0
 
 
 def tally_classes(
