@@ -348,4 +348,4 @@ def test_another_gsd_or_resampling_refuses_the_resume(make_image, tmp_path: Path
     assert _run(img, run, "model=reference", "gsd=0.1", "resampling=nearest") == 2
     assert "resampling differs" in capsys.readouterr().err
     assert _run(img, run, "model=reference") == 2  # back to native pixels: another run too
-    assert "gsd differs: was 0.1, now None" in capsys.readouterr().err
+    assert "gsd differs: was 0.1, now none" in capsys.readouterr().err

@@ -127,6 +127,46 @@ def test_a_vrt_resumes_only_while_its_sources_are_unchanged(
     assert f"inputs[0] ('{vrt}').sources[1] ('{right.path}').mtime differs" in err, err
 
 
+def test_a_vrt_with_a_missing_source_is_refused_before_any_tile(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """GDAL opens it and reads zeros for the missing part after the first failed read: refused,
+    also one VRT down (a mosaic of mosaics), whose sources a resume then compares too."""
+    left = make_image("mosaic/left.tif", width=128, height=128, seed=1)
+    right = make_image("mosaic/right.tif", width=128, height=128, seed=2)
+    vrt = _mosaic_vrt(tmp_path / "mosaic", [left.path, right.path], 256, 128)
+    outer = tmp_path / "outer.vrt"
+    outer.write_text(_outer_vrt(vrt, 256, 128))
+    from mgpr.geo.raster import describe_raster
+
+    nested = describe_raster(str(outer))
+    assert [p for p, _, _ in nested.source_files] == [str(vrt), str(left.path), str(right.path)]
+    right.path.rename(right.path.with_name("moved.tif"))
+    for given in (vrt, outer):
+        run = tmp_path / f"run_{given.stem}"
+        args = (f"input_path={given}", "model=null", "tile_size=128", "workers=0")
+        assert run_mgpr_inprocess(*args, f"output_dir={run}") == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{str(given)!r} is a VRT whose source {str(right.path)!r} does not exist" in err
+        assert "restore the file or fix its SourceFilename in the VRT" in err
+        assert not (run / "predictions.gpkg").exists()
+
+
+def _outer_vrt(inner: Path, width: int, height: int) -> str:
+    """A VRT whose only source is another VRT (bands 1-3 of ``inner``, absolute path)."""
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{b}"><SimpleSource><SourceFilename '
+        f'relativeToVRT="0">{inner}</SourceFilename><SourceBand>{b}</SourceBand></SimpleSource>'
+        "</VRTRasterBand>"
+        for b in (1, 2, 3)
+    )
+    head = inner.read_text().split("<VRTRasterBand")[0].replace(
+        '<VRTDataset rasterXSize="256" rasterYSize="128">',
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+    )
+    return f"{head}{bands}</VRTDataset>"
+
+
 def test_external_overviews_count_only_for_gsd_runs(make_image, tmp_path: Path) -> None:
     """Building a .ovr for QGIS between a run and its resume changes no native-pixel tile."""
     import dataclasses

@@ -162,8 +162,10 @@ def describe_raster(path: str) -> RasterInfo:
                 colorinterp=tuple(ci.name.lower() for ci in src.colorinterp),
                 descriptions=tuple(d or "" for d in src.descriptions),
                 gcp_crs=_gcp_crs(src),
-                source_files=_source_files(path, src.files),
+                source_files=_source_files(path, _listed_files(src)),
             )
+            if src.driver == "VRT":
+                _refuse_missing_sources(path, info.source_files)
     except rasterio.errors.RasterioIOError as exc:
         reason = str(exc).split("\n")[0]
         codec = re.search(r"missing codec (\w+)", reason)
@@ -179,6 +181,50 @@ def describe_raster(path: str) -> RasterInfo:
             "check the file or remove it from input_path"
         ) from None
     return info
+
+
+#: Levels of VRTs inside VRTs whose sources are listed (a mosaic of per-flight mosaics is 2).
+NESTED_VRT_DEPTH = 4
+
+
+def _listed_files(src: Any, depth: int = NESTED_VRT_DEPTH) -> list[str]:
+    """GDAL's file list of ``src``, with the sources of the VRTs it names (GDAL lists one level)."""
+    files = list(src.files)
+    if depth <= 0:
+        return files
+    seen = {os.path.abspath(f) for f in files}
+    for name in files[1:]:
+        if not name.lower().endswith(".vrt") or name.startswith("/vsi") or not os.path.exists(name):
+            continue
+        try:
+            with rasterio.open(name) as inner:
+                nested = _listed_files(inner, depth - 1)
+        except rasterio.errors.RasterioIOError:
+            continue  # the outer VRT cannot read it either: the missing-source check names it
+        for inner_name in nested:
+            if os.path.abspath(inner_name) not in seen:
+                seen.add(os.path.abspath(inner_name))
+                files.append(inner_name)
+    return files
+
+
+def _refuse_missing_sources(
+    path: str, sources: Sequence[tuple[str, int | None, float | None]]
+) -> None:
+    """Refuse a VRT that names a local source file that does not exist.
+
+    GDAL opens such a VRT, fails the first read that touches the missing source and returns
+    zeros for every later one: a run would predict most of that area on black pixels, count the
+    tiles as done, and a resume would never redo them.
+    """
+    missing = [name for name, size, _ in sources if size is None and not name.startswith("/vsi")]
+    if not missing:
+        return
+    more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+    raise InputError(
+        f"{path!r} is a VRT whose source {missing[0]!r}{more} does not exist, so GDAL would "
+        "read zeros there; restore the file or fix its SourceFilename in the VRT"
+    )
 
 
 def _source_files(

@@ -388,8 +388,13 @@ def _diff(old: Any, new: Any, where: str) -> str | None:
                 return found
         return None
     if old != new:
-        return f"{where} differs: was {str(old)[:80]}, now {str(new)[:80]}"
+        return f"{where} differs: was {_shown(old)}, now {_shown(new)}"
     return None
+
+
+def _shown(value: Any) -> str:
+    """A fingerprint leaf in a refusal: ``none`` for None (unset, or a file that was missing)."""
+    return "none" if value is None else str(value)[:80]
 
 
 def _path_change(old: Any, new: Any, where: str) -> str | None:
