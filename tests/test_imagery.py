@@ -348,11 +348,37 @@ def test_a_range_the_rasters_integer_dtype_mostly_cannot_reach_is_refused(tmp_pa
     assert "'value_range={uint16:[0,4095]}' (uint8, not named, keeps [0, 255])" in line
     assert resolve_value_range(u8, [1], [[0.0, 300.0]]).hi == (300.0,)
     refl = _one_band(tmp_path / "refl.tif", "uint16", scale=1e-4)
-    with pytest.raises(ConfigError, match=r"\(uint16: values 0\.\.6\.5535\) lies 100% beyond"):
-        resolve_value_range(refl, [1], [[1000.0, 10000.0]])
+    with pytest.raises(ConfigError) as raw_counts:
+        resolve_value_range(refl, [1], [[1000.0, 10000.0]], run_dtypes=["uint16"])
+    line = str(raw_counts.value)  # the fix is physical units, not another per-dtype range
+    assert "(uint16: values 0..6.5535 through its GDAL scale 0.0001 and offset 0) lies 100%" in line
+    assert "for raw counts [1000, 10000] give value_range=[0.1,1], or value_range=auto" in line
+    assert "value_range={" not in line
+    assert resolve_value_range(refl, [1], [[0.1, 1.0]]).hi == (1.0,)
     assert resolve_value_range(refl, [1], [[0.0, 0.3]]).hi == (0.3,)
     f32 = _one_band(tmp_path / "f32.tif", "float32")
     assert resolve_value_range(f32, [1], [[0.0, 1e6]]).hi == (1e6,)
+
+
+def test_refusals_name_what_fixes_them_first(tmp_path: Path, capsys) -> None:
+    """An int64 raster is refused for its dtype before any value_range is asked for (a range
+    would only lead to that refusal); an int16 raster that is nodata everywhere is not told to
+    try value_range=auto, which needs valid pixels."""
+    profile = dict(driver="GTiff", width=64, height=64, count=3, crs="EPSG:32633",
+                   transform=rasterio.transform.from_origin(0, 640, 10, 10))  # fmt: skip
+    wide, empty = tmp_path / "wide.tif", tmp_path / "empty.tif"
+    with rasterio.open(wide, "w", dtype="int64", **profile) as dst:
+        dst.write(np.ones((3, 64, 64), np.int64))
+    with rasterio.open(empty, "w", dtype="int16", nodata=-9999, **profile) as dst:
+        dst.write(np.full((3, 64, 64), -9999, np.int16))
+    keys = ("model=reference", "tile_size=64", "workers=0", f"output_dir={tmp_path / 'run'}")
+    assert run_mgpr_inprocess(f"input_path={wide}", *keys) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{str(wide)!r} has dtype int64, which mgpr does not read" in line, line
+    assert run_mgpr_inprocess(f"input_path={empty}", *keys) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{str(empty)!r} has dtype int16 and no valid pixel in a decimated read" in line, line
+    assert "auto" not in line and "set value_range=[lo,hi] to predict it anyway" in line
 
 
 def test_a_folder_mixing_uint8_and_uint16_takes_a_range_per_dtype(

@@ -160,9 +160,13 @@ def _outer_vrt(inner: Path, width: int, height: int) -> str:
         "</VRTRasterBand>"
         for b in (1, 2, 3)
     )
-    head = inner.read_text().split("<VRTRasterBand")[0].replace(
-        '<VRTDataset rasterXSize="256" rasterYSize="128">',
-        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+    head = (
+        inner.read_text()
+        .split("<VRTRasterBand")[0]
+        .replace(
+            '<VRTDataset rasterXSize="256" rasterYSize="128">',
+            f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">',
+        )
     )
     return f"{head}{bands}</VRTDataset>"
 

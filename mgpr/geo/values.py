@@ -243,14 +243,28 @@ def _refuse_unreachable(
     ):
         ends = sorted((limits.min * scale + offset, limits.max * scale + offset))
         reached = max(0.0, min(hi, ends[1]) - max(lo, ends[0])) / (hi - lo)
-        if reached < MIN_REACHABLE_SHARE:
+        if reached >= MIN_REACHABLE_SHARE:
+            continue
+        start = (
+            f"value_range [{lo:g}, {hi:g}] for band {band} of {info.path!r} ({info.dtype}: "
+            f"values {ends[0]:g}..{ends[1]:g}"
+        )
+        if (scale, offset) != (1.0, 0.0):
+            # value_range is in physical units; a range of raw counts, read through the
+            # band's scale, is the likeliest meaning
+            phys = sorted((lo * scale + offset, hi * scale + offset))
             raise ConfigError(
-                f"value_range [{lo:g}, {hi:g}] for band {band} of {info.path!r} ({info.dtype}: "
-                f"values {ends[0]:g}..{ends[1]:g}) lies {1 - reached:.0%} beyond what that dtype "
-                "holds, so the raster would reach the model as a sliver of its input; give each "
-                f"dtype its own range, e.g. {_per_dtype_example(info.dtype, lo, hi, run_dtypes)}, "
-                "or value_range=auto"
+                f"{start} through its GDAL scale {scale:g} and offset {offset:g}) lies "
+                f"{1 - reached:.0%} beyond what that dtype holds; value_range is in physical "
+                "units (raw * scale + offset): for raw counts "
+                f"[{lo:g}, {hi:g}] give value_range=[{phys[0]:g},{phys[1]:g}], or "
+                "value_range=auto"
             )
+        raise ConfigError(
+            f"{start}) lies {1 - reached:.0%} beyond what that dtype holds, so the raster "
+            "would reach the model as a sliver of its input; give each dtype its own range, "
+            f"e.g. {_per_dtype_example(info.dtype, lo, hi, run_dtypes)}, or value_range=auto"
+        )
 
 
 def _per_dtype_example(dtype: str, lo: float, hi: float, run_dtypes: Sequence[str]) -> str:
@@ -283,6 +297,13 @@ def unscaled_refusal(info: Any, bands: Sequence[int], sample: Any = None) -> str
         f"band {b}: {'no valid pixel' if r is None else f'{r[0]:g}..{r[1]:g}'}"
         for b, r in zip(bands, ranges, strict=True)
     )
+    if all(r is None for r in ranges):
+        # auto needs valid pixels: suggesting it would only lead to the next refusal
+        return (
+            f"{info.path!r} has dtype {info.dtype} and no valid pixel in a decimated read "
+            f"({shown}: nodata or masked everywhere read); check its nodata value, remove it "
+            "from input_path, or set value_range=[lo,hi] to predict it anyway"
+        )
     return (
         f"{info.path!r} has dtype {info.dtype} ({shown}) and mgpr does not guess how its values "
         "map to the model's [0, 1] input: set value_range=[lo,hi] (all bands), "

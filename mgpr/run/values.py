@@ -31,7 +31,11 @@ def refuse_unscaled_early(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> 
     Raises:
         ConfigError: one line naming ``value_range`` with each band's min/max, or the dtype a
             per-dtype ``value_range`` leaves out.
+        InputError: a dtype mgpr does not read (int64), said first: a range would not help.
     """
+    from mgpr.geo.values import carrier_dtype
+
+    carrier_dtype((r.path, r.dtype) for r in rasters)
     for info in rasters:
         if range_of_raster(info, cfg.value_range) is None and info.dtype != "uint8":
             from mgpr.geo.bands import resolve_band
