@@ -57,3 +57,82 @@ def test_another_count_or_an_embedder_is_refused_before_any_tile(
         err = capsys.readouterr().err
         assert want in err and "Traceback" not in err
         assert not (run / "parts").exists() or not any((run / "parts").iterdir())
+
+
+_USER_CLASSIFIERS = '''
+import torch
+
+
+class MeanLinear(torch.nn.Module):
+    """Tile mean per band -> K logits: a classifier with no class names."""
+
+    def __init__(self, k):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, k)
+
+    def forward(self, x):
+        return self.lin(x.mean(dim=(2, 3)))
+
+
+def binary(weights):
+    torch.manual_seed(0)
+    net = MeanLinear(1)
+    with torch.no_grad():
+        net.lin.weight.fill_(10.0)  # bright tiles: a positive logit, class 1
+        net.lin.bias.fill_(-1.0)
+    return net
+
+
+def four(weights):
+    torch.manual_seed(0)
+    return MeanLinear(4)
+
+
+def four_declared(weights):
+    net = four(weights)
+    net.task = "classification"  # no probe at build: categories= makes one
+    return net
+
+
+def four_named_two(weights):
+    net = four(weights)
+    net.categories = ["a", "b"]
+    return net
+'''
+
+
+def test_a_user_classifiers_names_are_counted_before_any_tile(
+    make_image, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """A user's classifier names no classes, so its logits count them: one name for one binary
+    logit is class 1's (after background, as the module's own ``categories``), another count
+    is refused before any tile, by key or by the module's attribute."""
+    (tmp_path / "mgpr_user_classifiers.py").write_text(_USER_CLASSIFIERS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    img = make_image(width=256, height=256)
+
+    def run(model: str, *keys: str) -> tuple[int, Path]:
+        out = tmp_path / f"run-{model}-{len(keys) and keys[0]}"
+        args = segmentation_args(img.path, out, *keys, model=f"mgpr_user_classifiers:{model}")
+        return run_mgpr_inprocess(*args, "weights=none"), out
+
+    rc, out = run("binary", "categories=[tree]")
+    assert rc == 0
+    _geoms, rows, _srs = read_gpkg_layer(out / "predictions.gpkg", "classifications")
+    assert rows and all((r["class_id_1"], r["label_1"]) == (1, "tree") for r in rows)
+    assert all(r["label_2"] == "background" for r in rows)
+    for model, names, want in (
+        ("four", "[a,b]", "gives 2 names but model=mgpr_user_classifiers:four returns 4 class"),
+        ("four_declared", "[a,b,c]", "gives 3 names but model=mgpr_user_classifiers:four_decl"),
+        ("binary", "[a,b,c]", "returns 1 class logit(s) per tile (one binary logit: name its"),
+        ("four_named_two", "", "returns 4 class logit(s) per tile but names 2 categories"),
+    ):
+        capsys.readouterr()
+        rc, out = run(model, *([f"categories={names}"] if names else []))
+        err = capsys.readouterr().err
+        assert rc == 2 and want in err and "Traceback" not in err, err
+        assert not (out / "predictions.gpkg").exists()
+    rc, out = run("four_declared", "categories=[a,b,c,d]")
+    assert rc == 0
+    _geoms, rows, _srs = read_gpkg_layer(out / "predictions.gpkg", "classifications")
+    assert all(r["label_1"] == "abcd"[r["class_id_1"]] for r in rows)

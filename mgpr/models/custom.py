@@ -199,8 +199,14 @@ class ModuleAdapter(ModelAdapter):
         in_bands = getattr(module, "in_bands", None)
         in_bands = int(in_bands) if in_bands is not None else _first_conv_in_channels(module)
         task = getattr(module, "task", None)
+        #: a classifier's logits per tile (K; 1 = one binary sigmoid logit), from the probe or
+        #: the first :meth:`classifier_logits` call; None until known.
+        self._logits: int | None = None
         if task is None:
-            task = self._probe(module, name, in_bands or 3, tile_size)
+            task, probed = self._probe(module, name, in_bands or 3, tile_size)
+            if task == "classification":
+                self._logits = int(probed.shape[1])
+        self._probe_bands, self._probe_tile = in_bands or 3, tile_size
         categories = getattr(module, "categories", None)
         if categories is not None and len(categories) == 1 and task != "detection":
             # One name is a binary (one-logit) model's positive class; id 0 is the rest. Not
@@ -212,6 +218,17 @@ class ModuleAdapter(ModelAdapter):
             )
         if task == "embedding":
             categories = None  # features have no classes
+        if (
+            task == "classification"
+            and categories is not None
+            and self._logits is not None
+            and classes_of_logits(self._logits) != len(categories)
+        ):  # the probe sized it: refused at build, not at the first batch
+            raise ModelError(
+                f"model={name} returns {self._logits} class logit(s) per tile but names "
+                f"{len(categories)} categories; give one name per class (a single logit is a "
+                "binary classifier: one name, its positive class)."
+            )
         super().__init__(
             name=name,
             task=task,
@@ -368,9 +385,34 @@ class ModuleAdapter(ModelAdapter):
                 f"or set a `{skip_with}` attribute on the module to skip this probe."
             ) from err
 
+    def classifier_logits(self) -> int:
+        """Logits per tile of a user's classifier (1: one binary sigmoid logit = 2 classes).
+
+        From a ``num_classes`` attribute, the build's probe, or one zero-tile forward on the
+        CPU, so ``categories=`` is checked against the model before any tile.
+        """
+        if self._logits is None:
+            declared = getattr(self.module, "num_classes", None)
+            if declared is not None:
+                self._logits = int(declared)
+            else:
+                out = self._forward_zero_tile(
+                    self.module, self.name, self._probe_bands, self._probe_tile, "num_classes"
+                )
+                if _kind_of_output(out, 1) != "classification":
+                    raise ModelError(
+                        f"model={self.name} declares task 'classification' but returns "
+                        f"{_describe(out)}; return {_NEEDS['classification']}."
+                    )
+                self._logits = int(out.shape[1])
+        return self._logits
+
     @staticmethod
-    def _probe(module: torch.nn.Module, name: str, bands: int, tile_size: int) -> Task:
-        """Run one zero tile (1, bands, tile_size, tile_size) on the CPU to see the output kind."""
+    def _probe(module: torch.nn.Module, name: str, bands: int, tile_size: int) -> tuple[Task, Any]:
+        """Run one zero tile (1, bands, tile_size, tile_size) on the CPU to see the output kind.
+
+        Returns the kind and the module's output (a classifier's logits size its classes).
+        """
         out = ModuleAdapter._forward_zero_tile(module, name, bands, tile_size, "task")
         kind = _kind_of_output(out, 1)
         if kind == "segmentation":
@@ -389,7 +431,7 @@ class ModuleAdapter(ModelAdapter):
                 '`task = "embedding"` and return (B, D) features).'
             )
         logger.info("model=%s: probe output is %s", name, kind)
-        return kind
+        return kind, out
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Pass the scaled (B, C, H, W) float32 tiles (in [0, 1], or raw values) to the module."""
@@ -417,6 +459,13 @@ class ModuleAdapter(ModelAdapter):
         if kind == "segmentation":
             return self._class_maps(raw, tile_size)
         if kind == "classification":
+            classes = classes_of_logits(int(raw.shape[1]))
+            if self.categories is not None and classes != len(self.categories):
+                raise ModelError(
+                    f"model={self.name} returned {int(raw.shape[1])} class logit(s) per tile but "
+                    f"names {len(self.categories)} categories; give one name per class "
+                    "(a single logit is a binary classifier: one name, its positive class)."
+                )
             return classifications_from_logits(raw, self.topk)
         dets = [{k: torch.as_tensor(d[k]) for k in _DET_KEYS} for d in raw]  # numpy/lists too
         for det, given in zip(dets, raw, strict=True):

@@ -86,6 +86,7 @@ def name_categories(adapter: Any, names: list[str]) -> None:
         ConfigError: an embedding model, an empty list, or another count than the model's.
     """
     from mgpr.errors import ConfigError
+    from mgpr.models.base import classes_of_logits
 
     if adapter.task == "embedding":
         raise ConfigError(
@@ -95,6 +96,16 @@ def name_categories(adapter: Any, names: list[str]) -> None:
     if not names:
         raise ConfigError("categories=[] names no class; unset it or give one name per class id")
     known = adapter.categories
+    if known is None and adapter.task == "classification" and hasattr(adapter, "classifier_logits"):
+        logits = adapter.classifier_logits()  # a user's classifier: count it before any tile
+        if logits == 1 and len(names) == 1:
+            names = ["background", names[0]]  # one binary logit: the name is class 1's
+        elif classes_of_logits(logits) != len(names):
+            binary = " (one binary logit: name its positive class, or both)" if logits == 1 else ""
+            raise ConfigError(
+                f"categories= gives {len(names)} names but model={adapter.name} returns "
+                f"{logits} class logit(s) per tile{binary}; give one name per class id"
+            )
     if known is not None and len(known) != len(names):
         hint = " (id 0 is the background)" if adapter.task == "detection" else ""
         raise ConfigError(
