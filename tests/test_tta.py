@@ -372,6 +372,31 @@ def test_weighted_box_fusion_averages_boxes_and_scores_by_the_views_that_found_t
     np.testing.assert_allclose(_f[0], [10.25, 10, 20.25, 20], atol=1e-6)  # score-weighted
 
 
+def test_wbf_holds_the_fused_scores_to_the_score_threshold() -> None:
+    """An object one view of four found keeps a quarter of its score, which may fall below
+    ``score_threshold``: such boxes are dropped, as every view's were (52 boxes under 0.6 were
+    written with score_threshold=0.6 before)."""
+    from mgpr.models.base import Detections
+    from mgpr.models.tta import fuse_detections
+
+    views = VIEWS["flips"]
+    everywhere = np.array([[10, 10, 20, 20]], np.float32)
+    per_view = []
+    for i, view in enumerate(views):
+        boxes = _in_view(everywhere, view, 40)
+        scores = np.array([0.9], np.float32)
+        if i == 0:  # a second object only the first (identity) view finds
+            boxes = np.concatenate([boxes, np.array([[25, 25, 35, 35]], np.float32)])
+            scores = np.array([0.9, 0.8], np.float32)
+        per_view.append([Detections(boxes, scores, np.ones(len(scores), np.int64))])
+    kept_all = fuse_detections(per_view, views, 40, 0.5, None, "wbf")[0]
+    np.testing.assert_allclose(np.sort(kept_all.scores), [0.2, 0.9], rtol=1e-6)
+    fused = fuse_detections(per_view, views, 40, 0.5, None, "wbf", min_score=0.6)[0]
+    np.testing.assert_allclose(fused.scores, [0.9], rtol=1e-6)
+    np.testing.assert_allclose(fused.boxes, everywhere, atol=1e-5)
+    assert (fused.scores >= 0.6).all() and len(fused.labels) == 1
+
+
 @pytest.mark.slow
 def test_wbf_averages_out_a_box_bias_that_nms_keeps(skewed, tmp_path: Path, capsys) -> None:
     """A detector that puts every box 1 px right of its object: tta=flips with NMS keeps one

@@ -177,6 +177,7 @@ def fuse_detections(
     iou: float,
     cap: int | None,
     fusion: str = "nms",
+    min_score: float = 0.0,
 ) -> list[Detections]:
     """Each tile's boxes from every view, back in the tile's frame, merged by per-class NMS.
 
@@ -188,7 +189,9 @@ def fuse_detections(
     the larger box first among equal scores (``max_detections``; None: every box).
 
     ``fusion="wbf"`` (``tta_fusion=wbf``): :func:`weighted_box_fusion` in place of the NMS,
-    so each object's box is the score-weighted mean of its views' boxes.
+    so each object's box is the score-weighted mean of its views' boxes; its score, scaled
+    down for objects some views missed, is held to ``min_score`` (``score_threshold``) again,
+    as every view's boxes were.
     """
     from torchvision.ops import batched_nms
 
@@ -215,6 +218,8 @@ def fuse_detections(
             boxes, scores, labels, picked = weighted_box_fusion(
                 boxes, scores, labels, iou, len(views)
             )
+            kept = scores >= min_score
+            boxes, scores, labels, picked = boxes[kept], scores[kept], labels[kept], picked[kept]
             masks = None if masks is None else [masks[int(k)] for k in picked]
             order = np.lexsort(((boxes[:, 0] - boxes[:, 2]) * (boxes[:, 3] - boxes[:, 1]), -scores))
             boxes, scores, labels = boxes[order], scores[order], labels[order]

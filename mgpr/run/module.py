@@ -258,7 +258,13 @@ class InferenceModule(pl.LightningModule):
             per_view.append(list(self.adapter.postprocess(raw, self.tile_size))[:n])  # type: ignore[arg-type]
         cap = max_detections_for(self.adapter.name, self.max_detections)
         fused = fuse_detections(
-            per_view, self.views, self.tile_size, self.nms_iou, cap, self.tta_fusion
+            per_view,
+            self.views,
+            self.tile_size,
+            self.nms_iou,
+            cap,
+            self.tta_fusion,
+            min_score=float(getattr(self.adapter, "score_threshold", 0.0)),
         )
         return fused, flags
 
