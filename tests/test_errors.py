@@ -688,7 +688,7 @@ def test_a_full_disk_at_the_merge_is_one_line_and_the_rerun_only_merges(
         extra = fault(patch)
         rc, _, err = _run(capsys, *args, *extra)
     last = _last_line(err, rc, EXIT_USAGE, said, "free space: ", f"kept in {run / 'parts'}")
-    assert "re-run the same command to resume" in last
+    assert f"re-run the same command with output_dir={run} to resume" in last
     assert len(finished_tile_keys(run)) == 9  # every tile published before the merge
     assert not (run / "summary.json").exists()
     rc, out, err = _run(capsys, *args, *extra)
@@ -813,9 +813,20 @@ def test_sigterm_before_predict_is_one_line_not_a_traceback(
         capsys, f"input_path={img.path}", f"model={model}", f"output_dir={run}", "workers=0"
     )
     _last_line(
-        err, rc, EXIT_INTERRUPTED, "interrupted by SIGTERM", "re-run the same command to resume"
+        err,
+        rc,
+        EXIT_INTERRUPTED,
+        "interrupted by SIGTERM",
+        f"command with output_dir={run} to resume",
     )
     assert not (run / "parts").exists()
+    # Without output_dir= the same command would start over in a new runs/<time stamp> (a
+    # resubmitted job in runs/slurm-<new id>): the line names the directory to resume.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MGPR_RUN_DIR")  # the first run's, as for the ranks it launches
+    rc, _, err = _run(capsys, f"input_path={img.path}", f"model={model}", "workers=0")
+    (stamped,) = (tmp_path / "runs").iterdir()
+    _last_line(err, rc, EXIT_INTERRUPTED, f"same command with output_dir={stamped} to resume")
 
 
 @pytest.mark.slow
@@ -872,7 +883,7 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
         EXIT_INTERRUPTED,
         "interrupted by SIGTERM",
         str(run / "parts"),
-        "re-run the same command to resume",
+        f"re-run the same command with output_dir={run} to resume",
     )
     assert last.startswith("mgpr: interrupted")
     kept, distinct, _ = _part_tiles(run)

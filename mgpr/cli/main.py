@@ -12,6 +12,7 @@ config is valid, so a typo fails in well under a second.
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 
@@ -115,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         if inv.slurm_preflight:
             # jobs/job.slurm: check the config against the allocation in the batch shell.
-            import os
 
             from mgpr.run.slurm import preflight as slurm_preflight
 
@@ -128,7 +128,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"mgpr: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
-        print("mgpr: interrupted; re-run the same command to resume", file=sys.stderr)
+        from mgpr.outputs.rundir import RUN_DIR_ENV, rerun
+
+        print(f"mgpr: interrupted; {rerun(os.environ.get(RUN_DIR_ENV))}", file=sys.stderr)
         sys.exit(130)
     if code == EXIT_INTERRUPTED:
         # A second stop signal while the interpreter shuts down (srun --kill-on-bad-exit TERMs

@@ -52,6 +52,20 @@ _RESULT_ENTRIES = (
 _OWN_RUN_ENTRIES = ("segmentation", "preview.png", ".previews")
 
 
+def rerun(run_dir: str | os.PathLike[str] | None, to: str = "resume") -> str:
+    """``re-run the same command with output_dir=<run_dir> to resume``: the advice of a stop.
+
+    The run directory is named because the same command alone may pick another one: without
+    ``output_dir=`` a run gets ``runs/<time stamp>`` or ``runs/slurm-<job id>`` (jobs/job.slurm
+    sets it so), and a resubmitted job has a new id, so it would start from zero.
+    """
+    if run_dir is None:
+        return f"re-run the same command to {to}"
+    import shlex
+
+    return f"re-run the same command with output_dir={shlex.quote(str(run_dir))} to {to}"
+
+
 def resolve_run_dir(output_dir: str | None, env: Mapping[str, str]) -> Path:
     """The run directory, identical on every rank of one job (see the module docstring)."""
     if output_dir:

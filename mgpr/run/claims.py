@@ -39,6 +39,7 @@ from torch.utils.data import Sampler
 
 from mgpr.data.batching import uniform_batches
 from mgpr.errors import RankFailedError, RankJoinError
+from mgpr.outputs.rundir import RUN_DIR_ENV, rerun
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,8 @@ class StoreCounter:
             raise RankFailedError(
                 "lost the connection to rank 0 while claiming tiles "
                 f"({' '.join(str(exc).split())[:120]}): rank 0 failed or was killed; read its "
-                "log (logs/rank0.log in the run directory), then re-run the same command to resume"
+                "log (logs/rank0.log in the run directory), then "
+                f"{rerun(os.environ.get(RUN_DIR_ENV))}"
             ) from None
 
 

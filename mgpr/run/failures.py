@@ -17,6 +17,7 @@ from pathlib import Path
 
 from mgpr.conf.schema import PredictConfig
 from mgpr.errors import MgprError, OutputError, ResourceError, WorkerFailedError
+from mgpr.outputs.rundir import rerun
 
 #: OS error numbers that mean the disk (or the user's quota on it) is full.
 _FULL = {errno.ENOSPC, errno.EDQUOT}
@@ -188,7 +189,7 @@ def file_system_error(exc: BaseException, run_dir: Path, rank: int) -> MgprError
     return OutputError(
         f"rank {rank} stopped on {what} ({type(chain[0]).__name__}: {first}); free space: "
         f"{_free_mib(run_dir)} in {run_dir}, {_free_mib(tmp)} in TMPDIR={tmp}; every finished "
-        f"tile is kept in {run_dir / 'parts'}: {fix}, then re-run the same command to resume"
+        f"tile is kept in {run_dir / 'parts'}: {fix}, then {rerun(run_dir)}"
     )
 
 

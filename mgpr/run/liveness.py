@@ -35,6 +35,8 @@ from typing import Any
 
 import lightning.pytorch as pl
 
+from mgpr.outputs.rundir import rerun
+
 log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 2.0
@@ -293,7 +295,7 @@ def end_of_predict(
         raise RankFailedError(
             f"rank 0 finished its tiles but not every rank did ({which[:300]}); every "
             f"finished tile is kept in {run_dir}/parts: read {run_dir}/logs/rank*.log, then "
-            "re-run the same command to resume"
+            f"{rerun(run_dir)}"
         )
     if finalise is not None:
         merge_share_rank0(store, world_size, local_ranks.exit_code, finalise, run_dir)

@@ -43,6 +43,7 @@ from mgpr.outputs.rundir import (
     RUN_DIR_ENV,
     check_writable,
     prepare_run_dir,
+    rerun,
     resolve_run_dir,
 )
 from mgpr.outputs.runlock import acquire_run_lock
@@ -109,11 +110,7 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
         # or in rank 0's merge (srun --kill-on-bad-exit TERMs every rank when one fails).
         requeued = requeue_on_usr1(str(exc), rank)
         if rank == 0:
-            then = (
-                "SLURM requeues the job and it resumes"
-                if requeued
-                else "re-run the same command to resume"
-            )
+            then = "SLURM requeues the job and it resumes" if requeued else rerun(run_dir)
             print(
                 f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/parts; "
                 f"{then}",
@@ -413,16 +410,16 @@ def _predict_and_finish(
     if failed:
         print(
             f"mgpr: {failed} of {summary['tiles_total']} tile(s) failed and are not in the "
-            f"output; reasons in {run_dir / 'failed_tiles.csv'}; re-run the same command to "
-            f"retry only them (exit code {EXIT_TILES_FAILED})",
+            f"output; reasons in {run_dir / 'failed_tiles.csv'}; "
+            f"{rerun(run_dir, 'retry only them')} (exit code {EXIT_TILES_FAILED})",
             file=sys.stderr,
         )
     missing = summary.get("tiles_missing", 0)
     if missing:
         raise MissingTilesError(
             f"{missing} of {summary['tiles_total']} planned tile(s) are in no published part, so "
-            f"they are not in the output; listed in {summary['missing_tiles']}; re-run the same "
-            f"command to predict only them (exit code {EXIT_TILES_MISSING})"
+            f"they are not in the output; listed in {summary['missing_tiles']}; "
+            f"{rerun(run_dir, 'predict only them')} (exit code {EXIT_TILES_MISSING})"
         )
     return EXIT_TILES_FAILED if failed else 0
 
