@@ -32,7 +32,12 @@ def _class_map(height: int, width: int, seed: int = 0) -> np.ndarray:
     return np.kron(coarse, np.ones((20, 20), np.uint8))[:height, :width]
 
 
-def _assemble(tmp_path: Path, full: np.ndarray, skip: tuple[int, int] | None) -> Path:
+def _assemble(
+    tmp_path: Path,
+    full: np.ndarray,
+    skip: tuple[int, int] | None,
+    names: list[str] | None = ["background", "crop", "water"],  # noqa: B006 - read only
+) -> Path:
     height, width = full.shape
     parts = []
     rows = [(0, 700), (700, height)]
@@ -48,7 +53,6 @@ def _assemble(tmp_path: Path, full: np.ndarray, skip: tuple[int, int] | None) ->
             assert (header.row_off, header.col_off) == (r0, c0)
             parts.append(PartRaster(path, r0, c0, r1 - r0, c1 - c0))
     grid = Grid(height, width, TRANSFORM, CRS.from_epsg(32633).to_wkt())
-    names = ["background", "crop", "water"]
     return assemble_cog(
         tmp_path / "out" / "map.tif",
         parts,
@@ -60,14 +64,19 @@ def _assemble(tmp_path: Path, full: np.ndarray, skip: tuple[int, int] | None) ->
         descriptions=("class",),
         colours=class_colours(3),
         category_names=names,
-        tags=class_map_tags(names),
+        tags=class_map_tags(names) if names else None,
     )
 
 
 def test_parts_assemble_into_a_valid_cog_on_the_input_grid(tmp_path: Path) -> None:
     full = _class_map(1500, 1100)
     out = _assemble(tmp_path, full, skip=(1, 1))
-    assert sorted(p.name for p in out.parent.iterdir()) == ["map.tif"]  # no temp files left
+    # no temp files left; GDAL keeps category names (which a GeoTIFF cannot hold) in its side file
+    assert sorted(p.name for p in out.parent.iterdir()) == ["map.tif", "map.tif.aux.xml"]
+    import xml.etree.ElementTree as ET
+
+    band = ET.parse(out.parent / "map.tif.aux.xml").getroot().find("PAMRasterBand[@band='1']")
+    assert [c.text for c in band.iter("Category")] == ["background", "crop", "water"]
     with rasterio.open(out) as src:
         assert src.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         assert src.profile["blockxsize"] == src.profile["blockysize"] == 512
@@ -84,6 +93,18 @@ def test_parts_assemble_into_a_valid_cog_on_the_input_grid(tmp_path: Path) -> No
     want[700:, 530:] = 255  # the missing part reads as nodata
     np.testing.assert_array_equal(got, want)
     assert set(np.unique(overview)) <= {0, 1, 2, 255}  # MODE keeps class ids
+
+
+def test_a_cog_without_names_leaves_no_side_file_of_earlier_names(tmp_path: Path) -> None:
+    """Rewritten without category names (a probability COG has none), no .aux.xml stays to
+    name the new map's classes with the old names."""
+    full = _class_map(900, 700)
+    out = _assemble(tmp_path, full, skip=None)
+    assert (out.parent / "map.tif.aux.xml").is_file()
+    out = _assemble(tmp_path, full, skip=None, names=None)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["map.tif"]
+    with rasterio.open(out) as src:
+        assert src.colormap(1)[2] == class_colours(3)[2]
 
 
 def test_vectorised_polygons_equal_the_class_map_regions(tmp_path: Path) -> None:

@@ -227,6 +227,10 @@ def _vrt_xml(
     return "\n".join(lines) + "\n"
 
 
+#: GDAL's side file of what a GeoTIFF cannot hold (category names), next to the COG.
+AUX_SUFFIX = ".aux.xml"
+
+
 def assemble_cog(
     final: Path,
     parts: Sequence[PartRaster],
@@ -254,7 +258,8 @@ def assemble_cog(
         resampling: overview resampling, ``MODE`` (class maps) or ``AVERAGE`` (probabilities).
         descriptions: band descriptions (class names for probability bands).
         colours: colour table of band 1 (class id -> RGBA), or None.
-        category_names: class names by id, stored as GDAL category names, or None.
+        category_names: class names by id, stored as GDAL category names (in
+            ``<final>.aux.xml``: a GeoTIFF has no place for them), or None.
         tags: dataset metadata to store (e.g. ``class_names`` as JSON).
         threads: GDAL compression threads.
 
@@ -276,15 +281,27 @@ def assemble_cog(
         "BIGTIFF": "IF_SAFER",
         "NUM_THREADS": str(threads),
     }
+    # A GeoTIFF holds no category names: GDAL keeps them in its side file <name>.aux.xml
+    # (PAM), written by the copy only when there are names, and moved along with the COG.
+    pam = category_names is not None
+    tmp_aux, final_aux = (
+        tmp.with_name(tmp.name + AUX_SUFFIX),
+        final.with_name(final.name + AUX_SUFFIX),
+    )
     try:
-        with rasterio.Env(GDAL_CACHEMAX=ASSEMBLY_CACHE_BYTES, GDAL_PAM_ENABLED=False):
+        with rasterio.Env(GDAL_CACHEMAX=ASSEMBLY_CACHE_BYTES, GDAL_PAM_ENABLED=pam):
             rasterio.shutil.copy(str(vrt), str(tmp), driver="COG", **options)
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        if tmp_aux.exists():
+            os.replace(tmp_aux, final_aux)
+        else:
+            final_aux.unlink(missing_ok=True)  # an earlier run's names must not outlive them
         os.replace(tmp, final)
     finally:
         vrt.unlink(missing_ok=True)
         tmp.unlink(missing_ok=True)
+        tmp_aux.unlink(missing_ok=True)
     log.info("wrote %s from %d part rasters", final, len(parts))
     return final
 
