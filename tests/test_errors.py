@@ -415,6 +415,33 @@ def test_raster_without_crs_runs_in_pixel_coordinates(make_image, tmp_path: Path
     assert max(g.bounds[2] for g in geoms) == 256  # x = column
 
 
+def test_a_geotransform_without_crs_is_said_to_be_in_its_coordinates(
+    make_image, tmp_path: Path, capsys
+) -> None:
+    """A world file without its .prj: the results are in the transform's map coordinates (a
+    layer without CRS), which the warning and the summary say, not "pixel coordinates"."""
+    import rasterio
+
+    img = make_image(width=256, height=256)
+    bare = tmp_path / "world.tif"
+    with rasterio.open(img.path) as src:
+        profile = {**src.profile, "crs": None}
+        with rasterio.open(bare, "w", **profile) as dst:
+            dst.write(src.read())
+            transform = src.transform
+    run = tmp_path / "run"
+    args = (f"input_path={bare}", "model=null", "tile_size=128", "workers=0", f"output_dir={run}")
+    rc, out, err = _run(capsys, *args, "progress=false")
+    assert rc == 0 and "Traceback" not in err
+    assert "has a geotransform but no CRS: its results are in that transform's map" in err
+    assert "gdal_edit.py -a_srs EPSG:XXXX" in err and "pixel coordinates" not in err
+    summary = _summary(run)
+    assert summary["no_crs"] == [str(bare)] and summary["pixel_coordinates"] == []
+    assert "1 input(s) in their geotransform's coordinates, CRS unnamed" in out
+    geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "classifications")
+    assert max(g.bounds[2] for g in geoms) == transform.c + 256 * transform.a  # map x
+
+
 def test_raster_smaller_than_one_tile_is_one_padded_tile(
     make_image, tmp_path: Path, capsys
 ) -> None:

@@ -26,7 +26,8 @@ earlier run of the job wrote are not this run's outputs:
 ``output_crs`` (only with the key: the vector layers' CRS, ``EPSG:4326``), ``aoi`` (only with
 ``aoi=``: ``path``, ``crs``, ``polygons``, ``sha256``, ``inputs_outside`` (inputs left out),
 ``tiles_outside`` (tiles of the kept inputs not planned)), ``pixel_coordinates`` (inputs without
-CRS), ``resolution`` (``gsd``: each input's factor, see :func:`describe_resolution`),
+CRS or transform: results in pixel coordinates), ``no_crs`` (inputs with a geotransform but no
+CRS: results in the transform's coordinates), ``resolution`` (``gsd``: each input's factor, see :func:`describe_resolution`),
 ``provenance`` (mgpr/torch/lightning/rasterio/GDAL versions, host, inputs with size and mtime,
 tiling) and, in the quick start, ``demo_check`` (planted objects found against the ground truth).
 """
@@ -216,7 +217,12 @@ def finish_run(
             if adapter.task == "detection"
             else None,
             empty_inputs=merged.empty_rasters,
-            pixel_coordinates=[r.path for r in rasters if r.crs_wkt is None],
+            pixel_coordinates=[
+                r.path for r in rasters if r.crs_wkt is None and r.native_transform.is_identity
+            ],
+            no_crs=[
+                r.path for r in rasters if r.crs_wkt is None and not r.native_transform.is_identity
+            ],
             values=describe_value_ranges(cfg, value_ranges),
             resolution=describe_resolution(cfg, rasters),
         )

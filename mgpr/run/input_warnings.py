@@ -99,7 +99,8 @@ def log_notes(notes: Sequence[tuple[str, str]], more: str, level: int = logging.
 
 
 def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
-    """Warn of inputs whose results are in pixel coordinates (no CRS, or only GCPs)."""
+    """Warn of inputs without a CRS: results in pixel coordinates (no transform, or only GCPs)
+    or in the coordinates of a geotransform whose CRS is not named."""
     gcps = []
     for info in rasters:
         if info.crs_wkt is None and info.gcp_crs is not None:
@@ -114,6 +115,16 @@ def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
     bare = [
         f"{r.path} has no CRS: its results are in pixel coordinates (x = column, y = row)"
         for r in rasters
-        if r.crs_wkt is None and r.gcp_crs is None
+        if r.crs_wkt is None and r.gcp_crs is None and r.native_transform.is_identity
     ]
     log_a_few(logging.WARNING, bare, "input(s) without a CRS (in pixel coordinates too)")
+    # A geotransform without a CRS (a world file without its .prj): the results are in the
+    # transform's map coordinates, whose CRS only the user knows.
+    unnamed = [
+        f"{r.path} has a geotransform but no CRS: its results are in that transform's map "
+        "coordinates, in a layer without CRS; give the file its CRS (gdal_edit.py -a_srs "
+        f"EPSG:XXXX {r.path}) or set it on the layer in QGIS"
+        for r in rasters
+        if r.crs_wkt is None and r.gcp_crs is None and not r.native_transform.is_identity
+    ]
+    log_a_few(logging.WARNING, unnamed, "input(s) with a geotransform but no CRS")

@@ -214,6 +214,11 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
         )
     if s.get("pixel_coordinates"):
         lines.append(f"  no CRS       {len(s['pixel_coordinates'])} input(s) in pixel coordinates")
+    if s.get("no_crs"):
+        lines.append(
+            f"  no CRS       {len(s['no_crs'])} input(s) in their geotransform's coordinates, "
+            "CRS unnamed"
+        )
     resolution = s.get("resolution") or {}
     if resolution.get("gsd") is not None:
         grids = [
