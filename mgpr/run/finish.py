@@ -27,7 +27,8 @@ earlier run of the job wrote are not this run's outputs:
 ``aoi=``: ``path``, ``crs``, ``polygons``, ``sha256``, ``inputs_outside`` (inputs left out),
 ``tiles_outside`` (tiles of the kept inputs not planned)), ``pixel_coordinates`` (inputs without
 CRS or transform: results in pixel coordinates), ``no_crs`` (inputs with a geotransform but no
-CRS: results in the transform's coordinates), ``resolution`` (``gsd``: each input's factor, see :func:`describe_resolution`),
+CRS: results in the transform's coordinates), ``resolution`` (``gsd``: each input's factor,
+see :func:`describe_resolution`),
 ``provenance`` (mgpr/torch/lightning/rasterio/GDAL versions, host, inputs with size and mtime,
 tiling) and, in the quick start, ``demo_check`` (planted objects found against the ground truth).
 """

@@ -99,8 +99,11 @@ def log_notes(notes: Sequence[tuple[str, str]], more: str, level: int = logging.
 
 
 def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
-    """Warn of inputs without a CRS: results in pixel coordinates (no transform, or only GCPs)
-    or in the coordinates of a geotransform whose CRS is not named."""
+    """Warn of inputs without a CRS, once per kind.
+
+    Their results are in pixel coordinates (no transform, or only GCPs) or in the coordinates
+    of a geotransform whose CRS is not named.
+    """
     gcps = []
     for info in rasters:
         if info.crs_wkt is None and info.gcp_crs is not None:
