@@ -153,6 +153,32 @@ def test_float32_infinities_are_invalid_like_nan(tmp_path: Path) -> None:
     assert rows == []  # the +inf square is no object
 
 
+def test_float32_lowest_is_invalid_declared_or_not(tmp_path: Path) -> None:
+    """-3.4028235e38 is ESRI's float nodata, often left undeclared: value_range=auto took it
+    as its 2nd percentile and every real value reached the model as 1 (a white raster, 20
+    false boxes). Now it is invalid like NaN: the same mask, range and boxes as declared."""
+    from mgpr.geo.values import sample_values
+
+    data = np.full((3, 256, 256), 0.1, dtype=np.float32)
+    data[:, 100:140, 100:140] = 0.9  # one bright square
+    data[:, :, :64] = -3.4028235e38  # an undeclared nodata collar
+    data[0, 200:210, 200:210] = 3.4028235e38  # one band is enough
+    path = write_array(tmp_path / "esri.tif", data)
+    ds = _dataset(str(path), tile=256, overlap=0)
+    invalid = ds.__getitems__([0]).batch["mask"].numpy()[0] == 0
+    expected = np.zeros((256, 256), dtype=bool)
+    expected[:, :64] = expected[200:210, 200:210] = True
+    np.testing.assert_array_equal(invalid, expected)
+    (band,) = sample_values(str(path), [1])
+    assert band.min() == pytest.approx(0.1) and band.max() == pytest.approx(0.9)
+    run = tmp_path / "run"
+    assert _run(str(path), run, "value_range=auto") == 0
+    _geoms, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "detections")
+    assert [(r["px_xmin"], r["px_ymin"], r["px_xmax"], r["px_ymax"]) for r in rows] == [
+        (100, 100, 140, 140)
+    ]
+
+
 @pytest.mark.parametrize(
     "spec",
     [{"nodata": "border", "nodata_value": 255}, {"nodata": "rect", "nodata_mode": "mask"}],

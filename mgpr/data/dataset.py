@@ -46,6 +46,7 @@ from torch.utils.data import Dataset, default_collate
 
 from mgpr.data.batch_pool import NO_SLOT, Part, SharedBatchPool, new_shared_parts
 from mgpr.geo.raster import TileReader
+from mgpr.geo.values import real_values
 from mgpr.geo.tiling import Tile
 
 log = logging.getLogger(__name__)
@@ -210,8 +211,8 @@ class TileDataset(Dataset[dict[str, Any]]):
                 if mask is not None:  # valid inside the raster, invalid past its edge
                     mask[...] = 0
                     mask[: tile.valid_height, : tile.valid_width] = 255
-            if mask is not None and self.nan_invalid:
-                mask[~np.isfinite(out).all(axis=0)] = 0
+            if mask is not None and self.nan_invalid:  # NaN, +-inf, +-3.4028235e38
+                mask[~real_values(out, axis=0)] = 0
                 if not mask.any():
                     return STATUS_EMPTY, ""
             if self.test_delay_s > 0:

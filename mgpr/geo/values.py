@@ -50,6 +50,23 @@ ValueRangeKey = str | list[list[float]] | dict[str, str | list[list[float]]] | N
 MIN_REACHABLE_SHARE = 0.5
 
 
+#: Magnitude from which a float value is no measurement: float32's largest finite value,
+#: -3.4028235e38, is the nodata of ESRI's float exports and of many other tools, often left
+#: undeclared; with NaN and +-inf it is never a valid value (before, ``value_range=auto`` took
+#: it as the 2nd percentile and every real value reached the model as 1).
+FLOAT_SENTINEL = float(np.finfo(np.float32).max)
+
+
+def real_values(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """True where float ``values`` are measurements: finite and below ``FLOAT_SENTINEL``.
+
+    ``axis`` (bands first): a pixel is real when every band is. NaN compares False, so one
+    comparison covers NaN, +-inf and +-3.4028235e38.
+    """
+    real = np.abs(values) < FLOAT_SENTINEL
+    return real if axis is None else real.all(axis=axis)
+
+
 def carrier_dtype(dtypes: Iterable[tuple[str, str]]) -> np.dtype[Any]:
     """The one dtype a run reads every tile into: it holds every input raster's values exactly.
 
@@ -336,7 +353,7 @@ def sample_values(
     GDAL answers a decimated read from the overview nearest in size (nearest-neighbour, so the
     values are real samples); without overviews it decodes every block once. Deterministic: every
     rank computing it from the same file gets the same values. Nodata, masked and non-finite
-    pixels are left out; GDAL scale/offset is applied (physical units).
+    pixels are left out, as is float32's largest magnitude (:data:`FLOAT_SENTINEL`); GDAL scale/offset is applied (physical units).
 
     Returns:
         Per band (in ``bands`` order) a 1-D float64 array of valid physical values.
@@ -356,6 +373,8 @@ def sample_values(
     for i in range(len(bands)):
         band = data[i]
         values = np.asarray(band.compressed() if np.ma.isMaskedArray(band) else band.ravel())
+        if values.dtype.kind == "f":
+            values = values[real_values(values)]
         values = values.astype(np.float64) * scales[i] + offsets[i]
         out.append(values[np.isfinite(values)])
     return out

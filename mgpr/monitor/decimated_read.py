@@ -140,7 +140,9 @@ def _valid_values(
         for band, value in declared:
             valid |= ~np.isnan(band) if math.isnan(value) else band != value
     if data.dtype.kind == "f":
-        finite = np.isfinite(data).all(axis=0)
+        from mgpr.geo.values import real_values
+
+        finite = real_values(data, axis=0)  # NaN, +-inf, +-3.4028235e38
         valid = finite if valid is None else valid & finite
     return valid
 

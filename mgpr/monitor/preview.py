@@ -68,8 +68,9 @@ def _read_rgb(src: Any, shape: tuple[int, int]) -> npt.NDArray[np.uint8]:
     if data.dtype != np.uint8:
         # NaN and +-inf (float nodata, declared or not) are no colour: shown as nodata, left
         # out of the stretch, and never cast to uint8 (inf overflowed the multiply: a warning).
-        finite = np.isfinite(data).all(axis=0)
-        valid &= finite
+        from mgpr.geo.values import real_values
+
+        valid &= real_values(data, axis=0)  # NaN, +-inf, +-3.4028235e38
         vals = data[:, valid].astype(np.float64)
         lo, hi = np.percentile(vals, (2, 98)) if vals.size else (0.0, 1.0)
         unit = np.nan_to_num(
