@@ -46,8 +46,8 @@ from torch.utils.data import Dataset, default_collate
 
 from mgpr.data.batch_pool import NO_SLOT, Part, SharedBatchPool, new_shared_parts
 from mgpr.geo.raster import TileReader
-from mgpr.geo.values import real_values
 from mgpr.geo.tiling import Tile
+from mgpr.geo.values import real_values
 
 log = logging.getLogger(__name__)
 
