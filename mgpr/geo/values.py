@@ -353,7 +353,8 @@ def sample_values(
     GDAL answers a decimated read from the overview nearest in size (nearest-neighbour, so the
     values are real samples); without overviews it decodes every block once. Deterministic: every
     rank computing it from the same file gets the same values. Nodata, masked and non-finite
-    pixels are left out, as is float32's largest magnitude (:data:`FLOAT_SENTINEL`); GDAL scale/offset is applied (physical units).
+    pixels are left out, as is float32's largest magnitude (:data:`FLOAT_SENTINEL`); GDAL
+    scale/offset is applied (physical units).
 
     Returns:
         Per band (in ``bands`` order) a 1-D float64 array of valid physical values.
