@@ -989,3 +989,20 @@ def test_a_batch_beyond_the_machines_memory_is_refused_before_any_work(
     ), err
     assert sorted(p.name for p in run.iterdir()) == ["logs"]  # nothing written
     assert run_mgpr_inprocess(*args, "tile_size=256", "batch_size=4") == 0  # 0.75 MiB fits
+
+
+def test_a_long_error_keeps_both_ends_and_whole_words() -> None:
+    """A full disk's SQLite error was cut to "... database or disk": its end says what
+    happened, so a long error keeps its start and its end around "...", never half a word."""
+    from mgpr.run.failures import _clipped
+
+    text = (
+        "sqlite3.OperationalError while writing the features of /a/very/long/path/to/a/run/"
+        "directory/predictions.gpkg into table detections_epsg32633: database or disk is full"
+    )
+    short = _clipped(text, 100)
+    assert len(short) <= 100 and short.endswith("database or disk is full")
+    assert short.startswith("sqlite3.OperationalError while writing") and " ... " in short
+    assert all(word in text.split(" ") for word in short.replace(" ... ", " ").split(" "))
+    assert _clipped("fits", 100) == "fits"
+    assert _clipped("x" * 300, 50) == "x" * 47 + "..."

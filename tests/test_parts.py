@@ -160,6 +160,34 @@ def test_background_writer_bounds_a_chunk_by_its_results_bytes(grid, tmp_path: P
     assert sizes == [5, 5, 5, 5]
 
 
+@pytest.mark.parametrize(
+    ("error", "fix"),
+    [
+        (PermissionError(1, "Operation not permitted"), "writable for this user (ls -ld, lsattr)"),
+        (OSError(28, "No space left on device"), "free disk space or choose another output_dir"),
+    ],
+    ids=["permission", "full"],
+)
+def test_a_failed_write_names_the_fix_for_its_cause(
+    grid, tmp_path: Path, monkeypatch, error: OSError, fix: str
+) -> None:
+    """A parts folder made immutable (chattr +i) was told to free disk space."""
+    _, tiles, ctx = grid
+    writer = _writer(tmp_path / "run", 0, ctx)
+
+    def refuse(outcomes):
+        raise error
+
+    monkeypatch.setattr(writer, "publish", refuse)
+    bg = BackgroundPartWriter(writer, chunk_tiles=1, chunk_seconds=3600)
+    bg.put([_done(tiles[0])])
+    with pytest.raises(OutputError) as failed:
+        bg.close()
+    line = str(failed.value)
+    assert f"writing results to {writer.folder} failed ({type(error).__name__}" in line
+    assert fix in line and "then re-run to resume" in line
+
+
 def test_background_writer_publishes_a_due_chunk_without_new_batches(grid, tmp_path: Path) -> None:
     _, tiles, ctx = grid
     run = tmp_path / "run"

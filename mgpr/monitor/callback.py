@@ -40,7 +40,6 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning_utilities.core.rank_zero import rank_prefixed_message
 
 from mgpr.errors import ConfigError, OutputError
 from mgpr.monitor.nvml import GpuInfo, Nvml, open_nvml
@@ -288,7 +287,6 @@ class RunMonitor(Callback):
             max_samples=self.max_samples,
             clock=self._clock,
             on_tick=on_tick,
-            log_prefix=rank_prefixed_message("", self._ranks["global_rank"]),
         )
         self._sampler.start()
 
@@ -381,7 +379,6 @@ class RunMonitor(Callback):
 
     def _open_device(self, trainer: Trainer) -> None:
         """Find this rank's device: NVML by the uuid torch reports for its local CUDA ordinal."""
-        rank = self._ranks["global_rank"]
         device = trainer.strategy.root_device
         if device.type != "cuda":
             self._device = str(device)
@@ -397,11 +394,8 @@ class RunMonitor(Callback):
             self._own_nvml = nvml
             if nvml is None:
                 logger.warning(
-                    rank_prefixed_message(
-                        f"NVML unavailable ({reason}): reporting torch.cuda memory, host RSS and "
-                        "timing; no GPU utilisation",
-                        rank,
-                    )
+                    f"NVML unavailable ({reason}): reporting torch.cuda memory, host RSS and "
+                    "timing; no GPU utilisation"
                 )
                 return
         try:
@@ -410,21 +404,15 @@ class RunMonitor(Callback):
             self._gpu = nvml.gpu(self._cuda_props.uuid)
         except Exception as exc:  # noqa: BLE001 - never crash the run over monitoring
             logger.warning(
-                rank_prefixed_message(
-                    f"cannot find cuda:{index} in NVML ({exc}); reporting torch.cuda memory only",
-                    rank,
-                )
+                f"cannot find cuda:{index} in NVML ({exc}); reporting torch.cuda memory only"
             )
             self._gpu = None
             return
         self._source = "nvml-mig" if self._gpu.mig else "nvml"
         if self._gpu.mig:
             logger.warning(
-                rank_prefixed_message(
-                    f"cuda:{index} is a MIG instance ({self._gpu.uuid}); NVML reports no "
-                    "utilisation for MIG, reporting memory only",
-                    rank,
-                )
+                f"cuda:{index} is a MIG instance ({self._gpu.uuid}); NVML reports no "
+                "utilisation for MIG, reporting memory only"
             )
 
     def _stop_sampler(self) -> None:
@@ -455,12 +443,7 @@ class RunMonitor(Callback):
         try:
             write_json_atomic(self.part_path, payload)
         except OSError as exc:
-            logger.warning(
-                rank_prefixed_message(
-                    f"cannot write report part {self.part_path}: {exc}",
-                    self._ranks.get("global_rank", 0),
-                )
-            )
+            logger.warning(f"cannot write report part {self.part_path}: {exc}")
 
     def _clipped(self) -> dict[str, int] | None:
         """The module's clip counts, read once at the end (None: none kept, or unreadable)."""

@@ -137,12 +137,18 @@ class BackgroundPartWriter:
                 raise self._error
             from rasterio._err import CPLE_BaseError  # GDAL's own write errors (part GeoTIFFs)
 
-            fix = (
-                "free disk space or choose another output_dir, then re-run to resume"
-                if isinstance(self._error, (OSError, CPLE_BaseError))
-                else "this is a bug in mgpr or in the model's records: please report it with "
-                "this line; finished tiles are kept and a re-run resumes"
-            )
+            if isinstance(self._error, PermissionError):  # chmod, chattr +i, a read-only mount
+                fix = (
+                    f"make {self.writer.folder} writable for this user (ls -ld, lsattr) or "
+                    "choose another output_dir, then re-run to resume"
+                )
+            elif isinstance(self._error, (OSError, CPLE_BaseError)):
+                fix = "free disk space or choose another output_dir, then re-run to resume"
+            else:
+                fix = (
+                    "this is a bug in mgpr or in the model's records: please report it with "
+                    "this line; finished tiles are kept and a re-run resumes"
+                )
             raise OutputError(
                 f"writing results to {self.writer.folder} failed ({type(self._error).__name__}: "
                 f"{self._error}); {fix}"

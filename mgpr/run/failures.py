@@ -35,11 +35,32 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+def _clipped(text: str, limit: int) -> str:
+    """``text`` in at most ``limit`` characters: its start and its end, cut at words.
+
+    The end of an error often says what happened (SQLite's "... database or disk is full"),
+    so a long one keeps both ends around a ``...``, never a word cut in two.
+    """
+    if len(text) <= limit:
+        return text
+    words = text.split(" ")
+    head: list[str] = []
+    tail: list[str] = []
+    budget = limit - 5  # " ... "
+    while words and len(" ".join(head + words[:1])) <= budget * 0.6:
+        head.append(words.pop(0))
+    while words and len(" ".join(words[-1:] + tail)) <= budget - len(" ".join(head)):
+        tail.insert(0, words.pop())
+    if not head and not tail:
+        return text[: limit - 3] + "..."
+    return " ".join(head) + " ... " + " ".join(tail)
+
+
 def out_of_memory_error(
     exc: BaseException, cfg: PredictConfig, run_dir: Path, accelerator: str, rank: int
 ) -> MgprError:
     """One line naming ``batch_size`` and a smaller value; the parts published so far are kept."""
-    first = " ".join(str(exc).split()).split(". ")[0][:160]
+    first = _clipped(" ".join(str(exc).split()).split(". ")[0], 160)
     where = "the GPU" if accelerator == "gpu" else "the host"
     if cfg.batch_size > 1:
         fix = f"re-run with batch_size={cfg.batch_size // 2} to resume"
@@ -68,7 +89,7 @@ def worker_death_error(
     exc: BaseException, cfg: PredictConfig, run_dir: Path, rank: int
 ) -> MgprError:
     """One line: which worker died, the usual causes and how to resume with less memory."""
-    first = " ".join(str(exc).split()).split(". ")[0][:200]
+    first = _clipped(" ".join(str(exc).split()).split(". ")[0], 200)
     smaller = (
         f"workers={max(1, cfg.workers // 2)}"
         if cfg.workers > 1
@@ -165,7 +186,7 @@ def file_system_error(exc: BaseException, run_dir: Path, rank: int) -> MgprError
     is built) rather than guessing; a plain ENOSPC/EDQUOT is named as a full disk.
     """
     chain = _chain(exc)
-    first = " ".join(str(chain[0]).split())[:220] or type(chain[0]).__name__
+    first = _clipped(" ".join(str(chain[0]).split()), 220) or type(chain[0]).__name__
     full = any(getattr(e, "errno", None) in _FULL for e in chain) or any(
         marker in str(e)
         for e in chain
