@@ -171,3 +171,29 @@ def test_class_map_legend_shares_count_classified_pixels_only(tmp_path: Path) ->
     finally:
         plt.close(fig)
     assert labels == ["background (75.0%)", "bright (25.0%)"]
+
+
+def test_a_south_up_raster_is_shown_north_up_with_a_true_scale_bar(tmp_path: Path) -> None:
+    """Its first row is the south edge: drawn in pixel order north was at the bottom. The view
+    is turned back, so it equals the north-up file's preview; the scale bar is where it was."""
+    import numpy as np
+    from affine import Affine
+
+    data = np.zeros((3, 64, 64), np.uint8)
+    data[:, :16] = 250  # a bright northern strip in the north-up file
+    north_up = write_array(tmp_path / "north.tif", data)
+    with rasterio.open(north_up) as src:
+        profile, t = src.profile, src.transform
+    south = tmp_path / "south.tif"
+    profile["transform"] = Affine(t.a, 0, t.c, 0, -t.e, t.f + 64 * t.e)  # row 0 = south edge
+    with rasterio.open(south, "w", **profile) as dst:
+        dst.write(data[:, ::-1])
+    pngs = []
+    for path in (north_up, south):
+        out = write_preview(tmp_path / f"{path.stem}.png", str(path), kind="detection",
+                            features=None, max_px=64, title="t")  # fmt: skip
+        with Image.open(out) as png:
+            pngs.append(np.asarray(png.convert("RGB")))
+    image = pngs[1][-64:]
+    assert image[4, 32].min() > 200 and image[-10, 32].max() < 100  # bright north on top
+    np.testing.assert_array_equal(pngs[0], pngs[1])

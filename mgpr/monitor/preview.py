@@ -151,12 +151,22 @@ def write_preview(
         image = _read_rgb(src, (h, w))
         inverse = ~src.transform
         unit = (src.crs.linear_units if src.crs is not None else "pixel") or "unit"
-        pixel_size = abs(src.transform.a) if src.crs is not None else 1.0
+        t = src.transform
+        # the length of a column step on the map (rotated transforms too), CRS units
+        pixel_size = math.hypot(t.a, t.d) if src.crs is not None else 1.0
         full_width = src.width
+        # drawn in raster pixels; a south-up (e > 0) or east-left (a < 0) north-aligned
+        # raster is shown turned back, north up and east right, as it lies on the map
+        flip_rows = src.crs is not None and t.b == 0 and t.d == 0 and t.e > 0
+        flip_cols = src.crs is not None and t.b == 0 and t.d == 0 and t.a < 0
     dpi = 100
     fig = plt.figure(figsize=(w / dpi, h / dpi + 0.6), dpi=dpi)
     ax = fig.add_axes((0.0, 0.0, 1.0, h / (h + 60)))
     ax.imshow(image, interpolation="nearest")
+    if flip_rows:
+        ax.set_ylim(-0.5, h - 0.5)
+    if flip_cols:
+        ax.set_xlim(w - 0.5, -0.5)
     ax.set_axis_off()
     handles: list[Any] = []
     cmap = plt.get_cmap("tab20")
@@ -195,7 +205,7 @@ def write_preview(
         handles.append(_draw_area(ax, area, inverse, scale))
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.8)
-    _scale_bar(ax, w, h, full_width * pixel_size, unit)
+    _scale_bar(ax, full_width * pixel_size, unit)
     fig.text(
         0.01, 1 - 0.25 / (h / dpi + 0.6), title or Path(raster_path).name, fontsize=9, va="center"
     )
@@ -264,21 +274,33 @@ def _draw_class_map(ax: Any, class_map: Path, shape: tuple[int, int]) -> list[An
     return handles
 
 
-def _scale_bar(ax: Any, w: int, h: int, extent: float, unit: str) -> None:
-    """A bar of a round length at the lower left, in the CRS's linear unit."""
+def _scale_bar(ax: Any, extent: float, unit: str) -> None:
+    """A bar of a round length at the lower left, in the CRS's linear unit.
+
+    Placed in axes fractions (0..1 from the lower left), so it stays there on a view turned
+    back for a south-up raster; ``extent`` is the image's width on the map.
+    """
     length = _nice_length(extent)
-    px = length / extent * w
-    x0, y0 = 0.04 * w, 0.95 * h
-    ax.plot([x0, x0 + px], [y0, y0], color="white", linewidth=5, solid_capstyle="butt")
-    ax.plot([x0, x0 + px], [y0, y0], color="black", linewidth=2.5, solid_capstyle="butt")
+    frac = length / extent
+    x0, y0 = 0.04, 0.05
+    for colour, width in (("white", 5), ("black", 2.5)):
+        ax.plot(
+            [x0, x0 + frac],
+            [y0, y0],
+            color=colour,
+            linewidth=width,
+            solid_capstyle="butt",
+            transform=ax.transAxes,
+        )
     text = f"{length:g} {unit if unit != 'metre' else 'm'}"
     ax.text(
-        x0 + px / 2,
-        y0 - 0.015 * h,
+        x0 + frac / 2,
+        y0 + 0.015,
         text,
         ha="center",
         va="bottom",
         fontsize=8,
         color="black",
         bbox={"facecolor": "white", "alpha": 0.7, "edgecolor": "none"},
+        transform=ax.transAxes,
     )
