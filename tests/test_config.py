@@ -214,3 +214,18 @@ def test_a_key_written_as_an_option_is_answered_with_its_override(argv: list[str
 
     with pytest.raises(ConfigError, match=r"without dashes; write `mgpr input_path=a\.tif`$"):
         parse_command(argv)
+
+
+def test_a_non_ascii_value_is_told_to_be_quoted() -> None:
+    """Hydra's grammar reads letters such as 'ê' only inside quotes: the refusal said the list
+    did not fit a list key; now it names the letter and the quoting that loads."""
+    for arg, fix in (
+        ("categories=[forêt,bâti]", """'categories=["forêt",...]'"""),
+        ("input_path=/data/örtho.tif", """'input_path="/data/örtho.tif"'"""),
+    ):
+        with pytest.raises(ConfigError) as refused:
+            load_config([arg])
+        line = str(refused.value)
+        assert "only inside quotes" in line and fix in line, line
+    assert load_config(['categories=["forêt","bâti"]']).categories == ["forêt", "bâti"]
+    assert load_config(['input_path="/data/örtho.tif"']).input_path == "/data/örtho.tif"

@@ -228,6 +228,18 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str], file: Path 
             f"config file {file}: `{key}: {'null' if value is None else value}` does not fit "
             f"key `{key}`, which expects {expected}{fix}"
         )
+    if "LexerNoViableAlt" in text:  # a character Hydra's grammar reads only inside quotes
+        for item in overrides:
+            key, _, value = item.partition("=")
+            odd = [c for c in value if not c.isascii()]
+            if odd and item in text:
+                return (
+                    f"{item!r}: Hydra reads {odd[0]!r} only inside quotes; quote the value or "
+                    f"each name that holds it, e.g. '{key}=[\"{value.strip('[]').split(',')[0]}\",...]'"
+                    if value.startswith("[")
+                    else f"{item!r}: Hydra reads {odd[0]!r} only inside quotes; quote the "
+                    f"value: '{key}=\"{value}\"'"
+                )
     for item in overrides:
         match = _KEY_RE.match(item)
         if match and f"'{match.group(1)}'" in text or (match and match.group(1) in text):
