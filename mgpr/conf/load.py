@@ -233,9 +233,10 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str], file: Path 
             key, _, value = item.partition("=")
             odd = [c for c in value if not c.isascii()]
             if odd and item in text:
+                first = value.strip("[]").split(",")[0]
                 return (
                     f"{item!r}: Hydra reads {odd[0]!r} only inside quotes; quote the value or "
-                    f"each name that holds it, e.g. '{key}=[\"{value.strip('[]').split(',')[0]}\",...]'"
+                    f"each name that holds it, e.g. '{key}=[\"{first}\",...]'"
                     if value.startswith("[")
                     else f"{item!r}: Hydra reads {odd[0]!r} only inside quotes; quote the "
                     f"value: '{key}=\"{value}\"'"

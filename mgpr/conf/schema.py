@@ -120,7 +120,8 @@ class PredictConfig:
     tta_fusion: str = key(
         "nms",
         "detection with tta: nms (each object's best view's box) | wbf (weighted box fusion: "
-        "the views' boxes averaged by score, scores scaled by the share of views that found it)",
+        "the views' boxes averaged by score, scores scaled by the share of views that found it, "
+        "then held to score_threshold)",
     )
     # run
     accelerator: str = key("auto", "auto | gpu | cpu")
