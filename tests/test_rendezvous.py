@@ -135,3 +135,27 @@ def test_no_group_decides_on_every_rank() -> None:
     with pytest.raises(OutputError):
         decided(None, "x", lambda: (_ for _ in ()).throw(OutputError("no")))
     check_one_run_dir(None, Path("/nonexistent"), Path("/nonexistent/lock"), None)  # no group
+
+
+def test_a_join_cut_off_by_rank_0_is_not_called_a_timeout(tmp_path) -> None:
+    """Ctrl-C to the launcher while rank 1 joins: its store connection breaks at once; the line
+    said "not every rank joined within join_timeout_s=300 ... raise join_timeout_s"."""
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from mgpr.conf.schema import PredictConfig
+    from mgpr.errors import RankJoinError
+    from mgpr.run.trainer import _predict
+
+    def cut_off(*args, **kwargs):
+        raise torch.distributed.DistError("recvValue failed on SocketImpl: Broken pipe")
+
+    trainer = SimpleNamespace(predict=cut_off, global_rank=1, world_size=2)
+    with pytest.raises(RankJoinError) as refused:
+        _predict(trainer, None, SimpleNamespace(store=None), PredictConfig(), tmp_path)
+    line = str(refused.value)
+    assert "rank 1: rank 0 went away while the 2 ranks joined (recvValue failed" in line
+    assert "join_timeout_s" not in line
+    assert f"re-run the same command with output_dir={tmp_path} to resume" in line

@@ -42,6 +42,7 @@ from mgpr.geo.values import ValueRange, carrier_dtype
 from mgpr.monitor.callback import RunMonitor
 from mgpr.monitor.profiler import make_profiler
 from mgpr.outputs.parts_read import finished_tile_keys
+from mgpr.outputs.rundir import rerun
 from mgpr.run.accel import resolve_compile
 from mgpr.run.claims import (
     CHUNK_BATCHES,
@@ -489,6 +490,10 @@ LIGHTNING_NOTICES = (
 )
 
 
+#: What a rank's join says when rank 0's store went away (not a timeout).
+LOST_STORE = ("Broken pipe", "Connection reset", "Connection refused")
+
+
 def _predict(
     trainer: pl.Trainer,
     module: InferenceModule,
@@ -508,6 +513,16 @@ def _predict(
         # init_process_group timed out: some rank never came (TCPStore "1/2 clients joined").
         from mgpr.errors import RankJoinError
 
+        reason = " ".join(str(exc).split())
+        if any(lost in reason for lost in LOST_STORE):
+            # rank 0 holds the store: its end of the connection went away before every rank
+            # came (it was stopped, Ctrl-C / SIGTERM to the launcher, or it failed): no timeout
+            raise RankJoinError(
+                f"rank {trainer.global_rank}: rank 0 went away while the {trainer.world_size} "
+                f"ranks joined ({reason[:120]}): it was stopped or failed; read its error "
+                f"(slurm_logs/<jobid>.err, {run_dir}/logs/rank0.log), then "
+                f"{rerun(run_dir)}"
+            ) from None
         raise RankJoinError(
             f"rank {trainer.global_rank}: not every one of the {trainer.world_size} ranks "
             f"joined within join_timeout_s={cfg.join_timeout_s} "
