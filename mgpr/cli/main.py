@@ -121,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
             slurm_preflight(os.environ, cfg.gpus, cfg.num_nodes, cfg.workers)
             return
+        from mgpr.run import quiet_stops
+
+        quiet_stops.install()  # before torch is imported
         from mgpr.run.predict import run
 
         code = run(cfg, explicit_keys=explicit)
