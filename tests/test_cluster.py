@@ -203,6 +203,8 @@ def test_a_killed_rank_fails_the_run_at_once_and_the_rerun_completes(
     assert proc.returncode == 2, err[-3000:]
     assert last.startswith("mgpr: error: rank 0 finished its tiles but not every rank did")
     assert "rank 1: its process exited with code -9" in last and "re-run the same command" in last
+    report = json.loads((run / "report.json").read_text())  # rank 0's figures, rank 1 named
+    assert report["missing_ranks"] == [1] and report["ranks_reported"] == [0], report
     kept = _tile_rows(run)
     assert len(kept) == len(set(kept))  # each tile once, whatever rank 1 had claimed
     assert run_mgpr_inprocess(*args, "gpus=1") == 0, capsys.readouterr().err

@@ -35,7 +35,7 @@ from mgpr.data.batching import UniformShapeBatchSampler
 from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles
 from mgpr.data.pinned import CudaHostRegistrar, HostRegistrar, host_memory_plan
 from mgpr.data.scaling import ValueScaler
-from mgpr.errors import ConfigError
+from mgpr.errors import ConfigError, RankFailedError
 from mgpr.geo.raster import RasterInfo, TileReader
 from mgpr.geo.tiling import Tile
 from mgpr.geo.values import ValueRange, carrier_dtype
@@ -456,6 +456,10 @@ def run_predict(
                 else merge_share(cfg, run_dir, adapter, rasters, tiles, trainer.world_size),
             )
         finished = True
+    except RankFailedError:
+        if trainer.global_rank == 0:
+            _report_without(run_dir, trainer.world_size, cfg, str(trainer.precision))
+        raise
     finally:
         datamodule.stop_heartbeat()
         if not finished:
@@ -488,6 +492,32 @@ LIGHTNING_NOTICES = (
     r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
     r"`LightningDataModule`",
 )
+
+
+def _report_without(run_dir: Path, world_size: int, cfg: PredictConfig, precision: str) -> None:
+    """Write report.json of a run that a rank did not finish.
+
+    Every part there is, the dead rank(s) in ``missing_ranks``: the figures of the ranks that
+    worked are not lost with the merge that does not run.
+    """
+    import os
+
+    from mgpr.monitor.report import build_report
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    context = {
+        "workers": cfg.workers,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+        "cpus_per_task": int(cpus) if cpus else os.cpu_count(),
+        "unfinished": "a rank did not finish: no merge ran",
+    }
+    try:
+        report = build_report(run_dir, world_size, context)
+    except Exception as exc:  # noqa: BLE001 - the report must never hide the failure's line
+        log.warning("could not build the run report: %s", exc)
+        return
+    log.info("report.json written: missing_ranks %s", report.get("missing_ranks"))
 
 
 #: What a rank's join says when rank 0's store went away (not a timeout).
