@@ -27,7 +27,7 @@ def test_chips_under_a_large_tile_size_get_the_size_that_fits(make_image) -> Non
     assert text is not None
     # (64*64 + 48*70) / (2 * 512^2) valid: 98.6 % padding, 70.3x the pixels
     assert text.startswith("99% of the planned tiles' pixels are zero padding")
-    assert "2 of 2 input(s) are smaller than tile_size=512; the largest is 48 x 70 px" in text
+    assert "2 of 2 input(s) are smaller than tile_size=512; the largest is 70 x 48 px" in text
     assert "70.3x the pixels" in text and text.endswith(
         "set tile_size=96 to predict each input in one tile of about its size"
     )
@@ -45,10 +45,28 @@ def test_inputs_just_past_one_tile_are_told_to_fit_it_otherwise(make_image) -> N
     rasters, tiles = _plan(make_image, [(300, 300)], 256)  # 4 tiles, 34 % of them valid
     text = padding_warning(rasters, tiles, 256)
     assert text is not None and "0 of 1 input(s) are smaller than tile_size=256" in text
-    assert text.endswith(
-        "choose a tile_size that fits the inputs (the largest is 300 x 300 px) "
-        "with fewer tiles past their edges"
+    assert text.endswith(  # 160 px tiles: 2 x 2 of them, 12 % padding
+        "set tile_size=160 (about 12% padding, edge tiles counted without overlap) or choose "
+        "another that fits the inputs (the largest is 300 x 300 px)"
     )
+
+
+def test_a_strip_thinner_than_a_tile_is_told_the_tile_size_with_least_padding(
+    make_image,
+) -> None:
+    """40 x 3000 px under 512 px tiles: 92 % padding; 64 px tiles pad 38 % (no size does
+    better: a strip pads any square tile); a size is named, width x height."""
+    rasters, tiles = _plan(make_image, [(3000, 40)], 512)
+    text = padding_warning(rasters, tiles, 512)
+    assert text is not None and "the largest is 40 x 3000 px" in text
+    assert "set tile_size=64 (about 38% padding" in text
+    from mgpr.run.input_warnings import smaller_tile_size
+
+    assert smaller_tile_size([(1000, 1000)], 256, 0.6) == (
+        224,
+        pytest.approx(1 - 1e6 / (5 * 5 * 224**2)),
+    )
+    assert smaller_tile_size([(33, 33)], 64, 0.73) is None  # 32 px tiles: 4 of them, 73 %
 
 
 def test_a_folder_of_chips_warns_of_padding_once_and_not_of_seams(

@@ -53,19 +53,50 @@ def padding_warning(
     side = max(largest.height, largest.width)
     grid = " on its gsd model grid" if (largest.factor_x, largest.factor_y) != (1.0, 1.0) else ""
     fit = TILE_STEP * math.ceil(side / TILE_STEP)
-    advice = (
-        f"set tile_size={fit} to predict each input in one tile of about its size"
-        if fit < tile_size
-        else f"choose a tile_size that fits the inputs (the largest is {largest.height} x "
-        f"{largest.width} px) with fewer tiles past their edges"
-    )
+    size = f"{largest.width} x {largest.height} px"  # width x height, as GDAL and QGIS say
+    if fit < tile_size:
+        advice = f"set tile_size={fit} to predict each input in one tile of about its size"
+    else:  # inputs larger than a tile, or thinner: the smaller tile with the least padding
+        shapes = [(r.height, r.width) for r in rasters if r.path in planned]
+        best = smaller_tile_size(shapes, tile_size, share)
+        advice = (
+            f"set tile_size={best[0]} (about {100 * best[1]:.0f}% padding, edge tiles counted "
+            f"without overlap) or choose another that fits the inputs (the largest is {size})"
+            if best is not None
+            else f"choose a tile_size that fits the inputs (the largest is {size}) with fewer "
+            "tiles past their edges"
+        )
     return (
         f"{100 * share:.0f}% of the planned tiles' pixels are zero padding past the inputs' "
         f"edges ({len(small)} of {len(planned)} input(s) are smaller than tile_size={tile_size}; "
-        f"the largest is {largest.height} x {largest.width} px{grid}): the model runs "
+        f"the largest is {size}{grid}): the model runs "
         f"{1 / (1 - share):.1f}x the pixels it needs and a classifier or embedder sees mostly "
         f"padding; {advice}"
     )
+
+
+def smaller_tile_size(
+    shapes: Sequence[tuple[int, int]], tile_size: int, share: float
+) -> tuple[int, float] | None:
+    """The smaller tile size to suggest, with its padding share, or None.
+
+    Sizes are multiples of :data:`TILE_STEP` below ``tile_size``; None when none has clearly
+    less padding than ``share``. The largest size whose padding is at most half the warning's share, else the one with the
+    least padding if that is under two thirds of ``share`` (a strip 40 px wide pads any tile).
+    Tiles are counted as ``ceil(h / t) * ceil(w / t)`` per raster, without overlap: a guide.
+    """
+    valid = sum(h * w for h, w in shapes)
+    shares: dict[int, float] = {}
+    for t in range(TILE_STEP, tile_size, TILE_STEP):
+        cut = sum(math.ceil(h / t) * math.ceil(w / t) for h, w in shapes) * t * t
+        shares[t] = 1.0 - valid / cut
+    low = [t for t, s in shares.items() if s <= PADDING_WARN_SHARE / 2]
+    if low:
+        return max(low), shares[max(low)]
+    if not shares:
+        return None
+    least = min(shares, key=lambda t: (shares[t], -t))
+    return (least, shares[least]) if shares[least] < share * 2 / 3 else None
 
 
 def has_seams(tiles: Sequence[Tile]) -> bool:
