@@ -81,8 +81,9 @@ def smaller_tile_size(
     """The smaller tile size to suggest, with its padding share, or None.
 
     Sizes are multiples of :data:`TILE_STEP` below ``tile_size``; None when none has clearly
-    less padding than ``share``. The largest size whose padding is at most half the warning's share, else the one with the
-    least padding if that is under two thirds of ``share`` (a strip 40 px wide pads any tile).
+    less padding than ``share``. The largest size whose padding is at most half the warning's
+    share, else the one with the least padding if that is under two thirds of ``share`` (a
+    strip 40 px wide pads any tile).
     Tiles are counted as ``ceil(h / t) * ceil(w / t)`` per raster, without overlap: a guide.
     """
     valid = sum(h * w for h, w in shapes)
