@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,16 @@ def file_weights_id(path: str | os.PathLike[str]) -> str:
     return f"file:{resolved}#sha256:{file_sha256(resolved)}"
 
 
+#: A terminal's escape sequences (torch's unpickling error sets bold text with ``ESC[1m``).
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
 def one_line(obj: object, limit: int = 200) -> str:
-    """``obj`` as text on one line (whitespace runs collapsed), cut to ``limit`` characters."""
-    text = " ".join(str(obj).split())
+    """``obj`` as text on one line, cut to ``limit`` characters.
+
+    Whitespace runs are collapsed and terminal escapes removed.
+    """
+    text = " ".join(_ANSI_ESCAPE.sub("", str(obj)).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
