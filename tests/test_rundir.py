@@ -255,3 +255,22 @@ def test_fingerprints_compare_mtimes_to_the_microsecond_and_the_rest_exactly() -
     assert not fingerprints_equal(a, c)
     assert not fingerprints_equal(a, {**b, "tile_size": 2})
     assert not fingerprints_equal({"x": 1.0}, {"x": 1.0000001})  # only mtime is rounded
+
+
+def test_a_killed_writers_temp_file_is_removed_by_the_next_merge(
+    make_image, tmp_path: Path
+) -> None:
+    """A launcher killed mid-write left `.r0-...manifest.parquet.tmp` in parts/ for good; the
+    merge of the resume (every rank done, the lock held) removes it and keeps every part."""
+    from conftest import run_mgpr_inprocess
+
+    img = make_image(width=256, height=256)
+    run = tmp_path / "run"
+    args = (f"input_path={img.path}", "model=null", "tile_size=128", "workers=0")
+    assert run_mgpr_inprocess(*args, f"output_dir={run}") == 0
+    parts = sorted(p.name for p in (run / "parts").iterdir())
+    leftover = run / "parts" / ".r0-dead-000024.manifest.parquet.tmp"
+    leftover.write_bytes(b"half a file")
+    assert run_mgpr_inprocess(*args, f"output_dir={run}") == 0
+    assert not leftover.exists()
+    assert sorted(p.name for p in (run / "parts").iterdir()) == parts

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -32,6 +33,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mgpr.geo.tiling import Tile
+
+log = logging.getLogger(__name__)
 
 PARTS_DIR = "parts"
 MANIFEST_SUFFIX = ".manifest.parquet"
@@ -111,6 +114,26 @@ def publish_file(final: Path, write: Callable[[Path], None], durable: bool = Tru
     if durable:
         fsync_dir(final.parent)
     return final
+
+
+def remove_leftover_temps(run_dir: Path) -> int:
+    """Remove the hidden temp files (``.<name>.tmp``) a killed writer left in ``parts/``.
+
+    Call on rank 0 after the merge, when every rank of the run has finished (and the run lock
+    keeps any other run out): a temp file then belongs to a process that died before its
+    rename, and its tiles were predicted again. Returns how many were removed.
+    """
+    folder = parts_dir(run_dir)
+    removed = 0
+    for tmp in folder.glob(".*.tmp") if folder.is_dir() else ():
+        try:
+            tmp.unlink()
+            removed += 1
+        except OSError:
+            continue  # gone already, or not ours to remove: never a failed run
+    if removed:
+        log.info("removed %d temp file(s) of killed writers from %s", removed, folder)
+    return removed
 
 
 def write_parquet(table: pa.Table, path: Path) -> None:

@@ -331,6 +331,9 @@ def finish_run(
             names,
         )
         summary["stale_outputs"] = [str(p) for p in kept]
+    from mgpr.outputs.parts import remove_leftover_temps
+
+    remove_leftover_temps(run_dir)  # every rank is done: no temp file is anyone's now
     write_json_atomic(run_dir / "summary.json", summary)
     print_summary(summary, report_text)
     return summary
