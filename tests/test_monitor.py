@@ -271,6 +271,16 @@ def test_hint_data_bound_without_spare_cpus() -> None:
     assert hint.startswith("data-bound") and "--cpus-per-task" in hint
 
 
+def test_hint_of_fake_data_names_its_delay_not_tiled_input() -> None:
+    """use_fake_data with dummy_dataset_delay: the wait is the delay; there is no input to
+    convert with gdal_translate (the hint said so)."""
+    hint = bottleneck_hint(
+        0.8, 10.0, {}, workers=7, cpus=8, batch_size=16, precision="32-true", fake_delay_s=0.01
+    )
+    assert hint.startswith("data-bound: ranks waited 80%")
+    assert "dummy_dataset_delay=0.01 s per tile" in hint and "gdal_translate" not in hint
+
+
 def test_hint_compute_bound() -> None:
     hint = bottleneck_hint(0.03, 97.0, {"write": 0.02}, **HINT_ARGS)
     assert hint.startswith("compute-bound: GPUs 97% busy") and "bf16" in hint

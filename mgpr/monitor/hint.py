@@ -32,6 +32,7 @@ def bottleneck_hint(
     *,
     cpu_run: bool = False,
     untiled_inputs: int | None = None,
+    fake_delay_s: float | None = None,
 ) -> str:
     """One plain sentence naming the bottleneck and the knob to turn.
 
@@ -63,6 +64,9 @@ def bottleneck_hint(
         untiled_inputs: how many inputs are stored in strips rather than tiles (windowed reads
             then decode whole rows); None when unknown. The data-bound advice suggests
             ``gdal_translate -co TILED=YES`` only when this is not 0.
+        fake_delay_s: with ``use_fake_data``, its ``dummy_dataset_delay`` (seconds per tile):
+            the data advice then names it (there is no input to tile, no worker to add that
+            would not sleep too).
 
     Returns:
         The hint, starting with its category and a colon.
@@ -85,6 +89,13 @@ def bottleneck_hint(
                 f"; {untiled_inputs} input(s) are stored in strips: convert them with "
                 "gdal_translate -co TILED=YES so windowed reads decode only their tiles"
             )
+    if fake_delay_s is not None:
+        data_fix = (
+            f"the fake data sleeps dummy_dataset_delay={fake_delay_s:g} s per tile in each "
+            "worker: that is the wait, as an environment test means it to be"
+            if fake_delay_s > 0
+            else "fake data (use_fake_data=true) is made in the workers: raise workers"
+        )
     waited = f"ranks waited {_pct(data_wait_share)} of the time for tiles"
     if cpu_run:
         compute = stage_shares.get("compute")

@@ -338,6 +338,7 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
             precision=str(context.get("precision") or "32-true"),
             cpu_run=cpu_run,
             untiled_inputs=context.get("untiled_inputs"),
+            fake_delay_s=context.get("fake_delay_s"),
         )
         nodata = context.get("nodata_tiles")
         if nodata and nodata[0] >= 0.5 * nodata[1]:

@@ -452,6 +452,7 @@ def _report(
         ),
         "nodata_tiles": [empty, total] if total else None,
         "untiled_inputs": len(untiled) if rasters else None,
+        "fake_delay_s": cfg.dummy_dataset_delay if cfg.use_fake_data else None,
         "workers": cfg.workers,
         "batch_size": cfg.batch_size,
         "precision": precision,
