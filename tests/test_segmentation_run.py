@@ -56,7 +56,9 @@ def _check_class_map(cog: Path, image: Path) -> np.ndarray:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("tile_size", "overlap"), [(128, 0), (128, 48), (256, 64), (160, 30)])
-def test_class_map_equals_the_bright_mask(make_image, tmp_path: Path, tile_size, overlap) -> None:
+def test_class_map_equals_the_bright_mask(
+    make_image, tmp_path: Path, capsys, tile_size, overlap
+) -> None:
     img = make_image(width=700, height=530, objects=12, nodata="border", tile_size=tile_size)
     run = tmp_path / "run"
     code = run_mgpr_inprocess(*_args(img.path, run, f"tile_size={tile_size}", f"overlap={overlap}"))
@@ -64,6 +66,10 @@ def test_class_map_equals_the_bright_mask(make_image, tmp_path: Path, tile_size,
     ids = _check_class_map(run / "segmentation" / "ortho.tif", Path(img.path))
     assert (ids == 1).sum() > 100 and (ids == 255).sum() > 0
     summary = json.loads((run / "summary.json").read_text())
+    classified = int((ids != 255).sum())  # the written nodata pixels are named apart
+    assert sum(c["pixels"] for c in summary["classes"].values()) == classified
+    nodata = summary["records"] - classified
+    assert f"class-map pixels, {classified} classified, {nodata} nodata)" in capsys.readouterr().out
     assert summary["task"] == "segmentation"
     assert summary["output"] == str(run / "segmentation" / "ortho.tif")
 

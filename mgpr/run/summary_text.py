@@ -31,11 +31,16 @@ def _output_lines(s: dict[str, Any]) -> list[str]:
         first = Path(s["output"])
         maps = [p for p in outputs if Path(p).parent == first.parent and p.endswith(".tif")]
         maps = [p for p in maps if not p.endswith("_prob.tif")]
+        pixels = f"{s['records']} class-map pixels"
+        classes = s.get("classes") or {}
+        classified = sum(int(c.get("pixels") or 0) for c in classes.values() if isinstance(c, dict))
+        if classes and classified != s["records"]:  # the rest is nodata (255 in the map)
+            pixels += f", {classified} classified, {s['records'] - classified} nodata"
         if len(maps) > 1:
-            head = f"{len(maps)} class maps in {first.parent}/ ({s['records']} class-map pixels"
+            head = f"{len(maps)} class maps in {first.parent}/ ({pixels}"
             rest = outputs
         else:
-            head = f"{s['output']} ({s['records']} class-map pixels"
+            head = f"{s['output']} ({pixels}"
             rest = outputs[1:]
         head += f"{layers}{into})"
     maps_folder = Path(s["output"]).parent if s.get("task") == "segmentation" else None
