@@ -321,6 +321,11 @@ def _predict_and_finish(
         padding = padding_warning(rasters, tiles, cfg.tile_size) if rank == 0 else None
         if padding:
             log.warning("%s", padding)
+        if rank == 0:
+            from mgpr.run.unused_keys import unused_key_lines
+
+            for line in unused_key_lines(cfg, adapter.task, explicit):
+                log.warning("%s", line)
         if (
             cfg.tta_fusion != "nms"
             and rank == 0
