@@ -45,14 +45,15 @@ def unused_key_lines(cfg: PredictConfig, task: str, given: Collection[str]) -> l
     writes_vectors = task != "segmentation" or cfg.vectorize
     if "output_crs" in given and cfg.output_crs and not writes_vectors:
         lines.append(
-            f"output_crs={cfg.output_crs} reprojects the vector layers; a segmenter without vectorize=true "
-            "writes none (its class maps stay on the input's grid), so it does nothing"
+            f"output_crs={cfg.output_crs} reprojects the vector layers; a segmenter without "
+            "vectorize=true writes none (its class maps stay on the input's grid), so it does "
+            "nothing"
         )
     traced = task == "detection" or (task == "segmentation" and cfg.vectorize)
     if "simplify" in given and cfg.simplify > 0 and not traced:
         lines.append(
-            f"simplify={cfg.simplify:g} simplifies traced outlines (instance masks, vectorize=true segments); "
-            f"this {task} run traces none, so it does nothing"
+            f"simplify={cfg.simplify:g} simplifies traced outlines (instance masks, "
+            f"vectorize=true segments); this {task} run traces none, so it does nothing"
         )
     return lines
 
