@@ -624,3 +624,18 @@ def test_preflight_passes_a_consistent_job_and_outside_slurm() -> None:
     assert task is not None and (task.ntasks, task.nnodes, task.procid) == (4, 2, 0)
     preflight({}, 8, 3, 99)  # not in a job: nothing to check
     assert read_batch_allocation({}) is None
+
+
+def test_a_sigterm_under_srun_says_it_may_be_a_dead_rank() -> None:
+    """srun --kill-on-bad-exit TERMs every task when one dies (the OOM killer): the others'
+    line read as a plain interrupt; under a multi-task job it names how to tell."""
+    from mgpr.run.predict import slurm_stop_hint
+
+    env = {"SLURM_JOB_ID": "897", "SLURM_NTASKS": "2"}
+    hint = slurm_stop_hint("SIGTERM", env, requeued=False)
+    assert "rank N died and srun stopped the others" in hint
+    assert "sacct -j 897 -o JobID,State,ExitCode,MaxRSS" in hint
+    assert slurm_stop_hint("SIGINT", env, requeued=False) == ""  # Ctrl-C is the user's
+    assert slurm_stop_hint("SIGTERM", env, requeued=True) == ""  # preempted and requeued
+    assert slurm_stop_hint("SIGTERM", {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}, False) == ""
+    assert slurm_stop_hint("SIGTERM", {}, requeued=False) == ""  # not under SLURM

@@ -27,6 +27,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,13 +114,30 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
             then = "SLURM requeues the job and it resumes" if requeued else rerun(run_dir)
             print(
                 f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/parts; "
-                f"{then}",
+                f"{then}{slurm_stop_hint(str(exc), os.environ, requeued)}",
                 file=sys.stderr,
             )
         return EXIT_INTERRUPTED
     finally:
         if lock is not None:
             lock.release()
+
+
+def slurm_stop_hint(signal_name: str, env: Mapping[str, str], requeued: bool) -> str:
+    """Under srun, what else a SIGTERM may mean: a task that died (``--kill-on-bad-exit``).
+
+    srun stops every task with SIGTERM when one fails, so a rank killed by the OOM killer reads
+    as an interrupt on the others; ``srun: error: <node>: task <n>: Killed`` above this line,
+    and ``sacct``, tell a dead rank from ``scancel``.
+    """
+    job = env.get("SLURM_JOB_ID")
+    tasks = env.get("SLURM_NTASKS", "1")
+    if requeued or not job or signal_name != "SIGTERM" or not tasks.isdigit() or int(tasks) < 2:
+        return ""
+    return (
+        f" (if `srun: error: ... task N: Killed` or `Out Of Memory` is above, rank N died and "
+        f"srun stopped the others: `sacct -j {job} -o JobID,State,ExitCode,MaxRSS` says why)"
+    )
 
 
 def written(run_dir: Path) -> list[Path]:
