@@ -385,3 +385,41 @@ def test_a_resume_names_each_input_as_the_run_it_resumes(
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "1 no longer listed: 'a.tif'; 1 new: '../a.tif'" in err, err
     assert f"that run named its inputs ('a.tif', ...) relative to {tmp_path}: run from there" in err
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_a_folder_or_glob_inside_an_archive_reads_its_rasters(
+    make_image, tmp_path: Path, kind: str
+) -> None:
+    """GDAL lists no folder inside a zip for mgpr, so /vsizip/a.zip/sub was "not a readable
+    raster": a local archive's members are listed, a folder reads as a folder does."""
+    import tarfile
+    import zipfile
+
+    a = make_image("src/a.tif", width=64, height=64)
+    b = make_image("src/b.tif", width=64, height=64, seed=1)
+    (tmp_path / "src" / "notes.txt").write_text("not a raster")
+    members = {"top.tif": a.path, "sub/b.tif": b.path, "sub/deeper/a.tif": a.path}
+    members["sub/notes.txt"] = tmp_path / "src" / "notes.txt"
+    if kind == "zip":
+        archive, prefix = tmp_path / "orthos.zip", "/vsizip/"
+        with zipfile.ZipFile(archive, "w") as z:
+            for name, path in members.items():
+                z.write(path, name)
+    else:
+        archive, prefix = tmp_path / "orthos.tar", "/vsitar/"
+        with tarfile.open(archive, "w") as t:
+            for name, path in members.items():
+                t.add(path, name)
+    root = f"{prefix}{archive}"
+    assert resolve_inputs(f"{root}/sub") == [f"{root}/sub/b.tif"]  # not its subfolders
+    assert resolve_inputs(root) == [f"{root}/top.tif"]
+    assert resolve_inputs(f"{root}/*.tif") == [
+        f"{root}/sub/b.tif", f"{root}/sub/deeper/a.tif", f"{root}/top.tif"
+    ]  # fmt: skip
+    assert resolve_inputs(f"{root}/sub/b.tif") == [f"{root}/sub/b.tif"]  # a member as it is
+    with pytest.raises(InputError, match=r"the folder holds no raster in .*orthos\.(zip|tar) \(3"):
+        resolve_inputs(f"{root}/empty")
+    from mgpr.geo.raster import describe_raster
+
+    assert describe_raster(f"{root}/sub/b.tif").width == 64  # GDAL reads what was listed

@@ -93,7 +93,9 @@ def _is_glob(input_path: str) -> bool:
 def _expand(input_path: str) -> list[str]:
     """``input_path`` as paths: folders and globs sorted, lists in their order (resolve_inputs)."""
     if _is_gdal_virtual(input_path):
-        return [input_path]
+        from mgpr.geo.archives import archive_members
+
+        return archive_members(input_path, RASTER_SUFFIXES) or [input_path]
     path = Path(input_path)
     if _is_glob(input_path):
         matches = sorted(glob.glob(input_path, recursive=True))
