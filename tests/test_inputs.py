@@ -422,4 +422,5 @@ def test_a_folder_or_glob_inside_an_archive_reads_its_rasters(
         resolve_inputs(f"{root}/empty")
     from mgpr.geo.raster import describe_raster
 
-    assert describe_raster(f"{root}/sub/b.tif").width == 64  # GDAL reads what was listed
+    info = describe_raster(f"{root}/sub/b.tif")  # GDAL reads what was listed
+    assert info.width == 64 and info.file_bytes == archive.stat().st_size  # a resume's check

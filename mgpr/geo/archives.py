@@ -65,6 +65,18 @@ def archive_members(input_path: str, suffixes: tuple[str, ...]) -> list[str] | N
     return [f"{prefix}{archive}/{n}" for n in rasters]
 
 
+def local_archive(path: str) -> str | None:
+    """The local archive file a ``/vsizip/`` or ``/vsitar/`` path reads from, else None.
+
+    Its size and modification time stand for the member's (a resume then notices a replaced
+    archive; GDAL paths have no ``stat`` of their own).
+    """
+    match = _ARCHIVE.match(path)
+    if not match or match.group(2).startswith("/vsi") or not Path(match.group(2)).is_file():
+        return None
+    return match.group(2)
+
+
 def _folder(member: str) -> str:
     """The folder of an archive member (``""`` at the top)."""
     parent = str(PurePosixPath(member).parent)

@@ -138,6 +138,9 @@ def describe_raster(path: str) -> RasterInfo:
     Raises:
         InputError: when the file cannot be opened as a raster.
     """
+    from mgpr.geo.archives import local_archive
+
+    local = local_archive(path) or path  # a member of a zip: the archive's size and time
     try:
         with rasterio.Env(), no_georef_warning(), rasterio.open(path) as src:
             has_mask = _may_have_invalid_pixels(src)
@@ -155,8 +158,8 @@ def describe_raster(path: str) -> RasterInfo:
                 nodata=src.nodata,
                 has_mask=has_mask,
                 block_shape=tuple(src.block_shapes[0]),
-                file_bytes=os.path.getsize(path) if os.path.exists(path) else None,
-                mtime=os.path.getmtime(path) if os.path.exists(path) else None,
+                file_bytes=os.path.getsize(local) if os.path.exists(local) else None,
+                mtime=os.path.getmtime(local) if os.path.exists(local) else None,
                 scales=_metadata_or_empty(src.scales, 1.0),
                 offsets=_metadata_or_empty(src.offsets, 0.0),
                 colorinterp=tuple(ci.name.lower() for ci in src.colorinterp),

@@ -351,7 +351,10 @@ def _mtime_only(old: dict[str, Any], new: dict[str, Any], where: str) -> str | N
         return None
     import shlex
 
+    from mgpr.geo.archives import local_archive
+
     path = str(new["path"])
+    path = local_archive(path) or path  # a zip member's time is its archive's
     return (
         f"{where}.mtime differs: {path!r} has the same size but another modification time than "
         f"in that run; if it is the same file copied again (cp without -p), give it back its "
