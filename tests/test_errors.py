@@ -850,6 +850,9 @@ def test_sigterm_before_predict_is_one_line_not_a_traceback(
     assert not (run / "parts").exists()
     # Without output_dir= the same command would start over in a new runs/<time stamp> (a
     # resubmitted job in runs/slurm-<new id>): the line names the directory to resume.
+    log = (run / "logs" / "rank0.log").read_text()  # the line is the log's last word too
+    assert log.strip().splitlines()[-1].endswith(f"output_dir={run} to resume")
+    assert "WARNING mgpr: mgpr: interrupted by SIGTERM" in log
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MGPR_RUN_DIR")  # the first run's, as for the ranks it launches
     rc, _, err = _run(capsys, f"input_path={img.path}", f"model={model}", "workers=0")

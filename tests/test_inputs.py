@@ -150,6 +150,8 @@ def test_a_vrt_with_a_missing_source_is_refused_before_any_tile(
         assert f"{str(given)!r} is a VRT whose source {str(right.path)!r} does not exist" in err
         assert "restore the file or fix its SourceFilename in the VRT" in err
         assert not (run / "predictions.gpkg").exists()
+        log = (run / "logs" / "rank0.log").read_text().strip().splitlines()[-1]
+        assert "ERROR mgpr: mgpr: error:" in log and "does not exist" in log  # kept there too
 
 
 def _outer_vrt(inner: Path, width: int, height: int) -> str:

@@ -44,6 +44,18 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def to_log_files(line: str, level: int = logging.ERROR) -> None:
+    """Write ``line`` to this rank's log file(s) only (``logs/rank<R>.log``), not to stderr.
+
+    The line a run ends with (its error, its interruption) is printed once on stderr; without
+    this the rank's log, the first place to read after a job, never held it.
+    """
+    record = logging.LogRecord("mgpr", level, __file__, 0, line, None, None)
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 class RestoreLogging:
     """Context manager: leave the root logger as found (``run()`` is called in-process by tests)."""
 

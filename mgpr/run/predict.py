@@ -37,6 +37,7 @@ from mgpr.errors import (
     EXIT_TILES_FAILED,
     EXIT_TILES_MISSING,
     ConfigError,
+    MgprError,
     MissingTilesError,
 )
 from mgpr.models.registry import DEFAULT_MODEL, DEMO_MODEL
@@ -55,7 +56,7 @@ from mgpr.run.demo import DEMO_OVERLAP, DEMO_TILE_SIZE, demo_image
 from mgpr.run.devices import resolve_accelerator, resolve_devices
 from mgpr.run.failures import translate_failure
 from mgpr.run.identity import fingerprint, save_resolved_config
-from mgpr.run.logs import RestoreLogging, setup_logging
+from mgpr.run.logs import RestoreLogging, setup_logging, to_log_files
 from mgpr.run.precision import resolve_precision
 from mgpr.run.rendezvous import EarlyGroup, decided, join_early
 from mgpr.run.signals import (
@@ -74,7 +75,11 @@ def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
     previous = install_signal_handlers()
     try:
         with RestoreLogging():
-            return _run(cfg, explicit_keys or set())
+            try:
+                return _run(cfg, explicit_keys or set())
+            except MgprError as exc:  # the one line stderr shows, kept in logs/rank<R>.log too
+                to_log_files(f"mgpr: error: {exc}")
+                raise
     finally:
         reap_children()  # a worker left behind by an exception must not hang the exit
         restore_signal_handlers(previous)
@@ -112,11 +117,12 @@ def _run(cfg: PredictConfig, explicit: set[str]) -> int:
         requeued = requeue_on_usr1(str(exc), rank)
         if rank == 0:
             then = "SLURM requeues the job and it resumes" if requeued else rerun(run_dir)
-            print(
+            line = (
                 f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/parts; "
-                f"{then}{slurm_stop_hint(str(exc), os.environ, requeued)}",
-                file=sys.stderr,
+                f"{then}{slurm_stop_hint(str(exc), os.environ, requeued)}"
             )
+            print(line, file=sys.stderr)
+            to_log_files(line, logging.WARNING)
         return EXIT_INTERRUPTED
     finally:
         if lock is not None:
