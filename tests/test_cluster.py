@@ -212,6 +212,41 @@ def test_a_killed_rank_fails_the_run_at_once_and_the_rerun_completes(
     assert len(rows) == len(set(rows)) == 32
 
 
+_DIES_ON_RANK_1 = """
+import os
+
+import torch
+
+
+def build(weights):
+    if os.environ.get("LOCAL_RANK") == "1":
+        os._exit(9)  # gone without a word, as the OOM killer leaves a process
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 2, 1), torch.nn.AdaptiveAvgPool2d(1),
+                               torch.nn.Flatten())
+"""
+
+
+@pytest.mark.slow
+def test_a_rank_dying_at_start_up_is_named_in_one_line(make_image, tmp_path: Path) -> None:
+    """Lightning's observer SIGKILLed rank 0 when rank 1 died before the data module's setup:
+    exit 137 and not a word. Adopted at launch, the death is one line and exit 2."""
+    (tmp_path / "mgpr_dies_on_rank1.py").write_text(_DIES_ON_RANK_1)
+    img = make_image(width=256, height=256)
+    run = tmp_path / "run"
+    args = _args(Path(img.path), run, "model=mgpr_dies_on_rank1:build", "weights=none", "gpus=2")
+    proc = subprocess.run(
+        mgpr_cmd(*args),
+        env=subprocess_env(PYTHONPATH=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert last.startswith("mgpr: error: rank 1 exited with code 9 while the ranks started")
+    assert f"read {run}/logs/rank1.log" in last and f"output_dir={run} to resume" in last
+
+
 def test_this_file_runs_as_one_xdist_group(request: pytest.FixtureRequest) -> None:
     """Under ``-n 2 --dist loadgroup`` this file's tests run one after another on one worker.
 

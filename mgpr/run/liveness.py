@@ -52,6 +52,10 @@ POLL_S = 0.5
 STOP_GRACE_S = 10.0
 """Seconds a stopped child rank gets to flush its published work before it is killed."""
 
+STOPPED_CODES = frozenset({130, 143, -int(signal.SIGINT), -int(signal.SIGTERM)})
+"""Exit codes of a process stopped by SIGINT / SIGTERM (its own handler: 130; death by the
+signal: minus it; 128 + the signal through a shell)."""
+
 
 def done_key(rank: int) -> str:
     """Store key a rank sets once its tiles are published."""
@@ -195,6 +199,7 @@ class LocalRanks:
         self.procs: list[Any] = []  # subprocess.Popen; procs[i] is global rank first + i + 1
         self.first = 0  # global rank of the process that launched them
         self._launcher: Any = None
+        self._started: threading.Event | None = None
 
     def adopt(self, launcher: Any, global_rank: int) -> None:
         """Take the child processes over from Lightning's launcher (no-op without one)."""
@@ -204,6 +209,78 @@ class LocalRanks:
         if isinstance(procs, list) and procs:
             self.procs = list(procs)
             procs.clear()  # Lightning's observer watches this very list: it now sees none
+
+    def adopt_at_launch(self, launcher: Any, run_dir: Path, poll_s: float = POLL_S) -> None:
+        """Adopt the children the moment ``launcher`` starts them, and watch the start-up.
+
+        Lightning's observer SIGKILLs rank 0 itself when a child exits non-zero, and until
+        :meth:`adopt` (in the data module's setup, after every rank joined) a rank dying at
+        start-up ended the run with exit 137 and not a word. Adopted at launch, a child that
+        dies before :meth:`started` is said in one line, the others are stopped, and rank 0
+        exits 2 (it is blocked in the process group's join, which no signal interrupts).
+        No-op without a launcher that starts processes (srun, one rank).
+        """
+        call = getattr(launcher, "_call_children_scripts", None)
+        if call is None:
+            return
+        self._started = threading.Event()
+
+        def call_and_adopt() -> None:
+            call()
+            environment = getattr(launcher, "cluster_environment", None)
+            first = environment.global_rank() if environment is not None else 0
+            self.adopt(launcher, int(first))
+            threading.Thread(
+                target=self._watch_start,
+                args=(run_dir, poll_s),
+                name="mgpr-start-watch",
+                daemon=True,
+            ).start()
+
+        launcher._call_children_scripts = call_and_adopt
+
+    def started(self) -> None:
+        """Every rank joined: a child's exit is now the liveness checks' to report."""
+        event = getattr(self, "_started", None)
+        if event is not None:
+            event.set()
+
+    def _watch_start(self, run_dir: Path, poll_s: float) -> None:
+        assert self._started is not None
+        while not self._started.wait(poll_s):
+            for i, proc in enumerate(self.procs):
+                code = proc.poll()
+                if code is None or code == 0 or self._started.is_set():
+                    continue
+                rank = self.first + i + 1
+                stopped = code in STOPPED_CODES  # Ctrl-C / SIGTERM reached the child too
+                if stopped and self._started.wait(STOP_GRACE_S):
+                    return  # rank 0 handles its own stop
+                self.stop(grace_s=5.0)
+                self._exit_at_start(run_dir, rank, code, stopped)
+
+    def _exit_at_start(self, run_dir: Path, rank: int, code: int, stopped: bool) -> None:
+        """One line on stderr and in the log, then exit: rank 0 is blocked in the join."""
+        import os
+        import sys
+
+        from mgpr.run.logs import to_log_files
+
+        if stopped:
+            line = (
+                f"mgpr: interrupted: rank {rank} was stopped (exit code {code}) while the ranks "
+                f"started; the other ranks were stopped; {rerun(run_dir)}"
+            )
+        else:
+            line = (
+                f"mgpr: error: rank {rank} exited with code {code} while the ranks started "
+                f"(killed, out of memory, or an error: read {run_dir}/logs/rank{rank}.log); "
+                f"the other ranks were stopped; {rerun(run_dir)}"
+            )
+        print(line, file=sys.stderr, flush=True)
+        to_log_files(line)
+        logging.shutdown()
+        os._exit(130 if stopped else 2)
 
     def _all(self) -> list[Any]:
         if self.procs:
@@ -224,6 +301,7 @@ class LocalRanks:
 
         Returns the pids that had to be killed.
         """
+        self.started()  # rank 0 stops them itself: the start-up watch says nothing
         procs = [p for p in self._all() if p.poll() is None]
         for proc in procs:
             try:

@@ -174,6 +174,7 @@ class TileDataModule(pl.LightningDataModule):
         rank = self.trainer.global_rank
         if self.local_ranks is not None:
             self.local_ranks.adopt(getattr(self.trainer.strategy, "launcher", None), rank)
+            self.local_ranks.started()  # every rank joined the process group
         self.store = default_store()
         cfg = self.cfg
         if cfg.use_fake_data:
@@ -422,6 +423,7 @@ def run_predict(
     )
     fake_bands = adapter.in_bands or 3
     local_ranks = LocalRanks()
+    local_ranks.adopt_at_launch(getattr(trainer.strategy, "launcher", None), run_dir)
 
     def set_total(n: int) -> None:
         monitor.total_tiles = n
