@@ -135,9 +135,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         print(f"mgpr: interrupted; {rerun(os.environ.get(RUN_DIR_ENV))}", file=sys.stderr)
         sys.exit(130)
-    if code == EXIT_INTERRUPTED:
-        # A second stop signal while the interpreter shuts down (srun --kill-on-bad-exit TERMs
-        # the ranks still alive once one rank exits 130) must not turn 130 into death by signal.
+    # The run is over, whatever its code: a stop signal while the interpreter shuts down
+    # (srun --kill-on-bad-exit TERMs the ranks still alive once one exits 130; scancel while
+    # rank 0 merges reaches a rank that has finished) must not turn the code into death by
+    # signal (143: the job read FAILED although that rank's work was all kept). Interrupted
+    # runs always (as before); others when this is the process's own command line (tests call
+    # main() in their process, which must stay stoppable).
+    if code == EXIT_INTERRUPTED or argv is None:
         import signal
 
         for sig in (signal.SIGTERM, signal.SIGUSR1):
