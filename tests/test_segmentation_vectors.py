@@ -52,8 +52,11 @@ def test_polygons_equal_the_class_map_regions_in_gpkg_and_parquet(
     summary = json.loads((run / "summary.json").read_text())
     out_lines = capsys.readouterr().out.splitlines()
     (output_line,) = [ln for ln in out_lines if "  output  " in ln]
+    classified = sum(c["pixels"] for c in summary["classes"].values())  # a nodata border
+    nodata, segments = summary["records"] - classified, summary["layers"]["segments"]
     assert output_line.endswith(
-        f"({summary['records']} class-map pixels; layer segments: {summary['layers']['segments']})"
+        f"({summary['records']} class-map pixels, {classified} classified, {nodata} nodata; "
+        f"layer segments: {segments})"
     )
     cog = run / "segmentation" / "ortho.tif"
     assert not list((run / "segmentation").glob("*_polygons*"))  # the old side file is gone
