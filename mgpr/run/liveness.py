@@ -52,6 +52,9 @@ POLL_S = 0.5
 STOP_GRACE_S = 10.0
 """Seconds a stopped child rank gets to flush its published work before it is killed."""
 
+START_ERROR_GRACE_S = 2.0
+"""Seconds the start-up watch waits after a child's failure before it speaks for rank 0."""
+
 STOPPED_CODES = frozenset({130, 143, -int(signal.SIGINT), -int(signal.SIGTERM)})
 """Exit codes of a process stopped by SIGINT / SIGTERM (its own handler: 130; death by the
 signal: minus it; 128 + the signal through a shell)."""
@@ -254,8 +257,10 @@ class LocalRanks:
                     continue
                 rank = self.first + i + 1
                 stopped = code in STOPPED_CODES  # Ctrl-C / SIGTERM reached the child too
-                if stopped and self._started.wait(STOP_GRACE_S):
-                    return  # rank 0 handles its own stop
+                # Rank 0 may be failing itself (its children then lose it and exit): once its
+                # error reaches stop() the event is set and its own line is the one to say.
+                if self._started.wait(STOP_GRACE_S if stopped else START_ERROR_GRACE_S):
+                    return
                 self.stop(grace_s=5.0)
                 self._exit_at_start(run_dir, rank, code, stopped)
 
