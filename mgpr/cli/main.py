@@ -116,7 +116,6 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         if inv.slurm_preflight:
             # jobs/job.slurm: check the config against the allocation in the batch shell.
-
             from mgpr.run.slurm import preflight as slurm_preflight
 
             slurm_preflight(os.environ, cfg.gpus, cfg.num_nodes, cfg.workers)
