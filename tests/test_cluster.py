@@ -114,6 +114,10 @@ def test_ranks_finish_together(make_image, tmp_path: Path, delays: dict[str, str
     assert min(walls) / max(walls) >= 0.75, walls
     if delays["0"] != delays["1"]:
         assert ranks[0]["tiles"] > ranks[1]["tiles"]  # the faster rank took more chunks
+    for r in ranks:  # each rank's own log says how its part went (rank 1's was empty)
+        log = (run / "logs" / f"rank{r['global_rank']}.log").read_text()
+        assert f"rank {r['global_rank']} on " in log and f": finished, {r['tiles']} tiles in" in log
+    assert ": finished, " not in proc.stderr  # the console has the report's table instead
 
 
 @pytest.mark.slow

@@ -440,6 +440,18 @@ class RunMonitor(Callback):
         payload = self.part(status, error)
         payload["values_clipped"] = self._clipped()
         self._stop_sampler()
+        wall = float(payload.get("wall_s") or 0.0)
+        logger.info(  # every rank's log says how its part of the run went, not rank 0's alone
+            "rank %s on %s (%s): %s, %d tiles in %.1f s, data wait %.1f s",
+            payload.get("global_rank"),
+            payload.get("hostname"),
+            payload.get("device"),
+            status,
+            int(payload.get("tiles") or 0),
+            wall,
+            float(payload.get("data_wait_s") or 0.0),
+            extra={"file_only": True},  # the console has the report's table
+        )
         try:
             write_json_atomic(self.part_path, payload)
         except OSError as exc:

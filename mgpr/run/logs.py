@@ -2,7 +2,8 @@
 
 Every rank logs INFO to ``logs/rank<R>.log`` (the first place to read when a rank fails); on
 stderr rank 0 shows INFO and the others only warnings, so a 32-rank job's terminal stays
-readable.
+readable. A record logged with ``extra={"file_only": True}`` goes to the file alone (a rank's
+closing figures, which the console shows in the report's table).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
     stream.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    stream.addFilter(lambda record: not getattr(record, "file_only", False))  # the log's alone
     root.addHandler(file_handler)
     root.addHandler(stream)
     root.setLevel(logging.INFO)
