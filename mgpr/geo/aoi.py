@@ -53,7 +53,6 @@ __all__ = [
     "AreaOfInterest",
     "aoi_geometry",
     "aoi_in_map",
-    "aoi_pixels",
     "map_areas",
     "centres_in_aoi",
     "on_aoi",
@@ -320,18 +319,6 @@ def centres_in_aoi(info: RasterInfo, boxes_px: npt.NDArray[np.float64]) -> npt.N
     cx = (boxes_px[:, 0] + boxes_px[:, 2]) * 0.5
     cy = (boxes_px[:, 1] + boxes_px[:, 3]) * 0.5
     return np.asarray(shapely.intersects_xy(aoi_geometry(info.aoi_wkb), cx, cy), dtype=bool)
-
-
-def aoi_pixels(info: RasterInfo, regions: npt.NDArray[np.float64]) -> int:
-    """Pixels of the AOI inside ``regions`` (``(N, 4)`` row_min, col_min, row_max, col_max).
-
-    The regions must not overlap (owned tile cores); the count is the area, rounded.
-    """
-    area = aoi_geometry(info.aoi_wkb) if info.aoi_wkb is not None else None
-    boxes = shapely.box(regions[:, 1], regions[:, 0], regions[:, 3], regions[:, 2])
-    if area is None:
-        return int(round(float(shapely.area(boxes).sum())))
-    return int(round(float(shapely.area(shapely.intersection(boxes, area)).sum())))
 
 
 def tile_aoi_mask(info: RasterInfo, tile: Tile) -> npt.NDArray[np.bool_] | None:

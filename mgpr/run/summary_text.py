@@ -34,7 +34,7 @@ def _output_lines(s: dict[str, Any]) -> list[str]:
         pixels = f"{s['records']} class-map pixels"
         classes = s.get("classes") or {}
         classified = sum(int(c.get("pixels") or 0) for c in classes.values() if isinstance(c, dict))
-        if classes and classified != s["records"]:  # the rest is nodata (255 in the map)
+        if classes and classified < s["records"]:  # the rest is nodata (255 in the map)
             pixels += f", {classified} classified, {s['records'] - classified} nodata"
         if len(maps) > 1:
             head = f"{len(maps)} class maps in {first.parent}/ ({pixels}"

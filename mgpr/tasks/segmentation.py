@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mgpr.geo.aoi import aoi_pixels, tile_aoi_mask
+from mgpr.geo.aoi import tile_aoi_mask
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.seams import CoreRun, core_runs
 from mgpr.geo.tiling import Tile, TileGrid, TileId, owner_region, tile_grid
@@ -484,12 +484,12 @@ def _owned_pixels(
 ) -> int:
     """Class-map pixels written from predicted tiles: the owned cores of the raster's done tiles.
 
-    With ``aoi=`` only their part inside the area counts (its area in pixels, which the pixel
-    centre rule matches to within the area's outline).
+    Nodata pixels of those tiles count too (the input's nodata, and with ``aoi=`` the part
+    outside the area): ``classes`` counts the classified ones exactly. Counting the area's
+    part instead was an estimate (its area, which the pixel-centre rule matches only to within
+    the outline) that could fall below the classified pixels.
     """
-    cores = list(_picked_cores(ledger, info, ctx, tiles).values())
-    if info.aoi_wkb is not None and cores:
-        return aoi_pixels(info, np.asarray(cores, dtype=np.float64))
+    cores = _picked_cores(ledger, info, ctx, tiles).values()
     return sum((r1 - r0) * (c1 - c0) for r0, c0, r1, c1 in cores)
 
 
