@@ -266,3 +266,36 @@ def test_ranks_trace_their_own_rasters_and_rank0_writes_the_same_layers(
     assert sorted(traced) == [str(folder / "a.tif"), str(folder / "b.tif")]  # c: its file
     assert {p.name: p.read_bytes() for p in run.glob("segments_*.parquet")} == want
     assert sum(spread.layers.values()) > 10 and not (run / "merge").exists()
+
+
+@pytest.mark.parametrize("flip", ["south-up", "east-left"])
+def test_segments_of_a_flipped_raster_are_counter_clockwise_in_both_formats(
+    make_image, tmp_path: Path, flip: str
+) -> None:
+    """A transform that flips an axis traces rings the other way round on the map: the
+    GeoPackage held clockwise exteriors for them while GeoParquet (oriented) did not."""
+    from affine import Affine
+    from conftest import read_gpkg_layer
+
+    img = make_image(width=300, height=260, objects=5, nodata="border")
+    with rasterio.open(img.path) as src:
+        profile, t, data = src.profile, src.transform, src.read()
+    h, w = data.shape[1:]
+    if flip == "south-up":
+        profile["transform"] = Affine(t.a, 0, t.c, 0, -t.e, t.f + h * t.e)
+        data = data[:, ::-1]
+    else:
+        profile["transform"] = Affine(-t.a, 0, t.c + w * t.a, 0, t.e, t.f)
+        data = data[:, :, ::-1]
+    flipped = tmp_path / "flipped.tif"
+    with rasterio.open(flipped, "w", **profile) as dst:
+        dst.write(np.ascontiguousarray(data))
+    run = tmp_path / "run"
+    args = segmentation_args(flipped, run, "vectorize=true", "output_format=both")
+    assert run_mgpr_inprocess(*args) == 0
+    gpkg, _, _ = read_gpkg_layer(run / "predictions.gpkg", "segments")
+    parquet, _table, _crs, _geo = read_geoparquet(run / "segments.parquet")
+    for geoms in (gpkg, parquet):
+        assert geoms and all(shapely.is_ccw(g.exterior) for g in geoms)
+        assert all(not shapely.is_ccw(r) for g in geoms for r in g.interiors)
+    assert [g.wkb for g in gpkg] == [g.wkb for g in parquet]  # the same features

@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mgpr.outputs.features import vector_array
 from mgpr.outputs.parts import fsync_dir
-from mgpr.outputs.vector import FeatureBatch, VectorWriter
+from mgpr.outputs.vector import FeatureBatch, VectorWriter, counterclockwise
 
 #: Rows per row group (GDAL's Parquet driver default): large enough for good compression and
 #: few footer entries, small enough (~10 MB of detections) to buffer and to skip by statistics.
@@ -51,25 +50,6 @@ ROW_GROUP_ROWS = 65_536
 GEOPARQUET_VERSION = "1.1.0"
 _LAYER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _BBOX_TYPE = pa.struct([(k, pa.float64()) for k in ("xmin", "ymin", "xmax", "ymax")])
-
-
-def counterclockwise(rings: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
-    """``rings`` with every clockwise ring reversed (shoelace area < 0), so all are CCW.
-
-    Args:
-        rings: (N, 5, 2) closed rings, map ``(x, y)``.
-
-    Returns:
-        (N, 5, 2) the same rings, counter-clockwise; the input is not changed.
-    """
-    x, y = rings[:, :, 0], rings[:, :, 1]
-    twice_area = (x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]).sum(axis=1)
-    clockwise = twice_area < 0
-    if not clockwise.any():
-        return rings
-    out = rings.copy()
-    out[clockwise] = rings[clockwise, ::-1]
-    return out
 
 
 def geo_metadata(

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from mgpr.outputs.vector import FeatureBatch, VectorWriter
+from mgpr.outputs.vector import FeatureBatch, VectorWriter, oriented_wkb
 
 
 class GpkgWriter(VectorWriter):
@@ -50,16 +50,13 @@ class GpkgWriter(VectorWriter):
     def write(self, layer: str, crs_wkt: str | None, batch: FeatureBatch) -> None:
         """Append ``batch`` to ``layer`` in the node-local file."""
         import pyogrio.raw
-        import shapely
 
         path = self._local_path()
         creating_file = not path.exists()
-        n = len(batch)
+        wkb = oriented_wkb(batch)  # exterior rings counter-clockwise, as in GeoParquet
         if batch.rings is not None:  # boxes: the fast path, no geometry objects kept
-            wkb = shapely.to_wkb(shapely.polygons(batch.rings)) if n else np.empty(0, dtype=object)
             kind = "Polygon"
         else:
-            wkb = shapely.to_wkb(batch.shapes()) if n else np.empty(0, dtype=object)
             kind = "MultiPolygon" if "MultiPolygon" in batch.geometry_types() else "Polygon"
         layer_kind = self._layers.setdefault(layer, kind)
         if layer_kind == "Polygon" and kind == "MultiPolygon":

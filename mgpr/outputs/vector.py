@@ -196,3 +196,37 @@ class VectorWriter(abc.ABC):
     @abc.abstractmethod
     def abort(self) -> None:
         """Delete the temporaries; the run directory is left as it was."""
+
+
+def counterclockwise(rings: npt.NDArray[np.float64]) -> npt.NDArray[np.float64]:
+    """``rings`` with every clockwise ring reversed (shoelace area < 0), so all are CCW.
+
+    Args:
+        rings: (N, 5, 2) closed rings, map ``(x, y)``.
+
+    Returns:
+        (N, 5, 2) the same rings, counter-clockwise; the input is not changed.
+    """
+    x, y = rings[:, :, 0], rings[:, :, 1]
+    twice_area = (x[:, :-1] * y[:, 1:] - x[:, 1:] * y[:, :-1]).sum(axis=1)
+    clockwise = twice_area < 0
+    if not clockwise.any():
+        return rings
+    out = rings.copy()
+    out[clockwise] = rings[clockwise, ::-1]
+    return out
+
+
+def oriented_wkb(batch: FeatureBatch) -> np.ndarray:
+    """The batch's polygons as WKB, exterior rings counter-clockwise and holes clockwise.
+
+    The one orientation rule of every writer (GeoPackage and GeoParquet hold the same
+    features): a raster whose transform flips the axes (south-up, east-left) traces its
+    regions' rings the other way round in map coordinates.
+    """
+    if len(batch) == 0:
+        return np.empty(0, dtype=object)
+    if batch.rings is not None:
+        rings = counterclockwise(np.asarray(batch.rings, dtype=np.float64))
+        return shapely.to_wkb(shapely.polygons(rings))
+    return shapely.to_wkb(shapely.orient_polygons(batch.shapes(), exterior_cw=False))
