@@ -93,6 +93,7 @@ def test_output_format_is_not_part_of_the_run_identity(make_image, tmp_path: Pat
     _same_features(run / "predictions.gpkg", run / "detections.parquet", "detections")
     # The GeoPackage is no longer this run's output: kept (a user may have it open), named.
     assert "1 file(s) an earlier run of this job wrote are not this run's outputs" in log
+    assert "(predictions.gpkg): this run writes another output_format (output_format=both" in log
     assert _summary(run)["stale_outputs"] == [str(run / "predictions.gpkg")]
     assert _detect(img.path, run, "output_format=parquet") == 0  # named until it is gone
     assert _summary(run)["stale_outputs"] == [str(run / "predictions.gpkg")]
@@ -109,3 +110,17 @@ def test_quick_start_checks_its_planted_objects_from_geoparquet(tmp_path: Path) 
     assert rc == 0
     check = _summary(run)["demo_check"]
     assert check["planted"] == check["found"] == 6 and check["duplicates"] == 0
+
+
+def test_layers_renamed_by_output_crs_are_said_to_be_renamed(make_image, tmp_path: Path) -> None:
+    """Two CRSs give a layer each; output_crs= then writes one: the earlier layer files are
+    stale for that reason, and the line said to use output_format=both, which was in use."""
+    folder = tmp_path / "orthos"
+    make_image("orthos/a.tif", width=256, height=256, objects=2)
+    make_image("orthos/b.tif", width=256, height=256, objects=2, crs="EPSG:32632", seed=1)
+    run = tmp_path / "run"
+    assert _detect(folder, run, "output_format=parquet") == 0
+    assert _detect(folder, run, "output_format=parquet", "output_crs=EPSG:4326") == 0
+    log = (run / "logs" / "rank0.log").read_text()
+    assert "2 file(s) an earlier run of this job wrote are not this run's outputs" in log
+    assert "their layers have other names now (output_crs= puts every input's features" in log

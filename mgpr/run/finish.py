@@ -323,12 +323,22 @@ def finish_run(
         log.info("removed %d preview(s) of an earlier run this one does not draw", len(removed))
     if kept:
         names = ", ".join(p.name for p in kept[:3]) + (", ..." if len(kept) > 3 else "")
+        formats = {"gpkg": ".gpkg", "parquet": ".parquet", "both": ".gpkg/.parquet"}
+        written_now = formats.get(str(cfg.output_format), "")
+        renamed = any(p.suffix and p.suffix in written_now for p in kept)
+        why = (
+            "their layers have other names now (output_crs= puts every input's features in one "
+            "layer, its absence one layer per CRS)"
+            if renamed
+            else "this run writes another output_format (output_format=both keeps both formats "
+            "up to date)"
+        )
         log.warning(
-            "%d file(s) an earlier run of this job wrote are not this run's outputs (%s); they "
-            "may lack tiles this run retried: remove them, or use output_format=both to keep "
-            "both formats up to date",
+            "%d file(s) an earlier run of this job wrote are not this run's outputs (%s): %s; "
+            "they may lack tiles this run retried: remove them",
             len(kept),
             names,
+            why,
         )
         summary["stale_outputs"] = [str(p) for p in kept]
     from mgpr.outputs.parts import remove_leftover_temps
