@@ -222,6 +222,8 @@ def test_a_non_ascii_value_is_told_to_be_quoted() -> None:
     for arg, fix in (
         ("categories=[forêt,bâti]", """'categories=["forêt",...]'"""),
         ("input_path=/data/örtho.tif", """'input_path="/data/örtho.tif"'"""),
+        ("output_dir=~/runs", """'output_dir="~/runs"'"""),  # ~ # & ; ! stop Hydra's lexer too
+        ("input_path=a#b.tif", """'input_path="a#b.tif"'"""),
     ):
         with pytest.raises(ConfigError) as refused:
             load_config([arg])

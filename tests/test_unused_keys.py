@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from conftest import run_mgpr_inprocess
@@ -23,6 +24,10 @@ def test_each_key_of_another_task_is_named_and_defaults_never_are() -> None:
         line.endswith("this run's model is a detection model, so it does nothing") for line in lines
     )
     assert unused_key_lines(cfg, "detection", set()) == []  # defaults and unset keys: nothing
+    every = {f.name for f in dataclasses.fields(PredictConfig)}  # a saved config.yaml names all
+    assert unused_key_lines(PredictConfig(), "embedding", every) == []
+    (line,) = unused_key_lines(PredictConfig(topk=3), "embedding", every)
+    assert line.endswith("this run's model is an embedding model, so it does nothing")
     seg = PredictConfig(output_crs="EPSG:4326", simplify=1.0)
     (crs, simplify) = unused_key_lines(seg, "segmentation", {"output_crs", "simplify"})
     assert crs.startswith("output_crs=EPSG:4326 reprojects the vector layers; a segmenter without")

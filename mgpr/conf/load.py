@@ -229,18 +229,21 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str], file: Path 
             f"key `{key}`, which expects {expected}{fix}"
         )
     if "LexerNoViableAlt" in text:  # a character Hydra's grammar reads only inside quotes
-        for item in overrides:
+        found = _unquoted_character(text, overrides)
+        if found is not None:
+            item, odd = found
             key, _, value = item.partition("=")
-            odd = [c for c in value if not c.isascii()]
-            if odd and item in text:
+            if value.startswith("["):
                 first = value.strip("[]").split(",")[0]
-                return (
-                    f"{item!r}: Hydra reads {odd[0]!r} only inside quotes; quote the value or "
-                    f"each name that holds it, e.g. '{key}=[\"{first}\",...]'"
-                    if value.startswith("[")
-                    else f"{item!r}: Hydra reads {odd[0]!r} only inside quotes; quote the "
-                    f"value: '{key}=\"{value}\"'"
-                )
+                example = f"'{key}=[\"{first}\",...]'"
+                what = "the value or each name that holds it"
+            else:
+                example = f"'{key}=\"{value}\"'"
+                what = "the value"
+            return (
+                f"{item!r}: Hydra reads {odd!r} only inside quotes; quote {what}, e.g. {example} "
+                "(single quotes for the shell, double quotes for Hydra)"
+            )
     for item in overrides:
         match = _KEY_RE.match(item)
         if match and f"'{match.group(1)}'" in text or (match and match.group(1) in text):
@@ -249,6 +252,23 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str], file: Path 
             return f"{item!r}: the value does not fit key `{key}`, which expects {expected}"
     first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
     return f"invalid overrides {' '.join(overrides)!r}: {first}"
+
+
+def _unquoted_character(text: str, overrides: Sequence[str]) -> tuple[str, str] | None:
+    """The override and the character Hydra's lexer stopped at (its caret), if it is one.
+
+    Hydra's message is ``LexerNoViableAltException: <override>`` over a caret line; letters
+    outside ASCII, ``~``, ``#``, ``'``, ``&``, ``;`` and ``!`` stop it unless quoted.
+    """
+    lines = text.splitlines()
+    prefix = "LexerNoViableAltException: "
+    if len(lines) < 2 or not lines[0].startswith(prefix) or "^" not in lines[1]:
+        return None
+    item = lines[0][len(prefix) :]
+    pos = lines[1].index("^") - len(prefix)
+    if item not in overrides or not 0 <= pos < len(item):
+        return None
+    return item, item[pos]
 
 
 def normalise(cfg: PredictConfig) -> PredictConfig:

@@ -35,12 +35,16 @@ def unused_key_lines(cfg: PredictConfig, task: str, given: Collection[str]) -> l
             ``embedding``.
         given: the keys the user set.
     """
+    defaults = PredictConfig()
+    # a config file names every key (a run's own config.yaml, --cfg job's output): a key at
+    # its default is no choice the user made
+    given = {k for k in given if getattr(cfg, k, None) != getattr(defaults, k, None)}
     lines = []
     for key, (owner, what) in TASK_KEYS.items():
         if key in given and task != owner:
             value = _shown(getattr(cfg, key))
             lines.append(
-                f"{key}={value} {what}; this run's model is a {task} model, so it does nothing"
+                f"{key}={value} {what}; this run's model is {_a(task)} model, so it does nothing"
             )
     writes_vectors = task != "segmentation" or cfg.vectorize
     if "output_crs" in given and cfg.output_crs and not writes_vectors:
@@ -63,3 +67,8 @@ def _shown(value: object) -> str:
     if isinstance(value, bool):
         return str(value).lower()
     return "none" if value is None else str(value)
+
+
+def _a(word: str) -> str:
+    """``a detection`` / ``an embedding``."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
