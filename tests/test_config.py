@@ -231,3 +231,11 @@ def test_a_non_ascii_value_is_told_to_be_quoted() -> None:
         assert "only inside quotes" in line and fix in line, line
     assert load_config(['categories=["forêt","bâti"]']).categories == ["forêt", "bâti"]
     assert load_config(['input_path="/data/örtho.tif"']).input_path == "/data/örtho.tif"
+
+
+@pytest.mark.parametrize("key", ["input_path", "weights", "output_dir", "aoi"])
+def test_an_empty_value_is_refused_not_read_as_here_or_random(key: str) -> None:
+    """input_path=$ORTHO with ORTHO unset predicted every raster of the current folder, and
+    weights=$CKPT ran random weights: an empty value is one line naming the key."""
+    with pytest.raises(ConfigError, match=rf"^{key}= is empty \(an unset shell variable"):
+        load_config([f"{key}="])

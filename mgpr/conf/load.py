@@ -254,6 +254,17 @@ def _explain_compose_error(exc: Exception, overrides: Sequence[str], file: Path 
     return f"invalid overrides {' '.join(overrides)!r}: {first}"
 
 
+#: Keys whose empty value is a mistake, with the fix.
+EMPTY_VALUE_FIXES = {
+    "input_path": "give a raster, folder, glob or list, or leave the key out for the demo image",
+    "image_path": "give a raster, or leave the key out",
+    "weights": "give weights=DEFAULT, weights=none (random) or a checkpoint path",
+    "output_dir": "give a folder, or leave the key out for runs/<time stamp>",
+    "aoi": "give a polygon file, or leave the key out",
+    "model": "give a model name (mgpr --help lists them), or leave the key out",
+}
+
+
 def _unquoted_character(text: str, overrides: Sequence[str]) -> tuple[str, str] | None:
     """The override and the character Hydra's lexer stopped at (its caret), if it is one.
 
@@ -278,6 +289,14 @@ def normalise(cfg: PredictConfig) -> PredictConfig:
     with different values is an error rather than a silent choice.
     """
     cfg = dataclasses.replace(cfg)
+    for key, fix in EMPTY_VALUE_FIXES.items():
+        value = getattr(cfg, key)
+        if isinstance(value, str) and not value.strip():
+            # a script's unset variable (input_path=$ORTHO): '' read the current folder,
+            # weights= ran random weights
+            raise ConfigError(
+                f"{key}= is empty (an unset shell variable, as in {key}=$VAR?); {fix}"
+            )
     if cfg.image_path is not None:
         if cfg.input_path is not None and cfg.input_path != cfg.image_path:
             raise ConfigError(
