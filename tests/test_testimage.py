@@ -177,6 +177,14 @@ def test_crs_none_is_pixel_only(tmp_path: Path) -> None:
         assert shapely.from_wkb(wkb).bounds == (o.col_min, o.row_min, o.col_max, o.row_max)
 
 
+@pytest.mark.parametrize("crs", ["32632", 32632])
+def test_a_bare_epsg_number_is_that_epsg_code(tmp_path: Path, crs: object) -> None:
+    """crs=32633 passed pyproj's check and then failed in GDAL's writer with a traceback."""
+    res = _write(tmp_path, crs=crs)
+    with rasterio.open(res.path) as src:
+        assert src.crs.to_epsg() == 32632
+
+
 def test_atomic_overwrite_parents_and_stale_truth(tmp_path: Path) -> None:
     out = tmp_path / "deep" / "dir" / "img.tif"
     first = write_test_image(out, TestImageSpec(width=300, height=300, objects=3))
