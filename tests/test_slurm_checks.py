@@ -639,3 +639,15 @@ def test_a_sigterm_under_srun_says_it_may_be_a_dead_rank() -> None:
     assert slurm_stop_hint("SIGTERM", env, requeued=True) == ""  # preempted and requeued
     assert slurm_stop_hint("SIGTERM", {"SLURM_JOB_ID": "1", "SLURM_NTASKS": "1"}, False) == ""
     assert slurm_stop_hint("SIGTERM", {}, requeued=False) == ""  # not under SLURM
+
+
+def test_doctor_fails_accelerator_gpu_without_a_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """mgpr refuses accelerator=gpu where torch sees no GPU; the doctor only warned (exit 0)."""
+    import torch
+
+    from mgpr.cli.doctor import Accelerator, Status, check_torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    gpus = {f.check: f for f in check_torch(Accelerator.GPU)}["gpus"]
+    assert gpus.status == Status.FAIL and "accelerator=gpu asks for one" in gpus.finding
+    assert {f.check: f for f in check_torch(Accelerator.AUTO)}["gpus"].status == Status.WARN

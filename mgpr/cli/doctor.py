@@ -83,8 +83,12 @@ class DoctorOptions:
     tile_size: int | None = None
 
 
-def check_torch() -> list[Finding]:
-    """Torch version, CUDA build and availability, GPU names."""
+def check_torch(accelerator: Accelerator = Accelerator.AUTO) -> list[Finding]:
+    """Torch version, CUDA build and availability, GPU names.
+
+    No usable GPU is a warning (mgpr runs CPU ranks), a failure with ``accelerator=gpu``,
+    which mgpr refuses then.
+    """
     import torch
 
     cuda_build = torch.version.cuda or "none (CPU-only build)"
@@ -100,14 +104,25 @@ def check_torch() -> list[Finding]:
         )
         cvd = os.environ.get("CUDA_VISIBLE_DEVICES")
         seen = f"CUDA_VISIBLE_DEVICES={cvd}" if cvd is not None else "CUDA_VISIBLE_DEVICES unset"
-        out.append(
-            Finding(
-                Status.WARN,
-                "gpus",
-                f"0 visible ({seen}); mgpr will run CPU ranks (gloo)",
-                "run on a GPU node (sbatch --gpus-per-node=N) and check nvidia-smi",
+        if accelerator == Accelerator.GPU:
+            out.append(
+                Finding(
+                    Status.FAIL,
+                    "gpus",
+                    f"0 visible ({seen}), and accelerator=gpu asks for one: mgpr refuses the run",
+                    "run on a GPU node (sbatch --gpus-per-node=N) and check nvidia-smi, or use "
+                    "accelerator=auto / cpu",
+                )
             )
-        )
+        else:
+            out.append(
+                Finding(
+                    Status.WARN,
+                    "gpus",
+                    f"0 visible ({seen}); mgpr will run CPU ranks (gloo)",
+                    "run on a GPU node (sbatch --gpus-per-node=N) and check nvidia-smi",
+                )
+            )
     return out
 
 
@@ -345,7 +360,7 @@ def run_checks(opts: DoctorOptions, env: Mapping[str, str]) -> list[Finding]:
             )
 
     n_gpus = 0
-    guarded("torch", check_torch)
+    guarded("torch", lambda: check_torch(opts.accelerator))
     try:
         import torch
 
