@@ -181,6 +181,17 @@ def test_cfg_job_prints_the_resolved_config_and_runs_nothing(
     assert config_yaml(again) == out
 
 
+def test_cfg_job_of_the_quick_start_prints_its_own_keys(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The quick start runs 512 px tiles with 64 px overlap and random reference weights;
+    --cfg job printed overlap 0, so a file saved from it ran without overlap."""
+    assert run_mgpr_inprocess("--cfg", "job", "tile_size=256") == 0
+    out = capsys.readouterr().out
+    assert "tile_size: 256\n" in out and "overlap: 64\n" in out  # the user's key is kept
+    assert "weights: none\n" in out and "model: null\n" in out
+
+
 @pytest.mark.parametrize("flag", ["-m", "--multirun"])
 def test_multirun_is_refused_with_why_and_what_instead(
     flag: str, capsys: pytest.CaptureFixture[str]

@@ -108,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         check_model_name(cfg.model)
         explicit = explicit_keys(inv.overrides, inv.config_path, inv.config_name)
         if inv.cfg == "job":
+            from mgpr.run.demo import apply_demo_defaults
+
+            apply_demo_defaults(cfg, explicit)  # the quick start's keys, as the run gets them
             print(config_yaml(cfg), end="")
             return
         if inv.config_file_keys:

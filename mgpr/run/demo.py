@@ -15,6 +15,24 @@ DEMO_TILE_SIZE = 512
 DEMO_OVERLAP = 64
 
 
+def apply_demo_defaults(cfg: PredictConfig, explicit: set[str]) -> bool:
+    """Set the quick start's keys the user left unset; True when this is the quick start.
+
+    512 px tiles, 64 px overlap, and the reference detector's random weights. Shared by the
+    run and ``mgpr --cfg job``, so the printed config is the one the run gets (it printed
+    overlap 0, and a file saved from it ran without overlap: 16 tiles, 0 objects on seams).
+    """
+    demo = cfg.input_path is None and not cfg.use_fake_data
+    if demo:
+        if "tile_size" not in explicit:
+            cfg.tile_size = DEMO_TILE_SIZE
+        if "overlap" not in explicit:
+            cfg.overlap = DEMO_OVERLAP
+        if cfg.model is None and "weights" not in explicit:
+            cfg.weights = "none"
+    return demo
+
+
 def demo_image(
     run_dir: Path, cfg: PredictConfig, rank: int, tile_size: int, overlap: int
 ) -> tuple[Path, Path | None]:

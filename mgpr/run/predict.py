@@ -52,7 +52,7 @@ from mgpr.outputs.runlock import acquire_run_lock
 from mgpr.run.adapter import build_adapter
 from mgpr.run.children import reap_children
 from mgpr.run.coordination import env_rank, host
-from mgpr.run.demo import DEMO_OVERLAP, DEMO_TILE_SIZE, demo_image
+from mgpr.run.demo import apply_demo_defaults, demo_image
 from mgpr.run.devices import resolve_accelerator, resolve_devices
 from mgpr.run.failures import translate_failure
 from mgpr.run.identity import fingerprint, save_resolved_config
@@ -179,15 +179,8 @@ def _predict_and_finish(
     group: EarlyGroup | None,
 ) -> int:
     """Everything after the run directory is known: inputs, model, predict, rank 0's merge."""
-    demo = cfg.input_path is None and not cfg.use_fake_data
-    if demo:
-        if "tile_size" not in explicit:
-            cfg.tile_size = DEMO_TILE_SIZE
-        if "overlap" not in explicit:
-            cfg.overlap = DEMO_OVERLAP
+    demo = apply_demo_defaults(cfg, explicit)
     model_name = cfg.model or (DEMO_MODEL if demo else DEFAULT_MODEL)
-    if demo and cfg.model is None and "weights" not in explicit:
-        cfg.weights = "none"
 
     accelerator = resolve_accelerator(cfg.accelerator)
     devices, num_nodes, slurm_task = resolve_devices(cfg, accelerator)
