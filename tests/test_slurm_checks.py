@@ -472,6 +472,26 @@ def test_cli_slurm_job_prints_script() -> None:
     assert "set -- input_path=/data/ortho.tif model=fasterrcnn" in result.stdout
 
 
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--gpus-per-node", "1", "--", "gpus=2"], "gpus=2 but --gpus-per-node 1"),
+        (["--", "num_nodes=3"], "num_nodes=3 but --nodes 1"),
+        (["--cpus-per-task", "1", "--", "workers=4"], "workers=4 but --cpus-per-task 1"),
+        (["--", "tile_size=abc"], "does not fit key `tile_size`, which expects int"),
+        (["--", "model=resnet5"], "did you mean model=resnet50?"),
+    ],
+)
+def test_cli_slurm_job_refuses_what_the_job_would(args: list[str], said: str) -> None:
+    """Each rendered with exit 0 and failed only at the job's preflight, after the queue."""
+    from mgpr.cli.slurm_job import app
+
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and said in result.output, result.output
+    ok = runner.invoke(app, ["--gpus-per-node", "2", "--cpus-per-task", "3", "--", "gpus=2"])
+    assert ok.exit_code == 0, ok.output  # what the allocation holds is fine
+
+
 def test_cli_slurm_job_output_file_and_force(tmp_path: Path) -> None:
     from mgpr.cli.slurm_job import app
 

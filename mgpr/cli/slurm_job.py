@@ -34,8 +34,15 @@ app = typer.Typer(
 _OVERRIDE_KEY_RE = re.compile(r"^[+~]{0,2}([A-Za-z_][A-Za-z0-9_.]*)(=|$)")
 
 
-def _check_keys(arguments: list[str]) -> None:
-    """Refuse unknown mgpr keys (and a config file's) now, not hours later when the job starts."""
+def _check_keys(
+    arguments: list[str], gpus_per_node: int = 1, nodes: int = 1, cpus_per_task: int | None = None
+) -> None:
+    """Refuse what the job would refuse, now rather than hours later when it starts.
+
+    Unknown keys, wrong values (types, ranges, a model name), and keys the allocation
+    contradicts (``gpus``, ``num_nodes``, ``workers`` above ``--cpus-per-task``): the script's
+    preflight refuses them there.
+    """
     from mgpr.conf.command import MULTIRUN_REFUSED, parse_command
     from mgpr.conf.load import closest_key, config_keys, load_config
 
@@ -60,6 +67,29 @@ def _check_keys(arguments: list[str]) -> None:
         hint = closest_key(key)
         suggestion = f"did you mean {hint}=?" if hint else "run `mgpr --help` for the keys."
         raise ConfigError(f"unknown mgpr config key {key!r} in override {item!r}: {suggestion}")
+    from mgpr.models.registry import check_model_name
+
+    plain = [o for o in overrides if o.split(".")[0] != "hydra"]
+    cfg = load_config(plain, inv.config_path, inv.config_name)  # types and ranges, as mgpr does
+    check_model_name(cfg.model)
+    for key, value, option, allocated in (
+        ("gpus", cfg.gpus, "--gpus-per-node", gpus_per_node),
+        ("num_nodes", cfg.num_nodes, "--nodes", nodes),
+    ):
+        if isinstance(value, int) and value not in (-1, allocated):
+            raise ConfigError(
+                f"{key}={value} but {option} {allocated}: the job runs one rank per GPU on "
+                f"each node it gets; drop {key}= (the job sets it) or pass {option} {value}"
+            )
+    from mgpr.conf.load import explicit_keys
+
+    given = explicit_keys(plain, inv.config_path, inv.config_name)
+    if cpus_per_task is not None and "workers" in given and cfg.workers > cpus_per_task:
+        # the job's preflight refuses this (workers unset: the job fits them to the CPUs)
+        raise ConfigError(
+            f"workers={cfg.workers} but --cpus-per-task {cpus_per_task}: pass --cpus-per-task "
+            f"{cfg.workers + 1}, or set workers={max(0, cpus_per_task - 1)}"
+        )
 
 
 @app.command()
@@ -99,7 +129,7 @@ def render(
     """Render the sbatch script for GPUS_PER_NODE x NODES ranks and print it (or write --output)."""
     items = list(overrides or [])
     try:
-        _check_keys(items)
+        _check_keys(items, gpus_per_node, nodes, cpus_per_task)
         text = render_job_script(
             gpus_per_node=gpus_per_node,
             nodes=nodes,
