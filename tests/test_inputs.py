@@ -422,6 +422,8 @@ def test_a_folder_or_glob_inside_an_archive_reads_its_rasters(
     assert resolve_inputs(f"{root}/sub/b.tif") == [f"{root}/sub/b.tif"]  # a member as it is
     with pytest.raises(InputError, match=r"the folder holds no raster in .*orthos\.(zip|tar) \(3"):
         resolve_inputs(f"{root}/empty")
+    with pytest.raises(InputError, match=r"no member of that name is in .*orthos\.(zip|tar) \(3"):
+        resolve_inputs(f"{root}/sub/typo.tif")
     from mgpr.geo.raster import describe_raster
 
     info = describe_raster(f"{root}/sub/b.tif")  # GDAL reads what was listed

@@ -57,9 +57,14 @@ def archive_members(input_path: str, suffixes: tuple[str, ...]) -> list[str] | N
     if not rasters:
         held = sorted(n for n in names if PurePosixPath(n).suffix.lower() in suffixes)
         example = f", e.g. {prefix}{archive}/{held[0]}" if held else ""
-        what = "the glob matches" if globbed else "the folder holds"
+        if globbed:
+            what = "the glob matches no raster"
+        elif PurePosixPath(inside).suffix.lower() in suffixes:
+            what = "no member of that name is"  # a file named inside it: a typo
+        else:
+            what = "the folder holds no raster"
         raise InputError(
-            f"input_path={input_path!r}: {what} no raster in {archive} ({len(held)} raster(s) "
+            f"input_path={input_path!r}: {what} in {archive} ({len(held)} raster(s) "
             f"in the whole archive{example}); name a folder, glob or file inside it"
         )
     return [f"{prefix}{archive}/{n}" for n in rasters]
