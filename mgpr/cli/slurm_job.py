@@ -55,9 +55,6 @@ def _check_keys(
             "run `mgpr --cfg job ...` here to see the config"
         )
     overrides = list(inv.overrides)
-    if inv.config_name is not None or inv.config_path is not None:
-        plain = [o for o in overrides if o.split(".")[0] != "hydra"]
-        load_config(plain, inv.config_path, inv.config_name)
     keys = set(config_keys())
     for item in overrides:
         match = _OVERRIDE_KEY_RE.match(item)

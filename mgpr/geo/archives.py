@@ -38,10 +38,12 @@ def archive_members(input_path: str, suffixes: tuple[str, ...]) -> list[str] | N
     Raises:
         InputError: the folder or glob holds no raster of the archive, naming what it holds.
     """
-    match = _ARCHIVE.match(input_path)
-    if not match or match.group(2).startswith("/vsi") or not Path(match.group(2)).is_file():
+    archive = local_archive(input_path)
+    if archive is None:
         return None
-    prefix, archive, inside = match.group(1), match.group(2), (match.group(3) or "").strip("/")
+    match = _ARCHIVE.match(input_path)
+    assert match is not None
+    prefix, inside = match.group(1), (match.group(3) or "").strip("/")
     names = _member_names(Path(archive), zip_file=prefix.lower() == "/vsizip/")
     if inside in names:
         return None  # one member: GDAL reads it

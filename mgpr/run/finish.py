@@ -446,11 +446,8 @@ def _report(
 
     An input counts as untiled (strips) when its block is as wide as the raster.
     """
-    import os
-
     from mgpr.monitor.report import build_report, format_report
 
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     untiled = [r for r in rasters if r.block_shape[1] >= r.native_width and r.native_width > 512]
     total, empty = summary.get("tiles_total") or 0, summary.get("tiles_skipped_nodata") or 0
     context = {
@@ -463,11 +460,8 @@ def _report(
         "nodata_tiles": [empty, total] if total else None,
         "untiled_inputs": len(untiled) if rasters else None,
         "fake_delay_s": cfg.dummy_dataset_delay if cfg.use_fake_data else None,
-        "workers": cfg.workers,
-        "batch_size": cfg.batch_size,
-        "precision": precision,
+        **report_context(cfg, precision),
         "compile": (summary.get("compile") or {}).get("used"),
-        "cpus_per_task": int(cpus) if cpus else os.cpu_count(),
     }
     try:
         report = build_report(run_dir, world, context)
@@ -476,6 +470,19 @@ def _report(
         return "", None
     summary["hint"] = report.get("hint")
     return format_report(report), report
+
+
+def report_context(cfg: PredictConfig, precision: str) -> dict[str, Any]:
+    """The run settings every report records: workers, batch size, precision, CPUs per task."""
+    import os
+
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    return {
+        "workers": cfg.workers,
+        "batch_size": cfg.batch_size,
+        "precision": precision,
+        "cpus_per_task": int(cpus) if cpus else os.cpu_count(),
+    }
 
 
 def _embedding_summary(batches: Iterable[FeatureBatch]) -> dict[str, Any] | None:

@@ -502,16 +502,11 @@ def _report_without(run_dir: Path, world_size: int, cfg: PredictConfig, precisio
     Every part there is, the dead rank(s) in ``missing_ranks``: the figures of the ranks that
     worked are not lost with the merge that does not run.
     """
-    import os
-
     from mgpr.monitor.report import build_report
+    from mgpr.run.finish import report_context
 
-    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     context = {
-        "workers": cfg.workers,
-        "batch_size": cfg.batch_size,
-        "precision": precision,
-        "cpus_per_task": int(cpus) if cpus else os.cpu_count(),
+        **report_context(cfg, precision),
         "unfinished": "a rank did not finish: no merge ran",
     }
     try:
