@@ -198,8 +198,9 @@ def test_cli_cached_file_prints_path_and_size(offline: list[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["reference"], "model=reference has no downloadable weights"),
-        (["resnet5"], "model=resnet5 has no downloadable weights"),
+        (["reference"], "MODEL reference has no downloadable weights"),
+        (["resnet5"], "MODEL resnet5 has no downloadable weights; did you mean resnet50?"),
+        (["fasterrcnn:COCO_V1"], "`mgpr-fetch-weights fasterrcnn --weights COCO_V1`"),
         (["resnet50", "--weights", "none"], "nothing to download"),
         (["resnet50", "--weights", "V9"], "weights=V9 is not a weights name for model=resnet50"),
     ],

@@ -11,6 +11,7 @@ A failure (offline, unknown model) is one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import difflib
 from typing import Annotated
 
 import typer
@@ -47,10 +48,7 @@ def fetch(
     try:
         for name in models:
             if weights_enum_class(name) is None:
-                raise ModelError(
-                    f"model={name} has no downloadable weights; mgpr-fetch-weights knows "
-                    f"{', '.join(downloadable_models())}."
-                )
+                raise ModelError(_not_downloadable(name))
             if resolve_weights(name, weights).kind != "torchvision":  # raises for bad names
                 raise ModelError(
                     f"weights={weights} for {name} is not a torchvision weights name, so there is "
@@ -62,6 +60,22 @@ def fetch(
     except MgprError as err:
         typer.echo(str(err), err=True)
         raise typer.Exit(EXIT_USAGE) from None
+
+
+def _not_downloadable(name: str) -> str:
+    """The one line for a MODEL argument without torchvision weights, with the likely fix.
+
+    ``fasterrcnn:COCO_V1`` (a model and its weights in one word) gets the ``--weights`` spelling;
+    a misspelt name the closest downloadable model.
+    """
+    known = downloadable_models()
+    head = f"MODEL {name} has no downloadable weights"
+    model, sep, member = name.partition(":")
+    if sep and model in known and member:
+        return f"{head}: give the weights apart, `mgpr-fetch-weights {model} --weights {member}`."
+    close = difflib.get_close_matches(name.strip().lower(), known, n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}? " if close else ""
+    return f"{head}; {hint}mgpr-fetch-weights knows {', '.join(known)}."
 
 
 def main() -> None:
