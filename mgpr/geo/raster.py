@@ -37,6 +37,7 @@ from mgpr.errors import InputError
 from mgpr.geo.handles import RasterHandles, no_georef_warning
 from mgpr.geo.model_grid import ModelGrid
 from mgpr.geo.tiling import Tile, tile_window, valid_window
+from mgpr.geo.validity import read_validity, validity_source
 
 log = logging.getLogger(__name__)
 
@@ -337,8 +338,7 @@ class TileReader:
         src = self._open(tile.id.path)
         grid = self.grids.get(tile.id.path)
         window = valid_window(tile) if grid is None else grid.native_cover(tile)
-        mask = src.dataset_mask(window=window)
-        return not bool(mask.any())
+        return not bool(read_validity(src, window=window).any())
 
     def read(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
         """Read a tile as ``(C, tile_size, tile_size)`` carrier values, zero-padded past the edge.
@@ -368,12 +368,13 @@ class TileReader:
     def read_mask(self, tile: Tile, out: np.ndarray | None = None) -> np.ndarray:
         """The tile's validity mask, ``(tile_size, tile_size)`` uint8: 255 valid, 0 invalid.
 
-        GDAL's dataset mask (rasterio ``dataset_mask``): an internal or external (``.msk``) mask
-        or an alpha band when there is one, else valid where ANY band differs from its nodata
-        value (NaN included for a NaN nodata value). Pixels past the raster's edge are invalid
-        (0). One byte per pixel, so it can travel beside the image in the batch's shared memory.
-        On a model grid (``gsd=``) a model pixel is valid when any native pixel under it is
-        (the 0/255 mask read with average resampling, then every nonzero value made 255).
+        :func:`mgpr.geo.validity.read_validity`: an internal or external (``.msk``) mask or an
+        alpha band when there is one (a nodata value beside alpha is ignored), else valid where
+        ANY band differs from its nodata value (NaN included for a NaN nodata value). Pixels
+        past the raster's edge are invalid (0). One byte per pixel, so it can travel beside the
+        image in the batch's shared memory. On a model grid (``gsd=``) a model pixel is valid
+        when any native pixel under it is (the 0/255 mask read with average resampling, then
+        every nonzero value made 255).
 
         Args:
             tile: the tile.
@@ -388,12 +389,9 @@ class TileReader:
         if grid is not None:
             return _read_mask_resampled(src, tile, grid, out)
         if tile.valid_height == size and tile.valid_width == size:
-            got = src.dataset_mask(window=tile_window(tile), out=out)
-            if got is not out:  # rasterio may return a view; keep ``out`` the result
-                out[...] = got
-            return out
+            return read_validity(src, window=tile_window(tile), out=out)
         out[...] = 0
-        out[: tile.valid_height, : tile.valid_width] = src.dataset_mask(window=valid_window(tile))
+        out[: tile.valid_height, : tile.valid_width] = read_validity(src, window=valid_window(tile))
         return out
 
     def read_masked(self, tile: Tile, out: np.ndarray, mask: np.ndarray) -> bool:
@@ -472,6 +470,7 @@ class TileReader:
         bands = self.bands_by_path[path]
         values: tuple[Any, ...] | None = None
         only_nodata = all(flags == [MaskFlags.nodata] for flags in src.mask_flag_enums)
+        only_nodata = only_nodata and validity_source(src) == "nodata"  # not beside alpha
         if only_nodata and sorted(set(bands)) == list(range(1, src.count + 1)):
             raw = [src.nodatavals[b - 1] for b in bands]
             if all(v is not None for v in raw):
@@ -515,8 +514,8 @@ def _read_mask_resampled(src: Any, tile: Tile, grid: ModelGrid, out: np.ndarray)
     """
     out[...] = 0
     for row, col, height, width, window in grid.windows(tile):
-        out[row : row + height, col : col + width] = src.dataset_mask(
-            window=window, out_shape=(height, width), resampling=Resampling.average
+        out[row : row + height, col : col + width] = read_validity(
+            src, window=window, out_shape=(height, width), resampling=Resampling.average
         )
     np.minimum(out, np.uint8(1), out=out)
     out *= np.uint8(255)

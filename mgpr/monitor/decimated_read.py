@@ -19,8 +19,8 @@ are left out (nodata, one warning with the count), and GDAL's path
 falls back to that read; above half of the windows unreadable the preview is given up.
 
 The validity of a preview pixel (shown, or nodata) comes from the same read wherever it can:
-reading ``dataset_mask`` of a raster with a nodata value decodes every block a second time
-(10.6 s on top of 5.1 s for that raster with nodata=0).
+reading the validity (:func:`mgpr.geo.validity.read_validity`) of a raster with a nodata value
+decodes every block a second time (10.6 s on top of 5.1 s for that raster with nodata=0).
 """
 
 from __future__ import annotations
@@ -35,10 +35,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import rasterio
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from mgpr.geo.headers import usable_cpus
+from mgpr.geo.validity import read_validity, validity_source
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def read_decimated(
     resampling: Resampling,
     strip_bytes: int = STRIP_BYTES,
 ) -> npt.NDArray[Any]:
-    """``src.read(bands, out_shape=shape)``, or ``dataset_mask`` when ``bands`` is None, by strips.
+    """``src.read(bands, out_shape=shape)``, or the validity when ``bands`` is None, by strips.
 
     The strips are full-width rows of about ``strip_bytes`` of source pixels, read under a
     bounded GDAL cache.
@@ -95,8 +96,8 @@ def read_decimated(
             r1 = big_h if o1 == h else round(o1 * big_h / h)
             window = Window(0, r0, big_w, max(1, r1 - r0))
             if bands is None:
-                part = src.dataset_mask(
-                    window=window, out_shape=(o1 - o0, w), resampling=resampling
+                part = read_validity(
+                    src, window=window, out_shape=(o1 - o0, w), resampling=resampling
                 )
                 part = part[None]
             else:
@@ -113,13 +114,15 @@ def read_decimated(
 def _mask_kind(src: Any, bands: Sequence[int]) -> str:
     """How a pixel of ``bands`` is known to be nodata: ``none``, ``nodata`` or ``mask``.
 
-    ``nodata``: by the bands' nodata values; ``mask``: by an internal/external mask or an alpha
-    band (the dataset mask).
+    ``nodata``: by the nodata values of ``bands``, when they are every band of the raster (the
+    validity rule ORs over all of them); ``mask``: by :func:`mgpr.geo.validity.read_validity`
+    (an internal/external mask, an alpha band, or nodata values of bands not read).
     """
-    flags = [src.mask_flag_enums[b - 1] for b in bands]
-    if all(f == [MaskFlags.all_valid] for f in flags):
+    source = validity_source(src)
+    if source == "none":
         return "none"
-    if all(MaskFlags.nodata in f for f in flags):
+    every_band = sorted(set(bands)) == list(range(1, src.count + 1))
+    if source == "nodata" and every_band:
         return "nodata"
     return "mask"
 
@@ -282,7 +285,7 @@ def average_full_resolution(
         data = handle.read(list(bands), window=window)[picked]
         valid = _valid_values(data, nodata)
         if kind == "mask":
-            shown = handle.dataset_mask(window=window)[picked[1:]] > 0
+            shown = read_validity(handle, window=window)[picked[1:]] > 0
             valid = shown if valid is None else valid & shown
         row_starts, i0 = _bins(rows, big_h, h)
         col_starts, j0 = _bins(cols, big_w, w)

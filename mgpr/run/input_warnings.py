@@ -163,3 +163,18 @@ def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
         if r.crs_wkt is None and r.gcp_crs is None and not r.native_transform.is_identity
     ]
     log_a_few(logging.WARNING, unnamed, "input(s) with a geotransform but no CRS")
+
+
+def note_alpha_beside_nodata(rasters: Sequence[RasterInfo]) -> None:
+    """Say which of the two masks counts for inputs with an alpha band AND a nodata value.
+
+    GDAL lets the nodata value shadow the alpha band; mgpr takes the alpha band
+    (:mod:`mgpr.geo.validity`), so a user who meant the nodata value learns it here.
+    """
+    lines = [
+        f"{r.path} has an alpha band and nodata={r.nodata:g}: its alpha band says where it holds "
+        "data (alpha 0 = none); the nodata value is not applied"
+        for r in rasters
+        if r.nodata is not None and "alpha" in r.colorinterp
+    ]
+    log_a_few(logging.INFO, lines, "input(s) with an alpha band and a nodata value")

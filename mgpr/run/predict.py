@@ -281,9 +281,10 @@ def _predict_and_finish(
         tiles_outside_aoi = 0
 
         if rank == 0:
-            from mgpr.run.input_warnings import warn_ungeoreferenced
+            from mgpr.run.input_warnings import note_alpha_beside_nodata, warn_ungeoreferenced
 
             warn_ungeoreferenced(rasters)
+            note_alpha_beside_nodata(rasters)
         band_notes: list[tuple[str, str]] = []
         for info in rasters:
             bands[info.path] = check_bands(info, cfg.bands, adapter.in_bands, band_notes)
