@@ -85,6 +85,9 @@ class RasterInfo:
             rewrites it on opening). Empty for a self-contained GeoTIFF.
         aoi_wkb: with ``aoi=``, the part of the area of interest over this raster as WKB, in
             this grid's pixel frame (x = column, y = row; :mod:`mgpr.geo.aoi`); None without.
+        nbits: the significant bits of an integer raster's values when GDAL's ``NBITS`` declares
+            fewer than its dtype holds (a 1-bit mask stored as uint8: 1; 12-bit camera data in
+            uint16: 12), else None; its values span ``0 .. 2**nbits - 1``.
     """
 
     path: str
@@ -113,6 +116,7 @@ class RasterInfo:
     native_transform: Affine = dataclasses.field(kw_only=True)
     source_files: tuple[tuple[str, int | None, float | None], ...] = ()
     aoi_wkb: bytes | None = None
+    nbits: int | None = None
 
     @property
     def model_grid(self) -> ModelGrid | None:
@@ -167,6 +171,7 @@ def describe_raster(path: str) -> RasterInfo:
                 descriptions=tuple(d or "" for d in src.descriptions),
                 gcp_crs=_gcp_crs(src),
                 source_files=_source_files(path, _listed_files(src)),
+                nbits=_declared_bits(src),
             )
             if src.driver == "VRT":
                 _refuse_missing_sources(path, info.source_files)
@@ -264,6 +269,22 @@ def _gcp_crs(src: Any) -> str | None:
         return "unknown CRS"
     epsg = crs.to_epsg()
     return f"EPSG:{epsg}" if epsg else crs.to_string()[:60]
+
+
+def _declared_bits(src: Any) -> int | None:
+    """GDAL's ``NBITS`` of band 1 when it is fewer bits than an unsigned dtype holds, else None.
+
+    A GeoTIFF written with ``NBITS=1`` (a bit mask, a 1-bit scan) is uint8 to every reader with
+    values 0..1: read by [0, 255] it reached the model as black.
+    """
+    dtype = np.dtype(src.dtypes[0])
+    if dtype.kind != "u":
+        return None
+    try:
+        bits = int(src.tags(1, ns="IMAGE_STRUCTURE").get("NBITS", 0))
+    except (TypeError, ValueError):
+        return None
+    return bits if 0 < bits < dtype.itemsize * 8 else None
 
 
 def _metadata_or_empty(values: Sequence[float | None], neutral: float) -> tuple[float, ...]:

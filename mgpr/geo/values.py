@@ -205,7 +205,8 @@ def resolve_value_range(
     if value_range is None:
         if info.dtype != "uint8":
             raise ConfigError(unscaled_refusal(info, bands, sample))
-        return ValueRange((0.0,) * n, (255.0,) * n, "default", (1.0,) * n, (0.0,) * n)
+        top = float(integer_span(info)[1])  # 255, or 1 for a 1-bit (NBITS=1) raster
+        return ValueRange((0.0,) * n, (top,) * n, "default", (1.0,) * n, (0.0,) * n)
     if value_range == "auto":
         lo, hi = [], []
         for band, values in zip(bands, sample(info.path, bands), strict=True):
@@ -256,16 +257,17 @@ def _refuse_unreachable(
     """
     if info.dtype not in CARRIERS or np.dtype(info.dtype).kind not in "ui":
         return
-    limits = np.iinfo(np.dtype(info.dtype))
+    low, high = integer_span(info)
     for band, lo, hi, scale, offset in zip(
         bands, given.lo, given.hi, given.scale, given.offset, strict=True
     ):
-        ends = sorted((limits.min * scale + offset, limits.max * scale + offset))
+        ends = sorted((low * scale + offset, high * scale + offset))
         reached = max(0.0, min(hi, ends[1]) - max(lo, ends[0])) / (hi - lo)
         if reached >= MIN_REACHABLE_SHARE:
             continue
+        bits = f" with NBITS={info.nbits}" if info.nbits else ""
         start = (
-            f"value_range [{lo:g}, {hi:g}] for band {band} of {info.path!r} ({info.dtype}: "
+            f"value_range [{lo:g}, {hi:g}] for band {band} of {info.path!r} ({info.dtype}{bits}: "
             f"values {ends[0]:g}..{ends[1]:g}"
         )
         if (scale, offset) != (1.0, 0.0):
@@ -282,22 +284,38 @@ def _refuse_unreachable(
         raise ConfigError(
             f"{start}) lies {1 - reached:.0%} beyond what that dtype holds, so the raster "
             "would reach the model as a sliver of its input; give each dtype its own range, "
-            f"e.g. {_per_dtype_example(info.dtype, lo, hi, run_dtypes)}, or value_range=auto"
+            f"e.g. {_per_dtype_example(info, lo, hi, run_dtypes)}, or value_range=auto"
         )
 
 
-def _per_dtype_example(dtype: str, lo: float, hi: float, run_dtypes: Sequence[str]) -> str:
+def _per_dtype_example(info: Any, lo: float, hi: float, run_dtypes: Sequence[str]) -> str:
     """``'value_range={uint16:[0,4095]}'``: the given range kept for the run's other dtypes.
 
-    The refused raster's dtype is left out when it is uint8 (it then keeps [0, 255]), else given
-    its dtype's whole span as a placeholder the user edits.
+    The refused raster's dtype is left out when it is uint8 (it then keeps its default range),
+    else given the span its values can take (:func:`integer_span`) as a placeholder the user
+    edits.
     """
+    dtype = info.dtype
     parts = [f"{d}:[{lo:g},{hi:g}]" for d in dict.fromkeys(run_dtypes) if d != dtype]
+    low, high = integer_span(info)
     if dtype == "uint8" and parts:
-        return "'value_range={" + ",".join(parts) + "}' (uint8, not named, keeps [0, 255])"
-    limits = np.iinfo(np.dtype(dtype))
-    parts.append(f"{dtype}:[{limits.min},{limits.max}]")
+        kept = f"(uint8, not named, keeps [0, {high}])"
+        return "'value_range={" + ",".join(parts) + "}' " + kept
+    parts.append(f"{dtype}:[{low},{high}]")
     return "'value_range={" + ",".join(parts) + "}'"
+
+
+def integer_span(info: Any) -> tuple[int, int]:
+    """The raw values an integer raster can hold: its dtype's, or ``0 .. 2**nbits - 1``.
+
+    GDAL's ``NBITS`` (:attr:`mgpr.geo.raster.RasterInfo.nbits`) narrows the dtype: a 1-bit
+    GeoTIFF is uint8 holding 0..1, 12-bit camera data uint16 holding 0..4095.
+    """
+    nbits = getattr(info, "nbits", None)
+    if nbits:
+        return 0, 2**nbits - 1
+    limits = np.iinfo(np.dtype(info.dtype))
+    return int(limits.min), int(limits.max)
 
 
 def unscaled_refusal(info: Any, bands: Sequence[int], sample: Any = None) -> str:
@@ -323,9 +341,12 @@ def unscaled_refusal(info: Any, bands: Sequence[int], sample: Any = None) -> str
             f"({shown}: nodata or masked everywhere read); check its nodata value, remove it "
             "from input_path, or set value_range=[lo,hi] to predict it anyway"
         )
+    bits = ""
+    if getattr(info, "nbits", None):  # 12-bit camera data: its full scale is a good start
+        bits = f", NBITS={info.nbits}: values 0..{integer_span(info)[1]}"
     return (
-        f"{info.path!r} has dtype {info.dtype} ({shown}) and mgpr does not guess how its values "
-        "map to the model's [0, 1] input: set value_range=[lo,hi] (all bands), "
+        f"{info.path!r} has dtype {info.dtype} ({shown}{bits}) and mgpr does not guess how its "
+        "values map to the model's [0, 1] input: set value_range=[lo,hi] (all bands), "
         "value_range=[[lo,hi],...] (one pair per band) or value_range=auto (2nd-98th percentiles)"
     )
 
