@@ -17,6 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import shapely
 
+from mgpr.geo.antimeridian import unwrap_geometries, unwrap_longitudes
+
 __all__ = ["box_ground_areas_m2", "ground_areas_m2"]
 
 
@@ -50,6 +52,7 @@ def ground_areas_m2(
             return np.column_stack([lon, lat])
 
         lonlat = shapely.transform(shapes, project)
+    lonlat = unwrap_geometries(lonlat, 360.0)  # across 180 E: one small polygon, not the world
     # Counter-clockwise shells and clockwise holes: Geod's signed ring areas then add up.
     oriented = shapely.orient_polygons(lonlat, exterior_cw=False)
     for i, geom in enumerate(oriented):
@@ -96,6 +99,7 @@ def box_ground_areas_m2(
         flat_lon, flat_lat = to_lonlat.transform(corners[..., 0].ravel(), corners[..., 1].ravel())
         lon = np.asarray(flat_lon, dtype=np.float64).reshape(-1, 4)
         lat = np.asarray(flat_lat, dtype=np.float64).reshape(-1, 4)
+    lon = unwrap_longitudes(lon)  # a box across 180 E: corners at +-180 about one centre
     lon_c, lat_c = lon.mean(axis=1, keepdims=True), lat.mean(axis=1, keepdims=True)
     dx, dy = lon - lon_c, lat - lat_c
     square_degrees = 0.5 * np.abs(

@@ -90,13 +90,17 @@ def to_layer_crs(batch: FeatureBatch, info: RasterInfo, layer: Layer) -> Feature
 
     Box rings keep their 4 corners (each reprojected exactly; a box's edges, straight in the
     raster's CRS, bend by far less than a millimetre over a tile); polygons keep their vertices.
+    A feature across the antimeridian of a wrapping layer CRS is kept continuous
+    (:mod:`mgpr.geo.antimeridian`).
     """
+    from mgpr.geo.antimeridian import unwrap_geometries, unwrap_rings, wrap_period
     from mgpr.geo.reproject import reproject_geometry, reproject_xy, same_crs
 
     if info.crs_wkt is None or layer.crs_wkt is None or same_crs(info.crs_wkt, layer.crs_wkt):
         return batch
+    period = wrap_period(layer.crs_wkt)  # a box across 180 E stays one box, not the world
     if batch.rings is not None:
-        rings = reproject_xy(batch.rings, info.crs_wkt, layer.crs_wkt)
+        rings = unwrap_rings(reproject_xy(batch.rings, info.crs_wkt, layer.crs_wkt), period)
         # Counter-clockwise as written (a CRS with a flipped axis would mirror the ring).
         x, y = rings[:, :-1, 0], rings[:, :-1, 1]
         signed = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
@@ -106,6 +110,7 @@ def to_layer_crs(batch: FeatureBatch, info: RasterInfo, layer: Layer) -> Feature
     moved = reproject_geometry(batch.geometries, info.crs_wkt, layer.crs_wkt)
     if moved is None:  # never for inputs the run's start checked (check_output_crs)
         raise ValueError(f"features of {info.path} do not map into the output CRS")
+    moved = unwrap_geometries(moved, period)
     if hasattr(shapely, "orient_polygons"):  # shapely >= 2.1
         moved = shapely.orient_polygons(moved)
     return FeatureBatch(None, batch.fields, moved)

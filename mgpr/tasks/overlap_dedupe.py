@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 import shapely
 
+from mgpr.geo.antimeridian import unwrap_geometries, wrap_period
 from mgpr.geo.georef import raster_footprint
 from mgpr.geo.raster import RasterInfo
 from mgpr.geo.reproject import reproject_geometry, same_crs
@@ -41,7 +42,7 @@ def footprint(info: RasterInfo, crs_wkt: str | None) -> shapely.Geometry:
     if info.crs_wkt is not None and crs_wkt is not None and not same_crs(info.crs_wkt, crs_wkt):
         moved = reproject_geometry(area, info.crs_wkt, crs_wkt)
         if moved is not None:
-            area = moved
+            area = unwrap_geometries(moved, wrap_period(crs_wkt))  # as the boxes (layers.py)
     return area
 
 
