@@ -481,6 +481,54 @@ def _check_ranges(cfg: PredictConfig) -> None:
     cfg.value_range = check_value_range(cfg.value_range)
     if cfg.bands is not None:
         cfg.bands = check_band_list(list(cfg.bands))
+    _check_mean_std(cfg)
+
+
+#: A mean or std above this is in 0..255 units, not the scaled input's [0, 1].
+_UNIT_LIMIT = 1.5
+
+
+def _check_mean_std(cfg: PredictConfig) -> None:
+    """``mean``/``std``: both or neither, one finite value per band, std > 0, in [0, 1] units.
+
+    The normalisation runs on the scaled input ([0, 1] after ``value_range``), as torchvision's
+    ``Normalize`` does; statistics copied from a 0..255 training script (mean=[123.7,116.3,
+    103.5]) would push every tile far outside what the model saw.
+    """
+    if cfg.mean is None and cfg.std is None:
+        return
+    if cfg.mean is None or cfg.std is None:
+        given, missing = ("mean", "std") if cfg.std is None else ("std", "mean")
+        raise ConfigError(
+            f"{given} is given without {missing}: the normalisation (x - mean) / std needs both, "
+            f"one value per band, e.g. mean=[0.485,0.456,0.406] std=[0.229,0.224,0.225]"
+        )
+    values: dict[str, list[float]] = {}
+    for name in ("mean", "std"):
+        raw = getattr(cfg, name)
+        try:
+            values[name] = [float(v) for v in raw]
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{name}={list(raw)} is not a list of numbers; give one per band, e.g. "
+                f"{name}=[0.5,0.5,0.5]"
+            ) from None
+        if not values[name] or not all(math.isfinite(v) for v in values[name]):
+            raise ConfigError(f"{name}={list(raw)} needs one finite number per band")
+    mean, std = values["mean"], values["std"]
+    if len(mean) != len(std):
+        raise ConfigError(
+            f"mean has {len(mean)} value(s) and std {len(std)}; give one of each per band"
+        )
+    if any(v <= 0 for v in std):
+        raise ConfigError(f"std={std} must be above 0 in every band (it divides)")
+    if max(abs(v) for v in mean + std) > _UNIT_LIMIT:
+        scaled = lambda vs: "[" + ",".join(f"{v / 255:.4g}" for v in vs) + "]"  # noqa: E731
+        raise ConfigError(
+            f"mean={mean} std={std} look like 0..255 units; mgpr normalises the scaled [0, 1] "
+            f"input (after value_range): give mean={scaled(mean)} std={scaled(std)}"
+        )
+    cfg.mean, cfg.std = mean, std
 
 
 def _check_output_crs(cfg: PredictConfig) -> None:

@@ -83,6 +83,14 @@ class PredictConfig:
         "class names by class id, [background,tree] (a fine-tuned checkpoint's classes; "
         "detection: id 0 is torchvision's background); unset = the model's own",
     )
+    mean: list[float] | None = key(
+        None,
+        "per-band mean of the model's training input, [0,1] units, with std: (x - mean) / std "
+        "replaces the model's own normalisation (torchvision: ImageNet's); unset = the model's",
+    )
+    std: list[float] | None = key(
+        None, "per-band standard deviation of the model's training input, [0,1] units, with mean"
+    )
     topk: int = key(5, "classification: classes kept per tile (at most 100: 3 columns each)")
     max_detections: int | None = key(
         None,

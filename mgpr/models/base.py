@@ -24,7 +24,7 @@ from typing import Any, Literal, get_args
 import numpy as np
 import torch
 
-from mgpr.errors import ModelError
+from mgpr.errors import ConfigError, ModelError
 
 #: What a model produces per tile.
 Task = Literal["classification", "detection", "segmentation", "embedding"]
@@ -312,6 +312,28 @@ class ModelAdapter(abc.ABC):
     def forward(self, inputs: Any) -> Any:
         """Run the network on the output of :meth:`prepare`; returns its raw output."""
         return self._network(inputs)
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """Normalise with ``(x - mean) / std`` per band instead of the model's own (the keys).
+
+        A network fine-tuned on its dataset's statistics needs them, not ImageNet's. Adapters
+        with a normalisation step override this; the default has none to replace.
+
+        Raises:
+            ConfigError: this model reads the scaled input as it is.
+        """
+        raise ConfigError(
+            f"mean/std: model={self.name} reads the scaled [0, 1] input as it is and has no "
+            "normalisation to replace; leave mean and std out"
+        )
+
+    def _check_band_count(self, mean: Sequence[float]) -> None:
+        """One mean/std value per band the model takes, or a one-line refusal."""
+        if self.in_bands and len(mean) != self.in_bands:
+            raise ConfigError(
+                f"mean/std give {len(mean)} value(s) but model={self.name} takes "
+                f"{self.in_bands} band(s); give one value per band"
+            )
 
     def compile(self, compiler: Callable[[torch.nn.Module], Callable[..., Any]]) -> None:
         """Let :meth:`forward` call ``compiler(part)`` for the compute-heavy part of the network.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -59,6 +60,13 @@ class ImageNetClassifierAdapter(ModelAdapter):
             pair = (self._mean.to(device), self._std.to(device))
             self._constants[device] = pair
         return pair
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """``(x - mean) / std`` with the given per-band statistics instead of ImageNet's."""
+        self._check_band_count(mean)
+        self._mean = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
+        self._std = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+        self._constants.clear()
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise scaled tiles on their device.

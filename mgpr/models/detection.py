@@ -9,7 +9,7 @@ as ``model=my_pkg.my_module:build``.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeAlias, cast
 
@@ -282,6 +282,13 @@ class TorchvisionDetectorAdapter(ModelAdapter):
         """
         assert isinstance(self.module, GeneralizedRCNN)
         self._backbone = compiler(self.module.backbone)
+
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """The detector's own transform normalises with the given statistics, not ImageNet's."""
+        self._check_band_count(mean)
+        assert isinstance(self.module, GeneralizedRCNN)
+        self.module.transform.image_mean = [float(v) for v in mean]
+        self.module.transform.image_std = [float(v) for v in std]
 
     def prepare(self, images: torch.Tensor) -> list[torch.Tensor]:
         """Split the scaled batch into the list torchvision's detectors take.

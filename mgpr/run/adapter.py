@@ -63,6 +63,8 @@ def build_adapter(
                 f"pre-fetch them with `mgpr-fetch-weights {model_name}`"
             )
     adapter = build_model(model_name, cfg.weights, **kwargs)
+    if cfg.mean is not None and cfg.std is not None:
+        adapter.set_normalisation(cfg.mean, cfg.std)  # a fine-tune's own statistics
     if cfg.categories is not None:
         name_categories(adapter, [str(c) for c in cfg.categories])
     from mgpr.models.tta import check_tta_refusal

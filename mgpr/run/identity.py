@@ -72,6 +72,9 @@ def fingerprint(
             out["tta_fusion"] = cfg.tta_fusion
     if aoi_sha256 is not None:
         out["aoi"] = aoi_sha256  # the area, wherever its file lies
+    if cfg.mean is not None:
+        # another normalisation, other outputs; absent without, as before the keys existed
+        out["normalisation"] = {"mean": list(cfg.mean), "std": list(cfg.std or [])}
     if cfg.seam != "crop":
         # Parts of another seam hold other payloads (stacks, not cores): no resume across seams.
         # Absent for crop, as in a run.json written before seam=blend existed.
