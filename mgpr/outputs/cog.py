@@ -88,12 +88,16 @@ class Grid:
         width: pixels (columns).
         transform: pixel -> map affine of the input (identity for rasters without one).
         crs_wkt: the input's CRS as WKT, or None (pixel coordinates).
+        georef_source: an input on this very grid georeferenced by ground control points or
+            RPCs instead of a transform, whose GCPs / RPCs the COG carries too, so it overlays
+            and warps like its input (QGIS, gdalwarp); None otherwise.
     """
 
     height: int
     width: int
     transform: Affine
     crs_wkt: str | None
+    georef_source: str | None = None
 
 
 def class_id_dtype(n_classes: int) -> tuple[np.dtype[np.generic], int]:
@@ -190,6 +194,8 @@ def _vrt_xml(
     if not t.is_identity:
         gt = ", ".join(repr(float(v)) for v in (t.c, t.a, t.b, t.f, t.d, t.e))
         lines.append(f"  <GeoTransform>{gt}</GeoTransform>")
+    if grid.georef_source is not None:
+        lines.extend(_gcp_and_rpc_xml(grid.georef_source))
     for band in range(1, bands + 1):
         lines.append(
             f'  <VRTRasterBand dataType="{gdal_type}" band="{band}" '
@@ -225,6 +231,35 @@ def _vrt_xml(
         lines.append("  </VRTRasterBand>")
     lines.append("</VRTDataset>")
     return "\n".join(lines) + "\n"
+
+
+def _gcp_and_rpc_xml(path: str) -> list[str]:
+    """VRT lines giving the COG the GCPs (with their CRS) and RPCs of the input ``path``.
+
+    A class map of a GCP- or RPC-referenced scan or satellite scene is on the input's pixel
+    grid; without them it had neither CRS nor transform and could not be overlaid.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            gcps, gcp_crs = src.gcps
+            rpc = src.tags(ns="RPC")
+    lines: list[str] = []
+    if gcps:
+        projection = escape(gcp_crs.to_wkt(), {'"': "&quot;"}) if gcp_crs else ""
+        lines.append(f'  <GCPList Projection="{projection}" dataAxisToSRSAxisMapping="1,2">')
+        for gcp in gcps:
+            lines.append(
+                f'    <GCP Id="{escape(str(gcp.id or ""), {chr(34): "&quot;"})}" '
+                f'Pixel="{float(gcp.col)!r}" Line="{float(gcp.row)!r}" X="{float(gcp.x)!r}" '
+                f'Y="{float(gcp.y)!r}" Z="{float(gcp.z or 0.0)!r}"/>'
+            )
+        lines.append("  </GCPList>")
+    if rpc:
+        lines.append('  <Metadata domain="RPC">')
+        lines.extend(f'    <MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in rpc.items())
+        lines.append("  </Metadata>")
+    return lines
 
 
 #: GDAL's side file of what a GeoTIFF cannot hold (category names), next to the COG.

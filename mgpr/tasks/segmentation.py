@@ -342,7 +342,9 @@ class SegmentationTask(Task):
         k = n_classes(ctx)
         dtype, nodata = class_id_dtype(k)
         categories = list(ctx.categories) if ctx.categories else None
-        grid = Grid(info.height, info.width, info.transform, info.crs_wkt)
+        # a GCP/RPC input (no transform-based CRS, native grid): its GCPs/RPCs go along
+        georef = path if info.crs_wkt is None and info.model_grid is None else None
+        grid = Grid(info.height, info.width, info.transform, info.crs_wkt, georef)
         scratch = stem.with_name(f".{stem.name}.blend")
         keys = [key for key, t in tiles.items() if t.id.path == path]
         try:
