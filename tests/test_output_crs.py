@@ -98,7 +98,10 @@ def test_output_crs_refusals(tmp_path: Path, make_image) -> None:  # type: ignor
         load_config(["output_crs=EPSG:99999"])
     assert load_config(["output_crs=null"]).output_crs is None
     plain = make_image("plain.tif", width=64, height=64, crs=None)
-    with pytest.raises(InputError, match="has no CRS, so its results cannot be reprojected"):
+    with pytest.raises(
+        InputError,
+        match=r"has no CRS, so its results \(in pixel coordinates\) cannot be reprojected",
+    ):
         check_output_crs([describe_raster(str(plain.path))], "EPSG:4326")
     utm = make_image("utm.tif", width=64, height=64)  # UTM 33N, 45 N 15 E
     far_side = "+proj=ortho +lat_0=-45 +lon_0=-165 +datum=WGS84"  # the other hemisphere

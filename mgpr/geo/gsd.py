@@ -173,14 +173,20 @@ def check_gsd_crs(info: RasterInfo, gsd: float) -> None:
         raise InputError(
             f"gsd={gsd:g} needs each raster's pixel size in metres, but {info.path!r} is "
             f"georeferenced by GCPs ({info.gcp_crs}), not a transform: warp it first with "
-            f"`gdalwarp -t_srs EPSG:XXXX {info.path} warped.tif` (a projected CRS in metres, "
-            f"e.g. its UTM zone), {fix}"
+            f"{info.georeferencing_fix(projected=True)} (a projected CRS in metres, e.g. its "
+            f"UTM zone), {fix}"
+        )
+    if info.crs_wkt is None and info.has_rpcs:
+        raise InputError(
+            f"gsd={gsd:g} needs each raster's pixel size in metres, but {info.path!r} is "
+            f"georeferenced by RPCs only (a scene before orthorectification): "
+            f"{info.georeferencing_fix()} (a projected CRS in metres for -t_srs), {fix}"
         )
     if info.crs_wkt is None:
         raise InputError(
             f"gsd={gsd:g} needs each raster's pixel size in metres, but {info.path!r} has no "
-            f"CRS: georeference it first, e.g. `gdal_translate -a_srs EPSG:XXXX -a_ullr ULX ULY "
-            f"LRX LRY {info.path} georef.tif` (a projected CRS in metres), {fix}"
+            f"CRS: georeference it first, e.g. {info.georeferencing_fix()} (a projected CRS in "
+            f"metres), {fix}"
         )
     from pyproj import CRS
 

@@ -88,6 +88,9 @@ class RasterInfo:
         nbits: the significant bits of an integer raster's values when GDAL's ``NBITS`` declares
             fewer than its dtype holds (a 1-bit mask stored as uint8: 1; 12-bit camera data in
             uint16: 12), else None; its values span ``0 .. 2**nbits - 1``.
+        has_rpcs: True when the raster carries rational polynomial coefficients (a satellite
+            scene before orthorectification): with no transform-based CRS, its pixels map to
+            the ground only through them and a DEM.
     """
 
     path: str
@@ -117,6 +120,7 @@ class RasterInfo:
     source_files: tuple[tuple[str, int | None, float | None], ...] = ()
     aoi_wkb: bytes | None = None
     nbits: int | None = None
+    has_rpcs: bool = False
 
     @property
     def model_grid(self) -> ModelGrid | None:
@@ -126,6 +130,28 @@ class RasterInfo:
         return ModelGrid(
             self.factor_x, self.factor_y, self.native_height, self.native_width, self.resampling
         )
+
+    def georeferencing_fix(self, projected: bool = False) -> str:
+        """The command that gives this raster (no transform-based CRS) map coordinates.
+
+        GCPs: warp by them (into their own CRS when it has an EPSG code, and with
+        ``projected`` only when that CRS is projected, as ``gsd=`` needs); RPCs: orthorectify
+        (with a DEM where the terrain is not flat); neither: assign a CRS and corners.
+        """
+        if self.gcp_crs is not None:
+            target = self.gcp_crs if self.gcp_crs.startswith("EPSG:") else "EPSG:XXXX"
+            if projected and target != "EPSG:XXXX":
+                from pyproj import CRS
+
+                if not CRS.from_user_input(target).is_projected:
+                    target = "EPSG:XXXX"
+            return f"`gdalwarp -t_srs {target} {self.path} warped.tif`"
+        if self.has_rpcs:
+            return (
+                f"orthorectify it by its RPCs, `gdalwarp -rpc -t_srs EPSG:4326 -to "
+                f"RPC_DEM=dem.tif {self.path} ortho.tif`"
+            )
+        return f"`gdal_translate -a_srs EPSG:XXXX -a_ullr ULX ULY LRX LRY {self.path} georef.tif`"
 
     @property
     def crs_label(self) -> str:
@@ -172,6 +198,7 @@ def describe_raster(path: str) -> RasterInfo:
                 gcp_crs=_gcp_crs(src),
                 source_files=_source_files(path, _listed_files(src)),
                 nbits=_declared_bits(src),
+                has_rpcs=bool(src.tags(ns="RPC")),
             )
             if src.driver == "VRT":
                 _refuse_missing_sources(path, info.source_files)

@@ -142,9 +142,17 @@ def check_output_crs(rasters: Sequence[RasterInfo], output_crs: str) -> None:
     """
     for info in rasters:
         if info.crs_wkt is None:
+            how = (
+                f"is georeferenced by GCPs ({info.gcp_crs}), not a transform"
+                if info.gcp_crs is not None
+                else "is georeferenced by RPCs only"
+                if info.has_rpcs
+                else "has no CRS"
+            )
             raise InputError(
-                f"{info.path!r} has no CRS, so its results cannot be reprojected to "
-                f"output_crs={output_crs!r}; georeference it or unset output_crs"
+                f"{info.path!r} {how}, so its results (in pixel coordinates) cannot be "
+                f"reprojected to output_crs={output_crs!r}; give it map coordinates first, "
+                f"{info.georeferencing_fix()}, or unset output_crs"
             )
         if same_crs(info.crs_wkt, output_crs):
             continue

@@ -86,10 +86,16 @@ def carrier_dtype(dtypes: Iterable[tuple[str, str]]) -> np.dtype[Any]:
     for path, name in dtypes:
         carrier = CARRIERS.get(name)
         if carrier is None:
+            convert = f"`gdal_translate -ot Float32 {path} out.tif`"
+            if name.startswith("complex"):  # SAR: -ot Float32 would keep the real part only
+                convert = (
+                    f'its amplitude, `gdal_calc.py -A {path} --allBands=A --calc="abs(A)" '
+                    "--type=Float32 --outfile=amplitude.tif` (-ot Float32 would keep only the "
+                    "real part)"
+                )
             raise InputError(
                 f"{path!r} has dtype {name}, which mgpr does not read (it reads "
-                f"{', '.join(CARRIERS)}); convert it, e.g. "
-                f"`gdal_translate -ot Float32 {path} out.tif`"
+                f"{', '.join(CARRIERS)}); convert it, e.g. {convert}"
             )
         carriers.append(np.dtype(carrier))
     if not carriers:

@@ -139,18 +139,27 @@ def warn_ungeoreferenced(rasters: Sequence[RasterInfo]) -> None:
     gcps = []
     for info in rasters:
         if info.crs_wkt is None and info.gcp_crs is not None:
-            epsg = info.gcp_crs if info.gcp_crs.startswith("EPSG:") else "EPSG:XXXX"
             gcps.append(
                 f"{info.path} is georeferenced by GCPs ({info.gcp_crs}); results are in pixel "
-                f"coordinates: warp it first with `gdalwarp -t_srs {epsg} {info.path} warped.tif`"
+                f"coordinates: warp it first with {info.georeferencing_fix()}"
             )
     log_a_few(
         logging.WARNING, gcps, "input(s) georeferenced by GCPs only (in pixel coordinates too)"
     )
+    rpcs = [
+        f"{r.path} is georeferenced by RPCs only (a scene before orthorectification): its "
+        f"results are in pixel coordinates; {r.georeferencing_fix()} first"
+        for r in rasters
+        if r.crs_wkt is None and r.gcp_crs is None and r.has_rpcs
+    ]
+    log_a_few(logging.WARNING, rpcs, "input(s) georeferenced by RPCs only (in pixel coordinates)")
     bare = [
         f"{r.path} has no CRS: its results are in pixel coordinates (x = column, y = row)"
         for r in rasters
-        if r.crs_wkt is None and r.gcp_crs is None and r.native_transform.is_identity
+        if r.crs_wkt is None
+        and r.gcp_crs is None
+        and not r.has_rpcs
+        and r.native_transform.is_identity
     ]
     log_a_few(logging.WARNING, bare, "input(s) without a CRS (in pixel coordinates too)")
     # A geotransform without a CRS (a world file without its .prj): the results are in the
