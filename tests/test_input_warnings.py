@@ -69,6 +69,15 @@ def test_a_strip_thinner_than_a_tile_is_told_the_tile_size_with_least_padding(
     assert smaller_tile_size([(33, 33)], 64, 0.73) is None  # 32 px tiles: 4 of them, 73 %
 
 
+def test_a_strip_one_pixel_high_is_told_no_tile_size_helps(make_image) -> None:
+    rasters, tiles = _plan(make_image, [(1, 1024)], 256)
+    text = padding_warning(rasters, tiles, 256)
+    assert text is not None and text.endswith(
+        "no smaller tile_size pads clearly less, since the inputs are thinner than tiles (the "
+        "thinnest is 1024 x 1 px): the padding costs compute, not correctness"
+    )
+
+
 def test_a_folder_of_chips_warns_of_padding_once_and_not_of_seams(
     make_image, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

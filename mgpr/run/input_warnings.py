@@ -63,8 +63,7 @@ def padding_warning(
             f"set tile_size={best[0]} (about {100 * best[1]:.0f}% padding, edge tiles counted "
             f"without overlap) or choose another that fits the inputs (the largest is {size})"
             if best is not None
-            else f"choose a tile_size that fits the inputs (the largest is {size}) with fewer "
-            "tiles past their edges"
+            else _no_better_tile(rasters, planned)
         )
     return (
         f"{100 * share:.0f}% of the planned tiles' pixels are zero padding past the inputs' "
@@ -72,6 +71,19 @@ def padding_warning(
         f"the largest is {size}{grid}): the model runs "
         f"{1 / (1 - share):.1f}x the pixels it needs and a classifier or embedder sees mostly "
         f"padding; {advice}"
+    )
+
+
+def _no_better_tile(rasters: Sequence[RasterInfo], planned: set[str]) -> str:
+    """The advice when no smaller square tile pads clearly less: inputs thinner than any tile.
+
+    A 1 px high strip pads every square tile; naming a size would be a guess that helps nothing.
+    """
+    thinnest = min((r for r in rasters if r.path in planned), key=lambda r: min(r.height, r.width))
+    return (
+        f"no smaller tile_size pads clearly less, since the inputs are thinner than tiles "
+        f"(the thinnest is {thinnest.width} x {thinnest.height} px): the padding costs compute, "
+        "not correctness"
     )
 
 
