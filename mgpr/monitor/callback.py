@@ -10,11 +10,19 @@ parts into ``report.json`` + ``report.png``.
 
 Timing model, per rank (all seconds, monotonic clock)::
 
-    wall_s      = on_predict_start -> on_predict_end
+    t0          = when the predict DataLoader's iterator was created (the loader's
+                  ``iter_started_s``, see :func:`fetch_started`), else on_predict_start.
+                  Lightning's prefetching fetcher creates the iterator and fetches the first
+                  batch in the predict loop's reset, BEFORE on_predict_start: a clock started
+                  there missed worker start-up and the first batch (tiles/s above the loader's
+                  ceiling).
+    wall_s      = t0 -> on_predict_end
     data_wait_s = sum over batches of (on_predict_batch_start - end of previous batch, or
-                  predict start for the first), minus stage time recorded in that gap. Includes
-                  the DataLoader fetch, worker start-up (first batch) and host->device copy
-                  (Lightning moves the batch before on_predict_batch_start).
+                  t0 for the first), minus stage time recorded in that gap. Includes the
+                  DataLoader fetch, worker start-up and the first batch's read (from t0),
+                  the host->device copy (Lightning moves the batch before
+                  on_predict_batch_start) and, for the first batch, on_predict_start's own
+                  set-up (NVML, the sampler thread: milliseconds).
     compute_s   = sum of (on_predict_batch_start -> on_predict_batch_end, after
                   torch.cuda.synchronize on CUDA so queued kernels are counted) minus stage
                   time recorded inside the batch.
@@ -85,6 +93,26 @@ def _model_len(batch: Any, tiles: int) -> int:
 
         return int(np.count_nonzero(np.asarray(batch["status"]) == STATUS_OK))
     return tiles
+
+
+def fetch_started(trainer: Any, now: float) -> float | None:
+    """Monotonic seconds the predict DataLoader's iterator was created, or None if unknown.
+
+    Read from the loader's ``iter_started_s`` (:class:`~mgpr.data.batch_pool.TileLoader`
+    stamps it in ``__iter__``); a stamp later than ``now`` (another clock) is ignored. With
+    several predict loaders, the earliest.
+    """
+    loaders = getattr(trainer, "predict_dataloaders", None)
+    if loaders is None:
+        return None
+    if not isinstance(loaders, list | tuple):
+        loaders = [loaders]
+    stamps = [
+        float(t)
+        for dl in loaders
+        if isinstance(t := getattr(dl, "iter_started_s", None), int | float) and t <= now
+    ]
+    return min(stamps) if stamps else None
 
 
 @rank_zero_only
@@ -254,12 +282,18 @@ class RunMonitor(Callback):
             ) from exc
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Start timing and the sampling thread (and the progress display on rank 0)."""
+        """Start the sampling thread (and the progress display on rank 0); timing starts at t0.
+
+        t0 is the DataLoader iterator's creation (before this hook: the first batch is already
+        fetched), so the first batch's wait is data wait (module docstring).
+        """
         self._reset()
         if not self._ranks:
             self.setup(trainer, pl_module, "predict")
-        self.t0 = self._clock()
-        self.predict_start_unix_s = time.time()
+        now = self._clock()
+        started = fetch_started(trainer, now) if self._clock is time.monotonic else None
+        self.t0 = now if started is None else started
+        self.predict_start_unix_s = time.time() - (now - self.t0)
         self._clip_tally = getattr(pl_module, "clip_tally", None)
         self._last_end = self.t0
         self._open_device(trainer)
