@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import mgpr_cmd, run_mgpr_inprocess, subprocess_env
 
+from mgpr.monitor.callback import RunMonitor, steady_rate
 from mgpr.monitor.hint import MIN_BATCHES, MIN_PREDICT_S, bottleneck_hint, phase_hint
 from mgpr.monitor.phases import loop_span, run_phases
 
@@ -142,3 +143,19 @@ def test_a_short_run_names_no_bottleneck() -> None:
     assert cpu.startswith("cpu run: ") and "too short to name" in cpu and "data-bound" not in cpu
     long = bottleneck_hint(0.6, 30.0, {}, **HINT, batches=MIN_BATCHES, predict_s=MIN_PREDICT_S)
     assert long.startswith("data-bound")
+
+
+def test_steady_rate_needs_a_window_of_batches_after_the_first(tmp_path: Path) -> None:
+    """Two batches (4 tiles, then 1): the 1-tile batch alone is no steady rate."""
+    now = [0.0]
+    monitor = RunMonitor(tmp_path, interval_s=1.0, progress=False)
+    monitor._clock = lambda: now[0]
+    monitor.t0 = 0.0
+    for end, n in ((2.0, 4), (3.8, 1)):
+        monitor.on_predict_batch_start(None, None, {"index": [0] * n}, 0)  # type: ignore[arg-type]
+        now[0] = end
+        monitor.on_predict_batch_end(None, None, None, {"index": [0] * n}, 0)  # type: ignore[arg-type]
+    assert monitor.part()["steady_tiles_per_s"] is None
+    assert steady_rate(3, 9, 4, 2.0) == pytest.approx(2.5)  # 4 + 1 tiles after the first 4
+    assert steady_rate(3, 6, 4, 2.0) is None  # 2 tiles after a 4-tile first batch
+    assert steady_rate(2, 8, 4, 1.0) is None  # one batch after the first

@@ -115,6 +115,28 @@ def fetch_started(trainer: Any, now: float) -> float | None:
     return min(stamps) if stamps else None
 
 
+#: Batches after the first that a steady rate needs (one batch is a single interval).
+STEADY_MIN_BATCHES = 2
+
+
+def steady_rate(batches: int, tiles: int, first_tiles: int, span_s: float) -> float | None:
+    """Tiles/s after the first batch (start-up left out), or None when that window is too thin.
+
+    The window needs at least :data:`STEADY_MIN_BATCHES` batches and as many tiles as the first
+    batch held (a 1-tile last batch alone is no rate: 0.555 tiles/s beside an overall 1.131).
+
+    Args:
+        batches: the rank's batches, the first included.
+        tiles: the rank's tiles, the first batch's included.
+        first_tiles: tiles of the first batch.
+        span_s: seconds from the first batch's end to the loop's end.
+    """
+    after_batches, after_tiles = batches - 1, tiles - first_tiles
+    if after_batches < STEADY_MIN_BATCHES or after_tiles < max(1, first_tiles) or span_s <= 0:
+        return None
+    return after_tiles / span_s
+
+
 @rank_zero_only
 def _warn_rank_zero(message: str) -> None:
     logger.warning(message)
@@ -518,9 +540,7 @@ class RunMonitor(Callback):
             first_end, first_tiles = self._first_batch_end, self._first_batch_tiles
         steady = None
         if first_end is not None and self.t0 is not None:
-            span = self.t0 + wall - first_end
-            if tiles > first_tiles and span > 0:
-                steady = (tiles - first_tiles) / span
+            steady = steady_rate(batches, tiles, first_tiles, self.t0 + wall - first_end)
         limit = host_memory_limit()
         cgroup_limit = limit.bytes if limit is not None and limit.source == "cgroup" else None
         return {

@@ -47,7 +47,9 @@ ranks[]                          list      one row per reported rank (= per GPU)
   values_clipped                 obj|null  valid values the value_range clamp moved: below,
                                            above, values (counts; per input in totals); null
                                            where none can clip
-  steady_tiles_per_s             float|null the rate after the first batch (no start-up)
+  steady_tiles_per_s             float|null the rate after the first batch (no start-up);
+                                           null unless 2+ batches holding at least the first
+                                           batch's tiles follow it
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
   stage_shares                   obj       stage -> stages_s / wall_s
