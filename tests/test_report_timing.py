@@ -7,7 +7,9 @@ loading. Ratios are compared loosely (no timed assertion can fail on a slow mach
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import subprocess
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from conftest import mgpr_cmd, run_mgpr_inprocess, subprocess_env
 from mgpr.monitor.callback import RunMonitor, steady_rate
 from mgpr.monitor.hint import MIN_BATCHES, MIN_PREDICT_S, bottleneck_hint, phase_hint
 from mgpr.monitor.phases import loop_span, run_phases
+from mgpr.monitor.progress import Progress
 
 DELAY_S = 0.1
 TILES = 12
@@ -159,3 +162,30 @@ def test_steady_rate_needs_a_window_of_batches_after_the_first(tmp_path: Path) -
     assert steady_rate(3, 9, 4, 2.0) == pytest.approx(2.5)  # 4 + 1 tiles after the first 4
     assert steady_rate(3, 6, 4, 2.0) is None  # 2 tiles after a 4-tile first batch
     assert steady_rate(2, 8, 4, 1.0) is None  # one batch after the first
+
+
+def test_final_progress_line_counts_the_ranks_that_finished_after_rank_0(caplog) -> None:
+    """Rank 0 closes its display when its own loop ends; the job's last line comes after."""
+    done = [1032]
+    log = Progress(t0=0.0, total=1296, source=lambda: done[0], tty=False, log_every_s=30,
+                   stream=io.StringIO())  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="mgpr.monitor.progress"):
+        log.close(10.0)
+        done[0] = 1296  # rank 1's last tiles
+        log.final(12.0)
+        log.final(13.0)  # nothing moved: no second line
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[-1].startswith("progress: 1296/1296 tiles (100.0%)") and len(lines) == 2
+
+
+def test_two_ranks_last_progress_line_is_the_whole_job(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cmd = mgpr_cmd(
+        "use_fake_data=true", "dummy_dataset_count=24", "dummy_dataset_delay=0.02",
+        "model=null", "tile_size=64", "batch_size=2", "workers=0", "progress=false",
+        "gpus=2", "accelerator=cpu", f"output_dir={run}",
+    )  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [x for x in (run / "logs" / "rank0.log").read_text().splitlines() if "progress: " in x]
+    assert lines and "progress: 24/24 tiles (100.0%)" in lines[-1], lines

@@ -513,6 +513,15 @@ class RunMonitor(Callback):
         except OSError as exc:
             logger.warning(f"cannot write report part {self.part_path}: {exc}")
 
+    def final_progress(self) -> None:
+        """Rank 0, once every rank is done: a last progress line with the whole job's count."""
+        if self._progress is None:
+            return
+        try:
+            self._progress.final(self._clock())
+        except Exception:  # noqa: BLE001 - progress must never fail a finished run
+            pass
+
     def _clipped(self) -> dict[str, int] | None:
         """The module's clip counts, read once at the end (None: none kept, or unreadable)."""
         if self._clip_tally is None:
