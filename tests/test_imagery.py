@@ -557,3 +557,18 @@ def test_a_range_far_wider_than_the_data_is_warned_of(
     warned = [x for x in capsys.readouterr().err.splitlines() if "value_range does not fit" in x]
     assert len(warned) == 1 and f"{str(img.path)!r} {shown} to hi" in warned[0], warned
     assert "crushed near 0" in warned[0]
+
+
+def test_peak_is_taken_before_the_clamp_and_leaves_out_nodata(make_image, tmp_path: Path) -> None:
+    """uint16 content stretched to [0, 10000] under value_range=[1000,5000]: the brightest
+    valid value is (10000 - 1000) / 4000 = 2.25 of the range (the clamped input peaked at 1.0);
+    the white nodata border (65535, i.e. 16.1 of the range) is no peak."""
+    img = _image(make_image, "bright.tif", dtype="uint16", nodata_value=65535)
+    with rasterio.open(img.path) as src:
+        data, mask = src.read(), src.dataset_mask()
+    top = float(data[:, mask > 0].max())
+    assert int(data.max()) == 65535 and top <= 10000  # a nodata border, and valid content
+    assert _run(img, tmp_path / "run", "value_range=[1000,5000]") == 0
+    clipped = _summary(tmp_path / "run")["values"]["inputs"][str(img.path)]["clipped"]
+    assert clipped["peak"] == pytest.approx((top - 1000) / 4000, abs=1e-4), clipped
+    assert clipped["peak"] > 2.0 and clipped["above"] > 0

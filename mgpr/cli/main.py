@@ -84,7 +84,15 @@ def version_line() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console script ``mgpr``."""
+    """Console script ``mgpr``.
+
+    ``argv`` None: this process is the command (its start is the run's start, see
+    :func:`~mgpr.monitor.phases.command_start_unix_s`); a list: an in-process call, timed
+    from now.
+    """
+    from mgpr.monitor.phases import command_start_unix_s
+
+    started_unix_s = command_start_unix_s(own_command_line=argv is None)
     args = list(sys.argv[1:] if argv is None else argv)
     if any(a in ("-V", "--version") for a in args):
         print(version_line())
@@ -128,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         quiet_stops.install()  # before torch is imported
         from mgpr.run.predict import run
 
-        code = run(cfg, explicit_keys=explicit)
+        code = run(cfg, explicit_keys=explicit, started_unix_s=started_unix_s)
     except MgprError as exc:
         print(f"mgpr: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -402,13 +403,22 @@ class TileLoader(DataLoader[Any]):
     Args:
         host_registrar: pins the pool's buffers (GPU runs, with ``pin_memory=False``); a
             constructor argument and attribute so Lightning's re-instantiation keeps it.
+
+    Attributes:
+        iter_started_s: ``time.monotonic()`` seconds when the last iterator was created, or
+            None before the first. Lightning's prefetching fetcher creates it and fetches the
+            first batch BEFORE ``on_predict_start``; the run monitor starts its clock here so
+            worker start-up and the first batch count as data wait
+            (:mod:`mgpr.monitor.callback`).
     """
 
     def __init__(self, *args: Any, host_registrar: HostRegistrar | None = None, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.host_registrar = host_registrar
+        self.iter_started_s: float | None = None
 
     def __iter__(self) -> Any:
+        self.iter_started_s = time.monotonic()
         dataset = self.dataset
         if self.num_workers == 0 or not hasattr(dataset, "batch_pool"):
             return super().__iter__()

@@ -106,10 +106,11 @@ class ClipTally:
         """Each run's brightest value, from the model's input as it goes in.
 
         Args:
-            x: (K, C, H, W) the batch after the clamp to [0, 1] and after its invalid pixels
-                were set to 0 (:func:`mgpr.data.masking.fill_invalid`), so nodata cannot pass for
-                the raster's peak; one max per run (a mask multiplied in before the clamp cost
-                2x the tally on CPU).
+            x: (K, C, H, W) the batch scaled but BEFORE the clamp to [0, 1] (a peak above 1:
+                values clipped at ``hi``), its invalid pixels already set to 0 (the module's
+                clip counter fills them in place, as :func:`mgpr.data.masking.fill_invalid`
+                would after the clamp), so nodata cannot pass for the raster's peak; one max
+                per run.
             runs: as for :meth:`add`, which came first.
         """
         if x.numel() == 0 or self._peaks is None:

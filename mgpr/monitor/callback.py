@@ -10,11 +10,19 @@ parts into ``report.json`` + ``report.png``.
 
 Timing model, per rank (all seconds, monotonic clock)::
 
-    wall_s      = on_predict_start -> on_predict_end
+    t0          = when the predict DataLoader's iterator was created (the loader's
+                  ``iter_started_s``, see :func:`fetch_started`), else on_predict_start.
+                  Lightning's prefetching fetcher creates the iterator and fetches the first
+                  batch in the predict loop's reset, BEFORE on_predict_start: a clock started
+                  there missed worker start-up and the first batch (tiles/s above the loader's
+                  ceiling).
+    wall_s      = t0 -> on_predict_end
     data_wait_s = sum over batches of (on_predict_batch_start - end of previous batch, or
-                  predict start for the first), minus stage time recorded in that gap. Includes
-                  the DataLoader fetch, worker start-up (first batch) and host->device copy
-                  (Lightning moves the batch before on_predict_batch_start).
+                  t0 for the first), minus stage time recorded in that gap. Includes the
+                  DataLoader fetch, worker start-up and the first batch's read (from t0),
+                  the host->device copy (Lightning moves the batch before
+                  on_predict_batch_start) and, for the first batch, on_predict_start's own
+                  set-up (NVML, the sampler thread: milliseconds).
     compute_s   = sum of (on_predict_batch_start -> on_predict_batch_end, after
                   torch.cuda.synchronize on CUDA so queued kernels are counted) minus stage
                   time recorded inside the batch.
@@ -85,6 +93,48 @@ def _model_len(batch: Any, tiles: int) -> int:
 
         return int(np.count_nonzero(np.asarray(batch["status"]) == STATUS_OK))
     return tiles
+
+
+def fetch_started(trainer: Any, now: float) -> float | None:
+    """Monotonic seconds the predict DataLoader's iterator was created, or None if unknown.
+
+    Read from the loader's ``iter_started_s`` (:class:`~mgpr.data.batch_pool.TileLoader`
+    stamps it in ``__iter__``); a stamp later than ``now`` (another clock) is ignored. With
+    several predict loaders, the earliest.
+    """
+    loaders = getattr(trainer, "predict_dataloaders", None)
+    if loaders is None:
+        return None
+    if not isinstance(loaders, list | tuple):
+        loaders = [loaders]
+    stamps = [
+        float(t)
+        for dl in loaders
+        if isinstance(t := getattr(dl, "iter_started_s", None), int | float) and t <= now
+    ]
+    return min(stamps) if stamps else None
+
+
+#: Batches after the first that a steady rate needs (one batch is a single interval).
+STEADY_MIN_BATCHES = 2
+
+
+def steady_rate(batches: int, tiles: int, first_tiles: int, span_s: float) -> float | None:
+    """Tiles/s after the first batch (start-up left out), or None when that window is too thin.
+
+    The window needs at least :data:`STEADY_MIN_BATCHES` batches and as many tiles as the first
+    batch held (a 1-tile last batch alone is no rate: 0.555 tiles/s beside an overall 1.131).
+
+    Args:
+        batches: the rank's batches, the first included.
+        tiles: the rank's tiles, the first batch's included.
+        first_tiles: tiles of the first batch.
+        span_s: seconds from the first batch's end to the loop's end.
+    """
+    after_batches, after_tiles = batches - 1, tiles - first_tiles
+    if after_batches < STEADY_MIN_BATCHES or after_tiles < max(1, first_tiles) or span_s <= 0:
+        return None
+    return after_tiles / span_s
 
 
 @rank_zero_only
@@ -254,12 +304,18 @@ class RunMonitor(Callback):
             ) from exc
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Start timing and the sampling thread (and the progress display on rank 0)."""
+        """Start the sampling thread (and the progress display on rank 0); timing starts at t0.
+
+        t0 is the DataLoader iterator's creation (before this hook: the first batch is already
+        fetched), so the first batch's wait is data wait (module docstring).
+        """
         self._reset()
         if not self._ranks:
             self.setup(trainer, pl_module, "predict")
-        self.t0 = self._clock()
-        self.predict_start_unix_s = time.time()
+        now = self._clock()
+        started = fetch_started(trainer, now) if self._clock is time.monotonic else None
+        self.t0 = now if started is None else started
+        self.predict_start_unix_s = time.time() - (now - self.t0)
         self._clip_tally = getattr(pl_module, "clip_tally", None)
         self._last_end = self.t0
         self._open_device(trainer)
@@ -457,6 +513,15 @@ class RunMonitor(Callback):
         except OSError as exc:
             logger.warning(f"cannot write report part {self.part_path}: {exc}")
 
+    def final_progress(self) -> None:
+        """Rank 0, once every rank is done: a last progress line with the whole job's count."""
+        if self._progress is None:
+            return
+        try:
+            self._progress.final(self._clock())
+        except Exception:  # noqa: BLE001 - progress must never fail a finished run
+            pass
+
     def _clipped(self) -> dict[str, int] | None:
         """The module's clip counts, read once at the end (None: none kept, or unreadable)."""
         if self._clip_tally is None:
@@ -484,9 +549,7 @@ class RunMonitor(Callback):
             first_end, first_tiles = self._first_batch_end, self._first_batch_tiles
         steady = None
         if first_end is not None and self.t0 is not None:
-            span = self.t0 + wall - first_end
-            if tiles > first_tiles and span > 0:
-                steady = (tiles - first_tiles) / span
+            steady = steady_rate(batches, tiles, first_tiles, self.t0 + wall - first_end)
         limit = host_memory_limit()
         cgroup_limit = limit.bytes if limit is not None and limit.source == "cgroup" else None
         return {

@@ -34,8 +34,11 @@ at the end of predict; rank 0 merges them (:func:`mgpr.monitor.report.build_repo
     model_tiles_per_s             float    model_tiles / wall_s (tiles/s)
     steady_tiles_per_s            float|null tiles after the first batch / time after it (tiles/s):
                                            the rate without start-up (workers starting, kernel
-                                           choice); null with fewer than two batches
+                                           choice); null unless 2+ batches holding at least
+                                           the first batch's tiles follow it
+                                           (:func:`mgpr.monitor.callback.steady_rate`)
     predict_start_unix_s,         float|null wall-clock time (s since the epoch) of predict start
+                                           (the DataLoader iterator's creation)
     first_batch_unix_s                     and of the first batch's arrival (start-up figures)
     cuda_synchronized             bool     compute_s measured with a sync at batch end
     values_clipped                obj|null valid values (every band of every valid pixel) the

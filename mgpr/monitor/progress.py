@@ -69,6 +69,7 @@ class Progress:
         self.stream = stream
         self.next_s = t0 + (0.0 if tty else log_every_s)
         self.width = 0
+        self.last_done: int | None = None  # the count the last line showed
 
     def tick(self, now: float, force: bool = False) -> None:
         """Show the progress if its interval has passed (or ``force``); ``now`` is monotonic s."""
@@ -76,6 +77,7 @@ class Progress:
             return
         self.next_s = now + self.every_s
         done = self.source()
+        self.last_done = done
         line = progress_line(done, self.total, now - self.t0)
         if self.tty:
             bar = ""
@@ -92,6 +94,20 @@ class Progress:
 
     def close(self, now: float) -> None:
         """Show the final count and end the bar's line."""
+        self.tick(now, force=True)
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def final(self, now: float) -> None:
+        """After every rank is done: one more line if the count moved since :meth:`close`.
+
+        Rank 0 closes the display when ITS loop ends; the other ranks' last tiles come after,
+        so without this the last line stayed short of the job's total (1032/1296).
+        """
+        done = self.source()
+        if done == self.last_done:
+            return
         self.tick(now, force=True)
         if self.tty:
             self.stream.write("\n")

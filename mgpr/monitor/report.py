@@ -47,7 +47,9 @@ ranks[]                          list      one row per reported rank (= per GPU)
   values_clipped                 obj|null  valid values the value_range clamp moved: below,
                                            above, values (counts; per input in totals); null
                                            where none can clip
-  steady_tiles_per_s             float|null the rate after the first batch (no start-up)
+  steady_tiles_per_s             float|null the rate after the first batch (no start-up);
+                                           null unless 2+ batches holding at least the first
+                                           batch's tiles follow it
   data_wait_share,               float     data_wait_s / wall_s, compute_s / wall_s
   compute_share
   stage_shares                   obj       stage -> stages_s / wall_s
@@ -75,6 +77,13 @@ totals                           obj
   gpu_util_avg_pct               float|null mean over GPU devices of util_avg_pct (a device
                                            shared by two ranks counts once)
   mem_peak_gib                   float|null highest mem_peak_gib of any rank
+phases                           obj|null  where the command's time went, rank 0's wall clock
+                                           (mgpr.monitor.phases); null without the command's
+                                           start or when no rank ran its predict loop:
+  startup_s                      float     command start (process start) -> earliest rank's
+                                           predict loop start (s)
+  predict_s                      float     -> latest rank's predict loop end (s)
+  merge_outputs_s                float     -> this report's build (merge, outputs, previews; s)
 hint                             str       one line: the bottleneck and what to change
 plot                             str|null  ``"report.png"`` (relative to run_dir) or null
 ===============================  ========  ==================================================
@@ -90,7 +99,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from mgpr.monitor.hint import bottleneck_hint
+from mgpr.monitor.hint import bottleneck_hint, phase_hint
+from mgpr.monitor.phases import loop_span, run_phases
 from mgpr.monitor.plot import plot_report
 from mgpr.outputs.rundir import write_json_atomic
 
@@ -302,7 +312,9 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
             ``nothing_predicted`` (why no tile reached the model, e.g. all nodata: then the
             hint says so instead of naming a bottleneck), ``nodata_tiles`` ((skipped, planned)
             for the whole job: at half or more the hint says the reads of nodata tiles are in
-            its figures), anything else is stored as given.
+            its figures), ``command_start_unix_s`` (when the command started: ``phases`` and
+            the hint's start-up / merge rule; None: no phases), anything else is stored as
+            given.
 
     Returns:
         The report dict (schema in the module docstring).
@@ -319,6 +331,12 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
     cpu_run = bool(rows) and all(not str(r["device"]).startswith("cuda") for r in rows)
     stage_shares = dict(totals["stage_shares"])
     stage_shares["compute"] = totals["compute_share"]
+    started = context.get("command_start_unix_s")
+    phases = (
+        None
+        if started is None
+        else run_phases(float(started), loop_span(parts.values()), time.time())
+    )
     nothing = context.get("nothing_predicted")
     if nothing:
         hint = f"nothing to measure: {nothing}"
@@ -339,7 +357,12 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
             cpu_run=cpu_run,
             untiled_inputs=context.get("untiled_inputs"),
             fake_delay_s=context.get("fake_delay_s"),
+            batches=int(totals["batches"]),
+            predict_s=float(totals["wall_s"]),
         )
+        lead = phase_hint(phases)
+        if lead:
+            hint = f"{lead}; predict loop: {hint}"
         nodata = context.get("nodata_tiles")
         if nodata and nodata[0] >= 0.5 * nodata[1]:
             hint += (
@@ -361,6 +384,7 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
         "ranks": rows,
         "gpus": gpus,
         "totals": totals,
+        "phases": phases,
         "hint": hint,
         "plot": None,
     }

@@ -14,13 +14,17 @@ part, each kept once), ``duplicates_removed`` (seam de-duplication), ``duplicate
 (boxes found again where two inputs overlap on the ground, removed), ``classes`` (label ->
 ``count`` of features written, a classifier's tiles by top-1 label, and ``area_m2`` for segments),
 ``max_detections`` / ``tiles_at_box_cap`` (detection: the per-tile box cap and the predicted tiles
-holding that many boxes), ``wall_s`` (whole command on rank 0, seconds), ``predict_call_s``
-(``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s`` (first batch request to
-last batch, slowest rank), ``tiles_this_run`` (tiles this command's ranks predicted, skipped or
-failed), ``tiles_earlier_runs`` (those of the plan an earlier run of the same job finished, so a
-resume's counts above are the whole job's), ``tiles_per_s`` (tiles predicted or skipped in this run
-/ ``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles the model ran on: not nodata, not
-unreadable), ``tiles_per_s_per_rank`` (by global rank), ``stale_outputs`` (only when files an
+holding that many boxes), ``wall_s`` (whole command on rank 0, seconds: from the process start,
+before the imports, to just before ``summary.json`` is written, report.json/report.png included),
+``command_start_unix_s`` (that start, s since the epoch), ``phases`` (``startup_s``,
+``predict_s``, ``merge_outputs_s``: :func:`command_phases`, summing to ``wall_s``),
+``predict_call_s`` (``Trainer.predict`` incl. rank and worker start-up), ``predict_loop_s``
+(DataLoader iterator created to last batch, slowest rank), ``tiles_this_run`` (tiles this command's
+ranks predicted, skipped or failed), ``tiles_earlier_runs`` (those of the plan an earlier run of
+the same job finished, so a resume's counts above are the whole job's), ``tiles_per_s`` (tiles
+predicted or skipped in this run / ``predict_loop_s``), ``model_tiles_per_s`` (of those, the tiles
+the model ran on: not nodata, not unreadable), ``tiles_per_s_per_rank`` (by global rank),
+``stale_outputs`` (only when files an
 earlier run of the job wrote are not this run's outputs:
 :func:`~mgpr.outputs.rundir.stale_outputs`), ``hint`` (the report's bottleneck hint),
 ``output_crs`` (only with the key: the vector layers' CRS, ``EPSG:4326``), ``aoi`` (only with
@@ -254,9 +258,8 @@ def finish_run(
         )
         summary["outputs"] += [str(p) for p in previews]
         summary["previews"] = [str(p) for p in previews]
-    wall = time.time() - t_start
     summary.update(
-        wall_s=round(wall, 3),
+        command_start_unix_s=round(t_start, 3),
         predict_call_s=round(stats["predict_wall_s"], 3),
         provenance={
             "host": socket.gethostname(),
@@ -301,7 +304,7 @@ def finish_run(
             summary["demo_check"] = class_map_check(Path(summary["output"]), truth_path)
         else:
             summary["demo_check"] = demo_check(Path(summary["output"]), truth_path)
-    report_text, report = _report(run_dir, world, cfg, precision, summary, rasters)
+    report_text, report = _report(run_dir, world, cfg, precision, summary, rasters, t_start)
     totals = report.get("totals", {}) if report else {}
     summary["tiles_per_s"] = totals.get("tiles_per_s")
     summary["model_tiles_per_s"] = totals.get("model_tiles_per_s")
@@ -344,6 +347,9 @@ def finish_run(
     from mgpr.outputs.parts import remove_leftover_temps
 
     remove_leftover_temps(run_dir)  # every rank is done: no temp file is anyone's now
+    wall = time.time() - t_start  # the report files are in it; writing this file is not
+    summary["wall_s"] = round(wall, 3)
+    summary["phases"] = command_phases((report or {}).get("phases"), wall)
     write_json_atomic(run_dir / "summary.json", summary)
     print_summary(summary, report_text)
     return summary
@@ -434,6 +440,23 @@ def describe_resolution(cfg: PredictConfig, rasters: Sequence[RasterInfo]) -> di
     }
 
 
+def command_phases(report_phases: dict[str, Any] | None, wall_s: float) -> dict[str, float] | None:
+    """``summary.json`` ``phases``: the report's, with merge and outputs run on to ``wall_s``.
+
+    Start-up and predict end before the report is built, so they are the report's; the
+    summary's merge-and-outputs phase also holds the report's own build (and report.png), so
+    the three sum to ``wall_s``. None where the report has none.
+    """
+    if not report_phases:
+        return None
+    startup, predict = float(report_phases["startup_s"]), float(report_phases["predict_s"])
+    return {
+        "startup_s": round(startup, 3),
+        "predict_s": round(predict, 3),
+        "merge_outputs_s": round(max(0.0, wall_s - startup - predict), 3),
+    }
+
+
 def _report(
     run_dir: Path,
     world: int,
@@ -441,10 +464,12 @@ def _report(
     precision: str,
     summary: dict[str, Any],
     rasters: Sequence[RasterInfo],
+    t_start: float,
 ) -> tuple[str, dict[str, Any] | None]:
     """Build report.json/report.png from every rank's part; returns the text block.
 
-    An input counts as untiled (strips) when its block is as wide as the raster.
+    An input counts as untiled (strips) when its block is as wide as the raster. ``t_start``:
+    the command's start (unix s), for the report's ``phases``.
     """
     from mgpr.monitor.report import build_report, format_report
 
@@ -462,6 +487,7 @@ def _report(
         "fake_delay_s": cfg.dummy_dataset_delay if cfg.use_fake_data else None,
         **report_context(cfg, precision),
         "compile": (summary.get("compile") or {}).get("used"),
+        "command_start_unix_s": t_start,
     }
     try:
         report = build_report(run_dir, world, context)

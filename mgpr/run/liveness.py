@@ -348,8 +348,12 @@ def end_of_predict(
     stop_heartbeat: Callable[[], None],
     run_dir: Path,
     finalise: Callable[[int], object] | None = None,
+    on_all_done: Callable[[], None] | None = None,
 ) -> None:
     """After a rank's predict: publish its end; rank 0 waits for every rank while it is alive.
+
+    ``on_all_done``: called on rank 0 once every rank has published its end (the final
+    progress line, with the job's count), before the merge shares.
 
     No collective and no timeout: a slow rank is waited for; a dead one (its process exited,
     it reported a failure, or its heartbeat stopped) fails the run with the rank named. With
@@ -380,6 +384,8 @@ def end_of_predict(
             f"finished tile is kept in {run_dir}/parts: read {run_dir}/logs/rank*.log, then "
             f"{rerun(run_dir)}"
         )
+    if on_all_done is not None:
+        on_all_done()
     if finalise is not None:
         merge_share_rank0(store, world_size, local_ranks.exit_code, finalise, run_dir)
     for child, code in local_ranks.reap(timeout_s=30.0).items():

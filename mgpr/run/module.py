@@ -28,7 +28,7 @@ import torch
 
 from mgpr.data.clipping import ClipTally
 from mgpr.data.dataset import STATUS_FAILED, STATUS_OK
-from mgpr.data.masking import fill_invalid
+from mgpr.data.masking import FILL_VALUE, fill_invalid
 from mgpr.data.scaling import ValueScaler
 from mgpr.geo.tiling import Tile
 from mgpr.models.base import Detections, ModelAdapter, check_class_maps, nonfinite_tiles
@@ -170,9 +170,9 @@ class InferenceModule(pl.LightningModule):
                 paths = [self.tiles[i].id.path for i in positions.tolist()]
             valid = batch.get("device_mask", mask)
             counter = self._clip_counter(valid, keep, batch, ok)
-            x = fill_invalid(self.scaler(images, paths, keep, counter), valid, keep)
-            if counter is not None:
-                counter.peaks(x)  # after the clamp and the fill: nodata is 0 there
+            x = self.scaler(images, paths, keep, counter)  # the counter fills and peaks first
+            if counter is None or not counter.clamped:  # else its fill came before the clamp
+                x = fill_invalid(x, valid, keep)
             if self.batch_size and self._compiled():
                 x = pad_batch(x, self.batch_size)  # one static shape: no recompile
             inputs = self.adapter.prepare(x)
@@ -289,13 +289,18 @@ class InferenceModule(pl.LightningModule):
 
 
 class _ClipCounter:
-    """One batch's hooks into the clip tally: the scaler's ``before_clamp``, then :meth:`peaks`.
+    """One batch's hooks into the clip tally: the scaler's ``before_clamp``.
+
+    Before the clamp it counts what the clamp will move, sets the invalid pixels to
+    :data:`~mgpr.data.masking.FILL_VALUE` (so nodata cannot pass for a peak; the clamp keeps
+    0 at 0) and takes each raster's peak: above 1 where values clip at ``hi`` (after the
+    clamp it could never exceed 1).
 
     Counted: the validity mask's pixels (nodata, mask band) and, for edge tiles, only the window
     inside the raster (their zero padding is no data: a range with ``lo > 0`` would count it as
     clipped, 28 % of a 700 x 600 raster's values in 256 px tiles); per raster, over the batch's
     runs of consecutive tiles of one raster. Nothing is built until the scaler clamps (uint8 by
-    [0, 255] never does), and :meth:`peaks` does nothing then either.
+    [0, 255] never does): then no peak is taken either.
     """
 
     def __init__(
@@ -325,8 +330,6 @@ class _ClipCounter:
             )
             pixels = inside if pixels is None else inside & pixels.ne(0)
         self.tally.add(x, pixels, self.runs)
-
-    def peaks(self, x: torch.Tensor) -> None:
-        """Each raster's brightest value in the model's input (clamped, invalid pixels 0)."""
-        if self.clamped:
-            self.tally.add_peaks(x, self.runs)
+        if self.valid is not None:  # the K kept tiles' validity: fill_invalid's, in place
+            x.masked_fill_(self.valid.eq(0).unsqueeze(1), FILL_VALUE)
+        self.tally.add_peaks(x, self.runs)

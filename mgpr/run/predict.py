@@ -70,13 +70,21 @@ from mgpr.run.slurm import read_slurm_task
 log = logging.getLogger("mgpr")
 
 
-def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
-    """Run one prediction job on this process's rank; returns the process exit code."""
+def run(
+    cfg: PredictConfig,
+    explicit_keys: set[str] | None = None,
+    started_unix_s: float | None = None,
+) -> int:
+    """Run one prediction job on this process's rank; returns the process exit code.
+
+    ``started_unix_s``: when the command started (s since the epoch; the CLI passes its
+    process start), so ``summary.json`` ``wall_s`` and ``phases`` cover the imports; None: now.
+    """
     previous = install_signal_handlers()
     try:
         with RestoreLogging():
             try:
-                return _run(cfg, explicit_keys or set())
+                return _run(cfg, explicit_keys or set(), started_unix_s)
             except MgprError as exc:  # the one line stderr shows, kept in logs/rank<R>.log too
                 to_log_files(f"mgpr: error: {exc}")
                 raise
@@ -85,8 +93,8 @@ def run(cfg: PredictConfig, explicit_keys: set[str] | None = None) -> int:
         restore_signal_handlers(previous)
 
 
-def _run(cfg: PredictConfig, explicit: set[str]) -> int:
-    t_start = time.time()
+def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -> int:
+    t_start = time.time() if started_unix_s is None else started_unix_s
     rank = env_rank(os.environ)
     run_dir = resolve_run_dir(cfg.output_dir, os.environ)
     check_writable(run_dir)

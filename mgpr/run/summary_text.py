@@ -175,6 +175,12 @@ def print_summary(s: dict[str, Any], report_text: str) -> None:
             + f" over {s['predict_loop_s']:.1f} s of prediction on {s['world_size']} rank(s); "
             f"whole command {s['wall_s']:.0f} s"
         )
+    if s.get("phases"):
+        from mgpr.monitor.phases import phases_line
+
+        lines.append(
+            f"  time         {phases_line(s['phases'])} (whole command {s['wall_s']:.1f} s)"
+        )
     if s.get("output"):
         lines += _output_lines(s)
     classes = _classes_line(s)

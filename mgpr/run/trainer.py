@@ -456,6 +456,7 @@ def run_predict(
                 finalise=None
                 if cfg.use_fake_data
                 else merge_share(cfg, run_dir, adapter, rasters, tiles, trainer.world_size),
+                on_all_done=monitor.final_progress,
             )
         finished = True
     except RankFailedError:
