@@ -9,15 +9,19 @@ mis-shaped key raises :class:`~mgpr.errors.ModelError` naming up to three of eac
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mgpr.errors import ModelError
+
+logger = logging.getLogger(__name__)
 
 #: Digits of the sha256 kept in a ``file:`` weights id.
 HASH_PREFIX_LEN = 16
@@ -57,7 +61,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     Accepts a raw ``state_dict`` or a dict holding it under ``"state_dict"`` (Lightning) or
     ``"model"``, or a ``.safetensors`` file (read with ``safetensors.torch.load_file``, which
     holds tensors only, as fine-tuning with Hugging Face or timm saves them). Key prefixes are
-    left alone (see :func:`load_state_dict_checked`).
+    left alone (:func:`load_state_dict_checked` finds the network's, see :func:`align_keys`).
 
     Raises:
         ModelError: the file does not exist, cannot be unpickled safely, or holds no tensors.
@@ -115,23 +119,106 @@ def _read_safetensors(p: Path, given: str) -> dict[str, torch.Tensor]:
     return {str(k): v for k, v in tensors.items()}
 
 
-def align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
-    """Strip a common leading prefix (``module.``, ``model.``, ``net.`` ...) if that fits better.
+#: Leading dotted components a checkpoint's keys may carry before the model's own names
+#: (``module.`` from DDP, ``model.`` from a LightningModule attribute, ``model.net.`` ...).
+MAX_PREFIX_DEPTH = 3
 
-    Tries removing 0 to 3 leading dotted components shared by every key and keeps the variant
-    with the most keys in ``expected`` (ties keep the shorter strip).
+
+@dataclass(frozen=True, slots=True)
+class KeyAlignment:
+    """A checkpoint's keys matched to a model's: what was stripped, what was left out.
+
+    Attributes:
+        state: the tensors under ``prefix``, renamed without it.
+        prefix: the leading part removed from every key taken (``""``: none).
+        dropped: keys outside ``prefix`` that are not network weights (``loss.weight``).
+        others: keys outside ``prefix`` that look like network weights too (a second copy
+            under ``ema.``): which network to load is then the user's choice, not a guess.
     """
-    best, best_hits = state, len(expected.intersection(state))
-    current = state
-    for _ in range(3):
-        heads = {k.split(".", 1)[0] for k in current}
-        if len(heads) != 1 or not all("." in k for k in current):
-            break
-        current = {k.split(".", 1)[1]: v for k, v in current.items()}
-        hits = len(expected.intersection(current))
-        if hits > best_hits:
-            best, best_hits = current, hits
-    return best
+
+    state: dict[str, torch.Tensor]
+    prefix: str
+    dropped: tuple[str, ...] = ()
+    others: tuple[str, ...] = ()
+
+
+def _splits(key: str) -> list[tuple[str, str]]:
+    """``key`` cut after 0 to :data:`MAX_PREFIX_DEPTH` leading components: (prefix, rest)."""
+    parts = key.split(".")
+    return [
+        (".".join(parts[:i]) + "." if i else "", ".".join(parts[i:]))
+        for i in range(min(MAX_PREFIX_DEPTH, len(parts) - 1) + 1)
+    ]
+
+
+def _best_prefix(keys: list[str], expected: set[str]) -> str:
+    """The prefix under which most keys are the model's own names (ties: the shorter one).
+
+    Not the prefix every key shares: a Lightning checkpoint holds its network under
+    ``model.`` beside the module's other state (``loss.weight`` of a weighted loss).
+    """
+    hits: dict[str, int] = {"": 0}
+    for key in keys:
+        for prefix, rest in _splits(key):
+            if rest in expected:
+                hits[prefix] = hits.get(prefix, 0) + 1
+    return min(hits, key=lambda p: (-hits[p], len(p)))
+
+
+def align_keys(state: dict[str, torch.Tensor], expected: set[str]) -> KeyAlignment:
+    """Take the checkpoint's keys under the prefix that matches ``expected`` best.
+
+    A key outside that prefix is dropped when no tail of it (up to 3 leading components off)
+    is a model key: a loss's class weights, a metric's state. One that does look like the
+    model's is kept in ``others``, for :func:`load_state_dict_checked` to refuse.
+    """
+    prefix = _best_prefix(list(state), expected)
+    taken = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    outside = [k for k in state if not k.startswith(prefix)]
+    others = [k for k in outside if any(rest in expected for _, rest in _splits(k))]
+    dropped = [k for k in outside if k not in others]
+    return KeyAlignment(taken, prefix, tuple(dropped), tuple(others))
+
+
+def _first(keys: Sequence[str], n: int = 3) -> str:
+    """Up to ``n`` keys, comma-separated, and how many more there are."""
+    more = f" (+{len(keys) - n} more)" if len(keys) > n else ""
+    return f"{', '.join(keys[:n])}{more}"
+
+
+def _aligned(state: dict[str, torch.Tensor], expected: set[str], source: str) -> KeyAlignment:
+    """:func:`align_keys`, logging the prefix taken and the keys dropped.
+
+    Raises:
+        ModelError: network weights outside the prefix too (two networks in one file).
+    """
+    found = align_keys(state, expected)
+    if found.others:
+        other = _best_prefix(list(found.others), expected)
+        where = f"under '{other}'" if other else "without a prefix"
+        raise ModelError(
+            f"weights={source} holds the model's weights under '{found.prefix}' and more "
+            f"network weights {where} ({len(found.others)} keys: {_first(found.others)}), "
+            "and mgpr does not guess which to load; re-save the one you want alone, e.g. "
+            f"torch.save({{k.removeprefix('{found.prefix}'): v for k, v in sd.items() if "
+            f"k.startswith('{found.prefix}')}}, 'sd.pth')."
+        )
+    if found.prefix:
+        logger.info(
+            "weights=%s: loading the %d keys under '%s' (prefix removed)",
+            source,
+            len(found.state),
+            found.prefix,
+        )
+    if found.dropped:
+        logger.info(
+            "weights=%s: dropped %d key(s) outside '%s' that are not network weights: %s",
+            source,
+            len(found.dropped),
+            found.prefix,
+            _first(found.dropped),
+        )
+    return found
 
 
 def _ignorable(key: str) -> bool:
@@ -158,10 +245,11 @@ def load_state_dict_checked(
             (a segmentation model's ``aux_classifier.``, used only for its training loss).
 
     Raises:
-        ModelError: naming up to 3 missing, unexpected and shape-mismatched keys each.
+        ModelError: naming up to 3 missing, unexpected and shape-mismatched keys each, or a
+            second network outside the prefix taken (see :func:`align_keys`).
     """
     expected = module.state_dict()
-    state = align_keys(state, set(expected))
+    state = _aligned(state, set(expected), source).state
     if ignore_prefixes:
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
     missing = [k for k in expected if k not in state and not _ignorable(k)]
@@ -179,8 +267,7 @@ def load_state_dict_checked(
             ("shape mismatch (checkpoint vs model)", mismatched),
         ):
             if keys:
-                more = f" (+{len(keys) - 3} more)" if len(keys) > 3 else ""
-                parts.append(f"{len(keys)} {label}: {', '.join(keys[:3])}{more}")
+                parts.append(f"{len(keys)} {label}: {_first(keys)}")
         what = f"model={model_name}" if model_name else "the model"
         raise ModelError(
             f"weights={source} does not fit {what}: {'; '.join(parts)}; pass a checkpoint saved "
@@ -210,7 +297,7 @@ def load_checkpoint_sized(
     """
     state = read_checkpoint(path)
     module = build(None)
-    head = align_keys(state, set(module.state_dict())).get(head_key)
+    head = align_keys(state, set(module.state_dict())).state.get(head_key)
     num_classes = int(head.shape[0]) if head is not None and head.ndim >= 2 else default_classes
     if num_classes != default_classes:
         module = build(num_classes)

@@ -1,0 +1,120 @@
+"""Tests of mgpr.models.checkpoint: checkpoint layouts, key prefixes, refusals (CPU, no network).
+
+Every checkpoint is a real file written in ``tmp_path`` from a tiny network built here.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader, TensorDataset
+
+from mgpr.errors import ModelError
+from mgpr.models.checkpoint import align_keys, load_checkpoint
+
+
+class Net(torch.nn.Module):
+    """A tiny classifier: conv, batch norm, linear head (a ResNet's kinds of keys)."""
+
+    def __init__(self, classes: int = 5, bands: int = 3) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(bands, 4, 3)
+        self.bn1 = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits (B, classes)."""
+        return self.fc(self.bn1(self.conv1(x)).mean(dim=(2, 3)))
+
+
+class Classifier(LightningModule):
+    """A LightningModule as fine-tuning code writes it: the network and a weighted loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = Net()
+        self.loss = torch.nn.CrossEntropyLoss(weight=torch.ones(5))
+
+    def training_step(self, batch: list[torch.Tensor], batch_idx: int) -> torch.Tensor:
+        """One loss value."""
+        x, y = batch
+        return self.loss(self.model(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Plain SGD."""
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _assert_same_weights(dst: torch.nn.Module, src: dict[str, torch.Tensor]) -> None:
+    for key, value in dst.state_dict().items():
+        torch.testing.assert_close(value, src[key])
+
+
+def test_lightning_checkpoint_with_a_weighted_loss_loads(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """ModelCheckpoint's file: the network under ``model.`` beside ``loss.weight``."""
+    module = Classifier()
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        limit_train_batches=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[ModelCheckpoint(dirpath=tmp_path, filename="last")],
+    )
+    data = TensorDataset(torch.rand(2, 3, 8, 8), torch.tensor([0, 1]))
+    trainer.fit(module, DataLoader(data, batch_size=2))
+    ckpt = tmp_path / "last.ckpt"
+    assert "loss.weight" in torch.load(ckpt, weights_only=True)["state_dict"]
+    dst = Net()
+    with caplog.at_level(logging.INFO, logger="mgpr.models.checkpoint"):
+        load_checkpoint(ckpt, dst)
+    _assert_same_weights(dst, module.model.state_dict())
+    assert f"weights={ckpt}: loading the 9 keys under 'model.'" in caplog.text
+    assert "dropped 1 key(s) outside 'model.' that are not network weights: loss.weight" in (
+        caplog.text
+    )
+
+
+def test_the_prefix_is_the_one_the_model_keys_are_under() -> None:
+    """Not the one every key shares: a few extras (metrics, loss) sit beside the network."""
+    sd = Net().state_dict()
+    state = {f"model.net.{k}": v for k, v in sd.items()}
+    state |= {"loss.weight": torch.ones(5), "train_acc.total": torch.zeros(())}
+    found = align_keys(state, set(sd))
+    assert found.prefix == "model.net." and set(found.state) == set(sd)
+    assert found.dropped == ("loss.weight", "train_acc.total") and found.others == ()
+    plain = align_keys(dict(sd), set(sd))
+    assert plain.prefix == "" and plain.dropped == ()
+
+
+def test_missing_network_keys_are_refused_after_the_prefix(tmp_path: Path) -> None:
+    """Dropping the extras never loads a partial network."""
+    state = {f"model.{k}": v for k, v in Net().state_dict().items() if k != "fc.bias"}
+    path = tmp_path / "partial.ckpt"
+    torch.save({"state_dict": state | {"loss.weight": torch.ones(5)}, "epoch": 2}, path)
+    with pytest.raises(ModelError, match=r"does not fit the model: 1 missing: fc\.bias"):
+        load_checkpoint(path, Net())
+
+
+def test_two_networks_in_one_file_are_refused(tmp_path: Path) -> None:
+    """An EMA copy beside the model: which one to load is the user's choice."""
+    sd = Net().state_dict()
+    state = {f"model.{k}": v for k, v in sd.items()}
+    state |= {f"ema.{k}": v.clone() for k, v in sd.items() if k != "fc.bias"}
+    path = tmp_path / "ema.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(path, Net())
+    msg = str(info.value)
+    assert msg.startswith(f"weights={path} holds the model's weights under 'model.' and more ")
+    assert "network weights under 'ema.' (8 keys: ema.conv1.weight," in msg
+    assert "k.removeprefix('model.')" in msg and "\n" not in msg
