@@ -118,3 +118,24 @@ def test_two_networks_in_one_file_are_refused(tmp_path: Path) -> None:
     assert msg.startswith(f"weights={path} holds the model's weights under 'model.' and more ")
     assert "network weights under 'ema.' (8 keys: ema.conv1.weight," in msg
     assert "k.removeprefix('model.')" in msg and "\n" not in msg
+
+
+def test_the_pytorch_tutorial_layout_loads(tmp_path: Path) -> None:
+    """{'epoch', 'model_state_dict', 'optimizer_state_dict', 'loss'}, as the tutorial saves it."""
+    net = Net()
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.rand(2, 3, 8, 8)).sum().backward()
+    optimizer.step()
+    path = tmp_path / "tutorial.pth"
+    torch.save(
+        {
+            "epoch": 4,
+            "model_state_dict": net.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "loss": 0.25,
+        },
+        path,
+    )
+    dst = Net()
+    load_checkpoint(path, dst)
+    _assert_same_weights(dst, net.state_dict())

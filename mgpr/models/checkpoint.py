@@ -55,13 +55,19 @@ def one_line(obj: object, limit: int = 200) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+#: Where a training checkpoint keeps the network's state_dict, first found wins: Lightning's
+#: ``state_dict``, the PyTorch tutorial's ``model_state_dict`` (beside ``optimizer_state_dict``,
+#: ``epoch``, ``loss``), and ``model`` (DeiT, detectron-style and many training scripts).
+STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model")
+
+
 def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Read a checkpoint's tensors with ``torch.load(map_location="cpu", weights_only=True)``.
 
-    Accepts a raw ``state_dict`` or a dict holding it under ``"state_dict"`` (Lightning) or
-    ``"model"``, or a ``.safetensors`` file (read with ``safetensors.torch.load_file``, which
-    holds tensors only, as fine-tuning with Hugging Face or timm saves them). Key prefixes are
-    left alone (:func:`load_state_dict_checked` finds the network's, see :func:`align_keys`).
+    Accepts a raw ``state_dict`` or a dict holding it under one of :data:`STATE_DICT_KEYS`,
+    or a ``.safetensors`` file (read with ``safetensors.torch.load_file``, which holds tensors
+    only, as fine-tuning with Hugging Face or timm saves them). Key prefixes are left alone
+    (:func:`load_state_dict_checked` finds the network's, see :func:`align_keys`).
 
     Raises:
         ModelError: the file does not exist, cannot be unpickled safely, or holds no tensors.
@@ -83,7 +89,7 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "torch.save(model.state_dict(), path)."
         ) from err
     if isinstance(obj, dict):
-        for key in ("state_dict", "model"):
+        for key in STATE_DICT_KEYS:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
