@@ -139,3 +139,79 @@ def test_the_pytorch_tutorial_layout_loads(tmp_path: Path) -> None:
     dst = Net()
     load_checkpoint(path, dst)
     _assert_same_weights(dst, net.state_dict())
+
+
+# ------------------------------------------------------------------ files torch.load refuses
+
+
+def _refusal(path: Path) -> str:
+    """The one-line message load_checkpoint refuses ``path`` with."""
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(path, Net())
+    msg = str(info.value)
+    assert msg.startswith(f"weights={path} ") and "\n" not in msg
+    return msg
+
+
+def test_a_whole_pickled_module_is_named_with_its_re_save(tmp_path: Path) -> None:
+    """torch.save(model): the class is read from the pickle's opcodes, nothing is run."""
+    path = tmp_path / "whole.pth"
+    torch.save(Net(), path)
+    msg = _refusal(path)
+    assert "holds a whole pickled " in msg and "Net (torch.save(model))" in msg
+    assert f"torch.save(torch.load('{path}', weights_only=False).state_dict(), 'sd.pth')" in msg
+    assert "if you trust the file" in msg
+
+
+def test_a_foreign_object_beside_the_tensors_is_named(tmp_path: Path) -> None:
+    import argparse
+
+    path = tmp_path / "args.ckpt"
+    torch.save({"state_dict": Net().state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
+    msg = _refusal(path)
+    assert "holds an object of class argparse.Namespace beside its tensors" in msg
+    assert "weights_only=False)['state_dict'], 'sd.pth')" in msg
+
+
+def test_a_torchscript_archive_is_named_without_torchs_warning(
+    tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    path = tmp_path / "scripted.pth"
+    with pytest.warns(FutureWarning):  # torch.jit is deprecated, still what many export
+        torch.jit.save(torch.jit.trace(Net().eval(), torch.rand(1, 3, 8, 8)), path)
+    recwarn.clear()
+    msg = _refusal(path)
+    assert "is a TorchScript archive (torch.jit.save), not a state_dict" in msg
+    assert f"torch.save(torch.jit.load('{path}').state_dict(), 'sd.pth')" in msg
+    assert not [w for w in recwarn if issubclass(w.category, UserWarning)]
+
+
+def test_a_safetensors_file_named_pth_is_read_as_safetensors(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    sd = Net().state_dict()
+    path = tmp_path / "model.pth"
+    save_file({k: v.contiguous() for k, v in sd.items()}, path)
+    dst = Net()
+    load_checkpoint(path, dst)
+    _assert_same_weights(dst, sd)
+
+
+def test_a_truncated_and_an_empty_file_say_so(tmp_path: Path) -> None:
+    whole = tmp_path / "whole.pth"
+    torch.save(Net().state_dict(), whole)
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    msg = _refusal(cut)
+    assert "is a truncated or corrupt torch.save archive" in msg and msg.endswith("copy it again.")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    assert "is an empty file (0 bytes)" in _refusal(empty)
+
+
+def test_one_line_cuts_at_a_word() -> None:
+    from mgpr.models.checkpoint import one_line
+
+    text = "Weights only load failed. This file can still be loaded, to do so you have two"
+    assert one_line(text, 40) == "Weights only load failed. This file..."
+    assert one_line("short", 40) == "short"

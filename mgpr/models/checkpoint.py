@@ -11,7 +11,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickletools
 import re
+import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,12 +50,16 @@ _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 
 
 def one_line(obj: object, limit: int = 200) -> str:
-    """``obj`` as text on one line, cut to ``limit`` characters.
+    """``obj`` as text on one line, cut to ``limit`` characters at a word boundary.
 
     Whitespace runs are collapsed and terminal escapes removed.
     """
     text = " ".join(_ANSI_ESCAPE.sub("", str(obj)).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    if len(text) <= limit:
+        return text
+    cut = text[: limit - 3]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > limit // 2 else cut).rstrip(" ,;:") + "..."
 
 
 #: Where a training checkpoint keeps the network's state_dict, first found wins: Lightning's
@@ -78,16 +85,33 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             f"weights={path}: no such checkpoint file ({p.resolve()}); fix the path, or pass "
             "weights=DEFAULT or weights=none."
         )
+    size = p.stat().st_size
+    if size == 0:
+        raise ModelError(
+            f"weights={path} is an empty file (0 bytes); copy it again, or save the checkpoint "
+            "anew with torch.save(model.state_dict(), path)."
+        )
     if p.suffix.lower() == ".safetensors":
         return _read_safetensors(p, str(path))
-    try:
-        obj: Any = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+    if _looks_like_safetensors(p, size):
+        logger.info("weights=%s holds safetensors (by its content): read as such", path)
+        return _read_safetensors(p, str(path))
+    members = _zip_members(p)
+    if members is not None and _is_torchscript(members):
         raise ModelError(
-            f"weights={path} cannot be read with torch.load(weights_only=True) "
-            f"({type(err).__name__}: {one_line(err, 120)}); save it with "
-            "torch.save(model.state_dict(), path)."
-        ) from err
+            f"weights={path} is a TorchScript archive (torch.jit.save), not a state_dict; "
+            f"re-save its weights with torch.save(torch.jit.load('{path}').state_dict(), "
+            "'sd.pth') and pass weights=sd.pth."
+        )
+    try:
+        with warnings.catch_warnings():
+            # torch.load warns, with a source line, before it refuses a TorchScript archive
+            # or a pickle protocol it may not read; the error says what to do instead.
+            warnings.filterwarnings("ignore", ".*TorchScript archive", UserWarning)
+            warnings.filterwarnings("ignore", ".*pickle protocol", UserWarning)
+            obj: Any = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is the user's to fix
+        raise _unreadable(p, str(path), err, members) from err
     if isinstance(obj, dict):
         for key in STATE_DICT_KEYS:
             if isinstance(obj.get(key), dict):
@@ -105,6 +129,117 @@ def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
             "torch.save(model.state_dict(), path)."
         )
     return tensors
+
+
+#: safetensors' start: the JSON header's length (8 bytes, little-endian), then the header.
+_SAFETENSORS_HEAD = 9
+#: torch.save's archive since torch 1.6 is a zip file; this is its first local file header.
+_ZIP_MAGIC = b"PK\x03\x04"
+#: The class torch's weights-only unpickler refused, from its message.
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL ([\w.]+)")
+#: torch's own reason inside its weights-only message (the rest is advice for torch.load).
+_WEIGHTS_ONLY_REASON = re.compile(r"WeightsUnpickler error:\s*(.*?)(?:\n\n|Check the doc|$)", re.S)
+
+
+def _looks_like_safetensors(p: Path, size: int) -> bool:
+    """True when the file starts as safetensors does (a plausible header length, then ``{``).
+
+    By content, not by name: a safetensors file named ``.pth`` is no pickle, and torch.load
+    would only say "Unsupported operand".
+    """
+    with open(p, "rb") as fh:
+        head = fh.read(_SAFETENSORS_HEAD)
+    if len(head) < _SAFETENSORS_HEAD or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def _zip_members(p: Path) -> list[str] | None:
+    """The member names of a zip archive; None when it is no readable zip.
+
+    Reads only the central directory, so telling a TorchScript archive from a pickle costs
+    no load.
+    """
+    try:
+        with zipfile.ZipFile(p) as zf:
+            return zf.namelist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None
+
+
+def _member(names: list[str], name: str) -> str | None:
+    """The archive member ``<folder>/name`` (torch puts every record under one folder)."""
+    return next((n for n in names if n.split("/", 1)[-1] == name), None)
+
+
+def _is_torchscript(names: list[str]) -> bool:
+    """torch.jit.save's archive holds ``constants.pkl``; torch.save's does not (torch's test)."""
+    return _member(names, "constants.pkl") is not None
+
+
+def _top_level_class(p: Path, names: list[str]) -> str | None:
+    """The class of the pickled object when it is an instance (``torch.save(model)``).
+
+    Read with ``pickletools.genops`` from the first opcodes of ``data.pkl``, which runs
+    nothing; None for a dict or list (they start with their own opcodes) or anything odd.
+    """
+    data = _member(names, "data.pkl")
+    if data is None:
+        return None
+    try:
+        with zipfile.ZipFile(p) as zf, zf.open(data) as fh:
+            raw = fh.read(1 << 16)
+        strings: list[str] = []
+        for op, arg, _ in pickletools.genops(raw):
+            if op.name == "GLOBAL":
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            if "UNICODE" in op.name:
+                strings.append(str(arg))
+            elif op.name not in ("PROTO", "FRAME", "MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT"):
+                return None
+    except Exception:  # noqa: BLE001 - a damaged pickle: no diagnosis, torch's reason stands
+        return None
+    return None
+
+
+def _unreadable(p: Path, given: str, err: Exception, members: list[str] | None) -> ModelError:
+    """The error for a file torch.load(weights_only=True) refused: its cause and its fix."""
+    text = str(err)
+    with open(p, "rb") as fh:
+        is_zip = fh.read(4) == _ZIP_MAGIC
+    if (is_zip and members is None) or "central directory" in text:
+        return ModelError(
+            f"weights={given} is a truncated or corrupt torch.save archive ({p.stat().st_size} "
+            "bytes, its zip directory unreadable), as a copy or download cut short leaves it; "
+            "copy it again."
+        )
+    refused = _UNSUPPORTED_GLOBAL.search(text)
+    top = _top_level_class(p, members) if members is not None else None
+    whole = top not in (None, "collections.OrderedDict")  # a state_dict is an OrderedDict
+    if whole and (refused is None or refused.group(1) == top):
+        return ModelError(
+            f"weights={given} holds a whole pickled {top} (torch.save(model)), "
+            "which weights_only=True does not unpickle because that could run code; if you "
+            f"trust the file, re-save its weights with torch.save(torch.load('{given}', "
+            "weights_only=False).state_dict(), 'sd.pth') and pass weights=sd.pth."
+        )
+    if refused:
+        where = " beside its tensors (e.g. in hyper_parameters)" if members is not None else ""
+        return ModelError(
+            f"weights={given} holds an object of class {refused.group(1)}{where}, which "
+            "weights_only=True does not unpickle because that could run code; if you trust the "
+            "file, re-save only the weights, e.g. "
+            f"torch.save(torch.load('{given}', weights_only=False)['state_dict'], 'sd.pth'), "
+            "and pass weights=sd.pth."
+        )
+    reason = _WEIGHTS_ONLY_REASON.search(text)
+    return ModelError(
+        f"weights={given} cannot be read with torch.load(weights_only=True) "
+        f"({type(err).__name__}: {one_line(reason.group(1) if reason else text, 160)}); "
+        "check that torch.save wrote it (another framework's file must be converted first)."
+    )
 
 
 def _read_safetensors(p: Path, given: str) -> dict[str, torch.Tensor]:
