@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from mgpr.errors import ModelError
-from mgpr.models.checkpoint import align_keys, load_checkpoint
+from mgpr.models.checkpoint import _resnet_kind, align_keys, load_checkpoint
 
 
 class Net(torch.nn.Module):
@@ -215,3 +215,56 @@ def test_one_line_cuts_at_a_word() -> None:
     text = "Weights only load failed. This file can still be loaded, to do so you have two"
     assert one_line(text, 40) == "Weights only load failed. This file..."
     assert one_line("short", 40) == "short"
+
+
+# ------------------------------------------------------------------ checkpoints that do not fit
+
+
+def _misfit(state: dict[str, torch.Tensor], tmp_path: Path, dst: torch.nn.Module) -> str:
+    """The message ``state``, saved to a file, is refused with by ``dst`` (model=net)."""
+    path = tmp_path / "misfit.pth"
+    torch.save(state, path)
+    with pytest.raises(ModelError) as info:
+        load_checkpoint(path, dst, model_name="net")
+    msg = str(info.value)
+    assert msg.startswith(f"weights={path} does not fit model=net: ") and "\n" not in msg
+    assert "weights=DEFAULT" not in msg  # that advice would throw the fine-tune away
+    return msg
+
+
+def test_another_band_count_names_the_bands_and_the_own_builder(tmp_path: Path) -> None:
+    """An RGB+NIR fine-tune: only the first convolution's input width differs."""
+    msg = _misfit(Net(bands=4).state_dict(), tmp_path, Net())
+    assert "conv1.weight (4, 4, 3, 3) vs (4, 3, 3, 3)" in msg
+    assert "the checkpoint was trained on 4 input bands and model=net takes 3" in msg
+    assert "a 4-band model needs your own builder" in msg
+    assert msg.endswith('run as model=pkg.module:build (README, "Models").')
+
+
+def test_a_partial_checkpoint_and_another_network_say_which(tmp_path: Path) -> None:
+    partial = {k: v for k, v in Net().state_dict().items() if not k.startswith("fc.")}
+    msg = _misfit(partial, tmp_path, Net())
+    assert "2 missing: fc.weight, fc.bias" in msg and "holds only part of the network" in msg
+    other = {"features.0.weight": torch.zeros(4, 3, 3, 3), "classifier.weight": torch.zeros(5, 4)}
+    msg = _misfit(other, tmp_path, Net())
+    assert "it was saved from another network than model=net" in msg
+
+
+def test_resnet_kinds_are_told_apart_by_their_keys() -> None:
+    from torchvision import models
+
+    kinds = {}
+    with torch.device("meta"):  # shapes only: no memory, no time
+        for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnext50_32x4d"):
+            kinds[name] = _resnet_kind(getattr(models, name)().state_dict())
+        kinds["wide_resnet50_2"] = _resnet_kind(models.wide_resnet50_2().state_dict())
+        kinds["mobilenet_v3_small"] = _resnet_kind(models.mobilenet_v3_small().state_dict())
+    assert kinds == {
+        "resnet18": "ResNet-18 (2-2-2-2 basic blocks)",
+        "resnet34": "ResNet-34 (3-4-6-3 basic blocks)",
+        "resnet50": "ResNet-50 (3-4-6-3 bottleneck blocks)",
+        "resnet101": "ResNet-101 (3-4-23-3 bottleneck blocks)",
+        "resnext50_32x4d": "ResNeXt-50 (3-4-6-3 bottleneck blocks)",
+        "wide_resnet50_2": "wide ResNet-50 (3-4-6-3 bottleneck blocks)",
+        "mobilenet_v3_small": None,
+    }

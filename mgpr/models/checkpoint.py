@@ -15,7 +15,7 @@ import pickletools
 import re
 import warnings
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -367,6 +367,101 @@ def _ignorable(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+#: Where to write a model mgpr has no builder for (a checkpoint of another network).
+_OWN_BUILDER = 'model=pkg.module:build (README, "Models")'
+#: A torchvision ResNet block's convolution: ``layer<1-4>.<block>.conv<1-3>.weight``.
+_RESNET_CONV = re.compile(r"(?:^|\.)layer([1-4])\.(\d+)\.conv([1-3])\.weight$")
+#: torchvision's ResNet depths by blocks per layer and block type (bottleneck: conv3).
+_RESNET_DEPTHS = {
+    (2, 2, 2, 2, False): 18,
+    (3, 4, 6, 3, False): 34,
+    (3, 4, 6, 3, True): 50,
+    (3, 4, 23, 3, True): 101,
+    (3, 8, 36, 3, True): 152,
+}
+
+
+def _resnet_kind(state: Mapping[str, torch.Tensor]) -> str | None:
+    """Which torchvision ResNet the keys describe, from block counts and block shapes.
+
+    ``"ResNet-18 (2-2-2-2 basic blocks)"``; ``ResNeXt`` when the first block's 3x3 convolution is
+    grouped, ``wide ResNet`` when it is 128 wide; None when the keys are no ResNet's. Cheap
+    (key names and shapes only), so a wrong-architecture message can name the likely one.
+    """
+    blocks, bottleneck, first = [0, 0, 0, 0], False, {}
+    for key, value in state.items():
+        found = _RESNET_CONV.search(key)
+        if found is None:
+            continue
+        layer, block, conv = int(found[1]) - 1, int(found[2]), int(found[3])
+        blocks[layer] = max(blocks[layer], block + 1)
+        bottleneck |= conv == 3
+        if layer == 0 and block == 0:
+            first[conv] = tuple(value.shape)
+    depth = _RESNET_DEPTHS.get((*blocks, bottleneck))
+    if depth is None:
+        return None
+    name = f"ResNet-{depth}"
+    if bottleneck and len(first.get(2, ())) == 4 and first[2][0] != first[2][1]:
+        name = f"ResNeXt-{depth}"
+    elif bottleneck and first.get(1, (0,))[0] == 128:
+        name = f"wide ResNet-{depth}"
+    kind = "bottleneck" if bottleneck else "basic"
+    return f"{name} ({'-'.join(map(str, blocks))} {kind} blocks)"
+
+
+def _band_counts(
+    expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor], bad: list[str]
+) -> tuple[int, int] | None:
+    """(checkpoint, model) input bands when the first convolution's width is the only misfit.
+
+    A fine-tune on RGB+NIR changes nothing but that dimension of the first 4-D weight.
+    """
+    conv = next((k for k, v in expected.items() if v.ndim == 4), None)
+    if conv is None or bad != [conv]:
+        return None
+    theirs, ours = state[conv].shape, expected[conv].shape
+    if len(theirs) != 4 or theirs[0] != ours[0] or theirs[2:] != ours[2:]:
+        return None
+    return int(theirs[1]), int(ours[1])
+
+
+def _misfit_advice(
+    expected: Mapping[str, torch.Tensor],
+    state: Mapping[str, torch.Tensor],
+    missing: list[str],
+    unexpected: list[str],
+    bad: list[str],
+    what: str,
+) -> str:
+    """Why a checkpoint does not fit, and a fix that keeps the user's training.
+
+    Never "use weights=DEFAULT": that throws the fine-tune away.
+    """
+    bands = None if missing or unexpected else _band_counts(expected, state, bad)
+    if bands is not None:
+        return (
+            f"the checkpoint was trained on {bands[0]} input bands and {what} takes "
+            f"{bands[1]}: a {bands[0]}-band model needs your own builder that widens the first "
+            f"convolution to {bands[0]} bands and loads this file, run as {_OWN_BUILDER}"
+        )
+    theirs, ours = _resnet_kind(state), _resnet_kind(expected)
+    if theirs is not None and ours is not None and theirs != ours:
+        return (
+            f"it looks like a {theirs} checkpoint and {what} is a {ours}: load it with your "
+            f"own builder of that network, {_OWN_BUILDER}"
+        )
+    if missing and not unexpected and not bad:
+        return (
+            "the checkpoint holds only part of the network (a backbone alone, a save cut "
+            "short): pass one saved from the whole model's state_dict()"
+        )
+    return (
+        f"it was saved from another network than {what}: pass a checkpoint of {what}'s "
+        f"architecture, or load this one with your own builder, {_OWN_BUILDER}"
+    )
+
+
 def load_state_dict_checked(
     module: torch.nn.Module,
     state: dict[str, torch.Tensor],
@@ -395,25 +490,22 @@ def load_state_dict_checked(
         state = {k: v for k, v in state.items() if not k.startswith(ignore_prefixes)}
     missing = [k for k in expected if k not in state and not _ignorable(k)]
     unexpected = [k for k in state if k not in expected and not _ignorable(k)]
-    mismatched = [
-        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in state and state[k].shape != v.shape
-    ]
-    if missing or unexpected or mismatched:
+    bad = [k for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    if missing or unexpected or bad:
         parts = []
         for label, keys in (
             ("missing", missing),
             ("unexpected", unexpected),
-            ("shape mismatch (checkpoint vs model)", mismatched),
+            (
+                "shape mismatch (checkpoint vs model)",
+                [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in bad],
+            ),
         ):
             if keys:
                 parts.append(f"{len(keys)} {label}: {_first(keys)}")
         what = f"model={model_name}" if model_name else "the model"
-        raise ModelError(
-            f"weights={source} does not fit {what}: {'; '.join(parts)}; pass a checkpoint saved "
-            "from this model's state_dict() or use weights=DEFAULT."
-        )
+        advice = _misfit_advice(expected, state, missing, unexpected, bad, what)
+        raise ModelError(f"weights={source} does not fit {what}: {'; '.join(parts)}; {advice}.")
     module.load_state_dict({k: v for k, v in state.items() if k in expected}, strict=False)
 
 
