@@ -199,11 +199,15 @@ def test_mismatched_checkpoint_names_keys(tmp_path: Path, resnet_none: ModelAdap
     assert f"weights={ckpt}" in msg and "model=resnet50" in msg
     assert "missing: layer1.0.conv3.weight" in msg  # first missing key of resnet50's bottleneck
     assert "shape mismatch" in msg and "layer1.0.conv1.weight" in msg
+    looks = "it looks like a ResNet-18 (2-2-2-2 basic blocks) checkpoint and model=resnet50 is a "
+    assert looks + "ResNet-50 (3-4-6-3 bottleneck blocks)" in msg
+    assert "own builder of that network, model=pkg.module:build" in msg
+    assert "weights=DEFAULT" not in msg
 
     truncated = tmp_path / "truncated.pth"
     sd = resnet_none.module.state_dict()
     torch.save({k: v for k, v in sd.items() if not k.startswith("layer4")}, truncated)
-    with pytest.raises(ModelError, match=r"missing: layer4\.0\.conv1\.weight"):
+    with pytest.raises(ModelError, match=r"missing: layer4\.0\.conv1\.weight.*only part of"):
         build_model("resnet50", str(truncated))
 
 
