@@ -30,7 +30,14 @@ ValiditySource = Literal["mask", "alpha", "nodata", "none"]
 
 def alpha_band(src: Any) -> int | None:
     """The 1-based index of the band GDAL labels alpha, or None."""
-    for i, interp in enumerate(src.colorinterp):
+    try:
+        interps = src.colorinterp
+    except Exception:  # noqa: BLE001 - GDAL's error of an earlier failed read, still pending
+        # rasterio checks GDAL's last error after reading the colour interpretation, so a
+        # damaged block read before (a preview falling back to its block-by-block read)
+        # fails this header call once; the second call reads it.
+        interps = src.colorinterp
+    for i, interp in enumerate(interps):
         if interp == ColorInterp.alpha:
             return i + 1
     return None
