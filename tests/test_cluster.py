@@ -209,6 +209,8 @@ def test_a_killed_rank_fails_the_run_at_once_and_the_rerun_completes(
     assert "rank 1: its process exited with code -9" in last and "re-run the same command" in last
     report = json.loads((run / "report.json").read_text())  # rank 0's figures, rank 1 named
     assert report["missing_ranks"] == [1] and report["ranks_reported"] == [0], report
+    # the hint reads the inputs' layout as a finished run's does (it gave generic advice)
+    assert report["context"]["untiled_inputs"] == 0 and report["context"]["fake_delay_s"] is None
     kept = _tile_rows(run)
     assert len(kept) == len(set(kept))  # each tile once, whatever rank 1 had claimed
     assert run_mgpr_inprocess(*args, "gpus=1") == 0, capsys.readouterr().err

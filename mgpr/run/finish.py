@@ -468,12 +468,10 @@ def _report(
 ) -> tuple[str, dict[str, Any] | None]:
     """Build report.json/report.png from every rank's part; returns the text block.
 
-    An input counts as untiled (strips) when its block is as wide as the raster. ``t_start``:
-    the command's start (unix s), for the report's ``phases``.
+    ``t_start``: the command's start (unix s), for the report's ``phases``.
     """
     from mgpr.monitor.report import build_report, format_report
 
-    untiled = [r for r in rasters if r.block_shape[1] >= r.native_width and r.native_width > 512]
     total, empty = summary.get("tiles_total") or 0, summary.get("tiles_skipped_nodata") or 0
     context = {
         "nothing_predicted": (
@@ -483,9 +481,7 @@ def _report(
             else None
         ),
         "nodata_tiles": [empty, total] if total else None,
-        "untiled_inputs": len(untiled) if rasters else None,
-        "fake_delay_s": cfg.dummy_dataset_delay if cfg.use_fake_data else None,
-        **report_context(cfg, precision),
+        **report_context(cfg, precision, rasters),
         "compile": (summary.get("compile") or {}).get("used"),
         "command_start_unix_s": t_start,
     }
@@ -498,16 +494,27 @@ def _report(
     return format_report(report), report
 
 
-def report_context(cfg: PredictConfig, precision: str) -> dict[str, Any]:
-    """The run settings every report records: workers, batch size, precision, CPUs per task."""
+def report_context(
+    cfg: PredictConfig, precision: str, rasters: Sequence[RasterInfo] = ()
+) -> dict[str, Any]:
+    """What every report records and its hint reads, finished run or not.
+
+    The settings (workers, batch size, precision, CPUs per task), the inputs stored in strips
+    (an input counts as untiled when its block is as wide as the raster: the data-bound hint
+    then names tiling them; None without rasters) and fake data's delay per tile (the hint
+    names it as the wait, not the inputs).
+    """
     import os
 
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    untiled = [r for r in rasters if r.block_shape[1] >= r.native_width and r.native_width > 512]
     return {
         "workers": cfg.workers,
         "batch_size": cfg.batch_size,
         "precision": precision,
         "cpus_per_task": int(cpus) if cpus else os.cpu_count(),
+        "untiled_inputs": len(untiled) if rasters else None,
+        "fake_delay_s": cfg.dummy_dataset_delay if cfg.use_fake_data else None,
     }
 
 

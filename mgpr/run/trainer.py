@@ -461,7 +461,7 @@ def run_predict(
         finished = True
     except RankFailedError:
         if trainer.global_rank == 0:
-            _report_without(run_dir, trainer.world_size, cfg, str(trainer.precision))
+            _report_without(run_dir, trainer.world_size, cfg, str(trainer.precision), rasters)
         raise
     finally:
         datamodule.stop_heartbeat()
@@ -497,7 +497,13 @@ LIGHTNING_NOTICES = (
 )
 
 
-def _report_without(run_dir: Path, world_size: int, cfg: PredictConfig, precision: str) -> None:
+def _report_without(
+    run_dir: Path,
+    world_size: int,
+    cfg: PredictConfig,
+    precision: str,
+    rasters: Sequence[RasterInfo] = (),
+) -> None:
     """Write report.json of a run that a rank did not finish.
 
     Every part there is, the dead rank(s) in ``missing_ranks``: the figures of the ranks that
@@ -507,7 +513,7 @@ def _report_without(run_dir: Path, world_size: int, cfg: PredictConfig, precisio
     from mgpr.run.finish import report_context
 
     context = {
-        **report_context(cfg, precision),
+        **report_context(cfg, precision, rasters),
         "unfinished": "a rank did not finish: no merge ran",
     }
     try:
