@@ -185,6 +185,15 @@ def test_gsd_needs_a_projected_crs_in_metres(make_image, tmp_path: Path) -> None
                      origin_x=15.0, origin_y=45.0)  # fmt: skip
     with pytest.raises(InputError, match=r"geographic.*gdalwarp -t_srs EPSG:32633 "):
         check_gsd_crs(describe_raster(str(geo.path)), 0.1)
+    # near the pole UTM ends (UPS instead); across 180 E the centre's longitude wraps (zone 1)
+    for origin_x, origin_y, want in [(10.0, 89.9999, "EPSG:32661"),
+                                     (179.99999, -16.5, "EPSG:32701")]:  # fmt: skip
+        far = dataclasses.replace(
+            describe_raster(str(geo.path)),
+            native_transform=Affine(1e-6, 0, origin_x, 0, -1e-6, origin_y),
+        )
+        with pytest.raises(InputError, match=f"gdalwarp -t_srs {want} "):
+            check_gsd_crs(far, 0.1)
     feet = make_image("ft.tif", width=64, height=64, crs="EPSG:2263", origin_x=1e6, origin_y=2e5)
     with pytest.raises(InputError, match=r"projected, (us survey )?foot"):
         check_gsd_crs(describe_raster(str(feet.path)), 0.1)

@@ -219,7 +219,9 @@ def check_gsd_crs(info: RasterInfo, gsd: float) -> None:
 def _suggest_epsg(info: RasterInfo) -> str:
     """The WGS 84 / UTM zone of the raster's centre (``EPSG:326zz`` / ``EPSG:327zz``).
 
-    ``EPSG:XXXX`` when the centre cannot be located.
+    Polewards of 84 degrees (where UTM ends) the UPS North / South CRS (``EPSG:32661`` /
+    ``EPSG:32761``); a centre longitude past 180 (a raster across the antimeridian) is wrapped
+    into -180..180 first. ``EPSG:XXXX`` when the centre cannot be located.
     """
     try:
         from pyproj import CRS, Transformer
@@ -230,8 +232,11 @@ def _suggest_epsg(info: RasterInfo) -> str:
             CRS.from_wkt(info.crs_wkt or ""), CRS.from_epsg(4326), always_xy=True
         )
         lon, lat = to_lonlat.transform(x, y)
-        if not (-180.0 <= lon <= 180.0 and -84.0 <= lat <= 84.0):
+        if not (math.isfinite(lon) and math.isfinite(lat) and -90.0 <= lat <= 90.0):
             return "EPSG:XXXX"
+        if abs(lat) > 84.0:
+            return "EPSG:32661" if lat > 0 else "EPSG:32761"  # UPS: UTM's polar companion
+        lon = (lon + 180.0) % 360.0 - 180.0
         zone = min(60, int((lon + 180.0) // 6.0) + 1)
         return f"EPSG:{(32600 if lat >= 0 else 32700) + zone}"
     except Exception:  # a CRS pyproj cannot transform: no suggestion, still one line
