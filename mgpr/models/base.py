@@ -288,7 +288,7 @@ class ModelAdapter(abc.ABC):
         self.in_bands = int(in_bands)
         self.random_weights = bool(random_weights)
         self.weights_id = weights_id
-        self.module = module.eval().requires_grad_(False)
+        self.module = frozen(module)
         # What forward calls: the module, or what compile() made of it.
         self._network: Callable[..., Any] = self.module
 
@@ -397,6 +397,21 @@ class ModelAdapter(abc.ABC):
             f"input_range={self.input_range!r}, "
             f"weights_id={self.weights_id!r})"
         )
+
+
+def frozen(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` in eval mode with every parameter's gradient off, returned for chaining.
+
+    Per parameter rather than ``module.requires_grad_(False)``: a TorchScript module
+    (``torch.jit.load(path)``, a common way to ship a model) refuses that method ("not
+    supported on ScriptModules") but not its parameters' own flag. Inference runs under
+    ``inference_mode`` anyway; the flags keep a notebook's ``adapter.predict`` from building a
+    graph.
+    """
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
 
 
 def nonfinite_tiles(raw: Any, n: int) -> torch.Tensor | None:

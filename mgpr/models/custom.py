@@ -26,7 +26,8 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
   ``categories`` (names by class id; for a classifier or segmenter one name is a binary
   model's positive class, id 1, after ``background``; a segmenter without them gets numbered
   names, its class count from ``num_classes`` or one probe forward), ``in_bands`` (else the
-  first Conv2d's ``in_channels``, else 0 = any). A torchvision detector (``GeneralizedRCNN``:
+  ``in_channels`` of the first Conv2d its forward applies, else 0 = any). A TorchScript module
+  (``torch.jit.load(path)``) is wrapped the same way. A torchvision detector (``GeneralizedRCNN``:
   Faster/Mask/Keypoint R-CNN; ``RetinaNet``, ``FCOS``, ``SSD``) computes its boxes in float32
   under mixed precision, like the built-in detector
   (:func:`~mgpr.models.detection.exact_detector_forward`); any other detector's coordinates are
@@ -133,11 +134,92 @@ def _where(err: BaseException) -> str:
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
-def _first_conv_in_channels(module: torch.nn.Module) -> int:
+def _conv_in_channels(module: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
+    """Every Conv2d of ``module`` with its input channels, in registration order.
+
+    A TorchScript module's convolutions are ``RecursiveScriptModule`` s whose
+    ``original_name`` is ``Conv2d``; a traced one keeps only its weight, (out, in / groups,
+    kh, kw).
+    """
+    convs: list[tuple[torch.nn.Module, int]] = []
     for sub in module.modules():
         if isinstance(sub, torch.nn.Conv2d):
-            return int(sub.in_channels)
-    return 0
+            convs.append((sub, int(sub.in_channels)))
+        elif getattr(sub, "original_name", None) == "Conv2d":
+            weight = getattr(sub, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.ndim == 4:
+                convs.append((sub, int(weight.shape[1]) * int(getattr(sub, "groups", 1))))
+    return convs
+
+
+class _ConvReached(Exception):
+    """Raised by a forward pre-hook to stop a forward at its first convolution."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__(in_channels)
+        self.in_channels = in_channels
+
+
+def _first_applied_conv(
+    module: torch.nn.Module, convs: Sequence[tuple[torch.nn.Module, int]], tile_size: int
+) -> int | None:
+    """Input channels of the first Conv2d the forward applies, or None if none was reached.
+
+    A module may register its head before its encoder (``self.head = Conv2d(16, 2, 1)`` first):
+    the first REGISTERED convolution then says 16 bands for an RGB model. Each candidate band
+    count is tried on a zero tile until a forward reaches a convolution, which stops it (a
+    pre-hook raises): cheap, nothing past the first layer runs.
+    """
+    hooks = [
+        conv.register_forward_pre_hook(lambda m, _args, c=c: _raise_reached(c)) for conv, c in convs
+    ]
+    try:
+        for bands in dict.fromkeys(c for _, c in convs):  # distinct, registration order
+            try:
+                with torch.inference_mode():
+                    module(torch.zeros(1, bands, tile_size, tile_size))
+            except _ConvReached as reached:
+                return reached.in_channels
+            except Exception:  # noqa: BLE001, S112 - this band count fails before any conv
+                continue
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return None
+
+
+def _raise_reached(in_channels: int) -> None:
+    raise _ConvReached(in_channels)
+
+
+def _guess_in_bands(module: torch.nn.Module, name: str, tile_size: int) -> int:
+    """Bands a module without ``in_bands`` takes: its first applied Conv2d's ``in_channels``.
+
+    0 (any band count) without a convolution. When its convolutions take different channel
+    counts, the first one the forward applies decides (:func:`_first_applied_conv`), so the
+    order the layers were registered in does not; TorchScript modules (no hooks) take the
+    first registered one.
+    """
+    convs = _conv_in_channels(module)
+    if not convs:
+        return 0
+    first = convs[0][1]
+    scripted = any(isinstance(m, torch.jit.ScriptModule) for m in (module, *(c for c, _ in convs)))
+    if len({c for _, c in convs}) == 1 or scripted:
+        return first
+    module.eval()
+    applied = _first_applied_conv(module, convs, tile_size)
+    if applied is not None and applied != first:
+        logger.info(
+            "model=%s: its first registered Conv2d takes %d channels, but the first its "
+            "forward applies takes %d: it gets %d bands (set `in_bands` on the module to say so)",
+            name,
+            first,
+            applied,
+            applied,
+        )
+        return applied
+    return first
 
 
 def _segmentation_logits(out: Any) -> Any:
@@ -197,7 +279,9 @@ class ModuleAdapter(ModelAdapter):
         probabilities: bool = False,
     ) -> None:
         in_bands = getattr(module, "in_bands", None)
-        in_bands = int(in_bands) if in_bands is not None else _first_conv_in_channels(module)
+        in_bands = (
+            int(in_bands) if in_bands is not None else _guess_in_bands(module, name, tile_size)
+        )
         task = getattr(module, "task", None)
         #: a classifier's logits per tile (K; 1 = one binary sigmoid logit), from the probe or
         #: the first :meth:`classifier_logits` call; None until known.
@@ -379,10 +463,16 @@ class ModuleAdapter(ModelAdapter):
             with torch.inference_mode():
                 return module(torch.zeros(1, bands, tile_size, tile_size))
         except Exception as err:  # noqa: BLE001 - reported with the fix, chained for the traceback
+            bands_hint = (
+                f"set an `in_bands` attribute on the module if it takes another band count than "
+                f"{bands}, "
+                if getattr(module, "in_bands", None) is None
+                else ""
+            )
             raise ModelError(
                 f"model={name}: the module fails on a (1, {bands}, {tile_size}, {tile_size}) "
                 f"float tile ({type(err).__name__}: {' '.join(str(err).split())[:150]}); fix it, "
-                f"or set a `{skip_with}` attribute on the module to skip this probe."
+                f"{bands_hint}or set a `{skip_with}` attribute on the module to skip this probe."
             ) from err
 
     def classifier_logits(self) -> int:
