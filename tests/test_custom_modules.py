@@ -8,11 +8,13 @@ error inside ``build`` dumped mgpr's frames with exit 1 and an empty rank log.
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_mgpr_inprocess
 
 from mgpr.errors import ModelError
 from mgpr.models import build_model
@@ -80,6 +82,18 @@ class NeedsFive(nn.Module):
 
 def build_needs_five(weights):
     return NeedsFive()
+
+
+def build_from_checkpoint(weights):
+    net = Mean()
+    net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return net
+
+
+def build_wrong_keys(weights):
+    net = Mean()
+    net.load_state_dict({"fc.weight": torch.zeros(1)})
+    return net
 '''
 
 
@@ -88,6 +102,7 @@ def usermod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """The module above as ``mgpr_usermod`` on ``sys.path``."""
     (tmp_path / "mgpr_usermod.py").write_text(textwrap.dedent(USER_MODULE))
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mgpr_usermod", raising=False)  # this test's file
     return "mgpr_usermod"
 
 
@@ -130,3 +145,44 @@ def test_a_failed_probe_names_the_in_bands_attribute(usermod: str) -> None:
     assert "fails on a (1, 3, 16, 16) float tile" in msg and "\n" not in msg
     assert "set an `in_bands` attribute on the module" in msg
     assert "`num_classes` attribute on the module to skip this probe" in msg
+
+
+def test_an_error_inside_build_is_one_line_at_the_users_line(usermod: str, tmp_path: Path) -> None:
+    """Not ~60 lines of mgpr frames: the call, the exception's first line(s), the user's line."""
+    with pytest.raises(ModelError) as info:
+        build_model(f"{usermod}:build_wrong_keys", "w.pth", tile_size=16)
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"model={usermod}:build_wrong_keys: build_wrong_keys('w.pth') raised ")
+    assert "RuntimeError: Error(s) in loading state_dict for Mean: Missing key(s)" in msg
+    line = USER_MODULE.splitlines().index('    net.load_state_dict({"fc.weight": torch.zeros(1)})')
+    assert f"{tmp_path / 'mgpr_usermod.py'}:{line + 1};" in msg  # the user's file, not torch's
+    assert "weights= was not given" not in msg
+
+
+def test_build_without_weights_gets_default_and_the_run_says_so(
+    usermod: str, make_image, tmp_path: Path, capsys
+) -> None:
+    """No weights=: build(DEFAULT) opens 'DEFAULT'; exit 2, the traceback in the rank's log."""
+    image = make_image(width=32, height=32, bands=3).path
+    run = tmp_path / "run"
+    code = run_mgpr_inprocess(
+        f"input_path={image}",
+        f"model={usermod}:build_from_checkpoint",
+        "workers=0",
+        "accelerator=cpu",
+        "progress=false",
+        "tile_size=32",
+        f"output_dir={run}",
+    )
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("mgpr: error:")]
+    assert len(lines) == 1 and "Traceback" not in err
+    assert "build_from_checkpoint('DEFAULT') raised FileNotFoundError" in lines[0]
+    assert "weights= was not given, so build received 'DEFAULT'" in lines[0]
+    assert "pass weights=/path/to/checkpoint.pth" in lines[0]
+    log = (run / "logs" / "rank0.log").read_text()
+    assert f"the full traceback is in {run / 'logs' / 'rank0.log'}" in lines[0]
+    assert "Traceback (most recent call last)" in log and "in build_from_checkpoint" in log
+    assert lines[0] in log  # the one line too

@@ -38,12 +38,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mgpr.errors import ModelError
+from mgpr.errors import MgprError, ModelError
 from mgpr.models.base import (
     INPUT_RANGES,
     TASKS,
@@ -698,8 +700,8 @@ def _check_takes_weights(builder: Callable[..., Any], path: str) -> None:
     """Refuse a builder that cannot be called with one positional argument (``weights``).
 
     Checked on the signature, before the call: a ``TypeError`` raised inside a user's build
-    is their bug and keeps its traceback, while ``def build():`` is a mistake about mgpr's
-    contract and gets one line.
+    is their bug (:func:`_call_build` names its line), while ``def build():`` is a mistake
+    about mgpr's contract and gets this line.
     """
     import inspect
 
@@ -714,6 +716,87 @@ def _check_takes_weights(builder: Callable[..., Any], path: str) -> None:
         ) from None
     except ValueError:  # no signature to read (some builtins): let the call decide
         return
+
+
+def _call_build(builder: Callable[..., Any], path: str, weights: str) -> Any:
+    """``builder(weights)``; an exception it raises becomes one line naming where and why.
+
+    The usual failures are the user's own: a checkpoint path that does not exist (with no
+    ``weights=`` the build receives ``DEFAULT``), a state_dict that does not fit. They dumped
+    ~60 lines of mgpr's frames with exit 1 and left the rank's log without the error; now the
+    line names the exception, its first line and the user's file:line, exits 2, and the full
+    traceback goes to ``logs/rank<R>.log`` only. An :class:`MgprError` (a build that calls
+    mgpr) passes unchanged.
+
+    Raises:
+        ModelError: the build raised an ``Exception``.
+    """
+    try:
+        return builder(weights)
+    except MgprError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code: one line, the traceback logged
+        logger.error(
+            "model=%s: %s(%r) raised", path, path, weights, exc_info=err, extra={"file_only": True}
+        )
+        logs = [  # this rank's log file (mgpr.run.logs.RANK_LOG_HANDLER), when a run set it up
+            h.baseFilename
+            for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and h.get_name() == "mgpr-rank-log"
+        ]
+        raise ModelError(
+            f"model={path}: {path.split(':')[-1]}({weights!r}) raised {type(err).__name__}: "
+            f"{_first_lines(err)}{_user_frame(err)}; {_build_fix(err, weights)}"
+            + (f" (the full traceback is in {logs[0]})." if logs else ".")
+        ) from err
+
+
+def _first_lines(err: BaseException) -> str:
+    """The message's first line (and the next one where the first only introduces it).
+
+    ``load_state_dict`` says ``Error(s) in loading state_dict for Net:`` and the missing keys
+    on the line after; 200 characters at most.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else "(no message)"
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return text.rstrip(" .")  # the sentence goes on after it
+
+
+def _user_frame(err: BaseException) -> str:
+    """`` at file:line`` of the innermost frame in the user's code (not mgpr, torch, stdlib).
+
+    The innermost frame of a torch.load failure is torch/serialization.py, which says nothing
+    about which line of the build to fix. A frame counts as library code when its file lies
+    under the interpreter's stdlib or site-packages, or in mgpr; without a user frame, the
+    innermost one.
+    """
+    import sysconfig
+    import traceback
+
+    import mgpr
+
+    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    library.add(str(Path(mgpr.__file__).parent))
+    frames = traceback.extract_tb(err.__traceback__)
+    for frame in reversed(frames):
+        if not any(frame.filename.startswith(root + os.sep) for root in library):
+            return f" at {frame.filename}:{frame.lineno}"
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def _build_fix(err: BaseException, weights: str) -> str:
+    """What to do: give ``weights=`` when the failure is about the path ``DEFAULT``."""
+    if weights == "DEFAULT" and (
+        getattr(err, "filename", None) == "DEFAULT" or "'DEFAULT'" in str(err)
+    ):
+        return (
+            "weights= was not given, so build received 'DEFAULT' (weights= is passed as given); "
+            "pass weights=/path/to/checkpoint.pth"
+        )
+    return "fix the build function (or its weights=)"
 
 
 def build_custom(
@@ -737,8 +820,8 @@ def build_custom(
 
     Raises:
         ModelError: does not import, attribute missing, not callable, or returns something that
-            is neither a ModelAdapter nor a torch.nn.Module. Errors raised inside the user's
-            function propagate unchanged (they are bugs in that code, with their traceback).
+            is neither a ModelAdapter nor a torch.nn.Module, or the function raised
+            (:func:`_call_build`: one line, the traceback in the rank's log).
     """
     builder = load_builder(path)
     if not callable(builder):
@@ -748,7 +831,7 @@ def build_custom(
         )
     _check_takes_weights(builder, path)
     logger.info("model=%s: calling %s(%r) (user code)", path, path, weights)
-    built = builder(weights)
+    built = _call_build(builder, path, weights)
     if isinstance(built, ModelAdapter):
         return built
     if isinstance(built, torch.nn.Module):
