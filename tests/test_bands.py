@@ -150,3 +150,14 @@ def test_the_fingerprint_message_names_the_rasters_added_or_gone() -> None:
     assert _first_difference(run("a.tif", "b.tif"), run("b.tif", "a.tif")) == (
         "inputs[0].path differs: was a.tif, now b.tif"
     )
+
+
+def test_too_few_bands_suggests_a_bands_value_the_model_accepts(tmp_path: Path) -> None:
+    """The example has as many entries as the model needs, so following it is not refused."""
+    info = describe_raster(_raster(tmp_path / "rgb.tif", [CI.red, CI.green, CI.blue]))
+    with pytest.raises(ConfigError, match=r"needs 4; pick bands with e\.g\. bands=\[1,2,3,3\] "):
+        check_bands(info, None, 4)
+    assert check_bands(info, [1, 2, 3, 3], 4) == [1, 2, 3, 3]  # the example itself runs
+    gray = describe_raster(_raster(tmp_path / "g.tif", [CI.gray]))
+    with pytest.raises(ConfigError, match=r"bands=\[1,1,1\] "):
+        check_bands(gray, None, 3)

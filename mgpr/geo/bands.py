@@ -97,6 +97,16 @@ def _band_span(bands: Sequence[int]) -> str:
     return ", ".join(str(b) for b in bands)
 
 
+def _example_bands(count: int, needed: int) -> str:
+    """A ``bands=`` value with ``needed`` entries from a ``count``-band raster, last repeated.
+
+    The example in a band-count error must be one the model accepts: ``[1,1,1]`` for a 4-band
+    model on an RGB raster was refused in turn (3 entries for 4 bands).
+    """
+    picks = [min(i, max(count, 1)) for i in range(1, needed + 1)]
+    return "[" + ",".join(str(i) for i in picks) + "]"
+
+
 def check_bands(
     info: RasterInfo,
     bands: Sequence[int | str] | None,
@@ -145,7 +155,8 @@ def check_bands(
     if info.count < needed:
         raise ConfigError(
             f"{info.path!r} has {info.count} band(s), but the model needs {needed}; "
-            "pick bands with e.g. bands=[1,1,1] or use a model for that band count"
+            f"pick bands with e.g. bands={_example_bands(info.count, needed)} or use a model "
+            "for that band count"
         )
     if needed == 3 and all(c in info.colorinterp for c in _RGB):
         rgb = [info.colorinterp.index(c) + 1 for c in _RGB]

@@ -33,6 +33,12 @@ TASKS: tuple[str, ...] = get_args(Task)
 #: applied), ``raw`` = float32 native raster values, unscaled.
 InputRange = Literal["unit", "raw"]
 INPUT_RANGES: tuple[str, ...] = get_args(InputRange)
+#: What a user module's class scores are (its ``output_kind`` attribute): ``logits`` (default;
+#: softmax, or sigmoid for one channel) or ``probabilities`` (already softmax / sigmoid: used as
+#: they are, one channel thresholded at 0.5). A module exported with ``activation="sigmoid"``
+#: read as logits put every pixel in class 1.
+OutputKind = Literal["logits", "probabilities"]
+OUTPUT_KINDS: tuple[str, ...] = get_args(OutputKind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,7 +294,7 @@ class ModelAdapter(abc.ABC):
         self.in_bands = int(in_bands)
         self.random_weights = bool(random_weights)
         self.weights_id = weights_id
-        self.module = module.eval().requires_grad_(False)
+        self.module = frozen(module)
         # What forward calls: the module, or what compile() made of it.
         self._network: Callable[..., Any] = self.module
 
@@ -421,6 +427,21 @@ class ModelAdapter(abc.ABC):
         )
 
 
+def frozen(module: torch.nn.Module) -> torch.nn.Module:
+    """``module`` in eval mode with every parameter's gradient off, returned for chaining.
+
+    Per parameter rather than ``module.requires_grad_(False)``: a TorchScript module
+    (``torch.jit.load(path)``, a common way to ship a model) refuses that method ("not
+    supported on ScriptModules") but not its parameters' own flag. Inference runs under
+    ``inference_mode`` anyway; the flags keep a notebook's ``adapter.predict`` from building a
+    graph.
+    """
+    module.eval()
+    for param in module.parameters():
+        param.requires_grad_(False)
+    return module
+
+
 def nonfinite_tiles(raw: Any, n: int) -> torch.Tensor | None:
     """Per tile (the first ``n``): True where the model's raw output holds NaN (or bad boxes).
 
@@ -450,7 +471,25 @@ def nonfinite_tiles(raw: Any, n: int) -> torch.Tensor | None:
     return None
 
 
-def classifications_from_logits(logits: torch.Tensor, topk: int) -> list[Classification]:
+def class_probabilities_of(scores: torch.Tensor, kind: OutputKind = "logits") -> torch.Tensor:
+    """(B, K[, H, W]) class scores -> float32 probabilities over dim 1 (K = 1: ``[1 - p, p]``).
+
+    ``kind="probabilities"``: the scores already are (a module ending in softmax or sigmoid),
+    taken as they are, clamped to [0, 1] (a second softmax flattened 1.0 to 0.475).
+    """
+    s = scores.float()
+    if kind == "probabilities":
+        p = s.clamp(0.0, 1.0)
+        return torch.cat([1.0 - p, p], dim=1) if s.shape[1] == 1 else p
+    if s.shape[1] == 1:
+        p = torch.sigmoid(s)
+        return torch.cat([1.0 - p, p], dim=1)
+    return torch.softmax(s, dim=1)
+
+
+def classifications_from_logits(
+    logits: torch.Tensor, topk: int, kind: OutputKind = "logits"
+) -> list[Classification]:
     """Softmax then top-k, per row, moved to the CPU.
 
     One column (K = 1) is a binary classifier's logit (sigmoid): classes 0 and 1 with
@@ -460,15 +499,12 @@ def classifications_from_logits(logits: torch.Tensor, topk: int) -> list[Classif
     Args:
         logits: (B, K) raw class scores, any float dtype, any device.
         topk: classes to keep per tile; clipped to K (to 2 for one logit).
+        kind: ``probabilities``: the scores are already probabilities (no softmax / sigmoid).
 
     Returns:
         B :class:`Classification` records, best class first.
     """
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits.float())
-        probs = torch.cat([1.0 - p, p], dim=1)
-    else:
-        probs = torch.softmax(logits.float(), dim=1)
+    probs = class_probabilities_of(logits, kind)
     k = min(topk, probs.shape[1])
     scores, ids = probs.topk(k, dim=1, largest=True, sorted=True)
     scores_np = scores.cpu().numpy().astype(np.float32, copy=False)
@@ -589,7 +625,10 @@ def classes_of_logits(k: int) -> int:
 
 
 def class_maps_from_logits(
-    logits: torch.Tensor, probabilities: bool, size: tuple[int, int] | None = None
+    logits: torch.Tensor,
+    probabilities: bool,
+    size: tuple[int, int] | None = None,
+    kind: OutputKind = "logits",
 ) -> list[ClassMap]:
     """Per-pixel argmax (and optionally softmax), computed on the logits' device, moved to the CPU.
 
@@ -602,10 +641,15 @@ def class_maps_from_logits(
     (or finer) than the tile, as models with a stride-4 decoder return them, are resized to
     ``size`` bilinearly first (what torchvision's segmenters do inside their forward).
 
+    ``kind="probabilities"`` (a module ending in softmax or sigmoid): the scores are used as
+    they are: one channel is class 1 where p > 0.5, several the argmax, and the probabilities
+    written are the module's own (clamped to [0, 1]), not a softmax of them.
+
     Args:
         logits: (B, K, H, W) raw class scores, any float dtype and device.
         probabilities: also return ``round(p * 255)`` per class (uint8).
         size: the tile's (H, W) in pixels; None keeps the logits' own size.
+        kind: ``logits`` or ``probabilities`` (:data:`OutputKind`).
 
     Returns:
         B :class:`ClassMap` records on the tiles' pixel grids.
@@ -619,14 +663,11 @@ def class_maps_from_logits(
         )
     k = classes_of_logits(int(scores.shape[1]))
     if scores.shape[1] == 1:
-        ids = (scores[:, 0] > 0).to(torch.uint8)
-        probs = None
-        if probabilities:
-            p = torch.sigmoid(scores)
-            probs = torch.cat([1.0 - p, p], dim=1)
+        cut = 0.5 if kind == "probabilities" else 0.0  # p > 0.5 either way
+        ids = (scores[:, 0] > cut).to(torch.uint8)
     else:
         ids = scores.argmax(dim=1)
-        probs = torch.softmax(scores, dim=1) if probabilities else None
+    probs = class_probabilities_of(scores, kind) if probabilities else None
     ids_np = (
         ids.to(torch.uint8).cpu().numpy()
         if k <= 256

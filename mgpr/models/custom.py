@@ -26,7 +26,13 @@ Importing and calling it RUNS THAT CODE, by design: only point ``model=`` at cod
   ``categories`` (names by class id; for a classifier or segmenter one name is a binary
   model's positive class, id 1, after ``background``; a segmenter without them gets numbered
   names, its class count from ``num_classes`` or one probe forward), ``in_bands`` (else the
-  first Conv2d's ``in_channels``, else 0 = any). A torchvision detector (``GeneralizedRCNN``:
+  ``in_channels`` of the first Conv2d its forward applies, else 0 = any), ``output_kind``
+  (``"logits"``, the default, or ``"probabilities"``: a model ending in softmax / sigmoid,
+  whose scores are used as they are; unmarked scores that look like probabilities are refused
+  for a segmenter and warned about for a classifier, :func:`_refuse_unmarked_probabilities`).
+  Per-pixel output must be channels-first: a non-square (..., H, W) is refused
+  (:func:`_check_square`). A TorchScript module
+  (``torch.jit.load(path)``) is wrapped the same way. A torchvision detector (``GeneralizedRCNN``:
   Faster/Mask/Keypoint R-CNN; ``RetinaNet``, ``FCOS``, ``SSD``) computes its boxes in float32
   under mixed precision, like the built-in detector
   (:func:`~mgpr.models.detection.exact_detector_forward`); any other detector's coordinates are
@@ -37,20 +43,24 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from mgpr.errors import ModelError
+from mgpr.errors import MgprError, ModelError
 from mgpr.models.base import (
     INPUT_RANGES,
+    OUTPUT_KINDS,
     TASKS,
     Classification,
     ClassMap,
     Detections,
     Embedding,
     ModelAdapter,
+    OutputKind,
     Task,
     class_maps_from_ids,
     class_maps_from_logits,
@@ -133,11 +143,92 @@ def _where(err: BaseException) -> str:
     return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
-def _first_conv_in_channels(module: torch.nn.Module) -> int:
+def _conv_in_channels(module: torch.nn.Module) -> list[tuple[torch.nn.Module, int]]:
+    """Every Conv2d of ``module`` with its input channels, in registration order.
+
+    A TorchScript module's convolutions are ``RecursiveScriptModule`` s whose
+    ``original_name`` is ``Conv2d``; a traced one keeps only its weight, (out, in / groups,
+    kh, kw).
+    """
+    convs: list[tuple[torch.nn.Module, int]] = []
     for sub in module.modules():
         if isinstance(sub, torch.nn.Conv2d):
-            return int(sub.in_channels)
-    return 0
+            convs.append((sub, int(sub.in_channels)))
+        elif getattr(sub, "original_name", None) == "Conv2d":
+            weight = getattr(sub, "weight", None)
+            if isinstance(weight, torch.Tensor) and weight.ndim == 4:
+                convs.append((sub, int(weight.shape[1]) * int(getattr(sub, "groups", 1))))
+    return convs
+
+
+class _ConvReached(Exception):
+    """Raised by a forward pre-hook to stop a forward at its first convolution."""
+
+    def __init__(self, in_channels: int) -> None:
+        super().__init__(in_channels)
+        self.in_channels = in_channels
+
+
+def _first_applied_conv(
+    module: torch.nn.Module, convs: Sequence[tuple[torch.nn.Module, int]], tile_size: int
+) -> int | None:
+    """Input channels of the first Conv2d the forward applies, or None if none was reached.
+
+    A module may register its head before its encoder (``self.head = Conv2d(16, 2, 1)`` first):
+    the first REGISTERED convolution then says 16 bands for an RGB model. Each candidate band
+    count is tried on a zero tile until a forward reaches a convolution, which stops it (a
+    pre-hook raises): cheap, nothing past the first layer runs.
+    """
+    hooks = [
+        conv.register_forward_pre_hook(lambda m, _args, c=c: _raise_reached(c)) for conv, c in convs
+    ]
+    try:
+        for bands in dict.fromkeys(c for _, c in convs):  # distinct, registration order
+            try:
+                with torch.inference_mode():
+                    module(torch.zeros(1, bands, tile_size, tile_size))
+            except _ConvReached as reached:
+                return reached.in_channels
+            except Exception:  # noqa: BLE001, S112 - this band count fails before any conv
+                continue
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return None
+
+
+def _raise_reached(in_channels: int) -> None:
+    raise _ConvReached(in_channels)
+
+
+def _guess_in_bands(module: torch.nn.Module, name: str, tile_size: int) -> int:
+    """Bands a module without ``in_bands`` takes: its first applied Conv2d's ``in_channels``.
+
+    0 (any band count) without a convolution. When its convolutions take different channel
+    counts, the first one the forward applies decides (:func:`_first_applied_conv`), so the
+    order the layers were registered in does not; TorchScript modules (no hooks) take the
+    first registered one.
+    """
+    convs = _conv_in_channels(module)
+    if not convs:
+        return 0
+    first = convs[0][1]
+    scripted = any(isinstance(m, torch.jit.ScriptModule) for m in (module, *(c for c, _ in convs)))
+    if len({c for _, c in convs}) == 1 or scripted:
+        return first
+    module.eval()
+    applied = _first_applied_conv(module, convs, tile_size)
+    if applied is not None and applied != first:
+        logger.info(
+            "model=%s: its first registered Conv2d takes %d channels, but the first its "
+            "forward applies takes %d: it gets %d bands (set `in_bands` on the module to say so)",
+            name,
+            first,
+            applied,
+            applied,
+        )
+        return applied
+    return first
 
 
 def _segmentation_logits(out: Any) -> Any:
@@ -182,6 +273,98 @@ def _describe(out: Any) -> str:
     return f"a {type(out).__name__}"
 
 
+def _check_square(out: torch.Tensor, tile_size: int, name: str) -> None:
+    """Refuse per-pixel output whose last two dimensions are not square, as tiles are.
+
+    Channels-last logits (B, H, W, K), e.g. after ``.permute(0, 2, 3, 1)``, read as
+    channels-first were 256 "classes" on a 256 x 3 map, stretched to the tile and written with
+    exit 0. Square outputs of another size than the tile (a strided decoder's, a module that
+    resizes its input) are resized, as before.
+
+    Raises:
+        ModelError: (..., H, W) with H != W.
+    """
+    h, w = int(out.shape[-2]), int(out.shape[-1])
+    if h == w:
+        return
+    if out.ndim == 4:
+        raise ModelError(
+            f"model={name} returned per-pixel output of shape {tuple(out.shape)} for "
+            f"{tile_size} x {tile_size} px tiles, whose last two dimensions ({h} x {w}) are not "
+            "a square grid: channels-last (B, H, W, classes) output reads so; return "
+            "channels-first (B, classes, H, W) logits, e.g. out.permute(0, 3, 1, 2)."
+        )
+    raise ModelError(
+        f"model={name} returned class ids of shape {tuple(out.shape)} for {tile_size} x "
+        f"{tile_size} px tiles, which are not a square (B, H, W) grid; return one id per tile "
+        "pixel, (B, H, W) with H = W."
+    )
+
+
+def _score_stats(scores: torch.Tensor) -> tuple[float, float, float, bool]:
+    """Min, max, worst ``|sum over dim 1 - 1|`` (0 for one channel), and any value in (0, 1).
+
+    One device sync (the stats are stacked before they are read).
+    """
+    s = scores.float()
+    dev = (s.sum(dim=1) - 1).abs().max() if s.shape[1] > 1 else s.new_zeros(())
+    frac = ((s > 0) & (s < 1)).any().float()
+    lo, hi, worst, any_frac = torch.stack([s.min(), s.max(), dev, frac]).tolist()
+    return float(lo), float(hi), float(worst), bool(any_frac)
+
+
+#: Slack of the probability checks: float32 softmax rows sum to 1 within ~1e-6, fp16 ~1e-3.
+_PROB_TOL = 1e-3
+
+
+def _refuse_unmarked_probabilities(
+    scores: torch.Tensor, name: str, task: str, whole_batch: bool
+) -> None:
+    """Refuse (or warn about) class scores that look like probabilities from an unmarked module.
+
+    A module exported with ``activation="sigmoid"`` / ``"softmax"`` read as logits: one
+    channel became class 1 wherever p > 0 (every pixel), several got a second softmax (a
+    classifier's 1.0 became 0.475). Scores look like probabilities when every value lies in
+    [0, 1], not all exactly 0 or 1 (one-hot output gives the same class either way), and, with
+    several classes, every row / pixel sums to 1 within 1e-3. For a module without
+    ``output_kind``:
+
+    * per-pixel scores (segmentation): refused, thousands of values say it beyond doubt. With
+      several classes at the build's probe too (real logits do not sum to 1 on a zero tile
+      either), with one channel on the first batch only (``whole_batch``: a zero tile's logit
+      may well lie in [0, 1]);
+    * a classifier's (B, K) scores: one warning, at the first batch: a few rows that real
+      logits may give (a toy module's ``[m, 1 - m]``), and with several classes the top class
+      is the same either way, only its score is not.
+
+    Raises:
+        ModelError: the segmentation refusals above, naming ``output_kind``.
+    """
+    k = int(scores.shape[1])
+    if k == 1 and not whole_batch:
+        return
+    lo, hi, worst, any_frac = _score_stats(scores)
+    if not (lo >= -_PROB_TOL and hi <= 1 + _PROB_TOL and any_frac) or worst > _PROB_TOL:
+        return
+    seen = (
+        f"{k} class scores per {'pixel' if task == 'segmentation' else 'tile'} that all lie in "
+        f"[0, 1] and sum to 1: softmax probabilities, which mgpr reads as logits (a second "
+        f"softmax squashes them towards 1/{k})"
+        if k > 1
+        else f"one class score per {'pixel' if task == 'segmentation' else 'tile'}, every one "
+        f"in a batch within [0, 1] ({lo:.3g}..{hi:.3g}): sigmoid probabilities, which mgpr "
+        f"reads as a logit (class 1 wherever it is > 0: everywhere)"
+    )
+    fix = (
+        'set `output_kind = "probabilities"` on the module to use them as they are'
+        + (" (class 1 where p > 0.5)" if k == 1 else "")
+        + ', or `output_kind = "logits"` if they are logits'
+    )
+    if task == "segmentation":
+        raise ModelError(f"model={name} returned {seen}; {fix}.")
+    logger.warning("model=%s returned %s; %s (warned once)", name, seen, fix)
+
+
 class ModuleAdapter(ModelAdapter):
     """Wraps a plain ``torch.nn.Module`` returned by a user's ``build`` (see module docstring)."""
 
@@ -197,7 +380,19 @@ class ModuleAdapter(ModelAdapter):
         probabilities: bool = False,
     ) -> None:
         in_bands = getattr(module, "in_bands", None)
-        in_bands = int(in_bands) if in_bands is not None else _first_conv_in_channels(module)
+        in_bands = (
+            int(in_bands) if in_bands is not None else _guess_in_bands(module, name, tile_size)
+        )
+        output_kind = getattr(module, "output_kind", None)
+        if output_kind is not None and output_kind not in OUTPUT_KINDS:
+            raise ModelError(
+                f"model={name} has output_kind={output_kind!r}; set it to 'logits' (softmax, or "
+                "sigmoid for one channel, applied by mgpr) or 'probabilities' (already "
+                "softmax / sigmoid: used as they are)."
+            )
+        #: what the module's class scores are, and whether it said so (else checked once).
+        self.output_kind: OutputKind = output_kind or "logits"
+        self._scores_checked = output_kind is not None
         task = getattr(module, "task", None)
         #: a classifier's logits per tile (K; 1 = one binary sigmoid logit), from the probe or
         #: the first :meth:`classifier_logits` call; None until known.
@@ -245,6 +440,15 @@ class ModuleAdapter(ModelAdapter):
                 "[0, 1], value_range applied) or 'raw' (float32 native raster values)."
             )
         self.input_range = input_range
+        logger.info(
+            "model=%s: the module gets float32 %s with no normalisation (no ImageNet mean/std, "
+            "unlike the built-in models): a network trained on normalised input must "
+            "normalise inside its forward",
+            name,
+            "native raster values (input_range=raw)"
+            if input_range == "raw"
+            else "tiles in [0, 1] (value_range applied)",
+        )
         self.topk = topk
         self.score_threshold = score_threshold
         #: segmentation: also return per-class uint8 probabilities per tile.
@@ -285,7 +489,41 @@ class ModuleAdapter(ModelAdapter):
                 "probabilities: tta= needs (B, K, H, W) logits to average; return logits or "
                 "unset tta."
             )
-        return super().class_scores(raw)
+        scores = super().class_scores(raw)
+        self._check_scores(scores)
+        if self.output_kind == "logits":
+            return scores
+        p = scores.float().clamp(0.0, 1.0)  # tta's softmax / sigmoid of these gives p back
+        return torch.logit(p, eps=1e-7) if p.shape[1] == 1 else p.clamp_min(1e-30).log()
+
+    def with_class_scores(self, scores: torch.Tensor) -> Any:
+        """The views' mean log-probabilities as the module would return them.
+
+        A module with ``output_kind = "probabilities"`` gets probabilities back (the
+        postprocess uses them as they are); otherwise the log-probabilities, read as logits.
+        """
+        return scores.exp() if self.output_kind == "probabilities" else scores
+
+    def _check_scores(self, scores: torch.Tensor) -> None:
+        """Check the first batch's class scores against ``output_kind``, once per process.
+
+        Unmarked scores that look like probabilities are refused
+        (:func:`_refuse_unmarked_probabilities`); declared probabilities outside [0, 1]
+        (logits under a wrong declaration) too. One device sync, on the first batch only.
+        """
+        if self._scores_checked:
+            if self.output_kind == "probabilities" and not getattr(self, "_range_checked", 0):
+                self._range_checked = True
+                lo, hi, _, _ = _score_stats(scores)
+                if lo < -_PROB_TOL or hi > 1 + _PROB_TOL:
+                    raise ModelError(
+                        f"model={self.name} declares output_kind = 'probabilities' but returned "
+                        f"class scores from {lo:.3g} to {hi:.3g}; return probabilities in [0, 1] "
+                        "(end the forward in softmax or sigmoid) or set output_kind = 'logits'."
+                    )
+            return
+        self._scores_checked = True
+        _refuse_unmarked_probabilities(scores, self.name, self.task, whole_batch=True)
 
     def _class_maps(self, raw: torch.Tensor, tile_size: int) -> list[ClassMap]:
         """Logits or class ids -> one :class:`ClassMap` per tile, on the tile's pixel grid.
@@ -296,6 +534,7 @@ class ModuleAdapter(ModelAdapter):
         assert self.categories is not None
         n = len(self.categories)
         size = (tile_size, tile_size)
+        _check_square(raw, tile_size, self.name)
         if raw.ndim == 3:
             if self.probabilities:
                 raise ModelError(
@@ -313,7 +552,8 @@ class ModuleAdapter(ModelAdapter):
                 f"model={self.name} returned {k} class channel(s) but names {n} categories; "
                 "give one category per channel (a single channel is a binary logit: 2)."
             )
-        return class_maps_from_logits(raw, self.probabilities, size)
+        self._check_scores(raw)
+        return class_maps_from_logits(raw, self.probabilities, size, self.output_kind)
 
     def _embeddings(self, raw: Any) -> list[Embedding]:
         """Features -> one :class:`Embedding` per tile, every batch of the run the same length.
@@ -356,7 +596,11 @@ class ModuleAdapter(ModelAdapter):
         out = _segmentation_logits(
             ModuleAdapter._forward_zero_tile(module, name, bands, tile_size, "num_classes")
         )
+        if isinstance(out, torch.Tensor) and out.ndim in (3, 4):
+            _check_square(out, tile_size, name)
         if isinstance(out, torch.Tensor) and out.ndim == 4:
+            if out.is_floating_point() and getattr(module, "output_kind", None) is None:
+                _refuse_unmarked_probabilities(out, name, "segmentation", whole_batch=False)
             return numbered_categories(classes_of_logits(int(out.shape[1])))
         if _is_class_ids(out):
             raise ModelError(
@@ -379,10 +623,16 @@ class ModuleAdapter(ModelAdapter):
             with torch.inference_mode():
                 return module(torch.zeros(1, bands, tile_size, tile_size))
         except Exception as err:  # noqa: BLE001 - reported with the fix, chained for the traceback
+            bands_hint = (
+                f"set an `in_bands` attribute on the module if it takes another band count than "
+                f"{bands}, "
+                if getattr(module, "in_bands", None) is None
+                else ""
+            )
             raise ModelError(
                 f"model={name}: the module fails on a (1, {bands}, {tile_size}, {tile_size}) "
                 f"float tile ({type(err).__name__}: {' '.join(str(err).split())[:150]}); fix it, "
-                f"or set a `{skip_with}` attribute on the module to skip this probe."
+                f"{bands_hint}or set a `{skip_with}` attribute on the module to skip this probe."
             ) from err
 
     def classifier_logits(self) -> int:
@@ -466,7 +716,8 @@ class ModuleAdapter(ModelAdapter):
                     f"names {len(self.categories)} categories; give one name per class "
                     "(a single logit is a binary classifier: one name, its positive class)."
                 )
-            return classifications_from_logits(raw, self.topk)
+            self._check_scores(raw)
+            return classifications_from_logits(raw, self.topk, self.output_kind)
         dets = [{k: torch.as_tensor(d[k]) for k in _DET_KEYS} for d in raw]  # numpy/lists too
         for det, given in zip(dets, raw, strict=True):
             if given.get("masks") is not None:  # an instance segmenter (Mask R-CNN style)
@@ -608,8 +859,8 @@ def _check_takes_weights(builder: Callable[..., Any], path: str) -> None:
     """Refuse a builder that cannot be called with one positional argument (``weights``).
 
     Checked on the signature, before the call: a ``TypeError`` raised inside a user's build
-    is their bug and keeps its traceback, while ``def build():`` is a mistake about mgpr's
-    contract and gets one line.
+    is their bug (:func:`_call_build` names its line), while ``def build():`` is a mistake
+    about mgpr's contract and gets this line.
     """
     import inspect
 
@@ -624,6 +875,87 @@ def _check_takes_weights(builder: Callable[..., Any], path: str) -> None:
         ) from None
     except ValueError:  # no signature to read (some builtins): let the call decide
         return
+
+
+def _call_build(builder: Callable[..., Any], path: str, weights: str) -> Any:
+    """``builder(weights)``; an exception it raises becomes one line naming where and why.
+
+    The usual failures are the user's own: a checkpoint path that does not exist (with no
+    ``weights=`` the build receives ``DEFAULT``), a state_dict that does not fit. They dumped
+    ~60 lines of mgpr's frames with exit 1 and left the rank's log without the error; now the
+    line names the exception, its first line and the user's file:line, exits 2, and the full
+    traceback goes to ``logs/rank<R>.log`` only. An :class:`MgprError` (a build that calls
+    mgpr) passes unchanged.
+
+    Raises:
+        ModelError: the build raised an ``Exception``.
+    """
+    try:
+        return builder(weights)
+    except MgprError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code: one line, the traceback logged
+        logger.error(
+            "model=%s: %s(%r) raised", path, path, weights, exc_info=err, extra={"file_only": True}
+        )
+        logs = [  # this rank's log file (mgpr.run.logs.RANK_LOG_HANDLER), when a run set it up
+            h.baseFilename
+            for h in logging.getLogger().handlers
+            if isinstance(h, logging.FileHandler) and h.get_name() == "mgpr-rank-log"
+        ]
+        raise ModelError(
+            f"model={path}: {path.split(':')[-1]}({weights!r}) raised {type(err).__name__}: "
+            f"{_first_lines(err)}{_user_frame(err)}; {_build_fix(err, weights)}"
+            + (f" (the full traceback is in {logs[0]})." if logs else ".")
+        ) from err
+
+
+def _first_lines(err: BaseException) -> str:
+    """The message's first line (and the next one where the first only introduces it).
+
+    ``load_state_dict`` says ``Error(s) in loading state_dict for Net:`` and the missing keys
+    on the line after; 200 characters at most.
+    """
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = lines[0] if lines else "(no message)"
+    if text.endswith(":") and len(lines) > 1:
+        text = f"{text} {lines[1]}"
+    text = text if len(text) <= 200 else text[:197] + "..."
+    return text.rstrip(" .")  # the sentence goes on after it
+
+
+def _user_frame(err: BaseException) -> str:
+    """`` at file:line`` of the innermost frame in the user's code (not mgpr, torch, stdlib).
+
+    The innermost frame of a torch.load failure is torch/serialization.py, which says nothing
+    about which line of the build to fix. A frame counts as library code when its file lies
+    under the interpreter's stdlib or site-packages, or in mgpr; without a user frame, the
+    innermost one.
+    """
+    import sysconfig
+    import traceback
+
+    import mgpr
+
+    library = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+    library.add(str(Path(mgpr.__file__).parent))
+    frames = traceback.extract_tb(err.__traceback__)
+    for frame in reversed(frames):
+        if not any(frame.filename.startswith(root + os.sep) for root in library):
+            return f" at {frame.filename}:{frame.lineno}"
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+
+
+def _build_fix(err: BaseException, weights: str) -> str:
+    """What to do: give ``weights=`` when the failure is about the path ``DEFAULT``."""
+    if weights == "DEFAULT" and (
+        getattr(err, "filename", None) == "DEFAULT" or "'DEFAULT'" in str(err)
+    ):
+        return (
+            "weights= was not given, so build received 'DEFAULT' (weights= is passed as given); "
+            "pass weights=/path/to/checkpoint.pth"
+        )
+    return "fix the build function (or its weights=)"
 
 
 def build_custom(
@@ -647,8 +979,8 @@ def build_custom(
 
     Raises:
         ModelError: does not import, attribute missing, not callable, or returns something that
-            is neither a ModelAdapter nor a torch.nn.Module. Errors raised inside the user's
-            function propagate unchanged (they are bugs in that code, with their traceback).
+            is neither a ModelAdapter nor a torch.nn.Module, or the function raised
+            (:func:`_call_build`: one line, the traceback in the rank's log).
     """
     builder = load_builder(path)
     if not callable(builder):
@@ -658,7 +990,7 @@ def build_custom(
         )
     _check_takes_weights(builder, path)
     logger.info("model=%s: calling %s(%r) (user code)", path, path, weights)
-    built = builder(weights)
+    built = _call_build(builder, path, weights)
     if isinstance(built, ModelAdapter):
         return built
     if isinstance(built, torch.nn.Module):

@@ -24,6 +24,10 @@ _NOISY = (
     "PIL",
 )
 
+#: Name of the root logger's handler that writes ``logs/rank<R>.log`` (its ``baseFilename`` is
+#: the path a one-line error can point to for the traceback).
+RANK_LOG_HANDLER = "mgpr-rank-log"
+
 
 def setup_logging(run_dir: Path, rank: int) -> None:
     """Replace the root logger's handlers with this rank's file and stderr handlers."""
@@ -34,6 +38,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
         root.removeHandler(handler)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler.set_name(RANK_LOG_HANDLER)  # messages that point to the log find it by name
     file_handler.setFormatter(fmt)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
