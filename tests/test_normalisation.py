@@ -86,3 +86,30 @@ def test_band_count_and_models_without_normalisation_are_refused(tmp_path: Path,
     )
     assert code == 2
     assert "model=reference reads the scaled [0, 1] input as it is" in capsys.readouterr().err
+
+
+class _Mean(torch.nn.Module):
+    """A user's classifier whose two logits are its input's mean and minus it (band 1)."""
+
+    in_bands = 3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x[:, 0].mean(dim=(1, 2))
+        return torch.stack([m, -m], dim=1)
+
+
+def test_a_users_module_is_normalised_only_when_asked() -> None:
+    from mgpr.models.custom import ModuleAdapter
+
+    options = {"weights": "none", "topk": 1, "score_threshold": 0.0, "tile_size": 8}
+    adapter = ModuleAdapter(_Mean(), name="mods:build", **options)
+    x = torch.full((1, 3, 8, 8), 0.5)
+    torch.testing.assert_close(adapter.prepare(x.clone()), x)  # [0, 1] as it is by default
+    adapter.set_normalisation(MEAN, STD)
+    torch.testing.assert_close(
+        adapter.prepare(x.clone())[0, :, 0, 0], torch.tensor([2.0, 1.25, 2 / 3])
+    )
+    raw = ModuleAdapter(_Mean(), name="mods:raw", **options)
+    raw.input_range = "raw"
+    with pytest.raises(ConfigError, match="asks for raw values"):
+        raw.set_normalisation(MEAN, STD)

@@ -50,7 +50,7 @@ from typing import Any
 
 import torch
 
-from mgpr.errors import MgprError, ModelError
+from mgpr.errors import ConfigError, MgprError, ModelError
 from mgpr.models.base import (
     INPUT_RANGES,
     OUTPUT_KINDS,
@@ -440,10 +440,13 @@ class ModuleAdapter(ModelAdapter):
                 "[0, 1], value_range applied) or 'raw' (float32 native raster values)."
             )
         self.input_range = input_range
+        #: ``mean``/``std`` as (1, C, 1, 1) tensors (:meth:`set_normalisation`), or None
+        self._statistics: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         logger.info(
             "model=%s: the module gets float32 %s with no normalisation (no ImageNet mean/std, "
             "unlike the built-in models): a network trained on normalised input must "
-            "normalise inside its forward",
+            "normalise inside its forward, or the run must set mean= and std=",
             name,
             "native raster values (input_range=raw)"
             if input_range == "raw"
@@ -683,9 +686,38 @@ class ModuleAdapter(ModelAdapter):
         logger.info("model=%s: probe output is %s", name, kind)
         return kind, out
 
+    def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        """``(x - mean) / std`` on the [0, 1] tiles before the module (the ``mean``/``std`` keys).
+
+        Raises:
+            ConfigError: a module asking for raw values (its statistics are not in [0, 1]
+                units), or another count than its bands.
+        """
+        if self.input_range == "raw":
+            raise ConfigError(
+                f"mean/std: model={self.name} asks for raw values (input_range = 'raw'), which "
+                "the keys' [0, 1] statistics do not describe; normalise inside its forward or "
+                "leave mean and std out"
+            )
+        self._check_band_count(mean)
+        self._statistics = (
+            torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1),
+            torch.tensor([float(v) for v in std]).view(1, -1, 1, 1),
+        )
+        self._on_device.clear()
+
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
-        """Pass the scaled (B, C, H, W) float32 tiles (in [0, 1], or raw values) to the module."""
-        return images
+        """Pass the scaled (B, C, H, W) float32 tiles (in [0, 1], or raw values) to the module.
+
+        With ``mean``/``std`` given, normalised first, in place on the device.
+        """
+        if self._statistics is None:
+            return images
+        pair = self._on_device.get(images.device)
+        if pair is None:  # once per device, not per batch
+            pair = (self._statistics[0].to(images.device), self._statistics[1].to(images.device))
+            self._on_device[images.device] = pair
+        return images.sub_(pair[0]).div_(pair[1])
 
     def postprocess(
         self, raw: Any, tile_size: int
