@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import rasterio
 import torch
 from conftest import read_gpkg_layer, run_mgpr_inprocess, segmentation_args
@@ -136,3 +137,19 @@ def test_a_user_classifiers_names_are_counted_before_any_tile(
     assert rc == 0
     _geoms, rows, _srs = read_gpkg_layer(out / "predictions.gpkg", "classifications")
     assert all(r["label_1"] == "abcd"[r["class_id_1"]] for r in rows)
+
+
+def test_a_detector_named_without_its_background_is_told_to_name_it_first() -> None:
+    """A 2-class fine-tuned Faster R-CNN (background + tree) given categories=[tree]."""
+    from types import SimpleNamespace
+
+    from mgpr.errors import ConfigError
+    from mgpr.run.adapter import name_categories
+
+    detector = SimpleNamespace(name="fasterrcnn", task="detection", categories=("0", "1"))
+    with pytest.raises(ConfigError) as err:
+        name_categories(detector, ["tree"])
+    assert "has 2 classes (id 0 is the background)" in str(err.value)
+    assert str(err.value).endswith("name the background first: categories=[background,tree]")
+    name_categories(detector, ["background", "tree"])
+    assert detector.categories == ("background", "tree")

@@ -110,9 +110,14 @@ def name_categories(adapter: Any, names: list[str]) -> None:
             )
     if known is not None and len(known) != len(names):
         hint = " (id 0 is the background)" if adapter.task == "detection" else ""
+        fix = "give one name per class id"
+        if adapter.task == "detection" and len(known) == len(names) + 1:
+            # a fine-tuned detector's head counts torchvision's background: the user named
+            # the objects only
+            fix = f"name the background first: categories=[background,{','.join(names)}]"
         raise ConfigError(
             f"categories= gives {len(names)} names but model={adapter.name} has "
             f"{len(known)} classes{hint}: {', '.join(known[:6])}"
-            f"{', ...' if len(known) > 6 else ''}; give one name per class id"
+            f"{', ...' if len(known) > 6 else ''}; {fix}"
         )
     adapter.categories = tuple(names)
