@@ -8,6 +8,7 @@ killed between its payload and its manifest; both are ignored.
 from __future__ import annotations
 
 import json
+import os
 from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -87,6 +88,81 @@ def tile_statuses(run_dir: Path) -> dict[str, tuple[str, str]]:
 def finished_tile_keys(run_dir: Path) -> set[str]:
     """Tiles in a published part as done or empty; failed tiles are retried by a resume."""
     return {k for k, (s, _) in tile_statuses(run_dir).items() if s in ("done", "empty")}
+
+
+#: Where :func:`set_aside_damaged_parts` moves a part none of whose files may be trusted.
+DAMAGED_DIR = "damaged"
+
+
+def set_aside_damaged_parts(run_dir: Path) -> list[tuple[str, str, int]]:
+    """Move published parts with an unreadable manifest or payload into ``parts/damaged/``.
+
+    A part counts as published by its manifest; a disk hiccup, a truncated copy or a deleted
+    payload left a manifest that crashed the resume (pyarrow's traceback at start-up) or one
+    whose payload the merge could not read (every re-run stopped on the same file). Moved
+    aside, manifest first, the part is unpublished: its tiles are predicted again, and its
+    files stay there for whoever wants to look. Call on rank 0 before the tiles left are
+    decided, under the run lock (no writer of this run has started).
+
+    Checks: the manifest reads whole (it is small); each payload file it names exists, and a
+    Parquet payload's footer or a raster payload's header reads (cheap: no data is decoded).
+
+    Returns:
+        ``(part name, what is wrong, manifest rows)`` of each part set aside.
+    """
+    folder = parts_dir(run_dir)
+    if not folder.is_dir():
+        return []
+    damaged: list[tuple[str, str, int]] = []
+    for path in sorted(folder.glob(f"*{MANIFEST_SUFFIX}")):
+        if path.name.startswith("."):
+            continue
+        name = path.name[: -len(MANIFEST_SUFFIX)]
+        rows, problem = _check_part(folder, path)
+        if problem is None:
+            continue
+        target = folder / DAMAGED_DIR
+        target.mkdir(exist_ok=True)
+        files = [path] + sorted(folder.glob(f"{name}.*"))
+        for file in dict.fromkeys(files):
+            if file.exists():
+                os.replace(file, target / file.name)
+        damaged.append((name, problem, rows))
+    return damaged
+
+
+def _check_part(folder: Path, manifest: Path) -> tuple[int, str | None]:
+    """``(manifest rows, None)`` for a readable part, else ``(rows or 0, what is wrong)``."""
+    try:
+        meta = pq.read_schema(manifest).metadata or {}
+        rows = pq.read_table(manifest, schema=MANIFEST_SCHEMA).num_rows
+        files = json.loads(meta.get(MANIFEST_META_KEY, b"{}")).get("files", ())
+    except Exception as exc:  # noqa: BLE001 - any unreadable manifest is damaged
+        return 0, f"{manifest.name} is unreadable ({_reason(exc)})"
+    for file in files:
+        path = folder / file
+        if not path.is_file():
+            return rows, f"{file} is missing"
+        try:
+            if file.endswith(".parquet"):
+                pq.read_metadata(path)
+            elif file.endswith(".tif"):
+                import rasterio
+
+                with rasterio.open(path):
+                    pass
+            elif path.stat().st_size == 0:
+                return rows, f"{file} is empty"
+        except Exception as exc:  # noqa: BLE001 - any unreadable payload is damaged
+            return rows, f"{file} is unreadable ({_reason(exc)})"
+    return rows, None
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception, short: ``ArrowInvalid: Parquet magic bytes not found``."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    text = text if len(text) <= 120 else text[:117].rsplit(" ", 1)[0] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def count_written_tiles(run_dir: Path) -> int:

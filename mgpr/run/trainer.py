@@ -41,7 +41,7 @@ from mgpr.geo.tiling import Tile
 from mgpr.geo.values import ValueRange, carrier_dtype
 from mgpr.monitor.callback import RunMonitor
 from mgpr.monitor.profiler import make_profiler
-from mgpr.outputs.parts_read import finished_tile_keys
+from mgpr.outputs.parts_read import DAMAGED_DIR, finished_tile_keys, set_aside_damaged_parts
 from mgpr.outputs.rundir import rerun
 from mgpr.run.accel import resolve_compile
 from mgpr.run.claims import (
@@ -182,7 +182,7 @@ class TileDataModule(pl.LightningDataModule):
         else:
             keys = [t.id.key() for t in self.all_tiles]
             positions, self.skipped_done = share_remaining(
-                keys, rank, self.store, lambda: finished_tile_keys(self.run_dir)
+                keys, rank, self.store, lambda: _checked_finished_keys(self.run_dir)
             )
             self.remaining_tiles = [self.all_tiles[i] for i in positions]
             n_items = len(positions)
@@ -495,6 +495,30 @@ LIGHTNING_NOTICES = (
     r"You have overridden `transfer_batch_to_device` in `LightningModule` but have passed in a "
     r"`LightningDataModule`",
 )
+
+
+def _checked_finished_keys(run_dir: Path) -> set[str]:
+    """Rank 0: the finished tiles, once parts that cannot be read are set aside (said once).
+
+    A damaged part's tiles are then predicted again instead of every resume failing on it.
+    """
+    damaged = set_aside_damaged_parts(run_dir)
+    if damaged:
+        name, problem, _rows = damaged[0]
+        rows = sum(r for _, _, r in damaged)
+        more = f" (and {len(damaged) - 1} more part(s))" if len(damaged) > 1 else ""
+        log.warning(
+            "set aside %d damaged part(s) into %s/parts/%s: part %s: %s%s; their %d tile "
+            "row(s) are predicted again",
+            len(damaged),
+            run_dir,
+            DAMAGED_DIR,
+            name,
+            problem,
+            more,
+            rows,
+        )
+    return finished_tile_keys(run_dir)
 
 
 def _report_without(
