@@ -848,6 +848,7 @@ def test_sigterm_before_predict_is_one_line_not_a_traceback(
         f"command with output_dir={run} to resume",
     )
     assert not (run / "parts").exists()
+    assert "no tile had finished yet" in err and "every finished tile is kept" not in err
     # Without output_dir= the same command would start over in a new runs/<time stamp> (a
     # resubmitted job in runs/slurm-<new id>): the line names the directory to resume.
     log = (run / "logs" / "rank0.log").read_text()  # the line is the log's last word too

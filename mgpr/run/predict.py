@@ -125,8 +125,13 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
         requeued = requeue_on_usr1(str(exc), rank)
         if rank == 0:
             then = "SLURM requeues the job and it resumes" if requeued else rerun(run_dir)
+            kept = (
+                f"every finished tile is kept in {run_dir}/parts"
+                if _has_published_parts(run_dir)
+                else "no tile had finished yet"  # stopped in start-up: nothing to keep
+            )
             line = (
-                f"mgpr: interrupted by {exc}; every finished tile is kept in {run_dir}/parts; "
+                f"mgpr: interrupted by {exc}; {kept}; "
                 f"{then}{slurm_stop_hint(str(exc), os.environ, requeued)}"
             )
             print(line, file=sys.stderr)
@@ -135,6 +140,19 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
     finally:
         if lock is not None:
             lock.release()
+
+
+def _has_published_parts(run_dir: Path) -> bool:
+    """Whether the run directory holds a published part (a manifest), this run's or earlier."""
+    from mgpr.outputs.parts import MANIFEST_SUFFIX, parts_dir
+
+    folder = parts_dir(run_dir)
+    try:
+        return folder.is_dir() and any(
+            not p.name.startswith(".") for p in folder.glob(f"*{MANIFEST_SUFFIX}")
+        )
+    except OSError:
+        return True  # cannot tell: keep the reassuring line, which was true before
 
 
 def slurm_stop_hint(signal_name: str, env: Mapping[str, str], requeued: bool) -> str:
