@@ -263,3 +263,33 @@ def test_this_file_runs_as_one_xdist_group(request: pytest.FixtureRequest) -> No
     if not getattr(request.config.option, "loadgroup", False):
         pytest.skip("not a pytest-xdist worker under --dist loadgroup")
     assert request.node.nodeid.endswith("@rank-timing"), request.node.nodeid
+
+
+def test_a_launched_rank_does_not_outlive_a_sigkilled_launcher(make_image, tmp_path: Path) -> None:
+    """gpus=2 on one machine: rank 1 is the launcher's child; SIGKILL of the launcher left it
+    predicting (parent pid 1) until its next claim failed into the next run's terminal."""
+    image = make_image(width=1024, height=1024).path
+    run = tmp_path / "run"
+    delays = {"MGPR_TEST_TILE_DELAY_RANK0": "0.5", "MGPR_TEST_TILE_DELAY_RANK1": "0.5"}
+    proc = subprocess.Popen(
+        mgpr_cmd(*_args(image, run, "join_timeout_s=120"), "gpus=2"),
+        env=subprocess_env(**delays),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120  # a guard against hanging, not a timing assertion
+    children: list[psutil.Process] = []
+    while not children and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        children = [
+            c for c in psutil.Process(proc.pid).children() if "mgpr" in " ".join(c.cmdline())
+        ]
+    assert children, "rank 1 did not start"
+    (rank1,) = children
+    while not (run / "logs" / "rank1.log").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)  # rank 1 is past its start-up (its death signal is set)
+    time.sleep(1.0)
+    proc.kill()
+    proc.wait(timeout=30)
+    gone, alive = psutil.wait_procs([rank1], timeout=60)
+    assert not alive, "rank 1 outlived its launcher"

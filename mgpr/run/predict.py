@@ -50,7 +50,7 @@ from mgpr.outputs.rundir import (
 )
 from mgpr.outputs.runlock import acquire_run_lock
 from mgpr.run.adapter import build_adapter
-from mgpr.run.children import reap_children
+from mgpr.run.children import die_with_launcher, reap_children
 from mgpr.run.coordination import env_rank, host
 from mgpr.run.demo import apply_demo_defaults, demo_image
 from mgpr.run.devices import resolve_accelerator, resolve_devices
@@ -96,6 +96,7 @@ def run(
 def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -> int:
     t_start = time.time() if started_unix_s is None else started_unix_s
     rank = env_rank(os.environ)
+    die_with_launcher(os.environ)  # a launched rank must not outlive a SIGKILLed launcher
     run_dir = resolve_run_dir(cfg.output_dir, os.environ)
     check_writable(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # processes Lightning launches inherit it
