@@ -207,10 +207,11 @@ def test_a_glob_reads_what_its_folder_reads_unless_it_names_a_format(
     img = make_image("d/a.tif", width=64, height=64, objects=1, seam_share=0)
     (tmp_path / "d" / "README.txt").write_text("notes")
     (tmp_path / "d" / "b.ecw").write_bytes(b"")
+    (tmp_path / "d" / "notes").write_text("no suffix")  # kept before: "not a readable raster"
     assert (tmp_path / "d" / "a_truth.gpkg").exists()
     with caplog.at_level(logging.INFO, logger="mgpr.geo.inputs"):
         assert resolve_inputs(str(tmp_path / "d" / "*")) == [str(img.path)]
-    assert "skipping 3 match(es) without a raster suffix" in caplog.text
+    assert "skipping 4 match(es) without a raster suffix" in caplog.text
     assert resolve_inputs(str(tmp_path / "d" / "*.ecw")) == [str(tmp_path / "d" / "b.ecw")]
     assert resolve_inputs(str(tmp_path / "d")) == [str(img.path)]  # the folder, as before
     with pytest.raises(InputError, match="the glob matches no raster .* 'README.txt'; name"):

@@ -65,7 +65,9 @@ def _raster_matches(pattern: str, matches: list[str]) -> list[str]:
     """
     named = Path(pattern).suffix.lower()
     named = named if named and not any(ch in named for ch in _GLOB_CHARS) else ""
-    keep = [m for m in matches if Path(m).suffix.lower() in (*RASTER_SUFFIXES, named)]
+    # a pattern without a suffix (dir/*) names none: '' must not keep README, notes, ...
+    allowed = {*RASTER_SUFFIXES, named} if named else set(RASTER_SUFFIXES)
+    keep = [m for m in matches if Path(m).suffix.lower() in allowed]
     kept = set(keep)
     other = [Path(m).name for m in matches if m not in kept]
     if other and keep:
