@@ -80,6 +80,8 @@ def _refuse_palette(info: RasterInfo) -> None:
     colour table into real bands.
     """
     palette = [i + 1 for i in range(info.count) if _interp(info, i) == "palette"]
+    if palette and _black_and_white_bits(info, palette[0]):
+        return  # GDAL's own table of a 1-bit band: 0 black, 1 white, i.e. brightness [0, 1]
     if palette:
         src = Path(info.path)
         rgb = src.with_name(f"{src.stem}_rgb.tif")
@@ -88,6 +90,24 @@ def _refuse_palette(info: RasterInfo) -> None:
             "not brightness), which a model cannot read; expand it first, e.g. "
             f"gdal_translate -expand rgb {src} {rgb} (or -expand gray for a grey table)"
         )
+
+
+def _black_and_white_bits(info: RasterInfo, band: int) -> bool:
+    """A 1-bit band whose colour table is black (0) and white (1): GDAL's default for NBITS=1.
+
+    GDAL gives every one-band 1-bit GeoTIFF that table, so the file reads as paletted although
+    its values are brightness (0..1, read by ``[0, 1]``: :func:`mgpr.geo.values.integer_span`).
+    """
+    if info.nbits != 1:
+        return False
+    import rasterio
+
+    try:
+        with rasterio.open(info.path) as src:
+            table = src.colormap(band)
+    except (rasterio.errors.RasterioError, ValueError):
+        return False
+    return table.get(0, (0, 0, 0))[:3] == (0, 0, 0) and table.get(1, ())[:3] == (255, 255, 255)
 
 
 def _band_span(bands: Sequence[int]) -> str:
