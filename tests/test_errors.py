@@ -558,6 +558,8 @@ def test_many_failed_tiles_are_logged_ten_then_counted(tmp_path: Path, capsys) -
     assert len((run / "failed_tiles.csv").read_text().splitlines()) == 25  # header + 24
     # The preview is still drawn, the damaged blocks as nodata: it shows where the damage is.
     assert (run / "preview.png").exists() and "24 of 64 blocks unreadable" in err
+    log = (run / "logs" / "rank0.log").read_text()  # ends with the run's last line too
+    assert "24 of 64 tile(s) failed" in log.strip().splitlines()[-1]
 
 
 def _write_module(folder: Path, name: str, body: str) -> str:

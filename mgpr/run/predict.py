@@ -458,12 +458,13 @@ def _predict_and_finish(
         raise
     failed = summary.get("tiles_failed", 0)
     if failed:
-        print(
+        line = (
             f"mgpr: {failed} of {summary['tiles_total']} tile(s) failed and are not in the "
             f"output; reasons in {run_dir / 'failed_tiles.csv'}; "
-            f"{rerun(run_dir, 'retry only them')} (exit code {EXIT_TILES_FAILED})",
-            file=sys.stderr,
+            f"{rerun(run_dir, 'retry only them')} (exit code {EXIT_TILES_FAILED})"
         )
+        print(line, file=sys.stderr)
+        to_log_files(line, logging.WARNING)  # the rank's log ends with the run's last word
     missing = summary.get("tiles_missing", 0)
     if missing:
         raise MissingTilesError(
