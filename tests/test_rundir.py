@@ -274,3 +274,19 @@ def test_a_killed_writers_temp_file_is_removed_by_the_next_merge(
     assert run_mgpr_inprocess(*args, f"output_dir={run}") == 0
     assert not leftover.exists()
     assert sorted(p.name for p in (run / "parts").iterdir()) == parts
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "line"),
+    [
+        ({"model": "m"}, {"model": "m", "seam": "blend"}, "seam differs: was crop, now blend"),
+        ({"model": "m", "tta": "d4"}, {"model": "m"}, "tta differs: was d4, now none"),
+        ({"model": "m"}, {"model": "m", "probabilities": True},
+         "probabilities differs: was False, now True"),
+    ],
+)  # fmt: skip
+def test_a_key_left_out_at_its_default_is_named_by_that_default(old, new, line) -> None:
+    """run.json leaves seam/tta/... out at their defaults; a refusal said `was none`."""
+    from mgpr.outputs.rundir import _first_difference
+
+    assert _first_difference(old, new) == line

@@ -362,6 +362,18 @@ def _mtime_only(old: dict[str, Any], new: dict[str, Any], where: str) -> str | N
     )
 
 
+#: What a fingerprint key absent from run.json means: the value it is left out at (see
+#: :func:`mgpr.run.identity.fingerprint`), so a refusal says ``seam differs: was crop, now
+#: blend`` (it said ``was none``).
+ABSENT_MEANS: dict[str, Any] = {
+    "seam": "crop",
+    "tta": "none",
+    "tta_fusion": "nms",
+    "probabilities": False,
+    "normalisation": "the model's own",
+}
+
+
 def _first_difference(old: dict[str, Any] | None, new: dict[str, Any]) -> str:
     if not old:
         return "no run.json fingerprint"
@@ -376,7 +388,11 @@ def _diff(old: Any, new: Any, where: str) -> str | None:
         if touched:
             return touched
         for key in list(new) + [k for k in old if k not in new]:
-            found = _diff(old.get(key), new.get(key), f"{where}.{key}" if where else key)
+            # a top-level key left out at its default (run.json as before the key existed)
+            unset = ABSENT_MEANS.get(key) if not where else None
+            a = old[key] if key in old else unset
+            b = new[key] if key in new else unset
+            found = _diff(a, b, f"{where}.{key}" if where else key)
             if found:
                 return found
         return None
