@@ -202,7 +202,11 @@ def test_cli_cached_file_prints_path_and_size(offline: list[str]) -> None:
         (["resnet5"], "MODEL resnet5 has no downloadable weights; did you mean resnet50?"),
         (["fasterrcnn:COCO_V1"], "`mgpr-fetch-weights fasterrcnn --weights COCO_V1`"),
         (["resnet50", "--weights", "none"], "nothing to download"),
-        (["resnet50", "--weights", "V9"], "weights=V9 is not a weights name for model=resnet50"),
+        (
+            ["resnet50", "--weights", "V9"],
+            "--weights V9 is not a torchvision weights name of resnet50; use one of DEFAULT, "
+            "IMAGENET1K_V1, IMAGENET1K_V2.",
+        ),
     ],
 )
 def test_cli_usage_errors(args: list[str], needle: str, offline: list[str]) -> None:

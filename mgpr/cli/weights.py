@@ -43,12 +43,26 @@ def fetch(
 ) -> None:
     """Download the weights of each MODEL (skipped when already cached) and print path and size."""
     # Imported here so `--help` stays fast (torchvision is heavy).
-    from mgpr.models.weights import fetch_weights, resolve_weights, weights_enum_class
+    from mgpr.models.weights import (
+        enum_member,
+        fetch_weights,
+        resolve_weights,
+        weights_enum_class,
+    )
 
     try:
         for name in models:
-            if weights_enum_class(name) is None:
+            enum_cls = weights_enum_class(name)
+            if enum_cls is None:
                 raise ModelError(_not_downloadable(name))
+            plain = weights.strip().lower()
+            if plain not in ("default", "none") and enum_member(enum_cls, weights) is None:
+                # resolve_weights would also offer none and a local path: nothing to download
+                members = ", ".join(["DEFAULT", *(m.name for m in enum_cls)])
+                raise ModelError(
+                    f"--weights {weights} is not a torchvision weights name of {name}; "
+                    f"use one of {members}."
+                )
             if resolve_weights(name, weights).kind != "torchvision":  # raises for bad names
                 raise ModelError(
                     f"weights={weights} for {name} is not a torchvision weights name, so there is "

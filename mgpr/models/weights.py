@@ -95,7 +95,7 @@ class WeightsSpec:
     path: Path | None = None
 
 
-def _enum_member(enum_cls: type[WeightsEnum], weights: str) -> WeightsEnum | None:
+def enum_member(enum_cls: type[WeightsEnum], weights: str) -> WeightsEnum | None:
     """The member named ``DEFAULT``, ``IMAGENET1K_V2`` or a full enum name (``get_weight``).
 
     Any case; a qualified name must name the model's own enum (else None, as for no member).
@@ -135,7 +135,7 @@ def resolve_weights(name: str, weights: str) -> WeightsSpec:
         return WeightsSpec(kind="none", weights_id="none")
     enum_cls = weights_enum_class(name)
     if enum_cls is not None:
-        member = _enum_member(enum_cls, weights)
+        member = enum_member(enum_cls, weights)
         if member is not None:
             return WeightsSpec(kind="torchvision", weights_id=str(member), enum=member)
     path = Path(weights).expanduser()
@@ -184,7 +184,7 @@ def weights_cache_file(name: str, weights: str) -> Path | None:
     string (building the model reports it). No network, no check that the file exists.
     """
     enum_cls = weights_enum_class(name)
-    member = None if enum_cls is None else _enum_member(enum_cls, weights)
+    member = None if enum_cls is None else enum_member(enum_cls, weights)
     if member is None:
         return None
     return checkpoint_dir() / Path(urlparse(str(member.url)).path).name
