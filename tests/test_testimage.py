@@ -607,3 +607,13 @@ def test_dtype_and_value_range_are_validated() -> None:
         parse_overrides(["value_range=5"])
     _, spec = parse_overrides(["dtype=uint16", "value_range=[100,4000]"])
     assert spec.value_range == (100.0, 4000.0) and spec.effective_value_range == (100.0, 4000.0)
+
+
+def test_cli_counts_the_alpha_band(tmp_path: Path) -> None:
+    out = tmp_path / "rgba.tif"
+    args = ["image_size=128", f"image_path={out}", "objects=1", "nodata_mode=alpha", "seam_share=0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "128x128x4 (3 + alpha) uint8" in result.output
+    with rasterio.open(out) as src:
+        assert src.count == 4

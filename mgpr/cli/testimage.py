@@ -195,8 +195,10 @@ def run(
         typer.echo(f"mgpr-test-image: error: {exc}", err=True)
         raise typer.Exit(EXIT_USAGE) from None
     truth = str(result.truth_path) if result.truth_path else "none"
+    alpha = spec.nodata_mode == "alpha"  # one more band, whatever the nodata region
+    bands = f"{spec.bands + 1} ({spec.bands} + alpha)" if alpha else f"{spec.bands}"
     typer.echo(
-        f"{result.path}: {spec.width}x{spec.height}x{spec.bands} {spec.dtype}, "
+        f"{result.path}: {spec.width}x{spec.height}x{bands} {spec.dtype}, "
         f"{result.file_bytes / 1e6:.1f} MB, compression ratio {result.compression_ratio:.2f}, "
         f"{len(result.objects)} objects, truth {truth}"
     )
