@@ -164,7 +164,7 @@ def test_background_writer_bounds_a_chunk_by_its_results_bytes(grid, tmp_path: P
     ("error", "fix"),
     [
         (PermissionError(1, "Operation not permitted"), "writable for this user (ls -ld, lsattr)"),
-        (OSError(28, "No space left on device"), "free disk space or choose another output_dir"),
+        (OSError(28, "No space left on device"), "free disk space, then re-run the same command"),
     ],
     ids=["permission", "full"],
 )
@@ -185,7 +185,7 @@ def test_a_failed_write_names_the_fix_for_its_cause(
         bg.close()
     line = str(failed.value)
     assert f"writing results to {writer.folder} failed ({type(error).__name__}" in line
-    assert fix in line and "then re-run to resume" in line
+    assert fix in line and f"with output_dir={tmp_path / 'run'} to resume" in line
 
 
 def test_background_writer_publishes_a_due_chunk_without_new_batches(grid, tmp_path: Path) -> None:

@@ -137,13 +137,16 @@ class BackgroundPartWriter:
                 raise self._error
             from rasterio._err import CPLE_BaseError  # GDAL's own write errors (part GeoTIFFs)
 
+            from mgpr.outputs.rundir import rerun
+
+            again = rerun(self.writer.folder.parent)  # the run directory of parts/
             if isinstance(self._error, PermissionError):  # chmod, chattr +i, a read-only mount
                 fix = (
-                    f"make {self.writer.folder} writable for this user (ls -ld, lsattr) or "
-                    "choose another output_dir, then re-run to resume"
+                    f"make {self.writer.folder} writable for this user (ls -ld, lsattr), "
+                    f"then {again}"
                 )
             elif isinstance(self._error, (OSError, CPLE_BaseError)):
-                fix = "free disk space or choose another output_dir, then re-run to resume"
+                fix = f"free disk space, then {again}"
             else:
                 fix = (
                     "this is a bug in mgpr or in the model's records: please report it with "

@@ -29,6 +29,54 @@ _NOISY = (
 RANK_LOG_HANDLER = "mgpr-rank-log"
 
 
+class RankLogHandler(logging.FileHandler):
+    """``logs/rank<R>.log``, which stops quietly (one line on stderr) when it cannot write.
+
+    On a full disk every record failed with logging's ``--- Logging error ---`` block and a
+    traceback, and closing the handler at the end raised once more: a disk-full stop ended in
+    pages of tracebacks around its one line. The first failure says once that this rank's log
+    is cut off there; later records go to stderr's handler alone.
+    """
+
+    broken = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write the record, unless an earlier write failed."""
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
+        """The first failed write: one line on stderr, then the handler is off."""
+        self._give_up(sys.exc_info()[1])
+
+    def flush(self) -> None:
+        """Flush, and stop on a failure instead of raising."""
+        try:
+            super().flush()
+        except OSError as exc:
+            self._give_up(exc)
+
+    def close(self) -> None:
+        """Close, and stop on a failure instead of raising (RestoreLogging closes it)."""
+        try:
+            super().close()
+        except OSError as exc:
+            self._give_up(exc)
+
+    def _give_up(self, exc: BaseException | None) -> None:
+        if self.broken:
+            return
+        self.broken = True
+        reason = f"{type(exc).__name__}: {exc}" if exc is not None else "a write failed"
+        try:
+            sys.stderr.write(
+                f"mgpr: warning: cannot write {self.baseFilename} ({reason}); this rank's log "
+                "stops here, stderr goes on\n"
+            )
+        except OSError:
+            pass
+
+
 def setup_logging(run_dir: Path, rank: int) -> None:
     """Replace the root logger's handlers with this rank's file and stderr handlers."""
     logs = run_dir / "logs"
@@ -37,7 +85,7 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     for handler in list(root.handlers):
         root.removeHandler(handler)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    file_handler = logging.FileHandler(logs / f"rank{rank}.log")
+    file_handler = RankLogHandler(logs / f"rank{rank}.log")
     file_handler.set_name(RANK_LOG_HANDLER)  # messages that point to the log find it by name
     file_handler.setFormatter(fmt)
     stream = logging.StreamHandler(sys.stderr)
