@@ -658,7 +658,7 @@ def test_writer_failure_stops_and_keeps_the_good_output(
         EXIT_USAGE,
         "mgpr: error: writing results to",
         "No space left on device",
-        "choose another output_dir",
+        "free disk space, then re-run the same command with output_dir=",
     )
     # The good results stay byte-identical (run.json and report_parts/ are the resumed run's
     # working state and are rewritten).
