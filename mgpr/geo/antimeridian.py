@@ -108,15 +108,15 @@ def unwrap_geometries(geoms: Any, period: float | None) -> Any:
     array = np.asarray(geoms, dtype=object)
     if not array.size:
         return geoms
-    bounds = shapely.bounds(array)
+    bounds = shapely.bounds(array).reshape(-1, 4)
     with np.errstate(invalid="ignore"):
-        crossing = (bounds[..., 2] - bounds[..., 0]) > period / 2
+        crossing = (bounds[:, 2] - bounds[:, 0]) > period / 2
     if not crossing.any():
         return geoms
     out = array.copy()
-    for index in np.flatnonzero(crossing.ravel()):
+    for index in np.flatnonzero(crossing):
         geom = out.flat[index]
-        middle = 0.5 * (bounds.reshape(-1, 4)[index, 0] + bounds.reshape(-1, 4)[index, 2])
+        middle = 0.5 * (bounds[index, 0] + bounds[index, 2])
 
         def east(xy: npt.NDArray[np.float64], middle: float = middle) -> np.ndarray:
             moved = xy.copy()

@@ -427,6 +427,26 @@ class ModelAdapter(abc.ABC):
         )
 
 
+class ChannelNormaliser:
+    """``(x - mean) / std`` per band, in place, the constants moved to each device once.
+
+    The ImageNet statistics of the torchvision adapters and the ``mean``/``std`` keys
+    (:meth:`ModelAdapter.set_normalisation`) share it: two in-place ops per batch, no host copy.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        self._mean = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
+        self._std = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
+        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, C, H, W) float32 normalised in place on its device; returned."""
+        pair = self._on.get(x.device)
+        if pair is None:  # once per device, not per batch
+            pair = self._on[x.device] = (self._mean.to(x.device), self._std.to(x.device))
+        return x.sub_(pair[0]).div_(pair[1])
+
+
 def frozen(module: torch.nn.Module) -> torch.nn.Module:
     """``module`` in eval mode with every parameter's gradient off, returned for chaining.
 

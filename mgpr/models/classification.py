@@ -8,7 +8,13 @@ from typing import Any
 import torch
 from torchvision.models import ResNet50_Weights, resnet50
 
-from mgpr.models.base import Classification, ModelAdapter, Task, classifications_from_logits
+from mgpr.models.base import (
+    ChannelNormaliser,
+    Classification,
+    ModelAdapter,
+    Task,
+    classifications_from_logits,
+)
 from mgpr.models.weights import build_torchvision_model
 
 #: ImageNet channel statistics (RGB) of the torchvision classification weights, in [0, 1] units.
@@ -49,24 +55,12 @@ class ImageNetClassifierAdapter(ModelAdapter):
             module=module.to(memory_format=torch.channels_last),
         )
         self.topk = topk
-        # (x - mean) / std as two in-place ops on the device.
-        self._mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self._std = torch.tensor(std).view(1, -1, 1, 1)
-        self._constants: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def _on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        pair = self._constants.get(device)
-        if pair is None:  # once per device, not per batch
-            pair = (self._mean.to(device), self._std.to(device))
-            self._constants[device] = pair
-        return pair
+        self._normalise = ChannelNormaliser(mean, std)
 
     def set_normalisation(self, mean: Sequence[float], std: Sequence[float]) -> None:
         """``(x - mean) / std`` with the given per-band statistics instead of ImageNet's."""
         self._check_band_count(mean)
-        self._mean = torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1)
-        self._std = torch.tensor([float(v) for v in std]).view(1, -1, 1, 1)
-        self._constants.clear()
+        self._normalise = ChannelNormaliser(mean, std)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise scaled tiles on their device.
@@ -77,9 +71,7 @@ class ImageNetClassifierAdapter(ModelAdapter):
         Returns:
             (B, 3, H, W) float32, channels_last, ``(x - mean) / std``.
         """
-        mean, std = self._on(images.device)
-        x = images.contiguous(memory_format=torch.channels_last)
-        return x.sub_(mean).div_(std)
+        return self._normalise(images.contiguous(memory_format=torch.channels_last))
 
     def postprocess(self, raw: Any, tile_size: int) -> list[Classification]:
         """Softmax over (B, K) logits, keep the ``topk`` best classes per tile (best first)."""

@@ -55,6 +55,7 @@ from mgpr.models.base import (
     INPUT_RANGES,
     OUTPUT_KINDS,
     TASKS,
+    ChannelNormaliser,
     Classification,
     ClassMap,
     Detections,
@@ -440,9 +441,8 @@ class ModuleAdapter(ModelAdapter):
                 "[0, 1], value_range applied) or 'raw' (float32 native raster values)."
             )
         self.input_range = input_range
-        #: ``mean``/``std`` as (1, C, 1, 1) tensors (:meth:`set_normalisation`), or None
-        self._statistics: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        #: ``mean``/``std`` (:meth:`set_normalisation`), or None: the tiles as they are
+        self._normalise: ChannelNormaliser | None = None
         logger.info(
             "model=%s: the module gets float32 %s with no normalisation (no ImageNet mean/std, "
             "unlike the built-in models): a network trained on normalised input must "
@@ -700,24 +700,14 @@ class ModuleAdapter(ModelAdapter):
                 "leave mean and std out"
             )
         self._check_band_count(mean)
-        self._statistics = (
-            torch.tensor([float(v) for v in mean]).view(1, -1, 1, 1),
-            torch.tensor([float(v) for v in std]).view(1, -1, 1, 1),
-        )
-        self._on_device.clear()
+        self._normalise = ChannelNormaliser(mean, std)
 
     def prepare(self, images: torch.Tensor) -> torch.Tensor:
         """Pass the scaled (B, C, H, W) float32 tiles (in [0, 1], or raw values) to the module.
 
         With ``mean``/``std`` given, normalised first, in place on the device.
         """
-        if self._statistics is None:
-            return images
-        pair = self._on_device.get(images.device)
-        if pair is None:  # once per device, not per batch
-            pair = (self._statistics[0].to(images.device), self._statistics[1].to(images.device))
-            self._on_device[images.device] = pair
-        return images.sub_(pair[0]).div_(pair[1])
+        return images if self._normalise is None else self._normalise(images)
 
     def postprocess(
         self, raw: Any, tile_size: int
