@@ -20,6 +20,14 @@ EXIT_TILES_MISSING = 4
 EXIT_INTERRUPTED = 130
 
 
+class RunInterrupted(BaseException):
+    """Raised in the main thread by SIGTERM / SIGUSR1 / SIGINT: stop, keep what is written.
+
+    A BaseException, like KeyboardInterrupt, so no ``except Exception`` on the way swallows the
+    stop; here (not in ``run/signals``) so the monitor can tell a stopped rank from a failed one.
+    """
+
+
 class MgprError(Exception):
     """Root of every error a user can fix; its message is a single line."""
 

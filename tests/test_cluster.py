@@ -160,12 +160,19 @@ def test_sigterm_to_the_launcher_stops_every_rank_and_the_rerun_completes(
     assert alive == [], [p.pid for p in alive]
     kept = _tile_rows(run)
     assert len(kept) == len(set(kept)) < 32
+    # The report of the stopped run: both ranks' figures up to the stop, none failed.
+    report = json.loads((run / "report.json").read_text())
+    assert report["interrupted_ranks"] == [0, 1] and report["failed_ranks"] == [], report
     # The re-run, on one rank this time, predicts only the tiles left, each once.
     assert run_mgpr_inprocess(*args, "gpus=1") == 0, capsys.readouterr().err
     rows = _tile_rows(run)
     assert len(rows) == len(set(rows)) == 32
     summary = json.loads((run / "summary.json").read_text())
     assert summary["tiles_predicted"] == 16 and summary["tiles_skipped_nodata"] == 16
+    # The resume's report is its own: one rank, none of the stopped run's two parts.
+    report = json.loads((run / "report.json").read_text())
+    assert report["world_size"] == 1 and report["ranks_reported"] == [0], report
+    assert report["interrupted_ranks"] == [], report
 
 
 @pytest.mark.slow

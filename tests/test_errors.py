@@ -922,6 +922,9 @@ def test_sigterm_keeps_finished_tiles_and_the_rerun_completes(
     assert last.startswith("mgpr: interrupted")
     kept, distinct, _ = _part_tiles(run)
     assert 2 <= kept == distinct < 16
+    report = json.loads((run / "report.json").read_text())  # how it went until the stop
+    assert report["interrupted_ranks"] == [0] and report["ranks"][0]["tiles"] >= kept, report
+    assert report["ranks"][0]["error"] == "RunInterrupted: SIGTERM", report
     # The re-run (in-process, no delay) predicts only the other tiles.
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("MGPR_TEST_DELAY_S", "0")

@@ -28,7 +28,7 @@ from mgpr.monitor.part import CudaProps
 from mgpr.monitor.profiler import make_profiler
 from mgpr.monitor.progress import Progress, progress_line
 from mgpr.monitor.report import _rank_row as build_report_row
-from mgpr.monitor.report import build_report, format_report
+from mgpr.monitor.report import build_report, format_report, wait_for_parts
 from mgpr.monitor.sampler import DeviceSampler, Sample, SampleBuffer
 
 GIB = 2**30
@@ -395,6 +395,7 @@ def test_report_schema_and_missing_rank(two_of_three: Path) -> None:
         "ranks_reported": list,
         "missing_ranks": list,
         "failed_ranks": list,
+        "interrupted_ranks": list,
         "unreadable_parts": list,
         "context": dict,
         "ranks": list,
@@ -915,3 +916,32 @@ def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
         part["values_clipped"] = None
     _write_parts(tmp_path / "none", parts)
     assert build_report(tmp_path / "none", 3, {})["totals"]["values_clipped"] is None
+
+
+def test_an_interrupted_rank_is_reported_as_such_not_as_failed(tmp_path: Path) -> None:
+    stopped = _part(1, util=[90.0], used_gib=[9.0], wait=5.0)
+    stopped.update(status="interrupted", error="RunInterrupted: SIGTERM")
+    failed = _part(2, util=[90.0], used_gib=[9.0], wait=5.0)
+    failed.update(status="failed", error="RuntimeError: CUDA error")
+    _write_parts(tmp_path, [_part(0, util=[90.0], used_gib=[9.0], wait=5.0), stopped, failed])
+    unfinished = "interrupted by SIGTERM: no merge ran"
+    report = build_report(tmp_path, 3, {"unfinished": unfinished})
+    assert (report["interrupted_ranks"], report["failed_ranks"]) == ([1], [2])
+    text = format_report(report)
+    assert "INTERRUPTED: RunInterrupted: SIGTERM" in text and "FAILED: RuntimeError" in text
+    assert f"UNFINISHED: {unfinished}" in text
+
+
+def test_waiting_for_parts_ends_when_every_rank_wrote_or_at_the_deadline(tmp_path: Path) -> None:
+    now = [0.0]
+    _write_parts(tmp_path, [_part(0, util=[90.0], used_gib=[9.0], wait=5.0)])
+
+    def sleep(seconds: float) -> None:  # rank 1 writes its part 1.5 s into the wait
+        now[0] += seconds
+        if now[0] >= 1.5:
+            (tmp_path / "report_parts" / "rank1.json").write_text("{}")
+
+    absent = wait_for_parts(tmp_path, 2, 5.0, poll_s=0.5, clock=lambda: now[0], sleep=sleep)
+    assert absent == [] and now[0] == 1.5
+    absent = wait_for_parts(tmp_path, 3, 2.0, poll_s=0.5, clock=lambda: now[0], sleep=sleep)
+    assert absent == [2] and now[0] == 3.5  # gave up 2 s later

@@ -290,3 +290,22 @@ def test_a_key_left_out_at_its_default_is_named_by_that_default(old, new, line) 
     from mgpr.outputs.rundir import _first_difference
 
     assert _first_difference(old, new) == line
+
+
+def test_a_resume_removes_the_earlier_commands_report_parts(tmp_path: Path) -> None:
+    """A rank of the resume that dies before writing its part is then reported missing, not
+    with the earlier command's figures; a later rank reads the directory but removes nothing."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=JOB)
+    (run_dir / "parts").mkdir()
+    (run_dir / "parts" / "r0-x-000001.manifest.parquet").write_bytes(b"a result")
+    parts = run_dir / "report_parts"
+    parts.mkdir()
+    for rank in (0, 1):
+        (parts / f"rank{rank}.json").write_text('{"status": "interrupted"}')
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=1, job_id=None)
+    assert sorted(p.name for p in parts.iterdir()) == ["rank0.json", "rank1.json"]
+    assert prepare_run_dir(run_dir, FINGERPRINT, overwrite=False, rank=0, job_id=None)
+    assert list(parts.iterdir()) == []
+    assert (run_dir / "parts" / "r0-x-000001.manifest.parquet").exists()  # results kept

@@ -344,6 +344,11 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     assert "Traceback" not in job.err, job.describe()
     keys, _, per_rank = _part_rows(run_dir)
     assert per_rank == {0: GATE_AFTER, 1: GATE_AFTER} and len(set(keys)) == 2 * GATE_AFTER
+    # How the run went until the stop: both tasks' figures, neither counted as failed.
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["interrupted_ranks"] == [0, 1], report
+    assert report["missing_ranks"] == report["failed_ranks"] == [], report
+    assert report["context"]["unfinished"].startswith("interrupted by SIGTERM"), report
 
     gate.touch()
     again = sbatch_wait(
@@ -356,6 +361,9 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     assert records == baseline["records"]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert (summary["tiles_predicted"], summary["world_size"]) == (25, 2)
+    report = json.loads((run_dir / "report.json").read_text())  # the resume's own, whole
+    assert report["interrupted_ranks"] == [] and "unfinished" not in report["context"]
+    assert sum(r["tiles"] for r in report["ranks"]) == 25 - 2 * GATE_AFTER
 
 
 def test_preemption_requeues_and_the_job_finishes(

@@ -49,7 +49,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch import Callback, LightningModule, Trainer
 
-from mgpr.errors import ConfigError, OutputError
+from mgpr.errors import ConfigError, OutputError, RunInterrupted
 from mgpr.monitor.nvml import GpuInfo, Nvml, open_nvml
 from mgpr.monitor.part import (
     PART_SCHEMA,
@@ -398,9 +398,14 @@ class RunMonitor(Callback):
     def on_exception(
         self, trainer: Trainer, pl_module: LightningModule, exception: BaseException
     ) -> None:
-        """Stop sampling and write this rank's report part (status ``failed``)."""
+        """Stop sampling and write this rank's report part: ``interrupted`` or ``failed``.
+
+        A stop signal (preemption, scancel, Ctrl-C) is not a fault of the rank: its part says
+        ``interrupted`` and the figures up to the stop stay a valid measurement.
+        """
         if self._ranks and not self._finalised:
-            self._finish("failed", f"{type(exception).__name__}: {exception}")
+            status = "interrupted" if isinstance(exception, RunInterrupted) else "failed"
+            self._finish(status, f"{type(exception).__name__}: {exception}")
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Release the thread and NVML; write an empty part for a rank that predicted nothing.

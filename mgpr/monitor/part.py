@@ -7,8 +7,10 @@ at the end of predict; rank 0 merges them (:func:`mgpr.monitor.report.build_repo
     key                           type     meaning (unit)
     ============================  =======  =========================================================
     schema                        str      ``"mgpr.report_part/1"``
-    status                        str      ``"finished"``, or ``"failed"`` (from on_exception)
-    error                         str|null exception type and message when failed
+    status                        str      ``"finished"``, ``"failed"`` or ``"interrupted"``
+                                           (a stop signal), both from on_exception
+    error                         str|null exception type and message when failed or
+                                           interrupted (``RunInterrupted: SIGTERM``)
     hostname                      str      node name (SLURMD_NODENAME under SLURM, else host)
     global_rank, local_rank,      int      Lightning ranks; world_size = number of ranks
     node_rank, world_size

@@ -15,6 +15,9 @@ world_size                       int       ranks the job started
 ranks_reported                   list[int] ranks whose part was read
 missing_ranks                    list[int] ranks without a part (killed, OOM, node lost)
 failed_ranks                     list[int] ranks whose part says ``status: failed``
+interrupted_ranks                list[int] ranks stopped by a signal (``status: interrupted``:
+                                           preemption, scancel, Ctrl-C); their figures up to
+                                           the stop are in ``ranks``
 unreadable_parts                 list[str] part files that exist but could not be parsed
 context                          obj       as passed by the caller: workers, batch_size,
                                            precision, cpus_per_task, ...
@@ -23,8 +26,8 @@ ranks[]                          list      one row per reported rank (= per GPU)
   node_rank
   hostname                       str       node name
   device                         str       ``"cuda:0"`` (local ordinal) or ``"cpu"``
-  status                         str       ``"finished"`` / ``"failed"``
-  error                          str|null  exception of a failed rank
+  status                         str       ``"finished"`` / ``"failed"`` / ``"interrupted"``
+  error                          str|null  exception of a failed or interrupted rank
   gpu_name, gpu_uuid             str|null  NVML (or torch) name and uuid
   physical_index                 int|null  NVML index of the physical GPU (null without NVML)
   memory_kind                    str       what mem_* measure: ``"gpu"`` (NVML device memory
@@ -95,7 +98,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +136,29 @@ def read_parts(
             unreadable.append(path.name)
     missing = [r for r in range(world_size) if r not in parts]
     return parts, missing, unreadable
+
+
+def wait_for_parts(
+    run_dir: Path,
+    world_size: int,
+    timeout_s: float,
+    poll_s: float = 0.1,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], None] = time.sleep,
+) -> list[int]:
+    """Wait up to ``timeout_s`` seconds for every rank's part; returns the ranks still without one.
+
+    For the report of a stopped run: SLURM signals every task of a step at once, and each
+    rank writes its part as it stops, so rank 0 may get there first. The wait is bounded
+    because SLURM kills the step ``KillWait`` seconds (default 30) after its signal.
+    """
+    folder = Path(run_dir) / "report_parts"
+    deadline = clock() + max(0.0, timeout_s)
+    while True:
+        absent = [r for r in range(world_size) if not (folder / f"rank{r}.json").exists()]
+        if not absent or clock() >= deadline:
+            return absent
+        sleep(poll_s)
 
 
 def _gib(value: float | None) -> float | None:
@@ -379,6 +405,7 @@ def build_report(run_dir: Path, world_size: int, context: dict[str, Any]) -> dic
         "ranks_reported": sorted(parts),
         "missing_ranks": missing,
         "failed_ranks": [r["global_rank"] for r in rows if r["status"] == "failed"],
+        "interrupted_ranks": [r["global_rank"] for r in rows if r["status"] == "interrupted"],
         "unreadable_parts": unreadable,
         "context": dict(context),
         "ranks": rows,
@@ -425,7 +452,8 @@ def format_report(report: Mapping[str, Any]) -> str:
             mem = "RSS " + mem
         gpu = (r.get("gpu_name") or "-")[:24]
         util = "-" if r["util_avg_pct"] is None else f"{r['util_avg_pct']:.0f}%"
-        flag = "" if r.get("status") == "finished" else f"  FAILED: {r.get('error')}"
+        status = r.get("status")
+        flag = "" if status == "finished" else f"  {str(status).upper()}: {r.get('error')}"
         lines.append(
             f"{r['global_rank']:>4} {str(r['hostname'])[:12]:<12} {str(r['device']):<7} "
             f"{gpu:<24} {mem:<30} {util:>5} {r['batches']:>7} {r['tiles_per_s']:>8.1f} "
@@ -456,5 +484,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         )
     if report.get("failed_ranks"):
         lines.append(f"FAILED: rank(s) {', '.join(str(r) for r in report['failed_ranks'])}")
+    unfinished = (report.get("context") or {}).get("unfinished")
+    if unfinished:
+        lines.append(f"UNFINISHED: {unfinished}")
     lines.append(f"hint: {report.get('hint', '')}")
     return "\n".join(lines)

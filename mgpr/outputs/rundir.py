@@ -220,6 +220,8 @@ def prepare_run_dir(
                 elif target.exists():
                     target.unlink()
             log.info("overwrite=true: removed the previous run's results in %s", run_dir)
+        elif resume:
+            _remove_earlier_report_parts(run_dir)
         write_json_atomic(
             path,
             {
@@ -230,6 +232,20 @@ def prepare_run_dir(
             },
         )
     return resume
+
+
+def _remove_earlier_report_parts(run_dir: Path) -> None:
+    """A resume's report must not read an earlier command's rank figures as its own.
+
+    Each rank rewrites its part as it stops; one that dies first (OOM, lost node) leaves its
+    slot empty, and the report then lists it as missing instead of showing the earlier run's
+    figures. Rank 0 removes them here, before any rank of this command can write one.
+    """
+    for part in (run_dir / "report_parts").glob("rank*.json"):
+        try:
+            part.unlink()
+        except OSError as exc:
+            log.warning("cannot remove the earlier run's report part %s: %s", part, exc)
 
 
 def earlier_input_paths(run_dir: Path) -> list[str]:

@@ -13,13 +13,19 @@ import os
 import signal
 from typing import Any
 
+from mgpr.errors import RunInterrupted
+
 log = logging.getLogger("mgpr")
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-
-class RunInterrupted(BaseException):
-    """Raised in the main thread by SIGTERM / SIGUSR1 / SIGINT: stop, keep what is written."""
+__all__ = [
+    "RunInterrupted",
+    "STOP_SIGNALS",
+    "install_signal_handlers",
+    "restore_signal_handlers",
+    "requeue_on_usr1",
+]
 
 
 def install_signal_handlers() -> dict[int, Any]:

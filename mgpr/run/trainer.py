@@ -35,7 +35,7 @@ from mgpr.data.batching import UniformShapeBatchSampler
 from mgpr.data.dataset import FakeTileDataset, TileDataset, collate_tiles
 from mgpr.data.pinned import CudaHostRegistrar, HostRegistrar, host_memory_plan
 from mgpr.data.scaling import ValueScaler
-from mgpr.errors import ConfigError, RankFailedError
+from mgpr.errors import ConfigError, RankFailedError, RunInterrupted
 from mgpr.geo.raster import RasterInfo, TileReader
 from mgpr.geo.tiling import Tile
 from mgpr.geo.values import ValueRange, carrier_dtype
@@ -442,6 +442,7 @@ def run_predict(
     )
     t0 = time.time()
     finished = False
+    stopped_by: str | None = None  # the stop signal's name, when one ended predict
     try:
         _predict(trainer, module, datamodule, cfg, run_dir)
         wall = time.time() - t0
@@ -463,6 +464,9 @@ def run_predict(
         if trainer.global_rank == 0:
             _report_without(run_dir, trainer.world_size, cfg, str(trainer.precision), rasters)
         raise
+    except RunInterrupted as exc:
+        stopped_by = str(exc)
+        raise
     finally:
         datamodule.stop_heartbeat()
         if not finished:
@@ -470,6 +474,21 @@ def run_predict(
             killed = local_ranks.stop()
             if killed:
                 log.warning("killed local rank process(es) %s after %.0f s", killed, STOP_GRACE_S)
+        if stopped_by is not None and trainer.global_rank == 0:
+            # Preempted or cancelled: how the run went until the stop, for the figures
+            # are real; launched ranks are stopped above, srun's tasks are waited for.
+            _report_without(
+                run_dir,
+                trainer.world_size,
+                cfg,
+                str(trainer.precision),
+                rasters,
+                unfinished=(
+                    f"interrupted by {stopped_by}: no merge ran; the figures cover the predict "
+                    "loop up to the stop, and a resume predicts the tiles left"
+                ),
+                wait_s=INTERRUPTED_PARTS_WAIT_S if under_srun else 0.0,
+            )
     sampler = datamodule.sampler
     return {
         "global_rank": trainer.global_rank,
@@ -521,26 +540,34 @@ def _checked_finished_keys(run_dir: Path) -> set[str]:
     return finished_tile_keys(run_dir)
 
 
+#: Seconds rank 0 of a stopped srun step waits for the other tasks' report parts: they are
+#: signalled at the same moment and write their part as they stop, well inside SLURM's
+#: KillWait (30 s by default) before the step is killed.
+INTERRUPTED_PARTS_WAIT_S = 5.0
+
+
 def _report_without(
     run_dir: Path,
     world_size: int,
     cfg: PredictConfig,
     precision: str,
     rasters: Sequence[RasterInfo] = (),
+    unfinished: str = "a rank did not finish: no merge ran",
+    wait_s: float = 0.0,
 ) -> None:
-    """Write report.json of a run that a rank did not finish.
+    """Write report.json of a run that did not finish: a rank failed, or the run was stopped.
 
     Every part there is, the dead rank(s) in ``missing_ranks``: the figures of the ranks that
-    worked are not lost with the merge that does not run.
+    worked are not lost with the merge that does not run. ``wait_s``: seconds to wait for the
+    parts of ranks that are still stopping (srun tasks).
     """
-    from mgpr.monitor.report import build_report
+    from mgpr.monitor.report import build_report, wait_for_parts
     from mgpr.run.finish import report_context
 
-    context = {
-        **report_context(cfg, precision, rasters),
-        "unfinished": "a rank did not finish: no merge ran",
-    }
+    context = {**report_context(cfg, precision, rasters), "unfinished": unfinished}
     try:
+        if wait_s > 0:
+            wait_for_parts(run_dir, world_size, wait_s)
         report = build_report(run_dir, world_size, context)
     except Exception as exc:  # noqa: BLE001 - the report must never hide the failure's line
         log.warning("could not build the run report: %s", exc)
