@@ -438,17 +438,23 @@ def test_clip_tally_counts_the_valid_values_outside_the_range() -> None:
     assert tally.totals() is None  # nothing counted: no line, no key
     x = torch.tensor([[[[-0.5, 0.2], [1.5, 2.0]]], [[[0.0, 1.0], [-1.0, 3.0]]]])  # (2, 1, 2, 2)
     tally.add(x, None)
-    assert tally.totals() == {"below": 2, "above": 3, "values": 8, "peak": None, "inputs": {}}
+    totals = {"below": 2, "above": 3, "values": 8, "peak": None, "floor": -1.0, "inputs": {}}
+    assert tally.totals() == totals  # the floor: the darkest value, before the clamp
     tally.add_peaks(x.clamp(0, 1) * 0.5, None)  # the peak: of the model's input as it goes in
     assert tally.totals()["peak"] == 0.5
     valid = torch.tensor([[[1, 1], [0, 0]], [[1, 1], [1, 0]]], dtype=torch.uint8)
     masked = ClipTally()
     masked.add(x, valid)  # masked pixels (nodata, padding) are not data: not counted
-    assert masked.totals() == {"below": 2, "above": 0, "values": 5, "peak": None, "inputs": {}}
+    totals = {"below": 2, "above": 0, "values": 5, "peak": None, "floor": -1.0, "inputs": {}}
+    assert masked.totals() == totals
+    dark = ClipTally()
+    dark.add(x, torch.tensor([[[1, 1], [1, 1]], [[1, 1], [0, 0]]], dtype=torch.uint8))
+    assert dark.totals()["floor"] == -0.5  # a masked -1.0 is no floor
     x3 = torch.full((1, 3, 2, 2), 2.0)
     fresh = ClipTally()
     fresh.add(x3, torch.tensor([[[1, 0], [0, 0]]]))  # every band of a valid pixel counts
-    assert fresh.totals() == {"below": 0, "above": 3, "values": 3, "peak": None, "inputs": {}}
+    totals = {"below": 0, "above": 3, "values": 3, "peak": None, "floor": 2.0, "inputs": {}}
+    assert fresh.totals() == totals
     # per input: tile 0 from b.tif, tile 1 from a.tif (runs of consecutive tiles of a raster)
     per = ClipTally()
     runs = [("b.tif", 0, 1), ("a.tif", 1, 2)]
@@ -460,14 +466,11 @@ def test_clip_tally_counts_the_valid_values_outside_the_range() -> None:
         "above": 2,
         "values": 5 + 4,
         "peak": 1.0,
-        "inputs": {"b.tif": [1 + 1, 0 + 2, 2 + 4, 1.0], "a.tif": [1, 0, 3, 0.25]},
+        "floor": -1.0,
+        "inputs": {"b.tif": [1 + 1, 0 + 2, 2 + 4, 1.0, -0.5], "a.tif": [1, 0, 3, 0.25, -1.0]},
     }
-    assert clipped_shares({"below": 1, "above": 3, "values": 4, "peak": 2.5}) == {
-        "below": 0.25,
-        "above": 0.75,
-        "values": 4,
-        "peak": 2.5,
-    }
+    shares = {"below": 1, "above": 3, "values": 4, "peak": 2.5, "floor": -0.5}
+    assert clipped_shares(shares) == {**shares, "below": 0.25, "above": 0.75}
 
 
 def test_summary_says_how_much_the_range_clipped(make_image, tmp_path: Path, capsys) -> None:
@@ -556,7 +559,35 @@ def test_a_range_far_wider_than_the_data_is_warned_of(
     assert clipped["below"] == clipped["above"] == 0.0 and clipped["peak"] < 0.07, clipped
     warned = [x for x in capsys.readouterr().err.splitlines() if "value_range does not fit" in x]
     assert len(warned) == 1 and f"{str(img.path)!r} {shown} to hi" in warned[0], warned
-    assert "crushed near 0" in warned[0]
+    assert "crushed into a narrow band" in warned[0]
+
+
+@pytest.mark.parametrize(
+    ("given", "band"),
+    [("[-20,1]", (0.952, 1.0)), ("[-10,11]", (0.476, 0.524))],
+    ids=["crushed-near-1", "crushed-mid-range"],
+)
+def test_a_range_far_off_on_the_low_side_is_warned_of(
+    make_image, tmp_path: Path, capsys, given: str, band: tuple[float, float]
+) -> None:
+    """Reflectance 0..1 under a range whose lo lies far below it: nothing clips and the peak
+    is high, but every value lands in a band under 5 % wide: one flat grey to the model. The
+    floor leaves the nodata border out (0 under [-20, 1] would be the floor 0.952 too)."""
+    img = _image(make_image, "flat.tif", dtype="float32")
+    with rasterio.open(img.path) as src:
+        data, mask = src.read(), src.dataset_mask()
+    valid = data[:, mask > 0]
+    lo, hi = (float(v) for v in given.strip("[]").split(","))
+    floor, peak = (float(valid.min()) - lo) / (hi - lo), (float(valid.max()) - lo) / (hi - lo)
+    assert band[0] - 0.01 < floor < peak < band[1] + 0.01  # the generator's values: 0..1
+    assert _run(img, tmp_path / "run", f"value_range={given}") == 0
+    clipped = _summary(tmp_path / "run")["values"]["inputs"][str(img.path)]["clipped"]
+    assert clipped["floor"] == pytest.approx(floor, abs=1e-5), clipped
+    assert clipped["peak"] == pytest.approx(peak, abs=1e-5), clipped
+    assert clipped["below"] == clipped["above"] == 0.0, clipped
+    warned = [x for x in capsys.readouterr().err.splitlines() if "value_range does not fit" in x]
+    shown = f"{str(img.path)!r} only from {floor:.1%} to {min(peak, 1.0):.1%} of the way to hi"
+    assert len(warned) == 1 and shown in warned[0], warned
 
 
 def test_peak_is_taken_before_the_clamp_and_leaves_out_nodata(make_image, tmp_path: Path) -> None:

@@ -881,14 +881,16 @@ def test_hint_says_when_most_tiles_were_nodata(two_of_three: Path) -> None:
 
 
 def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
-    """A rank without counts (raw values, uint8 by [0, 255], no tile) adds nothing."""
+    """A rank without counts (raw values, uint8 by [0, 255], no tile) adds nothing; a part
+    of an older mgpr (no floor) adds its counts and peak."""
     parts = [_part(r, util=[50.0], used_gib=[1.0], wait=1.0) for r in range(3)]
     parts[0]["values_clipped"] = {
         "below": 10,
         "above": 300,
         "values": 1000,
         "peak": 1.4,
-        "inputs": {"a.tif": [10, 0, 600, 0.8], "b.tif": [0, 300, 400, 1.4]},
+        "floor": -0.1,
+        "inputs": {"a.tif": [10, 0, 600, 0.8, -0.1], "b.tif": [0, 300, 400, 1.4, 0.3]},
     }
     parts[1]["values_clipped"] = {
         "below": 5,
@@ -905,11 +907,12 @@ def test_report_sums_the_ranks_clip_counts(tmp_path: Path) -> None:
         "above": 300,
         "values": 1500,
         "peak": 1.4,  # peaks: the max, not a sum
-        "inputs": {"a.tif": [15, 0, 1100, 0.9], "b.tif": [0, 300, 400, 1.4]},
+        "floor": -0.1,  # floors: the min
+        "inputs": {"a.tif": [15, 0, 1100, 0.9, -0.1], "b.tif": [0, 300, 400, 1.4, 0.3]},
     }
     assert [r["values_clipped"] for r in report["ranks"]] == [  # rows: each rank's totals
-        {"below": 10, "above": 300, "values": 1000, "peak": 1.4},
-        {"below": 5, "above": 0, "values": 500, "peak": 0.9},
+        {"below": 10, "above": 300, "values": 1000, "peak": 1.4, "floor": -0.1},
+        {"below": 5, "above": 0, "values": 500, "peak": 0.9, "floor": None},
         None,
     ]
     for part in parts:

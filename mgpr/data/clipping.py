@@ -10,7 +10,9 @@ over 12-bit imagery, reflectance 0..1 given a range in counts) clips nothing but
 value into the bottom of the model's input: the model sees a nearly black raster. So
 :class:`ClipTally` counts both ends over the VALID values (every band of every pixel the
 validity mask keeps: nodata and padding are not data) and keeps each raster's PEAK, its
-brightest valid value as a share of [lo, hi], on the device, without a host sync per batch;
+brightest valid value as a share of [lo, hi], and its FLOOR, the darkest (a range whose ``lo``
+lies far below the data crushes every value near 1; one far off on both sides leaves the data a
+narrow band anywhere in between), on the device, without a host sync per batch;
 the rank reads them once, at the end of predict, into its report part (``values_clipped``),
 and rank 0 sums them into ``summary.json`` ``values.clipped``.
 """
@@ -28,6 +30,9 @@ CLIPPED_WARN_SHARE = 0.25
 #: An input whose brightest valid value is below this share of [lo, hi] is warned of as crushed
 #: (12-bit data under [0, 65535] peaks at 0.0625).
 PEAK_WARN_SHARE = 0.1
+#: An input whose valid values span less than this share of [lo, hi] (peak - floor) is warned
+#: of as crushed: the model sees them as one flat grey (reflectance 0.2..0.3 under [-1, 1]).
+SPAN_WARN_SHARE = 0.1
 
 
 class ClipTally:
@@ -43,6 +48,7 @@ class ClipTally:
         self._row_of: dict[str | None, int] = {}
         self._counts: torch.Tensor | None = None  # (rows, 3) int64: below, above, values
         self._peaks: torch.Tensor | None = None  # (rows,) float32: brightest valid value
+        self._floors: torch.Tensor | None = None  # (rows,) float32: darkest valid value
 
     def _row(self, path: str | None, device: torch.device) -> int:
         """The counts row of ``path``, a new one at its first tile.
@@ -53,13 +59,21 @@ class ClipTally:
         if row is None:
             row = self._row_of[path] = len(self.inputs)
             self.inputs.append(path)
-            if self._counts is None or self._peaks is None or row >= self._counts.shape[0]:
+            if (
+                self._counts is None
+                or self._peaks is None
+                or self._floors is None
+                or row >= self._counts.shape[0]
+            ):
                 size = max(8, 2 * row)
                 grown = torch.zeros((size, 3), dtype=torch.int64, device=device)
                 peaks = torch.full((size,), -math.inf, dtype=torch.float32, device=device)
+                floors = torch.full((size,), math.inf, dtype=torch.float32, device=device)
                 if self._counts is not None and self._peaks is not None:
                     grown[:row], peaks[:row] = self._counts, self._peaks
-                self._counts, self._peaks = grown, peaks
+                if self._floors is not None:
+                    floors[:row] = self._floors
+                self._counts, self._peaks, self._floors = grown, peaks, floors
         return row
 
     def add(
@@ -68,7 +82,7 @@ class ClipTally:
         valid: torch.Tensor | None,
         runs: Sequence[tuple[str, int, int]] | None = None,
     ) -> None:
-        """Count one batch, before the clamp.
+        """Count one batch and take each run's floor, before the clamp.
 
         Args:
             x: (K, C, H, W) float32, scaled (0 = ``lo``, 1 = ``hi``), not yet clamped.
@@ -99,8 +113,14 @@ class ClipTally:
                     values.to(torch.int64),
                 ]
             )
-            assert self._counts is not None
+            assert self._counts is not None and self._floors is not None
             self._counts[row].add_(counts)
+            # the darkest valid value: invalid pixels (nodata, padding) must not pass for it
+            if keep is None:
+                floor = x[start:stop].amin().float()
+            else:
+                floor = torch.where(keep[start:stop], x[start:stop], math.inf).amin().float()
+            torch.minimum(self._floors[row], floor, out=self._floors[row])
 
     def add_peaks(self, x: torch.Tensor, runs: Sequence[tuple[str, int, int]] | None) -> None:
         """Each run's brightest value, from the model's input as it goes in.
@@ -121,45 +141,55 @@ class ClipTally:
             torch.maximum(self._peaks[row], peak, out=self._peaks[row])
 
     def totals(self) -> dict[str, Any] | None:
-        """``{below, above, values, peak, inputs: {path: [below, above, values, peak]}}``.
+        """The counts: ``{below, above, values, peak, floor, inputs}``.
 
-        One device-to-host read. ``inputs`` holds the named rasters counted. None when nothing
-        was counted: no batch, or only uint8 tiles by [0, 255], which the scaler maps without a
-        clamp (no value can fall outside).
+        ``inputs``: ``{path: [below, above, values, peak, floor]}`` of the named rasters
+        counted. One device-to-host read. None when nothing was counted: no batch, or only
+        uint8 tiles by [0, 255], which the scaler maps without a clamp (no value can fall
+        outside).
         """
         if self._counts is None:
             return None
-        assert self._peaks is not None
+        assert self._peaks is not None and self._floors is not None
         used = self._counts[: len(self.inputs)].cpu().tolist()
         peaks = self._peaks[: len(self.inputs)].cpu().tolist()
+        floors = self._floors[: len(self.inputs)].cpu().tolist()
         rows: list[list[Any]] = [
-            [int(b), int(a), int(v), round(float(p), 6) if math.isfinite(p) else None]
-            for (b, a, v), p in zip(used, peaks, strict=True)
+            [int(b), int(a), int(v), _finite(p), _finite(f)]
+            for (b, a, v), p, f in zip(used, peaks, floors, strict=True)
         ]
         below, above, values = (sum(row[i] for row in rows) for i in range(3))
         per_input = {p: row for p, row in zip(self.inputs, rows, strict=True) if p is not None}
         peak = max((row[3] for row in rows if row[3] is not None), default=None)
+        floor = min((row[4] for row in rows if row[4] is not None), default=None)
         return {
             "below": below,
             "above": above,
             "values": values,
             "peak": peak,
+            "floor": floor,
             "inputs": per_input,
         }
+
+
+def _finite(value: float) -> float | None:
+    """A share rounded for the record; None where no valid value was seen (+-inf)."""
+    return round(float(value), 6) if math.isfinite(value) else None
 
 
 def clipped_shares(totals: dict[str, Any]) -> dict[str, float | int | None]:
     """``summary.json`` ``values.clipped``: the counts as shares of the valid values (0..1).
 
-    ``peak``: the brightest valid value as a share of [lo, hi] (above 1: clipped), None where
-    the counts came without one (parts of an older mgpr).
+    ``peak`` / ``floor``: the brightest / darkest valid value as a share of [lo, hi] (above 1
+    / below 0: clipped), None where the counts came without one (parts of an older mgpr).
     """
     values = int(totals.get("values") or 0)
     below, above = int(totals.get("below") or 0), int(totals.get("above") or 0)
-    peak = totals.get("peak")
+    peak, floor = totals.get("peak"), totals.get("floor")
     return {
         "below": round(below / values, 6) if values else 0.0,
         "above": round(above / values, 6) if values else 0.0,
         "values": values,
         "peak": None if peak is None else round(float(peak), 6),
+        "floor": None if floor is None else round(float(floor), 6),
     }

@@ -267,6 +267,7 @@ def _without_inputs(clipped: Any) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {k: int(clipped.get(k) or 0) for k in ("below", "above", "values")}
     out["peak"] = clipped.get("peak")
+    out["floor"] = clipped.get("floor")
     return out
 
 
@@ -275,16 +276,20 @@ def _sum_clipped(parts: list[dict[str, Any]]) -> dict[str, Any]:
     per_input: dict[str, list[Any]] = {}
     for part in parts:
         for path, counts in (part.get("inputs") or {}).items():
-            mine = per_input.setdefault(str(path), [0, 0, 0, None])
+            mine = per_input.setdefault(str(path), [0, 0, 0, None, None])
             for i in range(3):
                 mine[i] += int(counts[i])
             if len(counts) > 3 and counts[3] is not None:  # the peak: a max, not a sum
                 mine[3] = float(counts[3]) if mine[3] is None else max(mine[3], float(counts[3]))
+            if len(counts) > 4 and counts[4] is not None:  # the floor: a min
+                mine[4] = float(counts[4]) if mine[4] is None else min(mine[4], float(counts[4]))
     out: dict[str, Any] = {
         k: sum(int(p.get(k) or 0) for p in parts) for k in ("below", "above", "values")
     }
     peaks = [float(p["peak"]) for p in parts if p.get("peak") is not None]
     out["peak"] = max(peaks) if peaks else None
+    floors = [float(p["floor"]) for p in parts if p.get("floor") is not None]
+    out["floor"] = min(floors) if floors else None
     out["inputs"] = per_input
     return out
 

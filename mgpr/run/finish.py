@@ -380,7 +380,12 @@ def _record_clipping(summary: dict[str, Any], counts: dict[str, Any] | None) -> 
     either end: per input, so one raster of a folder read with a range meant for the others
     shows even where the run as a whole looks fine.
     """
-    from mgpr.data.clipping import CLIPPED_WARN_SHARE, PEAK_WARN_SHARE, clipped_shares
+    from mgpr.data.clipping import (
+        CLIPPED_WARN_SHARE,
+        PEAK_WARN_SHARE,
+        SPAN_WARN_SHARE,
+        clipped_shares,
+    )
 
     values = summary.get("values")
     if not counts or not counts.get("values") or not isinstance(values, dict):
@@ -390,7 +395,10 @@ def _record_clipping(summary: dict[str, Any], counts: dict[str, Any] | None) -> 
     for path, row in (counts.get("inputs") or {}).items():
         below, above, n = row[:3]
         peak = row[3] if len(row) > 3 else None
-        shares = clipped_shares({"below": below, "above": above, "values": n, "peak": peak})
+        floor = row[4] if len(row) > 4 else None
+        shares = clipped_shares(
+            {"below": below, "above": above, "values": n, "peak": peak, "floor": floor}
+        )
         entry = values.get("inputs", {}).get(path)
         if isinstance(entry, dict):
             entry["clipped"] = shares
@@ -401,12 +409,19 @@ def _record_clipping(summary: dict[str, Any], counts: dict[str, Any] | None) -> 
             top = max(0.0, float(peak))
             shown = f"{top:.1%}" if top >= 0.001 else f"{top * 100:.1g}%"  # 0.01%, not 0.0%
             flagged.append(f"{path!r} at most {shown} of the way to hi")
+        elif (
+            peak is not None
+            and floor is not None
+            and min(1.0, float(peak)) - max(0.0, float(floor)) < SPAN_WARN_SHARE
+        ):
+            low, high = max(0.0, float(floor)), min(1.0, float(peak))
+            flagged.append(f"{path!r} only from {low:.1%} to {high:.1%} of the way to hi")
     if flagged:
         more = f" (+{len(flagged) - 3} more in summary.json)" if len(flagged) > 3 else ""
         log.warning(
             "value_range does not fit the valid values of %d input(s), which the model saw "
-            "flattened to 0 (below lo) or 1 (above hi), or crushed near 0 (a range far wider "
-            "than the data): %s%s; the range is probably meant for other data: check it "
+            "flattened to 0 (below lo) or 1 (above hi), or crushed into a narrow band (a range "
+            "far wider than the data): %s%s; the range is probably meant for other data: check it "
             "against them (value_range=auto stretches each raster's 2nd-98th percentiles; "
             "per dtype: 'value_range={uint16:[lo,hi]}')",
             len(flagged),
