@@ -113,3 +113,42 @@ def test_duplicate_rule_whole_box_wins_then_score() -> None:
     cut = np.array([False, True, False, False, False, False, False, False])
     gone = _duplicates(bounds, scores, labels, rasters, cut, 0.5, 0.5)
     assert gone.tolist() == [False, True, True, False, False, False, False, False]
+
+
+def test_on_equal_scores_the_exact_box_of_the_finer_raster_wins() -> None:
+    """The reference detector's scores always tie: a reprojected copy's inflated bounding box
+    (raster 0) must not beat the native raster's exact box (raster 1), nor a downsampled
+    copy's box (raster 2, larger pixels) the original's (raster 3)."""
+    bounds = np.array(
+        [
+            [-0.5, -0.5, 10.5, 10.5],  # raster 0: reprojected, the box's bounding box
+            [0, 0, 10, 10],  # raster 1: native, exact
+            [20, 0, 30.4, 10.4],  # raster 2: exact, 0.4 m pixels
+            [20, 0, 30.1, 10.1],  # raster 3: exact, 0.1 m pixels: wins over the larger box
+        ],
+        dtype=np.float64,
+    )
+    scores = np.full(4, 0.9)
+    labels = np.ones(4, dtype=np.int64)
+    rasters = np.arange(4)
+    cut = np.zeros(4, dtype=bool)
+    exact = np.array([False, True, True, True])
+    pixel_area = np.array([0.01, 0.01, 0.16, 0.01])
+    gone = _duplicates(
+        bounds, scores, labels, rasters, cut, 0.5, 0.5, exact=exact, pixel_area=pixel_area
+    )
+    assert gone.tolist() == [True, False, True, False]
+    # Without the tie-breaks the larger boxes won: the rule the reasons above replace.
+    assert _duplicates(bounds, scores, labels, rasters, cut, 0.5, 0.5).tolist() == [
+        False,
+        True,
+        False,
+        True,
+    ]
+    # A higher score still beats an exact box.
+    higher = scores.copy()
+    higher[0] = 0.95
+    gone = _duplicates(
+        bounds, higher, labels, rasters, cut, 0.5, 0.5, exact=exact, pixel_area=pixel_area
+    )
+    assert gone.tolist()[:2] == [False, True]

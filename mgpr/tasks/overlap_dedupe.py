@@ -10,8 +10,11 @@ north-up rasters in one CRS; the bounding box of a reprojected box otherwise).
 The rule is the seam rule across rasters: two boxes of the same class from different rasters are
 one object when IoU > ``nms_iou`` or intersection over the smaller box >= ``seam_ios``; the
 whole box (not touching its raster's edge) wins over one cut by its raster's edge, then the
-higher score, then the larger box. Only boxes inside the overlap of two rasters' footprints take
-part, so a folder whose inputs do not overlap costs one footprint test per pair.
+higher score; on equal scores the EXACT box (its raster north-up in the layer's CRS, so the box
+is its pixels' own, not the bounding box of a reprojected or rotated one), then the box of the
+finer raster (smaller pixels in the layer's frame: the original over a downsampled copy), then
+the larger box. Only boxes inside the overlap of two rasters' footprints take part, so a folder
+whose inputs do not overlap costs one footprint test per pair.
 """
 
 from __future__ import annotations
@@ -101,6 +104,8 @@ def dedupe_across_inputs(
         return list(batches), 0
     # Candidates: each raster's boxes inside one of its overlap zones.
     cand_raster, cand_index, cand_bounds, cand_score, cand_label, cand_cut = [], [], [], [], [], []
+    cand_exact: list[npt.NDArray[np.bool_]] = []
+    cand_pixel: list[npt.NDArray[np.float64]] = []
     for i, zone_list in zones.items():
         batch = batches[i]
         if not len(batch):
@@ -128,6 +133,9 @@ def dedupe_across_inputs(
         cand_score.append(np.asarray(batch.fields["score"], np.float64)[idx])
         cand_label.append(np.asarray(batch.fields["class_id"], np.int64)[idx])
         cand_cut.append(_cut_by_edge(batch, rasters[i])[idx])
+        cand_exact.append(np.full(len(idx), _exact_boxes(rasters[i], crs_wkt)))
+        pixel_area = float(shapely.area(prints[i])) / max(1, rasters[i].width * rasters[i].height)
+        cand_pixel.append(np.full(len(idx), pixel_area))
     if len(cand_raster) < 2:
         return list(batches), 0
     raster = np.concatenate(cand_raster)
@@ -140,6 +148,8 @@ def dedupe_across_inputs(
         np.concatenate(cand_cut),
         nms_iou,
         seam_ios,
+        exact=np.concatenate(cand_exact),
+        pixel_area=np.concatenate(cand_pixel),
     )
     out = list(batches)
     for i in np.unique(raster[gone]).tolist():
@@ -150,6 +160,23 @@ def dedupe_across_inputs(
     return out, int(gone.sum())
 
 
+def _exact_boxes(info: RasterInfo, crs_wkt: str | None) -> bool:
+    """Whether the raster's boxes reach the layer as its pixels' own rectangles.
+
+    True when it is north-up (no rotation or shear) in the layer's CRS; a reprojected or
+    rotated raster's box is the bounding box of its pixels' footprint, larger than the object.
+    """
+    t = info.transform
+    return same_crs(info.crs_wkt, crs_wkt) and t.b == 0 and t.d == 0
+
+
+def _round_relative(values: npt.NDArray[np.float64], digits: int = 6) -> npt.NDArray[np.float64]:
+    """``values`` to ``digits`` significant digits: pixel areas equal up to float noise tie."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scale = np.where(values > 0, 10.0 ** (digits - 1 - np.floor(np.log10(values))), 1.0)
+    return np.round(values * scale) / scale
+
+
 def _duplicates(
     bounds: npt.NDArray[np.float64],
     scores: npt.NDArray[np.float64],
@@ -158,9 +185,18 @@ def _duplicates(
     cut: npt.NDArray[np.bool_],
     nms_iou: float,
     seam_ios: float,
+    exact: npt.NDArray[np.bool_] | None = None,
+    pixel_area: npt.NDArray[np.float64] | None = None,
 ) -> npt.NDArray[np.bool_]:
-    """Which candidates a better box of another raster already stands for (greedy by rank)."""
+    """Which candidates a better box of another raster already stands for (greedy by rank).
+
+    ``exact``: the box is its raster's own pixels (north-up in the layer's CRS); ``pixel_area``:
+    its raster's pixel area in the layer's units (squared). Both break score ties only; None:
+    all alike.
+    """
     n = len(bounds)
+    exact = np.ones(n, dtype=bool) if exact is None else exact
+    pixel_area = np.zeros(n) if pixel_area is None else pixel_area
     gone = np.zeros(n, dtype=bool)
     geoms = shapely.box(bounds[:, 0], bounds[:, 1], bounds[:, 2], bounds[:, 3])
     a, b = shapely.STRtree(geoms).query(geoms, predicate="intersects")
@@ -172,8 +208,17 @@ def _duplicates(
     iou, ios = pair_overlaps(bounds, area, a, b)
     same = (iou > nms_iou) | (ios >= seam_ios)
     a, b = a[same], b[same]
-    # Rank: whole boxes first, then score, then area, then input order.
-    order = np.lexsort((np.arange(n), -area, -scores, cut.astype(np.int64)))
+    # Rank: whole boxes first, then score, then exact, then finer pixels, then area, then order.
+    order = np.lexsort(
+        (
+            np.arange(n),
+            -area,
+            _round_relative(pixel_area),
+            (~exact).astype(np.int64),
+            -scores,
+            cut.astype(np.int64),
+        )
+    )
     rank = np.empty(n, dtype=np.int64)
     rank[order] = np.arange(n)
     neighbours: dict[int, list[int]] = {}
