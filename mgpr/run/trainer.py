@@ -97,12 +97,16 @@ def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader workers leave SIGTERM/SIGUSR1/SIGINT to the rank's main process.
 
     ``srun --signal=USR1`` and ``scancel`` signal every process of the step, workers included;
-    a forked worker would otherwise run the main process's handler and die mid-batch.
+    a forked worker would otherwise run the main process's handler and die mid-batch. A batch
+    handed over as the rank stops is no fault of the worker's: no traceback for it.
     """
     import signal
 
+    from mgpr.run.children import quiet_fd_handover_races
+
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
+    quiet_fd_handover_races()
 
 
 class KeepStopHandler(pl.Callback):
