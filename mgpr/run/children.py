@@ -30,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, MutableMapping
 from typing import Any
 
 log = logging.getLogger("mgpr")
@@ -95,22 +95,35 @@ def reap_children(grace_s: float = 2.0) -> int:
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_launcher(env: Mapping[str, str]) -> bool:
+#: The launcher's pid, set by rank 0 for the ranks Lightning starts from it: a rank whose parent
+#: is no longer that process was orphaned before it could ask for PDEATHSIG.
+LAUNCHER_PID_ENV = "MGPR_LAUNCHER_PID"
+
+
+def die_with_launcher(env: MutableMapping[str, str]) -> bool:
     """A rank started by Lightning's launcher gets SIGTERM when the launcher dies (Linux).
 
     Only for ranks other than 0 with ``LOCAL_RANK`` set outside SLURM (srun's tasks are no
-    one's children; rank 0 is the launcher). Returns whether the request was made.
+    one's children; rank 0 is the launcher, and records its pid in ``env`` for them, which
+    they inherit). Returns whether the request was made.
+
+    The launcher may die before the request: the rank is then already an orphan, reparented
+    to pid 1 or to a subreaper (``tini``, ``systemd --user``, a container's init), so the
+    check is "is my parent still the launcher", not "is my parent pid 1".
     """
     if not sys.platform.startswith("linux") or "SLURM_PROCID" in env:
         return False
     try:
         if int(env.get("LOCAL_RANK", "0")) == 0:
+            env[LAUNCHER_PID_ENV] = str(os.getpid())  # before Lightning starts the others
             return False
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
             return False
     except (OSError, ValueError, AttributeError):
         return False  # no prctl: the rank stops at its next claim, as before
-    if os.getppid() == 1:  # the launcher died before the request: stop now
-        os.kill(os.getpid(), signal.SIGTERM)
+    launcher = env.get(LAUNCHER_PID_ENV, "")
+    parent = os.getppid()
+    if parent == 1 or (launcher.isdigit() and parent != int(launcher)):
+        os.kill(os.getpid(), signal.SIGTERM)  # the launcher died before the request: stop now
     return True

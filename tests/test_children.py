@@ -1,9 +1,9 @@
-"""A DataLoader worker's fd handover reset by a stopping rank prints no traceback.
+"""Processes a rank starts never outlive it or print faults that are not theirs.
 
-The worker serves each batch's shared memory from a ``multiprocessing.resource_sharer``
+A DataLoader worker serves each batch's shared memory from a ``multiprocessing.resource_sharer``
 thread; a rank stopped by SIGTERM mid-transfer reset that connection and Python printed a
-20-line ``ConnectionResetError`` traceback under the clean stop's one line. Only that case is
-dropped: the same error elsewhere, or another error there, still reaches the hook.
+20-line ``ConnectionResetError`` traceback under the clean stop's one line: only that case is
+dropped. A rank Lightning launched stops when its launcher is gone, even under a subreaper.
 """
 
 from __future__ import annotations
@@ -59,3 +59,43 @@ def test_only_a_reset_handover_is_dropped(
     quiet_fd_handover_races(reached.append)
     threading.excepthook(args)
     assert reached == ([] if dropped else [args])
+
+
+# ------------------------------------------------ launched ranks and a launcher already gone
+CHILD = (
+    "import os, sys\n"
+    "from mgpr.run.children import die_with_launcher\n"
+    "print(die_with_launcher(os.environ), flush=True)\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("launcher", "killed"), [("parent", False), ("gone", True)], ids=["launcher-alive", "orphan"]
+)
+def test_a_launched_rank_whose_launcher_is_gone_stops_at_once(launcher: str, killed: bool) -> None:
+    """The launcher's pid, not pid 1, tells an orphan: under a subreaper (tini, a container's
+    init) an orphan's parent is the subreaper. Here the parent is this test process."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env |= {"LOCAL_RANK": "1", "MGPR_LAUNCHER_PID": str(os.getpid() if launcher == "parent" else 1)}
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=60
+    )
+    if killed:
+        assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stderr)
+    else:
+        assert (proc.returncode, proc.stdout.strip()) == (0, "True"), proc.stderr
+
+
+def test_rank_zero_records_its_pid_for_the_ranks_it_launches() -> None:
+    import os
+
+    from mgpr.run.children import LAUNCHER_PID_ENV, die_with_launcher
+
+    env = {"LOCAL_RANK": "0"}
+    assert die_with_launcher(env) is False
+    assert env[LAUNCHER_PID_ENV] == str(os.getpid())
