@@ -74,7 +74,66 @@ def test_boxes_across_180_east_stay_small_in_the_output_crs(
     spans = np.array([g.bounds[2] - g.bounds[0] for g in geoms])
     small = 0.01 if output_crs == "EPSG:4326" else 2000.0  # degrees / metres: boxes < 1 km
     assert (spans < small).all(), spans.max()
+    # the 512 m raster's boxes lie together on one side of the line, not at both ends of the map
+    x0 = min(g.bounds[0] for g in geoms)
+    assert max(g.bounds[2] for g in geoms) - x0 < small, [g.bounds for g in geoms]
     # ground areas against the boxes' own areas in UTM (scale ~1 there)
     for row in rows:
         utm_area = (row["px_xmax"] - row["px_xmin"]) * (row["px_ymax"] - row["px_ymin"]) * 0.25
         assert row["area_m2"] == pytest.approx(utm_area, rel=0.01)
+
+
+def _fiji(make_image, name: str):  # type: ignore[no-untyped-def]
+    """A 1024 x 512 px, 0.5 m UTM 60 S raster whose middle column lies on 180 E."""
+    to_utm = Transformer.from_crs("EPSG:4326", "EPSG:32760", always_xy=True)
+    x180, y = to_utm.transform(180.0, -16.5)
+    spec = {"width": 1024, "height": 512, "objects": 12, "crs": "EPSG:32760",
+            "pixel_size": 0.5, "origin_y": y, "seed": 3}  # fmt: skip
+    return make_image(name, origin_x=x180 - 512 * 0.5, **spec)
+
+
+@pytest.mark.parametrize("output_crs", ["EPSG:4326", "EPSG:3857"])
+def test_segments_of_a_raster_across_180_east_stay_together(
+    make_image, tmp_path: Path, output_crs: str
+) -> None:
+    """The background region crosses the line and its holes are the objects: each object must
+    be written where its hole is, not 360 degrees away (they were, for those east of 180 E)."""
+    img = _fiji(make_image, "fiji.tif")
+    run = tmp_path / "run"
+    code = run_mgpr_inprocess(
+        f"input_path={img.path}", "model=reference-seg", "vectorize=true", "tile_size=256",
+        "overlap=64", "workers=0", f"output_dir={run}", f"output_crs={output_crs}",
+    )  # fmt: skip
+    assert code == 0
+    geoms, rows, _ = read_gpkg_layer(run / "predictions.gpkg", "segments")
+    small = 0.01 if output_crs == "EPSG:4326" else 2000.0
+    x0 = min(g.bounds[0] for g in geoms)
+    assert max(g.bounds[2] for g in geoms) - x0 < small, [g.bounds for g in geoms]
+    objects = [g for g, r in zip(geoms, rows, strict=True) if r["class_id"] != 0]
+    (background,) = [g for g, r in zip(geoms, rows, strict=True) if r["class_id"] == 0]
+    assert len(objects) >= 10
+    holes = [shapely.Polygon(ring) for ring in background.interiors]
+    for obj in objects:  # every object fills one of the background's holes
+        assert max(obj.intersection(h).area / obj.area for h in holes) > 0.99, obj.bounds
+
+
+def test_long_edges_are_densified_before_they_are_reprojected(make_image, tmp_path: Path) -> None:
+    """A 100 m raster's 2048 px straight edge became one chord in EPSG:4326, up to 997 m
+    (10 px) off the true footprint; with a vertex every 64 px it stays within a metre."""
+    img = make_image(
+        "coarse.tif", width=2048, height=2048, objects=10, pixel_size=100.0,
+        origin_x=300000.0, origin_y=5600000.0, crs="EPSG:32633",
+    )  # fmt: skip
+    run = tmp_path / "run"
+    code = run_mgpr_inprocess(
+        f"input_path={img.path}", "model=reference-seg", "vectorize=true", "tile_size=512",
+        "overlap=64", "workers=0", f"output_dir={run}", "output_crs=EPSG:4326",
+    )  # fmt: skip
+    assert code == 0
+    geoms, _, _ = read_gpkg_layer(run / "predictions.gpkg", "segments")
+    # the written edges, straight in EPSG:4326, traced back into UTM point by point
+    whole = shapely.segmentize(shapely.union_all(geoms), 0.001)  # degrees: ~100 m
+    back = Transformer.from_crs("EPSG:4326", "EPSG:32633", always_xy=True)
+    in_utm = shapely.transform(whole, lambda xy: np.column_stack(back.transform(*xy.T)))
+    truth = shapely.box(300000.0, 5600000.0 - 204800.0, 300000.0 + 204800.0, 5600000.0)
+    assert shapely.hausdorff_distance(in_utm, truth) < 5.0  # metres: 0.05 px

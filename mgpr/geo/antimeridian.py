@@ -12,6 +12,13 @@ Which CRSs wrap: geographic ones (period 360 degrees), and cylindrical projectio
 longitude at every latitude: Web Mercator, World Mercator, plate carree, cylindrical
 equal-area), whose period is the x of 360 degrees. Every other projection (UTM, conics,
 polar) is continuous across the antimeridian where it is defined, and is left alone.
+
+Continuous features are not enough: of one raster across 180 degrees E, features wholly west
+of the line came out near +180 and those wholly east near -180, the layer's extent (and a
+GeoParquet bbox) spanning the world and a class map's vectorised objects drawn 360 degrees away
+from the holes they fill. So every feature of a raster is then PLACED within half a period of
+one reference x, the centre of the raster's own (continuous) footprint in the layer's CRS:
+:func:`place_rings_near`, :func:`place_geometries_near`.
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ import numpy as np
 import numpy.typing as npt
 import shapely
 
-__all__ = ["unwrap_geometries", "unwrap_longitudes", "unwrap_rings", "wrap_period"]
+__all__ = [
+    "place_geometries_near",
+    "place_rings_near",
+    "unwrap_geometries",
+    "unwrap_longitudes",
+    "unwrap_rings",
+    "wrap_period",
+]
 
 #: Longitude step of the probe along the equator and along 60 degrees N, degrees.
 _PROBE_STEP_DEG = 0.5
@@ -124,4 +138,53 @@ def unwrap_geometries(geoms: Any, period: float | None) -> Any:
             return moved
 
         out.flat[index] = shapely.transform(geom, east)
+    return out
+
+
+def _periods_off(centre: npt.NDArray[np.float64], reference: float, period: float) -> np.ndarray:
+    """Whole periods each centre lies from ``reference`` (0 within half a period of it)."""
+    return np.round((np.asarray(centre, dtype=np.float64) - reference) / period)
+
+
+def place_rings_near(
+    rings: npt.NDArray[np.float64], reference: float | None, period: float | None
+) -> np.ndarray:
+    """``(N, K, 2)`` continuous rings, each moved by whole periods to lie near ``reference``.
+
+    ``reference``: an x of the layer's CRS (the raster's footprint centre); None or a CRS that
+    does not wrap: the rings as they are.
+    """
+    if period is None or reference is None or not len(rings):
+        return rings
+    shift = _periods_off(rings[..., 0].mean(axis=1), reference, period)
+    if not shift.any():
+        return rings
+    out = np.array(rings, dtype=np.float64, copy=True)
+    out[..., 0] -= (period * shift)[:, None]
+    return out
+
+
+def place_geometries_near(geoms: Any, reference: float | None, period: float | None) -> Any:
+    """Continuous shapely geometries (an array), each moved by whole periods near ``reference``.
+
+    Only geometries more than half a period away are copied and moved (none away from 180).
+    """
+    if period is None or reference is None:
+        return geoms
+    array = np.asarray(geoms, dtype=object)
+    if not array.size:
+        return geoms
+    bounds = shapely.bounds(array).reshape(-1, 4)
+    with np.errstate(invalid="ignore"):
+        shift = _periods_off(0.5 * (bounds[:, 0] + bounds[:, 2]), reference, period)
+    shift[~np.isfinite(shift)] = 0.0  # empty geometries
+    moving = np.flatnonzero(shift)
+    if not len(moving):
+        return geoms
+    out = array.copy()
+    for index in moving.tolist():
+        dx = -period * float(shift[index])
+        out.flat[index] = shapely.transform(
+            out.flat[index], lambda xy, dx=dx: xy + np.array([dx, 0.0])
+        )
     return out

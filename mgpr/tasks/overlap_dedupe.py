@@ -25,28 +25,14 @@ import numpy as np
 import numpy.typing as npt
 import shapely
 
-from mgpr.geo.antimeridian import unwrap_geometries, wrap_period
-from mgpr.geo.georef import raster_footprint
 from mgpr.geo.raster import RasterInfo
-from mgpr.geo.reproject import reproject_geometry, same_crs
+from mgpr.geo.reproject import same_crs
 from mgpr.outputs.vector import FeatureBatch
+from mgpr.tasks.layers import footprint_in
 from mgpr.tasks.seam_dedupe import pair_overlaps
 
 #: Pixels from a raster's edge within which a box counts as cut by that edge.
 EDGE_PX = 1.0
-
-
-def footprint(info: RasterInfo, crs_wkt: str | None) -> shapely.Geometry:
-    """The raster's footprint in ``crs_wkt`` (its own when equal or None), densified edges.
-
-    Not yet made valid: :func:`dedupe_across_inputs` does that for every raster at once.
-    """
-    area = raster_footprint(info.height, info.width, info.transform, 16)
-    if info.crs_wkt is not None and crs_wkt is not None and not same_crs(info.crs_wkt, crs_wkt):
-        moved = reproject_geometry(area, info.crs_wkt, crs_wkt)
-        if moved is not None:
-            area = unwrap_geometries(moved, wrap_period(crs_wkt))  # as the boxes (layers.py)
-    return area
 
 
 def _cut_by_edge(batch: FeatureBatch, info: RasterInfo) -> npt.NDArray[np.bool_]:
@@ -83,7 +69,8 @@ def dedupe_across_inputs(
     n = len(batches)
     if n < 2 or crs_wkt is None:
         return list(batches), 0
-    prints = shapely.make_valid(np.asarray([footprint(r, crs_wkt) for r in rasters], dtype=object))
+    prints = np.asarray([footprint_in(r, crs_wkt) for r in rasters], dtype=object)
+    prints = shapely.make_valid(prints)
     left, right = shapely.STRtree(prints).query(prints, predicate="intersects")
     # Pairs whose bounding boxes share an area (a zero-area box overlap has a zero-area zone):
     # a folder of chips on a grid touches ~8 neighbours each along an edge or a corner, and
