@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import rasterio
 from conftest import mgpr_cmd, run_mgpr_inprocess, segmentation_args, subprocess_env
+from rasterio.enums import MaskFlags
 
 from mgpr.models.reference import BRIGHT_THRESHOLD
 from mgpr.outputs.parts_read import finished_tile_keys
@@ -94,6 +95,24 @@ def test_output_is_a_valid_cog_with_probabilities(make_image, tmp_path: Path) ->
     assert np.array_equal(p[1], ids * 255) and np.array_equal(p[0], (1 - ids) * 255)
     summary = json.loads((run / "summary.json").read_text())
     assert str(run / "segmentation" / "ortho_prob.tif") in summary["outputs"]
+
+
+def test_probabilities_are_masked_where_the_class_map_is_nodata(make_image, tmp_path: Path) -> None:
+    """Every uint8 is a probability, so no nodata value is left: the input's nodata border
+    read as "probability 0" and drew opaque black in QGIS. The file's internal mask (valid
+    where the class map is not nodata) keeps it out, in the overviews too."""
+    img = make_image(width=700, height=530, objects=12, nodata="border", tile_size=256)
+    run = tmp_path / "run"
+    args = _args(img.path, run, "tile_size=256", "overlap=64", "probabilities=true")
+    assert run_mgpr_inprocess(*args) == 0
+    with rasterio.open(run / "segmentation" / "ortho.tif") as cls:
+        valid = cls.read(1) != cls.nodata
+    assert 0 < valid.sum() < valid.size  # the border is there
+    with rasterio.open(run / "segmentation" / "ortho_prob.tif") as prob:
+        assert all(MaskFlags.per_dataset in f for f in prob.mask_flag_enums), prob.mask_flag_enums
+        assert np.array_equal(prob.dataset_mask() > 0, valid)
+        assert prob.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert prob.nodata is None  # no band value is taken away from the probabilities
 
 
 def test_adding_probabilities_on_a_resume_is_refused(

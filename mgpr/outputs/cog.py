@@ -181,6 +181,7 @@ def _vrt_xml(
     colours: dict[int, tuple[int, int, int, int]] | None,
     category_names: Sequence[str] | None,
     tags: dict[str, str] | None,
+    mask_from: tuple[Path, int] | None = None,
 ) -> str:
     gdal_type = _GDAL_TYPES[np.dtype(dtype)]
     t = grid.transform
@@ -229,8 +230,30 @@ def _vrt_xml(
                 "</SimpleSource>"
             )
         lines.append("  </VRTRasterBand>")
+    if mask_from is not None:
+        lines.extend(_mask_band_xml(*mask_from))
     lines.append("</VRTDataset>")
     return "\n".join(lines) + "\n"
+
+
+def _mask_band_xml(class_map: Path, nodata: int) -> list[str]:
+    """A dataset mask: 0 where ``class_map``'s band 1 is ``nodata``, 255 elsewhere.
+
+    GDAL's LUT interpolates between its entries and holds the last one beyond them, so
+    ``0:255, nodata-1:255, nodata:0, nodata+1:255`` is exactly "not nodata". The COG driver
+    writes it as the file's internal mask (QGIS and GDAL then leave those pixels out).
+    """
+    entries = [(0, 255), (nodata - 1, 255), (nodata, 0), (nodata + 1, 255)]
+    lut = ",".join(f"{v}:{m}" for v, m in entries if v >= 0)
+    return [
+        "  <MaskBand>",
+        '    <VRTRasterBand dataType="Byte">',
+        "      <ComplexSource>"
+        f'<SourceFilename relativeToVRT="0">{escape(str(class_map))}</SourceFilename>'
+        f"<SourceBand>1</SourceBand><LUT>{lut}</LUT></ComplexSource>",
+        "    </VRTRasterBand>",
+        "  </MaskBand>",
+    ]
 
 
 def _gcp_and_rpc_xml(path: str) -> list[str]:
@@ -280,6 +303,7 @@ def assemble_cog(
     category_names: Sequence[str] | None = None,
     tags: dict[str, str] | None = None,
     threads: int | str = "ALL_CPUS",
+    mask_from: tuple[Path, int] | None = None,
 ) -> Path:
     """Stream the parts into one COG at ``final`` (VRT -> COG driver -> temp name -> rename).
 
@@ -297,6 +321,9 @@ def assemble_cog(
             ``<final>.aux.xml``: a GeoTIFF has no place for them), or None.
         tags: dataset metadata to store (e.g. ``class_names`` as JSON).
         threads: GDAL compression threads.
+        mask_from: ``(class map COG, its nodata)``: the file's internal mask is valid where
+            that class map is not nodata (probabilities have no value to spare for nodata:
+            every uint8 is a probability), or None: no mask.
 
     Returns:
         ``final``.
@@ -305,7 +332,18 @@ def assemble_cog(
     vrt = final.with_name(f".{final.name}.vrt")
     tmp = final.with_name(f".{final.name}.tmp")
     vrt.write_text(
-        _vrt_xml(parts, grid, bands, dtype, nodata, descriptions, colours, category_names, tags),
+        _vrt_xml(
+            parts,
+            grid,
+            bands,
+            dtype,
+            nodata,
+            descriptions,
+            colours,
+            category_names,
+            tags,
+            mask_from,
+        ),
         encoding="utf-8",
     )
     options = {

@@ -395,6 +395,7 @@ class SegmentationTask(Task):
                         dtype=np.dtype(np.uint8),
                         nodata=None,
                         resampling="AVERAGE",
+                        mask_from=(out[0], int(nodata)),  # invalid where the class map is
                         descriptions=categories,
                         tags={
                             "scale": "p x 255",
