@@ -304,3 +304,25 @@ def test_the_summary_lists_a_few_of_many_class_maps_and_counts_the_rest(
         f"... and 9 more previews in {run}/ {more}",
     ]
     assert not out[at + 10].startswith("               ")
+
+
+def test_each_class_map_names_its_input(make_image, tmp_path: Path) -> None:
+    """Two inputs named x.tif in two folders give x.tif and x_2.tif: summary.json
+    ``outputs_by_input`` and each file's ``source`` tag say which came from which."""
+    a = make_image("a/x.tif", width=300, height=200, objects=3, seed=1)
+    b = make_image("b/x.tif", width=200, height=300, objects=3, seed=2)
+    run = tmp_path / "run"
+    paths = f"[{a.path},{b.path}]"
+    args = segmentation_args(Path(paths), run, "probabilities=true")
+    assert run_mgpr_inprocess(*args) == 0
+    by_input = json.loads((run / "summary.json").read_text())["outputs_by_input"]
+    assert set(by_input) == {str(a.path), str(b.path)}
+    for img in (a, b):
+        cog, prob = by_input[str(img.path)]
+        assert Path(prob).name == Path(cog).name.replace(".tif", "_prob.tif")
+        with rasterio.open(img.path) as src:
+            shape = (src.height, src.width)
+        for name in (cog, prob):
+            with rasterio.open(name) as out:
+                assert out.tags()["source"] == str(img.path) and out.shape == shape
+    assert sorted(Path(c).name for c, _ in by_input.values()) == ["x.tif", "x_2.tif"]

@@ -379,9 +379,16 @@ def assemble_cog(
     return final
 
 
-def class_map_tags(categories: Sequence[str]) -> dict[str, str]:
-    """Dataset metadata of a class map: the class names by id, as JSON."""
-    return {
+def class_map_tags(categories: Sequence[str], source: str | None = None) -> dict[str, str]:
+    """Dataset metadata of a class map: the class names by id (JSON) and its input raster.
+
+    ``source``: the input's path as given (two inputs named ``x.tif`` in two folders give
+    ``x.tif`` and ``x_2.tif``: the file itself then says which is which).
+    """
+    tags = {
         "class_names": json.dumps(list(categories)),
         "nodata_meaning": "input nodata, or a tile that failed",
     }
+    if source is not None:
+        tags["source"] = source
+    return tags

@@ -2,7 +2,8 @@
 
 ``summary.json`` (in the run directory) holds: ``mgpr_version``, ``finished_at``, ``run_dir``,
 ``output`` (the first output file or null), ``outputs`` (every output file: ``predictions.gpkg``
-and/or ``<layer>.parquet``, as ``output_format`` chose), ``layers`` (layer -> features),
+and/or ``<layer>.parquet``, as ``output_format`` chose), ``outputs_by_input`` (segmentation:
+input path -> its class map files; null otherwise), ``layers`` (layer -> features),
 ``records``, ``task``, ``model``, ``weights`` (what was loaded), ``random_weights``, ``precision``,
 ``compile`` (rank 0's ``{requested, used: compiled|eager, mode, reason}``), ``tta``
 (``{mode, views}`` or null), ``world_size``,
@@ -201,6 +202,7 @@ def finish_run(
         summary.update(
             output=str(merged.output_path) if merged.output_path else None,
             outputs=[str(p) for p in merged.output_paths],
+            outputs_by_input=merged.outputs_by_input or None,
             layers=merged.layers,
             records=merged.records,
             tiles_total=tiles_total,

@@ -141,6 +141,9 @@ class MergeResult:
 
     output_path: Path | None = None
     output_paths: list[Path] = field(default_factory=list)
+    #: input path -> the files written for it alone (segmentation's class maps); empty for
+    #: tasks whose inputs share a layer
+    outputs_by_input: dict[str, list[str]] = field(default_factory=dict)
     layers: dict[str, int] = field(default_factory=dict)  # layer name -> features
     records: int = 0
     tiles_planned: int = 0

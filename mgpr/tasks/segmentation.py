@@ -382,7 +382,7 @@ class SegmentationTask(Task):
                     descriptions=("class",),
                     colours=class_colours(k),
                     category_names=categories,
-                    tags=class_map_tags(categories or []),
+                    tags=class_map_tags(categories or [], path),
                 )
             ]
             if ctx.probabilities and categories:
@@ -397,10 +397,7 @@ class SegmentationTask(Task):
                         resampling="AVERAGE",
                         mask_from=(out[0], int(nodata)),  # invalid where the class map is
                         descriptions=categories,
-                        tags={
-                            "scale": "p x 255",
-                            "class_names": class_map_tags(categories)["class_names"],
-                        },
+                        tags={"scale": "p x 255", **class_map_tags(categories, path)},
                     )
                 )
             totals = None
@@ -461,6 +458,7 @@ class SegmentationTask(Task):
             result.output_paths.append(finals[0])
             result.records += _owned_pixels(ledger, info, ctx, tiles)
             result.output_paths.extend(finals[1:])
+            result.outputs_by_input[path] = [str(f) for f in finals]
         if not known:
             result.classes.clear()  # partial totals would mislead: none rather
         if ctx.vectorize:
