@@ -159,3 +159,38 @@ def test_a_join_cut_off_by_rank_0_is_not_called_a_timeout(tmp_path) -> None:
     assert "rank 1: rank 0 went away while the 2 ranks joined (recvValue failed" in line
     assert "join_timeout_s" not in line
     assert f"re-run the same command with output_dir={tmp_path} to resume" in line
+
+
+def test_each_srun_step_of_a_job_meets_at_its_own_port() -> None:
+    """Lightning's port (15000 + the job id's last 4 digits) is every step's: two srun steps
+    running at once in one job collided (EADDRINUSE)."""
+    from mgpr.run.rendezvous import step_port
+
+    ports = [step_port("4711", str(step)) for step in range(64)]
+    assert len(set(ports)) == 64 and all(15000 <= p < 35000 for p in ports if p is not None)
+    assert step_port("4711", "0") == step_port("4711", "0")  # every rank of a step agrees
+    assert step_port("4712", "0") != step_port("4711", "0")
+    assert step_port("", "0") is None and step_port("4711", "batch") is None
+
+
+def test_a_port_in_use_is_named_not_called_a_timeout(monkeypatch) -> None:
+    """The step's rendezvous port taken by another process: one line naming the port and
+    MASTER_PORT, not "not every rank joined ... raise join_timeout_s"."""
+    import socket
+
+    from mgpr.errors import RankJoinError
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    port = holder.getsockname()[1]
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(port))
+    try:
+        with pytest.raises(RankJoinError) as refused:
+            join_early(SimpleNamespace(ntasks=2, procid=0, job_id="9", step_id="1"), 10)
+    finally:
+        holder.close()
+    line = str(refused.value)
+    assert f"port {port} on 127.0.0.1 is in use" in line and "MASTER_PORT" in line, line
+    assert "join_timeout_s" not in line

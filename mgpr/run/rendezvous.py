@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import os
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -49,12 +50,30 @@ class EarlyGroup:
         self.timeout_s = timeout_s
 
 
+#: The rendezvous ports of srun steps: 20,000 from 15,000 (Lightning's own base).
+STEP_PORT_BASE, STEP_PORT_SPAN = 15000, 20000
+
+
+def step_port(job_id: str, step_id: str) -> int | None:
+    """The TCP port of one srun step's rendezvous: one per step of a job, the same on its ranks.
+
+    Lightning's is ``15000 + last 4 digits of the job id``, the same for every step of a job:
+    two ``srun`` steps running at once (``srun ... &`` twice in one script) met at one port,
+    the second failing with EADDRINUSE (and its other ranks connecting to the first step's
+    store). None when the ids are not numbers (then Lightning's port stands).
+    """
+    if not job_id.isdigit() or not step_id.isdigit():
+        return None
+    return STEP_PORT_BASE + (int(job_id) * 97 + int(step_id)) % STEP_PORT_SPAN
+
+
 def join_early(task: Any, timeout_s: float) -> EarlyGroup | None:
     """Join the step's gloo process group now (srun with more than one task), else None.
 
-    The address and port are Lightning's own (:class:`SLURMEnvironment`: ``MASTER_ADDR``/
-    ``MASTER_PORT`` or the first node of the step and a port from the job id), so the group is
-    the one Lightning's DDP strategy would have made; it finds it initialised and keeps it.
+    The address and port are Lightning's (:class:`SLURMEnvironment`: ``MASTER_ADDR``/
+    ``MASTER_PORT`` or the first node of the step), the port one of this step's own
+    (:func:`step_port`) unless ``MASTER_PORT`` is set, so the group is the one Lightning's DDP
+    strategy would have made; it finds it initialised and keeps it.
 
     Raises:
         RankJoinError: not every rank joined within ``timeout_s``.
@@ -66,6 +85,9 @@ def join_early(task: Any, timeout_s: float) -> EarlyGroup | None:
 
     if dist.is_initialized():
         return EarlyGroup(dist.get_rank(), dist.get_world_size(), timeout_s)
+    own_port = step_port(getattr(task, "job_id", ""), getattr(task, "step_id", ""))
+    if own_port is not None and not os.environ.get("MASTER_PORT"):
+        os.environ["MASTER_PORT"] = str(own_port)  # Lightning's DDP reads the same one later
     env = SLURMEnvironment(auto_requeue=False)
     address, port = env.main_address, env.main_port
     try:
@@ -77,6 +99,14 @@ def join_early(task: Any, timeout_s: float) -> EarlyGroup | None:
             timeout=dt.timedelta(seconds=timeout_s),
         )
     except (RuntimeError, dist.DistError) as exc:
+        reason = " ".join(str(exc).split())
+        if "EADDRINUSE" in reason or "address already in use" in reason.lower():
+            raise RankJoinError(
+                f"rank {task.procid}: port {port} on {address} is in use (another srun step "
+                "or job on that node took it), so the ranks could not meet there; set "
+                "MASTER_PORT to a free port (1024-65535) in the job script, one per step run "
+                "at once"
+            ) from None
         raise RankJoinError(
             f"rank {task.procid}: not every one of the {task.ntasks} ranks joined "
             f"{address}:{port} within join_timeout_s={timeout_s:g} "

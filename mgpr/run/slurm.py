@@ -60,6 +60,8 @@ class SlurmTask:
         gpus_on_node: ``SLURM_GPUS_ON_NODE``; None when the job asked for no GPU.
         cuda_visible_devices: ``CUDA_VISIBLE_DEVICES`` as set by SLURM, e.g. ``"0,1"``.
         job_name: ``SLURM_JOB_NAME``.
+        step_id: ``SLURM_STEP_ID``: the step of the job (``srun`` calls of one job count 0, 1,
+            ...; two running at once must not share a rendezvous port).
     """
 
     job_id: str
@@ -73,6 +75,7 @@ class SlurmTask:
     gpus_on_node: int | None
     cuda_visible_devices: str | None
     job_name: str
+    step_id: str = ""
 
 
 def _int(env: Mapping[str, str], *names: str) -> int | None:
@@ -119,6 +122,7 @@ def read_slurm_task(env: Mapping[str, str]) -> SlurmTask | None:
         gpus_on_node=_int(env, "SLURM_GPUS_ON_NODE"),
         cuda_visible_devices=env.get("CUDA_VISIBLE_DEVICES"),
         job_name=env.get("SLURM_JOB_NAME", ""),
+        step_id=step,
     )
 
 
