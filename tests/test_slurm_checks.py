@@ -78,6 +78,7 @@ def test_read_step_env() -> None:
         gpus_on_node=2,
         cuda_visible_devices="0,1",
         job_name="mgpr",
+        step_id="0",
     )
 
 
@@ -671,3 +672,23 @@ def test_doctor_fails_accelerator_gpu_without_a_gpu(monkeypatch: pytest.MonkeyPa
     gpus = {f.check: f for f in check_torch(Accelerator.GPU)}["gpus"]
     assert gpus.status == Status.FAIL and "accelerator=gpu asks for one" in gpus.finding
     assert {f.check: f for f in check_torch(Accelerator.AUTO)}["gpus"].status == Status.WARN
+
+
+def test_srun_n2_without_ntasks_per_node_is_one_line_before_the_join(tmp_path: Path) -> None:
+    """``srun -n2 mgpr ...`` run by hand (no job.slurm preflight): Lightning's SLURMEnvironment
+    refused it inside the join with a traceback per rank and exit 1."""
+    from conftest import mgpr_cmd, subprocess_env
+
+    env = {k: v for k, v in STEP_ENV.items() if k != "SLURM_NTASKS_PER_NODE"}
+    env |= {"SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    proc = subprocess.run(
+        mgpr_cmd("use_fake_data=true", "model=null", f"output_dir={tmp_path / 'run'}"),
+        env=subprocess_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("mgpr: error: SLURM started 2 tasks (SLURM_NTASKS=2) without")

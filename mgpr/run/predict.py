@@ -65,7 +65,7 @@ from mgpr.run.signals import (
     requeue_on_usr1,
     restore_signal_handlers,
 )
-from mgpr.run.slurm import read_slurm_task
+from mgpr.run.slurm import check_task_layout, read_slurm_task
 
 log = logging.getLogger("mgpr")
 
@@ -105,7 +105,10 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
     try:
         # srun starts every rank at once: they join the process group first, and each decision
         # below is taken by rank 0 and told to the others (run/rendezvous.py).
-        group = join_early(read_slurm_task(os.environ), cfg.join_timeout_s)
+        task = read_slurm_task(os.environ)
+        if task is not None:
+            check_task_layout(task)  # before Lightning's own check's traceback in the join
+        group = join_early(task, cfg.join_timeout_s)
         # Rank 0 holds the directory's lock for the whole run: a second live run is refused.
         lock = decided(
             group,

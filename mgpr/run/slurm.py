@@ -213,6 +213,31 @@ def _visible_count(cuda_visible_devices: str | None) -> int | None:
     return len([d for d in cuda_visible_devices.split(",") if d.strip()])
 
 
+def check_task_layout(task: SlurmTask) -> None:
+    """Refuse a step whose tasks per node are unknown or do not add up to its task count.
+
+    Runs before the ranks join (:func:`mgpr.run.rendezvous.join_early`): Lightning's
+    SLURMEnvironment refuses the same layouts there with a traceback per rank (``srun -n2``
+    without ``--ntasks-per-node``), exit 1.
+
+    Raises:
+        SlurmMismatchError: ``--ntasks`` without ``--ntasks-per-node``, or a task count other
+            than ``--ntasks-per-node`` x ``--nodes``.
+    """
+    if task.ntasks_per_node is None and task.ntasks > 1:
+        raise SlurmMismatchError(
+            f"SLURM started {task.ntasks} tasks (SLURM_NTASKS={task.ntasks}) without "
+            f"--ntasks-per-node, so ranks per node are unknown: submit with "
+            f"--ntasks-per-node=N instead of --ntasks, N = GPUs per node."
+        )
+    if task.ntasks_per_node is not None and task.ntasks != task.ntasks_per_node * task.nnodes:
+        raise SlurmMismatchError(
+            f"SLURM started {task.ntasks} tasks but sbatch --ntasks-per-node={task.ntasks_per_node}"
+            f" x --nodes={task.nnodes} is {task.ntasks_per_node * task.nnodes}: submit with "
+            f"--ntasks-per-node and --nodes only (no --ntasks, no srun -n)."
+        )
+
+
 def check_slurm_task(
     task: SlurmTask,
     devices: int | None,
@@ -247,19 +272,8 @@ def check_slurm_task(
     accel = accelerator.lower()
     gpu_mode = accel in _GPU_ACCELERATORS or (accel == "auto" and cuda_device_count > 0)
 
-    if task.ntasks_per_node is None and task.ntasks > 1:
-        raise SlurmMismatchError(
-            f"SLURM started {task.ntasks} tasks (SLURM_NTASKS={task.ntasks}) without "
-            f"--ntasks-per-node, so ranks per node are unknown: submit with "
-            f"--ntasks-per-node=N instead of --ntasks, N = GPUs per node."
-        )
+    check_task_layout(task)
     tpn = _tasks_per_node(task)
-    if task.ntasks_per_node is not None and task.ntasks != task.ntasks_per_node * task.nnodes:
-        raise SlurmMismatchError(
-            f"SLURM started {task.ntasks} tasks but sbatch --ntasks-per-node={task.ntasks_per_node}"
-            f" x --nodes={task.nnodes} is {task.ntasks_per_node * task.nnodes}: submit with "
-            f"--ntasks-per-node and --nodes only (no --ntasks, no srun -n)."
-        )
     if devices is not None and devices != tpn:
         raise SlurmMismatchError(
             f"gpus={devices} but sbatch --ntasks-per-node={tpn}: submit with "
