@@ -692,3 +692,37 @@ def test_srun_n2_without_ntasks_per_node_is_one_line_before_the_join(tmp_path: P
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("mgpr: error: SLURM started 2 tasks (SLURM_NTASKS=2) without")
+
+
+def test_usr1_requeues_only_an_attempt_that_finished_a_tile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--time shorter than the USR1 lead plus start-up: every attempt is warned before its
+    first tile; requeued regardless, the job restarted forever (3 requeues of 0 tiles seen)."""
+    import time
+
+    from mgpr.run import signals
+    from mgpr.run.predict import _published_since
+
+    calls: list[list[str]] = []
+
+    def scontrol(cmd, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setenv("SLURM_JOB_ID", "135")
+    monkeypatch.setattr(subprocess, "run", scontrol)
+    assert signals.requeue_on_usr1("SIGUSR1", 0, progressed=False) is False and calls == []
+    assert signals.requeue_on_usr1("SIGUSR1", 0, progressed=True) is True
+    assert calls == [["scontrol", "requeue", "135"]]
+    assert signals.requeue_on_usr1("SIGTERM", 0, progressed=True) is False  # SLURM's own
+    # progress = a part published by this command (its manifest's mtime), not an earlier one's
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    earlier = parts / "r0-a-000001.manifest.parquet"
+    earlier.write_bytes(b"x")
+    os.utime(earlier, (time.time() - 3600, time.time() - 3600))
+    started = time.time() - 60
+    assert not _published_since(tmp_path, started)
+    (parts / "r0-b-000001.manifest.parquet").write_bytes(b"x")
+    assert _published_since(tmp_path, started)

@@ -126,7 +126,7 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
     except RunInterrupted as exc:
         # SIGTERM/USR1 may come at any point: during imports, while the model loads, in predict
         # or in rank 0's merge (srun --kill-on-bad-exit TERMs every rank when one fails).
-        requeued = requeue_on_usr1(str(exc), rank)
+        requeued = requeue_on_usr1(str(exc), rank, _published_since(run_dir, t_start))
         if rank == 0:
             then = "SLURM requeues the job and it resumes" if requeued else rerun(run_dir)
             kept = (
@@ -144,6 +144,25 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
     finally:
         if lock is not None:
             lock.release()
+
+
+#: Seconds of clock difference allowed between this node and the file server (part mtimes).
+CLOCK_SKEW_S = 5.0
+
+
+def _published_since(run_dir: Path, since_unix_s: float) -> bool:
+    """Whether a part (a manifest) was published since ``since_unix_s``: this command's work."""
+    from mgpr.outputs.parts import MANIFEST_SUFFIX, parts_dir
+
+    folder = parts_dir(run_dir)
+    try:
+        return any(
+            p.stat().st_mtime >= since_unix_s - CLOCK_SKEW_S
+            for p in folder.glob(f"*{MANIFEST_SUFFIX}")
+            if not p.name.startswith(".")
+        )
+    except OSError:
+        return True  # cannot tell: requeue, as before
 
 
 def _has_published_parts(run_dir: Path) -> bool:

@@ -60,17 +60,28 @@ def restore_signal_handlers(previous: dict[int, Any]) -> None:
         signal.signal(sig, old)
 
 
-def requeue_on_usr1(signal_name: str, rank: int) -> bool:
+def requeue_on_usr1(signal_name: str, rank: int, progressed: bool = True) -> bool:
     """On SIGUSR1 (``sbatch --signal=USR1@N``: time limit near), rank 0 requeues the job.
 
     Preemption needs nothing from us: SLURM requeues a preempted job itself and sends SIGTERM.
-    Returns True when the job is (being) requeued.
+    ``progressed``: whether this attempt published any finished tile. One that did not is not
+    requeued: with ``--time`` shorter than the warning's lead (or than start-up plus it) every
+    attempt would be warned before its first tile and requeue itself forever (3 requeues of 0
+    tiles each were seen with ``--time=1``). Returns True when the job is (being) requeued.
     """
     job = os.environ.get("SLURM_JOB_ID")
     if signal_name != "SIGUSR1" or not job:
         return False
     if rank != 0:
         return True
+    if not progressed:
+        log.warning(
+            "not requeuing SLURM job %s: this attempt finished no tile before SIGUSR1 (the "
+            "time-limit warning), so a requeue would stop the same way; raise sbatch --time "
+            "well above the warning's lead (--signal=USR1@<seconds>) plus start-up",
+            job,
+        )
+        return False
     import subprocess
 
     try:
