@@ -106,8 +106,10 @@ def test_the_cli_refuses_a_second_live_run_in_one_output_dir(
 ) -> None:
     img = make_image(width=128, height=128)
     run = tmp_path / "run"
-    run.mkdir()
+    (run / "logs").mkdir(parents=True)
     (run / "predictions.gpkg").write_bytes(b"the live run's output")
+    live_log = "2026-12-08 [rank 0] INFO mgpr: the live run's own line\n"
+    (run / "logs" / "rank0.log").write_text(live_log)
     _plant_lock(run, host=HOST, pid=os.getppid())  # a live process on this host
     rc = run_mgpr_inprocess(f"input_path={img.path}", "model=null", f"output_dir={run}")
     err = capsys.readouterr().err
@@ -116,3 +118,6 @@ def test_the_cli_refuses_a_second_live_run_in_one_output_dir(
     assert len(lines) == 1 and "is in use by a live run" in lines[0]
     assert (run / "predictions.gpkg").read_bytes() == b"the live run's output"
     assert json.loads((run / LOCK_FILE).read_text())["token"] == "planted"
+    # the live run's log gets none of the refused run's lines (it read as the live run failing)
+    assert (run / "logs" / "rank0.log").read_text() == live_log
+    assert sorted(p.name for p in (run / "logs").iterdir()) == ["rank0.log"]

@@ -39,11 +39,39 @@ class RankLogHandler(logging.FileHandler):
     """
 
     broken = False
+    #: Records kept back until the run owns its directory (:meth:`release`), or None.
+    held: list[logging.LogRecord] | None = None
+    #: Set by :meth:`discard`: nothing is ever written (the directory is another run's).
+    silenced = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write the record, unless an earlier write failed."""
+        """Write the record, unless an earlier write failed; keep it back while held."""
+        if self.silenced:
+            return
+        if self.held is not None:
+            self.held.append(record)
+            return
         if not self.broken:
             super().emit(record)
+
+    def hold(self) -> None:
+        """Keep records back: the run does not yet know that the directory is its own."""
+        if self.held is None and not self.silenced:
+            self.held = []
+
+    def release(self) -> None:
+        """Write the records kept back, then write as they come."""
+        records, self.held = self.held, None
+        for record in records or []:
+            self.emit(record)
+
+    def discard(self) -> None:
+        """Drop the records kept back and write nothing more: a live run owns the directory.
+
+        A run refused by another live run's lock appended its lines (its refusal included) to
+        that run's ``logs/rank<R>.log``, which then read as if the live run had failed.
+        """
+        self.held, self.silenced = None, True
 
     def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 - logging's name
         """The first failed write: one line on stderr, then the handler is off."""
@@ -77,16 +105,24 @@ class RankLogHandler(logging.FileHandler):
             pass
 
 
-def setup_logging(run_dir: Path, rank: int) -> None:
-    """Replace the root logger's handlers with this rank's file and stderr handlers."""
+def setup_logging(run_dir: Path, rank: int, hold: bool = False) -> None:
+    """Replace the root logger's handlers with this rank's file and stderr handlers.
+
+    ``hold``: the file keeps its records back until :func:`release_rank_log` (the run took
+    the directory's lock) or drops them at :func:`discard_rank_log` (another run holds it);
+    nothing is created in ``logs/`` until then.
+    """
     logs = run_dir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
-    file_handler = RankLogHandler(logs / f"rank{rank}.log")
-    file_handler.set_name(RANK_LOG_HANDLER)  # messages that point to the log find it by name
+    file_handler = RankLogHandler(logs / f"rank{rank}.log", delay=True)
+    file_handler.set_name(RANK_LOG_HANDLER)
+    if hold:
+        file_handler.hold()
+    else:
+        logs.mkdir(parents=True, exist_ok=True)  # messages that point to the log find it by name
     file_handler.setFormatter(fmt)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
@@ -97,6 +133,27 @@ def setup_logging(run_dir: Path, rank: int) -> None:
     root.setLevel(logging.INFO)
     for noisy in _NOISY:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _rank_log_handlers() -> list[RankLogHandler]:
+    return [h for h in logging.getLogger().handlers if isinstance(h, RankLogHandler)]
+
+
+def release_rank_log() -> None:
+    """The run owns its directory: write the rank log's held records (creating ``logs/``)."""
+    for handler in _rank_log_handlers():
+        if handler.held is not None:
+            try:
+                Path(handler.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                handler._give_up(exc)
+            handler.release()
+
+
+def discard_rank_log() -> None:
+    """Another live run owns the directory: its rank logs get none of this run's lines."""
+    for handler in _rank_log_handlers():
+        handler.discard()
 
 
 def to_log_files(line: str, level: int = logging.ERROR) -> None:

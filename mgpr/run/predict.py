@@ -39,6 +39,7 @@ from mgpr.errors import (
     ConfigError,
     MgprError,
     MissingTilesError,
+    OutputError,
 )
 from mgpr.models.registry import DEFAULT_MODEL, DEMO_MODEL
 from mgpr.outputs.rundir import (
@@ -56,7 +57,13 @@ from mgpr.run.demo import apply_demo_defaults, demo_image
 from mgpr.run.devices import resolve_accelerator, resolve_devices
 from mgpr.run.failures import translate_failure
 from mgpr.run.identity import fingerprint, save_resolved_config
-from mgpr.run.logs import RestoreLogging, setup_logging, to_log_files
+from mgpr.run.logs import (
+    RestoreLogging,
+    discard_rank_log,
+    release_rank_log,
+    setup_logging,
+    to_log_files,
+)
 from mgpr.run.precision import resolve_precision
 from mgpr.run.rendezvous import EarlyGroup, decided, join_early
 from mgpr.run.signals import (
@@ -100,7 +107,7 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
     run_dir = resolve_run_dir(cfg.output_dir, os.environ)
     check_writable(run_dir)
     os.environ[RUN_DIR_ENV] = str(run_dir)  # processes Lightning launches inherit it
-    setup_logging(run_dir, rank)
+    setup_logging(run_dir, rank, hold=True)  # written once this run owns the directory
     lock = None
     try:
         # srun starts every rank at once: they join the process group first, and each decision
@@ -110,12 +117,17 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
             check_task_layout(task)  # before Lightning's own check's traceback in the join
         group = join_early(task, cfg.join_timeout_s)
         # Rank 0 holds the directory's lock for the whole run: a second live run is refused.
-        lock = decided(
-            group,
-            "the run lock",
-            lambda: acquire_run_lock(run_dir, os.environ) if rank == 0 else None,
-            share=False,
-        )
+        try:
+            lock = decided(
+                group,
+                "the run lock",
+                lambda: acquire_run_lock(run_dir, os.environ) if rank == 0 else None,
+                share=False,
+            )
+        except OutputError:
+            discard_rank_log()  # a live run's directory: its logs must not read as its failure
+            raise
+        release_rank_log()
         from mgpr.outputs.runlock import LOCK_FILE
         from mgpr.run.shared_dir import check_one_run_dir
 
@@ -142,6 +154,7 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
             to_log_files(line, logging.WARNING)
         return EXIT_INTERRUPTED
     finally:
+        release_rank_log()  # a failure before the lock still reaches the rank's log
         if lock is not None:
             lock.release()
 
