@@ -16,8 +16,10 @@ written exactly that many tiles, signals, and opens the gate only for the run th
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -364,6 +366,56 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     report = json.loads((run_dir / "report.json").read_text())  # the resume's own, whole
     assert report["interrupted_ranks"] == [] and "unfinished" not in report["context"]
     assert sum(r["tiles"] for r in report["ranks"]) == 25 - 2 * GATE_AFTER
+
+
+def _task_pid(job_id: str, procid: int) -> int | None:
+    """The pid of task ``procid`` of the job's step (its SLURM_PROCID), on this machine."""
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            env = (proc / "environ").read_bytes().split(b"\0")
+            cmd = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        wanted = {f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_PROCID={procid}".encode()}
+        if wanted <= set(env) and b"SLURM_STEP_ID=0" in env and b"mgpr" in cmd:
+            if b"multiprocessing" not in cmd and b"--slurm-preflight" not in cmd:
+                return int(proc.name)
+    return None
+
+
+def test_a_sigkilled_task_ends_the_job_with_the_resume_line(
+    submit_dir: Path, baseline: dict[str, Any]
+) -> None:
+    """--kill-on-bad-exit kills every task when one is SIGKILLed (out of memory): no mgpr line
+    said where the finished tiles were; the job script says it."""
+    run_dir = submit_dir / "killed"
+    gate = submit_dir / "kill.gate"
+    env = _env(submit_dir, GATE_AFTER=str(GATE_AFTER), GATE_FILE=str(gate))
+    job_id = _submit(
+        submit_dir,
+        "--ntasks-per-node=2",
+        "--gpus=2",
+        "input_path=ortho.tif",
+        "model=gate_model:build",
+        "workers=0",
+        "batch_size=1",
+        f"output_dir={run_dir}",
+        *COMMON,
+        env=env,
+    )
+    _wait_gated(run_dir, job_id, ranks=2, submit=submit_dir)
+    pid = _task_pid(job_id, 1)
+    assert pid is not None, "rank 1's process not found"
+    os.kill(pid, signal.SIGKILL)
+    job = _finished(submit_dir, job_id)
+    assert job.returncode not in (0, 2, 130), job.describe()
+    assert f"every finished tile is kept: resubmit the same command with output_dir={run_dir}" in (
+        job.err
+    ), job.describe()
+    keys, _, _ = _part_rows(run_dir)
+    assert len(keys) == len(set(keys)) >= 2 * GATE_AFTER  # kept, each once
 
 
 def test_preemption_requeues_and_the_job_finishes(

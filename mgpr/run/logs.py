@@ -39,7 +39,7 @@ class RankLogHandler(logging.FileHandler):
     """
 
     broken = False
-    #: Records kept back until the run owns its directory (:meth:`release`), or None.
+    #: Records kept back until the run owns its directory (:meth:`write_held`), or None.
     held: list[logging.LogRecord] | None = None
     #: Set by :meth:`discard`: nothing is ever written (the directory is another run's).
     silenced = False
@@ -59,8 +59,11 @@ class RankLogHandler(logging.FileHandler):
         if self.held is None and not self.silenced:
             self.held = []
 
-    def release(self) -> None:
-        """Write the records kept back, then write as they come."""
+    def write_held(self) -> None:
+        """Write the records kept back, then write as they come.
+
+        (Not ``release``: that is logging.Handler's lock.)
+        """
         records, self.held = self.held, None
         for record in records or []:
             self.emit(record)
@@ -147,7 +150,7 @@ def release_rank_log() -> None:
                 Path(handler.baseFilename).parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 handler._give_up(exc)
-            handler.release()
+            handler.write_held()
 
 
 def discard_rank_log() -> None:
