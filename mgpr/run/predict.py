@@ -200,11 +200,19 @@ def slurm_stop_hint(signal_name: str, env: Mapping[str, str], requeued: bool) ->
     """
     job = env.get("SLURM_JOB_ID")
     tasks = env.get("SLURM_NTASKS", "1")
-    if requeued or not job or signal_name != "SIGTERM" or not tasks.isdigit() or int(tasks) < 2:
+    if requeued or not job or signal_name != "SIGTERM":
         return ""
+    # A TERM is also SLURM's preemption and `scontrol requeue`: then the job comes back alone.
+    requeue = (
+        f" (unless SLURM requeues job {job} itself, as on preemption or scontrol requeue: "
+        "then it resumes without you)"
+    )
+    if not tasks.isdigit() or int(tasks) < 2:
+        return requeue
     return (
-        f" (if `srun: error: ... task N: Killed` or `Out Of Memory` is above, rank N died and "
-        f"srun stopped the others: `sacct -j {job} -o JobID,State,ExitCode,MaxRSS` says why)"
+        f"{requeue} (if `srun: error: ... task N: Killed` or `Out Of Memory` is above, rank N "
+        f"died and srun stopped the others: `sacct -j {job} -o JobID,State,ExitCode,MaxRSS` "
+        "says why)"
     )
 
 
