@@ -8,7 +8,7 @@ import shapely
 from conftest import web_mercator_y
 from pyproj import CRS
 
-from mgpr.geo.ground_area import ground_areas_m2
+from mgpr.geo.ground_area import box_ground_areas_m2, ground_areas_m2
 
 
 def _wkt(code: str) -> str:
@@ -71,3 +71,24 @@ def test_box_areas_agree_with_the_geodesic_area(code: str, x: float, y: float, s
     want = ground_areas_m2(np.array(boxes, dtype=object), _wkt(code))
     np.testing.assert_allclose(got, want, rtol=1e-6)
     assert np.isnan(box_ground_areas_m2(rings, None)).all()
+
+
+LOCAL_METRES = (
+    'LOCAL_CS["site grid",LOCAL_DATUM["site",0],UNIT["metre",1],'
+    'AXIS["Easting",EAST],AXIS["Northing",NORTH]]'
+)
+LOCAL_FEET = LOCAL_METRES.replace('UNIT["metre",1]', 'UNIT["US survey foot",0.304800609601219]')
+
+
+@pytest.mark.parametrize(("wkt", "m2"), [(LOCAL_METRES, 200.0), (LOCAL_FEET, 200.0 * 0.3048006**2)])
+def test_a_local_engineering_crs_is_a_plane_in_its_units(wkt: str, m2: float) -> None:
+    """A site grid has no datum to reach longitude/latitude: area_m2 was NaN although its axes
+    are metres (or feet); its plane is the ground."""
+    from mgpr.geo.ground_area import local_plane_m2_per_unit2
+
+    box = shapely.box(1000.0, 2000.0, 1020.0, 2010.0)  # 20 x 10 units
+    rings = np.asarray(box.exterior.coords, dtype=np.float64)[None]
+    assert ground_areas_m2(np.array([box], dtype=object), wkt)[0] == pytest.approx(m2, rel=1e-6)
+    assert box_ground_areas_m2(rings, wkt)[0] == pytest.approx(m2, rel=1e-6)
+    assert local_plane_m2_per_unit2("EPSG:32633") is None  # projected: the ellipsoid's area
+    assert local_plane_m2_per_unit2("EPSG:4326") is None

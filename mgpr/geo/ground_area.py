@@ -5,7 +5,9 @@ projection's scale is 1. In Web Mercator (EPSG:3857, what tile-server downloads 
 polygon at 50 degrees N has 2.4x its ground area; in a geographic CRS the planar area is in
 square degrees. Segmentation users report hectares of canopy or water, so the ``area_m2``
 column is the geodesic area (pyproj's ``Geod``, Karney's algorithm) of each polygon after its
-vertices are taken to the CRS's own longitude/latitude; it is NaN without a CRS or a datum.
+vertices are taken to the CRS's own longitude/latitude; it is NaN without a CRS. A local
+engineering CRS (a site grid: no datum, axes in metres or feet) is a plane by definition: its
+planar area times the unit's square is the ground area (it was NaN).
 Detection boxes, a million at a time and each small, take a vectorised local form instead
 (:func:`box_ground_areas_m2`): their corners in longitude/latitude times the ellipsoid's local
 metres per degree.
@@ -19,7 +21,29 @@ import shapely
 
 from mgpr.geo.antimeridian import unwrap_geometries, unwrap_longitudes
 
-__all__ = ["box_ground_areas_m2", "ground_areas_m2"]
+__all__ = ["box_ground_areas_m2", "ground_areas_m2", "local_plane_m2_per_unit2"]
+
+
+def local_plane_m2_per_unit2(crs_wkt: str) -> float | None:
+    """Square metres per square unit of an engineering CRS with linear axes, else None.
+
+    Only for CRSs without a geodetic datum (``LOCAL_CS``, engineering): projected and
+    geographic ones get the ellipsoid's area instead.
+    """
+    from pyproj import CRS
+
+    try:
+        crs = CRS.from_user_input(crs_wkt)
+        if crs.geodetic_crs is not None or not crs.axis_info:
+            return None
+        factors = {float(a.unit_conversion_factor or 0.0) for a in crs.axis_info[:2]}
+        units = {(a.unit_name or "").lower() for a in crs.axis_info[:2]}
+    except Exception:  # an odd definition: no area rather than a wrong one
+        return None
+    if len(factors) != 1 or any("degree" in u or "radian" in u for u in units):
+        return None
+    (factor,) = factors
+    return factor * factor if factor > 0 else None
 
 
 def ground_areas_m2(
@@ -34,6 +58,9 @@ def ground_areas_m2(
     out = np.full(len(shapes), np.nan, dtype=np.float64)
     if crs_wkt is None or not len(shapes):
         return out
+    plane = local_plane_m2_per_unit2(crs_wkt)
+    if plane is not None:
+        return np.asarray(shapely.area(np.asarray(shapes, dtype=object)), np.float64) * plane
     from mgpr.geo.reproject import own_lonlat
 
     try:
@@ -83,6 +110,12 @@ def box_ground_areas_m2(
     out = np.full(len(rings), np.nan, dtype=np.float64)
     if crs_wkt is None or not len(rings):
         return out
+    plane = local_plane_m2_per_unit2(crs_wkt)
+    if plane is not None:
+        x, y = rings[:, :4, 0], rings[:, :4, 1]
+        x, y = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
+        shoelace = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
+        return 0.5 * np.abs(shoelace) * plane
     from mgpr.geo.reproject import own_lonlat
 
     try:
