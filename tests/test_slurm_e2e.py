@@ -368,6 +368,25 @@ def test_scancel_term_then_resubmit_resumes(submit_dir: Path, baseline: dict[str
     assert sum(r["tiles"] for r in report["ranks"]) == 25 - 2 * GATE_AFTER
 
 
+def _submit_gated(submit: Path, gate: str, *overrides: str, partition: str | None = None) -> str:
+    """A 2-rank job of the gate model (each rank stops after GATE_AFTER tiles until ``gate``)."""
+    env = _env(submit, GATE_AFTER=str(GATE_AFTER), GATE_FILE=str(submit / gate))
+    flags = [f"--partition={partition}"] if partition else []
+    return _submit(
+        submit,
+        *flags,
+        "--ntasks-per-node=2",
+        "--gpus=2",
+        "input_path=ortho.tif",
+        "model=gate_model:build",
+        "workers=0",
+        "batch_size=1",
+        *overrides,
+        *COMMON,
+        env=env,
+    )
+
+
 def _task_pid(job_id: str, procid: int) -> int | None:
     """The pid of task ``procid`` of the job's step (its SLURM_PROCID), on this machine."""
     for proc in Path("/proc").iterdir():
@@ -391,20 +410,7 @@ def test_a_sigkilled_task_ends_the_job_with_the_resume_line(
     """--kill-on-bad-exit kills every task when one is SIGKILLed (out of memory): no mgpr line
     said where the finished tiles were; the job script says it."""
     run_dir = submit_dir / "killed"
-    gate = submit_dir / "kill.gate"
-    env = _env(submit_dir, GATE_AFTER=str(GATE_AFTER), GATE_FILE=str(gate))
-    job_id = _submit(
-        submit_dir,
-        "--ntasks-per-node=2",
-        "--gpus=2",
-        "input_path=ortho.tif",
-        "model=gate_model:build",
-        "workers=0",
-        "batch_size=1",
-        f"output_dir={run_dir}",
-        *COMMON,
-        env=env,
-    )
+    job_id = _submit_gated(submit_dir, "kill.gate", f"output_dir={run_dir}")
     _wait_gated(run_dir, job_id, ranks=2, submit=submit_dir)
     pid = _task_pid(job_id, 1)
     assert pid is not None, "rank 1's process not found"
@@ -425,19 +431,7 @@ def test_preemption_requeues_and_the_job_finishes(
     if not nodes:
         pytest.skip("no 'high' partition: start the cluster with scripts/slurm/start.sh")
     gate = submit_dir / "preempt.gate"
-    env = _env(submit_dir, GATE_AFTER=str(GATE_AFTER), GATE_FILE=str(gate))
-    low = _submit(
-        submit_dir,
-        "--partition=debug",
-        "--ntasks-per-node=2",
-        "--gpus=2",
-        "input_path=ortho.tif",
-        "model=gate_model:build",
-        "workers=0",
-        "batch_size=1",
-        *COMMON,
-        env=env,
-    )
+    low = _submit_gated(submit_dir, gate.name, partition="debug")
     run_dir = submit_dir / "runs" / f"slurm-{low}"
     _wait_gated(run_dir, low, ranks=2, submit=submit_dir)
     node = re.search(r"\bNodeList=(\S+)", _show(low))

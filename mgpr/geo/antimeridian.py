@@ -110,6 +110,14 @@ def unwrap_rings(rings: npt.NDArray[np.float64], period: float | None) -> np.nda
     return out
 
 
+def _with_bounds(geoms: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``geoms`` as an object array and its ``(N, 4)`` bounds (none for an empty array)."""
+    array = np.asarray(geoms, dtype=object)
+    if not array.size:
+        return array, np.empty((0, 4))
+    return array, shapely.bounds(array).reshape(-1, 4)
+
+
 def unwrap_geometries(geoms: Any, period: float | None) -> Any:
     """Shapely geometries (an array) with those spanning over half a period made continuous.
 
@@ -119,10 +127,9 @@ def unwrap_geometries(geoms: Any, period: float | None) -> Any:
     """
     if period is None:
         return geoms
-    array = np.asarray(geoms, dtype=object)
+    array, bounds = _with_bounds(geoms)
     if not array.size:
         return geoms
-    bounds = shapely.bounds(array).reshape(-1, 4)
     with np.errstate(invalid="ignore"):
         crossing = (bounds[:, 2] - bounds[:, 0]) > period / 2
     if not crossing.any():
@@ -171,10 +178,9 @@ def place_geometries_near(geoms: Any, reference: float | None, period: float | N
     """
     if period is None or reference is None:
         return geoms
-    array = np.asarray(geoms, dtype=object)
+    array, bounds = _with_bounds(geoms)
     if not array.size:
         return geoms
-    bounds = shapely.bounds(array).reshape(-1, 4)
     with np.errstate(invalid="ignore"):
         shift = _periods_off(0.5 * (bounds[:, 0] + bounds[:, 2]), reference, period)
     shift[~np.isfinite(shift)] = 0.0  # empty geometries
