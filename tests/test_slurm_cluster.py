@@ -101,6 +101,7 @@ def test_read_slurm_task_in_a_real_step(tmp_path: Path) -> None:
             "gpus_on_node": 2,
             "cuda_visible_devices": "0,1",
             "job_name": "mgpr",
+            "step_id": "0",  # the script's first srun
         }
 
 

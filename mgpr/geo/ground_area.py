@@ -115,7 +115,7 @@ def box_ground_areas_m2(
         x, y = rings[:, :4, 0], rings[:, :4, 1]
         x, y = x - x.mean(axis=1, keepdims=True), y - y.mean(axis=1, keepdims=True)
         shoelace = (x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y).sum(axis=1)
-        return 0.5 * np.abs(shoelace) * plane
+        return np.asarray(0.5 * np.abs(shoelace) * plane, dtype=np.float64)
     from mgpr.geo.reproject import own_lonlat
 
     try:
