@@ -121,11 +121,11 @@ def setup_logging(run_dir: Path, rank: int, hold: bool = False) -> None:
         root.removeHandler(handler)
     fmt = logging.Formatter(f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
     file_handler = RankLogHandler(logs / f"rank{rank}.log", delay=True)
-    file_handler.set_name(RANK_LOG_HANDLER)
+    file_handler.set_name(RANK_LOG_HANDLER)  # messages that point to the log find it by name
     if hold:
         file_handler.hold()
     else:
-        logs.mkdir(parents=True, exist_ok=True)  # messages that point to the log find it by name
+        logs.mkdir(parents=True, exist_ok=True)
     file_handler.setFormatter(fmt)
     stream = logging.StreamHandler(sys.stderr)
     stream.setFormatter(logging.Formatter(f"[rank {rank}] %(message)s"))
