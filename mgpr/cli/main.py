@@ -138,7 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         code = run(cfg, explicit_keys=explicit, started_unix_s=started_unix_s)
     except MgprError as exc:
-        print(f"mgpr: error: {exc}", file=sys.stderr)
+        if not getattr(exc, "told_by_rank0", False):  # rank 0 printed it for every rank
+            print(f"mgpr: error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", EXIT_USAGE))
     except KeyboardInterrupt:
         from mgpr.outputs.rundir import RUN_DIR_ENV, rerun

@@ -158,6 +158,9 @@ def decided(group: EarlyGroup | None, what: str, decide: Callable[[], T], share:
     if kind == "ok":
         return payload  # type: ignore[no-any-return]
     if kind == "error":
+        # Rank 0 prints this line itself: the others keep it in their logs, not on stderr,
+        # so a 32-task job's .err holds it once, not 32 times.
+        payload.told_by_rank0 = True
         raise payload
     raise RankJoinError(
         f"rank {group.rank}: rank 0 failed while deciding {what} ({payload}); read rank 0's "
