@@ -293,6 +293,7 @@ def test_hint_write_bound_beats_smaller_data_wait() -> None:
     assert hint.startswith("write-bound: writing results took 45% of the time")
     post = bottleneck_hint(0.1, 40.0, {"postprocess": 0.3}, **HINT_ARGS)
     assert post.startswith("postprocess-bound")
+    assert "raise score_threshold or lower max_detections" in post  # the keys that help
 
 
 def test_hint_cpu_underused_balanced_unknown() -> None:

@@ -166,8 +166,10 @@ def _stage_verdict(
         candidates.append(
             (
                 post,
-                f"postprocess-bound: postprocessing took {_pct(post)} of the time; keep it on "
-                "the GPU (batched NMS, thresholds before .cpu()) or raise the score threshold",
+                f"postprocess-bound: postprocessing took {_pct(post)} of the time (turning "
+                "each batch's outputs into boxes, masks or class maps on the host); fewer boxes "
+                "per tile cost less: raise score_threshold or lower max_detections, and a "
+                "model of your own should threshold and cap its boxes on the device",
             )
         )
     return max(candidates, key=lambda c: c[0])[1] if candidates else None
