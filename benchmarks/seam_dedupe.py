@@ -32,7 +32,12 @@ import numpy as np
 import numpy.typing as npt
 from synthetic import best_of
 
-from mgpr.tasks.seam_dedupe import _dedupe_group, _dedupe_pairs, dedupe_seam_boxes
+from mgpr.tasks.seam_dedupe import (
+    _dedupe_pairs,
+    dedupe_dense_groups,
+    dedupe_seam_boxes,
+    intersecting_groups,
+)
 
 NMS_IOU, SEAM_IOS = 0.5, 0.5  # the defaults (mgpr/conf/schema.py)
 LAYOUTS = {"gap": -1.0, "touching": 0.0, "overlap": 1.0}  # object size - pitch, px
@@ -107,45 +112,20 @@ def dense_dedupe(
 ) -> npt.NDArray[np.bool_]:
     """The pre-fix ``dedupe_seam_boxes``: every connected group of > 2 boxes through the dense
     :func:`_dedupe_group` (quadratic in the group), groups of two vectorised."""
-    import shapely
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(boxes)
-    keep = np.ones(n, dtype=bool)
-    if n < 2:
+    keep = np.ones(len(boxes), dtype=bool)
+    if len(boxes) < 2:
         return keep
-    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    pair = (left < right) & (labels[left] == labels[right])
-    left, right = left[pair], right[pair]
-    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
-    _, group = connected_components(graph, directed=False)
-    order = np.argsort(group, kind="stable")
-    groups = np.split(order, np.flatnonzero(np.diff(group[order])) + 1)
-    pairs = np.array([g for g in groups if len(g) == 2], dtype=np.int64).reshape(-1, 2)
+    left, right, group, size = intersecting_groups(boxes, labels)
+    two = size[group[left]] == 2
+    pairs = np.stack([left[two], right[two]], axis=1).astype(np.int64)
     keep[_dedupe_pairs(pairs, boxes, scores, tiles, cut, nms_iou, seam_ios)] = False
-    for m in groups:
-        if len(m) > 2:
-            keep[m] = _dedupe_group(
-                boxes[m], scores[m], labels[m], tiles[m], cut[m], nms_iou, seam_ios
-            )
+    dedupe_dense_groups(keep, group, boxes, scores, labels, tiles, cut, nms_iou, seam_ios)
     return keep
 
 
 def largest_group(boxes: npt.NDArray[np.float64], labels: npt.NDArray[np.int64]) -> int:
     """Boxes in the largest connected group of intersecting same-class boxes."""
-    import shapely
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    pair = (left < right) & (labels[left] == labels[right])
-    n = len(boxes)
-    graph = coo_matrix((np.ones(int(pair.sum()), np.int8), (left[pair], right[pair])), (n, n))
-    _, group = connected_components(graph, directed=False)
-    return int(np.bincount(group).max())
+    return int(intersecting_groups(boxes, labels)[3].max())
 
 
 def main() -> None:

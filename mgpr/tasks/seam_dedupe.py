@@ -64,21 +64,11 @@ def dedupe_seam_boxes(
     Returns:
         (N,) bool keep mask.
     """
-    import shapely
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
     n = len(boxes)
     keep = np.ones(n, dtype=bool)
     if n < 2:
         return keep
-    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
-    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
-    pair = (left < right) & (labels[left] == labels[right])
-    left, right = left[pair], right[pair]
-    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
-    n_groups, group = connected_components(graph, directed=False)
-    size = np.bincount(group, minlength=n_groups)
+    left, right, group, size = intersecting_groups(boxes, labels)
     pair_size = size[group[left]]
     two = pair_size == 2  # a group of two holds exactly one pair
     pairs = np.stack([left[two], right[two]], axis=1).astype(np.int64)
@@ -87,19 +77,7 @@ def dedupe_seam_boxes(
     if not big.any():
         return keep
     if nms_iou < 0 or seam_ios <= 0:
-        order = np.argsort(group, kind="stable")
-        bounds = np.flatnonzero(np.diff(group[order])) + 1
-        for members in np.split(order, bounds):
-            if len(members) > 2:
-                keep[members] = _dedupe_group(
-                    boxes[members],
-                    scores[members],
-                    labels[members],
-                    tiles[members],
-                    cut[members],
-                    nms_iou,
-                    seam_ios,
-                )
+        dedupe_dense_groups(keep, group, boxes, scores, labels, tiles, cut, nms_iou, seam_ios)
         return keep
     keep[
         _dedupe_sparse(
@@ -107,6 +85,60 @@ def dedupe_seam_boxes(
         )
     ] = False
     return keep
+
+
+def intersecting_groups(
+    boxes: npt.NDArray[np.float64], labels: npt.NDArray[np.int64]
+) -> tuple[
+    npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.int32], npt.NDArray[np.int64]
+]:
+    """The same-class intersecting pairs (edge-touching counts) and their connected groups.
+
+    Returns ``(left, right, group, size)``: the pairs (``left < right``), each box's group and
+    each group's number of boxes.
+    """
+    import shapely
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(boxes)
+    geoms = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
+    left, right = shapely.STRtree(geoms).query(geoms, predicate="intersects")
+    pair = (left < right) & (labels[left] == labels[right])
+    left, right = left[pair], right[pair]
+    graph = coo_matrix((np.ones(len(left), dtype=np.int8), (left, right)), shape=(n, n))
+    n_groups, group = connected_components(graph, directed=False)
+    return left, right, group, np.bincount(group, minlength=n_groups)
+
+
+def dedupe_dense_groups(
+    keep: npt.NDArray[np.bool_],
+    group: npt.NDArray[np.int32],
+    boxes: npt.NDArray[np.float64],
+    scores: npt.NDArray[np.float64],
+    labels: npt.NDArray[np.int64],
+    tiles: npt.NDArray[np.int64],
+    cut: npt.NDArray[np.bool_],
+    nms_iou: float,
+    seam_ios: float,
+) -> None:
+    """``keep`` of every group of more than two boxes from the dense :func:`_dedupe_group`.
+
+    In place; quadratic in each group (``seam_ios <= 0`` or ``nms_iou < 0``, and the
+    benchmark's "before").
+    """
+    order = np.argsort(group, kind="stable")
+    for members in np.split(order, np.flatnonzero(np.diff(group[order])) + 1):
+        if len(members) > 2:
+            keep[members] = _dedupe_group(
+                boxes[members],
+                scores[members],
+                labels[members],
+                tiles[members],
+                cut[members],
+                nms_iou,
+                seam_ios,
+            )
 
 
 def _dedupe_sparse(
