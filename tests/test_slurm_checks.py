@@ -704,7 +704,7 @@ def test_usr1_requeues_only_an_attempt_that_finished_a_tile(
     import time
 
     from mgpr.run import signals
-    from mgpr.run.predict import _published_since
+    from mgpr.run.predict import _has_published_parts
 
     calls: list[list[str]] = []
 
@@ -725,6 +725,6 @@ def test_usr1_requeues_only_an_attempt_that_finished_a_tile(
     earlier.write_bytes(b"x")
     os.utime(earlier, (time.time() - 3600, time.time() - 3600))
     started = time.time() - 60
-    assert not _published_since(tmp_path, started)
+    assert not _has_published_parts(tmp_path, started)
     (parts / "r0-b-000001.manifest.parquet").write_bytes(b"x")
-    assert _published_since(tmp_path, started)
+    assert _has_published_parts(tmp_path, started)

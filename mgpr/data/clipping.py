@@ -59,20 +59,14 @@ class ClipTally:
         if row is None:
             row = self._row_of[path] = len(self.inputs)
             self.inputs.append(path)
-            if (
-                self._counts is None
-                or self._peaks is None
-                or self._floors is None
-                or row >= self._counts.shape[0]
-            ):
+            if self._counts is None or row >= self._counts.shape[0]:  # the three grow together
                 size = max(8, 2 * row)
                 grown = torch.zeros((size, 3), dtype=torch.int64, device=device)
                 peaks = torch.full((size,), -math.inf, dtype=torch.float32, device=device)
                 floors = torch.full((size,), math.inf, dtype=torch.float32, device=device)
-                if self._counts is not None and self._peaks is not None:
-                    grown[:row], peaks[:row] = self._counts, self._peaks
-                if self._floors is not None:
-                    floors[:row] = self._floors
+                if self._counts is not None:
+                    assert self._peaks is not None and self._floors is not None
+                    grown[:row], peaks[:row], floors[:row] = self._counts, self._peaks, self._floors
                 self._counts, self._peaks, self._floors = grown, peaks, floors
         return row
 

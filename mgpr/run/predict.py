@@ -138,7 +138,7 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
     except RunInterrupted as exc:
         # SIGTERM/USR1 may come at any point: during imports, while the model loads, in predict
         # or in rank 0's merge (srun --kill-on-bad-exit TERMs every rank when one fails).
-        requeued = requeue_on_usr1(str(exc), rank, _published_since(run_dir, t_start))
+        requeued = requeue_on_usr1(str(exc), rank, _has_published_parts(run_dir, t_start))
         if rank == 0:
             then = "SLURM requeues the job and it resumes" if requeued else rerun(run_dir)
             kept = (
@@ -163,32 +163,24 @@ def _run(cfg: PredictConfig, explicit: set[str], started_unix_s: float | None) -
 CLOCK_SKEW_S = 5.0
 
 
-def _published_since(run_dir: Path, since_unix_s: float) -> bool:
-    """Whether a part (a manifest) was published since ``since_unix_s``: this command's work."""
-    from mgpr.outputs.parts import MANIFEST_SUFFIX, parts_dir
+def _has_published_parts(run_dir: Path, since_unix_s: float | None = None) -> bool:
+    """Whether the run directory holds a published part (a manifest), this run's or earlier.
 
-    folder = parts_dir(run_dir)
-    try:
-        return any(
-            p.stat().st_mtime >= since_unix_s - CLOCK_SKEW_S
-            for p in folder.glob(f"*{MANIFEST_SUFFIX}")
-            if not p.name.startswith(".")
-        )
-    except OSError:
-        return True  # cannot tell: requeue, as before
-
-
-def _has_published_parts(run_dir: Path) -> bool:
-    """Whether the run directory holds a published part (a manifest), this run's or earlier."""
+    ``since_unix_s``: only a part published since then (its mtime, :data:`CLOCK_SKEW_S` of
+    slack) counts: this command's own work. An unreadable folder counts as holding one (the
+    reassuring line, and the requeue, as before).
+    """
     from mgpr.outputs.parts import MANIFEST_SUFFIX, parts_dir
 
     folder = parts_dir(run_dir)
     try:
         return folder.is_dir() and any(
-            not p.name.startswith(".") for p in folder.glob(f"*{MANIFEST_SUFFIX}")
+            since_unix_s is None or p.stat().st_mtime >= since_unix_s - CLOCK_SKEW_S
+            for p in folder.glob(f"*{MANIFEST_SUFFIX}")
+            if not p.name.startswith(".")
         )
     except OSError:
-        return True  # cannot tell: keep the reassuring line, which was true before
+        return True
 
 
 def slurm_stop_hint(signal_name: str, env: Mapping[str, str], requeued: bool) -> str:
